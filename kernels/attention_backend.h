@@ -1,0 +1,34 @@
+// The interface every attention kernel backend implements, and the registry that makes one
+// by name. A backend computes one AttentionParams call; it owns whatever it caches (cuDNN
+// graphs, thread pools) between calls.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/attention_params.h"
+
+namespace ringattn {
+
+// Where a backend expects the params' pointers to live.
+enum class MemorySpace { kHost, kDevice };
+
+class AttentionBackend {
+ public:
+  virtual ~AttentionBackend() = default;
+  virtual std::string_view name() const = 0;
+  virtual MemorySpace memory_space() const = 0;
+  // Validates `p` against what this backend supports, then computes it. Must support
+  // merge_into_output (fp32 o, non-null lse).
+  virtual absl::Status Forward(const AttentionParams& p) = 0;
+};
+
+// "cpu" (fast blocked fp32) or "cpu_reference" (fp64, slow); GPU backends register in
+// their own libraries. Unknown names give InvalidArgument listing the known ones.
+absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackend(std::string_view name);
+
+}  // namespace ringattn

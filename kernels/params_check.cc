@@ -1,0 +1,96 @@
+#include "kernels/params_check.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace ringattn {
+
+absl::Status ValidateHeadDim(int head_dim) {
+  for (int d : kSupportedHeadDims) {
+    if (d == head_dim) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported head_dim ", head_dim, "; expected one of 64, 128, 256"));
+}
+
+absl::Status ValidateParams(const AttentionParams& p) {
+  if (p.batch <= 0) return absl::InvalidArgumentError(absl::StrCat("batch must be > 0, got ", p.batch));
+  if (p.seqlen_q < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("seqlen_q must be >= 0, got ", p.seqlen_q));
+  }
+  if (p.seqlen_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("seqlen_k must be >= 0, got ", p.seqlen_k));
+  }
+  if (p.heads <= 0) return absl::InvalidArgumentError(absl::StrCat("heads must be > 0, got ", p.heads));
+  if (p.heads_k <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("heads_k must be > 0, got ", p.heads_k));
+  }
+  if (p.heads % p.heads_k != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("heads (", p.heads,
+                                                   ") must be a multiple of heads_k (", p.heads_k,
+                                                   ")"));
+  }
+  if (absl::Status s = ValidateHeadDim(p.head_dim); !s.ok()) return s;
+  if (p.seqlen_q > 0 && (p.q == nullptr || p.o == nullptr)) {
+    return absl::InvalidArgumentError("q and o must be non-null when seqlen_q > 0");
+  }
+  if (p.seqlen_k > 0 && (p.k == nullptr || p.v == nullptr)) {
+    return absl::InvalidArgumentError("k and v must be non-null when seqlen_k > 0");
+  }
+  if (!std::isfinite(p.softmax_scale) || p.softmax_scale <= 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softmax_scale must be finite and > 0, got ", p.softmax_scale));
+  }
+  if (!std::isfinite(p.softcap) || p.softcap < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softcap must be finite and >= 0 (0 disables), got ", p.softcap));
+  }
+  if (p.window_left < kUnboundedWindow) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window_left must be >= 0 or -1 (unbounded), got ", p.window_left));
+  }
+  if (p.window_right < kUnboundedWindow) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window_right must be >= 0 or -1 (unbounded), got ", p.window_right));
+  }
+  if (p.q_pos_stride <= 0 || p.k_pos_stride <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("q_pos_stride and k_pos_stride must be > 0, got ",
+                                                   p.q_pos_stride, " and ", p.k_pos_stride));
+  }
+  if (p.merge_into_output) {
+    if (p.o_dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "o_dtype must be fp32 with merge_into_output, got ", DTypeName(p.o_dtype)));
+    }
+    if (p.lse == nullptr) return absl::InvalidArgumentError("lse must be non-null with merge_into_output");
+  }
+  return absl::OkStatus();
+}
+
+void SetContiguousStrides(AttentionParams* p) {
+  const int64_t d = p->head_dim;
+  p->q_head_stride = d;
+  p->q_row_stride = d * p->heads;
+  p->q_batch_stride = p->q_row_stride * p->seqlen_q;
+  p->o_head_stride = d;
+  p->o_row_stride = d * p->heads;
+  p->o_batch_stride = p->o_row_stride * p->seqlen_q;
+  p->k_head_stride = d;
+  p->k_row_stride = d * p->heads_k;
+  p->k_batch_stride = p->k_row_stride * p->seqlen_k;
+  p->v_head_stride = p->k_head_stride;
+  p->v_row_stride = p->k_row_stride;
+  p->v_batch_stride = p->k_batch_stride;
+  p->lse_head_stride = p->seqlen_q;
+  p->lse_batch_stride = p->seqlen_q * p->heads;
+}
+
+double ForwardFlops(const AttentionParams& p) {
+  double f = 4.0 * p.batch * p.heads * static_cast<double>(p.seqlen_q) *
+             static_cast<double>(p.seqlen_k) * p.head_dim;
+  if (p.causal && p.seqlen_q == p.seqlen_k) f *= 0.5;
+  return f;
+}
+
+}  // namespace ringattn

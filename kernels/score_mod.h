@@ -1,0 +1,76 @@
+// The score function and the mask, as a policy every backend applies the same way (host and
+// device). Positions are global (see AttentionParams): the causal and window masks compare a
+// query's position with a key's, so a ring step whose query shard sits after its key shard
+// masks nothing, one whose query shard sits before masks everything, and the diagonal step
+// masks a triangle.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention_params.h"
+
+namespace ringattn {
+
+// Inclusive range of key positions a query may attend to.
+struct KeySpan {
+  int64_t lo;
+  int64_t hi;
+};
+
+inline constexpr int64_t kMinPos = -(int64_t{1} << 62);
+inline constexpr int64_t kMaxPos = int64_t{1} << 62;
+
+RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
+  KeySpan s{kMinPos, kMaxPos};
+  if (p.window_left >= 0) s.lo = q_pos - p.window_left;
+  if (p.window_right >= 0) s.hi = q_pos + p.window_right;
+  if (p.causal && s.hi > q_pos) s.hi = q_pos;
+  return s;
+}
+
+RA_HD bool KeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos) {
+  const KeySpan s = AllowedKeySpan(p, q_pos);
+  return k_pos >= s.lo && k_pos <= s.hi;
+}
+
+RA_HD int64_t QueryPos(const AttentionParams& p, int64_t row) {
+  return p.q_pos_offset + row * p.q_pos_stride;
+}
+RA_HD int64_t KeyPos(const AttentionParams& p, int64_t row) {
+  return p.k_pos_offset + row * p.k_pos_stride;
+}
+
+// Score of query position q_pos against key position k_pos in head h, from the raw dot
+// product q.k (unscaled). Softcap applies to the scaled score, ALiBi after it.
+RA_HD float ModScore(const AttentionParams& p, int h, float dot, int64_t q_pos, int64_t k_pos) {
+  float s = dot * p.softmax_scale;
+  if (p.softcap > 0.0f) s = p.softcap * std::tanh(s / p.softcap);
+  if (p.alibi_slopes != nullptr) {
+    const int64_t d = q_pos > k_pos ? q_pos - k_pos : k_pos - q_pos;
+    s -= p.alibi_slopes[h] * static_cast<float>(d);
+  }
+  return s;
+}
+
+// Block-level mask classification for a tile of query positions [q_lo, q_hi] against key
+// positions [k_lo, k_hi] (both inclusive): whether any pair may be allowed, and whether every
+// pair is. Positions are monotone in the row index (strides are positive), so the extreme
+// queries bound the spans.
+struct BlockMask {
+  bool any;
+  bool all;
+};
+
+RA_HD BlockMask ClassifyBlock(const AttentionParams& p, int64_t q_lo, int64_t q_hi, int64_t k_lo,
+                              int64_t k_hi) {
+  const KeySpan first = AllowedKeySpan(p, q_lo);
+  const KeySpan last = AllowedKeySpan(p, q_hi);
+  // The union of spans is within [first.lo, last.hi]; the intersection is [last.lo, first.hi].
+  BlockMask b;
+  b.any = !(k_hi < first.lo || k_lo > last.hi);
+  b.all = k_lo >= last.lo && k_hi <= first.hi;
+  return b;
+}
+
+}  // namespace ringattn
