@@ -1,6 +1,7 @@
 #include "kernels/params_check.h"
 
 #include <cmath>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 
@@ -61,7 +62,7 @@ absl::Status ValidateParams(const AttentionParams& p) {
   if (p.merge_into_output) {
     if (p.o_dtype != DType::kF32) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "o_dtype must be fp32 with merge_into_output, got ", DTypeName(p.o_dtype)));
+          "o_dtype must be fp32 with merge_into_output, got ", std::string(DTypeName(p.o_dtype))));
     }
     if (p.lse == nullptr) return absl::InvalidArgumentError("lse must be non-null with merge_into_output");
   }

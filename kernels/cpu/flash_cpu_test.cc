@@ -1,1 +1,616 @@
-// placeholder: being written
+// The fast CPU kernel against the fp64 reference, at awkward sizes and with every option alone
+// and in combination; the merge mode against one call over all keys; thread-count determinism;
+// refused inputs; and the two CPU backends behind AttentionBackend.
+//
+// Tolerances. The reference reads the same dtype-rounded inputs as the kernel, so the only
+// error left is the kernel's fp32 arithmetic (dot products, exp, the running sums), plus, for
+// an fp16/bf16 output, the rounding of the output itself:
+//   o:   |got - want| <= kAccumAbs + u(o_dtype) * |want|  per element, and
+//        rel L2 <= kAccumRelL2 + u(o_dtype)               over the tensor,
+//   lse: |got - want| <= kLseAbs + kLseRel * |want|       per element (lse is always fp32),
+// where u is the unit roundoff (2^-24, 2^-11, 2^-8 for fp32, fp16, bf16). Inputs are
+// standard normal, so outputs (convex combinations of V rows) are O(1) and an absolute bound
+// is meaningful. kAccumAbs is scaled by the typical score magnitude, softmax_scale *
+// sqrt(head_dim) for unit inputs (1 by default): fp32 rounds a score relative to its size, and
+// a score error d moves the output by about d * |v|. Measured on this suite: fp32 outputs have
+// max abs error ~1e-6 (1.3e-5 at 8x sharpened scores) and rel L2 <= 1e-6; LSEs ~1e-6.
+#include "kernels/cpu/flash_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/attention_backend.h"
+#include "kernels/cpu/reference_attention.h"
+#include "kernels/cpu/test_util.h"
+#include "kernels/params_check.h"
+
+namespace ringattn {
+namespace {
+
+using kernel_testing::AttentionBuffers;
+using kernel_testing::CompareWithTolerance;
+using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::ToleranceReport;
+using kernel_testing::TypedBuffer;
+using kernel_testing::UnitRoundoff;
+
+constexpr double kAccumAbs = 1e-5;
+constexpr double kAccumRelL2 = 1e-5;
+constexpr double kLseAbs = 1e-5;
+constexpr double kLseRel = 2e-6;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- Building cases -------------------------------------------------------------------------
+
+// Sizes of one call, default scale 1/sqrt(head_dim), no options.
+AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k, int head_dim,
+                      int batch = 1) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads = heads;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  return p;
+}
+AttentionParams Dtypes(AttentionParams p, DType in, DType out) {
+  p.dtype = in;
+  p.o_dtype = out;
+  return p;
+}
+AttentionParams Causal(AttentionParams p) {
+  p.causal = true;
+  return p;
+}
+AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
+  p.window_left = left;
+  p.window_right = right;
+  return p;
+}
+AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
+                          int64_t k_stride) {
+  p.q_pos_offset = q_offset;
+  p.q_pos_stride = q_stride;
+  p.k_pos_offset = k_offset;
+  p.k_pos_stride = k_stride;
+  return p;
+}
+AttentionParams Softcap(AttentionParams p, float cap) {
+  p.softcap = cap;
+  return p;
+}
+// Multiplies the softmax scale, for sharper (more peaked) distributions.
+AttentionParams Sharpen(AttentionParams p, float factor) {
+  p.softmax_scale *= factor;
+  return p;
+}
+
+struct Case {
+  std::string name;
+  AttentionParams p;  // sizes and options; tensors are attached per test
+  bool alibi = false;
+};
+
+// ---- Checking -------------------------------------------------------------------------------
+
+const void* OffsetElements(const void* base, DType t, int64_t elements) {
+  return static_cast<const char*>(base) + elements * DTypeSize(t);
+}
+
+// The absolute fp32 error budget of an output element (see the top of the file).
+double AccumAbs(const AttentionParams& p) {
+  const double score_spread = p.softmax_scale * std::sqrt(static_cast<double>(p.head_dim));
+  return kAccumAbs * std::max(1.0, score_spread);
+}
+
+// Expects o and lse of `t` (contiguous) to match the reference within the tolerances above,
+// with every element written (no NaN poison left) and -inf LSEs exactly where expected.
+void ExpectMatchesReference(const AttentionParams& p, const AttentionBuffers& t,
+                            const ReferenceResult& ref) {
+  const double u = UnitRoundoff(p.o_dtype);
+  // 1.01: the output rounding applies to the kernel's fp32 value, itself off by kAccumAbs.
+  const ToleranceReport o_err = CompareWithTolerance(
+      t.o.size(), [&](int64_t i) { return t.o.Get(i); }, ref.o, 1.01 * AccumAbs(p), u);
+  EXPECT_TRUE(o_err.Clean()) << "o: " << o_err.ToString();
+  EXPECT_LE(o_err.stats.rel_l2, kAccumRelL2 + u) << "o: " << o_err.ToString();
+  const ToleranceReport lse_err = CompareWithTolerance(
+      static_cast<int64_t>(t.lse.size()), [&](int64_t i) { return t.lse[i]; }, ref.lse, kLseAbs,
+      kLseRel);
+  EXPECT_TRUE(lse_err.Clean()) << "lse: " << lse_err.ToString();
+}
+
+// Runs the kernel and the reference on fresh random inputs and compares them.
+void RunAgainstReference(const Case& c, uint32_t seed, int num_threads = 0) {
+  AttentionParams p = c.p;
+  AttentionBuffers t = MakeAttentionBuffers(&p, seed, c.alibi);
+  ASSERT_TRUE(FlashCpuForward(p, {.num_threads = num_threads}).ok());
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ExpectMatchesReference(p, t, *ref);
+}
+
+// ---- Sweep: awkward sizes and every option --------------------------------------------------
+
+std::vector<Case> SweepCases() {
+  const DType f32 = DType::kF32, f16 = DType::kF16, bf16 = DType::kBF16;
+  std::vector<Case> cases = {
+      // Sizes: single rows, sizes off every block multiple, heads and GQA ratios, head dims.
+      {"Seq1", Shape(1, 1, 2, 2, 64)},
+      {"Seq1Q255K", Shape(1, 255, 2, 1, 128)},
+      {"Seq7Heads5", Shape(7, 7, 5, 5, 64)},
+      {"Seq255Heads5", Shape(255, 255, 5, 5, 128)},
+      {"Gqa8to2D64", Shape(255, 255, 8, 2, 64)},
+      {"Gqa8to1D256", Shape(255, 255, 8, 1, 256)},
+      {"Mqa8to1D128Batch2", Shape(130, 67, 8, 1, 128, /*batch=*/2)},
+      {"Seq255QSeq7K", Shape(255, 7, 2, 2, 64)},
+      {"Seq7QSeq255K", Shape(7, 255, 2, 2, 256)},
+      {"Seq100QSeq1000K", Shape(100, 1000, 2, 1, 64)},
+      // Dtypes: inputs rounded to the dtype; fp16/bf16 output adds its rounding.
+      {"F16", Dtypes(Shape(255, 255, 5, 5, 64), f16, f16)},
+      {"Bf16", Dtypes(Shape(255, 255, 8, 2, 128), bf16, bf16)},
+      {"F16InF32Out", Dtypes(Shape(129, 200, 4, 2, 256), f16, f32)},
+      {"Bf16InF32Out", Dtypes(Shape(129, 200, 4, 4, 64), bf16, f32)},
+      {"F32InBf16Out", Dtypes(Shape(129, 200, 4, 4, 64), f32, bf16)},
+      // Options alone.
+      {"Causal", Causal(Shape(255, 255, 5, 5, 64))},
+      {"CausalQShorter", Causal(Shape(100, 255, 2, 2, 64))},
+      {"CausalStripeOffsets", Causal(Positions(Shape(255, 255, 4, 2, 64), 1, 2, 0, 2))},
+      {"CausalOffsetsStride3", Causal(Positions(Shape(200, 150, 2, 2, 128), 37, 3, 5, 2))},
+      {"CausalKeysAfterQueries", Causal(Positions(Shape(100, 100, 2, 2, 64), 0, 1, 50, 1))},
+      {"Window0x0", Window(Shape(255, 255, 2, 2, 64), 0, 0)},
+      {"Window0x0Strides2x3", Window(Positions(Shape(200, 150, 2, 2, 64), 0, 2, 0, 3), 0, 0)},
+      {"WindowLeftOnly", Window(Shape(255, 255, 2, 2, 64), 17, kUnboundedWindow)},
+      {"WindowRightOnly", Window(Shape(255, 255, 2, 2, 64), kUnboundedWindow, 17)},
+      {"Window5x3", Window(Shape(255, 255, 2, 2, 128), 5, 3)},
+      {"Alibi", Shape(255, 255, 8, 8, 64), /*alibi=*/true},
+      {"Softcap", Softcap(Sharpen(Shape(255, 255, 4, 4, 64), 4.0f), 5.0f)},
+      {"Sharp", Sharpen(Shape(255, 255, 4, 4, 64), 8.0f)},
+      // Options combined.
+      {"CausalWindow", Window(Causal(Shape(255, 255, 4, 2, 64)), 40, kUnboundedWindow)},
+      {"CausalAlibiSoftcap", Softcap(Causal(Shape(255, 300, 8, 2, 128)), 20.0f), true},
+      {"WindowAlibiOffsets", Window(Positions(Shape(150, 200, 4, 4, 64), 300, 2, 100, 3), 64, 32),
+       true},
+      {"AllOptionsBf16",
+       Dtypes(Softcap(Window(Causal(Positions(Shape(200, 250, 8, 2, 256), 90, 3, 7, 2)), 150, 0),
+                      30.0f),
+              bf16, bf16),
+       true},
+      {"AllOptionsF16",
+       Dtypes(Softcap(Window(Causal(Positions(Shape(77, 133, 5, 5, 64), 500, 1, 420, 1)), 60, 2),
+                      10.0f),
+              f16, f16),
+       true},
+      // Long: a couple of configs at 3816 (not a block multiple) to exercise long rows.
+      {"Long3816Causal", Causal(Shape(3816, 3816, 2, 1, 64))},
+      {"Long3816Bf16WindowAlibi",
+       Dtypes(Softcap(Window(Shape(3816, 3816, 2, 2, 128), 300, 100), 30.0f), bf16, f32), true},
+  };
+  // Every pair of mask and score options on a small strided ring-step shape.
+  const AttentionParams ring_step = Positions(Shape(77, 133, 4, 2, 64), 200, 3, 150, 2);
+  const struct {
+    const char* name;
+    AttentionParams (*apply)(AttentionParams);
+  } masks[] = {
+      {"NoMask", [](AttentionParams p) { return p; }},
+      {"Causal", [](AttentionParams p) { return Causal(p); }},
+      {"Window", [](AttentionParams p) { return Window(p, 30, 20); }},
+      {"CausalWindow", [](AttentionParams p) { return Window(Causal(p), 50, 10); }},
+  };
+  for (const auto& mask : masks) {
+    for (int mods = 0; mods < 4; ++mods) {
+      const bool alibi = (mods & 1) != 0;
+      const bool softcap = (mods & 2) != 0;
+      AttentionParams p = mask.apply(ring_step);
+      if (softcap) p = Softcap(Sharpen(p, 3.0f), 8.0f);
+      cases.push_back(
+          {std::string("Combo") + mask.name + (alibi ? "Alibi" : "") + (softcap ? "Softcap" : ""),
+           p, alibi});
+    }
+  }
+  return cases;
+}
+
+class FlashVsReferenceTest : public ::testing::TestWithParam<Case> {};
+
+// A fixed seed per case, from its name (FNV-1a: the same on every platform, unlike std::hash).
+uint32_t SeedFromName(const std::string& name) {
+  uint32_t h = 2166136261u;
+  for (const char c : name) h = (h ^ static_cast<uint8_t>(c)) * 16777619u;
+  return h;
+}
+
+TEST_P(FlashVsReferenceTest, MatchesReference) {
+  RunAgainstReference(GetParam(), SeedFromName(GetParam().name));
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, FlashVsReferenceTest, ::testing::ValuesIn(SweepCases()),
+                         [](const ::testing::TestParamInfo<Case>& param_info) {
+                           return param_info.param.name;
+                         });
+
+// ---- Fully masked rows and empty calls ------------------------------------------------------
+
+TEST(FlashCpuTest, FullyMaskedRowsAreZeroWithNegInfLse) {
+  // Causal with every key after every query: nothing is allowed anywhere.
+  AttentionParams p = Causal(Positions(Shape(70, 90, 2, 2, 64), 0, 1, 1000, 1));
+  AttentionBuffers t = MakeAttentionBuffers(&p, 11);
+  ASSERT_TRUE(FlashCpuForward(p).ok());
+  for (int64_t i = 0; i < t.o.size(); ++i) ASSERT_EQ(t.o.Get(i), 0.0f) << i;
+  for (float lse : t.lse) ASSERT_EQ(lse, kNegInf);
+}
+
+TEST(FlashCpuTest, NoKeysGivesFullyMaskedRows) {
+  AttentionParams p = Dtypes(Shape(33, 0, 2, 2, 128), DType::kBF16, DType::kF16);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 12);
+  p.k = nullptr;
+  p.v = nullptr;
+  ASSERT_TRUE(FlashCpuForward(p).ok());
+  for (int64_t i = 0; i < t.o.size(); ++i) ASSERT_EQ(t.o.Get(i), 0.0f) << i;
+  for (float lse : t.lse) ASSERT_EQ(lse, kNegInf);
+}
+
+TEST(FlashCpuTest, NoQueriesIsANoOp) {
+  AttentionParams p = Shape(0, 50, 2, 2, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 13);
+  p.q = nullptr;
+  p.o = nullptr;
+  EXPECT_TRUE(FlashCpuForward(p).ok());
+}
+
+TEST(FlashCpuTest, NullLseIsAllowedWithoutMerge) {
+  AttentionParams p = Causal(Shape(65, 65, 2, 2, 64));
+  AttentionBuffers t = MakeAttentionBuffers(&p, 14);
+  p.lse = nullptr;
+  ASSERT_TRUE(FlashCpuForward(p).ok());
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok());
+  const ToleranceReport e = CompareWithTolerance(
+      t.o.size(), [&](int64_t i) { return t.o.Get(i); }, ref->o, kAccumAbs, 0.0);
+  EXPECT_TRUE(e.Clean()) << e.ToString();
+}
+
+// ---- Strided (non-contiguous) tensors -------------------------------------------------------
+
+TEST(FlashCpuTest, HonoursStridesAndWritesNothingOutsideTheView) {
+  // q/k/v/o live in buffers with padding between heads and rows, as in a packed QKV layout;
+  // the kernel must read through the strides and leave the padding of o untouched (NaN).
+  const int heads = 4, heads_k = 2, dim = 64;
+  const int64_t sq = 70, sk = 90;
+  const int64_t head_pad = 16, row_pad = 8;
+  AttentionParams p = Causal(Positions(Shape(sq, sk, heads, heads_k, dim), 40, 1, 0, 1));
+  p.dtype = DType::kF16;
+  p.q_head_stride = p.o_head_stride = dim + head_pad;
+  p.q_row_stride = p.o_row_stride = heads * p.q_head_stride + row_pad;
+  p.q_batch_stride = p.o_batch_stride = sq * p.q_row_stride;
+  p.k_head_stride = p.v_head_stride = dim + head_pad;
+  p.k_row_stride = p.v_row_stride = heads_k * p.k_head_stride + row_pad;
+  p.k_batch_stride = p.v_batch_stride = sk * p.k_row_stride;
+  p.lse_head_stride = sq + 3;
+  p.lse_batch_stride = heads * p.lse_head_stride;
+
+  TypedBuffer q(DType::kF16, p.q_batch_stride), k(DType::kF16, p.k_batch_stride),
+      v(DType::kF16, p.v_batch_stride), o(DType::kF32, p.o_batch_stride);
+  kernel_testing::FillRandomNormal(&q, 21);
+  kernel_testing::FillRandomNormal(&k, 22);
+  kernel_testing::FillRandomNormal(&v, 23);
+  o.FillWithNan();
+  std::vector<float> lse(p.lse_batch_stride, std::numeric_limits<float>::quiet_NaN());
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  ASSERT_TRUE(FlashCpuForward(p).ok());
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok());
+
+  std::vector<bool> in_view(o.size(), false);
+  std::vector<double> got, want;
+  for (int64_t i = 0; i < sq; ++i) {
+    for (int h = 0; h < heads; ++h) {
+      for (int d = 0; d < dim; ++d) {
+        const int64_t at = i * p.o_row_stride + h * p.o_head_stride + d;
+        in_view[at] = true;
+        got.push_back(o.Get(at));
+        want.push_back(ref->o[(i * heads + h) * dim + d]);
+      }
+    }
+  }
+  const ToleranceReport e = CompareWithTolerance(
+      static_cast<int64_t>(got.size()), [&](int64_t i) { return got[i]; }, want, kAccumAbs, 0.0);
+  EXPECT_TRUE(e.Clean()) << e.ToString();
+  for (int64_t at = 0; at < o.size(); ++at) {
+    if (!in_view[at]) {
+      ASSERT_TRUE(std::isnan(o.Get(at))) << "padding written at " << at;
+    }
+  }
+  for (int h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < sq; ++i) {
+      EXPECT_NEAR(lse[h * p.lse_head_stride + i], ref->lse[h * sq + i], kLseAbs * 10);
+    }
+    for (int64_t i = sq; i < p.lse_head_stride; ++i) {
+      ASSERT_TRUE(std::isnan(lse[h * p.lse_head_stride + i])) << "lse padding written";
+    }
+  }
+}
+
+// ---- Merge mode -----------------------------------------------------------------------------
+
+// Points `part` at keys [begin, end) of `whole`: the K/V pointers move down the rows and the
+// key positions keep their global values.
+AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
+  AttentionParams part = whole;
+  part.seqlen_k = end - begin;
+  part.k = OffsetElements(whole.k, whole.dtype, begin * whole.k_row_stride);
+  part.v = OffsetElements(whole.v, whole.dtype, begin * whole.v_row_stride);
+  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
+  return part;
+}
+
+struct MergeCase {
+  std::string name;
+  AttentionParams p;
+  int64_t split;
+  bool second_half_first;
+  bool alibi = false;
+};
+
+class FlashMergeTest : public ::testing::TestWithParam<MergeCase> {};
+
+// Computes the keys in two calls, the second merging into the first's (o, lse), and compares
+// with one call over all keys and with the reference. Rows whose second call is fully masked
+// must keep the first call's partial bit for bit.
+TEST_P(FlashMergeTest, TwoHalvesEqualOneCall) {
+  const MergeCase& c = GetParam();
+  AttentionParams whole = c.p;
+  AttentionBuffers t = MakeAttentionBuffers(&whole, 31, c.alibi);
+  ASSERT_TRUE(FlashCpuForward(whole).ok());
+  const std::vector<float> single_o(static_cast<const float*>(whole.o),
+                                    static_cast<const float*>(whole.o) + t.o.size());
+  const std::vector<float> single_lse = t.lse;
+  t.o.FillWithNan();
+  std::fill(t.lse.begin(), t.lse.end(), std::numeric_limits<float>::quiet_NaN());
+
+  AttentionParams first = KeyRange(whole, 0, c.split);
+  AttentionParams second = KeyRange(whole, c.split, whole.seqlen_k);
+  if (c.second_half_first) std::swap(first, second);
+  ASSERT_TRUE(FlashCpuForward(first).ok());
+  const std::vector<float> partial_o(static_cast<const float*>(whole.o),
+                                     static_cast<const float*>(whole.o) + t.o.size());
+  const std::vector<float> partial_lse = t.lse;
+  second.merge_into_output = true;
+  ASSERT_TRUE(FlashCpuForward(second).ok());
+
+  // Against one call over all keys (both fp32, so the fp32 tolerance applies on each side).
+  std::vector<double> single_o_d(single_o.begin(), single_o.end());
+  std::vector<double> single_lse_d(single_lse.begin(), single_lse.end());
+  const ToleranceReport o_err = CompareWithTolerance(
+      t.o.size(), [&](int64_t i) { return t.o.Get(i); }, single_o_d, 2 * kAccumAbs, 0.0);
+  EXPECT_TRUE(o_err.Clean()) << "o vs single call: " << o_err.ToString();
+  EXPECT_LE(o_err.stats.rel_l2, 2 * kAccumRelL2) << o_err.ToString();
+  const ToleranceReport lse_err = CompareWithTolerance(
+      static_cast<int64_t>(t.lse.size()), [&](int64_t i) { return t.lse[i]; }, single_lse_d,
+      2 * kLseAbs, 2 * kLseRel);
+  EXPECT_TRUE(lse_err.Clean()) << "lse vs single call: " << lse_err.ToString();
+
+  // Against the reference.
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+  ASSERT_TRUE(ref.ok());
+  ExpectMatchesReference(whole, t, *ref);
+
+  // Rows the second call adds nothing to keep the first call's partial exactly.
+  absl::StatusOr<ReferenceResult> second_ref = ReferenceForward(second);
+  ASSERT_TRUE(second_ref.ok());
+  const int64_t dim = whole.head_dim;
+  for (size_t r = 0; r < second_ref->lse.size(); ++r) {
+    if (std::isfinite(second_ref->lse[r])) continue;
+    // lse index r = (b * heads + h) * seqlen_q + i; o row (b, i, h).
+    const int64_t i = r % whole.seqlen_q;
+    const int64_t bh = r / whole.seqlen_q;
+    const int64_t b = bh / whole.heads, h = bh % whole.heads;
+    ASSERT_EQ(std::memcmp(&t.lse[r], &partial_lse[r], sizeof(float)), 0) << "row " << r;
+    const int64_t o_at = ((b * whole.seqlen_q + i) * whole.heads + h) * dim;
+    ASSERT_EQ(std::memcmp(static_cast<const float*>(whole.o) + o_at, &partial_o[o_at],
+                          dim * sizeof(float)),
+              0)
+        << "row " << r;
+  }
+}
+
+std::vector<MergeCase> MergeCases() {
+  const AttentionParams base = Shape(255, 255, 4, 2, 64);
+  return {
+      {"MidSplit", base, 100, false},
+      {"MidSplitReversed", base, 100, true},
+      {"BlockAlignedSplit", Shape(130, 256, 2, 1, 128), 128, false},
+      {"EmptyFirstCall", base, 0, false},
+      {"EmptySecondCall", base, 255, false},
+      {"CausalSplit", Causal(base), 120, false},  // rows < 120 see nothing of the second half
+      {"CausalSplitReversed", Causal(base), 120, true},
+      {"WindowSplitAlibi", Window(base, 20, 5), 140, true, true},
+      {"StripeCausalSoftcap", Softcap(Causal(Positions(base, 1, 2, 0, 2)), 10.0f), 60, false},
+      {"Bf16InputsAllOptions",
+       Dtypes(Softcap(Window(Causal(Positions(Shape(200, 300, 8, 2, 256), 250, 2, 0, 2)), 100, 0),
+                      15.0f),
+              DType::kBF16, DType::kF32),
+       170, false, true},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Merge, FlashMergeTest, ::testing::ValuesIn(MergeCases()),
+                         [](const ::testing::TestParamInfo<MergeCase>& param_info) {
+                           return param_info.param.name;
+                         });
+
+TEST(FlashCpuTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
+  // An lse of -inf marks an empty partial; whatever its o holds (here NaN) must not leak.
+  AttentionParams p = Shape(40, 50, 2, 2, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 41);
+  std::fill(t.lse.begin(), t.lse.end(), kNegInf);  // o stays NaN-poisoned
+  p.merge_into_output = true;
+  ASSERT_TRUE(FlashCpuForward(p).ok());
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok());
+  ExpectMatchesReference(p, t, *ref);
+}
+
+// ---- Threads --------------------------------------------------------------------------------
+
+TEST(FlashCpuTest, ThreadCountDoesNotChangeAnyBit) {
+  for (const AttentionParams& shape :
+       {Causal(Shape(300, 300, 5, 5, 64)),
+        Dtypes(Softcap(Window(Shape(200, 260, 8, 2, 128), 70, 3), 9.0f), DType::kF16,
+               DType::kBF16)}) {
+    AttentionParams p1 = shape, p4 = shape;
+    AttentionBuffers t1 = MakeAttentionBuffers(&p1, 51, /*with_alibi=*/true);
+    AttentionBuffers t4 = MakeAttentionBuffers(&p4, 51, /*with_alibi=*/true);
+    ASSERT_TRUE(FlashCpuForward(p1, {.num_threads = 1}).ok());
+    ASSERT_TRUE(FlashCpuForward(p4, {.num_threads = 4}).ok());
+    EXPECT_TRUE(t1.o == t4.o);
+    ASSERT_EQ(t1.lse.size(), t4.lse.size());
+    EXPECT_EQ(std::memcmp(t1.lse.data(), t4.lse.data(), t1.lse.size() * sizeof(float)), 0);
+  }
+}
+
+TEST(FlashCpuTest, MoreThreadsThanWorkItems) {
+  RunAgainstReference({"Tiny", Shape(3, 5, 1, 1, 64)}, 61, /*num_threads=*/16);
+}
+
+// ---- Refused inputs -------------------------------------------------------------------------
+
+TEST(FlashCpuTest, RefusesUnsupportedHeadDim) {
+  AttentionParams p = Shape(8, 8, 2, 2, 96);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 71);
+  const absl::Status s = FlashCpuForward(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("head_dim 96"), std::string::npos) << s;
+}
+
+TEST(FlashCpuTest, RefusesHeadsNotAMultipleOfHeadsK) {
+  AttentionParams p = Shape(8, 8, 5, 2, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 72);
+  const absl::Status s = FlashCpuForward(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("heads_k"), std::string::npos) << s;
+}
+
+TEST(FlashCpuTest, RefusesMergeIntoNonFp32Output) {
+  AttentionParams p = Dtypes(Shape(8, 8, 2, 2, 64), DType::kF16, DType::kF16);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 73);
+  p.merge_into_output = true;
+  EXPECT_EQ(FlashCpuForward(p).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(FlashCpuTest, RefusesNegativeThreadCount) {
+  AttentionParams p = Shape(8, 8, 2, 2, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 74);
+  const absl::Status s = FlashCpuForward(p, {.num_threads = -1});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("num_threads"), std::string::npos) << s;
+}
+
+// ---- Kernel internals -----------------------------------------------------------------------
+
+TEST(FlashCpuInternalsTest, BranchlessF16DecodeMatchesF16ToFloatForAllPatterns) {
+  for (uint32_t bits = 0; bits <= 0xffff; ++bits) {
+    const uint16_t h = static_cast<uint16_t>(bits);
+    ASSERT_EQ(FloatBits(F16ToFloatBranchless(h)), FloatBits(F16ToFloat(h))) << std::hex << bits;
+  }
+}
+
+// Error of ExpForSoftmax in ulps of the correctly rounded result (computed in double).
+double UlpError(float x) {
+  const double want = std::exp(static_cast<double>(x));
+  const float want_f = static_cast<float>(want);
+  const double ulp = std::nextafter(want_f, std::numeric_limits<float>::infinity()) - want_f;
+  return std::abs(ExpForSoftmax(x) - want) / ulp;
+}
+
+TEST(FlashCpuInternalsTest, ExpForSoftmaxIsAccurateOverItsRange) {
+  // Every 61st float of [-87, 0] (about 18 million arguments, every exponent and many
+  // mantissas), plus the positive side used by nobody but kept sane.
+  double worst = 0.0;
+  float worst_x = 0.0f;
+  const uint32_t lo = FloatBits(-87.0f);  // negative floats: larger bits, more negative
+  for (uint32_t bits = 0x80000000u; bits <= lo; bits += 61) {
+    const float x = BitsFloat(bits);
+    const double e = UlpError(x);
+    if (e > worst) {
+      worst = e;
+      worst_x = x;
+    }
+  }
+  for (float x = 0.0f; x <= 87.0f; x += 0.013f) worst = std::max(worst, UlpError(x));
+  EXPECT_LE(worst, 4.0) << "worst at x=" << worst_x;
+}
+
+TEST(FlashCpuInternalsTest, ExpForSoftmaxSpecialValues) {
+  EXPECT_EQ(ExpForSoftmax(0.0f), 1.0f);
+  EXPECT_EQ(ExpForSoftmax(-0.0f), 1.0f);
+  EXPECT_EQ(ExpForSoftmax(kNegInf), 0.0f);  // masked keys contribute exactly nothing
+  EXPECT_EQ(ExpForSoftmax(-87.5f), 0.0f);
+  EXPECT_EQ(ExpForSoftmax(-1e30f), 0.0f);
+  EXPECT_GT(ExpForSoftmax(-87.0f), 0.0f);
+  EXPECT_TRUE(std::isnan(ExpForSoftmax(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT_TRUE(std::isfinite(ExpForSoftmax(std::numeric_limits<float>::infinity())));
+}
+
+// ---- Backends -------------------------------------------------------------------------------
+
+TEST(CpuBackendTest, UnknownNameListsTheKnownOnes) {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeCpuBackend("gpu");
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(b.status().message(),
+            "unknown kernel backend 'gpu'; expected one of cpu, cpu_reference");
+}
+
+TEST(CpuBackendTest, BothBackendsComputeTheSameAttention) {
+  for (const char* name : {"cpu", "cpu_reference"}) {
+    SCOPED_TRACE(name);
+    absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCpuBackend(name);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    EXPECT_EQ((*backend)->name(), name);
+    EXPECT_EQ((*backend)->memory_space(), MemorySpace::kHost);
+
+    AttentionParams p = Dtypes(Causal(Shape(90, 90, 4, 2, 128)), DType::kBF16, DType::kF16);
+    AttentionBuffers t = MakeAttentionBuffers(&p, 81, /*with_alibi=*/true);
+    ASSERT_TRUE((*backend)->Forward(p).ok());
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatchesReference(p, t, *ref);
+
+    AttentionParams bad = p;
+    bad.head_dim = 96;
+    EXPECT_EQ((*backend)->Forward(bad).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(CpuBackendTest, BothBackendsMerge) {
+  for (const char* name : {"cpu", "cpu_reference"}) {
+    SCOPED_TRACE(name);
+    absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCpuBackend(name);
+    ASSERT_TRUE(backend.ok());
+    AttentionParams whole = Causal(Shape(100, 100, 2, 2, 64));
+    AttentionBuffers t = MakeAttentionBuffers(&whole, 82);
+    AttentionParams second = KeyRange(whole, 45, 100);
+    second.merge_into_output = true;
+    ASSERT_TRUE((*backend)->Forward(KeyRange(whole, 0, 45)).ok());
+    ASSERT_TRUE((*backend)->Forward(second).ok());
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatchesReference(whole, t, *ref);
+  }
+}
+
+}  // namespace
+}  // namespace ringattn

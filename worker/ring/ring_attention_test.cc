@@ -1,1 +1,325 @@
-// placeholder: being written
+// The ring against a single-device run of the whole sequence and against the fp64 reference,
+// with 1 to 4 in-process ranks, every layout, and the options alone and together.
+#include "worker/ring/ring_attention.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_attention.h"
+#include "kernels/error_metrics.h"
+#include "kernels/params_check.h"
+#include "worker/ring/inprocess_ring.h"
+#include "worker/ring/synthetic_inputs.h"
+
+namespace ringattn {
+namespace {
+
+struct Problem {
+  DType dtype = DType::kF32;
+  int batch = 1;
+  int64_t seqlen = 255;
+  int heads = 5;
+  int heads_k = 5;
+  int head_dim = 64;
+  RingAttentionOptions options;
+  uint64_t seed = 7;
+};
+
+// Whole-sequence inputs and the outputs of one run.
+struct Tensors {
+  std::vector<std::byte> q, k, v, out;
+  std::vector<float> lse;
+};
+
+Tensors MakeInputs(const Problem& pr) {
+  Tensors t;
+  const size_t es = DTypeSize(pr.dtype);
+  t.q.resize(pr.batch * pr.seqlen * pr.heads * pr.head_dim * es);
+  t.k.resize(pr.batch * pr.seqlen * pr.heads_k * pr.head_dim * es);
+  t.v.resize(t.k.size());
+  FillSynthetic(pr.seed, 0, pr.batch, pr.seqlen, pr.heads, pr.head_dim, pr.dtype, t.q.data());
+  FillSynthetic(pr.seed, 1, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.k.data());
+  FillSynthetic(pr.seed, 2, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.v.data());
+  // Poison: every element must be written by the run.
+  t.out.assign(t.q.size(), std::byte{0xff});
+  t.lse.assign(static_cast<size_t>(pr.batch) * pr.heads * pr.seqlen, std::nanf(""));
+  return t;
+}
+
+WholeAttention View(const Problem& pr, Tensors& t) {
+  WholeAttention w;
+  w.dtype = pr.dtype;
+  w.batch = pr.batch;
+  w.seqlen = pr.seqlen;
+  w.heads = pr.heads;
+  w.heads_k = pr.heads_k;
+  w.head_dim = pr.head_dim;
+  w.q = t.q.data();
+  w.k = t.k.data();
+  w.v = t.v.data();
+  w.out = t.out.data();
+  w.lse = t.lse.data();
+  return w;
+}
+
+AttentionParams WholeParams(const Problem& pr, Tensors& t) {
+  AttentionParams p;
+  p.batch = pr.batch;
+  p.seqlen_q = p.seqlen_k = pr.seqlen;
+  p.heads = pr.heads;
+  p.heads_k = pr.heads_k;
+  p.head_dim = pr.head_dim;
+  p.dtype = p.o_dtype = pr.dtype;
+  p.q = t.q.data();
+  p.k = t.k.data();
+  p.v = t.v.data();
+  p.o = t.out.data();
+  p.lse = t.lse.data();
+  SetContiguousStrides(&p);
+  const RingAttentionOptions& o = pr.options;
+  p.softmax_scale = o.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(pr.head_dim)));
+  p.causal = o.causal;
+  p.window_left = o.window_size.first;
+  p.window_right = o.window_size.second;
+  p.alibi_slopes = o.alibi_slopes.empty() ? nullptr : o.alibi_slopes.data();
+  p.softcap = o.softcap;
+  return p;
+}
+
+BackendFactory Cpu() {
+  return [] { return MakeCpuBackend("cpu"); };
+}
+
+// Runs the single-device kernel on the whole sequence.
+Tensors RunSingle(const Problem& pr) {
+  Tensors t = MakeInputs(pr);
+  AttentionParams p = WholeParams(pr, t);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCpuBackend("cpu");
+  EXPECT_TRUE(backend.ok());
+  absl::Status s = (*backend)->Forward(p);
+  EXPECT_TRUE(s.ok()) << s;
+  return t;
+}
+
+Tensors RunRing(const Problem& pr, int world, Layout layout) {
+  Tensors t = MakeInputs(pr);
+  absl::StatusOr<std::vector<RingTimings>> timings =
+      RunRingInProcess(View(pr, t), world, layout, pr.options, Cpu());
+  EXPECT_TRUE(timings.ok()) << timings.status();
+  if (timings.ok()) {
+    EXPECT_EQ(timings->size(), static_cast<size_t>(world));
+    for (const RingTimings& rt : *timings) EXPECT_EQ(rt.steps.size(), static_cast<size_t>(world));
+  }
+  return t;
+}
+
+int64_t OutElems(const Problem& pr) {
+  return static_cast<int64_t>(pr.batch) * pr.seqlen * pr.heads * pr.head_dim;
+}
+
+ErrorStats OutVsSingle(const Problem& pr, const Tensors& ring, const Tensors& single) {
+  std::vector<float> ref(OutElems(pr));
+  for (int64_t i = 0; i < OutElems(pr); ++i) ref[i] = LoadAsFloat(single.out.data(), i, pr.dtype);
+  return CompareTensor(ring.out.data(), pr.dtype, ref.data(), OutElems(pr));
+}
+
+ErrorStats LseVsSingle(const Tensors& ring, const Tensors& single) {
+  return CompareTensor(ring.lse.data(), DType::kF32, single.lse.data(),
+                       static_cast<int64_t>(single.lse.size()));
+}
+
+// Relative L2 of the ring against the single-device run, per dtype: both accumulate in fp32
+// and round once, so fp32 agrees to accumulation-order noise and fp16/bf16 to one rounding.
+double SingleTolerance(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return 1e-5;
+    case DType::kF16: return 1e-3;
+    case DType::kBF16: return 8e-3;
+  }
+  return 0;
+}
+
+using RingCase = std::tuple<int /*world*/, Layout, bool /*causal*/>;
+
+class RingMatchesSingleDevice : public ::testing::TestWithParam<RingCase> {};
+
+TEST_P(RingMatchesSingleDevice, Fp32) {
+  const auto [world, layout, causal] = GetParam();
+  Problem pr;
+  pr.options.causal = causal;
+  const Tensors single = RunSingle(pr);
+  const Tensors ring = RunRing(pr, world, layout);
+  const ErrorStats e = OutVsSingle(pr, ring, single);
+  EXPECT_TRUE(e.Within(1e-5, 1e-5)) << e.ToString();
+  const ErrorStats l = LseVsSingle(ring, single);
+  EXPECT_TRUE(l.Within(1e-6, 1e-5)) << l.ToString();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    WorldsLayouts, RingMatchesSingleDevice,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                       ::testing::Values(Layout::kContiguous, Layout::kZigzag, Layout::kStripe),
+                       ::testing::Bool()),
+    [](const ::testing::TestParamInfo<RingCase>& info) {
+      return absl::StrCat("w", std::get<0>(info.param), "_",
+                          std::string(LayoutName(std::get<1>(info.param))),
+                          std::get<2>(info.param) ? "_causal" : "_full");
+    });
+
+// Every option alone and together, through the ring with 3 ranks at an awkward length, GQA.
+struct OptionCase {
+  std::string name;
+  DType dtype;
+  int heads, heads_k, head_dim;
+  int64_t seqlen;
+  bool causal;
+  std::pair<int64_t, int64_t> window;
+  bool alibi;
+  float softcap;
+};
+
+class RingOptions : public ::testing::TestWithParam<OptionCase> {};
+
+TEST_P(RingOptions, MatchesSingleDeviceAndReference) {
+  const OptionCase& c = GetParam();
+  Problem pr;
+  pr.dtype = c.dtype;
+  pr.heads = c.heads;
+  pr.heads_k = c.heads_k;
+  pr.head_dim = c.head_dim;
+  pr.seqlen = c.seqlen;
+  pr.options.causal = c.causal;
+  pr.options.window_size = c.window;
+  pr.options.softcap = c.softcap;
+  if (c.alibi) {
+    for (int h = 0; h < c.heads; ++h) pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
+  }
+  const Tensors single = RunSingle(pr);
+  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
+    const Tensors ring = RunRing(pr, 3, layout);
+    const ErrorStats e = OutVsSingle(pr, ring, single);
+    EXPECT_TRUE(e.Within(SingleTolerance(pr.dtype), 1.0))
+        << LayoutName(layout) << " vs single: " << e.ToString();
+    const ErrorStats l = LseVsSingle(ring, single);
+    EXPECT_TRUE(l.Within(1e-6, 1e-4)) << LayoutName(layout) << " lse: " << l.ToString();
+  }
+  // And the single-device run against fp64, so the ring is anchored to an independent oracle.
+  Tensors t = MakeInputs(pr);
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(WholeParams(pr, t));
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  const Tensors ring = RunRing(pr, 4, Layout::kZigzag);
+  const ErrorStats r = CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), OutElems(pr));
+  const double tol = pr.dtype == DType::kF32 ? 1e-5 : (pr.dtype == DType::kF16 ? 2e-3 : 1e-2);
+  EXPECT_TRUE(r.Within(tol, 1.0)) << "ring(4) vs fp64: " << r.ToString();
+  const ErrorStats rl = CompareTensor(ring.lse.data(), DType::kF32, ref->lse.data(),
+                                      static_cast<int64_t>(ref->lse.size()));
+  EXPECT_TRUE(rl.Within(1e-5, 1e-4)) << "ring(4) lse vs fp64: " << rl.ToString();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Options, RingOptions,
+    ::testing::Values(
+        OptionCase{"gqa8to2", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0},
+        OptionCase{"mqa8to1", DType::kF32, 8, 1, 64, 7, false, {-1, -1}, false, 0},
+        OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
+        OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
+        OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
+        OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
+        OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
+        OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
+        OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
+        OptionCase{"hd256", DType::kBF16, 2, 1, 256, 100, true, {-1, -1}, false, 0},
+        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0}),
+    [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
+
+// The ring keeps partials in fp32, so its bf16 error against fp64 does not grow with ranks.
+TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
+  Problem pr;
+  pr.dtype = DType::kBF16;
+  pr.seqlen = 512;
+  pr.heads = 4;
+  pr.heads_k = 4;
+  pr.options.causal = true;
+  Tensors t = MakeInputs(pr);
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(WholeParams(pr, t));
+  ASSERT_TRUE(ref.ok());
+  std::vector<double> errs;
+  for (int world : {1, 2, 4, 8}) {
+    const Tensors ring = RunRing(pr, world, Layout::kZigzag);
+    errs.push_back(CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), OutElems(pr)).rel_l2);
+  }
+  for (size_t i = 1; i < errs.size(); ++i) {
+    EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6) << "world index " << i << " errors " << errs[0]
+                                              << " -> " << errs[i];
+  }
+}
+
+TEST(RingRefusals, DropoutAndAttnProbsAndAlibiSize) {
+  Problem pr;
+  pr.seqlen = 16;
+  struct Bad {
+    RingAttentionOptions options;
+    std::string expect;
+  };
+  std::vector<Bad> bad(4);
+  bad[0].options.dropout_p = 0.1f;
+  bad[0].expect = "dropout_p must be 0";
+  bad[1].options.return_attn_probs = true;
+  bad[1].expect = "return_attn_probs";
+  bad[2].options.alibi_slopes = {0.5f};
+  bad[2].expect = "alibi_slopes";
+  bad[3].options.window_size = {-3, 0};
+  bad[3].expect = "window_size";
+  for (const Bad& b : bad) {
+    pr.options = b.options;
+    Tensors t = MakeInputs(pr);
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<std::vector<RingTimings>> r =
+        RunRingInProcess(View(pr, t), 3, Layout::kContiguous, pr.options, Cpu());
+    ASSERT_FALSE(r.ok()) << b.expect;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find(b.expect), std::string_view::npos) << r.status();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  }
+}
+
+TEST(RingRefusals, UnsupportedHeadDim) {
+  Problem pr;
+  pr.head_dim = 96;
+  pr.seqlen = 8;
+  Tensors t = MakeInputs(pr);
+  absl::StatusOr<std::vector<RingTimings>> r =
+      RunRingInProcess(View(pr, t), 2, Layout::kContiguous, pr.options, Cpu());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("head_dim 96"), std::string_view::npos) << r.status();
+}
+
+// A rank that fails (here: its backend cannot be made) must not leave the others waiting for
+// its blocks until their timeout.
+TEST(RingFailures, OneFailingRankReleasesTheOthers) {
+  Problem pr;
+  pr.seqlen = 64;
+  Tensors t = MakeInputs(pr);
+  std::atomic<int> made{0};
+  BackendFactory flaky = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
+    if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
+    return MakeCpuBackend("cpu");
+  };
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<RingTimings>> r = RunRingInProcess(
+      View(pr, t), 4, Layout::kZigzag, pr.options, flaky, std::chrono::seconds(30));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("planted backend failure"), std::string_view::npos)
+      << r.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+}  // namespace
+}  // namespace ringattn

@@ -1,0 +1,80 @@
+// Client of ringattn.v1.AttentionService.
+//
+// Attend sends the whole request as one message; AttendStreaming sends it as the chunk protocol
+// of AttendStream (header, then the bytes of q, k and v in chunks, then WritesDone) and
+// reassembles the chunked out and lse of the answer; AttendAuto picks one of the two by the
+// request's size. Every call returns the service's status with its code and message as they
+// came; a response that breaks the chunk protocol or whose tensors do not match their shapes is
+// INTERNAL, naming the tensor and the offending offset or size.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "ringattn/v1/attention.grpc.pb.h"
+
+namespace ringattn {
+
+// Called as tensor bytes move: `done_bytes` of `total_bytes`, where the total counts the request
+// bytes sent and the response bytes received.
+using ProgressFn = std::function<void(int64_t done_bytes, int64_t total_bytes)>;
+
+// Default size of the TensorChunk payloads the client sends (the coordinator's default for the
+// chunks it answers with).
+inline constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
+
+// Bytes a tensor's data must have as its dtype and shape imply. 0 for a tensor without a shape
+// (an absent tensor); -1 when the dtype is unspecified, a dimension is negative or the size
+// overflows.
+int64_t ExpectedTensorBytes(const v1::Tensor& tensor);
+
+// Whether `request` has to go through AttendStream: its serialised size exceeds
+// `max_unary_bytes` (the server's InfoResponse.max_unary_bytes; <= 0 when unknown) or the
+// 2 GiB protobuf limit on one message.
+bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes);
+
+// Thread-safe: calls may run concurrently over the one channel.
+class AttentionClient {
+ public:
+  // Opens an insecure channel to `target` (host:port) with unlimited message sizes and waits up
+  // to `wait_ready` for it to connect: UNAVAILABLE naming the target if it does not. A zero
+  // `wait_ready` skips the wait (the channel connects on the first call).
+  static absl::StatusOr<std::unique_ptr<AttentionClient>> Connect(const std::string& target,
+                                                                  absl::Duration wait_ready);
+
+  // Over an existing channel.
+  explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
+
+  AttentionClient(const AttentionClient&) = delete;
+  AttentionClient& operator=(const AttentionClient&) = delete;
+
+  // Each call gives up after `timeout` (DEADLINE_EXCEEDED); absl::InfiniteDuration() waits for
+  // ever.
+  absl::StatusOr<v1::AttendResponse> Attend(const v1::AttendRequest& request,
+                                            absl::Duration timeout);
+
+  // The request through AttendStream in chunks of at most `chunk_bytes` (> 0; need not be a
+  // multiple of the element size). `progress` may be empty.
+  absl::StatusOr<v1::AttendResponse> AttendStreaming(const v1::AttendRequest& request,
+                                                     absl::Duration timeout, int64_t chunk_bytes,
+                                                     const ProgressFn& progress = nullptr);
+
+  // AttendStreaming when NeedsStreaming(request, max_unary_bytes), else Attend. The chunks are
+  // kept within `max_unary_bytes` too, as that is what the server accepts in one message.
+  absl::StatusOr<v1::AttendResponse> AttendAuto(const v1::AttendRequest& request,
+                                                absl::Duration timeout, int64_t max_unary_bytes,
+                                                int64_t chunk_bytes = kDefaultChunkBytes,
+                                                const ProgressFn& progress = nullptr);
+
+  absl::StatusOr<v1::InfoResponse> GetInfo(absl::Duration timeout);
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,156 @@
+// Helpers shared by the CPU kernel tests: typed host buffers, random inputs, NaN poisoning and
+// tolerance checks against the fp64 reference (on top of kernels/error_metrics.h).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention_params.h"
+#include "kernels/dtype.h"
+#include "kernels/error_metrics.h"
+#include "kernels/params_check.h"
+
+namespace ringattn::kernel_testing {
+
+// A host buffer of `size` elements of one DType. Stored as 32-bit words so that fp32 elements
+// are aligned whatever the type.
+class TypedBuffer {
+ public:
+  TypedBuffer() = default;
+  TypedBuffer(DType type, int64_t size)
+      : type_(type), size_(size), words_((size * DTypeSize(type) + 3) / 4) {}
+
+  DType type() const { return type_; }
+  int64_t size() const { return size_; }
+  void* data() { return words_.data(); }
+  const void* data() const { return words_.data(); }
+
+  float Get(int64_t i) const { return LoadAsFloat(data(), i, type_); }
+  void Set(int64_t i, float x) { StoreFromFloat(data(), i, type_, x); }
+  void FillWithNan() {
+    for (int64_t i = 0; i < size_; ++i) Set(i, std::numeric_limits<float>::quiet_NaN());
+  }
+  bool operator==(const TypedBuffer& other) const {
+    return type_ == other.type_ && words_ == other.words_;
+  }
+
+ private:
+  DType type_ = DType::kF32;
+  int64_t size_ = 0;
+  std::vector<uint32_t> words_;
+};
+
+// Fills `buffer` with standard-normal values (rounded to its type), never zeros: an all-zero
+// input would hide indexing errors.
+inline void FillRandomNormal(TypedBuffer* buffer, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  for (int64_t i = 0; i < buffer->size(); ++i) buffer->Set(i, dist(rng));
+}
+
+// The tensors of one call. q/k/v hold random inputs; o and lse are poisoned with NaN so that a
+// test can tell whether every element was written.
+struct AttentionBuffers {
+  TypedBuffer q;             // [batch, seqlen_q, heads, head_dim]
+  TypedBuffer k;             // [batch, seqlen_k, heads_k, head_dim]
+  TypedBuffer v;             // [batch, seqlen_k, heads_k, head_dim]
+  TypedBuffer o;             // [batch, seqlen_q, heads, head_dim], o_dtype
+  std::vector<float> lse;    // [batch, heads, seqlen_q]
+  std::vector<float> alibi;  // [heads]
+};
+
+// Allocates contiguous buffers for the sizes and dtypes already in *p, fills q/k/v randomly
+// from `seed`, poisons o and lse, and points *p at them with contiguous strides. With
+// `with_alibi`, also makes per-head ALiBi slopes (the usual geometric series) and sets them.
+inline AttentionBuffers MakeAttentionBuffers(AttentionParams* p, uint32_t seed,
+                                             bool with_alibi = false) {
+  AttentionBuffers t;
+  const int64_t d = p->head_dim;
+  t.q = TypedBuffer(p->dtype, p->batch * p->seqlen_q * p->heads * d);
+  t.k = TypedBuffer(p->dtype, p->batch * p->seqlen_k * p->heads_k * d);
+  t.v = TypedBuffer(p->dtype, p->batch * p->seqlen_k * p->heads_k * d);
+  t.o = TypedBuffer(p->o_dtype, p->batch * p->seqlen_q * p->heads * d);
+  FillRandomNormal(&t.q, seed * 4 + 1);
+  FillRandomNormal(&t.k, seed * 4 + 2);
+  FillRandomNormal(&t.v, seed * 4 + 3);
+  t.o.FillWithNan();
+  t.lse.assign(p->batch * p->heads * p->seqlen_q, std::numeric_limits<float>::quiet_NaN());
+  if (with_alibi) {
+    for (int h = 0; h < p->heads; ++h) {
+      t.alibi.push_back(
+          std::exp2(-8.0f * static_cast<float>(h + 1) / static_cast<float>(p->heads)));
+    }
+  }
+  p->q = t.q.data();
+  p->k = t.k.data();
+  p->v = t.v.data();
+  p->o = t.o.data();
+  p->lse = t.lse.data();
+  p->alibi_slopes = with_alibi ? t.alibi.data() : nullptr;
+  SetContiguousStrides(p);
+  return t;
+}
+
+// ErrorStats (kernels/error_metrics.h) plus a per-element bound: element i violates when
+// |got - want| > atol + rtol * |want|. A norm alone can hide one bad element among many.
+struct ToleranceReport {
+  ErrorStats stats;
+  int64_t violations = 0;
+  int64_t first_violation = -1;  // index, with its values below
+  double first_got = 0.0;
+  double first_want = 0.0;
+
+  bool Clean() const { return stats.nan_count == 0 && stats.inf_mismatch == 0 && violations == 0; }
+  std::string ToString() const {
+    std::string s = stats.ToString();
+    if (violations > 0) {
+      absl::StrAppend(&s, " violations=", violations, " first at ", first_violation, ": got ",
+                      first_got, " want ", first_want);
+    }
+    return s;
+  }
+};
+
+// Compares got(i) with want[i] for every i < n. Infinities (the LSE of a fully masked row) must
+// match exactly and are left out of the norms, as in ErrorAccumulator.
+template <typename GetFn>
+ToleranceReport CompareWithTolerance(int64_t n, GetFn got, const std::vector<double>& want,
+                                     double atol, double rtol) {
+  ToleranceReport r;
+  ErrorAccumulator acc;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got(i);
+    const double w = want[i];
+    acc.Add(g, w);
+    if (!std::isfinite(g) || !std::isfinite(w)) continue;  // counted by the accumulator
+    if (std::abs(g - w) > atol + rtol * std::abs(w) && r.violations++ == 0) {
+      r.first_violation = i;
+      r.first_got = g;
+      r.first_want = w;
+    }
+  }
+  r.stats = acc.Finish();
+  return r;
+}
+
+// Unit roundoff of a storage type: the relative error of rounding one value into it.
+inline double UnitRoundoff(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return 0x1p-24;
+    case DType::kF16:
+      return 0x1p-11;
+    case DType::kBF16:
+      return 0x1p-8;
+  }
+  return 0.0;
+}
+
+}  // namespace ringattn::kernel_testing

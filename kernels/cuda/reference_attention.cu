@@ -1,0 +1,174 @@
+// The simple GPU kernel (see reference_attention.h). Written to be obviously correct: scalar
+// fp32 arithmetic, the score function and mask from score_mod.h, a two-pass softmax with the
+// row maximum known before any exp, and the ring merge from softmax_state.h.
+#include "kernels/cuda/reference_attention.h"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/dtype.h"
+#include "kernels/score_mod.h"
+#include "kernels/softmax_state.h"
+
+namespace ringattn {
+namespace {
+
+constexpr int kThreads = 128;                                // one block per query row
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxHeadDim = 256;                             // largest supported head_dim
+constexpr int kDimsPerThread = kMaxHeadDim / kThreads;       // output columns a thread owns
+static_assert(kMaxHeadDim % kThreads == 0, "each thread owns a whole number of columns");
+
+__device__ __forceinline__ float NegInf() { return -std::numeric_limits<float>::infinity(); }
+
+// Reductions over the block. `scratch` holds one float per warp; it is free again on return
+// (the trailing barrier keeps a following call from overwriting it while it is still read).
+__device__ float BlockMax(float x, float* scratch) {  // scratch: [kWarps]
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < kWarps; ++w) r = fmaxf(r, scratch[w]);
+  __syncthreads();
+  return r;
+}
+
+__device__ float BlockSum(float x, float* scratch) {  // scratch: [kWarps]
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = 0.0f;
+  for (int w = 0; w < kWarps; ++w) r += scratch[w];  // same order in every thread
+  __syncthreads();
+  return r;
+}
+
+// Grid: (seqlen_q, heads, batch); block: kThreads. Computes one query row of one head.
+__global__ void __launch_bounds__(kThreads)
+    ReferenceAttentionKernel(const __grid_constant__ AttentionParams p) {
+  __shared__ float q_row[kMaxHeadDim];  // [head_dim] the query, as float
+  __shared__ float weights[kThreads];   // [kThreads] exp(score - max) of one chunk of keys
+  __shared__ float scratch[kWarps];     // [kWarps] block reductions
+
+  const int64_t row = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int kv_head = h / (p.heads / p.heads_k);
+  const int tid = threadIdx.x;
+  const int dim = p.head_dim;
+
+  const int64_t q_offset = b * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride;
+  for (int d = tid; d < dim; d += kThreads) q_row[d] = LoadAsFloat(p.q, q_offset + d, p.dtype);
+  __syncthreads();
+
+  const int64_t q_pos = QueryPos(p, row);
+  // Score of key j (allowed or not: the caller tests KeyAllowed first).
+  auto score = [&](int64_t j) {
+    const int64_t k_offset = b * p.k_batch_stride + j * p.k_row_stride + kv_head * p.k_head_stride;
+    float dot = 0.0f;
+    for (int d = 0; d < dim; ++d) dot += q_row[d] * LoadAsFloat(p.k, k_offset + d, p.dtype);
+    return ModScore(p, h, dot, q_pos, KeyPos(p, j));
+  };
+
+  // Pass 1: the row maximum over allowed keys; -inf when none is allowed.
+  float local_max = NegInf();
+  for (int64_t j = tid; j < p.seqlen_k; j += kThreads) {
+    if (KeyAllowed(p, q_pos, KeyPos(p, j))) local_max = fmaxf(local_max, score(j));
+  }
+  const float row_max = BlockMax(local_max, scratch);  // the same value in every thread
+
+  // Pass 2 (skipped for a fully masked row): chunks of kThreads keys. Each thread scores one key
+  // of the chunk into `weights`; then each thread adds the chunk's weighted V values of the
+  // columns it owns. score(j) repeats pass 1's arithmetic exactly, so every score <= row_max.
+  float acc[kDimsPerThread] = {};  // columns tid, tid + kThreads, ...
+  float local_sum = 0.0f;
+  if (row_max != NegInf()) {
+    for (int64_t chunk = 0; chunk < p.seqlen_k; chunk += kThreads) {
+      const int64_t j = chunk + tid;
+      float w = 0.0f;
+      if (j < p.seqlen_k && KeyAllowed(p, q_pos, KeyPos(p, j))) w = expf(score(j) - row_max);
+      weights[tid] = w;
+      local_sum += w;
+      __syncthreads();
+      const int64_t count = p.seqlen_k - chunk < kThreads ? p.seqlen_k - chunk : kThreads;
+      for (int64_t jj = 0; jj < count; ++jj) {
+        const float wj = weights[jj];
+        if (wj == 0.0f) continue;  // masked (or underflowed): contributes nothing; V not read
+        const int64_t v_offset =
+            b * p.v_batch_stride + (chunk + jj) * p.v_row_stride + kv_head * p.v_head_stride;
+        for (int i = 0; i < kDimsPerThread; ++i) {
+          const int d = tid + i * kThreads;
+          if (d < dim) acc[i] += wj * LoadAsFloat(p.v, v_offset + d, p.dtype);
+        }
+      }
+      __syncthreads();  // `weights` is rewritten by the next chunk
+    }
+  }
+  const float sum = BlockSum(local_sum, scratch);
+
+  // Finish: lse = max + log(sum); the normalised row. A fully masked row: o = 0, lse = -inf.
+  const bool empty = row_max == NegInf();
+  const float lse = empty ? NegInf() : row_max + logf(sum);
+  const float norm = empty ? 0.0f : 1.0f / sum;
+  const int64_t o_offset = b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
+  // lse: [batch, heads, seqlen_q], seqlen_q contiguous.
+  float* lse_slot =
+      p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + row;
+
+  if (!p.merge_into_output) {
+    for (int i = 0; i < kDimsPerThread; ++i) {
+      const int d = tid + i * kThreads;
+      if (d < dim) StoreFromFloat(p.o, o_offset + d, p.o_dtype, acc[i] * norm);
+    }
+    if (tid == 0 && lse_slot != nullptr) *lse_slot = lse;
+    return;
+  }
+  // Merge into the fp32 partial (o, lse). Nothing to add: leave it bit for bit. (`empty` is the
+  // same in every thread, so this return and the barrier below are uniform.)
+  if (empty) return;
+  const float old_lse = *lse_slot;
+  __syncthreads();  // every thread has read the old lse before thread 0 overwrites it
+  const LseMerge merge = MergeLse(old_lse, lse);
+  float* o = static_cast<float*>(p.o) + o_offset;  // [head_dim], fp32 by validation
+  for (int i = 0; i < kDimsPerThread; ++i) {
+    const int d = tid + i * kThreads;
+    if (d >= dim) continue;
+    const float mine = merge.wb * (acc[i] * norm);
+    // An empty old partial (weight 0) is not read, so a never-written o cannot leak NaN.
+    o[d] = merge.wa == 0.0f ? mine : merge.wa * o[d] + mine;
+  }
+  if (tid == 0) *lse_slot = merge.lse;
+}
+
+}  // namespace
+
+absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.head_dim > kMaxHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda_reference: head_dim ", p.head_dim, " exceeds the kernel's maximum ", kMaxHeadDim));
+  }
+  // Grid limits: x up to 2^31 - 1 rows, y and z up to 65535.
+  if (p.seqlen_q > int64_t{0x7fffffff}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda_reference: seqlen_q must be < 2^31, got ", p.seqlen_q));
+  }
+  if (p.heads > 65535 || p.batch > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda_reference: heads and batch must be <= 65535, got ", p.heads, " and ", p.batch));
+  }
+  if (p.seqlen_q == 0) return absl::OkStatus();  // no rows to write
+  const dim3 grid(static_cast<unsigned>(p.seqlen_q), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  ReferenceAttentionKernel<<<grid, kThreads, 0, stream>>>(p);
+  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+}  // namespace ringattn

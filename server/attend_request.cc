@@ -1,0 +1,327 @@
+#include "server/attend_request.h"
+
+#include <array>
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "kernels/params_check.h"
+#include "kernels/status_macros.h"
+
+namespace ringattn {
+namespace {
+
+constexpr int kDims = 4;
+// Names of the axes of q/out and of k/v, for messages.
+constexpr std::array<const char*, kDims> kQAxes = {"batch", "seq", "heads", "head_dim"};
+constexpr std::array<const char*, kDims> kKvAxes = {"batch", "seq", "heads_k", "head_dim"};
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
+template <typename... Args>
+absl::Status Invalid(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
+}
+
+template <typename... Args>
+absl::Status Exhausted(const Args&... args) {
+  return absl::ResourceExhaustedError(absl::StrCat(args...));
+}
+
+std::string ShapeString(const v1::Tensor& t) {
+  return absl::StrCat("[", absl::StrJoin(t.shape(), ","), "]");
+}
+
+// "DTYPE_BF16", or the number for a value outside the enum.
+std::string ProtoDTypeName(v1::DType dtype) {
+  const std::string& name = v1::DType_Name(dtype);
+  return name.empty() ? absl::StrCat(static_cast<int>(dtype)) : name;
+}
+
+// "bf16" for a served dtype, else as ProtoDTypeName.
+std::string ServedDTypeName(v1::DType dtype) {
+  absl::StatusOr<DType> d = DTypeFromProto(dtype);
+  return d.ok() ? std::string(DTypeName(*d)) : ProtoDTypeName(dtype);
+}
+
+// "64, 128 or 256" from kSupportedHeadDims.
+std::string SupportedHeadDims() {
+  std::string out;
+  constexpr size_t n = std::size(kSupportedHeadDims);
+  for (size_t i = 0; i < n; ++i) {
+    if (i > 0) absl::StrAppend(&out, i + 1 == n ? " or " : ", ");
+    absl::StrAppend(&out, kSupportedHeadDims[i]);
+  }
+  return out;
+}
+
+bool IsSupportedHeadDim(int64_t d) {
+  for (int s : kSupportedHeadDims) {
+    if (s == d) return true;
+  }
+  return false;
+}
+
+// Product of non-negative factors, or nullopt when it does not fit in int64.
+std::optional<int64_t> CheckedProduct(std::initializer_list<int64_t> factors) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(p, f, &p)) return std::nullopt;
+  }
+  return p;
+}
+
+// The checks every tensor gets on its own: present, a served dtype, four positive dims.
+absl::Status CheckTensorHeader(bool present, const v1::Tensor& t, const char* name,
+                               const std::array<const char*, kDims>& axes) {
+  if (!present) {
+    return Invalid(name, " is missing; expected a tensor [", absl::StrJoin(axes, ", "), "]");
+  }
+  if (!DTypeFromProto(t.dtype()).ok()) {
+    return Invalid(name, ".dtype must be fp32, fp16 or bf16, got ", ProtoDTypeName(t.dtype()));
+  }
+  if (t.shape_size() != kDims) {
+    return Invalid(name, ".shape must have 4 dims [", absl::StrJoin(axes, ", "), "], got ",
+                   t.shape_size());
+  }
+  for (int i = 0; i < kDims; ++i) {
+    if (t.shape(i) <= 0) {
+      return Invalid(name, ".shape[", i, "] (", axes[i], ") must be > 0, got ", t.shape(i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// k and v against q: same dtype, batch, seq and head_dim.
+absl::Status CheckKvAgainstQ(const v1::Tensor& kv, const char* name, const v1::Tensor& q) {
+  if (kv.dtype() != q.dtype()) {
+    return Invalid(name, ".dtype must match q.dtype (", ServedDTypeName(q.dtype()), "), got ",
+                   ServedDTypeName(kv.dtype()));
+  }
+  for (int i : {0, 1, 3}) {
+    if (kv.shape(i) != q.shape(i)) {
+      return Invalid(name, ".shape[", i, "] (", kKvAxes[i], ") must equal q.shape[", i, "] (",
+                     q.shape(i), "), got ", kv.shape(i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRequestId(const std::string& id, const AttendLimits& limits) {
+  if (id.size() > limits.max_request_id_bytes) {
+    return Invalid("request_id has ", id.size(), " bytes; expected at most ",
+                   limits.max_request_id_bytes);
+  }
+  for (size_t i = 0; i < id.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(id[i]);
+    if (c < 0x20 || c > 0x7e) {
+      return Invalid("request_id must be printable ASCII (0x20-0x7e); byte ", i, " is ",
+                     absl::StrFormat("0x%02x", c));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckWindowSide(bool present, int64_t value, const char* name) {
+  if (present && value < -1) {
+    return Invalid("options.", name, " must be >= -1 (-1 or absent is unbounded), got ", value);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckOptions(const v1::AttentionOptions& o, int heads) {
+  if (o.dropout_p() != 0.0f) {
+    return Invalid("options.dropout_p must be 0 (dropout is a training-path feature), got ",
+                   o.dropout_p());
+  }
+  if (o.has_softmax_scale() && (!std::isfinite(o.softmax_scale()) || o.softmax_scale() <= 0.0f)) {
+    return Invalid("options.softmax_scale must be finite and > 0 (absent: 1/sqrt(head_dim)), got ",
+                   o.softmax_scale());
+  }
+  RA_RETURN_IF_ERROR(CheckWindowSide(o.has_window_left(), o.window_left(), "window_left"));
+  RA_RETURN_IF_ERROR(CheckWindowSide(o.has_window_right(), o.window_right(), "window_right"));
+  if (o.alibi_slopes_size() != 0 && o.alibi_slopes_size() != heads) {
+    return Invalid("options.alibi_slopes must have ", heads, " entries (one per head), got ",
+                   o.alibi_slopes_size(), "; leave it empty to disable ALiBi");
+  }
+  for (int i = 0; i < o.alibi_slopes_size(); ++i) {
+    if (!std::isfinite(o.alibi_slopes(i))) {
+      return Invalid("options.alibi_slopes[", i, "] must be finite, got ", o.alibi_slopes(i));
+    }
+  }
+  if (!std::isfinite(o.softcap()) || o.softcap() < 0.0f) {
+    return Invalid("options.softcap must be finite and >= 0 (0 disables), got ", o.softcap());
+  }
+  return absl::OkStatus();
+}
+
+// Byte size of a tensor of `t`'s (validated) shape, or RESOURCE_EXHAUSTED when it overflows.
+absl::StatusOr<int64_t> TensorBytes(const v1::Tensor& t, const char* name, DType dtype,
+                                    const AttendLimits& limits) {
+  std::optional<int64_t> bytes =
+      CheckedProduct({t.shape(0), t.shape(1), t.shape(2), t.shape(3), DTypeSize(dtype)});
+  if (!bytes.has_value()) {
+    return Exhausted(name, ".shape ", ShapeString(t), " of ", std::string(DTypeName(dtype)),
+                     " needs more than 2^63 bytes; the limit is ", limits.max_request_bytes,
+                     " (max_request_bytes)");
+  }
+  return *bytes;
+}
+
+// Everything but the tensors' data.
+absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
+                                                     const AttendLimits& limits) {
+  RA_RETURN_IF_ERROR(CheckRequestId(r.request_id(), limits));
+  RA_RETURN_IF_ERROR(CheckTensorHeader(r.has_q(), r.q(), "q", kQAxes));
+  const v1::Tensor& q = r.q();
+  if (!IsSupportedHeadDim(q.shape(3))) {
+    return Invalid("q.shape[3]: head_dim ", q.shape(3), " not supported; expected ",
+                   SupportedHeadDims());
+  }
+  for (int i : {0, 2}) {
+    if (q.shape(i) > kIntMax) {
+      return Invalid("q.shape[", i, "] (", kQAxes[i], ") must be <= ", kIntMax, ", got ",
+                     q.shape(i));
+    }
+  }
+  RA_RETURN_IF_ERROR(CheckTensorHeader(r.has_k(), r.k(), "k", kKvAxes));
+  RA_RETURN_IF_ERROR(CheckKvAgainstQ(r.k(), "k", q));
+  RA_RETURN_IF_ERROR(CheckTensorHeader(r.has_v(), r.v(), "v", kKvAxes));
+  RA_RETURN_IF_ERROR(CheckKvAgainstQ(r.v(), "v", q));
+  if (r.v().shape(2) != r.k().shape(2)) {
+    return Invalid("v.shape[2] (heads_k) must equal k.shape[2] (", r.k().shape(2), "), got ",
+                   r.v().shape(2));
+  }
+  const int64_t heads = q.shape(2);
+  const int64_t heads_k = r.k().shape(2);
+  if (heads % heads_k != 0) {
+    return Invalid("q.shape[2] (heads) ", heads, " must be a multiple of k.shape[2] (heads_k) ",
+                   heads_k);
+  }
+  ValidatedAttend out;
+  absl::StatusOr<std::optional<Layout>> layout = LayoutFromProto(r.layout());
+  if (!layout.ok()) return layout.status();
+  RA_RETURN_IF_ERROR(CheckOptions(r.options(), static_cast<int>(heads)));
+
+  // Limits.
+  const int64_t seqlen = q.shape(1);
+  if (seqlen > limits.max_seqlen) {
+    return Exhausted("q.shape[1] (seq) ", seqlen, " exceeds the limit ", limits.max_seqlen,
+                     " (max_seqlen)");
+  }
+  RA_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(q.dtype()));
+  RA_ASSIGN_OR_RETURN(out.bytes.q, TensorBytes(q, "q", dtype, limits));
+  RA_ASSIGN_OR_RETURN(out.bytes.k, TensorBytes(r.k(), "k", dtype, limits));
+  out.bytes.v = out.bytes.k;
+  // Each is below 2^63 but their sum need not be.
+  int64_t total = 0;
+  if (__builtin_add_overflow(out.bytes.q, out.bytes.k, &total) ||
+      __builtin_add_overflow(total, out.bytes.v, &total)) {
+    return Exhausted("q, k and v need more than 2^63 bytes; the limit is ",
+                     limits.max_request_bytes, " (max_request_bytes)");
+  }
+  if (total > limits.max_request_bytes) {
+    return Exhausted("q, k and v need ", total, " bytes; the limit is ", limits.max_request_bytes,
+                     " (max_request_bytes)");
+  }
+  out.bytes.out = out.bytes.q;
+  out.bytes.lse = q.shape(0) * heads * seqlen * static_cast<int64_t>(sizeof(float));
+
+  out.request_id = r.request_id();
+  out.dtype = dtype;
+  out.batch = static_cast<int>(q.shape(0));
+  out.seqlen = seqlen;
+  out.heads = static_cast<int>(heads);
+  out.heads_k = static_cast<int>(heads_k);
+  out.head_dim = static_cast<int>(q.shape(3));
+  out.options = OptionsFromProto(r.options());
+  out.return_lse = r.return_lse();
+  out.layout = *layout;
+  return out;
+}
+
+}  // namespace
+
+Layout ValidatedAttend::ResolvedLayout() const { return ResolveLayout(layout, options.causal); }
+
+size_t ValidatedAttend::q_row_bytes() const {
+  return static_cast<size_t>(heads) * head_dim * DTypeSize(dtype);
+}
+
+size_t ValidatedAttend::kv_row_bytes() const {
+  return static_cast<size_t>(heads_k) * head_dim * DTypeSize(dtype);
+}
+
+absl::StatusOr<ValidatedAttend> ValidateAttendRequest(const v1::AttendRequest& request,
+                                                      const AttendLimits& limits) {
+  RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateHeaderFields(request, limits));
+  const std::pair<const char*, const v1::Tensor*> tensors[] = {
+      {"q", &request.q()}, {"k", &request.k()}, {"v", &request.v()}};
+  const int64_t expected[] = {out.bytes.q, out.bytes.k, out.bytes.v};
+  for (int i = 0; i < 3; ++i) {
+    const auto& [name, t] = tensors[i];
+    if (static_cast<int64_t>(t->data().size()) != expected[i]) {
+      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
+                     " of ", std::string(DTypeName(out.dtype)), " needs ", expected[i]);
+    }
+  }
+  out.q_bytes = &request.q().data();
+  out.k_bytes = &request.k().data();
+  out.v_bytes = &request.v().data();
+  return out;
+}
+
+absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& header,
+                                                     const AttendLimits& limits) {
+  RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateHeaderFields(header, limits));
+  const std::pair<const char*, const v1::Tensor*> tensors[] = {
+      {"q", &header.q()}, {"k", &header.k()}, {"v", &header.v()}};
+  for (const auto& [name, t] : tensors) {
+    if (!t->data().empty()) {
+      return Invalid(name, ".data must be empty in an AttendStream header (the bytes follow as",
+                     " chunks), got ", t->data().size(), " bytes");
+    }
+  }
+  return out;
+}
+
+// ---- Shards --------------------------------------------------------------------------------
+
+std::string ExtractShardBytes(const ShardPlan& plan, int rank, const std::string& whole,
+                              int64_t outer, size_t row_bytes) {
+  assert(rank >= 0 && rank < plan.world);
+  assert(whole.size() == static_cast<size_t>(outer) * plan.seqlen * row_bytes);
+  // [outer, rows, row_bytes]
+  std::string shard(static_cast<size_t>(outer) * plan.shards[rank].rows * row_bytes, '\0');
+  ExtractShard(plan, rank, whole.data(), outer, row_bytes, shard.data());
+  return shard;
+}
+
+absl::Status InsertShardBytes(const ShardPlan& plan, int rank, const std::string& shard,
+                              int64_t outer, size_t row_bytes, std::string* whole) {
+  if (rank < 0 || rank >= plan.world) {
+    return absl::InternalError(absl::StrCat("rank ", rank, " is outside the plan's ", plan.world,
+                                            " ranks"));
+  }
+  const size_t shard_bytes = static_cast<size_t>(outer) * plan.shards[rank].rows * row_bytes;
+  if (shard.size() != shard_bytes) {
+    return absl::InternalError(absl::StrCat("shard of rank ", rank, " has ", shard.size(),
+                                            " bytes; expected ", shard_bytes, " [", outer, ", ",
+                                            plan.shards[rank].rows, " rows, ", row_bytes, "]"));
+  }
+  const size_t whole_bytes = static_cast<size_t>(outer) * plan.seqlen * row_bytes;
+  if (whole->size() != whole_bytes) {
+    return absl::InternalError(absl::StrCat("whole tensor has ", whole->size(),
+                                            " bytes; expected ", whole_bytes, " [", outer, ", ",
+                                            plan.seqlen, " rows, ", row_bytes, "]"));
+  }
+  InsertShard(plan, rank, shard.data(), outer, row_bytes, whole->data());
+  return absl::OkStatus();
+}
+
+}  // namespace ringattn

@@ -1,0 +1,368 @@
+#include "server/coordinator.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "ringattn/v1/attention.grpc.pb.h"
+#include "ringattn/v1/worker.grpc.pb.h"
+#include "server/request_runner.h"
+#include "proto/convert.h"
+
+namespace ringattn {
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+constexpr char kServiceName[] = "ringattn.v1.AttentionService";
+
+double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
+
+absl::Time DeadlineOf(const grpc::ServerContext& ctx) {
+  const auto d = ctx.deadline();
+  if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(d);
+}
+
+int64_t RequestBytes(const v1::AttendRequest& r) {
+  return static_cast<int64_t>(r.q().data().size() + r.k().data().size() + r.v().data().size());
+}
+
+int64_t ResponseBytes(const v1::AttendResponse& r) {
+  return static_cast<int64_t>(r.out().data().size() + r.lse().data().size());
+}
+
+}  // namespace
+
+class Coordinator::Services {
+ public:
+  explicit Services(Coordinator* c) : attention(c), coordinator(c) {}
+
+  class Attention final : public v1::AttentionService::Service {
+   public:
+    explicit Attention(Coordinator* c) : c_(c) {}
+
+    grpc::Status Attend(grpc::ServerContext* ctx, const v1::AttendRequest* request,
+                        v1::AttendResponse* response) override {
+      const absl::Time arrival = absl::Now();
+      absl::Status s = c_->Handle(ctx, *request, arrival, 0.0, response);
+      if (s.ok()) {
+        const absl::Time send0 = absl::Now();
+        response->mutable_timings()->set_send_seconds(SecondsSince(send0));
+        response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+      }
+      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
+                                 RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
+      return ToGrpcStatus(s);
+    }
+
+    grpc::Status AttendStream(
+        grpc::ServerContext* ctx,
+        grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream)
+        override {
+      const absl::Time arrival = absl::Now();
+      v1::AttendRequest request;
+      v1::AttendResponse response;
+      absl::Status s = c_->ReceiveStream(stream, &request);
+      const double receive_s = SecondsSince(arrival);
+      if (s.ok()) s = c_->Handle(ctx, request, arrival, receive_s, &response);
+      if (s.ok()) s = c_->SendStream(stream, arrival, &response);
+      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response.timings(),
+                                 RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
+      return ToGrpcStatus(s);
+    }
+
+    grpc::Status GetInfo(grpc::ServerContext*, const v1::InfoRequest*,
+                         v1::InfoResponse* response) override {
+      const RingManager::Status st = c_->ring_->GetStatus();
+      response->set_version(kVersion);
+      response->set_world_size(st.ready ? static_cast<int>(st.members.size()) : 0);
+      response->set_ready(st.ready);
+      response->set_transport("gloo");
+      response->set_max_unary_bytes(c_->options_.max_unary_bytes);
+      response->set_max_request_bytes(c_->options_.max_request_bytes);
+      std::vector<std::string> backends;
+      const auto& listed = st.ready ? st.members : st.workers;
+      for (size_t i = 0; i < listed.size(); ++i) {
+        v1::WorkerInfo* w = response->add_workers();
+        w->set_rank(st.ready ? static_cast<int>(i) : -1);
+        w->set_address(listed[i]->address);
+        w->set_backend(listed[i]->backend);
+        w->set_device(listed[i]->device);
+        w->set_ready(st.ready);
+        if (std::find(backends.begin(), backends.end(), listed[i]->backend) == backends.end()) {
+          backends.push_back(listed[i]->backend);
+        }
+        if (!listed[i]->transport.empty()) response->set_transport(listed[i]->transport);
+      }
+      for (const std::string& b : backends) response->add_backends(b);
+      return grpc::Status::OK;
+    }
+
+   private:
+    Coordinator* c_;
+  };
+
+  class Internal final : public v1::CoordinatorService::Service {
+   public:
+    explicit Internal(Coordinator* c) : c_(c) {}
+
+    grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* request,
+                          v1::RegisterResponse* response) override {
+      if (request->address().empty()) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address must be host:port");
+      }
+      response->set_worker_id(c_->ring_->Register(*request));
+      std::fprintf(stderr, "coordinator: worker %s registered at %s (%s, %s)\n",
+                   response->worker_id().c_str(), request->address().c_str(),
+                   request->backend().c_str(), request->device().c_str());
+      return grpc::Status::OK;
+    }
+
+    grpc::Status StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* request,
+                          v1::StoreSetResponse*) override {
+      c_->store_.Set(request->key(), request->value());
+      return grpc::Status::OK;
+    }
+
+    grpc::Status StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* request,
+                          v1::StoreGetResponse* response) override {
+      std::vector<std::string> keys(request->keys().begin(), request->keys().end());
+      // Bounded even when the caller set no deadline.
+      const absl::Time deadline = std::min(DeadlineOf(*ctx), absl::Now() + absl::Minutes(5));
+      absl::StatusOr<std::vector<std::string>> values = c_->store_.Get(keys, deadline);
+      if (!values.ok()) return ToGrpcStatus(values.status());
+      for (std::string& v : *values) response->add_values(std::move(v));
+      return grpc::Status::OK;
+    }
+
+   private:
+    Coordinator* c_;
+  };
+
+  Attention attention;
+  Internal coordinator;
+};
+
+Coordinator::Coordinator(Options options)
+    : options_(std::move(options)),
+      ring_(std::make_unique<RingManager>(
+          [&] {
+            RingManager::Options r = options_.ring;
+            r.expected_workers = options_.world_size;
+            return r;
+          }(),
+          &store_, &metrics_)),
+      queue_(options_.max_queue),
+      services_(std::make_unique<Services>(this)) {}
+
+Coordinator::~Coordinator() { Shutdown(); }
+
+absl::Status Coordinator::BuildAndStart() {
+  if (options_.world_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("world_size must be >= 1, got ", options_.world_size));
+  }
+  if (!options_.metrics_address.empty()) {
+    absl::Status s = metrics_.StartExposer(options_.metrics_address);
+    if (!s.ok()) return s;
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(&services_->attention);
+  builder.RegisterService(&services_->coordinator);
+  // Unary messages carry whole tensors; past this limit gRPC itself answers
+  // RESOURCE_EXHAUSTED and clients use AttendStream.
+  const int64_t unary = std::min<int64_t>(options_.max_unary_bytes + (1 << 20), INT_MAX);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(unary));
+  builder.SetMaxSendMessageSize(INT_MAX);
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.listen_address));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  server_->GetHealthCheckService()->SetServingStatus("", false);
+  ring_->Start();
+  dispatcher_ = std::thread([this] { DispatchLoop(); });
+  status_thread_ = std::thread([this] { StatusLoop(); });
+  return absl::OkStatus();
+}
+
+int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
+
+void Coordinator::Shutdown() {
+  if (stopping_.exchange(true)) return;
+  queue_.Close();
+  if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  if (dispatcher_.joinable()) dispatcher_.join();
+  if (status_thread_.joinable()) status_thread_.join();
+  ring_->Stop();
+}
+
+void Coordinator::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+// Validates, admits and waits for one request; fills `response` on success.
+absl::Status Coordinator::Handle(grpc::ServerContext* ctx, const v1::AttendRequest& request,
+                                 absl::Time arrival, double receive_seconds,
+                                 v1::AttendResponse* response) {
+  AttendLimits limits;
+  limits.max_request_bytes = options_.max_request_bytes;
+  absl::StatusOr<ValidatedAttend> problem = ValidateAttendRequest(request, limits);
+  if (!problem.ok()) return problem.status();
+  auto job = std::make_shared<AttendJob>();
+  job->request = &request;
+  job->problem = *std::move(problem);
+  if (job->problem.request_id.empty()) {
+    job->problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
+  }
+  job->arrival = arrival;
+  job->deadline = DeadlineOf(*ctx);
+  if (absl::Status s = queue_.Push(job); !s.ok()) return s;
+  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
+
+  // Wait for the dispatcher, watching the client and the deadline while queued. Once the
+  // dispatcher has the job it watches them itself (through `cancelled` and the deadline).
+  while (!job->done.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
+    const bool gone = ctx->IsCancelled();
+    if (gone) job->cancelled = true;
+    if ((gone || absl::Now() >= job->deadline) && queue_.Remove(job)) {
+      return gone ? absl::CancelledError("the client cancelled the request while it was queued")
+                  : absl::DeadlineExceededError("deadline exceeded while queued");
+    }
+  }
+  if (!job->status.ok()) return job->status;
+  *response = std::move(job->response);
+  response->set_request_id(job->problem.request_id);
+  response->mutable_timings()->set_receive_seconds(receive_seconds);
+  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+  return absl::OkStatus();
+}
+
+void Coordinator::DispatchLoop() {
+  while (!stopping_) {
+    std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
+    metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
+    if (job == nullptr) continue;
+    job->response.mutable_timings()->set_queue_seconds(SecondsSince(job->arrival));
+    RunControl control{job->deadline, &job->cancelled};
+    absl::Status s;
+    // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
+    const absl::Time ring_deadline = std::min(job->deadline, absl::Now() + options_.ring_wait);
+    absl::StatusOr<RingSnapshot> ring = ring_->CurrentRing();
+    while (!ring.ok() && absl::Now() < ring_deadline && !job->cancelled && !stopping_) {
+      ring_->WaitUntilReady(absl::Milliseconds(50));
+      ring = ring_->CurrentRing();
+    }
+    if (job->cancelled) {
+      s = absl::CancelledError("the client cancelled the request");
+    } else if (!ring.ok()) {
+      s = absl::Now() >= job->deadline ? absl::DeadlineExceededError(
+                                             "deadline exceeded waiting for the ring to form")
+                                       : ring.status();
+    } else {
+      s = RunOnRing(*job->request, job->problem, *ring, control, &job->response);
+      if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
+    }
+    job->status = s;
+    job->done.Notify();
+  }
+}
+
+void Coordinator::StatusLoop() {
+  bool last = false;
+  bool first = true;
+  while (!stopping_) {
+    const bool ready = ring_->WaitUntilReady(absl::ZeroDuration());
+    if (first || ready != last) {
+      server_->GetHealthCheckService()->SetServingStatus(kServiceName, ready);
+      server_->GetHealthCheckService()->SetServingStatus("", ready);
+      last = ready;
+      first = false;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+}
+
+absl::Status Coordinator::ReceiveStream(
+    grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
+    v1::AttendRequest* request) {
+  v1::AttendStreamRequest msg;
+  if (!stream->Read(&msg) || !msg.has_header()) {
+    return absl::InvalidArgumentError("AttendStream must start with a header message");
+  }
+  *request = std::move(*msg.mutable_header());
+  AttendLimits limits;
+  limits.max_request_bytes = options_.max_request_bytes;
+  absl::StatusOr<ValidatedAttend> header = ValidateAttendHeader(*request, limits);
+  if (!header.ok()) return header.status();
+  std::string* targets[] = {request->mutable_q()->mutable_data(),
+                            request->mutable_k()->mutable_data(),
+                            request->mutable_v()->mutable_data()};
+  const int64_t expected[] = {header->bytes.q, header->bytes.k, header->bytes.v};
+  const char* names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) targets[i]->reserve(expected[i]);
+  // Chunks arrive in order: all of q, then k, then v, each at increasing offsets.
+  while (stream->Read(&msg)) {
+    if (!msg.has_chunk()) return absl::InvalidArgumentError("only one header is allowed");
+    const v1::TensorChunk& c = msg.chunk();
+    const int which = static_cast<int>(c.tensor()) - 1;
+    if (which < 0 || which > 2) {
+      return absl::InvalidArgumentError("chunk.tensor must be WHICH_Q, WHICH_K or WHICH_V");
+    }
+    std::string* t = targets[which];
+    if (c.offset() != static_cast<int64_t>(t->size())) {
+      return absl::InvalidArgumentError(absl::StrCat("chunk.offset ", c.offset(), " for ",
+                                                     names[which], " must be ", t->size(),
+                                                     " (chunks in order)"));
+    }
+    if (static_cast<int64_t>(t->size() + c.data().size()) > expected[which]) {
+      return absl::InvalidArgumentError(absl::StrCat(names[which], " chunks exceed the ",
+                                                     expected[which], " bytes its shape needs"));
+    }
+    t->append(c.data());
+  }
+  return absl::OkStatus();  // full validation (byte counts included) follows in Handle
+}
+
+absl::Status Coordinator::SendStream(
+    grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
+    absl::Time arrival, v1::AttendResponse* response) {
+  const absl::Time send0 = absl::Now();
+  const bool has_lse = response->has_lse();
+  std::string out = std::move(*response->mutable_out()->mutable_data());
+  std::string lse = has_lse ? std::move(*response->mutable_lse()->mutable_data()) : std::string();
+  response->mutable_out()->clear_data();
+  if (has_lse) response->mutable_lse()->clear_data();
+  v1::AttendStreamResponse header;
+  *header.mutable_header() = *response;
+  if (!stream->Write(header)) return absl::CancelledError("client went away");
+  const int64_t chunk = std::max<int64_t>(1, options_.stream_chunk_bytes);
+  const std::pair<v1::TensorChunk::Which, const std::string*> parts[] = {
+      {v1::TensorChunk::WHICH_OUT, &out}, {v1::TensorChunk::WHICH_LSE, &lse}};
+  for (const auto& [which, bytes] : parts) {
+    for (int64_t off = 0; off < static_cast<int64_t>(bytes->size()); off += chunk) {
+      v1::AttendStreamResponse m;
+      m.mutable_chunk()->set_tensor(which);
+      m.mutable_chunk()->set_offset(off);
+      m.mutable_chunk()->set_data(bytes->substr(off, chunk));
+      if (!stream->Write(m)) return absl::CancelledError("client went away");
+    }
+  }
+  response->mutable_timings()->set_send_seconds(SecondsSince(send0));
+  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+  // Keep the bytes for the metrics' byte count.
+  *response->mutable_out()->mutable_data() = std::move(out);
+  if (has_lse) *response->mutable_lse()->mutable_data() = std::move(lse);
+  return absl::OkStatus();
+}
+
+}  // namespace ringattn

@@ -1,0 +1,138 @@
+#include "server/metrics.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace ringattn {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+v1::Timings MakeTimings(int workers, int steps) {
+  v1::Timings t;
+  t.set_queue_seconds(0.001);
+  t.set_receive_seconds(0.002);
+  t.set_scatter_seconds(0.003);
+  t.set_gather_seconds(0.004);
+  t.set_send_seconds(0.005);
+  t.set_total_seconds(0.5);
+  for (int r = 0; r < workers; ++r) {
+    v1::WorkerTiming* w = t.add_workers();
+    w->set_rank(r);
+    w->set_compute_seconds(0.1 * (r + 1));
+    w->set_comm_wait_seconds(0.01);
+    for (int s = 0; s < steps; ++s) w->add_steps()->set_source_rank(s);
+  }
+  return t;
+}
+
+TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
+  ServiceMetrics m;
+  m.RecordRequest(absl::StatusCode::kOk, MakeTimings(/*workers=*/3, /*steps=*/3), 3000, 1000);
+  m.RecordRequest(grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0);
+  m.RecordRequest(absl::StatusCode::kUnavailable, MakeTimings(2, 0), 10, 0);
+  m.SetQueueDepth(4);
+  m.SetWorkersUp(3);
+  m.RecordRingReform();
+  const std::string text = m.Serialize();
+
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\"} 1"));
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"INVALID_ARGUMENT\"} 1"));
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"UNAVAILABLE\"} 1"));
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"RESOURCE_EXHAUSTED\"} 0"));
+  for (const char* phase :
+       {"queue", "receive", "scatter", "compute", "comm_wait", "gather", "send"}) {
+    // Only the OK request is broken down by phase.
+    EXPECT_THAT(text, HasSubstr(std::string("ringattn_request_phase_seconds_count{phase=\"") +
+                                phase + "\"} 1"))
+        << phase;
+  }
+  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_count{phase=\"total\"} 3"));
+  // compute is the slowest worker's (0.3 s); total sums 0.5 + 0 + 0.5.
+  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"compute\"} 0.3"));
+  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"total\"} 1"));
+  EXPECT_THAT(text,
+              HasSubstr("ringattn_request_phase_seconds_bucket{phase=\"queue\",le=\"0.001\"} 1"));
+  EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"in\"} 3010"));
+  EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"out\"} 1000"));
+  EXPECT_THAT(text, HasSubstr("ringattn_queue_depth 4"));
+  EXPECT_THAT(text, HasSubstr("ringattn_workers_up 3"));
+  // 3 steps from the first request, 2 (one per worker, none listed) from the third.
+  EXPECT_THAT(text, HasSubstr("ringattn_ring_steps_total 5"));
+  EXPECT_THAT(text, HasSubstr("ringattn_ring_reforms_total 1"));
+  EXPECT_THAT(text, HasSubstr("# TYPE ringattn_request_phase_seconds histogram"));
+  EXPECT_THAT(text, HasSubstr("# TYPE ringattn_requests_total counter"));
+  EXPECT_THAT(text, HasSubstr("# TYPE ringattn_queue_depth gauge"));
+}
+
+TEST(ServiceMetricsTest, PhaseNames) {
+  EXPECT_STREQ(ServiceMetrics::PhaseName(ServiceMetrics::Phase::kCommWait), "comm_wait");
+  EXPECT_STREQ(ServiceMetrics::PhaseName(ServiceMetrics::Phase::kTotal), "total");
+}
+
+// Sends `request` to 127.0.0.1:port and returns everything read until the server closes.
+std::string HttpExchange(int port, const std::string& request) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "socket failed";
+  timeval timeout{.tv_sec = 10, .tv_usec = 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    response = "connect failed";
+  } else if (send(fd, request.data(), request.size(), 0) != static_cast<ssize_t>(request.size())) {
+    response = "send failed";
+  } else {
+    char buf[4096];
+    ssize_t n;
+    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) response.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return response;
+}
+
+TEST(ServiceMetricsTest, ExposerAnswersHttpGetOnAnEphemeralPort) {
+  ServiceMetrics m;
+  EXPECT_EQ(m.exposer_port(), 0);
+  ASSERT_TRUE(m.StartExposer("127.0.0.1:0").ok());
+  const int port = m.exposer_port();
+  ASSERT_GT(port, 0);
+  m.RecordRequest(absl::StatusCode::kOk, MakeTimings(1, 1), 1, 1);
+  const std::string response = HttpExchange(port, "GET /metrics HTTP/1.0\r\n\r\n");
+  EXPECT_THAT(response, HasSubstr("200 OK"));
+  EXPECT_THAT(response, HasSubstr("ringattn_requests_total{code=\"OK\"} 1"));
+  EXPECT_THAT(response, HasSubstr("ringattn_request_phase_seconds"));
+
+  const absl::Status again = m.StartExposer("127.0.0.1:0");
+  EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition) << again;
+  EXPECT_EQ(m.exposer_port(), port);
+}
+
+TEST(ServiceMetricsTest, ExposerOnABusyPortIsUnavailable) {
+  ServiceMetrics first;
+  ASSERT_TRUE(first.StartExposer("127.0.0.1:0").ok());
+  ServiceMetrics second;
+  const absl::Status s = second.StartExposer("127.0.0.1:" + std::to_string(first.exposer_port()));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("cannot serve metrics on '127.0.0.1:"));
+  EXPECT_EQ(second.exposer_port(), 0);
+  // The failed one did not disturb the first.
+  EXPECT_THAT(HttpExchange(first.exposer_port(), "GET /metrics HTTP/1.0\r\n\r\n"),
+              HasSubstr("ringattn_workers_up"));
+  EXPECT_THAT(second.Serialize(), Not(HasSubstr("ringattn_requests_total{code=\"OK\"} 1")));
+}
+
+}  // namespace
+}  // namespace ringattn

@@ -1,0 +1,192 @@
+#include "server/ring_manager.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <climits>
+
+#include "absl/strings/str_cat.h"
+#include "server/metrics.h"
+
+namespace ringattn {
+namespace {
+
+std::shared_ptr<grpc::Channel> WorkerChannel(const std::string& address) {
+  grpc::ChannelArguments args;
+  // Shards of long sequences are large; the coordinator already enforced the request limit.
+  args.SetMaxReceiveMessageSize(INT_MAX);
+  args.SetMaxSendMessageSize(INT_MAX);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+}  // namespace
+
+RingManager::RingManager(Options options, RendezvousStore* store, ServiceMetrics* metrics)
+    : options_(options), store_(store), metrics_(metrics) {
+  // Workers refuse a generation at or below the newest they have joined, so generations must
+  // keep rising across coordinator restarts: start from the clock.
+  absl::MutexLock lock(&mu_);
+  generation_ = absl::ToUnixMillis(absl::Now());
+}
+
+RingManager::~RingManager() { Stop(); }
+
+void RingManager::Start() { thread_ = std::thread([this] { Loop(); }); }
+
+void RingManager::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+std::string RingManager::Register(const v1::RegisterRequest& request) {
+  auto w = std::make_shared<WorkerRecord>();
+  w->address = request.address();
+  w->backend = request.backend();
+  w->device = request.device();
+  w->transport = request.transport();
+  w->pid = request.pid();
+  w->channel = WorkerChannel(w->address);
+  w->stub = v1::WorkerService::NewStub(w->channel);
+  absl::MutexLock lock(&mu_);
+  w->id = absl::StrCat("w", next_worker_id_++);
+  for (auto it = workers_.begin(); it != workers_.end(); ++it) {
+    if ((*it)->address == w->address) {
+      workers_.erase(it);
+      ready_ = false;  // a member may have restarted under us
+      break;
+    }
+  }
+  workers_.push_back(w);
+  if (metrics_ != nullptr) metrics_->SetWorkersUp(static_cast<int>(workers_.size()));
+  return w->id;
+}
+
+absl::StatusOr<RingSnapshot> RingManager::CurrentRing() const {
+  absl::MutexLock lock(&mu_);
+  if (!ready_) {
+    return absl::UnavailableError(absl::StrCat("the ring is not formed: ", workers_.size(), " of ",
+                                               options_.expected_workers,
+                                               " workers up; retry shortly"));
+  }
+  RingSnapshot s;
+  s.generation = generation_;
+  s.members.assign(members_.begin(), members_.end());
+  return s;
+}
+
+void RingManager::ReportFailure(int64_t generation, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (generation == generation_ && ready_) {
+    ready_ = false;
+    std::fprintf(stderr, "coordinator: ring generation %lld failed: %s; re-forming\n",
+                 static_cast<long long>(generation), reason.c_str());
+  }
+}
+
+bool RingManager::WaitUntilReady(absl::Duration timeout) const {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(&ready_), timeout);
+}
+
+RingManager::Status RingManager::GetStatus() const {
+  absl::MutexLock lock(&mu_);
+  Status s;
+  s.generation = ready_ ? generation_ : 0;
+  s.ready = ready_;
+  s.expected_workers = options_.expected_workers;
+  s.workers.assign(workers_.begin(), workers_.end());
+  if (ready_) s.members.assign(members_.begin(), members_.end());
+  return s;
+}
+
+void RingManager::Loop() {
+  absl::Time next_ping = absl::Now();
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(50))) return;
+    }
+    if (absl::Now() >= next_ping) {
+      PingAll();
+      next_ping = absl::Now() + options_.ping_interval;
+    }
+    TryFormRing();
+  }
+}
+
+// Drops workers that do not answer a ping; a lost member breaks the ring.
+void RingManager::PingAll() {
+  std::vector<std::shared_ptr<WorkerRecord>> workers;
+  {
+    absl::MutexLock lock(&mu_);
+    workers = workers_;
+  }
+  std::vector<std::shared_ptr<WorkerRecord>> lost;
+  for (const auto& w : workers) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.ping_timeout));
+    v1::PingRequest req;
+    v1::PingResponse resp;
+    if (!w->stub->Ping(&ctx, req, &resp).ok()) lost.push_back(w);
+  }
+  if (lost.empty()) return;
+  absl::MutexLock lock(&mu_);
+  for (const auto& w : lost) {
+    std::fprintf(stderr, "coordinator: worker %s at %s stopped answering\n", w->id.c_str(),
+                 w->address.c_str());
+    std::erase(workers_, w);
+    if (std::find(members_.begin(), members_.end(), w) != members_.end()) ready_ = false;
+  }
+  if (metrics_ != nullptr) metrics_->SetWorkersUp(static_cast<int>(workers_.size()));
+}
+
+void RingManager::TryFormRing() {
+  std::vector<std::shared_ptr<WorkerRecord>> members;
+  int64_t generation;
+  {
+    absl::MutexLock lock(&mu_);
+    if (ready_ || static_cast<int>(workers_.size()) < options_.expected_workers) return;
+    members.assign(workers_.begin(), workers_.begin() + options_.expected_workers);
+    generation = ++generation_;
+  }
+  const std::string prefix = absl::StrCat("ring/", generation, "/");
+  const int world = static_cast<int>(members.size());
+  std::vector<grpc::Status> results(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.join_timeout));
+      v1::JoinRingRequest req;
+      req.set_generation(generation);
+      req.set_rank(r);
+      req.set_world_size(world);
+      req.set_store_prefix(prefix);
+      req.set_timeout_seconds(options_.ring_timeout_seconds);
+      v1::JoinRingResponse resp;
+      results[r] = members[r]->stub->JoinRing(&ctx, req, &resp);
+    });
+  }
+  for (auto& t : threads) t.join();
+  store_->ErasePrefix(prefix);
+  for (int r = 0; r < world; ++r) {
+    if (!results[r].ok()) {
+      std::fprintf(stderr, "coordinator: rank %d (%s) failed to join ring %lld: %s\n", r,
+                   members[r]->address.c_str(), static_cast<long long>(generation),
+                   results[r].error_message().c_str());
+      absl::SleepFor(absl::Milliseconds(200));
+      return;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  if (generation != generation_) return;  // superseded while joining
+  members_ = std::move(members);
+  ready_ = true;
+  if (metrics_ != nullptr) metrics_->RecordRingReform();
+  std::fprintf(stderr, "coordinator: ring generation %lld formed with %d workers\n",
+               static_cast<long long>(generation), world);
+}
+
+}  // namespace ringattn

@@ -1,0 +1,96 @@
+// Keeps the ring of workers: who registered, who is alive (pings), and the current ring
+// (generation, ranks). Forms a ring once enough workers are up, and a new one (new generation)
+// after any failure, so that the next request finds a working ring.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "ringattn/v1/worker.grpc.pb.h"
+#include "server/rendezvous_store.h"
+
+namespace ringattn {
+
+class ServiceMetrics;
+
+struct WorkerRecord {
+  std::string id;
+  std::string address;
+  std::string backend;
+  std::string device;
+  std::string transport;
+  int64_t pid = 0;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::WorkerService::Stub> stub;
+};
+
+// The ring a request runs on: members in rank order.
+struct RingSnapshot {
+  int64_t generation = 0;
+  std::vector<std::shared_ptr<const WorkerRecord>> members;
+};
+
+class RingManager {
+ public:
+  struct Options {
+    int expected_workers = 1;                       // ring size
+    absl::Duration join_timeout = absl::Seconds(30);
+    absl::Duration ping_interval = absl::Milliseconds(500);
+    absl::Duration ping_timeout = absl::Seconds(2);
+    double ring_timeout_seconds = 60;               // transport timeout handed to workers
+  };
+
+  RingManager(Options options, RendezvousStore* store, ServiceMetrics* metrics);
+  ~RingManager();
+  RingManager(const RingManager&) = delete;
+  RingManager& operator=(const RingManager&) = delete;
+
+  void Start();
+  void Stop();
+
+  // Records a worker; returns its id. A worker re-registering at a known address replaces
+  // the old record (a restarted process).
+  std::string Register(const v1::RegisterRequest& request);
+
+  // The current ring; UNAVAILABLE while none is formed.
+  absl::StatusOr<RingSnapshot> CurrentRing() const;
+
+  // A request on `generation` failed: that ring is no longer trusted; form a new one.
+  void ReportFailure(int64_t generation, const std::string& reason);
+
+  bool WaitUntilReady(absl::Duration timeout) const;
+
+  struct Status {
+    int64_t generation = 0;
+    bool ready = false;
+    int expected_workers = 0;
+    std::vector<std::shared_ptr<const WorkerRecord>> workers;  // registered and alive
+    std::vector<std::shared_ptr<const WorkerRecord>> members;  // of the current ring
+  };
+  Status GetStatus() const;
+
+ private:
+  void Loop();
+  void PingAll();
+  void TryFormRing();
+
+  const Options options_;
+  RendezvousStore* const store_;
+  ServiceMetrics* const metrics_;
+
+  mutable absl::Mutex mu_;
+  std::vector<std::shared_ptr<WorkerRecord>> workers_ ABSL_GUARDED_BY(mu_);
+  int64_t next_worker_id_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::shared_ptr<WorkerRecord>> members_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,509 @@
+// The service end to end through gRPC on loopback: an in-process coordinator and real worker
+// processes (`ringattn worker`, Gloo ring), checked against the fp64 reference; bad input,
+// deadlines, a killed worker, the streaming path, admission and the health/info endpoints.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_attention.h"
+#include "kernels/error_metrics.h"
+#include "kernels/params_check.h"
+#include "ringattn/v1/attention.grpc.pb.h"
+#include "ringattn/v1/worker.grpc.pb.h"
+#include "server/coordinator.h"
+#include "server/local_workers.h"
+#include "worker/ring/synthetic_inputs.h"
+
+namespace ringattn {
+namespace {
+
+std::string WorkerBinary() {
+  const char* b = std::getenv("RINGATTN_BIN");
+  return b != nullptr ? b : "";
+}
+
+// A coordinator plus `world` worker processes, torn down at the end.
+class Service {
+ public:
+  explicit Service(int world, Coordinator::Options options = {}) {
+    options.world_size = world;
+    options.metrics_address = "127.0.0.1:0";
+    options.ring.ring_timeout_seconds = 20;
+    options.ring.ping_interval = absl::Milliseconds(200);
+    coordinator_ = std::make_unique<Coordinator>(options);
+    start_status_ = coordinator_->BuildAndStart();
+    if (!start_status_.ok()) return;
+    LocalWorkerPool::Options w;
+    w.binary = WorkerBinary();
+    w.count = world;
+    w.coordinator_address = absl::StrCat("127.0.0.1:", coordinator_->port());
+    workers_ = std::make_unique<LocalWorkerPool>(w);
+    start_status_ = workers_->Start();
+    if (!start_status_.ok()) return;
+    if (!coordinator_->WaitUntilReady(absl::Seconds(60))) {
+      start_status_ = absl::DeadlineExceededError("ring did not form in 60 s");
+    }
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->port()),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::AttentionService::NewStub(channel_);
+  }
+  ~Service() {
+    if (workers_) workers_->Stop();
+    if (coordinator_) coordinator_->Shutdown();
+  }
+  const absl::Status& start_status() const { return start_status_; }
+  v1::AttentionService::Stub& stub() { return *stub_; }
+  std::shared_ptr<grpc::Channel> channel_ptr() { return channel_; }
+  Coordinator& coordinator() { return *coordinator_; }
+  LocalWorkerPool& workers() { return *workers_; }
+
+ private:
+  absl::Status start_status_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<LocalWorkerPool> workers_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+struct Shape {
+  int batch = 1;
+  int64_t seqlen = 64;
+  int heads = 4;
+  int heads_k = 4;
+  int head_dim = 64;
+  v1::DType dtype = v1::DTYPE_FP32;
+};
+
+DType ToDType(v1::DType d) {
+  return d == v1::DTYPE_FP32 ? DType::kF32 : d == v1::DTYPE_FP16 ? DType::kF16 : DType::kBF16;
+}
+
+void FillTensor(v1::Tensor* t, const Shape& s, int heads, uint32_t id, uint64_t seed) {
+  t->set_dtype(s.dtype);
+  for (int64_t d : {static_cast<int64_t>(s.batch), s.seqlen, static_cast<int64_t>(heads),
+                    static_cast<int64_t>(s.head_dim)}) {
+    t->add_shape(d);
+  }
+  std::string* data = t->mutable_data();
+  data->resize(static_cast<size_t>(s.batch) * s.seqlen * heads * s.head_dim *
+               DTypeSize(ToDType(s.dtype)));
+  FillSynthetic(seed, id, s.batch, s.seqlen, heads, s.head_dim, ToDType(s.dtype), data->data());
+}
+
+v1::AttendRequest MakeRequest(const Shape& s, uint64_t seed = 3) {
+  v1::AttendRequest r;
+  FillTensor(r.mutable_q(), s, s.heads, 0, seed);
+  FillTensor(r.mutable_k(), s, s.heads_k, 1, seed);
+  FillTensor(r.mutable_v(), s, s.heads_k, 2, seed);
+  r.set_return_lse(true);
+  return r;
+}
+
+// The fp64 reference of a request, compared with its response.
+void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
+  const v1::Tensor& q = req.q();
+  AttentionParams p;
+  p.batch = static_cast<int>(q.shape(0));
+  p.seqlen_q = p.seqlen_k = q.shape(1);
+  p.heads = static_cast<int>(q.shape(2));
+  p.heads_k = static_cast<int>(req.k().shape(2));
+  p.head_dim = static_cast<int>(q.shape(3));
+  p.dtype = p.o_dtype = ToDType(q.dtype());
+  p.q = q.data().data();
+  p.k = req.k().data().data();
+  p.v = req.v().data().data();
+  p.o = nullptr;
+  SetContiguousStrides(&p);
+  const v1::AttentionOptions& o = req.options();
+  p.softmax_scale = o.has_softmax_scale() ? o.softmax_scale() : 1.0f / std::sqrt(p.head_dim * 1.0f);
+  p.causal = o.causal();
+  p.window_left = o.has_window_left() ? o.window_left() : -1;
+  p.window_right = o.has_window_right() ? o.window_right() : -1;
+  std::vector<float> slopes(o.alibi_slopes().begin(), o.alibi_slopes().end());
+  p.alibi_slopes = slopes.empty() ? nullptr : slopes.data();
+  p.softcap = o.softcap();
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ASSERT_EQ(resp.out().data().size(), q.data().size());
+  const int64_t n = static_cast<int64_t>(ref->o.size());
+  const ErrorStats e = CompareTensor(resp.out().data().data(), p.dtype, ref->o.data(), n);
+  const double tol = p.dtype == DType::kF32 ? 1e-5 : p.dtype == DType::kF16 ? 2e-3 : 1e-2;
+  EXPECT_TRUE(e.Within(tol, 1.0)) << "out vs fp64: " << e.ToString();
+  ASSERT_EQ(resp.lse().data().size(), ref->lse.size() * sizeof(float));
+  const ErrorStats l = CompareTensor(resp.lse().data().data(), DType::kF32, ref->lse.data(),
+                                     static_cast<int64_t>(ref->lse.size()));
+  EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
+}
+
+grpc::Status Call(Service& svc, const v1::AttendRequest& req, v1::AttendResponse* resp,
+                  absl::Duration timeout = absl::Seconds(60)) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  return svc.stub().Attend(&ctx, req, resp);
+}
+
+// Correctness through the service, world sizes 1 to 4, with awkward sizes and options.
+class ServiceWorlds : public ::testing::TestWithParam<int> {};
+
+TEST_P(ServiceWorlds, MatchesReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(GetParam());
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+
+  struct Case {
+    const char* name;
+    Shape shape;
+    bool causal;
+    v1::Layout layout;
+    int64_t window_left, window_right;
+    bool alibi;
+    float softcap;
+  };
+  const Case cases[] = {
+      {"seq7_gqa_causal", {1, 7, 8, 2, 64, v1::DTYPE_FP32}, true, v1::LAYOUT_AUTO, -1, -1, false, 0},
+      {"seq1", {1, 1, 5, 5, 64, v1::DTYPE_FP32}, true, v1::LAYOUT_AUTO, -1, -1, false, 0},
+      {"heads5_noncausal", {2, 255, 5, 5, 64, v1::DTYPE_FP32}, false, v1::LAYOUT_AUTO, -1, -1,
+       false, 0},
+      {"stripe_window_alibi", {1, 100, 8, 1, 128, v1::DTYPE_FP32}, true, v1::LAYOUT_STRIPE, 20, -1,
+       true, 0},
+      {"zigzag_softcap_bf16", {1, 381, 8, 2, 128, v1::DTYPE_BF16}, true, v1::LAYOUT_ZIGZAG, -1,
+       -1, false, 30},
+      {"contiguous_fp16_window", {1, 200, 4, 2, 64, v1::DTYPE_FP16}, false,
+       v1::LAYOUT_CONTIGUOUS, 16, 16, false, 0},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::AttendRequest req = MakeRequest(c.shape);
+    req.set_request_id(c.name);
+    req.set_layout(c.layout);
+    req.mutable_options()->set_causal(c.causal);
+    if (c.window_left >= 0) req.mutable_options()->set_window_left(c.window_left);
+    if (c.window_right >= 0) req.mutable_options()->set_window_right(c.window_right);
+    if (c.alibi) {
+      for (int h = 0; h < c.shape.heads; ++h) req.mutable_options()->add_alibi_slopes(0.25f / (h + 1));
+    }
+    req.mutable_options()->set_softcap(c.softcap);
+    v1::AttendResponse resp;
+    grpc::Status s = Call(svc, req, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(resp.request_id(), c.name);
+    EXPECT_EQ(resp.plan().world_size(), GetParam());
+    EXPECT_NE(resp.plan().layout(), v1::LAYOUT_AUTO);
+    ASSERT_EQ(resp.timings().workers_size(), GetParam());
+    EXPECT_GT(resp.timings().total_seconds(), 0);
+    for (const v1::WorkerTiming& w : resp.timings().workers()) {
+      EXPECT_EQ(w.steps_size(), GetParam());
+    }
+    ExpectMatchesReference(req, resp);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(World, ServiceWorlds, ::testing::Values(1, 2, 3, 4));
+
+// Every kind of bad input gets its status naming the field, and the service keeps serving.
+TEST(ServiceErrors, BadInputThenGoodRequest) {
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape s;
+  struct Bad {
+    const char* name;
+    std::function<void(v1::AttendRequest*)> mutate;
+    grpc::StatusCode code;
+    const char* expect;
+  };
+  const std::vector<Bad> bad = {
+      {"byte count", [](v1::AttendRequest* r) { r->mutable_k()->mutable_data()->resize(10); },
+       grpc::StatusCode::INVALID_ARGUMENT, "k.data"},
+      {"seq mismatch", [](v1::AttendRequest* r) { r->mutable_k()->set_shape(1, 63); },
+       grpc::StatusCode::INVALID_ARGUMENT, "k.shape[1]"},
+      {"dtype", [](v1::AttendRequest* r) { r->mutable_q()->set_dtype(v1::DTYPE_UNSPECIFIED); },
+       grpc::StatusCode::INVALID_ARGUMENT, "q.dtype"},
+      {"zero batch", [](v1::AttendRequest* r) { r->mutable_q()->set_shape(0, 0); },
+       grpc::StatusCode::INVALID_ARGUMENT, "q.shape[0]"},
+      {"negative", [](v1::AttendRequest* r) { r->mutable_v()->set_shape(3, -64); },
+       grpc::StatusCode::INVALID_ARGUMENT, "v.shape[3]"},
+      {"heads not divisible",
+       [](v1::AttendRequest* r) {
+         r->mutable_k()->set_shape(2, 3);
+         r->mutable_v()->set_shape(2, 3);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "heads"},
+      {"missing tensor", [](v1::AttendRequest* r) { r->clear_v(); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "v"},
+      {"head_dim", [](v1::AttendRequest* r) {
+         for (v1::Tensor* t : {r->mutable_q(), r->mutable_k(), r->mutable_v()}) t->set_shape(3, 96);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "head_dim 96"},
+      {"dropout", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(0.1f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "dropout_p"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.name);
+    v1::AttendRequest req = MakeRequest(s);
+    b.mutate(&req);
+    v1::AttendResponse resp;
+    grpc::Status st = Call(svc, req, &resp);
+    EXPECT_EQ(st.error_code(), b.code) << st.error_message();
+    EXPECT_NE(st.error_message().find(b.expect), std::string::npos) << st.error_message();
+  }
+  // NaN inputs are computed, not refused, and do not crash anything.
+  v1::AttendRequest nan_req = MakeRequest(s);
+  float* q = reinterpret_cast<float*>(nan_req.mutable_q()->mutable_data()->data());
+  q[5] = std::nanf("");
+  v1::AttendResponse nan_resp;
+  ASSERT_TRUE(Call(svc, nan_req, &nan_resp).ok());
+  // And the next request succeeds.
+  v1::AttendRequest good = MakeRequest(s);
+  v1::AttendResponse resp;
+  grpc::Status st = Call(svc, good, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ExpectMatchesReference(good, resp);
+}
+
+// Unary above the limit is RESOURCE_EXHAUSTED; the same tensors stream and come back right.
+TEST(ServiceStreaming, LargerThanUnaryLimit) {
+  Coordinator::Options o;
+  o.max_unary_bytes = 256 << 10;
+  o.stream_chunk_bytes = 100003;  // not a multiple of any element size
+  Service svc(3, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape s{1, 1000, 4, 2, 64, v1::DTYPE_FP32};  // q alone is 1 MB
+  v1::AttendRequest req = MakeRequest(s);
+  req.mutable_options()->set_causal(true);
+  v1::AttendResponse unary;
+  grpc::Status st = Call(svc, req, &unary);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  auto stream = svc.stub().AttendStream(&ctx);
+  v1::AttendStreamRequest header;
+  *header.mutable_header() = req;
+  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
+                        header.mutable_header()->mutable_v()}) {
+    t->clear_data();
+  }
+  ASSERT_TRUE(stream->Write(header));
+  const std::pair<v1::TensorChunk::Which, const std::string*> parts[] = {
+      {v1::TensorChunk::WHICH_Q, &req.q().data()},
+      {v1::TensorChunk::WHICH_K, &req.k().data()},
+      {v1::TensorChunk::WHICH_V, &req.v().data()}};
+  const size_t chunk = 65537;
+  for (const auto& [which, bytes] : parts) {
+    for (size_t off = 0; off < bytes->size(); off += chunk) {
+      v1::AttendStreamRequest m;
+      m.mutable_chunk()->set_tensor(which);
+      m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
+      m.mutable_chunk()->set_data(bytes->substr(off, chunk));
+      ASSERT_TRUE(stream->Write(m));
+    }
+  }
+  stream->WritesDone();
+  v1::AttendResponse resp;
+  v1::AttendStreamResponse m;
+  ASSERT_TRUE(stream->Read(&m));
+  ASSERT_TRUE(m.has_header());
+  resp = m.header();
+  int chunks = 0;
+  while (stream->Read(&m)) {
+    ASSERT_TRUE(m.has_chunk());
+    std::string* dst = m.chunk().tensor() == v1::TensorChunk::WHICH_OUT
+                           ? resp.mutable_out()->mutable_data()
+                           : resp.mutable_lse()->mutable_data();
+    ASSERT_EQ(m.chunk().offset(), static_cast<int64_t>(dst->size()));
+    dst->append(m.chunk().data());
+    ++chunks;
+  }
+  grpc::Status fin = stream->Finish();
+  ASSERT_TRUE(fin.ok()) << fin.error_message();
+  EXPECT_GT(chunks, 10);
+  EXPECT_GT(resp.timings().receive_seconds(), 0);
+  ExpectMatchesReference(req, resp);
+}
+
+// Work longer than the deadline: DEADLINE_EXCEEDED, the workers stop, the next request works.
+TEST(ServiceFaults, DeadlineShorterThanWork) {
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  v1::AttendRequest req = MakeRequest(big);
+  v1::AttendResponse resp;
+  const absl::Time t0 = absl::Now();
+  grpc::Status st = Call(svc, req, &resp, absl::Milliseconds(300));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
+
+  // The workers were told to stop: within a short while none is busy.
+  v1::InfoResponse info;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(svc.stub().GetInfo(&ctx, v1::InfoRequest(), &info).ok());
+  }
+  const absl::Time stop_by = absl::Now() + absl::Seconds(5);
+  for (const v1::WorkerInfo& w : info.workers()) {
+    auto stub = v1::WorkerService::NewStub(
+        grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
+    bool busy = true;
+    while (busy && absl::Now() < stop_by) {
+      grpc::ClientContext ctx;
+      v1::PingResponse pong;
+      if (stub->Ping(&ctx, v1::PingRequest(), &pong).ok()) busy = pong.busy();
+      if (busy) absl::SleepFor(absl::Milliseconds(50));
+    }
+    EXPECT_FALSE(busy) << "worker " << w.address() << " still busy";
+  }
+  Shape small;
+  v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse ok_resp;
+  grpc::Status st2 = Call(svc, next, &ok_resp);
+  ASSERT_TRUE(st2.ok()) << st2.error_message();
+  ExpectMatchesReference(next, ok_resp);
+}
+
+// A worker killed mid-request: UNAVAILABLE, the worker is restarted, the ring re-formed, and
+// the next request succeeds.
+TEST(ServiceFaults, WorkerKilledMidRequest) {
+  Service svc(3);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};
+  v1::AttendRequest req = MakeRequest(big);
+  v1::AttendResponse resp;
+  grpc::Status st;
+  std::thread caller([&] { st = Call(svc, req, &resp, absl::Seconds(60)); });
+  absl::SleepFor(absl::Milliseconds(400));
+  const pid_t victim = svc.workers().pids()[1];
+  ASSERT_GT(victim, 0);
+  kill(victim, SIGKILL);
+  caller.join();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+
+  Shape small{1, 97, 4, 2, 64, v1::DTYPE_FP32};
+  v1::AttendRequest next = MakeRequest(small);
+  next.mutable_options()->set_causal(true);
+  v1::AttendResponse ok_resp;
+  grpc::Status st2 = Call(svc, next, &ok_resp, absl::Seconds(60));
+  ASSERT_TRUE(st2.ok()) << st2.error_message();
+  EXPECT_EQ(ok_resp.plan().world_size(), 3);
+  ExpectMatchesReference(next, ok_resp);
+  EXPECT_GE(svc.workers().restarts(), 1);
+}
+
+// Past the admission queue: RESOURCE_EXHAUSTED at once.
+TEST(ServiceAdmission, QueueFull) {
+  Coordinator::Options o;
+  o.max_queue = 1;
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 4096, 8, 8, 128, v1::DTYPE_BF16};
+  v1::AttendRequest req = MakeRequest(big);
+  constexpr int kCalls = 4;
+  std::vector<grpc::Status> results(kCalls);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&, i] {
+      v1::AttendResponse resp;
+      results[i] = Call(svc, req, &resp, absl::Seconds(120));
+    });
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  for (auto& t : threads) t.join();
+  int exhausted = 0, ok = 0;
+  for (const grpc::Status& s : results) {
+    if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++exhausted;
+      EXPECT_NE(s.error_message().find("queue"), std::string::npos) << s.error_message();
+    }
+    if (s.ok()) ++ok;
+  }
+  EXPECT_GE(exhausted, 1);
+  EXPECT_GE(ok, 1);
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+TEST(ServiceOps, HealthInfoAndMetrics) {
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  // grpc.health.v1.Health/Check for the whole server (empty service name), called as raw
+  // bytes: the empty request is zero bytes; the answer SERVING is field 1 = 1 (0x08 0x01).
+  {
+    grpc::GenericStub generic(svc.channel_ptr());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    grpc::ByteBuffer request, response;
+    absl::Notification done;
+    grpc::Status status;
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                      &response, [&](grpc::Status s) {
+                        status = s;
+                        done.Notify();
+                      });
+    done.WaitForNotification();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(response.Dump(&slices).ok());
+    std::string bytes;
+    for (const grpc::Slice& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    EXPECT_EQ(bytes, std::string("\x08\x01", 2));
+  }
+  v1::InfoResponse info;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(svc.stub().GetInfo(&ctx, v1::InfoRequest(), &info).ok());
+  }
+  EXPECT_TRUE(info.ready());
+  EXPECT_EQ(info.world_size(), 2);
+  EXPECT_EQ(info.workers_size(), 2);
+  EXPECT_EQ(info.transport(), "gloo");
+  ASSERT_EQ(info.backends_size(), 1);
+  EXPECT_EQ(info.backends(0), "cpu");
+
+  Shape s;
+  v1::AttendRequest req = MakeRequest(s);
+  v1::AttendResponse resp;
+  ASSERT_TRUE(Call(svc, req, &resp).ok());
+  const std::string metrics = HttpGet(svc.coordinator().metrics_port(), "/metrics");
+  for (const char* family :
+       {"ringattn_requests_total", "ringattn_request_phase_seconds", "ringattn_request_bytes_total",
+        "ringattn_queue_depth", "ringattn_workers_up", "ringattn_ring_steps_total"}) {
+    EXPECT_NE(metrics.find(family), std::string::npos) << family;
+  }
+  EXPECT_NE(metrics.find("code=\"OK\""), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ringattn

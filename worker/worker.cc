@@ -1,0 +1,258 @@
+#include "worker/worker.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention_backend.h"
+#include "kernels/status_macros.h"
+#include "proto/convert.h"
+#include "worker/worker_service.h"
+
+namespace ringattn {
+namespace {
+
+using Clock = std::chrono::system_clock;
+
+// Each registration attempt waits this long at most for the coordinator to answer.
+constexpr auto kRegisterAttemptTimeout = std::chrono::seconds(2);
+constexpr auto kInitialBackoff = std::chrono::milliseconds(100);
+constexpr auto kMaxBackoff = std::chrono::seconds(2);
+// Calls in flight get this long to finish after Shutdown (they fail fast: the ring is aborted).
+constexpr auto kShutdownGrace = std::chrono::seconds(5);
+
+// Codes worth retrying: the coordinator is not (yet) reachable or not ready.
+bool Retryable(grpc::StatusCode code) {
+  return code == grpc::UNAVAILABLE || code == grpc::DEADLINE_EXCEEDED ||
+         code == grpc::RESOURCE_EXHAUSTED || code == grpc::ABORTED;
+}
+
+std::shared_ptr<grpc::Channel> CoordinatorChannel(const std::string& address) {
+  grpc::ChannelArguments args;
+  // Reconnect soon after the coordinator comes up, instead of gRPC's default backoff (up to
+  // two minutes).
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+// host:port, bracketing an IPv6 literal.
+std::string JoinHostPort(const std::string& host, int port) {
+  const bool ipv6 = !host.empty() && host.find(':') != std::string::npos && host.front() != '[';
+  return ipv6 ? absl::StrCat("[", host, "]:", port) : absl::StrCat(host, ":", port);
+}
+
+// Write end of RunWorkerMain's signal pipe.
+volatile sig_atomic_t g_signal_pipe = -1;
+
+void OnShutdownSignal(int sig) {
+  const int saved_errno = errno;
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  if (write(g_signal_pipe, &byte, 1) < 0) {
+    // Nothing safe to do in a handler; the pipe only fills after many signals.
+  }
+  errno = saved_errno;
+}
+
+}  // namespace
+
+Worker::Worker(Options options) : options_(std::move(options)) {}
+
+Worker::~Worker() {
+  Shutdown();
+  Wait();
+}
+
+std::string Worker::address() const { return JoinHostPort(options_.advertise_host, port_); }
+
+std::string Worker::worker_id() const { return worker_id_; }
+
+absl::Status Worker::BuildAndStart() {
+  if (options_.coordinator_address.empty()) {
+    return absl::InvalidArgumentError("coordinator_address must be set (host:port)");
+  }
+  if (options_.listen_address.empty()) {
+    return absl::InvalidArgumentError("listen_address must be set (host:port; port 0 picks one)");
+  }
+  if (options_.advertise_host.empty()) {
+    return absl::InvalidArgumentError(
+        "advertise_host must be set: the host the coordinator and the other ranks reach this "
+        "worker at");
+  }
+  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeCpuBackend(options_.backend));
+
+  coordinator_channel_ = CoordinatorChannel(options_.coordinator_address);
+  coordinator_ = v1::CoordinatorService::NewStub(coordinator_channel_);
+
+  WorkerServiceImpl::Options service_options;
+  service_options.gloo_hostname = options_.advertise_host;
+  auto service =
+      std::make_unique<WorkerServiceImpl>(service_options, coordinator_, std::move(backend));
+
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service.get());
+  // Shards of long sequences are large; the coordinator enforces the request limits.
+  builder.SetMaxReceiveMessageSize(INT_MAX);
+  builder.SetMaxSendMessageSize(INT_MAX);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("could not listen on ", options_.listen_address, " (in use or invalid?)"));
+  }
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    service_ = std::move(service);
+    server_ = std::move(server);
+    port_ = port;
+    if (shut_down_) {
+      service_->Shutdown();
+      server_->Shutdown(Clock::now());
+      return absl::CancelledError("the worker was shut down before it started");
+    }
+  }
+
+  absl::Status registered = Register();
+  if (!registered.ok()) {
+    Shutdown();
+    return registered;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Worker::Register() {
+  v1::RegisterRequest request;
+  request.set_address(address());
+  request.set_backend(options_.backend);
+  request.set_device("cpu");
+  request.set_pid(static_cast<int64_t>(getpid()));
+  request.set_transport("gloo");
+
+  const auto deadline = Clock::now() + options_.register_timeout;
+  auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kInitialBackoff);
+  grpc::Status last;
+  int attempts = 0;
+  while (true) {
+    const auto now = Clock::now();
+    if (now >= deadline && attempts > 0) break;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::min<Clock::time_point>(deadline, now + kRegisterAttemptTimeout));
+    // Wait for the channel to connect within the attempt rather than failing at once.
+    ctx.set_wait_for_ready(true);
+    v1::RegisterResponse response;
+    last = coordinator_->Register(&ctx, request, &response);
+    ++attempts;
+    if (last.ok()) {
+      worker_id_ = response.worker_id();
+      return absl::OkStatus();
+    }
+    if (!Retryable(last.error_code())) {
+      return absl::Status(FromGrpcStatus(last).code(),
+                          absl::StrCat("the coordinator at ", options_.coordinator_address,
+                                       " refused to register this worker: ", last.error_message()));
+    }
+    if (Clock::now() + backoff >= deadline) break;
+    if (shutdown_requested_.WaitForNotificationWithTimeout(absl::FromChrono(backoff))) {
+      return absl::CancelledError("the worker was shut down while registering");
+    }
+    backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
+  }
+  if (shutdown_requested_.HasBeenNotified()) {
+    return absl::CancelledError("the worker was shut down while registering");
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat("could not register with the coordinator at ", options_.coordinator_address,
+                   " within ", std::chrono::duration<double>(options_.register_timeout).count(),
+                   " s (", attempts, " attempt(s)); last error: ", last.error_message()));
+}
+
+void Worker::Shutdown() {
+  absl::MutexLock lock(&shutdown_mu_);
+  if (shut_down_) return;
+  shut_down_ = true;
+  shutdown_requested_.Notify();
+  // The ring first, so that a shard in flight fails at once instead of holding the server up.
+  if (service_ != nullptr) service_->Shutdown();
+  if (server_ != nullptr) server_->Shutdown(Clock::now() + kShutdownGrace);
+}
+
+void Worker::Wait() {
+  grpc::Server* server;
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    server = server_.get();
+  }
+  if (server != nullptr) server->Wait();
+}
+
+int RunWorkerMain(const Worker::Options& options) {
+  // The handlers only write the signal number to a pipe; a thread of ours reads it and shuts
+  // the worker down. Unlike a blocked mask this works whatever threads already exist.
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) {
+    std::fprintf(stderr, "worker: pipe: %s\n", std::strerror(errno));
+    return 1;
+  }
+  g_signal_pipe = fds[1];
+  struct sigaction action = {};
+  action.sa_handler = OnShutdownSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  struct sigaction previous_int, previous_term;
+  sigaction(SIGINT, &action, &previous_int);
+  sigaction(SIGTERM, &action, &previous_term);
+
+  int exit_code = 0;
+  {
+    Worker worker(options);
+    std::atomic<int> received{0};
+    std::thread signal_thread([&] {
+      unsigned char sig = 0;
+      ssize_t n;
+      do {
+        n = read(fds[0], &sig, 1);
+      } while (n < 0 && errno == EINTR);
+      if (n == 1 && sig != 0) received.store(sig);
+      worker.Shutdown();
+    });
+
+    const absl::Status status = worker.BuildAndStart();
+    if (status.ok()) {
+      std::fprintf(stderr, "worker: serving on %s (backend %s), registered with %s as %s\n",
+                   worker.address().c_str(), options.backend.c_str(),
+                   options.coordinator_address.c_str(), worker.worker_id().c_str());
+      worker.Wait();  // until the signal thread shuts the worker down
+    } else if (received.load() == 0) {
+      std::fprintf(stderr, "worker: %s\n", status.ToString().c_str());
+      exit_code = 1;
+    }
+    // A zero byte wakes the signal thread when no signal came.
+    const unsigned char wake = 0;
+    while (write(fds[1], &wake, 1) < 0 && errno == EINTR) {
+    }
+    signal_thread.join();
+    if (received.load() != 0) {
+      std::fprintf(stderr, "worker: %s received, shut down\n", strsignal(received.load()));
+    }
+  }
+  sigaction(SIGINT, &previous_int, nullptr);
+  sigaction(SIGTERM, &previous_term, nullptr);
+  g_signal_pipe = -1;
+  close(fds[0]);
+  close(fds[1]);
+  return exit_code;
+}
+
+}  // namespace ringattn

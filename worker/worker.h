@@ -1,0 +1,95 @@
+// The worker process: serves ringattn.v1.WorkerService and registers with the coordinator,
+// which then tells it to join a ring and sends it shards.
+//
+//   Worker::Options options;
+//   options.coordinator_address = "coordinator:50051";
+//   Worker worker(options);
+//   absl::Status s = worker.BuildAndStart();  // serving and registered, or an error
+//   ...
+//   worker.Shutdown();
+//   worker.Wait();
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "ringattn/v1/worker.grpc.pb.h"
+
+namespace ringattn {
+
+class WorkerServiceImpl;
+
+class Worker {
+ public:
+  struct Options {
+    // host:port of the coordinator's CoordinatorService. Required.
+    std::string coordinator_address;
+    // Where the WorkerService listens; port 0 picks a free one (see port()).
+    std::string listen_address = "127.0.0.1:0";
+    // Kernel backend: "cpu" or "cpu_reference".
+    std::string backend = "cpu";
+    // Host the coordinator and the other ranks reach this worker at: advertised to the
+    // coordinator with the port, and the address the ring's transport (Gloo) listens on.
+    std::string advertise_host = "127.0.0.1";
+    // How long registration keeps retrying while the coordinator is not up yet.
+    std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
+  };
+
+  explicit Worker(Options options);
+  // Shuts down and waits.
+  ~Worker();
+
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Makes the backend, starts the gRPC server (message limits raised for shard payloads),
+  // then registers with the coordinator, retrying with backoff for up to register_timeout.
+  // InvalidArgument for bad options (an unknown backend names the known ones), Unavailable
+  // when the port cannot be bound, DeadlineExceeded (or the coordinator's refusal) when
+  // registration fails; the server is stopped again on any error. Call once.
+  absl::Status BuildAndStart();
+
+  // The bound port; 0 before BuildAndStart succeeds.
+  int port() const { return port_; }
+  // host:port as advertised to the coordinator.
+  std::string address() const;
+  // The id the coordinator gave this worker at registration.
+  std::string worker_id() const;
+
+  // Aborts the ring and any rendezvous, stops the server (calls in flight fail promptly) and
+  // interrupts a registration still retrying. Idempotent; callable from any thread.
+  void Shutdown();
+  // Blocks until the server has shut down. Returns at once if it never started.
+  void Wait();
+
+ private:
+  absl::Status Register();
+
+  const Options options_;
+  int port_ = 0;
+  std::string worker_id_;
+  std::shared_ptr<grpc::Channel> coordinator_channel_;
+  std::shared_ptr<v1::CoordinatorService::Stub> coordinator_;
+  // The service outlives the server that calls it.
+  std::unique_ptr<WorkerServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+
+  absl::Notification shutdown_requested_;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+// The `ringattn worker` process: builds and starts a Worker, serves until SIGTERM or SIGINT,
+// then shuts down cleanly. Returns the process exit code (0 after a clean shutdown, also when
+// the signal came while still registering; 1 when the worker could not start). Installs
+// handlers for those two signals while it runs and restores the previous ones on return.
+int RunWorkerMain(const Worker::Options& options);
+
+}  // namespace ringattn

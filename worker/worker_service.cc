@@ -1,0 +1,402 @@
+#include "worker/worker_service.h"
+
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <initializer_list>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "kernels/status_macros.h"
+#include "proto/convert.h"
+#include "worker/ring/gloo_communicator.h"
+#include "worker/ring/layout.h"
+#include "worker/ring/ring_attention.h"
+
+namespace ringattn {
+namespace {
+
+// Longest JoinRing timeout accepted; keeps the chrono arithmetic far from overflow.
+constexpr double kMaxTimeoutSeconds = 7 * 24 * 3600.0;
+
+// Watches a server call from a side thread while its handler is blocked (in a rendezvous or
+// the ring), and calls `on_stop` once, with DEADLINE_EXCEEDED or CANCELLED, when the call's
+// deadline passes or its client goes away.
+class CallWatcher {
+ public:
+  CallWatcher(grpc::ServerContext* context, std::string what,
+              std::function<void(const absl::Status&)> on_stop)
+      : context_(context), what_(std::move(what)), on_stop_(std::move(on_stop)) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~CallWatcher() { Stop().IgnoreError(); }
+
+  CallWatcher(const CallWatcher&) = delete;
+  CallWatcher& operator=(const CallWatcher&) = delete;
+
+  // Stops watching; returns the reason it fired, or OK when it did not.
+  absl::Status Stop() {
+    if (!done_.HasBeenNotified()) done_.Notify();
+    if (thread_.joinable()) thread_.join();
+    return reason_;
+  }
+
+ private:
+  static constexpr absl::Duration kPollInterval = absl::Milliseconds(10);
+
+  void Loop() {
+    do {
+      absl::Status why = Check();
+      if (!why.ok()) {
+        reason_ = why;  // read only after the join in Stop
+        on_stop_(why);
+        return;
+      }
+    } while (!done_.WaitForNotificationWithTimeout(kPollInterval));
+  }
+
+  absl::Status Check() const {
+    // The deadline first: gRPC also marks a call whose deadline passed as cancelled.
+    if (context_->deadline() <= std::chrono::system_clock::now()) {
+      return absl::DeadlineExceededError(absl::StrCat(what_, ": the call's deadline passed"));
+    }
+    if (context_->IsCancelled()) {
+      return absl::CancelledError(absl::StrCat(what_, ": the caller cancelled the call"));
+    }
+    return absl::OkStatus();
+  }
+
+  grpc::ServerContext* const context_;
+  const std::string what_;
+  const std::function<void(const absl::Status&)> on_stop_;
+  absl::Notification done_;
+  absl::Status reason_;
+  std::thread thread_;
+};
+
+absl::Status Annotate(const absl::Status& s, const std::string& prefix) {
+  return absl::Status(s.code(), absl::StrCat(prefix, std::string(s.message())));
+}
+
+// Bytes of a tensor with the given dimensions; InvalidArgument naming it on overflow.
+absl::StatusOr<size_t> TensorBytes(const char* name, std::initializer_list<int64_t> dims,
+                                   int64_t element_bytes) {
+  int64_t n = element_bytes;
+  for (int64_t d : dims) {
+    if (__builtin_mul_overflow(n, d, &n)) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " is too large to address"));
+    }
+  }
+  return static_cast<size_t>(n);
+}
+
+absl::Status CheckBytes(const char* name, const std::string& data, size_t want, int batch,
+                        int64_t rows, int heads, int head_dim, DType dtype, int rank) {
+  if (data.size() == want) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(name, " has ", data.size(), " bytes but rank ", rank, "'s shard needs ", want,
+                   " ([batch=", batch, ", rows=", rows, ", heads=", heads, ", head_dim=", head_dim,
+                   "] ", std::string(DTypeName(dtype)), ")"));
+}
+
+}  // namespace
+
+WorkerServiceImpl::WorkerServiceImpl(
+    Options options, std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
+    std::unique_ptr<AttentionBackend> backend)
+    : options_(std::move(options)),
+      coordinator_(std::move(coordinator)),
+      backend_(std::move(backend)) {}
+
+WorkerServiceImpl::~WorkerServiceImpl() { Shutdown(); }
+
+void WorkerServiceImpl::Shutdown() {
+  std::shared_ptr<Ring> ring;
+  std::shared_ptr<CoordinatorStore> store;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+    ring = std::move(ring_);
+    ring_.reset();
+    store = joining_store_;
+  }
+  const absl::Status reason = absl::UnavailableError("the worker is shutting down");
+  if (ring != nullptr) ring->comm->Abort(reason);
+  if (store != nullptr) store->Cancel(reason);
+}
+
+int64_t WorkerServiceImpl::generation() const {
+  absl::MutexLock lock(&mu_);
+  return ring_ != nullptr ? ring_->generation : 0;
+}
+
+grpc::Status WorkerServiceImpl::Ping(grpc::ServerContext* /*context*/,
+                                     const v1::PingRequest* /*request*/,
+                                     v1::PingResponse* response) {
+  absl::MutexLock lock(&mu_);
+  response->set_generation(ring_ != nullptr ? ring_->generation : 0);
+  response->set_busy(busy_);
+  return grpc::Status::OK;
+}
+
+grpc::Status WorkerServiceImpl::JoinRing(grpc::ServerContext* context,
+                                         const v1::JoinRingRequest* request,
+                                         v1::JoinRingResponse* /*response*/) {
+  return ToGrpcStatus(Join(context, *request));
+}
+
+absl::Status WorkerServiceImpl::Join(grpc::ServerContext* context,
+                                     const v1::JoinRingRequest& request) {
+  const int64_t generation = request.generation();
+  const int world = request.world_size();
+  const int rank = request.rank();
+  if (generation <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("generation must be > 0 (0 means no ring), got ", generation));
+  }
+  if (world < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("world_size must be >= 1, got ", world));
+  }
+  if (rank < 0 || rank >= world) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank must be in [0, world_size=", world, "), got ", rank));
+  }
+  const double timeout_s = request.timeout_seconds();
+  if (!(timeout_s > 0) || !(timeout_s <= kMaxTimeoutSeconds)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "timeout_seconds must be > 0 and <= ", kMaxTimeoutSeconds, ", got ", timeout_s));
+  }
+  const auto timeout = std::chrono::milliseconds(
+      std::max<int64_t>(1, static_cast<int64_t>(std::llround(timeout_s * 1000))));
+  const std::string what =
+      absl::StrCat("JoinRing(generation ", generation, ", rank ", rank, " of ", world, ")");
+  const absl::Status superseded =
+      absl::AbortedError(absl::StrCat("superseded by JoinRing for generation ", generation));
+
+  // Leave the old ring first: a shard still running on it fails at once and releases run_mu_.
+  std::shared_ptr<Ring> old_ring;
+  std::shared_ptr<CoordinatorStore> old_store;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return absl::UnavailableError("the worker is shutting down");
+    if (generation <= newest_generation_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " is stale: this worker was already asked to join generation ",
+                       newest_generation_));
+    }
+    newest_generation_ = generation;
+    old_ring = std::move(ring_);
+    ring_.reset();
+    old_store = joining_store_;
+  }
+  if (old_ring != nullptr) old_ring->comm->Abort(superseded);
+  if (old_store != nullptr) old_store->Cancel(superseded);
+  old_ring.reset();
+
+  absl::MutexLock run_lock(&run_mu_);
+  auto store = std::make_shared<CoordinatorStore>(coordinator_, request.store_prefix(), timeout);
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return absl::UnavailableError("the worker is shutting down");
+    if (newest_generation_ != generation) {
+      return absl::AbortedError(absl::StrCat(what, " was superseded by generation ",
+                                             newest_generation_, " before it started"));
+    }
+    joining_store_ = store;
+  }
+
+  GlooOptions gloo;
+  gloo.hostname = options_.gloo_hostname;
+  gloo.interface = options_.gloo_interface;
+  gloo.timeout = timeout;
+  // The store already confines the keys to this ring's prefix.
+  gloo.key_prefix = "gloo";
+  absl::StatusOr<std::unique_ptr<GlooCommunicator>> comm;
+  {
+    CallWatcher watcher(context, what, [&store](const absl::Status& why) { store->Cancel(why); });
+    comm = GlooCommunicator::Create(rank, world, store, gloo);
+  }
+
+  std::unique_ptr<Communicator> unused;
+  absl::Status result;
+  {
+    absl::MutexLock lock(&mu_);
+    if (joining_store_ == store) joining_store_.reset();
+    if (!comm.ok()) {
+      // A cancelled rendezvous reports why it was cancelled, not how Gloo noticed.
+      const absl::Status cancelled = store->cancel_status();
+      result = Annotate(cancelled.ok() ? comm.status() : cancelled, what + ": ");
+    } else if (shut_down_ || newest_generation_ != generation) {
+      unused = *std::move(comm);
+      result = absl::AbortedError(absl::StrCat(what, ": superseded while connecting"));
+    } else {
+      auto ring = std::make_shared<Ring>();
+      ring->generation = generation;
+      ring->comm = *std::move(comm);
+      ring_ = std::move(ring);
+    }
+  }
+  if (unused != nullptr) unused->Abort(result);
+  return result;
+}
+
+absl::Status WorkerServiceImpl::CheckGeneration(int64_t generation) const {
+  if (ring_ == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("RunShard for ring generation ", generation,
+                     ", but this worker is in no ring (none formed, or the last one failed)"));
+  }
+  if (ring_->generation != generation) {
+    return absl::FailedPreconditionError(absl::StrCat("RunShard for ring generation ", generation,
+                                                      ", but this worker is in generation ",
+                                                      ring_->generation));
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
+                                         const v1::RunShardRequest* request,
+                                         v1::RunShardResponse* response) {
+  // Refuse a stale request without waiting behind a run or a rendezvous.
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return grpc::Status(grpc::UNAVAILABLE, "the worker is shutting down");
+    absl::Status s = CheckGeneration(request->generation());
+    if (!s.ok()) return ToGrpcStatus(s);
+  }
+  absl::MutexLock run_lock(&run_mu_);
+  std::shared_ptr<Ring> ring;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return grpc::Status(grpc::UNAVAILABLE, "the worker is shutting down");
+    absl::Status s = CheckGeneration(request->generation());
+    if (!s.ok()) return ToGrpcStatus(s);
+    ring = ring_;
+    busy_ = true;
+  }
+  const absl::Status s = Run(context, *request, ring, response);
+  if (!s.ok()) {
+    // The ring is unusable now (its peers may be mid-step): abort it so that they fail at once,
+    // and forget it so that Ping tells the coordinator to form a new one.
+    DropRing(ring, s);
+    response->Clear();
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    busy_ = false;
+  }
+  return ToGrpcStatus(s);
+}
+
+absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
+                                    const v1::RunShardRequest& request,
+                                    const std::shared_ptr<Ring>& ring,
+                                    v1::RunShardResponse* response) {
+  Communicator& comm = *ring->comm;
+  const int rank = comm.rank();
+  const int world = comm.world_size();
+  const std::string what = absl::StrCat("rank ", rank, " of ring generation ", ring->generation,
+                                        ", request '", request.request_id(), "'");
+
+  RA_ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(request.dtype()));
+  RA_ASSIGN_OR_RETURN(const std::optional<Layout> requested, LayoutFromProto(request.layout()));
+  if (!requested.has_value()) {
+    return absl::InvalidArgumentError(
+        "layout must be LAYOUT_CONTIGUOUS, LAYOUT_ZIGZAG or LAYOUT_STRIPE (the coordinator "
+        "resolves AUTO), got LAYOUT_AUTO");
+  }
+  const Layout layout = *requested;
+  const int batch = request.batch();
+  const int heads = request.heads();
+  const int heads_k = request.heads_k();
+  const int head_dim = request.head_dim();
+  const int64_t seqlen = request.seqlen();
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", batch},
+                                    {"heads", heads},
+                                    {"heads_k", heads_k},
+                                    {"head_dim", head_dim}}) {
+    if (value <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be > 0, got ", value));
+    }
+  }
+  if (seqlen < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
+  }
+  RA_ASSIGN_OR_RETURN(const ShardPlan plan, PlanShards(seqlen, world, layout));
+  const int64_t rows = plan.shards[rank].rows;
+  const int esize = DTypeSize(dtype);
+  RA_ASSIGN_OR_RETURN(const size_t q_bytes,
+                      TensorBytes("q", {batch, rows, heads, head_dim}, esize));
+  RA_ASSIGN_OR_RETURN(const size_t kv_bytes,
+                      TensorBytes("k", {batch, rows, heads_k, head_dim}, esize));
+  RA_RETURN_IF_ERROR(
+      CheckBytes("q", request.q(), q_bytes, batch, rows, heads, head_dim, dtype, rank));
+  RA_RETURN_IF_ERROR(
+      CheckBytes("k", request.k(), kv_bytes, batch, rows, heads_k, head_dim, dtype, rank));
+  RA_RETURN_IF_ERROR(
+      CheckBytes("v", request.v(), kv_bytes, batch, rows, heads_k, head_dim, dtype, rank));
+  const RingAttentionOptions options = OptionsFromProto(request.options());
+
+  std::string* out = response->mutable_out();
+  out->resize(q_bytes);
+  std::string* lse = response->mutable_lse();
+  if (request.return_lse()) {
+    RA_ASSIGN_OR_RETURN(const size_t lse_bytes,
+                        TensorBytes("lse", {batch, heads, rows}, sizeof(float)));
+    lse->resize(lse_bytes);
+  }
+  RingShardTensors t;
+  t.dtype = dtype;
+  t.batch = batch;
+  t.heads = heads;
+  t.heads_k = heads_k;
+  t.head_dim = head_dim;
+  t.q = request.q().data();
+  t.k = request.k().data();
+  t.v = request.v().data();
+  t.out = out->data();
+  t.lse = request.return_lse() ? reinterpret_cast<float*>(lse->data()) : nullptr;
+
+  absl::StatusOr<RingTimings> timings;
+  absl::Status stopped;
+  {
+    CallWatcher watcher(context, what, [&comm](const absl::Status& why) { comm.Abort(why); });
+    timings = RingFlashAttnForward(comm, *backend_, plan, t, options);
+    stopped = watcher.Stop();
+  }
+  // A call stopped by its caller reports why, even if the ring got to the end first.
+  if (!stopped.ok()) return stopped;
+  if (!timings.ok()) return Annotate(timings.status(), what + ": ");
+
+  v1::WorkerTiming* timing = response->mutable_timing();
+  timing->set_rank(rank);
+  timing->set_rows(rows);
+  timing->set_compute_seconds(timings->compute_seconds());
+  timing->set_comm_wait_seconds(timings->comm_wait_seconds());
+  timing->set_ring_seconds(timings->total_seconds);
+  timing->set_backend(std::string(backend_->name()));
+  for (const RingStepTiming& st : timings->steps) {
+    v1::StepTiming* step = timing->add_steps();
+    step->set_source_rank(st.source_rank);
+    step->set_compute_seconds(st.compute_seconds);
+    step->set_comm_wait_seconds(st.comm_wait_seconds);
+  }
+  return absl::OkStatus();
+}
+
+void WorkerServiceImpl::DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason) {
+  ring->comm->Abort(reason);
+  std::shared_ptr<Ring> dropped;
+  absl::MutexLock lock(&mu_);
+  if (ring_ == ring) {
+    dropped = std::move(ring_);
+    ring_.reset();
+  }
+}
+
+}  // namespace ringattn

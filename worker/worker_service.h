@@ -1,0 +1,94 @@
+// The worker's side of the internal API (ringattn.v1.WorkerService): joins the ring the
+// coordinator forms and runs this rank's shard of each request through it.
+//
+// One ring at a time. JoinRing drops the previous ring (aborting its communicator, which fails
+// a shard still running on it), then rendezvouses with the other ranks through the
+// coordinator's store (CoordinatorStore) and connects Gloo. RunShard runs one request at a
+// time; a stale generation is refused with FAILED_PRECONDITION. A cancelled call or a passed
+// deadline aborts the communicator, so the ring stops at once on every rank instead of waiting
+// for its transport timeout. After any failed RunShard the ring is dead: the worker drops it,
+// Ping reports generation 0, and the coordinator forms a new one.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/attention_backend.h"
+#include "ringattn/v1/worker.grpc.pb.h"
+#include "worker/coordinator_store.h"
+#include "worker/ring/communicator.h"
+
+namespace ringattn {
+
+
+class WorkerServiceImpl final : public v1::WorkerService::Service {
+ public:
+  struct Options {
+    // Address the ring's transport listens on; the other ranks must be able to reach it.
+    std::string gloo_hostname = "127.0.0.1";
+    // Network interface for the transport (e.g. "eth0"); empty means use gloo_hostname.
+    std::string gloo_interface;
+  };
+
+  // `coordinator` serves the rendezvous store; `backend` computes every ring step.
+  WorkerServiceImpl(Options options,
+                    std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
+                    std::unique_ptr<AttentionBackend> backend);
+  ~WorkerServiceImpl() override;
+
+  grpc::Status JoinRing(grpc::ServerContext* context, const v1::JoinRingRequest* request,
+                        v1::JoinRingResponse* response) override;
+  grpc::Status RunShard(grpc::ServerContext* context, const v1::RunShardRequest* request,
+                        v1::RunShardResponse* response) override;
+  grpc::Status Ping(grpc::ServerContext* context, const v1::PingRequest* request,
+                    v1::PingResponse* response) override;
+
+  // Aborts the ring and any rendezvous in progress, and refuses later calls with UNAVAILABLE.
+  // Calls in flight return promptly. Idempotent.
+  void Shutdown();
+
+  // The generation of the ring this worker is in, 0 when none.
+  int64_t generation() const;
+
+ private:
+  struct Ring {
+    int64_t generation = 0;
+    std::unique_ptr<Communicator> comm;
+  };
+
+  // Shared by both handlers: the ring, if `generation` is the current one.
+  absl::Status CheckGeneration(int64_t generation) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status Join(grpc::ServerContext* context, const v1::JoinRingRequest& request);
+  absl::Status Run(grpc::ServerContext* context, const v1::RunShardRequest& request,
+                   const std::shared_ptr<Ring>& ring, v1::RunShardResponse* response)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  // Aborts `ring` with `reason` and forgets it if it is still the current one.
+  void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+  const Options options_;
+  const std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator_;
+
+  // Held for the whole of a rendezvous or a shard: the ring (and the backend) run one thing at
+  // a time. Acquired before mu_.
+  absl::Mutex run_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  const std::unique_ptr<AttentionBackend> backend_ ABSL_PT_GUARDED_BY(run_mu_);
+
+  // Guards the state that Ping and the aborting paths read without waiting for a run.
+  mutable absl::Mutex mu_;
+  std::shared_ptr<Ring> ring_ ABSL_GUARDED_BY(mu_);
+  // The newest generation JoinRing was called with; older ones are stale.
+  int64_t newest_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  // The rendezvous in progress, so that a newer JoinRing or Shutdown can cancel it.
+  std::shared_ptr<CoordinatorStore> joining_store_ ABSL_GUARDED_BY(mu_);
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace ringattn
