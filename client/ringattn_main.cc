@@ -6,6 +6,8 @@
 //   ringattn worker --coordinator host:port   one worker process
 //   ringattn attend --target host:port        send a request (random or .npy inputs)
 //   ringattn ring [--world 4]                 forward ring over local processes, no service
+#include <signal.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <climits>
@@ -56,6 +58,8 @@ ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wai
 ABSL_FLAG(int64_t, max_unary_bytes, int64_t{1} << 30, "serve/coordinator: unary message limit");
 ABSL_FLAG(int64_t, max_request_bytes, int64_t{4} << 30, "serve/coordinator: request limit");
 ABSL_FLAG(std::string, coordinator, "", "worker: the coordinator's host:port");
+ABSL_FLAG(bool, exit_with_parent, false,
+          "worker: exit when the process that started it exits (local workers)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1", "worker: host others reach this worker at");
 
 // attend
@@ -180,6 +184,12 @@ int RunServeOrCoordinator(bool spawn_workers) {
 }
 
 int RunWorker() {
+  if (absl::GetFlag(FLAGS_exit_with_parent)) {
+    // A local worker must not outlive its coordinator (nor hold its parent's output pipes).
+    const pid_t parent = getppid();
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) return 0;
+  }
   ringattn::Worker::Options o;
   o.coordinator_address = absl::GetFlag(FLAGS_coordinator);
   if (o.coordinator_address.empty()) {

@@ -66,9 +66,9 @@ std::string RingManager::Register(const v1::RegisterRequest& request) {
 absl::StatusOr<RingSnapshot> RingManager::CurrentRing() const {
   absl::MutexLock lock(&mu_);
   if (!ready_) {
-    return absl::UnavailableError(absl::StrCat("the ring is not formed: ", workers_.size(), " of ",
-                                               options_.expected_workers,
-                                               " workers up; retry shortly"));
+    return absl::UnavailableError(absl::StrCat(
+        "the ring is not formed (", workers_.size(), " workers registered, ",
+        options_.expected_workers, " needed); retry shortly"));
   }
   RingSnapshot s;
   s.generation = generation_;
@@ -123,14 +123,31 @@ void RingManager::PingAll() {
     absl::MutexLock lock(&mu_);
     workers = workers_;
   }
-  std::vector<std::shared_ptr<WorkerRecord>> lost;
-  for (const auto& w : workers) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.ping_timeout));
-    v1::PingRequest req;
-    v1::PingResponse resp;
-    if (!w->stub->Ping(&ctx, req, &resp).ok()) lost.push_back(w);
+  DropWorkers(Unresponsive(workers));
+}
+
+// Pings `workers` once, all at a time; returns those that did not answer.
+std::vector<std::shared_ptr<WorkerRecord>> RingManager::Unresponsive(
+    const std::vector<std::shared_ptr<WorkerRecord>>& workers) const {
+  std::vector<char> ok(workers.size(), 0);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.ping_timeout));
+      v1::PingResponse resp;
+      ok[i] = workers[i]->stub->Ping(&ctx, v1::PingRequest(), &resp).ok();
+    });
   }
+  for (auto& t : threads) t.join();
+  std::vector<std::shared_ptr<WorkerRecord>> lost;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    if (!ok[i]) lost.push_back(workers[i]);
+  }
+  return lost;
+}
+
+void RingManager::DropWorkers(const std::vector<std::shared_ptr<WorkerRecord>>& lost) {
   if (lost.empty()) return;
   absl::MutexLock lock(&mu_);
   for (const auto& w : lost) {
@@ -143,22 +160,36 @@ void RingManager::PingAll() {
 }
 
 void RingManager::TryFormRing() {
-  std::vector<std::shared_ptr<WorkerRecord>> members;
-  int64_t generation;
+  std::vector<std::shared_ptr<WorkerRecord>> candidates;
   {
     absl::MutexLock lock(&mu_);
     if (ready_ || static_cast<int>(workers_.size()) < options_.expected_workers) return;
-    members.assign(workers_.begin(), workers_.begin() + options_.expected_workers);
+    candidates.assign(workers_.begin(), workers_.begin() + options_.expected_workers);
+  }
+  // A dead candidate would keep the others waiting in the rendezvous until join_timeout.
+  if (auto lost = Unresponsive(candidates); !lost.empty()) {
+    DropWorkers(lost);
+    return;
+  }
+  int64_t generation;
+  {
+    absl::MutexLock lock(&mu_);
     generation = ++generation_;
   }
+  const std::vector<std::shared_ptr<WorkerRecord>>& members = candidates;
   const std::string prefix = absl::StrCat("ring/", generation, "/");
   const int world = static_cast<int>(members.size());
   std::vector<grpc::Status> results(world);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts(world);
+  for (auto& c : contexts) {
+    c = std::make_unique<grpc::ClientContext>();
+    c->set_deadline(absl::ToChronoTime(absl::Now() + options_.join_timeout));
+  }
+  absl::Mutex join_mu;
+  bool failed = false;
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.join_timeout));
       v1::JoinRingRequest req;
       req.set_generation(generation);
       req.set_rank(r);
@@ -166,23 +197,33 @@ void RingManager::TryFormRing() {
       req.set_store_prefix(prefix);
       req.set_timeout_seconds(options_.ring_timeout_seconds);
       v1::JoinRingResponse resp;
-      results[r] = members[r]->stub->JoinRing(&ctx, req, &resp);
+      results[r] = members[r]->stub->JoinRing(contexts[r].get(), req, &resp);
+      if (!results[r].ok()) {
+        // The others would wait for this rank until join_timeout: release them now.
+        absl::MutexLock lock(&join_mu);
+        if (!failed) {
+          failed = true;
+          for (auto& c : contexts) c->TryCancel();
+        }
+      }
     });
   }
   for (auto& t : threads) t.join();
   store_->ErasePrefix(prefix);
   for (int r = 0; r < world; ++r) {
-    if (!results[r].ok()) {
+    if (!results[r].ok() && results[r].error_code() != grpc::StatusCode::CANCELLED) {
       std::fprintf(stderr, "coordinator: rank %d (%s) failed to join ring %lld: %s\n", r,
                    members[r]->address.c_str(), static_cast<long long>(generation),
                    results[r].error_message().c_str());
-      absl::SleepFor(absl::Milliseconds(200));
-      return;
     }
+  }
+  if (failed) {
+    absl::SleepFor(absl::Milliseconds(100));
+    return;
   }
   absl::MutexLock lock(&mu_);
   if (generation != generation_) return;  // superseded while joining
-  members_ = std::move(members);
+  members_ = members;
   ready_ = true;
   if (metrics_ != nullptr) metrics_->RecordRingReform();
   std::fprintf(stderr, "coordinator: ring generation %lld formed with %d workers\n",

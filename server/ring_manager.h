@@ -78,6 +78,9 @@ class RingManager {
   void Loop();
   void PingAll();
   void TryFormRing();
+  std::vector<std::shared_ptr<WorkerRecord>> Unresponsive(
+      const std::vector<std::shared_ptr<WorkerRecord>>& workers) const;
+  void DropWorkers(const std::vector<std::shared_ptr<WorkerRecord>>& lost);
 
   const Options options_;
   RendezvousStore* const store_;

@@ -21,9 +21,9 @@ namespace ringattn {
 // RESOURCE_EXHAUSTED, a missing device or driver FAILED_PRECONDITION, anything else INTERNAL.
 inline absl::Status CudaErrorStatus(cudaError_t error, const char* expr, const char* file,
                                     int line) {
-  const std::string message = absl::StrCat(file, ":", line, ": ", expr, " failed: ",
-                                           cudaGetErrorName(error), " (",
-                                           cudaGetErrorString(error), ")");
+  const std::string message =
+      absl::StrCat(file, ":", line, ": ", expr, " failed: ", cudaGetErrorName(error), " (",
+                   cudaGetErrorString(error), ")");
   switch (error) {
     case cudaErrorMemoryAllocation:
       return absl::ResourceExhaustedError(message);
@@ -37,12 +37,12 @@ inline absl::Status CudaErrorStatus(cudaError_t error, const char* expr, const c
 
 }  // namespace ringattn
 
-#define RA_CUDA_RETURN_IF_ERROR(expr)                                            \
-  do {                                                                           \
-    const cudaError_t ra_cuda_error_ = (expr);                                   \
-    if (ra_cuda_error_ != cudaSuccess) {                                         \
+#define RA_CUDA_RETURN_IF_ERROR(expr)                                                \
+  do {                                                                               \
+    const cudaError_t ra_cuda_error_ = (expr);                                       \
+    if (ra_cuda_error_ != cudaSuccess) {                                             \
       return ::ringattn::CudaErrorStatus(ra_cuda_error_, #expr, __FILE__, __LINE__); \
-    }                                                                            \
+    }                                                                                \
   } while (0)
 
 // After a <<<...>>> launch: catches configuration and launch errors of that launch.

@@ -85,14 +85,19 @@ struct Element<DType::kF16> {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kQInRegs_>
 struct FlashFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBlockM_;    // query rows per CTA
-  static constexpr int kBlockN = kBlockN_;    // keys per pipeline step
-  static constexpr bool kQInRegs = kQInRegs_; // Q's mma fragments held in registers
-  static constexpr int kWarpRows = 16;        // one m16n8k16 row tile per warp
+  static constexpr int kBlockM = kBlockM_;     // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;     // keys per pipeline step
+  static constexpr bool kQInRegs = kQInRegs_;  // Q's mma fragments held in registers
+  static constexpr int kWarpRows = 16;         // one m16n8k16 row tile per warp
   static constexpr int kWarps = kBlockM / kWarpRows;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kStages = 2;           // K/V double buffering
+  static constexpr int kStages = 2;  // K/V double buffering
+  // One CTA (8 warps) per SM: ptxas gets up to 255 registers. Asking for 2 (a 128-register cap)
+  // spills about 1 KB per thread at d 128 even with the mask and score mods compiled out: O (64)
+  // + Q (32) + S (32) fill the 128 alone. Measured with -Xptxas -v, CUDA 13.0.
+  static constexpr int kMinBlocksPerSm = 1;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row (8 elements)
+  static constexpr int kRowBytes = kHeadDim * 2;
 
   static constexpr int kKStepsS = kHeadDim / 16;  // k16 steps of S = Q K^T
   static constexpr int kNTilesS = kBlockN / 8;    // n8 tiles of S: S regs = kBlockN / 2
@@ -109,7 +114,8 @@ struct FlashFwdTraits {
   static_assert(kNTilesO % 2 == 0, "ldmatrix.x4.trans loads O's n8 tiles in pairs");
   static_assert((kBlockM * kChunks) % kThreads == 0, "Q tile splits evenly over the threads");
   static_assert((kBlockN * kChunks) % kThreads == 0, "K/V tiles split evenly over the threads");
-  static_assert(kSmemBytes <= 227 * 1024, "exceeds sm_90's 227 KB of shared memory per CTA");
+  static_assert(kMinBlocksPerSm * kSmemBytes <= 227 * 1024,
+                "exceeds sm_90's 227 KB of shared memory per SM for kMinBlocksPerSm CTAs");
 };
 
 // The instantiated tilings. Every config runs 8 warps (256 threads) of 16 rows each, so a CTA
@@ -277,14 +283,24 @@ __device__ __forceinline__ KeyBlockRange LiveKeyBlocks(const AttentionParams& p,
 
 // ---- Per-warp tile operations ---------------------------------------------------------------
 
+// ldmatrix addressing. A lane always addresses rows whose index is its own row plus a multiple
+// of 8, so its swizzle term (row % 8) is fixed, and chunk c of such a row sits at byte
+// 16 c ^ 16 (row % 8) within it (the XOR only touches bits 4-6). With c = 2 i + half (half in
+// {0, 1}), that is 32 i ^ LaneChunkXor(half, row): one XOR with a constant per k-step, and the
+// row part folds into the instruction's immediate offset.
+__device__ __forceinline__ uint32_t LaneChunkXor(int half, int row) {
+  return static_cast<uint32_t>((half ^ (row & 7)) * 16);
+}
+
 // Q's A fragment for k-step kk (columns 16 kk .. 16 kk + 15) of warp `warp`'s 16 rows: matrices
 // (rows 0-7 | 8-15) x (chunk 2 kk | 2 kk + 1) -> a0, a1, a2, a3; lane l addresses row l % 16 of
 // chunk 2 kk + l / 16.
 template <typename Traits>
-__device__ __forceinline__ void LoadQFragment(uint32_t (&a)[4], uint32_t smem_q, int warp,
-                                              int lane, int kk) {
+__device__ __forceinline__ void LoadQFragment(uint32_t (&a)[4], uint32_t smem_q, int warp, int lane,
+                                              int kk) {
   const int row = warp * Traits::kWarpRows + (lane & 15);
-  Ldmatrix4(a, smem_q + SwizzledOffset<Traits::kChunks>(row, 2 * kk + (lane >> 4)));
+  const uint32_t row_addr = smem_q + static_cast<uint32_t>(row * Traits::kRowBytes);
+  Ldmatrix4(a, row_addr + ((32u * kk) ^ LaneChunkXor(lane >> 4, row)));
 }
 
 // S = Q K^T for the warp's 16 rows and the kBlockN keys of the K tile at `smem_k`
@@ -293,14 +309,15 @@ __device__ __forceinline__ void LoadQFragment(uint32_t (&a)[4], uint32_t smem_q,
 // 2 kk + 1); lane l addresses key 8 (l / 16) + l % 8 of chunk 2 kk + (l / 8) % 2.
 template <typename Traits, DType kDType>
 __device__ __forceinline__ void MmaS(float (&s)[Traits::kNTilesS][4],
-                                     const uint32_t (&q_frag)[Traits::kKStepsS][4],
-                                     uint32_t smem_q, uint32_t smem_k, int warp, int lane) {
+                                     const uint32_t (&q_frag)[Traits::kKStepsS][4], uint32_t smem_q,
+                                     uint32_t smem_k, int warp, int lane) {
 #pragma unroll
   for (int j = 0; j < Traits::kNTilesS; ++j) {
     s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
   }
   const int key_in_pair = ((lane >> 4) << 3) + (lane & 7);
-  const int chunk_half = (lane >> 3) & 1;
+  const uint32_t lane_row = smem_k + static_cast<uint32_t>(key_in_pair * Traits::kRowBytes);
+  const uint32_t lane_xor = LaneChunkXor((lane >> 3) & 1, key_in_pair);
 #pragma unroll
   for (int kk = 0; kk < Traits::kKStepsS; ++kk) {
     uint32_t a[4];
@@ -315,8 +332,7 @@ __device__ __forceinline__ void MmaS(float (&s)[Traits::kNTilesS][4],
 #pragma unroll
     for (int jp = 0; jp < Traits::kNTilesS / 2; ++jp) {
       uint32_t b[4];
-      Ldmatrix4(b, smem_k + SwizzledOffset<Traits::kChunks>(jp * 16 + key_in_pair,
-                                                            2 * kk + chunk_half));
+      Ldmatrix4(b, lane_row + jp * 16 * Traits::kRowBytes + ((32u * kk) ^ lane_xor));
       Mma16816<kDType>(s[2 * jp], a, b[0], b[1]);
       Mma16816<kDType>(s[2 * jp + 1], a, b[2], b[3]);
     }
@@ -348,8 +364,8 @@ __device__ __forceinline__ void ScoresAndMask(float (&s)[Traits::kNTilesS][4], b
       const int r = e >> 1;
       const int64_t key = n0 + j * 8 + 2 * (lane & 3) + (e & 1);
       const int64_t k_pos = KeyPos(p, key);
-      const bool allowed = !mask_pairs || (key < p.seqlen_k && k_pos >= rows.span[r].lo &&
-                                           k_pos <= rows.span[r].hi);
+      const bool allowed =
+          !mask_pairs || (key < p.seqlen_k && k_pos >= rows.span[r].lo && k_pos <= rows.span[r].hi);
       if (!allowed) {
         s[j][e] = NegInf();
       } else if (mod_scores) {
@@ -424,7 +440,8 @@ __device__ __forceinline__ void MmaPV(float (&acc_o)[Traits::kNTilesO][4],
                                       int lane) {
   using E = Element<kDType>;
   const int key_in_step = (((lane >> 3) & 1) << 3) + (lane & 7);
-  const int chunk_half = lane >> 4;
+  const uint32_t lane_row = smem_v + static_cast<uint32_t>(key_in_step * Traits::kRowBytes);
+  const uint32_t lane_xor = LaneChunkXor(lane >> 4, key_in_step);
 #pragma unroll
   for (int kb = 0; kb < Traits::kKStepsPV; ++kb) {
     const uint32_t a[4] = {
@@ -436,8 +453,7 @@ __device__ __forceinline__ void MmaPV(float (&acc_o)[Traits::kNTilesO][4],
 #pragma unroll
     for (int tp = 0; tp < Traits::kNTilesO / 2; ++tp) {
       uint32_t b[4];
-      Ldmatrix4Trans(b, smem_v + SwizzledOffset<Traits::kChunks>(kb * 16 + key_in_step,
-                                                                 2 * tp + chunk_half));
+      Ldmatrix4Trans(b, lane_row + kb * 16 * Traits::kRowBytes + ((32u * tp) ^ lane_xor));
       Mma16816<kDType>(acc_o[2 * tp], a, b[0], b[1]);
       Mma16816<kDType>(acc_o[2 * tp + 1], a, b[2], b[3]);
     }
@@ -467,15 +483,15 @@ __device__ __forceinline__ void StorePair(void* o, int64_t offset, DType o_dtype
 // Grid: (ceil(seqlen_q / kBlockM), heads, batch); block: kThreads; dynamic shared memory
 // Traits::kSmemBytes. `p` is validated and CheckFlashForwardSupport'ed on the host.
 template <typename Traits, DType kDType>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
     FlashFwdKernel(const __grid_constant__ AttentionParams p) {
   using T = typename Element<kDType>::T;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t smem_q = SmemAddr(smem);                          // [kBlockM, kHeadDim]
-  const uint32_t smem_k = smem_q + Traits::kQTileBytes;            // [kStages, kBlockN, kHeadDim]
+  const uint32_t smem_q = SmemAddr(smem);                // [kBlockM, kHeadDim]
+  const uint32_t smem_k = smem_q + Traits::kQTileBytes;  // [kStages, kBlockN, kHeadDim]
   const uint32_t smem_v = smem_k + Traits::kStages * Traits::kKVTileBytes;  // as smem_k
 
   const int tid = threadIdx.x;
@@ -504,8 +520,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int64_t warp_row0 = m0 + warp * Traits::kWarpRows;
   const bool warp_has_rows = warp_row0 < p.seqlen_q;
   const int64_t warp_pos_lo = QueryPos(p, warp_row0);
-  const int64_t warp_pos_hi =
-      QueryPos(p, Min64(warp_row0 + Traits::kWarpRows, p.seqlen_q) - 1);
+  const int64_t warp_pos_hi = QueryPos(p, Min64(warp_row0 + Traits::kWarpRows, p.seqlen_q) - 1);
   const int64_t row[2] = {warp_row0 + lane / 4, warp_row0 + lane / 4 + 8};
   ThreadRows rows;
 #pragma unroll
@@ -517,7 +532,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   float acc_o[Traits::kNTilesO][4];  // O accumulator: rows g, g + 8; columns 8 t + 2 t' + {0,1}
 #pragma unroll
-  for (int t = 0; t < Traits::kNTilesO; ++t) acc_o[t][0] = acc_o[t][1] = acc_o[t][2] = acc_o[t][3] = 0.0f;
+  for (int t = 0; t < Traits::kNTilesO; ++t) {
+    acc_o[t][0] = acc_o[t][1] = acc_o[t][2] = acc_o[t][3] = 0.0f;
+  }
   SoftmaxState state[2];  // rows g, g + 8; m quad-uniform, l this lane's partial sum
 
   if (blocks.begin < blocks.end) {
@@ -545,10 +562,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // below means "this block's group has landed" also on the last iteration.
       if (n + 1 < blocks.end) {
         const uint32_t next = (stage ^ 1) * Traits::kKVTileBytes;
-        LoadTile<Traits, kBlockN>(smem_k + next, k, p.k_row_stride, (n + 1) * kBlockN,
-                                  p.seqlen_k, tid);
-        LoadTile<Traits, kBlockN>(smem_v + next, v, p.v_row_stride, (n + 1) * kBlockN,
-                                  p.seqlen_k, tid);
+        LoadTile<Traits, kBlockN>(smem_k + next, k, p.k_row_stride, (n + 1) * kBlockN, p.seqlen_k,
+                                  tid);
+        LoadTile<Traits, kBlockN>(smem_v + next, v, p.v_row_stride, (n + 1) * kBlockN, p.seqlen_k,
+                                  tid);
       }
       CpAsyncCommit();
       CpAsyncWait<1>();
@@ -652,8 +669,8 @@ absl::Status LaunchFlashForwardImpl(const AttentionParams& p, cudaStream_t strea
                   static_cast<unsigned>(p.batch));
   auto* kernel = &FlashFwdKernel<Traits, kDType>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-  RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
+  RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               Traits::kSmemBytes));
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   RA_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();

@@ -42,25 +42,22 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
                      "cuda_reference backend for fp32 inputs"));
   }
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unsupported head_dim ", p.head_dim, "; the cuda kernel supports 64, 128, 256"));
+    return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.head_dim,
+                                                   "; the cuda kernel supports 64, 128, 256"));
   }
-  RA_RETURN_IF_ERROR(
-      CheckInputLayout("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
-  RA_RETURN_IF_ERROR(
-      CheckInputLayout("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
-  RA_RETURN_IF_ERROR(
-      CheckInputLayout("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
+  RA_RETURN_IF_ERROR(CheckInputLayout("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
+  RA_RETURN_IF_ERROR(CheckInputLayout("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
+  RA_RETURN_IF_ERROR(CheckInputLayout("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
   // o is stored two elements at a time.
   if (p.o != nullptr) {
     if (!AlignedTo(p.o, 2 * DTypeSize(p.o_dtype))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cuda: o must be aligned to two elements (", 2 * DTypeSize(p.o_dtype), " bytes)"));
+      return absl::InvalidArgumentError(absl::StrCat("cuda: o must be aligned to two elements (",
+                                                     2 * DTypeSize(p.o_dtype), " bytes)"));
     }
     if (p.o_batch_stride % 2 != 0 || p.o_row_stride % 2 != 0 || p.o_head_stride % 2 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cuda: o strides must be even for the fast kernel, got batch ", p.o_batch_stride,
-          ", row ", p.o_row_stride, ", head ", p.o_head_stride));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda: o strides must be even for the fast kernel, got batch ",
+                       p.o_batch_stride, ", row ", p.o_row_stride, ", head ", p.o_head_stride));
     }
   }
   if (p.heads > 65535 || p.batch > 65535) {

@@ -4,5 +4,5 @@
 
 namespace ringattn {
 template absl::Status LaunchFlashForward<256, DType::kF16>(const AttentionParams& p,
-                                                     cudaStream_t stream);
+                                                           cudaStream_t stream);
 }  // namespace ringattn

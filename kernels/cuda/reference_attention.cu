@@ -18,10 +18,10 @@
 namespace ringattn {
 namespace {
 
-constexpr int kThreads = 128;                                // one block per query row
+constexpr int kThreads = 128;  // one block per query row
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxHeadDim = 256;                             // largest supported head_dim
-constexpr int kDimsPerThread = kMaxHeadDim / kThreads;       // output columns a thread owns
+constexpr int kMaxHeadDim = 256;                        // largest supported head_dim
+constexpr int kDimsPerThread = kMaxHeadDim / kThreads;  // output columns a thread owns
 static_assert(kMaxHeadDim % kThreads == 0, "each thread owns a whole number of columns");
 
 __device__ __forceinline__ float NegInf() { return -std::numeric_limits<float>::infinity(); }
@@ -151,8 +151,8 @@ __global__ void __launch_bounds__(kThreads)
 
 absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream) {
   if (p.head_dim > kMaxHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda_reference: head_dim ", p.head_dim, " exceeds the kernel's maximum ", kMaxHeadDim));
+    return absl::InvalidArgumentError(absl::StrCat("cuda_reference: head_dim ", p.head_dim,
+                                                   " exceeds the kernel's maximum ", kMaxHeadDim));
   }
   // Grid limits: x up to 2^31 - 1 rows, y and z up to 65535.
   if (p.seqlen_q > int64_t{0x7fffffff}) {

@@ -1,0 +1,970 @@
+// The CUDA backends on a GPU: the fast kernel ("cuda") and the simple kernel ("cuda_reference")
+// against the fp64 CPU reference at awkward sizes with every option alone and combined; the
+// merge mode against one call; fully masked rows, empty calls, strided and misaligned layouts;
+// the fast kernel against the simple one at a larger size; refused inputs; streams.
+//
+// Without a CUDA device (cudaGetDeviceCount fails or finds none) every test is skipped, which
+// gtest reports as success, so ctest passes on a machine without a GPU.
+//
+// Outputs are poisoned before every call (cudaMemset 0xff: NaN in fp32, fp16 and bf16), so an
+// element a kernel fails to write shows up as NaN, and NaN anywhere fails a comparison.
+//
+// Tolerances, against the fp64 reference fed the same dtype-rounded inputs:
+//   fast kernel: relative L2 of o <= 1e-2 when bf16 is involved (inputs or output), <= 2e-3
+//     for fp16. Its error is P rounded to the input dtype for the P.V mma (relative error up
+//     to the unit roundoff u: 2^-8 in bf16, 2^-11 in fp16, per probability; the row maximum's
+//     P = 1 is exact) and the output's rounding. Per element, |got - want| <= atol +
+//     u(o_dtype) |want| with atol about 8 u(dtype) (3e-2 bf16, 4e-3 fp16): a few standard
+//     deviations of that rounding noise for |v| up to ~5 and a row dominated by two keys, far
+//     below the O(|o|) errors of a wrong index. lse (from fp32 probabilities):
+//     |got - want| <= 1e-3 + 1e-5 |want|.
+//   simple kernel: fp32 arithmetic throughout, so much tighter: relative L2 <= 1e-4 + u(o),
+//     per element 1e-4 * max(1, softmax_scale sqrt(head_dim)) + u(o) |want|, lse 1e-4.
+// A failure prints the error statistics, the first violating element and the worst one as
+// (batch, row, head, column) with got and want, the first NaN and how many rows are affected.
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/attention_backend.h"
+#include "kernels/cpu/reference_attention.h"
+#include "kernels/cpu/test_util.h"
+#include "kernels/error_metrics.h"
+#include "kernels/params_check.h"
+
+namespace ringattn {
+namespace {
+
+using kernel_testing::AttentionBuffers;
+using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::TypedBuffer;
+using kernel_testing::UnitRoundoff;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr const char* kFast = "cuda";
+constexpr const char* kSimple = "cuda_reference";
+
+// ---- Device plumbing ------------------------------------------------------------------------
+
+bool GpuAvailable() {
+  static const bool available = [] {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) (void)cudaGetLastError();  // clear it; nothing else will run
+    return e == cudaSuccess && count > 0;
+  }();
+  return available;
+}
+
+#define ASSERT_CUDA_OK(expr)                                                                     \
+  do {                                                                                           \
+    const cudaError_t ra_test_error_ = (expr);                                                   \
+    ASSERT_EQ(ra_test_error_, cudaSuccess) << #expr << ": " << cudaGetErrorName(ra_test_error_)  \
+                                           << " (" << cudaGetErrorString(ra_test_error_) << ")"; \
+  } while (0)
+
+// Every test fixture derives from this: skips without a device.
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// Owns one device allocation. Failures are fatal for the process (a broken allocator leaves
+// nothing to test), with the call and the CUDA error printed.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0) Check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    std::swap(ptr_, other.ptr_);
+    std::swap(bytes_, other.bytes_);
+    return *this;
+  }
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+  void Upload(const void* host) {
+    if (bytes_ > 0) Check(cudaMemcpy(ptr_, host, bytes_, cudaMemcpyHostToDevice), "upload");
+  }
+  void Download(void* host) const {
+    if (bytes_ > 0) Check(cudaMemcpy(host, ptr_, bytes_, cudaMemcpyDeviceToHost), "download");
+  }
+  // All bytes 0xff: NaN in fp32, fp16 and bf16. Waits for the memset (it is asynchronous, and
+  // a kernel on a non-blocking stream would not wait for it).
+  void Poison() {
+    if (bytes_ == 0) return;
+    Check(cudaMemset(ptr_, 0xff, bytes_), "cudaMemset");
+    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after cudaMemset");
+  }
+
+ private:
+  static void Check(cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return;
+    std::fprintf(stderr, "fatal: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
+                 cudaGetErrorString(e));
+    std::abort();
+  }
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+size_t Bytes(const TypedBuffer& b) { return static_cast<size_t>(b.size()) * DTypeSize(b.type()); }
+
+// Device copies of one call's tensors.
+struct DeviceTensors {
+  DeviceBuffer q, k, v, o, lse, alibi;
+};
+
+// Copies the inputs of a host call (pointing into `t`) to the device and returns the same
+// params pointing at the copies. o and lse are poisoned, or with `upload_outputs` copied from
+// `t` (a partial to merge into). Null host pointers stay null.
+AttentionParams ToDevice(const AttentionParams& host, const AttentionBuffers& t, DeviceTensors* d,
+                         bool upload_outputs = false) {
+  d->q = DeviceBuffer(Bytes(t.q));
+  d->k = DeviceBuffer(Bytes(t.k));
+  d->v = DeviceBuffer(Bytes(t.v));
+  d->o = DeviceBuffer(Bytes(t.o));
+  d->lse = DeviceBuffer(t.lse.size() * sizeof(float));
+  d->alibi = DeviceBuffer(t.alibi.size() * sizeof(float));
+  d->q.Upload(t.q.data());
+  d->k.Upload(t.k.data());
+  d->v.Upload(t.v.data());
+  d->alibi.Upload(t.alibi.data());
+  if (upload_outputs) {
+    d->o.Upload(t.o.data());
+    d->lse.Upload(t.lse.data());
+  } else {
+    d->o.Poison();
+    d->lse.Poison();
+  }
+  // cudaMemcpy from pageable memory may return before its DMA lands; a kernel on a
+  // non-blocking stream must not overtake it.
+  const cudaError_t synced = cudaDeviceSynchronize();
+  if (synced != cudaSuccess) ADD_FAILURE() << "upload: " << cudaGetErrorString(synced);
+  AttentionParams p = host;
+  p.q = host.q == nullptr ? nullptr : d->q.get();
+  p.k = host.k == nullptr ? nullptr : d->k.get();
+  p.v = host.v == nullptr ? nullptr : d->v.get();
+  p.o = host.o == nullptr ? nullptr : d->o.get();
+  p.lse = host.lse == nullptr ? nullptr : static_cast<float*>(d->lse.get());
+  p.alibi_slopes = host.alibi_slopes == nullptr ? nullptr : static_cast<float*>(d->alibi.get());
+  return p;
+}
+
+// Copies the device outputs back into t->o and t->lse.
+void FromDevice(const DeviceTensors& d, AttentionBuffers* t) {
+  d.o.Download(t->o.data());
+  d.lse.Download(t->lse.data());
+}
+
+std::unique_ptr<AttentionBackend> Backend(const char* name) {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeCudaBackend(name);
+  if (!b.ok()) {
+    ADD_FAILURE() << b.status();
+    return nullptr;
+  }
+  return *std::move(b);
+}
+
+// Runs `p` (device pointers) on backend `name` and waits for it.
+absl::Status RunOnDevice(const char* name, const AttentionParams& p) {
+  std::unique_ptr<AttentionBackend> backend = Backend(name);
+  if (backend == nullptr) return absl::InternalError("no backend");
+  if (absl::Status s = backend->Forward(p); !s.ok()) return s;
+  const cudaError_t e = cudaDeviceSynchronize();
+  if (e != cudaSuccess) {
+    return absl::InternalError(absl::StrCat(name, ": kernel failed: ", cudaGetErrorName(e), " (",
+                                            cudaGetErrorString(e), ")"));
+  }
+  return absl::OkStatus();
+}
+
+// ---- Checking -------------------------------------------------------------------------------
+
+struct Tolerance {
+  double o_rel_l2;
+  double o_atol;
+  double o_rtol;
+  double lse_atol;
+  double lse_rtol;
+};
+
+// See the top of the file.
+Tolerance ToleranceFor(const char* backend, const AttentionParams& p) {
+  const double u_out = UnitRoundoff(p.o_dtype);
+  if (std::string(backend) == kSimple) {
+    const double spread =
+        std::max(1.0, p.softmax_scale * std::sqrt(static_cast<double>(p.head_dim)));
+    return {1e-4 + u_out, 1e-4 * spread, 1.01 * u_out, 1e-4, 1e-5};
+  }
+  const bool bf16 = p.dtype == DType::kBF16 || p.o_dtype == DType::kBF16;
+  return {bf16 ? 1e-2 : 2e-3, p.dtype == DType::kBF16 ? 3e-2 : 4e-3, 1.01 * u_out, 1e-3, 1e-5};
+}
+
+// Where element i of a contiguous tensor lies, for failure messages.
+std::string OPlace(const AttentionParams& p, int64_t i) {
+  const int64_t d = i % p.head_dim;
+  const int64_t h = (i / p.head_dim) % p.heads;
+  const int64_t row = (i / (p.head_dim * p.heads)) % p.seqlen_q;
+  const int64_t b = i / (p.head_dim * p.heads * p.seqlen_q);
+  return absl::StrCat("(b=", b, " row=", row, " head=", h, " col=", d, ")");
+}
+std::string LsePlace(const AttentionParams& p, int64_t i) {
+  const int64_t row = i % p.seqlen_q;
+  const int64_t h = (i / p.seqlen_q) % p.heads;
+  const int64_t b = i / (p.seqlen_q * p.heads);
+  return absl::StrCat("(b=", b, " head=", h, " row=", row, ")");
+}
+
+// Compares got(i) with want[i] for i < n: every element within atol + rtol |want| (infinities
+// must match exactly), no NaN, and the relative L2 error within rel_l2 (< 0: not checked).
+// `place` names an index; `row_of` maps it to its query row (b, head, row) for the row count.
+::testing::AssertionResult TensorMatches(const char* what, int64_t n,
+                                         const std::function<double(int64_t)>& got,
+                                         const std::vector<double>& want, double atol, double rtol,
+                                         double rel_l2,
+                                         const std::function<std::string(int64_t)>& place,
+                                         const std::function<int64_t(int64_t)>& row_of) {
+  ErrorAccumulator acc;
+  int64_t violations = 0, first_bad = -1, first_nan = -1, worst = -1;
+  double worst_err = -1.0;
+  std::set<int64_t> bad_rows;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got(i);
+    const double w = want[i];
+    acc.Add(g, w);
+    bool bad;
+    if (std::isnan(g)) {
+      bad = true;
+      if (first_nan < 0) first_nan = i;
+    } else if (std::isinf(g) || std::isinf(w)) {
+      bad = g != w;
+    } else {
+      const double e = std::abs(g - w);
+      if (e > worst_err) {
+        worst_err = e;
+        worst = i;
+      }
+      bad = e > atol + rtol * std::abs(w);
+    }
+    if (bad) {
+      if (violations++ == 0) first_bad = i;
+      bad_rows.insert(row_of(i));
+    }
+  }
+  const ErrorStats stats = acc.Finish();
+  const bool l2_ok = rel_l2 < 0 || stats.rel_l2 <= rel_l2;
+  if (violations == 0 && l2_ok) return ::testing::AssertionSuccess();
+  ::testing::AssertionResult r = ::testing::AssertionFailure();
+  r << what << ": " << stats.ToString() << " (allowed rel_l2 " << rel_l2 << ", per element " << atol
+    << " + " << rtol << "|want|); " << violations << " bad elements in " << bad_rows.size()
+    << " rows";
+  if (first_bad >= 0) {
+    r << "; first bad " << place(first_bad) << " got " << got(first_bad) << " want "
+      << want[first_bad];
+  }
+  if (worst >= 0)
+    r << "; worst " << place(worst) << " got " << got(worst) << " want " << want[worst];
+  if (first_nan >= 0) r << "; first NaN at " << place(first_nan);
+  return r;
+}
+
+// o read through p's strides into a contiguous [batch, seqlen_q, heads, head_dim] vector.
+std::vector<double> GatherO(const AttentionParams& p, const TypedBuffer& o) {
+  std::vector<double> out;
+  out.reserve(static_cast<size_t>(p.batch * p.seqlen_q * p.heads * p.head_dim));
+  for (int b = 0; b < p.batch; ++b) {
+    for (int64_t i = 0; i < p.seqlen_q; ++i) {
+      for (int h = 0; h < p.heads; ++h) {
+        const int64_t row = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+        for (int c = 0; c < p.head_dim; ++c) out.push_back(o.Get(row + c));
+      }
+    }
+  }
+  return out;
+}
+
+// lse read through p's strides into a contiguous [batch, heads, seqlen_q] vector.
+std::vector<double> GatherLse(const AttentionParams& p, const std::vector<float>& lse) {
+  std::vector<double> out;
+  out.reserve(static_cast<size_t>(p.batch * p.heads * p.seqlen_q));
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.heads; ++h) {
+      for (int64_t i = 0; i < p.seqlen_q; ++i) {
+        out.push_back(lse[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
+      }
+    }
+  }
+  return out;
+}
+
+// o and lse of `t` (laid out by p's strides) against the reference.
+void ExpectMatches(const char* backend, const AttentionParams& p, const AttentionBuffers& t,
+                   const ReferenceResult& ref, const Tolerance& tol) {
+  const std::vector<double> o = GatherO(p, t.o);
+  EXPECT_TRUE(TensorMatches(
+      "o", static_cast<int64_t>(o.size()), [&](int64_t i) { return o[i]; }, ref.o, tol.o_atol,
+      tol.o_rtol, tol.o_rel_l2, [&](int64_t i) { return OPlace(p, i); },
+      [&](int64_t i) { return i / p.head_dim; }))
+      << backend;
+  if (p.lse == nullptr) return;
+  const std::vector<double> lse = GatherLse(p, t.lse);
+  EXPECT_TRUE(TensorMatches(
+      "lse", static_cast<int64_t>(lse.size()), [&](int64_t i) { return lse[i]; }, ref.lse,
+      tol.lse_atol, tol.lse_rtol, -1.0, [&](int64_t i) { return LsePlace(p, i); },
+      [&](int64_t i) { return i; }))
+      << backend;
+}
+
+// ---- Building cases -------------------------------------------------------------------------
+
+AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k, int head_dim,
+                      DType dtype = DType::kBF16, DType o_dtype = DType::kBF16, int batch = 1) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads = heads;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  p.dtype = dtype;
+  p.o_dtype = o_dtype;
+  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  return p;
+}
+AttentionParams Causal(AttentionParams p) {
+  p.causal = true;
+  return p;
+}
+AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
+  p.window_left = left;
+  p.window_right = right;
+  return p;
+}
+AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
+                          int64_t k_stride) {
+  p.q_pos_offset = q_offset;
+  p.q_pos_stride = q_stride;
+  p.k_pos_offset = k_offset;
+  p.k_pos_stride = k_stride;
+  return p;
+}
+AttentionParams Softcap(AttentionParams p, float cap, float sharpen = 1.0f) {
+  p.softcap = cap;
+  p.softmax_scale *= sharpen;
+  return p;
+}
+AttentionParams Batch(AttentionParams p, int batch) {
+  p.batch = batch;
+  return p;
+}
+
+struct Case {
+  std::string name;
+  AttentionParams p;  // sizes and options; tensors are attached per test
+  bool alibi = false;
+};
+
+uint32_t SeedOf(const std::string& name) {
+  return static_cast<uint32_t>(std::hash<std::string>{}(name));
+}
+
+// ---- Sweep: both kernels against the fp64 reference -----------------------------------------
+
+std::vector<Case> SweepCases() {
+  const DType f32 = DType::kF32, f16 = DType::kF16, bf16 = DType::kBF16;
+  constexpr int64_t kNone = kUnboundedWindow;
+  std::vector<Case> cases = {
+      // Sizes: single rows, sizes off every tile multiple, 5 heads, GQA and MQA, head dims.
+      {"Seq1", Shape(1, 1, 2, 2, 64)},
+      {"Seq1Q255K", Shape(1, 255, 2, 1, 128)},
+      {"Seq7Heads5", Shape(7, 7, 5, 5, 64, f16, f16)},
+      {"Seq255Heads5D128", Shape(255, 255, 5, 5, 128)},
+      {"Gqa8to2D64F16", Shape(255, 255, 8, 2, 64, f16, f16)},
+      {"Gqa8to1D128", Shape(255, 255, 8, 1, 128)},
+      {"Gqa8to2D256", Shape(255, 255, 8, 2, 256)},
+      {"Mqa8to1D256F16Batch2", Shape(130, 67, 8, 1, 256, f16, f16, 2)},
+      {"Batch3D128", Shape(129, 200, 4, 2, 128, bf16, bf16, 3)},
+      {"Seq255QSeq7K", Shape(255, 7, 2, 2, 64)},
+      {"Seq7QSeq255K", Shape(7, 255, 2, 2, 256)},
+      {"Seq100QSeq1000K", Shape(100, 1000, 2, 1, 64, f16, f16)},
+      {"Seq1000QSeq100K", Shape(1000, 100, 2, 1, 128)},
+      {"ExactTiles", Shape(256, 256, 2, 2, 128)},
+      // Output dtypes.
+      {"Bf16InF32Out", Shape(129, 200, 4, 4, 64, bf16, f32)},
+      {"F16InF32Out", Shape(129, 200, 4, 2, 128, f16, f32)},
+      {"F16InBf16Out", Shape(129, 200, 4, 2, 256, f16, bf16)},
+      {"Bf16InF16Out", Shape(129, 200, 4, 2, 64, bf16, f16)},
+      // fp32 inputs: the simple kernel computes them, the fast kernel refuses (checked).
+      {"F32", Shape(129, 200, 4, 2, 128, f32, f32)},
+      {"F32InBf16Out", Shape(77, 133, 2, 2, 64, f32, bf16), true},
+      // Options alone.
+      {"Causal", Causal(Shape(255, 255, 5, 5, 64))},
+      {"CausalD128F16", Causal(Shape(255, 255, 4, 2, 128, f16, f16))},
+      {"CausalD256", Causal(Shape(255, 255, 2, 2, 256))},
+      {"CausalQShorter", Causal(Shape(100, 255, 2, 2, 64))},
+      {"CausalKShorter", Causal(Shape(255, 100, 2, 2, 128))},
+      {"CausalStripeOffsets", Causal(Positions(Shape(255, 255, 4, 2, 64), 1, 2, 0, 2))},
+      {"CausalOffsetsStride3", Causal(Positions(Shape(200, 150, 2, 2, 128), 37, 3, 5, 2))},
+      {"CausalKeysAfterSomeQueries", Causal(Positions(Shape(300, 300, 2, 2, 64), 0, 1, 150, 1))},
+      {"CausalQueriesAfterKeys", Causal(Positions(Shape(200, 300, 2, 2, 128), 1000, 1, 0, 1))},
+      {"Window0x0", Window(Shape(255, 255, 2, 2, 64), 0, 0)},
+      {"Window0x0D128Strides2x3", Window(Positions(Shape(200, 150, 2, 2, 128), 0, 2, 0, 3), 0, 0)},
+      {"WindowLeftOnly", Window(Shape(255, 255, 2, 2, 64), 17, kNone)},
+      {"WindowRightOnly", Window(Shape(255, 255, 2, 2, 128, f16, f16), kNone, 17)},
+      {"Window5x3D256", Window(Shape(255, 255, 2, 2, 256), 5, 3)},
+      {"WindowLiveRangeMidSequence", Window(Shape(300, 700, 2, 2, 64), 40, 40)},
+      {"Alibi", Shape(255, 255, 8, 8, 64), true},
+      {"AlibiD128F16", Shape(255, 255, 4, 2, 128, f16, f16), true},
+      {"Softcap", Softcap(Shape(255, 255, 4, 4, 64), 5.0f, 4.0f)},
+      {"SoftcapD256F16", Softcap(Shape(130, 200, 2, 2, 256, f16, f16), 20.0f, 2.0f)},
+      {"Sharp", Softcap(Shape(255, 255, 4, 4, 128), 0.0f, 8.0f)},
+      // Options combined.
+      {"CausalWindow", Window(Causal(Shape(255, 255, 4, 2, 64)), 40, kNone)},
+      {"CausalAlibiSoftcap", Softcap(Causal(Shape(255, 300, 8, 2, 128)), 20.0f), true},
+      {"WindowAlibiOffsets",
+       Window(Positions(Shape(150, 200, 4, 4, 64, f16, f16), 300, 2, 100, 3), 64, 32), true},
+      {"AllOptionsBf16D256",
+       Softcap(Window(Causal(Positions(Shape(200, 250, 8, 2, 256), 90, 3, 7, 2)), 150, 0), 30.0f),
+       true},
+      {"AllOptionsF16D64",
+       Softcap(Window(Causal(Positions(Shape(77, 133, 5, 5, 64, f16, f16), 500, 1, 420, 1)), 60, 2),
+               10.0f),
+       true},
+      {"AllOptionsBf16D128F32Out",
+       Softcap(Window(Causal(Positions(Shape(300, 260, 8, 2, 128, bf16, f32), 0, 2, 0, 3)), 90, 4),
+               25.0f),
+       true},
+      // Long rows: few configs at 3816 (not a tile multiple); the fp64 reference dominates.
+      {"Long3816CausalGqa", Causal(Shape(3816, 3816, 2, 1, 64))},
+      {"Long3816F16WindowAlibiSoftcap",
+       Softcap(Window(Shape(3816, 3816, 1, 1, 128, f16, f32), 300, 100), 30.0f), true},
+  };
+  // Every pair of mask and score options on a small strided ring-step shape.
+  const AttentionParams ring_step = Positions(Shape(77, 133, 4, 2, 64), 200, 3, 150, 2);
+  const struct {
+    const char* name;
+    AttentionParams (*apply)(AttentionParams);
+  } masks[] = {
+      {"NoMask", [](AttentionParams p) { return p; }},
+      {"Causal", [](AttentionParams p) { return Causal(p); }},
+      {"Window", [](AttentionParams p) { return Window(p, 30, 20); }},
+      {"CausalWindow", [](AttentionParams p) { return Window(Causal(p), 50, 10); }},
+  };
+  for (const auto& mask : masks) {
+    for (int mods = 0; mods < 4; ++mods) {
+      const bool alibi = (mods & 1) != 0;
+      const bool softcap = (mods & 2) != 0;
+      AttentionParams p = mask.apply(ring_step);
+      if (softcap) p = Softcap(p, 8.0f, 3.0f);
+      cases.push_back(
+          {std::string("Combo") + mask.name + (alibi ? "Alibi" : "") + (softcap ? "Softcap" : ""),
+           p, alibi});
+    }
+  }
+  return cases;
+}
+
+class CudaVsReferenceTest : public GpuTest, public ::testing::WithParamInterface<Case> {};
+
+// Computes the fp64 reference once and checks both kernels against it (the fast kernel must
+// refuse fp32 inputs instead).
+TEST_P(CudaVsReferenceTest, BothKernelsMatchFp64Reference) {
+  const Case& c = GetParam();
+  AttentionParams host = c.p;
+  AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name), c.alibi);
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(host, t, &d);
+    const absl::Status s = RunOnDevice(backend, p);
+    if (backend == std::string(kFast) && host.dtype == DType::kF32) {
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+      EXPECT_NE(s.message().find("fp32"), std::string::npos) << s;
+      continue;
+    }
+    ASSERT_TRUE(s.ok()) << s;
+    FromDevice(d, &t);
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, CudaVsReferenceTest, ::testing::ValuesIn(SweepCases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
+
+// ---- The fast kernel against the simple one at a larger size ---------------------------------
+
+class FastVsSimpleTest : public GpuTest, public ::testing::WithParamInterface<Case> {};
+
+// Both run on the GPU; the simple kernel's fp32 result stands in for the reference (its own
+// error, ~1e-5, is far below the fast kernel's tolerance).
+TEST_P(FastVsSimpleTest, AgreeAtLargeSize) {
+  const Case& c = GetParam();
+  AttentionParams host = c.p;
+  AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name), c.alibi);
+  AttentionBuffers simple_out = t;
+
+  DeviceTensors d;
+  const AttentionParams p = ToDevice(host, t, &d);
+  ASSERT_TRUE(RunOnDevice(kSimple, p).ok());
+  FromDevice(d, &simple_out);
+  d.o.Poison();
+  d.lse.Poison();
+  ASSERT_TRUE(RunOnDevice(kFast, p).ok());
+  FromDevice(d, &t);
+
+  ReferenceResult simple;
+  for (int64_t i = 0; i < simple_out.o.size(); ++i) simple.o.push_back(simple_out.o.Get(i));
+  simple.lse.assign(simple_out.lse.begin(), simple_out.lse.end());
+  // The simple kernel's output was rounded to o_dtype too: allow one more rounding.
+  Tolerance tol = ToleranceFor(kFast, host);
+  tol.o_rtol *= 2;
+  ExpectMatches(kFast, host, t, simple, tol);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Large, FastVsSimpleTest,
+    ::testing::Values(
+        Case{"B2S2048H8D128CausalBf16",
+             Causal(Shape(2048, 2048, 8, 8, 128, DType::kBF16, DType::kF32, 2))},
+        Case{"B1S2048H8Gqa4D64F16", Shape(2048, 2048, 8, 2, 64, DType::kF16, DType::kF32)},
+        Case{"B1S1536H4D256CausalWindowAlibi",
+             Window(Causal(Shape(1536, 1536, 4, 2, 256, DType::kBF16, DType::kF32)), 700, 0),
+             true}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+// ---- Merge mode -----------------------------------------------------------------------------
+
+// Points `part` at keys [begin, end) of `whole`: the K/V pointers move down the rows and the
+// key positions keep their global values.
+AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
+  AttentionParams part = whole;
+  part.seqlen_k = end - begin;
+  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
+  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
+  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
+  return part;
+}
+
+struct MergeCase {
+  std::string name;
+  AttentionParams p;  // o_dtype fp32
+  int64_t split;
+  bool second_half_first;
+  bool alibi = false;
+};
+
+class CudaMergeTest : public GpuTest, public ::testing::WithParamInterface<MergeCase> {};
+
+// Keys in two calls, the second merging into the first's (o, lse) on the device, against one
+// call over all keys and against the fp64 reference. Rows the second call adds nothing to must
+// keep the first call's partial bit for bit.
+TEST_P(CudaMergeTest, TwoHalvesEqualOneCall) {
+  const MergeCase& c = GetParam();
+  AttentionParams host = c.p;
+  AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name), c.alibi);
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    DeviceTensors d;
+    const AttentionParams whole = ToDevice(host, t, &d);
+    ASSERT_TRUE(RunOnDevice(backend, whole).ok());
+    AttentionBuffers single = t;
+    FromDevice(d, &single);
+
+    d.o.Poison();
+    d.lse.Poison();
+    AttentionParams first = KeyRange(whole, 0, c.split);
+    AttentionParams second = KeyRange(whole, c.split, whole.seqlen_k);
+    if (c.second_half_first) std::swap(first, second);
+    ASSERT_TRUE(RunOnDevice(backend, first).ok());
+    AttentionBuffers partial = t;
+    FromDevice(d, &partial);
+    second.merge_into_output = true;
+    const absl::Status merged = RunOnDevice(backend, second);
+    ASSERT_TRUE(merged.ok()) << merged;
+    FromDevice(d, &t);
+
+    // Against one call (both fp32 outputs of the same kernel: differences are the fp32
+    // arithmetic of the merge and the P rounding of each call).
+    std::vector<double> single_o(single.o.size()), single_lse(single.lse.begin(), single.lse.end());
+    for (int64_t i = 0; i < single.o.size(); ++i) single_o[i] = single.o.Get(i);
+    ReferenceResult one_call{single_o, single_lse};
+    ExpectMatches(backend, host, t, one_call, ToleranceFor(backend, host));
+    // Against the fp64 reference.
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+
+    // Rows the second call adds nothing to keep the partial exactly.
+    AttentionParams second_host = KeyRange(host, c.split, host.seqlen_k);
+    if (c.second_half_first) second_host = KeyRange(host, 0, c.split);
+    absl::StatusOr<ReferenceResult> second_ref = ReferenceForward(second_host);
+    ASSERT_TRUE(second_ref.ok());
+    const int64_t dim = host.head_dim;
+    int64_t untouched_rows = 0;
+    for (size_t r = 0; r < second_ref->lse.size(); ++r) {
+      if (std::isfinite(second_ref->lse[r])) continue;
+      ++untouched_rows;
+      // lse index r = (b * heads + h) * seqlen_q + i; o row (b, i, h).
+      const int64_t i = static_cast<int64_t>(r) % host.seqlen_q;
+      const int64_t bh = static_cast<int64_t>(r) / host.seqlen_q;
+      const int64_t b = bh / host.heads, h = bh % host.heads;
+      ASSERT_EQ(std::memcmp(&t.lse[r], &partial.lse[r], sizeof(float)), 0)
+          << "lse of row " << LsePlace(host, r) << " changed by a merge that adds nothing";
+      const int64_t o_at = ((b * host.seqlen_q + i) * host.heads + h) * dim;
+      ASSERT_EQ(
+          std::memcmp(static_cast<const float*>(t.o.data()) + o_at,
+                      static_cast<const float*>(partial.o.data()) + o_at, dim * sizeof(float)),
+          0)
+          << "o of row " << LsePlace(host, r) << " changed by a merge that adds nothing";
+    }
+    RecordProperty(absl::StrCat(backend, "_untouched_rows"), static_cast<int>(untouched_rows));
+  }
+}
+
+std::vector<MergeCase> MergeCases() {
+  const AttentionParams base = Shape(255, 255, 4, 2, 64, DType::kBF16, DType::kF32);
+  const AttentionParams d128 = Shape(200, 300, 4, 2, 128, DType::kF16, DType::kF32);
+  return {
+      {"MidSplit", base, 100, false},
+      {"MidSplitReversed", base, 100, true},
+      {"TileAlignedSplitD128", d128, 128, false},
+      {"EmptyFirstCall", base, 0, false},
+      {"EmptySecondCall", base, 255, false},
+      {"CausalSplit", Causal(base), 120, false},  // rows < 120 see nothing of the second half
+      {"CausalSplitReversed", Causal(base), 120, true},  // ... and nothing of the first call
+      {"WindowSplitAlibiD128", Window(d128, 20, 5), 140, true, true},
+      {"StripeCausalSoftcap", Softcap(Causal(Positions(base, 1, 2, 0, 2)), 10.0f), 60, false},
+      {"AllOptionsD256",
+       Softcap(Window(Causal(Positions(Shape(200, 300, 8, 2, 256, DType::kBF16, DType::kF32), 250,
+                                       2, 0, 2)),
+                      100, 0),
+               15.0f),
+       170, false, true},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Merge, CudaMergeTest, ::testing::ValuesIn(MergeCases()),
+                         [](const ::testing::TestParamInfo<MergeCase>& info) {
+                           return info.param.name;
+                         });
+
+class CudaBackendTest : public GpuTest {};
+
+TEST_F(CudaBackendTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
+  // An lse of -inf marks an empty partial; whatever its o holds (here NaN) must not leak.
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    AttentionParams host = Causal(Shape(140, 150, 2, 2, 128, DType::kBF16, DType::kF32));
+    AttentionBuffers t = MakeAttentionBuffers(&host, 41);
+    std::fill(t.lse.begin(), t.lse.end(), kNegInf);  // o stays NaN-poisoned
+    host.merge_into_output = true;
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(host, t, &d, /*upload_outputs=*/true);
+    ASSERT_TRUE(RunOnDevice(backend, p).ok());
+    FromDevice(d, &t);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+  }
+}
+
+// ---- Fully masked rows, empty calls ----------------------------------------------------------
+
+TEST_F(CudaBackendTest, FullyMaskedRowsAreZeroWithNegInfLse) {
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    // Causal with every key after every query: nothing is allowed anywhere.
+    AttentionParams host = Causal(Positions(Shape(170, 90, 2, 2, 64), 0, 1, 1000, 1));
+    AttentionBuffers t = MakeAttentionBuffers(&host, 11);
+    DeviceTensors d;
+    ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+    FromDevice(d, &t);
+    for (int64_t i = 0; i < t.o.size(); ++i) ASSERT_EQ(t.o.Get(i), 0.0f) << OPlace(host, i);
+    for (size_t i = 0; i < t.lse.size(); ++i) ASSERT_EQ(t.lse[i], kNegInf) << LsePlace(host, i);
+  }
+}
+
+TEST_F(CudaBackendTest, SomeRowsFullyMasked) {
+  // Window (0, 0) with query positions between the keys': odd query positions see no key.
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    AttentionParams host = Window(Positions(Shape(150, 150, 2, 2, 128), 0, 1, 0, 2), 0, 0);
+    AttentionBuffers t = MakeAttentionBuffers(&host, 12);
+    DeviceTensors d;
+    ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+    FromDevice(d, &t);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+    EXPECT_EQ(t.lse[1], kNegInf);
+    EXPECT_EQ(t.o.Get(host.heads * host.head_dim), 0.0f);  // row 1, head 0, column 0
+  }
+}
+
+TEST_F(CudaBackendTest, NoKeysGivesFullyMaskedRows) {
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    AttentionParams host = Shape(33, 0, 2, 2, 128, DType::kBF16, DType::kF16);
+    AttentionBuffers t = MakeAttentionBuffers(&host, 13);
+    host.k = nullptr;
+    host.v = nullptr;
+    DeviceTensors d;
+    ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+    FromDevice(d, &t);
+    for (int64_t i = 0; i < t.o.size(); ++i) ASSERT_EQ(t.o.Get(i), 0.0f) << OPlace(host, i);
+    for (size_t i = 0; i < t.lse.size(); ++i) ASSERT_EQ(t.lse[i], kNegInf) << LsePlace(host, i);
+  }
+}
+
+TEST_F(CudaBackendTest, NoQueriesIsANoOp) {
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    AttentionParams host = Shape(0, 50, 2, 2, 64);
+    AttentionBuffers t = MakeAttentionBuffers(&host, 14);
+    host.q = nullptr;
+    host.o = nullptr;
+    DeviceTensors d;
+    EXPECT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+  }
+}
+
+TEST_F(CudaBackendTest, NullLseIsAllowedWithoutMerge) {
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    AttentionParams host = Causal(Shape(65, 65, 2, 2, 64));
+    AttentionBuffers t = MakeAttentionBuffers(&host, 15);
+    host.lse = nullptr;
+    DeviceTensors d;
+    ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+    FromDevice(d, &t);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+  }
+}
+
+// ---- Strided (non-contiguous) and misaligned layouts ----------------------------------------
+
+// q/k/v/o inside buffers with padding between heads and rows (as in a packed QKV layout), strides
+// multiples of 8 elements. The kernels must read through the strides and leave the padding of o
+// and lse untouched (still NaN).
+TEST_F(CudaBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
+  for (const char* backend : {kFast, kSimple}) {
+    SCOPED_TRACE(backend);
+    const int heads = 4, heads_k = 2, dim = 128, batch = 2;
+    const int64_t sq = 150, sk = 90, head_pad = 16, row_pad = 8;
+    AttentionParams host = Causal(Positions(
+        Shape(sq, sk, heads, heads_k, dim, DType::kF16, DType::kF32, batch), 40, 1, 0, 1));
+    host.q_head_stride = host.o_head_stride = dim + head_pad;
+    host.q_row_stride = host.o_row_stride = heads * host.q_head_stride + row_pad;
+    host.q_batch_stride = host.o_batch_stride = sq * host.q_row_stride + row_pad;
+    host.k_head_stride = host.v_head_stride = dim + head_pad;
+    host.k_row_stride = host.v_row_stride = heads_k * host.k_head_stride + row_pad;
+    host.k_batch_stride = host.v_batch_stride = sk * host.k_row_stride;
+    host.lse_head_stride = sq + 3;
+    host.lse_batch_stride = heads * host.lse_head_stride + 5;
+
+    AttentionBuffers t;
+    t.q = TypedBuffer(DType::kF16, batch * host.q_batch_stride);
+    t.k = TypedBuffer(DType::kF16, batch * host.k_batch_stride);
+    t.v = TypedBuffer(DType::kF16, batch * host.v_batch_stride);
+    t.o = TypedBuffer(DType::kF32, batch * host.o_batch_stride);
+    t.lse.assign(batch * host.lse_batch_stride, std::numeric_limits<float>::quiet_NaN());
+    kernel_testing::FillRandomNormal(&t.q, 21);
+    kernel_testing::FillRandomNormal(&t.k, 22);
+    kernel_testing::FillRandomNormal(&t.v, 23);
+    host.q = t.q.data();
+    host.k = t.k.data();
+    host.v = t.v.data();
+    host.o = t.o.data();
+    host.lse = t.lse.data();
+    DeviceTensors d;
+    ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
+    FromDevice(d, &t);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok());
+
+    ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+
+    // Everything outside the view is still the NaN it was poisoned with.
+    std::vector<bool> in_view(t.o.size(), false);
+    for (int b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < sq; ++i) {
+        for (int h = 0; h < heads; ++h) {
+          const int64_t row =
+              b * host.o_batch_stride + i * host.o_row_stride + h * host.o_head_stride;
+          for (int c = 0; c < dim; ++c) in_view[row + c] = true;
+        }
+      }
+    }
+    std::vector<bool> lse_in_view(t.lse.size(), false);
+    for (int b = 0; b < batch; ++b) {
+      for (int h = 0; h < heads; ++h) {
+        for (int64_t i = 0; i < sq; ++i) {
+          lse_in_view[b * host.lse_batch_stride + h * host.lse_head_stride + i] = true;
+        }
+      }
+    }
+    for (int64_t at = 0; at < t.o.size(); ++at) {
+      if (!in_view[at]) ASSERT_TRUE(std::isnan(t.o.Get(at))) << "o padding written at " << at;
+    }
+    for (size_t at = 0; at < t.lse.size(); ++at) {
+      if (!lse_in_view[at]) ASSERT_TRUE(std::isnan(t.lse[at])) << "lse padding written at " << at;
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, FastKernelRefusesMisalignedRowsSimpleKernelComputesThem) {
+  // Head stride 68: rows start 8-byte but not 16-byte aligned.
+  const int heads = 2, dim = 64;
+  const int64_t s = 50;
+  AttentionParams host = Shape(s, s, heads, heads, dim);
+  host.q_head_stride = host.k_head_stride = host.v_head_stride = host.o_head_stride = dim + 4;
+  host.q_row_stride = host.k_row_stride = host.v_row_stride = host.o_row_stride = heads * (dim + 4);
+  host.q_batch_stride = host.k_batch_stride = host.v_batch_stride = host.o_batch_stride =
+      s * heads * (dim + 4);
+  host.lse_head_stride = s;
+  host.lse_batch_stride = s * heads;
+  AttentionBuffers t;
+  t.q = TypedBuffer(DType::kBF16, host.q_batch_stride);
+  t.k = TypedBuffer(DType::kBF16, host.k_batch_stride);
+  t.v = TypedBuffer(DType::kBF16, host.v_batch_stride);
+  t.o = TypedBuffer(DType::kBF16, host.o_batch_stride);
+  t.lse.assign(s * heads, 0.0f);
+  kernel_testing::FillRandomNormal(&t.q, 31);
+  kernel_testing::FillRandomNormal(&t.k, 32);
+  kernel_testing::FillRandomNormal(&t.v, 33);
+  host.q = t.q.data();
+  host.k = t.k.data();
+  host.v = t.v.data();
+  host.o = t.o.data();
+  host.lse = t.lse.data();
+  DeviceTensors d;
+  const AttentionParams p = ToDevice(host, t, &d);
+  const absl::Status fast = RunOnDevice(kFast, p);
+  EXPECT_EQ(fast.code(), absl::StatusCode::kInvalidArgument) << fast;
+  EXPECT_NE(fast.message().find("multiples of 8"), std::string::npos) << fast;
+  ASSERT_TRUE(RunOnDevice(kSimple, p).ok());
+  FromDevice(d, &t);
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+  ASSERT_TRUE(ref.ok());
+  ExpectMatches(kSimple, host, t, *ref, ToleranceFor(kSimple, host));  // lse is contiguous
+}
+
+// ---- Determinism, streams, refusals ---------------------------------------------------------
+
+TEST_F(CudaBackendTest, FastKernelIsDeterministic) {
+  AttentionParams host = Causal(Shape(700, 700, 4, 2, 128));
+  AttentionBuffers t = MakeAttentionBuffers(&host, 51, /*with_alibi=*/true);
+  AttentionBuffers again = t;
+  DeviceTensors d;
+  const AttentionParams p = ToDevice(host, t, &d);
+  ASSERT_TRUE(RunOnDevice(kFast, p).ok());
+  FromDevice(d, &t);
+  d.o.Poison();
+  ASSERT_TRUE(RunOnDevice(kFast, p).ok());
+  FromDevice(d, &again);
+  EXPECT_TRUE(t.o == again.o);
+  EXPECT_EQ(std::memcmp(t.lse.data(), again.lse.data(), t.lse.size() * sizeof(float)), 0);
+}
+
+TEST_F(CudaBackendTest, RunsOnTheStreamItIsGiven) {
+  cudaStream_t stream = nullptr;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (const char* name : {kFast, kSimple}) {
+    SCOPED_TRACE(name);
+    std::unique_ptr<AttentionBackend> backend = Backend(name);
+    ASSERT_NE(backend, nullptr);
+    CudaBackend* cuda = AsCudaBackend(backend.get());
+    ASSERT_NE(cuda, nullptr);
+    EXPECT_EQ(backend->name(), name);
+    EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
+    EXPECT_EQ(cuda->stream(), nullptr);
+    cuda->SetStream(stream);
+    EXPECT_EQ(cuda->stream(), stream);
+
+    AttentionParams host = Causal(Shape(300, 300, 4, 2, 64, DType::kF16, DType::kF16));
+    AttentionBuffers t = MakeAttentionBuffers(&host, 52);
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(host, t, &d);
+    ASSERT_TRUE(backend->Forward(p).ok());
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));  // the stream alone carries the work
+    FromDevice(d, &t);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatches(name, host, t, *ref, ToleranceFor(name, host));
+  }
+  ASSERT_CUDA_OK(cudaStreamDestroy(stream));
+}
+
+TEST_F(CudaBackendTest, RefusesWhatItDoesNotSupport) {
+  AttentionParams host = Shape(8, 8, 2, 2, 64, DType::kF32, DType::kF32);
+  AttentionBuffers t = MakeAttentionBuffers(&host, 71);
+  DeviceTensors d;
+  const AttentionParams p = ToDevice(host, t, &d);
+  for (const char* name : {kFast, kSimple}) {
+    SCOPED_TRACE(name);
+    std::unique_ptr<AttentionBackend> backend = Backend(name);
+    ASSERT_NE(backend, nullptr);
+    AttentionParams bad = p;
+    bad.head_dim = 96;
+    const absl::Status s = backend->Forward(bad);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("unsupported head_dim 96"), std::string::npos) << s;
+    AttentionParams merge_f16 = p;
+    merge_f16.dtype = DType::kF16;
+    merge_f16.o_dtype = DType::kF16;
+    merge_f16.merge_into_output = true;
+    EXPECT_EQ(backend->Forward(merge_f16).code(), absl::StatusCode::kInvalidArgument);
+  }
+  std::unique_ptr<AttentionBackend> fast = Backend(kFast);
+  ASSERT_NE(fast, nullptr);
+  const absl::Status f32 = fast->Forward(p);
+  EXPECT_EQ(f32.code(), absl::StatusCode::kInvalidArgument) << f32;
+  EXPECT_NE(f32.message().find("fp32"), std::string::npos) << f32;
+}
+
+// Needs no device: the factory itself.
+TEST(CudaBackendFactoryTest, UnknownNameListsTheKnownOnes) {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeCudaBackend("gpu");
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(b.status().message(),
+            "unknown kernel backend 'gpu'; expected one of cuda, cuda_reference");
+}
+
+}  // namespace
+}  // namespace ringattn
