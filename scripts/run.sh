@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs what is needed, builds, and runs the main job: a forward ring across local CPU
-# worker processes (Gloo over loopback), checked against a single-device run and the fp64
-# reference, printing the result and its timings. Extra flags go to `ringattn ring`.
+# Installs what is needed, builds, and runs the main job: the service with local workers
+# (`ringattn serve`: a coordinator on localhost and 3 worker processes, CPU backend and a Gloo
+# ring without a GPU) answering one sample request, checked against the fp64 reference, and
+# printing the result and its timing breakdown. Extra flags go to `ringattn serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
-./build/client/ringattn ring --world=4 --seqlen=4096 --heads=8 --heads_k=2 --head_dim=128 \
-  --dtype=bf16 --causal "$@"
+./build/client/ringattn serve --demo --listen=127.0.0.1:0 --metrics=127.0.0.1:0 --workers=3 \
+  --seqlen=2048 --heads=8 --heads_k=2 --head_dim=128 --dtype=bf16 --causal "$@"

@@ -342,6 +342,27 @@ TEST(ServiceStreaming, LargerThanUnaryLimit) {
   ExpectMatchesReference(req, resp);
 }
 
+// Waits until no worker of the ring reports busy; false after `timeout`.
+bool WorkersIdle(Service& svc, absl::Duration timeout) {
+  v1::InfoResponse info;
+  grpc::ClientContext ctx;
+  if (!svc.stub().GetInfo(&ctx, v1::InfoRequest(), &info).ok()) return false;
+  const absl::Time stop_by = absl::Now() + timeout;
+  for (const v1::WorkerInfo& w : info.workers()) {
+    auto stub = v1::WorkerService::NewStub(
+        grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
+    bool busy = true;
+    while (busy && absl::Now() < stop_by) {
+      grpc::ClientContext pctx;
+      v1::PingResponse pong;
+      if (stub->Ping(&pctx, v1::PingRequest(), &pong).ok()) busy = pong.busy();
+      if (busy) absl::SleepFor(absl::Milliseconds(50));
+    }
+    if (busy) return false;
+  }
+  return true;
+}
+
 // Work longer than the deadline: DEADLINE_EXCEEDED, the workers stop, the next request works.
 TEST(ServiceFaults, DeadlineShorterThanWork) {
   Service svc(2);
@@ -355,24 +376,34 @@ TEST(ServiceFaults, DeadlineShorterThanWork) {
   EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
 
   // The workers were told to stop: within a short while none is busy.
-  v1::InfoResponse info;
-  {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(svc.stub().GetInfo(&ctx, v1::InfoRequest(), &info).ok());
-  }
-  const absl::Time stop_by = absl::Now() + absl::Seconds(5);
-  for (const v1::WorkerInfo& w : info.workers()) {
-    auto stub = v1::WorkerService::NewStub(
-        grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
-    bool busy = true;
-    while (busy && absl::Now() < stop_by) {
-      grpc::ClientContext ctx;
-      v1::PingResponse pong;
-      if (stub->Ping(&ctx, v1::PingRequest(), &pong).ok()) busy = pong.busy();
-      if (busy) absl::SleepFor(absl::Milliseconds(50));
-    }
-    EXPECT_FALSE(busy) << "worker " << w.address() << " still busy";
-  }
+  EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5)));
+  Shape small;
+  v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse ok_resp;
+  grpc::Status st2 = Call(svc, next, &ok_resp);
+  ASSERT_TRUE(st2.ok()) << st2.error_message();
+  ExpectMatchesReference(next, ok_resp);
+}
+
+// The client goes away mid-request: it sees CANCELLED, the workers stop computing for nobody,
+// and the next request succeeds.
+TEST(ServiceFaults, ClientCancelsMidRequest) {
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};
+  v1::AttendRequest req = MakeRequest(big);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  v1::AttendResponse resp;
+  grpc::Status st;
+  std::thread caller([&] { st = svc.stub().Attend(&ctx, req, &resp); });
+  absl::SleepFor(absl::Milliseconds(500));
+  const absl::Time cancelled_at = absl::Now();
+  ctx.TryCancel();
+  caller.join();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+  EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5))) << "workers still busy after cancellation";
+  EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(5));
   Shape small;
   v1::AttendRequest next = MakeRequest(small);
   v1::AttendResponse ok_resp;

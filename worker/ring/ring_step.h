@@ -1,0 +1,131 @@
+// What the host ring driver (ring_attention.h) and the device ring driver (device_ring.h) share:
+// the options, the shard tensors and timings they take and return, and one ring step's kernel
+// calls. Both drivers run the same algorithm in the same step order; only where the bytes live
+// and how a step waits differ, so everything that is neither lives here, once.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/attention_backend.h"
+#include "kernels/attention_params.h"
+#include "kernels/dtype.h"
+#include "worker/ring/layout.h"
+
+namespace ringattn {
+
+// The options follow ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal,
+// window_size, alibi_slopes, deterministic, return_attn_probs) of the reference Python ring.
+struct RingAttentionOptions {
+  float dropout_p = 0.0f;                   // must be 0: dropout needs the training path
+  std::optional<float> softmax_scale;       // default 1 / sqrt(head_dim)
+  bool causal = false;
+  std::pair<int64_t, int64_t> window_size = {-1, -1};  // (left, right); -1 is unbounded
+  std::vector<float> alibi_slopes;          // [heads], host memory, or empty for none
+  float softcap = 0.0f;                     // 0 disables
+  bool deterministic = false;               // the forward is deterministic either way
+  bool return_attn_probs = false;           // refused: the ring never forms the matrix
+};
+
+// This rank's shard, rows in the plan's local order, all contiguous, host or device memory as
+// the backend and communicator expect.
+struct RingShardTensors {
+  DType dtype = DType::kBF16;
+  int batch = 0;
+  int heads = 0;
+  int heads_k = 0;
+  int head_dim = 0;
+  const void* q = nullptr;  // [batch, rows, heads, head_dim]
+  const void* k = nullptr;  // [batch, rows, heads_k, head_dim]
+  const void* v = nullptr;  // [batch, rows, heads_k, head_dim]
+  void* out = nullptr;      // [batch, rows, heads, head_dim], element type dtype
+  float* lse = nullptr;     // [batch, heads, rows], or null
+};
+
+struct RingStepTiming {
+  int source_rank = 0;          // owner of the K/V block computed in this step
+  double compute_seconds = 0;   // attention of local Q against the block, merge included
+  double comm_wait_seconds = 0; // time the compute waited for the transfers after it finished
+  int kernel_calls = 0;         // segment pairs computed (masked-out pairs are skipped)
+};
+
+struct RingTimings {
+  std::vector<RingStepTiming> steps;  // [world]
+  double total_seconds = 0;
+  double compute_seconds() const;
+  double comm_wait_seconds() const;
+};
+
+// Checks the options against the tensors (every error names the option).
+absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t);
+
+// InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them.
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world);
+
+// options.softmax_scale, or 1 / sqrt(head_dim).
+float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim);
+
+// Rank r of `world` at step s computes the block of rank (r - s) mod world, sends it to
+// r + 1 and receives the block of (r - s - 1) mod world from r - 1.
+inline int RingSourceRank(int rank, int step, int world) {
+  return ((rank - step) % world + world) % world;
+}
+inline int RingNextRank(int rank, int world) { return (rank + 1) % world; }
+inline int RingPrevRank(int rank, int world) { return (rank + world - 1) % world; }
+
+// The K and V of one shard as the ring carries them: each [batch, rows, heads_k, head_dim],
+// in the memory the backend reads.
+struct KvBlock {
+  const std::byte* k = nullptr;
+  const std::byte* v = nullptr;
+};
+
+// Sizes of one rank's tensors, in elements and bytes.
+struct ShardGeometry {
+  int64_t q_row_elems;   // heads * head_dim
+  int64_t kv_row_elems;  // heads_k * head_dim
+  size_t elem_bytes;
+
+  static ShardGeometry Of(const RingShardTensors& t) {
+    return {static_cast<int64_t>(t.heads) * t.head_dim,
+            static_cast<int64_t>(t.heads_k) * t.head_dim, static_cast<size_t>(DTypeSize(t.dtype))};
+  }
+  // Bytes of one of K or V of a shard of `rows` rows.
+  size_t KvBytes(int batch, int64_t rows) const {
+    return static_cast<size_t>(batch) * rows * kv_row_elems * elem_bytes;
+  }
+};
+
+// The kernel call for local query segment `qs` against key segment `ks` of a block whose
+// shard has `k_rows` rows; merges into the fp32 accumulators o_acc [batch, q_rows, heads,
+// head_dim] and lse_acc [batch, heads, q_rows]. `alibi_slopes` ([heads] fp32 or null) must be
+// in the backend's memory space: the host driver passes options.alibi_slopes.data(), the
+// device driver its device copy.
+AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g,
+                                  int64_t q_rows, const Segment& qs, const KvBlock& kv,
+                                  int64_t k_rows, const Segment& ks, float* o_acc, float* lse_acc,
+                                  const RingAttentionOptions& options, const float* alibi_slopes,
+                                  float scale);
+
+// Whether any (query, key) pair of `p` survives the causal and window masks.
+bool AnyKeyAllowed(const AttentionParams& p);
+
+// One ring step's compute: attention of every local query segment of `rank` against every
+// segment of the block owned by `src` (`kv`), merged into the accumulators, skipping pairs
+// whose positions are wholly masked. A zigzag shard has two segments, so up to four calls.
+// Adds the number of calls made to *kernel_calls.
+absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
+                             const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi_slopes, float scale, int* kernel_calls);
+
+// The shard's rows as one segment when its segments follow each other without a gap in
+// positions and in local rows (e.g. zigzag with one rank: chunks 0 and 1); nullopt otherwise
+// or when the shard is empty. Lets a one-rank ring make a single kernel call.
+std::optional<Segment> AsSingleSegment(const Shard& shard);
+
+}  // namespace ringattn
