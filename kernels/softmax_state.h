@@ -4,7 +4,8 @@
 // the sum of exp(s - m) over those keys; its un-normalised output accumulator is
 // acc = sum exp(s - m) * v. Two partials combine by rescaling both to the larger maximum.
 // The kernels' inner loop (a new key block against the running state) and the ring's merge
-// of two normalised partial outputs (each state is (lse, 1)) call the same Combine.
+// of two normalised partial outputs (each state is (lse, 1)) call the same Combine (the fast
+// CUDA kernel through CombineWith, the same code with a cheaper exponential).
 //
 // -inf cases: a partial over fully masked keys has m = -inf and l = 0; it must contribute
 // nothing, and exp(-inf - -inf) would be NaN, so a side whose m is -inf gets scale 0 by test,
@@ -20,7 +21,7 @@ namespace ringattn {
 
 struct SoftmaxState {
   float m = -std::numeric_limits<float>::infinity();  // running max of scores
-  float l = 0.0f;                                       // sum of exp(score - m)
+  float l = 0.0f;                                     // sum of exp(score - m)
 };
 
 // Scale factors that bring two partial accumulators onto the combined state.
@@ -29,9 +30,19 @@ struct CombineScales {
   float b;
 };
 
-// Combines `x` into `*state`; returns the factors by which the accumulator of `*state` (a)
-// and that of `x` (b) must be multiplied before adding them.
-RA_HD CombineScales Combine(SoftmaxState* state, const SoftmaxState& x) {
+// The exponential Combine uses: the accurate std::exp (expf on the device).
+struct StdExp {
+  RA_HD float operator()(float x) const { return std::exp(x); }
+};
+
+// Combine's code with the exponential supplied by the caller: `exp(x)` must approximate e^x
+// for finite x <= 0 (the only arguments it gets: differences to the new maximum; a side at -inf
+// is never exponentiated, see the top of the file). The kernels' inner loop passes a cheaper
+// one (the fast CUDA kernel: ex2.approx of x * log2(e), ~2^-22 relative error), which lets the
+// compiler turn the -inf tests into selects; everything else, the ring merge included, uses
+// Combine. One body, so the rescale math exists once.
+template <typename Exp>
+RA_HD CombineScales CombineWith(SoftmaxState* state, const SoftmaxState& x, const Exp& exp) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const float m = state->m > x.m ? state->m : x.m;
   if (m == ninf) {
@@ -39,11 +50,17 @@ RA_HD CombineScales Combine(SoftmaxState* state, const SoftmaxState& x) {
     state->l = 0.0f;
     return {0.0f, 0.0f};
   }
-  const float sa = state->m == ninf ? 0.0f : std::exp(state->m - m);
-  const float sb = x.m == ninf ? 0.0f : std::exp(x.m - m);
+  const float sa = state->m == ninf ? 0.0f : exp(state->m - m);
+  const float sb = x.m == ninf ? 0.0f : exp(x.m - m);
   state->m = m;
   state->l = state->l * sa + x.l * sb;
   return {sa, sb};
+}
+
+// Combines `x` into `*state`; returns the factors by which the accumulator of `*state` (a)
+// and that of `x` (b) must be multiplied before adding them.
+RA_HD CombineScales Combine(SoftmaxState* state, const SoftmaxState& x) {
+  return CombineWith(state, x, StdExp{});
 }
 
 // Natural-log log-sum-exp of a finished state; -inf when no key contributed.

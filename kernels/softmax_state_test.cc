@@ -79,6 +79,59 @@ TEST(SoftmaxStateTest, CombineHugeMagnitudesStaysFinite) {
   EXPECT_EQ(c.b, 1.0f);
 }
 
+// ---- CombineWith: Combine's code with another exponential -----------------------------------
+
+// e^x as the fast CUDA kernel computes it, 2^(x log2 e), here through std::exp2; records the
+// arguments it was given.
+struct Exp2Recording {
+  std::vector<float>* args;
+  float operator()(float x) const {
+    args->push_back(x);
+    return std::exp2(x * 1.4426950408889634f);
+  }
+};
+
+TEST(CombineWithTest, MatchesCombineOnEveryEdge) {
+  const SoftmaxState cases[][2] = {
+      {{}, {}},                          // both empty
+      {{}, {2.5f, 3.0f}},                // into empty
+      {{-1.5f, 7.0f}, {}},               // with empty
+      {{1.0f, 2.0f}, {3.0f, 5.0f}},      // rescale the state
+      {{3.0f, 2.0f}, {1.0f, 5.0f}},      // rescale the other
+      {{1e30f, 1.0f}, {1e30f, 1.0f}},    // huge, equal
+      {{-1e30f, 1.0f}, {1e30f, 4.0f}},   // huge difference: underflow to 0, not NaN
+      {{-20.0f, 0.5f}, {-21.0f, 0.0f}},  // a block max below the state's, l = 0 (the kernel's call)
+  };
+  for (const auto& [state0, x] : cases) {
+    SCOPED_TRACE(::testing::Message() << "state (" << state0.m << ", " << state0.l << ") x (" << x.m
+                                      << ", " << x.l << ")");
+    SoftmaxState want_state = state0;
+    const CombineScales want = Combine(&want_state, x);
+    std::vector<float> args;
+    SoftmaxState got_state = state0;
+    const CombineScales got = CombineWith(&got_state, x, Exp2Recording{&args});
+    EXPECT_EQ(got_state.m, want_state.m);
+    EXPECT_NEAR(got_state.l, want_state.l, 1e-6f * std::abs(want_state.l));
+    EXPECT_NEAR(got.a, want.a, 1e-6f);
+    EXPECT_NEAR(got.b, want.b, 1e-6f);
+    // Only finite differences to the new maximum reach the exponential: never -inf - -inf.
+    for (float a : args) {
+      EXPECT_TRUE(std::isfinite(a)) << a;
+      EXPECT_LE(a, 0.0f);
+    }
+  }
+}
+
+TEST(CombineWithTest, DefaultExponentialIsCombine) {
+  SoftmaxState a{0.25f, 3.0f}, b{0.25f, 3.0f};
+  const CombineScales ca = Combine(&a, SoftmaxState{1.75f, 2.0f});
+  const CombineScales cb = CombineWith(&b, SoftmaxState{1.75f, 2.0f}, StdExp{});
+  EXPECT_EQ(ca.a, cb.a);
+  EXPECT_EQ(ca.b, cb.b);
+  EXPECT_EQ(a.m, b.m);
+  EXPECT_EQ(a.l, b.l);
+}
+
 // ---- MergeLse -------------------------------------------------------------------------------
 
 TEST(MergeLseTest, BothEmpty) {

@@ -7,22 +7,21 @@
 // O += P V. The epilogue normalises each row and writes or merges it.
 //
 // Vectorisation: both products go through one register-blocked micro-kernel (kMicroRows x
-// kMicroCols fp32 accumulators) whose innermost loop runs over contiguous columns, so the
-// compiler vectorises it without reassociating any sum. Every output element therefore
-// accumulates its terms in a fixed order, which also makes results independent of the thread
-// count (a row is always computed by one thread, the same way).
+// kMicroCols fp32 accumulators; cpu_tiles.h, shared with the backward) whose innermost loop
+// runs over contiguous columns, so the compiler vectorises it without reassociating any sum.
+// Every output element therefore accumulates its terms in a fixed order, which also makes
+// results independent of the thread count (a row is always computed by one thread, the same
+// way).
 #include "kernels/cpu/flash_cpu.h"
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/cpu_tiles.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
 #include "kernels/softmax_state.h"
@@ -31,101 +30,18 @@
 namespace ringattn {
 namespace {
 
-constexpr int kBlockQ = 64;    // query rows per work item (Br)
-constexpr int kBlockK = 64;    // key rows per inner step (Bc)
-constexpr int kMicroRows = 4;  // micro-kernel tile height (rows of the left operand)
-constexpr int kMicroCols = 8;  // micro-kernel tile width: 8 floats = 2 SSE vectors
-// With 4 x 8 accumulators (8 vectors) plus operands the tile fits the 16 SSE registers.
+using cpu_tiles::kMicroCols;
+using cpu_tiles::kMicroRows;
+using cpu_tiles::LoadRowAsFloat;
+using cpu_tiles::MultiplyTiles;
+using cpu_tiles::RoundUp;
+using cpu_tiles::StoreRowFromFloat;
+
+constexpr int kBlockQ = 64;  // query rows per work item (Br)
+constexpr int kBlockK = 64;  // key rows per inner step (Bc)
 static_assert(kBlockQ % kMicroRows == 0 && kBlockK % kMicroCols == 0);
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
-
-// ---- Conversions ----------------------------------------------------------------------------
-// The dtype switch sits outside the loops so that each case is a plain loop.
-
-// Reads n contiguous elements of type `dtype` starting at element `offset` of `base`.
-void LoadRowAsFloat(const void* base, int64_t offset, DType dtype, int n,
-                    float* out) {  // out: [n]
-  switch (dtype) {
-    case DType::kF32:
-      std::memcpy(out, static_cast<const float*>(base) + offset, n * sizeof(float));
-      return;
-    case DType::kF16: {
-      const uint16_t* in = static_cast<const uint16_t*>(base) + offset;
-      for (int i = 0; i < n; ++i) out[i] = F16ToFloatBranchless(in[i]);
-      return;
-    }
-    case DType::kBF16: {
-      const uint16_t* in = static_cast<const uint16_t*>(base) + offset;
-      for (int i = 0; i < n; ++i) out[i] = Bf16ToFloat(in[i]);
-      return;
-    }
-  }
-}
-
-// Writes n floats as contiguous elements of type `dtype` starting at element `offset`.
-void StoreRowFromFloat(const float* in,  // [n]
-                       void* base, int64_t offset, DType dtype, int n) {
-  switch (dtype) {
-    case DType::kF32:
-      std::memcpy(static_cast<float*>(base) + offset, in, n * sizeof(float));
-      return;
-    case DType::kF16: {
-      uint16_t* out = static_cast<uint16_t*>(base) + offset;
-      for (int i = 0; i < n; ++i) out[i] = FloatToF16(in[i]);
-      return;
-    }
-    case DType::kBF16: {
-      uint16_t* out = static_cast<uint16_t*>(base) + offset;
-      for (int i = 0; i < n; ++i) out[i] = FloatToBf16(in[i]);
-      return;
-    }
-  }
-}
-
-// ---- Products -------------------------------------------------------------------------------
-
-// One register tile of c (+)= a * b over kDepth terms:
-//   a: [kMicroRows, kDepth], row stride lda
-//   b: [kDepth, kMicroCols], row stride ldb
-//   c: [kMicroRows, kMicroCols], row stride ldc
-// The accumulators start at zero and stay in registers across the depth loop; the innermost
-// loop is over the contiguous columns of b (one broadcast of a times a vector of b). With
-// kAccumulate the tile's sum is added to c at the end. Both the compile-time depth and the
-// zero start matter: with a run-time depth, or accumulators loaded from c, GCC 12 vectorised
-// only some of the rows (and a 2 x 16 tile none of them: 4 x 8 is the shape it handles).
-// Measured single-threaded at head_dim 64: 16 GFLOP/s before, 24 after these two changes.
-template <int kDepth, bool kAccumulate>
-inline void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict b,
-                        int64_t ldb, float* __restrict c, int64_t ldc) {
-  float acc[kMicroRows][kMicroCols] = {};
-  for (int t = 0; t < kDepth; ++t) {
-    const float* b_row = b + t * ldb;
-    for (int r = 0; r < kMicroRows; ++r) {
-      const float a_rt = a[r * lda + t];
-      for (int col = 0; col < kMicroCols; ++col) acc[r][col] += a_rt * b_row[col];
-    }
-  }
-  for (int r = 0; r < kMicroRows; ++r) {
-    for (int col = 0; col < kMicroCols; ++col) {
-      c[r * ldc + col] = kAccumulate ? c[r * ldc + col] + acc[r][col] : acc[r][col];
-    }
-  }
-}
-
-// c (+)= a * b for whole tiles; rows a multiple of kMicroRows, cols of kMicroCols.
-//   a: [rows, kDepth], b: [kDepth, cols], c: [rows, cols], with the given row strides.
-template <int kDepth, bool kAccumulate>
-void MultiplyTiles(const float* a, int64_t lda, const float* b, int64_t ldb, int rows, int cols,
-                   float* c, int64_t ldc) {
-  for (int i = 0; i < rows; i += kMicroRows) {
-    for (int j = 0; j < cols; j += kMicroCols) {
-      MicroKernel<kDepth, kAccumulate>(a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
-    }
-  }
-}
 
 // ---- Per-thread state -----------------------------------------------------------------------
 
@@ -356,31 +272,17 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
 
 // ---- Threading ------------------------------------------------------------------------------
 
-// Runs every work item, handing them out to `num_threads` threads (the caller's included) by
-// an atomic counter. Which thread takes an item does not change its result.
+// Runs every work item on `num_threads` threads (cpu_tiles::RunWorkItems). Which thread takes
+// an item does not change its result.
 template <int kHeadDim>
 void RunAllQueryBlocks(const AttentionParams& p, int num_threads) {
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t num_items = static_cast<int64_t>(p.batch) * p.heads * q_blocks;
-  std::atomic<int64_t> next_item{0};
-  auto worker = [&]() {
-    Scratch scratch(kHeadDim);
-    for (int64_t item = next_item.fetch_add(1); item < num_items; item = next_item.fetch_add(1)) {
-      ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), &scratch);
-    }
-  };
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads, num_items));
-  std::vector<std::thread> helpers;
-  helpers.reserve(threads > 1 ? threads - 1 : 0);
-  for (int t = 1; t < threads; ++t) helpers.emplace_back(worker);
-  worker();
-  for (std::thread& helper : helpers) helper.join();
-}
-
-int ResolveThreadCount(const FlashCpuOptions& options) {
-  if (options.num_threads > 0) return options.num_threads;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw > 0 ? static_cast<int>(hw) : 1;  // 0 means the count is unknown
+  cpu_tiles::RunWorkItems(
+      num_items, num_threads, [] { return Scratch(kHeadDim); },
+      [&](int64_t item, Scratch* scratch) {
+        ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), scratch);
+      });
 }
 
 }  // namespace
@@ -418,7 +320,7 @@ absl::Status FlashCpuForward(const AttentionParams& p, const FlashCpuOptions& op
         "num_threads must be >= 0 (0: hardware concurrency), got ", options.num_threads));
   }
   if (p.seqlen_q == 0) return absl::OkStatus();  // no rows to write
-  const int threads = ResolveThreadCount(options);
+  const int threads = cpu_tiles::ResolveThreadCount(options.num_threads);
   switch (p.head_dim) {
     case 64:
       RunAllQueryBlocks<64>(p, threads);

@@ -5,7 +5,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <string>
+#include <string_view>
+#include <vector>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/attention_params.h"
 #include "kernels/dtype.h"
 
@@ -21,24 +26,73 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p);
 // Checks support, then enqueues the kernel on `stream` and returns; pointers are device memory.
 // Writes o (p.o_dtype: fp32, fp16 or bf16) and lse (when non-null), or merges into fp32 o and
 // lse with p.merge_into_output. Launch errors are returned; errors while the kernel runs surface
-// at the caller's next synchronising call.
+// at the caller's next synchronising call. Runs the default tiling of p.head_dim (the first of
+// FlashForwardConfigs), unless the environment variable RINGATTN_FLASH_FWD_CONFIG (read once)
+// names another tiling of that head dim: a test hook, so that the whole GPU test suite can run
+// on each tiling; a name that head dim lacks leaves its default.
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream);
 
-// One instantiation of the kernel per (head_dim, dtype); defined in flash_fwd_hdim*_*.cu (one
-// file each, so that they build in parallel). FlashForward dispatches to them.
+// The compiled tilings of the fast kernel (flash_fwd_configs.h holds the table and the reasons).
+struct FlashForwardConfig {
+  std::string name;  // unique per head dim; "v1" is the first version's tiling
+  int head_dim = 0;
+  int block_m = 0;        // query rows per CTA
+  int block_n = 0;        // keys per pipeline step
+  int warps = 0;          // per CTA
+  int rows_per_warp = 0;  // 16 or 32 (one or two m16 tiles)
+  bool q_in_regs = false;
+  int stages = 0;           // K/V shared-memory buffers
+  int min_ctas_per_sm = 0;  // asked of ptxas through __launch_bounds__
+  bool one_barrier = false;
+  bool ex2_combine = false;
+  bool is_default = false;  // what FlashForward runs for this head dim
+  // E.g. "M128 N64, 4 warps x 32 rows, Q smem, 2 stages, >=2 CTA/SM, 1 barrier, ex2 Combine".
+  std::string Describe() const;
+};
+
+// Every tiling compiled for `head_dim` (both dtypes), the default first; empty for an
+// unsupported head dim.
+std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim);
+
+// FlashForward with the tiling named `config` (one of FlashForwardConfigs(p.head_dim)), for
+// tests and benchmarks. InvalidArgument for an unknown name.
+absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
+                                    cudaStream_t stream);
+
+// What the device makes of one compiled tiling: registers per thread and local memory (spills)
+// from cudaFuncGetAttributes, resident CTAs per SM from the occupancy calculator. Each tiling is
+// two kernels: the plain one, and one with score mods (softcap or ALiBi), mods_* below.
+struct FlashKernelResources {
+  int registers = 0;
+  int local_bytes = 0;  // per thread; nonzero means spills or a stack array
+  int mods_registers = 0;
+  int mods_local_bytes = 0;
+  int smem_bytes = 0;   // dynamic shared memory per CTA
+  int threads = 0;      // per CTA
+  int ctas_per_sm = 0;  // of the plain kernel
+};
+absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType dtype,
+                                                           std::string_view config);
+
+// One instantiation of the kernel per (head_dim, dtype), every tiling of that head dim (index
+// `config` into Tilings<head_dim>); defined in flash_fwd_hdim*_*.cu (one file each, so that
+// they build in parallel). FlashForward dispatches to them.
 template <int kHeadDim, DType kDType>
-absl::Status LaunchFlashForward(const AttentionParams& p, cudaStream_t stream);
-extern template absl::Status LaunchFlashForward<64, DType::kBF16>(const AttentionParams&,
-                                                                  cudaStream_t);
-extern template absl::Status LaunchFlashForward<64, DType::kF16>(const AttentionParams&,
-                                                                 cudaStream_t);
-extern template absl::Status LaunchFlashForward<128, DType::kBF16>(const AttentionParams&,
-                                                                   cudaStream_t);
-extern template absl::Status LaunchFlashForward<128, DType::kF16>(const AttentionParams&,
-                                                                  cudaStream_t);
-extern template absl::Status LaunchFlashForward<256, DType::kBF16>(const AttentionParams&,
-                                                                   cudaStream_t);
-extern template absl::Status LaunchFlashForward<256, DType::kF16>(const AttentionParams&,
-                                                                  cudaStream_t);
+absl::Status LaunchFlashForward(const AttentionParams& p, int config, cudaStream_t stream);
+template <int kHeadDim, DType kDType>
+absl::StatusOr<FlashKernelResources> FlashForwardKernelResources(int config);
+
+#define RA_FLASH_FWD_DECLARE(kHeadDim, kDType)                                                   \
+  extern template absl::Status LaunchFlashForward<kHeadDim, kDType>(const AttentionParams&, int, \
+                                                                    cudaStream_t);               \
+  extern template absl::StatusOr<FlashKernelResources>                                           \
+  FlashForwardKernelResources<kHeadDim, kDType>(int)
+RA_FLASH_FWD_DECLARE(64, DType::kBF16);
+RA_FLASH_FWD_DECLARE(64, DType::kF16);
+RA_FLASH_FWD_DECLARE(128, DType::kBF16);
+RA_FLASH_FWD_DECLARE(128, DType::kF16);
+RA_FLASH_FWD_DECLARE(256, DType::kBF16);
+RA_FLASH_FWD_DECLARE(256, DType::kF16);
+#undef RA_FLASH_FWD_DECLARE
 
 }  // namespace ringattn

@@ -1,11 +1,17 @@
-// What the fast kernel supports, and the closed-set dispatch from runtime (head_dim, dtype) to
-// the compiled instantiations.
+// What the fast kernel supports, and the closed-set dispatch from runtime (head_dim, dtype,
+// tiling) to the compiled instantiations.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/flash_fwd_configs.h"
 #include "kernels/status_macros.h"
 
 namespace ringattn {
@@ -67,21 +73,142 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
   return absl::OkStatus();
 }
 
-absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
-  RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+namespace {
+
+// The compiled tilings of one head dim, as listed by flash_fwd_configs.h.
+template <int kHeadDim>
+std::vector<FlashForwardConfig> ConfigsOf() {
+  std::vector<FlashForwardConfig> configs;
+  for (const flash_fwd::Tiling& t : flash_fwd::Tilings<kHeadDim>::kList) {
+    FlashForwardConfig c;
+    c.name = t.name;
+    c.head_dim = kHeadDim;
+    c.block_m = t.block_m;
+    c.block_n = t.block_n;
+    c.warps = t.warps;
+    c.rows_per_warp = t.block_m / t.warps;
+    c.q_in_regs = t.q_in_regs;
+    c.stages = t.stages;
+    c.min_ctas_per_sm = t.min_ctas_per_sm;
+    c.one_barrier = t.one_barrier;
+    c.ex2_combine = t.ex2_combine;
+    c.is_default = configs.empty();
+    configs.push_back(std::move(c));
+  }
+  return configs;
+}
+
+template <int kHeadDim>
+int IndexIn(std::string_view name) {
+  for (int i = 0; i < flash_fwd::kNumTilings<kHeadDim>; ++i) {
+    if (name == flash_fwd::Tilings<kHeadDim>::kList[i].name) return i;
+  }
+  return -1;
+}
+
+// Index of `name` among the tilings of `head_dim`, or -1 (no allocation: per call).
+int ConfigIndex(int head_dim, std::string_view name) {
+  switch (head_dim) {
+    case 64:
+      return IndexIn<64>(name);
+    case 128:
+      return IndexIn<128>(name);
+    case 256:
+      return IndexIn<256>(name);
+  }
+  return -1;
+}
+
+absl::Status UnknownConfig(int head_dim, std::string_view name) {
+  std::vector<std::string> names;
+  for (const FlashForwardConfig& c : FlashForwardConfigs(head_dim)) names.push_back(c.name);
+  return absl::InvalidArgumentError(absl::StrCat("cuda: no tiling '", std::string(name),
+                                                 "' for head_dim ", head_dim, "; expected one of ",
+                                                 absl::StrJoin(names, ", ")));
+}
+
+// The tiling FlashForward runs for `head_dim`: RINGATTN_FLASH_FWD_CONFIG's when that head dim
+// has it, else the default (index 0).
+int DefaultConfigIndex(int head_dim) {
+  static const std::string* const forced = [] {
+    const char* env = std::getenv("RINGATTN_FLASH_FWD_CONFIG");
+    return new std::string(env == nullptr ? "" : env);
+  }();
+  if (forced->empty()) return 0;
+  const int index = ConfigIndex(head_dim, *forced);
+  return index < 0 ? 0 : index;
+}
+
+absl::Status Launch(const AttentionParams& p, int config, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBF16;
   switch (p.head_dim) {
     case 64:
-      return bf16 ? LaunchFlashForward<64, DType::kBF16>(p, stream)
-                  : LaunchFlashForward<64, DType::kF16>(p, stream);
+      return bf16 ? LaunchFlashForward<64, DType::kBF16>(p, config, stream)
+                  : LaunchFlashForward<64, DType::kF16>(p, config, stream);
     case 128:
-      return bf16 ? LaunchFlashForward<128, DType::kBF16>(p, stream)
-                  : LaunchFlashForward<128, DType::kF16>(p, stream);
+      return bf16 ? LaunchFlashForward<128, DType::kBF16>(p, config, stream)
+                  : LaunchFlashForward<128, DType::kF16>(p, config, stream);
     case 256:
-      return bf16 ? LaunchFlashForward<256, DType::kBF16>(p, stream)
-                  : LaunchFlashForward<256, DType::kF16>(p, stream);
+      return bf16 ? LaunchFlashForward<256, DType::kBF16>(p, config, stream)
+                  : LaunchFlashForward<256, DType::kF16>(p, config, stream);
   }
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.head_dim));
+}
+
+}  // namespace
+
+std::string FlashForwardConfig::Describe() const {
+  return absl::StrCat("M", block_m, " N", block_n, ", ", warps, " warps x ", rows_per_warp,
+                      " rows, Q ", q_in_regs ? "regs" : "smem", ", ", stages,
+                      " stages, >=", min_ctas_per_sm, " CTA/SM, ", one_barrier ? 1 : 2, " barrier",
+                      one_barrier ? "" : "s", ", ", ex2_combine ? "ex2" : "expf", " Combine");
+}
+
+std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
+  switch (head_dim) {
+    case 64:
+      return ConfigsOf<64>();
+    case 128:
+      return ConfigsOf<128>();
+    case 256:
+      return ConfigsOf<256>();
+  }
+  return {};
+}
+
+absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
+  RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+  return Launch(p, DefaultConfigIndex(p.head_dim), stream);
+}
+
+absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
+                                    cudaStream_t stream) {
+  RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+  const int index = ConfigIndex(p.head_dim, config);
+  if (index < 0) return UnknownConfig(p.head_dim, config);
+  return Launch(p, index, stream);
+}
+
+absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType dtype,
+                                                           std::string_view config) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16) {
+    return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
+  }
+  const int index = ConfigIndex(head_dim, config);
+  if (index < 0) return UnknownConfig(head_dim, config);
+  const bool bf16 = dtype == DType::kBF16;
+  switch (head_dim) {
+    case 64:
+      return bf16 ? FlashForwardKernelResources<64, DType::kBF16>(index)
+                  : FlashForwardKernelResources<64, DType::kF16>(index);
+    case 128:
+      return bf16 ? FlashForwardKernelResources<128, DType::kBF16>(index)
+                  : FlashForwardKernelResources<128, DType::kF16>(index);
+    case 256:
+      return bf16 ? FlashForwardKernelResources<256, DType::kBF16>(index)
+                  : FlashForwardKernelResources<256, DType::kF16>(index);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
 
 }  // namespace ringattn

@@ -1,8 +1,10 @@
-// The fast forward kernel for head_dim 128, bf16 inputs (one instantiation per file so that
-// they compile in parallel).
+// The fast forward kernel for head_dim 128, bf16 inputs, every tiling of that head dim
+// (flash_fwd_configs.h); one (head_dim, dtype) per file so that they compile in parallel.
 #include "kernels/cuda/flash_fwd.cuh"
 
 namespace ringattn {
-template absl::Status LaunchFlashForward<128, DType::kBF16>(const AttentionParams& p,
+template absl::Status LaunchFlashForward<128, DType::kBF16>(const AttentionParams& p, int config,
                                                             cudaStream_t stream);
+template absl::StatusOr<FlashKernelResources> FlashForwardKernelResources<128, DType::kBF16>(
+    int config);
 }  // namespace ringattn

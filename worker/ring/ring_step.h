@@ -21,14 +21,14 @@ namespace ringattn {
 // The options follow ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal,
 // window_size, alibi_slopes, deterministic, return_attn_probs) of the reference Python ring.
 struct RingAttentionOptions {
-  float dropout_p = 0.0f;                   // must be 0: dropout needs the training path
-  std::optional<float> softmax_scale;       // default 1 / sqrt(head_dim)
+  float dropout_p = 0.0f;              // must be 0: dropout needs the training path
+  std::optional<float> softmax_scale;  // default 1 / sqrt(head_dim)
   bool causal = false;
   std::pair<int64_t, int64_t> window_size = {-1, -1};  // (left, right); -1 is unbounded
-  std::vector<float> alibi_slopes;          // [heads], host memory, or empty for none
-  float softcap = 0.0f;                     // 0 disables
-  bool deterministic = false;               // the forward is deterministic either way
-  bool return_attn_probs = false;           // refused: the ring never forms the matrix
+  std::vector<float> alibi_slopes;                     // [heads], host memory, or empty for none
+  float softcap = 0.0f;                                // 0 disables
+  bool deterministic = false;                          // the forward is deterministic either way
+  bool return_attn_probs = false;                      // refused: the ring never forms the matrix
 };
 
 // This rank's shard, rows in the plan's local order, all contiguous, host or device memory as
@@ -47,10 +47,10 @@ struct RingShardTensors {
 };
 
 struct RingStepTiming {
-  int source_rank = 0;          // owner of the K/V block computed in this step
-  double compute_seconds = 0;   // attention of local Q against the block, merge included
-  double comm_wait_seconds = 0; // time the compute waited for the transfers after it finished
-  int kernel_calls = 0;         // segment pairs computed (masked-out pairs are skipped)
+  int source_rank = 0;           // owner of the K/V block computed in this step
+  double compute_seconds = 0;    // attention of local Q against the block, merge included
+  double comm_wait_seconds = 0;  // time the compute waited for the transfers after it finished
+  int kernel_calls = 0;          // segment pairs computed (masked-out pairs are skipped)
 };
 
 struct RingTimings {
@@ -105,9 +105,9 @@ struct ShardGeometry {
 // head_dim] and lse_acc [batch, heads, q_rows]. `alibi_slopes` ([heads] fp32 or null) must be
 // in the backend's memory space: the host driver passes options.alibi_slopes.data(), the
 // device driver its device copy.
-AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g,
-                                  int64_t q_rows, const Segment& qs, const KvBlock& kv,
-                                  int64_t k_rows, const Segment& ks, float* o_acc, float* lse_acc,
+AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g, int64_t q_rows,
+                                  const Segment& qs, const KvBlock& kv, int64_t k_rows,
+                                  const Segment& ks, float* o_acc, float* lse_acc,
                                   const RingAttentionOptions& options, const float* alibi_slopes,
                                   float scale);
 

@@ -1,0 +1,179 @@
+// Unit tests of the comparison framework's pieces: case parsing, latency percentiles, the ring
+// step summary, tolerances, heap accounting and the JSON writer.
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "bench/compare/cases.h"
+#include "bench/compare/implementations.h"
+#include "bench/compare/metrics.h"
+#include "gtest/gtest.h"
+
+namespace ringattn::compare {
+namespace {
+
+TEST(Cases, ParsesKeyValueAndJsonLines) {
+  absl::StatusOr<std::vector<ComparisonCase>> cases = ParseCases(
+      "# a comment\n"
+      "\n"
+      "name=kv seqlen=300 heads=4 heads_k=2 dtype=fp16 causal=true worlds=1,3 window=16,0\n"
+      "{\"name\": \"js\", \"seqlen\": 1024, \"head_dim\": 128, \"worlds\": [1, 2, 4], "
+      "\"alibi\": true, \"softcap\": 30, \"layout\": \"stripe\"}\n");
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  ASSERT_EQ(cases->size(), 2u);
+  const ComparisonCase& a = (*cases)[0];
+  EXPECT_EQ(a.name, "kv");
+  EXPECT_EQ(a.seqlen, 300);
+  EXPECT_EQ(a.kv_heads(), 2);
+  EXPECT_EQ(a.dtype, DType::kF16);
+  EXPECT_TRUE(a.causal);
+  EXPECT_EQ(a.worlds, (std::vector<int>{1, 3}));
+  EXPECT_EQ(a.window_left, 16);
+  EXPECT_EQ(a.window_right, 0);
+  const ComparisonCase& b = (*cases)[1];
+  EXPECT_EQ(b.name, "js");
+  EXPECT_EQ(b.head_dim, 128);
+  EXPECT_EQ(b.kv_heads(), b.heads);
+  EXPECT_EQ(b.worlds, (std::vector<int>{1, 2, 4}));
+  EXPECT_TRUE(b.alibi);
+  EXPECT_FLOAT_EQ(b.softcap, 30.0f);
+  EXPECT_EQ(b.layout, "stripe");
+}
+
+TEST(Cases, ErrorsNameTheLineAndTheKey) {
+  absl::StatusOr<std::vector<ComparisonCase>> r = ParseCases("seqlen=64\nseqlen=64 head_dim=96\n");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("line 2"), std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find("96"), std::string::npos) << r.status();
+  r = ParseCases("seqlen=64 colour=red\n");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("colour"), std::string::npos) << r.status();
+  EXPECT_FALSE(ParseCases("{\"seqlen\": 64,\n").ok());
+  EXPECT_FALSE(ParseCases("seqlen=64 worlds=0\n").ok());
+  EXPECT_FALSE(ParseCases("seqlen=64 heads=6 heads_k=4\n").ok());
+  EXPECT_FALSE(ParseCases("# nothing\n").ok());
+}
+
+TEST(Cases, PresetsAreValid) {
+  for (const std::string& name : PresetNames()) {
+    absl::StatusOr<CaseSet> set = PresetCases(name);
+    ASSERT_TRUE(set.ok()) << name << ": " << set.status();
+    EXPECT_FALSE(set->cases.empty()) << name;
+    EXPECT_FALSE(set->default_implementations.empty()) << name;
+  }
+  EXPECT_FALSE(PresetCases("nightly").ok());
+}
+
+TEST(Metrics, NearestRankPercentiles) {
+  std::vector<double> s;
+  for (int i = 100; i >= 1; --i) s.push_back(i);
+  const LatencyStats l = SummarizeLatency(s);
+  EXPECT_EQ(l.count, 100);
+  EXPECT_EQ(l.p50, 50);
+  EXPECT_EQ(l.p99, 99);
+  EXPECT_EQ(l.min, 1);
+  EXPECT_EQ(l.max, 100);
+  EXPECT_DOUBLE_EQ(l.mean, 50.5);
+  const LatencyStats few = SummarizeLatency({3, 1, 2});
+  EXPECT_EQ(few.p50, 2);
+  EXPECT_EQ(few.p99, 3);  // the maximum below 100 samples
+}
+
+TEST(Metrics, RingHiddenShare) {
+  // Two ranks, two steps; compute 3 s in total per rank, waits 1 s in total over both ranks.
+  RingTimings r0, r1;
+  r0.steps = {{0, 1.0, 0.0, 1}, {1, 2.0, 1.0, 1}};
+  r1.steps = {{1, 1.5, 0.0, 1}, {0, 1.5, 0.0, 1}};
+  const RingSummary s = SummarizeRing({{r0, r1}});
+  EXPECT_EQ(s.ranks, 2);
+  EXPECT_EQ(s.samples, 1);
+  ASSERT_EQ(s.steps.size(), 2u);
+  EXPECT_DOUBLE_EQ(s.steps[0].compute_mean, 1.25);
+  EXPECT_DOUBLE_EQ(s.steps[1].comm_wait_mean, 0.5);
+  EXPECT_DOUBLE_EQ(s.steps[1].comm_wait_max, 1.0);
+  EXPECT_DOUBLE_EQ(s.compute_seconds, 6.0);
+  EXPECT_DOUBLE_EQ(s.comm_wait_seconds, 1.0);
+  EXPECT_DOUBLE_EQ(s.hidden_share, 1.0 - 1.0 / 7.0);
+}
+
+TEST(Metrics, TolerancesAreStricterThanTheSeeds) {
+  const Tolerances seed = SeedTolerances();
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const Tolerances tool = ToolTolerances(t);
+    EXPECT_LT(tool.out.max_abs, seed.out.max_abs);
+    EXPECT_LT(tool.grad.max_abs, seed.grad.max_abs);
+    EXPECT_LT(BaselineTolerances(t).out.max_abs, seed.out.max_abs);
+  }
+  ErrorStats e;
+  e.max_abs = 1e-3;
+  e.rel_l2 = 1e-3;
+  EXPECT_TRUE(ToolTolerances(DType::kBF16).out.Admits(e));
+  EXPECT_FALSE(ToolTolerances(DType::kF32).out.Admits(e));
+  e.nan_count = 1;
+  EXPECT_FALSE(ToolTolerances(DType::kBF16).out.Admits(e));
+}
+
+TEST(Metrics, HeapPeakSeesAnAllocation) {
+  HostHeap::ResetPeak();
+  const int64_t before = HostHeap::LiveBytes();
+  {
+    auto block = std::make_unique<std::vector<char>>(1 << 20);
+    EXPECT_GE(HostHeap::LiveBytes() - before, 1 << 20);
+  }
+  EXPECT_GE(HostHeap::PeakBytes() - before, 1 << 20);
+  EXPECT_LT(HostHeap::LiveBytes() - before, 1 << 20);
+}
+
+TEST(Metrics, JsonEscapesAndNulls) {
+  JsonObject o;
+  o.Add("s", "a\"b\\c\n").Add("x", std::numeric_limits<double>::quiet_NaN()).Add("n", 3);
+  o.Add("v", std::vector<int>{1, 2});
+  EXPECT_EQ(o.ToString(), R"({"s":"a\"b\\c\n","x":null,"n":3,"v":[1,2]})");
+}
+
+TEST(Implementations, RegistryKnowsEveryNameAndRefusesOthers) {
+  const ImplementationRegistry registry = BuiltinImplementations();
+  for (const std::string& name : registry.Names()) {
+    absl::StatusOr<std::unique_ptr<Implementation>> impl = registry.Make(name);
+    ASSERT_TRUE(impl.ok()) << name;
+    EXPECT_EQ((*impl)->name(), name);
+  }
+  EXPECT_EQ(registry.Names().size(), 6u);
+  absl::StatusOr<std::unique_ptr<Implementation>> bad = registry.Make("triton");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("single_cpu"), std::string::npos);
+}
+
+TEST(Implementations, CpuRingMatchesSingleOnATinyCase) {
+  ComparisonCase c;
+  c.seqlen = 77;
+  c.heads = 2;
+  c.head_dim = 64;
+  c.dtype = DType::kF32;
+  c.causal = true;
+  absl::StatusOr<Problem> problem = MakeProblem(c, 1, /*with_grad_output=*/false);
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  const ImplementationRegistry registry = BuiltinImplementations();
+  auto single = registry.Make("single_cpu");
+  auto ring = registry.Make("ring_cpu");
+  ASSERT_TRUE(single.ok() && ring.ok());
+  absl::StatusOr<ForwardRun> a = (*single)->Forward(*problem, 1, Repeats{0, 1});
+  absl::StatusOr<ForwardRun> b = (*ring)->Forward(*problem, 3, Repeats{0, 2});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->seconds.size(), 1u);
+  EXPECT_EQ(b->seconds.size(), 2u);
+  ASSERT_EQ(b->ring.size(), 2u);
+  EXPECT_EQ(b->ring[0].size(), 3u);
+  EXPECT_GT(a->memory.peak_bytes, problem->input_bytes());
+  ASSERT_EQ(a->out.size(), b->out.size());
+  const auto* x = reinterpret_cast<const float*>(a->out.data());
+  const auto* y = reinterpret_cast<const float*>(b->out.data());
+  for (size_t i = 0; i < a->out.size() / sizeof(float); ++i) {
+    ASSERT_NEAR(x[i], y[i], 1e-5) << i;
+  }
+}
+
+}  // namespace
+}  // namespace ringattn::compare

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device job for the fast forward kernel's tilings: correctness of every tiling, then the
+# timing of every tiling at the ANCHORS.md shapes. Binaries come from scripts/gpu_bundle.sh:
+#
+#   here:    scripts/gpu_bundle.sh cuda_backend_test flash_fwd_config_test gpu_kernel_bench
+#   device:  kernels/cuda/flash_fwd_device_run.sh [.devbin] [$OUT]
+#
+# Steps (each log under OUT_DIR, a summary on stdout):
+#   1. flash_fwd_config_test: every tiling against the simple kernel (~250 cases), and the
+#      registers / local memory / CTAs per SM of every kernel;
+#   2. cuda_backend_test (89 tests) on the default tilings, then on v1's
+#      (RINGATTN_FLASH_FWD_CONFIG=v1); with ALL_TILINGS=1 also on every other tiling name;
+#   3. gpu_kernel_bench: every tiling at every shape, JSON lines in OUT_DIR/kernel_bench.jsonl.
+# The exit status is nonzero when any step failed; later steps still run.
+set -uo pipefail
+BIN=${1:-.devbin}
+OUT_DIR=${2:-${OUT:-/tmp/flash_fwd_run}}
+mkdir -p "$OUT_DIR"
+export LD_LIBRARY_PATH="$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+status=0
+
+echo "== flash_fwd_config_test"
+"$BIN/flash_fwd_config_test" >"$OUT_DIR/config_test.log" 2>&1 || status=1
+grep -E "^d[0-9]+ |PASSED|FAILED|tests ran" "$OUT_DIR/config_test.log" | sort -u | head -80
+
+run_suite() {  # $1: tiling name or "default"
+  local log="$OUT_DIR/backend_test_$1.log"
+  if [ "$1" = default ]; then
+    "$BIN/cuda_backend_test" >"$log" 2>&1 || status=1
+  else
+    RINGATTN_FLASH_FWD_CONFIG="$1" "$BIN/cuda_backend_test" >"$log" 2>&1 || status=1
+  fi
+  echo "cuda_backend_test [$1]: $(grep -E '^\[  (PASSED|FAILED)  \]' "$log" | tr '\n' ' ')"
+}
+echo "== cuda_backend_test"
+run_suite default
+run_suite v1
+if [ "${ALL_TILINGS:-0}" = 1 ]; then
+  # Every tiling name of flash_fwd_configs.h but the defaults and v1 (run above).
+  for name in 4x32_n64_qr 4x32_n128_s3 v1_n64_c2 8x32_n128 4x32_n64_expf 4x32_n64_2bar \
+    4x32_n64_s3 v1_n128 8x32_n64; do
+    run_suite "$name"
+  done
+fi
+
+echo "== gpu_kernel_bench"
+"$BIN/gpu_kernel_bench" --json "$OUT_DIR/kernel_bench.jsonl" >"$OUT_DIR/kernel_bench.txt" 2>&1 ||
+  status=1
+cat "$OUT_DIR/kernel_bench.txt"
+exit $status

@@ -1,0 +1,479 @@
+// The cudnn backend: the expressibility rules (PlanCudnnCall) and Forward (graph from the cache,
+// execute, epilogue). See cudnn_backend.h for the rules and their derivation.
+#include "kernels/cudnn/cudnn_backend.h"
+
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cudnn/merge_kernel.h"
+#include "kernels/cudnn/sdpa_graph_cache.h"
+#include "kernels/params_check.h"
+#include "kernels/score_mod.h"
+#include "kernels/status_macros.h"
+
+namespace ringattn {
+namespace {
+
+constexpr std::string_view kCudnnName = "cudnn";
+constexpr int64_t kMaxSeqlen = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxExactFloatIndex = int64_t{1} << 24;
+
+// Wide enough for any sum or product of two int64 positions.
+using Wide = __int128;
+
+Wide FloorDiv(Wide a, Wide b) {  // b > 0
+  Wide q = a / b;
+  if (a % b != 0 && a < 0) --q;
+  return q;
+}
+Wide CeilDiv(Wide a, Wide b) {  // b > 0
+  Wide q = a / b;
+  if (a % b != 0 && a > 0) ++q;
+  return q;
+}
+Wide Max(Wide a, Wide b) { return a > b ? a : b; }
+Wide Min(Wide a, Wide b) { return a < b ? a : b; }
+
+const void* Advance(const void* base, int64_t elements, DType t) {
+  return static_cast<const char*>(base) + elements * DTypeSize(t);
+}
+void* Advance(void* base, int64_t elements, DType t) {
+  return static_cast<char*>(base) + elements * DTypeSize(t);
+}
+
+bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// R4 for one tensor: the pointer 16-byte aligned, the stride of each dimension of size > 1 a
+// multiple of 8 elements (16 bytes in fp16/bf16). Returns the offending field or nullptr.
+const char* MisalignedField(const char* ptr_name, const void* ptr, const char* const names[3],
+                            const int64_t strides[3], const int64_t sizes[3]) {
+  if (!Aligned16(ptr)) return ptr_name;
+  for (int i = 0; i < 3; ++i) {
+    if (sizes[i] > 1 && strides[i] % 8 != 0) return names[i];
+  }
+  return nullptr;
+}
+
+absl::Status CheckAlignment(const AttentionParams& p, const CudnnMaskPlan& plan) {
+  const int64_t q_sizes[3] = {p.batch, p.heads, plan.q_count};
+  const int64_t kv_sizes[3] = {p.batch, p.heads_k, plan.k_count};
+  const char* const q_names[3] = {"q_batch_stride", "q_head_stride", "q_row_stride"};
+  const char* const k_names[3] = {"k_batch_stride", "k_head_stride", "k_row_stride"};
+  const char* const v_names[3] = {"v_batch_stride", "v_head_stride", "v_row_stride"};
+  const int64_t q_strides[3] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride};
+  const int64_t k_strides[3] = {p.k_batch_stride, p.k_head_stride, p.k_row_stride};
+  const int64_t v_strides[3] = {p.v_batch_stride, p.v_head_stride, p.v_row_stride};
+  // The pointers cuDNN gets: the first live row of each tensor.
+  const char* bad = MisalignedField("q", Advance(p.q, plan.q_begin * p.q_row_stride, p.dtype),
+                                    q_names, q_strides, q_sizes);
+  int64_t value = 0;
+  if (bad == nullptr) {
+    bad = MisalignedField("k", Advance(p.k, plan.k_begin * p.k_row_stride, p.dtype), k_names,
+                          k_strides, kv_sizes);
+  }
+  if (bad == nullptr) {
+    bad = MisalignedField("v", Advance(p.v, plan.k_begin * p.v_row_stride, p.dtype), v_names,
+                          v_strides, kv_sizes);
+  }
+  if (bad == nullptr) return absl::OkStatus();
+  const std::string_view name(bad);
+  for (int i = 0; i < 3; ++i) {
+    if (name == q_names[i]) value = q_strides[i];
+    if (name == k_names[i]) value = k_strides[i];
+    if (name == v_names[i]) value = v_strides[i];
+  }
+  const std::string got =
+      name.size() == 1 ? std::string(" (pointer not 16-byte aligned)") : absl::StrCat(" = ", value);
+  return absl::InvalidArgumentError(absl::StrCat(
+      "the cudnn backend needs q, k and v 16-byte aligned with batch/head/row strides in "
+      "multiples of 8 elements (cuDNN's vector loads); got ",
+      std::string(name), got, "; use the cuda_reference backend"));
+}
+
+// The cuDNN status of `expr` as an absl::Status.
+absl::Status CudnnStatus(cudnnStatus_t s, const char* expr) {
+  if (s == CUDNN_STATUS_SUCCESS) return absl::OkStatus();
+  const std::string message =
+      absl::StrCat(expr, " failed: ", cudnnGetErrorString(s), " (", static_cast<int>(s), ")");
+  switch (s) {
+    case CUDNN_STATUS_ALLOC_FAILED:
+      return absl::ResourceExhaustedError(message);
+    case CUDNN_STATUS_NOT_INITIALIZED:
+      return absl::FailedPreconditionError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+int64_t Align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+// ---- The rules ------------------------------------------------------------------------------
+
+bool CudnnMaskPlan::Allows(int64_t i, int64_t j) const {
+  if (empty) return false;
+  if (i < q_begin || i >= q_begin + q_count || j < k_begin || j >= k_begin + k_count) return false;
+  const int64_t ii = i - q_begin, jj = j - k_begin;
+  if (has_right_bound && jj > ii + right_bound) return false;
+  if (has_left_bound && jj <= ii - left_bound) return false;
+  return true;
+}
+
+std::string CudnnMaskPlan::ToString() const {
+  if (empty) return "{empty}";
+  std::string s = absl::StrCat("{q rows [", q_begin, ", +", q_count, ") k rows [", k_begin, ", +",
+                               k_count, ")");
+  if (has_right_bound) absl::StrAppend(&s, " right_bound=", right_bound);
+  if (has_left_bound) absl::StrAppend(&s, " left_bound=", left_bound);
+  if (padding_mask) absl::StrAppend(&s, " padding_mask");
+  if (!has_right_bound && !has_left_bound) absl::StrAppend(&s, " unmasked");
+  return s + "}";
+}
+
+absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
+  // R1-R3, R5: options cuDNN has no exact form for.
+  if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cudnn backend supports dtype bf16 and fp16, got dtype ",
+                     std::string(DTypeName(p.dtype)), "; use the cuda_reference backend"));
+  }
+  if (p.alibi_slopes != nullptr) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend does not support alibi_slopes; use the cuda backend");
+  }
+  if (p.softcap > 0.0f) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend does not support softcap; use the cuda backend");
+  }
+  if (p.seqlen_q > kMaxSeqlen || p.seqlen_k > kMaxSeqlen) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cudnn backend supports seqlen_q and seqlen_k below 2^31, got ",
+                     p.seqlen_q, " and ", p.seqlen_k));
+  }
+
+  CudnnMaskPlan plan;
+  const int64_t sq = p.seqlen_q, sk = p.seqlen_k;
+  if (sq == 0 || sk == 0) {
+    plan.empty = true;
+    return plan;
+  }
+  const bool masked = p.causal || p.window_left >= 0 || p.window_right >= 0;
+  bool unmasked = !masked;
+  if (masked) {
+    const BlockMask block =
+        ClassifyBlock(p, QueryPos(p, 0), QueryPos(p, sq - 1), KeyPos(p, 0), KeyPos(p, sk - 1));
+    if (!block.any) {
+      plan.empty = true;
+      return plan;
+    }
+    unmasked = block.all;
+    if (!unmasked && p.q_pos_stride != p.k_pos_stride) {  // R6
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cudnn backend cannot express this causal/window mask: q_pos_stride (",
+          p.q_pos_stride, ") != k_pos_stride (", p.k_pos_stride,
+          ") and the mask allows some but not all query/key pairs of the call (not a diagonal "
+          "band); use the cuda backend"));
+    }
+  }
+  if (unmasked) {
+    plan.q_begin = 0;
+    plan.q_count = sq;
+    plan.k_begin = 0;
+    plan.k_count = sk;
+    return plan;
+  }
+
+  // The band a <= j - i <= b (see cudnn_backend.h), each side possibly open.
+  const Wide s = p.q_pos_stride;
+  const Wide e = static_cast<Wide>(p.k_pos_offset) - p.q_pos_offset;
+  bool has_hi = p.window_right >= 0, has_lo = p.window_left >= 0;
+  Wide hi = p.window_right;
+  if (p.causal) {
+    hi = has_hi ? Min(hi, 0) : 0;
+    has_hi = true;
+  }
+  const Wide lo = -static_cast<Wide>(p.window_left);
+  const Wide a = has_lo ? CeilDiv(lo - e, s) : 0;
+  const Wide b = has_hi ? FloorDiv(hi - e, s) : 0;
+  if (has_lo && has_hi && a > b) {
+    plan.empty = true;
+    return plan;
+  }
+  // Live rows: some key j in [0, sk) with a <= j - i <= b.
+  const Wide i0 = has_hi ? Max(0, -b) : 0;
+  const Wide i1 = has_lo ? Min(sq - 1, sk - 1 - a) : sq - 1;
+  if (i0 > i1) {
+    plan.empty = true;
+    return plan;
+  }
+  // Keys seen by some live row.
+  const Wide j0 = has_lo ? Max(0, i0 + a) : 0;
+  const Wide j1 = has_hi ? Min(sk - 1, i1 + b) : sk - 1;
+  plan.q_begin = static_cast<int64_t>(i0);
+  plan.q_count = static_cast<int64_t>(i1 - i0 + 1);
+  plan.k_begin = static_cast<int64_t>(j0);
+  plan.k_count = static_cast<int64_t>(j1 - j0 + 1);
+  // The band relative to the live block: a' <= 0 <= b' (j0 >= i0 + a; j0 <= i0 + b).
+  const Wide a_live = a + i0 - j0;
+  const Wide b_live = b + i0 - j0;
+  if (has_hi && b_live < plan.k_count - 1) {
+    plan.has_right_bound = true;
+    plan.right_bound = static_cast<int64_t>(b_live);
+  }
+  if (has_lo && a_live > -(plan.q_count - 1)) {
+    plan.has_left_bound = true;
+    plan.left_bound = static_cast<int64_t>(1 - a_live);
+    if (!plan.has_right_bound) {  // older cuDNN needs the pair; this bound masks nothing
+      plan.has_right_bound = true;
+      plan.right_bound = plan.k_count - 1;
+    }
+    plan.padding_mask = plan.q_count > plan.k_count;
+    if (plan.q_count > kMaxExactFloatIndex ||
+        plan.k_count + plan.left_bound > kMaxExactFloatIndex) {
+      return absl::InvalidArgumentError(absl::StrCat(  // R7
+          "the cudnn backend supports a window_left only on calls whose live block has fewer "
+          "than 2^24 rows and keys (cuDNN compares the left bound in fp32); got ",
+          plan.q_count, " rows and ", plan.k_count, " keys; use the cuda backend"));
+    }
+  }
+  // With neither bound, every pair of the live block is allowed (the trim did the masking).
+  return plan;
+}
+
+absl::Status CudnnSupports(const AttentionParams& p) {
+  RA_RETURN_IF_ERROR(ValidateParams(p));
+  RA_ASSIGN_OR_RETURN(const CudnnMaskPlan plan, PlanCudnnCall(p));
+  if (!plan.empty) RA_RETURN_IF_ERROR(CheckAlignment(p, plan));
+  return absl::OkStatus();
+}
+
+// ---- The backend ----------------------------------------------------------------------------
+
+namespace {
+
+class CudnnBackendImpl final : public CudnnBackend {
+ public:
+  CudnnBackendImpl() : cache_(std::make_unique<SdpaGraphCache>()) {}
+  ~CudnnBackendImpl() override;
+
+  std::string_view name() const override { return kCudnnName; }
+  absl::Status Forward(const AttentionParams& p) override;
+
+  int64_t graph_builds() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cache_->builds();
+  }
+  int64_t workspace_bytes() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return workspace_bytes_;
+  }
+
+ private:
+  absl::Status EnsureHandle();
+  absl::Status EnsureWorkspace(int64_t bytes, cudaStream_t stream);
+
+  mutable std::mutex mu_;
+  int device_ = -1;
+  cudnnHandle_t handle_ = nullptr;
+  bool async_alloc_ = false;    // the device has stream-ordered memory pools
+  cudaEvent_t done_ = nullptr;  // recorded after each call's last use of the workspace
+  bool done_recorded_ = false;
+  cudaStream_t last_stream_ = nullptr;
+  void* workspace_ = nullptr;
+  int64_t workspace_bytes_ = 0;
+  std::unique_ptr<SdpaGraphCache> cache_;  // graphs go before the handle they were built with
+};
+
+CudnnBackendImpl::~CudnnBackendImpl() {
+  // Errors are ignored: there is no one to report them to (the driver may be shutting down).
+  if (done_recorded_) (void)cudaEventSynchronize(done_);
+  cache_.reset();
+  if (workspace_ != nullptr) (void)cudaFree(workspace_);
+  if (done_ != nullptr) (void)cudaEventDestroy(done_);
+  if (handle_ != nullptr) (void)cudnnDestroy(handle_);
+}
+
+absl::Status CudnnBackendImpl::EnsureHandle() {
+  int count = 0;
+  RA_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (count == 0) return absl::FailedPreconditionError("the cudnn backend needs a CUDA device");
+  int device = 0;
+  RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (handle_ != nullptr) {
+    if (device != device_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the cudnn backend was first used on CUDA device ", device_,
+                       " and this call is on device ", device, "; use one backend per device"));
+    }
+    return absl::OkStatus();
+  }
+  int pools = 0;
+  RA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device));
+  if (done_ == nullptr)
+    RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  cudnnHandle_t handle = nullptr;
+  RA_RETURN_IF_ERROR(CudnnStatus(cudnnCreate(&handle), "cudnnCreate"));
+  handle_ = handle;
+  device_ = device;
+  async_alloc_ = pools != 0;
+  return absl::OkStatus();
+}
+
+absl::Status CudnnBackendImpl::EnsureWorkspace(int64_t bytes, cudaStream_t stream) {
+  if (bytes <= workspace_bytes_) return absl::OkStatus();
+  // Grow by at least half again, in 2 MiB steps, so that a slowly growing shape does not
+  // reallocate every call.
+  const int64_t want = std::max(bytes, workspace_bytes_ + workspace_bytes_ / 2);
+  const int64_t grown = (want + (int64_t{2} << 20) - 1) / (int64_t{2} << 20) * (int64_t{2} << 20);
+  if (async_alloc_) {
+    // Stream-ordered: the free runs after every earlier use (the stream waited for done_ if it
+    // changed), and nothing synchronises the device.
+    if (workspace_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFreeAsync(workspace_, stream));
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+    RA_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&workspace_, static_cast<size_t>(grown), stream));
+  } else {
+    if (done_recorded_) RA_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
+    if (workspace_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(workspace_));
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(&workspace_, static_cast<size_t>(grown)));
+  }
+  workspace_bytes_ = grown;
+  return absl::OkStatus();
+}
+
+absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
+  RA_RETURN_IF_ERROR(ValidateParams(p));
+  RA_ASSIGN_OR_RETURN(const CudnnMaskPlan plan, PlanCudnnCall(p));
+  if (!plan.empty) RA_RETURN_IF_ERROR(CheckAlignment(p, plan));
+  if (p.seqlen_q == 0) return absl::OkStatus();
+  if (plan.empty && p.merge_into_output) return absl::OkStatus();  // nothing to merge
+
+  std::lock_guard<std::mutex> lock(mu_);
+  const cudaStream_t stream = this->stream();
+  if (done_recorded_ && stream != last_stream_) {
+    RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, done_, 0));
+  }
+
+  CudnnEpilogueParams e;
+  e.batch = p.batch;
+  e.heads = p.heads;
+  e.head_dim = p.head_dim;
+  e.seqlen_q = p.seqlen_q;
+  e.o = p.o;
+  e.o_dtype = p.o_dtype;
+  e.o_batch_stride = p.o_batch_stride;
+  e.o_row_stride = p.o_row_stride;
+  e.o_head_stride = p.o_head_stride;
+  e.lse = p.lse;
+  e.lse_batch_stride = p.lse_batch_stride;
+  e.lse_head_stride = p.lse_head_stride;
+  e.merge = p.merge_into_output;
+
+  if (!plan.empty) {
+    RA_RETURN_IF_ERROR(EnsureHandle());
+    const int64_t b = p.batch, h = p.heads, d = p.head_dim, sq = plan.q_count;
+    // cuDNN writes o in place when nothing needs converting or merging and o suits its stores.
+    const int64_t o_sizes[3] = {b, h, sq};
+    const int64_t o_strides[3] = {p.o_batch_stride, p.o_head_stride, p.o_row_stride};
+    void* const o_live = Advance(p.o, plan.q_begin * p.o_row_stride, p.o_dtype);
+    bool in_place = !p.merge_into_output && p.o_dtype == p.dtype && Aligned16(o_live);
+    for (int i = 0; i < 3; ++i) in_place = in_place && (o_sizes[i] <= 1 || o_strides[i] % 8 == 0);
+
+    SdpaGraphKey key;
+    key.dtype = p.dtype;
+    key.batch = b;
+    key.heads = h;
+    key.heads_k = p.heads_k;
+    key.seqlen_q = sq;
+    key.seqlen_k = plan.k_count;
+    key.head_dim = d;
+    const int64_t q_stride[3] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride};
+    const int64_t k_stride[3] = {p.k_batch_stride, p.k_head_stride, p.k_row_stride};
+    const int64_t v_stride[3] = {p.v_batch_stride, p.v_head_stride, p.v_row_stride};
+    // Scratch O: packed [b, s, h, d] (rows of the epilogue's warps contiguous).
+    const int64_t scratch_stride[3] = {sq * h * d, d, h * d};
+    for (int i = 0; i < 3; ++i) {
+      key.q_stride[i] = q_stride[i];
+      key.k_stride[i] = k_stride[i];
+      key.v_stride[i] = v_stride[i];
+      key.o_stride[i] = in_place ? o_strides[i] : scratch_stride[i];
+    }
+    key.has_right_bound = plan.has_right_bound;
+    key.right_bound = plan.right_bound;
+    key.has_left_bound = plan.has_left_bound;
+    key.left_bound = plan.left_bound;
+    key.padding_mask = plan.padding_mask;
+    std::memcpy(&key.scale_bits, &p.softmax_scale, sizeof(key.scale_bits));
+    RA_ASSIGN_OR_RETURN(const SdpaGraph* graph, cache_->GetOrBuild(handle_, key));
+
+    // Workspace: [cuDNN's][stats][scratch O][seq_len_q, seq_len_kv].
+    const int64_t cudnn_bytes = Align256(SdpaWorkspaceBytes(*graph));
+    const int64_t stats_bytes = Align256(b * h * sq * static_cast<int64_t>(sizeof(float)));
+    const int64_t scratch_bytes = in_place ? 0 : Align256(b * sq * h * d * DTypeSize(p.dtype));
+    const int64_t seqlen_bytes = plan.padding_mask ? Align256(2 * b * sizeof(int32_t)) : 0;
+    RA_RETURN_IF_ERROR(
+        EnsureWorkspace(cudnn_bytes + stats_bytes + scratch_bytes + seqlen_bytes, stream));
+    char* const base = static_cast<char*>(workspace_);
+    float* const stats = reinterpret_cast<float*>(base + cudnn_bytes);
+    void* const scratch = base + cudnn_bytes + stats_bytes;
+    int32_t* const seqlens =
+        reinterpret_cast<int32_t*>(base + cudnn_bytes + stats_bytes + scratch_bytes);
+
+    SdpaTensors t;
+    t.q = Advance(p.q, plan.q_begin * p.q_row_stride, p.dtype);
+    t.k = Advance(p.k, plan.k_begin * p.k_row_stride, p.dtype);
+    t.v = Advance(p.v, plan.k_begin * p.v_row_stride, p.dtype);
+    t.o = in_place ? o_live : scratch;
+    t.stats = stats;
+    if (plan.padding_mask) {
+      t.seq_len_q = seqlens;
+      t.seq_len_kv = seqlens + b;
+      RA_RETURN_IF_ERROR(LaunchFillInt32(t.seq_len_q, b, static_cast<int32_t>(sq), stream));
+      RA_RETURN_IF_ERROR(
+          LaunchFillInt32(t.seq_len_kv, b, static_cast<int32_t>(plan.k_count), stream));
+    }
+    RA_RETURN_IF_ERROR(CudnnStatus(cudnnSetStream(handle_, stream), "cudnnSetStream"));
+    RA_RETURN_IF_ERROR(ExecuteSdpa(*graph, handle_, t, base));
+
+    e.live_begin = plan.q_begin;
+    e.live_count = sq;
+    e.stats = stats;
+    e.o_new = t.o;
+    e.o_new_dtype = p.dtype;
+    e.o_new_batch_stride = key.o_stride[0];
+    e.o_new_head_stride = key.o_stride[1];
+    e.o_new_row_stride = key.o_stride[2];
+    e.o_written_in_place = in_place;
+  }
+
+  RA_RETURN_IF_ERROR(LaunchCudnnEpilogue(e, stream));
+  if (done_ != nullptr) {
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, stream));
+    done_recorded_ = true;
+    last_stream_ = stream;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::unique_ptr<AttentionBackend> MakeCudnnBackend() {
+  return std::make_unique<CudnnBackendImpl>();
+}
+
+}  // namespace ringattn

@@ -1,0 +1,98 @@
+// cuDNN SDPA forward graphs (cudnn-frontend), built once per shape/option key and cached.
+//
+// A graph fixes everything but the device pointers: dtype, sizes, the strides of Q/K/V/O, the
+// mask band (cudnn_backend.h), the softmax scale. Tensors in cuDNN's [b, h, s, d] order;
+// our [b, s, h, d] tensors are views with strides {batch, head, row, 1}. Stats is always a
+// packed fp32 [b, h, s_q, 1] tensor. This header keeps the cudnn-frontend headers out of its
+// includers; only sdpa_graph_cache.cc includes them.
+#pragma once
+
+#include <cudnn.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/dtype.h"
+
+namespace ringattn {
+
+struct SdpaGraphKey {
+  DType dtype = DType::kBF16;  // q, k, v and O (bf16 or fp16)
+  int64_t batch = 0, heads = 0, heads_k = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  // {batch, head, row} strides in elements (the head_dim stride is 1).
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t o_stride[3] = {0, 0, 0};
+  bool has_right_bound = false;
+  int64_t right_bound = 0;
+  bool has_left_bound = false;
+  int64_t left_bound = 0;
+  bool padding_mask = false;
+  uint32_t scale_bits = 0;  // the softmax scale's fp32 bits
+
+  bool operator==(const SdpaGraphKey&) const = default;
+  std::string ToString() const;
+};
+
+struct SdpaGraphKeyHash {
+  size_t operator()(const SdpaGraphKey& k) const;
+};
+
+// A built graph (opaque outside sdpa_graph_cache.cc).
+struct SdpaGraph;
+
+// Device pointers of one execution.
+struct SdpaTensors {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* stats = nullptr;
+  int32_t* seq_len_q = nullptr;   // [batch], only with padding_mask
+  int32_t* seq_len_kv = nullptr;  // [batch], only with padding_mask
+};
+
+// Bytes of device workspace the graph's plan needs (cuDNN's and the frontend's).
+int64_t SdpaWorkspaceBytes(const SdpaGraph& graph);
+
+// Enqueues the graph on the handle's stream (cudnnSetStream is the caller's job).
+absl::Status ExecuteSdpa(const SdpaGraph& graph, cudnnHandle_t handle, const SdpaTensors& t,
+                         void* workspace);
+
+// Key -> built graph, or the status of a failed build (not retried, except failures of CUDA
+// calls, which may be transient). Not thread-safe: the backend serialises calls.
+class SdpaGraphCache {
+ public:
+  // Beyond this many entries the cache is emptied before the next build (a ring sees a handful
+  // of shapes; this only bounds pathological use).
+  static constexpr size_t kMaxEntries = 512;
+
+  SdpaGraphCache();
+  ~SdpaGraphCache();
+  SdpaGraphCache(const SdpaGraphCache&) = delete;
+  SdpaGraphCache& operator=(const SdpaGraphCache&) = delete;
+
+  // The graph for `key`, built with `handle` (on its current device) on first use. A build
+  // that cuDNN refuses (no engine for the configuration) is InvalidArgument carrying cuDNN's
+  // message; other failures are Internal.
+  absl::StatusOr<const SdpaGraph*> GetOrBuild(cudnnHandle_t handle, const SdpaGraphKey& key);
+
+  int64_t builds() const { return builds_; }
+  size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::unique_ptr<SdpaGraph> graph;  // null when the build failed
+    absl::Status status;
+  };
+  std::unordered_map<SdpaGraphKey, Entry, SdpaGraphKeyHash> entries_;
+  int64_t builds_ = 0;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,446 @@
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/dtype.h"
+#include "kernels/status_macros.h"
+#include "worker/ring/device_ring.h"
+
+namespace ringattn {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int kThreads = 256;
+// Grid-stride loops: enough blocks to fill an H100 (132 SMs x 2048 threads) several times
+// over; more only adds scheduling.
+constexpr int64_t kMaxBlocks = 8192;
+
+int BlocksFor(int64_t work) {
+  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+// ---- Kernels --------------------------------------------------------------------------------
+
+__global__ void FillFloatKernel(float* __restrict__ x, int64_t n, float value) {  // x: [n]
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    x[i] = value;
+  }
+}
+
+template <DType kOut>
+__device__ __forceinline__ uint16_t To16(float x) {
+  static_assert(kOut == DType::kBF16 || kOut == DType::kF16, "16-bit output types only");
+  if constexpr (kOut == DType::kBF16) {
+    return FloatToBf16(x);
+  } else {
+    return FloatToF16(x);
+  }
+}
+
+// dst[i] = round(src[i]) for i < n, four elements per thread per iteration: one 16-byte load,
+// one 8-byte store (the launcher checks the alignment), then the n % 4 tail one by one. The
+// rounding is dtype.h's, the same code as the host ring's Finalize.
+template <DType kOut>
+__global__ void ConvertFromFloatKernel(const float* __restrict__ src,  // [n] fp32
+                                       uint16_t* __restrict__ dst,     // [n] kOut
+                                       int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t groups = n / 4;
+  const auto* src4 = reinterpret_cast<const float4*>(src);
+  auto* dst4 = reinterpret_cast<uint2*>(dst);
+  for (int64_t g = first; g < groups; g += stride) {
+    const float4 v = src4[g];
+    uint2 packed;  // little-endian: element 4g in the low half of .x
+    packed.x =
+        static_cast<uint32_t>(To16<kOut>(v.x)) | (static_cast<uint32_t>(To16<kOut>(v.y)) << 16);
+    packed.y =
+        static_cast<uint32_t>(To16<kOut>(v.z)) | (static_cast<uint32_t>(To16<kOut>(v.w)) << 16);
+    dst4[g] = packed;
+  }
+  for (int64_t i = groups * 4 + first; i < n; i += stride) dst[i] = To16<kOut>(src[i]);
+}
+
+// The same without alignment requirements, one element per thread per iteration.
+template <DType kOut>
+__global__ void ConvertFromFloatScalarKernel(const float* __restrict__ src,  // [n] fp32
+                                             uint16_t* __restrict__ dst,     // [n] kOut
+                                             int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    dst[i] = To16<kOut>(src[i]);
+  }
+}
+
+template <DType kOut>
+absl::Status LaunchConvert16(const float* src, void* dst, int64_t n, cudaStream_t stream) {
+  auto* out = static_cast<uint16_t*>(dst);
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+  if (aligned) {
+    ConvertFromFloatKernel<kOut>
+        <<<BlocksFor(std::max<int64_t>(n / 4, 1)), kThreads, 0, stream>>>(src, out, n);
+  } else {
+    ConvertFromFloatScalarKernel<kOut><<<BlocksFor(n), kThreads, 0, stream>>>(src, out, n);
+  }
+  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+// ---- Helpers --------------------------------------------------------------------------------
+
+void ReportIfError(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  std::fprintf(stderr, "DeviceRingWorkspace: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
+               cudaGetErrorString(e));
+}
+
+// Grows a device buffer of floats to `elems` (contents not kept). The buffer is idle: every
+// call drains the workspace's streams before returning.
+absl::Status GrowFloats(float** buffer, size_t* capacity, size_t elems) {
+  if (elems <= *capacity) return absl::OkStatus();
+  if (*buffer != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(*buffer));
+  *buffer = nullptr;
+  *capacity = 0;
+  RA_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(buffer), elems * sizeof(float)));
+  *capacity = elems;
+  return absl::OkStatus();
+}
+
+absl::Status GrowEvents(std::vector<cudaEvent_t>* events, size_t count) {
+  while (events->size() < count) {
+    cudaEvent_t e = nullptr;
+    // Timing enabled: the driver reads elapsed times between these.
+    RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    events->push_back(e);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> ElapsedSeconds(cudaEvent_t from, cudaEvent_t to) {
+  float ms = 0.0f;
+  RA_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, from, to));
+  return static_cast<double>(ms) * 1e-3;
+}
+
+// Polls until `stream` has no pending work or `timeout` passes, ignoring errors (the caller is
+// failing already and only needs its buffers idle). False on timeout.
+bool DrainStream(cudaStream_t stream, absl::Duration timeout) {
+  if (stream == nullptr) return true;
+  const Clock::time_point start = Clock::now();
+  const Clock::time_point deadline = start + absl::ToChronoNanoseconds(timeout);
+  for (;;) {
+    const cudaError_t e = cudaStreamQuery(stream);
+    if (e != cudaErrorNotReady) return true;  // done, or failed for good (sticky error)
+    (void)cudaGetLastError();  // NotReady is not an error; see DeviceCommunicator::WaitStream
+    const Clock::time_point now = Clock::now();
+    if (now >= deadline) return false;
+    device_comm_internal::PollPause(absl::FromChrono(now - start));
+  }
+}
+
+// Sets the backend's stream for a scope and restores the caller's on exit.
+class BackendStreamScope {
+ public:
+  BackendStreamScope(CudaBackend* backend, cudaStream_t stream)
+      : backend_(backend), saved_(backend->stream()) {
+    backend_->SetStream(stream);
+  }
+  ~BackendStreamScope() { backend_->SetStream(saved_); }
+  BackendStreamScope(const BackendStreamScope&) = delete;
+  BackendStreamScope& operator=(const BackendStreamScope&) = delete;
+
+ private:
+  CudaBackend* const backend_;
+  const cudaStream_t saved_;
+};
+
+// The one kernel call of a one-rank ring whose shard is one run of positions `s`: straight
+// into the caller's output, in its dtype, and its lse (may be null), as a single-device call
+// on the whole shard would be.
+AttentionParams DirectParams(const RingShardTensors& t, const ShardGeometry& g, int64_t rows,
+                             const Segment& s, const RingAttentionOptions& options,
+                             const float* alibi, float scale) {
+  const KvBlock kv{static_cast<const std::byte*>(t.k), static_cast<const std::byte*>(t.v)};
+  // Sizes, strides, positions and options as every ring step has them; only the output differs.
+  AttentionParams p = SegmentPairParams(t, g, rows, s, kv, rows, s, /*o_acc=*/nullptr,
+                                        /*lse_acc=*/nullptr, options, alibi, scale);
+  p.o = t.out;
+  p.o_dtype = t.dtype;
+  p.lse = t.lse;
+  p.merge_into_output = false;
+  return p;
+}
+
+absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBackend& backend,
+                                          const ShardPlan& plan, const RingShardTensors& t,
+                                          const RingAttentionOptions& options,
+                                          DeviceRingWorkspace* ws) {
+  const auto t0 = Clock::now();
+  RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
+  const int world = comm.world_size();
+  const int rank = comm.rank();
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
+  CudaBackend* cuda = AsCudaBackend(&backend);
+  if (backend.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the device ring driver needs a CUDA backend "
+                     "(cuda, cuda_reference), got '",
+                     std::string(backend.name()), "'"));
+  }
+  if (ws == nullptr) return absl::InvalidArgumentError("the device ring driver needs a workspace");
+  const ShardGeometry g = ShardGeometry::Of(t);
+  const int64_t rows = plan.shards[rank].rows;
+  const float scale = RingSoftmaxScale(options, t.head_dim);
+
+  // One rank whose shard is one run of positions (every layout with one rank): one call.
+  const std::optional<Segment> single =
+      world == 1 ? AsSingleSegment(plan.shards[rank]) : std::nullopt;
+  const bool direct = world == 1 && (rows == 0 || single.has_value());
+
+  DeviceRingWorkspace::Needs needs;
+  needs.steps = world;
+  const size_t slot_kv_bytes = g.KvBytes(t.batch, plan.max_rows());  // K or V of one slot
+  if (!direct) {
+    needs.o_elems = static_cast<size_t>(t.batch) * rows * g.q_row_elems;
+    needs.lse_elems = static_cast<size_t>(t.batch) * t.heads * rows;
+    if (world > 1) needs.slot_bytes = 2 * slot_kv_bytes;
+  }
+  RA_RETURN_IF_ERROR(ws->Reserve(needs));
+  RA_ASSIGN_OR_RETURN(const float* alibi, ws->AlibiSlopes(options.alibi_slopes));
+  const cudaStream_t compute = ws->compute_stream();
+  const cudaStream_t transfer = ws->comm_stream();
+  BackendStreamScope stream_scope(cuda, compute);
+
+  RingTimings timings;
+  timings.steps.resize(world);
+  if (direct) {
+    RingStepTiming& st = timings.steps[0];
+    st.source_rank = rank;
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start_event(0), compute));
+    if (rows > 0) {
+      RA_RETURN_IF_ERROR(backend.Forward(DirectParams(t, g, rows, *single, options, alibi, scale)));
+      st.kernel_calls = 1;
+    }
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(0), compute));
+  } else {
+    // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces.
+    if (needs.o_elems > 0) {
+      RA_CUDA_RETURN_IF_ERROR(
+          cudaMemsetAsync(ws->o_acc(), 0, needs.o_elems * sizeof(float), compute));
+    }
+    RA_RETURN_IF_ERROR(LaunchFillFloat(ws->lse_acc(), static_cast<int64_t>(needs.lse_elems),
+                                       -std::numeric_limits<float>::infinity(), compute));
+
+    // Step 0 computes and sends straight from the caller's K/V.
+    KvBlock in_hand{static_cast<const std::byte*>(t.k), static_cast<const std::byte*>(t.v)};
+    const int next = RingNextRank(rank, world);
+    const int prev = RingPrevRank(rank, world);
+    for (int step = 0; step < world; ++step) {
+      RingStepTiming& st = timings.steps[step];
+      const int src = RingSourceRank(rank, step, world);  // owner of the block in hand
+      st.source_rank = src;
+      KvBlock incoming;
+      if (step + 1 < world) {
+        const int incoming_src = RingSourceRank(rank, step + 1, world);
+        const size_t send_bytes = g.KvBytes(t.batch, plan.shards[src].rows);
+        const size_t recv_bytes = g.KvBytes(t.batch, plan.shards[incoming_src].rows);
+        std::byte* slot = ws->slot(step % 2);
+        incoming = {slot, slot + slot_kv_bytes};
+        // The slot was in hand at step - 1: its compute must be done before it is overwritten.
+        // (At step 0 both slots are idle: the previous call drained the streams.)
+        if (step > 0) {
+          RA_CUDA_RETURN_IF_ERROR(
+              cudaStreamWaitEvent(transfer, ws->compute_done_event(step - 1), 0));
+        }
+        const SendOp sends[] = {{next, in_hand.k, send_bytes}, {next, in_hand.v, send_bytes}};
+        const RecvOp recvs[] = {{prev, slot, recv_bytes}, {prev, slot + slot_kv_bytes, recv_bytes}};
+        RA_RETURN_IF_ERROR(comm.Enqueue(sends, recvs, transfer));
+        RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->comm_done_event(step), transfer));
+      }
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start_event(step), compute));
+      RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, ws->o_acc(),
+                                         ws->lse_acc(), options, alibi, scale, &st.kernel_calls));
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(step), compute));
+      if (step + 1 < world) {
+        // The next block in hand: the compute stream idles here until it has arrived.
+        RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(compute, ws->comm_done_event(step), 0));
+        in_hand = incoming;
+      }
+    }
+    // Finalize: the fp32 accumulators rounded once into the caller's dtype, and the lse.
+    RA_RETURN_IF_ERROR(LaunchConvertFromFloat(ws->o_acc(), t.out, t.dtype,
+                                              static_cast<int64_t>(needs.o_elems), compute));
+    if (t.lse != nullptr && needs.lse_elems > 0) {
+      RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.lse, ws->lse_acc(), needs.lse_elems * sizeof(float),
+                                              cudaMemcpyDeviceToDevice, compute));
+    }
+  }
+
+  // The compute stream waited for every comm_done, so it finishes last; the comm stream's
+  // wait returns at once and only guards against a transport that enqueued more. (A one-rank
+  // call enqueued nothing there.)
+  RA_RETURN_IF_ERROR(comm.WaitStream(compute, comm.timeout()));
+  if (!direct) RA_RETURN_IF_ERROR(comm.WaitStream(transfer, comm.timeout()));
+  for (int step = 0; step < world; ++step) {
+    RingStepTiming& st = timings.steps[step];
+    RA_ASSIGN_OR_RETURN(st.compute_seconds,
+                        ElapsedSeconds(ws->start_event(step), ws->compute_done_event(step)));
+    if (!direct && step + 1 < world) {
+      RA_ASSIGN_OR_RETURN(const double wait,
+                          ElapsedSeconds(ws->compute_done_event(step), ws->comm_done_event(step)));
+      st.comm_wait_seconds = std::max(0.0, wait);
+    }
+  }
+  timings.total_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return timings;
+}
+
+}  // namespace
+
+// ---- DeviceRingWorkspace --------------------------------------------------------------------
+
+DeviceRingWorkspace::~DeviceRingWorkspace() {
+  if (device_ < 0) return;  // never used
+  // The destructor may run on another thread than the calls, with another device current.
+  int current = -1;
+  ReportIfError(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device_) ReportIfError(cudaSetDevice(device_), "cudaSetDevice");
+  for (cudaStream_t s : {compute_stream_, comm_stream_}) {
+    if (s == nullptr) continue;
+    ReportIfError(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    ReportIfError(cudaStreamDestroy(s), "cudaStreamDestroy");
+  }
+  for (std::vector<cudaEvent_t>* events : {&start_, &compute_done_, &comm_done_}) {
+    for (cudaEvent_t e : *events) ReportIfError(cudaEventDestroy(e), "cudaEventDestroy");
+  }
+  for (void* p : {static_cast<void*>(slots_), static_cast<void*>(o_acc_),
+                  static_cast<void*>(lse_acc_), static_cast<void*>(alibi_)}) {
+    if (p != nullptr) ReportIfError(cudaFree(p), "cudaFree");
+  }
+  if (current >= 0 && current != device_) ReportIfError(cudaSetDevice(current), "cudaSetDevice");
+}
+
+size_t DeviceRingWorkspace::bytes_reserved() const {
+  return 2 * slot_bytes_ + (o_capacity_ + lse_capacity_ + alibi_capacity_) * sizeof(float);
+}
+
+absl::Status DeviceRingWorkspace::Reserve(const Needs& needs) {
+  int device = -1;
+  RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (device_ >= 0 && device != device_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring workspace belongs to CUDA device ", device_, " but device ", device, " is current"));
+  }
+  device_ = device;
+  if (compute_stream_ == nullptr) {
+    // The transfers get the higher priority: an NCCL kernel or copy queued behind a wave of
+    // attention blocks would delay the next step's input (a choice, not yet measured).
+    int least = 0, greatest = 0;
+    RA_CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    // Non-blocking: no implicit synchronisation with the legacy default stream, which other
+    // ranks' threads of the same process may use.
+    RA_CUDA_RETURN_IF_ERROR(
+        cudaStreamCreateWithPriority(&compute_stream_, cudaStreamNonBlocking, least));
+    RA_CUDA_RETURN_IF_ERROR(
+        cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
+  }
+  const size_t steps = static_cast<size_t>(std::max(needs.steps, 1));
+  RA_RETURN_IF_ERROR(GrowEvents(&start_, steps));
+  RA_RETURN_IF_ERROR(GrowEvents(&compute_done_, steps));
+  RA_RETURN_IF_ERROR(GrowEvents(&comm_done_, steps));
+  if (needs.slot_bytes > slot_bytes_) {
+    if (slots_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(slots_));
+    slots_ = nullptr;
+    slot_bytes_ = 0;
+    // cudaMalloc aligns to 256 bytes; slot 1 starts at 2 * KvBytes, a multiple of
+    // heads_k * head_dim * 2 >= 128 bytes, which keeps the kernel's 16-byte loads aligned.
+    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&slots_), 2 * needs.slot_bytes));
+    slot_bytes_ = needs.slot_bytes;
+  }
+  RA_RETURN_IF_ERROR(GrowFloats(&o_acc_, &o_capacity_, needs.o_elems));
+  RA_RETURN_IF_ERROR(GrowFloats(&lse_acc_, &lse_capacity_, needs.lse_elems));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const float*> DeviceRingWorkspace::AlibiSlopes(const std::vector<float>& slopes) {
+  if (slopes.empty()) return static_cast<const float*>(nullptr);
+  if (slopes == alibi_host_) return static_cast<const float*>(alibi_);
+  alibi_host_.clear();  // until the upload below is enqueued
+  RA_RETURN_IF_ERROR(GrowFloats(&alibi_, &alibi_capacity_, slopes.size()));
+  // From pageable memory: the runtime stages the bytes before returning, so `slopes` may change
+  // afterwards; the copy lands in stream order before the kernels that read it.
+  RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(alibi_, slopes.data(), slopes.size() * sizeof(float),
+                                          cudaMemcpyHostToDevice, compute_stream_));
+  alibi_host_ = slopes;
+  return static_cast<const float*>(alibi_);
+}
+
+// ---- Kernels' launchers ---------------------------------------------------------------------
+
+absl::Status LaunchFillFloat(float* x, int64_t n, float value, cudaStream_t stream) {
+  if (n <= 0) return absl::OkStatus();
+  FillFloatKernel<<<BlocksFor(n), kThreads, 0, stream>>>(x, n, value);
+  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status LaunchConvertFromFloat(const float* src, void* dst, DType dtype, int64_t n,
+                                    cudaStream_t stream) {
+  if (n <= 0) return absl::OkStatus();
+  switch (dtype) {
+    case DType::kF32:
+      RA_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+      return absl::OkStatus();
+    case DType::kBF16:
+      return LaunchConvert16<DType::kBF16>(src, dst, n, stream);
+    case DType::kF16:
+      return LaunchConvert16<DType::kF16>(src, dst, n, stream);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("no conversion from fp32 to dtype ", static_cast<int>(dtype)));
+}
+
+// ---- The driver -----------------------------------------------------------------------------
+
+absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
+    DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
+    const RingShardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
+  absl::StatusOr<RingTimings> result = RunDeviceRing(comm, backend, plan, t, options, ws);
+  if (result.ok()) return result;
+  // A rank that stops early would leave its neighbours waiting for its blocks until their
+  // timeout; aborting releases them at once with the reason.
+  const std::string message = absl::StrCat("rank ", comm.rank(), ": ", result.status().message());
+  comm.Abort(absl::Status(result.status().code(), message));
+  // Work already enqueued may still read the caller's tensors or write the workspace; wait it
+  // out (an aborted transport's work is finite) so the caller may free them.
+  if (ws != nullptr) {
+    const bool drained = DrainStream(ws->compute_stream(), comm.timeout()) &&
+                         DrainStream(ws->comm_stream(), comm.timeout());
+    if (!drained) {
+      return absl::Status(
+          result.status().code(),
+          absl::StrCat(message, " [and the ring's streams did not drain within ",
+                       absl::FormatDuration(comm.timeout()),
+                       ": its buffers and the caller's tensors may still be in use]"));
+    }
+  }
+  return result;  // as the host driver: the reason as it came, the abort carries the rank
+}
+
+}  // namespace ringattn

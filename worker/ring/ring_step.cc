@@ -1,0 +1,163 @@
+#include "worker/ring/ring_step.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/params_check.h"
+#include "kernels/score_mod.h"
+#include "kernels/status_macros.h"
+
+namespace ringattn {
+
+double RingTimings::compute_seconds() const {
+  double s = 0;
+  for (const auto& st : steps) s += st.compute_seconds;
+  return s;
+}
+
+double RingTimings::comm_wait_seconds() const {
+  double s = 0;
+  for (const auto& st : steps) s += st.comm_wait_seconds;
+  return s;
+}
+
+absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t) {
+  if (options.dropout_p != 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dropout_p must be 0 (dropout needs the training path, not built yet), got ",
+                     options.dropout_p));
+  }
+  if (options.return_attn_probs) {
+    return absl::InvalidArgumentError(
+        "return_attn_probs is not supported: the ring never forms the attention matrix");
+  }
+  if (options.softmax_scale.has_value() &&
+      (!std::isfinite(*options.softmax_scale) || *options.softmax_scale <= 0.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softmax_scale must be finite and > 0, got ", *options.softmax_scale));
+  }
+  if (options.window_size.first < -1 || options.window_size.second < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window_size must be (left, right) with each >= 0 or -1 (unbounded), got (",
+                     options.window_size.first, ", ", options.window_size.second, ")"));
+  }
+  if (!options.alibi_slopes.empty() &&
+      options.alibi_slopes.size() != static_cast<size_t>(t.heads)) {
+    return absl::InvalidArgumentError(absl::StrCat("alibi_slopes must have one slope per head (",
+                                                   t.heads, "), got ",
+                                                   options.alibi_slopes.size()));
+  }
+  if (!std::isfinite(options.softcap) || options.softcap < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softcap must be finite and >= 0 (0 disables), got ", options.softcap));
+  }
+  if (t.batch <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("batch must be > 0, got ", t.batch));
+  if (t.heads <= 0 || t.heads_k <= 0 || t.heads % t.heads_k != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "heads (", t.heads, ") must be a positive multiple of heads_k (", t.heads_k, ")"));
+  }
+  return ValidateHeadDim(t.head_dim);
+}
+
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world) {
+  if (plan.world != world || static_cast<int>(plan.shards.size()) != world) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard plan is for ", plan.world, " ranks but the communicator has ", world));
+  }
+  if (rank < 0 || rank >= world) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", rank, " is outside the communicator's [0, ", world, ")"));
+  }
+  return absl::OkStatus();
+}
+
+float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim) {
+  return options.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
+}
+
+AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g, int64_t q_rows,
+                                  const Segment& qs, const KvBlock& kv, int64_t k_rows,
+                                  const Segment& ks, float* o_acc, float* lse_acc,
+                                  const RingAttentionOptions& options, const float* alibi_slopes,
+                                  float scale) {
+  AttentionParams p;
+  p.batch = t.batch;
+  p.heads = t.heads;
+  p.heads_k = t.heads_k;
+  p.head_dim = t.head_dim;
+  p.dtype = t.dtype;
+  p.o_dtype = DType::kF32;
+  p.seqlen_q = qs.length;
+  p.seqlen_k = ks.length;
+
+  p.q = static_cast<const std::byte*>(t.q) + qs.local_offset * g.q_row_elems * g.elem_bytes;
+  p.k = kv.k + ks.local_offset * g.kv_row_elems * g.elem_bytes;
+  p.v = kv.v + ks.local_offset * g.kv_row_elems * g.elem_bytes;
+  p.o = o_acc + qs.local_offset * g.q_row_elems;
+  p.lse = lse_acc + qs.local_offset;
+
+  p.q_head_stride = p.o_head_stride = t.head_dim;
+  p.q_row_stride = p.o_row_stride = g.q_row_elems;
+  p.q_batch_stride = p.o_batch_stride = q_rows * g.q_row_elems;
+  p.k_head_stride = p.v_head_stride = t.head_dim;
+  p.k_row_stride = p.v_row_stride = g.kv_row_elems;
+  p.k_batch_stride = p.v_batch_stride = k_rows * g.kv_row_elems;
+  p.lse_head_stride = q_rows;
+  p.lse_batch_stride = q_rows * t.heads;
+
+  p.softmax_scale = scale;
+  p.softcap = options.softcap;
+  p.alibi_slopes = alibi_slopes;
+  p.causal = options.causal;
+  p.window_left = options.window_size.first;
+  p.window_right = options.window_size.second;
+  p.q_pos_offset = qs.start;
+  p.q_pos_stride = qs.stride;
+  p.k_pos_offset = ks.start;
+  p.k_pos_stride = ks.stride;
+  p.merge_into_output = true;
+  return p;
+}
+
+bool AnyKeyAllowed(const AttentionParams& p) {
+  return ClassifyBlock(p, QueryPos(p, 0), QueryPos(p, p.seqlen_q - 1), KeyPos(p, 0),
+                       KeyPos(p, p.seqlen_k - 1))
+      .any;
+}
+
+absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
+                             const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi_slopes, float scale, int* kernel_calls) {
+  const Shard& mine = plan.shards[rank];
+  const Shard& theirs = plan.shards[src];
+  for (const Segment& qs : mine.segments) {
+    for (const Segment& ks : theirs.segments) {
+      const AttentionParams p = SegmentPairParams(t, g, mine.rows, qs, kv, theirs.rows, ks, o_acc,
+                                                  lse_acc, options, alibi_slopes, scale);
+      if (!AnyKeyAllowed(p)) continue;
+      RA_RETURN_IF_ERROR(backend.Forward(p));
+      ++*kernel_calls;
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::optional<Segment> AsSingleSegment(const Shard& shard) {
+  if (shard.segments.empty()) return std::nullopt;
+  Segment merged = shard.segments.front();
+  if (merged.local_offset != 0) return std::nullopt;
+  for (size_t i = 1; i < shard.segments.size(); ++i) {
+    const Segment& next = shard.segments[i];
+    const bool rows_follow = next.local_offset == merged.local_offset + merged.length;
+    const bool positions_follow = next.start == merged.start + merged.length * merged.stride &&
+                                  (next.stride == merged.stride || next.length == 1);
+    if (!rows_follow || !positions_follow) return std::nullopt;
+    merged.length += next.length;
+  }
+  if (merged.length != shard.rows) return std::nullopt;
+  return merged;
+}
+
+}  // namespace ringattn
