@@ -52,7 +52,10 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "serve/coordinator: listen add
 ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
 ABSL_FLAG(int, workers, 3, "serve/coordinator: workers in the ring");
-ABSL_FLAG(std::string, backend, "cpu", "kernel backend: cpu or cpu_reference");
+ABSL_FLAG(std::string, kernel, "auto",
+          "serve/worker: auto (cuda with a GPU, else cpu), cpu, cpu_reference, cuda, "
+          "cuda_reference, cudnn; ring: cpu or cpu_reference");
+ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
 ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
 ABSL_FLAG(int64_t, max_unary_bytes, int64_t{1} << 30, "serve/coordinator: unary message limit");
@@ -131,7 +134,8 @@ int RunRing() {
     o.attention.softmax_scale = static_cast<float>(absl::GetFlag(FLAGS_softmax_scale));
   }
   o.attention.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
-  o.backend = absl::GetFlag(FLAGS_backend);
+  // The local ring is a CPU tool: auto means the fast CPU kernel.
+  o.backend = absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.check = absl::GetFlag(FLAGS_check);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
@@ -173,7 +177,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.metrics_address = absl::GetFlag(FLAGS_metrics);
   o.workers = absl::GetFlag(FLAGS_workers);
   o.spawn_workers = spawn_workers;
-  o.backend = absl::GetFlag(FLAGS_backend);
+  o.kernel = absl::GetFlag(FLAGS_kernel);
   o.binary = SelfBinary();
   o.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
   o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
@@ -197,7 +201,8 @@ int RunWorker() {
     return 2;
   }
   o.listen_address = absl::GetFlag(FLAGS_worker_listen);
-  o.backend = absl::GetFlag(FLAGS_backend);
+  o.kernel = absl::GetFlag(FLAGS_kernel);
+  o.device = absl::GetFlag(FLAGS_device);
   o.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   return ringattn::RunWorkerMain(o);
 }

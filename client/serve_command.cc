@@ -43,7 +43,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     wo.binary = o.binary;
     wo.count = o.workers;
     wo.coordinator_address = address;
-    wo.backend = o.backend;
+    wo.kernel = o.kernel;
     workers = std::make_unique<LocalWorkerPool>(wo);
     if (absl::Status s = workers->Start(); !s.ok()) {
       out << "error: " << s << "\n";
@@ -57,7 +57,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     coordinator.Shutdown();
     return 1;
   }
-  out << "ring of " << o.workers << " " << o.backend << " workers ready\n";
+  out << "ring of " << o.workers << " workers ready (kernel " << o.kernel << ")\n";
   out.flush();
 
   int code = 0;

@@ -15,7 +15,7 @@ struct ServeOptions {
   std::string metrics_address = "127.0.0.1:9464";  // empty disables /metrics
   int workers = 3;              // local worker processes (the ring's size)
   bool spawn_workers = true;    // false: wait for workers to register (Kubernetes)
-  std::string backend = "cpu";
+  std::string kernel = "auto";  // passed to every local worker
   std::string binary;           // the ringattn executable, for local workers
   size_t max_queue = 16;
   int64_t max_unary_bytes = int64_t{1} << 30;

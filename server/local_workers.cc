@@ -18,7 +18,8 @@ namespace ringattn {
 absl::StatusOr<pid_t> LocalWorkerPool::Spawn(int slot) {
   std::vector<std::string> args = {options_.binary, "worker",
                                    "--coordinator=" + options_.coordinator_address,
-                                   "--backend=" + options_.backend, "--exit_with_parent"};
+                                   "--kernel=" + options_.kernel,
+                                   "--device=" + std::to_string(slot), "--exit_with_parent"};
   args.insert(args.end(), options_.extra_args.begin(), options_.extra_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

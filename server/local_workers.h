@@ -21,7 +21,7 @@ class LocalWorkerPool {
     std::string binary;               // the ringattn executable
     int count = 2;
     std::string coordinator_address;  // host:port
-    std::string backend = "cpu";
+    std::string kernel = "auto";
     bool restart = true;              // start a worker again when it exits
     std::vector<std::string> extra_args;
   };

@@ -14,7 +14,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/attention_backend.h"
+#include "worker/ring_engine.h"
 #include "kernels/status_macros.h"
 #include "proto/convert.h"
 #include "worker/worker_service.h"
@@ -90,15 +90,19 @@ absl::Status Worker::BuildAndStart() {
         "advertise_host must be set: the host the coordinator and the other ranks reach this "
         "worker at");
   }
-  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeCpuBackend(options_.backend));
+  RingEngineOptions engine_options;
+  engine_options.kernel = options_.kernel;
+  engine_options.device = options_.device;
+  engine_options.gloo_hostname = options_.advertise_host;
+  RA_ASSIGN_OR_RETURN(std::unique_ptr<RingEngine> engine, MakeRingEngine(engine_options));
+  backend_name_ = engine->backend_name();
+  device_name_ = engine->device_name();
+  transport_ = engine->transport();
 
   coordinator_channel_ = CoordinatorChannel(options_.coordinator_address);
   coordinator_ = v1::CoordinatorService::NewStub(coordinator_channel_);
 
-  WorkerServiceImpl::Options service_options;
-  service_options.gloo_hostname = options_.advertise_host;
-  auto service =
-      std::make_unique<WorkerServiceImpl>(service_options, coordinator_, std::move(backend));
+  auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine));
 
   int port = 0;
   grpc::ServerBuilder builder;
@@ -135,10 +139,10 @@ absl::Status Worker::BuildAndStart() {
 absl::Status Worker::Register() {
   v1::RegisterRequest request;
   request.set_address(address());
-  request.set_backend(options_.backend);
-  request.set_device("cpu");
+  request.set_backend(backend_name_);
+  request.set_device(device_name_);
   request.set_pid(static_cast<int64_t>(getpid()));
-  request.set_transport("gloo");
+  request.set_transport(transport_);
 
   const auto deadline = Clock::now() + options_.register_timeout;
   auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kInitialBackoff);
@@ -230,8 +234,9 @@ int RunWorkerMain(const Worker::Options& options) {
 
     const absl::Status status = worker.BuildAndStart();
     if (status.ok()) {
-      std::fprintf(stderr, "worker: serving on %s (backend %s), registered with %s as %s\n",
-                   worker.address().c_str(), options.backend.c_str(),
+      std::fprintf(stderr, "worker: serving on %s (kernel %s on %s), registered with %s as %s\n",
+                   worker.address().c_str(), worker.backend_name().c_str(),
+                   worker.device_name().c_str(),
                    options.coordinator_address.c_str(), worker.worker_id().c_str());
       worker.Wait();  // until the signal thread shuts the worker down
     } else if (received.load() == 0) {

@@ -33,10 +33,13 @@ class Worker {
     std::string coordinator_address;
     // Where the WorkerService listens; port 0 picks a free one (see port()).
     std::string listen_address = "127.0.0.1:0";
-    // Kernel backend: "cpu" or "cpu_reference".
-    std::string backend = "cpu";
+    // Kernel: auto (cuda when there is a GPU, else cpu), cpu, cpu_reference, cuda,
+    // cuda_reference, cudnn. GPU kernels run the ring over NCCL, CPU ones over Gloo.
+    std::string kernel = "auto";
+    // GPU index for GPU kernels (modulo the number of GPUs).
+    int device = 0;
     // Host the coordinator and the other ranks reach this worker at: advertised to the
-    // coordinator with the port, and the address the ring's transport (Gloo) listens on.
+    // coordinator with the port, and the address the Gloo transport listens on.
     std::string advertise_host = "127.0.0.1";
     // How long registration keeps retrying while the coordinator is not up yet.
     std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
@@ -49,9 +52,10 @@ class Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  // Makes the backend, starts the gRPC server (message limits raised for shard payloads),
+  // Makes the engine (kernel and transport), starts the gRPC server (message limits raised for shard payloads),
   // then registers with the coordinator, retrying with backoff for up to register_timeout.
-  // InvalidArgument for bad options (an unknown backend names the known ones), Unavailable
+  // InvalidArgument for bad options (an unknown kernel names the known ones; a GPU kernel without a GPU is
+  // Unavailable), Unavailable
   // when the port cannot be bound, DeadlineExceeded (or the coordinator's refusal) when
   // registration fails; the server is stopped again on any error. Call once.
   absl::Status BuildAndStart();
@@ -62,6 +66,9 @@ class Worker {
   std::string address() const;
   // The id the coordinator gave this worker at registration.
   std::string worker_id() const;
+  // What the engine reported (valid after BuildAndStart).
+  const std::string& backend_name() const { return backend_name_; }
+  const std::string& device_name() const { return device_name_; }
 
   // Aborts the ring and any rendezvous, stops the server (calls in flight fail promptly) and
   // interrupts a registration still retrying. Idempotent; callable from any thread.
@@ -75,6 +82,9 @@ class Worker {
   const Options options_;
   int port_ = 0;
   std::string worker_id_;
+  std::string backend_name_;
+  std::string device_name_;
+  std::string transport_;
   std::shared_ptr<grpc::Channel> coordinator_channel_;
   std::shared_ptr<v1::CoordinatorService::Stub> coordinator_;
   // The service outlives the server that calls it.

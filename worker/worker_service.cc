@@ -13,7 +13,6 @@
 #include "absl/time/time.h"
 #include "kernels/status_macros.h"
 #include "proto/convert.h"
-#include "worker/ring/gloo_communicator.h"
 #include "worker/ring/layout.h"
 #include "worker/ring/ring_attention.h"
 
@@ -106,11 +105,9 @@ absl::Status CheckBytes(const char* name, const std::string& data, size_t want, 
 }  // namespace
 
 WorkerServiceImpl::WorkerServiceImpl(
-    Options options, std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-    std::unique_ptr<AttentionBackend> backend)
-    : options_(std::move(options)),
-      coordinator_(std::move(coordinator)),
-      backend_(std::move(backend)) {}
+    std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
+    std::unique_ptr<RingEngine> engine)
+    : coordinator_(std::move(coordinator)), engine_(std::move(engine)) {}
 
 WorkerServiceImpl::~WorkerServiceImpl() { Shutdown(); }
 
@@ -126,7 +123,7 @@ void WorkerServiceImpl::Shutdown() {
     store = joining_store_;
   }
   const absl::Status reason = absl::UnavailableError("the worker is shutting down");
-  if (ring != nullptr) ring->comm->Abort(reason);
+  if (ring != nullptr) ring->conn->Abort(reason);
   if (store != nullptr) store->Cancel(reason);
 }
 
@@ -194,7 +191,7 @@ absl::Status WorkerServiceImpl::Join(grpc::ServerContext* context,
     ring_.reset();
     old_store = joining_store_;
   }
-  if (old_ring != nullptr) old_ring->comm->Abort(superseded);
+  if (old_ring != nullptr) old_ring->conn->Abort(superseded);
   if (old_store != nullptr) old_store->Cancel(superseded);
   old_ring.reset();
 
@@ -210,25 +207,19 @@ absl::Status WorkerServiceImpl::Join(grpc::ServerContext* context,
     joining_store_ = store;
   }
 
-  GlooOptions gloo;
-  gloo.hostname = options_.gloo_hostname;
-  gloo.interface = options_.gloo_interface;
-  gloo.timeout = timeout;
-  // The store already confines the keys to this ring's prefix.
-  gloo.key_prefix = "gloo";
-  absl::StatusOr<std::unique_ptr<GlooCommunicator>> comm;
+  absl::StatusOr<std::unique_ptr<RingConnection>> comm;
   {
     CallWatcher watcher(context, what, [&store](const absl::Status& why) { store->Cancel(why); });
-    comm = GlooCommunicator::Create(rank, world, store, gloo);
+    comm = engine_->Connect(rank, world, store, timeout);
   }
 
-  std::unique_ptr<Communicator> unused;
+  std::unique_ptr<RingConnection> unused;
   absl::Status result;
   {
     absl::MutexLock lock(&mu_);
     if (joining_store_ == store) joining_store_.reset();
     if (!comm.ok()) {
-      // A cancelled rendezvous reports why it was cancelled, not how Gloo noticed.
+      // A cancelled rendezvous reports why it was cancelled, not how the transport noticed.
       const absl::Status cancelled = store->cancel_status();
       result = Annotate(cancelled.ok() ? comm.status() : cancelled, what + ": ");
     } else if (shut_down_ || newest_generation_ != generation) {
@@ -237,7 +228,7 @@ absl::Status WorkerServiceImpl::Join(grpc::ServerContext* context,
     } else {
       auto ring = std::make_shared<Ring>();
       ring->generation = generation;
-      ring->comm = *std::move(comm);
+      ring->conn = *std::move(comm);
       ring_ = std::move(ring);
     }
   }
@@ -297,7 +288,7 @@ absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
                                     const v1::RunShardRequest& request,
                                     const std::shared_ptr<Ring>& ring,
                                     v1::RunShardResponse* response) {
-  Communicator& comm = *ring->comm;
+  RingConnection& comm = *ring->conn;
   const int rank = comm.rank();
   const int world = comm.world_size();
   const std::string what = absl::StrCat("rank ", rank, " of ring generation ", ring->generation,
@@ -366,7 +357,7 @@ absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
   absl::Status stopped;
   {
     CallWatcher watcher(context, what, [&comm](const absl::Status& why) { comm.Abort(why); });
-    timings = RingFlashAttnForward(comm, *backend_, plan, t, options);
+    timings = comm.Forward(plan, t, options);
     stopped = watcher.Stop();
   }
   // A call stopped by its caller reports why, even if the ring got to the end first.
@@ -379,7 +370,7 @@ absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
   timing->set_compute_seconds(timings->compute_seconds());
   timing->set_comm_wait_seconds(timings->comm_wait_seconds());
   timing->set_ring_seconds(timings->total_seconds);
-  timing->set_backend(std::string(backend_->name()));
+  timing->set_backend(engine_->backend_name());
   for (const RingStepTiming& st : timings->steps) {
     v1::StepTiming* step = timing->add_steps();
     step->set_source_rank(st.source_rank);
@@ -390,7 +381,7 @@ absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
 }
 
 void WorkerServiceImpl::DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason) {
-  ring->comm->Abort(reason);
+  ring->conn->Abort(reason);
   std::shared_ptr<Ring> dropped;
   absl::MutexLock lock(&mu_);
   if (ring_ == ring) {

@@ -19,27 +19,19 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/attention_backend.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "worker/coordinator_store.h"
-#include "worker/ring/communicator.h"
+#include "worker/ring_engine.h"
 
 namespace ringattn {
 
 
 class WorkerServiceImpl final : public v1::WorkerService::Service {
  public:
-  struct Options {
-    // Address the ring's transport listens on; the other ranks must be able to reach it.
-    std::string gloo_hostname = "127.0.0.1";
-    // Network interface for the transport (e.g. "eth0"); empty means use gloo_hostname.
-    std::string gloo_interface;
-  };
-
-  // `coordinator` serves the rendezvous store; `backend` computes every ring step.
-  WorkerServiceImpl(Options options,
-                    std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-                    std::unique_ptr<AttentionBackend> backend);
+  // `coordinator` serves the rendezvous store; `engine` (kernel backend and transport) connects
+  // the rings and computes every ring step.
+  WorkerServiceImpl(std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
+                    std::unique_ptr<RingEngine> engine);
   ~WorkerServiceImpl() override;
 
   grpc::Status JoinRing(grpc::ServerContext* context, const v1::JoinRingRequest* request,
@@ -59,7 +51,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
  private:
   struct Ring {
     int64_t generation = 0;
-    std::unique_ptr<Communicator> comm;
+    std::unique_ptr<RingConnection> conn;
   };
 
   // Shared by both handlers: the ring, if `generation` is the current one.
@@ -72,13 +64,12 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);
 
-  const Options options_;
   const std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator_;
 
   // Held for the whole of a rendezvous or a shard: the ring (and the backend) run one thing at
   // a time. Acquired before mu_.
   absl::Mutex run_mu_ ABSL_ACQUIRED_BEFORE(mu_);
-  const std::unique_ptr<AttentionBackend> backend_ ABSL_PT_GUARDED_BY(run_mu_);
+  const std::unique_ptr<RingEngine> engine_ ABSL_PT_GUARDED_BY(run_mu_);
 
   // Guards the state that Ping and the aborting paths read without waiting for a run.
   mutable absl::Mutex mu_;

@@ -246,6 +246,7 @@ class WorkerTest : public ::testing::Test {
     for (int r = 0; r < kWorld; ++r) {
       Worker::Options options;
       options.coordinator_address = coordinator_.address();
+      options.kernel = "cpu";  // the CPU path, also on a machine with a GPU
       workers_.push_back(std::make_unique<Worker>(options));
       absl::Status s = workers_.back()->BuildAndStart();
       ASSERT_TRUE(s.ok()) << s;
@@ -548,6 +549,7 @@ TEST(WorkerRegistrationTest, RetriesUntilTheCoordinatorComesUp) {
   }
   Worker::Options options;
   options.coordinator_address = absl::StrCat("127.0.0.1:", port);
+  options.kernel = "cpu";
   options.register_timeout = milliseconds(15000);
   Worker worker(options);
   absl::Status status;
@@ -570,6 +572,7 @@ TEST(WorkerRegistrationTest, GivesUpAfterTheTimeout) {
   }
   Worker::Options options;
   options.coordinator_address = absl::StrCat("127.0.0.1:", port);
+  options.kernel = "cpu";
   options.register_timeout = milliseconds(500);
   Worker worker(options);
   const auto t0 = Clock::now();
@@ -581,7 +584,7 @@ TEST(WorkerRegistrationTest, GivesUpAfterTheTimeout) {
 TEST(WorkerRegistrationTest, UnknownBackendIsInvalidArgument) {
   Worker::Options options;
   options.coordinator_address = "127.0.0.1:1";
-  options.backend = "tpu";
+  options.kernel = "tpu";
   Worker worker(options);
   const absl::Status status = worker.BuildAndStart();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;

@@ -45,8 +45,10 @@ struct FlashForwardConfig {
   int min_ctas_per_sm = 0;  // asked of ptxas through __launch_bounds__
   bool one_barrier = false;
   bool ex2_combine = false;
-  bool is_default = false;  // what FlashForward runs for this head dim
-  // E.g. "M128 N64, 4 warps x 32 rows, Q smem, 2 stages, >=2 CTA/SM, 1 barrier, ex2 Combine".
+  bool global_heavy_first = false;  // grid order: heaviest query blocks of all heads first
+  bool is_default = false;          // what FlashForward runs for this head dim
+  // E.g. "M128 N64, 4 warps x 32 rows, Q smem, 2 stages, >=2 CTA/SM, 1 barrier, ex2 Combine,
+  // global grid order".
   std::string Describe() const;
 };
 

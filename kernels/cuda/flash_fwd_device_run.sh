@@ -37,8 +37,8 @@ run_suite default
 run_suite v1
 if [ "${ALL_TILINGS:-0}" = 1 ]; then
   # Every tiling name of flash_fwd_configs.h but the defaults and v1 (run above).
-  for name in 4x32_n64_qr 4x32_n128_s3 v1_n64_c2 8x32_n128 4x32_n64_expf 4x32_n64_2bar \
-    4x32_n64_s3 v1_n128 8x32_n64; do
+  for name in 4x32_n128_v1grid 4x32_n64_qr 4x32_n128_s3 v1_n64_c2 8x32_n128 4x32_n64_expf \
+    4x32_n64_2bar 4x32_n64_v1grid 4x32_n64_s3 v1_n128 8x32_n64; do
     run_suite "$name"
   done
 fi

@@ -92,6 +92,7 @@ std::vector<FlashForwardConfig> ConfigsOf() {
     c.min_ctas_per_sm = t.min_ctas_per_sm;
     c.one_barrier = t.one_barrier;
     c.ex2_combine = t.ex2_combine;
+    c.global_heavy_first = t.global_heavy_first;
     c.is_default = configs.empty();
     configs.push_back(std::move(c));
   }
@@ -161,7 +162,8 @@ std::string FlashForwardConfig::Describe() const {
   return absl::StrCat("M", block_m, " N", block_n, ", ", warps, " warps x ", rows_per_warp,
                       " rows, Q ", q_in_regs ? "regs" : "smem", ", ", stages,
                       " stages, >=", min_ctas_per_sm, " CTA/SM, ", one_barrier ? 1 : 2, " barrier",
-                      one_barrier ? "" : "s", ", ", ex2_combine ? "ex2" : "expf", " Combine");
+                      one_barrier ? "" : "s", ", ", ex2_combine ? "ex2" : "expf", " Combine, ",
+                      global_heavy_first ? "global" : "v1", " grid order");
 }
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {

@@ -1,0 +1,20 @@
+// The GPU engine: a device kernel backend (cuda, cuda_reference, cudnn) over an NCCL ring.
+// Rank 0 makes the NCCL unique id and publishes it through the coordinator's store; every rank
+// joins on its GPU. Shards arrive in host memory (from gRPC) and are copied to the device and
+// back around the ring forward; device buffers and the ring workspace are kept between calls.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "worker/ring_engine.h"
+
+namespace ringattn {
+
+// Unavailable when there is no GPU; InvalidArgument for an unknown kernel.
+absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngineOptions& options);
+
+// Number of CUDA devices; 0 when there is no driver or no device.
+int CudaDeviceCount();
+
+}  // namespace ringattn

@@ -1,0 +1,60 @@
+#include "worker/host_ring_engine.h"
+
+#include "kernels/status_macros.h"
+#include "worker/ring/gloo_communicator.h"
+#include "worker/ring/ring_attention.h"
+
+namespace ringattn {
+namespace {
+
+class HostRingConnection final : public RingConnection {
+ public:
+  HostRingConnection(AttentionBackend* backend, std::unique_ptr<Communicator> comm)
+      : backend_(backend), comm_(std::move(comm)) {}
+  int rank() const override { return comm_->rank(); }
+  int world_size() const override { return comm_->world_size(); }
+  absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
+                                      const RingAttentionOptions& options) override {
+    return RingFlashAttnForward(*comm_, *backend_, plan, t, options);
+  }
+  void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
+
+ private:
+  AttentionBackend* backend_;
+  std::unique_ptr<Communicator> comm_;
+};
+
+class HostRingEngine final : public RingEngine {
+ public:
+  HostRingEngine(std::unique_ptr<AttentionBackend> backend, RingEngineOptions options)
+      : backend_(std::move(backend)), options_(std::move(options)) {}
+  std::string backend_name() const override { return std::string(backend_->name()); }
+  std::string device_name() const override { return "cpu"; }
+  std::string transport() const override { return "gloo"; }
+  absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
+      int rank, int world, std::shared_ptr<CoordinatorStore> store,
+      std::chrono::milliseconds timeout) override {
+    GlooOptions gloo;
+    gloo.hostname = options_.gloo_hostname;
+    gloo.interface = options_.gloo_interface;
+    gloo.timeout = timeout;
+    gloo.key_prefix = "gloo";  // the store already confines keys to this ring
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
+                        GlooCommunicator::Create(rank, world, std::move(store), gloo));
+    return std::unique_ptr<RingConnection>(
+        std::make_unique<HostRingConnection>(backend_.get(), std::move(comm)));
+  }
+
+ private:
+  std::unique_ptr<AttentionBackend> backend_;
+  const RingEngineOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<RingEngine> MakeHostRingEngine(std::unique_ptr<AttentionBackend> backend,
+                                               const RingEngineOptions& options) {
+  return std::make_unique<HostRingEngine>(std::move(backend), options);
+}
+
+}  // namespace ringattn

@@ -1,0 +1,63 @@
+// What a worker computes with: a kernel backend and a transport, behind one interface so that
+// the worker service does not care whether the ring runs on the CPU (Gloo TCP, host memory) or
+// on a GPU (NCCL, device memory). An engine connects a ring; a connection runs the forward on
+// this rank's shard, whose tensors always arrive and leave in host memory (they come from and
+// go to gRPC messages).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/attention_backend.h"
+#include "worker/coordinator_store.h"
+#include "worker/ring/layout.h"
+#include "worker/ring/ring_step.h"
+
+namespace ringattn {
+
+// One formed ring, from this rank's side.
+class RingConnection {
+ public:
+  virtual ~RingConnection() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // Runs the forward ring; `t` holds host pointers. Every rank calls it with the same plan.
+  virtual absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
+                                              const RingAttentionOptions& options) = 0;
+  // Fails the ring (a call in flight, and peers waiting on this rank, fail promptly).
+  // Thread-safe and idempotent.
+  virtual void Abort(const absl::Status& reason) = 0;
+};
+
+class RingEngine {
+ public:
+  virtual ~RingEngine() = default;
+  // The kernel backend's name (cpu, cuda, cudnn, ...).
+  virtual std::string backend_name() const = 0;
+  // "cpu" or the GPU's name.
+  virtual std::string device_name() const = 0;
+  // "gloo" or "nccl".
+  virtual std::string transport() const = 0;
+  // Joins ring `rank` of `world` through `store` (keys already confined to this ring).
+  virtual absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
+      int rank, int world, std::shared_ptr<CoordinatorStore> store,
+      std::chrono::milliseconds timeout) = 0;
+};
+
+struct RingEngineOptions {
+  // auto (a GPU when there is one: cuda, else cpu), cpu, cpu_reference, cuda, cuda_reference,
+  // cudnn.
+  std::string kernel = "auto";
+  int device = 0;  // GPU index (taken modulo the number of GPUs)
+  std::string gloo_hostname = "127.0.0.1";
+  std::string gloo_interface;
+};
+
+// InvalidArgument for an unknown kernel; Unavailable for a GPU kernel without a GPU (or in a
+// build without CUDA).
+absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options);
+
+}  // namespace ringattn
