@@ -67,7 +67,8 @@ set -e
 
 report_rc=0
 if [ -f "$out/results.jsonl" ] && command -v python3 >/dev/null 2>&1; then
-  python3 bench/compare/report.py "$out" || report_rc=$?
+  PYTHONPATH="$PWD/.deps/plot${PYTHONPATH:+:$PYTHONPATH}" python3 bench/compare/report.py "$out" \
+    || report_rc=$?
 elif [ -f "$out/results.jsonl" ]; then
   echo "python3 not found: no report.md (the tool's check above stands; results in $out)"
 fi

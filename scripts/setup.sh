@@ -34,4 +34,14 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
     echo "${PY_PACKAGES[*]}" > "$PY_TARGET/.installed"
   fi
 fi
+# Plots of the comparison report (bench/compare/report.py); it still writes Markdown and JSON
+# without them.
+PLOT_TARGET=.deps/plot
+PLOT_PACKAGES=(matplotlib numpy contourpy cycler fonttools kiwisolver packaging pillow pyparsing
+               python-dateutil six)
+if ! PYTHONPATH="$PLOT_TARGET" python3 -c "import matplotlib" >/dev/null 2>&1; then
+  echo "setup: installing ${PLOT_PACKAGES[*]} into $PLOT_TARGET"
+  python3 -m pip install -q --no-deps --target "$PLOT_TARGET" "${PLOT_PACKAGES[@]}" \
+    || echo "setup: plotting packages unavailable; reports will have no plots"
+fi
 echo "setup: done"
