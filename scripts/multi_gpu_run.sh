@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One job on a machine with several GPUs (issue: multi-GPU ring). Binaries from .devbin (see
+# docs/running.md). Runs, with W = the number of GPUs, one NCCL worker process per GPU:
+#   1. correctness: `ringattn attend --check` against the fp64 reference for each layout,
+#      causal and not, GQA, through the service;
+#   2. scaling: causal zigzag, h 32 / h_k 8, d 128, bf16 at 8k, 16k, 32k tokens per GPU, each
+#      request 5 times (the worker-side ring time of the last 4 is what counts);
+#   3. a worker killed mid-request: UNAVAILABLE, then the next request succeeds.
+# Logs go to OUT_DIR; a summary is printed.
+set -uo pipefail
+BIN=${BIN:-.devbin}
+OUT_DIR=${1:-${OUT:-/tmp/multi_gpu}}  # at most a few files come back from a device job
+LOG=/tmp/multi_gpu_logs
+mkdir -p "$OUT_DIR" "$LOG"
+export LD_LIBRARY_PATH="$BIN/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+W=$(nvidia-smi -L | grep -c GPU)
+nvidia-smi --query-gpu=index,name --format=csv,noheader
+echo "GPUs: $W"
+echo "== single-GPU reference on GPU 0 (kernel and one-GPU ring, same card)"
+CUDA_VISIBLE_DEVICES=0 "$BIN/gpu_ring_bench" --json "$OUT_DIR/single_gpu.jsonl" \
+  >"$LOG/single_gpu.txt" 2>&1
+grep -E "^single|^ring +1 " "$LOG/single_gpu.txt"
+PORT=50300
+"$BIN/ringattn" serve --workers="$W" --kernel=cuda --listen=127.0.0.1:$PORT --metrics= \
+  >"$OUT_DIR/serve.log" 2>&1 &
+SERVE=$!
+for i in $(seq 1 120); do
+  grep -q "workers ready" "$OUT_DIR/serve.log" && break
+  sleep 0.5
+done
+grep "workers ready" "$OUT_DIR/serve.log" || { echo "ring did not form"; tail -30 "$OUT_DIR/serve.log"; kill $SERVE; exit 1; }
+A="$BIN/ringattn attend --target=127.0.0.1:$PORT --timeout=120"
+
+echo "== correctness (fp64 reference on the client)"
+for layout in contiguous zigzag stripe; do
+  for causal in false true; do
+    $A --layout=$layout --causal=$causal --seqlen=2051 --heads=8 --heads_k=2 --head_dim=128 \
+      --dtype=bf16 --check >"$LOG/check_${layout}_${causal}.log" 2>&1
+    echo "layout=$layout causal=$causal rc=$? $(grep -E '^check:' "$LOG/check_${layout}_${causal}.log")"
+  done
+done 2>&1 | tee "$OUT_DIR/correctness.txt"
+
+echo "== scaling"
+for per in 8192 16384 32768; do
+  s=$((per * W))
+  for rep in 1 2 3 4 5; do
+    $A --seqlen=$s --heads=32 --heads_k=8 --head_dim=128 --dtype=bf16 --causal --check=false \
+      --return_lse=false >>"$LOG/scaling_$per.log" 2>&1
+  done
+  echo "tokens/GPU=$per seqlen=$s: $(grep -cE '^throughput' "$LOG/scaling_$per.log") responses"
+done
+
+kill $SERVE; wait $SERVE 2>/dev/null
+
+echo "== worker killed mid-request"
+# The simple kernel (cuda_reference) makes the request compute for seconds with a small payload,
+# so the kill lands in the ring, not in the upload.
+PORT2=50301
+"$BIN/ringattn" serve --workers="$W" --kernel=cuda_reference --listen=127.0.0.1:$PORT2 \
+  --metrics= >"$LOG/serve_fault.log" 2>&1 &
+SERVE2=$!
+for i in $(seq 1 120); do grep -q "workers ready" "$LOG/serve_fault.log" && break; sleep 0.5; done
+B="$BIN/ringattn attend --target=127.0.0.1:$PORT2 --timeout=120"
+$B --seqlen=32768 --heads=16 --heads_k=4 --head_dim=128 --dtype=bf16 --causal --check=false \
+  >"$LOG/kill.log" 2>&1 &
+CALL=$!
+sleep 2.5
+VICTIM=$(pgrep -f "ringattn worker --coordinator=127.0.0.1:$PORT2" | head -n1)
+kill -9 "$VICTIM"
+wait $CALL
+echo "killed worker pid $VICTIM: $(grep -E '^error|^throughput' "$LOG/kill.log" | head -1)"
+$B --seqlen=4099 --heads=8 --heads_k=2 --head_dim=128 --dtype=bf16 --causal --check \
+  >"$LOG/after_kill.log" 2>&1
+echo "next request rc=$? $(grep -E '^check:|^error' "$LOG/after_kill.log")"
+kill $SERVE2; wait $SERVE2 2>/dev/null
+cat "$LOG/serve_fault.log" >> "$OUT_DIR/serve.log"
+cat "$LOG"/scaling_*.log > "$OUT_DIR/scaling.log"
+cat "$LOG"/check_*.log > "$OUT_DIR/checks.log"
+cat "$LOG/kill.log" "$LOG/after_kill.log" > "$OUT_DIR/faults.log"
+exit 0
