@@ -1,0 +1,49 @@
+// `ringattn bench`: a load generator for a running coordinator.
+//
+// Builds one synthetic request and sends it from `concurrency` client threads, `requests` times
+// in all (or for `duration_seconds`), then reports how many calls succeeded and how the failed
+// ones failed (by status code), requests per second, the client round-trip latency percentiles,
+// the payload rate, the means of the server's phases from the responses' Timings, the share of
+// the end-to-end time spent outside the workers' compute, and the attention throughput.
+//
+// All threads share one AttentionClient (one channel): the client is thread-safe, and gRPC
+// shares the TCP connection between channels with the same arguments to one target anyway, so a
+// channel per thread would not add connections. Concurrent calls are concurrent HTTP/2 streams,
+// as in any one process that calls the service.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+namespace ringattn {
+
+struct BenchOptions {
+  std::string target = "127.0.0.1:50051";  // the coordinator, host:port
+  int concurrency = 4;                     // client threads, each with one call in flight
+  int requests = 32;                       // calls in all (by count, when duration_seconds is 0)
+  // > 0: keep sending until this many seconds have passed (calls already started finish), and
+  // ignore `requests`. 0: send exactly `requests` calls.
+  double duration_seconds = 0;
+  // The synthetic request, as `ringattn attend` makes it.
+  int batch = 1;
+  int64_t seqlen = 4096;
+  int heads = 8;
+  int heads_k = 0;  // 0: equal to heads
+  int head_dim = 64;
+  std::string dtype = "bf16";   // fp32, fp16 or bf16
+  bool causal = false;
+  std::string layout = "auto";  // auto, contiguous, zigzag or stripe
+  bool streaming = false;       // force AttendStream (else by the server's unary limit)
+  double timeout_seconds = 300;         // for each call
+  double connect_timeout_seconds = 10;  // for the connection and GetInfo
+  uint64_t seed = 1;
+  std::string json_path;  // when set, the results are also written here as one JSON object
+};
+
+// Runs the benchmark, printing the report to `out`. Returns the process exit code: 0 when every
+// call succeeded, 1 when one failed (the report is still printed) or the server could not be
+// reached or the JSON file not written, 2 for bad options.
+int RunBenchCommand(const BenchOptions& options, std::ostream& out);
+
+}  // namespace ringattn
