@@ -5,6 +5,7 @@
 //   ringattn coordinator [--workers N]        coordinator only; workers register from elsewhere
 //   ringattn worker --coordinator host:port   one worker process
 //   ringattn attend --target host:port        send a request (random or .npy inputs)
+//   ringattn bench --target host:port         load generator: one request, many times
 //   ringattn ring [--world 4]                 forward ring over local processes, no service
 #include <signal.h>
 #include <sys/prctl.h>
@@ -21,6 +22,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "client/attend_command.h"
+#include "client/bench_command.h"
 #include "client/local_ring.h"
 #include "client/serve_command.h"
 #include "worker/worker.h"
@@ -75,6 +77,12 @@ ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
 
+// bench (also --target, the problem flags, --stream, --timeout per call and --seed)
+ABSL_FLAG(int, concurrency, 4, "bench: client threads, one call in flight each");
+ABSL_FLAG(int, requests, 32, "bench: calls in all (when --duration is 0)");
+ABSL_FLAG(double, duration, 0, "bench: seconds to keep sending (0: --requests calls)");
+ABSL_FLAG(std::string, json, "", "bench: also write the results here as JSON");
+
 namespace {
 
 constexpr char kUsage[] =
@@ -84,6 +92,8 @@ constexpr char kUsage[] =
     "  coordinator  the coordinator alone; workers register from elsewhere\n"
     "  worker       one worker process (--coordinator host:port)\n"
     "  attend       send a request to a coordinator and print the result and timings\n"
+    "  bench        load generator: send one synthetic request many times, report latency and\n"
+    "               throughput (--concurrency, --requests or --duration, --json)\n"
     "  ring         forward ring attention over local processes, without the service\n";
 
 absl::StatusOr<ringattn::DType> ParseDType(const std::string& s) {
@@ -171,6 +181,27 @@ ringattn::AttendCommandOptions AttendOptionsFromFlags() {
   return o;
 }
 
+ringattn::BenchOptions BenchOptionsFromFlags() {
+  ringattn::BenchOptions o;
+  o.target = absl::GetFlag(FLAGS_target);
+  o.concurrency = absl::GetFlag(FLAGS_concurrency);
+  o.requests = absl::GetFlag(FLAGS_requests);
+  o.duration_seconds = absl::GetFlag(FLAGS_duration);
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seqlen = absl::GetFlag(FLAGS_seqlen);
+  o.heads = absl::GetFlag(FLAGS_heads);
+  o.heads_k = HeadsK();
+  o.head_dim = absl::GetFlag(FLAGS_head_dim);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.causal = absl::GetFlag(FLAGS_causal);
+  o.layout = absl::GetFlag(FLAGS_layout);
+  o.streaming = absl::GetFlag(FLAGS_stream);
+  o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.json_path = absl::GetFlag(FLAGS_json);
+  return o;
+}
+
 int RunServeOrCoordinator(bool spawn_workers) {
   ringattn::ServeOptions o;
   o.listen_address = absl::GetFlag(FLAGS_listen);
@@ -222,6 +253,7 @@ int main(int argc, char** argv) {
   if (command == "coordinator") return RunServeOrCoordinator(/*spawn_workers=*/false);
   if (command == "worker") return RunWorker();
   if (command == "attend") return ringattn::RunAttendCommand(AttendOptionsFromFlags(), std::cout);
+  if (command == "bench") return ringattn::RunBenchCommand(BenchOptionsFromFlags(), std::cout);
   std::fprintf(stderr, "unknown command '%s'\n%s", command.c_str(), kUsage);
   return 2;
 }
