@@ -48,7 +48,7 @@ struct BenchSummary {
   int ok = 0;
   std::map<std::string, int> failed_by_code;  // status code name -> calls
   double wall_seconds = 0;
-  double requests_per_second = 0;  // successful calls over wall time
+  double requests_per_second = 0;                       // successful calls over wall time
   double p50 = 0, p90 = 0, p99 = 0, max = 0, mean = 0;  // latency of successful calls
   int64_t payload_bytes = 0;
   double payload_gb_per_second = 0;
@@ -90,8 +90,8 @@ std::string ErrorLine(const absl::Status& status) {
 absl::Status ValidateOptions(const BenchOptions& o) {
   if (o.target.empty()) return absl::InvalidArgumentError("--target must be host:port");
   if (o.concurrency < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("--concurrency must be >= 1, got ",
-                                                   o.concurrency));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--concurrency must be >= 1, got ", o.concurrency));
   }
   if (!(o.duration_seconds >= 0) || !std::isfinite(o.duration_seconds)) {
     return absl::InvalidArgumentError("--duration must be a finite number of seconds >= 0");
@@ -178,8 +178,8 @@ struct LoadResult {
 
 // Sends `request` from `concurrency` threads until `requests` calls have gone out, or, with a
 // duration, until it has passed. Every call is bounded by the plan's timeout.
-LoadResult RunLoad(AttentionClient& client, const v1::AttendRequest& request,
-                   const BenchOptions& o, const CallPlan& plan) {
+LoadResult RunLoad(AttentionClient& client, const v1::AttendRequest& request, const BenchOptions& o,
+                   const CallPlan& plan) {
   const bool by_time = o.duration_seconds > 0;
   std::atomic<int> next{0};
   std::vector<std::vector<CallRecord>> per_thread(static_cast<size_t>(o.concurrency));
@@ -242,9 +242,9 @@ BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flo
   }
   if (s.ok > 0) {
     const double n = s.ok;
-    s.server_mean = {sum.queue / n,  sum.receive / n, sum.scatter / n,
+    s.server_mean = {sum.queue / n,   sum.receive / n,   sum.scatter / n,
                      sum.compute / n, sum.comm_wait / n, sum.ring / n,
-                     sum.gather / n, sum.send / n,   sum.total / n};
+                     sum.gather / n,  sum.send / n,      sum.total / n};
     std::sort(latencies.begin(), latencies.end());
     s.p50 = Percentile(latencies, 0.50);
     s.p90 = Percentile(latencies, 0.90);
@@ -266,7 +266,8 @@ BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flo
 
 std::string FailedByCode(const BenchSummary& s) {
   std::vector<std::string> parts;
-  for (const auto& [code, count] : s.failed_by_code) parts.push_back(absl::StrCat(code, " ", count));
+  for (const auto& [code, count] : s.failed_by_code)
+    parts.push_back(absl::StrCat(code, " ", count));
   return parts.empty() ? "" : absl::StrCat(" (", absl::StrJoin(parts, ", "), ")");
 }
 
@@ -274,13 +275,13 @@ std::string FormatReport(const BenchSummary& s) {
   std::string r;
   absl::StrAppendFormat(&r, "requests: %d sent, %d ok, %d failed%s\n", s.sent, s.ok, s.failed(),
                         FailedByCode(s));
-  absl::StrAppendFormat(&r, "wall: %.3f s, %.2f requests/s (ok), concurrency %d\n",
-                        s.wall_seconds, s.requests_per_second, s.concurrency);
+  absl::StrAppendFormat(&r, "wall: %.3f s, %.2f requests/s (ok), concurrency %d\n", s.wall_seconds,
+                        s.requests_per_second, s.concurrency);
   absl::StrAppendFormat(&r,
                         "latency ms (client round trip, ok): p50 %.3f  p90 %.3f  p99 %.3f  "
                         "max %.3f  mean %.3f\n",
                         s.p50 * 1e3, s.p90 * 1e3, s.p99 * 1e3, s.max * 1e3, s.mean * 1e3);
-  absl::StrAppendFormat(&r, "payload: %.3f GB in, %.3f GB/s (request + response tensors)\n",
+  absl::StrAppendFormat(&r, "payload: %.3f GB, %.3f GB/s (request + response tensors, ok calls)\n",
                         static_cast<double>(s.payload_bytes) * 1e-9, s.payload_gb_per_second);
   const Phases& m = s.server_mean;
   r += "server phases, mean ms (compute, comm wait, ring: slowest worker):\n";

@@ -31,10 +31,10 @@ struct BenchOptions {
   int heads = 8;
   int heads_k = 0;  // 0: equal to heads
   int head_dim = 64;
-  std::string dtype = "bf16";   // fp32, fp16 or bf16
+  std::string dtype = "bf16";  // fp32, fp16 or bf16
   bool causal = false;
-  std::string layout = "auto";  // auto, contiguous, zigzag or stripe
-  bool streaming = false;       // force AttendStream (else by the server's unary limit)
+  std::string layout = "auto";          // auto, contiguous, zigzag or stripe
+  bool streaming = false;               // force AttendStream (else by the server's unary limit)
   double timeout_seconds = 300;         // for each call
   double connect_timeout_seconds = 10;  // for the connection and GetInfo
   uint64_t seed = 1;
