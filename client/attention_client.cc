@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <initializer_list>
 #include <limits>
 #include <utility>
 
@@ -51,9 +52,9 @@ std::string ShapeString(const v1::Tensor& tensor) {
 }
 
 // Checks that out and lse hold the bytes their shapes imply.
-absl::Status CheckResponseTensors(const v1::AttendResponse& response) {
-  const std::pair<const char*, const v1::Tensor*> tensors[] = {{"out", &response.out()},
-                                                               {"lse", &response.lse()}};
+// Every tensor's data has the size its dtype and shape imply; INTERNAL naming it if not.
+absl::Status CheckTensorSizes(
+    std::initializer_list<std::pair<const char*, const v1::Tensor*>> tensors) {
   for (const auto& [name, tensor] : tensors) {
     const int64_t expected = ExpectedTensorBytes(*tensor);
     if (expected < 0) {
@@ -67,6 +68,10 @@ absl::Status CheckResponseTensors(const v1::AttendResponse& response) {
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckResponseTensors(const v1::AttendResponse& response) {
+  return CheckTensorSizes({{"out", &response.out()}, {"lse", &response.lse()}});
 }
 
 // The request without tensor data: what AttendStream's header carries. Every field of
@@ -247,6 +252,21 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendReque
   const grpc::Status status = stub_->Attend(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   if (absl::Status s = CheckResponseTensors(response); !s.ok()) return s;
+  return response;
+}
+
+absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
+    const v1::AttendBackwardRequest& request, absl::Duration timeout) {
+  grpc::ClientContext context;
+  SetTimeout(timeout, &context);
+  v1::AttendBackwardResponse response;
+  const grpc::Status status = stub_->AttendBackward(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  if (absl::Status s = CheckTensorSizes(
+          {{"dq", &response.dq()}, {"dk", &response.dk()}, {"dv", &response.dv()}});
+      !s.ok()) {
+    return s;
+  }
   return response;
 }
 

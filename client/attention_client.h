@@ -3,9 +3,10 @@
 // Attend sends the whole request as one message; AttendStreaming sends it as the chunk protocol
 // of AttendStream (header, then the bytes of q, k and v in chunks, then WritesDone) and
 // reassembles the chunked out and lse of the answer; AttendAuto picks one of the two by the
-// request's size. Every call returns the service's status with its code and message as they
-// came; a response that breaks the chunk protocol or whose tensors do not match their shapes is
-// INTERNAL, naming the tensor and the offending offset or size.
+// request's size; AttendBackward asks for the gradients (unary only). Every call returns the
+// service's status with its code and message as they came; a response that breaks the chunk
+// protocol or whose tensors do not match their shapes is INTERNAL, naming the tensor and the
+// offending offset or size.
 #pragma once
 
 #include <cstdint>
@@ -69,6 +70,14 @@ class AttentionClient {
                                                 absl::Duration timeout, int64_t max_unary_bytes,
                                                 int64_t chunk_bytes = kDefaultChunkBytes,
                                                 const ProgressFn& progress = nullptr);
+
+  // The gradients dq, dk and dv of the attention the request describes (the forward's inputs,
+  // its out and lse, and dout), in one unary call: there is no streaming variant, so a request
+  // past the server's unary limit (InfoResponse.max_unary_bytes) is refused by gRPC with
+  // RESOURCE_EXHAUSTED, as is one past 2 GiB. CPU workers only for now: a ring of GPU workers
+  // answers UNIMPLEMENTED. A response whose tensors do not match their shapes is INTERNAL.
+  absl::StatusOr<v1::AttendBackwardResponse> AttendBackward(
+      const v1::AttendBackwardRequest& request, absl::Duration timeout);
 
   absl::StatusOr<v1::InfoResponse> GetInfo(absl::Duration timeout);
 

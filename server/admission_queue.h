@@ -5,6 +5,7 @@
 #include <atomic>
 #include <deque>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
@@ -16,15 +17,34 @@
 namespace ringattn {
 
 // One admitted request, shared by its handler (which waits) and the dispatcher (which runs it).
+// Forward (Attend, AttendStream) and backward (AttendBackward) requests share the one queue, so
+// that every worker runs them in the same order.
 struct AttendJob {
-  const v1::AttendRequest* request = nullptr;  // owned by the handler, alive until done
+  enum class Kind { kForward, kBackward };
+  Kind kind = Kind::kForward;
+  // kForward: the request (owned by the handler, alive until done), its problem, its answer.
+  const v1::AttendRequest* request = nullptr;
   ValidatedAttend problem;
+  v1::AttendResponse response;  // valid once done and ok
+  // kBackward: the same three.
+  const v1::AttendBackwardRequest* backward_request = nullptr;
+  ValidatedAttendBackward backward_problem;
+  v1::AttendBackwardResponse backward_response;  // valid once done and ok
+
   absl::Time arrival;
   absl::Time deadline = absl::InfiniteFuture();
   std::atomic<bool> cancelled{false};  // the client went away
   absl::Notification done;
-  absl::Status status;                 // valid once done
-  v1::AttendResponse response;         // valid once done and ok
+  absl::Status status;  // valid once done
+
+  // The request id and the timings of whichever kind this is.
+  std::string& request_id() {
+    return kind == Kind::kForward ? problem.request_id : backward_problem.attend.request_id;
+  }
+  v1::Timings* timings() {
+    return kind == Kind::kForward ? response.mutable_timings()
+                                  : backward_response.mutable_timings();
+  }
 };
 
 class AdmissionQueue {

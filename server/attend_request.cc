@@ -1,5 +1,6 @@
 #include "server/attend_request.h"
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cmath>
@@ -287,6 +288,102 @@ absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& he
                      " chunks), got ", t->data().size(), " bytes");
     }
   }
+  return out;
+}
+
+namespace {
+
+// out or dout against q: present, q's dtype and shape, and data of q's size.
+absl::Status CheckLikeQ(bool present, const v1::Tensor& t, const char* name, const v1::Tensor& q,
+                        int64_t bytes, DType dtype) {
+  if (!present) {
+    return Invalid(name, " is missing; expected a tensor of q's shape ", ShapeString(q), " and ",
+                   "dtype ", std::string(DTypeName(dtype)));
+  }
+  if (t.dtype() != q.dtype()) {
+    return Invalid(name, ".dtype must match q.dtype (", ServedDTypeName(q.dtype()), "), got ",
+                   ServedDTypeName(t.dtype()));
+  }
+  if (t.shape_size() != q.shape_size() ||
+      !std::equal(t.shape().begin(), t.shape().end(), q.shape().begin())) {
+    return Invalid(name, ".shape must equal q.shape ", ShapeString(q), ", got ", ShapeString(t));
+  }
+  if (static_cast<int64_t>(t.data().size()) != bytes) {
+    return Invalid(name, ".data has ", t.data().size(), " bytes; shape ", ShapeString(t), " of ",
+                   std::string(DTypeName(dtype)), " needs ", bytes);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckLse(bool present, const v1::Tensor& t, const ValidatedAttend& p) {
+  const std::string want = absl::StrCat("[", p.batch, ",", p.heads, ",", p.seqlen, "]");
+  if (!present) {
+    return Invalid("lse is missing; expected the forward's LSE, fp32 [batch, heads, seq] = ",
+                   want, " (Attend with return_lse)");
+  }
+  if (t.dtype() != v1::DTYPE_FP32) {
+    return Invalid("lse.dtype must be fp32, got ", ServedDTypeName(t.dtype()));
+  }
+  if (t.shape_size() != 3 || t.shape(0) != p.batch || t.shape(1) != p.heads ||
+      t.shape(2) != p.seqlen) {
+    return Invalid("lse.shape must be [batch, heads, seq] = ", want, ", got ", ShapeString(t));
+  }
+  if (static_cast<int64_t>(t.data().size()) != p.bytes.lse) {
+    return Invalid("lse.data has ", t.data().size(), " bytes; shape ", ShapeString(t),
+                   " of fp32 needs ", p.bytes.lse);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ValidatedAttendBackward> ValidateAttendBackwardRequest(
+    const v1::AttendBackwardRequest& r, const AttendLimits& limits) {
+  // The q/k/v part through the forward's checks, on a header without the tensors' data.
+  v1::AttendRequest header;
+  header.set_request_id(r.request_id());
+  const std::pair<const v1::Tensor*, v1::Tensor*> parts[] = {
+      {&r.q(), header.mutable_q()}, {&r.k(), header.mutable_k()}, {&r.v(), header.mutable_v()}};
+  const bool present[] = {r.has_q(), r.has_k(), r.has_v()};
+  for (int i = 0; i < 3; ++i) {
+    if (!present[i]) continue;  // left absent: reported as missing
+    parts[i].second->set_dtype(parts[i].first->dtype());
+    *parts[i].second->mutable_shape() = parts[i].first->shape();
+  }
+  if (!r.has_q()) header.clear_q();
+  if (!r.has_k()) header.clear_k();
+  if (!r.has_v()) header.clear_v();
+  *header.mutable_options() = r.options();
+  header.set_layout(r.layout());
+  ValidatedAttendBackward out;
+  RA_ASSIGN_OR_RETURN(out.attend, ValidateHeaderFields(header, limits));
+  ValidatedAttend& p = out.attend;
+  const std::pair<const char*, const v1::Tensor*> tensors[] = {
+      {"q", &r.q()}, {"k", &r.k()}, {"v", &r.v()}};
+  const int64_t expected[] = {p.bytes.q, p.bytes.k, p.bytes.v};
+  for (int i = 0; i < 3; ++i) {
+    const auto& [name, t] = tensors[i];
+    if (static_cast<int64_t>(t->data().size()) != expected[i]) {
+      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
+                     " of ", std::string(DTypeName(p.dtype)), " needs ", expected[i]);
+    }
+  }
+  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_out(), r.out(), "out", r.q(), p.bytes.out, p.dtype));
+  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_dout(), r.dout(), "dout", r.q(), p.bytes.out, p.dtype));
+  RA_RETURN_IF_ERROR(CheckLse(r.has_lse(), r.lse(), p));
+  int64_t total = p.bytes.request();
+  if (__builtin_add_overflow(total, p.bytes.out, &total) ||
+      __builtin_add_overflow(total, p.bytes.out, &total) ||
+      __builtin_add_overflow(total, p.bytes.lse, &total) || total > limits.max_request_bytes) {
+    return Exhausted("q, k, v, out, dout and lse need ", total, " bytes; the limit is ",
+                     limits.max_request_bytes, " (max_request_bytes)");
+  }
+  p.q_bytes = &r.q().data();
+  p.k_bytes = &r.k().data();
+  p.v_bytes = &r.v().data();
+  out.out_bytes = &r.out().data();
+  out.dout_bytes = &r.dout().data();
+  out.lse_bytes = &r.lse().data();
   return out;
 }
 

@@ -82,6 +82,23 @@ absl::StatusOr<ValidatedAttend> ValidateAttendRequest(const v1::AttendRequest& r
 absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& header,
                                                      const AttendLimits& limits);
 
+// A checked AttendBackward problem: the q/k/v part as ValidateAttendRequest checks it (its
+// return_lse is false), plus the forward's results and the incoming gradient. Pointers into the
+// request, as in ValidatedAttend.
+struct ValidatedAttendBackward {
+  ValidatedAttend attend;
+  const std::string* out_bytes = nullptr;   // [batch, seq, heads, head_dim], attend.bytes.out
+  const std::string* dout_bytes = nullptr;  // [batch, seq, heads, head_dim], attend.bytes.out
+  const std::string* lse_bytes = nullptr;   // [batch, heads, seq] fp32, attend.bytes.lse
+};
+
+// Validates a backward request: q, k, v, options, layout and request_id as
+// ValidateAttendRequest does; out and dout must have q's dtype and shape, lse must be fp32
+// [batch, heads, seq]; every tensor's data the size its shape implies. max_request_bytes
+// applies to all six tensors together.
+absl::StatusOr<ValidatedAttendBackward> ValidateAttendBackwardRequest(
+    const v1::AttendBackwardRequest& request, const AttendLimits& limits);
+
 // ---- Shards of request bytes (the coordinator's scatter and gather) --------------------------
 
 // Rank's rows of `whole`, a tensor viewed as [outer, plan.seqlen, row_bytes], returned as a

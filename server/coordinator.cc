@@ -36,6 +36,19 @@ int64_t ResponseBytes(const v1::AttendResponse& r) {
   return static_cast<int64_t>(r.out().data().size() + r.lse().data().size());
 }
 
+int64_t RequestBytes(const v1::AttendBackwardRequest& r) {
+  int64_t n = 0;
+  for (const v1::Tensor* t : {&r.q(), &r.k(), &r.v(), &r.out(), &r.dout(), &r.lse()}) {
+    n += static_cast<int64_t>(t->data().size());
+  }
+  return n;
+}
+
+int64_t ResponseBytes(const v1::AttendBackwardResponse& r) {
+  return static_cast<int64_t>(r.dq().data().size() + r.dk().data().size() +
+                              r.dv().data().size());
+}
+
 }  // namespace
 
 class Coordinator::Services {
@@ -73,6 +86,15 @@ class Coordinator::Services {
       if (s.ok()) s = c_->SendStream(stream, arrival, &response);
       c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response.timings(),
                                  RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
+      return ToGrpcStatus(s);
+    }
+
+    grpc::Status AttendBackward(grpc::ServerContext* ctx, const v1::AttendBackwardRequest* request,
+                                v1::AttendBackwardResponse* response) override {
+      const absl::Time arrival = absl::Now();
+      absl::Status s = c_->HandleBackward(ctx, *request, arrival, response);
+      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
+                                 RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
       return ToGrpcStatus(s);
     }
 
@@ -221,10 +243,41 @@ absl::Status Coordinator::Handle(grpc::ServerContext* ctx, const v1::AttendReque
   auto job = std::make_shared<AttendJob>();
   job->request = &request;
   job->problem = *std::move(problem);
-  if (job->problem.request_id.empty()) {
-    job->problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
-  }
   job->arrival = arrival;
+  if (absl::Status s = AdmitAndWait(ctx, job); !s.ok()) return s;
+  *response = std::move(job->response);
+  response->set_request_id(job->problem.request_id);
+  response->mutable_timings()->set_receive_seconds(receive_seconds);
+  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::HandleBackward(grpc::ServerContext* ctx,
+                                         const v1::AttendBackwardRequest& request,
+                                         absl::Time arrival,
+                                         v1::AttendBackwardResponse* response) {
+  AttendLimits limits;
+  limits.max_request_bytes = options_.max_request_bytes;
+  absl::StatusOr<ValidatedAttendBackward> problem =
+      ValidateAttendBackwardRequest(request, limits);
+  if (!problem.ok()) return problem.status();
+  auto job = std::make_shared<AttendJob>();
+  job->kind = AttendJob::Kind::kBackward;
+  job->backward_request = &request;
+  job->backward_problem = *std::move(problem);
+  job->arrival = arrival;
+  if (absl::Status s = AdmitAndWait(ctx, job); !s.ok()) return s;
+  *response = std::move(job->backward_response);
+  response->set_request_id(job->request_id());
+  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::AdmitAndWait(grpc::ServerContext* ctx,
+                                       const std::shared_ptr<AttendJob>& job) {
+  if (job->request_id().empty()) {
+    job->request_id() = absl::StrCat("req-", absl::ToUnixMicros(job->arrival));
+  }
   job->deadline = DeadlineOf(*ctx);
   if (absl::Status s = queue_.Push(job); !s.ok()) return s;
   metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
@@ -239,12 +292,7 @@ absl::Status Coordinator::Handle(grpc::ServerContext* ctx, const v1::AttendReque
                   : absl::DeadlineExceededError("deadline exceeded while queued");
     }
   }
-  if (!job->status.ok()) return job->status;
-  *response = std::move(job->response);
-  response->set_request_id(job->problem.request_id);
-  response->mutable_timings()->set_receive_seconds(receive_seconds);
-  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-  return absl::OkStatus();
+  return job->status;
 }
 
 void Coordinator::DispatchLoop() {
@@ -252,7 +300,7 @@ void Coordinator::DispatchLoop() {
     std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
     metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
     if (job == nullptr) continue;
-    job->response.mutable_timings()->set_queue_seconds(SecondsSince(job->arrival));
+    job->timings()->set_queue_seconds(SecondsSince(job->arrival));
     RunControl control{job->deadline, &job->cancelled};
     absl::Status s;
     // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
@@ -269,7 +317,10 @@ void Coordinator::DispatchLoop() {
                                              "deadline exceeded waiting for the ring to form")
                                        : ring.status();
     } else {
-      s = RunOnRing(*job->request, job->problem, *ring, control, &job->response);
+      s = job->kind == AttendJob::Kind::kForward
+              ? RunOnRing(*job->request, job->problem, *ring, control, &job->response)
+              : RunBackwardOnRing(*job->backward_request, job->backward_problem, *ring, control,
+                                  &job->backward_response);
       if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
     }
     job->status = s;

@@ -59,6 +59,11 @@ class Coordinator {
  private:
   absl::Status Handle(grpc::ServerContext* ctx, const v1::AttendRequest& request,
                       absl::Time arrival, double receive_seconds, v1::AttendResponse* response);
+  absl::Status HandleBackward(grpc::ServerContext* ctx, const v1::AttendBackwardRequest& request,
+                              absl::Time arrival, v1::AttendBackwardResponse* response);
+  // Admits a validated job and waits until the dispatcher ran it (or it left the queue because
+  // its client went away or its deadline passed). The job's status.
+  absl::Status AdmitAndWait(grpc::ServerContext* ctx, const std::shared_ptr<AttendJob>& job);
   absl::Status ReceiveStream(
       grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
       v1::AttendRequest* request);

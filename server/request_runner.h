@@ -1,6 +1,6 @@
 // Runs one validated request through the ring: cuts the shards, sends every worker its
-// RunShard concurrently (carrying the remaining deadline), gathers the outputs back into
-// sequence order, and fills the response's plan and timings.
+// RunShard (or RunShardBackward) concurrently (carrying the remaining deadline), gathers the
+// outputs back into sequence order, and fills the response's plan and timings.
 #pragma once
 
 #include <atomic>
@@ -25,5 +25,12 @@ struct RunControl {
 absl::Status RunOnRing(const v1::AttendRequest& request, const ValidatedAttend& problem,
                        const RingSnapshot& ring, const RunControl& control,
                        v1::AttendResponse* response);
+
+// The backward: scatters q, k, v, out, dout and lse, gathers dq, dk and dv (in q's dtype) and
+// fills the plan and timings; failures as RunOnRing (a worker's INVALID_ARGUMENT or
+// UNIMPLEMENTED, e.g. a GPU worker refusing the backward, is passed through as it came).
+absl::Status RunBackwardOnRing(const v1::AttendBackwardRequest& request,
+                               const ValidatedAttendBackward& problem, const RingSnapshot& ring,
+                               const RunControl& control, v1::AttendBackwardResponse* response);
 
 }  // namespace ringattn

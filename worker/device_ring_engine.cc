@@ -59,6 +59,14 @@ class DeviceRingConnection final : public RingConnection {
   int world_size() const override { return comm_->world_size(); }
   void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
 
+  absl::StatusOr<RingTimings> Backward(const ShardPlan& /*plan*/,
+                                       const RingBackwardTensors& /*t*/,
+                                       const RingAttentionOptions& /*options*/) override {
+    return absl::UnimplementedError(absl::StrCat(
+        "the backward runs on CPU workers only for now (kernel ", std::string(backend_->name()),
+        ")"));
+  }
+
   absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
                                       const RingAttentionOptions& options) override {
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));

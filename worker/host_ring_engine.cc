@@ -1,33 +1,51 @@
 #include "worker/host_ring_engine.h"
 
+#include "absl/strings/str_cat.h"
+#include "kernels/attention_backward_params.h"
 #include "kernels/status_macros.h"
 #include "worker/ring/gloo_communicator.h"
 #include "worker/ring/ring_attention.h"
+#include "worker/ring/ring_backward.h"
 
 namespace ringattn {
 namespace {
 
 class HostRingConnection final : public RingConnection {
  public:
-  HostRingConnection(AttentionBackend* backend, std::unique_ptr<Communicator> comm)
-      : backend_(backend), comm_(std::move(comm)) {}
+  HostRingConnection(AttentionBackend* backend, AttentionBackwardBackend* backward,
+                     std::unique_ptr<Communicator> comm)
+      : backend_(backend), backward_(backward), comm_(std::move(comm)) {}
   int rank() const override { return comm_->rank(); }
   int world_size() const override { return comm_->world_size(); }
   absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
                                       const RingAttentionOptions& options) override {
     return RingFlashAttnForward(*comm_, *backend_, plan, t, options);
   }
+  absl::StatusOr<RingTimings> Backward(const ShardPlan& plan, const RingBackwardTensors& t,
+                                       const RingAttentionOptions& options) override {
+    if (backward_ == nullptr) {
+      return absl::UnimplementedError(absl::StrCat("kernel ", std::string(backend_->name()),
+                                                   " has no CPU backward"));
+    }
+    return RingFlashAttnBackward(*comm_, *backward_, plan, t, options);
+  }
   void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
 
  private:
   AttentionBackend* backend_;
+  AttentionBackwardBackend* backward_;  // null when the kernel has none
   std::unique_ptr<Communicator> comm_;
 };
 
 class HostRingEngine final : public RingEngine {
  public:
   HostRingEngine(std::unique_ptr<AttentionBackend> backend, RingEngineOptions options)
-      : backend_(std::move(backend)), options_(std::move(options)) {}
+      : backend_(std::move(backend)), options_(std::move(options)) {
+    // The backward backend of the same name (cpu or cpu_reference).
+    absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> backward =
+        MakeCpuBackwardBackend(backend_->name());
+    if (backward.ok()) backward_ = *std::move(backward);
+  }
   std::string backend_name() const override { return std::string(backend_->name()); }
   std::string device_name() const override { return "cpu"; }
   std::string transport() const override { return "gloo"; }
@@ -42,11 +60,12 @@ class HostRingEngine final : public RingEngine {
     RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
                         GlooCommunicator::Create(rank, world, std::move(store), gloo));
     return std::unique_ptr<RingConnection>(
-        std::make_unique<HostRingConnection>(backend_.get(), std::move(comm)));
+        std::make_unique<HostRingConnection>(backend_.get(), backward_.get(), std::move(comm)));
   }
 
  private:
   std::unique_ptr<AttentionBackend> backend_;
+  std::unique_ptr<AttentionBackwardBackend> backward_;  // null when the kernel has none
   const RingEngineOptions options_;
 };
 

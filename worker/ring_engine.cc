@@ -9,6 +9,12 @@
 
 namespace ringattn {
 
+absl::StatusOr<RingTimings> RingConnection::Backward(const ShardPlan& /*plan*/,
+                                                    const RingBackwardTensors& /*t*/,
+                                                    const RingAttentionOptions& /*options*/) {
+  return absl::UnimplementedError("this worker's engine has no backward");
+}
+
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options) {
   RingEngineOptions o = options;
   if (o.kernel == "auto") {

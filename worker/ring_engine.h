@@ -1,8 +1,8 @@
 // What a worker computes with: a kernel backend and a transport, behind one interface so that
 // the worker service does not care whether the ring runs on the CPU (Gloo TCP, host memory) or
-// on a GPU (NCCL, device memory). An engine connects a ring; a connection runs the forward on
-// this rank's shard, whose tensors always arrive and leave in host memory (they come from and
-// go to gRPC messages).
+// on a GPU (NCCL, device memory). An engine connects a ring; a connection runs the forward (and,
+// on the CPU, the backward) on this rank's shard, whose tensors always arrive and leave in host
+// memory (they come from and go to gRPC messages).
 #pragma once
 
 #include <chrono>
@@ -14,6 +14,7 @@
 #include "kernels/attention_backend.h"
 #include "worker/coordinator_store.h"
 #include "worker/ring/layout.h"
+#include "worker/ring/ring_backward.h"
 #include "worker/ring/ring_step.h"
 
 namespace ringattn {
@@ -27,6 +28,12 @@ class RingConnection {
   // Runs the forward ring; `t` holds host pointers. Every rank calls it with the same plan.
   virtual absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
                                               const RingAttentionOptions& options) = 0;
+  // Runs the backward ring (ring_backward.h); `t` holds host pointers, gradients in t.grad_dtype.
+  // Every rank calls it with the same plan and the same options as its forward. UNIMPLEMENTED
+  // where the engine has no backward (the default).
+  virtual absl::StatusOr<RingTimings> Backward(const ShardPlan& plan,
+                                               const RingBackwardTensors& t,
+                                               const RingAttentionOptions& options);
   // Fails the ring (a call in flight, and peers waiting on this rank, fail promptly).
   // Thread-safe and idempotent.
   virtual void Abort(const absl::Status& reason) = 0;

@@ -15,6 +15,7 @@
 #include "proto/convert.h"
 #include "worker/ring/layout.h"
 #include "worker/ring/ring_attention.h"
+#include "worker/ring/ring_backward.h"
 
 namespace ringattn {
 namespace {
@@ -236,28 +237,29 @@ absl::Status WorkerServiceImpl::Join(grpc::ServerContext* context,
   return result;
 }
 
-absl::Status WorkerServiceImpl::CheckGeneration(int64_t generation) const {
+absl::Status WorkerServiceImpl::CheckGeneration(const char* rpc, int64_t generation) const {
   if (ring_ == nullptr) {
     return absl::FailedPreconditionError(
-        absl::StrCat("RunShard for ring generation ", generation,
+        absl::StrCat(rpc, " for ring generation ", generation,
                      ", but this worker is in no ring (none formed, or the last one failed)"));
   }
   if (ring_->generation != generation) {
-    return absl::FailedPreconditionError(absl::StrCat("RunShard for ring generation ", generation,
+    return absl::FailedPreconditionError(absl::StrCat(rpc, " for ring generation ", generation,
                                                       ", but this worker is in generation ",
                                                       ring_->generation));
   }
   return absl::OkStatus();
 }
 
-grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
-                                         const v1::RunShardRequest* request,
-                                         v1::RunShardResponse* response) {
+grpc::Status WorkerServiceImpl::RunOnCurrentRing(
+    const char* rpc, int64_t generation,
+    const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
+    google::protobuf::Message* response) {
   // Refuse a stale request without waiting behind a run or a rendezvous.
   {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return grpc::Status(grpc::UNAVAILABLE, "the worker is shutting down");
-    absl::Status s = CheckGeneration(request->generation());
+    absl::Status s = CheckGeneration(rpc, generation);
     if (!s.ok()) return ToGrpcStatus(s);
   }
   absl::MutexLock run_lock(&run_mu_);
@@ -265,12 +267,12 @@ grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
   {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return grpc::Status(grpc::UNAVAILABLE, "the worker is shutting down");
-    absl::Status s = CheckGeneration(request->generation());
+    absl::Status s = CheckGeneration(rpc, generation);
     if (!s.ok()) return ToGrpcStatus(s);
     ring = ring_;
     busy_ = true;
   }
-  const absl::Status s = Run(context, *request, ring, response);
+  const absl::Status s = run(ring);
   if (!s.ok()) {
     // The ring is unusable now (its peers may be mid-step): abort it so that they fail at once,
     // and forget it so that Ping tells the coordinator to form a new one.
@@ -284,33 +286,69 @@ grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
   return ToGrpcStatus(s);
 }
 
-absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
-                                    const v1::RunShardRequest& request,
-                                    const std::shared_ptr<Ring>& ring,
-                                    v1::RunShardResponse* response) {
-  RingConnection& comm = *ring->conn;
-  const int rank = comm.rank();
-  const int world = comm.world_size();
-  const std::string what = absl::StrCat("rank ", rank, " of ring generation ", ring->generation,
-                                        ", request '", request.request_id(), "'");
+grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
+                                         const v1::RunShardRequest* request,
+                                         v1::RunShardResponse* response) {
+  return RunOnCurrentRing(
+      "RunShard", request->generation(),
+      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return Run(context, *request, ring, response);
+      },
+      response);
+}
 
-  RA_ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(request.dtype()));
+grpc::Status WorkerServiceImpl::RunShardBackward(grpc::ServerContext* context,
+                                                 const v1::RunShardBackwardRequest* request,
+                                                 v1::RunShardBackwardResponse* response) {
+  return RunOnCurrentRing(
+      "RunShardBackward", request->generation(),
+      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return RunBackward(context, *request, ring, response);
+      },
+      response);
+}
+
+namespace {
+
+// The sizes of this rank's shard, from the fields RunShardRequest and RunShardBackwardRequest
+// share, checked.
+struct ShardSpec {
+  DType dtype = DType::kF32;
+  int batch = 0;
+  int heads = 0;
+  int heads_k = 0;
+  int head_dim = 0;
+  ShardPlan plan;
+  int64_t rows = 0;      // of this rank
+  size_t q_bytes = 0;    // [batch, rows, heads, head_dim] of dtype (q, out, dout, dq)
+  size_t kv_bytes = 0;   // [batch, rows, heads_k, head_dim] of dtype (k, v, dk, dv)
+  size_t lse_bytes = 0;  // [batch, heads, rows] fp32
+
+  absl::Status Check(const char* name, const std::string& data, bool kv, int rank) const {
+    return CheckBytes(name, data, kv ? kv_bytes : q_bytes, batch, rows, kv ? heads_k : heads,
+                      head_dim, dtype, rank);
+  }
+};
+
+template <typename ShardRequest>
+absl::StatusOr<ShardSpec> ParseShard(const ShardRequest& request, int rank, int world) {
+  ShardSpec spec;
+  RA_ASSIGN_OR_RETURN(spec.dtype, DTypeFromProto(request.dtype()));
   RA_ASSIGN_OR_RETURN(const std::optional<Layout> requested, LayoutFromProto(request.layout()));
   if (!requested.has_value()) {
     return absl::InvalidArgumentError(
         "layout must be LAYOUT_CONTIGUOUS, LAYOUT_ZIGZAG or LAYOUT_STRIPE (the coordinator "
         "resolves AUTO), got LAYOUT_AUTO");
   }
-  const Layout layout = *requested;
-  const int batch = request.batch();
-  const int heads = request.heads();
-  const int heads_k = request.heads_k();
-  const int head_dim = request.head_dim();
+  spec.batch = request.batch();
+  spec.heads = request.heads();
+  spec.heads_k = request.heads_k();
+  spec.head_dim = request.head_dim();
   const int64_t seqlen = request.seqlen();
-  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", batch},
-                                    {"heads", heads},
-                                    {"heads_k", heads_k},
-                                    {"head_dim", head_dim}}) {
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", spec.batch},
+                                    {"heads", spec.heads},
+                                    {"heads_k", spec.heads_k},
+                                    {"head_dim", spec.head_dim}}) {
     if (value <= 0) {
       return absl::InvalidArgumentError(absl::StrCat(name, " must be > 0, got ", value));
     }
@@ -318,65 +356,138 @@ absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
   if (seqlen < 0) {
     return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
   }
-  RA_ASSIGN_OR_RETURN(const ShardPlan plan, PlanShards(seqlen, world, layout));
-  const int64_t rows = plan.shards[rank].rows;
-  const int esize = DTypeSize(dtype);
-  RA_ASSIGN_OR_RETURN(const size_t q_bytes,
-                      TensorBytes("q", {batch, rows, heads, head_dim}, esize));
-  RA_ASSIGN_OR_RETURN(const size_t kv_bytes,
-                      TensorBytes("k", {batch, rows, heads_k, head_dim}, esize));
-  RA_RETURN_IF_ERROR(
-      CheckBytes("q", request.q(), q_bytes, batch, rows, heads, head_dim, dtype, rank));
-  RA_RETURN_IF_ERROR(
-      CheckBytes("k", request.k(), kv_bytes, batch, rows, heads_k, head_dim, dtype, rank));
-  RA_RETURN_IF_ERROR(
-      CheckBytes("v", request.v(), kv_bytes, batch, rows, heads_k, head_dim, dtype, rank));
+  RA_ASSIGN_OR_RETURN(spec.plan, PlanShards(seqlen, world, *requested));
+  spec.rows = spec.plan.shards[rank].rows;
+  const int esize = DTypeSize(spec.dtype);
+  RA_ASSIGN_OR_RETURN(spec.q_bytes,
+                      TensorBytes("q", {spec.batch, spec.rows, spec.heads, spec.head_dim}, esize));
+  RA_ASSIGN_OR_RETURN(
+      spec.kv_bytes, TensorBytes("k", {spec.batch, spec.rows, spec.heads_k, spec.head_dim}, esize));
+  RA_ASSIGN_OR_RETURN(spec.lse_bytes,
+                      TensorBytes("lse", {spec.batch, spec.heads, spec.rows}, sizeof(float)));
+  RA_RETURN_IF_ERROR(spec.Check("q", request.q(), false, rank));
+  RA_RETURN_IF_ERROR(spec.Check("k", request.k(), true, rank));
+  RA_RETURN_IF_ERROR(spec.Check("v", request.v(), true, rank));
+  return spec;
+}
+
+// Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
+// cancelled or past its deadline; a call stopped by its caller reports why, even if the ring got
+// to the end first.
+absl::StatusOr<RingTimings> RunWatched(
+    grpc::ServerContext* context, const std::string& what, RingConnection& comm,
+    const std::function<absl::StatusOr<RingTimings>()>& ring_op) {
+  absl::StatusOr<RingTimings> timings;
+  absl::Status stopped;
+  {
+    CallWatcher watcher(context, what, [&comm](const absl::Status& why) { comm.Abort(why); });
+    timings = ring_op();
+    stopped = watcher.Stop();
+  }
+  if (!stopped.ok()) return stopped;
+  if (!timings.ok()) return Annotate(timings.status(), what + ": ");
+  return timings;
+}
+
+void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::string& backend,
+                v1::WorkerTiming* timing) {
+  timing->set_rank(rank);
+  timing->set_rows(rows);
+  timing->set_compute_seconds(timings.compute_seconds());
+  timing->set_comm_wait_seconds(timings.comm_wait_seconds());
+  timing->set_ring_seconds(timings.total_seconds);
+  timing->set_backend(backend);
+  for (const RingStepTiming& st : timings.steps) {
+    v1::StepTiming* step = timing->add_steps();
+    step->set_source_rank(st.source_rank);
+    step->set_compute_seconds(st.compute_seconds);
+    step->set_comm_wait_seconds(st.comm_wait_seconds);
+  }
+}
+
+}  // namespace
+
+absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
+                                    const v1::RunShardRequest& request,
+                                    const std::shared_ptr<Ring>& ring,
+                                    v1::RunShardResponse* response) {
+  RingConnection& comm = *ring->conn;
+  const int rank = comm.rank();
+  const std::string what = absl::StrCat("rank ", rank, " of ring generation ", ring->generation,
+                                        ", request '", request.request_id(), "'");
+  RA_ASSIGN_OR_RETURN(const ShardSpec spec, ParseShard(request, rank, comm.world_size()));
   const RingAttentionOptions options = OptionsFromProto(request.options());
 
   std::string* out = response->mutable_out();
-  out->resize(q_bytes);
+  out->resize(spec.q_bytes);
   std::string* lse = response->mutable_lse();
-  if (request.return_lse()) {
-    RA_ASSIGN_OR_RETURN(const size_t lse_bytes,
-                        TensorBytes("lse", {batch, heads, rows}, sizeof(float)));
-    lse->resize(lse_bytes);
-  }
+  if (request.return_lse()) lse->resize(spec.lse_bytes);
   RingShardTensors t;
-  t.dtype = dtype;
-  t.batch = batch;
-  t.heads = heads;
-  t.heads_k = heads_k;
-  t.head_dim = head_dim;
+  t.dtype = spec.dtype;
+  t.batch = spec.batch;
+  t.heads = spec.heads;
+  t.heads_k = spec.heads_k;
+  t.head_dim = spec.head_dim;
   t.q = request.q().data();
   t.k = request.k().data();
   t.v = request.v().data();
   t.out = out->data();
   t.lse = request.return_lse() ? reinterpret_cast<float*>(lse->data()) : nullptr;
 
-  absl::StatusOr<RingTimings> timings;
-  absl::Status stopped;
-  {
-    CallWatcher watcher(context, what, [&comm](const absl::Status& why) { comm.Abort(why); });
-    timings = comm.Forward(plan, t, options);
-    stopped = watcher.Stop();
-  }
-  // A call stopped by its caller reports why, even if the ring got to the end first.
-  if (!stopped.ok()) return stopped;
-  if (!timings.ok()) return Annotate(timings.status(), what + ": ");
+  RA_ASSIGN_OR_RETURN(const RingTimings timings,
+                      RunWatched(context, what, comm,
+                                 [&] { return comm.Forward(spec.plan, t, options); }));
+  FillTiming(rank, spec.rows, timings, engine_->backend_name(), response->mutable_timing());
+  return absl::OkStatus();
+}
 
-  v1::WorkerTiming* timing = response->mutable_timing();
-  timing->set_rank(rank);
-  timing->set_rows(rows);
-  timing->set_compute_seconds(timings->compute_seconds());
-  timing->set_comm_wait_seconds(timings->comm_wait_seconds());
-  timing->set_ring_seconds(timings->total_seconds);
-  timing->set_backend(engine_->backend_name());
-  for (const RingStepTiming& st : timings->steps) {
-    v1::StepTiming* step = timing->add_steps();
-    step->set_source_rank(st.source_rank);
-    step->set_compute_seconds(st.compute_seconds);
-    step->set_comm_wait_seconds(st.comm_wait_seconds);
+absl::Status WorkerServiceImpl::RunBackward(grpc::ServerContext* context,
+                                            const v1::RunShardBackwardRequest& request,
+                                            const std::shared_ptr<Ring>& ring,
+                                            v1::RunShardBackwardResponse* response) {
+  RingConnection& comm = *ring->conn;
+  const int rank = comm.rank();
+  const std::string what =
+      absl::StrCat("rank ", rank, " of ring generation ", ring->generation, ", backward of ",
+                   "request '", request.request_id(), "'");
+  RA_ASSIGN_OR_RETURN(const ShardSpec spec, ParseShard(request, rank, comm.world_size()));
+  RA_RETURN_IF_ERROR(spec.Check("out", request.out(), false, rank));
+  RA_RETURN_IF_ERROR(spec.Check("dout", request.dout(), false, rank));
+  if (request.lse().size() != spec.lse_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lse has ", request.lse().size(), " bytes but rank ", rank,
+                     "'s shard needs ", spec.lse_bytes, " ([batch=", spec.batch, ", heads=",
+                     spec.heads, ", rows=", spec.rows, "] fp32)"));
   }
+  const RingAttentionOptions options = OptionsFromProto(request.options());
+
+  std::string* dq = response->mutable_dq();
+  std::string* dk = response->mutable_dk();
+  std::string* dv = response->mutable_dv();
+  dq->resize(spec.q_bytes);
+  dk->resize(spec.kv_bytes);
+  dv->resize(spec.kv_bytes);
+  RingBackwardTensors t;
+  t.dtype = spec.dtype;
+  t.grad_dtype = spec.dtype;  // accumulated in fp32, rounded once at the end
+  t.batch = spec.batch;
+  t.heads = spec.heads;
+  t.heads_k = spec.heads_k;
+  t.head_dim = spec.head_dim;
+  t.q = request.q().data();
+  t.k = request.k().data();
+  t.v = request.v().data();
+  t.out = request.out().data();
+  t.dout = request.dout().data();
+  t.lse = reinterpret_cast<const float*>(request.lse().data());
+  t.dq = dq->data();
+  t.dk = dk->data();
+  t.dv = dv->data();
+
+  RA_ASSIGN_OR_RETURN(const RingTimings timings,
+                      RunWatched(context, what, comm,
+                                 [&] { return comm.Backward(spec.plan, t, options); }));
+  FillTiming(rank, spec.rows, timings, engine_->backend_name(), response->mutable_timing());
   return absl::OkStatus();
 }
 

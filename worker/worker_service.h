@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -38,6 +39,11 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
                         v1::JoinRingResponse* response) override;
   grpc::Status RunShard(grpc::ServerContext* context, const v1::RunShardRequest* request,
                         v1::RunShardResponse* response) override;
+  // The backward of one request, with RunShard's generation, cancellation and abort handling.
+  // UNIMPLEMENTED on an engine without a backward (GPU workers, for now).
+  grpc::Status RunShardBackward(grpc::ServerContext* context,
+                                const v1::RunShardBackwardRequest* request,
+                                v1::RunShardBackwardResponse* response) override;
   grpc::Status Ping(grpc::ServerContext* context, const v1::PingRequest* request,
                     v1::PingResponse* response) override;
 
@@ -54,11 +60,24 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
     std::unique_ptr<RingConnection> conn;
   };
 
-  // Shared by both handlers: the ring, if `generation` is the current one.
-  absl::Status CheckGeneration(int64_t generation) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Shared by the handlers: the ring, if `generation` is the current one (`rpc` names the call).
+  absl::Status CheckGeneration(const char* rpc, int64_t generation) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The frame of RunShard and RunShardBackward: refuses a stale generation without waiting,
+  // then runs `run` on the current ring under run_mu_ with busy_ set. After a failure the ring
+  // is aborted and dropped, and `response` cleared.
+  grpc::Status RunOnCurrentRing(
+      const char* rpc, int64_t generation,
+      const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
+      google::protobuf::Message* response) ABSL_LOCKS_EXCLUDED(run_mu_);
   absl::Status Join(grpc::ServerContext* context, const v1::JoinRingRequest& request);
   absl::Status Run(grpc::ServerContext* context, const v1::RunShardRequest& request,
                    const std::shared_ptr<Ring>& ring, v1::RunShardResponse* response)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  absl::Status RunBackward(grpc::ServerContext* context,
+                           const v1::RunShardBackwardRequest& request,
+                           const std::shared_ptr<Ring>& ring,
+                           v1::RunShardBackwardResponse* response)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)

@@ -1,0 +1,335 @@
+// AttendBackward end to end through gRPC on loopback: an in-process coordinator and real worker
+// processes (`ringattn worker`, Gloo ring, CPU kernel). Each case runs the forward through
+// Attend (return_lse), then the backward through AttentionClient::AttendBackward with a random
+// dout, and compares dq, dk and dv with the fp64 reference backward (ReferenceBackward, which
+// recomputes the forward from q, k and v in fp64). Tolerances on the relative L2 error: fp32
+// 1e-5; bf16 1e-2, the rounding of the gradients to bf16 (and of the forward's out to bf16,
+// which enters through D = rowsum(dout * out)). Bad input is INVALID_ARGUMENT naming the field,
+// and the service keeps serving.
+#include <grpcpp/grpcpp.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/attention_client.h"
+#include "gtest/gtest.h"
+#include "kernels/attention_backward_params.h"
+#include "kernels/cpu/reference_backward.h"
+#include "kernels/error_metrics.h"
+#include "kernels/params_check.h"
+#include "ringattn/v1/attention.grpc.pb.h"
+#include "server/coordinator.h"
+#include "server/local_workers.h"
+#include "worker/ring/synthetic_inputs.h"
+
+namespace ringattn {
+namespace {
+
+std::string WorkerBinary() {
+  const char* b = std::getenv("RINGATTN_BIN");
+  return b != nullptr ? b : "";
+}
+
+// A coordinator plus `world` worker processes, torn down at the end.
+class Service {
+ public:
+  explicit Service(int world) {
+    Coordinator::Options options;
+    options.world_size = world;
+    options.ring.ring_timeout_seconds = 20;
+    options.ring.ping_interval = absl::Milliseconds(200);
+    coordinator_ = std::make_unique<Coordinator>(options);
+    start_status_ = coordinator_->BuildAndStart();
+    if (!start_status_.ok()) return;
+    LocalWorkerPool::Options w;
+    w.binary = WorkerBinary();
+    w.count = world;
+    w.coordinator_address = absl::StrCat("127.0.0.1:", coordinator_->port());
+    workers_ = std::make_unique<LocalWorkerPool>(w);
+    start_status_ = workers_->Start();
+    if (!start_status_.ok()) return;
+    if (!coordinator_->WaitUntilReady(absl::Seconds(60))) {
+      start_status_ = absl::DeadlineExceededError("ring did not form in 60 s");
+      return;
+    }
+    absl::StatusOr<std::unique_ptr<AttentionClient>> client = AttentionClient::Connect(
+        absl::StrCat("127.0.0.1:", coordinator_->port()), absl::Seconds(10));
+    if (!client.ok()) {
+      start_status_ = client.status();
+      return;
+    }
+    client_ = *std::move(client);
+  }
+  ~Service() {
+    if (workers_) workers_->Stop();
+    if (coordinator_) coordinator_->Shutdown();
+  }
+  const absl::Status& start_status() const { return start_status_; }
+  AttentionClient& client() { return *client_; }
+
+ private:
+  absl::Status start_status_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<LocalWorkerPool> workers_;
+  std::unique_ptr<AttentionClient> client_;
+};
+
+struct Shape {
+  int batch = 1;
+  int64_t seqlen = 64;
+  int heads = 4;
+  int heads_k = 4;
+  int head_dim = 64;
+  v1::DType dtype = v1::DTYPE_FP32;
+};
+
+DType ToDType(v1::DType d) {
+  return d == v1::DTYPE_FP32 ? DType::kF32 : d == v1::DTYPE_FP16 ? DType::kF16 : DType::kBF16;
+}
+
+void FillTensor(v1::Tensor* t, const Shape& s, int heads, uint32_t id, uint64_t seed) {
+  t->set_dtype(s.dtype);
+  for (int64_t d : {static_cast<int64_t>(s.batch), s.seqlen, static_cast<int64_t>(heads),
+                    static_cast<int64_t>(s.head_dim)}) {
+    t->add_shape(d);
+  }
+  std::string* data = t->mutable_data();
+  data->resize(static_cast<size_t>(s.batch) * s.seqlen * heads * s.head_dim *
+               DTypeSize(ToDType(s.dtype)));
+  FillSynthetic(seed, id, s.batch, s.seqlen, heads, s.head_dim, ToDType(s.dtype), data->data());
+}
+
+v1::AttendRequest MakeForward(const Shape& s, uint64_t seed = 3) {
+  v1::AttendRequest r;
+  FillTensor(r.mutable_q(), s, s.heads, 0, seed);
+  FillTensor(r.mutable_k(), s, s.heads_k, 1, seed);
+  FillTensor(r.mutable_v(), s, s.heads_k, 2, seed);
+  r.set_return_lse(true);
+  return r;
+}
+
+// The backward request of a forward request and its response, with a random dout.
+v1::AttendBackwardRequest MakeBackward(const v1::AttendRequest& fwd,
+                                       const v1::AttendResponse& resp, const Shape& s,
+                                       uint64_t seed = 11) {
+  v1::AttendBackwardRequest r;
+  r.set_request_id(fwd.request_id());
+  *r.mutable_q() = fwd.q();
+  *r.mutable_k() = fwd.k();
+  *r.mutable_v() = fwd.v();
+  *r.mutable_out() = resp.out();
+  *r.mutable_lse() = resp.lse();
+  FillTensor(r.mutable_dout(), s, s.heads, 3, seed);
+  *r.mutable_options() = fwd.options();
+  r.set_layout(fwd.layout());
+  return r;
+}
+
+// Relative L2 errors of dq, dk and dv against the fp64 reference backward.
+struct GradErrors {
+  ErrorStats dq, dk, dv;
+};
+
+GradErrors CompareWithReference(const v1::AttendBackwardRequest& req,
+                                const v1::AttendBackwardResponse& resp) {
+  const v1::Tensor& q = req.q();
+  AttentionBackwardParams b;
+  AttentionParams& p = b.fwd;
+  p.batch = static_cast<int>(q.shape(0));
+  p.seqlen_q = p.seqlen_k = q.shape(1);
+  p.heads = static_cast<int>(q.shape(2));
+  p.heads_k = static_cast<int>(req.k().shape(2));
+  p.head_dim = static_cast<int>(q.shape(3));
+  p.dtype = p.o_dtype = ToDType(q.dtype());
+  p.q = q.data().data();
+  p.k = req.k().data().data();
+  p.v = req.v().data().data();
+  p.o = const_cast<char*>(req.out().data().data());  // not read by the backward
+  SetContiguousStrides(&p);
+  const v1::AttentionOptions& o = req.options();
+  p.softmax_scale = o.has_softmax_scale() ? o.softmax_scale() : 1.0f / std::sqrt(p.head_dim * 1.0f);
+  p.causal = o.causal();
+  p.window_left = o.has_window_left() ? o.window_left() : -1;
+  p.window_right = o.has_window_right() ? o.window_right() : -1;
+  std::vector<float> slopes(o.alibi_slopes().begin(), o.alibi_slopes().end());
+  p.alibi_slopes = slopes.empty() ? nullptr : slopes.data();
+  p.softcap = o.softcap();
+  b.out = req.out().data().data();
+  b.dout = req.dout().data().data();
+  b.out_dtype = p.dtype;
+  b.lse = reinterpret_cast<const float*>(req.lse().data().data());
+  // Not written by the reference; its validation wants pointers.
+  std::vector<float> unused(1);
+  b.dq = b.dk = b.dv = unused.data();
+  SetContiguousBackwardStrides(&b);
+  GradErrors e;
+  absl::StatusOr<ReferenceBackwardResult> ref = ReferenceBackward(b);
+  EXPECT_TRUE(ref.ok()) << ref.status();
+  if (!ref.ok()) return e;
+  EXPECT_EQ(resp.dq().data().size(), q.data().size());
+  EXPECT_EQ(resp.dk().data().size(), req.k().data().size());
+  EXPECT_EQ(resp.dv().data().size(), req.v().data().size());
+  if (resp.dq().data().size() != q.data().size() ||
+      resp.dk().data().size() != req.k().data().size() ||
+      resp.dv().data().size() != req.v().data().size()) {
+    return e;
+  }
+  e.dq = CompareTensor(resp.dq().data().data(), p.dtype, ref->dq.data(),
+                       static_cast<int64_t>(ref->dq.size()));
+  e.dk = CompareTensor(resp.dk().data().data(), p.dtype, ref->dk.data(),
+                       static_cast<int64_t>(ref->dk.size()));
+  e.dv = CompareTensor(resp.dv().data().data(), p.dtype, ref->dv.data(),
+                       static_cast<int64_t>(ref->dv.size()));
+  return e;
+}
+
+class BackwardWorlds : public ::testing::TestWithParam<int> {};
+
+TEST_P(BackwardWorlds, MatchesReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  const int world = GetParam();
+  Service svc(world);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+
+  struct Case {
+    const char* name;
+    Shape shape;
+    bool causal;
+    v1::Layout layout;
+    int64_t window_left, window_right;
+  };
+  const Case cases[] = {
+      {"seq7_gqa_causal_fp32", {1, 7, 8, 2, 64, v1::DTYPE_FP32}, true, v1::LAYOUT_AUTO, -1, -1},
+      {"seq7_gqa_noncausal_bf16", {1, 7, 8, 2, 64, v1::DTYPE_BF16}, false, v1::LAYOUT_AUTO, -1,
+       -1},
+      {"seq255_noncausal_fp32", {2, 255, 4, 4, 64, v1::DTYPE_FP32}, false, v1::LAYOUT_AUTO, -1,
+       -1},
+      {"seq255_gqa_causal_bf16_zigzag", {1, 255, 8, 2, 128, v1::DTYPE_BF16}, true,
+       v1::LAYOUT_ZIGZAG, -1, -1},
+      {"seq255_gqa_window_fp32_stripe", {1, 255, 8, 2, 64, v1::DTYPE_FP32}, true,
+       v1::LAYOUT_STRIPE, 40, -1},
+      {"seq255_window_bf16_contiguous", {1, 255, 4, 2, 64, v1::DTYPE_BF16}, false,
+       v1::LAYOUT_CONTIGUOUS, 16, 24},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::AttendRequest fwd = MakeForward(c.shape);
+    fwd.set_request_id(c.name);
+    fwd.set_layout(c.layout);
+    fwd.mutable_options()->set_causal(c.causal);
+    if (c.window_left >= 0) fwd.mutable_options()->set_window_left(c.window_left);
+    if (c.window_right >= 0) fwd.mutable_options()->set_window_right(c.window_right);
+    absl::StatusOr<v1::AttendResponse> fwd_resp = svc.client().Attend(fwd, absl::Seconds(60));
+    ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();
+
+    const v1::AttendBackwardRequest req = MakeBackward(fwd, *fwd_resp, c.shape);
+    absl::StatusOr<v1::AttendBackwardResponse> resp =
+        svc.client().AttendBackward(req, absl::Seconds(60));
+    ASSERT_TRUE(resp.ok()) << resp.status();
+    EXPECT_EQ(resp->request_id(), c.name);
+    EXPECT_EQ(resp->dq().dtype(), c.shape.dtype);
+    EXPECT_EQ(resp->dk().dtype(), c.shape.dtype);
+    EXPECT_EQ(resp->dv().dtype(), c.shape.dtype);
+    EXPECT_EQ(resp->dk().shape_size(), 4);
+    if (resp->dk().shape_size() == 4) EXPECT_EQ(resp->dk().shape(2), c.shape.heads_k);
+    EXPECT_EQ(resp->plan().world_size(), world);
+    EXPECT_NE(resp->plan().layout(), v1::LAYOUT_AUTO);
+    ASSERT_EQ(resp->timings().workers_size(), world);
+    EXPECT_GT(resp->timings().total_seconds(), 0);
+    for (const v1::WorkerTiming& w : resp->timings().workers()) {
+      EXPECT_EQ(w.steps_size(), world);
+      EXPECT_EQ(w.backend(), "cpu");
+    }
+    const GradErrors e = CompareWithReference(req, *resp);
+    const double tol = c.shape.dtype == v1::DTYPE_FP32 ? 1e-5 : 1e-2;
+    std::printf("world %d %-32s rel_l2 dq=%.3g dk=%.3g dv=%.3g\n", world, c.name, e.dq.rel_l2,
+                e.dk.rel_l2, e.dv.rel_l2);
+    EXPECT_TRUE(e.dq.Within(tol, 1e30)) << "dq vs fp64: " << e.dq.ToString();
+    EXPECT_TRUE(e.dk.Within(tol, 1e30)) << "dk vs fp64: " << e.dk.ToString();
+    EXPECT_TRUE(e.dv.Within(tol, 1e30)) << "dv vs fp64: " << e.dv.ToString();
+    EXPECT_GT(e.dq.count, 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(World, BackwardWorlds, ::testing::Values(1, 2, 3));
+
+// Bad input is INVALID_ARGUMENT naming the field; the next request succeeds.
+TEST(BackwardErrors, BadInputThenGoodRequest) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape s;
+  s.seqlen = 37;
+  v1::AttendRequest fwd = MakeForward(s);
+  fwd.mutable_options()->set_causal(true);
+  absl::StatusOr<v1::AttendResponse> fwd_resp = svc.client().Attend(fwd, absl::Seconds(60));
+  ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();
+  const v1::AttendBackwardRequest good = MakeBackward(fwd, *fwd_resp, s);
+
+  struct Bad {
+    const char* name;
+    std::function<void(v1::AttendBackwardRequest*)> mutate;
+    const char* expect;
+  };
+  const std::vector<Bad> bad = {
+      {"dout shape", [](v1::AttendBackwardRequest* r) { r->mutable_dout()->set_shape(1, 36); },
+       "dout.shape"},
+      {"dout dtype",
+       [](v1::AttendBackwardRequest* r) { r->mutable_dout()->set_dtype(v1::DTYPE_BF16); },
+       "dout.dtype"},
+      {"dout bytes",
+       [](v1::AttendBackwardRequest* r) { r->mutable_dout()->mutable_data()->pop_back(); },
+       "dout.data"},
+      {"lse bytes",
+       [](v1::AttendBackwardRequest* r) { r->mutable_lse()->mutable_data()->resize(12); },
+       "lse.data"},
+      {"lse shape", [](v1::AttendBackwardRequest* r) { r->mutable_lse()->set_shape(2, 36); },
+       "lse.shape"},
+      {"lse dtype",
+       [](v1::AttendBackwardRequest* r) { r->mutable_lse()->set_dtype(v1::DTYPE_BF16); },
+       "lse.dtype"},
+      {"missing lse", [](v1::AttendBackwardRequest* r) { r->clear_lse(); }, "lse is missing"},
+      {"missing out", [](v1::AttendBackwardRequest* r) { r->clear_out(); }, "out is missing"},
+      {"out shape", [](v1::AttendBackwardRequest* r) { r->mutable_out()->set_shape(2, 2); },
+       "out.shape"},
+      {"k seq", [](v1::AttendBackwardRequest* r) { r->mutable_k()->set_shape(1, 36); },
+       "k.shape[1]"},
+      {"q bytes", [](v1::AttendBackwardRequest* r) { r->mutable_q()->mutable_data()->resize(8); },
+       "q.data"},
+      {"missing v", [](v1::AttendBackwardRequest* r) { r->clear_v(); }, "v is missing"},
+      {"dropout",
+       [](v1::AttendBackwardRequest* r) { r->mutable_options()->set_dropout_p(0.5f); },
+       "dropout_p"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.name);
+    v1::AttendBackwardRequest req = good;
+    b.mutate(&req);
+    absl::StatusOr<v1::AttendBackwardResponse> resp =
+        svc.client().AttendBackward(req, absl::Seconds(30));
+    ASSERT_FALSE(resp.ok());
+    EXPECT_EQ(resp.status().code(), absl::StatusCode::kInvalidArgument) << resp.status();
+    EXPECT_NE(resp.status().message().find(b.expect), std::string::npos) << resp.status();
+  }
+  absl::StatusOr<v1::AttendBackwardResponse> resp =
+      svc.client().AttendBackward(good, absl::Seconds(60));
+  ASSERT_TRUE(resp.ok()) << resp.status();
+  const GradErrors e = CompareWithReference(good, *resp);
+  EXPECT_TRUE(e.dq.Within(1e-5, 1e30)) << e.dq.ToString();
+  EXPECT_TRUE(e.dk.Within(1e-5, 1e30)) << e.dk.ToString();
+  EXPECT_TRUE(e.dv.Within(1e-5, 1e30)) << e.dv.ToString();
+  // The forward still works after the backward, on the same ring.
+  absl::StatusOr<v1::AttendResponse> again = svc.client().Attend(fwd, absl::Seconds(60));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->out().data(), fwd_resp->out().data());
+}
+
+}  // namespace
+}  // namespace ringattn
