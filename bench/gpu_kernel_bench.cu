@@ -44,6 +44,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -53,21 +54,9 @@
 namespace ringattn {
 namespace {
 
-#define BENCH_CUDA_CHECK(expr)                                                        \
-  do {                                                                                \
-    const cudaError_t bench_error_ = (expr);                                          \
-    if (bench_error_ != cudaSuccess) {                                                \
-      std::fprintf(stderr, "%s:%d: %s failed: %s (%s)\n", __FILE__, __LINE__, #expr,  \
-                   cudaGetErrorName(bench_error_), cudaGetErrorString(bench_error_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
-
-void CheckStatus(const absl::Status& s, const char* what) {
-  if (s.ok()) return;
-  std::fprintf(stderr, "%s failed: %s\n", what, s.ToString().c_str());
-  std::exit(1);
-}
+using bench::CheckStatus;
+using bench::CurrentDevice;
+using bench::Median;
 
 struct Shape {
   int batch;
@@ -162,12 +151,6 @@ struct DeviceMemory {
   DeviceMemory& operator=(const DeviceMemory&) = delete;
 };
 
-double Median(std::vector<double> ms) {
-  std::sort(ms.begin(), ms.end());
-  const size_t n = ms.size();
-  return n % 2 == 1 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
-}
-
 // Milliseconds of one call of `run` on `stream`, timed alone between two events.
 template <typename Run>
 double TimeOnce(const Run& run, cudaStream_t stream, cudaEvent_t start, cudaEvent_t stop) {
@@ -228,18 +211,8 @@ int Main(int argc, char** argv) {
     }
   }
 
-  int device_count = 0;
-  BENCH_CUDA_CHECK(cudaGetDeviceCount(&device_count));
-  if (device_count == 0) {
-    std::fprintf(stderr, "no CUDA device\n");
-    return 1;
-  }
-  int device = 0;
-  BENCH_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop;
-  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount);
+  if (!CurrentDevice(&prop)) return 1;
 
   // The tilings per head dim, in table order (the default first), filtered by --configs.
   std::map<int, std::vector<FlashForwardConfig>> configs;

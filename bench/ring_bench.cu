@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -50,35 +51,17 @@
 namespace ringattn {
 namespace {
 
+using bench::CheckStatus;
+using bench::CurrentDevice;
+using bench::Median;
+
 using Clock = std::chrono::steady_clock;
-
-#define BENCH_CUDA_CHECK(expr)                                                        \
-  do {                                                                                \
-    const cudaError_t bench_error_ = (expr);                                          \
-    if (bench_error_ != cudaSuccess) {                                                \
-      std::fprintf(stderr, "%s:%d: %s failed: %s (%s)\n", __FILE__, __LINE__, #expr,  \
-                   cudaGetErrorName(bench_error_), cudaGetErrorString(bench_error_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
-
-void CheckStatus(const absl::Status& s, const char* what) {
-  if (s.ok()) return;
-  std::fprintf(stderr, "%s failed: %s\n", what, s.ToString().c_str());
-  std::exit(1);
-}
 
 constexpr int kBatch = 1;
 constexpr int kHeads = 32;
 constexpr int kHeadsK = 8;
 constexpr int kHeadDim = 128;
 constexpr bool kCausal = true;
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 // Uniform values in [-sqrt(3), sqrt(3)] (unit variance) from a hash of the index.
 __global__ void FillUniformBf16(__nv_bfloat16* x, int64_t n, uint32_t seed) {  // x: [n]
@@ -234,18 +217,8 @@ int Main(int argc, char** argv) {
   }
   if (seqlens.empty()) seqlens = {8192, 16384, 32768};
 
-  int device_count = 0;
-  BENCH_CUDA_CHECK(cudaGetDeviceCount(&device_count));
-  if (device_count == 0) {
-    std::fprintf(stderr, "no CUDA device\n");
-    return 1;
-  }
-  int device = 0;
-  BENCH_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop;
-  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount);
+  if (!CurrentDevice(&prop)) return 1;
   std::printf("b=%d h=%d h_k=%d d=%d bf16 causal=%d zigzag; median of %d after %d warm-up\n",
               kBatch, kHeads, kHeadsK, kHeadDim, kCausal ? 1 : 0, iters, warmup);
 

@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -27,93 +28,36 @@
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
-#include "worker/ring/synthetic_inputs.h"
+#include "tests/service_fixture.h"
 
 namespace ringattn {
 namespace {
 
-std::string WorkerBinary() {
-  const char* b = std::getenv("RINGATTN_BIN");
-  return b != nullptr ? b : "";
-}
+using test::FillTensor;
+using test::MakeRequest;
+using test::ReferenceParams;
+using test::Shape;
+using test::WorkerBinary;
 
-// A coordinator plus `world` worker processes, torn down at the end.
-class Service {
+// The shared coordinator and workers, and an AttentionClient connected to the coordinator.
+class Service : public test::LocalService {
  public:
-  explicit Service(int world) {
-    Coordinator::Options options;
-    options.world_size = world;
-    options.ring.ring_timeout_seconds = 20;
-    options.ring.ping_interval = absl::Milliseconds(200);
-    coordinator_ = std::make_unique<Coordinator>(options);
-    start_status_ = coordinator_->BuildAndStart();
-    if (!start_status_.ok()) return;
-    LocalWorkerPool::Options w;
-    w.binary = WorkerBinary();
-    w.count = world;
-    w.coordinator_address = absl::StrCat("127.0.0.1:", coordinator_->port());
-    workers_ = std::make_unique<LocalWorkerPool>(w);
-    start_status_ = workers_->Start();
-    if (!start_status_.ok()) return;
-    if (!coordinator_->WaitUntilReady(absl::Seconds(60))) {
-      start_status_ = absl::DeadlineExceededError("ring did not form in 60 s");
-      return;
-    }
-    absl::StatusOr<std::unique_ptr<AttentionClient>> client = AttentionClient::Connect(
-        absl::StrCat("127.0.0.1:", coordinator_->port()), absl::Seconds(10));
+  explicit Service(int world) : LocalService(world, Coordinator::Options()) {
+    if (!start_status().ok()) return;
+    absl::StatusOr<std::unique_ptr<AttentionClient>> client =
+        AttentionClient::Connect(address(), absl::Seconds(10));
     if (!client.ok()) {
       start_status_ = client.status();
       return;
     }
     client_ = *std::move(client);
   }
-  ~Service() {
-    if (workers_) workers_->Stop();
-    if (coordinator_) coordinator_->Shutdown();
-  }
-  const absl::Status& start_status() const { return start_status_; }
+  ~Service() { Stop(); }
   AttentionClient& client() { return *client_; }
 
  private:
-  absl::Status start_status_;
-  std::unique_ptr<Coordinator> coordinator_;
-  std::unique_ptr<LocalWorkerPool> workers_;
   std::unique_ptr<AttentionClient> client_;
 };
-
-struct Shape {
-  int batch = 1;
-  int64_t seqlen = 64;
-  int heads = 4;
-  int heads_k = 4;
-  int head_dim = 64;
-  v1::DType dtype = v1::DTYPE_FP32;
-};
-
-DType ToDType(v1::DType d) {
-  return d == v1::DTYPE_FP32 ? DType::kF32 : d == v1::DTYPE_FP16 ? DType::kF16 : DType::kBF16;
-}
-
-void FillTensor(v1::Tensor* t, const Shape& s, int heads, uint32_t id, uint64_t seed) {
-  t->set_dtype(s.dtype);
-  for (int64_t d : {static_cast<int64_t>(s.batch), s.seqlen, static_cast<int64_t>(heads),
-                    static_cast<int64_t>(s.head_dim)}) {
-    t->add_shape(d);
-  }
-  std::string* data = t->mutable_data();
-  data->resize(static_cast<size_t>(s.batch) * s.seqlen * heads * s.head_dim *
-               DTypeSize(ToDType(s.dtype)));
-  FillSynthetic(seed, id, s.batch, s.seqlen, heads, s.head_dim, ToDType(s.dtype), data->data());
-}
-
-v1::AttendRequest MakeForward(const Shape& s, uint64_t seed = 3) {
-  v1::AttendRequest r;
-  FillTensor(r.mutable_q(), s, s.heads, 0, seed);
-  FillTensor(r.mutable_k(), s, s.heads_k, 1, seed);
-  FillTensor(r.mutable_v(), s, s.heads_k, 2, seed);
-  r.set_return_lse(true);
-  return r;
-}
 
 // The backward request of a forward request and its response, with a random dout.
 v1::AttendBackwardRequest MakeBackward(const v1::AttendRequest& fwd,
@@ -141,26 +85,10 @@ GradErrors CompareWithReference(const v1::AttendBackwardRequest& req,
                                 const v1::AttendBackwardResponse& resp) {
   const v1::Tensor& q = req.q();
   AttentionBackwardParams b;
+  std::vector<float> slopes;
+  b.fwd = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
   AttentionParams& p = b.fwd;
-  p.batch = static_cast<int>(q.shape(0));
-  p.seqlen_q = p.seqlen_k = q.shape(1);
-  p.heads = static_cast<int>(q.shape(2));
-  p.heads_k = static_cast<int>(req.k().shape(2));
-  p.head_dim = static_cast<int>(q.shape(3));
-  p.dtype = p.o_dtype = ToDType(q.dtype());
-  p.q = q.data().data();
-  p.k = req.k().data().data();
-  p.v = req.v().data().data();
   p.o = const_cast<char*>(req.out().data().data());  // not read by the backward
-  SetContiguousStrides(&p);
-  const v1::AttentionOptions& o = req.options();
-  p.softmax_scale = o.has_softmax_scale() ? o.softmax_scale() : 1.0f / std::sqrt(p.head_dim * 1.0f);
-  p.causal = o.causal();
-  p.window_left = o.has_window_left() ? o.window_left() : -1;
-  p.window_right = o.has_window_right() ? o.window_right() : -1;
-  std::vector<float> slopes(o.alibi_slopes().begin(), o.alibi_slopes().end());
-  p.alibi_slopes = slopes.empty() ? nullptr : slopes.data();
-  p.softcap = o.softcap();
   b.out = req.out().data().data();
   b.dout = req.dout().data().data();
   b.out_dtype = p.dtype;
@@ -220,7 +148,7 @@ TEST_P(BackwardWorlds, MatchesReference) {
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
-    v1::AttendRequest fwd = MakeForward(c.shape);
+    v1::AttendRequest fwd = MakeRequest(c.shape);
     fwd.set_request_id(c.name);
     fwd.set_layout(c.layout);
     fwd.mutable_options()->set_causal(c.causal);
@@ -267,7 +195,7 @@ TEST(BackwardErrors, BadInputThenGoodRequest) {
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   Shape s;
   s.seqlen = 37;
-  v1::AttendRequest fwd = MakeForward(s);
+  v1::AttendRequest fwd = MakeRequest(s);
   fwd.mutable_options()->set_causal(true);
   absl::StatusOr<v1::AttendResponse> fwd_resp = svc.client().Attend(fwd, absl::Seconds(60));
   ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();

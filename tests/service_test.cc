@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -29,120 +30,50 @@
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
-#include "worker/ring/synthetic_inputs.h"
+#include "tests/service_fixture.h"
 
 namespace ringattn {
 namespace {
 
-std::string WorkerBinary() {
-  const char* b = std::getenv("RINGATTN_BIN");
-  return b != nullptr ? b : "";
-}
+using test::MakeRequest;
+using test::ReferenceParams;
+using test::Shape;
+using test::WorkerBinary;
 
-// A coordinator plus `world` worker processes, torn down at the end.
-class Service {
+// The shared coordinator and workers, with /metrics on a free port, and a stub on a channel
+// without message size limits.
+class Service : public test::LocalService {
  public:
-  explicit Service(int world, Coordinator::Options options = {}) {
-    options.world_size = world;
-    options.metrics_address = "127.0.0.1:0";
-    options.ring.ring_timeout_seconds = 20;
-    options.ring.ping_interval = absl::Milliseconds(200);
-    coordinator_ = std::make_unique<Coordinator>(options);
-    start_status_ = coordinator_->BuildAndStart();
-    if (!start_status_.ok()) return;
-    LocalWorkerPool::Options w;
-    w.binary = WorkerBinary();
-    w.count = world;
-    w.coordinator_address = absl::StrCat("127.0.0.1:", coordinator_->port());
-    workers_ = std::make_unique<LocalWorkerPool>(w);
-    start_status_ = workers_->Start();
-    if (!start_status_.ok()) return;
-    if (!coordinator_->WaitUntilReady(absl::Seconds(60))) {
-      start_status_ = absl::DeadlineExceededError("ring did not form in 60 s");
-    }
+  explicit Service(int world, Coordinator::Options options = {})
+      : LocalService(world, WithMetrics(std::move(options))) {
+    if (!start_status().ok()) return;
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(INT_MAX);  // responses carry whole output tensors
     args.SetMaxSendMessageSize(INT_MAX);
-    channel_ = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", coordinator_->port()),
-                                         grpc::InsecureChannelCredentials(), args);
+    channel_ = grpc::CreateCustomChannel(address(), grpc::InsecureChannelCredentials(), args);
     stub_ = v1::AttentionService::NewStub(channel_);
   }
-  ~Service() {
-    if (workers_) workers_->Stop();
-    if (coordinator_) coordinator_->Shutdown();
-  }
-  const absl::Status& start_status() const { return start_status_; }
+  ~Service() { Stop(); }
   v1::AttentionService::Stub& stub() { return *stub_; }
   std::shared_ptr<grpc::Channel> channel_ptr() { return channel_; }
-  Coordinator& coordinator() { return *coordinator_; }
-  LocalWorkerPool& workers() { return *workers_; }
 
  private:
-  absl::Status start_status_;
-  std::unique_ptr<Coordinator> coordinator_;
-  std::unique_ptr<LocalWorkerPool> workers_;
+  static Coordinator::Options WithMetrics(Coordinator::Options options) {
+    options.metrics_address = "127.0.0.1:0";
+    return options;
+  }
+
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
 };
 
-struct Shape {
-  int batch = 1;
-  int64_t seqlen = 64;
-  int heads = 4;
-  int heads_k = 4;
-  int head_dim = 64;
-  v1::DType dtype = v1::DTYPE_FP32;
-};
-
-DType ToDType(v1::DType d) {
-  return d == v1::DTYPE_FP32 ? DType::kF32 : d == v1::DTYPE_FP16 ? DType::kF16 : DType::kBF16;
-}
-
-void FillTensor(v1::Tensor* t, const Shape& s, int heads, uint32_t id, uint64_t seed) {
-  t->set_dtype(s.dtype);
-  for (int64_t d : {static_cast<int64_t>(s.batch), s.seqlen, static_cast<int64_t>(heads),
-                    static_cast<int64_t>(s.head_dim)}) {
-    t->add_shape(d);
-  }
-  std::string* data = t->mutable_data();
-  data->resize(static_cast<size_t>(s.batch) * s.seqlen * heads * s.head_dim *
-               DTypeSize(ToDType(s.dtype)));
-  FillSynthetic(seed, id, s.batch, s.seqlen, heads, s.head_dim, ToDType(s.dtype), data->data());
-}
-
-v1::AttendRequest MakeRequest(const Shape& s, uint64_t seed = 3) {
-  v1::AttendRequest r;
-  FillTensor(r.mutable_q(), s, s.heads, 0, seed);
-  FillTensor(r.mutable_k(), s, s.heads_k, 1, seed);
-  FillTensor(r.mutable_v(), s, s.heads_k, 2, seed);
-  r.set_return_lse(true);
-  return r;
-}
-
 // The fp64 reference of a request, compared with its response.
 void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
   const v1::Tensor& q = req.q();
-  AttentionParams p;
-  p.batch = static_cast<int>(q.shape(0));
-  p.seqlen_q = p.seqlen_k = q.shape(1);
-  p.heads = static_cast<int>(q.shape(2));
-  p.heads_k = static_cast<int>(req.k().shape(2));
-  p.head_dim = static_cast<int>(q.shape(3));
-  p.dtype = p.o_dtype = ToDType(q.dtype());
-  p.q = q.data().data();
-  p.k = req.k().data().data();
-  p.v = req.v().data().data();
+  std::vector<float> slopes;
+  AttentionParams p = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
   char unused_output;  // ReferenceForward returns its own buffers; validation wants a pointer
   p.o = &unused_output;
-  SetContiguousStrides(&p);
-  const v1::AttentionOptions& o = req.options();
-  p.softmax_scale = o.has_softmax_scale() ? o.softmax_scale() : 1.0f / std::sqrt(p.head_dim * 1.0f);
-  p.causal = o.causal();
-  p.window_left = o.has_window_left() ? o.window_left() : -1;
-  p.window_right = o.has_window_right() ? o.window_right() : -1;
-  std::vector<float> slopes(o.alibi_slopes().begin(), o.alibi_slopes().end());
-  p.alibi_slopes = slopes.empty() ? nullptr : slopes.data();
-  p.softcap = o.softcap();
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
   ASSERT_TRUE(ref.ok()) << ref.status();
   ASSERT_EQ(resp.out().data().size(), q.data().size());

@@ -47,6 +47,7 @@
 #include "kernels/attention_backend.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
+#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 
@@ -54,136 +55,32 @@ namespace ringattn {
 namespace {
 
 using kernel_testing::AttentionBuffers;
+using kernel_testing::Causal;
+using kernel_testing::DeviceTensors;
+using kernel_testing::ExpectNothingWrittenOutsideTheView;
+using kernel_testing::FromDevice;
+using kernel_testing::GatherLse;
+using kernel_testing::GatherO;
+using kernel_testing::GpuAvailable;
+using kernel_testing::GpuTest;
+using kernel_testing::KeyRange;
+using kernel_testing::LsePlace;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::OPlace;
+using kernel_testing::PadStrides;
+using kernel_testing::Positions;
+using kernel_testing::Shape;
+using kernel_testing::StridedBuffers;
+using kernel_testing::ToDevice;
 using kernel_testing::TypedBuffer;
 using kernel_testing::UnitRoundoff;
+using kernel_testing::Window;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr const char* kFast = "cuda";
 constexpr const char* kSimple = "cuda_reference";
 
 // ---- Device plumbing ------------------------------------------------------------------------
-
-bool GpuAvailable() {
-  static const bool available = [] {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) (void)cudaGetLastError();  // clear it; nothing else will run
-    return e == cudaSuccess && count > 0;
-  }();
-  return available;
-}
-
-#define ASSERT_CUDA_OK(expr)                                                                     \
-  do {                                                                                           \
-    const cudaError_t ra_test_error_ = (expr);                                                   \
-    ASSERT_EQ(ra_test_error_, cudaSuccess) << #expr << ": " << cudaGetErrorName(ra_test_error_)  \
-                                           << " (" << cudaGetErrorString(ra_test_error_) << ")"; \
-  } while (0)
-
-// Every test fixture derives from this: skips without a device.
-class GpuTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
-  }
-};
-
-// Owns one device allocation. Failures are fatal for the process (a broken allocator leaves
-// nothing to test), with the call and the CUDA error printed.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0) Check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
-    std::swap(ptr_, other.ptr_);
-    std::swap(bytes_, other.bytes_);
-    return *this;
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-
-  void* get() const { return ptr_; }
-  size_t bytes() const { return bytes_; }
-  void Upload(const void* host) {
-    if (bytes_ > 0) Check(cudaMemcpy(ptr_, host, bytes_, cudaMemcpyHostToDevice), "upload");
-  }
-  void Download(void* host) const {
-    if (bytes_ > 0) Check(cudaMemcpy(host, ptr_, bytes_, cudaMemcpyDeviceToHost), "download");
-  }
-  // All bytes 0xff: NaN in fp32, fp16 and bf16. Waits for the memset (it is asynchronous, and
-  // a kernel on a non-blocking stream would not wait for it).
-  void Poison() {
-    if (bytes_ == 0) return;
-    Check(cudaMemset(ptr_, 0xff, bytes_), "cudaMemset");
-    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after cudaMemset");
-  }
-
- private:
-  static void Check(cudaError_t e, const char* what) {
-    if (e == cudaSuccess) return;
-    std::fprintf(stderr, "fatal: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
-                 cudaGetErrorString(e));
-    std::abort();
-  }
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-size_t Bytes(const TypedBuffer& b) { return static_cast<size_t>(b.size()) * DTypeSize(b.type()); }
-
-// Device copies of one call's tensors.
-struct DeviceTensors {
-  DeviceBuffer q, k, v, o, lse, alibi;
-};
-
-// Copies the inputs of a host call (pointing into `t`) to the device and returns the same
-// params pointing at the copies. o and lse are poisoned, or with `upload_outputs` copied from
-// `t` (a partial to merge into). Null host pointers stay null.
-AttentionParams ToDevice(const AttentionParams& host, const AttentionBuffers& t, DeviceTensors* d,
-                         bool upload_outputs = false) {
-  d->q = DeviceBuffer(Bytes(t.q));
-  d->k = DeviceBuffer(Bytes(t.k));
-  d->v = DeviceBuffer(Bytes(t.v));
-  d->o = DeviceBuffer(Bytes(t.o));
-  d->lse = DeviceBuffer(t.lse.size() * sizeof(float));
-  d->alibi = DeviceBuffer(t.alibi.size() * sizeof(float));
-  d->q.Upload(t.q.data());
-  d->k.Upload(t.k.data());
-  d->v.Upload(t.v.data());
-  d->alibi.Upload(t.alibi.data());
-  if (upload_outputs) {
-    d->o.Upload(t.o.data());
-    d->lse.Upload(t.lse.data());
-  } else {
-    d->o.Poison();
-    d->lse.Poison();
-  }
-  // cudaMemcpy from pageable memory may return before its DMA lands; a kernel on a
-  // non-blocking stream must not overtake it.
-  const cudaError_t synced = cudaDeviceSynchronize();
-  if (synced != cudaSuccess) ADD_FAILURE() << "upload: " << cudaGetErrorString(synced);
-  AttentionParams p = host;
-  p.q = host.q == nullptr ? nullptr : d->q.get();
-  p.k = host.k == nullptr ? nullptr : d->k.get();
-  p.v = host.v == nullptr ? nullptr : d->v.get();
-  p.o = host.o == nullptr ? nullptr : d->o.get();
-  p.lse = host.lse == nullptr ? nullptr : static_cast<float*>(d->lse.get());
-  p.alibi_slopes = host.alibi_slopes == nullptr ? nullptr : static_cast<float*>(d->alibi.get());
-  return p;
-}
-
-// Copies the device outputs back into t->o and t->lse.
-void FromDevice(const DeviceTensors& d, AttentionBuffers* t) {
-  d.o.Download(t->o.data());
-  d.lse.Download(t->lse.data());
-}
 
 std::unique_ptr<AttentionBackend> Backend(const char* name) {
   absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeCudaBackend(name);
@@ -227,21 +124,6 @@ Tolerance ToleranceFor(const char* backend, const AttentionParams& p) {
   }
   const bool bf16 = p.dtype == DType::kBF16 || p.o_dtype == DType::kBF16;
   return {bf16 ? 1e-2 : 2e-3, p.dtype == DType::kBF16 ? 3e-2 : 4e-3, 1.01 * u_out, 1e-3, 1e-5};
-}
-
-// Where element i of a contiguous tensor lies, for failure messages.
-std::string OPlace(const AttentionParams& p, int64_t i) {
-  const int64_t d = i % p.head_dim;
-  const int64_t h = (i / p.head_dim) % p.heads;
-  const int64_t row = (i / (p.head_dim * p.heads)) % p.seqlen_q;
-  const int64_t b = i / (p.head_dim * p.heads * p.seqlen_q);
-  return absl::StrCat("(b=", b, " row=", row, " head=", h, " col=", d, ")");
-}
-std::string LsePlace(const AttentionParams& p, int64_t i) {
-  const int64_t row = i % p.seqlen_q;
-  const int64_t h = (i / p.seqlen_q) % p.heads;
-  const int64_t b = i / (p.seqlen_q * p.heads);
-  return absl::StrCat("(b=", b, " head=", h, " row=", row, ")");
 }
 
 // Compares got(i) with want[i] for i < n: every element within atol + rtol |want| (infinities
@@ -297,35 +179,6 @@ std::string LsePlace(const AttentionParams& p, int64_t i) {
   return r;
 }
 
-// o read through p's strides into a contiguous [batch, seqlen_q, heads, head_dim] vector.
-std::vector<double> GatherO(const AttentionParams& p, const TypedBuffer& o) {
-  std::vector<double> out;
-  out.reserve(static_cast<size_t>(p.batch * p.seqlen_q * p.heads * p.head_dim));
-  for (int b = 0; b < p.batch; ++b) {
-    for (int64_t i = 0; i < p.seqlen_q; ++i) {
-      for (int h = 0; h < p.heads; ++h) {
-        const int64_t row = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-        for (int c = 0; c < p.head_dim; ++c) out.push_back(o.Get(row + c));
-      }
-    }
-  }
-  return out;
-}
-
-// lse read through p's strides into a contiguous [batch, heads, seqlen_q] vector.
-std::vector<double> GatherLse(const AttentionParams& p, const std::vector<float>& lse) {
-  std::vector<double> out;
-  out.reserve(static_cast<size_t>(p.batch * p.heads * p.seqlen_q));
-  for (int b = 0; b < p.batch; ++b) {
-    for (int h = 0; h < p.heads; ++h) {
-      for (int64_t i = 0; i < p.seqlen_q; ++i) {
-        out.push_back(lse[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
-      }
-    }
-  }
-  return out;
-}
-
 // o and lse of `t` (laid out by p's strides) against the reference.
 void ExpectMatches(const char* backend, const AttentionParams& p, const AttentionBuffers& t,
                    const ReferenceResult& ref, const Tolerance& tol) {
@@ -346,37 +199,6 @@ void ExpectMatches(const char* backend, const AttentionParams& p, const Attentio
 
 // ---- Building cases -------------------------------------------------------------------------
 
-AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k, int head_dim,
-                      DType dtype = DType::kBF16, DType o_dtype = DType::kBF16, int batch = 1) {
-  AttentionParams p;
-  p.batch = batch;
-  p.seqlen_q = seqlen_q;
-  p.seqlen_k = seqlen_k;
-  p.heads = heads;
-  p.heads_k = heads_k;
-  p.head_dim = head_dim;
-  p.dtype = dtype;
-  p.o_dtype = o_dtype;
-  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  return p;
-}
-AttentionParams Causal(AttentionParams p) {
-  p.causal = true;
-  return p;
-}
-AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
-  p.window_left = left;
-  p.window_right = right;
-  return p;
-}
-AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
-                          int64_t k_stride) {
-  p.q_pos_offset = q_offset;
-  p.q_pos_stride = q_stride;
-  p.k_pos_offset = k_offset;
-  p.k_pos_stride = k_stride;
-  return p;
-}
 AttentionParams Softcap(AttentionParams p, float cap, float sharpen = 1.0f) {
   p.softcap = cap;
   p.softmax_scale *= sharpen;
@@ -566,17 +388,6 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 // ---- Merge mode -----------------------------------------------------------------------------
-
-// Points `part` at keys [begin, end) of `whole`: the K/V pointers move down the rows and the
-// key positions keep their global values.
-AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
-  AttentionParams part = whole;
-  part.seqlen_k = end - begin;
-  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
-  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
-  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
-  return part;
-}
 
 struct MergeCase {
   std::string name;
@@ -788,29 +599,8 @@ TEST_F(CudaBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
     const int64_t sq = 150, sk = 90, head_pad = 16, row_pad = 8;
     AttentionParams host = Causal(Positions(
         Shape(sq, sk, heads, heads_k, dim, DType::kF16, DType::kF32, batch), 40, 1, 0, 1));
-    host.q_head_stride = host.o_head_stride = dim + head_pad;
-    host.q_row_stride = host.o_row_stride = heads * host.q_head_stride + row_pad;
-    host.q_batch_stride = host.o_batch_stride = sq * host.q_row_stride + row_pad;
-    host.k_head_stride = host.v_head_stride = dim + head_pad;
-    host.k_row_stride = host.v_row_stride = heads_k * host.k_head_stride + row_pad;
-    host.k_batch_stride = host.v_batch_stride = sk * host.k_row_stride;
-    host.lse_head_stride = sq + 3;
-    host.lse_batch_stride = heads * host.lse_head_stride + 5;
-
-    AttentionBuffers t;
-    t.q = TypedBuffer(DType::kF16, batch * host.q_batch_stride);
-    t.k = TypedBuffer(DType::kF16, batch * host.k_batch_stride);
-    t.v = TypedBuffer(DType::kF16, batch * host.v_batch_stride);
-    t.o = TypedBuffer(DType::kF32, batch * host.o_batch_stride);
-    t.lse.assign(batch * host.lse_batch_stride, std::numeric_limits<float>::quiet_NaN());
-    kernel_testing::FillRandomNormal(&t.q, 21);
-    kernel_testing::FillRandomNormal(&t.k, 22);
-    kernel_testing::FillRandomNormal(&t.v, 23);
-    host.q = t.q.data();
-    host.k = t.k.data();
-    host.v = t.v.data();
-    host.o = t.o.data();
-    host.lse = t.lse.data();
+    PadStrides(&host, head_pad, row_pad);
+    AttentionBuffers t = StridedBuffers(&host);
     DeviceTensors d;
     ASSERT_TRUE(RunOnDevice(backend, ToDevice(host, t, &d)).ok());
     FromDevice(d, &t);
@@ -820,30 +610,7 @@ TEST_F(CudaBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
     ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
 
     // Everything outside the view is still the NaN it was poisoned with.
-    std::vector<bool> in_view(t.o.size(), false);
-    for (int b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < sq; ++i) {
-        for (int h = 0; h < heads; ++h) {
-          const int64_t row =
-              b * host.o_batch_stride + i * host.o_row_stride + h * host.o_head_stride;
-          for (int c = 0; c < dim; ++c) in_view[row + c] = true;
-        }
-      }
-    }
-    std::vector<bool> lse_in_view(t.lse.size(), false);
-    for (int b = 0; b < batch; ++b) {
-      for (int h = 0; h < heads; ++h) {
-        for (int64_t i = 0; i < sq; ++i) {
-          lse_in_view[b * host.lse_batch_stride + h * host.lse_head_stride + i] = true;
-        }
-      }
-    }
-    for (int64_t at = 0; at < t.o.size(); ++at) {
-      if (!in_view[at]) ASSERT_TRUE(std::isnan(t.o.Get(at))) << "o padding written at " << at;
-    }
-    for (size_t at = 0; at < t.lse.size(); ++at) {
-      if (!lse_in_view[at]) ASSERT_TRUE(std::isnan(t.lse[at])) << "lse padding written at " << at;
-    }
+    ASSERT_NO_FATAL_FAILURE(ExpectNothingWrittenOutsideTheView(host, t));
   }
 }
 

@@ -34,6 +34,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu/test_util.h"
+#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/error_metrics.h"
@@ -43,22 +44,19 @@ namespace ringattn {
 namespace {
 
 using kernel_testing::AttentionBuffers;
+using kernel_testing::Bytes;
+using kernel_testing::Causal;
 using kernel_testing::FillRandomNormal;
+using kernel_testing::GpuAvailable;
+using kernel_testing::KeyRange;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::Positions;
+using kernel_testing::Shape;
 using kernel_testing::TypedBuffer;
 using kernel_testing::UnitRoundoff;
+using kernel_testing::Window;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool GpuAvailable() {
-  static const bool available = [] {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) (void)cudaGetLastError();
-    return e == cudaSuccess && count > 0;
-  }();
-  return available;
-}
 
 // One device allocation; failures abort (nothing can be tested without memory).
 class DeviceBuffer {
@@ -93,8 +91,6 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-size_t Bytes(const TypedBuffer& b) { return static_cast<size_t>(b.size()) * DTypeSize(b.type()); }
-
 // ---- Cases ----------------------------------------------------------------------------------
 
 struct Case {
@@ -107,37 +103,6 @@ struct Case {
   bool null_lse = false;
 };
 
-AttentionParams Shape(int64_t sq, int64_t sk, int heads, int heads_k, int d,
-                      DType dtype = DType::kBF16, DType o_dtype = DType::kBF16, int batch = 1) {
-  AttentionParams p;
-  p.batch = batch;
-  p.seqlen_q = sq;
-  p.seqlen_k = sk;
-  p.heads = heads;
-  p.heads_k = heads_k;
-  p.head_dim = d;
-  p.dtype = dtype;
-  p.o_dtype = o_dtype;
-  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(d));
-  return p;
-}
-AttentionParams Causal(AttentionParams p) {
-  p.causal = true;
-  return p;
-}
-AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
-  p.window_left = left;
-  p.window_right = right;
-  return p;
-}
-AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
-                          int64_t k_stride) {
-  p.q_pos_offset = q_offset;
-  p.q_pos_stride = q_stride;
-  p.k_pos_offset = k_offset;
-  p.k_pos_stride = k_stride;
-  return p;
-}
 AttentionParams Softcap(AttentionParams p, float cap) {
   p.softcap = cap;
   return p;
@@ -252,16 +217,6 @@ struct DeviceCase {
   DeviceBuffer q, k, v, o, lse, alibi;
   AttentionParams p;
 };
-
-// Keys [begin, end) of `whole`: K/V pointers move down the rows, positions stay global.
-AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
-  AttentionParams part = whole;
-  part.seqlen_k = end - begin;
-  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
-  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
-  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
-  return part;
-}
 
 absl::Status Synchronize() {
   const cudaError_t e = cudaDeviceSynchronize();

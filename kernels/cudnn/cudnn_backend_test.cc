@@ -57,6 +57,7 @@
 #include "kernels/attention_params.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
+#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/error_metrics.h"
@@ -68,46 +69,32 @@ namespace ringattn {
 namespace {
 
 using kernel_testing::AttentionBuffers;
+using kernel_testing::Causal;
+using kernel_testing::DeviceBuffer;
+using kernel_testing::DeviceTensors;
+using kernel_testing::ExpectNothingWrittenOutsideTheView;
+using kernel_testing::FromDevice;
+using kernel_testing::GatherLse;
+using kernel_testing::GatherO;
+using kernel_testing::GpuAvailable;
+using kernel_testing::GpuTest;
+using kernel_testing::KeyRange;
+using kernel_testing::LsePlace;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::OPlace;
+using kernel_testing::PadStrides;
+using kernel_testing::Positions;
+using kernel_testing::Shape;
+using kernel_testing::StridedBuffers;
+using kernel_testing::ToDevice;
 using kernel_testing::TypedBuffer;
 using kernel_testing::UnitRoundoff;
+using kernel_testing::Window;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kOpen = kUnboundedWindow;
 
 // ---- Building params ------------------------------------------------------------------------
-
-AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k, int head_dim,
-                      DType dtype = DType::kBF16, DType o_dtype = DType::kBF16, int batch = 1) {
-  AttentionParams p;
-  p.batch = batch;
-  p.seqlen_q = seqlen_q;
-  p.seqlen_k = seqlen_k;
-  p.heads = heads;
-  p.heads_k = heads_k;
-  p.head_dim = head_dim;
-  p.dtype = dtype;
-  p.o_dtype = o_dtype;
-  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  return p;
-}
-AttentionParams Causal(AttentionParams p) {
-  p.causal = true;
-  return p;
-}
-AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
-  p.window_left = left;
-  p.window_right = right;
-  return p;
-}
-AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
-                          int64_t k_stride) {
-  p.q_pos_offset = q_offset;
-  p.q_pos_stride = q_stride;
-  p.k_pos_offset = k_offset;
-  p.k_pos_stride = k_stride;
-  return p;
-}
 
 // Host-only rule tests: pointers that are 16-byte aligned and never read.
 alignas(256) char g_fake_tensor[256];
@@ -444,120 +431,12 @@ TEST(CudnnBackendFactoryTest, ForwardRefusesBeforeTouchingTheDevice) {
 
 // ---- Device plumbing ------------------------------------------------------------------------
 
-bool GpuAvailable() {
-  static const bool available = [] {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) (void)cudaGetLastError();
-    return e == cudaSuccess && count > 0;
-  }();
-  return available;
-}
-
 TEST(CudnnBackendFactoryTest, WithoutADeviceForwardFailsCleanly) {
   if (GpuAvailable()) GTEST_SKIP() << "a CUDA device is present";
   std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
   const absl::Status s = backend->Forward(WithFakePointers(Causal(Shape(8, 8, 2, 2, 64))));
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.code(), absl::StatusCode::kInvalidArgument) << s;
-}
-
-#define ASSERT_CUDA_OK(expr)                                                                     \
-  do {                                                                                           \
-    const cudaError_t ra_test_error_ = (expr);                                                   \
-    ASSERT_EQ(ra_test_error_, cudaSuccess) << #expr << ": " << cudaGetErrorName(ra_test_error_)  \
-                                           << " (" << cudaGetErrorString(ra_test_error_) << ")"; \
-  } while (0)
-
-class GpuTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
-  }
-};
-
-// One device allocation; a failing CUDA call aborts (nothing else can be tested then).
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0) Check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
-    std::swap(ptr_, other.ptr_);
-    std::swap(bytes_, other.bytes_);
-    return *this;
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  void* get() const { return ptr_; }
-  void Upload(const void* host) {
-    if (bytes_ > 0) Check(cudaMemcpy(ptr_, host, bytes_, cudaMemcpyHostToDevice), "upload");
-  }
-  void Download(void* host) const {
-    if (bytes_ > 0) Check(cudaMemcpy(host, ptr_, bytes_, cudaMemcpyDeviceToHost), "download");
-  }
-  // 0xff bytes: NaN in fp32, fp16 and bf16.
-  void Poison() {
-    if (bytes_ == 0) return;
-    Check(cudaMemset(ptr_, 0xff, bytes_), "cudaMemset");
-    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  }
-
- private:
-  static void Check(cudaError_t e, const char* what) {
-    if (e == cudaSuccess) return;
-    std::fprintf(stderr, "fatal: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
-                 cudaGetErrorString(e));
-    std::abort();
-  }
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-size_t Bytes(const TypedBuffer& b) { return static_cast<size_t>(b.size()) * DTypeSize(b.type()); }
-
-struct DeviceTensors {
-  DeviceBuffer q, k, v, o, lse;
-};
-
-// Device copies of a host call's tensors (in `t`); o and lse poisoned, or uploaded from `t`
-// with `upload_outputs` (a partial to merge into). Returns the params pointing at the copies.
-AttentionParams ToDevice(const AttentionParams& host, const AttentionBuffers& t, DeviceTensors* d,
-                         bool upload_outputs = false) {
-  d->q = DeviceBuffer(Bytes(t.q));
-  d->k = DeviceBuffer(Bytes(t.k));
-  d->v = DeviceBuffer(Bytes(t.v));
-  d->o = DeviceBuffer(Bytes(t.o));
-  d->lse = DeviceBuffer(t.lse.size() * sizeof(float));
-  d->q.Upload(t.q.data());
-  d->k.Upload(t.k.data());
-  d->v.Upload(t.v.data());
-  if (upload_outputs) {
-    d->o.Upload(t.o.data());
-    d->lse.Upload(t.lse.data());
-  } else {
-    d->o.Poison();
-    d->lse.Poison();
-  }
-  const cudaError_t synced = cudaDeviceSynchronize();
-  if (synced != cudaSuccess) ADD_FAILURE() << "upload: " << cudaGetErrorString(synced);
-  AttentionParams p = host;
-  p.q = host.q == nullptr ? nullptr : d->q.get();
-  p.k = host.k == nullptr ? nullptr : d->k.get();
-  p.v = host.v == nullptr ? nullptr : d->v.get();
-  p.o = host.o == nullptr ? nullptr : d->o.get();
-  p.lse = host.lse == nullptr ? nullptr : static_cast<float*>(d->lse.get());
-  return p;
-}
-
-void FromDevice(const DeviceTensors& d, AttentionBuffers* t) {
-  d.o.Download(t->o.data());
-  d.lse.Download(t->lse.data());
 }
 
 // Runs `p` on `backend` and waits for the device.
@@ -597,20 +476,6 @@ Tolerance CudnnTolerance(const AttentionParams& p) {
   const bool bf16 = p.dtype == DType::kBF16 || p.o_dtype == DType::kBF16;
   const double rtol = 1.01 * std::max(UnitRoundoff(p.dtype), UnitRoundoff(p.o_dtype));
   return {bf16 ? 1e-2 : 2e-3, p.dtype == DType::kBF16 ? 3e-2 : 4e-3, rtol, 1e-3, 1e-5};
-}
-
-std::string OPlace(const AttentionParams& p, int64_t i) {
-  const int64_t c = i % p.head_dim;
-  const int64_t h = (i / p.head_dim) % p.heads;
-  const int64_t row = (i / (p.head_dim * p.heads)) % p.seqlen_q;
-  const int64_t b = i / (p.head_dim * p.heads * p.seqlen_q);
-  return absl::StrCat("(b=", b, " row=", row, " head=", h, " col=", c, ")");
-}
-std::string LsePlace(const AttentionParams& p, int64_t i) {
-  const int64_t row = i % p.seqlen_q;
-  const int64_t h = (i / p.seqlen_q) % p.heads;
-  const int64_t b = i / (p.seqlen_q * p.heads);
-  return absl::StrCat("(b=", b, " head=", h, " row=", row, ")");
 }
 
 // got[i] against want[i]: every element within atol + rtol |want| (infinities exactly), no NaN,
@@ -657,33 +522,6 @@ std::string LsePlace(const AttentionParams& p, int64_t i) {
     r << "; worst " << place(worst) << " got " << got[worst] << " want " << want[worst];
   if (first_nan >= 0) r << "; first NaN at " << place(first_nan);
   return r;
-}
-
-// o read through p's strides as a contiguous [batch, seqlen_q, heads, head_dim] vector.
-std::vector<double> GatherO(const AttentionParams& p, const TypedBuffer& o) {
-  std::vector<double> out;
-  for (int b = 0; b < p.batch; ++b) {
-    for (int64_t i = 0; i < p.seqlen_q; ++i) {
-      for (int h = 0; h < p.heads; ++h) {
-        const int64_t row = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-        for (int c = 0; c < p.head_dim; ++c) out.push_back(o.Get(row + c));
-      }
-    }
-  }
-  return out;
-}
-
-// lse read through p's strides as a contiguous [batch, heads, seqlen_q] vector.
-std::vector<double> GatherLse(const AttentionParams& p, const std::vector<float>& lse) {
-  std::vector<double> out;
-  for (int b = 0; b < p.batch; ++b) {
-    for (int h = 0; h < p.heads; ++h) {
-      for (int64_t i = 0; i < p.seqlen_q; ++i) {
-        out.push_back(lse[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
-      }
-    }
-  }
-  return out;
 }
 
 void ExpectMatches(const char* against, const AttentionParams& p, const AttentionBuffers& t,
@@ -890,17 +728,6 @@ TEST_F(CudnnBackendTest, StatsAreTheNaturalLogLseOfScaledScores) {
 
 // ---- Merge mode -----------------------------------------------------------------------------
 
-// Points `part` at keys [begin, end) of `whole`: K/V pointers move down the rows, the key
-// positions keep their global values.
-AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
-  AttentionParams part = whole;
-  part.seqlen_k = end - begin;
-  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
-  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
-  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
-  return part;
-}
-
 struct MergeCase {
   std::string name;
   AttentionParams p;  // o_dtype fp32
@@ -1079,29 +906,8 @@ TEST_F(CudnnBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
     const int64_t sq = 150, sk = 96, head_pad = 16, row_pad = 8;
     AttentionParams host = Causal(
         Positions(Shape(sq, sk, heads, heads_k, dim, DType::kF16, o_dtype, batch), 40, 1, 0, 1));
-    host.q_head_stride = host.o_head_stride = dim + head_pad;
-    host.q_row_stride = host.o_row_stride = heads * host.q_head_stride + row_pad;
-    host.q_batch_stride = host.o_batch_stride = sq * host.q_row_stride + row_pad;
-    host.k_head_stride = host.v_head_stride = dim + head_pad;
-    host.k_row_stride = host.v_row_stride = heads_k * host.k_head_stride + row_pad;
-    host.k_batch_stride = host.v_batch_stride = sk * host.k_row_stride;
-    host.lse_head_stride = sq + 3;
-    host.lse_batch_stride = heads * host.lse_head_stride + 5;
-
-    AttentionBuffers t;
-    t.q = TypedBuffer(DType::kF16, batch * host.q_batch_stride);
-    t.k = TypedBuffer(DType::kF16, batch * host.k_batch_stride);
-    t.v = TypedBuffer(DType::kF16, batch * host.v_batch_stride);
-    t.o = TypedBuffer(o_dtype, batch * host.o_batch_stride);
-    t.lse.assign(batch * host.lse_batch_stride, std::numeric_limits<float>::quiet_NaN());
-    kernel_testing::FillRandomNormal(&t.q, 21);
-    kernel_testing::FillRandomNormal(&t.k, 22);
-    kernel_testing::FillRandomNormal(&t.v, 23);
-    host.q = t.q.data();
-    host.k = t.k.data();
-    host.v = t.v.data();
-    host.o = t.o.data();
-    host.lse = t.lse.data();
+    PadStrides(&host, head_pad, row_pad);
+    AttentionBuffers t = StridedBuffers(&host);
     std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
     DeviceTensors d;
     ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
@@ -1110,30 +916,7 @@ TEST_F(CudnnBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
     ASSERT_TRUE(ref.ok());
     ExpectMatches("fp64 reference", host, t, *ref, CudnnTolerance(host));
 
-    std::vector<bool> in_view(t.o.size(), false);
-    for (int b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < sq; ++i) {
-        for (int h = 0; h < heads; ++h) {
-          const int64_t row =
-              b * host.o_batch_stride + i * host.o_row_stride + h * host.o_head_stride;
-          for (int c = 0; c < dim; ++c) in_view[row + c] = true;
-        }
-      }
-    }
-    std::vector<bool> lse_in_view(t.lse.size(), false);
-    for (int b = 0; b < batch; ++b) {
-      for (int h = 0; h < heads; ++h) {
-        for (int64_t i = 0; i < sq; ++i) {
-          lse_in_view[b * host.lse_batch_stride + h * host.lse_head_stride + i] = true;
-        }
-      }
-    }
-    for (int64_t at = 0; at < t.o.size(); ++at) {
-      if (!in_view[at]) ASSERT_TRUE(std::isnan(t.o.Get(at))) << "o padding written at " << at;
-    }
-    for (size_t at = 0; at < t.lse.size(); ++at) {
-      if (!lse_in_view[at]) ASSERT_TRUE(std::isnan(t.lse[at])) << "lse padding written at " << at;
-    }
+    ASSERT_NO_FATAL_FAILURE(ExpectNothingWrittenOutsideTheView(host, t));
   }
 }
 

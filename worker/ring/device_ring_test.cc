@@ -60,11 +60,13 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "worker/ring/device_inprocess_ring.h"
 #include "worker/ring/inprocess_device_communicator.h"
 #include "worker/ring/ring_step.h"
+#include "worker/ring/ring_test_util.h"
 #include "worker/ring/synthetic_inputs.h"
 #ifdef RINGATTN_HAVE_NCCL
 #include "worker/ring/nccl_communicator.h"
@@ -74,35 +76,13 @@ namespace ringattn {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using kernel_testing::GpuAvailable;
+using kernel_testing::GpuTest;
 
 constexpr const char* kFast = "cuda";
 constexpr const char* kSimple = "cuda_reference";
 
 // ---- Device plumbing ------------------------------------------------------------------------
-
-bool GpuAvailable() {
-  static const bool available = [] {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) (void)cudaGetLastError();  // clear it; nothing else will run
-    return e == cudaSuccess && count > 0;
-  }();
-  return available;
-}
-
-class GpuTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
-  }
-};
-
-#define ASSERT_CUDA_OK(expr)                                                                     \
-  do {                                                                                           \
-    const cudaError_t ra_test_error_ = (expr);                                                   \
-    ASSERT_EQ(ra_test_error_, cudaSuccess) << #expr << ": " << cudaGetErrorName(ra_test_error_)  \
-                                           << " (" << cudaGetErrorString(ra_test_error_) << ")"; \
-  } while (0)
 
 #define ASSERT_OK(expr)                                   \
   do {                                                    \
@@ -225,67 +205,11 @@ void AddAlibi(Problem* pr) {
   }
 }
 
-// Whole-sequence host tensors: inputs and the outputs of one run (poisoned with NaN first).
-struct Tensors {
-  std::vector<std::byte> q, k, v, out;
-  std::vector<float> lse;
-};
-
-Tensors MakeInputs(const Problem& pr) {
-  Tensors t;
-  const size_t es = DTypeSize(pr.dtype);
-  t.q.resize(static_cast<size_t>(pr.batch) * pr.seqlen * pr.heads * pr.head_dim * es);
-  t.k.resize(static_cast<size_t>(pr.batch) * pr.seqlen * pr.heads_k * pr.head_dim * es);
-  t.v.resize(t.k.size());
-  FillSynthetic(pr.seed, 0, pr.batch, pr.seqlen, pr.heads, pr.head_dim, pr.dtype, t.q.data());
-  FillSynthetic(pr.seed, 1, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.k.data());
-  FillSynthetic(pr.seed, 2, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.v.data());
-  t.out.assign(t.q.size(), std::byte{0xff});
-  t.lse.assign(static_cast<size_t>(pr.LseElems()), std::nanf(""));
-  return t;
-}
-
-WholeAttention View(const Problem& pr, Tensors& t) {
-  WholeAttention w;
-  w.dtype = pr.dtype;
-  w.batch = pr.batch;
-  w.seqlen = pr.seqlen;
-  w.heads = pr.heads;
-  w.heads_k = pr.heads_k;
-  w.head_dim = pr.head_dim;
-  w.q = t.q.data();
-  w.k = t.k.data();
-  w.v = t.v.data();
-  w.out = t.out.data();
-  w.lse = t.lse.data();
-  return w;
-}
-
-// The single call on the whole sequence, pointers as given (host or device).
-AttentionParams WholeParams(const Problem& pr, const void* q, const void* k, const void* v, void* o,
-                            float* lse, const float* alibi) {
-  AttentionParams p;
-  p.batch = pr.batch;
-  p.seqlen_q = p.seqlen_k = pr.seqlen;
-  p.heads = pr.heads;
-  p.heads_k = pr.heads_k;
-  p.head_dim = pr.head_dim;
-  p.dtype = p.o_dtype = pr.dtype;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.o = o;
-  p.lse = lse;
-  SetContiguousStrides(&p);
-  const RingAttentionOptions& opt = pr.options;
-  p.softmax_scale = RingSoftmaxScale(opt, pr.head_dim);
-  p.causal = opt.causal;
-  p.window_left = opt.window_size.first;
-  p.window_right = opt.window_size.second;
-  p.alibi_slopes = alibi;
-  p.softcap = opt.softcap;
-  return p;
-}
+using Tensors = test::RingTensors;
+using test::MakeInputs;
+using test::RingCase;
+using test::View;
+using test::WholeParams;
 
 BackendFactory Factory(const char* name) {
   return [name] { return MakeCudaBackend(name); };
@@ -795,9 +719,7 @@ TEST_F(InProcessDeviceTransport, MalformedBatchIsRejectedWithoutAborting) {
 
 // ---- 3. The ring against the single call and fp64 -------------------------------------------
 
-using LayoutCase = std::tuple<int /*world*/, Layout, bool /*causal*/>;
-
-class DeviceRingLayouts : public GpuTest, public ::testing::WithParamInterface<LayoutCase> {};
+class DeviceRingLayouts : public GpuTest, public ::testing::WithParamInterface<RingCase> {};
 
 // bf16, batch 2, 255 positions, GQA 4:2, d 64: W = 1 must be the single call bit for bit;
 // W > 1 within the P-rounding tolerance with "cuda", tightly with "cuda_reference".
@@ -827,11 +749,7 @@ INSTANTIATE_TEST_SUITE_P(WorldsLayouts, DeviceRingLayouts,
                                             ::testing::Values(Layout::kContiguous, Layout::kZigzag,
                                                               Layout::kStripe),
                                             ::testing::Bool()),
-                         [](const ::testing::TestParamInfo<LayoutCase>& info) {
-                           return absl::StrCat("w", std::get<0>(info.param), "_",
-                                               std::string(LayoutName(std::get<1>(info.param))),
-                                               std::get<2>(info.param) ? "_causal" : "_full");
-                         });
+                         test::RingCaseName);
 
 struct OptionCase {
   std::string name;
@@ -852,14 +770,7 @@ class DeviceRingOptions : public GpuTest, public ::testing::WithParamInterface<O
 TEST_P(DeviceRingOptions, MatchesSingleCallAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
-  pr.dtype = c.dtype;
-  pr.heads = c.heads;
-  pr.heads_k = c.heads_k;
-  pr.head_dim = c.head_dim;
-  pr.seqlen = c.seqlen;
-  pr.options.causal = c.causal;
-  pr.options.window_size = c.window;
-  pr.options.softcap = c.softcap;
+  test::ApplyOptionCase(c, &pr);
   if (c.alibi) AddAlibi(&pr);
   const Tensors single = RunSingle(pr, c.backend);
   for (int world : {2, 3, 4}) {
@@ -968,20 +879,7 @@ TEST_F(DeviceRingFailures, DeadlineWhenOneRankNeverPosts) {
 TEST_F(DeviceRingFailures, RefusedOptionsFailFast) {
   Problem pr;
   pr.seqlen = 16;
-  struct Bad {
-    RingAttentionOptions options;
-    std::string expect;
-  };
-  std::vector<Bad> bad(4);
-  bad[0].options.dropout_p = 0.1f;
-  bad[0].expect = "dropout_p must be 0";
-  bad[1].options.return_attn_probs = true;
-  bad[1].expect = "return_attn_probs";
-  bad[2].options.alibi_slopes = {0.5f};
-  bad[2].expect = "alibi_slopes";
-  bad[3].options.window_size = {-3, 0};
-  bad[3].expect = "window_size";
-  for (const Bad& b : bad) {
+  for (const test::RefusedOptions& b : test::RefusedOptionCases()) {
     pr.options = b.options;
     Tensors t = MakeInputs(pr);
     const auto start = Clock::now();

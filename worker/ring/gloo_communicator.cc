@@ -1,9 +1,12 @@
 #include "worker/ring/gloo_communicator.h"
 
+#include <signal.h>
+
 #include <algorithm>
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <mutex>
 #include <system_error>
 #include <utility>
 
@@ -159,6 +162,11 @@ absl::StatusOr<std::shared_ptr<gloo::rendezvous::Store>> MakeFileStore(const std
 absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
     int rank, int world, std::shared_ptr<gloo::rendezvous::Store> store,
     const GlooOptions& options) {
+  // Gloo's TCP pairs write with plain writev, so a peer that closed its connection (an aborted
+  // or dead rank) raises SIGPIPE, which would kill this process instead of failing the write;
+  // seen once as a worker_test death under load. Ignore it process-wide, once.
+  static std::once_flag sigpipe_once;
+  std::call_once(sigpipe_once, [] { signal(SIGPIPE, SIG_IGN); });
   if (world < 1 || rank < 0 || rank >= world) {
     return absl::InvalidArgumentError(
         absl::StrCat("Gloo ring needs 0 <= rank < world, got rank ", rank, " of ", world));

@@ -16,7 +16,7 @@
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "worker/ring/inprocess_ring.h"
-#include "worker/ring/synthetic_inputs.h"
+#include "worker/ring/ring_test_util.h"
 
 namespace ringattn {
 namespace {
@@ -32,65 +32,15 @@ struct Problem {
   uint64_t seed = 7;
 };
 
-// Whole-sequence inputs and the outputs of one run.
-struct Tensors {
-  std::vector<std::byte> q, k, v, out;
-  std::vector<float> lse;
-};
-
-Tensors MakeInputs(const Problem& pr) {
-  Tensors t;
-  const size_t es = DTypeSize(pr.dtype);
-  t.q.resize(pr.batch * pr.seqlen * pr.heads * pr.head_dim * es);
-  t.k.resize(pr.batch * pr.seqlen * pr.heads_k * pr.head_dim * es);
-  t.v.resize(t.k.size());
-  FillSynthetic(pr.seed, 0, pr.batch, pr.seqlen, pr.heads, pr.head_dim, pr.dtype, t.q.data());
-  FillSynthetic(pr.seed, 1, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.k.data());
-  FillSynthetic(pr.seed, 2, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, t.v.data());
-  // Poison: every element must be written by the run.
-  t.out.assign(t.q.size(), std::byte{0xff});
-  t.lse.assign(static_cast<size_t>(pr.batch) * pr.heads * pr.seqlen, std::nanf(""));
-  return t;
-}
-
-WholeAttention View(const Problem& pr, Tensors& t) {
-  WholeAttention w;
-  w.dtype = pr.dtype;
-  w.batch = pr.batch;
-  w.seqlen = pr.seqlen;
-  w.heads = pr.heads;
-  w.heads_k = pr.heads_k;
-  w.head_dim = pr.head_dim;
-  w.q = t.q.data();
-  w.k = t.k.data();
-  w.v = t.v.data();
-  w.out = t.out.data();
-  w.lse = t.lse.data();
-  return w;
-}
+using Tensors = test::RingTensors;
+using test::MakeInputs;
+using test::QElems;
+using test::RingCase;
+using test::View;
 
 AttentionParams WholeParams(const Problem& pr, Tensors& t) {
-  AttentionParams p;
-  p.batch = pr.batch;
-  p.seqlen_q = p.seqlen_k = pr.seqlen;
-  p.heads = pr.heads;
-  p.heads_k = pr.heads_k;
-  p.head_dim = pr.head_dim;
-  p.dtype = p.o_dtype = pr.dtype;
-  p.q = t.q.data();
-  p.k = t.k.data();
-  p.v = t.v.data();
-  p.o = t.out.data();
-  p.lse = t.lse.data();
-  SetContiguousStrides(&p);
-  const RingAttentionOptions& o = pr.options;
-  p.softmax_scale = o.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(pr.head_dim)));
-  p.causal = o.causal;
-  p.window_left = o.window_size.first;
-  p.window_right = o.window_size.second;
-  p.alibi_slopes = o.alibi_slopes.empty() ? nullptr : o.alibi_slopes.data();
-  p.softcap = o.softcap;
-  return p;
+  return test::WholeParams(pr, t.q.data(), t.k.data(), t.v.data(), t.out.data(), t.lse.data(),
+                           test::HostAlibi(pr.options));
 }
 
 BackendFactory Cpu() {
@@ -120,14 +70,10 @@ Tensors RunRing(const Problem& pr, int world, Layout layout) {
   return t;
 }
 
-int64_t OutElems(const Problem& pr) {
-  return static_cast<int64_t>(pr.batch) * pr.seqlen * pr.heads * pr.head_dim;
-}
-
 ErrorStats OutVsSingle(const Problem& pr, const Tensors& ring, const Tensors& single) {
-  std::vector<float> ref(OutElems(pr));
-  for (int64_t i = 0; i < OutElems(pr); ++i) ref[i] = LoadAsFloat(single.out.data(), i, pr.dtype);
-  return CompareTensor(ring.out.data(), pr.dtype, ref.data(), OutElems(pr));
+  std::vector<float> ref(QElems(pr));
+  for (int64_t i = 0; i < QElems(pr); ++i) ref[i] = LoadAsFloat(single.out.data(), i, pr.dtype);
+  return CompareTensor(ring.out.data(), pr.dtype, ref.data(), QElems(pr));
 }
 
 ErrorStats LseVsSingle(const Tensors& ring, const Tensors& single) {
@@ -145,8 +91,6 @@ double SingleTolerance(DType dtype) {
   }
   return 0;
 }
-
-using RingCase = std::tuple<int /*world*/, Layout, bool /*causal*/>;
 
 class RingMatchesSingleDevice : public ::testing::TestWithParam<RingCase> {};
 
@@ -167,11 +111,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(1, 2, 3, 4),
                        ::testing::Values(Layout::kContiguous, Layout::kZigzag, Layout::kStripe),
                        ::testing::Bool()),
-    [](const ::testing::TestParamInfo<RingCase>& info) {
-      return absl::StrCat("w", std::get<0>(info.param), "_",
-                          std::string(LayoutName(std::get<1>(info.param))),
-                          std::get<2>(info.param) ? "_causal" : "_full");
-    });
+    test::RingCaseName);
 
 // Every option alone and together, through the ring with 3 ranks at an awkward length, GQA.
 struct OptionCase {
@@ -190,14 +130,7 @@ class RingOptions : public ::testing::TestWithParam<OptionCase> {};
 TEST_P(RingOptions, MatchesSingleDeviceAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
-  pr.dtype = c.dtype;
-  pr.heads = c.heads;
-  pr.heads_k = c.heads_k;
-  pr.head_dim = c.head_dim;
-  pr.seqlen = c.seqlen;
-  pr.options.causal = c.causal;
-  pr.options.window_size = c.window;
-  pr.options.softcap = c.softcap;
+  test::ApplyOptionCase(c, &pr);
   if (c.alibi) {
     for (int h = 0; h < c.heads; ++h) pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
   }
@@ -215,7 +148,7 @@ TEST_P(RingOptions, MatchesSingleDeviceAndReference) {
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(WholeParams(pr, t));
   ASSERT_TRUE(ref.ok()) << ref.status();
   const Tensors ring = RunRing(pr, 4, Layout::kZigzag);
-  const ErrorStats r = CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), OutElems(pr));
+  const ErrorStats r = CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), QElems(pr));
   const double tol = pr.dtype == DType::kF32 ? 1e-5 : (pr.dtype == DType::kF16 ? 2e-3 : 1e-2);
   EXPECT_TRUE(r.Within(tol, 1.0)) << "ring(4) vs fp64: " << r.ToString();
   const ErrorStats rl = CompareTensor(ring.lse.data(), DType::kF32, ref->lse.data(),
@@ -253,7 +186,7 @@ TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
   std::vector<double> errs;
   for (int world : {1, 2, 4, 8}) {
     const Tensors ring = RunRing(pr, world, Layout::kZigzag);
-    errs.push_back(CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), OutElems(pr)).rel_l2);
+    errs.push_back(CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), QElems(pr)).rel_l2);
   }
   for (size_t i = 1; i < errs.size(); ++i) {
     EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6) << "world index " << i << " errors " << errs[0]
@@ -264,20 +197,7 @@ TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
 TEST(RingRefusals, DropoutAndAttnProbsAndAlibiSize) {
   Problem pr;
   pr.seqlen = 16;
-  struct Bad {
-    RingAttentionOptions options;
-    std::string expect;
-  };
-  std::vector<Bad> bad(4);
-  bad[0].options.dropout_p = 0.1f;
-  bad[0].expect = "dropout_p must be 0";
-  bad[1].options.return_attn_probs = true;
-  bad[1].expect = "return_attn_probs";
-  bad[2].options.alibi_slopes = {0.5f};
-  bad[2].expect = "alibi_slopes";
-  bad[3].options.window_size = {-3, 0};
-  bad[3].expect = "window_size";
-  for (const Bad& b : bad) {
+  for (const test::RefusedOptions& b : test::RefusedOptionCases()) {
     pr.options = b.options;
     Tensors t = MakeInputs(pr);
     const auto start = std::chrono::steady_clock::now();

@@ -26,6 +26,7 @@
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "worker/ring/inprocess_ring_backward.h"
+#include "worker/ring/ring_test_util.h"
 #include "worker/ring/synthetic_inputs.h"
 
 namespace ringattn {
@@ -54,34 +55,14 @@ struct Grads {
   std::vector<float> dq, dk, dv;
 };
 
-int64_t QElems(const Problem& pr) {
-  return static_cast<int64_t>(pr.batch) * pr.seqlen * pr.heads * pr.head_dim;
-}
-int64_t KvElems(const Problem& pr) {
-  return static_cast<int64_t>(pr.batch) * pr.seqlen * pr.heads_k * pr.head_dim;
-}
+using test::KvElems;
+using test::QElems;
+using test::RingCase;
 
 // The forward's params over the whole sequence, options applied.
 AttentionParams WholeParams(const Problem& pr, const Inputs& in) {
-  AttentionParams p;
-  p.batch = pr.batch;
-  p.seqlen_q = p.seqlen_k = pr.seqlen;
-  p.heads = pr.heads;
-  p.heads_k = pr.heads_k;
-  p.head_dim = pr.head_dim;
-  p.dtype = p.o_dtype = pr.dtype;
-  p.q = in.q.data();
-  p.k = in.k.data();
-  p.v = in.v.data();
-  SetContiguousStrides(&p);
-  const RingAttentionOptions& o = pr.options;
-  p.softmax_scale = o.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(pr.head_dim)));
-  p.causal = o.causal;
-  p.window_left = o.window_size.first;
-  p.window_right = o.window_size.second;
-  p.alibi_slopes = o.alibi_slopes.empty() ? nullptr : o.alibi_slopes.data();
-  p.softcap = o.softcap;
-  return p;
+  return test::WholeParams(pr, in.q.data(), in.k.data(), in.v.data(), /*o=*/nullptr,
+                           /*lse=*/nullptr, test::HostAlibi(pr.options));
 }
 
 Inputs MakeInputs(const Problem& pr) {
@@ -201,8 +182,6 @@ double ExpectCloseToSingle(const Grads& ring, const Grads& single, double tol,
 
 // ---- Every world size, layout, causal or not ------------------------------------------------
 
-using RingCase = std::tuple<int /*world*/, Layout, bool /*causal*/>;
-
 class RingBackwardMatchesSingleDevice : public ::testing::TestWithParam<RingCase> {};
 
 TEST_P(RingBackwardMatchesSingleDevice, Fp32) {
@@ -221,11 +200,7 @@ INSTANTIATE_TEST_SUITE_P(WorldsLayouts, RingBackwardMatchesSingleDevice,
                                             ::testing::Values(Layout::kContiguous, Layout::kZigzag,
                                                               Layout::kStripe),
                                             ::testing::Bool()),
-                         [](const ::testing::TestParamInfo<RingCase>& info) {
-                           return absl::StrCat("w", std::get<0>(info.param), "_",
-                                               std::string(LayoutName(std::get<1>(info.param))),
-                                               std::get<2>(info.param) ? "_causal" : "_full");
-                         });
+                         test::RingCaseName);
 
 // ---- Every option alone and together --------------------------------------------------------
 
@@ -263,14 +238,7 @@ class RingBackwardOptions : public ::testing::TestWithParam<OptionCase> {};
 TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
-  pr.dtype = c.dtype;
-  pr.heads = c.heads;
-  pr.heads_k = c.heads_k;
-  pr.head_dim = c.head_dim;
-  pr.seqlen = c.seqlen;
-  pr.options.causal = c.causal;
-  pr.options.window_size = c.window;
-  pr.options.softcap = c.softcap;
+  test::ApplyOptionCase(c, &pr);
   if (c.alibi) {
     for (int h = 0; h < c.heads; ++h)
       pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));

@@ -1,0 +1,99 @@
+#include "tests/service_fixture.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "kernels/params_check.h"
+#include "worker/ring/synthetic_inputs.h"
+
+namespace ringattn::test {
+
+std::string WorkerBinary() {
+  const char* b = std::getenv("RINGATTN_BIN");
+  return b != nullptr ? b : "";
+}
+
+LocalService::LocalService(int world, Coordinator::Options options) {
+  options.world_size = world;
+  options.ring.ring_timeout_seconds = 20;
+  options.ring.ping_interval = absl::Milliseconds(200);
+  coordinator_ = std::make_unique<Coordinator>(options);
+  start_status_ = coordinator_->BuildAndStart();
+  if (!start_status_.ok()) return;
+  LocalWorkerPool::Options w;
+  w.binary = WorkerBinary();
+  w.count = world;
+  w.coordinator_address = address();
+  workers_ = std::make_unique<LocalWorkerPool>(w);
+  start_status_ = workers_->Start();
+  if (!start_status_.ok()) return;
+  if (!coordinator_->WaitUntilReady(absl::Seconds(60))) {
+    start_status_ = absl::DeadlineExceededError("ring did not form in 60 s");
+  }
+}
+
+LocalService::~LocalService() { Stop(); }
+
+std::string LocalService::address() const {
+  return absl::StrCat("127.0.0.1:", coordinator_->port());
+}
+
+void LocalService::Stop() {
+  if (stopped_) return;
+  stopped_ = true;
+  if (workers_) workers_->Stop();
+  if (coordinator_) coordinator_->Shutdown();
+}
+
+DType ToDType(v1::DType d) {
+  return d == v1::DTYPE_FP32 ? DType::kF32 : d == v1::DTYPE_FP16 ? DType::kF16 : DType::kBF16;
+}
+
+void FillTensor(v1::Tensor* t, const Shape& s, int heads, uint32_t id, uint64_t seed) {
+  t->set_dtype(s.dtype);
+  for (int64_t d : {static_cast<int64_t>(s.batch), s.seqlen, static_cast<int64_t>(heads),
+                    static_cast<int64_t>(s.head_dim)}) {
+    t->add_shape(d);
+  }
+  std::string* data = t->mutable_data();
+  data->resize(static_cast<size_t>(s.batch) * s.seqlen * heads * s.head_dim *
+               DTypeSize(ToDType(s.dtype)));
+  FillSynthetic(seed, id, s.batch, s.seqlen, heads, s.head_dim, ToDType(s.dtype), data->data());
+}
+
+v1::AttendRequest MakeRequest(const Shape& s, uint64_t seed) {
+  v1::AttendRequest r;
+  FillTensor(r.mutable_q(), s, s.heads, 0, seed);
+  FillTensor(r.mutable_k(), s, s.heads_k, 1, seed);
+  FillTensor(r.mutable_v(), s, s.heads_k, 2, seed);
+  r.set_return_lse(true);
+  return r;
+}
+
+AttentionParams ReferenceParams(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v,
+                                const v1::AttentionOptions& o, std::vector<float>* slopes) {
+  AttentionParams p;
+  p.batch = static_cast<int>(q.shape(0));
+  p.seqlen_q = p.seqlen_k = q.shape(1);
+  p.heads = static_cast<int>(q.shape(2));
+  p.heads_k = static_cast<int>(k.shape(2));
+  p.head_dim = static_cast<int>(q.shape(3));
+  p.dtype = p.o_dtype = ToDType(q.dtype());
+  p.q = q.data().data();
+  p.k = k.data().data();
+  p.v = v.data().data();
+  SetContiguousStrides(&p);
+  p.softmax_scale = o.has_softmax_scale() ? o.softmax_scale() : 1.0f / std::sqrt(p.head_dim * 1.0f);
+  p.causal = o.causal();
+  p.window_left = o.has_window_left() ? o.window_left() : -1;
+  p.window_right = o.has_window_right() ? o.window_right() : -1;
+  slopes->assign(o.alibi_slopes().begin(), o.alibi_slopes().end());
+  p.alibi_slopes = slopes->empty() ? nullptr : slopes->data();
+  p.softcap = o.softcap();
+  return p;
+}
+
+}  // namespace ringattn::test
