@@ -1,0 +1,102 @@
+// The "cudnn" attention backward backend: cuDNN's fused SDPA backward (cudnn-frontend
+// graph.sdpa_backward) behind AttentionBackwardBackend.
+//
+// Device pointers (MemorySpace::kDevice), enqueued on the stream set with SetStream (nullptr,
+// the default, is the legacy default stream); Backward returns without synchronising.
+//
+// ---- What is refused (InvalidArgument naming the option; nothing touches the device) -------
+// Everything the forward cudnn backend refuses (cudnn_backend.h: PlanCudnnCall and the q/k/v
+// alignment rule): dtype other than bf16/fp16, alibi_slopes, softcap, a partial causal/window
+// mask with q_pos_stride != k_pos_stride, ... Plus, for the backward's own tensors:
+//   out == nullptr ("out": cuDNN computes D = rowsum(dO * O) itself from O; a precomputed
+//     `delta` is accepted but not used),
+//   out_dtype != fwd.dtype ("out_dtype": cuDNN reads O and dO in the input dtype),
+//   out/dout not 16-byte aligned at the first live row, or an out/dout batch/head/row stride
+//     (of a dimension of size > 1) not a multiple of 8 elements (named, e.g. "dout_row_stride").
+// dq/dk/dv may have any strides (fp32; the copy kernel below reads through them).
+//
+// ---- How a call runs ------------------------------------------------------------------------
+// 1. The mask plan of the forward (PlanCudnnCall(p.fwd)) gives the live block: query rows
+//    [q_begin, +q_count), keys [k_begin, +k_count), and the TOP_LEFT band (+ padding mask)
+//    cuDNN applies inside it, exactly as the forward does.
+// 2. lse of the live rows is gathered into a packed fp32 [b, h, q_count, 1] Stats scratch (our
+//    lse is the natural-log LSE over all the keys the output came from, which is what cuDNN's
+//    Stats is; for a ring step cuDNN then computes this call's keys' contribution).
+// 3. cuDNN runs on the live block, writing dQ [b, q_count, h, d], dK and dV [b, k_count, h_k, d]
+//    into packed scratch buffers of the input dtype (so gradients are rounded to bf16/fp16).
+// 4. A small kernel (LaunchGradToFloat) adds (accumulate) or writes them into our fp32 dq/dk/dv
+//    through their strides. Rows outside the live block get no contribution: 0 when writing,
+//    untouched when accumulating. An empty plan runs no cuDNN (zeros, or nothing when
+//    accumulating).
+// GQA: dK/dV are [b, h_k, s_k, d] tensors; cuDNN sums the contributions of the h / h_k query
+// heads of each K/V head (query head i reads K/V head i / (h / h_k), as in the forward). The
+// GPU test checks this against the fp64 reference at 8:2.
+//
+// ---- Caching ----------------------------------------------------------------------------------
+// A cuDNN handle is created on the first Backward on the then-current device. Graphs are built
+// once per (dtype, sizes of the live block, strides of q/k/v/o/dO, mask plan, scale) and cached
+// (failures too, except transient CUDA failures); graph_builds() counts builds. One device
+// workspace (cuDNN's + Stats + dQ/dK/dV scratch) is kept and grown stream-ordered. Calls are
+// serialised by a mutex; a stream change makes the new stream wait for the previous call.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "kernels/attention_backward_params.h"
+#include "kernels/dtype.h"
+
+namespace ringattn {
+
+class CudnnBackwardBackend : public AttentionBackwardBackend {
+ public:
+  MemorySpace memory_space() const override { return MemorySpace::kDevice; }
+  void SetStream(cudaStream_t stream) { stream_ = stream; }
+  cudaStream_t stream() const { return stream_; }
+  // Graphs built so far (a repeated shape does not build again).
+  virtual int64_t graph_builds() const = 0;
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+// Named "cudnn". Creating it touches no device.
+std::unique_ptr<AttentionBackwardBackend> MakeCudnnBackwardBackend();
+
+inline CudnnBackwardBackend* AsCudnnBackwardBackend(AttentionBackwardBackend* b) {
+  return dynamic_cast<CudnnBackwardBackend*>(b);
+}
+
+// Checks `p` against what the cudnn backward can compute (host only, reads no tensor).
+absl::Status CudnnBackwardSupports(const AttentionBackwardParams& p);
+
+// ---- Helper kernels (cudnn_backward_kernels.cu) --------------------------------------------
+
+// dst (fp32, [batch, rows, heads, head_dim] through dst strides) gets src for rows
+// [live_begin, live_begin + live_count): src is packed [batch, live_count, heads, head_dim]
+// of type src_dtype. accumulate: dst += src on live rows, other rows untouched; otherwise
+// dst = src on live rows and 0 elsewhere. src may be null when live_count == 0.
+struct GradToFloatParams {
+  const void* src = nullptr;
+  DType src_dtype = DType::kBF16;
+  int64_t batch = 0, rows = 0, heads = 0, head_dim = 0;
+  int64_t live_begin = 0, live_count = 0;
+  float* dst = nullptr;
+  int64_t dst_batch_stride = 0, dst_row_stride = 0, dst_head_stride = 0;
+  bool accumulate = false;
+};
+absl::Status LaunchGradToFloat(const GradToFloatParams& g, cudaStream_t stream);
+
+// dst[(b * heads + h) * count + i] = lse[b * lse_batch_stride + h * lse_head_stride + begin + i].
+absl::Status LaunchGatherLse(const float* lse, int64_t lse_batch_stride, int64_t lse_head_stride,
+                             int64_t batch, int64_t heads, int64_t begin, int64_t count, float* dst,
+                             cudaStream_t stream);
+
+// delta[b, h, i] (lse strides of p) = sum_c dout[b, i, h, c] * out[b, i, h, c] in fp32.
+absl::Status LaunchComputeDelta(const AttentionBackwardParams& p, float* delta,
+                                cudaStream_t stream);
+
+}  // namespace ringattn
