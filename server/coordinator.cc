@@ -63,11 +63,9 @@ class Coordinator::Services {
                         v1::AttendResponse* response) override {
       const absl::Time arrival = absl::Now();
       absl::Status s = c_->Handle(ctx, *request, arrival, 0.0, response);
-      if (s.ok()) {
-        const absl::Time send0 = absl::Now();
-        response->mutable_timings()->set_send_seconds(SecondsSince(send0));
-        response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-      }
+      // Unary: gRPC serialises and sends the response after this returns, so the timings
+      // cannot include it; send_seconds stays 0 (AttendStream measures its chunks).
+      if (s.ok()) response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
       c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
                                  RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
       return ToGrpcStatus(s);
