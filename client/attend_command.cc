@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
+#include "client/cli_parse.h"
 #include "client/npy.h"
 #include "client/timing_table.h"
 #include "kernels/attention_params.h"
@@ -39,28 +40,6 @@ absl::StatusOr<DType> FromProtoDType(v1::DType dtype, const char* field) {
   absl::StatusOr<DType> d = DTypeFromProto(dtype);
   if (!d.ok()) return absl::InvalidArgumentError(absl::StrCat(field, ": ", d.status().message()));
   return d;
-}
-
-absl::StatusOr<DType> ParseDTypeName(const std::string& name) {
-  if (name == "fp32") return DType::kF32;
-  if (name == "fp16") return DType::kF16;
-  if (name == "bf16") return DType::kBF16;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--dtype must be fp32, fp16 or bf16, got '", name, "'"));
-}
-
-absl::StatusOr<v1::Layout> ParseLayoutName(const std::string& name) {
-  if (name == "auto") return v1::LAYOUT_AUTO;
-  if (name == "contiguous") return v1::LAYOUT_CONTIGUOUS;
-  if (name == "zigzag") return v1::LAYOUT_ZIGZAG;
-  if (name == "stripe") return v1::LAYOUT_STRIPE;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--layout must be auto, contiguous, zigzag or stripe, got '", name, "'"));
-}
-
-std::string ErrorLine(const absl::Status& status) {
-  return absl::StrCat("error: ", absl::StatusCodeToString(status.code()), ": ", status.message(),
-                      "\n");
 }
 
 std::string ShapeString(const v1::Tensor& tensor) {

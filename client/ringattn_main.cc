@@ -22,6 +22,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "client/attend_command.h"
+#include "client/cli_parse.h"
 #include "client/bench_command.h"
 #include "client/local_ring.h"
 #include "client/serve_command.h"
@@ -96,13 +97,6 @@ constexpr char kUsage[] =
     "               throughput (--concurrency, --requests or --duration, --json)\n"
     "  ring         forward ring attention over local processes, without the service\n";
 
-absl::StatusOr<ringattn::DType> ParseDType(const std::string& s) {
-  if (s == "fp32") return ringattn::DType::kF32;
-  if (s == "fp16") return ringattn::DType::kF16;
-  if (s == "bf16") return ringattn::DType::kBF16;
-  return absl::InvalidArgumentError("--dtype must be fp32, fp16 or bf16, got '" + s + "'");
-}
-
 std::vector<float> StandardAlibiSlopes(int heads) {
   std::vector<float> s(heads);
   for (int i = 0; i < heads; ++i) s[i] = std::pow(2.0f, -8.0f * (i + 1) / heads);
@@ -129,7 +123,7 @@ int RunRing() {
   o.heads = absl::GetFlag(FLAGS_heads);
   o.heads_k = HeadsK();
   o.head_dim = absl::GetFlag(FLAGS_head_dim);
-  absl::StatusOr<ringattn::DType> dtype = ParseDType(absl::GetFlag(FLAGS_dtype));
+  absl::StatusOr<ringattn::DType> dtype = ringattn::ParseDTypeName(absl::GetFlag(FLAGS_dtype));
   if (!dtype.ok()) {
     std::cerr << dtype.status().message() << "\n";
     return 2;
