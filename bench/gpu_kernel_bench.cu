@@ -44,6 +44,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "bench/gpu_bench_util.cuh"
 #include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
@@ -56,6 +57,9 @@ namespace {
 
 using bench::CheckStatus;
 using bench::CurrentDevice;
+using bench::DeviceMemory;
+using bench::FillUniformBf16;
+using bench::TimeOnce;
 using bench::Median;
 
 struct Shape {
@@ -81,22 +85,6 @@ constexpr Shape kShapes[] = {
 std::string ShapeName(const Shape& s) {
   return absl::StrFormat("b%d s%d h%d d%d %s%s", s.batch, s.seqlen, s.heads, s.head_dim,
                          s.causal ? "causal" : "full", s.softcap ? " softcap" : "");
-}
-
-// Uniform values in [-sqrt(3), sqrt(3)] (unit variance) from a hash of the index: inputs need
-// no host round trip at these sizes.
-__global__ void FillUniformBf16(__nv_bfloat16* x, int64_t n, uint32_t seed) {  // x: [n]
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b9u ^ static_cast<uint32_t>(i >> 32) ^ seed;
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    h ^= h >> 16;
-    const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);  // [0, 1)
-    x[i] = __float2bfloat16((2.0f * u - 1.0f) * 1.7320508f);
-  }
 }
 
 // Sums for the output checks: non-finite o elements, NaN lse values, sum (o - ref)^2 and
@@ -140,27 +128,6 @@ __global__ void CheckOutputs(const __nv_bfloat16* o, const __nv_bfloat16* ref, i
     atomicAdd(&sums->err_sq, err_sq);
     atomicAdd(&sums->ref_sq, ref_sq);
   }
-}
-
-// One device allocation, freed on scope exit.
-struct DeviceMemory {
-  void* ptr = nullptr;
-  explicit DeviceMemory(size_t bytes) { BENCH_CUDA_CHECK(cudaMalloc(&ptr, bytes)); }
-  ~DeviceMemory() { cudaFree(ptr); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-};
-
-// Milliseconds of one call of `run` on `stream`, timed alone between two events.
-template <typename Run>
-double TimeOnce(const Run& run, cudaStream_t stream, cudaEvent_t start, cudaEvent_t stop) {
-  BENCH_CUDA_CHECK(cudaEventRecord(start, stream));
-  run();
-  BENCH_CUDA_CHECK(cudaEventRecord(stop, stream));
-  BENCH_CUDA_CHECK(cudaEventSynchronize(stop));
-  float elapsed = 0.0f;
-  BENCH_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
-  return elapsed;
 }
 
 struct Row {

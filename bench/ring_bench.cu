@@ -38,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/gpu_bench_util.cuh"
 #include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
@@ -53,6 +54,9 @@ namespace {
 
 using bench::CheckStatus;
 using bench::CurrentDevice;
+using bench::DeviceMemory;
+using bench::FillBf16;
+using bench::TimeOnce;
 using bench::Median;
 
 using Clock = std::chrono::steady_clock;
@@ -62,41 +66,6 @@ constexpr int kHeads = 32;
 constexpr int kHeadsK = 8;
 constexpr int kHeadDim = 128;
 constexpr bool kCausal = true;
-
-// Uniform values in [-sqrt(3), sqrt(3)] (unit variance) from a hash of the index.
-__global__ void FillUniformBf16(__nv_bfloat16* x, int64_t n, uint32_t seed) {  // x: [n]
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b9u ^ static_cast<uint32_t>(i >> 32) ^ seed;
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    h ^= h >> 16;
-    const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);  // [0, 1)
-    x[i] = __float2bfloat16((2.0f * u - 1.0f) * 1.7320508f);
-  }
-}
-
-// One device allocation, freed on scope exit; null for zero bytes.
-struct DeviceMemory {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  explicit DeviceMemory(size_t n) : bytes(n) {
-    if (n > 0) BENCH_CUDA_CHECK(cudaMalloc(&ptr, n));
-  }
-  ~DeviceMemory() {
-    if (ptr != nullptr) BENCH_CUDA_CHECK(cudaFree(ptr));
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-};
-
-void FillBf16(void* x, int64_t n, uint32_t seed, cudaStream_t stream) {
-  if (n == 0) return;
-  FillUniformBf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(x), n, seed);
-  BENCH_CUDA_CHECK(cudaGetLastError());
-}
 
 // NaN or infinity among the first n of `o` (bf16), NaN among `lse` (fp32).
 int64_t CountBad(const void* o, int64_t n, const float* lse, int64_t lse_n) {

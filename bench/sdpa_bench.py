@@ -76,10 +76,12 @@ def main():
         with open(args.json, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    print(f"\n{'b':>2} {'s':>6} {'h':>3} {'d':>4} {'causal':>6} {'impl':>12} {'fwd TFLOP/s':>12}")
+    print(f"\n{'b':>2} {'s':>6} {'h':>3} {'d':>4} {'causal':>6} {'impl':>12} {'fwd TFLOP/s':>12}"
+          f" {'f+b TFLOP/s':>12}")
     for r in rows:
         print(f"{r['b']:>2} {r['s']:>6} {r['h']:>3} {r['d']:>4} {str(r['causal']):>6} "
-              f"{r['impl']:>12} {r.get('fwd_tflops', float('nan')):>12.1f}")
+              f"{r['impl']:>12} {r.get('fwd_tflops', float('nan')):>12.1f}"
+              f" {r.get('fwdbwd_tflops', float('nan')):>12.1f}")
     return 0
 
 

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -22,6 +23,12 @@ namespace ringattn {
 // and o strides even (it stores pairs), heads and batch <= 65535 (grid y and z). Each refusal is
 // InvalidArgument naming the field.
 absl::Status CheckFlashForwardSupport(const AttentionParams& p);
+
+// One input tensor of the fast kernels (q, k, v, dout): a 16-byte aligned base (or null for an
+// empty one) and batch/row/head strides that are multiples of 8 elements, so that every row of
+// every head starts on a 16-byte boundary. InvalidArgument naming `name` otherwise.
+absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batch_stride,
+                                 int64_t row_stride, int64_t head_stride);
 
 // Checks support, then enqueues the kernel on `stream` and returns; pointers are device memory.
 // Writes o (p.o_dtype: fp32, fp16 or bf16) and lse (when non-null), or merges into fp32 o and

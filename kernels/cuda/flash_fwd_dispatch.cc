@@ -21,10 +21,11 @@ bool AlignedTo(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// q, k or v: 16-byte aligned base and strides that are multiples of 8 elements, so that every
-// row of every head starts on a 16-byte boundary (the kernel copies 16-byte chunks).
-absl::Status CheckInputLayout(const char* name, const void* ptr, int64_t batch_stride,
-                              int64_t row_stride, int64_t head_stride) {
+}  // namespace
+
+// The kernels copy 16-byte chunks of rows.
+absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batch_stride,
+                                 int64_t row_stride, int64_t head_stride) {
   if (ptr == nullptr) return absl::OkStatus();  // empty sequence (validated)
   if (!AlignedTo(ptr, 16)) {
     return absl::InvalidArgumentError(
@@ -38,8 +39,6 @@ absl::Status CheckInputLayout(const char* name, const void* ptr, int64_t batch_s
   return absl::OkStatus();
 }
 
-}  // namespace
-
 absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
   if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
     return absl::InvalidArgumentError(
@@ -51,9 +50,9 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.head_dim,
                                                    "; the cuda kernel supports 64, 128, 256"));
   }
-  RA_RETURN_IF_ERROR(CheckInputLayout("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
-  RA_RETURN_IF_ERROR(CheckInputLayout("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
-  RA_RETURN_IF_ERROR(CheckInputLayout("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
+  RA_RETURN_IF_ERROR(CheckFastKernelRows("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
+  RA_RETURN_IF_ERROR(CheckFastKernelRows("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
+  RA_RETURN_IF_ERROR(CheckFastKernelRows("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
   // o is stored two elements at a time.
   if (p.o != nullptr) {
     if (!AlignedTo(p.o, 2 * DTypeSize(p.o_dtype))) {

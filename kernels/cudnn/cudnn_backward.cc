@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/flash_bwd.h"
 #include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/status_macros.h"

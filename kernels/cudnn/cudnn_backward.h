@@ -47,20 +47,16 @@
 
 #include "absl/status/status.h"
 #include "kernels/attention_backward_params.h"
+#include "kernels/cuda/cuda_backward.h"
 #include "kernels/dtype.h"
 
 namespace ringattn {
 
-class CudnnBackwardBackend : public AttentionBackwardBackend {
+// A CudaBackwardBackend (cuda_backward.h: SetStream, device memory) with cuDNN's graph cache.
+class CudnnBackwardBackend : public CudaBackwardBackend {
  public:
-  MemorySpace memory_space() const override { return MemorySpace::kDevice; }
-  void SetStream(cudaStream_t stream) { stream_ = stream; }
-  cudaStream_t stream() const { return stream_; }
   // Graphs built so far (a repeated shape does not build again).
   virtual int64_t graph_builds() const = 0;
-
- private:
-  cudaStream_t stream_ = nullptr;
 };
 
 // Named "cudnn". Creating it touches no device.
@@ -95,8 +91,6 @@ absl::Status LaunchGatherLse(const float* lse, int64_t lse_batch_stride, int64_t
                              int64_t batch, int64_t heads, int64_t begin, int64_t count, float* dst,
                              cudaStream_t stream);
 
-// delta[b, h, i] (lse strides of p) = sum_c dout[b, i, h, c] * out[b, i, h, c] in fp32.
-absl::Status LaunchComputeDelta(const AttentionBackwardParams& p, float* delta,
-                                cudaStream_t stream);
+// LaunchComputeDelta (D = rowsum(dO * O)) is flash_bwd.h's, shared with the cuda backward.
 
 }  // namespace ringattn

@@ -51,28 +51,6 @@ __global__ void GatherLseKernel(const float* lse, int64_t bs, int64_t hs, int64_
   }
 }
 
-// One warp per (batch, row, head).
-__global__ void __launch_bounds__(kThreads)
-    DeltaKernel(const AttentionBackwardParams p, float* delta) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int64_t total = static_cast<int64_t>(p.fwd.batch) * p.fwd.seqlen_q * p.fwd.heads;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-       row < total; row += step) {
-    const int64_t h = row % p.fwd.heads;
-    const int64_t i = (row / p.fwd.heads) % p.fwd.seqlen_q;
-    const int64_t b = row / (p.fwd.heads * p.fwd.seqlen_q);
-    const int64_t o_at = b * p.out_batch_stride + i * p.out_row_stride + h * p.out_head_stride;
-    const int64_t d_at = b * p.dout_batch_stride + i * p.dout_row_stride + h * p.dout_head_stride;
-    float acc = 0.0f;
-    for (int c = lane; c < p.fwd.head_dim; c += 32) {
-      acc += LoadAsFloat(p.out, o_at + c, p.out_dtype) * LoadAsFloat(p.dout, d_at + c, p.out_dtype);
-    }
-    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) delta[b * p.lse_batch_stride + h * p.lse_head_stride + i] = acc;
-  }
-}
-
 }  // namespace
 
 absl::Status LaunchGradToFloat(const GradToFloatParams& g, cudaStream_t stream) {
@@ -91,15 +69,6 @@ absl::Status LaunchGatherLse(const float* lse, int64_t lse_batch_stride, int64_t
   if (total == 0) return absl::OkStatus();
   GatherLseKernel<<<Blocks(total, kThreads), kThreads, 0, stream>>>(
       lse, lse_batch_stride, lse_head_stride, batch, heads, begin, count, dst);
-  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
-  return absl::OkStatus();
-}
-
-absl::Status LaunchComputeDelta(const AttentionBackwardParams& p, float* delta,
-                                cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(p.fwd.batch) * p.fwd.seqlen_q * p.fwd.heads;
-  if (total == 0) return absl::OkStatus();
-  DeltaKernel<<<Blocks(total, kThreads / 32), kThreads, 0, stream>>>(p, delta);
   RA_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

@@ -1,0 +1,305 @@
+// The "cuda" backward backend (cuda_backward.h) and its kernel (flash_bwd.cuh).
+//
+// Host-only (run everywhere): the factory; refusals are InvalidArgument naming the field (dtype,
+// head_dim, out_dtype, dout and dq layouts) before any device call.
+// GPU (every case skips without a CUDA device), against the fp64 reference backward
+// (ReferenceBackward) on the fp64 reference forward's O and LSE:
+//   - a sweep at seq 1, 7, 255, 1000 and 3816 (and s_q != s_k), 5 heads and GQA 8:2 / 8:1,
+//     d 64/128/256, bf16/fp16, unmasked, causal, windows, softcap, ALiBi, a query position
+//     offset (a ring step below the diagonal); dq/dk/dv poisoned with NaN first, so an element
+//     the kernel does not write fails;
+//   - every compiled tiling on a smaller sweep (FlashBackwardWithConfig);
+//   - accumulate: two calls into zeroed gradients give twice the gradient;
+//   - a ring-like key split: two calls on the key halves, the whole forward's lse, accumulating
+//     into one dq, give the whole gradients;
+//   - dK and dV are bitwise deterministic (a fixed sum order; only dQ uses atomics);
+//   - ComputeDelta against rowsum(dO * O) on the host.
+// Tolerances per gradient tensor: relative L2 <= 2e-2 (bf16), 5e-3 (fp16): the kernel rounds
+// P and dS to the input dtype for the tensor cores and accumulates in fp32.
+#include "kernels/cuda/cuda_backward.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/attention_backward_params.h"
+#include "kernels/cuda/flash_bwd.h"
+#include "kernels/cuda/gpu_backward_test_util.h"
+#include "kernels/cuda/gpu_test_util.h"
+
+namespace ringattn {
+namespace {
+
+using kernel_testing::Case;
+using kernel_testing::CaseName;
+using kernel_testing::CheckGrads;
+using kernel_testing::DeviceBuffer;
+using kernel_testing::DeviceCall;
+using kernel_testing::Download;
+using kernel_testing::GpuTest;
+using kernel_testing::HostCall;
+using kernel_testing::MakeHostCall;
+using kernel_testing::Shape;
+using kernel_testing::ToDevice;
+
+constexpr int64_t kOpen = kUnboundedWindow;
+
+// ---- Host-only ------------------------------------------------------------------------------
+
+alignas(256) char g_fake[4096];
+
+AttentionBackwardParams FakeCall() {
+  AttentionBackwardParams p;
+  p.fwd = Shape(16, 16, 4, 4, 64);
+  p.fwd.q = p.fwd.k = p.fwd.v = g_fake;
+  p.out = p.dout = g_fake;
+  p.out_dtype = DType::kBF16;
+  p.lse = reinterpret_cast<const float*>(g_fake);
+  p.dq = p.dk = p.dv = reinterpret_cast<float*>(g_fake);
+  SetContiguousBackwardStrides(&p);
+  return p;
+}
+
+void ExpectRefused(const AttentionBackwardParams& p, const std::string& needle) {
+  auto backend = MakeCudaBackwardBackend();
+  const absl::Status s = backend->Backward(p);  // refuses before touching a device
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+}
+
+TEST(CudaBackwardHostTest, Factory) {
+  auto backend = MakeCudaBackwardBackend();
+  ASSERT_NE(backend, nullptr);
+  EXPECT_EQ(backend->name(), "cuda");
+  EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
+  CudaBackwardBackend* c = AsCudaBackwardBackend(backend.get());
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->stream(), nullptr);
+  c->SetStream(reinterpret_cast<cudaStream_t>(0x10));
+  EXPECT_EQ(c->stream(), reinterpret_cast<cudaStream_t>(0x10));
+}
+
+TEST(CudaBackwardHostTest, AcceptsPlainCall) { EXPECT_TRUE(CheckFlashBackwardSupport(FakeCall()).ok()); }
+
+TEST(CudaBackwardHostTest, RefusesFp32) {
+  AttentionBackwardParams p = FakeCall();
+  p.fwd.dtype = DType::kF32;
+  p.out_dtype = DType::kF32;
+  ExpectRefused(p, "dtype");
+}
+
+TEST(CudaBackwardHostTest, RefusesHeadDim96) {
+  AttentionBackwardParams p = FakeCall();
+  p.fwd.head_dim = 96;
+  SetContiguousBackwardStrides(&p);
+  ExpectRefused(p, "head_dim");
+}
+
+TEST(CudaBackwardHostTest, RefusesOutDtypeMismatch) {
+  AttentionBackwardParams p = FakeCall();
+  p.out_dtype = DType::kF32;
+  ExpectRefused(p, "out_dtype");
+}
+
+TEST(CudaBackwardHostTest, RefusesMisalignedDout) {
+  AttentionBackwardParams p = FakeCall();
+  p.dout = g_fake + 2;
+  ExpectRefused(p, "dout");
+}
+
+TEST(CudaBackwardHostTest, RefusesOddDqStride) {
+  AttentionBackwardParams p = FakeCall();
+  p.dq_row_stride += 1;
+  p.dq_batch_stride = p.dq_row_stride * p.fwd.seqlen_q;
+  ExpectRefused(p, "dq");
+}
+
+TEST(CudaBackwardHostTest, EveryHeadDimHasTilings) {
+  for (int d : {64, 128, 256}) {
+    const std::vector<FlashBackwardConfig> configs = FlashBackwardConfigs(d);
+    ASSERT_FALSE(configs.empty()) << d;
+    EXPECT_TRUE(configs[0].is_default);
+  }
+  EXPECT_TRUE(FlashBackwardConfigs(96).empty());
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+// Runs `c` through the backend (config empty) or one tiling, checks against the reference.
+void RunCase(const Case& c, const std::string& config) {
+  HostCall hc;
+  ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
+  DeviceCall dc;
+  ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
+  std::printf("  %s%s\n", CaseName(c).c_str(), config.empty() ? "" : (" " + config).c_str());
+  if (config.empty()) {
+    auto backend = MakeCudaBackwardBackend();
+    const absl::Status s = backend->Backward(dc.p);
+    ASSERT_TRUE(s.ok()) << s;
+  } else {
+    DeviceBuffer delta(hc.lse.size() * sizeof(float));
+    const absl::Status s =
+        FlashBackwardWithConfig(dc.p, static_cast<float*>(delta.get()), config, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  }
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  CheckGrads(hc, dc, 1.0);
+}
+
+class CudaBackwardSweep : public GpuTest, public ::testing::WithParamInterface<Case> {};
+
+TEST_P(CudaBackwardSweep, MatchesFp64Reference) {
+  SCOPED_TRACE(CaseName(GetParam()));
+  RunCase(GetParam(), "");
+}
+
+std::vector<Case> SweepCases() {
+  std::vector<Case> cases;
+  for (DType t : {DType::kBF16, DType::kF16}) {
+    for (int d : {64, 128, 256}) {
+      // The fp64 reference's cost grows with d: the long cases are shorter at d 256.
+      const int64_t n = d == 256 ? 400 : 1000;
+      cases.push_back({1, 1, 5, 5, d, t});
+      cases.push_back({7, 7, 5, 5, d, t, /*causal=*/true});
+      cases.push_back({255, 255, 5, 5, d, t, /*causal=*/true});
+      cases.push_back({n, n, 8, 2, d, t, /*causal=*/true});
+      cases.push_back({255, n, 8, 2, d, t});
+      cases.push_back({n, 255, 8, 1, d, t});
+      cases.push_back({n, n, 5, 5, d, t, false, /*left=*/64, /*right=*/0});
+      cases.push_back({255, 255, 8, 2, d, t, false, 16, 16});
+      cases.push_back({255, 100, 5, 5, d, t, false, 20, 5});
+    }
+  }
+  for (int d : {64, 128, 256}) {
+    Case softcap{255, 255, 8, 2, d, DType::kBF16, /*causal=*/true};
+    softcap.softcap = 5.0f;
+    cases.push_back(softcap);
+    Case alibi{255, 300, 5, 5, d, DType::kBF16};
+    alibi.alibi = true;
+    cases.push_back(alibi);
+    Case both{300, 300, 8, 2, d, DType::kF16, true, 128, 0};
+    both.softcap = 10.0f;
+    both.alibi = true;
+    cases.push_back(both);
+    // A ring step: queries at global positions 300.., keys at 0..: causal masks part of it.
+    Case offset{255, 400, 8, 2, d, DType::kBF16, /*causal=*/true};
+    offset.q_pos_offset = 300;
+    cases.push_back(offset);
+  }
+  cases.push_back({3816, 3816, 5, 5, 64, DType::kBF16, /*causal=*/true});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, CudaBackwardSweep, ::testing::ValuesIn(SweepCases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return CaseName(info.param);
+                         });
+
+class CudaBackwardGpuTest : public GpuTest {};
+
+// Every compiled tiling of each head dim on a few shapes that exercise the mask, GQA and the
+// score mods, with the resources ptxas gave it.
+TEST_F(CudaBackwardGpuTest, EveryTilingMatchesFp64Reference) {
+  for (int d : {64, 128, 256}) {
+    for (const FlashBackwardConfig& config : FlashBackwardConfigs(d)) {
+      for (DType t : {DType::kBF16, DType::kF16}) {
+        absl::StatusOr<FlashBackwardResources> r =
+            FlashBackwardKernelResources(d, t, config.name);
+        ASSERT_TRUE(r.ok()) << r.status();
+        std::printf("d%d %s %s: %d regs, %d B local; mods %d regs, %d B local; smem %d B, "
+                    "%d CTA/SM\n",
+                    d, config.name.c_str(), std::string(DTypeName(t)).c_str(), r->registers,
+                    r->local_bytes, r->mods_registers, r->mods_local_bytes, r->smem_bytes,
+                    r->ctas_per_sm);
+        EXPECT_GE(r->ctas_per_sm, 1) << config.name;
+      }
+      Case causal{300, 300, 8, 2, d, DType::kBF16, /*causal=*/true};
+      Case window{200, 333, 5, 5, d, DType::kF16, false, 40, 7};
+      Case mods{130, 170, 4, 2, d, DType::kBF16};
+      mods.softcap = 8.0f;
+      mods.alibi = true;
+      for (const Case& c : {causal, window, mods}) {
+        SCOPED_TRACE(absl::StrCat(CaseName(c), " tiling ", config.name));
+        RunCase(c, config.name);
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackwardGpuTest, AccumulateTwiceIsTwice) {
+  for (const Case& c : {Case{255, 255, 8, 2, 64, DType::kBF16, true},
+                        Case{100, 300, 5, 5, 128, DType::kF16, false, 30, 30}}) {
+    SCOPED_TRACE(CaseName(c));
+    HostCall hc;
+    ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
+    DeviceCall dc;
+    ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
+    auto backend = MakeCudaBackwardBackend();
+    ASSERT_TRUE(backend->Backward(dc.p).ok());
+    const absl::Status s = backend->Backward(dc.p);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    CheckGrads(hc, dc, 2.0);
+  }
+}
+
+TEST_F(CudaBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
+  for (bool causal : {false, true}) {
+    const Case c{255, 256, 8, 2, 128, DType::kBF16, causal};
+    SCOPED_TRACE(absl::StrCat("key split ", CaseName(c)));
+    HostCall hc;
+    ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
+    DeviceCall dc;
+    ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
+    auto backend = MakeCudaBackwardBackend();
+    for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, 100}, {100, 256}}) {
+      AttentionBackwardParams part = dc.p;
+      part.fwd = kernel_testing::KeyRange(dc.p.fwd, begin, end);
+      part.dk = dc.p.dk + begin * dc.p.dk_row_stride;
+      part.dv = dc.p.dv + begin * dc.p.dv_row_stride;
+      const absl::Status s = backend->Backward(part);
+      ASSERT_TRUE(s.ok()) << "keys [" << begin << ", " << end << "): " << s;
+    }
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    CheckGrads(hc, dc, 1.0);
+  }
+}
+
+TEST_F(CudaBackwardGpuTest, DkDvAreDeterministic) {
+  const Case c{1000, 1000, 8, 2, 128, DType::kBF16, /*causal=*/true};
+  HostCall hc;
+  ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
+  std::vector<float> first_dk, first_dv;
+  for (int run = 0; run < 2; ++run) {
+    DeviceCall dc;
+    ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
+    auto backend = MakeCudaBackwardBackend();
+    ASSERT_TRUE(backend->Backward(dc.p).ok());
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> dk = Download(dc.dk), dv = Download(dc.dv);
+    if (run == 0) {
+      first_dk = std::move(dk);
+      first_dv = std::move(dv);
+    } else {
+      EXPECT_EQ(dk, first_dk);
+      EXPECT_EQ(dv, first_dv);
+    }
+  }
+}
+
+TEST_F(CudaBackwardGpuTest, ComputeDelta) {
+  auto backend = MakeCudaBackwardBackend();
+  kernel_testing::CheckComputeDelta(*backend);
+}
+
+}  // namespace
+}  // namespace ringattn

@@ -1,0 +1,189 @@
+// What the backward kernel supports, the prologue it needs (dq zeroed, D computed) and the
+// closed-set dispatch from runtime (head_dim, dtype, tiling) to the compiled instantiations.
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kernels/cuda/flash_bwd.h"
+#include "kernels/cuda/flash_bwd_configs.h"
+#include "kernels/cuda/flash_fwd.h"
+#include "kernels/status_macros.h"
+
+namespace ringattn {
+namespace {
+
+// dq, dk or dv: written and added two floats at a time.
+absl::Status CheckGradLayout(const char* name, const float* ptr, int64_t batch_stride,
+                             int64_t row_stride, int64_t head_stride) {
+  if (ptr == nullptr) return absl::OkStatus();  // empty (validated)
+  if (reinterpret_cast<uintptr_t>(ptr) % 8 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda: ", name, " must be 8-byte aligned"));
+  }
+  if (batch_stride % 2 != 0 || row_stride % 2 != 0 || head_stride % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda: ", name, " strides must be even, got batch ", batch_stride, ", row ",
+                     row_stride, ", head ", head_stride));
+  }
+  return absl::OkStatus();
+}
+
+template <int kHeadDim>
+std::vector<FlashBackwardConfig> ConfigsOf() {
+  std::vector<FlashBackwardConfig> configs;
+  for (const flash_bwd::Tiling& t : flash_bwd::Tilings<kHeadDim>::kList) {
+    FlashBackwardConfig c;
+    c.name = t.name;
+    c.head_dim = kHeadDim;
+    c.block_n = t.block_n;
+    c.block_m = t.block_m;
+    c.warps = t.warps;
+    c.d_split = t.d_split;
+    c.min_ctas_per_sm = t.min_ctas_per_sm;
+    c.is_default = configs.empty();
+    configs.push_back(c);
+  }
+  return configs;
+}
+
+template <int kHeadDim>
+int IndexIn(std::string_view name) {
+  for (int i = 0; i < flash_bwd::kNumTilings<kHeadDim>; ++i) {
+    if (name == flash_bwd::Tilings<kHeadDim>::kList[i].name) return i;
+  }
+  return -1;
+}
+
+int ConfigIndex(int head_dim, std::string_view name) {
+  switch (head_dim) {
+    case 64:
+      return IndexIn<64>(name);
+    case 128:
+      return IndexIn<128>(name);
+    case 256:
+      return IndexIn<256>(name);
+  }
+  return -1;
+}
+
+absl::StatusOr<int> NamedConfigIndex(int head_dim, std::string_view name) {
+  const int index = ConfigIndex(head_dim, name);
+  if (index >= 0) return index;
+  std::vector<std::string> names;
+  for (const FlashBackwardConfig& c : FlashBackwardConfigs(head_dim)) names.push_back(c.name);
+  return absl::InvalidArgumentError(absl::StrCat("cuda: no backward tiling '", std::string(name),
+                                                 "' for head_dim ", head_dim, "; expected one of ",
+                                                 absl::StrJoin(names, ", ")));
+}
+
+// RINGATTN_FLASH_BWD_CONFIG's tiling when `head_dim` has it, else the default (index 0).
+int DefaultConfigIndex(int head_dim) {
+  static const std::string* const forced = [] {
+    const char* env = std::getenv("RINGATTN_FLASH_BWD_CONFIG");
+    return new std::string(env == nullptr ? "" : env);
+  }();
+  if (forced->empty()) return 0;
+  const int index = ConfigIndex(head_dim, *forced);
+  return index < 0 ? 0 : index;
+}
+
+template <DType kDType>
+absl::Status LaunchForDtype(const AttentionBackwardParams& p, int config, cudaStream_t stream) {
+  switch (p.fwd.head_dim) {
+    case 64:
+      return LaunchFlashBackward<64, kDType>(p, config, stream);
+    case 128:
+      return LaunchFlashBackward<128, kDType>(p, config, stream);
+    case 256:
+      return LaunchFlashBackward<256, kDType>(p, config, stream);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.fwd.head_dim));
+}
+
+absl::Status Run(const AttentionBackwardParams& p, float* delta_scratch, int config,
+                 cudaStream_t stream) {
+  RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(p));
+  AttentionBackwardParams call = p;
+  if (call.delta == nullptr) {
+    if (delta_scratch == nullptr && p.fwd.seqlen_q > 0) {
+      return absl::InvalidArgumentError("cuda: delta is null and no scratch was given for it");
+    }
+    RA_RETURN_IF_ERROR(LaunchComputeDelta(p, delta_scratch, stream));
+    call.delta = delta_scratch;
+  }
+  if (!call.accumulate) RA_RETURN_IF_ERROR(LaunchZeroDq(call, stream));
+  return p.fwd.dtype == DType::kBF16 ? LaunchForDtype<DType::kBF16>(call, config, stream)
+                                     : LaunchForDtype<DType::kF16>(call, config, stream);
+}
+
+}  // namespace
+
+absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p) {
+  AttentionParams fwd = p.fwd;
+  fwd.o = nullptr;  // the forward's output slot is not used by the backward
+  RA_RETURN_IF_ERROR(CheckFlashForwardSupport(fwd));
+  if (p.out_dtype != p.fwd.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda: out_dtype (", std::string(DTypeName(p.out_dtype)), ") must be the input dtype (",
+        std::string(DTypeName(p.fwd.dtype)), "): dout is a tensor-core operand"));
+  }
+  RA_RETURN_IF_ERROR(CheckFastKernelRows("dout", p.dout, p.dout_batch_stride, p.dout_row_stride,
+                                         p.dout_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckGradLayout("dq", p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckGradLayout("dk", p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckGradLayout("dv", p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride));
+  return absl::OkStatus();
+}
+
+absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
+                           cudaStream_t stream) {
+  return Run(p, delta_scratch, DefaultConfigIndex(p.fwd.head_dim), stream);
+}
+
+absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* delta_scratch,
+                                     std::string_view config, cudaStream_t stream) {
+  RA_ASSIGN_OR_RETURN(const int index, NamedConfigIndex(p.fwd.head_dim, config));
+  return Run(p, delta_scratch, index, stream);
+}
+
+std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim) {
+  switch (head_dim) {
+    case 64:
+      return ConfigsOf<64>();
+    case 128:
+      return ConfigsOf<128>();
+    case 256:
+      return ConfigsOf<256>();
+  }
+  return {};
+}
+
+absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim, DType dtype,
+                                                                    std::string_view config) {
+  RA_ASSIGN_OR_RETURN(const int index, NamedConfigIndex(head_dim, config));
+  const bool bf16 = dtype == DType::kBF16;
+  if (!bf16 && dtype != DType::kF16) {
+    return absl::InvalidArgumentError("cuda: backward kernels are bf16 or fp16");
+  }
+  switch (head_dim) {
+    case 64:
+      return bf16 ? FlashBackwardResourcesOf<64, DType::kBF16>(index)
+                  : FlashBackwardResourcesOf<64, DType::kF16>(index);
+    case 128:
+      return bf16 ? FlashBackwardResourcesOf<128, DType::kBF16>(index)
+                  : FlashBackwardResourcesOf<128, DType::kF16>(index);
+    case 256:
+      return bf16 ? FlashBackwardResourcesOf<256, DType::kBF16>(index)
+                  : FlashBackwardResourcesOf<256, DType::kF16>(index);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
+}
+
+}  // namespace ringattn
