@@ -28,102 +28,27 @@
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
+#include "tests/service_backward_fixture.h"
 #include "tests/service_fixture.h"
 
 namespace ringattn {
 namespace {
 
-using test::FillTensor;
 using test::MakeRequest;
-using test::ReferenceParams;
 using test::Shape;
 using test::WorkerBinary;
 
-// The shared coordinator and workers, and an AttentionClient connected to the coordinator.
-class Service : public test::LocalService {
- public:
-  explicit Service(int world) : LocalService(world, Coordinator::Options()) {
-    if (!start_status().ok()) return;
-    absl::StatusOr<std::unique_ptr<AttentionClient>> client =
-        AttentionClient::Connect(address(), absl::Seconds(10));
-    if (!client.ok()) {
-      start_status_ = client.status();
-      return;
-    }
-    client_ = *std::move(client);
-  }
-  ~Service() { Stop(); }
-  AttentionClient& client() { return *client_; }
-
- private:
-  std::unique_ptr<AttentionClient> client_;
-};
-
-// The backward request of a forward request and its response, with a random dout.
-v1::AttendBackwardRequest MakeBackward(const v1::AttendRequest& fwd,
-                                       const v1::AttendResponse& resp, const Shape& s,
-                                       uint64_t seed = 11) {
-  v1::AttendBackwardRequest r;
-  r.set_request_id(fwd.request_id());
-  *r.mutable_q() = fwd.q();
-  *r.mutable_k() = fwd.k();
-  *r.mutable_v() = fwd.v();
-  *r.mutable_out() = resp.out();
-  *r.mutable_lse() = resp.lse();
-  FillTensor(r.mutable_dout(), s, s.heads, 3, seed);
-  *r.mutable_options() = fwd.options();
-  r.set_layout(fwd.layout());
-  return r;
-}
-
-// Relative L2 errors of dq, dk and dv against the fp64 reference backward.
-struct GradErrors {
-  ErrorStats dq, dk, dv;
-};
-
-GradErrors CompareWithReference(const v1::AttendBackwardRequest& req,
-                                const v1::AttendBackwardResponse& resp) {
-  const v1::Tensor& q = req.q();
-  AttentionBackwardParams b;
-  std::vector<float> slopes;
-  b.fwd = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
-  AttentionParams& p = b.fwd;
-  p.o = const_cast<char*>(req.out().data().data());  // not read by the backward
-  b.out = req.out().data().data();
-  b.dout = req.dout().data().data();
-  b.out_dtype = p.dtype;
-  b.lse = reinterpret_cast<const float*>(req.lse().data().data());
-  // Not written by the reference; its validation wants pointers.
-  std::vector<float> unused(1);
-  b.dq = b.dk = b.dv = unused.data();
-  SetContiguousBackwardStrides(&b);
-  GradErrors e;
-  absl::StatusOr<ReferenceBackwardResult> ref = ReferenceBackward(b);
-  EXPECT_TRUE(ref.ok()) << ref.status();
-  if (!ref.ok()) return e;
-  EXPECT_EQ(resp.dq().data().size(), q.data().size());
-  EXPECT_EQ(resp.dk().data().size(), req.k().data().size());
-  EXPECT_EQ(resp.dv().data().size(), req.v().data().size());
-  if (resp.dq().data().size() != q.data().size() ||
-      resp.dk().data().size() != req.k().data().size() ||
-      resp.dv().data().size() != req.v().data().size()) {
-    return e;
-  }
-  e.dq = CompareTensor(resp.dq().data().data(), p.dtype, ref->dq.data(),
-                       static_cast<int64_t>(ref->dq.size()));
-  e.dk = CompareTensor(resp.dk().data().data(), p.dtype, ref->dk.data(),
-                       static_cast<int64_t>(ref->dk.size()));
-  e.dv = CompareTensor(resp.dv().data().data(), p.dtype, ref->dv.data(),
-                       static_cast<int64_t>(ref->dv.size()));
-  return e;
-}
+using Service = test::BackwardService;
+using test::CompareWithReference;
+using test::GradErrors;
+using test::MakeBackward;
 
 class BackwardWorlds : public ::testing::TestWithParam<int> {};
 
 TEST_P(BackwardWorlds, MatchesReference) {
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
   const int world = GetParam();
-  Service svc(world);
+  Service svc(world, "cpu");  // CPU workers even where a GPU would make "auto" pick cuda
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
 
   struct Case {
@@ -135,16 +60,26 @@ TEST_P(BackwardWorlds, MatchesReference) {
   };
   const Case cases[] = {
       {"seq7_gqa_causal_fp32", {1, 7, 8, 2, 64, v1::DTYPE_FP32}, true, v1::LAYOUT_AUTO, -1, -1},
-      {"seq7_gqa_noncausal_bf16", {1, 7, 8, 2, 64, v1::DTYPE_BF16}, false, v1::LAYOUT_AUTO, -1,
+      {"seq7_gqa_noncausal_bf16", {1, 7, 8, 2, 64, v1::DTYPE_BF16}, false, v1::LAYOUT_AUTO, -1, -1},
+      {"seq255_noncausal_fp32", {2, 255, 4, 4, 64, v1::DTYPE_FP32}, false, v1::LAYOUT_AUTO, -1, -1},
+      {"seq255_gqa_causal_bf16_zigzag",
+       {1, 255, 8, 2, 128, v1::DTYPE_BF16},
+       true,
+       v1::LAYOUT_ZIGZAG,
+       -1,
        -1},
-      {"seq255_noncausal_fp32", {2, 255, 4, 4, 64, v1::DTYPE_FP32}, false, v1::LAYOUT_AUTO, -1,
+      {"seq255_gqa_window_fp32_stripe",
+       {1, 255, 8, 2, 64, v1::DTYPE_FP32},
+       true,
+       v1::LAYOUT_STRIPE,
+       40,
        -1},
-      {"seq255_gqa_causal_bf16_zigzag", {1, 255, 8, 2, 128, v1::DTYPE_BF16}, true,
-       v1::LAYOUT_ZIGZAG, -1, -1},
-      {"seq255_gqa_window_fp32_stripe", {1, 255, 8, 2, 64, v1::DTYPE_FP32}, true,
-       v1::LAYOUT_STRIPE, 40, -1},
-      {"seq255_window_bf16_contiguous", {1, 255, 4, 2, 64, v1::DTYPE_BF16}, false,
-       v1::LAYOUT_CONTIGUOUS, 16, 24},
+      {"seq255_window_bf16_contiguous",
+       {1, 255, 4, 2, 64, v1::DTYPE_BF16},
+       false,
+       v1::LAYOUT_CONTIGUOUS,
+       16,
+       24},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -166,7 +101,9 @@ TEST_P(BackwardWorlds, MatchesReference) {
     EXPECT_EQ(resp->dk().dtype(), c.shape.dtype);
     EXPECT_EQ(resp->dv().dtype(), c.shape.dtype);
     EXPECT_EQ(resp->dk().shape_size(), 4);
-    if (resp->dk().shape_size() == 4) EXPECT_EQ(resp->dk().shape(2), c.shape.heads_k);
+    if (resp->dk().shape_size() == 4) {
+      EXPECT_EQ(resp->dk().shape(2), c.shape.heads_k);
+    }
     EXPECT_EQ(resp->plan().world_size(), world);
     EXPECT_NE(resp->plan().layout(), v1::LAYOUT_AUTO);
     ASSERT_EQ(resp->timings().workers_size(), world);
@@ -191,7 +128,7 @@ INSTANTIATE_TEST_SUITE_P(World, BackwardWorlds, ::testing::Values(1, 2, 3));
 // Bad input is INVALID_ARGUMENT naming the field; the next request succeeds.
 TEST(BackwardErrors, BadInputThenGoodRequest) {
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
-  Service svc(2);
+  Service svc(2, "cpu");
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   Shape s;
   s.seqlen = 37;
@@ -232,8 +169,7 @@ TEST(BackwardErrors, BadInputThenGoodRequest) {
       {"q bytes", [](v1::AttendBackwardRequest* r) { r->mutable_q()->mutable_data()->resize(8); },
        "q.data"},
       {"missing v", [](v1::AttendBackwardRequest* r) { r->clear_v(); }, "v is missing"},
-      {"dropout",
-       [](v1::AttendBackwardRequest* r) { r->mutable_options()->set_dropout_p(0.5f); },
+      {"dropout", [](v1::AttendBackwardRequest* r) { r->mutable_options()->set_dropout_p(0.5f); },
        "dropout_p"},
   };
   for (const Bad& b : bad) {

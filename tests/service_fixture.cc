@@ -16,7 +16,7 @@ std::string WorkerBinary() {
   return b != nullptr ? b : "";
 }
 
-LocalService::LocalService(int world, Coordinator::Options options) {
+LocalService::LocalService(int world, Coordinator::Options options, std::string kernel) {
   options.world_size = world;
   options.ring.ring_timeout_seconds = 20;
   options.ring.ping_interval = absl::Milliseconds(200);
@@ -27,6 +27,7 @@ LocalService::LocalService(int world, Coordinator::Options options) {
   w.binary = WorkerBinary();
   w.count = world;
   w.coordinator_address = address();
+  w.kernel = std::move(kernel);
   workers_ = std::make_unique<LocalWorkerPool>(w);
   start_status_ = workers_->Start();
   if (!start_status_.ok()) return;

@@ -25,8 +25,8 @@ std::string WorkerBinary();
 class LocalService {
  public:
   // Sets world_size, the ring timeout and the ping interval on `options`; waits up to 60 s for
-  // the ring to form.
-  LocalService(int world, Coordinator::Options options);
+  // the ring to form. The workers run with --kernel=`kernel`.
+  LocalService(int world, Coordinator::Options options, std::string kernel = "auto");
   ~LocalService();
   LocalService(const LocalService&) = delete;
   LocalService& operator=(const LocalService&) = delete;

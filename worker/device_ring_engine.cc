@@ -9,12 +9,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_backward.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/status_macros.h"
 #include "worker/ring/device_ring.h"
+#include "worker/ring/device_ring_backward.h"
 #include "worker/ring/nccl_communicator.h"
 #if defined(RINGATTN_HAVE_CUDNN)
 #include "kernels/cudnn/cudnn_backend.h"
+#include "kernels/cudnn/cudnn_backward.h"
 #endif
 
 namespace ringattn {
@@ -49,22 +52,94 @@ class DeviceBuffer {
   size_t capacity_ = 0;
 };
 
+// Bytes of one rank's shard tensors.
+struct ShardBytes {
+  size_t q = 0;    // q, out, dout: [batch, rows, heads, head_dim], dtype
+  size_t kv = 0;   // k, v: [batch, rows, heads_k, head_dim], dtype
+  size_t lse = 0;  // [batch, heads, rows] fp32
+  size_t dq = 0;   // [batch, rows, heads, head_dim], grad_dtype
+  size_t dkv = 0;  // dk, dv: [batch, rows, heads_k, head_dim], grad_dtype
+
+  static ShardBytes Of(int batch, int64_t rows, int heads, int heads_k, int head_dim, DType dtype,
+                       DType grad_dtype) {
+    const size_t q_elems = static_cast<size_t>(batch) * rows * heads * head_dim;
+    const size_t kv_elems = static_cast<size_t>(batch) * rows * heads_k * head_dim;
+    ShardBytes b;
+    b.q = q_elems * DTypeSize(dtype);
+    b.kv = kv_elems * DTypeSize(dtype);
+    b.lse = static_cast<size_t>(batch) * heads * rows * sizeof(float);
+    b.dq = q_elems * DTypeSize(grad_dtype);
+    b.dkv = kv_elems * DTypeSize(grad_dtype);
+    return b;
+  }
+};
+
+// Synchronous copies (the host tensors are pageable gRPC buffers; the drivers require their
+// inputs ready on the device when called). Zero bytes copy nothing.
+absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+absl::Status CopyToHost(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  return absl::OkStatus();
+}
+
 class DeviceRingConnection final : public RingConnection {
  public:
-  DeviceRingConnection(int device, AttentionBackend* backend,
+  // `backward` is null when the kernel has no device backward (cuda_reference).
+  DeviceRingConnection(int device, AttentionBackend* backend, AttentionBackwardBackend* backward,
                        std::unique_ptr<NcclCommunicator> comm)
-      : device_(device), backend_(backend), comm_(std::move(comm)) {}
+      : device_(device), backend_(backend), backward_(backward), comm_(std::move(comm)) {}
 
   int rank() const override { return comm_->rank(); }
   int world_size() const override { return comm_->world_size(); }
   void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
 
-  absl::StatusOr<RingTimings> Backward(const ShardPlan& /*plan*/,
-                                       const RingBackwardTensors& /*t*/,
-                                       const RingAttentionOptions& /*options*/) override {
-    return absl::UnimplementedError(absl::StrCat(
-        "the backward runs on CPU workers only for now (kernel ", std::string(backend_->name()),
-        ")"));
+  absl::StatusOr<RingTimings> Backward(const ShardPlan& plan, const RingBackwardTensors& t,
+                                       const RingAttentionOptions& options) override {
+    if (backward_ == nullptr) {
+      return absl::UnimplementedError(
+          absl::StrCat("kernel '", std::string(backend_->name()),
+                       "' has no backward on GPU workers; run the workers with --kernel=cuda or "
+                       "--kernel=cudnn"));
+    }
+    RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm_->rank(), comm_->world_size()));
+    const ShardBytes b = ShardBytes::Of(t.batch, plan.shards[comm_->rank()].rows, t.heads,
+                                        t.heads_k, t.head_dim, t.dtype, t.grad_dtype);
+    RingBackwardTensors d = t;  // same sizes and dtypes, device pointers
+    RA_ASSIGN_OR_RETURN(void* q, q_.Reserve(b.q));
+    RA_ASSIGN_OR_RETURN(void* k, k_.Reserve(b.kv));
+    RA_ASSIGN_OR_RETURN(void* v, v_.Reserve(b.kv));
+    RA_ASSIGN_OR_RETURN(void* out, out_.Reserve(b.q));
+    RA_ASSIGN_OR_RETURN(void* dout, dout_.Reserve(b.q));
+    RA_ASSIGN_OR_RETURN(void* lse, lse_.Reserve(b.lse));
+    RA_ASSIGN_OR_RETURN(void* dq, dq_.Reserve(b.dq));
+    RA_ASSIGN_OR_RETURN(void* dk, dk_.Reserve(b.dkv));
+    RA_ASSIGN_OR_RETURN(void* dv, dv_.Reserve(b.dkv));
+    d.q = q;
+    d.k = k;
+    d.v = v;
+    d.out = out;
+    d.dout = dout;
+    d.lse = static_cast<const float*>(lse);
+    d.dq = dq;
+    d.dk = dk;
+    d.dv = dv;
+    RA_RETURN_IF_ERROR(CopyToDevice(q, t.q, b.q));
+    RA_RETURN_IF_ERROR(CopyToDevice(k, t.k, b.kv));
+    RA_RETURN_IF_ERROR(CopyToDevice(v, t.v, b.kv));
+    RA_RETURN_IF_ERROR(CopyToDevice(out, t.out, b.q));
+    RA_RETURN_IF_ERROR(CopyToDevice(dout, t.dout, b.q));
+    RA_RETURN_IF_ERROR(CopyToDevice(lse, t.lse, b.lse));
+    RA_ASSIGN_OR_RETURN(
+        RingTimings timings,
+        RingFlashAttnBackwardDevice(*comm_, *backward_, plan, d, options, &backward_ws_));
+    RA_RETURN_IF_ERROR(CopyToHost(t.dq, dq, b.dq));
+    RA_RETURN_IF_ERROR(CopyToHost(t.dk, dk, b.dkv));
+    RA_RETURN_IF_ERROR(CopyToHost(t.dv, dv, b.dkv));
+    return timings;
   }
 
   absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
@@ -109,15 +184,23 @@ class DeviceRingConnection final : public RingConnection {
  private:
   const int device_;
   AttentionBackend* const backend_;
+  AttentionBackwardBackend* const backward_;
   std::unique_ptr<NcclCommunicator> comm_;
   DeviceRingWorkspace ws_;
-  DeviceBuffer q_, k_, v_, out_, lse_;
+  DeviceRingBackwardWorkspace backward_ws_;
+  // Shard buffers kept between calls; q, k, v, out and lse serve the forward and the backward
+  // (one call at a time per connection).
+  DeviceBuffer q_, k_, v_, out_, lse_, dout_, dq_, dk_, dv_;
 };
 
 class DeviceRingEngine final : public RingEngine {
  public:
-  DeviceRingEngine(int device, std::string device_name, std::unique_ptr<AttentionBackend> backend)
-      : device_(device), device_name_(std::move(device_name)), backend_(std::move(backend)) {}
+  DeviceRingEngine(int device, std::string device_name, std::unique_ptr<AttentionBackend> backend,
+                   std::unique_ptr<AttentionBackwardBackend> backward)
+      : device_(device),
+        device_name_(std::move(device_name)),
+        backend_(std::move(backend)),
+        backward_(std::move(backward)) {}
 
   std::string backend_name() const override { return std::string(backend_->name()); }
   std::string device_name() const override { return device_name_; }
@@ -137,15 +220,26 @@ class DeviceRingEngine final : public RingEngine {
     }
     RA_ASSIGN_OR_RETURN(std::unique_ptr<NcclCommunicator> comm,
                         NcclCommunicator::Create(rank, world, id, absl::FromChrono(timeout)));
-    return std::unique_ptr<RingConnection>(
-        std::make_unique<DeviceRingConnection>(device_, backend_.get(), std::move(comm)));
+    return std::unique_ptr<RingConnection>(std::make_unique<DeviceRingConnection>(
+        device_, backend_.get(), backward_.get(), std::move(comm)));
   }
 
  private:
   const int device_;
   const std::string device_name_;
   std::unique_ptr<AttentionBackend> backend_;
+  std::unique_ptr<AttentionBackwardBackend> backward_;  // null: the kernel has no backward
 };
+
+// The backward backend of `kernel`, or null where it has none (cuda_reference: its forward is
+// the simple oracle kernel, and there is no matching backward; Backward then says so).
+std::unique_ptr<AttentionBackwardBackend> MakeDeviceBackwardBackend(const std::string& kernel) {
+  if (kernel == "cuda") return MakeCudaBackwardBackend();
+#if defined(RINGATTN_HAVE_CUDNN)
+  if (kernel == "cudnn") return MakeCudnnBackwardBackend();
+#endif
+  return nullptr;
+}
 
 }  // namespace
 
@@ -178,8 +272,8 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngin
   } else {
     RA_ASSIGN_OR_RETURN(backend, MakeCudaBackend(options.kernel));
   }
-  return std::unique_ptr<RingEngine>(
-      std::make_unique<DeviceRingEngine>(device, prop.name, std::move(backend)));
+  return std::unique_ptr<RingEngine>(std::make_unique<DeviceRingEngine>(
+      device, prop.name, std::move(backend), MakeDeviceBackwardBackend(options.kernel)));
 }
 
 }  // namespace ringattn

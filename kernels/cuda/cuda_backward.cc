@@ -22,20 +22,7 @@ class FlashCudaBackwardBackend final : public CudaBackwardBackend {
   absl::Status Backward(const AttentionBackwardParams& p) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
     RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(p));
-    if (p.delta != nullptr || p.fwd.seqlen_q == 0) return FlashBackward(p, nullptr, stream());
-    // D for this call only, with lse's strides (the kernel reads both through them): stream-
-    // ordered scratch from the device's memory pool spanning lse's view. (A ring passes its
-    // own D, computed once per shard, and takes the branch above.)
-    const int64_t span = (p.fwd.batch - 1) * p.lse_batch_stride +
-                         (p.fwd.heads - 1) * p.lse_head_stride + p.fwd.seqlen_q;
-    void* scratch = nullptr;
-    RA_CUDA_RETURN_IF_ERROR(
-        cudaMallocAsync(&scratch, static_cast<size_t>(span) * sizeof(float), stream()));
-    const absl::Status run = FlashBackward(p, static_cast<float*>(scratch), stream());
-    const cudaError_t freed = cudaFreeAsync(scratch, stream());
-    RA_RETURN_IF_ERROR(run);
-    RA_CUDA_RETURN_IF_ERROR(freed);
-    return absl::OkStatus();
+    return FlashBackwardAllocatingDelta(p, stream());
   }
 
   absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) override {

@@ -70,6 +70,7 @@ struct FlashBwdTraits {
   static constexpr int kWarps = kTiling.warps;
   static constexpr int kDSplit = kTiling.d_split;
   static constexpr int kMinBlocksPerSm = kTiling.min_ctas_per_sm;
+  static constexpr bool kHeadMajor = kTiling.head_major;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kKeyGroups = kWarps / kDSplit;  // 16 keys each
   static constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per Q/K/V/dO row
@@ -217,9 +218,10 @@ __device__ __forceinline__ uint32_t DsOffset(int key, int chunk) {
   return static_cast<uint32_t>(key * Traits::kDsRowBytes + ((chunk ^ (key & 7)) << 4));
 }
 
-// Grid: one CTA per (key block, K/V head, batch), key block slowest (so that under a causal
-// mask, where the first key blocks are seen by the most queries, the heaviest CTAs start
-// first); block kThreads; dynamic shared memory kSmemBytes. dq must be zero or hold what is to
+// Grid: one CTA per (key block, K/V head, batch), in the tiling's order (head_major in
+// flash_bwd_configs.h; either way key blocks ascend, so that under a causal mask, where the
+// first key blocks are seen by the most queries, the heaviest CTAs of a head start first);
+// block kThreads; dynamic shared memory kSmemBytes. dq must be zero or hold what is to
 // be added to (the launcher zeroes it without accumulate); bp.delta is set (the launcher
 // computes it when the caller did not).
 template <typename Traits, DType kDType, bool kScoreMods>
@@ -249,8 +251,15 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   const bool stores_ds = warp % Traits::kDSplit == 0;
 
   const uint32_t pairs = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(p.heads_k);
-  const uint32_t n_block = blockIdx.x / pairs;
-  const uint32_t pair = blockIdx.x - n_block * pairs;
+  const uint32_t n_blocks = gridDim.x / pairs;
+  uint32_t n_block, pair;
+  if constexpr (Traits::kHeadMajor) {
+    pair = blockIdx.x / n_blocks;
+    n_block = blockIdx.x - pair * n_blocks;
+  } else {
+    n_block = blockIdx.x / pairs;
+    pair = blockIdx.x - n_block * pairs;
+  }
   const int kv_head = static_cast<int>(pair % static_cast<uint32_t>(p.heads_k));
   const int b = static_cast<int>(pair / static_cast<uint32_t>(p.heads_k));
   const int group_heads = p.heads / p.heads_k;  // query heads per K/V head
@@ -264,6 +273,14 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   const QueryBlockRange range = LiveQueryBlocks<kBlockM>(p, KeyPos(p, n0), KeyPos(p, n_last));
   const int64_t num_m = range.end - range.begin;
   const int64_t steps = num_m * group_heads;  // (query head, query block) pairs
+  // Each CTA starts its walk at a different query block (key block n at n mod num_m of its
+  // range), so that the CTAs of one head resident together add their dQ into different rows
+  // rather than contending for the same addresses. (Under a causal mask the ranges already
+  // start apart.) The order of dK/dV's sums stays fixed per CTA: still deterministic.
+  const int64_t rotate = num_m > 0 ? static_cast<int64_t>(n_block) % num_m : 0;
+  // Step i: query head kv_head * group_heads + i / num_m, query block of the range
+  // (i + rotate) % num_m.
+  auto query_block = [&](int64_t i) { return range.begin + (i % num_m + rotate) % num_m; };
 
   CAcc<Traits> acc_dk, acc_dv;
 #pragma unroll
@@ -273,10 +290,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   }
 
   if (steps > 0) {
-    // Step i: query head h0 + i / num_m, query block range.begin + i % num_m.
     auto load_step = [&](int64_t i, int buf) {
       const int h = kv_head * group_heads + static_cast<int>(i / num_m);
-      const int64_t m0 = (range.begin + i % num_m) * kBlockM;
+      const int64_t m0 = query_block(i) * kBlockM;
       const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
       const T* dout =
           static_cast<const T*>(bp.dout) + b * bp.dout_batch_stride + h * bp.dout_head_stride;
@@ -315,7 +331,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       CpAsyncCommit();
 
       const int h = kv_head * group_heads + static_cast<int>(i / num_m);
-      const int64_t m0 = (range.begin + i % num_m) * kBlockM;
+      const int64_t m0 = query_block(i) * kBlockM;
       const uint32_t q_tile = smem_q + buf * Traits::kQTileBytes;
       const uint32_t do_tile = smem_do + buf * Traits::kQTileBytes;
 

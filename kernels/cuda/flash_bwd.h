@@ -28,6 +28,10 @@ absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p);
 // p.fwd.head_dim unless RINGATTN_FLASH_BWD_CONFIG names another of that head dim (test hook).
 absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
                            cudaStream_t stream);
+// FlashBackward for a single call: when p.delta is null, D goes into stream-ordered scratch
+// from the device's memory pool (cudaMallocAsync / cudaFreeAsync on `stream`) spanning lse's
+// view. (A ring computes D once per shard and passes it.)
+absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cudaStream_t stream);
 // The same with the tiling named `config` (tests and benchmarks).
 absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* delta_scratch,
                                      std::string_view config, cudaStream_t stream);
@@ -49,6 +53,7 @@ struct FlashBackwardConfig {
   int warps = 0;
   int d_split = 0;
   int min_ctas_per_sm = 0;
+  bool head_major = false;  // grid order (flash_bwd_configs.h)
   bool is_default = false;
 };
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim);

@@ -23,38 +23,52 @@ struct Tiling {
   int warps;            // per CTA: (block_n / 16) key groups x d_split
   int d_split;          // warps per key group, splitting dK/dV's columns
   int min_ctas_per_sm;  // __launch_bounds__ minimum (the register cap 64 K / (threads * this))
+  // Grid order: every key block of one (batch, K/V head) before the next pair's ("head
+  // major"), or key block slowest across all pairs. dQ is added by atomics into an fp32 buffer
+  // of s * d * 4 bytes per query head; head major keeps the CTAs resident at one time on one
+  // or two heads' dQ, which stays in L2 (50 MB), where key-block-slowest spreads them over
+  // every head's: at b1 s32768 h32 d128 that is 512 MB and the atomics go to DRAM (129 TFLOP/s
+  // non-causal against 207 causal, H100, first version).
+  bool head_major;
 };
 
-// Names: n<block_n>_w<warps>[_s<d_split>][_c<ctas per SM>].
+// Names: n<block_n>_w<warps>[_s<d_split>][_c<ctas per SM>][_km: key-block-slowest grid].
 template <int kHeadDim>
 struct Tilings;
 
 template <>
 struct Tilings<64> {
   static constexpr Tiling kList[] = {
-      // dK + dV 64, S + dP 64 registers; smem 16 + 16 + 32 + 16 = 80 KB: 2 CTAs per SM.
-      {"n64_w4_c2", 64, 64, 4, 1, 2},
-      {"n128_w8", 128, 64, 8, 1, 1},
-      {"n64_w4_c3", 64, 64, 4, 1, 3},
+      // dK + dV 64, S + dP 64 registers; smem 8 + 8 + 16 + 16 + 8 = 57 KB: 3 CTAs per SM
+      // (168 registers, 24 bytes of spills).
+      {"n64_w4_c3", 64, 64, 4, 1, 3, true},
+      {"n64_w4_c3_km", 64, 64, 4, 1, 3, false},
+      {"n64_w4_c2", 64, 64, 4, 1, 2, true},
+      {"n128_w8", 128, 64, 8, 1, 1, true},
   };
 };
 
 template <>
 struct Tilings<128> {
   static constexpr Tiling kList[] = {
-      // dK + dV 128, S + dP 64 registers; smem 16 + 16 + 64 + 8 = 104 KB: 2 CTAs per SM.
-      {"n64_w4_c2", 64, 64, 4, 1, 2},
-      {"n64_w4", 64, 64, 4, 1, 1},
+      // dK + dV 128, S + dP 64 registers; smem 16 + 16 + 32 + 32 + 8 = 105 KB: 2 CTAs per SM.
+      {"n64_w4_c2", 64, 64, 4, 1, 2, true},
+      {"n64_w4_c2_km", 64, 64, 4, 1, 2, false},
+      {"n64_w4", 64, 64, 4, 1, 1, true},
+      // 128 keys per CTA: half the dQ atomics of 64 (each CTA adds its dQ for every query
+      // row it sees). Smem 32 + 32 + 64 + 16 = 144 KB, 1 CTA per SM.
+      {"n128_w8", 128, 64, 8, 1, 1, true},
       // Two warps per key group: 64 + 64 registers, S and dP computed twice.
-      {"n64_w8_s2", 64, 64, 8, 2, 1},
+      {"n64_w8_s2", 64, 64, 8, 2, 1, true},
   };
 };
 
 template <>
 struct Tilings<256> {
   static constexpr Tiling kList[] = {
-      // dK + dV 128 (half the columns each), S + dP 64; smem 32 + 32 + 128 + 8 = 200 KB.
-      {"n64_w8_s2", 64, 64, 8, 2, 1},
+      // dK + dV 128 (half the columns each), S + dP 64; smem 32 + 32 + 128 + 8 = 201 KB.
+      {"n64_w8_s2", 64, 64, 8, 2, 1, true},
+      {"n64_w8_s2_km", 64, 64, 8, 2, 1, false},
   };
 };
 

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.h"
@@ -44,6 +45,7 @@ std::vector<FlashBackwardConfig> ConfigsOf() {
     c.warps = t.warps;
     c.d_split = t.d_split;
     c.min_ctas_per_sm = t.min_ctas_per_sm;
+    c.head_major = t.head_major;
     c.is_default = configs.empty();
     configs.push_back(c);
   }
@@ -145,6 +147,21 @@ absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p) {
 absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
                            cudaStream_t stream) {
   return Run(p, delta_scratch, DefaultConfigIndex(p.fwd.head_dim), stream);
+}
+
+absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cudaStream_t stream) {
+  if (p.delta != nullptr || p.fwd.seqlen_q == 0) return FlashBackward(p, nullptr, stream);
+  RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(p));
+  const int64_t span = (p.fwd.batch - 1) * p.lse_batch_stride +
+                       (p.fwd.heads - 1) * p.lse_head_stride + p.fwd.seqlen_q;  // lse's view
+  void* scratch = nullptr;
+  RA_CUDA_RETURN_IF_ERROR(
+      cudaMallocAsync(&scratch, static_cast<size_t>(span) * sizeof(float), stream));
+  const absl::Status run = FlashBackward(p, static_cast<float*>(scratch), stream);
+  const cudaError_t freed = cudaFreeAsync(scratch, stream);
+  RA_RETURN_IF_ERROR(run);
+  RA_CUDA_RETURN_IF_ERROR(freed);
+  return absl::OkStatus();
 }
 
 absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* delta_scratch,

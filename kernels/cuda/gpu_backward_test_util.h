@@ -61,7 +61,6 @@ struct HostCall {
   AttentionBuffers t;
   TypedBuffer dout;
   std::vector<float> lse;
-  std::vector<float> slopes;  // [heads] when alibi (fwd.alibi_slopes points here)
   ReferenceBackwardResult ref;
 };
 
@@ -72,11 +71,8 @@ inline void MakeHostCall(const Case& c, HostCall* hc) {
   hc->fwd.window_right = c.window_right;
   hc->fwd.softcap = c.softcap;
   hc->fwd.q_pos_offset = c.q_pos_offset;
-  if (c.alibi) {
-    for (int h = 0; h < c.h; ++h) hc->slopes.push_back(std::exp2(-8.0f * (h + 1) / c.h));
-    hc->fwd.alibi_slopes = hc->slopes.data();
-  }
-  hc->t = MakeAttentionBuffers(&hc->fwd, 7);
+  // With c.alibi, the usual geometric slopes in hc->t.alibi, pointed at by fwd.alibi_slopes.
+  hc->t = MakeAttentionBuffers(&hc->fwd, 7, c.alibi);
   absl::StatusOr<ReferenceResult> fwd = ReferenceForward(hc->fwd);
   ASSERT_TRUE(fwd.ok()) << fwd.status();
   for (int64_t i = 0; i < hc->t.o.size(); ++i) hc->t.o.Set(i, static_cast<float>(fwd->o[i]));
@@ -135,8 +131,8 @@ inline void ToDevice(const HostCall& hc, DeviceCall* dc, bool accumulate) {
   p.fwd.v = dc->v.get();
   p.fwd.o = nullptr;
   p.fwd.lse = nullptr;
-  if (!hc.slopes.empty()) {
-    up(&dc->slopes, hc.slopes.data(), hc.slopes.size() * sizeof(float));
+  if (!hc.t.alibi.empty()) {
+    up(&dc->slopes, hc.t.alibi.data(), hc.t.alibi.size() * sizeof(float));
     p.fwd.alibi_slopes = static_cast<const float*>(dc->slopes.get());
   }
   p.out = dc->out.get();

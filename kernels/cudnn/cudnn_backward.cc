@@ -431,6 +431,13 @@ absl::Status CudnnBackwardImpl::Backward(const AttentionBackwardParams& p) {
   std::lock_guard<std::mutex> lock(mu_);
   const cudaStream_t stream = this->stream();
   RA_RETURN_IF_ERROR(WaitForPrevious(stream));
+  // cuDNN's backward rejects one query against one key ("s_q = s_kv = 1 is not supported" at
+  // graph validation), which rings with single-row segments produce (seq 7 over 4 ranks). Such
+  // a call is one dot product per head; it runs our kernel (flash_bwd.h) on the same stream.
+  if (!plan.empty && plan.q_count == 1 && plan.k_count == 1) {
+    RA_RETURN_IF_ERROR(FlashBackwardAllocatingDelta(p, stream));
+    return RecordDone(stream);
+  }
 
   GradToFloatParams gq, gk, gv;
   gq.batch = gk.batch = gv.batch = f.batch;
@@ -543,7 +550,12 @@ absl::Status CudnnBackwardImpl::Backward(const AttentionBackwardParams& p) {
 }
 
 absl::Status CudnnBackwardImpl::ComputeDelta(const AttentionBackwardParams& p, float* delta) {
-  RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
+  // Only out, dout and their sizes are read (a ring computes D before any step, from a params
+  // struct that has no lse or gradients yet).
+  if (p.fwd.batch < 0 || p.fwd.seqlen_q < 0 || p.fwd.heads <= 0 || p.fwd.head_dim <= 0) {
+    return absl::InvalidArgumentError("ComputeDelta: batch, seqlen_q, heads, head_dim invalid");
+  }
+  if (p.fwd.batch * p.fwd.seqlen_q == 0) return absl::OkStatus();
   if (p.out == nullptr || p.dout == nullptr || delta == nullptr) {
     return absl::InvalidArgumentError("ComputeDelta needs out, dout and delta (got a null one)");
   }

@@ -32,6 +32,10 @@
 // heads of each K/V head (query head i reads K/V head i / (h / h_k), as in the forward). The
 // GPU test checks this against the fp64 reference at 8:2.
 //
+// One query against one key (a live block of 1 x 1, which rings with single-row segments make)
+// cuDNN's backward rejects at graph validation ("s_q = s_kv = 1 is not supported"); that call
+// runs our kernel (FlashBackwardAllocatingDelta, flash_bwd.h) on the same stream instead.
+//
 // ---- Caching ----------------------------------------------------------------------------------
 // A cuDNN handle is created on the first Backward on the then-current device. Graphs are built
 // once per (dtype, sizes of the live block, strides of q/k/v/o/dO, mask plan, scale) and cached

@@ -10,42 +10,18 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/status_macros.h"
+#include "worker/ring/device_ring_util.h"
 #include "worker/ring/inprocess_device_communicator.h"
 
 namespace ringattn {
 namespace {
 
-// One device allocation; null for zero bytes.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  ~DeviceBuffer() {
-    if (ptr_ == nullptr) return;
-    if (const cudaError_t e = cudaFree(ptr_); e != cudaSuccess) {
-      std::fprintf(stderr, "RunDeviceRingInProcess: cudaFree failed: %s\n", cudaGetErrorString(e));
-    }
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  absl::Status Allocate(size_t bytes) {
-    if (bytes == 0) return absl::OkStatus();
-    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(&ptr_, bytes));
-    bytes_ = bytes;
-    return absl::OkStatus();
-  }
-  void* get() const { return ptr_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+using device_ring_internal::DeviceAllocation;
 
 // One rank's shard on the device, rows in the plan's local order.
 struct DeviceShard {
-  DeviceBuffer q, k, v, out;  // [batch, rows, heads(_k), head_dim], whole.dtype
-  DeviceBuffer lse;           // [batch, heads, rows] fp32
+  DeviceAllocation q, k, v, out;  // [batch, rows, heads(_k), head_dim], whole.dtype
+  DeviceAllocation lse;           // [batch, heads, rows] fp32
 };
 
 }  // namespace
@@ -79,14 +55,7 @@ absl::StatusOr<std::unique_ptr<DeviceInProcessRing>> DeviceInProcessRing::Create
 }
 
 absl::Status DeviceInProcessRing::EnsureGroup() {
-  // A group that failed stays aborted; a healthy one is reused, its per-pair order intact
-  // (every successful Run matched every transfer it posted).
-  bool healthy = !comms_.empty();
-  for (const auto& comm : comms_) healthy = healthy && comm->CheckHealth().ok();
-  if (healthy) return absl::OkStatus();
-  comms_.clear();
-  RA_ASSIGN_OR_RETURN(comms_, InProcessDeviceGroup::CreateCommunicators(world_, timeout_));
-  return absl::OkStatus();
+  return device_ring_internal::EnsureHealthyGroup(world_, timeout_, &comms_);
 }
 
 size_t DeviceInProcessRing::workspace_bytes() const {
@@ -103,41 +72,63 @@ absl::StatusOr<std::vector<RingTimings>> DeviceInProcessRing::Run(
                                                    plan.world, " and ", shards.size(), " shards"));
   }
   RA_RETURN_IF_ERROR(EnsureGroup());
-  std::vector<absl::StatusOr<RingTimings>> results(world_, absl::UnknownError("rank did not run"));
-  std::vector<std::thread> threads;
-  threads.reserve(world_);
-  for (int r = 0; r < world_; ++r) {
-    threads.emplace_back([&, r] {
-      DeviceCommunicator& comm = *comms_[r];
-      // The current device is per thread.
-      if (const cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) {
-        results[r] = CudaErrorStatus(e, "cudaSetDevice(device_)", __FILE__, __LINE__);
-        comm.Abort(results[r].status());
-        return;
-      }
-      if (backends_[r] == nullptr) {
-        absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = make_backend_();
-        if (!backend.ok()) {
-          comm.Abort(backend.status());
-          results[r] = backend.status();
-          return;
+  return device_ring_internal::RunRanksInThreads(
+      device_, comms_, [&](int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
+        if (backends_[r] == nullptr) {
+          RA_ASSIGN_OR_RETURN(backends_[r], make_backend_());
         }
-        backends_[r] = *std::move(backend);
+        return RingFlashAttnForwardDevice(comm, *backends_[r], plan, shards[r], options,
+                                          workspaces_[r].get());
+      });
+}
+
+// ---- Shared with the backward ---------------------------------------------------------------
+
+namespace device_ring_internal {
+
+absl::Status EnsureHealthyGroup(int world, std::chrono::milliseconds timeout,
+                                std::vector<std::unique_ptr<DeviceCommunicator>>* comms) {
+  bool healthy = comms->size() == static_cast<size_t>(world);
+  for (const auto& comm : *comms) healthy = healthy && comm->CheckHealth().ok();
+  if (healthy) return absl::OkStatus();
+  comms->clear();
+  RA_ASSIGN_OR_RETURN(*comms, InProcessDeviceGroup::CreateCommunicators(world, timeout));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<RingTimings>> RunRanksInThreads(
+    int device, absl::Span<const std::unique_ptr<DeviceCommunicator>> comms,
+    const RankRun& run_rank) {
+  const int world = static_cast<int>(comms.size());
+  std::vector<absl::StatusOr<RingTimings>> results(world, absl::UnknownError("rank did not run"));
+  std::vector<std::thread> threads;
+  threads.reserve(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      DeviceCommunicator& comm = *comms[r];
+      // The current device is per thread.
+      if (const cudaError_t e = cudaSetDevice(device); e != cudaSuccess) {
+        results[r] = CudaErrorStatus(e, "cudaSetDevice(device)", __FILE__, __LINE__);
+      } else {
+        results[r] = run_rank(r, comm);
       }
-      results[r] = RingFlashAttnForwardDevice(comm, *backends_[r], plan, shards[r], options,
-                                              workspaces_[r].get());
+      // The ring drivers abort on their own failures; this covers a rank that failed before
+      // its driver ran (e.g. its backend could not be made). Abort is idempotent.
+      if (!results[r].ok()) comm.Abort(results[r].status());
     });
   }
   for (std::thread& t : threads) t.join();
 
   std::vector<RingTimings> timings;
-  timings.reserve(world_);
-  for (int r = 0; r < world_; ++r) {
+  timings.reserve(world);
+  for (int r = 0; r < world; ++r) {
     if (!results[r].ok()) return results[r].status();
     timings.push_back(*std::move(results[r]));
   }
   return timings;
 }
+
+}  // namespace device_ring_internal
 
 // ---- RunDeviceRingInProcess -----------------------------------------------------------------
 
@@ -179,7 +170,7 @@ absl::StatusOr<std::vector<RingTimings>> RunDeviceRingInProcess(const WholeAtten
     RA_RETURN_IF_ERROR(d.lse.Allocate(lse_outer * rows * sizeof(float)));
     // Synchronous per tensor: `host` is reused, and an async copy from pageable memory is
     // only staged, not done, when it returns.
-    auto upload = [&](DeviceBuffer& dst, const void* whole_tensor, size_t row_bytes) {
+    auto upload = [&](DeviceAllocation& dst, const void* whole_tensor, size_t row_bytes) {
       if (dst.bytes() == 0) return absl::OkStatus();
       host.resize(dst.bytes());
       ExtractShard(plan, r, whole_tensor, whole.batch, row_bytes, host.data());
@@ -219,7 +210,7 @@ absl::StatusOr<std::vector<RingTimings>> RunDeviceRingInProcess(const WholeAtten
 
   for (int r = 0; r < world; ++r) {
     DeviceShard& d = shards[r];
-    auto download = [&](const DeviceBuffer& src, int64_t outer, size_t row_bytes, void* dst) {
+    auto download = [&](const DeviceAllocation& src, int64_t outer, size_t row_bytes, void* dst) {
       if (src.bytes() == 0) return absl::OkStatus();
       host.resize(src.bytes());
       RA_CUDA_RETURN_IF_ERROR(

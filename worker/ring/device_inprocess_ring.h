@@ -7,6 +7,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -69,4 +70,25 @@ absl::StatusOr<std::vector<RingTimings>> RunDeviceRingInProcess(
     const BackendFactory& make_backend,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
+namespace device_ring_internal {
+
+// What the in-process device rings (forward and backward) share.
+
+// Keeps *comms when it holds `world` healthy communicators of one InProcessDeviceGroup, makes a
+// new group otherwise (a group that failed stays aborted; a healthy one is reused, its per-pair
+// order intact, as every successful run matched every transfer it posted).
+absl::Status EnsureHealthyGroup(int world, std::chrono::milliseconds timeout,
+                                std::vector<std::unique_ptr<DeviceCommunicator>>* comms);
+
+// One rank's part of a run, in the rank's own thread.
+using RankRun = std::function<absl::StatusOr<RingTimings>(int rank, DeviceCommunicator& comm)>;
+
+// Runs run_rank(r, *comms[r]) for every rank in its own thread with `device` current, and
+// returns per-rank timings, [world]. A rank that fails aborts the group, so the others are
+// released at once; the first error by rank order is returned.
+absl::StatusOr<std::vector<RingTimings>> RunRanksInThreads(
+    int device, absl::Span<const std::unique_ptr<DeviceCommunicator>> comms,
+    const RankRun& run_rank);
+
+}  // namespace device_ring_internal
 }  // namespace ringattn

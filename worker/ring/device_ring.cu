@@ -15,6 +15,7 @@
 #include "kernels/dtype.h"
 #include "kernels/status_macros.h"
 #include "worker/ring/device_ring.h"
+#include "worker/ring/device_ring_util.h"
 
 namespace ringattn {
 namespace {
@@ -103,71 +104,13 @@ absl::Status LaunchConvert16(const float* src, void* dst, int64_t n, cudaStream_
 
 // ---- Helpers --------------------------------------------------------------------------------
 
+using device_ring_internal::ElapsedSeconds;
+using device_ring_internal::GrowEvents;
+using device_ring_internal::GrowFloats;
+
 void ReportIfError(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  std::fprintf(stderr, "DeviceRingWorkspace: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
-               cudaGetErrorString(e));
+  device_ring_internal::ReportIfError("DeviceRingWorkspace", e, what);
 }
-
-// Grows a device buffer of floats to `elems` (contents not kept). The buffer is idle: every
-// call drains the workspace's streams before returning.
-absl::Status GrowFloats(float** buffer, size_t* capacity, size_t elems) {
-  if (elems <= *capacity) return absl::OkStatus();
-  if (*buffer != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(*buffer));
-  *buffer = nullptr;
-  *capacity = 0;
-  RA_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(buffer), elems * sizeof(float)));
-  *capacity = elems;
-  return absl::OkStatus();
-}
-
-absl::Status GrowEvents(std::vector<cudaEvent_t>* events, size_t count) {
-  while (events->size() < count) {
-    cudaEvent_t e = nullptr;
-    // Timing enabled: the driver reads elapsed times between these.
-    RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDefault));
-    events->push_back(e);
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<double> ElapsedSeconds(cudaEvent_t from, cudaEvent_t to) {
-  float ms = 0.0f;
-  RA_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, from, to));
-  return static_cast<double>(ms) * 1e-3;
-}
-
-// Polls until `stream` has no pending work or `timeout` passes, ignoring errors (the caller is
-// failing already and only needs its buffers idle). False on timeout.
-bool DrainStream(cudaStream_t stream, absl::Duration timeout) {
-  if (stream == nullptr) return true;
-  const Clock::time_point start = Clock::now();
-  const Clock::time_point deadline = start + absl::ToChronoNanoseconds(timeout);
-  for (;;) {
-    const cudaError_t e = cudaStreamQuery(stream);
-    if (e != cudaErrorNotReady) return true;  // done, or failed for good (sticky error)
-    (void)cudaGetLastError();  // NotReady is not an error; see DeviceCommunicator::WaitStream
-    const Clock::time_point now = Clock::now();
-    if (now >= deadline) return false;
-    device_comm_internal::PollPause(absl::FromChrono(now - start));
-  }
-}
-
-// Sets the backend's stream for a scope and restores the caller's on exit.
-class BackendStreamScope {
- public:
-  BackendStreamScope(CudaBackend* backend, cudaStream_t stream)
-      : backend_(backend), saved_(backend->stream()) {
-    backend_->SetStream(stream);
-  }
-  ~BackendStreamScope() { backend_->SetStream(saved_); }
-  BackendStreamScope(const BackendStreamScope&) = delete;
-  BackendStreamScope& operator=(const BackendStreamScope&) = delete;
-
- private:
-  CudaBackend* const backend_;
-  const cudaStream_t saved_;
-};
 
 // The one kernel call of a one-rank ring whose shard is one run of positions `s`: straight
 // into the caller's output, in its dtype, and its lse (may be null), as a single-device call
@@ -224,7 +167,7 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
   RA_ASSIGN_OR_RETURN(const float* alibi, ws->AlibiSlopes(options.alibi_slopes));
   const cudaStream_t compute = ws->compute_stream();
   const cudaStream_t transfer = ws->comm_stream();
-  BackendStreamScope stream_scope(cuda, compute);
+  device_ring_internal::ScopedBackendStream<CudaBackend> stream_scope(cuda, compute);
 
   RingTimings timings;
   timings.steps.resize(world);
@@ -348,16 +291,7 @@ absl::Status DeviceRingWorkspace::Reserve(const Needs& needs) {
   }
   device_ = device;
   if (compute_stream_ == nullptr) {
-    // The transfers get the higher priority: an NCCL kernel or copy queued behind a wave of
-    // attention blocks would delay the next step's input (a choice, not yet measured).
-    int least = 0, greatest = 0;
-    RA_CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    // Non-blocking: no implicit synchronisation with the legacy default stream, which other
-    // ranks' threads of the same process may use.
-    RA_CUDA_RETURN_IF_ERROR(
-        cudaStreamCreateWithPriority(&compute_stream_, cudaStreamNonBlocking, least));
-    RA_CUDA_RETURN_IF_ERROR(
-        cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
+    RA_RETURN_IF_ERROR(device_ring_internal::CreateRingStreams(&compute_stream_, &comm_stream_));
   }
   const size_t steps = static_cast<size_t>(std::max(needs.steps, 1));
   RA_RETURN_IF_ERROR(GrowEvents(&start_, steps));
@@ -378,16 +312,8 @@ absl::Status DeviceRingWorkspace::Reserve(const Needs& needs) {
 }
 
 absl::StatusOr<const float*> DeviceRingWorkspace::AlibiSlopes(const std::vector<float>& slopes) {
-  if (slopes.empty()) return static_cast<const float*>(nullptr);
-  if (slopes == alibi_host_) return static_cast<const float*>(alibi_);
-  alibi_host_.clear();  // until the upload below is enqueued
-  RA_RETURN_IF_ERROR(GrowFloats(&alibi_, &alibi_capacity_, slopes.size()));
-  // From pageable memory: the runtime stages the bytes before returning, so `slopes` may change
-  // afterwards; the copy lands in stream order before the kernels that read it.
-  RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(alibi_, slopes.data(), slopes.size() * sizeof(float),
-                                          cudaMemcpyHostToDevice, compute_stream_));
-  alibi_host_ = slopes;
-  return static_cast<const float*>(alibi_);
+  return device_ring_internal::UploadAlibiSlopes(slopes, &alibi_, &alibi_capacity_, &alibi_host_,
+                                                 compute_stream_);
 }
 
 // ---- Kernels' launchers ---------------------------------------------------------------------
@@ -423,24 +349,9 @@ absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
     const RingShardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
   absl::StatusOr<RingTimings> result = RunDeviceRing(comm, backend, plan, t, options, ws);
   if (result.ok()) return result;
-  // A rank that stops early would leave its neighbours waiting for its blocks until their
-  // timeout; aborting releases them at once with the reason.
-  const std::string message = absl::StrCat("rank ", comm.rank(), ": ", result.status().message());
-  comm.Abort(absl::Status(result.status().code(), message));
-  // Work already enqueued may still read the caller's tensors or write the workspace; wait it
-  // out (an aborted transport's work is finite) so the caller may free them.
-  if (ws != nullptr) {
-    const bool drained = DrainStream(ws->compute_stream(), comm.timeout()) &&
-                         DrainStream(ws->comm_stream(), comm.timeout());
-    if (!drained) {
-      return absl::Status(
-          result.status().code(),
-          absl::StrCat(message, " [and the ring's streams did not drain within ",
-                       absl::FormatDuration(comm.timeout()),
-                       ": its buffers and the caller's tensors may still be in use]"));
-    }
-  }
-  return result;  // as the host driver: the reason as it came, the abort carries the rank
+  return device_ring_internal::AbortAndDrain(comm, result.status(),
+                                             ws != nullptr ? ws->compute_stream() : nullptr,
+                                             ws != nullptr ? ws->comm_stream() : nullptr);
 }
 
 }  // namespace ringattn

@@ -18,118 +18,6 @@ double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// The forward's view of the shard, for what ring_step.h shares with it (option checks, sizes,
-// the segment pairs' params).
-RingShardTensors ForwardView(const RingBackwardTensors& t) {
-  RingShardTensors f;
-  f.dtype = t.dtype;
-  f.batch = t.batch;
-  f.heads = t.heads;
-  f.heads_k = t.heads_k;
-  f.head_dim = t.head_dim;
-  f.q = t.q;
-  f.k = t.k;
-  f.v = t.v;
-  return f;
-}
-
-// An fp32 dK/dV accumulator of one K/V block of `rows` rows: dk [batch, rows, heads_k,
-// head_dim] followed by dv of the same shape, in a buffer sized for the largest shard. Sent
-// and received as one transfer of Bytes().
-struct DkvBlock {
-  float* dk;
-  float* dv;
-  size_t elems;  // of each of dk and dv
-
-  static DkvBlock In(std::vector<float>& buffer, int batch, int64_t rows, const ShardGeometry& g) {
-    const size_t elems = static_cast<size_t>(batch) * rows * g.kv_row_elems;
-    return {buffer.data(), buffer.data() + elems, elems};
-  }
-  size_t Bytes() const { return 2 * elems * sizeof(float); }
-};
-
-// The backward call for local query segment `qs` against key segment `ks` of the block in
-// hand (whose shard has `k_rows` rows), adding into the fp32 dq accumulator [batch, q_rows,
-// heads, head_dim] and the block's dK/dV accumulator. The forward's SegmentPairParams places
-// q, k, v and the positions; its o and lse slots carry dq and delta, which have the shapes of
-// the forward's o and lse accumulators.
-AttentionBackwardParams SegmentPairBackwardParams(
-    const RingBackwardTensors& t, const ShardGeometry& g, int64_t q_rows, const Segment& qs,
-    const KvBlock& kv, int64_t k_rows, const Segment& ks, float* dq_acc, float* delta,
-    const DkvBlock& dkv, const RingAttentionOptions& options, const float* alibi, float scale) {
-  const RingShardTensors view = ForwardView(t);
-  AttentionBackwardParams bp;
-  bp.fwd =
-      SegmentPairParams(view, g, q_rows, qs, kv, k_rows, ks, dq_acc, delta, options, alibi, scale);
-  const AttentionParams& p = bp.fwd;
-  const size_t q_offset_bytes = qs.local_offset * g.q_row_elems * g.elem_bytes;
-  bp.out = static_cast<const std::byte*>(t.out) + q_offset_bytes;
-  bp.dout = static_cast<const std::byte*>(t.dout) + q_offset_bytes;
-  bp.out_dtype = t.dtype;
-  bp.out_batch_stride = bp.dout_batch_stride = p.q_batch_stride;
-  bp.out_row_stride = bp.dout_row_stride = p.q_row_stride;
-  bp.out_head_stride = bp.dout_head_stride = p.q_head_stride;
-  bp.lse = t.lse + qs.local_offset;
-  bp.delta = p.lse;  // delta + qs.local_offset, with lse's strides
-  bp.lse_batch_stride = p.lse_batch_stride;
-  bp.lse_head_stride = p.lse_head_stride;
-  bp.dq = static_cast<float*>(p.o);  // dq_acc + qs.local_offset rows, with o's strides
-  bp.dq_batch_stride = p.o_batch_stride;
-  bp.dq_row_stride = p.o_row_stride;
-  bp.dq_head_stride = p.o_head_stride;
-  bp.dk = dkv.dk + ks.local_offset * g.kv_row_elems;
-  bp.dv = dkv.dv + ks.local_offset * g.kv_row_elems;
-  bp.dk_batch_stride = bp.dv_batch_stride = k_rows * g.kv_row_elems;
-  bp.dk_row_stride = bp.dv_row_stride = g.kv_row_elems;
-  bp.dk_head_stride = bp.dv_head_stride = t.head_dim;
-  bp.accumulate = true;
-  return bp;
-}
-
-// D = rowsum(dout * out) of every local query row, by the backend, into delta [batch, heads,
-// rows]: once per rank rather than once per kernel call.
-absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
-                               int64_t rows, float* delta) {
-  if (rows == 0) return absl::OkStatus();
-  AttentionBackwardParams bp;
-  AttentionParams& p = bp.fwd;
-  p.batch = t.batch;
-  p.seqlen_q = rows;
-  p.heads = t.heads;
-  p.heads_k = t.heads_k;
-  p.head_dim = t.head_dim;
-  p.dtype = t.dtype;
-  bp.out = t.out;
-  bp.dout = t.dout;
-  bp.out_dtype = t.dtype;
-  SetContiguousBackwardStrides(&bp);
-  return backend.ComputeDelta(bp, delta);
-}
-
-// One step's compute: this rank's queries against every segment of the block owned by `src`,
-// each (query segment, key segment) pair not wholly masked, adding into dq_acc and `dkv`
-// (zeroed first: it holds this rank's contribution to the block only).
-absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardPlan& plan, int rank,
-                                 int src, const RingBackwardTensors& t, const ShardGeometry& g,
-                                 const KvBlock& kv, float* dq_acc, float* delta,
-                                 const DkvBlock& dkv, const RingAttentionOptions& options,
-                                 const float* alibi, float scale, int* kernel_calls) {
-  std::fill(dkv.dk, dkv.dk + dkv.elems, 0.0f);
-  std::fill(dkv.dv, dkv.dv + dkv.elems, 0.0f);
-  const Shard& mine = plan.shards[rank];
-  const Shard& theirs = plan.shards[src];
-  for (const Segment& qs : mine.segments) {
-    for (const Segment& ks : theirs.segments) {
-      const AttentionBackwardParams bp = SegmentPairBackwardParams(
-          t, g, mine.rows, qs, kv, theirs.rows, ks, dq_acc, delta, dkv, options, alibi, scale);
-      if (!AnyKeyAllowed(bp.fwd)) continue;
-      RA_RETURN_IF_ERROR(backend.Backward(bp));
-      ++*kernel_calls;
-    }
-  }
-  return absl::OkStatus();
-}
-
 // into += from, elementwise over the block's dk and dv (one contiguous run).
 void AddInto(const DkvBlock& into, const DkvBlock& from) {
   for (size_t i = 0; i < 2 * into.elems; ++i) into.dk[i] += from.dk[i];
@@ -154,12 +42,7 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   }
   const ShardGeometry g = ShardGeometry::Of(ForwardView(t));
   const int64_t rows = plan.shards[rank].rows;
-  if (rows > 0 &&
-      (t.q == nullptr || t.k == nullptr || t.v == nullptr || t.out == nullptr || t.lse == nullptr ||
-       t.dout == nullptr || t.dq == nullptr || t.dk == nullptr || t.dv == nullptr)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, " holds ", rows, " rows: q, k, v, out, lse, dout, dq, dk, dv must be set"));
-  }
+  RA_RETURN_IF_ERROR(CheckShardTensorsSet(t, rank, rows));
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 
@@ -173,7 +56,7 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   std::vector<std::byte> kv_slots[2];
   // dK/dV: this rank's contribution of the current step and the finished accumulator of the
   // previous step (being sent) alternate between two buffers; a third receives.
-  const size_t dkv_capacity = 2 * static_cast<size_t>(t.batch) * plan.max_rows() * g.kv_row_elems;
+  const size_t dkv_capacity = DkvBlock::Floats(t.batch, plan.max_rows(), g);
   std::vector<float> dkv_bufs[2];
   std::vector<float> dkv_recv;
   dkv_bufs[0].resize(dkv_capacity);
@@ -192,7 +75,8 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
     RingStepTiming& st = timings.steps[step];
     const int src = RingSourceRank(rank, step, world);  // owner of the K/V block in hand
     st.source_rank = src;
-    const DkvBlock mine = DkvBlock::In(dkv_bufs[step % 2], t.batch, plan.shards[src].rows, g);
+    const DkvBlock mine =
+        DkvBlock::At(dkv_bufs[step % 2].data(), t.batch, plan.shards[src].rows, g);
 
     std::vector<SendOp> sends;
     std::vector<RecvOp> recvs;
@@ -212,8 +96,8 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
     if (step >= 1) {
       const int finished_src = RingSourceRank(rank, step - 1, world);
       const DkvBlock finished =
-          DkvBlock::In(dkv_bufs[(step - 1) % 2], t.batch, plan.shards[finished_src].rows, g);
-      received = DkvBlock::In(dkv_recv, t.batch, plan.shards[src].rows, g);
+          DkvBlock::At(dkv_bufs[(step - 1) % 2].data(), t.batch, plan.shards[finished_src].rows, g);
+      received = DkvBlock::At(dkv_recv.data(), t.batch, plan.shards[src].rows, g);
       sends.push_back({next, finished.dk, finished.Bytes()});
       recvs.push_back({prev, received.dk, received.Bytes()});
     }
@@ -221,6 +105,8 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
     if (posted) RA_RETURN_IF_ERROR(comm.Start(sends, recvs));
 
     const auto c0 = Clock::now();
+    // `mine` holds this rank's contribution to the block only.
+    std::fill(mine.dk, mine.dk + 2 * mine.elems, 0.0f);
     RA_RETURN_IF_ERROR(ComputeBackwardStep(backend, plan, rank, src, t, g, in_hand, dq_acc.data(),
                                            delta.data(), mine, options, alibi, scale,
                                            &st.kernel_calls));
@@ -242,11 +128,11 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   // The return hop: the finished accumulator of block rank + 1 goes to its owner, this rank's
   // own comes from rank - 1.
   const int last_src = RingSourceRank(rank, world - 1, world);
-  DkvBlock own = DkvBlock::In(dkv_bufs[(world - 1) % 2], t.batch, rows, g);
+  DkvBlock own = DkvBlock::At(dkv_bufs[(world - 1) % 2].data(), t.batch, rows, g);
   if (world > 1) {
     const DkvBlock finished =
-        DkvBlock::In(dkv_bufs[(world - 1) % 2], t.batch, plan.shards[last_src].rows, g);
-    own = DkvBlock::In(dkv_recv, t.batch, rows, g);
+        DkvBlock::At(dkv_bufs[(world - 1) % 2].data(), t.batch, plan.shards[last_src].rows, g);
+    own = DkvBlock::At(dkv_recv.data(), t.batch, rows, g);
     const SendOp send{next, finished.dk, finished.Bytes()};
     const RecvOp recv{prev, own.dk, own.Bytes()};
     const auto w0 = Clock::now();
@@ -262,17 +148,6 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
 }
 
 }  // namespace
-
-absl::Status ValidateRingBackward(const RingAttentionOptions& options,
-                                  const RingBackwardTensors& t) {
-  RA_RETURN_IF_ERROR(ValidateRingOptions(options, ForwardView(t)));
-  if (t.grad_dtype != t.dtype && t.grad_dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("grad_dtype must be the input dtype (", std::string(DTypeName(t.dtype)),
-                     ") or fp32, got ", std::string(DTypeName(t.grad_dtype))));
-  }
-  return absl::OkStatus();
-}
 
 absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm,
                                                   AttentionBackwardBackend& backend,

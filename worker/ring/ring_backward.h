@@ -37,38 +37,16 @@
 #include "kernels/dtype.h"
 #include "worker/ring/communicator.h"
 #include "worker/ring/layout.h"
-#include "worker/ring/ring_step.h"  // RingAttentionOptions, RingTimings
+#include "worker/ring/ring_backward_step.h"  // RingBackwardTensors, ValidateRingBackward
+#include "worker/ring/ring_step.h"           // RingAttentionOptions, RingTimings
 
 namespace ringattn {
 
-// This rank's shard, rows in the plan's local order, all contiguous, in host memory.
-struct RingBackwardTensors {
-  DType dtype = DType::kBF16;      // q, k, v, out, dout
-  DType grad_dtype = DType::kF32;  // dq, dk, dv: dtype or fp32
-  int batch = 0;
-  int heads = 0;
-  int heads_k = 0;
-  int head_dim = 0;
-  const void* q = nullptr;     // [batch, rows, heads, head_dim]
-  const void* k = nullptr;     // [batch, rows, heads_k, head_dim]
-  const void* v = nullptr;     // [batch, rows, heads_k, head_dim]
-  const void* out = nullptr;   // [batch, rows, heads, head_dim]: the ring forward's output
-  const float* lse = nullptr;  // [batch, heads, rows]: the ring forward's LSE
-  const void* dout = nullptr;  // [batch, rows, heads, head_dim]
-  void* dq = nullptr;          // [batch, rows, heads, head_dim], grad_dtype
-  void* dk = nullptr;          // [batch, rows, heads_k, head_dim], grad_dtype
-  void* dv = nullptr;          // [batch, rows, heads_k, head_dim], grad_dtype
-};
-
-// Checks the options (as the forward does: dropout and return_attn_probs are refused with
-// the forward's errors) and the tensors.
-absl::Status ValidateRingBackward(const RingAttentionOptions& options,
-                                  const RingBackwardTensors& t);
-
-// Runs the backward ring on this rank. Every rank of `comm` must call it with the same plan,
-// options and sizes as its forward. Timings: one entry per step (source_rank is the K/V
-// block computed); the last step's comm_wait_seconds includes the return hop. On any failure
-// the communicator is aborted so that peers fail too rather than wait.
+// Runs the backward ring on this rank; `t` holds host pointers (ring_backward_step.h). Every
+// rank of `comm` must call it with the same plan, options and sizes as its forward. Timings: one
+// entry per step (source_rank is the K/V block computed); the last step's comm_wait_seconds
+// includes the return hop. On any failure the communicator is aborted so that peers fail too rather
+// than wait.
 absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm,
                                                   AttentionBackwardBackend& backend,
                                                   const ShardPlan& plan,

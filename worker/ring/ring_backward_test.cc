@@ -26,6 +26,7 @@
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "worker/ring/inprocess_ring_backward.h"
+#include "worker/ring/ring_backward_test_util.h"
 #include "worker/ring/ring_test_util.h"
 #include "worker/ring/synthetic_inputs.h"
 
@@ -44,57 +45,22 @@ struct Problem {
   uint64_t seed = 7;
 };
 
-// Whole-sequence inputs, the forward's results (single-device fast forward) and dO.
-struct Inputs {
-  std::vector<std::byte> q, k, v, out, dout;
-  std::vector<float> lse;
-};
-
-// Gradients of one run, converted to fp32 (from grad_dtype).
-struct Grads {
-  std::vector<float> dq, dk, dv;
-};
-
+using test::BackwardInputs;
+using test::ExpectClose;
+using test::GradBuffers;
+using test::Grads;
 using test::KvElems;
 using test::QElems;
 using test::RingCase;
+using test::WholeBackwardParams;
+using Inputs = BackwardInputs;
 
-// The forward's params over the whole sequence, options applied.
-AttentionParams WholeParams(const Problem& pr, const Inputs& in) {
-  return test::WholeParams(pr, in.q.data(), in.k.data(), in.v.data(), /*o=*/nullptr,
-                           /*lse=*/nullptr, test::HostAlibi(pr.options));
-}
-
+// Whole-sequence inputs and dO, with the forward's results from the single-device fast forward.
 Inputs MakeInputs(const Problem& pr) {
-  Inputs in;
-  const size_t es = DTypeSize(pr.dtype);
-  in.q.resize(QElems(pr) * es);
-  in.out.resize(in.q.size());
-  in.dout.resize(in.q.size());
-  in.k.resize(KvElems(pr) * es);
-  in.v.resize(in.k.size());
-  in.lse.resize(static_cast<size_t>(pr.batch) * pr.heads * pr.seqlen);
-  FillSynthetic(pr.seed, 0, pr.batch, pr.seqlen, pr.heads, pr.head_dim, pr.dtype, in.q.data());
-  FillSynthetic(pr.seed, 1, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, in.k.data());
-  FillSynthetic(pr.seed, 2, pr.batch, pr.seqlen, pr.heads_k, pr.head_dim, pr.dtype, in.v.data());
-  FillSynthetic(pr.seed, 3, pr.batch, pr.seqlen, pr.heads, pr.head_dim, pr.dtype, in.dout.data());
-  AttentionParams p = WholeParams(pr, in);
-  p.o = in.out.data();
-  p.lse = in.lse.data();
-  const absl::Status s = FlashCpuForward(p);
+  Inputs in = test::MakeSyntheticBackwardInputs(pr);
+  const absl::Status s = FlashCpuForward(test::ForwardParams(pr, &in));
   EXPECT_TRUE(s.ok()) << s;
   return in;
-}
-
-AttentionBackwardParams WholeBackwardParams(const Problem& pr, const Inputs& in) {
-  AttentionBackwardParams bp;
-  bp.fwd = WholeParams(pr, in);
-  bp.out = in.out.data();
-  bp.dout = in.dout.data();
-  bp.out_dtype = pr.dtype;
-  bp.lse = in.lse.data();
-  SetContiguousBackwardStrides(&bp);
-  return bp;
 }
 
 // The single-device fast backward on the whole sequence, fp32 gradients.
@@ -116,68 +82,24 @@ BackwardBackendFactory Backend(const char* name) {
   return [name] { return MakeCpuBackwardBackend(name); };
 }
 
-std::vector<float> ToFloat(const std::vector<std::byte>& b, DType t, int64_t n) {
-  std::vector<float> f(n);
-  for (int64_t i = 0; i < n; ++i) f[i] = LoadAsFloat(b.data(), i, t);
-  return f;
-}
-
 // The ring backward with `world` in-process ranks; gradients poisoned first (0xff bytes are
 // NaN in every dtype), so every element must be written.
 Grads RunRing(const Problem& pr, const Inputs& in, int world, Layout layout,
               const char* backend = "cpu") {
-  const size_t gs = DTypeSize(pr.grad_dtype);
-  std::vector<std::byte> dq(QElems(pr) * gs, std::byte{0xff});
-  std::vector<std::byte> dk(KvElems(pr) * gs, std::byte{0xff});
-  std::vector<std::byte> dv(KvElems(pr) * gs, std::byte{0xff});
-  WholeAttentionBackward w;
-  w.dtype = pr.dtype;
-  w.grad_dtype = pr.grad_dtype;
-  w.batch = pr.batch;
-  w.seqlen = pr.seqlen;
-  w.heads = pr.heads;
-  w.heads_k = pr.heads_k;
-  w.head_dim = pr.head_dim;
-  w.q = in.q.data();
-  w.k = in.k.data();
-  w.v = in.v.data();
-  w.out = in.out.data();
-  w.lse = in.lse.data();
-  w.dout = in.dout.data();
-  w.dq = dq.data();
-  w.dk = dk.data();
-  w.dv = dv.data();
-  absl::StatusOr<std::vector<RingTimings>> timings =
-      RunRingBackwardInProcess(w, world, layout, pr.options, Backend(backend));
+  GradBuffers grads = GradBuffers::Poisoned(pr);
+  absl::StatusOr<std::vector<RingTimings>> timings = RunRingBackwardInProcess(
+      test::WholeBackwardView(pr, in, &grads), world, layout, pr.options, Backend(backend));
   EXPECT_TRUE(timings.ok()) << timings.status();
   if (timings.ok()) {
     EXPECT_EQ(timings->size(), static_cast<size_t>(world));
     for (const RingTimings& rt : *timings) EXPECT_EQ(rt.steps.size(), static_cast<size_t>(world));
   }
-  return {ToFloat(dq, pr.grad_dtype, QElems(pr)), ToFloat(dk, pr.grad_dtype, KvElems(pr)),
-          ToFloat(dv, pr.grad_dtype, KvElems(pr))};
-}
-
-// Worst rel L2 of dq, dk, dv against another run; expects no NaN and every rel L2 within tol.
-template <typename Want>
-double ExpectClose(const Grads& got, const std::vector<Want>& dq, const std::vector<Want>& dk,
-                   const std::vector<Want>& dv, double tol, const std::string& what) {
-  double worst = 0.0;
-  for (const auto& [name, g, want] :
-       {std::tuple{"dq", &got.dq, &dq}, std::tuple{"dk", &got.dk, &dk},
-        std::tuple{"dv", &got.dv, &dv}}) {
-    const ErrorStats e =
-        CompareTensor(g->data(), DType::kF32, want->data(), static_cast<int64_t>(want->size()));
-    EXPECT_EQ(e.nan_count, 0) << what << " " << name;
-    EXPECT_LE(e.rel_l2, tol) << what << " " << name << ": " << e.ToString();
-    worst = std::max(worst, e.rel_l2);
-  }
-  return worst;
+  return grads.ToFloat(pr);
 }
 
 double ExpectCloseToSingle(const Grads& ring, const Grads& single, double tol,
                            const std::string& what) {
-  return ExpectClose(ring, single.dq, single.dk, single.dv, tol, what);
+  return test::ExpectCloseGrads(ring, single, tol, what);
 }
 
 // ---- Every world size, layout, causal or not ------------------------------------------------
@@ -341,28 +263,9 @@ TEST(RingBackwardNumerics, ErrorDoesNotGrowWithRanks) {
 
 // ---- Refusals and failures ------------------------------------------------------------------
 
-WholeAttentionBackward View(const Problem& pr, const Inputs& in, std::vector<std::byte>* grads) {
-  grads->assign((QElems(pr) + 2 * KvElems(pr)) * DTypeSize(pr.grad_dtype), std::byte{0});
-  WholeAttentionBackward w;
-  w.dtype = pr.dtype;
-  w.grad_dtype = pr.grad_dtype;
-  w.batch = pr.batch;
-  w.seqlen = pr.seqlen;
-  w.heads = pr.heads;
-  w.heads_k = pr.heads_k;
-  w.head_dim = pr.head_dim;
-  w.q = in.q.data();
-  w.k = in.k.data();
-  w.v = in.v.data();
-  w.out = in.out.data();
-  w.lse = in.lse.data();
-  w.dout = in.dout.data();
-  std::byte* g = grads->data();
-  const size_t gs = DTypeSize(pr.grad_dtype);
-  w.dq = g;
-  w.dk = g + QElems(pr) * gs;
-  w.dv = g + (QElems(pr) + KvElems(pr)) * gs;
-  return w;
+WholeAttentionBackward View(const Problem& pr, const Inputs& in, GradBuffers* grads) {
+  *grads = GradBuffers::Poisoned(pr);
+  return test::WholeBackwardView(pr, in, grads);
 }
 
 TEST(RingBackwardRefusals, DropoutAndAttnProbsAndGradDtype) {
@@ -385,7 +288,7 @@ TEST(RingBackwardRefusals, DropoutAndAttnProbsAndGradDtype) {
   for (const Bad& b : bad) {
     Problem p = pr;
     p.grad_dtype = b.grad_dtype;
-    std::vector<std::byte> grads;
+    GradBuffers grads;
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<std::vector<RingTimings>> r = RunRingBackwardInProcess(
         View(p, in, &grads), 3, Layout::kContiguous, b.options, Backend("cpu"));
@@ -408,7 +311,7 @@ TEST(RingBackwardFailures, OneFailingRankReleasesTheOthers) {
     if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
     return MakeCpuBackwardBackend("cpu");
   };
-  std::vector<std::byte> grads;
+  GradBuffers grads;
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::vector<RingTimings>> r = RunRingBackwardInProcess(
       View(pr, in, &grads), 4, Layout::kZigzag, pr.options, flaky, std::chrono::seconds(30));
@@ -444,7 +347,7 @@ TEST(RingBackwardFailures, AFailingKernelCallReleasesTheOthers) {
     if (made.fetch_add(1) == 2) return std::make_unique<FailingBackend>();
     return MakeCpuBackwardBackend("cpu");
   };
-  std::vector<std::byte> grads;
+  GradBuffers grads;
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::vector<RingTimings>> r = RunRingBackwardInProcess(
       View(pr, in, &grads), 4, Layout::kContiguous, pr.options, factory, std::chrono::seconds(30));
