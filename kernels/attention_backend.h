@@ -25,6 +25,9 @@ class AttentionBackend {
   // Validates `p` against what this backend supports, then computes it. Must support
   // merge_into_output (fp32 o, non-null lse).
   virtual absl::Status Forward(const AttentionParams& p) = 0;
+  // Whether Forward takes two runs of positions (AttentionParams::q_pos_split / k_pos_split);
+  // the ring then computes a two-segment shard (zigzag) in one call instead of up to four.
+  virtual bool supports_position_runs() const { return false; }
 };
 
 // "cpu" (fast blocked fp32) or "cpu_reference" (fp64, slow); GPU backends register in

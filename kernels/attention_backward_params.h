@@ -89,6 +89,8 @@ class AttentionBackwardBackend {
   // D = rowsum(dO * O) of p's query rows into `delta` (p.lse's strides, this backend's memory
   // space), so that a caller making several calls for the same rows computes it once.
   virtual absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) = 0;
+  // As AttentionBackend::supports_position_runs.
+  virtual bool supports_position_runs() const { return false; }
 };
 
 // "cpu" (the fast blocked fp32 kernel, flash_cpu_backward.h) or "cpu_reference" (fp64,

@@ -14,6 +14,9 @@ namespace ringattn {
 
 inline constexpr int64_t kUnboundedWindow = -1;
 
+// AttentionParams::q_pos_split / k_pos_split when the positions are one run.
+inline constexpr int64_t kNoPosSplit = int64_t{1} << 62;
+
 struct AttentionParams {
   // ---- Tensors -------------------------------------------------------------------------------
   const void* q = nullptr;  // [batch, seqlen_q, heads, head_dim], element type `dtype`
@@ -55,6 +58,13 @@ struct AttentionParams {
   // (stride > 1 for the stripe layout).
   int64_t q_pos_offset = 0, q_pos_stride = 1;
   int64_t k_pos_offset = 0, k_pos_stride = 1;
+  // Two runs of positions (a zigzag shard's two chunks in one call): rows at or after
+  // q_pos_split sit at q_pos_offset2 + (row - q_pos_split) * q_pos_stride instead; the second
+  // run must start after the first ends, so that positions still grow with the row (what the
+  // kernels' block classification needs). kNoPosSplit (the default) is one run. Backends that
+  // take two runs say so (AttentionBackend::supports_position_runs); cudnn does not.
+  int64_t q_pos_split = kNoPosSplit, q_pos_offset2 = 0;
+  int64_t k_pos_split = kNoPosSplit, k_pos_offset2 = 0;
   bool causal = false;  // key allowed only when k_pos <= q_pos
   // Key allowed only when q_pos - window_left <= k_pos <= q_pos + window_right;
   // kUnboundedWindow (-1) on a side means no limit there.

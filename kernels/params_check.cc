@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
 
 namespace ringattn {
 
@@ -14,6 +15,27 @@ absl::Status ValidateHeadDim(int head_dim) {
   return absl::InvalidArgumentError(
       absl::StrCat("unsupported head_dim ", head_dim, "; expected one of 64, 128, 256"));
 }
+
+namespace {
+
+// A second run of positions (split != kNoPosSplit) starts at a row >= 1 and at a position after
+// the first run's last: positions must grow with the row.
+absl::Status ValidatePositionRun(const char* name, int64_t split, int64_t offset, int64_t offset2,
+                                 int64_t stride) {
+  if (split == kNoPosSplit) return absl::OkStatus();
+  if (split < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "_split must be >= 1 (or kNoPosSplit for one run), got ", split));
+  }
+  if (offset2 <= offset + (split - 1) * stride) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "_offset2 (", offset2, ") must be after the first run's last position (",
+                     offset + (split - 1) * stride, "): positions must grow with the row"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ValidateParams(const AttentionParams& p) {
   if (p.batch <= 0) return absl::InvalidArgumentError(absl::StrCat("batch must be > 0, got ", p.batch));
@@ -59,6 +81,10 @@ absl::Status ValidateParams(const AttentionParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("q_pos_stride and k_pos_stride must be > 0, got ",
                                                    p.q_pos_stride, " and ", p.k_pos_stride));
   }
+  RA_RETURN_IF_ERROR(ValidatePositionRun("q_pos", p.q_pos_split, p.q_pos_offset, p.q_pos_offset2,
+                                         p.q_pos_stride));
+  RA_RETURN_IF_ERROR(ValidatePositionRun("k_pos", p.k_pos_split, p.k_pos_offset, p.k_pos_offset2,
+                                         p.k_pos_stride));
   if (p.merge_into_output) {
     if (p.o_dtype != DType::kF32) {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -34,11 +34,15 @@ RA_HD bool KeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos) {
   return k_pos >= s.lo && k_pos <= s.hi;
 }
 
+// Positions of a row: one run, or two when the row is at or past the split (see
+// AttentionParams::q_pos_split). Monotone in the row either way.
 RA_HD int64_t QueryPos(const AttentionParams& p, int64_t row) {
-  return p.q_pos_offset + row * p.q_pos_stride;
+  return row < p.q_pos_split ? p.q_pos_offset + row * p.q_pos_stride
+                             : p.q_pos_offset2 + (row - p.q_pos_split) * p.q_pos_stride;
 }
 RA_HD int64_t KeyPos(const AttentionParams& p, int64_t row) {
-  return p.k_pos_offset + row * p.k_pos_stride;
+  return row < p.k_pos_split ? p.k_pos_offset + row * p.k_pos_stride
+                             : p.k_pos_offset2 + (row - p.k_pos_split) * p.k_pos_stride;
 }
 
 // Score of query position q_pos against key position k_pos in head h, from the raw dot

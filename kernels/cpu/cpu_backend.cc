@@ -23,6 +23,7 @@ constexpr std::string_view kCpuReferenceName = "cpu_reference";
 class FlashCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuName; }
+  bool supports_position_runs() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   absl::Status Forward(const AttentionParams& p) override { return FlashCpuForward(p); }
 };
@@ -30,6 +31,7 @@ class FlashCpuBackend final : public AttentionBackend {
 class ReferenceCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuReferenceName; }
+  bool supports_position_runs() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
 
   // ReferenceForward validates; its double result is rounded to float and written (or

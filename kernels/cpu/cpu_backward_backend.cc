@@ -24,6 +24,7 @@ constexpr std::string_view kCpuReferenceName = "cpu_reference";
 class FlashCpuBackwardBackend final : public AttentionBackwardBackend {
  public:
   std::string_view name() const override { return kCpuName; }
+  bool supports_position_runs() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   absl::Status Backward(const AttentionBackwardParams& p) override { return FlashCpuBackward(p); }
   absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) override {
@@ -53,6 +54,7 @@ void WriteGradient(const std::vector<double>& grad, int batch, int64_t rows, int
 class ReferenceCpuBackwardBackend final : public AttentionBackwardBackend {
  public:
   std::string_view name() const override { return kCpuReferenceName; }
+  bool supports_position_runs() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
 
   absl::Status Backward(const AttentionBackwardParams& p) override {

@@ -21,6 +21,7 @@ constexpr std::string_view kCudaReferenceName = "cuda_reference";
 class FlashCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return kCudaName; }
+  bool supports_position_runs() const override { return true; }
   absl::Status Forward(const AttentionParams& p) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
     return FlashForward(p, stream());
@@ -30,6 +31,7 @@ class FlashCudaBackend final : public CudaBackend {
 class ReferenceCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return kCudaReferenceName; }
+  bool supports_position_runs() const override { return true; }
   absl::Status Forward(const AttentionParams& p) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
     return CudaReferenceForward(p, stream());

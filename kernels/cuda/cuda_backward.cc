@@ -18,6 +18,7 @@ namespace {
 class FlashCudaBackwardBackend final : public CudaBackwardBackend {
  public:
   std::string_view name() const override { return "cuda"; }
+  bool supports_position_runs() const override { return true; }
 
   absl::Status Backward(const AttentionBackwardParams& p) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));

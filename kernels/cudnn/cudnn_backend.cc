@@ -154,6 +154,11 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
     return absl::InvalidArgumentError(
         "the cudnn backend does not support alibi_slopes; use the cuda backend");
   }
+  if (p.q_pos_split != kNoPosSplit || p.k_pos_split != kNoPosSplit) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend takes one run of positions per call (q_pos_split and k_pos_split "
+        "unset); the ring splits a two-run shard into segment calls for it");
+  }
   if (p.softcap > 0.0f) {
     return absl::InvalidArgumentError(
         "the cudnn backend does not support softcap; use the cuda backend");

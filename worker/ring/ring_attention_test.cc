@@ -15,6 +15,7 @@
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
+#include "kernels/score_mod.h"
 #include "worker/ring/inprocess_ring.h"
 #include "worker/ring/ring_test_util.h"
 
@@ -192,6 +193,77 @@ TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
     EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6) << "world index " << i << " errors " << errs[0]
                                               << " -> " << errs[i];
   }
+}
+
+// ---- One call per step where the backend takes two runs of positions ----------------------
+
+// Every row's position through the call's params equals the plan's position of that row.
+void ExpectCallPositions(const StepCall& c, const Shard& mine, const Shard& theirs) {
+  AttentionParams p;
+  p.q_pos_offset = c.q.start;
+  p.q_pos_stride = c.q.stride;
+  p.k_pos_offset = c.k.start;
+  p.k_pos_stride = c.k.stride;
+  ApplyPositionRuns(c, &p);
+  for (const auto& [shard, seg, pos] :
+       {std::tuple{&mine, c.q, &QueryPos}, std::tuple{&theirs, c.k, &KeyPos}}) {
+    for (const Segment& s : shard->segments) {
+      for (int64_t i = 0; i < s.length; ++i) {
+        const int64_t row = s.local_offset + i - seg.local_offset;
+        EXPECT_EQ(pos(p, row), s.start + i * s.stride) << "row " << row;
+      }
+    }
+  }
+}
+
+TEST(RingStepCalls, OneCallPerStepWithPositionRuns) {
+  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
+    for (int world : {1, 2, 3, 4}) {
+      for (int64_t seqlen : {int64_t{7}, int64_t{64}, int64_t{1001}}) {
+        absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
+        ASSERT_TRUE(plan.ok()) << plan.status();
+        for (int r = 0; r < world; ++r) {
+          for (int src = 0; src < world; ++src) {
+            SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen, " rank ",
+                                      r, " block ", src));
+            const Shard& mine = plan->shards[r];
+            const Shard& theirs = plan->shards[src];
+            const std::vector<StepCall> runs = StepCalls(mine, theirs, true);
+            const std::vector<StepCall> pairs = StepCalls(mine, theirs, false);
+            EXPECT_EQ(pairs.size(), mine.segments.size() * theirs.segments.size());
+            if (mine.segments.empty() || theirs.segments.empty()) continue;
+            ASSERT_EQ(runs.size(), 1u);
+            EXPECT_EQ(runs[0].q.length, mine.rows);
+            EXPECT_EQ(runs[0].k.length, theirs.rows);
+            ExpectCallPositions(runs[0], mine, theirs);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(RingStepCalls, SecondRunMustStartAfterTheFirst) {
+  std::vector<float> buffer(8 * 64);
+  AttentionParams p;
+  p.batch = p.heads = p.heads_k = 1;
+  p.head_dim = 64;
+  p.q = p.k = p.v = p.o = buffer.data();
+  SetContiguousStrides(&p);
+  p.q_pos_split = 4;
+  p.q_pos_offset = 10;
+  p.q_pos_offset2 = 13;  // the first run ends at 13
+  p.seqlen_q = p.seqlen_k = 8;
+  const absl::Status s = ValidateParams(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("q_pos_offset2"), std::string::npos) << s;
+  p.q_pos_offset2 = 14;
+  EXPECT_EQ(QueryPos(p, 3), 13);
+  EXPECT_EQ(QueryPos(p, 4), 14);
+  EXPECT_EQ(QueryPos(p, 7), 17);
+  AttentionParams k = p;
+  k.k_pos_split = 0;
+  EXPECT_NE(ValidateParams(k).message().find("k_pos_split"), std::string::npos);
 }
 
 TEST(RingRefusals, DropoutAndAttnProbsAndAlibiSize) {

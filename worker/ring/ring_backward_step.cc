@@ -99,14 +99,13 @@ absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardP
                                  const float* alibi, float scale, int* kernel_calls) {
   const Shard& mine = plan.shards[rank];
   const Shard& theirs = plan.shards[src];
-  for (const Segment& qs : mine.segments) {
-    for (const Segment& ks : theirs.segments) {
-      const AttentionBackwardParams bp = SegmentPairBackwardParams(
-          t, g, mine.rows, qs, kv, theirs.rows, ks, dq_acc, delta, dkv, options, alibi, scale);
-      if (!AnyKeyAllowed(bp.fwd)) continue;
-      RA_RETURN_IF_ERROR(backend.Backward(bp));
-      ++*kernel_calls;
-    }
+  for (const StepCall& c : StepCalls(mine, theirs, backend.supports_position_runs())) {
+    AttentionBackwardParams bp = SegmentPairBackwardParams(
+        t, g, mine.rows, c.q, kv, theirs.rows, c.k, dq_acc, delta, dkv, options, alibi, scale);
+    ApplyPositionRuns(c, &bp.fwd);
+    if (!AnyKeyAllowed(bp.fwd)) continue;
+    RA_RETURN_IF_ERROR(backend.Backward(bp));
+    ++*kernel_calls;
   }
   return absl::OkStatus();
 }

@@ -84,8 +84,9 @@ AttentionBackwardParams SegmentPairBackwardParams(
 absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
                                int64_t rows, float* delta);
 
-// One step's backward calls: this rank's queries against every segment of the block owned by
-// `src` (`kv`), each (query segment, key segment) pair not wholly masked, adding into dq_acc
+// One step's backward calls (StepCalls: one per step where the backend takes two runs of
+// positions, else per segment pair): this rank's queries against the block owned by
+// `src` (`kv`), each call not wholly masked, adding into dq_acc
 // and `dkv`. The caller zeroes `dkv` first (it holds this rank's contribution to the block
 // only): the host with a fill, the device on its compute stream. Adds the calls made to
 // *kernel_calls.

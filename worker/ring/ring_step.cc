@@ -120,6 +120,61 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
   return p;
 }
 
+namespace {
+
+// A shard as one call's rows: `whole` covers every row from local row 0 with the first run's
+// positions; a second run starts at row `split` at position `start2`.
+struct ShardRuns {
+  Segment whole;
+  int64_t split = kNoPosSplit;
+  int64_t start2 = 0;
+};
+
+std::optional<ShardRuns> AsPositionRuns(const Shard& shard) {
+  if (shard.segments.empty() || shard.segments.size() > 2) return std::nullopt;
+  const Segment& a = shard.segments[0];
+  if (a.local_offset != 0) return std::nullopt;
+  ShardRuns runs;
+  runs.whole = a;
+  runs.whole.length = shard.rows;
+  if (shard.segments.size() == 1) {
+    if (a.length != shard.rows) return std::nullopt;
+    return runs;
+  }
+  const Segment& b = shard.segments[1];
+  const bool rows_follow = b.local_offset == a.length && a.length + b.length == shard.rows;
+  const bool ascending = b.start > a.start + (a.length - 1) * a.stride;
+  if (!rows_follow || b.stride != a.stride || !ascending) return std::nullopt;
+  runs.split = a.length;
+  runs.start2 = b.start;
+  return runs;
+}
+
+}  // namespace
+
+std::vector<StepCall> StepCalls(const Shard& mine, const Shard& theirs, bool position_runs) {
+  std::vector<StepCall> calls;
+  if (position_runs) {
+    const std::optional<ShardRuns> q = AsPositionRuns(mine);
+    const std::optional<ShardRuns> k = AsPositionRuns(theirs);
+    if (q.has_value() && k.has_value()) {
+      calls.push_back({q->whole, k->whole, q->split, q->start2, k->split, k->start2});
+      return calls;
+    }
+  }
+  for (const Segment& qs : mine.segments) {
+    for (const Segment& ks : theirs.segments) calls.push_back({qs, ks});
+  }
+  return calls;
+}
+
+void ApplyPositionRuns(const StepCall& c, AttentionParams* p) {
+  p->q_pos_split = c.q_split;
+  p->q_pos_offset2 = c.q_start2;
+  p->k_pos_split = c.k_split;
+  p->k_pos_offset2 = c.k_start2;
+}
+
 bool AnyKeyAllowed(const AttentionParams& p) {
   return ClassifyBlock(p, QueryPos(p, 0), QueryPos(p, p.seqlen_q - 1), KeyPos(p, 0),
                        KeyPos(p, p.seqlen_k - 1))
@@ -132,14 +187,13 @@ absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, i
                              const float* alibi_slopes, float scale, int* kernel_calls) {
   const Shard& mine = plan.shards[rank];
   const Shard& theirs = plan.shards[src];
-  for (const Segment& qs : mine.segments) {
-    for (const Segment& ks : theirs.segments) {
-      const AttentionParams p = SegmentPairParams(t, g, mine.rows, qs, kv, theirs.rows, ks, o_acc,
-                                                  lse_acc, options, alibi_slopes, scale);
-      if (!AnyKeyAllowed(p)) continue;
-      RA_RETURN_IF_ERROR(backend.Forward(p));
-      ++*kernel_calls;
-    }
+  for (const StepCall& c : StepCalls(mine, theirs, backend.supports_position_runs())) {
+    AttentionParams p = SegmentPairParams(t, g, mine.rows, c.q, kv, theirs.rows, c.k, o_acc,
+                                          lse_acc, options, alibi_slopes, scale);
+    ApplyPositionRuns(c, &p);
+    if (!AnyKeyAllowed(p)) continue;
+    RA_RETURN_IF_ERROR(backend.Forward(p));
+    ++*kernel_calls;
   }
   return absl::OkStatus();
 }

@@ -111,12 +111,32 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
                                   const RingAttentionOptions& options, const float* alibi_slopes,
                                   float scale);
 
+// One kernel call of a ring step: the local query rows and the block's key rows it covers, as
+// segments (rows and positions), with a second run of positions for either when a whole
+// two-segment shard (zigzag) goes into the one call.
+struct StepCall {
+  Segment q, k;
+  int64_t q_split = kNoPosSplit, q_start2 = 0;
+  int64_t k_split = kNoPosSplit, k_start2 = 0;
+};
+
+// The calls of one step of `mine`'s queries against `theirs`' block. With `position_runs` (the
+// backend takes two runs of positions) one call, both shards whole, when each is one run or
+// two with a common stride in ascending positions (every layout's shards are); otherwise one
+// call per (query segment, key segment) pair, as backends that take one run need. One call
+// instead of four per zigzag step: one launch with one tail, and one read-merge-write of the
+// fp32 accumulators rather than one per key segment.
+std::vector<StepCall> StepCalls(const Shard& mine, const Shard& theirs, bool position_runs);
+
+// Sets p's second runs of positions from `c` (SegmentPairParams(c.q, c.k) sets the first).
+void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
+
 // Whether any (query, key) pair of `p` survives the causal and window masks.
 bool AnyKeyAllowed(const AttentionParams& p);
 
-// One ring step's compute: attention of every local query segment of `rank` against every
-// segment of the block owned by `src` (`kv`), merged into the accumulators, skipping pairs
-// whose positions are wholly masked. A zigzag shard has two segments, so up to four calls.
+// One ring step's compute: attention of the local queries of `rank` against the block owned by
+// `src` (`kv`) in StepCalls' calls, merged into the accumulators, skipping calls whose
+// positions are wholly masked.
 // Adds the number of calls made to *kernel_calls.
 absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
                              const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
