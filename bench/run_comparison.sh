@@ -4,6 +4,8 @@
 #
 #   bench/run_comparison.sh                     preset "gpu" when nvidia-smi sees a GPU, else "ci"
 #   bench/run_comparison.sh --preset quick      single-device check only
+#   bench/run_comparison.sh --preset multigpu   rings over NCCL, a GPU per rank (W = 2, 4, 8 up
+#                                               to the GPUs present); NCCL_NVLS_ENABLE=0 is set
 #   bench/run_comparison.sh --out DIR -- --cases my_cases.txt --implementations single_cpu,ring_cpu
 #
 # Writes DIR (default out/comparison): results.jsonl and compare.log from the tool, then
@@ -12,11 +14,14 @@
 # breached or an implementation failing.
 # Environment: BUILD_DIR (default build), JOBS (default 2), CMAKE_ARGS (extra configure flags for
 # a new build directory, e.g. -DRINGATTN_WITH_CUDA=OFF), RINGATTN_COMPARE (a prebuilt
-# ringattn_compare: no build).
+# ringattn_compare: no build), NCCL_NVLS_ENABLE (default 0 here: NVLink SHARP multicast buffers
+# are set up at NCCL init on NVSwitch hosts, useless to a point-to-point ring and at times
+# refused; see worker/ring/nccl_communicator.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 preset=""
 out="out/comparison"

@@ -89,7 +89,10 @@ CaseSet GpuPreset() {
   CaseSet set;
   set.name = "gpu";
   set.default_implementations = {"single_cudnn", "single_cuda", "ring_cudnn", "ring_cuda"};
-  set.reference_flop_limit = 2e10;
+  // The two ref_s2048 cases: forward 1.7e10 (full) and 8.6e9 (causal) FLOPs, backward 2.5x.
+  // The limit admits both backwards, so the GPU gradients are checked against fp64 (about a
+  // minute of CPU each); every other case is far above it.
+  set.reference_flop_limit = 5e10;
   std::vector<ComparisonCase> cases;
   for (bool causal : {false, true}) {
     const std::string mask = causal ? "causal" : "full";
@@ -115,6 +118,43 @@ CaseSet GpuPreset() {
     c.warmup = 3;
     c.repeats = 20;
     set.cases.push_back(c);
+  }
+  return set;
+}
+
+// Real multi-GPU rings (ring_nccl_*: a GPU per rank over NCCL) beside one GPU running the whole
+// sequence, at the shape of the NCCL scaling runs (docs/performance.md: causal zigzag, h32 hk8
+// d128 bf16) with 8k and 16k tokens per GPU, so the whole sequence grows with W. One case per
+// (W, tokens per GPU), each needing W GPUs (skipped on a machine with fewer); W = 2, 4, 8. And a
+// small correctness case at an awkward length with GQA 4:1 whose forward and gradients are
+// checked against fp64 at every W the machine has (W above its GPU count reports "not
+// available"). Meant to finish within about five minutes on two H100s; most of the time is the
+// fp64 reference of the small case on the CPU.
+CaseSet MultiGpuPreset() {
+  CaseSet set;
+  set.name = "multigpu";
+  set.default_implementations = {"single_cudnn", "single_cuda", "ring_nccl_cudnn",
+                                 "ring_nccl_cuda"};
+  // The correctness case's forward is 1.5e10 FLOPs and its backward 3.7e10: both references
+  // (about 15 s and 40 s on one core) fit under this, none of the sized cases does.
+  set.reference_flop_limit = 4e10;
+  ComparisonCase c = Case("check_s3816_h8_hk2_d64", 1, 3816, 8, 2, 64, DType::kBF16, true);
+  c.layout = "zigzag";
+  c.worlds = {2, 4, 8};
+  c.warmup = 1;
+  c.repeats = 3;
+  set.cases.push_back(c);
+  for (int world : {2, 4, 8}) {
+    for (int64_t per_gpu : {8192, 16384}) {
+      c = Case(absl::StrFormat("w%d_%dk_per_gpu_h32_hk8_d128", world, per_gpu / 1024), 1,
+               world * per_gpu, 32, 8, 128, DType::kBF16, true);
+      c.layout = "zigzag";
+      c.worlds = {world};
+      c.gpus = world;
+      c.warmup = 2;
+      c.repeats = 5;
+      set.cases.push_back(c);
+    }
   }
   return set;
 }
@@ -228,11 +268,13 @@ absl::Status SetField(ComparisonCase& c, std::string_view key, std::string_view 
     RA_ASSIGN_OR_RETURN(c.repeats, ParseSmallInt(key, value));
   } else if (key == "backward") {
     RA_ASSIGN_OR_RETURN(c.backward, ParseBool(key, value));
+  } else if (key == "gpus") {
+    RA_ASSIGN_OR_RETURN(c.gpus, ParseSmallInt(key, value));
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown key '", std::string(key),
         "'; expected name, batch, seqlen, heads, heads_k, head_dim, dtype, causal, window, "
-        "softcap, alibi, layout, worlds, warmup, repeats, backward"));
+        "softcap, alibi, layout, worlds, warmup, repeats, backward, gpus"));
   }
   return absl::OkStatus();
 }
@@ -349,7 +391,7 @@ class FlatJsonParser {
 
 }  // namespace
 
-std::vector<std::string> PresetNames() { return {"ci", "quick", "gpu"}; }
+std::vector<std::string> PresetNames() { return {"ci", "quick", "gpu", "multigpu"}; }
 
 std::string_view PresetDescription(std::string_view preset) {
   if (preset == "ci") {
@@ -360,6 +402,10 @@ std::string_view PresetDescription(std::string_view preset) {
   }
   if (preset == "gpu") {
     return "ANCHORS.md shapes (bf16) at W = 1, 2, 4 in-process ranks on one GPU";
+  }
+  if (preset == "multigpu") {
+    return "rings over NCCL with a GPU per rank, W = 2, 4, 8 up to the GPUs present, 8k and 16k "
+           "tokens per GPU, plus an fp64-checked case (set NCCL_NVLS_ENABLE=0)";
   }
   return "";
 }
@@ -372,9 +418,11 @@ absl::StatusOr<CaseSet> PresetCases(std::string_view preset) {
     set = QuickPreset();
   } else if (preset == "gpu") {
     set = GpuPreset();
+  } else if (preset == "multigpu") {
+    set = MultiGpuPreset();
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown preset '", std::string(preset), "'; expected one of ci, quick, gpu"));
+    return absl::InvalidArgumentError(absl::StrCat("unknown preset '", std::string(preset),
+                                                   "'; expected one of ci, quick, gpu, multigpu"));
   }
   for (ComparisonCase& c : set.cases) RA_RETURN_IF_ERROR(ValidateCase(c));
   return set;
@@ -449,6 +497,9 @@ absl::Status ValidateCase(ComparisonCase& c) {
     return absl::InvalidArgumentError(absl::StrCat("warmup must be >= 0, got ", c.warmup));
   if (c.repeats < 1) {
     return absl::InvalidArgumentError(absl::StrCat("repeats must be >= 1, got ", c.repeats));
+  }
+  if (c.gpus < 0 || c.gpus > 64) {
+    return absl::InvalidArgumentError(absl::StrCat("gpus: ", c.gpus, " is not in [0, 64]"));
   }
   if (c.name.empty()) c.name = CaseShape(c);
   for (char& ch : c.name) {

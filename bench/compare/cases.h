@@ -22,6 +22,8 @@
 //   warmup    int               1 (untimed calls before the timed ones)
 //   repeats   int               5 (timed calls)
 //   backward  bool              true (measure gradients where an implementation has them)
+//   gpus      int               0 (GPUs the case needs: on a machine with fewer it is not run,
+//                               every implementation's row says why; 0 needs none)
 // Example lines:
 //   name=tiny seqlen=300 heads=4 heads_k=2 dtype=fp16 causal=true worlds=1,3
 //   {"name": "gqa", "seqlen": 1024, "heads": 8, "heads_k": 2, "worlds": [1, 2, 4]}
@@ -55,6 +57,9 @@ struct ComparisonCase {
   int warmup = 1;
   int repeats = 5;
   bool backward = true;
+  // GPUs the case is for (a ring with a GPU per rank at its sizes); 0: none. A machine with
+  // fewer skips it, which keeps a preset meant for 8 GPUs quick on 2.
+  int gpus = 0;
 
   int kv_heads() const { return heads_k > 0 ? heads_k : heads; }
 };
@@ -70,7 +75,7 @@ struct CaseSet {
   double reference_flop_limit = 2e10;
 };
 
-// "ci", "quick" and "gpu".
+// "ci", "quick", "gpu" and "multigpu".
 std::vector<std::string> PresetNames();
 // What each preset is for, one line.
 std::string_view PresetDescription(std::string_view preset);

@@ -17,7 +17,7 @@
 #include "bench/compare/implementations.h"
 #include "bench/compare/runner.h"
 
-ABSL_FLAG(std::string, preset, "ci", "built-in case set: ci, quick or gpu (see --list)");
+ABSL_FLAG(std::string, preset, "ci", "built-in case set: ci, quick, gpu or multigpu (see --list)");
 ABSL_FLAG(std::string, cases, "",
           "case file (bench/compare/cases.h describes it); overrides --preset");
 ABSL_FLAG(std::vector<std::string>, implementations, {},
@@ -41,13 +41,14 @@ constexpr char kUsage[] =
     "Compares attention implementations on correctness and speed.\n"
     "  ringattn_compare --preset ci --out out/comparison      CPU: single_cpu vs ring_cpu\n"
     "  ringattn_compare --preset gpu                           GPU: cuDNN, ours, rings\n"
+    "  NCCL_NVLS_ENABLE=0 ringattn_compare --preset multigpu   rings over NCCL, a GPU per rank\n"
     "  ringattn_compare --cases my_cases.txt --implementations single_cpu,ring_cpu\n"
     "Writes <out>/results.jsonl; bench/compare/report.py makes the Markdown report and plots.";
 
 void PrintList(std::ostream& out) {
   out << "presets:\n";
   for (const std::string& p : ringattn::compare::PresetNames()) {
-    out << absl::StrFormat("  %-6s %s\n", p, std::string(ringattn::compare::PresetDescription(p)));
+    out << absl::StrFormat("  %-9s %s\n", p, std::string(ringattn::compare::PresetDescription(p)));
   }
   out << "implementations:\n";
   const ringattn::compare::ImplementationRegistry registry =
@@ -57,7 +58,7 @@ void PrintList(std::ostream& out) {
     if (!impl.ok()) continue;
     const absl::Status available = (*impl)->Available();
     out << absl::StrFormat(
-        "  %-13s %s\n  %-13s [%s%s]\n", name, std::string((*impl)->description()), "",
+        "  %-16s %s\n  %-16s [%s%s]\n", name, std::string((*impl)->description()), "",
         available.ok() ? "available" : "not available: ", std::string(available.message()));
   }
   out << ringattn::compare::MachineDescription() << "\n";

@@ -1,13 +1,22 @@
 // Unit tests of the comparison framework's pieces: case parsing, latency percentiles, the ring
-// step summary, tolerances, heap accounting and the JSON writer.
+// step summary, tolerances, heap accounting and the JSON writer; the multigpu preset, and the
+// multi-GPU implementations reporting "not available" on a machine with too few GPUs (every
+// machine, for a ring one rank larger than the GPUs present), which is what CI without GPUs sees.
+#include <chrono>
 #include <cmath>
+#include <fstream>
 #include <limits>
 #include <memory>
+#include <sstream>
+#include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "bench/compare/cases.h"
 #include "bench/compare/implementations.h"
 #include "bench/compare/metrics.h"
+#include "bench/compare/runner.h"
 #include "gtest/gtest.h"
 
 namespace ringattn::compare {
@@ -53,6 +62,15 @@ TEST(Cases, ErrorsNameTheLineAndTheKey) {
   EXPECT_FALSE(ParseCases("seqlen=64 worlds=0\n").ok());
   EXPECT_FALSE(ParseCases("seqlen=64 heads=6 heads_k=4\n").ok());
   EXPECT_FALSE(ParseCases("# nothing\n").ok());
+  EXPECT_FALSE(ParseCases("seqlen=64 gpus=-1\n").ok());
+}
+
+TEST(Cases, ParsesTheGpusACaseNeeds) {
+  absl::StatusOr<std::vector<ComparisonCase>> cases =
+      ParseCases("seqlen=64 gpus=4\n{\"seqlen\": 64}\n");
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  EXPECT_EQ((*cases)[0].gpus, 4);
+  EXPECT_EQ((*cases)[1].gpus, 0);
 }
 
 TEST(Cases, PresetsAreValid) {
@@ -63,6 +81,52 @@ TEST(Cases, PresetsAreValid) {
     EXPECT_FALSE(set->default_implementations.empty()) << name;
   }
   EXPECT_FALSE(PresetCases("nightly").ok());
+}
+
+TEST(Cases, MultiGpuPresetRunsNcclRingsAtTwoFourAndEightGpus) {
+  absl::StatusOr<CaseSet> set = PresetCases("multigpu");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->default_implementations,
+            (std::vector<std::string>{"single_cudnn", "single_cuda", "ring_nccl_cudnn",
+                                      "ring_nccl_cuda"}));
+  const ImplementationRegistry registry = BuiltinImplementations();
+  for (const std::string& name : set->default_implementations) {
+    EXPECT_TRUE(registry.Make(name).ok()) << name;
+  }
+  ASSERT_EQ(set->cases.size(), 7u);
+  // The correctness case: small enough for the fp64 references (forward and backward), needs
+  // no GPU count of its own; its worlds above the machine's GPUs report "not available".
+  const ComparisonCase& check = set->cases[0];
+  EXPECT_EQ(check.seqlen, 3816);
+  EXPECT_EQ(check.heads, 8);
+  EXPECT_EQ(check.kv_heads(), 2);
+  EXPECT_EQ(check.head_dim, 64);
+  EXPECT_TRUE(check.backward);
+  EXPECT_EQ(check.gpus, 0);
+  EXPECT_EQ(check.worlds, (std::vector<int>{2, 4, 8}));
+  absl::StatusOr<Problem> shape = DescribeProblem(check);
+  ASSERT_TRUE(shape.ok()) << shape.status();
+  EXPECT_LE(2.5 * shape->forward_flops(), set->reference_flop_limit);
+  // The sized cases: 8k and 16k tokens per GPU at W = 2, 4, 8, each needing its W GPUs.
+  std::vector<std::vector<int64_t>> sized;  // {world, seqlen}
+  for (size_t i = 1; i < set->cases.size(); ++i) {
+    const ComparisonCase& c = set->cases[i];
+    ASSERT_EQ(c.worlds.size(), 1u) << c.name;
+    const int world = c.worlds[0];
+    EXPECT_EQ(c.gpus, world) << c.name;
+    EXPECT_EQ(c.heads, 32) << c.name;
+    EXPECT_EQ(c.kv_heads(), 8) << c.name;
+    EXPECT_EQ(c.head_dim, 128) << c.name;
+    EXPECT_EQ(c.dtype, DType::kBF16) << c.name;
+    EXPECT_TRUE(c.causal) << c.name;
+    EXPECT_EQ(c.layout, "zigzag") << c.name;
+    absl::StatusOr<Problem> p = DescribeProblem(c);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_GT(p->forward_flops(), set->reference_flop_limit) << c.name;
+    sized.push_back({world, c.seqlen});
+  }
+  EXPECT_EQ(sized, (std::vector<std::vector<int64_t>>{
+                       {2, 16384}, {2, 32768}, {4, 32768}, {4, 65536}, {8, 65536}, {8, 131072}}));
 }
 
 TEST(Metrics, NearestRankPercentiles) {
@@ -139,7 +203,7 @@ TEST(Implementations, RegistryKnowsEveryNameAndRefusesOthers) {
     ASSERT_TRUE(impl.ok()) << name;
     EXPECT_EQ((*impl)->name(), name);
   }
-  EXPECT_EQ(registry.Names().size(), 6u);
+  EXPECT_EQ(registry.Names().size(), 8u);
   absl::StatusOr<std::unique_ptr<Implementation>> bad = registry.Make("triton");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("single_cpu"), std::string::npos);
@@ -173,6 +237,107 @@ TEST(Implementations, CpuRingMatchesSingleOnATinyCase) {
   for (size_t i = 0; i < a->out.size() / sizeof(float); ++i) {
     ASSERT_NEAR(x[i], y[i], 1e-5) << i;
   }
+}
+
+// A small problem every implementation could compute (bf16, causal, GQA), with dout.
+Problem TinyProblem() {
+  ComparisonCase c;
+  c.seqlen = 96;
+  c.heads = 4;
+  c.heads_k = 2;
+  c.head_dim = 64;
+  c.causal = true;
+  absl::StatusOr<Problem> problem = MakeProblem(c, 1, /*with_grad_output=*/true);
+  EXPECT_TRUE(problem.ok()) << problem.status();
+  return *std::move(problem);
+}
+
+// "not available" in a row: Unavailable (this machine) or Unimplemented (this build).
+bool IsNotAvailable(const absl::Status& s) {
+  return absl::IsUnavailable(s) || absl::IsUnimplemented(s);
+}
+
+TEST(Implementations, NcclRingsAreNotAvailableWithTooFewGpus) {
+  const int gpus = VisibleGpuCount();
+  const int world = gpus + 1;  // more ranks than GPUs, on every machine
+  const Problem problem = TinyProblem();
+  const ImplementationRegistry registry = BuiltinImplementations();
+  for (const char* name : {"ring_nccl_cuda", "ring_nccl_cudnn"}) {
+    absl::StatusOr<std::unique_ptr<Implementation>> impl = registry.Make(name);
+    ASSERT_TRUE(impl.ok()) << name;
+    EXPECT_TRUE((*impl)->is_ring()) << name;
+    EXPECT_EQ((*impl)->placement(), Placement::kDevice) << name;
+    if (gpus == 0) {
+      const absl::Status available = (*impl)->Available();
+      EXPECT_TRUE(IsNotAvailable(available)) << name << ": " << available;
+    }
+    // Each call returns at once, naming the shortfall (or what the build lacks); nothing hangs
+    // waiting for ranks that cannot exist.
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<ForwardRun> fwd = (*impl)->Forward(problem, world, Repeats{0, 1});
+    ASSERT_FALSE(fwd.ok()) << name;
+    EXPECT_TRUE(IsNotAvailable(fwd.status())) << name << ": " << fwd.status();
+    absl::StatusOr<BackwardRun> bwd = (*impl)->Backward(problem, world, Repeats{0, 1});
+    ASSERT_FALSE(bwd.ok()) << name;
+    EXPECT_TRUE(IsNotAvailable(bwd.status())) << name << ": " << bwd.status();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10)) << name;
+    if (absl::IsUnavailable(fwd.status()) && gpus > 0) {
+      EXPECT_NE(fwd.status().message().find(absl::StrCat("needs ", world, " GPUs")),
+                std::string::npos)
+          << fwd.status();
+    }
+  }
+}
+
+TEST(Implementations, GpuSingleDeviceNotAvailableWithoutAGpu) {
+  if (VisibleGpuCount() > 0) GTEST_SKIP() << "this machine has a GPU";
+  const ImplementationRegistry registry = BuiltinImplementations();
+  for (const char* name : {"single_cuda", "single_cudnn", "ring_cuda", "ring_cudnn"}) {
+    absl::StatusOr<std::unique_ptr<Implementation>> impl = registry.Make(name);
+    ASSERT_TRUE(impl.ok()) << name;
+    const absl::Status available = (*impl)->Available();
+    EXPECT_TRUE(IsNotAvailable(available)) << name << ": " << available;
+  }
+}
+
+// The runner end to end on the host: a case needing more GPUs than the machine has is skipped
+// (no inputs made, a not_available row per implementation and pass), and a ring over NCCL at a
+// world above the GPU count reports not_available for that world while single_cpu runs.
+TEST(Runner, MissingGpusAreNotAvailableNotFailures) {
+  const int gpus = VisibleGpuCount();
+  ComparisonCase needs_gpus;
+  needs_gpus.name = "needs_more_gpus";
+  needs_gpus.seqlen = 64;
+  needs_gpus.heads = 2;
+  needs_gpus.dtype = DType::kF32;
+  needs_gpus.gpus = gpus + 1;
+  needs_gpus.worlds = {gpus + 1};
+  ComparisonCase runs = needs_gpus;
+  runs.name = "too_many_ranks";
+  runs.gpus = 0;
+  runs.repeats = 1;
+  ComparisonOptions options;
+  options.cases.name = "test";
+  options.cases.cases = {needs_gpus, runs};
+  options.implementations = {"single_cpu", "ring_nccl_cuda"};
+  options.out_dir = testing::TempDir() + "/compare_test_missing_gpus";
+  std::ostringstream log;
+  absl::StatusOr<ComparisonSummary> summary = RunComparison(options, log);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->errors, 0) << log.str();
+  EXPECT_EQ(summary->failed, 0) << log.str();
+  EXPECT_GE(summary->runs, 2) << log.str();  // single_cpu's forward and backward
+  EXPECT_TRUE(summary->ok()) << log.str();
+  // needs_more_gpus: 2 implementations x fwd (+ single_cpu's bwd where it has one, + the NCCL
+  // ring's bwd where it has one); too_many_ranks: the ring's fwd (and bwd).
+  EXPECT_GE(summary->not_available, 3) << log.str();
+  EXPECT_NE(log.str().find("needs " + std::to_string(gpus + 1) + " GPUs"), std::string::npos)
+      << log.str();
+  std::ifstream results(summary->results_path);
+  std::stringstream text;
+  text << results.rdbuf();
+  EXPECT_NE(text.str().find("\"case\":\"needs_more_gpus\""), std::string::npos);
+  EXPECT_NE(text.str().find("\"status\":\"not_available\""), std::string::npos);
 }
 
 }  // namespace

@@ -17,10 +17,16 @@
 //   ring_cudnn    the device ring (DeviceInProcessRing) with the "cudnn" backend, W ranks
 //                 in-process on one GPU
 //   ring_cuda     the device ring with the "cuda" backend, W ranks in-process on one GPU
-// The GPU ones have no backward yet (there is no GPU backward kernel). Each piece is compiled in
-// when its CMake target is in the build (bench/compare/CMakeLists.txt sets RINGATTN_HAVE_*); an
+//   ring_nccl_cudnn  the device ring over NCCL with the "cudnn" backend: W ranks as threads of
+//                 this process, rank r on GPU r (needs W GPUs; with fewer a run reports
+//                 "not available: needs W GPUs, found N")
+//   ring_nccl_cuda   the same with the "cuda" backend
+// Backward: the single-device GPU ones run the "cuda" / "cudnn" backward backend, the rings
+// the device ring backward (in-process, or over NCCL), each after one untimed forward.
+// The GPU implementations live in gpu_implementations.cc. Each piece is compiled in when its
+// CMake target is in the build (bench/compare/CMakeLists.txt sets RINGATTN_HAVE_*); an
 // implementation whose piece is missing is still registered and reports "not available" with
-// the reason, as do the CPU backwards without the CPU backward libraries.
+// the reason, as do the backwards without their libraries.
 #pragma once
 
 #include <cstddef>
@@ -73,6 +79,9 @@ struct Problem {
 // `with_grad_output`.
 absl::StatusOr<Problem> MakeProblem(const ComparisonCase& spec, uint64_t seed,
                                     bool with_grad_output);
+// The problem of `spec` (validated, layout resolved, ALiBi slopes made) without its tensors:
+// enough to describe a case that is not run.
+absl::StatusOr<Problem> DescribeProblem(const ComparisonCase& spec);
 
 struct Repeats {
   int warmup = 1;   // untimed calls first (graph builds, caches, page faults)
@@ -127,6 +136,14 @@ class Implementation {
   // OK when it computes `problem`'s options; otherwise InvalidArgument naming what it does not
   // (reported as "unsupported", not a failure). Anything Forward refuses beyond this is an error.
   virtual absl::Status Supports(const Problem& /*problem*/) const { return absl::OkStatus(); }
+  // The same for Backward (asked only when Supports is OK and has_backward()).
+  virtual absl::Status SupportsBackward(const Problem& /*problem*/) const {
+    return absl::OkStatus();
+  }
+  // GPUs a run at `world` occupies: 0 on the host, 1 on one GPU (single device, or a ring of
+  // in-process ranks sharing it), `world` for a ring with a GPU per rank. The report divides
+  // throughput by it (TFLOP/s per GPU).
+  virtual int Gpus(int /*world*/) const { return placement() == Placement::kDevice ? 1 : 0; }
 
   // warmup + repeats calls on `problem` with `world` ranks (1 for a single-device run); returns
   // the last call's output.
@@ -163,11 +180,15 @@ class ImplementationRegistry {
   std::vector<std::pair<std::string, Factory>> entries_;
 };
 
-// The six implementations listed at the top of this file.
+// The eight implementations listed at the top of this file.
 ImplementationRegistry BuiltinImplementations();
 
-// This machine as the report names it: hardware threads, and the CUDA device (name, SMs,
-// memory) or why there is none.
+// This machine as the report names it: hardware threads, and the CUDA devices (count; name,
+// SMs and memory of device 0) or why there is none.
 std::string MachineDescription();
+
+// CUDA devices this process sees; 0 without CUDA in the build or without a device (never an
+// error: the comparison only counts them, e.g. to skip a case that needs more GPUs).
+int VisibleGpuCount();
 
 }  // namespace ringattn::compare

@@ -161,6 +161,11 @@ RingSummary SummarizeRing(const std::vector<std::vector<RingTimings>>& per_repea
 
 bool ErrorBound::Admits(const ErrorStats& e) const { return e.Within(rel_l2, max_abs); }
 
+ErrorBound ScaledToReference(ErrorBound bound, double ref_max_abs) {
+  bound.max_abs *= std::max(1.0, ref_max_abs);
+  return bound;
+}
+
 Tolerances SeedTolerances() {
   Tolerances t;
   t.out = {1e-2, 1e300};
@@ -298,6 +303,10 @@ JsonObject& JsonObject::Add(std::string_view key, const std::vector<std::string>
 }
 
 JsonObject& JsonObject::Add(std::string_view key, const std::vector<int>& values) {
+  return Add(key, std::vector<int64_t>(values.begin(), values.end()));
+}
+
+JsonObject& JsonObject::Add(std::string_view key, const std::vector<int64_t>& values) {
   Key(key);
   body_.push_back('[');
   for (size_t i = 0; i < values.size(); ++i) {

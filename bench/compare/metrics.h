@@ -50,7 +50,9 @@ class HostHeap {
 struct MemoryUse {
   std::string space;        // "host" or "device"
   std::string method;       // one line, shown in the report
-  int64_t peak_bytes = -1;  // -1: not measured
+  int64_t peak_bytes = -1;  // -1: not measured; a ring over several GPUs: the sum over them
+  // A ring over several GPUs: each GPU's figure, [world] (rank r on GPU r); empty otherwise.
+  std::vector<int64_t> per_gpu_bytes;
 };
 
 // The method strings, so that the report names them once.
@@ -65,6 +67,12 @@ inline constexpr std::string_view kDeviceMemoryMethod =
     "workspaces and cudaMallocAsync pool reservations); transient allocations freed inside a "
     "call are not seen; in-process ranks share one GPU, so a ring's figure is the sum over its "
     "ranks";
+inline constexpr std::string_view kMultiGpuMemoryMethod =
+    "devices, rings over several GPUs (ring_nccl_*): the same growth of used memory measured on "
+    "every GPU of the ring (cudaMemGetInfo with that GPU current); peak is the sum over the "
+    "GPUs, per rank the largest GPU's. The NCCL communicators are made once per world size "
+    "before the first run and kept: their init-time memory is not counted, the buffers NCCL "
+    "connects at a communicator's first transfer count in that first run only";
 
 // ---- Ring steps -------------------------------------------------------------------------------
 
@@ -116,6 +124,13 @@ Tolerances ToolTolerances(DType dtype);
 // already hold (measured: bf16 max_abs 2e-3 between cuDNN and our kernel), so the same bounds.
 Tolerances BaselineTolerances(DType dtype);
 
+// A gradient's max_abs bound taken relative to the reference tensor's scale: multiplied by
+// max(1, max |ref|). Gradients are not of unit scale (dV sums P^T dO over every query: at
+// s 16k, |dV| reaches ~5), and one bf16 rounding of a value of 5 is 0.02 (cuDNN stores its
+// gradients in bf16), so a fixed 1e-2 bound fails correct results at scale (H100, multigpu
+// preset: dv max_abs 0.012-0.023, rel L2 0.0024-0.0034). rel_l2 is scale-free and unchanged.
+ErrorBound ScaledToReference(ErrorBound bound, double ref_max_abs);
+
 // ---- JSON lines -------------------------------------------------------------------------------
 
 // Builds one JSON object. Non-finite numbers become null.
@@ -134,6 +149,7 @@ class JsonObject {
   JsonObject& Add(std::string_view key, const std::vector<JsonObject>& values);
   JsonObject& Add(std::string_view key, const std::vector<std::string>& values);
   JsonObject& Add(std::string_view key, const std::vector<int>& values);
+  JsonObject& Add(std::string_view key, const std::vector<int64_t>& values);
   std::string ToString() const { return "{" + body_ + "}"; }
 
  private:

@@ -153,6 +153,9 @@ def section_method(meta, cases):
     lines.append("")
     lines.append(table(["dtype", "out max abs", "out rel L2", "lse max abs", "lse rel L2",
                         "grad max abs", "grad rel L2"], rows))
+    lines.append("")
+    lines.append("A gradient's max abs bound is taken times max(1, max |reference|) of that tensor "
+                 "(gradients are not of unit scale; rel L2 is scale-free).")
     return "\n".join(lines) + "\n"
 
 
@@ -202,12 +205,28 @@ def section_gradients(bwd, not_run):
         lines.append(table(["case", "implementation", "W", "dtype", "against", "dq max abs",
                             "dq rel L2", "dk max abs", "dk rel L2", "dv max abs", "dv rel L2",
                             "check"], rows))
-    missing = sorted({(r["impl"], r.get("message", "")) for r in not_run if r["pass"] == "bwd"})
-    for impl, why in missing:
-        lines.append(f"- `{impl}`: gradients not available ({why})")
+    missing = grouped_not_run([r for r in not_run if r["pass"] == "bwd"])
+    if missing:
+        lines.append("Gradients not computed:")
+        lines.append("")
+        lines.append(table(["implementation", "status", "W", "why", "cases"], missing))
     if not bwd and not missing:
         lines.append("No backward was requested.")
     return "\n".join(lines) + "\n\n"
+
+
+def grouped_not_run(rows):
+    """One table row per (implementation, status, reason): the world sizes and cases it hit."""
+    groups = collections.OrderedDict()
+    for r in rows:
+        key = (r["impl"], r["status"], r.get("message", ""))
+        g = groups.setdefault(key, (set(), set()))
+        if r.get("world") is not None:
+            g[0].add(r["world"])
+        g[1].add(r["case"])
+    return [[f"`{impl}`", status.replace("_", " "),
+             ", ".join(str(w) for w in sorted(worlds)) or "all", why, ", ".join(sorted(cases))]
+            for (impl, status, why), (worlds, cases) in groups.items()]
 
 
 def baselines(rows):
@@ -261,7 +280,8 @@ def section_performance(fwd, bwd):
         rows.append([r["case"], f"`{r['impl']}`", r["pass"], world_str(r),
                      fmt(lat.get("p50", 0) * 1e3, ".3f"), fmt(lat.get("p99", 0) * 1e3, ".3f"),
                      fmt(r.get("wall_p50_s", lat.get("p50", 0)) * 1e3, ".3f"),
-                     fmt(r.get("tflops"), ".3f"), fmt(r.get("tokens_per_s"), ".4g"),
+                     fmt(r.get("tflops"), ".3f"), per_gpu_tflops(r),
+                     fmt(r.get("tokens_per_s"), ".4g"),
                      "—" if speed is None else f"{speed:.2f}x", ratio_str(vs_ring),
                      r.get("timer", "")])
     return "## Performance: latency and throughput\n\n" + (
@@ -269,14 +289,33 @@ def section_performance(fwd, bwd):
         "against a host-timed ring a CUDA-event-timed baseline counts at its wall p50. "
         "`wall p50` is host time around the call, synchronised (a CPU ring's includes its "
         "scatter and gather of the whole sequence). `vs first ring` holds a ring against the "
-        "first ring that ran at the same W (the seed's DSL-vs-native ratio).\n\n") + table(
+        "first ring that ran at the same W (the seed's DSL-vs-native ratio). `TFLOP/s per GPU` "
+        "divides by the GPUs the run occupied: W for a ring with a GPU per rank (ring_nccl_*), "
+        "1 for one GPU (in-process rings included).\n\n") + table(
         ["case", "implementation", "pass", "W", "p50 ms", "p99 ms", "wall p50 ms", "TFLOP/s",
-         "tokens/s", "vs baseline", "vs first ring", "timer"], rows)
+         "TFLOP/s per GPU", "tokens/s", "vs baseline", "vs first ring", "timer"], rows)
+
+
+def per_gpu_tflops(r):
+    """Throughput over the GPUs the run occupied; none for a host run."""
+    if not r.get("gpus"):
+        return "—"
+    return fmt(r.get("tflops_per_gpu"), ".3f")
 
 
 def peak_mib(r):
     peak = r.get("memory", {}).get("peak_bytes")
     return None if peak is None or peak < 0 else peak / 2**20
+
+
+def per_rank_mib(r):
+    """A ring over several GPUs: its largest GPU's figure; otherwise the peak over W (in-process
+    ranks share one process and GPU)."""
+    per_gpu = r.get("memory", {}).get("per_gpu_bytes")
+    if per_gpu:
+        return max(per_gpu) / 2**20
+    peak = peak_mib(r)
+    return None if peak is None else peak / (r.get("world") or 1)
 
 
 def section_memory(fwd, bwd):
@@ -285,7 +324,7 @@ def section_memory(fwd, bwd):
     for r in fwd + bwd:
         m = r.get("memory", {})
         peak = peak_mib(r)
-        per_rank = None if peak is None else peak / (r.get("world") or 1)
+        per_rank = per_rank_mib(r)
         ref = rings.get((r["case"], r["pass"], r.get("world")))
         vs_ring = None
         if r.get("ring") and ref is not None and ref is not r and peak and peak_mib(ref):
@@ -294,23 +333,24 @@ def section_memory(fwd, bwd):
                      fmt(peak, ".2f"), fmt(per_rank, ".2f"),
                      fmt_pct(m.get("overhead_vs_baseline")), vs_ring or "—"])
     return "## Memory: peak\n\n" + (
-        "All ranks of a ring share this process (and GPU), so `peak` is their sum and `per rank` "
-        "that sum over W. Overhead is against the baseline in the same memory space, and for a "
+        "All ranks of an in-process ring share this process (and GPU), so `peak` is their sum "
+        "and `per rank` that sum over W; for a ring with a GPU per rank (ring_nccl_*) `peak` is "
+        "the sum over its GPUs and `per rank` the largest GPU's. Overhead is against the baseline in the same memory space, and for a "
         "ring against the first ring at the same W (the seed's < 20% target); see Method for "
         "what is counted.\n\n") + table(
         ["case", "implementation", "pass", "W", "space", "peak MiB", "per rank MiB",
          "overhead vs baseline", "overhead vs first ring"], rows)
 
 
-def section_ring(fwd):
+def section_ring(rows_in):
     rows = []
-    for r in fwd:
+    for r in rows_in:
         rs = r.get("ring_steps")
         if not rs or r.get("world", 1) < 2:
             continue
         steps = " · ".join(f"{s['compute_mean_s'] * 1e3:.2f}/{s['comm_wait_mean_s'] * 1e3:.2f}"
                            for s in rs["steps"])
-        rows.append([r["case"], f"`{r['impl']}`", r["world"],
+        rows.append([r["case"], f"`{r['impl']}`", r["pass"], r["world"],
                      fmt(rs["compute_s"] * 1e3, ".3f"), fmt(rs["comm_wait_s"] * 1e3, ".3f"),
                      fmt(100 * rs["hidden_share"], ".1f") + "%", steps])
     if not rows:
@@ -319,28 +359,21 @@ def section_ring(fwd):
         "Per timed call, summed over ranks and steps; hidden share = 1 - sum(comm wait) / "
         "sum(step time). The last column is each step's mean compute / comm wait in ms "
         "(mean over ranks and calls).\n\n") + table(
-        ["case", "implementation", "W", "compute ms", "comm wait ms", "hidden", "steps (ms)"],
+        ["case", "implementation", "pass", "W", "compute ms", "comm wait ms", "hidden",
+         "steps (ms)"],
         rows)
 
 
 def section_not_run(not_run, errors):
-    lines = []
-    seen = set()
-    for r in not_run:
-        key = (r["impl"], r["pass"], r["status"], r.get("message", ""))
-        if r["pass"] == "bwd" or key in seen:
-            continue
-        seen.add(key)
-        cases = sorted({x["case"] for x in not_run if (x["impl"], x["pass"], x["status"],
-                                                         x.get("message", "")) == key})
-        lines.append([f"`{r['impl']}`", r["status"].replace("_", " "), r.get("message", ""),
-                      ", ".join(cases)])
+    """Forward runs that did not happen (the gradients section lists the backward's) and every
+    error."""
+    lines = grouped_not_run([r for r in not_run if r["pass"] == "fwd"])
     for r in errors:
-        lines.append([f"`{r['impl']}`", f"error (W={world_str(r)}, {r['pass']})",
+        lines.append([f"`{r['impl']}`", f"error ({r['pass']})", world_str(r),
                       r.get("message", ""), r["case"]])
     if not lines:
         return ""
-    return "## Not run\n\n" + table(["implementation", "status", "why", "cases"], lines)
+    return "## Not run\n\n" + table(["implementation", "status", "W", "why", "cases"], lines)
 
 
 # ---- Plots --------------------------------------------------------------------------------------
@@ -428,7 +461,9 @@ def summary_json(meta, cases, runs, summary, ok, failures, plots):
                 "errors": {k: e[k] for k in ("out", "lse", "dq", "dk", "dv") if k in e},
                 "latency_p50_s": r["latency_s"]["p50"], "latency_p99_s": r["latency_s"]["p99"],
                 "tflops": r.get("tflops"), "tokens_per_s": r.get("tokens_per_s"),
+                "gpus": r.get("gpus"), "tflops_per_gpu": r.get("tflops_per_gpu"),
                 "peak_bytes": r.get("memory", {}).get("peak_bytes"),
+                "per_gpu_bytes": r.get("memory", {}).get("per_gpu_bytes"),
                 "memory_overhead_vs_baseline": r.get("memory", {}).get("overhead_vs_baseline"),
             })
             if r.get("ring_steps"):
@@ -494,7 +529,7 @@ def main():
     md = [section_header(meta, summary, ok, failures), section_implementations(meta),
           section_method(meta, cases), section_correctness(fwd), section_error_vs_world(fwd),
           section_gradients(bwd, not_run), section_performance(fwd, bwd),
-          section_memory(fwd, bwd), section_ring(fwd), section_not_run(not_run, errors)]
+          section_memory(fwd, bwd), section_ring(fwd + bwd), section_not_run(not_run, errors)]
     md.append("## Plots\n\n" + (plot_note + "\n" if plot_note else "") +
               "".join(f"![{p}]({p})\n" for p in plots))
     with open(os.path.join(out_dir, "report.md"), "w") as f:

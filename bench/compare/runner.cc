@@ -1,6 +1,7 @@
 #include "bench/compare/runner.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -42,6 +43,14 @@ ErrorStats Compare(const std::vector<std::byte>& got, DType dtype, const std::ve
   return CompareTensor(got.data(), dtype, ref.data(), static_cast<int64_t>(ref.size()));
 }
 
+// max |x| over a reference tensor (the scale ScaledToReference takes).
+template <typename T>
+double MaxAbs(const std::vector<T>& x) {
+  double m = 0;
+  for (const T& v : x) m = std::max(m, std::abs(static_cast<double>(v)));
+  return m;
+}
+
 // Appends a failure naming what broke to *failures when `e` breaks `bound`.
 void Check(std::string_view what, const ErrorStats& e, const ErrorBound& bound,
            std::string_view bound_name, std::vector<std::string>* failures) {
@@ -66,6 +75,31 @@ std::string_view AgainstLabel(bool checked, bool fp64, bool is_baseline) {
 }
 
 std::string StatusMessage(const absl::Status& s) { return std::string(s.message()); }
+
+// Throughput fields of a run row; per GPU as well when the run occupied GPUs.
+void AddThroughput(const Throughput& tp, int gpus, JsonObject& row) {
+  row.Add("tflops", tp.tflops).Add("tokens_per_s", tp.tokens_per_second).Add("gpus", gpus);
+  if (gpus > 0) {
+    row.Add("tflops_per_gpu", tp.tflops / gpus);
+  } else {
+    row.AddNull("tflops_per_gpu");
+  }
+}
+
+// A run's memory: space and peak, and each GPU's figure for a ring over several.
+JsonObject MemoryJson(const MemoryUse& m) {
+  JsonObject o;
+  o.Add("space", m.space).Add("peak_bytes", m.peak_bytes);
+  if (!m.per_gpu_bytes.empty()) o.Add("per_gpu_bytes", m.per_gpu_bytes);
+  return o;
+}
+
+// " (max/GPU 123.4 MiB)" for a ring over several GPUs, else empty.
+std::string PerGpuLabel(const MemoryUse& m) {
+  if (m.per_gpu_bytes.empty()) return "";
+  const int64_t most = *std::max_element(m.per_gpu_bytes.begin(), m.per_gpu_bytes.end());
+  return absl::StrFormat(" (max/GPU %.1f MiB)", most / 1048576.0);
+}
 
 // What one case keeps while its implementations run.
 struct CaseState {
@@ -159,8 +193,10 @@ class Runner {
     m.Add("implementations", impl_json).Add("tolerances", tolerances);
     m.Add("seed_tolerances",
           JsonObject().Add("out_max_abs", seed.out.max_abs).Add("grad_max_abs", seed.grad.max_abs));
-    m.Add("memory_methods", std::vector<std::string>{std::string(kHostMemoryMethod),
-                                                     std::string(kDeviceMemoryMethod)});
+    m.Add("memory_methods",
+          std::vector<std::string>{std::string(kHostMemoryMethod), std::string(kDeviceMemoryMethod),
+                                   std::string(kMultiGpuMemoryMethod)});
+    m.Add("visible_gpus", VisibleGpuCount());
     m.Add("latency_method",
           "p50/p99 by nearest rank over the timed calls after the warm-up; a ring's latency is "
           "its slowest rank's ring time (scatter/gather of the whole sequence excluded, reported "
@@ -189,6 +225,12 @@ class Runner {
     for (const auto& impl : impls) any_backward |= impl->has_backward();
     log_ << absl::StrFormat("== case %s: %s, layout %s, worlds %s\n", c.name, CaseShape(c),
                             c.layout, absl::StrJoin(c.worlds, ","));
+    if (const int found = VisibleGpuCount(); c.gpus > found) {
+      SkipCase(c, impls,
+               absl::UnavailableError(
+                   absl::StrCat("the case needs ", c.gpus, " GPUs, this machine has ", found)));
+      return;
+    }
     absl::StatusOr<Problem> problem = MakeProblem(c, options_.seed, c.backward && any_backward);
     if (!problem.ok()) {
       log_ << "   error: " << problem.status() << "\n";
@@ -233,6 +275,11 @@ class Runner {
       }
       if (absl::Status s = impl->Supports(*problem); !s.ok()) {
         EmitStatusRow(*problem, *impl, "fwd", "unsupported", s);
+        // The backward needs the forward's output: refused with it (one row, so that the
+        // gradients section names the reason too).
+        if (c.backward && impl->has_backward()) {
+          EmitStatusRow(*problem, *impl, "bwd", "unsupported", s);
+        }
         continue;
       }
       const std::vector<int> worlds = impl->is_ring() ? c.worlds : std::vector<int>{1};
@@ -242,6 +289,10 @@ class Runner {
         EmitStatusRow(*problem, *impl, "bwd", "not_available",
                       absl::UnimplementedError(
                           absl::StrCat(std::string(impl->name()), ": no backward in this build")));
+        continue;
+      }
+      if (absl::Status s = impl->SupportsBackward(*problem); !s.ok()) {
+        EmitStatusRow(*problem, *impl, "bwd", "unsupported", s);
         continue;
       }
       for (int world : worlds) RunBackward(*impl, *problem, world, state);
@@ -257,28 +308,59 @@ class Runner {
     return row;
   }
 
+  // A row for a run that did not happen; `world` is the ring size it was for, or 0 for every
+  // size (the implementation or the case as a whole).
   void EmitStatusRow(const Problem& problem, const Implementation& impl, std::string_view pass,
-                     std::string_view status, const absl::Status& why) {
+                     std::string_view status, const absl::Status& why, int world = 0) {
     if (status == "not_available") ++summary_.not_available;
     if (status == "unsupported") ++summary_.unsupported;
     JsonObject row = RowStart(problem, impl, pass, status);
-    row.AddNull("world").Add("message", StatusMessage(why));
+    if (world > 0) {
+      row.Add("world", world);
+    } else {
+      row.AddNull("world");
+    }
+    row.Add("message", StatusMessage(why));
     Emit(row);
-    log_ << absl::StrFormat("   %-13s %s %s: %s\n", std::string(impl.name()), pass, status,
+    const std::string at = world > 0 ? absl::StrFormat(" W=%d", world) : "";
+    log_ << absl::StrFormat("   %-15s %s%s %s: %s\n", std::string(impl.name()), pass, at, status,
                             StatusMessage(why));
+  }
+
+  // A case this machine cannot run (it needs more GPUs): a case line and, per implementation
+  // and pass, a not_available row with the reason; no inputs are made.
+  void SkipCase(const ComparisonCase& c, const std::vector<std::unique_ptr<Implementation>>& impls,
+                const absl::Status& why) {
+    log_ << "   skipped: " << why.message() << "\n";
+    absl::StatusOr<Problem> shape = DescribeProblem(c);
+    if (!shape.ok()) {
+      log_ << "   error: " << shape.status() << "\n";
+      ++summary_.errors;
+      return;
+    }
+    JsonObject case_json = CaseFields(*shape);
+    case_json.Add("type", "case").Add("flops", shape->forward_flops()).Add("worlds", c.worlds);
+    case_json.Add("reference", "skipped").Add("reference_note", StatusMessage(why));
+    Emit(case_json);
+    for (const auto& impl : impls) {
+      EmitStatusRow(*shape, *impl, "fwd", "not_available", why);
+      if (c.backward && impl->has_backward()) {
+        EmitStatusRow(*shape, *impl, "bwd", "not_available", why);
+      }
+    }
   }
 
   void EmitErrorRow(const Problem& problem, const Implementation& impl, std::string_view pass,
                     int world, const absl::Status& error) {
     if (absl::IsUnimplemented(error) || absl::IsUnavailable(error)) {
-      EmitStatusRow(problem, impl, pass, "not_available", error);
+      EmitStatusRow(problem, impl, pass, "not_available", error, world);
       return;
     }
     ++summary_.errors;
     JsonObject row = RowStart(problem, impl, pass, "error");
     row.Add("world", world).Add("message", error.ToString()).Add("check", "fail");
     Emit(row);
-    log_ << absl::StrFormat("   %-13s %s W=%d ERROR: %s\n", std::string(impl.name()), pass, world,
+    log_ << absl::StrFormat("   %-15s %s W=%d ERROR: %s\n", std::string(impl.name()), pass, world,
                             error.ToString());
   }
 
@@ -320,10 +402,9 @@ class Runner {
     const Throughput tp = ThroughputOf(flops, problem.tokens(), latency.p50);
     row.Add("flops", flops).Add("tokens", problem.tokens()).Add("timer", run->timer);
     row.Add("latency_s", ToJson(latency)).Add("wall_p50_s", wall.p50);
-    row.Add("tflops", tp.tflops).Add("tokens_per_s", tp.tokens_per_second);
+    AddThroughput(tp, impl.Gpus(world), row);
 
-    JsonObject memory;
-    memory.Add("space", run->memory.space).Add("peak_bytes", run->memory.peak_bytes);
+    JsonObject memory = MemoryJson(run->memory);
     const bool same_space = !st.baseline.empty() && impl.placement() == st.baseline_placement;
     if (same_space && st.baseline_memory > 0 && run->memory.peak_bytes >= 0) {
       memory.Add("baseline", st.baseline);
@@ -382,11 +463,12 @@ class Runner {
     Emit(row);
 
     log_ << absl::StrFormat(
-        "   %-13s fwd W=%d p50 %9.3f ms  %8.3f TFLOP/s  mem %8.1f MiB%s  out max_abs %.2e "
+        "   %-15s fwd W=%d p50 %9.3f ms  %8.3f TFLOP/s  mem %8.1f MiB%s%s  out max_abs %.2e "
         "rel_l2 %.2e (%s)  %s\n",
         std::string(impl.name()), world, latency.p50 * 1e3, tp.tflops,
-        run->memory.peak_bytes / 1048576.0, hidden, out_err.max_abs, out_err.rel_l2,
-        std::string(AgainstLabel(checked, st.reference.has_value(), is_baseline)), check);
+        run->memory.peak_bytes / 1048576.0, PerGpuLabel(run->memory), hidden, out_err.max_abs,
+        out_err.rel_l2, std::string(AgainstLabel(checked, st.reference.has_value(), is_baseline)),
+        check);
     for (const std::string& f : failures) log_ << "      FAIL: " << f << "\n";
   }
 
@@ -426,17 +508,16 @@ class Runner {
     const LatencyStats latency = SummarizeLatency(run->seconds);
     const Throughput tp = ThroughputOf(flops, problem.tokens(), latency.p50);
     row.Add("flops", flops).Add("tokens", problem.tokens()).Add("timer", run->timer);
-    row.Add("latency_s", ToJson(latency)).Add("tflops", tp.tflops);
+    row.Add("latency_s", ToJson(latency));
     row.Add("wall_p50_s", SummarizeLatency(run->wall_seconds).p50);
-    row.Add("tokens_per_s", tp.tokens_per_second);
+    AddThroughput(tp, impl.Gpus(world), row);
     std::string hidden;
     if (impl.is_ring()) {
       const RingSummary ring = SummarizeRing(run->ring);
       row.Add("ring_steps", ToJson(ring));
       if (world > 1) hidden = absl::StrFormat(" hidden %4.1f%%", 100 * ring.hidden_share);
     }
-    row.Add("memory",
-            JsonObject().Add("space", run->memory.space).Add("peak_bytes", run->memory.peak_bytes));
+    row.Add("memory", MemoryJson(run->memory));
 
     std::vector<std::string> failures;
     bool checked = false;
@@ -451,7 +532,8 @@ class Runner {
       const Tolerances tol = Tool(c.dtype);
       for (int i = 0; i < 3; ++i) {
         e[i] = Compare(*got[i], *ref[i]);
-        Check(absl::StrCat(names[i], " vs fp64"), e[i], tol.grad, "tool", &failures);
+        Check(absl::StrCat(names[i], " vs fp64"), e[i], ScaledToReference(tol.grad, MaxAbs(*ref[i])),
+              "tool", &failures);
         Check(absl::StrCat(names[i], " vs fp64"), e[i], seed.grad, "seed (SEED.md)", &failures);
       }
       errors.Add("against", "fp64_reference").Add("tolerance_grad", ToJson(tol.grad));
@@ -463,7 +545,8 @@ class Runner {
       const Tolerances tol = Baseline(c.dtype);
       for (int i = 0; i < 3; ++i) {
         e[i] = Compare(*got[i], *ref[i]);
-        Check(absl::StrCat(names[i], " vs baseline"), e[i], tol.grad, "baseline", &failures);
+        Check(absl::StrCat(names[i], " vs baseline"), e[i],
+              ScaledToReference(tol.grad, MaxAbs(*ref[i])), "baseline", &failures);
         Check(absl::StrCat(names[i], " vs baseline"), e[i], seed.grad, "seed (SEED.md)", &failures);
       }
       errors.Add("against", absl::StrCat("baseline:", st.grad_baseline));
@@ -483,9 +566,10 @@ class Runner {
     row.Add("check", check).Add("failures", failures).Add("is_baseline", is_baseline);
     Emit(row);
     log_ << absl::StrFormat(
-        "   %-13s bwd W=%d p50 %9.3f ms  %8.3f TFLOP/s%s  dq/dk/dv max_abs %.2e/%.2e/%.2e (%s)  "
-        "%s\n",
-        std::string(impl.name()), world, latency.p50 * 1e3, tp.tflops, hidden, e[0].max_abs,
+        "   %-15s bwd W=%d p50 %9.3f ms  %8.3f TFLOP/s  mem %8.1f MiB%s%s  dq/dk/dv max_abs "
+        "%.2e/%.2e/%.2e (%s)  %s\n",
+        std::string(impl.name()), world, latency.p50 * 1e3, tp.tflops,
+        run->memory.peak_bytes / 1048576.0, PerGpuLabel(run->memory), hidden, e[0].max_abs,
         e[1].max_abs, e[2].max_abs, std::string(errors_against), check);
     for (const std::string& f : failures) log_ << "      FAIL: " << f << "\n";
   }
