@@ -54,25 +54,11 @@ constexpr int64_t kOpen = kUnboundedWindow;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
-alignas(256) char g_fake[4096];
-
-AttentionBackwardParams FakeCall() {
-  AttentionBackwardParams p;
-  p.fwd = Shape(16, 16, 4, 4, 64);
-  p.fwd.q = p.fwd.k = p.fwd.v = g_fake;
-  p.out = p.dout = g_fake;
-  p.out_dtype = DType::kBF16;
-  p.lse = reinterpret_cast<const float*>(g_fake);
-  p.dq = p.dk = p.dv = reinterpret_cast<float*>(g_fake);
-  SetContiguousBackwardStrides(&p);
-  return p;
-}
+AttentionBackwardParams FakeCall() { return kernel_testing::FakeBackwardCall(); }
 
 void ExpectRefused(const AttentionBackwardParams& p, const std::string& needle) {
   auto backend = MakeCudaBackwardBackend();
-  const absl::Status s = backend->Backward(p);  // refuses before touching a device
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+  kernel_testing::ExpectBackwardRefused(*backend, p, needle);
 }
 
 TEST(CudaBackwardHostTest, Factory) {
@@ -111,7 +97,7 @@ TEST(CudaBackwardHostTest, RefusesOutDtypeMismatch) {
 
 TEST(CudaBackwardHostTest, RefusesMisalignedDout) {
   AttentionBackwardParams p = FakeCall();
-  p.dout = g_fake + 2;
+  p.dout = static_cast<const char*>(p.dout) + 2;
   ExpectRefused(p, "dout");
 }
 

@@ -205,6 +205,31 @@ inline void CheckGrads(const HostCall& hc, const DeviceCall& dc, double scale) {
       GradClose("dv", Download(dc.dv), hc.ref.dv, scale, f.seqlen_k, f.heads_k, f.head_dim, bound));
 }
 
+// ---- Host-only helpers (the refusal tests run on machines without a GPU) --------------------
+
+// A valid-looking call (16 x 16, 4 heads, d 64, bf16) whose pointers all point at one host
+// buffer: enough for checks that refuse before touching a device.
+inline AttentionBackwardParams FakeBackwardCall() {
+  alignas(256) static char fake[4096];
+  AttentionBackwardParams p;
+  p.fwd = Shape(16, 16, 4, 4, 64);
+  p.fwd.q = p.fwd.k = p.fwd.v = fake;
+  p.out = p.dout = fake;
+  p.out_dtype = DType::kBF16;
+  p.lse = reinterpret_cast<const float*>(fake);
+  p.dq = p.dk = p.dv = reinterpret_cast<float*>(fake);
+  SetContiguousBackwardStrides(&p);
+  return p;
+}
+
+// backend.Backward(p) is InvalidArgument naming `needle` (and returns before any device call).
+inline void ExpectBackwardRefused(AttentionBackwardBackend& backend,
+                                  const AttentionBackwardParams& p, const std::string& needle) {
+  const absl::Status s = backend.Backward(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+}
+
 // backend.ComputeDelta against rowsum(dO * O) on the host, at 255 rows, 5 heads, d 64, bf16.
 inline void CheckComputeDelta(AttentionBackwardBackend& backend) {
   const Case c{255, 255, 5, 5, 64, DType::kBF16};
