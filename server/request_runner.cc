@@ -114,12 +114,32 @@ void FillShardHeader(const RingSnapshot& ring, const ValidatedAttend& p, v1::DTy
 
 // Sizes `whole` to [outer, plan.seqlen, row_bytes] and writes every rank's shard
 // (`shard_of(rank)`) into its rows. INTERNAL naming the rank when a shard has the wrong size.
+// Runs fn(r) for every rank, one thread each (none for one rank). Scatter and gather are
+// memory-bound row copies between the whole tensors and the shards, disjoint per rank: on one
+// thread a 384 MB request (2 ranks, 2 x H100 run) took 0.30 s to scatter and 0.22 s to gather.
+void ForEachRankInParallel(int world, const std::function<void(int)>& fn) {
+  if (world == 1) {
+    fn(0);
+    return;
+  }
+  std::vector<std::thread> threads;
+  threads.reserve(world);
+  for (int r = 0; r < world; ++r) threads.emplace_back(fn, r);
+  for (std::thread& t : threads) t.join();
+}
+
 absl::Status Gather(const ShardPlan& plan, int64_t outer, size_t row_bytes,
                     const std::function<const std::string&(int)>& shard_of, std::string* whole) {
   whole->resize(static_cast<size_t>(outer) * plan.seqlen * row_bytes);
+  // Each rank's rows land in disjoint bytes of *whole (resized above, not again).
+  std::vector<absl::Status> statuses(plan.world);
+  ForEachRankInParallel(plan.world, [&](int r) {
+    statuses[r] = InsertShardBytes(plan, r, shard_of(r), outer, row_bytes, whole);
+  });
   for (int r = 0; r < plan.world; ++r) {
-    absl::Status s = InsertShardBytes(plan, r, shard_of(r), outer, row_bytes, whole);
-    if (!s.ok()) return absl::InternalError(absl::StrCat("worker rank ", r, ": ", s.message()));
+    if (!statuses[r].ok()) {
+      return absl::InternalError(absl::StrCat("worker rank ", r, ": ", statuses[r].message()));
+    }
   }
   return absl::OkStatus();
 }
@@ -162,14 +182,14 @@ absl::Status RunOnRing(const v1::AttendRequest& request, const ValidatedAttend& 
   const absl::Time scatter0 = absl::Now();
   std::vector<v1::RunShardRequest> requests(world);
   std::vector<v1::RunShardResponse> responses(world);
-  for (int r = 0; r < world; ++r) {
+  ForEachRankInParallel(world, [&](int r) {
     v1::RunShardRequest& req = requests[r];
     FillShardHeader(ring, p, request.q().dtype(), layout, request.options(), &req);
     req.set_return_lse(p.return_lse);
     *req.mutable_q() = ExtractShardBytes(plan, r, *p.q_bytes, p.batch, q_row);
     *req.mutable_k() = ExtractShardBytes(plan, r, *p.k_bytes, p.batch, kv_row);
     *req.mutable_v() = ExtractShardBytes(plan, r, *p.v_bytes, p.batch, kv_row);
-  }
+  });
   response->mutable_timings()->set_scatter_seconds(SecondsSince(scatter0));
 
   if (absl::Status s = RunOnEveryRank(ring, control,
@@ -223,7 +243,7 @@ absl::Status RunBackwardOnRing(const v1::AttendBackwardRequest& request,
   const absl::Time scatter0 = absl::Now();
   std::vector<v1::RunShardBackwardRequest> requests(world);
   std::vector<v1::RunShardBackwardResponse> responses(world);
-  for (int r = 0; r < world; ++r) {
+  ForEachRankInParallel(world, [&](int r) {
     v1::RunShardBackwardRequest& req = requests[r];
     FillShardHeader(ring, p, request.q().dtype(), layout, request.options(), &req);
     *req.mutable_q() = ExtractShardBytes(plan, r, *p.q_bytes, p.batch, q_row);
@@ -233,7 +253,7 @@ absl::Status RunBackwardOnRing(const v1::AttendBackwardRequest& request,
     *req.mutable_dout() = ExtractShardBytes(plan, r, *problem.dout_bytes, p.batch, q_row);
     *req.mutable_lse() =
         ExtractShardBytes(plan, r, *problem.lse_bytes, lse_outer, sizeof(float));
-  }
+  });
   response->mutable_timings()->set_scatter_seconds(SecondsSince(scatter0));
 
   if (absl::Status s = RunOnEveryRank(ring, control,
