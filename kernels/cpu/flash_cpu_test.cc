@@ -84,6 +84,16 @@ AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
   p.k_pos_stride = k_stride;
   return p;
 }
+// Two runs of positions (a zigzag shard in one call): rows from q_split sit at q_offset2.., keys
+// from k_split at k_offset2.., with the first runs' offsets and strides unchanged.
+AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2, int64_t k_split,
+                     int64_t k_offset2) {
+  p.q_pos_split = q_split;
+  p.q_pos_offset2 = q_offset2;
+  p.k_pos_split = k_split;
+  p.k_pos_offset2 = k_offset2;
+  return p;
+}
 AttentionParams Softcap(AttentionParams p, float cap) {
   p.softcap = cap;
   return p;
@@ -174,6 +184,14 @@ std::vector<Case> SweepCases() {
       {"Alibi", Shape(255, 255, 8, 8, 64), /*alibi=*/true},
       {"Softcap", Softcap(Sharpen(Shape(255, 255, 4, 4, 64), 4.0f), 5.0f)},
       {"Sharp", Sharpen(Shape(255, 255, 4, 4, 64), 8.0f)},
+      // Two runs of positions per call (the ring's zigzag step): q rows 0-99 at 0.., 100-199
+      // at 300..; keys 0-63 at 0.., 64-179 at 250.. (and strided, offset variants).
+      {"RunsCausal", Causal(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250))},
+      {"RunsWindow", Window(Runs(Shape(200, 180, 4, 4, 128), 100, 300, 64, 250), 40, 10)},
+      {"RunsStridedCausalAlibiSoftcap",
+       Softcap(Causal(Runs(Positions(Shape(150, 170, 8, 2, 64), 5, 2, 0, 2), 70, 400, 90, 300)),
+               10.0f),
+       true},
       // Options combined.
       {"CausalWindow", Window(Causal(Shape(255, 255, 4, 2, 64)), 40, kUnboundedWindow)},
       {"CausalAlibiSoftcap", Softcap(Causal(Shape(255, 300, 8, 2, 128)), 20.0f), true},

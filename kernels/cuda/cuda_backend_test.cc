@@ -69,6 +69,7 @@ using kernel_testing::MakeAttentionBuffers;
 using kernel_testing::OPlace;
 using kernel_testing::PadStrides;
 using kernel_testing::Positions;
+using kernel_testing::Runs;
 using kernel_testing::Shape;
 using kernel_testing::StridedBuffers;
 using kernel_testing::ToDevice;
@@ -255,6 +256,9 @@ std::vector<Case> SweepCases() {
       {"CausalQShorter", Causal(Shape(100, 255, 2, 2, 64))},
       {"CausalKShorter", Causal(Shape(255, 100, 2, 2, 128))},
       {"CausalStripeOffsets", Causal(Positions(Shape(255, 255, 4, 2, 64), 1, 2, 0, 2))},
+      // Two runs of positions per call (the ring's zigzag step in one call).
+      {"RunsCausal", Causal(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250))},
+      {"RunsWindowD128", Window(Runs(Shape(200, 180, 4, 4, 128), 100, 300, 64, 250), 40, 10)},
       {"CausalOffsetsStride3", Causal(Positions(Shape(200, 150, 2, 2, 128), 37, 3, 5, 2))},
       {"CausalKeysAfterSomeQueries", Causal(Positions(Shape(300, 300, 2, 2, 64), 0, 1, 150, 1))},
       {"CausalQueriesAfterKeys", Causal(Positions(Shape(200, 300, 2, 2, 128), 1000, 1, 0, 1))},

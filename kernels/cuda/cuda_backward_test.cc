@@ -182,6 +182,15 @@ std::vector<Case> SweepCases() {
     cases.push_back(offset);
   }
   cases.push_back({3816, 3816, 5, 5, 64, DType::kBF16, /*causal=*/true});
+  // Two runs of positions per call (the ring's zigzag step in one call).
+  for (int d : {64, 128}) {
+    Case runs{200, 180, 8, 2, d, DType::kBF16, /*causal=*/true};
+    runs.q_split = 100;
+    runs.q_offset2 = 300;
+    runs.k_split = 64;
+    runs.k_offset2 = 250;
+    cases.push_back(runs);
+  }
   return cases;
 }
 

@@ -35,6 +35,8 @@ struct Case {
   float softcap = 0.0f;
   bool alibi = false;
   int64_t q_pos_offset = 0;  // global position of query row 0 (a ring step's shard offset)
+  // Second runs of positions (AttentionParams::q_pos_split), a zigzag step in one call.
+  int64_t q_split = kNoPosSplit, q_offset2 = 0, k_split = kNoPosSplit, k_offset2 = 0;
 };
 
 inline std::string CaseName(const Case& c) {
@@ -49,6 +51,8 @@ inline std::string CaseName(const Case& c) {
   if (c.softcap > 0.0f) absl::StrAppend(&s, "_softcap", static_cast<int>(c.softcap));
   if (c.alibi) s += "_alibi";
   if (c.q_pos_offset != 0) absl::StrAppend(&s, "_qoff", c.q_pos_offset);
+  if (c.q_split != kNoPosSplit) absl::StrAppend(&s, "_qruns", c.q_split, "at", c.q_offset2);
+  if (c.k_split != kNoPosSplit) absl::StrAppend(&s, "_kruns", c.k_split, "at", c.k_offset2);
   return s;
 }
 
@@ -71,6 +75,7 @@ inline void MakeHostCall(const Case& c, HostCall* hc) {
   hc->fwd.window_right = c.window_right;
   hc->fwd.softcap = c.softcap;
   hc->fwd.q_pos_offset = c.q_pos_offset;
+  hc->fwd = Runs(hc->fwd, c.q_split, c.q_offset2, c.k_split, c.k_offset2);
   // With c.alibi, the usual geometric slopes in hc->t.alibi, pointed at by fwd.alibi_slopes.
   hc->t = MakeAttentionBuffers(&hc->fwd, 7, c.alibi);
   absl::StatusOr<ReferenceResult> fwd = ReferenceForward(hc->fwd);
