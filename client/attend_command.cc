@@ -16,7 +16,9 @@
 #include "client/cli_parse.h"
 #include "client/npy.h"
 #include "client/timing_table.h"
+#include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
+#include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
 #include "kernels/status_macros.h"
 #include "proto/convert.h"
@@ -26,7 +28,7 @@ namespace ringattn {
 namespace {
 
 // Ids of the synthetic tensors, as `ringattn ring` uses them.
-constexpr uint32_t kSyntheticQ = 0, kSyntheticK = 1, kSyntheticV = 2;
+constexpr uint32_t kSyntheticQ = 0, kSyntheticK = 1, kSyntheticV = 2, kSyntheticDout = 3;
 
 // The LSE is fp32 on both sides of the comparison: only accumulation order differs.
 constexpr double kLseRelL2Tolerance = 1e-5;
@@ -141,7 +143,7 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
   }
   request.set_request_id(o.request_id);
   request.set_layout(*ParseLayoutName(o.layout));
-  request.set_return_lse(o.return_lse);
+  request.set_return_lse(o.return_lse || o.backward);  // the backward needs the forward's LSE
   v1::AttentionOptions* options = request.mutable_options();
   options->set_causal(o.causal);
   if (o.softmax_scale > 0) options->set_softmax_scale(o.softmax_scale);
@@ -164,9 +166,8 @@ struct Problem {
   int head_dim = 0;
 };
 
-absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
-  const std::pair<const char*, const v1::Tensor*> tensors[] = {
-      {"q", &request.q()}, {"k", &request.k()}, {"v", &request.v()}};
+absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v) {
+  const std::pair<const char*, const v1::Tensor*> tensors[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : tensors) {
     if (t->shape_size() != 4) {
       return absl::InvalidArgumentError(
@@ -179,9 +180,6 @@ absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
       }
     }
   }
-  const v1::Tensor& q = request.q();
-  const v1::Tensor& k = request.k();
-  const v1::Tensor& v = request.v();
   Problem p;
   RA_ASSIGN_OR_RETURN(p.dtype, FromProtoDType(q.dtype(), "q.dtype"));
   if (k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
@@ -211,6 +209,10 @@ absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
     }
   }
   return p;
+}
+
+absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
+  return ProblemOf(request.q(), request.k(), request.v());
 }
 
 // Prints the shape, dtype, first values and NaN/Inf counts of one response tensor.
@@ -306,9 +308,15 @@ double OutputTolerance(DType dtype) {
   return 0;
 }
 
-absl::StatusOr<ReferenceResult> ReferenceForRequest(const v1::AttendRequest& request) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request));
-  const v1::AttentionOptions& options = request.options();
+namespace {
+
+// The forward parameters of contiguous q, k, v and `options` as the fp64 reference reads them;
+// p.o points at a dummy byte (the reference returns its output). Pointers into the tensors and
+// options, which must outlive the parameters.
+absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::Tensor& k,
+                                                const v1::Tensor& v,
+                                                const v1::AttentionOptions& options) {
+  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(q, k, v));
   if (options.dropout_p() != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "options.dropout_p must be 0 (the reference is the forward without dropout), got ",
@@ -326,10 +334,10 @@ absl::StatusOr<ReferenceResult> ReferenceForRequest(const v1::AttendRequest& req
   p.heads_k = problem.heads_k;
   p.head_dim = problem.head_dim;
   p.dtype = p.o_dtype = problem.dtype;
-  p.q = request.q().data().data();
-  p.k = request.k().data().data();
-  p.v = request.v().data().data();
-  std::byte unused_output;  // the reference returns its output; p.o only has to be non-null
+  p.q = q.data().data();
+  p.k = k.data().data();
+  p.v = v.data().data();
+  static std::byte unused_output;  // the reference returns its output; p.o must be non-null
   p.o = &unused_output;
   SetContiguousStrides(&p);
   p.softmax_scale = options.has_softmax_scale()
@@ -340,7 +348,97 @@ absl::StatusOr<ReferenceResult> ReferenceForRequest(const v1::AttendRequest& req
   p.causal = options.causal();
   p.window_left = options.has_window_left() ? options.window_left() : kUnboundedWindow;
   p.window_right = options.has_window_right() ? options.window_right() : kUnboundedWindow;
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<ReferenceResult> ReferenceForRequest(const v1::AttendRequest& request) {
+  RA_ASSIGN_OR_RETURN(const AttentionParams p,
+                      ReferenceParams(request.q(), request.k(), request.v(), request.options()));
   return ReferenceForward(p);
+}
+
+v1::AttendBackwardRequest MakeBackwardRequest(const v1::AttendRequest& forward,
+                                              const v1::AttendResponse& response, uint64_t seed) {
+  v1::AttendBackwardRequest r;
+  r.set_request_id(forward.request_id());
+  *r.mutable_q() = forward.q();
+  *r.mutable_k() = forward.k();
+  *r.mutable_v() = forward.v();
+  *r.mutable_out() = response.out();
+  *r.mutable_lse() = response.lse();
+  *r.mutable_options() = forward.options();
+  r.set_layout(forward.layout());
+  // dout: q's shape and dtype, synthetic values of id kSyntheticDout.
+  const v1::Tensor& q = forward.q();
+  v1::Tensor* dout = r.mutable_dout();
+  dout->set_dtype(q.dtype());
+  *dout->mutable_shape() = q.shape();
+  dout->mutable_data()->resize(q.data().size());
+  if (q.shape_size() == 4) {
+    FillSynthetic(seed, kSyntheticDout, static_cast<int>(q.shape(0)), q.shape(1),
+                  static_cast<int>(q.shape(2)), static_cast<int>(q.shape(3)),
+                  *FromProtoDType(q.dtype(), "q.dtype"), dout->mutable_data()->data());
+  }
+  return r;
+}
+
+double GradientTolerance(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return 1e-4;
+    case DType::kF16:
+      return 5e-3;
+    case DType::kBF16:
+      return 2e-2;
+  }
+  return 0;
+}
+
+absl::StatusOr<GradientErrors> CompareGradientsWithReference(
+    const v1::AttendBackwardRequest& request, const v1::AttendBackwardResponse& response) {
+  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request.q(), request.k(), request.v()));
+  const std::pair<const char*, std::pair<const v1::Tensor*, const v1::Tensor*>> pairs[] = {
+      {"dq", {&response.dq(), &request.q()}},
+      {"dk", {&response.dk(), &request.k()}},
+      {"dv", {&response.dv(), &request.v()}},
+      {"out", {&request.out(), &request.q()}},
+      {"dout", {&request.dout(), &request.q()}}};
+  for (const auto& [name, tensors] : pairs) {
+    const auto [got, like] = tensors;
+    if (got->dtype() != like->dtype() || ShapeString(*got) != ShapeString(*like) ||
+        got->data().size() != like->data().size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, " is ", ShapeString(*got), " ", DTypeLabel(got->dtype()), " with ",
+          got->data().size(), " bytes; expected ", ShapeString(*like), " ",
+          DTypeLabel(like->dtype())));
+    }
+  }
+  const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
+  if (static_cast<int64_t>(request.lse().data().size()) != lse_count * 4) {
+    return absl::InvalidArgumentError(absl::StrCat("lse has ", request.lse().data().size(),
+                                                   " bytes; expected ", lse_count * 4));
+  }
+  AttentionBackwardParams b;
+  RA_ASSIGN_OR_RETURN(b.fwd,
+                      ReferenceParams(request.q(), request.k(), request.v(), request.options()));
+  b.out = request.out().data().data();
+  b.dout = request.dout().data().data();
+  b.out_dtype = problem.dtype;
+  b.lse = reinterpret_cast<const float*>(request.lse().data().data());
+  std::vector<float> unused(1);  // not written by the reference; its validation wants pointers
+  b.dq = b.dk = b.dv = unused.data();
+  SetContiguousBackwardStrides(&b);
+  RA_ASSIGN_OR_RETURN(const ReferenceBackwardResult ref, ReferenceBackward(b));
+  GradientErrors e;
+  e.dq = CompareTensor(response.dq().data().data(), problem.dtype, ref.dq.data(),
+                       static_cast<int64_t>(ref.dq.size()));
+  e.dk = CompareTensor(response.dk().data().data(), problem.dtype, ref.dk.data(),
+                       static_cast<int64_t>(ref.dk.size()));
+  e.dv = CompareTensor(response.dv().data().data(), problem.dtype, ref.dv.data(),
+                       static_cast<int64_t>(ref.dv.size()));
+  return e;
 }
 
 absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& request,
@@ -383,6 +481,53 @@ absl::StatusOr<ErrorStats> CheckAgainstReference(const v1::AttendRequest& reques
   RA_ASSIGN_OR_RETURN(const ReferenceErrors errors, CompareWithReference(request, response));
   return errors.out;
 }
+
+namespace {
+
+// --backward: AttendBackward with the forward's out and lse and a synthetic dout; prints the
+// gradients' summaries and timing table, and with --check their errors against the fp64
+// reference backward. Returns the process exit code.
+int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
+                const v1::AttendResponse& response, AttentionClient& client, std::ostream& out) {
+  const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::AttendBackwardResponse> grads =
+      client.AttendBackward(backward, absl::Seconds(o.timeout_seconds));
+  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
+  if (!grads.ok()) {
+    out << ErrorLine(grads.status());
+    return 1;
+  }
+  out << absl::StrFormat("gradients in %.3f s (client round trip, AttendBackward)\n", round_trip);
+  PrintTensorSummary("dq", grads->dq(), out);
+  PrintTensorSummary("dk", grads->dk(), out);
+  PrintTensorSummary("dv", grads->dv(), out);
+  // FlashAttention's count: the backward is 2.5 forwards.
+  out << FormatTimings(grads->request_id(), grads->plan(), grads->timings(),
+                       2.5 * RequestFlops(request));
+  if (!o.check) return 0;
+  absl::StatusOr<GradientErrors> e = CompareGradientsWithReference(backward, *grads);
+  if (!e.ok()) {
+    out << ErrorLine(e.status());
+    return 1;
+  }
+  const DType dtype = *FromProtoDType(request.q().dtype(), "q.dtype");
+  const double tolerance = GradientTolerance(dtype);
+  bool ok = true;
+  for (const auto& [name, stats] :
+       {std::pair{"dq", &e->dq}, std::pair{"dk", &e->dk}, std::pair{"dv", &e->dv}}) {
+    const bool pass = stats->nan_count == 0 && stats->inf_mismatch == 0 &&
+                      stats->rel_l2 <= tolerance;
+    ok &= pass;
+    out << absl::StrFormat("check %s vs fp64: %s\n", name, stats->ToString());
+  }
+  out << (ok ? "check gradients: PASS" : "check gradients: FAIL (tolerance breached)")
+      << absl::StrFormat(" (rel_l2 tolerance %.0e for %s)\n", tolerance,
+                         std::string(DTypeName(dtype)));
+  return ok ? 0 : 1;
+}
+
+}  // namespace
 
 int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   if (absl::Status s = ValidateOptions(o); !s.ok()) {
@@ -454,6 +599,7 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     out << "wrote " << o.out_npy << "\n";
   }
   if (o.check && !RunCheck(*request, *response, out)) return 1;
+  if (o.backward) return RunBackward(o, *request, *response, **client, out);
   return 0;
 }
 

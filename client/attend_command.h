@@ -50,6 +50,9 @@ struct AttendCommandOptions {
   bool return_lse = false;
   std::string out_npy;     // when set, the output is written here (bf16 as fp32)
   std::string request_id;  // empty: the coordinator makes one
+  // Also take the gradients: AttendBackward with the forward's out and lse and a synthetic dout
+  // (unary). With `check`, the gradients are compared with the fp64 reference backward.
+  bool backward = false;
 };
 
 // Runs the command, printing to `out`. Returns the process exit code: 0 on success, 1 when the
@@ -79,6 +82,26 @@ struct ReferenceErrors {
 // when the response's tensors do not have the shapes and dtypes the request implies.
 absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& request,
                                                      const v1::AttendResponse& response);
+
+// The AttendBackward request of a forward request and its response (which must hold the LSE):
+// the same q, k, v, options and layout, the response's out and lse, and a synthetic dout of
+// q's shape and dtype (id 3 of `seed`).
+v1::AttendBackwardRequest MakeBackwardRequest(const v1::AttendRequest& forward,
+                                              const v1::AttendResponse& response, uint64_t seed);
+
+// The relative L2 error of each gradient against the fp64 reference that --check accepts:
+// 1e-4 for fp32, 5e-3 for fp16, 2e-2 for bf16 (the seed's bar for bf16 is 5e-2).
+double GradientTolerance(DType dtype);
+
+struct GradientErrors {
+  ErrorStats dq, dk, dv;
+};
+
+// Errors of the response's dq, dk, dv against ReferenceBackward of the request (which
+// recomputes the forward from q, k and v in fp64 and reads the request's out, lse and dout).
+// INVALID_ARGUMENT when shapes, dtypes or sizes do not match.
+absl::StatusOr<GradientErrors> CompareGradientsWithReference(
+    const v1::AttendBackwardRequest& request, const v1::AttendBackwardResponse& response);
 
 // CompareWithReference's errors of the output alone.
 absl::StatusOr<ErrorStats> CheckAgainstReference(const v1::AttendRequest& request,

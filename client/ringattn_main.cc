@@ -77,6 +77,9 @@ ABSL_FLAG(std::string, out_npy, "", "attend: write the output here");
 ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
+ABSL_FLAG(bool, backward, false,
+          "attend: also take the gradients (AttendBackward with a synthetic dout); with --check, "
+          "against the fp64 reference backward");
 
 // bench (also --target, the problem flags, --stream, --timeout per call and --seed)
 ABSL_FLAG(int, concurrency, 4, "bench: client threads, one call in flight each");
@@ -172,6 +175,7 @@ ringattn::AttendCommandOptions AttendOptionsFromFlags() {
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.return_lse = absl::GetFlag(FLAGS_return_lse);
+  o.backward = absl::GetFlag(FLAGS_backward);
   return o;
 }
 

@@ -64,10 +64,13 @@ double RequestFlops(const v1::AttendRequest& request) {
 }
 
 std::string FormatTimings(const v1::AttendResponse& response, double flops) {
-  const v1::Timings& t = response.timings();
-  const v1::ShardPlan& plan = response.plan();
-  std::string s = absl::StrCat(
-      "request id ", response.request_id().empty() ? "(none)" : response.request_id(), "\n");
+  return FormatTimings(response.request_id(), response.plan(), response.timings(), flops);
+}
+
+std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& plan,
+                          const v1::Timings& t, double flops) {
+  std::string s =
+      absl::StrCat("request id ", request_id.empty() ? "(none)" : request_id, "\n");
   absl::StrAppendFormat(&s, "plan: layout %s, world %d, rows per rank %s\n",
                         LayoutLabel(plan.layout()), plan.world_size(), RowsPerRank(plan));
   absl::StrAppendFormat(&s, "  %-8s %12s\n", "phase", "ms");

@@ -22,6 +22,9 @@ double RequestFlops(const v1::AttendRequest& request);
 // response alone does not tell whether the attention was causal) it ends with the throughput
 // over the total time and over the slowest worker's ring.
 std::string FormatTimings(const v1::AttendResponse& response, double flops = 0);
+// The same table from its parts (an AttendBackwardResponse has the same three).
+std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& plan,
+                          const v1::Timings& timings, double flops = 0);
 
 // A transfer progress bar drawn on one line with carriage returns. Nothing is drawn until
 // `delay` has passed since construction, so fast transfers print nothing.

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <sstream>
 #include <memory>
 #include <string>
 #include <utility>
@@ -20,6 +21,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
+#include "client/attend_command.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/cpu/reference_backward.h"
@@ -193,6 +195,55 @@ TEST(BackwardErrors, BadInputThenGoodRequest) {
   absl::StatusOr<v1::AttendResponse> again = svc.client().Attend(fwd, absl::Seconds(60));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->out().data(), fwd_resp->out().data());
+}
+
+// `ringattn attend --backward --check` against the service: gradients through AttendBackward,
+// checked here against the fp64 reference backward; and the check fails on a corrupted result.
+TEST(BackwardCommand, AttendBackwardPassesItsCheck) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(2, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  AttendCommandOptions o;
+  o.target = svc.address();
+  o.batch = 1;
+  o.seqlen = 77;
+  o.heads = 4;
+  o.heads_k = 2;
+  o.head_dim = 64;
+  o.dtype = "bf16";
+  o.causal = true;
+  o.layout = "zigzag";
+  o.check = true;
+  o.backward = true;
+  o.return_lse = false;  // --backward asks for the LSE anyway
+  std::ostringstream out;
+  EXPECT_EQ(RunAttendCommand(o, out), 0) << out.str();
+  EXPECT_NE(out.str().find("dq [1, 77, 4, 64] bf16"), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("dk [1, 77, 2, 64] bf16"), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("check gradients: PASS"), std::string::npos) << out.str();
+
+  // The same comparison on a corrupted gradient fails it.
+  const v1::AttendRequest fwd = MakeSyntheticRequest(1, 33, 2, 2, 64, DType::kF32, 5);
+  v1::AttendRequest with_lse = fwd;
+  with_lse.set_return_lse(true);
+  absl::StatusOr<v1::AttendResponse> fwd_resp = svc.client().Attend(with_lse, absl::Seconds(60));
+  ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();
+  const v1::AttendBackwardRequest req = MakeBackwardRequest(with_lse, *fwd_resp, 9);
+  absl::StatusOr<v1::AttendBackwardResponse> resp =
+      svc.client().AttendBackward(req, absl::Seconds(60));
+  ASSERT_TRUE(resp.ok()) << resp.status();
+  absl::StatusOr<GradientErrors> good = CompareGradientsWithReference(req, *resp);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_LT(good->dv.rel_l2, GradientTolerance(DType::kF32));
+  v1::AttendBackwardResponse corrupted = *resp;
+  float* dv = reinterpret_cast<float*>(corrupted.mutable_dv()->mutable_data()->data());
+  dv[5] += 1.0f;
+  absl::StatusOr<GradientErrors> bad = CompareGradientsWithReference(req, corrupted);
+  ASSERT_TRUE(bad.ok()) << bad.status();
+  EXPECT_GT(bad->dv.rel_l2, GradientTolerance(DType::kF32));
+  corrupted.mutable_dk()->mutable_data()->pop_back();
+  EXPECT_EQ(CompareGradientsWithReference(req, corrupted).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
