@@ -5,7 +5,9 @@
 #      causal and not, GQA, through the service;
 #   2. scaling: causal zigzag, h 32 / h_k 8, d 128, bf16 at 8k, 16k, 32k tokens per GPU, each
 #      request 5 times (the worker-side ring time of the last 4 is what counts);
-#   3. a worker killed mid-request: UNAVAILABLE, then the next request succeeds.
+#   3. backward scaling: the same shapes at 8k and 16k tokens per GPU through AttendBackward
+#      (`ringattn attend --backward`), 3 requests each;
+#   4. a worker killed mid-request: UNAVAILABLE, then the next request succeeds.
 # Logs go to OUT_DIR; a summary is printed.
 set -uo pipefail
 BIN=${BIN:-.devbin}
@@ -51,6 +53,16 @@ for per in 8192 16384 32768; do
   echo "tokens/GPU=$per seqlen=$s: $(grep -cE '^throughput' "$LOG/scaling_$per.log") responses"
 done
 
+echo "== backward scaling (AttendBackward, unary: up to 16k tokens per GPU at W = 2)"
+for per in 8192 16384; do
+  s=$((per * W))
+  for rep in 1 2 3; do
+    $A --seqlen=$s --heads=32 --heads_k=8 --head_dim=128 --dtype=bf16 --causal --check=false \
+      --backward >>"$LOG/backward_$per.log" 2>&1
+  done
+  echo "tokens/GPU=$per seqlen=$s: $(grep -c '^gradients in' "$LOG/backward_$per.log") backward responses"
+done
+
 kill $SERVE; wait $SERVE 2>/dev/null
 
 echo "== worker killed mid-request"
@@ -76,6 +88,7 @@ echo "next request rc=$? $(grep -E '^check:|^error' "$LOG/after_kill.log")"
 kill $SERVE2; wait $SERVE2 2>/dev/null
 cat "$LOG/serve_fault.log" >> "$OUT_DIR/serve.log"
 cat "$LOG"/scaling_*.log > "$OUT_DIR/scaling.log"
+cat "$LOG"/backward_*.log > "$OUT_DIR/backward_scaling.log" 2>/dev/null
 cat "$LOG"/check_*.log > "$OUT_DIR/checks.log"
 cat "$LOG/kill.log" "$LOG/after_kill.log" > "$OUT_DIR/faults.log"
 exit 0
