@@ -39,6 +39,7 @@
 namespace ringattn {
 namespace {
 
+using kernel_testing::Runs;
 using kernel_testing::CompareWithTolerance;
 using kernel_testing::FillRandomNormal;
 using kernel_testing::ToleranceReport;
@@ -81,16 +82,6 @@ AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
   p.q_pos_stride = q_stride;
   p.k_pos_offset = k_offset;
   p.k_pos_stride = k_stride;
-  return p;
-}
-// Two runs of positions (a zigzag shard in one call): rows from q_split sit at q_offset2.., keys
-// from k_split at k_offset2.., with the first runs' offsets and strides unchanged.
-AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2, int64_t k_split,
-                     int64_t k_offset2) {
-  p.q_pos_split = q_split;
-  p.q_pos_offset2 = q_offset2;
-  p.k_pos_split = k_split;
-  p.k_pos_offset2 = k_offset2;
   return p;
 }
 AttentionParams Softcap(AttentionParams p, float cap) {

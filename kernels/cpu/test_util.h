@@ -19,6 +19,17 @@
 
 namespace ringattn::kernel_testing {
 
+// Two runs of positions (a zigzag shard in one call): rows from q_split sit at q_offset2..,
+// keys from k_split at k_offset2.., the first runs' offsets and strides unchanged.
+inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2,
+                            int64_t k_split, int64_t k_offset2) {
+  p.q_pos_split = q_split;
+  p.q_pos_offset2 = q_offset2;
+  p.k_pos_split = k_split;
+  p.k_pos_offset2 = k_offset2;
+  return p;
+}
+
 // A host buffer of `size` elements of one DType. Stored as 32-bit words so that fp32 elements
 // are aligned whatever the type.
 class TypedBuffer {

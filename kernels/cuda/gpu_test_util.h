@@ -186,17 +186,6 @@ inline AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_
   return p;
 }
 
-// Two runs of positions (a zigzag shard in one call): rows from q_split at q_offset2.., keys
-// from k_split at k_offset2...
-inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2, int64_t k_split,
-                            int64_t k_offset2) {
-  p.q_pos_split = q_split;
-  p.q_pos_offset2 = q_offset2;
-  p.k_pos_split = k_split;
-  p.k_pos_offset2 = k_offset2;
-  return p;
-}
-
 // Strides of `p` with `head_pad` elements between heads and `row_pad` between rows of q/k/v/o
 // (and between batches of q/o), and lse [batch, heads, seqlen_q] padded by 3 per head and 5
 // per batch.
