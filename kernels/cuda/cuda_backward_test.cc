@@ -117,6 +117,18 @@ TEST(CudaBackwardHostTest, EveryHeadDimHasTilings) {
   EXPECT_TRUE(FlashBackwardConfigs(96).empty());
 }
 
+TEST(CudaBackwardHostTest, UnknownTilingIsRefusedListingTheKnownOnes) {
+  // Refused before any device call (the name lookup comes first).
+  const absl::Status s = FlashBackwardWithConfig(FakeCall(), nullptr, "no_such_tiling", nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("no backward tiling 'no_such_tiling' for head_dim 64"),
+            std::string::npos)
+      << s;
+  for (const FlashBackwardConfig& c : FlashBackwardConfigs(64)) {
+    EXPECT_NE(s.message().find(c.name), std::string::npos) << c.name << ": " << s;
+  }
+}
+
 // ---- GPU ------------------------------------------------------------------------------------
 
 // Runs `c` through the backend (config empty) or one tiling, checks against the reference.

@@ -1,18 +1,17 @@
 // What the backward kernel supports, the prologue it needs (dq zeroed, D computed) and the
 // closed-set dispatch from runtime (head_dim, dtype, tiling) to the compiled instantiations.
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/tiling_lookup.h"
 #include "kernels/status_macros.h"
 
 namespace ringattn {
@@ -52,45 +51,12 @@ std::vector<FlashBackwardConfig> ConfigsOf() {
   return configs;
 }
 
-template <int kHeadDim>
-int IndexIn(std::string_view name) {
-  for (int i = 0; i < flash_bwd::kNumTilings<kHeadDim>; ++i) {
-    if (name == flash_bwd::Tilings<kHeadDim>::kList[i].name) return i;
-  }
-  return -1;
-}
-
-int ConfigIndex(int head_dim, std::string_view name) {
-  switch (head_dim) {
-    case 64:
-      return IndexIn<64>(name);
-    case 128:
-      return IndexIn<128>(name);
-    case 256:
-      return IndexIn<256>(name);
-  }
-  return -1;
-}
-
 absl::StatusOr<int> NamedConfigIndex(int head_dim, std::string_view name) {
-  const int index = ConfigIndex(head_dim, name);
+  const int index = TilingIndex<flash_bwd::Tilings>(head_dim, name);
   if (index >= 0) return index;
   std::vector<std::string> names;
   for (const FlashBackwardConfig& c : FlashBackwardConfigs(head_dim)) names.push_back(c.name);
-  return absl::InvalidArgumentError(absl::StrCat("cuda: no backward tiling '", std::string(name),
-                                                 "' for head_dim ", head_dim, "; expected one of ",
-                                                 absl::StrJoin(names, ", ")));
-}
-
-// RINGATTN_FLASH_BWD_CONFIG's tiling when `head_dim` has it, else the default (index 0).
-int DefaultConfigIndex(int head_dim) {
-  static const std::string* const forced = [] {
-    const char* env = std::getenv("RINGATTN_FLASH_BWD_CONFIG");
-    return new std::string(env == nullptr ? "" : env);
-  }();
-  if (forced->empty()) return 0;
-  const int index = ConfigIndex(head_dim, *forced);
-  return index < 0 ? 0 : index;
+  return UnknownTiling("backward", head_dim, name, names);
 }
 
 template <DType kDType>
@@ -146,7 +112,7 @@ absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p) {
 
 absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
                            cudaStream_t stream) {
-  return Run(p, delta_scratch, DefaultConfigIndex(p.fwd.head_dim), stream);
+  return Run(p, delta_scratch, ForcedOrDefaultTilingIndex<flash_bwd::Tilings>("RINGATTN_FLASH_BWD_CONFIG", p.fwd.head_dim), stream);
 }
 
 absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cudaStream_t stream) {

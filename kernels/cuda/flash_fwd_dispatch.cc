@@ -1,7 +1,6 @@
 // What the fast kernel supports, and the closed-set dispatch from runtime (head_dim, dtype,
 // tiling) to the compiled instantiations.
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -9,9 +8,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
+#include "kernels/cuda/tiling_lookup.h"
 #include "kernels/status_macros.h"
 
 namespace ringattn {
@@ -98,45 +97,10 @@ std::vector<FlashForwardConfig> ConfigsOf() {
   return configs;
 }
 
-template <int kHeadDim>
-int IndexIn(std::string_view name) {
-  for (int i = 0; i < flash_fwd::kNumTilings<kHeadDim>; ++i) {
-    if (name == flash_fwd::Tilings<kHeadDim>::kList[i].name) return i;
-  }
-  return -1;
-}
-
-// Index of `name` among the tilings of `head_dim`, or -1 (no allocation: per call).
-int ConfigIndex(int head_dim, std::string_view name) {
-  switch (head_dim) {
-    case 64:
-      return IndexIn<64>(name);
-    case 128:
-      return IndexIn<128>(name);
-    case 256:
-      return IndexIn<256>(name);
-  }
-  return -1;
-}
-
-absl::Status UnknownConfig(int head_dim, std::string_view name) {
+absl::Status UnknownForwardTiling(int head_dim, std::string_view name) {
   std::vector<std::string> names;
   for (const FlashForwardConfig& c : FlashForwardConfigs(head_dim)) names.push_back(c.name);
-  return absl::InvalidArgumentError(absl::StrCat("cuda: no tiling '", std::string(name),
-                                                 "' for head_dim ", head_dim, "; expected one of ",
-                                                 absl::StrJoin(names, ", ")));
-}
-
-// The tiling FlashForward runs for `head_dim`: RINGATTN_FLASH_FWD_CONFIG's when that head dim
-// has it, else the default (index 0).
-int DefaultConfigIndex(int head_dim) {
-  static const std::string* const forced = [] {
-    const char* env = std::getenv("RINGATTN_FLASH_FWD_CONFIG");
-    return new std::string(env == nullptr ? "" : env);
-  }();
-  if (forced->empty()) return 0;
-  const int index = ConfigIndex(head_dim, *forced);
-  return index < 0 ? 0 : index;
+  return UnknownTiling("forward", head_dim, name, names);
 }
 
 absl::Status Launch(const AttentionParams& p, int config, cudaStream_t stream) {
@@ -179,14 +143,14 @@ std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
 
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  return Launch(p, DefaultConfigIndex(p.head_dim), stream);
+  return Launch(p, ForcedOrDefaultTilingIndex<flash_fwd::Tilings>("RINGATTN_FLASH_FWD_CONFIG", p.head_dim), stream);
 }
 
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
                                     cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  const int index = ConfigIndex(p.head_dim, config);
-  if (index < 0) return UnknownConfig(p.head_dim, config);
+  const int index = TilingIndex<flash_fwd::Tilings>(p.head_dim, config);
+  if (index < 0) return UnknownForwardTiling(p.head_dim, config);
   return Launch(p, index, stream);
 }
 
@@ -195,8 +159,8 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
   }
-  const int index = ConfigIndex(head_dim, config);
-  if (index < 0) return UnknownConfig(head_dim, config);
+  const int index = TilingIndex<flash_fwd::Tilings>(head_dim, config);
+  if (index < 0) return UnknownForwardTiling(head_dim, config);
   const bool bf16 = dtype == DType::kBF16;
   switch (head_dim) {
     case 64:
