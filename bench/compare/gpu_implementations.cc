@@ -474,18 +474,16 @@ absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> MakeBackwardOnStream(
 }
 #endif  // RINGATTN_HAVE_GPU_BACKWARD
 
-// ---- Single device --------------------------------------------------------------------------
-
-// One kernel on the whole sequence on GPU 0, timed with CUDA events around each call.
-class SingleDevice final : public Implementation {
+// What every GPU implementation shares: its name and description, the kernels it runs (forward
+// and, when built, backward), and the support checks that come from them.
+class GpuImplementation : public Implementation {
  public:
-  SingleDevice(std::string name, std::string_view description, GpuKernel kernel)
+  GpuImplementation(std::string name, std::string_view description, GpuKernel kernel)
       : name_(std::move(name)), description_(description), kernel_(std::move(kernel)) {}
 
   std::string_view name() const override { return name_; }
   std::string_view description() const override { return description_; }
   Placement placement() const override { return Placement::kDevice; }
-  bool is_ring() const override { return false; }
   absl::Status Available() const override { return CudaDevicePresent(); }
   absl::Status Supports(const Problem& problem) const override {
     return kernel_.supports(ParamsForValidation(problem));
@@ -494,6 +492,21 @@ class SingleDevice final : public Implementation {
   absl::Status SupportsBackward(const Problem& problem) const override {
     return kernel_.backward_supports(BackwardParamsForValidation(problem));
   }
+
+ protected:
+  const std::string name_;
+  const std::string_view description_;
+  const GpuKernel kernel_;
+};
+
+// ---- Single device --------------------------------------------------------------------------
+
+// One kernel on the whole sequence on GPU 0, timed with CUDA events around each call.
+class SingleDevice final : public GpuImplementation {
+ public:
+  using GpuImplementation::GpuImplementation;
+
+  bool is_ring() const override { return false; }
 
   absl::StatusOr<ForwardRun> Forward(const Problem& problem, int world,
                                      const Repeats& repeats) override {
@@ -594,9 +607,6 @@ class SingleDevice final : public Implementation {
     return absl::OkStatus();
   }
 
-  std::string name_;
-  std::string_view description_;
-  GpuKernel kernel_;
 };
 
 // ---- In-process ring on one GPU -------------------------------------------------------------
@@ -605,23 +615,11 @@ class SingleDevice final : public Implementation {
 // The device ring over W in-process ranks on GPU 0 (DeviceInProcessRing, kept across the calls
 // of a run; DeviceInProcessRingBackward for the backward): every rank's shard is uploaded once,
 // then warmup + repeats ring calls.
-class RingDevice final : public Implementation {
+class RingDevice final : public GpuImplementation {
  public:
-  RingDevice(std::string name, std::string_view description, GpuKernel kernel)
-      : name_(std::move(name)), description_(description), kernel_(std::move(kernel)) {}
+  using GpuImplementation::GpuImplementation;
 
-  std::string_view name() const override { return name_; }
-  std::string_view description() const override { return description_; }
-  Placement placement() const override { return Placement::kDevice; }
   bool is_ring() const override { return true; }
-  absl::Status Available() const override { return CudaDevicePresent(); }
-  absl::Status Supports(const Problem& problem) const override {
-    return kernel_.supports(ParamsForValidation(problem));
-  }
-  bool has_backward() const override { return static_cast<bool>(kernel_.backward); }
-  absl::Status SupportsBackward(const Problem& problem) const override {
-    return kernel_.backward_supports(BackwardParamsForValidation(problem));
-  }
 
   absl::StatusOr<ForwardRun> Forward(const Problem& problem, int world,
                                      const Repeats& repeats) override {
@@ -677,9 +675,6 @@ class RingDevice final : public Implementation {
 #endif
 
  private:
-  std::string name_;
-  std::string_view description_;
-  GpuKernel kernel_;
 };
 #endif  // RINGATTN_HAVE_DEVICE_RING
 
@@ -823,24 +818,12 @@ class NcclRankStates {
 // communicators are made once per W and kept across cases and repeats (NcclRing); every run
 // uploads the shards (rank r's to GPU r), makes each rank's backends and workspaces in its
 // thread, and runs warmup + repeats ring calls, every call a thread per rank.
-class RingNccl final : public Implementation {
+class RingNccl final : public GpuImplementation {
  public:
-  RingNccl(std::string name, std::string_view description, GpuKernel kernel)
-      : name_(std::move(name)), description_(description), kernel_(std::move(kernel)) {}
+  using GpuImplementation::GpuImplementation;
 
-  std::string_view name() const override { return name_; }
-  std::string_view description() const override { return description_; }
-  Placement placement() const override { return Placement::kDevice; }
   bool is_ring() const override { return true; }
   int Gpus(int world) const override { return world; }
-  absl::Status Available() const override { return CudaDevicePresent(); }
-  absl::Status Supports(const Problem& problem) const override {
-    return kernel_.supports(ParamsForValidation(problem));
-  }
-  bool has_backward() const override { return static_cast<bool>(kernel_.backward); }
-  absl::Status SupportsBackward(const Problem& problem) const override {
-    return kernel_.backward_supports(BackwardParamsForValidation(problem));
-  }
 
   absl::StatusOr<ForwardRun> Forward(const Problem& problem, int world,
                                      const Repeats& repeats) override {
@@ -932,9 +915,6 @@ class RingNccl final : public Implementation {
     return ring.get();
   }
 
-  std::string name_;
-  std::string_view description_;
-  GpuKernel kernel_;
   std::map<int, std::unique_ptr<NcclRing>> rings_;  // by world size
 };
 #endif  // RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
