@@ -508,14 +508,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 
 template <typename Traits, DType kDType, bool kScoreMods>
 absl::Status PrepareKernel() {
-  auto* kernel = &FlashBwdKernel<Traits, kDType, kScoreMods>;
-  RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               Traits::kSmemBytes));
-  if constexpr (Traits::kMinBlocksPerSm > 1) {
-    RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  }
-  return absl::OkStatus();
+  return flash_fwd::PrepareSharedMemory(&FlashBwdKernel<Traits, kDType, kScoreMods>,
+                                        Traits::kSmemBytes, Traits::kMinBlocksPerSm);
 }
 
 template <typename Traits, DType kDType, bool kScoreMods>
@@ -551,23 +545,9 @@ absl::Status LaunchByIndex(const AttentionBackwardParams& p, int config, cudaStr
 
 template <typename Traits, DType kDType>
 absl::StatusOr<FlashBackwardResources> ResourcesWithTraits() {
-  FlashBackwardResources r;
-  r.smem_bytes = Traits::kSmemBytes;
-  r.threads = Traits::kThreads;
-  cudaFuncAttributes attributes;
-  RA_RETURN_IF_ERROR((PrepareKernel<Traits, kDType, true>()));
-  RA_CUDA_RETURN_IF_ERROR(
-      cudaFuncGetAttributes(&attributes, &FlashBwdKernel<Traits, kDType, true>));
-  r.mods_registers = attributes.numRegs;
-  r.mods_local_bytes = static_cast<int>(attributes.localSizeBytes);
-  RA_RETURN_IF_ERROR((PrepareKernel<Traits, kDType, false>()));
-  auto* kernel = &FlashBwdKernel<Traits, kDType, false>;
-  RA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-  r.registers = attributes.numRegs;
-  r.local_bytes = static_cast<int>(attributes.localSizeBytes);
-  RA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &r.ctas_per_sm, kernel, Traits::kThreads, Traits::kSmemBytes));
-  return r;
+  return flash_fwd::TilingResources(&FlashBwdKernel<Traits, kDType, false>,
+                                    &FlashBwdKernel<Traits, kDType, true>, Traits::kSmemBytes,
+                                    Traits::kThreads, Traits::kMinBlocksPerSm);
 }
 
 template <int kHeadDim, DType kDType, int kIndex = 0>

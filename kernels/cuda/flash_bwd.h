@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention_backward_params.h"
+#include "kernels/cuda/flash_fwd.h"  // FlashKernelResources
 #include "kernels/dtype.h"
 
 namespace ringattn {
@@ -58,16 +59,9 @@ struct FlashBackwardConfig {
 };
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim);
 
-// Registers, spills and occupancy of one tiling (plain kernel; mods_* with score mods).
-struct FlashBackwardResources {
-  int registers = 0;
-  int local_bytes = 0;
-  int mods_registers = 0;
-  int mods_local_bytes = 0;
-  int smem_bytes = 0;
-  int threads = 0;
-  int ctas_per_sm = 0;
-};
+// Registers, spills and occupancy of one tiling (plain kernel; mods_* with score mods): the
+// forward's struct.
+using FlashBackwardResources = FlashKernelResources;
 absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim, DType dtype,
                                                                     std::string_view config);
 

@@ -830,20 +830,48 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 
 // ---- Launch ---------------------------------------------------------------------------------
 
-// Raises the kernel's dynamic shared-memory limit (above 48 KB a kernel must opt in; per device,
-// cheap to repeat) and, for tilings meant to run several CTAs per SM, asks for the largest
-// shared-memory carveout so that they fit beside each other (a hint the driver may override;
-// FlashForwardResources reports the occupancy it gives).
-template <typename Traits, DType kDType, bool kScoreMods>
-absl::Status PrepareKernel() {
-  auto* kernel = &FlashFwdKernel<Traits, kDType, kScoreMods>;
-  RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               Traits::kSmemBytes));
-  if constexpr (Traits::kMinBlocksPerSm > 1) {
+// Raises `kernel`'s dynamic shared-memory limit to smem_bytes (above 48 KB a kernel must opt in;
+// per device, cheap to repeat) and, for tilings meant to run several CTAs per SM, asks for the
+// largest shared-memory carveout so that they fit beside each other (a hint the driver may
+// override; TilingResources reports the occupancy it gives). Shared with the backward kernel.
+template <typename KernelFn>
+absl::Status PrepareSharedMemory(KernelFn* kernel, int smem_bytes, int min_ctas_per_sm) {
+  RA_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  if (min_ctas_per_sm > 1) {
     RA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   }
   return absl::OkStatus();
+}
+
+// What the device makes of a tiling's two kernels, `plain` and `mods` (with score mods):
+// registers and local memory of each, CTAs per SM of the plain one.
+template <typename KernelFn>
+absl::StatusOr<FlashKernelResources> TilingResources(KernelFn* plain, KernelFn* mods,
+                                                     int smem_bytes, int threads,
+                                                     int min_ctas_per_sm) {
+  FlashKernelResources r;
+  r.smem_bytes = smem_bytes;
+  r.threads = threads;
+  cudaFuncAttributes attributes;
+  RA_RETURN_IF_ERROR(PrepareSharedMemory(mods, smem_bytes, min_ctas_per_sm));
+  RA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, mods));
+  r.mods_registers = attributes.numRegs;
+  r.mods_local_bytes = static_cast<int>(attributes.localSizeBytes);
+  RA_RETURN_IF_ERROR(PrepareSharedMemory(plain, smem_bytes, min_ctas_per_sm));
+  RA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, plain));
+  r.registers = attributes.numRegs;
+  r.local_bytes = static_cast<int>(attributes.localSizeBytes);
+  RA_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.ctas_per_sm, plain, threads, smem_bytes));
+  return r;
+}
+
+template <typename Traits, DType kDType, bool kScoreMods>
+absl::Status PrepareKernel() {
+  return PrepareSharedMemory(&FlashFwdKernel<Traits, kDType, kScoreMods>, Traits::kSmemBytes,
+                             Traits::kMinBlocksPerSm);
 }
 
 template <typename Traits, DType kDType, bool kScoreMods>
@@ -876,23 +904,9 @@ absl::Status LaunchWithTraits(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename Traits, DType kDType>
 absl::StatusOr<FlashKernelResources> ResourcesWithTraits() {
-  FlashKernelResources r;
-  r.smem_bytes = Traits::kSmemBytes;
-  r.threads = Traits::kThreads;
-  cudaFuncAttributes attributes;
-  RA_RETURN_IF_ERROR((PrepareKernel<Traits, kDType, true>()));
-  RA_CUDA_RETURN_IF_ERROR(
-      cudaFuncGetAttributes(&attributes, &FlashFwdKernel<Traits, kDType, true>));
-  r.mods_registers = attributes.numRegs;
-  r.mods_local_bytes = static_cast<int>(attributes.localSizeBytes);
-  RA_RETURN_IF_ERROR((PrepareKernel<Traits, kDType, false>()));
-  auto* kernel = &FlashFwdKernel<Traits, kDType, false>;
-  RA_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-  r.registers = attributes.numRegs;
-  r.local_bytes = static_cast<int>(attributes.localSizeBytes);
-  RA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &r.ctas_per_sm, kernel, Traits::kThreads, Traits::kSmemBytes));
-  return r;
+  return TilingResources(&FlashFwdKernel<Traits, kDType, false>,
+                         &FlashFwdKernel<Traits, kDType, true>, Traits::kSmemBytes,
+                         Traits::kThreads, Traits::kMinBlocksPerSm);
 }
 
 // Runtime tiling index -> the instantiation: every entry of Tilings<kHeadDim> is compiled.
