@@ -296,6 +296,53 @@ def section_performance(fwd, bwd):
          "TFLOP/s per GPU", "tokens/s", "vs baseline", "vs first ring", "timer"], rows)
 
 
+def section_scaling(fwd, bwd):
+    """Rings with a GPU per rank against the single-GPU call of the same kernel on the whole
+    sequence: per-GPU throughput ratio = t_single / (W * t_ring), forward, backward and the two
+    together (the issue's scaling figure; the reference Python ring keeps 0.85 forward, 0.90
+    fwd+bwd)."""
+    rows_all = fwd + bwd
+    single = {}
+    for r in rows_all:
+        if not r.get("ring"):
+            single[(r["case"], r["pass"], r["impl"])] = r
+    rows = []
+    seen = set()
+    for r in rows_all:
+        if not r.get("ring") or (r.get("gpus") or 0) < 2 or not r["impl"].startswith("ring_nccl_"):
+            continue
+        key = (r["case"], r["impl"], r["world"])
+        if key in seen:
+            continue
+        seen.add(key)
+        peer = "single_" + r["impl"][len("ring_nccl_"):]
+        w = r["world"]
+
+        def p50(row):
+            return row.get("latency_s", {}).get("p50") if row else None
+
+        ring_f = next((x for x in fwd if (x["case"], x["impl"], x["world"]) == key), None)
+        ring_b = next((x for x in bwd if (x["case"], x["impl"], x["world"]) == key), None)
+        sf, sb = single.get((r["case"], "fwd", peer)), single.get((r["case"], "bwd", peer))
+        ratios = []
+        for ring_row, single_row in ((ring_f, sf), (ring_b, sb)):
+            t_r, t_s = p50(ring_row), p50(single_row)
+            ratios.append(t_s / (w * t_r) if t_r and t_s else None)
+        both = None
+        if all(p50(x) for x in (ring_f, ring_b, sf, sb)):
+            both = (p50(sf) + p50(sb)) / (w * (p50(ring_f) + p50(ring_b)))
+        rows.append([r["case"], f"`{r['impl']}`", str(w), f"`{peer}`"] +
+                    ["—" if x is None else f"{x:.2f}" for x in ratios + [both]])
+    if not rows:
+        return ""
+    return "## Scaling: per-GPU throughput against one GPU\n\n" + (
+        "For each ring with a GPU per rank, t_single / (W × t_ring): the single-GPU call of the "
+        "same kernel on the whole sequence (p50 by CUDA events) against the ring (p50 by the host "
+        "around every rank's call, so launch and thread hand-off count against the ring). 1.0 is "
+        "perfect scaling; the reference Python ring keeps 0.85 forward and 0.90 fwd+bwd.\n\n") + table(
+        ["case", "ring", "W", "against", "fwd", "bwd", "fwd+bwd"], rows)
+
+
 def per_gpu_tflops(r):
     """Throughput over the GPUs the run occupied; none for a host run."""
     if not r.get("gpus"):
@@ -529,6 +576,7 @@ def main():
     md = [section_header(meta, summary, ok, failures), section_implementations(meta),
           section_method(meta, cases), section_correctness(fwd), section_error_vs_world(fwd),
           section_gradients(bwd, not_run), section_performance(fwd, bwd),
+          section_scaling(fwd, bwd),
           section_memory(fwd, bwd), section_ring(fwd + bwd), section_not_run(not_run, errors)]
     md.append("## Plots\n\n" + (plot_note + "\n" if plot_note else "") +
               "".join(f"![{p}]({p})\n" for p in plots))
