@@ -74,8 +74,9 @@ class AttentionClient {
   // The gradients dq, dk and dv of the attention the request describes (the forward's inputs,
   // its out and lse, and dout), in one unary call: there is no streaming variant, so a request
   // past the server's unary limit (InfoResponse.max_unary_bytes) is refused by gRPC with
-  // RESOURCE_EXHAUSTED, as is one past 2 GiB. CPU workers only for now: a ring of GPU workers
-  // answers UNIMPLEMENTED. A response whose tensors do not match their shapes is INTERNAL.
+  // RESOURCE_EXHAUSTED, as is one past 2 GiB. A ring whose kernel has no backward
+  // (cuda_reference) answers UNIMPLEMENTED. A response whose tensors do not match their shapes
+  // is INTERNAL.
   absl::StatusOr<v1::AttendBackwardResponse> AttendBackward(
       const v1::AttendBackwardRequest& request, absl::Duration timeout);
 

@@ -28,7 +28,8 @@ absl::Status RunOnRing(const v1::AttendRequest& request, const ValidatedAttend& 
 
 // The backward: scatters q, k, v, out, dout and lse, gathers dq, dk and dv (in q's dtype) and
 // fills the plan and timings; failures as RunOnRing (a worker's INVALID_ARGUMENT or
-// UNIMPLEMENTED, e.g. a GPU worker refusing the backward, is passed through as it came).
+// UNIMPLEMENTED, e.g. a cuda_reference worker refusing the backward, is passed through as it
+// came).
 absl::Status RunBackwardOnRing(const v1::AttendBackwardRequest& request,
                                const ValidatedAttendBackward& problem, const RingSnapshot& ring,
                                const RunControl& control, v1::AttendBackwardResponse* response);

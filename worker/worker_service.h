@@ -40,7 +40,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   grpc::Status RunShard(grpc::ServerContext* context, const v1::RunShardRequest* request,
                         v1::RunShardResponse* response) override;
   // The backward of one request, with RunShard's generation, cancellation and abort handling.
-  // UNIMPLEMENTED on an engine without a backward (GPU workers, for now).
+  // UNIMPLEMENTED on an engine without a backward (the cuda_reference kernel).
   grpc::Status RunShardBackward(grpc::ServerContext* context,
                                 const v1::RunShardBackwardRequest* request,
                                 v1::RunShardBackwardResponse* response) override;
