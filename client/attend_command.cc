@@ -488,17 +488,31 @@ namespace {
 // gradients' summaries and timing table, and with --check their errors against the fp64
 // reference backward. Returns the process exit code.
 int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
-                const v1::AttendResponse& response, AttentionClient& client, std::ostream& out) {
+                const v1::AttendResponse& response, AttentionClient& client,
+                int64_t max_unary_bytes, std::ostream& out) {
   const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
   const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendBackwardResponse> grads =
-      client.AttendBackward(backward, absl::Seconds(o.timeout_seconds));
+  absl::StatusOr<v1::AttendBackwardResponse> grads;
+  {
+    ProgressBar bar("backward");
+    const ProgressFn progress = [&bar](int64_t done, int64_t total) { bar.Update(done, total); };
+    const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
+    // AttendBackwardStream with --stream or past the server's unary limit.
+    if (o.streaming) {
+      const int64_t chunk =
+          max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
+      grads = client.AttendBackwardStreaming(backward, timeout, chunk, progress);
+    } else {
+      grads = client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes,
+                                        progress);
+    }
+  }
   const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
   if (!grads.ok()) {
     out << ErrorLine(grads.status());
     return 1;
   }
-  out << absl::StrFormat("gradients in %.3f s (client round trip, AttendBackward)\n", round_trip);
+  out << absl::StrFormat("gradients in %.3f s (client round trip)\n", round_trip);
   PrintTensorSummary("dq", grads->dq(), out);
   PrintTensorSummary("dk", grads->dk(), out);
   PrintTensorSummary("dv", grads->dv(), out);
@@ -599,7 +613,9 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     out << "wrote " << o.out_npy << "\n";
   }
   if (o.check && !RunCheck(*request, *response, out)) return 1;
-  if (o.backward) return RunBackward(o, *request, *response, **client, out);
+  if (o.backward) {
+    return RunBackward(o, *request, *response, **client, info->max_unary_bytes(), out);
+  }
   return 0;
 }
 

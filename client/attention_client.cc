@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/types/span.h"
 #include "proto/convert.h"
 
 namespace ringattn {
@@ -102,67 +103,99 @@ int64_t EstimatedResponseBytes(const v1::AttendRequest& request) {
   return bytes;
 }
 
-// Builds the AttendResponse from the messages of an AttendStream answer: the header, then the
-// chunks of out and lse, each tensor's chunks contiguous and in order.
-class ResponseAssembler {
+// The two streaming calls, as StreamAssembler and RunStreamingCall see them: message types,
+// the tensors the response carries in chunks, and the call's name for errors.
+struct ForwardStream {
+  using Request = v1::AttendRequest;
+  using Response = v1::AttendResponse;
+  using StreamRequest = v1::AttendStreamRequest;
+  using StreamResponse = v1::AttendStreamResponse;
+  static constexpr const char* kCall = "AttendStream";
+  static constexpr int kOutputs = 2;
+  static constexpr v1::TensorChunk::Which kWhich[kOutputs] = {v1::TensorChunk::WHICH_OUT,
+                                                              v1::TensorChunk::WHICH_LSE};
+  static constexpr const char* kNames[kOutputs] = {"out", "lse"};
+  static v1::Tensor* Output(Response* r, int i) {
+    return i == 0 ? r->mutable_out() : r->mutable_lse();
+  }
+  // A server that moves the data out of an AttendResponse leaves an empty lse message behind;
+  // dropped so that a streamed response equals the unary one.
+  static void Tidy(Response* r) {
+    if (r->has_lse() && r->lse().shape_size() == 0 && r->lse().data().empty()) r->clear_lse();
+  }
+};
+
+struct BackwardStream {
+  using Request = v1::AttendBackwardRequest;
+  using Response = v1::AttendBackwardResponse;
+  using StreamRequest = v1::AttendBackwardStreamRequest;
+  using StreamResponse = v1::AttendBackwardStreamResponse;
+  static constexpr const char* kCall = "AttendBackwardStream";
+  static constexpr int kOutputs = 3;
+  static constexpr v1::TensorChunk::Which kWhich[kOutputs] = {
+      v1::TensorChunk::WHICH_DQ, v1::TensorChunk::WHICH_DK, v1::TensorChunk::WHICH_DV};
+  static constexpr const char* kNames[kOutputs] = {"dq", "dk", "dv"};
+  static v1::Tensor* Output(Response* r, int i) {
+    return i == 0 ? r->mutable_dq() : i == 1 ? r->mutable_dk() : r->mutable_dv();
+  }
+  static void Tidy(Response*) {}
+};
+
+// Builds the response from the messages of a streamed answer: the header, then the chunks of
+// each output tensor, each tensor's chunks contiguous and in order.
+template <typename S>
+class StreamAssembler {
  public:
-  absl::Status Add(v1::AttendStreamResponse* message) {
-    switch (message->part_case()) {
-      case v1::AttendStreamResponse::kHeader:
-        return AddHeader(message->mutable_header());
-      case v1::AttendStreamResponse::kChunk:
-        return AddChunk(message->chunk());
-      default:
-        return absl::InternalError("AttendStream answered with an empty message");
-    }
+  absl::Status Add(typename S::StreamResponse* message) {
+    if (message->has_header()) return AddHeader(message->mutable_header());
+    if (message->has_chunk()) return AddChunk(message->chunk());
+    return absl::InternalError(absl::StrCat(S::kCall, " answered with an empty message"));
   }
 
   bool has_header() const { return has_header_; }
-  int64_t expected_bytes() const { return expected_[0] + expected_[1]; }
-  int64_t received_bytes() const {
-    return static_cast<int64_t>(response_.out().data().size() + response_.lse().data().size());
+  int64_t expected_bytes() const {
+    int64_t sum = 0;
+    for (int64_t e : expected_) sum += e;
+    return sum;
   }
+  int64_t received_bytes() const { return received_; }
 
   // The assembled response; INTERNAL when the stream ended before it was complete.
-  absl::StatusOr<v1::AttendResponse> Finish() {
-    if (!has_header_) return absl::InternalError("AttendStream ended without a response header");
-    for (int i = 0; i < 2; ++i) {
-      const int64_t got = static_cast<int64_t>(Tensor(i)->data().size());
+  absl::StatusOr<typename S::Response> Finish() {
+    if (!has_header_) {
+      return absl::InternalError(absl::StrCat(S::kCall, " ended without a response header"));
+    }
+    for (int i = 0; i < S::kOutputs; ++i) {
+      const v1::Tensor* t = S::Output(&response_, i);
+      const int64_t got = static_cast<int64_t>(t->data().size());
       if (got != expected_[i]) {
-        return absl::InternalError(
-            absl::StrCat("AttendStream response incomplete: ", kNames[i], " has ", got, " of the ",
-                         expected_[i], " bytes its shape ", ShapeString(*Tensor(i)), " needs"));
+        return absl::InternalError(absl::StrCat(S::kCall, " response incomplete: ", S::kNames[i],
+                                                " has ", got, " of the ", expected_[i],
+                                                " bytes its shape ", ShapeString(*t), " needs"));
       }
     }
-    // A server that moves the data out of an AttendResponse leaves an empty lse message
-    // behind; drop it so that a streamed response equals the unary one.
-    if (response_.has_lse() && response_.lse().shape_size() == 0 &&
-        response_.lse().data().empty()) {
-      response_.clear_lse();
-    }
+    S::Tidy(&response_);
     return std::move(response_);
   }
 
  private:
-  static constexpr const char* kNames[2] = {"out", "lse"};
-
-  v1::Tensor* Tensor(int i) { return i == 0 ? response_.mutable_out() : response_.mutable_lse(); }
-
-  absl::Status AddHeader(v1::AttendResponse* header) {
-    if (has_header_) return absl::InternalError("AttendStream answered with a second header");
+  absl::Status AddHeader(typename S::Response* header) {
+    if (has_header_) {
+      return absl::InternalError(absl::StrCat(S::kCall, " answered with a second header"));
+    }
     response_ = std::move(*header);
     has_header_ = true;
-    for (int i = 0; i < 2; ++i) {
-      v1::Tensor* t = Tensor(i);
+    for (int i = 0; i < S::kOutputs; ++i) {
+      v1::Tensor* t = S::Output(&response_, i);
       expected_[i] = ExpectedTensorBytes(*t);
       if (expected_[i] < 0) {
-        return absl::InternalError(absl::StrCat("AttendStream response header: ", kNames[i],
+        return absl::InternalError(absl::StrCat(S::kCall, " response header: ", S::kNames[i],
                                                 " has an invalid dtype or shape ",
                                                 ShapeString(*t)));
       }
       if (!t->data().empty()) {
-        return absl::InternalError(absl::StrCat("AttendStream response header carries ",
-                                                t->data().size(), " bytes of ", kNames[i],
+        return absl::InternalError(absl::StrCat(S::kCall, " response header carries ",
+                                                t->data().size(), " bytes of ", S::kNames[i],
                                                 " data; tensor bytes must come as chunks"));
       }
       t->mutable_data()->reserve(static_cast<size_t>(expected_[i]));
@@ -172,38 +205,128 @@ class ResponseAssembler {
 
   absl::Status AddChunk(const v1::TensorChunk& chunk) {
     if (!has_header_) {
-      return absl::InternalError("AttendStream answered with a chunk before the header");
+      return absl::InternalError(absl::StrCat(S::kCall, " answered with a chunk before the header"));
     }
-    int i;
-    if (chunk.tensor() == v1::TensorChunk::WHICH_OUT) {
-      i = 0;
-    } else if (chunk.tensor() == v1::TensorChunk::WHICH_LSE) {
-      i = 1;
-    } else {
-      return absl::InternalError(absl::StrCat("AttendStream response chunk for tensor ",
+    int i = 0;
+    while (i < S::kOutputs && S::kWhich[i] != chunk.tensor()) ++i;
+    if (i == S::kOutputs) {
+      std::string expected;
+      for (int j = 0; j < S::kOutputs; ++j) {
+        absl::StrAppend(&expected, j == 0 ? "" : " or ", v1::TensorChunk::Which_Name(S::kWhich[j]));
+      }
+      return absl::InternalError(absl::StrCat(S::kCall, " response chunk for tensor ",
                                               v1::TensorChunk::Which_Name(chunk.tensor()),
-                                              "; expected WHICH_OUT or WHICH_LSE"));
+                                              "; expected ", expected));
     }
-    std::string* data = Tensor(i)->mutable_data();
+    v1::Tensor* t = S::Output(&response_, i);
+    std::string* data = t->mutable_data();
     if (chunk.offset() != static_cast<int64_t>(data->size())) {
-      return absl::InternalError(
-          absl::StrCat("AttendStream response: ", kNames[i], " chunk at offset ", chunk.offset(),
-                       ", expected ", data->size(), " (chunks must be contiguous and in order)"));
+      return absl::InternalError(absl::StrCat(
+          S::kCall, " response: ", S::kNames[i], " chunk at offset ", chunk.offset(),
+          ", expected ", data->size(), " (chunks must be contiguous and in order)"));
     }
     if (static_cast<int64_t>(data->size() + chunk.data().size()) > expected_[i]) {
-      return absl::InternalError(
-          absl::StrCat("AttendStream response: ", kNames[i], " chunks exceed the ", expected_[i],
-                       " bytes of its shape ", ShapeString(*Tensor(i)), " (chunk at offset ",
-                       chunk.offset(), " of ", chunk.data().size(), " bytes)"));
+      return absl::InternalError(absl::StrCat(
+          S::kCall, " response: ", S::kNames[i], " chunks exceed the ", expected_[i],
+          " bytes of its shape ", ShapeString(*t), " (chunk at offset ", chunk.offset(), " of ",
+          chunk.data().size(), " bytes)"));
     }
     data->append(chunk.data());
+    received_ += static_cast<int64_t>(chunk.data().size());
     return absl::OkStatus();
   }
 
   bool has_header_ = false;
-  v1::AttendResponse response_;
-  int64_t expected_[2] = {0, 0};  // bytes of out and lse
+  typename S::Response response_;
+  int64_t expected_[S::kOutputs] = {};
+  int64_t received_ = 0;
 };
+
+// One streamed call: the header, then each input's bytes in chunks of at most chunk_bytes; then
+// the answer assembled. `open` starts the call on a context. `estimated_response_bytes` sizes
+// the progress total until the response header tells.
+template <typename S, typename Open>
+absl::StatusOr<typename S::Response> RunStreamingCall(
+    const Open& open, const typename S::Request& header,
+    absl::Span<const std::pair<v1::TensorChunk::Which, const std::string*>> inputs,
+    int64_t estimated_response_bytes, absl::Duration timeout, int64_t chunk_bytes,
+    const ProgressFn& progress) {
+  if (chunk_bytes <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk_bytes must be > 0, got ", chunk_bytes));
+  }
+  grpc::ClientContext context;
+  SetTimeout(timeout, &context);
+  auto stream = open(&context);
+  int64_t sent_total = 0;
+  for (const auto& input : inputs) sent_total += static_cast<int64_t>(input.second->size());
+  int64_t total = sent_total + estimated_response_bytes;
+  int64_t done = 0;
+
+  // Send: the header, then the inputs in chunks. A failed write means the server has ended the
+  // call (its status comes from Finish).
+  bool writing;
+  {
+    typename S::StreamRequest message;
+    *message.mutable_header() = header;
+    writing = stream->Write(message);
+  }
+  for (const auto& [which, data] : inputs) {
+    const int64_t size = static_cast<int64_t>(data->size());
+    for (int64_t offset = 0; writing && offset < size; offset += chunk_bytes) {
+      const int64_t n = std::min(chunk_bytes, size - offset);
+      typename S::StreamRequest message;
+      v1::TensorChunk* chunk = message.mutable_chunk();
+      chunk->set_tensor(which);
+      chunk->set_offset(offset);
+      chunk->set_data(data->data() + offset, static_cast<size_t>(n));
+      writing = stream->Write(message);
+      if (writing) {
+        done += n;
+        if (progress) progress(done, total);
+      }
+    }
+  }
+  if (writing) stream->WritesDone();
+
+  // Receive: the response header, then the outputs' chunks.
+  StreamAssembler<S> assembler;
+  absl::Status protocol = absl::OkStatus();
+  typename S::StreamResponse message;
+  while (stream->Read(&message)) {
+    protocol = assembler.Add(&message);
+    if (!protocol.ok()) {
+      context.TryCancel();
+      while (stream->Read(&message)) {
+      }
+      break;
+    }
+    if (assembler.has_header()) total = sent_total + assembler.expected_bytes();
+    if (progress && assembler.received_bytes() > 0) {
+      progress(sent_total + assembler.received_bytes(), total);
+    }
+  }
+  const grpc::Status status = stream->Finish();
+  if (!protocol.ok()) return protocol;
+  if (!status.ok()) return FromGrpcStatus(status);
+  return assembler.Finish();
+}
+
+// The backward request without tensor data: AttendBackwardStream's header. Every field but the
+// tensors' data is copied; a field added to the message must be added here.
+v1::AttendBackwardRequest BackwardStreamHeader(const v1::AttendBackwardRequest& request) {
+  v1::AttendBackwardRequest header = request;
+  for (v1::Tensor* t : {header.mutable_q(), header.mutable_k(), header.mutable_v(),
+                        header.mutable_out(), header.mutable_dout(), header.mutable_lse()}) {
+    t->clear_data();
+  }
+  if (!request.has_out()) header.clear_out();
+  if (!request.has_dout()) header.clear_dout();
+  if (!request.has_lse()) header.clear_lse();
+  if (!request.has_q()) header.clear_q();
+  if (!request.has_k()) header.clear_k();
+  if (!request.has_v()) header.clear_v();
+  return header;
+}
 
 }  // namespace
 
@@ -273,70 +396,43 @@ absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendStreaming(
     const v1::AttendRequest& request, absl::Duration timeout, int64_t chunk_bytes,
     const ProgressFn& progress) {
-  if (chunk_bytes <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk_bytes must be > 0, got ", chunk_bytes));
-  }
-  grpc::ClientContext context;
-  SetTimeout(timeout, &context);
-  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>
-      stream = stub_->AttendStream(&context);
-
   const std::pair<v1::TensorChunk::Which, const std::string*> inputs[] = {
       {v1::TensorChunk::WHICH_Q, &request.q().data()},
       {v1::TensorChunk::WHICH_K, &request.k().data()},
       {v1::TensorChunk::WHICH_V, &request.v().data()}};
-  int64_t sent_total = 0;
-  for (const auto& input : inputs) sent_total += static_cast<int64_t>(input.second->size());
-  int64_t total = sent_total + EstimatedResponseBytes(request);
-  int64_t done = 0;
+  return RunStreamingCall<ForwardStream>(
+      [this](grpc::ClientContext* context) { return stub_->AttendStream(context); },
+      StreamHeader(request), inputs, EstimatedResponseBytes(request), timeout, chunk_bytes,
+      progress);
+}
 
-  // Send: the header, then q, k and v in chunks. A failed write means the server has ended the
-  // call (its status comes from Finish).
-  bool writing;
-  {
-    v1::AttendStreamRequest message;
-    *message.mutable_header() = StreamHeader(request);
-    writing = stream->Write(message);
-  }
-  for (const auto& [which, data] : inputs) {
-    const int64_t size = static_cast<int64_t>(data->size());
-    for (int64_t offset = 0; writing && offset < size; offset += chunk_bytes) {
-      const int64_t n = std::min(chunk_bytes, size - offset);
-      v1::AttendStreamRequest message;
-      v1::TensorChunk* chunk = message.mutable_chunk();
-      chunk->set_tensor(which);
-      chunk->set_offset(offset);
-      chunk->set_data(data->data() + offset, static_cast<size_t>(n));
-      writing = stream->Write(message);
-      if (writing) {
-        done += n;
-        if (progress) progress(done, total);
-      }
-    }
-  }
-  if (writing) stream->WritesDone();
+absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardStreaming(
+    const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t chunk_bytes,
+    const ProgressFn& progress) {
+  const std::pair<v1::TensorChunk::Which, const std::string*> inputs[] = {
+      {v1::TensorChunk::WHICH_Q, &request.q().data()},
+      {v1::TensorChunk::WHICH_K, &request.k().data()},
+      {v1::TensorChunk::WHICH_V, &request.v().data()},
+      {v1::TensorChunk::WHICH_OUT, &request.out().data()},
+      {v1::TensorChunk::WHICH_DOUT, &request.dout().data()},
+      {v1::TensorChunk::WHICH_LSE, &request.lse().data()}};
+  // dq like q, dk and dv like k and v.
+  const int64_t estimated = static_cast<int64_t>(request.q().data().size() +
+                                                 2 * request.k().data().size());
+  return RunStreamingCall<BackwardStream>(
+      [this](grpc::ClientContext* context) { return stub_->AttendBackwardStream(context); },
+      BackwardStreamHeader(request), inputs, estimated, timeout, chunk_bytes, progress);
+}
 
-  // Receive: the response header, then the chunks of out and lse.
-  ResponseAssembler assembler;
-  absl::Status protocol = absl::OkStatus();
-  v1::AttendStreamResponse message;
-  while (stream->Read(&message)) {
-    protocol = assembler.Add(&message);
-    if (!protocol.ok()) {
-      context.TryCancel();
-      while (stream->Read(&message)) {
-      }
-      break;
-    }
-    if (assembler.has_header()) total = sent_total + assembler.expected_bytes();
-    if (progress && assembler.received_bytes() > 0) {
-      progress(sent_total + assembler.received_bytes(), total);
-    }
-  }
-  const grpc::Status status = stream->Finish();
-  if (!protocol.ok()) return protocol;
-  if (!status.ok()) return FromGrpcStatus(status);
-  return assembler.Finish();
+absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
+    const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
+    int64_t chunk_bytes, const ProgressFn& progress) {
+  const int64_t bytes = static_cast<int64_t>(request.ByteSizeLong());
+  const bool streaming =
+      bytes >= kProtobufMessageLimit || (max_unary_bytes > 0 && bytes > max_unary_bytes);
+  if (!streaming) return AttendBackward(request, timeout);
+  if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
+  return AttendBackwardStreaming(request, timeout, chunk_bytes, progress);
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendRequest& request,

@@ -72,13 +72,25 @@ class AttentionClient {
                                                 const ProgressFn& progress = nullptr);
 
   // The gradients dq, dk and dv of the attention the request describes (the forward's inputs,
-  // its out and lse, and dout), in one unary call: there is no streaming variant, so a request
-  // past the server's unary limit (InfoResponse.max_unary_bytes) is refused by gRPC with
-  // RESOURCE_EXHAUSTED, as is one past 2 GiB. A ring whose kernel has no backward
+  // its out and lse, and dout), in one unary call: a request past the server's unary limit
+  // (InfoResponse.max_unary_bytes) is refused by gRPC with RESOURCE_EXHAUSTED, as is one past
+  // 2 GiB (AttendBackwardStreaming takes those). A ring whose kernel has no backward
   // (cuda_reference) answers UNIMPLEMENTED. A response whose tensors do not match their shapes
   // is INTERNAL.
   absl::StatusOr<v1::AttendBackwardResponse> AttendBackward(
       const v1::AttendBackwardRequest& request, absl::Duration timeout);
+
+  // The same through AttendBackwardStream: q, k, v, out, dout and lse in chunks of at most
+  // `chunk_bytes`, dq, dk and dv back in chunks (as AttendStreaming).
+  absl::StatusOr<v1::AttendBackwardResponse> AttendBackwardStreaming(
+      const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t chunk_bytes,
+      const ProgressFn& progress = nullptr);
+
+  // AttendBackwardStreaming when the request is past `max_unary_bytes` (or protobuf's limit),
+  // else AttendBackward; chunks kept within max_unary_bytes.
+  absl::StatusOr<v1::AttendBackwardResponse> AttendBackwardAuto(
+      const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
+      int64_t chunk_bytes = kDefaultChunkBytes, const ProgressFn& progress = nullptr);
 
   absl::StatusOr<v1::InfoResponse> GetInfo(absl::Duration timeout);
 

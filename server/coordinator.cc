@@ -12,6 +12,8 @@
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "server/request_runner.h"
+#include "server/tensor_stream.h"
+#include "kernels/status_macros.h"
 #include "proto/convert.h"
 
 namespace ringattn {
@@ -93,6 +95,25 @@ class Coordinator::Services {
       absl::Status s = c_->HandleBackward(ctx, *request, arrival, response);
       c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
                                  RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
+      return ToGrpcStatus(s);
+    }
+
+    grpc::Status AttendBackwardStream(
+        grpc::ServerContext* ctx,
+        grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
+                                 v1::AttendBackwardStreamRequest>* stream) override {
+      const absl::Time arrival = absl::Now();
+      v1::AttendBackwardRequest request;
+      v1::AttendBackwardResponse response;
+      absl::Status s = c_->ReceiveBackwardStream(stream, &request);
+      const double receive_s = SecondsSince(arrival);
+      if (s.ok()) s = c_->HandleBackward(ctx, request, arrival, &response);
+      if (s.ok()) {
+        response.mutable_timings()->set_receive_seconds(receive_s);
+        s = c_->SendBackwardStream(stream, arrival, &response);
+      }
+      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response.timings(),
+                                 RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
       return ToGrpcStatus(s);
     }
 
@@ -353,32 +374,12 @@ absl::Status Coordinator::ReceiveStream(
   limits.max_request_bytes = options_.max_request_bytes;
   absl::StatusOr<ValidatedAttend> header = ValidateAttendHeader(*request, limits);
   if (!header.ok()) return header.status();
-  std::string* targets[] = {request->mutable_q()->mutable_data(),
-                            request->mutable_k()->mutable_data(),
-                            request->mutable_v()->mutable_data()};
-  const int64_t expected[] = {header->bytes.q, header->bytes.k, header->bytes.v};
-  const char* names[] = {"q", "k", "v"};
-  for (int i = 0; i < 3; ++i) targets[i]->reserve(expected[i]);
-  // Chunks arrive in order: all of q, then k, then v, each at increasing offsets.
-  while (stream->Read(&msg)) {
-    if (!msg.has_chunk()) return absl::InvalidArgumentError("only one header is allowed");
-    const v1::TensorChunk& c = msg.chunk();
-    const int which = static_cast<int>(c.tensor()) - 1;
-    if (which < 0 || which > 2) {
-      return absl::InvalidArgumentError("chunk.tensor must be WHICH_Q, WHICH_K or WHICH_V");
-    }
-    std::string* t = targets[which];
-    if (c.offset() != static_cast<int64_t>(t->size())) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk.offset ", c.offset(), " for ",
-                                                     names[which], " must be ", t->size(),
-                                                     " (chunks in order)"));
-    }
-    if (static_cast<int64_t>(t->size() + c.data().size()) > expected[which]) {
-      return absl::InvalidArgumentError(absl::StrCat(names[which], " chunks exceed the ",
-                                                     expected[which], " bytes its shape needs"));
-    }
-    t->append(c.data());
-  }
+  const StreamedTensor tensors[] = {
+      {v1::TensorChunk::WHICH_Q, "q", request->mutable_q()->mutable_data(), header->bytes.q},
+      {v1::TensorChunk::WHICH_K, "k", request->mutable_k()->mutable_data(), header->bytes.k},
+      {v1::TensorChunk::WHICH_V, "v", request->mutable_v()->mutable_data(), header->bytes.v}};
+  for (const StreamedTensor& t : tensors) t.data->reserve(t.expected);
+  RA_RETURN_IF_ERROR(ReceiveChunks<v1::AttendStreamRequest>(stream, tensors));
   return absl::OkStatus();  // full validation (byte counts included) follows in Handle
 }
 
@@ -394,23 +395,91 @@ absl::Status Coordinator::SendStream(
   v1::AttendStreamResponse header;
   *header.mutable_header() = *response;
   if (!stream->Write(header)) return absl::CancelledError("client went away");
-  const int64_t chunk = std::max<int64_t>(1, options_.stream_chunk_bytes);
-  const std::pair<v1::TensorChunk::Which, const std::string*> parts[] = {
-      {v1::TensorChunk::WHICH_OUT, &out}, {v1::TensorChunk::WHICH_LSE, &lse}};
-  for (const auto& [which, bytes] : parts) {
-    for (int64_t off = 0; off < static_cast<int64_t>(bytes->size()); off += chunk) {
-      v1::AttendStreamResponse m;
-      m.mutable_chunk()->set_tensor(which);
-      m.mutable_chunk()->set_offset(off);
-      m.mutable_chunk()->set_data(bytes->substr(off, chunk));
-      if (!stream->Write(m)) return absl::CancelledError("client went away");
-    }
-  }
+  const StreamedTensor parts[] = {{v1::TensorChunk::WHICH_OUT, "out", &out},
+                                  {v1::TensorChunk::WHICH_LSE, "lse", &lse}};
+  RA_RETURN_IF_ERROR(
+      SendChunks<v1::AttendStreamResponse>(stream, parts, options_.stream_chunk_bytes));
   response->mutable_timings()->set_send_seconds(SecondsSince(send0));
   response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
   // Keep the bytes for the metrics' byte count.
   *response->mutable_out()->mutable_data() = std::move(out);
   if (has_lse) *response->mutable_lse()->mutable_data() = std::move(lse);
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::ReceiveBackwardStream(
+    grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
+        stream,
+    v1::AttendBackwardRequest* request) {
+  v1::AttendBackwardStreamRequest msg;
+  if (!stream->Read(&msg) || !msg.has_header()) {
+    return absl::InvalidArgumentError("AttendBackwardStream must start with a header message");
+  }
+  *request = std::move(*msg.mutable_header());
+  // The q/k/v part of the header through the forward's header checks, for the sizes to expect
+  // (out and dout are q-shaped, lse [batch, heads, seq] fp32); the six tensors together within
+  // max_request_bytes before any chunk is taken. Everything else (out/dout/lse dtypes and
+  // shapes, the byte counts) is checked on the assembled request by HandleBackward.
+  v1::AttendRequest forward_header;
+  forward_header.set_request_id(request->request_id());
+  *forward_header.mutable_q() = request->q();
+  *forward_header.mutable_k() = request->k();
+  *forward_header.mutable_v() = request->v();
+  *forward_header.mutable_options() = request->options();
+  forward_header.set_layout(request->layout());
+  AttendLimits limits;
+  limits.max_request_bytes = options_.max_request_bytes;
+  absl::StatusOr<ValidatedAttend> header = ValidateAttendHeader(forward_header, limits);
+  if (!header.ok()) return header.status();
+  for (const v1::Tensor* t : {&request->out(), &request->dout(), &request->lse()}) {
+    if (!t->data().empty()) {
+      return absl::InvalidArgumentError(
+          "AttendBackwardStream's header carries tensor data; every tensor's bytes come as chunks");
+    }
+  }
+  const AttendTensorBytes& b = header->bytes;
+  const int64_t total = b.request() + 2 * b.out + b.lse;
+  if (total > options_.max_request_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("q, k, v, out, dout and lse need ", total, " bytes; the limit is ",
+                     options_.max_request_bytes, " (max_request_bytes)"));
+  }
+  const StreamedTensor tensors[] = {
+      {v1::TensorChunk::WHICH_Q, "q", request->mutable_q()->mutable_data(), b.q},
+      {v1::TensorChunk::WHICH_K, "k", request->mutable_k()->mutable_data(), b.k},
+      {v1::TensorChunk::WHICH_V, "v", request->mutable_v()->mutable_data(), b.v},
+      {v1::TensorChunk::WHICH_OUT, "out", request->mutable_out()->mutable_data(), b.out},
+      {v1::TensorChunk::WHICH_DOUT, "dout", request->mutable_dout()->mutable_data(), b.out},
+      {v1::TensorChunk::WHICH_LSE, "lse", request->mutable_lse()->mutable_data(), b.lse}};
+  for (const StreamedTensor& t : tensors) t.data->reserve(t.expected);
+  return ReceiveChunks<v1::AttendBackwardStreamRequest>(stream, tensors);
+}
+
+absl::Status Coordinator::SendBackwardStream(
+    grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
+        stream,
+    absl::Time arrival, v1::AttendBackwardResponse* response) {
+  const absl::Time send0 = absl::Now();
+  std::string dq = std::move(*response->mutable_dq()->mutable_data());
+  std::string dk = std::move(*response->mutable_dk()->mutable_data());
+  std::string dv = std::move(*response->mutable_dv()->mutable_data());
+  for (v1::Tensor* t : {response->mutable_dq(), response->mutable_dk(), response->mutable_dv()}) {
+    t->clear_data();
+  }
+  v1::AttendBackwardStreamResponse header;
+  *header.mutable_header() = *response;
+  if (!stream->Write(header)) return absl::CancelledError("client went away");
+  const StreamedTensor parts[] = {{v1::TensorChunk::WHICH_DQ, "dq", &dq},
+                                  {v1::TensorChunk::WHICH_DK, "dk", &dk},
+                                  {v1::TensorChunk::WHICH_DV, "dv", &dv}};
+  RA_RETURN_IF_ERROR(
+      SendChunks<v1::AttendBackwardStreamResponse>(stream, parts, options_.stream_chunk_bytes));
+  response->mutable_timings()->set_send_seconds(SecondsSince(send0));
+  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+  // Keep the bytes for the metrics' byte count.
+  *response->mutable_dq()->mutable_data() = std::move(dq);
+  *response->mutable_dk()->mutable_data() = std::move(dk);
+  *response->mutable_dv()->mutable_data() = std::move(dv);
   return absl::OkStatus();
 }
 

@@ -70,6 +70,16 @@ class Coordinator {
   absl::Status SendStream(
       grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
       absl::Time arrival, v1::AttendResponse* response);
+  // AttendBackwardStream's halves: the header checked for the sizes to expect, then the six
+  // tensors' chunks; the response header, then dq, dk and dv in chunks.
+  absl::Status ReceiveBackwardStream(
+      grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
+                               v1::AttendBackwardStreamRequest>* stream,
+      v1::AttendBackwardRequest* request);
+  absl::Status SendBackwardStream(
+      grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
+                               v1::AttendBackwardStreamRequest>* stream,
+      absl::Time arrival, v1::AttendBackwardResponse* response);
   void DispatchLoop();
   void StatusLoop();
 

@@ -10,8 +10,8 @@
 
 namespace ringattn::test {
 
-BackwardService::BackwardService(int world, std::string kernel)
-    : LocalService(world, Coordinator::Options(), std::move(kernel)) {
+BackwardService::BackwardService(int world, std::string kernel, Coordinator::Options options)
+    : LocalService(world, std::move(options), std::move(kernel)) {
   if (!start_status().ok()) return;
   absl::StatusOr<std::unique_ptr<AttentionClient>> client =
       AttentionClient::Connect(address(), absl::Seconds(10));

@@ -20,7 +20,8 @@ namespace ringattn::test {
 // the coordinator.
 class BackwardService : public LocalService {
  public:
-  explicit BackwardService(int world, std::string kernel = "auto");
+  explicit BackwardService(int world, std::string kernel = "auto",
+                           Coordinator::Options options = Coordinator::Options());
   ~BackwardService();
   AttentionClient& client() { return *client_; }
 

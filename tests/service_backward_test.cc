@@ -8,6 +8,7 @@
 // and the service keeps serving.
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -221,6 +222,12 @@ TEST(BackwardCommand, AttendBackwardPassesItsCheck) {
   EXPECT_NE(out.str().find("dq [1, 77, 4, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("dk [1, 77, 2, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("check gradients: PASS"), std::string::npos) << out.str();
+  // The same through AttendBackwardStream (--stream).
+  o.streaming = true;
+  o.chunk_bytes = 3000;
+  std::ostringstream streamed;
+  EXPECT_EQ(RunAttendCommand(o, streamed), 0) << streamed.str();
+  EXPECT_NE(streamed.str().find("check gradients: PASS"), std::string::npos) << streamed.str();
 
   // The same comparison on a corrupted gradient fails it.
   const v1::AttendRequest fwd = MakeSyntheticRequest(1, 33, 2, 2, 64, DType::kF32, 5);
@@ -244,6 +251,117 @@ TEST(BackwardCommand, AttendBackwardPassesItsCheck) {
   corrupted.mutable_dk()->mutable_data()->pop_back();
   EXPECT_EQ(CompareGradientsWithReference(req, corrupted).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// AttendBackwardStream: a request past the server's unary limit is RESOURCE_EXHAUSTED as a unary
+// call and goes through the stream (AttendBackwardAuto), with the unary call's result bit for bit
+// where both fit; streams breaking the chunk protocol are INVALID_ARGUMENT and the service keeps
+// serving.
+TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Coordinator::Options options;
+  // 64 KiB (gRPC's own limit is this plus 1 MiB of slack): the request below is ~1.6 MiB.
+  options.max_unary_bytes = 64 << 10;
+  options.stream_chunk_bytes = 5000;   // several response chunks per tensor
+  Service svc(2, "cpu", options);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape s;
+  s.seqlen = 400;
+  s.heads = 4;
+  s.heads_k = 2;
+  v1::AttendRequest fwd = MakeRequest(s);
+  fwd.mutable_options()->set_causal(true);
+  absl::StatusOr<v1::AttendResponse> fwd_resp =
+      svc.client().AttendStreaming(fwd, absl::Seconds(60), 30000);
+  ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();
+  const v1::AttendBackwardRequest req = MakeBackward(fwd, *fwd_resp, s);
+  ASSERT_GT(static_cast<int64_t>(req.ByteSizeLong()), options.max_unary_bytes + (1 << 20));
+
+  absl::StatusOr<v1::AttendBackwardResponse> unary =
+      svc.client().AttendBackward(req, absl::Seconds(60));
+  EXPECT_EQ(unary.status().code(), absl::StatusCode::kResourceExhausted) << unary.status();
+  absl::StatusOr<v1::AttendBackwardResponse> streamed =
+      svc.client().AttendBackwardAuto(req, absl::Seconds(60), options.max_unary_bytes);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  const GradErrors e = CompareWithReference(req, *streamed);
+  EXPECT_TRUE(e.dq.Within(1e-5, 1e30)) << e.dq.ToString();
+  EXPECT_TRUE(e.dk.Within(1e-5, 1e30)) << e.dk.ToString();
+  EXPECT_TRUE(e.dv.Within(1e-5, 1e30)) << e.dv.ToString();
+  EXPECT_GT(streamed->timings().receive_seconds(), 0.0);
+
+  // The unary and streamed answers of a request that fits both are the same bytes.
+  Shape small = s;
+  small.seqlen = 9;
+  const v1::AttendRequest fwd_small = MakeRequest(small);
+  absl::StatusOr<v1::AttendResponse> small_resp = svc.client().Attend(fwd_small, absl::Seconds(60));
+  ASSERT_TRUE(small_resp.ok()) << small_resp.status();
+  const v1::AttendBackwardRequest req_small = MakeBackward(fwd_small, *small_resp, small);
+  absl::StatusOr<v1::AttendBackwardResponse> a =
+      svc.client().AttendBackward(req_small, absl::Seconds(60));
+  absl::StatusOr<v1::AttendBackwardResponse> b =
+      svc.client().AttendBackwardStreaming(req_small, absl::Seconds(60), 700);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->dq().data(), b->dq().data());
+  EXPECT_EQ(a->dk().data(), b->dk().data());
+  EXPECT_EQ(a->dv().data(), b->dv().data());
+  EXPECT_EQ(a->dq().shape_size(), 4);
+
+  // Protocol errors, through the raw stub.
+  auto channel = grpc::CreateChannel(svc.address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::AttentionService::NewStub(channel);
+  auto run = [&](const std::vector<v1::AttendBackwardStreamRequest>& messages) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto stream = stub->AttendBackwardStream(&ctx);
+    for (const auto& m : messages) {
+      if (!stream->Write(m)) break;
+    }
+    stream->WritesDone();
+    v1::AttendBackwardStreamResponse ignored;
+    while (stream->Read(&ignored)) {
+    }
+    return stream->Finish();
+  };
+  v1::AttendBackwardStreamRequest header;
+  *header.mutable_header() = req_small;
+  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
+                        header.mutable_header()->mutable_v(), header.mutable_header()->mutable_out(),
+                        header.mutable_header()->mutable_dout(),
+                        header.mutable_header()->mutable_lse()}) {
+    t->clear_data();
+  }
+  v1::AttendBackwardStreamRequest wrong_tensor;
+  wrong_tensor.mutable_chunk()->set_tensor(v1::TensorChunk::WHICH_DQ);
+  wrong_tensor.mutable_chunk()->set_data("abcd");
+  v1::AttendBackwardStreamRequest bad_offset;
+  bad_offset.mutable_chunk()->set_tensor(v1::TensorChunk::WHICH_Q);
+  bad_offset.mutable_chunk()->set_offset(8);
+  bad_offset.mutable_chunk()->set_data("abcd");
+  v1::AttendBackwardStreamRequest with_data = header;
+  *with_data.mutable_header()->mutable_dout() = req_small.dout();
+  const struct {
+    const char* name;
+    std::vector<v1::AttendBackwardStreamRequest> messages;
+    const char* expect;
+  } cases[] = {
+      {"no header", {wrong_tensor}, "must start with a header"},
+      {"chunk of a response tensor", {header, wrong_tensor}, "WHICH_DQ is not one this call takes"},
+      {"offset out of order", {header, bad_offset}, "chunk.offset 8 for q must be 0"},
+      {"data in the header", {with_data}, "header carries tensor data"},
+      {"short tensors", {header}, "q.data has 0 bytes"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const grpc::Status st = run(c.messages);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_NE(st.error_message().find(c.expect), std::string::npos) << st.error_message();
+  }
+  // Still serving.
+  absl::StatusOr<v1::AttendBackwardResponse> again =
+      svc.client().AttendBackwardStreaming(req_small, absl::Seconds(60), 700);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->dv().data(), a->dv().data());
 }
 
 }  // namespace
