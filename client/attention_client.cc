@@ -205,7 +205,8 @@ class StreamAssembler {
 
   absl::Status AddChunk(const v1::TensorChunk& chunk) {
     if (!has_header_) {
-      return absl::InternalError(absl::StrCat(S::kCall, " answered with a chunk before the header"));
+      return absl::InternalError(
+          absl::StrCat(S::kCall, " answered with a chunk before the header"));
     }
     int i = 0;
     while (i < S::kOutputs && S::kWhich[i] != chunk.tensor()) ++i;
@@ -221,15 +222,15 @@ class StreamAssembler {
     v1::Tensor* t = S::Output(&response_, i);
     std::string* data = t->mutable_data();
     if (chunk.offset() != static_cast<int64_t>(data->size())) {
-      return absl::InternalError(absl::StrCat(
-          S::kCall, " response: ", S::kNames[i], " chunk at offset ", chunk.offset(),
-          ", expected ", data->size(), " (chunks must be contiguous and in order)"));
+      return absl::InternalError(
+          absl::StrCat(S::kCall, " response: ", S::kNames[i], " chunk at offset ", chunk.offset(),
+                       ", expected ", data->size(), " (chunks must be contiguous and in order)"));
     }
     if (static_cast<int64_t>(data->size() + chunk.data().size()) > expected_[i]) {
-      return absl::InternalError(absl::StrCat(
-          S::kCall, " response: ", S::kNames[i], " chunks exceed the ", expected_[i],
-          " bytes of its shape ", ShapeString(*t), " (chunk at offset ", chunk.offset(), " of ",
-          chunk.data().size(), " bytes)"));
+      return absl::InternalError(
+          absl::StrCat(S::kCall, " response: ", S::kNames[i], " chunks exceed the ", expected_[i],
+                       " bytes of its shape ", ShapeString(*t), " (chunk at offset ",
+                       chunk.offset(), " of ", chunk.data().size(), " bytes)"));
     }
     data->append(chunk.data());
     received_ += static_cast<int64_t>(chunk.data().size());
@@ -417,8 +418,8 @@ absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardStream
       {v1::TensorChunk::WHICH_DOUT, &request.dout().data()},
       {v1::TensorChunk::WHICH_LSE, &request.lse().data()}};
   // dq like q, dk and dv like k and v.
-  const int64_t estimated = static_cast<int64_t>(request.q().data().size() +
-                                                 2 * request.k().data().size());
+  const int64_t estimated =
+      static_cast<int64_t>(request.q().data().size() + 2 * request.k().data().size());
   return RunStreamingCall<BackwardStream>(
       [this](grpc::ClientContext* context) { return stub_->AttendBackwardStream(context); },
       BackwardStreamHeader(request), inputs, estimated, timeout, chunk_bytes, progress);

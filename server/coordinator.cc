@@ -9,12 +9,12 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+#include "proto/convert.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "server/request_runner.h"
 #include "server/tensor_stream.h"
-#include "kernels/status_macros.h"
-#include "proto/convert.h"
 
 namespace ringattn {
 namespace {
@@ -47,8 +47,7 @@ int64_t RequestBytes(const v1::AttendBackwardRequest& r) {
 }
 
 int64_t ResponseBytes(const v1::AttendBackwardResponse& r) {
-  return static_cast<int64_t>(r.dq().data().size() + r.dk().data().size() +
-                              r.dv().data().size());
+  return static_cast<int64_t>(r.dq().data().size() + r.dk().data().size() + r.dv().data().size());
 }
 
 }  // namespace
@@ -68,15 +67,15 @@ class Coordinator::Services {
       // Unary: gRPC serialises and sends the response after this returns, so the timings
       // cannot include it; send_seconds stays 0 (AttendStream measures its chunks).
       if (s.ok()) response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
-                                 RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
+      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttend, ToGrpcStatus(s).error_code(),
+                                 response->timings(), RequestBytes(*request),
+                                 s.ok() ? ResponseBytes(*response) : 0);
       return ToGrpcStatus(s);
     }
 
-    grpc::Status AttendStream(
-        grpc::ServerContext* ctx,
-        grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream)
-        override {
+    grpc::Status AttendStream(grpc::ServerContext* ctx,
+                              grpc::ServerReaderWriter<v1::AttendStreamResponse,
+                                                       v1::AttendStreamRequest>* stream) override {
       const absl::Time arrival = absl::Now();
       v1::AttendRequest request;
       v1::AttendResponse response;
@@ -84,8 +83,9 @@ class Coordinator::Services {
       const double receive_s = SecondsSince(arrival);
       if (s.ok()) s = c_->Handle(ctx, request, arrival, receive_s, &response);
       if (s.ok()) s = c_->SendStream(stream, arrival, &response);
-      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response.timings(),
-                                 RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
+      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendStream, ToGrpcStatus(s).error_code(),
+                                 response.timings(), RequestBytes(request),
+                                 s.ok() ? ResponseBytes(response) : 0);
       return ToGrpcStatus(s);
     }
 
@@ -93,15 +93,16 @@ class Coordinator::Services {
                                 v1::AttendBackwardResponse* response) override {
       const absl::Time arrival = absl::Now();
       absl::Status s = c_->HandleBackward(ctx, *request, arrival, response);
-      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response->timings(),
-                                 RequestBytes(*request), s.ok() ? ResponseBytes(*response) : 0);
+      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendBackward, ToGrpcStatus(s).error_code(),
+                                 response->timings(), RequestBytes(*request),
+                                 s.ok() ? ResponseBytes(*response) : 0);
       return ToGrpcStatus(s);
     }
 
     grpc::Status AttendBackwardStream(
         grpc::ServerContext* ctx,
-        grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
-                                 v1::AttendBackwardStreamRequest>* stream) override {
+        grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
+            stream) override {
       const absl::Time arrival = absl::Now();
       v1::AttendBackwardRequest request;
       v1::AttendBackwardResponse response;
@@ -112,7 +113,8 @@ class Coordinator::Services {
         response.mutable_timings()->set_receive_seconds(receive_s);
         s = c_->SendBackwardStream(stream, arrival, &response);
       }
-      c_->metrics_.RecordRequest(ToGrpcStatus(s).error_code(), response.timings(),
+      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendBackwardStream,
+                                 ToGrpcStatus(s).error_code(), response.timings(),
                                  RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
       return ToGrpcStatus(s);
     }
@@ -225,8 +227,7 @@ absl::Status Coordinator::BuildAndStart() {
   builder.SetMaxSendMessageSize(INT_MAX);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.listen_address));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
   }
   server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   server_->GetHealthCheckService()->SetServingStatus("", false);
@@ -273,12 +274,10 @@ absl::Status Coordinator::Handle(grpc::ServerContext* ctx, const v1::AttendReque
 
 absl::Status Coordinator::HandleBackward(grpc::ServerContext* ctx,
                                          const v1::AttendBackwardRequest& request,
-                                         absl::Time arrival,
-                                         v1::AttendBackwardResponse* response) {
+                                         absl::Time arrival, v1::AttendBackwardResponse* response) {
   AttendLimits limits;
   limits.max_request_bytes = options_.max_request_bytes;
-  absl::StatusOr<ValidatedAttendBackward> problem =
-      ValidateAttendBackwardRequest(request, limits);
+  absl::StatusOr<ValidatedAttendBackward> problem = ValidateAttendBackwardRequest(request, limits);
   if (!problem.ok()) return problem.status();
   auto job = std::make_shared<AttendJob>();
   job->kind = AttendJob::Kind::kBackward;
@@ -332,9 +331,9 @@ void Coordinator::DispatchLoop() {
     if (job->cancelled) {
       s = absl::CancelledError("the client cancelled the request");
     } else if (!ring.ok()) {
-      s = absl::Now() >= job->deadline ? absl::DeadlineExceededError(
-                                             "deadline exceeded waiting for the ring to form")
-                                       : ring.status();
+      s = absl::Now() >= job->deadline
+              ? absl::DeadlineExceededError("deadline exceeded waiting for the ring to form")
+              : ring.status();
     } else {
       s = job->kind == AttendJob::Kind::kForward
               ? RunOnRing(*job->request, job->problem, *ring, control, &job->response)

@@ -21,7 +21,7 @@ namespace {
 const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
   static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
       1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
-      0.25, 0.5,    1.0,  2.5,  5.0,    10.0, 25.0,  60.0,   120.0};
+      0.25, 0.5,    1.0,  2.5,  5.0,    10.0, 25.0, 60.0,   120.0};
   return *buckets;
 }
 
@@ -29,14 +29,36 @@ const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
 
 const char* ServiceMetrics::PhaseName(Phase phase) {
   switch (phase) {
-    case Phase::kQueue: return "queue";
-    case Phase::kReceive: return "receive";
-    case Phase::kScatter: return "scatter";
-    case Phase::kCompute: return "compute";
-    case Phase::kCommWait: return "comm_wait";
-    case Phase::kGather: return "gather";
-    case Phase::kSend: return "send";
-    case Phase::kTotal: return "total";
+    case Phase::kQueue:
+      return "queue";
+    case Phase::kReceive:
+      return "receive";
+    case Phase::kScatter:
+      return "scatter";
+    case Phase::kCompute:
+      return "compute";
+    case Phase::kCommWait:
+      return "comm_wait";
+    case Phase::kGather:
+      return "gather";
+    case Phase::kSend:
+      return "send";
+    case Phase::kTotal:
+      return "total";
+  }
+  return "unknown";
+}
+
+const char* ServiceMetrics::RpcName(Rpc rpc) {
+  switch (rpc) {
+    case Rpc::kAttend:
+      return "Attend";
+    case Rpc::kAttendStream:
+      return "AttendStream";
+    case Rpc::kAttendBackward:
+      return "AttendBackward";
+    case Rpc::kAttendBackwardStream:
+      return "AttendBackwardStream";
   }
   return "unknown";
 }
@@ -44,12 +66,15 @@ const char* ServiceMetrics::PhaseName(Phase phase) {
 ServiceMetrics::ServiceMetrics() : registry_(std::make_shared<prometheus::Registry>()) {
   auto& requests = prometheus::BuildCounter()
                        .Name("ringattn_requests_total")
-                       .Help("Finished Attend requests by gRPC status code.")
+                       .Help("Finished requests by RPC and gRPC status code.")
                        .Register(*registry_);
-  // Every code exists from the start, so that rate() and increase() see the first error.
-  for (int c = 0; c < kNumCodes; ++c) {
-    requests_by_code_[c] =
-        &requests.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+  // Every (rpc, code) exists from the start, so that rate() and increase() see the first error.
+  for (int r = 0; r < kNumRpcs; ++r) {
+    for (int c = 0; c < kNumCodes; ++c) {
+      requests_[r][c] =
+          &requests.Add({{"rpc", RpcName(static_cast<Rpc>(r))},
+                         {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+    }
   }
 
   auto& phases = prometheus::BuildHistogram()
@@ -94,11 +119,12 @@ ServiceMetrics::~ServiceMetrics() {
   exposer_.reset();
 }
 
-void ServiceMetrics::RecordRequest(absl::StatusCode code, const v1::Timings& timings,
+void ServiceMetrics::RecordRequest(Rpc rpc, absl::StatusCode code, const v1::Timings& timings,
                                    int64_t bytes_in, int64_t bytes_out) {
   const int c = static_cast<int>(code);
-  requests_by_code_[c >= 0 && c < kNumCodes ? c : static_cast<int>(absl::StatusCode::kUnknown)]
-      ->Increment();
+  requests_[static_cast<int>(rpc)]
+           [c >= 0 && c < kNumCodes ? c : static_cast<int>(absl::StatusCode::kUnknown)]
+               ->Increment();
   if (bytes_in > 0) bytes_in_->Increment(static_cast<double>(bytes_in));
   if (bytes_out > 0) bytes_out_->Increment(static_cast<double>(bytes_out));
 
@@ -114,25 +140,25 @@ void ServiceMetrics::RecordRequest(absl::StatusCode code, const v1::Timings& tim
 
   phase_seconds_[static_cast<int>(Phase::kTotal)]->Observe(timings.total_seconds());
   if (code != absl::StatusCode::kOk) return;
-  const std::pair<Phase, double> phases[] = {
-      {Phase::kQueue, timings.queue_seconds()},     {Phase::kReceive, timings.receive_seconds()},
-      {Phase::kScatter, timings.scatter_seconds()}, {Phase::kCompute, compute},
-      {Phase::kCommWait, comm_wait},                {Phase::kGather, timings.gather_seconds()},
-      {Phase::kSend, timings.send_seconds()}};
+  const std::pair<Phase, double> phases[] = {{Phase::kQueue, timings.queue_seconds()},
+                                             {Phase::kReceive, timings.receive_seconds()},
+                                             {Phase::kScatter, timings.scatter_seconds()},
+                                             {Phase::kCompute, compute},
+                                             {Phase::kCommWait, comm_wait},
+                                             {Phase::kGather, timings.gather_seconds()},
+                                             {Phase::kSend, timings.send_seconds()}};
   for (const auto& [phase, seconds] : phases) {
     phase_seconds_[static_cast<int>(phase)]->Observe(seconds);
   }
 }
 
-void ServiceMetrics::RecordRequest(grpc::StatusCode code, const v1::Timings& timings,
+void ServiceMetrics::RecordRequest(Rpc rpc, grpc::StatusCode code, const v1::Timings& timings,
                                    int64_t bytes_in, int64_t bytes_out) {
   // The canonical codes have the same numbers in gRPC and absl.
-  RecordRequest(static_cast<absl::StatusCode>(code), timings, bytes_in, bytes_out);
+  RecordRequest(rpc, static_cast<absl::StatusCode>(code), timings, bytes_in, bytes_out);
 }
 
-void ServiceMetrics::SetQueueDepth(int64_t depth) {
-  queue_depth_->Set(static_cast<double>(depth));
-}
+void ServiceMetrics::SetQueueDepth(int64_t depth) { queue_depth_->Set(static_cast<double>(depth)); }
 
 void ServiceMetrics::SetWorkersUp(int64_t workers) {
   workers_up_->Set(static_cast<double>(workers));

@@ -49,15 +49,20 @@ class ServiceMetrics {
   ServiceMetrics(const ServiceMetrics&) = delete;
   ServiceMetrics& operator=(const ServiceMetrics&) = delete;
 
-  // Records one finished request: counts it under its status code, adds its tensor bytes, and
-  // counts its ring steps (the most steps any worker reports, else one per worker listed).
+  // The public RPCs, the `rpc` label of ringattn_requests_total.
+  enum class Rpc { kAttend, kAttendStream, kAttendBackward, kAttendBackwardStream };
+  static constexpr int kNumRpcs = 4;
+  static const char* RpcName(Rpc rpc);
+
+  // Records one finished request: counts it under its RPC and status code, adds its tensor bytes,
+  // and counts its ring steps (the most steps any worker reports, else one per worker listed).
   // Phase durations come from `timings`: compute and comm_wait are the maxima over the
   // workers (the slowest rank bounds the request). "total" is observed for every request, the
   // other phases only for OK ones, so that the breakdown is not diluted by requests refused
   // before they reached a phase.
-  void RecordRequest(absl::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
+  void RecordRequest(Rpc rpc, absl::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
                      int64_t bytes_out);
-  void RecordRequest(grpc::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
+  void RecordRequest(Rpc rpc, grpc::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
                      int64_t bytes_out);
 
   void SetQueueDepth(int64_t depth);
@@ -79,7 +84,7 @@ class ServiceMetrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   // Owned by the registry's families.
-  std::array<prometheus::Counter*, kNumCodes> requests_by_code_{};
+  std::array<std::array<prometheus::Counter*, kNumCodes>, kNumRpcs> requests_{};
   std::array<prometheus::Histogram*, kNumPhases> phase_seconds_{};
   prometheus::Counter* bytes_in_ = nullptr;
   prometheus::Counter* bytes_out_ = nullptr;

@@ -37,18 +37,27 @@ v1::Timings MakeTimings(int workers, int steps) {
 
 TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
   ServiceMetrics m;
-  m.RecordRequest(absl::StatusCode::kOk, MakeTimings(/*workers=*/3, /*steps=*/3), 3000, 1000);
-  m.RecordRequest(grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0);
-  m.RecordRequest(absl::StatusCode::kUnavailable, MakeTimings(2, 0), 10, 0);
+  m.RecordRequest(ServiceMetrics::Rpc::kAttend, absl::StatusCode::kOk,
+                  MakeTimings(/*workers=*/3, /*steps=*/3), 3000, 1000);
+  m.RecordRequest(ServiceMetrics::Rpc::kAttendStream, grpc::StatusCode::INVALID_ARGUMENT,
+                  v1::Timings(), 0, 0);
+  m.RecordRequest(ServiceMetrics::Rpc::kAttendBackward, absl::StatusCode::kUnavailable,
+                  MakeTimings(2, 0), 10, 0);
   m.SetQueueDepth(4);
   m.SetWorkersUp(3);
   m.RecordRingReform();
   const std::string text = m.Serialize();
 
-  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\"} 1"));
-  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"INVALID_ARGUMENT\"} 1"));
-  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"UNAVAILABLE\"} 1"));
-  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"RESOURCE_EXHAUSTED\"} 0"));
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 1"));
+  EXPECT_THAT(
+      text, HasSubstr("ringattn_requests_total{code=\"INVALID_ARGUMENT\",rpc=\"AttendStream\"} 1"));
+  EXPECT_THAT(text,
+              HasSubstr("ringattn_requests_total{code=\"UNAVAILABLE\",rpc=\"AttendBackward\"} 1"));
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"AttendBackward\"} 0"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(
+          "ringattn_requests_total{code=\"RESOURCE_EXHAUSTED\",rpc=\"AttendBackwardStream\"} 0"));
   for (const char* phase :
        {"queue", "receive", "scatter", "compute", "comm_wait", "gather", "send"}) {
     // Only the OK request is broken down by phase.
@@ -109,10 +118,10 @@ TEST(ServiceMetricsTest, ExposerAnswersHttpGetOnAnEphemeralPort) {
   ASSERT_TRUE(m.StartExposer("127.0.0.1:0").ok());
   const int port = m.exposer_port();
   ASSERT_GT(port, 0);
-  m.RecordRequest(absl::StatusCode::kOk, MakeTimings(1, 1), 1, 1);
+  m.RecordRequest(ServiceMetrics::Rpc::kAttend, absl::StatusCode::kOk, MakeTimings(1, 1), 1, 1);
   const std::string response = HttpExchange(port, "GET /metrics HTTP/1.0\r\n\r\n");
   EXPECT_THAT(response, HasSubstr("200 OK"));
-  EXPECT_THAT(response, HasSubstr("ringattn_requests_total{code=\"OK\"} 1"));
+  EXPECT_THAT(response, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 1"));
   EXPECT_THAT(response, HasSubstr("ringattn_request_phase_seconds"));
 
   const absl::Status again = m.StartExposer("127.0.0.1:0");

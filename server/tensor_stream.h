@@ -45,9 +45,9 @@ absl::Status ReceiveChunks(Stream* stream, absl::Span<const StreamedTensor> tens
       for (const StreamedTensor& candidate : tensors) {
         absl::StrAppend(&names, names.empty() ? "" : ", ", candidate.name);
       }
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk.tensor ", v1::TensorChunk::Which_Name(c.tensor()),
-                       " is not one this call takes (", names, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("chunk.tensor ",
+                                                     v1::TensorChunk::Which_Name(c.tensor()),
+                                                     " is not one this call takes (", names, ")"));
     }
     if (c.offset() != static_cast<int64_t>(t->data->size())) {
       return absl::InvalidArgumentError(absl::StrCat("chunk.offset ", c.offset(), " for ", t->name,
@@ -55,8 +55,8 @@ absl::Status ReceiveChunks(Stream* stream, absl::Span<const StreamedTensor> tens
                                                      " (chunks in order)"));
     }
     if (static_cast<int64_t>(t->data->size() + c.data().size()) > t->expected) {
-      return absl::InvalidArgumentError(absl::StrCat(t->name, " chunks exceed the ", t->expected,
-                                                     " bytes its shape needs"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(t->name, " chunks exceed the ", t->expected, " bytes its shape needs"));
     }
     t->data->append(c.data());
   }
