@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <thread>
@@ -17,9 +18,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "client/cli_parse.h"
 #include "client/attend_command.h"
 #include "client/attention_client.h"
+#include "client/cli_parse.h"
 #include "client/timing_table.h"
 #include "kernels/dtype.h"
 #include "ringattn/v1/attention.pb.h"
@@ -127,14 +128,39 @@ struct CallPlan {
   absl::Duration timeout;
 };
 
+// Chunks of a forced stream: the default, within the server's unary limit.
+int64_t StreamChunkBytes(const CallPlan& plan) {
+  int64_t chunk_bytes = kDefaultChunkBytes;
+  if (plan.max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, plan.max_unary_bytes);
+  return chunk_bytes;
+}
+
+CallRecord OneBackwardCall(AttentionClient& client, const v1::AttendBackwardRequest& request,
+                           const CallPlan& plan) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::AttendBackwardResponse> response =
+      plan.force_streaming
+          ? client.AttendBackwardStreaming(request, plan.timeout, StreamChunkBytes(plan))
+          : client.AttendBackwardAuto(request, plan.timeout, plan.max_unary_bytes);
+  CallRecord record;
+  record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  record.code = response.status().code();
+  if (response.ok()) {
+    record.payload_bytes =
+        TensorBytes(request.q()) + TensorBytes(request.k()) + TensorBytes(request.v()) +
+        TensorBytes(request.out()) + TensorBytes(request.dout()) + TensorBytes(request.lse()) +
+        TensorBytes(response->dq()) + TensorBytes(response->dk()) + TensorBytes(response->dv());
+    record.phases = PhasesOf(response->timings());
+  }
+  return record;
+}
+
 CallRecord OneCall(AttentionClient& client, const v1::AttendRequest& request,
                    const CallPlan& plan) {
   const absl::Time start = absl::Now();
   absl::StatusOr<v1::AttendResponse> response;
   if (plan.force_streaming) {
-    int64_t chunk_bytes = kDefaultChunkBytes;
-    if (plan.max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, plan.max_unary_bytes);
-    response = client.AttendStreaming(request, plan.timeout, chunk_bytes);
+    response = client.AttendStreaming(request, plan.timeout, StreamChunkBytes(plan));
   } else {
     response = client.AttendAuto(request, plan.timeout, plan.max_unary_bytes);
   }
@@ -155,10 +181,9 @@ struct LoadResult {
   double wall_seconds = 0;
 };
 
-// Sends `request` from `concurrency` threads until `requests` calls have gone out, or, with a
+// Makes `one_call` from `concurrency` threads until `requests` calls have gone out, or, with a
 // duration, until it has passed. Every call is bounded by the plan's timeout.
-LoadResult RunLoad(AttentionClient& client, const v1::AttendRequest& request, const BenchOptions& o,
-                   const CallPlan& plan) {
+LoadResult RunLoad(const std::function<CallRecord()>& one_call, const BenchOptions& o) {
   const bool by_time = o.duration_seconds > 0;
   std::atomic<int> next{0};
   std::vector<std::vector<CallRecord>> per_thread(static_cast<size_t>(o.concurrency));
@@ -170,7 +195,7 @@ LoadResult RunLoad(AttentionClient& client, const v1::AttendRequest& request, co
     for (std::vector<CallRecord>& records : per_thread) {
       threads.emplace_back([&, mine = &records] {
         while (by_time ? absl::Now() < deadline : next.fetch_add(1) < o.requests) {
-          mine->push_back(OneCall(client, request, plan));
+          mine->push_back(one_call());
         }
       });
     }
@@ -353,20 +378,42 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   plan.force_streaming = o.streaming;
   plan.max_unary_bytes = info->max_unary_bytes();
   plan.timeout = absl::Seconds(o.timeout_seconds);
-  const bool streaming = o.streaming || NeedsStreaming(request, plan.max_unary_bytes);
-  const double flops = RequestFlops(request);
+  // With --backward: one forward for out and lse, then the gradients request every call sends.
+  v1::AttendBackwardRequest backward;
+  if (o.backward) {
+    v1::AttendRequest with_lse = request;
+    with_lse.set_return_lse(true);
+    absl::StatusOr<v1::AttendResponse> forward =
+        (*client)->AttendAuto(with_lse, plan.timeout, plan.max_unary_bytes);
+    if (!forward.ok()) {
+      out << ErrorLine(forward.status());
+      return 1;
+    }
+    backward = MakeBackwardRequest(with_lse, *forward, o.seed);
+  }
+  const bool streaming =
+      o.streaming ||
+      (o.backward ? static_cast<int64_t>(backward.ByteSizeLong()) > plan.max_unary_bytes &&
+                        plan.max_unary_bytes > 0
+                  : NeedsStreaming(request, plan.max_unary_bytes));
+  // FlashAttention's count: the backward is 2.5 forwards.
+  const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);
   out << absl::StrFormat("server %s: version %s, world %d (%s)\n", o.target, info->version(),
                          info->world_size(), info->ready() ? "ready" : "not ready");
   out << absl::StrFormat(
       "bench: q [%d, %d, %d, %d] %s, causal=%d, layout %s, via %s; %s from %d threads\n", o.batch,
       o.seqlen, o.heads, o.head_dim, o.dtype, o.causal, o.layout,
-      streaming ? "AttendStream" : "Attend (unary)",
+      o.backward ? (streaming ? "AttendBackwardStream" : "AttendBackward (unary)")
+                 : (streaming ? "AttendStream" : "Attend (unary)"),
       o.duration_seconds > 0 ? absl::StrFormat("for %.3g s", o.duration_seconds)
                              : absl::StrCat(o.requests, " requests"),
       o.concurrency);
   out.flush();
 
-  const LoadResult load = RunLoad(**client, request, o, plan);
+  AttentionClient& c = **client;
+  const LoadResult load = o.backward
+                              ? RunLoad([&] { return OneBackwardCall(c, backward, plan); }, o)
+                              : RunLoad([&] { return OneCall(c, request, plan); }, o);
   const BenchSummary summary = Summarize(o, load, flops);
   out << FormatReport(summary);
   if (!o.json_path.empty()) {

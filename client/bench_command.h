@@ -1,6 +1,7 @@
 // `ringattn bench`: a load generator for a running coordinator.
 //
-// Builds one synthetic request and sends it from `concurrency` client threads, `requests` times
+// Builds one synthetic request (Attend, or with `backward` an AttendBackward) and sends it from
+// `concurrency` client threads, `requests` times
 // in all (or for `duration_seconds`), then reports how many calls succeeded and how the failed
 // ones failed (by status code), requests per second, the client round-trip latency percentiles,
 // the payload rate, the means of the server's phases from the responses' Timings, the share of
@@ -33,8 +34,12 @@ struct BenchOptions {
   int head_dim = 64;
   std::string dtype = "bf16";  // fp32, fp16 or bf16
   bool causal = false;
-  std::string layout = "auto";          // auto, contiguous, zigzag or stripe
-  bool streaming = false;               // force AttendStream (else by the server's unary limit)
+  std::string layout = "auto";  // auto, contiguous, zigzag or stripe
+  bool streaming = false;       // force AttendStream (else by the server's unary limit)
+  // Drive AttendBackward (AttendBackwardStream past the unary limit or with `streaming`)
+  // instead of Attend: one forward first for out and lse, then every call sends the same
+  // gradients request (synthetic dout); throughput counts the backward as 2.5 forwards.
+  bool backward = false;
   double timeout_seconds = 300;         // for each call
   double connect_timeout_seconds = 10;  // for the connection and GetInfo
   uint64_t seed = 1;

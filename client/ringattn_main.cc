@@ -78,8 +78,8 @@ ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
 ABSL_FLAG(bool, backward, false,
-          "attend: also take the gradients (AttendBackward with a synthetic dout); with --check, "
-          "against the fp64 reference backward");
+          "attend: also take the gradients (AttendBackward with a synthetic dout; with --check, "
+          "against the fp64 reference backward); bench: drive AttendBackward instead of Attend");
 
 // bench (also --target, the problem flags, --stream, --timeout per call and --seed)
 ABSL_FLAG(int, concurrency, 4, "bench: client threads, one call in flight each");
@@ -194,6 +194,7 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
   o.causal = absl::GetFlag(FLAGS_causal);
   o.layout = absl::GetFlag(FLAGS_layout);
   o.streaming = absl::GetFlag(FLAGS_stream);
+  o.backward = absl::GetFlag(FLAGS_backward);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.json_path = absl::GetFlag(FLAGS_json);
