@@ -3,10 +3,11 @@
 // Attend sends the whole request as one message; AttendStreaming sends it as the chunk protocol
 // of AttendStream (header, then the bytes of q, k and v in chunks, then WritesDone) and
 // reassembles the chunked out and lse of the answer; AttendAuto picks one of the two by the
-// request's size; AttendBackward asks for the gradients (unary only). Every call returns the
-// service's status with its code and message as they came; a response that breaks the chunk
-// protocol or whose tensors do not match their shapes is INTERNAL, naming the tensor and the
-// offending offset or size.
+// request's size; AttendBackward, AttendBackwardStreaming and AttendBackwardAuto do the same for
+// the gradients (AttendBackwardStream's chunks: q, k, v, out, dout, lse in; dq, dk, dv out).
+// Every call returns the service's status with its code and message as they came; a response
+// that breaks the chunk protocol or whose tensors do not match their shapes is INTERNAL, naming
+// the tensor and the offending offset or size.
 #pragma once
 
 #include <cstdint>
