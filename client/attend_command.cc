@@ -409,16 +409,16 @@ absl::StatusOr<GradientErrors> CompareGradientsWithReference(
     const auto [got, like] = tensors;
     if (got->dtype() != like->dtype() || ShapeString(*got) != ShapeString(*like) ||
         got->data().size() != like->data().size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, " is ", ShapeString(*got), " ", DTypeLabel(got->dtype()), " with ",
-          got->data().size(), " bytes; expected ", ShapeString(*like), " ",
-          DTypeLabel(like->dtype())));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " is ", ShapeString(*got), " ", DTypeLabel(got->dtype()), " with ",
+                       got->data().size(), " bytes; expected ", ShapeString(*like), " ",
+                       DTypeLabel(like->dtype())));
     }
   }
   const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
   if (static_cast<int64_t>(request.lse().data().size()) != lse_count * 4) {
-    return absl::InvalidArgumentError(absl::StrCat("lse has ", request.lse().data().size(),
-                                                   " bytes; expected ", lse_count * 4));
+    return absl::InvalidArgumentError(
+        absl::StrCat("lse has ", request.lse().data().size(), " bytes; expected ", lse_count * 4));
   }
   AttentionBackwardParams b;
   RA_ASSIGN_OR_RETURN(b.fwd,
@@ -503,8 +503,8 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
           max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
       grads = client.AttendBackwardStreaming(backward, timeout, chunk, progress);
     } else {
-      grads = client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes,
-                                        progress);
+      grads =
+          client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes, progress);
     }
   }
   const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
@@ -519,6 +519,17 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
   // FlashAttention's count: the backward is 2.5 forwards.
   out << FormatTimings(grads->request_id(), grads->plan(), grads->timings(),
                        2.5 * RequestFlops(request));
+  if (!o.grads_npy_prefix.empty()) {
+    for (const auto& [name, tensor] : {std::pair{"dq", &grads->dq()}, std::pair{"dk", &grads->dk()},
+                                       std::pair{"dv", &grads->dv()}}) {
+      const std::string path = absl::StrCat(o.grads_npy_prefix, name, ".npy");
+      if (absl::Status s = WriteOutput(*tensor, path); !s.ok()) {
+        out << ErrorLine(s);
+        return 1;
+      }
+      out << "wrote " << path << "\n";
+    }
+  }
   if (!o.check) return 0;
   absl::StatusOr<GradientErrors> e = CompareGradientsWithReference(backward, *grads);
   if (!e.ok()) {
@@ -530,8 +541,8 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
   bool ok = true;
   for (const auto& [name, stats] :
        {std::pair{"dq", &e->dq}, std::pair{"dk", &e->dk}, std::pair{"dv", &e->dv}}) {
-    const bool pass = stats->nan_count == 0 && stats->inf_mismatch == 0 &&
-                      stats->rel_l2 <= tolerance;
+    const bool pass =
+        stats->nan_count == 0 && stats->inf_mismatch == 0 && stats->rel_l2 <= tolerance;
     ok &= pass;
     out << absl::StrFormat("check %s vs fp64: %s\n", name, stats->ToString());
   }

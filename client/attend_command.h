@@ -53,6 +53,9 @@ struct AttendCommandOptions {
   // Also take the gradients: AttendBackward with the forward's out and lse and a synthetic dout
   // (unary). With `check`, the gradients are compared with the fp64 reference backward.
   bool backward = false;
+  // With `backward`, when set: the gradients are written to <prefix>dq.npy, <prefix>dk.npy and
+  // <prefix>dv.npy (bf16 as fp32), e.g. "grads/" or "run1_".
+  std::string grads_npy_prefix;
 };
 
 // Runs the command, printing to `out`. Returns the process exit code: 0 on success, 1 when the

@@ -22,8 +22,8 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "client/attend_command.h"
-#include "client/cli_parse.h"
 #include "client/bench_command.h"
+#include "client/cli_parse.h"
 #include "client/local_ring.h"
 #include "client/serve_command.h"
 #include "worker/worker.h"
@@ -74,6 +74,9 @@ ABSL_FLAG(std::string, q_npy, "", "attend: q from a .npy file [batch, seq, heads
 ABSL_FLAG(std::string, k_npy, "", "attend: k from a .npy file");
 ABSL_FLAG(std::string, v_npy, "", "attend: v from a .npy file");
 ABSL_FLAG(std::string, out_npy, "", "attend: write the output here");
+ABSL_FLAG(
+    std::string, grads_npy_prefix, "",
+    "attend --backward: write the gradients to <prefix>dq.npy, <prefix>dk.npy, <prefix>dv.npy");
 ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
@@ -142,7 +145,8 @@ int RunRing() {
   }
   o.attention.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
   // The local ring is a CPU tool: auto means the fast CPU kernel.
-  o.backend = absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);
+  o.backend =
+      absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.check = absl::GetFlag(FLAGS_check);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
@@ -169,6 +173,7 @@ ringattn::AttendCommandOptions AttendOptionsFromFlags() {
   o.k_npy = absl::GetFlag(FLAGS_k_npy);
   o.v_npy = absl::GetFlag(FLAGS_v_npy);
   o.out_npy = absl::GetFlag(FLAGS_out_npy);
+  o.grads_npy_prefix = absl::GetFlag(FLAGS_grads_npy_prefix);
   o.check = absl::GetFlag(FLAGS_check);
   o.streaming = absl::GetFlag(FLAGS_stream);
   o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);

@@ -14,15 +14,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <sstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "client/attention_client.h"
 #include "client/attend_command.h"
+#include "client/attention_client.h"
+#include "client/npy.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/cpu/reference_backward.h"
@@ -222,12 +223,23 @@ TEST(BackwardCommand, AttendBackwardPassesItsCheck) {
   EXPECT_NE(out.str().find("dq [1, 77, 4, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("dk [1, 77, 2, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("check gradients: PASS"), std::string::npos) << out.str();
-  // The same through AttendBackwardStream (--stream).
+  // The same through AttendBackwardStream (--stream), writing the gradients as .npy files that
+  // read back as the shapes of q, k and v.
+  const std::string prefix = ::testing::TempDir() + "/attend_backward_";
+  o.grads_npy_prefix = prefix;
   o.streaming = true;
   o.chunk_bytes = 3000;
   std::ostringstream streamed;
   EXPECT_EQ(RunAttendCommand(o, streamed), 0) << streamed.str();
   EXPECT_NE(streamed.str().find("check gradients: PASS"), std::string::npos) << streamed.str();
+  for (const auto& [name, shape] : {std::pair{"dq", std::vector<int64_t>{1, 77, 4, 64}},
+                                    std::pair{"dk", std::vector<int64_t>{1, 77, 2, 64}},
+                                    std::pair{"dv", std::vector<int64_t>{1, 77, 2, 64}}}) {
+    absl::StatusOr<NpyArray> npy = ReadNpy(prefix + name + ".npy");
+    ASSERT_TRUE(npy.ok()) << name << ": " << npy.status();
+    EXPECT_EQ(npy->shape, shape) << name;
+    EXPECT_EQ(npy->dtype, DType::kF32) << name;  // bf16 written as fp32
+  }
 
   // The same comparison on a corrupted gradient fails it.
   const v1::AttendRequest fwd = MakeSyntheticRequest(1, 33, 2, 2, 64, DType::kF32, 5);
@@ -262,7 +274,7 @@ TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
   Coordinator::Options options;
   // 64 KiB (gRPC's own limit is this plus 1 MiB of slack): the request below is ~1.6 MiB.
   options.max_unary_bytes = 64 << 10;
-  options.stream_chunk_bytes = 5000;   // several response chunks per tensor
+  options.stream_chunk_bytes = 5000;  // several response chunks per tensor
   Service svc(2, "cpu", options);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   Shape s;
@@ -325,10 +337,10 @@ TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
   };
   v1::AttendBackwardStreamRequest header;
   *header.mutable_header() = req_small;
-  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
-                        header.mutable_header()->mutable_v(), header.mutable_header()->mutable_out(),
-                        header.mutable_header()->mutable_dout(),
-                        header.mutable_header()->mutable_lse()}) {
+  for (v1::Tensor* t :
+       {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
+        header.mutable_header()->mutable_v(), header.mutable_header()->mutable_out(),
+        header.mutable_header()->mutable_dout(), header.mutable_header()->mutable_lse()}) {
     t->clear_data();
   }
   v1::AttendBackwardStreamRequest wrong_tensor;
