@@ -39,9 +39,9 @@
 namespace ringattn {
 namespace {
 
-using kernel_testing::Runs;
 using kernel_testing::CompareWithTolerance;
 using kernel_testing::FillRandomNormal;
+using kernel_testing::Runs;
 using kernel_testing::ToleranceReport;
 using kernel_testing::TypedBuffer;
 

@@ -34,10 +34,10 @@
 namespace ringattn {
 namespace {
 
-using kernel_testing::Runs;
 using kernel_testing::AttentionBuffers;
 using kernel_testing::CompareWithTolerance;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::Runs;
 using kernel_testing::ToleranceReport;
 using kernel_testing::TypedBuffer;
 using kernel_testing::UnitRoundoff;
