@@ -317,10 +317,9 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
                                                 const v1::Tensor& v,
                                                 const v1::AttentionOptions& options) {
   RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(q, k, v));
-  if (options.dropout_p() != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "options.dropout_p must be 0 (the reference is the forward without dropout), got ",
-        options.dropout_p()));
+  if (!(options.dropout_p() >= 0.0f && options.dropout_p() < 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("options.dropout_p must be in [0, 1), got ", options.dropout_p()));
   }
   if (options.alibi_slopes_size() != 0 && options.alibi_slopes_size() != problem.heads) {
     return absl::InvalidArgumentError(
@@ -348,6 +347,8 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
   p.causal = options.causal();
   p.window_left = options.has_window_left() ? options.window_left() : kUnboundedWindow;
   p.window_right = options.has_window_right() ? options.window_right() : kUnboundedWindow;
+  p.dropout_p = options.dropout_p();
+  p.dropout_seed = options.dropout_seed();
   return p;
 }
 

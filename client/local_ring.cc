@@ -128,6 +128,8 @@ int ReportOnRankZero(const LocalRingOptions& o, const ShardPlan& plan,
       o.attention.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(o.head_dim)));
   p.softcap = o.attention.softcap;
   p.alibi_slopes = o.attention.alibi_slopes.empty() ? nullptr : o.attention.alibi_slopes.data();
+  p.dropout_p = o.attention.dropout_p;
+  p.dropout_seed = o.attention.dropout_seed;
   p.causal = o.attention.causal;
   p.window_left = o.attention.window_size.first;
   p.window_right = o.attention.window_size.second;

@@ -42,7 +42,8 @@ ABSL_FLAG(int64_t, window_right, -1, "sliding window, keys allowed to the right 
 ABSL_FLAG(bool, alibi, false, "ALiBi with the standard slopes 2^(-8 i / heads)");
 ABSL_FLAG(double, softcap, 0.0, "score soft-capping (0 disables)");
 ABSL_FLAG(double, softmax_scale, 0.0, "softmax scale (0: 1/sqrt(head_dim))");
-ABSL_FLAG(double, dropout_p, 0.0, "dropout probability (must be 0 for now)");
+ABSL_FLAG(double, dropout_p, 0.0, "dropout probability in [0, 1) (CPU kernels)");
+ABSL_FLAG(uint64_t, dropout_seed, 0, "dropout mask seed");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the synthetic inputs");
 ABSL_FLAG(bool, check, true, "compare the result with the fp64 reference computed here");
 ABSL_FLAG(double, timeout, 300, "seconds for the whole request (ring: before ranks are killed)");
@@ -144,6 +145,7 @@ int RunRing() {
     o.attention.softmax_scale = static_cast<float>(absl::GetFlag(FLAGS_softmax_scale));
   }
   o.attention.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
+  o.attention.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
   // The local ring is a CPU tool: auto means the fast CPU kernel.
   o.backend =
       absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);

@@ -52,6 +52,15 @@ struct AttentionParams {
   float softcap = 0.0f;                  // 0 disables
   const float* alibi_slopes = nullptr;   // [heads] fp32, or null
 
+  // ---- Dropout on the probabilities (training): pair (q_pos, k_pos) of head h in batch b is
+  // dropped with probability dropout_p, by a counter-based hash of (dropout_seed, b, h, q_pos,
+  // k_pos) in global positions (DropoutFactor, score_mod.h), so that every ring step, layout and
+  // the backward see the mask one call over the whole sequence would; kept probabilities are
+  // scaled by 1 / (1 - dropout_p). The LSE is the softmax's, before dropout. Backends that
+  // have no dropout refuse dropout_p > 0 (the CPU backends have it).
+  float dropout_p = 0.0f;  // in [0, 1)
+  uint64_t dropout_seed = 0;
+
   // ---- Mask, in global positions: query row i sits at q_pos_offset + i * q_pos_stride, key
   // row j at k_pos_offset + j * k_pos_stride. A single call over a whole sequence uses
   // offsets 0 and strides 1; a ring step passes the positions of its query and key shards

@@ -38,21 +38,22 @@ absl::Status ValidatePositionRun(const char* name, int64_t split, int64_t offset
 }  // namespace
 
 absl::Status ValidateParams(const AttentionParams& p) {
-  if (p.batch <= 0) return absl::InvalidArgumentError(absl::StrCat("batch must be > 0, got ", p.batch));
+  if (p.batch <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("batch must be > 0, got ", p.batch));
   if (p.seqlen_q < 0) {
     return absl::InvalidArgumentError(absl::StrCat("seqlen_q must be >= 0, got ", p.seqlen_q));
   }
   if (p.seqlen_k < 0) {
     return absl::InvalidArgumentError(absl::StrCat("seqlen_k must be >= 0, got ", p.seqlen_k));
   }
-  if (p.heads <= 0) return absl::InvalidArgumentError(absl::StrCat("heads must be > 0, got ", p.heads));
+  if (p.heads <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("heads must be > 0, got ", p.heads));
   if (p.heads_k <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("heads_k must be > 0, got ", p.heads_k));
   }
   if (p.heads % p.heads_k != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("heads (", p.heads,
-                                                   ") must be a multiple of heads_k (", p.heads_k,
-                                                   ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("heads (", p.heads, ") must be a multiple of heads_k (", p.heads_k, ")"));
   }
   if (absl::Status s = ValidateHeadDim(p.head_dim); !s.ok()) return s;
   if (p.seqlen_q > 0 && (p.q == nullptr || p.o == nullptr)) {
@@ -64,6 +65,10 @@ absl::Status ValidateParams(const AttentionParams& p) {
   if (!std::isfinite(p.softmax_scale) || p.softmax_scale <= 0.0f) {
     return absl::InvalidArgumentError(
         absl::StrCat("softmax_scale must be finite and > 0, got ", p.softmax_scale));
+  }
+  if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dropout_p must be in [0, 1), got ", p.dropout_p));
   }
   if (!std::isfinite(p.softcap) || p.softcap < 0.0f) {
     return absl::InvalidArgumentError(
@@ -78,19 +83,21 @@ absl::Status ValidateParams(const AttentionParams& p) {
         absl::StrCat("window_right must be >= 0 or -1 (unbounded), got ", p.window_right));
   }
   if (p.q_pos_stride <= 0 || p.k_pos_stride <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("q_pos_stride and k_pos_stride must be > 0, got ",
-                                                   p.q_pos_stride, " and ", p.k_pos_stride));
+    return absl::InvalidArgumentError(
+        absl::StrCat("q_pos_stride and k_pos_stride must be > 0, got ", p.q_pos_stride, " and ",
+                     p.k_pos_stride));
   }
-  RA_RETURN_IF_ERROR(ValidatePositionRun("q_pos", p.q_pos_split, p.q_pos_offset, p.q_pos_offset2,
-                                         p.q_pos_stride));
-  RA_RETURN_IF_ERROR(ValidatePositionRun("k_pos", p.k_pos_split, p.k_pos_offset, p.k_pos_offset2,
-                                         p.k_pos_stride));
+  RA_RETURN_IF_ERROR(
+      ValidatePositionRun("q_pos", p.q_pos_split, p.q_pos_offset, p.q_pos_offset2, p.q_pos_stride));
+  RA_RETURN_IF_ERROR(
+      ValidatePositionRun("k_pos", p.k_pos_split, p.k_pos_offset, p.k_pos_offset2, p.k_pos_stride));
   if (p.merge_into_output) {
     if (p.o_dtype != DType::kF32) {
       return absl::InvalidArgumentError(absl::StrCat(
           "o_dtype must be fp32 with merge_into_output, got ", std::string(DTypeName(p.o_dtype))));
     }
-    if (p.lse == nullptr) return absl::InvalidArgumentError("lse must be non-null with merge_into_output");
+    if (p.lse == nullptr)
+      return absl::InvalidArgumentError("lse must be non-null with merge_into_output");
   }
   return absl::OkStatus();
 }

@@ -57,6 +57,29 @@ RA_HD float ModScore(const AttentionParams& p, int h, float dot, int64_t q_pos, 
   return s;
 }
 
+// Dropout of pair (q_pos, k_pos) of head h in batch b (AttentionParams::dropout_p): the factor
+// its probability is multiplied by, 0 (dropped) or 1 / (1 - p) (kept). A counter-based hash
+// (SplitMix64's finaliser over the seed and the pair's coordinates) rather than a stateful
+// generator: any caller, in any order, on any device, gets the same mask for the same pair.
+RA_HD uint64_t DropoutMix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+RA_HD float DropoutFactor(const AttentionParams& p, int b, int h, int64_t q_pos, int64_t k_pos) {
+  if (p.dropout_p <= 0.0f) return 1.0f;
+  uint64_t x = DropoutMix(p.dropout_seed ^ 0x9e3779b97f4a7c15ull);
+  x = DropoutMix(x ^ (static_cast<uint64_t>(b) << 32 ^ static_cast<uint64_t>(h)));
+  x = DropoutMix(x ^ static_cast<uint64_t>(q_pos));
+  x = DropoutMix(x ^ static_cast<uint64_t>(k_pos) * 0xd6e8feb86659fd93ull);
+  // The top 24 bits as a uniform in [0, 1).
+  const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+  return u < p.dropout_p ? 0.0f : 1.0f / (1.0f - p.dropout_p);
+}
+
 // Block-level mask classification for a tile of query positions [q_lo, q_hi] against key
 // positions [k_lo, k_hi] (both inclusive): whether any pair may be allowed, and whether every
 // pair is. Positions are monotone in the row index (strides are positive), so the extreme

@@ -126,6 +126,7 @@ v1::ShardPlan ShardPlanToProto(const ShardPlan& plan) {
 RingAttentionOptions OptionsFromProto(const v1::AttentionOptions& o) {
   RingAttentionOptions out;
   out.dropout_p = o.dropout_p();
+  out.dropout_seed = o.dropout_seed();
   if (o.has_softmax_scale()) out.softmax_scale = o.softmax_scale();
   out.causal = o.causal();
   out.window_size = {o.has_window_left() ? o.window_left() : kUnboundedWindow,
@@ -144,6 +145,7 @@ v1::AttentionOptions OptionsToProto(const RingAttentionOptions& o) {
   for (float s : o.alibi_slopes) out.add_alibi_slopes(s);
   out.set_softcap(o.softcap);
   out.set_dropout_p(o.dropout_p);
+  out.set_dropout_seed(o.dropout_seed);
   return out;
 }
 

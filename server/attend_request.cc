@@ -136,9 +136,8 @@ absl::Status CheckWindowSide(bool present, int64_t value, const char* name) {
 }
 
 absl::Status CheckOptions(const v1::AttentionOptions& o, int heads) {
-  if (o.dropout_p() != 0.0f) {
-    return Invalid("options.dropout_p must be 0 (dropout is a training-path feature), got ",
-                   o.dropout_p());
+  if (!(o.dropout_p() >= 0.0f && o.dropout_p() < 1.0f)) {
+    return Invalid("options.dropout_p must be in [0, 1), got ", o.dropout_p());
   }
   if (o.has_softmax_scale() && (!std::isfinite(o.softmax_scale()) || o.softmax_scale() <= 0.0f)) {
     return Invalid("options.softmax_scale must be finite and > 0 (absent: 1/sqrt(head_dim)), got ",

@@ -132,10 +132,12 @@ const BadCase kBadCases[] = {
        for (int i = 0; i < 5; ++i) r->mutable_options()->add_alibi_slopes(i == 2 ? NAN : 0.5f);
      },
      "options.alibi_slopes[2] must be finite"},
-    {"Dropout", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(0.1f); },
-     "options.dropout_p must be 0"},
+    {"DropoutOne", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(1.0f); },
+     "options.dropout_p must be in [0, 1)"},
+    {"DropoutNegative", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(-0.1f); },
+     "options.dropout_p must be in [0, 1)"},
     {"DropoutNaN", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(NAN); },
-     "options.dropout_p must be 0"},
+     "options.dropout_p must be in [0, 1)"},
     {"WindowLeft", [](v1::AttendRequest* r) { r->mutable_options()->set_window_left(-2); },
      "options.window_left must be >= -1"},
     {"WindowRight", [](v1::AttendRequest* r) { r->mutable_options()->set_window_right(-7); },
@@ -360,9 +362,9 @@ TEST(AttendHeaderTest, ChecksShapesAndOptionsToo) {
   EXPECT_THAT(std::string(ValidateAttendHeader(h, AttendLimits{}).status().message()),
               HasSubstr("q.shape[2] (heads) 5 must be a multiple of k.shape[2] (heads_k) 2"));
   h = StripData(MakeRequest(1, 7, 5, 5, 64));
-  h.mutable_options()->set_dropout_p(0.5f);
+  h.mutable_options()->set_dropout_p(1.5f);
   EXPECT_THAT(std::string(ValidateAttendHeader(h, AttendLimits{}).status().message()),
-              HasSubstr("options.dropout_p must be 0"));
+              HasSubstr("options.dropout_p must be in [0, 1)"));
 }
 
 // ---- Conversions ---------------------------------------------------------------------------

@@ -173,7 +173,7 @@ TEST(BackwardErrors, BadInputThenGoodRequest) {
       {"q bytes", [](v1::AttendBackwardRequest* r) { r->mutable_q()->mutable_data()->resize(8); },
        "q.data"},
       {"missing v", [](v1::AttendBackwardRequest* r) { r->clear_v(); }, "v is missing"},
-      {"dropout", [](v1::AttendBackwardRequest* r) { r->mutable_options()->set_dropout_p(0.5f); },
+      {"dropout", [](v1::AttendBackwardRequest* r) { r->mutable_options()->set_dropout_p(1.5f); },
        "dropout_p"},
   };
   for (const Bad& b : bad) {
@@ -374,6 +374,45 @@ TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
       svc.client().AttendBackwardStreaming(req_small, absl::Seconds(60), 700);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->dv().data(), a->dv().data());
+}
+
+// Dropout through the service on CPU workers: the forward and the gradients with p = 0.25 and
+// a seed match the fp64 reference with the same mask (a hash of global positions: the ring's
+// zigzag shards drop what one call over the whole sequence drops), and another seed differs.
+TEST(BackwardDropout, ForwardAndGradientsMatchTheReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(3, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  v1::AttendRequest fwd = MakeSyntheticRequest(1, 150, 4, 2, 64, DType::kF32, 7);
+  fwd.set_return_lse(true);
+  fwd.set_layout(v1::LAYOUT_ZIGZAG);
+  fwd.mutable_options()->set_causal(true);
+  fwd.mutable_options()->set_dropout_p(0.25f);
+  fwd.mutable_options()->set_dropout_seed(1234);
+  absl::StatusOr<v1::AttendResponse> resp = svc.client().Attend(fwd, absl::Seconds(60));
+  ASSERT_TRUE(resp.ok()) << resp.status();
+  absl::StatusOr<ErrorStats> out_err = CheckAgainstReference(fwd, *resp);
+  ASSERT_TRUE(out_err.ok()) << out_err.status();
+  EXPECT_TRUE(out_err->Within(1e-5, 1e30)) << out_err->ToString();
+
+  const v1::AttendBackwardRequest req = MakeBackwardRequest(fwd, *resp, 5);
+  absl::StatusOr<v1::AttendBackwardResponse> grads =
+      svc.client().AttendBackward(req, absl::Seconds(60));
+  ASSERT_TRUE(grads.ok()) << grads.status();
+  absl::StatusOr<GradientErrors> e = CompareGradientsWithReference(req, *grads);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_TRUE(e->dq.Within(1e-5, 1e30)) << e->dq.ToString();
+  EXPECT_TRUE(e->dk.Within(1e-5, 1e30)) << e->dk.ToString();
+  EXPECT_TRUE(e->dv.Within(1e-5, 1e30)) << e->dv.ToString();
+
+  // Another seed is another mask: the output moves away from this reference.
+  v1::AttendRequest other = fwd;
+  other.mutable_options()->set_dropout_seed(99);
+  absl::StatusOr<v1::AttendResponse> other_resp = svc.client().Attend(other, absl::Seconds(60));
+  ASSERT_TRUE(other_resp.ok()) << other_resp.status();
+  absl::StatusOr<ErrorStats> moved = CheckAgainstReference(fwd, *other_resp);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_GT(moved->rel_l2, 0.05) << moved->ToString();
 }
 
 }  // namespace

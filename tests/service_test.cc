@@ -186,7 +186,7 @@ TEST(ServiceErrors, BadInputThenGoodRequest) {
          for (v1::Tensor* t : {r->mutable_q(), r->mutable_k(), r->mutable_v()}) t->set_shape(3, 96);
        },
        grpc::StatusCode::INVALID_ARGUMENT, "head_dim 96"},
-      {"dropout", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(0.1f); },
+      {"dropout", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(1.0f); },
        grpc::StatusCode::INVALID_ARGUMENT, "dropout_p"},
   };
   for (const Bad& b : bad) {

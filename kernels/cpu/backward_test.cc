@@ -84,6 +84,11 @@ AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
   p.k_pos_stride = k_stride;
   return p;
 }
+AttentionParams Dropout(AttentionParams p, float rate, uint64_t seed) {
+  p.dropout_p = rate;
+  p.dropout_seed = seed;
+  return p;
+}
 AttentionParams Softcap(AttentionParams p, float cap) {
   p.softcap = cap;
   return p;
@@ -296,6 +301,10 @@ INSTANTIATE_TEST_SUITE_P(
         // Offsets put some query rows before every key: fully masked rows, no gradient.
         FdCase{"Seq7x5AllOptions",
                Softcap(Window(Causal(Positions(Shape(7, 5, 2, 1, 64), 1, 2, 3, 1)), 4, 0), 3.0f),
+               true},
+        // Dropout: the mask is fixed by the seed, so the loss is differentiable in q, k, v.
+        FdCase{"Seq7DropoutCausal", Dropout(Causal(Shape(7, 7, 2, 1, 64)), 0.3f, 5)},
+        FdCase{"Seq7DropoutAlibiSoftcap", Dropout(Softcap(Shape(7, 7, 2, 1, 64), 3.0f), 0.5f, 9),
                true}),
     [](const ::testing::TestParamInfo<FdCase>& info) { return info.param.name; });
 
@@ -346,6 +355,10 @@ std::vector<Case> SweepCases() {
       {"Alibi", Shape(255, 255, 8, 8, 64), /*alibi=*/true},
       {"Softcap", Softcap(Sharpen(Shape(255, 255, 4, 4, 64), 4.0f), 5.0f)},
       {"Sharp", Sharpen(Shape(255, 255, 4, 4, 64), 8.0f)},
+      // Dropout (the mask a hash of global positions): with the mask options and two runs.
+      {"DropoutCausal", Dropout(Causal(Shape(255, 255, 4, 2, 64)), 0.2f, 3)},
+      {"DropoutRunsWindowD128",
+       Dropout(Window(Runs(Shape(200, 180, 4, 4, 128), 100, 300, 64, 250), 40, 10), 0.5f, 8)},
       // Two runs of positions per call (the ring's zigzag step): q rows 0-99 at 0.., 100-199
       // at 300..; keys 0-63 at 0.., 64-179 at 250.. (and strided, offset variants).
       {"RunsCausal", Causal(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250))},

@@ -217,6 +217,20 @@ void UpdateSoftmaxState(int rows, int cols, Scratch* scratch) {
   }
 }
 
+// Dropout (p.dropout_p > 0): each probability of the block times DropoutFactor of its pair,
+// after UpdateSoftmaxState summed them (the softmax's normaliser is dropout's input, not its
+// output) and before P V.
+void ApplyDropout(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
+                  Scratch* scratch) {
+  for (int i = 0; i < qb.rows; ++i) {
+    float* s_row = &scratch->s[i * kBlockK];  // [kBlockK]
+    const int64_t q_pos = QueryPos(p, qb.row0 + i);
+    for (int j = 0; j < cols; ++j) {
+      if (s_row[j] != 0.0f) s_row[j] *= DropoutFactor(p, qb.b, qb.h, q_pos, KeyPos(p, k0 + j));
+    }
+  }
+}
+
 // acc += P V over the block's keys. Always kBlockK deep: in a short last block the padding
 // probabilities and V rows are zero, which adds exact zeros.
 template <int kHeadDim>
@@ -265,6 +279,7 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
     ComputeDotProducts<kHeadDim>(qb.rows, cols, scratch);
     ApplyScoreModsAndMask(p, qb, cols, mask.all, scratch);
     UpdateSoftmaxState<kHeadDim>(qb.rows, cols, scratch);
+    if (p.dropout_p > 0.0f) ApplyDropout(p, qb, k0, cols, scratch);
     AccumulateValues<kHeadDim>(qb.rows, cols, scratch);
   }
   WriteQueryBlock<kHeadDim>(p, qb, scratch);

@@ -350,6 +350,20 @@ void ComputeProbsAndScoreGrads(const AttentionParams& params, int h, int rows, i
   }
 }
 
+// Dropout (p.dropout_p > 0): t [kBlockK keys, kBlockQ queries] times DropoutFactor of each
+// pair. With O = sum_j Z_j v_j, Z = P * m: dP = m (dO . v) (applied to dP^T before dS is formed)
+// and dV = Z^T dO (applied to P^T after it); D = dO . O = sum_j P_j dP_j is unchanged.
+template <int kHeadDim>
+void ApplyDropoutT(const AttentionParams& p, int b, int h, int rows, int cols,
+                   const Scratch<kHeadDim>& s, std::vector<float>* t) {
+  for (int j = 0; j < cols; ++j) {
+    float* row = &(*t)[j * kBlockQ];  // [kBlockQ]
+    for (int i = 0; i < rows; ++i) {
+      if (row[i] != 0.0f) row[i] *= DropoutFactor(p, b, h, s.q_pos[i], s.k_pos[j]);
+    }
+  }
+}
+
 // dV += P^T dO and dK += dS^T Q into the item's accumulators; dq_t = dQ^T = K^T dS^T.
 template <int kHeadDim>
 void AccumulateGradients(int rows, int cols, Scratch<kHeadDim>* s) {
@@ -413,7 +427,10 @@ void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, c
       const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.seqlen_q - q0));
       StageQueryBlock<kHeadDim>(bp, stats, kb.b, h, q0, rows, s);
       ComputeScoresAndProbGrads<kHeadDim>(rows, kb.cols, s);
+      const bool dropout = p.dropout_p > 0.0f;
+      if (dropout) ApplyDropoutT<kHeadDim>(p, kb.b, h, rows, kb.cols, *s, &s->ds_t);
       ComputeProbsAndScoreGrads<kHeadDim>(p, h, rows, kb.cols, mask.all, s);
+      if (dropout) ApplyDropoutT<kHeadDim>(p, kb.b, h, rows, kb.cols, *s, &s->p_t);
       AccumulateGradients<kHeadDim>(rows, kb.cols, s);
       turns->Wait(p, kb.b, h, qb, kb.index);
       AddToDq<kHeadDim>(bp, kb.b, h, q0, rows, *s);

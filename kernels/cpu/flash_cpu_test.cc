@@ -30,6 +30,7 @@
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/params_check.h"
+#include "kernels/score_mod.h"
 
 namespace ringattn {
 namespace {
@@ -83,6 +84,11 @@ AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
   p.q_pos_stride = q_stride;
   p.k_pos_offset = k_offset;
   p.k_pos_stride = k_stride;
+  return p;
+}
+AttentionParams Dropout(AttentionParams p, float rate, uint64_t seed) {
+  p.dropout_p = rate;
+  p.dropout_seed = seed;
   return p;
 }
 AttentionParams Softcap(AttentionParams p, float cap) {
@@ -175,6 +181,10 @@ std::vector<Case> SweepCases() {
       {"Alibi", Shape(255, 255, 8, 8, 64), /*alibi=*/true},
       {"Softcap", Softcap(Sharpen(Shape(255, 255, 4, 4, 64), 4.0f), 5.0f)},
       {"Sharp", Sharpen(Shape(255, 255, 4, 4, 64), 8.0f)},
+      // Dropout (the mask a hash of global positions): with the mask options and two runs.
+      {"DropoutCausal", Dropout(Causal(Shape(255, 255, 4, 2, 64)), 0.2f, 3)},
+      {"DropoutRunsWindowD128",
+       Dropout(Window(Runs(Shape(200, 180, 4, 4, 128), 100, 300, 64, 250), 40, 10), 0.5f, 8)},
       // Two runs of positions per call (the ring's zigzag step): q rows 0-99 at 0.., 100-199
       // at 300..; keys 0-63 at 0.., 64-179 at 250.. (and strided, offset variants).
       {"RunsCausal", Causal(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250))},
@@ -247,6 +257,33 @@ INSTANTIATE_TEST_SUITE_P(Sweep, FlashVsReferenceTest, ::testing::ValuesIn(SweepC
                          });
 
 // ---- Fully masked rows and empty calls ------------------------------------------------------
+
+// The dropout mask: the kept share is 1 - p within 4 standard deviations over 10^6 pairs, a
+// kept probability is scaled by 1 / (1 - p), the mask depends on the seed, and p = 0 keeps all.
+TEST(DropoutFactorTest, RateScaleSeedAndDeterminism) {
+  AttentionParams p;
+  p.dropout_p = 0.3f;
+  p.dropout_seed = 42;
+  int64_t kept = 0, same_as_other_seed = 0;
+  const int64_t n = 1000 * 1000;
+  AttentionParams other = p;
+  other.dropout_seed = 43;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t q = i / 1000, k = i % 1000;
+    const float f = DropoutFactor(p, 1, 3, q, k);
+    ASSERT_TRUE(f == 0.0f || f == 1.0f / 0.7f) << f;
+    ASSERT_EQ(f, DropoutFactor(p, 1, 3, q, k));  // a pure function of its arguments
+    kept += f != 0.0f;
+    same_as_other_seed += f == DropoutFactor(other, 1, 3, q, k);
+  }
+  const double share = static_cast<double>(kept) / n;
+  const double sigma = std::sqrt(0.7 * 0.3 / n);
+  EXPECT_NEAR(share, 0.7, 4 * sigma);
+  // Two seeds agree where both keep or both drop: 0.7^2 + 0.3^2 = 0.58 of pairs.
+  EXPECT_NEAR(static_cast<double>(same_as_other_seed) / n, 0.58, 0.01);
+  p.dropout_p = 0.0f;
+  EXPECT_EQ(DropoutFactor(p, 0, 0, 5, 9), 1.0f);
+}
 
 TEST(FlashCpuTest, FullyMaskedRowsAreZeroWithNegInfLse) {
   // Causal with every key after every query: nothing is allowed anywhere.

@@ -85,9 +85,11 @@ double ComputeRow(const AttentionParams& p, int b, int h, int64_t i,
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
     if (scores[j] == kNegInf) continue;
     const double w = std::exp(scores[j] - max_score);
-    sum += w;
+    sum += w;  // the softmax's normaliser: dropout comes after it
+    const double kept = w * DropoutFactor(p, b, h, q_pos, KeyPos(p, j));
+    if (kept == 0.0) continue;
     LoadRow(p.v, VOffset(p, b, j, kv_head), p.dtype, p.head_dim, row_buf);
-    for (int d = 0; d < p.head_dim; ++d) o_row[d] += w * row_buf[d];
+    for (int d = 0; d < p.head_dim; ++d) o_row[d] += kept * row_buf[d];
   }
   for (int d = 0; d < p.head_dim; ++d) o_row[d] /= sum;
   return max_score + std::log(sum);

@@ -124,10 +124,11 @@ void BackwardRow(const AttentionBackwardParams& bp, bool exact_stats, int b, int
     for (int64_t j = 0; j < p.seqlen_k; ++j) {
       if (!s->allowed[j]) continue;
       const double w = std::exp(s->score[j] - max_score);
-      sum += w;
+      sum += w;  // the softmax's normaliser: dropout comes after it
+      const double kept = w * DropoutFactor(p, b, h, q_pos, KeyPos(p, j));
       LoadRow(p.v, Offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, j, kv_head),
               p.dtype, dim, s->v.data());
-      for (int d = 0; d < dim; ++d) s->o[d] += w * s->v[d];
+      for (int d = 0; d < dim; ++d) s->o[d] += kept * s->v[d];
     }
     for (int d = 0; d < dim; ++d) s->o[d] /= sum;
     lse = max_score + std::log(sum);
@@ -154,14 +155,17 @@ void BackwardRow(const AttentionBackwardParams& bp, bool exact_stats, int b, int
             dim, s->k.data());
     LoadRow(p.v, Offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, j, kv_head), p.dtype,
             dim, s->v.data());
+    // With dropout, O = sum_j Z_j v_j, Z = P * m (m = DropoutFactor: 0 or 1 / (1 - p)):
+    // dV = Z^T dO, dP = m (dO . v), and D = dO . O = sum_j P_j dP_j still, so dS = P (dP - D).
     const double prob = std::exp(s->score[j] - lse);
-    const double dprob = Dot(s->dout.data(), s->v.data(), dim);  // dP = dO . v
-    const double dscore = prob * (dprob - delta);                // dS = P (dP - D)
-    const double ddot = dscore * s->dscore[j];                   // through softcap and scale
-    double* dk = &r->dk[KIndex(p, b, j, kv_head)];               // [head_dim]
-    double* dv = &r->dv[KIndex(p, b, j, kv_head)];               // [head_dim]
+    const double keep = DropoutFactor(p, b, h, q_pos, KeyPos(p, j));
+    const double dprob = keep * Dot(s->dout.data(), s->v.data(), dim);  // dP = m dO . v
+    const double dscore = prob * (dprob - delta);                       // dS = P (dP - D)
+    const double ddot = dscore * s->dscore[j];                          // through softcap and scale
+    double* dk = &r->dk[KIndex(p, b, j, kv_head)];                      // [head_dim]
+    double* dv = &r->dv[KIndex(p, b, j, kv_head)];                      // [head_dim]
     for (int d = 0; d < dim; ++d) {
-      dv[d] += prob * s->dout[d];
+      dv[d] += keep * prob * s->dout[d];
       dq[d] += ddot * s->k[d];
       dk[d] += ddot * s->q[d];
     }

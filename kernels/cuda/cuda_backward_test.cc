@@ -82,6 +82,12 @@ TEST(CudaBackwardHostTest, RefusesFp32) {
   ExpectRefused(p, "dtype");
 }
 
+TEST(CudaBackwardHostTest, RefusesDropout) {
+  AttentionBackwardParams p = FakeCall();
+  p.fwd.dropout_p = 0.1f;
+  ExpectRefused(p, "dropout_p");
+}
+
 TEST(CudaBackwardHostTest, RefusesHeadDim96) {
   AttentionBackwardParams p = FakeCall();
   p.fwd.head_dim = 96;

@@ -150,6 +150,10 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.dropout_p > 0.0f) {
+    return absl::InvalidArgumentError(
+        "cuda_reference: dropout_p > 0 is not supported on GPUs yet; the cpu backends have it");
+  }
   if (p.head_dim > kMaxHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("cuda_reference: head_dim ", p.head_dim,
                                                    " exceeds the kernel's maximum ", kMaxHeadDim));

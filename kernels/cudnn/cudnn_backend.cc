@@ -159,6 +159,11 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
         "the cudnn backend takes one run of positions per call (q_pos_split and k_pos_split "
         "unset); the ring splits a two-run shard into segment calls for it");
   }
+  if (p.dropout_p > 0.0f) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend does not take dropout_p > 0 (its dropout mask is not ours: a ring "
+        "needs one mask over global positions); the cpu backends have it");
+  }
   if (p.softcap > 0.0f) {
     return absl::InvalidArgumentError(
         "the cudnn backend does not support softcap; use the cuda backend");

@@ -99,6 +99,12 @@ TEST(CudnnBackwardHostTest, RefusesAlibi) {
   ExpectRefused(p, "alibi_slopes");
 }
 
+TEST(CudnnBackwardHostTest, RefusesDropout) {
+  AttentionBackwardParams p = FakeCall();
+  p.fwd.dropout_p = 0.1f;
+  ExpectRefused(p, "dropout_p");
+}
+
 TEST(CudnnBackwardHostTest, RefusesSoftcap) {
   AttentionBackwardParams p = FakeCall();
   p.fwd.softcap = 30.0f;

@@ -124,6 +124,7 @@ struct OptionCase {
   std::pair<int64_t, int64_t> window;
   bool alibi;
   float softcap;
+  float dropout = 0.0f;
 };
 
 class RingOptions : public ::testing::TestWithParam<OptionCase> {};
@@ -165,6 +166,9 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
         OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
         OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
+        OptionCase{"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
+        OptionCase{"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f,
+                   0.5f},
         OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
         OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
         OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},

@@ -135,6 +135,7 @@ struct OptionCase {
   std::pair<int64_t, int64_t> window;
   bool alibi;
   float softcap;
+  float dropout = 0.0f;
 };
 
 void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
@@ -187,6 +188,9 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
         OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
         OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
+        OptionCase{"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
+        OptionCase{"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f,
+                   0.5f},
         OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
         OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
         OptionCase{"all_fp32", DType::kF32, 8, 2, 64, 381, true, {60, -1}, true, 20.0f},
@@ -278,8 +282,8 @@ TEST(RingBackwardRefusals, DropoutAndAttnProbsAndGradDtype) {
     std::string expect;
   };
   std::vector<Bad> bad(4);
-  bad[0] = {{}, DType::kF32, DType::kF32, "dropout_p must be 0"};
-  bad[0].options.dropout_p = 0.1f;
+  bad[0] = {{}, DType::kF32, DType::kF32, "dropout_p must be in [0, 1)"};
+  bad[0].options.dropout_p = 1.0f;
   bad[1] = {{}, DType::kF32, DType::kF32, "return_attn_probs"};
   bad[1].options.return_attn_probs = true;
   bad[2] = {{}, DType::kF32, DType::kF32, "alibi_slopes"};

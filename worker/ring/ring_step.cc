@@ -22,10 +22,9 @@ double RingTimings::comm_wait_seconds() const {
 }
 
 absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t) {
-  if (options.dropout_p != 0.0f) {
+  if (!(options.dropout_p >= 0.0f && options.dropout_p < 1.0f)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("dropout_p must be 0 (dropout needs the training path, not built yet), got ",
-                     options.dropout_p));
+        absl::StrCat("dropout_p must be in [0, 1), got ", options.dropout_p));
   }
   if (options.return_attn_probs) {
     return absl::InvalidArgumentError(
@@ -109,6 +108,8 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
   p.softmax_scale = scale;
   p.softcap = options.softcap;
   p.alibi_slopes = alibi_slopes;
+  p.dropout_p = options.dropout_p;
+  p.dropout_seed = options.dropout_seed;
   p.causal = options.causal;
   p.window_left = options.window_size.first;
   p.window_right = options.window_size.second;

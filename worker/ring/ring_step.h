@@ -21,7 +21,11 @@ namespace ringattn {
 // The options follow ring_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal,
 // window_size, alibi_slopes, deterministic, return_attn_probs) of the reference Python ring.
 struct RingAttentionOptions {
-  float dropout_p = 0.0f;              // must be 0: dropout needs the training path
+  // Dropout on the probabilities, in [0, 1): the mask is a hash of (dropout_seed, batch, head,
+  // query position, key position) (AttentionParams::dropout_p), the same for every layout,
+  // ring size and the backward. Backends without dropout refuse p > 0.
+  float dropout_p = 0.0f;
+  uint64_t dropout_seed = 0;
   std::optional<float> softmax_scale;  // default 1 / sqrt(head_dim)
   bool causal = false;
   std::pair<int64_t, int64_t> window_size = {-1, -1};  // (left, right); -1 is unbounded

@@ -101,6 +101,8 @@ AttentionParams WholeParams(const Problem& pr, const void* q, const void* k, con
   p.window_right = opt.window_size.second;
   p.alibi_slopes = alibi;
   p.softcap = opt.softcap;
+  p.dropout_p = opt.dropout_p;
+  p.dropout_seed = opt.dropout_seed;
   return p;
 }
 
@@ -121,6 +123,10 @@ void ApplyOptionCase(const OptionCase& c, Problem* pr) {
   pr->options.causal = c.causal;
   pr->options.window_size = c.window;
   pr->options.softcap = c.softcap;
+  if constexpr (requires { c.dropout; }) {
+    pr->options.dropout_p = c.dropout;
+    pr->options.dropout_seed = 17;
+  }
 }
 
 // Options every ring refuses up front, each with a part of the message it must give.
@@ -131,8 +137,8 @@ struct RefusedOptions {
 
 inline std::vector<RefusedOptions> RefusedOptionCases() {
   std::vector<RefusedOptions> bad(4);
-  bad[0].options.dropout_p = 0.1f;
-  bad[0].expect = "dropout_p must be 0";
+  bad[0].options.dropout_p = 1.0f;  // dropping everything: outside [0, 1)
+  bad[0].expect = "dropout_p must be in [0, 1)";
   bad[1].options.return_attn_probs = true;
   bad[1].expect = "return_attn_probs";
   bad[2].options.alibi_slopes = {0.5f};
