@@ -153,6 +153,8 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
     for (const float s : StandardAlibiSlopes(heads)) options->add_alibi_slopes(s);
   }
   options->set_softcap(o.softcap);
+  options->set_dropout_p(o.dropout_p);
+  options->set_dropout_seed(o.dropout_seed);
   return request;
 }
 

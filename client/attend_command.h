@@ -37,6 +37,8 @@ struct AttendCommandOptions {
   int64_t window_right = -1;    // -1: unbounded
   bool alibi = false;           // the standard slopes 2^(-8 (i + 1) / heads)
   float softcap = 0;            // 0 disables
+  float dropout_p = 0;          // in [0, 1); CPU workers (GPU workers refuse p > 0)
+  uint64_t dropout_seed = 0;
   float softmax_scale = 0;      // 0: the service's default, 1 / sqrt(head_dim)
   std::string layout = "auto";  // auto, contiguous, zigzag or stripe
   // [batch, seq, heads(_k), head_dim] inputs; all three or none. The shapes come from the files.

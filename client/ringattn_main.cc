@@ -42,7 +42,7 @@ ABSL_FLAG(int64_t, window_right, -1, "sliding window, keys allowed to the right 
 ABSL_FLAG(bool, alibi, false, "ALiBi with the standard slopes 2^(-8 i / heads)");
 ABSL_FLAG(double, softcap, 0.0, "score soft-capping (0 disables)");
 ABSL_FLAG(double, softmax_scale, 0.0, "softmax scale (0: 1/sqrt(head_dim))");
-ABSL_FLAG(double, dropout_p, 0.0, "dropout probability in [0, 1) (CPU kernels)");
+ABSL_FLAG(double, dropout_p, 0.0, "ring, attend: dropout probability in [0, 1) (CPU kernels)");
 ABSL_FLAG(uint64_t, dropout_seed, 0, "dropout mask seed");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the synthetic inputs");
 ABSL_FLAG(bool, check, true, "compare the result with the fp64 reference computed here");
@@ -176,6 +176,8 @@ ringattn::AttendCommandOptions AttendOptionsFromFlags() {
   o.v_npy = absl::GetFlag(FLAGS_v_npy);
   o.out_npy = absl::GetFlag(FLAGS_out_npy);
   o.grads_npy_prefix = absl::GetFlag(FLAGS_grads_npy_prefix);
+  o.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
+  o.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
   o.check = absl::GetFlag(FLAGS_check);
   o.streaming = absl::GetFlag(FLAGS_stream);
   o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);

@@ -223,6 +223,15 @@ TEST(BackwardCommand, AttendBackwardPassesItsCheck) {
   EXPECT_NE(out.str().find("dq [1, 77, 4, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("dk [1, 77, 2, 64] bf16"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("check gradients: PASS"), std::string::npos) << out.str();
+  // With dropout (p 0.3, a seed): forward and gradients still pass their fp64 checks.
+  AttendCommandOptions dropped = o;
+  dropped.dropout_p = 0.3f;
+  dropped.dropout_seed = 21;
+  std::ostringstream with_dropout;
+  EXPECT_EQ(RunAttendCommand(dropped, with_dropout), 0) << with_dropout.str();
+  EXPECT_NE(with_dropout.str().find("check gradients: PASS"), std::string::npos)
+      << with_dropout.str();
+
   // The same through AttendBackwardStream (--stream), writing the gradients as .npy files that
   // read back as the shapes of q, k and v.
   const std::string prefix = ::testing::TempDir() + "/attend_backward_";
