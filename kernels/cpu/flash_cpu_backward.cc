@@ -185,6 +185,9 @@ struct Scratch {
   // The block's products, each [kBlockK, kBlockQ]: S^T then P^T, and dP^T then dS^T.
   std::vector<float> p_t = std::vector<float>(kBlockK * kBlockQ);
   std::vector<float> ds_t = std::vector<float>(kBlockK * kBlockQ);
+  // With dropout: the block's DropoutFactor per pair, [kBlockK, kBlockQ], computed once and
+  // applied to dP^T and to P^T.
+  std::vector<float> drop = std::vector<float>(kBlockK * kBlockQ);
   std::vector<float> dq_t = std::vector<float>(kHeadDim * kBlockQ);  // [head_dim, kBlockQ]
 };
 
@@ -350,17 +353,25 @@ void ComputeProbsAndScoreGrads(const AttentionParams& params, int h, int rows, i
   }
 }
 
-// Dropout (p.dropout_p > 0): t [kBlockK keys, kBlockQ queries] times DropoutFactor of each
-// pair. With O = sum_j Z_j v_j, Z = P * m: dP = m (dO . v) (applied to dP^T before dS is formed)
-// and dV = Z^T dO (applied to P^T after it); D = dO . O = sum_j P_j dP_j is unchanged.
+// Dropout (p.dropout_p > 0): with O = sum_j Z_j v_j, Z = P * m (m = DropoutFactor of the pair),
+// dP = m (dO . v) (applied to dP^T before dS is formed) and dV = Z^T dO (applied to P^T after
+// it); D = dO . O = sum_j P_j dP_j is unchanged. The block's m, [kBlockK keys, kBlockQ queries].
 template <int kHeadDim>
-void ApplyDropoutT(const AttentionParams& p, int b, int h, int rows, int cols,
-                   const Scratch<kHeadDim>& s, std::vector<float>* t) {
+void ComputeDropoutFactors(const AttentionParams& p, int b, int h, int rows, int cols,
+                           Scratch<kHeadDim>* s) {
   for (int j = 0; j < cols; ++j) {
-    float* row = &(*t)[j * kBlockQ];  // [kBlockQ]
-    for (int i = 0; i < rows; ++i) {
-      if (row[i] != 0.0f) row[i] *= DropoutFactor(p, b, h, s.q_pos[i], s.k_pos[j]);
-    }
+    float* row = &s->drop[j * kBlockQ];  // [kBlockQ]
+    for (int i = 0; i < rows; ++i) row[i] = DropoutFactor(p, b, h, s->q_pos[i], s->k_pos[j]);
+  }
+}
+
+// t [kBlockK, kBlockQ] *= the block's dropout factors, over its rows x cols.
+template <int kHeadDim>
+void ApplyDropoutFactors(int rows, int cols, const Scratch<kHeadDim>& s, std::vector<float>* t) {
+  for (int j = 0; j < cols; ++j) {
+    float* row = &(*t)[j * kBlockQ];        // [kBlockQ]
+    const float* m = &s.drop[j * kBlockQ];  // [kBlockQ]
+    for (int i = 0; i < rows; ++i) row[i] *= m[i];
   }
 }
 
@@ -428,9 +439,12 @@ void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, c
       StageQueryBlock<kHeadDim>(bp, stats, kb.b, h, q0, rows, s);
       ComputeScoresAndProbGrads<kHeadDim>(rows, kb.cols, s);
       const bool dropout = p.dropout_p > 0.0f;
-      if (dropout) ApplyDropoutT<kHeadDim>(p, kb.b, h, rows, kb.cols, *s, &s->ds_t);
+      if (dropout) {
+        ComputeDropoutFactors<kHeadDim>(p, kb.b, h, rows, kb.cols, s);
+        ApplyDropoutFactors<kHeadDim>(rows, kb.cols, *s, &s->ds_t);
+      }
       ComputeProbsAndScoreGrads<kHeadDim>(p, h, rows, kb.cols, mask.all, s);
-      if (dropout) ApplyDropoutT<kHeadDim>(p, kb.b, h, rows, kb.cols, *s, &s->p_t);
+      if (dropout) ApplyDropoutFactors<kHeadDim>(rows, kb.cols, *s, &s->p_t);
       AccumulateGradients<kHeadDim>(rows, kb.cols, s);
       turns->Wait(p, kb.b, h, qb, kb.index);
       AddToDq<kHeadDim>(bp, kb.b, h, q0, rows, *s);

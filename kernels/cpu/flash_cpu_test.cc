@@ -36,12 +36,18 @@ namespace ringattn {
 namespace {
 
 using kernel_testing::AttentionBuffers;
+using kernel_testing::Causal;
 using kernel_testing::CompareWithTolerance;
+using kernel_testing::Dropout;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::Positions;
 using kernel_testing::Runs;
+using kernel_testing::Sharpen;
+using kernel_testing::Softcap;
 using kernel_testing::ToleranceReport;
 using kernel_testing::TypedBuffer;
 using kernel_testing::UnitRoundoff;
+using kernel_testing::Window;
 
 constexpr double kAccumAbs = 1e-5;
 constexpr double kAccumRelL2 = 1e-5;
@@ -69,38 +75,6 @@ AttentionParams Dtypes(AttentionParams p, DType in, DType out) {
   p.o_dtype = out;
   return p;
 }
-AttentionParams Causal(AttentionParams p) {
-  p.causal = true;
-  return p;
-}
-AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
-  p.window_left = left;
-  p.window_right = right;
-  return p;
-}
-AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride, int64_t k_offset,
-                          int64_t k_stride) {
-  p.q_pos_offset = q_offset;
-  p.q_pos_stride = q_stride;
-  p.k_pos_offset = k_offset;
-  p.k_pos_stride = k_stride;
-  return p;
-}
-AttentionParams Dropout(AttentionParams p, float rate, uint64_t seed) {
-  p.dropout_p = rate;
-  p.dropout_seed = seed;
-  return p;
-}
-AttentionParams Softcap(AttentionParams p, float cap) {
-  p.softcap = cap;
-  return p;
-}
-// Multiplies the softmax scale, for sharper (more peaked) distributions.
-AttentionParams Sharpen(AttentionParams p, float factor) {
-  p.softmax_scale *= factor;
-  return p;
-}
-
 struct Case {
   std::string name;
   AttentionParams p;  // sizes and options; tensors are attached per test

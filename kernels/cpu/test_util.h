@@ -19,10 +19,45 @@
 
 namespace ringattn::kernel_testing {
 
+// Options on a params value, for building test cases as expressions:
+// Causal(Window(Shape(...), 8, 0)).
+inline AttentionParams Causal(AttentionParams p) {
+  p.causal = true;
+  return p;
+}
+inline AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
+  p.window_left = left;
+  p.window_right = right;
+  return p;
+}
+// Query row i at q_offset + i * q_stride, key row j at k_offset + j * k_stride.
+inline AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
+                                 int64_t k_offset, int64_t k_stride) {
+  p.q_pos_offset = q_offset;
+  p.q_pos_stride = q_stride;
+  p.k_pos_offset = k_offset;
+  p.k_pos_stride = k_stride;
+  return p;
+}
+inline AttentionParams Dropout(AttentionParams p, float rate, uint64_t seed) {
+  p.dropout_p = rate;
+  p.dropout_seed = seed;
+  return p;
+}
+inline AttentionParams Softcap(AttentionParams p, float cap) {
+  p.softcap = cap;
+  return p;
+}
+// Multiplies the softmax scale, for sharper (more peaked) distributions.
+inline AttentionParams Sharpen(AttentionParams p, float factor) {
+  p.softmax_scale *= factor;
+  return p;
+}
+
 // Two runs of positions (a zigzag shard in one call): rows from q_split sit at q_offset2..,
 // keys from k_split at k_offset2.., the first runs' offsets and strides unchanged.
-inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2,
-                            int64_t k_split, int64_t k_offset2) {
+inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2, int64_t k_split,
+                            int64_t k_offset2) {
   p.q_pos_split = q_split;
   p.q_pos_offset2 = q_offset2;
   p.k_pos_split = k_split;

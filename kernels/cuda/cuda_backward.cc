@@ -22,7 +22,7 @@ class FlashCudaBackwardBackend final : public CudaBackwardBackend {
 
   absl::Status Backward(const AttentionBackwardParams& p) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
-    RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(p));
+    // FlashBackward checks the kernel's support (before any scratch is allocated).
     return FlashBackwardAllocatingDelta(p, stream());
   }
 

@@ -168,24 +168,6 @@ inline AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int 
   p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   return p;
 }
-inline AttentionParams Causal(AttentionParams p) {
-  p.causal = true;
-  return p;
-}
-inline AttentionParams Window(AttentionParams p, int64_t left, int64_t right) {
-  p.window_left = left;
-  p.window_right = right;
-  return p;
-}
-inline AttentionParams Positions(AttentionParams p, int64_t q_offset, int64_t q_stride,
-                                 int64_t k_offset, int64_t k_stride) {
-  p.q_pos_offset = q_offset;
-  p.q_pos_stride = q_stride;
-  p.k_pos_offset = k_offset;
-  p.k_pos_stride = k_stride;
-  return p;
-}
-
 // Strides of `p` with `head_pad` elements between heads and `row_pad` between rows of q/k/v/o
 // (and between batches of q/o), and lse [batch, heads, seqlen_q] padded by 3 per head and 5
 // per batch.

@@ -115,17 +115,7 @@ INSTANTIATE_TEST_SUITE_P(
     test::RingCaseName);
 
 // Every option alone and together, through the ring with 3 ranks at an awkward length, GQA.
-struct OptionCase {
-  std::string name;
-  DType dtype;
-  int heads, heads_k, head_dim;
-  int64_t seqlen;
-  bool causal;
-  std::pair<int64_t, int64_t> window;
-  bool alibi;
-  float softcap;
-  float dropout = 0.0f;
-};
+using test::OptionCase;
 
 class RingOptions : public ::testing::TestWithParam<OptionCase> {};
 

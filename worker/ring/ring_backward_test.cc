@@ -126,19 +126,7 @@ INSTANTIATE_TEST_SUITE_P(WorldsLayouts, RingBackwardMatchesSingleDevice,
 
 // ---- Every option alone and together --------------------------------------------------------
 
-struct OptionCase {
-  std::string name;
-  DType dtype;
-  int heads, heads_k, head_dim;
-  int64_t seqlen;
-  bool causal;
-  std::pair<int64_t, int64_t> window;
-  bool alibi;
-  float softcap;
-  float dropout = 0.0f;
-};
-
-void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
+using test::OptionCase;
 
 // Against the exact fp64 reference: fp32 is the kernels' accumulation (measured <= 4e-7);
 // with bf16/fp16 the forward output feeding D is rounded to the dtype, and with bf16/fp16

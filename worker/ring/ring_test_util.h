@@ -9,8 +9,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -110,6 +112,21 @@ AttentionParams WholeParams(const Problem& pr, const void* q, const void* k, con
 inline const float* HostAlibi(const RingAttentionOptions& options) {
   return options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 }
+
+// One case of the host rings' option sweeps (ring_attention_test, ring_backward_test): sizes and
+// options, named for the test's name.
+struct OptionCase {
+  std::string name;
+  DType dtype;
+  int heads, heads_k, head_dim;
+  int64_t seqlen;
+  bool causal;
+  std::pair<int64_t, int64_t> window;
+  bool alibi;
+  float softcap;
+  float dropout = 0.0f;  // with seed 17 (ApplyOptionCase)
+};
+inline void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
 
 // The sizes and options of an option case `c` (fields dtype, heads, heads_k, head_dim, seqlen,
 // causal, window, softcap) on `pr`; ALiBi slopes are left to the test.
