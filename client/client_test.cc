@@ -636,7 +636,7 @@ TEST(TimingTableTest, ListsThePlanEveryPhaseAndWorkerAndTheThroughput) {
   const std::string table = FormatTimings(response, flops);
   for (const char* s :
        {"request id abc123", "layout zigzag", "world 2", "rows per rank 19 18", "queue", "receive",
-        "scatter", "gather", "send", "total", "500.000", "compute_ms", "comm_wait_ms", "ring_ms",
+        "scatter", "gather", "send", "total", "500.000", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms",
         "cpu", "GFLOP/s over the total", "over the slowest ring"}) {
     EXPECT_THAT(table, HasSubstr(s));
   }

@@ -83,12 +83,13 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
   }
   double slowest_ring = 0;
   if (t.workers_size() > 0) {
-    absl::StrAppendFormat(&s, "  %4s %10s %-8s %12s %14s %12s\n", "rank", "rows", "backend",
-                          "compute_ms", "comm_wait_ms", "ring_ms");
+    absl::StrAppendFormat(&s, "  %4s %10s %-8s %12s %14s %12s %11s\n", "rank", "rows",
+                          "backend", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms");
     for (const v1::WorkerTiming& w : t.workers()) {
-      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f\n", w.rank(), w.rows(),
+      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f %11.3f\n", w.rank(), w.rows(),
                             w.backend().empty() ? "-" : w.backend(), w.compute_seconds() * 1e3,
-                            w.comm_wait_seconds() * 1e3, w.ring_seconds() * 1e3);
+                            w.comm_wait_seconds() * 1e3, w.ring_seconds() * 1e3,
+                            w.device_seconds() * 1e3);
       slowest_ring = std::max(slowest_ring, w.ring_seconds());
     }
   }

@@ -28,6 +28,9 @@ class AttentionBackend {
   // Whether Forward takes two runs of positions (AttentionParams::q_pos_split / k_pos_split);
   // the ring then computes a two-segment shard (zigzag) in one call instead of up to four.
   virtual bool supports_position_runs() const { return false; }
+  // Whether Forward takes a read-only partial result to merge with before writing
+  // (AttentionParams::partial_o / partial_lse); those that do not refuse it.
+  virtual bool supports_partial_input() const { return false; }
 };
 
 // "cpu" (fast blocked fp32) or "cpu_reference" (fp64, slow); GPU backends register in

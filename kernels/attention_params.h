@@ -84,6 +84,14 @@ struct AttentionParams {
   // false: write o and lse. true: o (fp32) and lse already hold a partial result over other
   // keys; merge this call's result into them by log-sum-exp (the ring's accumulation).
   bool merge_into_output = false;
+  // Without merge_into_output: a partial result over other keys, read-only, that this call's
+  // result is merged with (log-sum-exp) before o is written in o_dtype and lse (if non-null):
+  // partial_o fp32 with o's strides, partial_lse with lse's strides; both or neither. The
+  // ring's last step, so that the fp32 accumulators are rounded inside the kernel's epilogue
+  // instead of in a pass of their own. A row this call masks wholly gets the partial as it is
+  // (rounded). Backends that take it say so (AttentionBackend::supports_partial_input).
+  const float* partial_o = nullptr;    // [batch, seqlen_q, heads, head_dim] fp32
+  const float* partial_lse = nullptr;  // [batch, heads, seqlen_q]
 };
 
 }  // namespace ringattn

@@ -99,6 +99,14 @@ absl::Status ValidateParams(const AttentionParams& p) {
     if (p.lse == nullptr)
       return absl::InvalidArgumentError("lse must be non-null with merge_into_output");
   }
+  if ((p.partial_o == nullptr) != (p.partial_lse == nullptr)) {
+    return absl::InvalidArgumentError(
+        "partial_o and partial_lse must be set together (a partial result to merge with)");
+  }
+  if (p.partial_o != nullptr && p.merge_into_output) {
+    return absl::InvalidArgumentError(
+        "partial_o is for a call that writes o; merge_into_output merges into o itself");
+  }
   return absl::OkStatus();
 }
 

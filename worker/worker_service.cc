@@ -396,6 +396,8 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
   timing->set_compute_seconds(timings.compute_seconds());
   timing->set_comm_wait_seconds(timings.comm_wait_seconds());
   timing->set_ring_seconds(timings.total_seconds);
+  timing->set_device_seconds(timings.device_seconds);
+  timing->set_launch_seconds(timings.launch_seconds);
   timing->set_backend(backend);
   for (const RingStepTiming& st : timings.steps) {
     v1::StepTiming* step = timing->add_steps();

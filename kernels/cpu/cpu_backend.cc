@@ -24,6 +24,7 @@ class FlashCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_partial_input() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   absl::Status Forward(const AttentionParams& p) override { return FlashCpuForward(p); }
 };
@@ -32,6 +33,7 @@ class ReferenceCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuReferenceName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_partial_input() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
 
   // ReferenceForward validates; its double result is rounded to float and written (or

@@ -309,6 +309,27 @@ void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
   // lse: [batch, heads, seqlen_q], the seqlen_q axis contiguous.
   float* lse_slot =
       p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + row;
+  if (!p.merge_into_output && p.partial_o != nullptr) {
+    // Merged with the read-only partial, then written: the partial (o_acc, lse_acc) as the
+    // ring's last step hands it over, with o's and lse's strides.
+    const float old_lse = p.partial_lse[b * p.lse_batch_stride + h * p.lse_head_stride + row];
+    const float* old_o = p.partial_o + o_offset;  // [head_dim] fp32
+    std::array<float, 256> merged;  // head_dim <= 256 by validation
+    float merged_lse = old_lse;
+    if (lse == kNegInf) {
+      // Nothing added here: the partial as it is (o = 0 for an empty one, never read).
+      for (int d = 0; d < p.head_dim; ++d) merged[d] = old_lse == kNegInf ? 0.0f : old_o[d];
+    } else {
+      const LseMerge merge = MergeLse(old_lse, lse);
+      for (int d = 0; d < p.head_dim; ++d) {
+        merged[d] = merge.wb * o_row[d] + (merge.wa == 0.0f ? 0.0f : merge.wa * old_o[d]);
+      }
+      merged_lse = merge.lse;
+    }
+    StoreRowFromFloat(merged.data(), p.o, o_offset, p.o_dtype, p.head_dim);
+    if (lse_slot != nullptr) *lse_slot = merged_lse;
+    return;
+  }
   if (!p.merge_into_output) {
     StoreRowFromFloat(o_row, p.o, o_offset, p.o_dtype, p.head_dim);
     if (lse_slot != nullptr) *lse_slot = lse;

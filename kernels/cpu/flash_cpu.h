@@ -23,7 +23,8 @@ absl::Status FlashCpuForward(const AttentionParams& p, const FlashCpuOptions& op
 // normalised output and LSE (-inf for a fully masked row, whose o_row must be zeros). Without
 // merge_into_output it stores o in p.o_dtype and the LSE when p.lse is set; with it, it merges
 // into the fp32 partial already there by MergeLse (a fully masked row leaves that partial
-// untouched). Shared by the fast kernel and the reference backend so both write and merge alike.
+// untouched); with p.partial_o it merges with that read-only partial and stores the result as
+// without merge_into_output. Shared by the fast kernel and the reference backend so both write and merge alike.
 void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
                     const float* o_row,  // [head_dim]
                     float lse);

@@ -39,6 +39,8 @@ using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::CompareWithTolerance;
 using kernel_testing::Dropout;
+using kernel_testing::ExpectEmptyRowsKeepThePartial;
+using kernel_testing::ForEachEmptyRow;
 using kernel_testing::MakeAttentionBuffers;
 using kernel_testing::Positions;
 using kernel_testing::Runs;
@@ -431,18 +433,47 @@ TEST_P(FlashMergeTest, TwoHalvesEqualOneCall) {
   absl::StatusOr<ReferenceResult> second_ref = ReferenceForward(second);
   ASSERT_TRUE(second_ref.ok());
   const int64_t dim = whole.head_dim;
-  for (size_t r = 0; r < second_ref->lse.size(); ++r) {
-    if (std::isfinite(second_ref->lse[r])) continue;
-    // lse index r = (b * heads + h) * seqlen_q + i; o row (b, i, h).
-    const int64_t i = r % whole.seqlen_q;
-    const int64_t bh = r / whole.seqlen_q;
-    const int64_t b = bh / whole.heads, h = bh % whole.heads;
-    ASSERT_EQ(std::memcmp(&t.lse[r], &partial_lse[r], sizeof(float)), 0) << "row " << r;
-    const int64_t o_at = ((b * whole.seqlen_q + i) * whole.heads + h) * dim;
-    ASSERT_EQ(std::memcmp(static_cast<const float*>(whole.o) + o_at, &partial_o[o_at],
+  ForEachEmptyRow(whole, second_ref->lse, [&](size_t r, int64_t o_at) {
+    EXPECT_EQ(std::memcmp(&t.lse[r], &partial_lse[r], sizeof(float)), 0) << "row " << r;
+    EXPECT_EQ(std::memcmp(static_cast<const float*>(whole.o) + o_at, &partial_o[o_at],
                           dim * sizeof(float)),
               0)
         << "row " << r;
+  });
+}
+
+// The ring's last step: the first call's result is a read-only fp32 partial (separate
+// buffers), the second call merges with it and writes o in o_dtype (fp32 and bf16) and lse.
+// Compared with the fp64 reference over all keys; rows the second call masks wholly get the
+// partial as it is (rounded to o_dtype; bit for bit in fp32 and for the lse).
+TEST_P(FlashMergeTest, PartialInputThenWriteMatchesReference) {
+  const MergeCase& c = GetParam();
+  for (const DType o_dtype : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(o_dtype));
+    AttentionParams whole = c.p;
+    whole.o_dtype = o_dtype;
+    AttentionBuffers t = MakeAttentionBuffers(&whole, 37, c.alibi);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> partial_o(static_cast<size_t>(t.o.size()), nan);  // o's layout, fp32
+    std::vector<float> partial_lse(t.lse.size(), nan);
+    AttentionParams first = KeyRange(whole, 0, c.split);
+    AttentionParams second = KeyRange(whole, c.split, whole.seqlen_k);
+    if (c.second_half_first) std::swap(first, second);
+    first.o = partial_o.data();
+    first.o_dtype = DType::kF32;
+    first.lse = partial_lse.data();
+    ASSERT_TRUE(FlashCpuForward(first).ok());
+    second.partial_o = partial_o.data();
+    second.partial_lse = partial_lse.data();
+    ASSERT_TRUE(FlashCpuForward(second).ok());
+
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+    ASSERT_TRUE(ref.ok());
+    ExpectMatchesReference(whole, t, *ref);
+
+    absl::StatusOr<ReferenceResult> second_ref = ReferenceForward(second);
+    ASSERT_TRUE(second_ref.ok());
+    ExpectEmptyRowsKeepThePartial(whole, second_ref->lse, t, partial_o, partial_lse);
   }
 }
 
@@ -521,6 +552,24 @@ TEST(FlashCpuTest, RefusesHeadsNotAMultipleOfHeadsK) {
   const absl::Status s = FlashCpuForward(p);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("heads_k"), std::string::npos) << s;
+}
+
+TEST(FlashCpuTest, RefusesHalfAPartialAndAPartialWithMerge) {
+  AttentionParams p = Shape(8, 8, 1, 1, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 3);
+  std::vector<float> partial(t.o.size()), partial_lse(t.lse.size());
+  AttentionParams half = p;
+  half.partial_o = partial.data();
+  const absl::Status s = FlashCpuForward(half);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("partial_lse"), std::string::npos) << s;
+  AttentionParams both = Dtypes(p, DType::kF32, DType::kF32);
+  both.partial_o = partial.data();
+  both.partial_lse = partial_lse.data();
+  both.merge_into_output = true;
+  const absl::Status merged = FlashCpuForward(both);
+  EXPECT_EQ(merged.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(merged.message().find("merge_into_output"), std::string::npos) << merged;
 }
 
 TEST(FlashCpuTest, RefusesMergeIntoNonFp32Output) {

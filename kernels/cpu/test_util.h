@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
 #include "kernels/attention_params.h"
 #include "kernels/dtype.h"
 #include "kernels/error_metrics.h"
@@ -197,6 +198,48 @@ inline double UnitRoundoff(DType t) {
       return 0x1p-8;
   }
   return 0.0;
+}
+
+// x rounded to storage type t and read back (as a kernel writing x in t would leave it).
+inline float RoundedTo(DType t, float x) {
+  float room = 0.0f;  // holds any storage type
+  StoreFromFloat(&room, 0, t, x);
+  return LoadAsFloat(&room, 0, t);
+}
+
+// Calls fn(r, o_at) for each row whose reference lse (`ref_lse`, [batch, heads, seqlen_q] of
+// `p`) is -inf, i.e. that the call leaves wholly masked: r its lse index, o_at the offset of
+// its o row (b, i, h) in contiguous [batch, seqlen_q, heads, head_dim].
+template <typename Fn>
+void ForEachEmptyRow(const AttentionParams& p, const std::vector<double>& ref_lse, Fn fn) {
+  for (size_t r = 0; r < ref_lse.size(); ++r) {
+    if (std::isfinite(ref_lse[r])) continue;
+    // r = (b * heads + h) * seqlen_q + i.
+    const int64_t i = static_cast<int64_t>(r) % p.seqlen_q;
+    const int64_t bh = static_cast<int64_t>(r) / p.seqlen_q;
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    fn(r, ((b * p.seqlen_q + i) * p.heads + h) * p.head_dim);
+  }
+}
+
+// After a call with a read-only partial (AttentionParams::partial_o): the rows the call left
+// wholly masked (`ref_lse` -inf, see ForEachEmptyRow) hold the partial as it was, its o rounded
+// to p.o_dtype (0 for an empty partial) and its lse bit for bit. partial_o in o's contiguous
+// layout.
+inline void ExpectEmptyRowsKeepThePartial(const AttentionParams& p,
+                                          const std::vector<double>& ref_lse,
+                                          const AttentionBuffers& t,
+                                          const std::vector<float>& partial_o,
+                                          const std::vector<float>& partial_lse) {
+  int64_t mismatches = 0;
+  ForEachEmptyRow(p, ref_lse, [&](size_t r, int64_t o_at) {
+    if (std::memcmp(&t.lse[r], &partial_lse[r], sizeof(float)) != 0) ++mismatches;
+    for (int64_t d = 0; d < p.head_dim; ++d) {
+      const float kept = std::isfinite(partial_lse[r]) ? partial_o[o_at + d] : 0.0f;
+      if (t.o.Get(o_at + d) != RoundedTo(p.o_dtype, kept)) ++mismatches;
+    }
+  });
+  EXPECT_EQ(mismatches, 0) << "elements of wholly masked rows that differ from the partial";
 }
 
 }  // namespace ringattn::kernel_testing

@@ -22,6 +22,7 @@ class FlashCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return kCudaName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_partial_input() const override { return true; }
   absl::Status Forward(const AttentionParams& p) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
     return FlashForward(p, stream());
@@ -32,6 +33,7 @@ class ReferenceCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return kCudaReferenceName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_partial_input() const override { return true; }
   absl::Status Forward(const AttentionParams& p) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
     return CudaReferenceForward(p, stream());

@@ -57,6 +57,7 @@ namespace {
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::DeviceTensors;
+using kernel_testing::ExpectEmptyRowsKeepThePartial;
 using kernel_testing::ExpectNothingWrittenOutsideTheView;
 using kernel_testing::FromDevice;
 using kernel_testing::GatherLse;
@@ -466,6 +467,52 @@ TEST_P(CudaMergeTest, TwoHalvesEqualOneCall) {
           << "o of row " << LsePlace(host, r) << " changed by a merge that adds nothing";
     }
     RecordProperty(absl::StrCat(backend, "_untouched_rows"), static_cast<int>(untouched_rows));
+  }
+}
+
+// The ring's last step on the device: the first call writes a separate fp32 partial (o's
+// layout) and lse, the second merges with it (read only) and writes o in o_dtype (fp32, bf16)
+// and lse. Against the fp64 reference over all keys; rows the second call masks wholly get the
+// partial as it is (rounded to o_dtype; bit for bit for the lse).
+TEST_P(CudaMergeTest, PartialInputThenWriteMatchesReference) {
+  const MergeCase& c = GetParam();
+  for (const DType o_dtype : {DType::kF32, DType::kBF16}) {
+    AttentionParams host = c.p;
+    host.o_dtype = o_dtype;
+    AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name) + 1, c.alibi);
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    for (const char* backend : {kFast, kSimple}) {
+      SCOPED_TRACE(absl::StrCat(backend, " o ", std::string(DTypeName(o_dtype))));
+      DeviceTensors d;
+      const AttentionParams whole = ToDevice(host, t, &d);
+      kernel_testing::DeviceBuffer partial_o(static_cast<size_t>(t.o.size()) * sizeof(float));
+      kernel_testing::DeviceBuffer partial_lse(t.lse.size() * sizeof(float));
+      partial_o.Poison();
+      partial_lse.Poison();
+      AttentionParams first = KeyRange(whole, 0, c.split);
+      AttentionParams second = KeyRange(whole, c.split, whole.seqlen_k);
+      if (c.second_half_first) std::swap(first, second);
+      first.o = partial_o.get();
+      first.o_dtype = DType::kF32;
+      first.lse = static_cast<float*>(partial_lse.get());
+      ASSERT_TRUE(RunOnDevice(backend, first).ok());
+      second.partial_o = static_cast<const float*>(partial_o.get());
+      second.partial_lse = static_cast<const float*>(partial_lse.get());
+      const absl::Status written = RunOnDevice(backend, second);
+      ASSERT_TRUE(written.ok()) << written;
+      FromDevice(d, &t);
+      ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
+
+      std::vector<float> p_o(static_cast<size_t>(t.o.size())), p_lse(t.lse.size());
+      partial_o.Download(p_o.data());
+      partial_lse.Download(p_lse.data());
+      AttentionParams second_host = KeyRange(host, c.split, host.seqlen_k);
+      if (c.second_half_first) second_host = KeyRange(host, 0, c.split);
+      absl::StatusOr<ReferenceResult> second_ref = ReferenceForward(second_host);
+      ASSERT_TRUE(second_ref.ok());
+      ExpectEmptyRowsKeepThePartial(host, second_ref->lse, t, p_o, p_lse);
+    }
   }
 }
 

@@ -13,7 +13,8 @@
 //     P = exp(score - new max) summed into the state
 //   O += P V                        (P re-used from the S accumulator registers as bf16/fp16)
 // Epilogue: O / l and lse = m + log(l) (StateLse / StateNormalizer), written in o_dtype, or
-// merged into the fp32 (o, lse) already there by MergeLse (the ring's accumulation).
+// merged into the fp32 (o, lse) already there by MergeLse (the ring's accumulation), or merged
+// with a read-only fp32 partial and then written in o_dtype (the ring's last step).
 //
 // Why two m16 tiles per warp: every warp reads the whole K and V tile from shared memory
 // (ldmatrix) whatever its row count, so the tensor-core FLOPs per shared-memory byte grow with
@@ -782,15 +783,36 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       if (row[i] >= p.seqlen_q) continue;
       const int mi = i / 2, r = i % 2;
       const int64_t o_row = b * p.o_batch_stride + row[i] * p.o_row_stride + h * p.o_head_stride;
+      // lse: [batch, heads, seqlen_q], seqlen_q contiguous.
+      const int64_t lse_at = b * p.lse_batch_stride + h * p.lse_head_stride + row[i];
+      float w_new = norm[i];
+      float w_old = 0.0f;  // weight of the read-only partial; 0: not read
+      float out_lse = lse[i];
+      if (p.partial_o != nullptr) {  // merged with it first (the ring's last step)
+        const float old_lse = p.partial_lse[lse_at];
+        if (lse[i] == NegInf()) {  // nothing here: the partial as it is
+          w_new = 0.0f;
+          w_old = old_lse == NegInf() ? 0.0f : 1.0f;
+          out_lse = old_lse;
+        } else {
+          const LseMerge merge = MergeLse(old_lse, lse[i]);
+          w_new = merge.wb * norm[i];
+          w_old = merge.wa;
+          out_lse = merge.lse;
+        }
+      }
 #pragma unroll
       for (int t = 0; t < Traits::kNTilesO; ++t) {
-        StorePair(p.o, o_row + t * 8 + col0, p.o_dtype, acc_o[mi][t][2 * r] * norm[i],
-                  acc_o[mi][t][2 * r + 1] * norm[i]);
+        float x0 = acc_o[mi][t][2 * r] * w_new;
+        float x1 = acc_o[mi][t][2 * r + 1] * w_new;
+        if (w_old != 0.0f) {
+          const float2 old = *reinterpret_cast<const float2*>(p.partial_o + o_row + t * 8 + col0);
+          x0 += w_old * old.x;
+          x1 += w_old * old.y;
+        }
+        StorePair(p.o, o_row + t * 8 + col0, p.o_dtype, x0, x1);
       }
-      // lse: [batch, heads, seqlen_q], seqlen_q contiguous.
-      if ((lane & 3) == 0 && p.lse != nullptr) {
-        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[i]] = lse[i];
-      }
+      if ((lane & 3) == 0 && p.lse != nullptr) p.lse[lse_at] = out_lse;
     }
     return;
   }

@@ -68,6 +68,10 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
                        p.o_batch_stride, ", row ", p.o_row_stride, ", head ", p.o_head_stride));
     }
   }
+  // The partial is read two fp32 elements at a time, with o's (even) strides.
+  if (p.partial_o != nullptr && !AlignedTo(p.partial_o, 2 * sizeof(float))) {
+    return absl::InvalidArgumentError("cuda: partial_o must be 8-byte aligned");
+  }
   if (p.heads > 65535 || p.batch > 65535) {
     return absl::InvalidArgumentError(absl::StrCat(
         "cuda: heads and batch must be <= 65535 (grid limits), got ", p.heads, " and ", p.batch));

@@ -122,6 +122,22 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_slot =
       p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + row;
 
+  if (!p.merge_into_output && p.partial_o != nullptr) {
+    // Merged with the read-only partial (o's and lse's strides), then written.
+    const float old_lse = p.partial_lse[b * p.lse_batch_stride + h * p.lse_head_stride + row];
+    const LseMerge merge = empty ? LseMerge{old_lse == NegInf() ? 0.0f : 1.0f, 0.0f, old_lse}
+                                 : MergeLse(old_lse, lse);
+    const float* old_o = p.partial_o + o_offset;  // [head_dim] fp32
+    for (int i = 0; i < kDimsPerThread; ++i) {
+      const int d = tid + i * kThreads;
+      if (d >= dim) continue;
+      const float mine = merge.wb * (acc[i] * norm);
+      StoreFromFloat(p.o, o_offset + d, p.o_dtype,
+                     merge.wa == 0.0f ? mine : merge.wa * old_o[d] + mine);
+    }
+    if (tid == 0 && lse_slot != nullptr) *lse_slot = merge.lse;
+    return;
+  }
   if (!p.merge_into_output) {
     for (int i = 0; i < kDimsPerThread; ++i) {
       const int d = tid + i * kThreads;

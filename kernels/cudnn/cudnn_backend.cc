@@ -150,6 +150,11 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
         absl::StrCat("the cudnn backend supports dtype bf16 and fp16, got dtype ",
                      std::string(DTypeName(p.dtype)), "; use the cuda_reference backend"));
   }
+  if (p.partial_o != nullptr) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend does not support partial_o (a partial result to merge with before "
+        "writing); use merge_into_output");
+  }
   if (p.alibi_slopes != nullptr) {
     return absl::InvalidArgumentError(
         "the cudnn backend does not support alibi_slopes; use the cuda backend");

@@ -333,6 +333,12 @@ std::vector<Refusal> Refusals() {
   }
   {
     AttentionParams p = WithFakePointers(Shape(8, 8, 2, 2, 64));
+    p.partial_o = reinterpret_cast<const float*>(g_fake_tensor);
+    p.partial_lse = reinterpret_cast<const float*>(g_fake_tensor);
+    r.push_back({"PartialInput", p, "does not support partial_o"});
+  }
+  {
+    AttentionParams p = WithFakePointers(Shape(8, 8, 2, 2, 64));
     p.softcap = 30.0f;
     r.push_back({"Softcap", p, "the cudnn backend does not support softcap"});
   }

@@ -181,13 +181,20 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
     }
     RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(0), compute));
   } else {
-    // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces.
-    if (needs.o_elems > 0) {
-      RA_CUDA_RETURN_IF_ERROR(
-          cudaMemsetAsync(ws->o_acc(), 0, needs.o_elems * sizeof(float), compute));
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->begin_event(), compute));
+    // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces, unless the
+    // first step writes them. At 8k rows x 32 heads x d128 the fp32 o is 134 MB: writing it
+    // once, then reading it to round, is ~0.1 ms of memory traffic at ~3 TB/s, besides the
+    // first step's read of it, against a 2-rank causal ring's ~3.8 ms.
+    const RingOutputPlan output = PlanRingOutput(plan, rank, world, backend);
+    if (!output.first_writes) {
+      if (needs.o_elems > 0) {
+        RA_CUDA_RETURN_IF_ERROR(
+            cudaMemsetAsync(ws->o_acc(), 0, needs.o_elems * sizeof(float), compute));
+      }
+      RA_RETURN_IF_ERROR(LaunchFillFloat(ws->lse_acc(), static_cast<int64_t>(needs.lse_elems),
+                                         -std::numeric_limits<float>::infinity(), compute));
     }
-    RA_RETURN_IF_ERROR(LaunchFillFloat(ws->lse_acc(), static_cast<int64_t>(needs.lse_elems),
-                                       -std::numeric_limits<float>::infinity(), compute));
 
     // Step 0 computes and sends straight from the caller's K/V.
     KvBlock in_hand{static_cast<const std::byte*>(t.k), static_cast<const std::byte*>(t.v)};
@@ -216,8 +223,9 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
         RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->comm_done_event(step), transfer));
       }
       RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start_event(step), compute));
-      RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, ws->o_acc(),
-                                         ws->lse_acc(), options, alibi, scale, &st.kernel_calls));
+      const StepTarget target{output.ModeOf(step, world), ws->o_acc(), ws->lse_acc()};
+      RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, target, options,
+                                         alibi, scale, &st.kernel_calls));
       RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(step), compute));
       if (step + 1 < world) {
         // The next block in hand: the compute stream idles here until it has arrived.
@@ -225,14 +233,20 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
         in_hand = incoming;
       }
     }
-    // Finalize: the fp32 accumulators rounded once into the caller's dtype, and the lse.
-    RA_RETURN_IF_ERROR(LaunchConvertFromFloat(ws->o_acc(), t.out, t.dtype,
-                                              static_cast<int64_t>(needs.o_elems), compute));
-    if (t.lse != nullptr && needs.lse_elems > 0) {
-      RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.lse, ws->lse_acc(), needs.lse_elems * sizeof(float),
-                                              cudaMemcpyDeviceToDevice, compute));
+    // Finalize, unless the last step did: the fp32 accumulators rounded once into the caller's
+    // dtype, and the lse.
+    if (!output.last_finalizes) {
+      RA_RETURN_IF_ERROR(LaunchConvertFromFloat(ws->o_acc(), t.out, t.dtype,
+                                                static_cast<int64_t>(needs.o_elems), compute));
+      if (t.lse != nullptr && needs.lse_elems > 0) {
+        RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.lse, ws->lse_acc(),
+                                                needs.lse_elems * sizeof(float),
+                                                cudaMemcpyDeviceToDevice, compute));
+      }
     }
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->end_event(), compute));
   }
+  const double launch_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
   // The compute stream waited for every comm_done, so it finishes last; the comm stream's
   // wait returns at once and only guards against a transport that enqueued more. (A one-rank
@@ -249,6 +263,13 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
       st.comm_wait_seconds = std::max(0.0, wait);
     }
   }
+  if (direct) {
+    timings.device_seconds = timings.steps[0].compute_seconds;
+  } else {
+    RA_ASSIGN_OR_RETURN(timings.device_seconds,
+                        ElapsedSeconds(ws->begin_event(), ws->end_event()));
+  }
+  timings.launch_seconds = launch_seconds;
   timings.total_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return timings;
 }
@@ -270,6 +291,9 @@ DeviceRingWorkspace::~DeviceRingWorkspace() {
   }
   for (std::vector<cudaEvent_t>* events : {&start_, &compute_done_, &comm_done_}) {
     for (cudaEvent_t e : *events) ReportIfError(cudaEventDestroy(e), "cudaEventDestroy");
+  }
+  for (cudaEvent_t e : {begin_, end_}) {
+    if (e != nullptr) ReportIfError(cudaEventDestroy(e), "cudaEventDestroy");
   }
   for (void* p : {static_cast<void*>(slots_), static_cast<void*>(o_acc_),
                   static_cast<void*>(lse_acc_), static_cast<void*>(alibi_)}) {
@@ -297,6 +321,8 @@ absl::Status DeviceRingWorkspace::Reserve(const Needs& needs) {
   RA_RETURN_IF_ERROR(GrowEvents(&start_, steps));
   RA_RETURN_IF_ERROR(GrowEvents(&compute_done_, steps));
   RA_RETURN_IF_ERROR(GrowEvents(&comm_done_, steps));
+  RA_RETURN_IF_ERROR(device_ring_internal::EnsureEvent(&begin_));
+  RA_RETURN_IF_ERROR(device_ring_internal::EnsureEvent(&end_));
   if (needs.slot_bytes > slot_bytes_) {
     if (slots_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(slots_));
     slots_ = nullptr;

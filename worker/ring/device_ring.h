@@ -73,6 +73,9 @@ class DeviceRingWorkspace {
   cudaEvent_t start_event(int step) const { return start_[step]; }
   cudaEvent_t compute_done_event(int step) const { return compute_done_[step]; }
   cudaEvent_t comm_done_event(int step) const { return comm_done_[step]; }
+  // The call's first and last operation on the compute stream (RingTimings::device_seconds).
+  cudaEvent_t begin_event() const { return begin_; }
+  cudaEvent_t end_event() const { return end_; }
 
  private:
   int device_ = -1;
@@ -90,6 +93,7 @@ class DeviceRingWorkspace {
   std::vector<float> alibi_host_;  // what alibi_ holds
   // Per step; timing enabled (the driver reads elapsed times between them).
   std::vector<cudaEvent_t> start_, compute_done_, comm_done_;
+  cudaEvent_t begin_ = nullptr, end_ = nullptr;
 };
 
 // Runs the forward ring on this rank. `t` holds device pointers (rows in the plan's local

@@ -45,10 +45,16 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackend& backen
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 
-  // Accumulators: o [batch, rows, heads, head_dim] fp32 and lse [batch, heads, rows] fp32.
-  std::vector<float> o_acc(static_cast<size_t>(t.batch) * rows * g.q_row_elems, 0.0f);
+  // Accumulators: o [batch, rows, heads, head_dim] fp32 and lse [batch, heads, rows] fp32:
+  // o = 0 and lse = -inf, the empty partial every merge replaces, unless the first step
+  // writes them (PlanRingOutput); then NaN, so that a row it failed to write shows in the
+  // result (the device driver leaves them unset there).
+  const RingOutputPlan output = PlanRingOutput(plan, rank, world, backend);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> o_acc(static_cast<size_t>(t.batch) * rows * g.q_row_elems,
+                           output.first_writes ? nan : 0.0f);
   std::vector<float> lse_acc(static_cast<size_t>(t.batch) * t.heads * rows,
-                             -std::numeric_limits<float>::infinity());
+                             output.first_writes ? nan : -std::numeric_limits<float>::infinity());
 
   // Two receive slots, each holding K then V of the largest shard; step 0 computes and sends
   // straight from the caller's K/V, so nothing is copied before the first transfer.
@@ -79,8 +85,9 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackend& backen
       RA_RETURN_IF_ERROR(comm.Start(sends, recvs));
     }
     const auto c0 = Clock::now();
-    RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, o_acc.data(),
-                                       lse_acc.data(), options, alibi, scale, &st.kernel_calls));
+    const StepTarget target{output.ModeOf(step, world), o_acc.data(), lse_acc.data()};
+    RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, target, options,
+                                       alibi, scale, &st.kernel_calls));
     st.compute_seconds = SecondsSince(c0);
     if (step + 1 < world) {
       const auto w0 = Clock::now();
@@ -89,7 +96,7 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackend& backen
       in_hand = incoming;
     }
   }
-  Finalize(t, rows, o_acc, lse_acc);
+  if (!output.last_finalizes) Finalize(t, rows, o_acc, lse_acc);
   timings.total_seconds = SecondsSince(t0);
   return timings;
 }

@@ -237,6 +237,59 @@ TEST(RingStepCalls, OneCallPerStepWithPositionRuns) {
   }
 }
 
+// A backend that only declares what it takes (PlanRingOutput reads nothing else).
+class DeclaringBackend final : public AttentionBackend {
+ public:
+  DeclaringBackend(bool runs, bool partial) : runs_(runs), partial_(partial) {}
+  std::string_view name() const override { return "declaring"; }
+  MemorySpace memory_space() const override { return MemorySpace::kHost; }
+  absl::Status Forward(const AttentionParams&) override {
+    return absl::UnimplementedError("declaring only");
+  }
+  bool supports_position_runs() const override { return runs_; }
+  bool supports_partial_input() const override { return partial_; }
+
+ private:
+  bool runs_, partial_;
+};
+
+// The first step writes the accumulators and the last finalizes exactly where that step is one
+// call over every local row: always with position runs (every layout, any W, uneven shards),
+// only for one-segment shards without; finalizing needs a partial-taking backend and W > 1.
+TEST(RingOutputPlan, WritesAndFinalizesWhereAStepIsOneWholeCall) {
+  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
+    for (int world : {1, 2, 3, 4}) {
+      for (int64_t seqlen : {int64_t{2}, int64_t{7}, int64_t{1001}}) {
+        absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
+        ASSERT_TRUE(plan.ok()) << plan.status();
+        for (int r = 0; r < world; ++r) {
+          SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen,
+                                    " rank ", r));
+          const Shard& mine = plan->shards[r];
+          const Shard& last = plan->shards[RingSourceRank(r, world - 1, world)];
+          const bool has_rows = mine.rows > 0;
+          for (const bool partial : {false, true}) {
+            const RingOutputPlan runs = PlanRingOutput(*plan, r, world, DeclaringBackend(true, partial));
+            EXPECT_EQ(runs.first_writes, has_rows);
+            EXPECT_EQ(runs.last_finalizes, partial && world > 1 && has_rows && last.rows > 0);
+          }
+          const RingOutputPlan pairs = PlanRingOutput(*plan, r, world, DeclaringBackend(false, true));
+          const bool one_segment = mine.segments.size() == 1;
+          EXPECT_EQ(pairs.first_writes, has_rows && one_segment);
+          EXPECT_EQ(pairs.last_finalizes,
+                    world > 1 && has_rows && one_segment && last.segments.size() == 1);
+          // ModeOf: the first step writes, the last finalizes (a lone step writes), the rest merge.
+          const RingOutputPlan both{true, world > 1};
+          EXPECT_EQ(both.ModeOf(0, world), StepOutput::kWrite);
+          EXPECT_EQ(both.ModeOf(world - 1, world),
+                    world > 1 ? StepOutput::kFinalize : StepOutput::kWrite);
+          if (world > 2) EXPECT_EQ(both.ModeOf(1, world), StepOutput::kMerge);
+        }
+      }
+    }
+  }
+}
+
 TEST(RingStepCalls, SecondRunMustStartAfterTheFirst) {
   std::vector<float> buffer(8 * 64);
   AttentionParams p;

@@ -182,17 +182,63 @@ bool AnyKeyAllowed(const AttentionParams& p) {
       .any;
 }
 
+namespace {
+
+// Whether the step of `mine`'s queries against `theirs`' block is one call over every local
+// query row.
+bool OneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs) {
+  if (mine.rows == 0) return false;
+  const std::vector<StepCall> calls = StepCalls(mine, theirs, position_runs);
+  return calls.size() == 1 && calls[0].q.local_offset == 0 && calls[0].q.length == mine.rows;
+}
+
+}  // namespace
+
+RingOutputPlan PlanRingOutput(const ShardPlan& plan, int rank, int world,
+                              const AttentionBackend& backend) {
+  const Shard& mine = plan.shards[rank];
+  const bool runs = backend.supports_position_runs();
+  RingOutputPlan out;
+  out.first_writes = OneWholeCall(mine, plan.shards[RingSourceRank(rank, 0, world)], runs);
+  out.last_finalizes =
+      world > 1 && backend.supports_partial_input() &&
+      OneWholeCall(mine, plan.shards[RingSourceRank(rank, world - 1, world)], runs);
+  return out;
+}
+
 absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
                              const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
-                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const StepTarget& target, const RingAttentionOptions& options,
                              const float* alibi_slopes, float scale, int* kernel_calls) {
   const Shard& mine = plan.shards[rank];
   const Shard& theirs = plan.shards[src];
-  for (const StepCall& c : StepCalls(mine, theirs, backend.supports_position_runs())) {
-    AttentionParams p = SegmentPairParams(t, g, mine.rows, c.q, kv, theirs.rows, c.k, o_acc,
-                                          lse_acc, options, alibi_slopes, scale);
+  const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
+  if (target.mode != StepOutput::kMerge && calls.size() != 1) {
+    return absl::InternalError(absl::StrCat("ring step from rank ", src, " on rank ", rank,
+                                            ": a writing step must be one call, got ",
+                                            calls.size()));
+  }
+  for (const StepCall& c : calls) {
+    AttentionParams p = SegmentPairParams(t, g, mine.rows, c.q, kv, theirs.rows, c.k,
+                                          target.o_acc, target.lse_acc, options, alibi_slopes,
+                                          scale);
     ApplyPositionRuns(c, &p);
-    if (!AnyKeyAllowed(p)) continue;
+    switch (target.mode) {
+      case StepOutput::kMerge:
+        if (!AnyKeyAllowed(p)) continue;
+        break;
+      case StepOutput::kWrite:
+        p.merge_into_output = false;  // o_acc fp32, lse_acc
+        break;
+      case StepOutput::kFinalize:
+        p.merge_into_output = false;
+        p.partial_o = target.o_acc;
+        p.partial_lse = target.lse_acc;
+        p.o = t.out;
+        p.o_dtype = t.dtype;
+        p.lse = t.lse;  // may be null
+        break;
+    }
     RA_RETURN_IF_ERROR(backend.Forward(p));
     ++*kernel_calls;
   }

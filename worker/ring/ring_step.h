@@ -60,6 +60,12 @@ struct RingStepTiming {
 struct RingTimings {
   std::vector<RingStepTiming> steps;  // [world]
   double total_seconds = 0;
+  // Device drivers: GPU time from the call's first to its last operation on the compute stream
+  // (accumulator set-up, steps, waits and rounding), and host time from the call's start until
+  // everything was enqueued. total - device is host overhead and the final wait's latency;
+  // device - compute - comm wait is set-up and rounding. 0 for the host driver.
+  double device_seconds = 0;
+  double launch_seconds = 0;
   double compute_seconds() const;
   double comm_wait_seconds() const;
 };
@@ -138,13 +144,50 @@ void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
 // Whether any (query, key) pair of `p` survives the causal and window masks.
 bool AnyKeyAllowed(const AttentionParams& p);
 
+// Where one ring step's result goes.
+enum class StepOutput {
+  // Merged into the fp32 accumulators, which hold the earlier steps' partial (o = 0 and
+  // lse = -inf before the first).
+  kMerge,
+  // Written into the accumulators: the first step, so that they need no initialisation pass.
+  kWrite,
+  // Merged with the accumulators (read only) and written into the caller's out, in its dtype,
+  // and lse (AttentionParams::partial_o): the last step, so that the accumulators need no
+  // rounding pass.
+  kFinalize,
+};
+
+struct StepTarget {
+  StepOutput mode = StepOutput::kMerge;
+  float* o_acc = nullptr;    // [batch, rows, heads, head_dim] fp32
+  float* lse_acc = nullptr;  // [batch, heads, rows] fp32
+};
+
+// Which of a rank's ring steps write (the first) and finalize (the last) instead of merging.
+// Each needs the step to be one kernel call over every local query row (StepCalls), which it
+// then makes even where the masks leave it no key (it still writes those rows); finalizing
+// also needs a backend that takes a partial (supports_partial_input) and more than one step.
+// Where a step does not qualify, the driver initialises the accumulators first (o = 0,
+// lse = -inf) or rounds them into out after the last step, as before.
+struct RingOutputPlan {
+  bool first_writes = false;
+  bool last_finalizes = false;
+  StepOutput ModeOf(int step, int world) const {
+    if (step == 0 && first_writes) return StepOutput::kWrite;
+    if (step == world - 1 && last_finalizes) return StepOutput::kFinalize;
+    return StepOutput::kMerge;
+  }
+};
+RingOutputPlan PlanRingOutput(const ShardPlan& plan, int rank, int world,
+                              const AttentionBackend& backend);
+
 // One ring step's compute: attention of the local queries of `rank` against the block owned by
-// `src` (`kv`) in StepCalls' calls, merged into the accumulators, skipping calls whose
-// positions are wholly masked.
+// `src` (`kv`) in StepCalls' calls, into `target` (kMerge: skipping calls whose positions are
+// wholly masked; kWrite and kFinalize: the one call PlanRingOutput vouched for, always made).
 // Adds the number of calls made to *kernel_calls.
 absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
                              const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
-                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const StepTarget& target, const RingAttentionOptions& options,
                              const float* alibi_slopes, float scale, int* kernel_calls);
 
 // The shard's rows as one segment when its segments follow each other without a gap in
