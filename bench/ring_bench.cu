@@ -10,7 +10,9 @@
 // time is host time around the call and its completion (the single call: Forward plus
 // cudaStreamSynchronize; the ring: the call, which waits for its streams); GPU time is from
 // cudaEvents (single: around the kernel; ring: the per-step events, summed per rank). Per ring
-// row: every rank's compute (sum of its steps), and the hidden share of communication,
+// row: the slowest rank's device time (first to last operation of the call on its compute
+// stream) and enqueue time (host, call start to last launch), every rank's compute (sum of its
+// steps), and the hidden share of communication,
 // 1 - sum(comm wait) / sum(compute + comm wait) over all ranks and steps. TFLOP/s from wall
 // time and ForwardFlops of the whole problem (4 b h s^2 d, halved for causal).
 //
@@ -127,6 +129,8 @@ struct Row {
   double wall_ms = 0;              // median
   double gpu_ms = 0;               // median; ring: the slowest rank's compute + wait
   std::vector<double> compute_ms;  // per rank, the median iteration's step sums
+  double device_ms = 0;            // ring: median of the slowest rank's device time
+  double launch_ms = 0;            // ring: median of the slowest rank's enqueue time
   double hidden_share = -1;        // ring rows with W > 1; -1: nothing to hide
   double tflops = 0;
 };
@@ -151,6 +155,18 @@ Row RingRow(const std::string& impl, int world, int64_t seqlen, double flops,
     gpu.push_back(slowest);
   }
   row.gpu_ms = Median(gpu) * 1e3;
+  std::vector<double> device, launch;
+  for (const std::vector<RingTimings>& run : runs) {
+    double d = 0, l = 0;
+    for (const RingTimings& rt : run) {
+      d = std::max(d, rt.device_seconds);
+      l = std::max(l, rt.launch_seconds);
+    }
+    device.push_back(d);
+    launch.push_back(l);
+  }
+  row.device_ms = Median(device) * 1e3;
+  row.launch_ms = Median(launch) * 1e3;
   // Per-rank compute of the run whose wall time is nearest the median.
   const double median_wall = Median(wall_s);
   size_t pick = 0;
@@ -209,8 +225,9 @@ int Main(int argc, char** argv) {
   RingAttentionOptions options;
   options.causal = kCausal;
 
-  std::printf("%-9s %2s %6s %10s %10s %9s %8s %7s  %s\n", "impl", "W", "s", "wall ms", "gpu ms",
-              "TFLOP/s", "vs single", "hidden", "compute ms per rank");
+  std::printf("%-9s %2s %6s %10s %10s %9s %8s %7s %9s %9s  %s\n", "impl", "W", "s", "wall ms",
+              "gpu ms", "TFLOP/s", "vs single", "hidden", "device ms", "launch ms",
+              "compute ms per rank");
   for (const int64_t seqlen : seqlens) {
     AttentionParams whole_p;
     whole_p.batch = kBatch;
@@ -347,9 +364,10 @@ int Main(int argc, char** argv) {
       for (double ms : row.compute_ms) per_rank.push_back(absl::StrFormat("%.3f", ms));
       const std::string hidden =
           row.hidden_share < 0 ? "-" : absl::StrFormat("%.1f%%", 100.0 * row.hidden_share);
-      std::printf("%-9s %2d %6lld %10.3f %10.3f %9.1f %8.3fx %7s  %s\n", row.impl.c_str(),
-                  row.world, static_cast<long long>(row.seqlen), row.wall_ms, row.gpu_ms,
-                  row.tflops, ratio, hidden.c_str(), absl::StrJoin(per_rank, " ").c_str());
+      std::printf("%-9s %2d %6lld %10.3f %10.3f %9.1f %8.3fx %7s %9.3f %9.3f  %s\n",
+                  row.impl.c_str(), row.world, static_cast<long long>(row.seqlen), row.wall_ms,
+                  row.gpu_ms, row.tflops, ratio, hidden.c_str(), row.device_ms, row.launch_ms,
+                  absl::StrJoin(per_rank, " ").c_str());
       if (row.impl == "ring" && row.world == 1) {
         std::printf("          ring(W=1)/single: wall %.4f, gpu %.4f (target <= 1.03)\n", ratio,
                     row.gpu_ms / single.gpu_ms);
@@ -361,13 +379,13 @@ int Main(int argc, char** argv) {
             "\"batch\": %d, \"seqlen\": %lld, \"heads\": %d, \"heads_k\": %d, "
             "\"head_dim\": %d, \"causal\": %s, \"layout\": \"zigzag\", \"iters\": %d, "
             "\"wall_ms\": %.6f, \"gpu_ms\": %.6f, \"tflops\": %.3f, "
-            "\"ratio_vs_single\": %.6f, \"hidden_share\": %s, "
-            "\"compute_ms_per_rank\": [%s]}\n",
+            "\"ratio_vs_single\": %.6f, \"hidden_share\": %s, \"device_ms\": %.6f, "
+            "\"launch_ms\": %.6f, \"compute_ms_per_rank\": [%s]}\n",
             row.impl.c_str(), row.world, prop.name, kBatch, static_cast<long long>(row.seqlen),
             kHeads, kHeadsK, kHeadDim, kCausal ? "true" : "false", iters, row.wall_ms, row.gpu_ms,
             row.tflops, ratio,
             row.hidden_share < 0 ? "null" : absl::StrFormat("%.6f", row.hidden_share).c_str(),
-            absl::StrJoin(per_rank, ", ").c_str());
+            row.device_ms, row.launch_ms, absl::StrJoin(per_rank, ", ").c_str());
         std::fflush(json);
       }
     }

@@ -4,7 +4,9 @@
 #   1. correctness: `ringattn attend --check` against the fp64 reference for each layout,
 #      causal and not, GQA, through the service;
 #   2. scaling: causal zigzag, h 32 / h_k 8, d 128, bf16 at 8k, 16k, 32k tokens per GPU, each
-#      request 5 times (the worker-side ring time of the last 4 is what counts);
+#      request 5 times (the worker-side ring time of the last 4 is what counts), against the
+#      same requests at the per-GPU size through a one-worker service on GPU 0
+#      (scripts/scaling_summary.py prints the ratios);
 #   3. backward scaling: the same shapes at 8k and 16k tokens per GPU through AttendBackward
 #      (`ringattn attend --backward`), 3 requests each;
 #   4. a worker killed mid-request: UNAVAILABLE, then the next request succeeds.
@@ -19,10 +21,34 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 W=$(nvidia-smi -L | grep -c GPU)
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 echo "GPUs: $W"
+SIZES=${SIZES:-8192 16384 32768}        # tokens per GPU, forward
+BWD_SIZES=${BWD_SIZES:-8192 16384}     # tokens per GPU, backward (unary limit at W = 2)
 echo "== single-GPU reference on GPU 0 (kernel and one-GPU ring, same card)"
-CUDA_VISIBLE_DEVICES=0 "$BIN/gpu_ring_bench" --json "$OUT_DIR/single_gpu.jsonl" \
+CUDA_VISIBLE_DEVICES=0 "$BIN/gpu_ring_bench" --json "$OUT_DIR/single_gpu.jsonl" --iters 5 \
   >"$LOG/single_gpu.txt" 2>&1
-grep -E "^single|^ring +1 " "$LOG/single_gpu.txt"
+grep -E "^impl|^single|^ring " "$LOG/single_gpu.txt"
+
+# The same requests through the service with one worker on GPU 0, at the per-GPU size: the
+# single-GPU side of the scaling ratio, timed as the ring side is (the worker's ring call).
+wait_ready() {  # $1 log
+  for i in $(seq 1 120); do grep -q "workers ready" "$1" && return 0; sleep 0.5; done
+  echo "ring did not form"; tail -30 "$1"; return 1
+}
+PORT1=50299
+CUDA_VISIBLE_DEVICES=0 "$BIN/ringattn" serve --workers=1 --kernel=cuda \
+  --listen=127.0.0.1:$PORT1 --metrics= >"$LOG/serve_single.log" 2>&1 &
+SERVE1=$!
+if wait_ready "$LOG/serve_single.log"; then
+  A1="$BIN/ringattn attend --target=127.0.0.1:$PORT1 --timeout=120 --heads=32 --heads_k=8"
+  A1="$A1 --head_dim=128 --dtype=bf16 --causal --check=false"
+  for per in $SIZES; do
+    for rep in 1 2 3 4; do $A1 --seqlen=$per --return_lse=false >>"$LOG/single_fwd_$per.log" 2>&1; done
+  done
+  for per in $BWD_SIZES; do
+    for rep in 1 2 3; do $A1 --seqlen=$per --backward >>"$LOG/single_bwd_$per.log" 2>&1; done
+  done
+fi
+kill $SERVE1; wait $SERVE1 2>/dev/null
 PORT=50300
 "$BIN/ringattn" serve --workers="$W" --kernel=cuda --listen=127.0.0.1:$PORT --metrics= \
   >"$OUT_DIR/serve.log" 2>&1 &
@@ -44,7 +70,7 @@ for layout in contiguous zigzag stripe; do
 done 2>&1 | tee "$OUT_DIR/correctness.txt"
 
 echo "== scaling"
-for per in 8192 16384 32768; do
+for per in $SIZES; do
   s=$((per * W))
   for rep in 1 2 3 4 5; do
     $A --seqlen=$s --heads=32 --heads_k=8 --head_dim=128 --dtype=bf16 --causal --check=false \
@@ -54,7 +80,7 @@ for per in 8192 16384 32768; do
 done
 
 echo "== backward scaling (AttendBackward, unary: up to 16k tokens per GPU at W = 2)"
-for per in 8192 16384; do
+for per in $BWD_SIZES; do
   s=$((per * W))
   for rep in 1 2 3; do
     $A --seqlen=$s --heads=32 --heads_k=8 --head_dim=128 --dtype=bf16 --causal --check=false \
@@ -90,5 +116,8 @@ cat "$LOG/serve_fault.log" >> "$OUT_DIR/serve.log"
 cat "$LOG"/scaling_*.log > "$OUT_DIR/scaling.log"
 cat "$LOG"/backward_*.log > "$OUT_DIR/backward_scaling.log" 2>/dev/null
 cat "$LOG"/check_*.log > "$OUT_DIR/checks.log"
+cat "$LOG"/single_fwd_*.log "$LOG"/single_bwd_*.log > "$OUT_DIR/single_service.log" 2>/dev/null
 cat "$LOG/kill.log" "$LOG/after_kill.log" > "$OUT_DIR/faults.log"
+echo "== scaling summary"
+python3 "$(dirname "$0")/scaling_summary.py" "$LOG" "$W" | tee "$OUT_DIR/scaling_summary.txt"
 exit 0
