@@ -202,7 +202,14 @@ void FillPlanAndTimings(int64_t seqlen, v1::AttendResponse* response) {
     w->set_compute_seconds(0.3);
     w->set_comm_wait_seconds(0.01);
     w->set_ring_seconds(0.25 + 0.05 * r);
+    w->set_device_seconds(0.24);
+    w->set_launch_seconds(0.0125);
     w->set_backend("cpu");
+    for (int step = 0; step < 2; ++step) {
+      v1::StepTiming* st = w->add_steps();
+      st->set_compute_seconds(0.15);
+      st->set_comm_wait_seconds(step == 0 ? 0.01 : 0.0);
+    }
   }
 }
 
@@ -636,7 +643,8 @@ TEST(TimingTableTest, ListsThePlanEveryPhaseAndWorkerAndTheThroughput) {
   const std::string table = FormatTimings(response, flops);
   for (const char* s :
        {"request id abc123", "layout zigzag", "world 2", "rows per rank 19 18", "queue", "receive",
-        "scatter", "gather", "send", "total", "500.000", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms",
+        "scatter", "gather", "send", "total", "500.000", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms", "launch_ms", "240.000", "12.500",
+        "steps (compute/wait ms): 150.000/10.000 150.000/0.000",
         "cpu", "GFLOP/s over the total", "over the slowest ring"}) {
     EXPECT_THAT(table, HasSubstr(s));
   }

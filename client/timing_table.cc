@@ -83,13 +83,23 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
   }
   double slowest_ring = 0;
   if (t.workers_size() > 0) {
-    absl::StrAppendFormat(&s, "  %4s %10s %-8s %12s %14s %12s %11s\n", "rank", "rows",
-                          "backend", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms");
+    absl::StrAppendFormat(&s, "  %4s %10s %-8s %12s %14s %12s %11s %11s\n", "rank", "rows",
+                          "backend", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms",
+                          "launch_ms");
     for (const v1::WorkerTiming& w : t.workers()) {
-      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f %11.3f\n", w.rank(), w.rows(),
-                            w.backend().empty() ? "-" : w.backend(), w.compute_seconds() * 1e3,
-                            w.comm_wait_seconds() * 1e3, w.ring_seconds() * 1e3,
-                            w.device_seconds() * 1e3);
+      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f %11.3f %11.3f\n", w.rank(),
+                            w.rows(), w.backend().empty() ? "-" : w.backend(),
+                            w.compute_seconds() * 1e3, w.comm_wait_seconds() * 1e3,
+                            w.ring_seconds() * 1e3, w.device_seconds() * 1e3,
+                            w.launch_seconds() * 1e3);
+      if (w.steps_size() > 1) {  // per step: compute / wait for the next block, ms
+        std::vector<std::string> steps;
+        for (const v1::StepTiming& st : w.steps()) {
+          steps.push_back(absl::StrFormat("%.3f/%.3f", st.compute_seconds() * 1e3,
+                                          st.comm_wait_seconds() * 1e3));
+        }
+        absl::StrAppend(&s, "       steps (compute/wait ms): ", absl::StrJoin(steps, " "), "\n");
+      }
       slowest_ring = std::max(slowest_ring, w.ring_seconds());
     }
   }

@@ -119,5 +119,5 @@ cat "$LOG"/check_*.log > "$OUT_DIR/checks.log"
 cat "$LOG"/single_fwd_*.log "$LOG"/single_bwd_*.log > "$OUT_DIR/single_service.log" 2>/dev/null
 cat "$LOG/kill.log" "$LOG/after_kill.log" > "$OUT_DIR/faults.log"
 echo "== scaling summary"
-python3 "$(dirname "$0")/scaling_summary.py" "$LOG" "$W" | tee "$OUT_DIR/scaling_summary.txt"
+python3 "$(dirname "$0")/scaling_summary.py" "$LOG" "$W" "$OUT_DIR/single_gpu.jsonl" | tee "$OUT_DIR/scaling_summary.txt"
 exit 0

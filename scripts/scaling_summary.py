@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-GPU scaling of the service's ring from `ringattn attend` logs (scripts/multi_gpu_run.sh).
 
-Usage: scaling_summary.py LOG_DIR W
+Usage: scaling_summary.py LOG_DIR W [SINGLE_GPU_JSONL]
 
 Reads, for each tokens-per-GPU size P found:
   single_fwd_P.log / single_bwd_P.log   one worker on one GPU, sequence P (the reference);
@@ -13,14 +13,19 @@ may have started before the last shard arrived); the first request of each log i
 the median of the rest is kept. Causal attention costs W^2 as much over W * P tokens as over P,
 spread over W GPUs, so per-GPU throughput / single-GPU throughput = W * t_single / t_ring.
 The same ratio from device time (device_ms: the ring's GPU time, without host overhead) shows
-how much of the gap the host leaves.
+how much of the gap the host leaves. With SINGLE_GPU_JSONL (gpu_ring_bench --json on the same
+card), the forward ratio is also given against the bare kernel call on P tokens ("vs kernel":
+W * t_kernel / t_ring), which has no service or ring overhead at all.
 """
+import json
 import os
 import re
 import statistics
 import sys
 
-ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)(?:\s+([\d.]+))?\s*$")
+# rank rows backend compute_ms comm_wait_ms ring_ms [device_ms [launch_ms]]
+ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+                 r"(?:\s+([\d.]+))?(?:\s+([\d.]+))?\s*$")
 
 
 def blocks(path, backward):
@@ -62,11 +67,17 @@ def median_after_warmup(values):
 
 def main():
     log_dir, world = sys.argv[1], int(sys.argv[2])
+    kernel_ms = {}
+    if len(sys.argv) > 3 and os.path.exists(sys.argv[3]):
+        for line in open(sys.argv[3]):
+            row = json.loads(line)
+            if row.get("impl") == "single":
+                kernel_ms[int(row["seqlen"])] = float(row["wall_ms"])
     sizes = sorted({int(m.group(1)) for f in os.listdir(log_dir)
                     for m in [re.match(r"(?:scaling|backward)_(\d+)\.log$", f)] if m})
     print(f"W = {world}; per-GPU throughput / single-GPU throughput = W * t_single / t_ring")
     print(f"{'pass':8} {'tokens/GPU':>10} {'single ms':>10} {'ring ms':>9} {'ratio':>6} "
-          f"{'single dev':>10} {'ring dev':>9} {'dev ratio':>9} {'requests':>8}")
+          f"{'single dev':>10} {'ring dev':>9} {'dev ratio':>9} {'requests':>8} {'vs kernel':>9}")
     for kind, prefix, single_prefix, backward in (
             ("forward", "scaling", "single_fwd", False),
             ("backward", "backward", "single_bwd", True)):
@@ -81,8 +92,11 @@ def main():
             s_dev = median_after_warmup([d for _, d in single])
             ratio = world * s_ms / r_ms
             dev_ratio = world * s_dev / r_dev if r_dev and s_dev else float("nan")
+            vs_kernel = "-"
+            if not backward and p in kernel_ms:
+                vs_kernel = f"{world * kernel_ms[p] / r_ms:.3f}"
             print(f"{kind:8} {p:>10} {s_ms:>10.3f} {r_ms:>9.3f} {ratio:>6.3f} {s_dev:>10.3f} "
-                  f"{r_dev:>9.3f} {dev_ratio:>9.3f} {len(ring):>8}")
+                  f"{r_dev:>9.3f} {dev_ratio:>9.3f} {len(ring):>8} {vs_kernel:>9}")
 
 
 if __name__ == "__main__":

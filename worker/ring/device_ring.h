@@ -3,13 +3,18 @@
 // one shard of Q, K and V in device memory; K/V blocks travel around the ring over a
 // DeviceCommunicator while the block in hand is computed, and partial results merge by
 // log-sum-exp into fp32 accumulators (in the kernel's epilogue), rounded once at the end.
+// Where a step is one kernel call over every local row (PlanRingOutput: every layout with the
+// cuda kernels), the first step writes the accumulators (no initialisation pass) and the last
+// merges with them and writes the caller's output in its dtype (no rounding pass).
 //
-// Two streams per rank, owned by a DeviceRingWorkspace. Step s (block of rank r - s in hand):
+// Two streams per rank, owned by a DeviceRingWorkspace. Step s (block of rank r - s in hand),
+// in the order the host enqueues it:
 //
+//   compute stream: record start[s] | kernels (query segment x key segment, merged) |
+//                   record compute_done[s]
 //   comm stream:    wait compute_done[s-1] | Enqueue(send in-hand -> r+1, recv <- r-1 into
 //                   the free slot) | record comm_done[s]
-//   compute stream: record start[s] | kernels (query segment x key segment, merged) |
-//                   record compute_done[s] | wait comm_done[s]
+//   compute stream: wait comm_done[s]
 //
 // The slot received into at step s was in hand at step s - 1, hence the comm stream's wait on
 // compute_done[s-1]; the compute stream's wait on comm_done[s] puts the next block in hand.
