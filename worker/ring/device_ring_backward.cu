@@ -116,7 +116,11 @@ class BackwardRingCall {
   // Posts step `step`'s transfers on the comm stream (nothing with one rank); sets *incoming
   // to where the next K/V block lands.
   absl::Status EnqueueTransfers(int step, const KvBlock& in_hand, KvBlock* incoming, bool* posted);
-  absl::Status EnqueueCompute(int step, const KvBlock& in_hand, bool posted);
+  // Step `step`'s kernels (its dK/dV accumulator zeroed first unless `write`: the first step,
+  // BackwardStepWrites), then, after its transfers are enqueued, the merge of the received
+  // accumulator.
+  absl::Status EnqueueKernels(int step, const KvBlock& in_hand, bool write);
+  absl::Status EnqueueMerge(int step, bool posted);
   // The complete accumulator of block rank + 1 to its owner, this rank's own from rank - 1
   // into `own`.
   absl::Status EnqueueReturnHop(const DkvBlock& own);
@@ -226,18 +230,22 @@ absl::Status BackwardRingCall::EnqueueTransfers(int step, const KvBlock& in_hand
   return absl::OkStatus();
 }
 
-absl::Status BackwardRingCall::EnqueueCompute(int step, const KvBlock& in_hand, bool posted) {
+absl::Status BackwardRingCall::EnqueueKernels(int step, const KvBlock& in_hand, bool write) {
   const int src = RingSourceRank(rank_, step, world_);
   const DkvBlock mine = DkvBlock::At(ws_->dkv(step % 2), t_.batch, RowsOf(src), g_);
   RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws_->start_event(step), compute()));
   // This rank's contribution to the block only; the others' arrive in `recv`.
-  if (mine.elems > 0) {
+  if (mine.elems > 0 && !write) {
     RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(mine.dk, 0, mine.Bytes(), compute()));
   }
   RA_RETURN_IF_ERROR(ComputeBackwardStep(backend_, plan_, rank_, src, t_, g_, in_hand, dq_acc_,
-                                         ws_->delta(), mine, options_, alibi_, scale_,
+                                         ws_->delta(), mine, options_, alibi_, scale_, write,
                                          &kernel_calls_[step]));
   RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws_->kernels_done_event(step), compute()));
+  return absl::OkStatus();
+}
+
+absl::Status BackwardRingCall::EnqueueMerge(int step, bool posted) {
   // The next K/V block and the received accumulator: the compute stream idles here until
   // this step's transfers are done.
   if (posted) {
@@ -246,6 +254,8 @@ absl::Status BackwardRingCall::EnqueueCompute(int step, const KvBlock& in_hand, 
   RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws_->comm_waited_event(step), compute()));
   if (step >= 1) {
     // Ranks src .. rank - 1 in `received`, this rank's in `mine`: the host ring's order.
+    const int src = RingSourceRank(rank_, step, world_);
+    const DkvBlock mine = DkvBlock::At(ws_->dkv(step % 2), t_.batch, RowsOf(src), g_);
     const DkvBlock received = DkvBlock::At(ws_->dkv(2), t_.batch, RowsOf(src), g_);
     RA_RETURN_IF_ERROR(
         LaunchAddFloat(mine.dk, received.dk, static_cast<int64_t>(2 * mine.elems), compute()));
@@ -287,16 +297,22 @@ absl::Status BackwardRingCall::EnqueueStoreDkv(const DkvBlock& own) {
 }
 
 absl::Status BackwardRingCall::EnqueueRing() {
-  if (DqElems() > 0) {
+  // The first step (the rank's own block) writes dq and its dK/dV whole where it is one call
+  // over both shards (every layout with the cuda kernels): no zeroing passes.
+  const bool first_writes = BackwardStepWrites(plan_, rank_, rank_, backend_);
+  if (DqElems() > 0 && !first_writes) {
     RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_acc_, 0, DqElems() * sizeof(float), compute()));
   }
-  // Step 0 computes and sends straight from the caller's K/V.
+  // Step 0 computes and sends straight from the caller's K/V. Each step's kernels are
+  // enqueued before its transfers, as in the forward (device_ring.cu): NCCL's host-side group
+  // launch then overlaps them instead of delaying them.
   KvBlock in_hand{static_cast<const std::byte*>(t_.k), static_cast<const std::byte*>(t_.v)};
   for (int step = 0; step < world_; ++step) {
+    RA_RETURN_IF_ERROR(EnqueueKernels(step, in_hand, step == 0 && first_writes));
     KvBlock incoming;
     bool posted = false;
     RA_RETURN_IF_ERROR(EnqueueTransfers(step, in_hand, &incoming, &posted));
-    RA_RETURN_IF_ERROR(EnqueueCompute(step, in_hand, posted));
+    RA_RETURN_IF_ERROR(EnqueueMerge(step, posted));
     if (step + 1 < world_) in_hand = incoming;
   }
   // dq is final once the last step's calls are done: rounded while the return hop travels.

@@ -16,6 +16,11 @@
 //                   wait comm_done[s] | record comm_waited[s] | mine[s % 2] += recv (s >= 1) |
 //                   record step_done[s]
 //
+// The host enqueues each step's kernels (up to kernels_done[s]) before its transfers, so that
+// NCCL's host-side group launch overlaps them. Where step 0 is one call over both whole shards
+// (BackwardStepWrites: every layout with the cuda kernels) it writes dq and mine[0] instead of
+// adding, and neither is zeroed first.
+//
 // Why the comm stream waits for step_done[s-1], once, before the whole batch: (a) the slot it
 // receives K/V into was in hand at step s-1 (read by that step's kernels); (b) the accumulator
 // it sends, mine[(s-1) % 2], is finished only after step s-1's add; (c) `recv`, which it

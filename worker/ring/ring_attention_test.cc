@@ -257,37 +257,27 @@ class DeclaringBackend final : public AttentionBackend {
 // call over every local row: always with position runs (every layout, any W, uneven shards),
 // only for one-segment shards without; finalizing needs a partial-taking backend and W > 1.
 TEST(RingOutputPlan, WritesAndFinalizesWhereAStepIsOneWholeCall) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
-    for (int world : {1, 2, 3, 4}) {
-      for (int64_t seqlen : {int64_t{2}, int64_t{7}, int64_t{1001}}) {
-        absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
-        ASSERT_TRUE(plan.ok()) << plan.status();
-        for (int r = 0; r < world; ++r) {
-          SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen,
-                                    " rank ", r));
-          const Shard& mine = plan->shards[r];
-          const Shard& last = plan->shards[RingSourceRank(r, world - 1, world)];
-          const bool has_rows = mine.rows > 0;
-          for (const bool partial : {false, true}) {
-            const RingOutputPlan runs = PlanRingOutput(*plan, r, world, DeclaringBackend(true, partial));
-            EXPECT_EQ(runs.first_writes, has_rows);
-            EXPECT_EQ(runs.last_finalizes, partial && world > 1 && has_rows && last.rows > 0);
-          }
-          const RingOutputPlan pairs = PlanRingOutput(*plan, r, world, DeclaringBackend(false, true));
-          const bool one_segment = mine.segments.size() == 1;
-          EXPECT_EQ(pairs.first_writes, has_rows && one_segment);
-          EXPECT_EQ(pairs.last_finalizes,
-                    world > 1 && has_rows && one_segment && last.segments.size() == 1);
-          // ModeOf: the first step writes, the last finalizes (a lone step writes), the rest merge.
-          const RingOutputPlan both{true, world > 1};
-          EXPECT_EQ(both.ModeOf(0, world), StepOutput::kWrite);
-          EXPECT_EQ(both.ModeOf(world - 1, world),
-                    world > 1 ? StepOutput::kFinalize : StepOutput::kWrite);
-          if (world > 2) EXPECT_EQ(both.ModeOf(1, world), StepOutput::kMerge);
-        }
-      }
+  test::ForEachRankOfSmallPlans([](const ShardPlan& plan, int world, int r) {
+    const Shard& mine = plan.shards[r];
+    const Shard& last = plan.shards[RingSourceRank(r, world - 1, world)];
+    const bool has_rows = mine.rows > 0;
+    for (const bool partial : {false, true}) {
+      const RingOutputPlan runs = PlanRingOutput(plan, r, world, DeclaringBackend(true, partial));
+      EXPECT_EQ(runs.first_writes, has_rows);
+      EXPECT_EQ(runs.last_finalizes, partial && world > 1 && has_rows && last.rows > 0);
     }
-  }
+    const RingOutputPlan pairs = PlanRingOutput(plan, r, world, DeclaringBackend(false, true));
+    const bool one_segment = mine.segments.size() == 1;
+    EXPECT_EQ(pairs.first_writes, has_rows && one_segment);
+    EXPECT_EQ(pairs.last_finalizes,
+              world > 1 && has_rows && one_segment && last.segments.size() == 1);
+    // ModeOf: the first step writes, the last finalizes (a lone step writes), the rest merge.
+    const RingOutputPlan both{true, world > 1};
+    EXPECT_EQ(both.ModeOf(0, world), StepOutput::kWrite);
+    EXPECT_EQ(both.ModeOf(world - 1, world),
+              world > 1 ? StepOutput::kFinalize : StepOutput::kWrite);
+    if (world > 2) EXPECT_EQ(both.ModeOf(1, world), StepOutput::kMerge);
+  });
 }
 
 TEST(RingStepCalls, SecondRunMustStartAfterTheFirst) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -46,8 +47,12 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 
-  // dq [batch, rows, heads, head_dim] and D [batch, heads, rows], fp32, local.
-  std::vector<float> dq_acc(static_cast<size_t>(t.batch) * rows * g.q_row_elems, 0.0f);
+  // dq [batch, rows, heads, head_dim] and D [batch, heads, rows], fp32, local. dq starts at 0,
+  // unless the first step writes it (BackwardStepWrites); then NaN, so that an element it failed
+  // to write shows in the result (the device driver leaves it unset there).
+  const bool first_writes = BackwardStepWrites(plan, rank, rank, backend);
+  std::vector<float> dq_acc(static_cast<size_t>(t.batch) * rows * g.q_row_elems,
+                            first_writes ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
   std::vector<float> delta(static_cast<size_t>(t.batch) * t.heads * rows);
   RA_RETURN_IF_ERROR(ComputeShardDelta(backend, t, rows, delta.data()));
 
@@ -59,7 +64,7 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   const size_t dkv_capacity = DkvBlock::Floats(t.batch, plan.max_rows(), g);
   std::vector<float> dkv_bufs[2];
   std::vector<float> dkv_recv;
-  dkv_bufs[0].resize(dkv_capacity);
+  dkv_bufs[0].resize(dkv_capacity, std::numeric_limits<float>::quiet_NaN());  // see dq_acc
   if (world > 1) {
     for (auto& s : kv_slots) s.resize(2 * slot_kv_bytes);
     dkv_bufs[1].resize(dkv_capacity);
@@ -105,10 +110,12 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
     if (posted) RA_RETURN_IF_ERROR(comm.Start(sends, recvs));
 
     const auto c0 = Clock::now();
-    // `mine` holds this rank's contribution to the block only.
-    std::fill(mine.dk, mine.dk + 2 * mine.elems, 0.0f);
+    // `mine` holds this rank's contribution to the block only: zeroed, or written whole by
+    // the first step.
+    const bool write = step == 0 && first_writes;
+    if (!write) std::fill(mine.dk, mine.dk + 2 * mine.elems, 0.0f);
     RA_RETURN_IF_ERROR(ComputeBackwardStep(backend, plan, rank, src, t, g, in_hand, dq_acc.data(),
-                                           delta.data(), mine, options, alibi, scale,
+                                           delta.data(), mine, options, alibi, scale, write,
                                            &st.kernel_calls));
     st.compute_seconds = SecondsSince(c0);
     if (posted) {

@@ -92,18 +92,39 @@ absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBack
   return backend.ComputeDelta(bp, delta);
 }
 
+bool BackwardStepWrites(const ShardPlan& plan, int rank, int src,
+                        const AttentionBackwardBackend& backend) {
+  const Shard& mine = plan.shards[rank];
+  const Shard& theirs = plan.shards[src];
+  if (mine.rows == 0 || theirs.rows == 0) return false;
+  const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
+  if (calls.size() != 1) return false;
+  const StepCall& c = calls[0];
+  return c.q.local_offset == 0 && c.q.length == mine.rows && c.k.local_offset == 0 &&
+         c.k.length == theirs.rows;
+}
+
 absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardPlan& plan, int rank,
                                  int src, const RingBackwardTensors& t, const ShardGeometry& g,
                                  const KvBlock& kv, float* dq_acc, float* delta,
                                  const DkvBlock& dkv, const RingAttentionOptions& options,
-                                 const float* alibi, float scale, int* kernel_calls) {
+                                 const float* alibi, float scale, bool write, int* kernel_calls) {
   const Shard& mine = plan.shards[rank];
   const Shard& theirs = plan.shards[src];
-  for (const StepCall& c : StepCalls(mine, theirs, backend.supports_position_runs())) {
+  const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
+  if (write && !BackwardStepWrites(plan, rank, src, backend)) {
+    return absl::InternalError(absl::StrCat("backward step from rank ", src, " on rank ", rank,
+                                            ": a writing step must be one call over both shards"));
+  }
+  for (const StepCall& c : calls) {
     AttentionBackwardParams bp = SegmentPairBackwardParams(
         t, g, mine.rows, c.q, kv, theirs.rows, c.k, dq_acc, delta, dkv, options, alibi, scale);
     ApplyPositionRuns(c, &bp.fwd);
-    if (!AnyKeyAllowed(bp.fwd)) continue;
+    if (write) {
+      bp.accumulate = false;  // every element of dq and dK/dV written, masked or not
+    } else if (!AnyKeyAllowed(bp.fwd)) {
+      continue;
+    }
     RA_RETURN_IF_ERROR(backend.Backward(bp));
     ++*kernel_calls;
   }

@@ -84,16 +84,24 @@ AttentionBackwardParams SegmentPairBackwardParams(
 absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
                                int64_t rows, float* delta);
 
+// Whether the step of `rank`'s queries against the block of `src` is one backward call over
+// every local query row and every key row of the block, so that with accumulate off it
+// writes all of dq and the block's dK/dV (zeros where nothing contributes): the first step
+// then needs no zeroed accumulators (the drivers' first step, over the rank's own block).
+bool BackwardStepWrites(const ShardPlan& plan, int rank, int src,
+                        const AttentionBackwardBackend& backend);
+
 // One step's backward calls (StepCalls: one per step where the backend takes two runs of
 // positions, else per segment pair): this rank's queries against the block owned by
 // `src` (`kv`), each call not wholly masked, adding into dq_acc
 // and `dkv`. The caller zeroes `dkv` first (it holds this rank's contribution to the block
-// only): the host with a fill, the device on its compute stream. Adds the calls made to
-// *kernel_calls.
+// only): the host with a fill, the device on its compute stream. With `write` (only where
+// BackwardStepWrites), the one call is made with accumulate off, writing dq_acc and `dkv`
+// whole, and neither needs zeroing. Adds the calls made to *kernel_calls.
 absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardPlan& plan, int rank,
                                  int src, const RingBackwardTensors& t, const ShardGeometry& g,
                                  const KvBlock& kv, float* dq_acc, float* delta,
                                  const DkvBlock& dkv, const RingAttentionOptions& options,
-                                 const float* alibi, float scale, int* kernel_calls);
+                                 const float* alibi, float scale, bool write, int* kernel_calls);
 
 }  // namespace ringattn

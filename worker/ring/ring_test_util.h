@@ -174,6 +174,26 @@ inline std::string RingCaseName(const ::testing::TestParamInfo<RingCase>& info) 
                       std::get<2>(info.param) ? "_causal" : "_full");
 }
 
+// Calls fn(plan, world, rank) for every rank of the plans of each layout at W = 1..4 and
+// sequence lengths 2 (ranks without rows), 7 (uneven shards) and 1001, under a SCOPED_TRACE
+// naming them.
+template <typename Fn>
+void ForEachRankOfSmallPlans(Fn fn) {
+  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
+    for (int world : {1, 2, 3, 4}) {
+      for (int64_t seqlen : {int64_t{2}, int64_t{7}, int64_t{1001}}) {
+        absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
+        ASSERT_TRUE(plan.ok()) << plan.status();
+        for (int r = 0; r < world; ++r) {
+          SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen,
+                                    " rank ", r));
+          fn(*plan, world, r);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace ringattn::test
 
 #endif  // RINGATTN_WORKER_RING_RING_TEST_UTIL_H_
