@@ -74,6 +74,14 @@ struct AttentionParams {
   // take two runs say so (AttentionBackend::supports_position_runs); cudnn does not.
   int64_t q_pos_split = kNoPosSplit, q_pos_offset2 = 0;
   int64_t k_pos_split = kNoPosSplit, k_pos_offset2 = 0;
+  // Packed variable-length sequences (FlashAttention's cu_seqlens, in positions): positions
+  // [seq_bounds[i], seq_bounds[i + 1]) form sequence i, and a key is allowed only within its
+  // query's sequence (then causal, window and ALiBi apply as for one sequence, on the same
+  // global positions). num_seqs + 1 entries, non-decreasing, covering every position of the
+  // call; host memory. Null (the default): one sequence. The cpu backends take it; the GPU
+  // backends refuse it (INVALID_ARGUMENT naming seq_bounds).
+  const int64_t* seq_bounds = nullptr;
+  int num_seqs = 0;
   bool causal = false;  // key allowed only when k_pos <= q_pos
   // Key allowed only when q_pos - window_left <= k_pos <= q_pos + window_right;
   // kUnboundedWindow (-1) on a side means no limit there.

@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/score_mod.h"
 #include "kernels/status_macros.h"
 
 namespace ringattn {
@@ -36,6 +38,40 @@ absl::Status ValidatePositionRun(const char* name, int64_t split, int64_t offset
 }
 
 }  // namespace
+
+absl::Status ValidateSequenceBounds(const AttentionParams& p) {
+  if (p.seq_bounds == nullptr) {
+    if (p.num_seqs != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_seqs is ", p.num_seqs, " but seq_bounds is null"));
+    }
+    return absl::OkStatus();
+  }
+  if (p.num_seqs < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_seqs must be >= 1 with seq_bounds, got ", p.num_seqs));
+  }
+  for (int i = 0; i < p.num_seqs; ++i) {
+    if (p.seq_bounds[i + 1] < p.seq_bounds[i]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "seq_bounds must be non-decreasing, got seq_bounds[", i, "] = ", p.seq_bounds[i],
+          " > seq_bounds[", i + 1, "] = ", p.seq_bounds[i + 1]));
+    }
+  }
+  // Every position of the call inside [seq_bounds[0], seq_bounds[num_seqs]) (positions grow
+  // with the row, so the first and last rows bound them).
+  const int64_t lo = p.seq_bounds[0], hi = p.seq_bounds[p.num_seqs];
+  for (const auto& [name, rows, first, last] :
+       {std::tuple{"query", p.seqlen_q, QueryPos(p, 0), QueryPos(p, p.seqlen_q - 1)},
+        std::tuple{"key", p.seqlen_k, KeyPos(p, 0), KeyPos(p, p.seqlen_k - 1)}}) {
+    if (rows > 0 && (first < lo || last >= hi)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "seq_bounds [", lo, ", ", hi, ") must cover every ", name, " position, got ", first,
+          " .. ", last));
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status ValidateParams(const AttentionParams& p) {
   if (p.batch <= 0)
@@ -91,6 +127,7 @@ absl::Status ValidateParams(const AttentionParams& p) {
       ValidatePositionRun("q_pos", p.q_pos_split, p.q_pos_offset, p.q_pos_offset2, p.q_pos_stride));
   RA_RETURN_IF_ERROR(
       ValidatePositionRun("k_pos", p.k_pos_split, p.k_pos_offset, p.k_pos_offset2, p.k_pos_stride));
+  RA_RETURN_IF_ERROR(ValidateSequenceBounds(p));
   if (p.merge_into_output) {
     if (p.o_dtype != DType::kF32) {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -17,6 +17,10 @@ absl::Status ValidateHeadDim(int head_dim);
 // Checks sizes, pointers, head ratio, dtypes, options and the merge mode.
 absl::Status ValidateParams(const AttentionParams& p);
 
+// seq_bounds (host memory): null with num_seqs 0, or num_seqs >= 1 non-decreasing bounds that
+// cover every query and key position of the call. Part of ValidateParams.
+absl::Status ValidateSequenceBounds(const AttentionParams& p);
+
 // Fills strides for contiguous [batch, seq, heads, head_dim] q/k/v/o and [batch, heads, seq]
 // lse, keeping every pointer, size and option already set.
 void SetContiguousStrides(AttentionParams* p);

@@ -21,11 +21,43 @@ struct KeySpan {
 inline constexpr int64_t kMinPos = -(int64_t{1} << 62);
 inline constexpr int64_t kMaxPos = int64_t{1} << 62;
 
-RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
+// The causal and window part of the mask.
+RA_HD KeySpan WindowKeySpan(const AttentionParams& p, int64_t q_pos) {
   KeySpan s{kMinPos, kMaxPos};
   if (p.window_left >= 0) s.lo = q_pos - p.window_left;
   if (p.window_right >= 0) s.hi = q_pos + p.window_right;
   if (p.causal && s.hi > q_pos) s.hi = q_pos;
+  return s;
+}
+
+// Index of the packed sequence holding position `pos` (AttentionParams::seq_bounds): the last
+// i < num_seqs with seq_bounds[i] <= pos, by binary search.
+inline int64_t SequenceOf(const AttentionParams& p, int64_t pos) {
+  int64_t lo = 0, hi = p.num_seqs - 1;  // the answer is in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (p.seq_bounds[mid] <= pos) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Every mask as one inclusive span of key positions per query. Both ends are non-decreasing in
+// the query position (the window's and the sequence's alike), which block classification and
+// the kernels' key ranges rely on. The packed-sequence clamp is host code only: the GPU
+// backends refuse seq_bounds, so their kernels keep the span they were tuned with.
+RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
+  KeySpan s = WindowKeySpan(p, q_pos);
+#if !defined(__CUDA_ARCH__)
+  if (p.seq_bounds != nullptr) {
+    const int64_t i = SequenceOf(p, q_pos);
+    if (s.lo < p.seq_bounds[i]) s.lo = p.seq_bounds[i];
+    if (s.hi > p.seq_bounds[i + 1] - 1) s.hi = p.seq_bounds[i + 1] - 1;
+  }
+#endif
   return s;
 }
 

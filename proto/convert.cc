@@ -133,6 +133,7 @@ RingAttentionOptions OptionsFromProto(const v1::AttentionOptions& o) {
                      o.has_window_right() ? o.window_right() : kUnboundedWindow};
   out.alibi_slopes.assign(o.alibi_slopes().begin(), o.alibi_slopes().end());
   out.softcap = o.softcap();
+  out.seq_bounds.assign(o.cu_seqlens().begin(), o.cu_seqlens().end());
   return out;
 }
 
@@ -146,6 +147,7 @@ v1::AttentionOptions OptionsToProto(const RingAttentionOptions& o) {
   out.set_softcap(o.softcap);
   out.set_dropout_p(o.dropout_p);
   out.set_dropout_seed(o.dropout_seed);
+  for (int64_t b : o.seq_bounds) out.add_cu_seqlens(b);
   return out;
 }
 

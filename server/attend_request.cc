@@ -135,7 +135,24 @@ absl::Status CheckWindowSide(bool present, int64_t value, const char* name) {
   return absl::OkStatus();
 }
 
-absl::Status CheckOptions(const v1::AttentionOptions& o, int heads) {
+absl::Status CheckCuSeqlens(const v1::AttentionOptions& o, int64_t seqlen) {
+  const int n = o.cu_seqlens_size();
+  if (n == 0) return absl::OkStatus();
+  if (n < 2 || o.cu_seqlens(0) != 0 || o.cu_seqlens(n - 1) != seqlen) {
+    return Invalid("options.cu_seqlens must run from 0 to q.shape[1] (seq) ", seqlen,
+                   ", got ", n, " entries from ", o.cu_seqlens(0), " to ", o.cu_seqlens(n - 1));
+  }
+  for (int i = 1; i < n; ++i) {
+    if (o.cu_seqlens(i) < o.cu_seqlens(i - 1)) {
+      return Invalid("options.cu_seqlens must be non-decreasing, got cu_seqlens[", i - 1,
+                     "] = ", o.cu_seqlens(i - 1), " > cu_seqlens[", i, "] = ", o.cu_seqlens(i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckOptions(const v1::AttentionOptions& o, int heads, int64_t seqlen) {
+  RA_RETURN_IF_ERROR(CheckCuSeqlens(o, seqlen));
   if (!(o.dropout_p() >= 0.0f && o.dropout_p() < 1.0f)) {
     return Invalid("options.dropout_p must be in [0, 1), got ", o.dropout_p());
   }
@@ -206,7 +223,7 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
   ValidatedAttend out;
   absl::StatusOr<std::optional<Layout>> layout = LayoutFromProto(r.layout());
   if (!layout.ok()) return layout.status();
-  RA_RETURN_IF_ERROR(CheckOptions(r.options(), static_cast<int>(heads)));
+  RA_RETURN_IF_ERROR(CheckOptions(r.options(), static_cast<int>(heads), q.shape(1)));
 
   // Limits.
   const int64_t seqlen = q.shape(1);

@@ -43,6 +43,7 @@ using kernel_testing::Causal;
 using kernel_testing::CompareWithTolerance;
 using kernel_testing::Dropout;
 using kernel_testing::FillRandomNormal;
+using kernel_testing::Packed;
 using kernel_testing::Positions;
 using kernel_testing::Runs;
 using kernel_testing::Sharpen;
@@ -317,6 +318,15 @@ std::vector<Case> SweepCases() {
       {"F16", Dtype(Shape(255, 255, 5, 5, 64), f16)},
       {"Bf16Gqa", Dtype(Shape(255, 255, 8, 2, 128), bf16)},
       {"Bf16Seq1000Causal", Causal(Dtype(Shape(1000, 1000, 2, 1, 64), bf16))},
+      // Packed variable-length sequences: gradients stay inside each sequence.
+      {"PackedSeq1And7Heads5", Packed(Shape(8, 8, 5, 5, 64), {0, 1, 8})},
+      {"PackedCausalGqa", Causal(Packed(Shape(255, 255, 8, 2, 64), {0, 1, 8, 100, 100, 255}))},
+      {"PackedWindowAlibiSoftcap",
+       Softcap(Window(Packed(Shape(255, 255, 4, 2, 128), {0, 90, 91, 255}), 30, 5), 10.0f), true},
+      {"PackedRunsCausal",
+       Causal(Packed(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250), {0, 40, 260, 310, 500}))},
+      {"PackedDropout", Dropout(Causal(Packed(Shape(255, 255, 4, 4, 64), {0, 77, 255})), 0.3f, 5)},
+      {"Packed3816Causal", Causal(Packed(Shape(3816, 3816, 2, 1, 64), {0, 1, 7, 1000, 3816}))},
       // Options alone.
       {"Causal", Causal(Shape(255, 255, 5, 5, 64))},
       {"CausalQShorter", Causal(Shape(100, 255, 2, 2, 64))},

@@ -42,6 +42,7 @@ using kernel_testing::Dropout;
 using kernel_testing::ExpectEmptyRowsKeepThePartial;
 using kernel_testing::ForEachEmptyRow;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::Packed;
 using kernel_testing::Positions;
 using kernel_testing::Runs;
 using kernel_testing::Sharpen;
@@ -184,6 +185,21 @@ std::vector<Case> SweepCases() {
                       10.0f),
               f16, f16),
        true},
+      // Packed variable-length sequences (an empty one, single rows, sizes off the blocks).
+      {"PackedSeq1And7Heads5", Packed(Shape(8, 8, 5, 5, 64), {0, 1, 8})},
+      {"PackedCausalGqa", Causal(Packed(Shape(255, 255, 8, 2, 64), {0, 1, 8, 100, 100, 255}))},
+      {"PackedNoMaskD128", Packed(Shape(300, 300, 4, 4, 128), {0, 64, 65, 200, 300})},
+      {"PackedWindowAlibiSoftcap",
+       Softcap(Window(Packed(Shape(255, 255, 4, 2, 64), {0, 90, 91, 255}), 30, 5), 10.0f), true},
+      {"PackedStridedOffsets",
+       Causal(Packed(Positions(Shape(200, 150, 2, 2, 128), 37, 3, 5, 2), {0, 120, 121, 400, 700}))},
+      {"PackedRunsCausal",
+       Causal(Packed(Runs(Shape(200, 180, 4, 2, 64), 100, 300, 64, 250), {0, 40, 260, 310, 500}))},
+      {"PackedDropoutBf16",
+       Dropout(Dtypes(Causal(Packed(Shape(255, 255, 4, 4, 64), {0, 77, 255})), bf16, bf16), 0.3f,
+               5)},
+      {"Packed3816CausalGqa",
+       Causal(Packed(Shape(3816, 3816, 5, 1, 64), {0, 1, 7, 1000, 1001, 2900, 3816}))},
       // Long: a couple of configs at 3816 (not a block multiple) to exercise long rows.
       {"Long3816Causal", Causal(Shape(3816, 3816, 2, 1, 64))},
       {"Long3816Bf16WindowAlibi",
@@ -231,6 +247,77 @@ INSTANTIATE_TEST_SUITE_P(Sweep, FlashVsReferenceTest, ::testing::ValuesIn(SweepC
                          [](const ::testing::TestParamInfo<Case>& param_info) {
                            return param_info.param.name;
                          });
+
+// ---- Packed variable-length sequences -------------------------------------------------------
+
+// The fp64 reference over a packed call equals the reference over each sequence alone (its rows
+// and keys, its own positions, no seq_bounds): the packing only separates sequences. Checks the
+// reference's sequence mask by a route that does not use it; the kernels are checked against
+// the reference in the sweep above.
+TEST(PackedSequencesTest, ReferenceEqualsEachSequenceAlone) {
+  const std::vector<int64_t> bounds = {0, 1, 8, 8, 130, 255};
+  for (AttentionParams shape :
+       {Causal(Shape(255, 255, 5, 1, 64)), Window(Shape(255, 255, 4, 2, 64), 20, 3),
+        Shape(255, 255, 2, 2, 128)}) {
+    AttentionParams packed = Packed(shape, bounds);
+    AttentionBuffers t = MakeAttentionBuffers(&packed, 61, /*with_alibi=*/true);
+    absl::StatusOr<ReferenceResult> whole = ReferenceForward(packed);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    const int64_t d = packed.head_dim;
+    for (size_t i = 0; i + 1 < bounds.size(); ++i) {
+      const int64_t start = bounds[i], len = bounds[i + 1] - bounds[i];
+      if (len == 0) continue;
+      AttentionParams alone = packed;  // the same tensors, strides and options
+      alone.seq_bounds = nullptr;
+      alone.num_seqs = 0;
+      alone.seqlen_q = alone.seqlen_k = len;
+      alone.q = OffsetElements(packed.q, packed.dtype, start * packed.q_row_stride);
+      alone.k = OffsetElements(packed.k, packed.dtype, start * packed.k_row_stride);
+      alone.v = OffsetElements(packed.v, packed.dtype, start * packed.v_row_stride);
+      alone.q_pos_offset = alone.k_pos_offset = start;
+      absl::StatusOr<ReferenceResult> part = ReferenceForward(alone);
+      ASSERT_TRUE(part.ok()) << part.status();
+      for (int64_t r = 0; r < len; ++r) {
+        for (int h = 0; h < packed.heads; ++h) {
+          // o [1, rows, heads, d]; lse [1, heads, rows].
+          for (int64_t e = 0; e < d; ++e) {
+            ASSERT_EQ(whole->o[((start + r) * packed.heads + h) * d + e],
+                      part->o[(r * packed.heads + h) * d + e])
+                << "sequence " << i << " row " << r << " head " << h;
+          }
+          ASSERT_EQ(whole->lse[h * packed.seqlen_q + start + r], part->lse[h * len + r])
+              << "lse of sequence " << i << " row " << r << " head " << h;
+        }
+      }
+    }
+  }
+}
+
+TEST(PackedSequencesTest, BadBoundsAreRefusedNamingThem) {
+  AttentionParams p = Shape(10, 10, 1, 1, 64);
+  AttentionBuffers t = MakeAttentionBuffers(&p, 3);
+  const struct {
+    AttentionParams p;
+    const char* needle;
+  } cases[] = {
+      {Packed(p, {0, 6, 4, 10}), "non-decreasing"},
+      {Packed(p, {0, 5, 9}), "cover every query position"},
+      {Packed(p, {1, 10}), "cover every query position"},
+      {Packed(p, {0}), "num_seqs must be >= 1"},
+      {[&] {
+         AttentionParams q = p;
+         q.num_seqs = 2;
+         return q;
+       }(),
+       "seq_bounds is null"},
+  };
+  for (const auto& c : cases) {
+    const absl::Status s = FlashCpuForward(c.p);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(c.needle), std::string::npos) << s;
+  }
+  EXPECT_TRUE(FlashCpuForward(Packed(p, {0, 0, 10, 10})).ok());  // empty sequences are fine
+}
 
 // ---- Fully masked rows and empty calls ------------------------------------------------------
 

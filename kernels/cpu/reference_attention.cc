@@ -66,7 +66,7 @@ double ComputeRow(const AttentionParams& p, int b, int h, int64_t i,
   double max_score = kNegInf;
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
     const int64_t k_pos = KeyPos(p, j);
-    if (!KeyAllowed(p, q_pos, k_pos)) {
+    if (!ReferenceKeyAllowed(p, q_pos, k_pos)) {
       scores[j] = kNegInf;
       continue;
     }
@@ -96,6 +96,18 @@ double ComputeRow(const AttentionParams& p, int b, int h, int64_t i,
 }
 
 }  // namespace
+
+bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos) {
+  const KeySpan window = WindowKeySpan(p, q_pos);
+  if (k_pos < window.lo || k_pos > window.hi) return false;
+  if (p.seq_bounds == nullptr) return true;
+  int q_seq = -1, k_seq = -1;  // the sequence whose [bound i, bound i + 1) holds each
+  for (int i = 0; i < p.num_seqs; ++i) {
+    if (p.seq_bounds[i] <= q_pos && q_pos < p.seq_bounds[i + 1]) q_seq = i;
+    if (p.seq_bounds[i] <= k_pos && k_pos < p.seq_bounds[i + 1]) k_seq = i;
+  }
+  return q_seq >= 0 && q_seq == k_seq;
+}
 
 absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p) {
   RA_RETURN_IF_ERROR(ValidateParams(p));

@@ -2,6 +2,7 @@
 // row, max-subtracted softmax, all in double). The oracle every other backend is tested against.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -16,5 +17,10 @@ struct ReferenceResult {
 
 // Reads q, k, v and the options from `p` (p.o, p.lse and merge_into_output are ignored).
 absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p);
+
+// The references' mask: the causal and window span (WindowKeySpan) and, for packed sequences,
+// both positions in one sequence, found by a linear walk over seq_bounds rather than the
+// kernels' clamped span (AllowedKeySpan), so that the oracle does not share that code.
+bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos);
 
 }  // namespace ringattn

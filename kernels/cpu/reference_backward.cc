@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
 #include "kernels/status_macros.h"
@@ -104,7 +105,7 @@ void BackwardRow(const AttentionBackwardParams& bp, bool exact_stats, int b, int
   double max_score = kNegInf;
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
     const int64_t k_pos = KeyPos(p, j);
-    s->allowed[j] = KeyAllowed(p, q_pos, k_pos);
+    s->allowed[j] = ReferenceKeyAllowed(p, q_pos, k_pos);
     if (!s->allowed[j]) continue;
     LoadRow(p.k, Offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, j, kv_head), p.dtype,
             dim, s->k.data());

@@ -6,9 +6,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -57,6 +59,15 @@ inline AttentionParams Sharpen(AttentionParams p, float factor) {
 
 // Two runs of positions (a zigzag shard in one call): rows from q_split sit at q_offset2..,
 // keys from k_split at k_offset2.., the first runs' offsets and strides unchanged.
+// Packed variable-length sequences with these bounds (positions). The bounds live as long as
+// the test program (test case tables hold the params).
+inline AttentionParams Packed(AttentionParams p, std::vector<int64_t> bounds) {
+  static std::deque<std::vector<int64_t>>* const store = new std::deque<std::vector<int64_t>>;
+  store->push_back(std::move(bounds));
+  p.seq_bounds = store->back().data();
+  p.num_seqs = static_cast<int>(store->back().size()) - 1;
+  return p;
+}
 inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset2, int64_t k_split,
                             int64_t k_offset2) {
   p.q_pos_split = q_split;

@@ -39,6 +39,11 @@ absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batc
 }
 
 absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
+  if (p.seq_bounds != nullptr) {
+    return absl::InvalidArgumentError(
+        "cuda: seq_bounds (packed variable-length sequences) is not supported by the cuda "
+        "kernels yet; the cpu backends have it");
+  }
   if (p.dropout_p > 0.0f) {
     return absl::InvalidArgumentError(
         "cuda: dropout_p > 0 is not supported by the cuda kernels yet; the cpu backends have it");

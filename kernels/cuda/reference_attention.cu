@@ -166,6 +166,11 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.seq_bounds != nullptr) {
+    return absl::InvalidArgumentError(
+        "cuda_reference: seq_bounds (packed variable-length sequences) is not supported on GPUs "
+        "yet; the cpu backends have it");
+  }
   if (p.dropout_p > 0.0f) {
     return absl::InvalidArgumentError(
         "cuda_reference: dropout_p > 0 is not supported on GPUs yet; the cpu backends have it");

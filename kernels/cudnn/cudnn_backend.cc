@@ -164,6 +164,11 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
         "the cudnn backend takes one run of positions per call (q_pos_split and k_pos_split "
         "unset); the ring splits a two-run shard into segment calls for it");
   }
+  if (p.seq_bounds != nullptr) {
+    return absl::InvalidArgumentError(
+        "the cudnn backend does not take seq_bounds (packed variable-length sequences); the cpu "
+        "backends have them");
+  }
   if (p.dropout_p > 0.0f) {
     return absl::InvalidArgumentError(
         "the cudnn backend does not take dropout_p > 0 (its dropout mask is not ours: a ring "

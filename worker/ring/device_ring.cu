@@ -137,7 +137,13 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
   const int world = comm.world_size();
   const int rank = comm.rank();
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world, options));
+  // Before any transfer, on every rank alike (they all get the same options).
+  if (!options.seq_bounds.empty()) {
+    return absl::InvalidArgumentError(
+        "seq_bounds (packed variable-length sequences) is not supported by the GPU kernels yet; "
+        "CPU workers (kernel cpu) take it");
+  }
   CudaBackend* cuda = AsCudaBackend(&backend);
   if (backend.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(

@@ -352,7 +352,13 @@ absl::Status BackwardRingCall::ReadTimings(RingTimings* timings) const {
 absl::StatusOr<RingTimings> BackwardRingCall::Run() {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options_, t_));
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan_, rank_, world_));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan_, rank_, world_, options_));
+  // Before any transfer, on every rank alike (they all get the same options).
+  if (!options_.seq_bounds.empty()) {
+    return absl::InvalidArgumentError(
+        "seq_bounds (packed variable-length sequences) is not supported by the GPU kernels yet; "
+        "CPU workers (kernel cpu) take it");
+  }
   CudaBackwardBackend* cuda = AsCudaBackwardBackend(&backend_);
   if (backend_.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(

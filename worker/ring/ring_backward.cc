@@ -36,7 +36,7 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackwardBackend
   RA_RETURN_IF_ERROR(ValidateRingBackward(options, t));
   const int world = comm.world_size();
   const int rank = comm.rank();
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world, options));
   if (backend.memory_space() != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
     return absl::UnimplementedError(
         "the host ring backward needs a host backward backend and transport");

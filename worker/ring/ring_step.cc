@@ -1,6 +1,7 @@
 #include "worker/ring/ring_step.h"
 
 #include <cmath>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/params_check.h"
@@ -59,7 +60,22 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
   return ValidateHeadDim(t.head_dim);
 }
 
-absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world) {
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
+                                   const RingAttentionOptions& options) {
+  const std::vector<int64_t>& b = options.seq_bounds;
+  if (!b.empty()) {
+    if (b.size() < 2 || b.front() != 0 || b.back() != plan.seqlen) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "seq_bounds must run from 0 to the sequence length ", plan.seqlen, " (", b.size(),
+          " bounds from ", b.front(), " to ", b.back(), ")"));
+    }
+    for (size_t i = 1; i < b.size(); ++i) {
+      if (b[i] < b[i - 1]) {
+        return absl::InvalidArgumentError(absl::StrCat("seq_bounds must be non-decreasing, got ",
+                                                       b[i - 1], " then ", b[i]));
+      }
+    }
+  }
   if (plan.world != world || static_cast<int>(plan.shards.size()) != world) {
     return absl::InvalidArgumentError(
         absl::StrCat("shard plan is for ", plan.world, " ranks but the communicator has ", world));
@@ -110,6 +126,10 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
   p.alibi_slopes = alibi_slopes;
   p.dropout_p = options.dropout_p;
   p.dropout_seed = options.dropout_seed;
+  if (!options.seq_bounds.empty()) {
+    p.seq_bounds = options.seq_bounds.data();
+    p.num_seqs = static_cast<int>(options.seq_bounds.size()) - 1;
+  }
   p.causal = options.causal;
   p.window_left = options.window_size.first;
   p.window_right = options.window_size.second;

@@ -30,6 +30,11 @@ struct RingAttentionOptions {
   bool causal = false;
   std::pair<int64_t, int64_t> window_size = {-1, -1};  // (left, right); -1 is unbounded
   std::vector<float> alibi_slopes;                     // [heads], host memory, or empty for none
+  // Packed variable-length sequences over the whole sequence (FlashAttention's cu_seqlens):
+  // [0, ..., seqlen], non-decreasing; sequence i is positions [seq_bounds[i], seq_bounds[i+1])
+  // and attends only within itself (AttentionParams::seq_bounds). Empty: one sequence. The cpu
+  // kernels take it; the GPU kernels refuse it.
+  std::vector<int64_t> seq_bounds;
   float softcap = 0.0f;                                // 0 disables
   bool deterministic = false;                          // the forward is deterministic either way
   bool return_attn_probs = false;                      // refused: the ring never forms the matrix
@@ -73,8 +78,10 @@ struct RingTimings {
 // Checks the options against the tensors (every error names the option).
 absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t);
 
-// InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them.
-absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world);
+// InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them, and
+// options.seq_bounds, when set, runs from 0 to the plan's seqlen without decreasing.
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
+                                   const RingAttentionOptions& options);
 
 // options.softmax_scale, or 1 / sqrt(head_dim).
 float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim);
