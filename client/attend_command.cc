@@ -155,6 +155,7 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
   options->set_softcap(o.softcap);
   options->set_dropout_p(o.dropout_p);
   options->set_dropout_seed(o.dropout_seed);
+  for (const int64_t b : o.cu_seqlens) options->add_cu_seqlens(b);
   return request;
 }
 
@@ -351,6 +352,10 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
   p.window_right = options.has_window_right() ? options.window_right() : kUnboundedWindow;
   p.dropout_p = options.dropout_p();
   p.dropout_seed = options.dropout_seed();
+  if (options.cu_seqlens_size() > 0) {  // ValidateParams (in the reference) checks them
+    p.seq_bounds = options.cu_seqlens().data();
+    p.num_seqs = options.cu_seqlens_size() - 1;
+  }
   return p;
 }
 

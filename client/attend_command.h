@@ -11,6 +11,7 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "client/attention_client.h"
@@ -39,6 +40,8 @@ struct AttendCommandOptions {
   float softcap = 0;            // 0 disables
   float dropout_p = 0;          // in [0, 1); CPU workers (GPU workers refuse p > 0)
   uint64_t dropout_seed = 0;
+  // Packed variable-length sequences, [0, ..., seqlen] (AttentionOptions.cu_seqlens); empty: one.
+  std::vector<int64_t> cu_seqlens;
   float softmax_scale = 0;      // 0: the service's default, 1 / sqrt(head_dim)
   std::string layout = "auto";  // auto, contiguous, zigzag or stripe
   // [batch, seq, heads(_k), head_dim] inputs; all three or none. The shapes come from the files.

@@ -1,6 +1,8 @@
 #include "client/cli_parse.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace ringattn {
 
@@ -19,6 +21,21 @@ absl::StatusOr<v1::Layout> ParseLayoutName(const std::string& name) {
   if (name == "stripe") return v1::LAYOUT_STRIPE;
   return absl::InvalidArgumentError(
       absl::StrCat("--layout must be auto, contiguous, zigzag or stripe, got '", name, "'"));
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseCuSeqlens(const std::string& text) {
+  std::vector<int64_t> out;
+  if (text.empty()) return out;
+  for (const absl::string_view part : absl::StrSplit(text, ',')) {
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(part, &value) || value < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--cu_seqlens must be comma-separated non-negative integers, e.g. 0,100,4096; got '",
+          text, "'"));
+    }
+    out.push_back(value);
+  }
+  return out;
 }
 
 std::string ErrorLine(const absl::Status& status) {

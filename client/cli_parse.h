@@ -2,7 +2,9 @@
 // an error line, for every `ringattn` command.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -15,6 +17,9 @@ namespace ringattn {
 absl::StatusOr<DType> ParseDTypeName(const std::string& name);
 // "auto", "contiguous", "zigzag" or "stripe"; anything else is InvalidArgument naming --layout.
 absl::StatusOr<v1::Layout> ParseLayoutName(const std::string& name);
+// A comma-separated list of non-negative integers, "0,100,2051" (--cu_seqlens; "" is none);
+// anything else is InvalidArgument naming --cu_seqlens. Ordering is the service's to check.
+absl::StatusOr<std::vector<int64_t>> ParseCuSeqlens(const std::string& text);
 // "error: CODE: message\n".
 std::string ErrorLine(const absl::Status& status);
 

@@ -28,6 +28,7 @@
 #include "absl/time/time.h"
 #include "client/attend_command.h"
 #include "client/attention_client.h"
+#include "client/cli_parse.h"
 #include "client/npy.h"
 #include "client/timing_table.h"
 #include "gmock/gmock.h"
@@ -652,6 +653,16 @@ TEST(TimingTableTest, ListsThePlanEveryPhaseAndWorkerAndTheThroughput) {
   v1::AttendRequest causal = request;
   causal.mutable_options()->set_causal(true);
   EXPECT_DOUBLE_EQ(RequestFlops(causal), flops / 2);
+}
+
+TEST(CliParseTest, CuSeqlens) {
+  EXPECT_EQ(*ParseCuSeqlens(""), std::vector<int64_t>{});
+  EXPECT_EQ(*ParseCuSeqlens("0,1,7,7,381"), (std::vector<int64_t>{0, 1, 7, 7, 381}));
+  for (const char* bad : {"0,,3", "0,-1", "a", "0,1.5", ","}) {
+    const absl::StatusOr<std::vector<int64_t>> r = ParseCuSeqlens(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.status().message().find("--cu_seqlens"), std::string::npos) << r.status();
+  }
 }
 
 TEST(ProgressBarTest, SilentForFastTransfersAndDrawnForSlowOnes) {

@@ -26,6 +26,7 @@
 #include "client/cli_parse.h"
 #include "client/local_ring.h"
 #include "client/serve_command.h"
+#include "kernels/status_macros.h"
 #include "worker/worker.h"
 
 // The attention problem (ring, attend, serve --demo).
@@ -44,6 +45,8 @@ ABSL_FLAG(double, softcap, 0.0, "score soft-capping (0 disables)");
 ABSL_FLAG(double, softmax_scale, 0.0, "softmax scale (0: 1/sqrt(head_dim))");
 ABSL_FLAG(double, dropout_p, 0.0, "ring, attend: dropout probability in [0, 1) (CPU kernels)");
 ABSL_FLAG(uint64_t, dropout_seed, 0, "dropout mask seed");
+ABSL_FLAG(std::string, cu_seqlens, "",
+          "ring, attend: packed variable-length sequences, boundaries 0,...,seqlen (CPU kernels)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the synthetic inputs");
 ABSL_FLAG(bool, check, true, "compare the result with the fp64 reference computed here");
 ABSL_FLAG(double, timeout, 300, "seconds for the whole request (ring: before ranks are killed)");
@@ -146,6 +149,13 @@ int RunRing() {
   }
   o.attention.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
   o.attention.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
+  absl::StatusOr<std::vector<int64_t>> cu_seqlens =
+      ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens));
+  if (!cu_seqlens.ok()) {
+    std::cerr << cu_seqlens.status().message() << "\n";
+    return 2;
+  }
+  o.attention.seq_bounds = *std::move(cu_seqlens);
   // The local ring is a CPU tool: auto means the fast CPU kernel.
   o.backend =
       absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);
@@ -155,7 +165,7 @@ int RunRing() {
   return ringattn::RunLocalRing(o, std::cout);
 }
 
-ringattn::AttendCommandOptions AttendOptionsFromFlags() {
+absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
   ringattn::AttendCommandOptions o;
   o.target = absl::GetFlag(FLAGS_target);
   o.batch = absl::GetFlag(FLAGS_batch);
@@ -178,6 +188,7 @@ ringattn::AttendCommandOptions AttendOptionsFromFlags() {
   o.grads_npy_prefix = absl::GetFlag(FLAGS_grads_npy_prefix);
   o.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
   o.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
+  RA_ASSIGN_OR_RETURN(o.cu_seqlens, ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens)));
   o.check = absl::GetFlag(FLAGS_check);
   o.streaming = absl::GetFlag(FLAGS_stream);
   o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
@@ -222,7 +233,12 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.demo = absl::GetFlag(FLAGS_demo);
-  o.demo_request = AttendOptionsFromFlags();
+  absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
+  if (!demo.ok()) {
+    std::cerr << demo.status().message() << "\n";
+    return 2;
+  }
+  o.demo_request = *std::move(demo);
   return ringattn::RunServe(o, std::cout);
 }
 
@@ -260,7 +276,14 @@ int main(int argc, char** argv) {
   if (command == "serve") return RunServeOrCoordinator(/*spawn_workers=*/true);
   if (command == "coordinator") return RunServeOrCoordinator(/*spawn_workers=*/false);
   if (command == "worker") return RunWorker();
-  if (command == "attend") return ringattn::RunAttendCommand(AttendOptionsFromFlags(), std::cout);
+  if (command == "attend") {
+    absl::StatusOr<ringattn::AttendCommandOptions> o = AttendOptionsFromFlags();
+    if (!o.ok()) {
+      std::cerr << o.status().message() << "\n";
+      return 2;
+    }
+    return ringattn::RunAttendCommand(*o, std::cout);
+  }
   if (command == "bench") return ringattn::RunBenchCommand(BenchOptionsFromFlags(), std::cout);
   std::fprintf(stderr, "unknown command '%s'\n%s", command.c_str(), kUsage);
   return 2;

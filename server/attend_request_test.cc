@@ -132,6 +132,23 @@ const BadCase kBadCases[] = {
        for (int i = 0; i < 5; ++i) r->mutable_options()->add_alibi_slopes(i == 2 ? NAN : 0.5f);
      },
      "options.alibi_slopes[2] must be finite"},
+    {"CuSeqlensPastTheEnd",
+     [](v1::AttendRequest* r) {
+       for (int64_t b : {0, 3, 9}) r->mutable_options()->add_cu_seqlens(b);
+     },
+     "options.cu_seqlens must run from 0 to q.shape[1] (seq) 7, got 3 entries from 0 to 9"},
+    {"CuSeqlensNotFromZero",
+     [](v1::AttendRequest* r) {
+       for (int64_t b : {2, 7}) r->mutable_options()->add_cu_seqlens(b);
+     },
+     "options.cu_seqlens must run from 0"},
+    {"CuSeqlensOneEntry", [](v1::AttendRequest* r) { r->mutable_options()->add_cu_seqlens(0); },
+     "options.cu_seqlens must run from 0"},
+    {"CuSeqlensDecreasing",
+     [](v1::AttendRequest* r) {
+       for (int64_t b : {0, 5, 4, 7}) r->mutable_options()->add_cu_seqlens(b);
+     },
+     "options.cu_seqlens must be non-decreasing, got cu_seqlens[1] = 5 > cu_seqlens[2] = 4"},
     {"DropoutOne", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(1.0f); },
      "options.dropout_p must be in [0, 1)"},
     {"DropoutNegative", [](v1::AttendRequest* r) { r->mutable_options()->set_dropout_p(-0.1f); },
@@ -402,6 +419,7 @@ TEST(ConversionTest, OptionsRoundTrip) {
   o.window_size = {128, 0};
   o.alibi_slopes = {0.5f, 0.25f, 0.125f};
   o.softcap = 20.0f;
+  o.seq_bounds = {0, 5, 5, 100};
   const v1::AttentionOptions p = OptionsToProto(o);
   EXPECT_TRUE(p.has_window_left());
   EXPECT_TRUE(p.has_window_right());
@@ -412,6 +430,7 @@ TEST(ConversionTest, OptionsRoundTrip) {
   EXPECT_EQ(back.alibi_slopes, o.alibi_slopes);
   EXPECT_EQ(back.softcap, o.softcap);
   EXPECT_EQ(back.dropout_p, o.dropout_p);
+  EXPECT_EQ(back.seq_bounds, o.seq_bounds);
 }
 
 TEST(ConversionTest, AbsentOptionsAreDefaults) {

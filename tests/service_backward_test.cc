@@ -385,21 +385,14 @@ TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
   EXPECT_EQ(again->dv().data(), a->dv().data());
 }
 
-// Dropout through the service on CPU workers: the forward and the gradients with p = 0.25 and
-// a seed match the fp64 reference with the same mask (a hash of global positions: the ring's
-// zigzag shards drop what one call over the whole sequence drops), and another seed differs.
-TEST(BackwardDropout, ForwardAndGradientsMatchTheReference) {
-  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
-  Service svc(3, "cpu");
-  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  v1::AttendRequest fwd = MakeSyntheticRequest(1, 150, 4, 2, 64, DType::kF32, 7);
-  fwd.set_return_lse(true);
-  fwd.set_layout(v1::LAYOUT_ZIGZAG);
-  fwd.mutable_options()->set_causal(true);
-  fwd.mutable_options()->set_dropout_p(0.25f);
-  fwd.mutable_options()->set_dropout_seed(1234);
-  absl::StatusOr<v1::AttendResponse> resp = svc.client().Attend(fwd, absl::Seconds(60));
-  ASSERT_TRUE(resp.ok()) << resp.status();
+// Sends `fwd` (fp32), checks its output against the fp64 reference (max abs 1e-5), then its
+// gradients (AttendBackward with a synthetic dout) against the fp64 reference backward;
+// *resp gets the forward response.
+void ExpectForwardAndGradientsMatch(Service& svc, const v1::AttendRequest& fwd,
+                                    v1::AttendResponse* resp) {
+  absl::StatusOr<v1::AttendResponse> r = svc.client().Attend(fwd, absl::Seconds(60));
+  ASSERT_TRUE(r.ok()) << r.status();
+  *resp = *std::move(r);
   absl::StatusOr<ErrorStats> out_err = CheckAgainstReference(fwd, *resp);
   ASSERT_TRUE(out_err.ok()) << out_err.status();
   EXPECT_TRUE(out_err->Within(1e-5, 1e30)) << out_err->ToString();
@@ -413,6 +406,24 @@ TEST(BackwardDropout, ForwardAndGradientsMatchTheReference) {
   EXPECT_TRUE(e->dq.Within(1e-5, 1e30)) << e->dq.ToString();
   EXPECT_TRUE(e->dk.Within(1e-5, 1e30)) << e->dk.ToString();
   EXPECT_TRUE(e->dv.Within(1e-5, 1e30)) << e->dv.ToString();
+}
+
+// Dropout through the service on CPU workers: the forward and the gradients with p = 0.25 and
+// a seed match the fp64 reference with the same mask (a hash of global positions: the ring's
+// zigzag shards drop what one call over the whole sequence drops), and another seed differs.
+TEST(BackwardDropout, ForwardAndGradientsMatchTheReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(3, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  v1::AttendRequest fwd = MakeSyntheticRequest(1, 150, 4, 2, 64, DType::kF32, 7);
+  fwd.set_return_lse(true);
+  fwd.set_layout(v1::LAYOUT_ZIGZAG);
+  fwd.mutable_options()->set_causal(true);
+  fwd.mutable_options()->set_dropout_p(0.25f);
+  fwd.mutable_options()->set_dropout_seed(1234);
+  v1::AttendResponse resp;
+  ExpectForwardAndGradientsMatch(svc, fwd, &resp);
+  if (HasFatalFailure()) return;
 
   // Another seed is another mask: the output moves away from this reference.
   v1::AttendRequest other = fwd;
@@ -422,6 +433,50 @@ TEST(BackwardDropout, ForwardAndGradientsMatchTheReference) {
   absl::StatusOr<ErrorStats> moved = CheckAgainstReference(fwd, *other_resp);
   ASSERT_TRUE(moved.ok()) << moved.status();
   EXPECT_GT(moved->rel_l2, 0.05) << moved->ToString();
+}
+
+// Packed variable-length sequences through the service on CPU workers: forward and gradients
+// with cu_seqlens (an empty sequence, single tokens, boundaries inside every zigzag shard)
+// match the fp64 reference, which separates the sequences by its own walk over the bounds; the
+// same request without them (one sequence) does not; bad bounds are INVALID_ARGUMENT naming
+// options.cu_seqlens and the service keeps serving.
+TEST(PackedSequences, ForwardAndGradientsMatchTheReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(3, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  v1::AttendRequest fwd = MakeSyntheticRequest(1, 211, 5, 1, 64, DType::kF32, 9);
+  fwd.set_return_lse(true);
+  fwd.set_layout(v1::LAYOUT_ZIGZAG);
+  fwd.mutable_options()->set_causal(true);
+  for (const int64_t b : {0, 1, 8, 8, 120, 211}) fwd.mutable_options()->add_cu_seqlens(b);
+  v1::AttendResponse resp;
+  ExpectForwardAndGradientsMatch(svc, fwd, &resp);
+  if (HasFatalFailure()) return;
+
+  // One sequence is another problem: its output is far from this reference.
+  v1::AttendRequest whole = fwd;
+  whole.mutable_options()->clear_cu_seqlens();
+  absl::StatusOr<v1::AttendResponse> whole_resp = svc.client().Attend(whole, absl::Seconds(60));
+  ASSERT_TRUE(whole_resp.ok()) << whole_resp.status();
+  absl::StatusOr<ErrorStats> moved = CheckAgainstReference(fwd, *whole_resp);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_GT(moved->rel_l2, 0.05) << moved->ToString();
+
+  for (const std::vector<int64_t>& bad :
+       {std::vector<int64_t>{0, 300}, std::vector<int64_t>{1, 211}, std::vector<int64_t>{0, 90, 80, 211},
+        std::vector<int64_t>{211}}) {
+    v1::AttendRequest r = fwd;
+    r.mutable_options()->clear_cu_seqlens();
+    for (const int64_t b : bad) r.mutable_options()->add_cu_seqlens(b);
+    absl::StatusOr<v1::AttendResponse> refused = svc.client().Attend(r, absl::Seconds(60));
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+    EXPECT_NE(refused.status().message().find("options.cu_seqlens"), std::string::npos)
+        << refused.status();
+  }
+  absl::StatusOr<v1::AttendResponse> again = svc.client().Attend(fwd, absl::Seconds(60));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->out().data(), resp.out().data());
 }
 
 }  // namespace

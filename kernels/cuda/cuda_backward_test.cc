@@ -82,6 +82,14 @@ TEST(CudaBackwardHostTest, RefusesFp32) {
   ExpectRefused(p, "dtype");
 }
 
+TEST(CudaBackwardHostTest, RefusesPackedSequences) {
+  AttentionBackwardParams p = FakeCall();
+  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
+  p.fwd.seq_bounds = bounds;
+  p.fwd.num_seqs = 1;
+  ExpectRefused(p, "packed variable-length sequences");
+}
+
 TEST(CudaBackwardHostTest, RefusesDropout) {
   AttentionBackwardParams p = FakeCall();
   p.fwd.dropout_p = 0.1f;

@@ -164,7 +164,14 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
         OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
         OptionCase{"hd256", DType::kBF16, 2, 1, 256, 100, true, {-1, -1}, false, 0},
-        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0}),
+        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
+        // Packed sequences: an empty one, single rows, boundaries inside every rank's shard.
+        OptionCase{"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
+                   {0, 1, 8, 8, 200, 381}},
+        OptionCase{"packed_full_heads5", DType::kF32, 5, 5, 64, 255, false, {-1, -1}, false, 0, 0,
+                   {0, 100, 101, 255}},
+        OptionCase{"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
+                   0.3f, {0, 7, 150, 381}}),
     [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
 
 // The ring keeps partials in fp32, so its bf16 error against fp64 does not grow with ranks.

@@ -186,7 +186,12 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
         OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
         OptionCase{
-            "seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0}),
+            "seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0},
+        // Packed sequences: gradients stay inside each sequence across shards.
+        OptionCase{"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
+                   {0, 1, 8, 8, 200, 381}},
+        OptionCase{"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
+                   0.3f, {0, 7, 150, 381}}),
     [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
 
 // ---- Gradients in the input dtype, batch > 1, the reference backend ---------------------------

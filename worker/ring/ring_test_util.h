@@ -105,6 +105,10 @@ AttentionParams WholeParams(const Problem& pr, const void* q, const void* k, con
   p.softcap = opt.softcap;
   p.dropout_p = opt.dropout_p;
   p.dropout_seed = opt.dropout_seed;
+  if (!opt.seq_bounds.empty()) {
+    p.seq_bounds = opt.seq_bounds.data();
+    p.num_seqs = static_cast<int>(opt.seq_bounds.size()) - 1;
+  }
   return p;
 }
 
@@ -125,6 +129,7 @@ struct OptionCase {
   bool alibi;
   float softcap;
   float dropout = 0.0f;  // with seed 17 (ApplyOptionCase)
+  std::vector<int64_t> cu_seqlens = {};  // packed sequences (options.seq_bounds); empty: one
 };
 inline void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
 
@@ -144,6 +149,7 @@ void ApplyOptionCase(const OptionCase& c, Problem* pr) {
     pr->options.dropout_p = c.dropout;
     pr->options.dropout_seed = 17;
   }
+  if constexpr (requires { c.cu_seqlens; }) pr->options.seq_bounds = c.cu_seqlens;
 }
 
 // Options every ring refuses up front, each with a part of the message it must give.
