@@ -1,5 +1,6 @@
 #include "bench/compare/cases.h"
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "kernels/params_check.h"
 #include "kernels/status_macros.h"
 #include "worker/ring/layout.h"
@@ -59,6 +61,11 @@ CaseSet CiPreset() {
   c.window_right = 0;
   c.softcap = 30.0f;
   c.alibi = true;
+  set.cases.push_back(c);
+  // Packed variable-length sequences: an empty one, single tokens, boundaries inside shards.
+  c = Case("bf16_causal_packed_gqa", 1, 900, 8, 2, 64, DType::kBF16, true);
+  c.cu_seqlens = {0, 1, 7, 300, 300, 900};
+  c.worlds = {1, 2, 3};
   set.cases.push_back(c);
   return set;
 }
@@ -256,6 +263,8 @@ absl::Status SetField(ComparisonCase& c, std::string_view key, std::string_view 
     c.softcap = static_cast<float>(s);
   } else if (key == "alibi") {
     RA_ASSIGN_OR_RETURN(c.alibi, ParseBool(key, value));
+  } else if (key == "cu_seqlens") {
+    RA_ASSIGN_OR_RETURN(c.cu_seqlens, ParseIntList(key, value));
   } else if (key == "layout") {
     c.layout = std::string(value);
   } else if (key == "worlds") {
@@ -274,7 +283,7 @@ absl::Status SetField(ComparisonCase& c, std::string_view key, std::string_view 
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown key '", std::string(key),
         "'; expected name, batch, seqlen, heads, heads_k, head_dim, dtype, causal, window, "
-        "softcap, alibi, layout, worlds, warmup, repeats, backward, gpus"));
+        "softcap, alibi, cu_seqlens, layout, worlds, warmup, repeats, backward, gpus"));
   }
   return absl::OkStatus();
 }
@@ -477,6 +486,15 @@ absl::Status ValidateCase(ComparisonCase& c) {
         absl::StrCat("heads (", c.heads, ") must be a multiple of heads_k (", c.heads_k, ")"));
   }
   RA_RETURN_IF_ERROR(ValidateHeadDim(c.head_dim));
+  if (!c.cu_seqlens.empty()) {
+    const std::vector<int64_t>& b = c.cu_seqlens;
+    if (b.size() < 2 || b.front() != 0 || b.back() != c.seqlen ||
+        !std::is_sorted(b.begin(), b.end())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cu_seqlens must run from 0 to seqlen (", c.seqlen, ") without decreasing, got ",
+          absl::StrJoin(b, ",")));
+    }
+  }
   if (c.window_left < -1 || c.window_right < -1) {
     return absl::InvalidArgumentError(
         absl::StrCat("window must be left,right with each >= 0 or "
@@ -517,6 +535,7 @@ std::string CaseShape(const ComparisonCase& c) {
   }
   if (c.softcap > 0) absl::StrAppend(&s, " softcap", c.softcap);
   if (c.alibi) absl::StrAppend(&s, " alibi");
+  if (!c.cu_seqlens.empty()) absl::StrAppend(&s, " packed", c.cu_seqlens.size() - 1);
   return s;
 }
 

@@ -17,6 +17,8 @@
 //   window    left,right        -1,-1 (unbounded)   JSON: [left, right]
 //   softcap   float             0 (off)
 //   alibi     bool              false (the standard slopes 2^(-8 (h + 1) / heads))
+//   cu_seqlens list of int      none: packed variable-length sequences, 0,...,seqlen
+//                               (JSON: [0, 100, 300]); the GPU kernels report it unsupported
 //   layout    auto|contiguous|zigzag|stripe   auto (zigzag when causal)
 //   worlds    list of int       1,2,4               JSON: [1, 2, 4]
 //   warmup    int               1 (untimed calls before the timed ones)
@@ -52,6 +54,7 @@ struct ComparisonCase {
   int64_t window_right = -1;  // -1: unbounded
   float softcap = 0.0f;
   bool alibi = false;
+  std::vector<int64_t> cu_seqlens;  // packed sequences (AttentionParams::seq_bounds); empty: one
   std::string layout = "auto";
   std::vector<int> worlds = {1, 2, 4};
   int warmup = 1;

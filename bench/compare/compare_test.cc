@@ -65,6 +65,21 @@ TEST(Cases, ErrorsNameTheLineAndTheKey) {
   EXPECT_FALSE(ParseCases("seqlen=64 gpus=-1\n").ok());
 }
 
+TEST(Cases, ParsesPackedSequenceBounds) {
+  absl::StatusOr<std::vector<ComparisonCase>> cases =
+      ParseCases("seqlen=300 cu_seqlens=0,1,100,300\n{\"seqlen\": 64, \"cu_seqlens\": [0, 64]}\n");
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  EXPECT_EQ((*cases)[0].cu_seqlens, (std::vector<int64_t>{0, 1, 100, 300}));
+  EXPECT_EQ((*cases)[1].cu_seqlens, (std::vector<int64_t>{0, 64}));
+  EXPECT_NE(CaseShape((*cases)[0]).find("packed3"), std::string::npos);
+  for (const char* bad : {"seqlen=300 cu_seqlens=0,100\n", "seqlen=300 cu_seqlens=1,300\n",
+                          "seqlen=300 cu_seqlens=0,200,100,300\n"}) {
+    absl::StatusOr<std::vector<ComparisonCase>> r = ParseCases(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.status().message().find("cu_seqlens"), std::string::npos) << r.status();
+  }
+}
+
 TEST(Cases, ParsesTheGpusACaseNeeds) {
   absl::StatusOr<std::vector<ComparisonCase>> cases =
       ParseCases("seqlen=64 gpus=4\n{\"seqlen\": 64}\n");

@@ -277,6 +277,10 @@ AttentionParams Problem::Params() const {
   p.causal = spec.causal;
   p.window_left = spec.window_left;
   p.window_right = spec.window_right;
+  if (!spec.cu_seqlens.empty()) {
+    p.seq_bounds = spec.cu_seqlens.data();
+    p.num_seqs = static_cast<int>(spec.cu_seqlens.size()) - 1;
+  }
   SetContiguousStrides(&p);
   return p;
 }
@@ -287,6 +291,7 @@ RingAttentionOptions Problem::RingOptions() const {
   o.window_size = {spec.window_left, spec.window_right};
   o.alibi_slopes = alibi_slopes;
   o.softcap = spec.softcap;
+  o.seq_bounds = spec.cu_seqlens;
   return o;
 }
 
