@@ -1,6 +1,7 @@
 #include "client/timing_table.h"
 
 #include <algorithm>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -87,11 +88,16 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
                           "backend", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms",
                           "launch_ms");
     for (const v1::WorkerTiming& w : t.workers()) {
-      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f %11.3f %11.3f\n", w.rank(),
+      // Device and launch times exist on GPU workers only ("-" where both are 0).
+      const bool device_timed = w.device_seconds() > 0 || w.launch_seconds() > 0;
+      const auto ms_or_dash = [&](double seconds) {
+        return device_timed ? absl::StrFormat("%.3f", seconds * 1e3) : std::string("-");
+      };
+      absl::StrAppendFormat(&s, "  %4d %10d %-8s %12.3f %14.3f %12.3f %11s %11s\n", w.rank(),
                             w.rows(), w.backend().empty() ? "-" : w.backend(),
                             w.compute_seconds() * 1e3, w.comm_wait_seconds() * 1e3,
-                            w.ring_seconds() * 1e3, w.device_seconds() * 1e3,
-                            w.launch_seconds() * 1e3);
+                            w.ring_seconds() * 1e3, ms_or_dash(w.device_seconds()),
+                            ms_or_dash(w.launch_seconds()));
       if (w.steps_size() > 1) {  // per step: compute / wait for the next block, ms
         std::vector<std::string> steps;
         for (const v1::StepTiming& st : w.steps()) {

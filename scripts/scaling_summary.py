@@ -24,8 +24,9 @@ import statistics
 import sys
 
 # rank rows backend compute_ms comm_wait_ms ring_ms [device_ms [launch_ms]]
+# ("-" for device and launch on CPU workers).
 ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
-                 r"(?:\s+([\d.]+))?(?:\s+([\d.]+))?\s*$")
+                 r"(?:\s+([\d.]+|-))?(?:\s+([\d.]+|-))?\s*$")
 
 
 def blocks(path, backward):
@@ -54,7 +55,7 @@ def blocks(path, backward):
             continue
         m = ROW.match(line)
         if m and collecting:
-            device = float(m.group(7)) if m.group(7) else 0.0
+            device = float(m.group(7)) if m.group(7) not in (None, "-") else 0.0
             rows.append((int(m.group(1)), float(m.group(5)), float(m.group(6)), device))
     flush()
     return out
