@@ -143,28 +143,22 @@ Row RingRow(const std::string& impl, int world, int64_t seqlen, double flops,
   row.world = world;
   row.seqlen = seqlen;
   row.wall_ms = Median(wall_s) * 1e3;
-  std::vector<double> gpu;
+  std::vector<double> gpu, device, launch;  // per run, the slowest rank's
   double waits = 0, busy = 0;
   for (const std::vector<RingTimings>& run : runs) {
-    double slowest = 0;
+    double slowest = 0, d = 0, l = 0;
     for (const RingTimings& rt : run) {
       slowest = std::max(slowest, rt.compute_seconds() + rt.comm_wait_seconds());
+      d = std::max(d, rt.device_seconds);
+      l = std::max(l, rt.launch_seconds);
       waits += rt.comm_wait_seconds();
       busy += rt.compute_seconds() + rt.comm_wait_seconds();
     }
     gpu.push_back(slowest);
-  }
-  row.gpu_ms = Median(gpu) * 1e3;
-  std::vector<double> device, launch;
-  for (const std::vector<RingTimings>& run : runs) {
-    double d = 0, l = 0;
-    for (const RingTimings& rt : run) {
-      d = std::max(d, rt.device_seconds);
-      l = std::max(l, rt.launch_seconds);
-    }
     device.push_back(d);
     launch.push_back(l);
   }
+  row.gpu_ms = Median(gpu) * 1e3;
   row.device_ms = Median(device) * 1e3;
   row.launch_ms = Median(launch) * 1e3;
   // Per-rank compute of the run whose wall time is nearest the median.

@@ -352,10 +352,8 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
   p.window_right = options.has_window_right() ? options.window_right() : kUnboundedWindow;
   p.dropout_p = options.dropout_p();
   p.dropout_seed = options.dropout_seed();
-  if (options.cu_seqlens_size() > 0) {  // ValidateParams (in the reference) checks them
-    p.seq_bounds = options.cu_seqlens().data();
-    p.num_seqs = options.cu_seqlens_size() - 1;
-  }
+  // ValidateParams (in the reference) checks them.
+  SetSequenceBounds(&p, options.cu_seqlens().data(), static_cast<size_t>(options.cu_seqlens_size()));
   return p;
 }
 

@@ -130,10 +130,7 @@ int ReportOnRankZero(const LocalRingOptions& o, const ShardPlan& plan,
   p.alibi_slopes = o.attention.alibi_slopes.empty() ? nullptr : o.attention.alibi_slopes.data();
   p.dropout_p = o.attention.dropout_p;
   p.dropout_seed = o.attention.dropout_seed;
-  if (!o.attention.seq_bounds.empty()) {
-    p.seq_bounds = o.attention.seq_bounds.data();
-    p.num_seqs = static_cast<int>(o.attention.seq_bounds.size()) - 1;
-  }
+  SetSequenceBounds(&p, o.attention.seq_bounds.data(), o.attention.seq_bounds.size());
   p.causal = o.attention.causal;
   p.window_left = o.attention.window_size.first;
   p.window_right = o.attention.window_size.second;

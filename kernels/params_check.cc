@@ -39,6 +39,25 @@ absl::Status ValidatePositionRun(const char* name, int64_t split, int64_t offset
 
 }  // namespace
 
+absl::Status CheckSequenceBounds(const int64_t* bounds, size_t count, absl::string_view name,
+                                 absl::string_view length_name, int64_t length) {
+  if (length >= 0 && (count < 2 || bounds[0] != 0 || bounds[count - 1] != length)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, " must run from 0 to ", length_name, " ", length, ", got ", count,
+        " entries from ", count == 0 ? 0 : bounds[0], " to ", count == 0 ? 0 : bounds[count - 1]));
+  }
+  // "cu_seqlens" of "options.cu_seqlens".
+  const absl::string_view leaf = name.substr(name.rfind('.') + 1);
+  for (size_t i = 1; i < count; ++i) {
+    if (bounds[i] < bounds[i - 1]) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be non-decreasing, got ", leaf,
+                                                     "[", i - 1, "] = ", bounds[i - 1], " > ",
+                                                     leaf, "[", i, "] = ", bounds[i]));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateSequenceBounds(const AttentionParams& p) {
   if (p.seq_bounds == nullptr) {
     if (p.num_seqs != 0) {
@@ -51,13 +70,8 @@ absl::Status ValidateSequenceBounds(const AttentionParams& p) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_seqs must be >= 1 with seq_bounds, got ", p.num_seqs));
   }
-  for (int i = 0; i < p.num_seqs; ++i) {
-    if (p.seq_bounds[i + 1] < p.seq_bounds[i]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "seq_bounds must be non-decreasing, got seq_bounds[", i, "] = ", p.seq_bounds[i],
-          " > seq_bounds[", i + 1, "] = ", p.seq_bounds[i + 1]));
-    }
-  }
+  RA_RETURN_IF_ERROR(CheckSequenceBounds(p.seq_bounds, static_cast<size_t>(p.num_seqs) + 1,
+                                         "seq_bounds"));
   // Every position of the call inside [seq_bounds[0], seq_bounds[num_seqs]) (positions grow
   // with the row, so the first and last rows bound them).
   const int64_t lo = p.seq_bounds[0], hi = p.seq_bounds[p.num_seqs];

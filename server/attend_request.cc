@@ -136,19 +136,9 @@ absl::Status CheckWindowSide(bool present, int64_t value, const char* name) {
 }
 
 absl::Status CheckCuSeqlens(const v1::AttentionOptions& o, int64_t seqlen) {
-  const int n = o.cu_seqlens_size();
-  if (n == 0) return absl::OkStatus();
-  if (n < 2 || o.cu_seqlens(0) != 0 || o.cu_seqlens(n - 1) != seqlen) {
-    return Invalid("options.cu_seqlens must run from 0 to q.shape[1] (seq) ", seqlen,
-                   ", got ", n, " entries from ", o.cu_seqlens(0), " to ", o.cu_seqlens(n - 1));
-  }
-  for (int i = 1; i < n; ++i) {
-    if (o.cu_seqlens(i) < o.cu_seqlens(i - 1)) {
-      return Invalid("options.cu_seqlens must be non-decreasing, got cu_seqlens[", i - 1,
-                     "] = ", o.cu_seqlens(i - 1), " > cu_seqlens[", i, "] = ", o.cu_seqlens(i));
-    }
-  }
-  return absl::OkStatus();
+  if (o.cu_seqlens_size() == 0) return absl::OkStatus();
+  return CheckSequenceBounds(o.cu_seqlens().data(), static_cast<size_t>(o.cu_seqlens_size()),
+                             "options.cu_seqlens", "q.shape[1] (seq)", seqlen);
 }
 
 absl::Status CheckOptions(const v1::AttentionOptions& o, int heads, int64_t seqlen) {

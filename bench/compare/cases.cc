@@ -12,7 +12,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "kernels/params_check.h"
 #include "kernels/status_macros.h"
 #include "worker/ring/layout.h"
@@ -487,13 +486,8 @@ absl::Status ValidateCase(ComparisonCase& c) {
   }
   RA_RETURN_IF_ERROR(ValidateHeadDim(c.head_dim));
   if (!c.cu_seqlens.empty()) {
-    const std::vector<int64_t>& b = c.cu_seqlens;
-    if (b.size() < 2 || b.front() != 0 || b.back() != c.seqlen ||
-        !std::is_sorted(b.begin(), b.end())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cu_seqlens must run from 0 to seqlen (", c.seqlen, ") without decreasing, got ",
-          absl::StrJoin(b, ",")));
-    }
+    RA_RETURN_IF_ERROR(CheckSequenceBounds(c.cu_seqlens.data(), c.cu_seqlens.size(), "cu_seqlens",
+                                           "seqlen", c.seqlen));
   }
   if (c.window_left < -1 || c.window_right < -1) {
     return absl::InvalidArgumentError(

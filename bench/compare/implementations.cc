@@ -277,10 +277,7 @@ AttentionParams Problem::Params() const {
   p.causal = spec.causal;
   p.window_left = spec.window_left;
   p.window_right = spec.window_right;
-  if (!spec.cu_seqlens.empty()) {
-    p.seq_bounds = spec.cu_seqlens.data();
-    p.num_seqs = static_cast<int>(spec.cu_seqlens.size()) - 1;
-  }
+  SetSequenceBounds(&p, spec.cu_seqlens.data(), spec.cu_seqlens.size());
   SetContiguousStrides(&p);
   return p;
 }

@@ -94,14 +94,8 @@ absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBack
 
 bool BackwardStepWrites(const ShardPlan& plan, int rank, int src,
                         const AttentionBackwardBackend& backend) {
-  const Shard& mine = plan.shards[rank];
-  const Shard& theirs = plan.shards[src];
-  if (mine.rows == 0 || theirs.rows == 0) return false;
-  const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
-  if (calls.size() != 1) return false;
-  const StepCall& c = calls[0];
-  return c.q.local_offset == 0 && c.q.length == mine.rows && c.k.local_offset == 0 &&
-         c.k.length == theirs.rows;
+  return StepIsOneWholeCall(plan.shards[rank], plan.shards[src],
+                            backend.supports_position_runs());
 }
 
 absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardPlan& plan, int rank,
@@ -112,9 +106,10 @@ absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const ShardP
   const Shard& mine = plan.shards[rank];
   const Shard& theirs = plan.shards[src];
   const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
-  if (write && !BackwardStepWrites(plan, rank, src, backend)) {
+  if (write && calls.size() != 1) {  // the caller vouched for it (BackwardStepWrites)
     return absl::InternalError(absl::StrCat("backward step from rank ", src, " on rank ", rank,
-                                            ": a writing step must be one call over both shards"));
+                                            ": a writing step must be one call, got ",
+                                            calls.size()));
   }
   for (const StepCall& c : calls) {
     AttentionBackwardParams bp = SegmentPairBackwardParams(

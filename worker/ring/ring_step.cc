@@ -62,19 +62,9 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
 
 absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
                                    const RingAttentionOptions& options) {
-  const std::vector<int64_t>& b = options.seq_bounds;
-  if (!b.empty()) {
-    if (b.size() < 2 || b.front() != 0 || b.back() != plan.seqlen) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "seq_bounds must run from 0 to the sequence length ", plan.seqlen, " (", b.size(),
-          " bounds from ", b.front(), " to ", b.back(), ")"));
-    }
-    for (size_t i = 1; i < b.size(); ++i) {
-      if (b[i] < b[i - 1]) {
-        return absl::InvalidArgumentError(absl::StrCat("seq_bounds must be non-decreasing, got ",
-                                                       b[i - 1], " then ", b[i]));
-      }
-    }
+  if (!options.seq_bounds.empty()) {
+    RA_RETURN_IF_ERROR(CheckSequenceBounds(options.seq_bounds.data(), options.seq_bounds.size(),
+                                           "seq_bounds", "the sequence length", plan.seqlen));
   }
   if (plan.world != world || static_cast<int>(plan.shards.size()) != world) {
     return absl::InvalidArgumentError(
@@ -126,10 +116,7 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
   p.alibi_slopes = alibi_slopes;
   p.dropout_p = options.dropout_p;
   p.dropout_seed = options.dropout_seed;
-  if (!options.seq_bounds.empty()) {
-    p.seq_bounds = options.seq_bounds.data();
-    p.num_seqs = static_cast<int>(options.seq_bounds.size()) - 1;
-  }
+  SetSequenceBounds(&p, options.seq_bounds.data(), options.seq_bounds.size());
   p.causal = options.causal;
   p.window_left = options.window_size.first;
   p.window_right = options.window_size.second;
@@ -202,27 +189,22 @@ bool AnyKeyAllowed(const AttentionParams& p) {
       .any;
 }
 
-namespace {
-
-// Whether the step of `mine`'s queries against `theirs`' block is one call over every local
-// query row.
-bool OneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs) {
-  if (mine.rows == 0) return false;
+bool StepIsOneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs) {
+  if (mine.rows == 0 || theirs.rows == 0) return false;
   const std::vector<StepCall> calls = StepCalls(mine, theirs, position_runs);
-  return calls.size() == 1 && calls[0].q.local_offset == 0 && calls[0].q.length == mine.rows;
+  return calls.size() == 1 && calls[0].q.local_offset == 0 && calls[0].q.length == mine.rows &&
+         calls[0].k.local_offset == 0 && calls[0].k.length == theirs.rows;
 }
-
-}  // namespace
 
 RingOutputPlan PlanRingOutput(const ShardPlan& plan, int rank, int world,
                               const AttentionBackend& backend) {
   const Shard& mine = plan.shards[rank];
   const bool runs = backend.supports_position_runs();
   RingOutputPlan out;
-  out.first_writes = OneWholeCall(mine, plan.shards[RingSourceRank(rank, 0, world)], runs);
+  out.first_writes = StepIsOneWholeCall(mine, plan.shards[RingSourceRank(rank, 0, world)], runs);
   out.last_finalizes =
       world > 1 && backend.supports_partial_input() &&
-      OneWholeCall(mine, plan.shards[RingSourceRank(rank, world - 1, world)], runs);
+      StepIsOneWholeCall(mine, plan.shards[RingSourceRank(rank, world - 1, world)], runs);
   return out;
 }
 

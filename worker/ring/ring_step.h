@@ -145,6 +145,11 @@ struct StepCall {
 // fp32 accumulators rather than one per key segment.
 std::vector<StepCall> StepCalls(const Shard& mine, const Shard& theirs, bool position_runs);
 
+// Whether the step of `mine`'s queries against `theirs`' block is one call (StepCalls) over every
+// local query row and every key row of the block, both shards non-empty: a call that, made with
+// a writing output mode, writes every row it is responsible for.
+bool StepIsOneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs);
+
 // Sets p's second runs of positions from `c` (SegmentPairParams(c.q, c.k) sets the first).
 void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
 

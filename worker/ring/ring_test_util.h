@@ -105,10 +105,7 @@ AttentionParams WholeParams(const Problem& pr, const void* q, const void* k, con
   p.softcap = opt.softcap;
   p.dropout_p = opt.dropout_p;
   p.dropout_seed = opt.dropout_seed;
-  if (!opt.seq_bounds.empty()) {
-    p.seq_bounds = opt.seq_bounds.data();
-    p.num_seqs = static_cast<int>(opt.seq_bounds.size()) - 1;
-  }
+  SetSequenceBounds(&p, opt.seq_bounds.data(), opt.seq_bounds.size());
   return p;
 }
 
