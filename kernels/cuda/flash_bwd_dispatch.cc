@@ -59,17 +59,8 @@ absl::StatusOr<int> NamedConfigIndex(int head_dim, std::string_view name) {
   return UnknownTiling("backward", head_dim, name, names);
 }
 
-template <DType kDType>
-absl::Status LaunchForDtype(const AttentionBackwardParams& p, int config, cudaStream_t stream) {
-  switch (p.fwd.head_dim) {
-    case 64:
-      return LaunchFlashBackward<64, kDType>(p, config, stream);
-    case 128:
-      return LaunchFlashBackward<128, kDType>(p, config, stream);
-    case 256:
-      return LaunchFlashBackward<256, kDType>(p, config, stream);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.fwd.head_dim));
+absl::Status UnsupportedHeadDim(int head_dim) {
+  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
 
 absl::Status Run(const AttentionBackwardParams& p, float* delta_scratch, int config,
@@ -84,8 +75,14 @@ absl::Status Run(const AttentionBackwardParams& p, float* delta_scratch, int con
     call.delta = delta_scratch;
   }
   if (!call.accumulate) RA_RETURN_IF_ERROR(LaunchZeroDq(call, stream));
-  return p.fwd.dtype == DType::kBF16 ? LaunchForDtype<DType::kBF16>(call, config, stream)
-                                     : LaunchForDtype<DType::kF16>(call, config, stream);
+  return WithHeadDim(
+      p.fwd.head_dim,
+      [&](auto d) {
+        return WithHalfDtype(p.fwd.dtype, [&](auto t) {
+          return LaunchFlashBackward<decltype(d)::value, decltype(t)::value>(call, config, stream);
+        });
+      },
+      [&] { return UnsupportedHeadDim(p.fwd.head_dim); });
 }
 
 }  // namespace
@@ -137,36 +134,25 @@ absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* de
 }
 
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim) {
-  switch (head_dim) {
-    case 64:
-      return ConfigsOf<64>();
-    case 128:
-      return ConfigsOf<128>();
-    case 256:
-      return ConfigsOf<256>();
-  }
-  return {};
+  return WithHeadDim(
+      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
+      [] { return std::vector<FlashBackwardConfig>(); });
 }
 
 absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim, DType dtype,
                                                                     std::string_view config) {
   RA_ASSIGN_OR_RETURN(const int index, NamedConfigIndex(head_dim, config));
-  const bool bf16 = dtype == DType::kBF16;
-  if (!bf16 && dtype != DType::kF16) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: backward kernels are bf16 or fp16");
   }
-  switch (head_dim) {
-    case 64:
-      return bf16 ? FlashBackwardResourcesOf<64, DType::kBF16>(index)
-                  : FlashBackwardResourcesOf<64, DType::kF16>(index);
-    case 128:
-      return bf16 ? FlashBackwardResourcesOf<128, DType::kBF16>(index)
-                  : FlashBackwardResourcesOf<128, DType::kF16>(index);
-    case 256:
-      return bf16 ? FlashBackwardResourcesOf<256, DType::kBF16>(index)
-                  : FlashBackwardResourcesOf<256, DType::kF16>(index);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
+  return WithHeadDim(
+      head_dim,
+      [&](auto d) {
+        return WithHalfDtype(dtype, [&](auto t) {
+          return FlashBackwardResourcesOf<decltype(d)::value, decltype(t)::value>(index);
+        });
+      },
+      [&]() -> absl::StatusOr<FlashBackwardResources> { return UnsupportedHeadDim(head_dim); });
 }
 
 }  // namespace ringattn

@@ -116,20 +116,19 @@ absl::Status UnknownForwardTiling(int head_dim, std::string_view name) {
   return UnknownTiling("forward", head_dim, name, names);
 }
 
+absl::Status UnsupportedHeadDim(int head_dim) {
+  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
+}
+
 absl::Status Launch(const AttentionParams& p, int config, cudaStream_t stream) {
-  const bool bf16 = p.dtype == DType::kBF16;
-  switch (p.head_dim) {
-    case 64:
-      return bf16 ? LaunchFlashForward<64, DType::kBF16>(p, config, stream)
-                  : LaunchFlashForward<64, DType::kF16>(p, config, stream);
-    case 128:
-      return bf16 ? LaunchFlashForward<128, DType::kBF16>(p, config, stream)
-                  : LaunchFlashForward<128, DType::kF16>(p, config, stream);
-    case 256:
-      return bf16 ? LaunchFlashForward<256, DType::kBF16>(p, config, stream)
-                  : LaunchFlashForward<256, DType::kF16>(p, config, stream);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.head_dim));
+  return WithHeadDim(
+      p.head_dim,
+      [&](auto d) {
+        return WithHalfDtype(p.dtype, [&](auto t) {
+          return LaunchFlashForward<decltype(d)::value, decltype(t)::value>(p, config, stream);
+        });
+      },
+      [&] { return UnsupportedHeadDim(p.head_dim); });
 }
 
 }  // namespace
@@ -143,15 +142,9 @@ std::string FlashForwardConfig::Describe() const {
 }
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
-  switch (head_dim) {
-    case 64:
-      return ConfigsOf<64>();
-    case 128:
-      return ConfigsOf<128>();
-    case 256:
-      return ConfigsOf<256>();
-  }
-  return {};
+  return WithHeadDim(
+      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
+      [] { return std::vector<FlashForwardConfig>(); });
 }
 
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
@@ -174,19 +167,14 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
   }
   const int index = TilingIndex<flash_fwd::Tilings>(head_dim, config);
   if (index < 0) return UnknownForwardTiling(head_dim, config);
-  const bool bf16 = dtype == DType::kBF16;
-  switch (head_dim) {
-    case 64:
-      return bf16 ? FlashForwardKernelResources<64, DType::kBF16>(index)
-                  : FlashForwardKernelResources<64, DType::kF16>(index);
-    case 128:
-      return bf16 ? FlashForwardKernelResources<128, DType::kBF16>(index)
-                  : FlashForwardKernelResources<128, DType::kF16>(index);
-    case 256:
-      return bf16 ? FlashForwardKernelResources<256, DType::kBF16>(index)
-                  : FlashForwardKernelResources<256, DType::kF16>(index);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
+  return WithHeadDim(
+      head_dim,
+      [&](auto d) {
+        return WithHalfDtype(dtype, [&](auto t) {
+          return FlashForwardKernelResources<decltype(d)::value, decltype(t)::value>(index);
+        });
+      },
+      [&]() -> absl::StatusOr<FlashKernelResources> { return UnsupportedHeadDim(head_dim); });
 }
 
 }  // namespace ringattn

@@ -6,36 +6,56 @@
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/dtype.h"
 
 namespace ringattn {
+
+// The one switch from runtime sizes to the compiled instantiations: fn(d) with d a
+// std::integral_constant<int, head_dim> for the compiled head dims (64, 128, 256), otherwise()
+// for any other; both return the same type.
+template <typename Fn, typename Otherwise>
+auto WithHeadDim(int head_dim, Fn&& fn, Otherwise&& otherwise) {
+  switch (head_dim) {
+    case 64:
+      return fn(std::integral_constant<int, 64>{});
+    case 128:
+      return fn(std::integral_constant<int, 128>{});
+    case 256:
+      return fn(std::integral_constant<int, 256>{});
+  }
+  return otherwise();
+}
+
+// fn(t) with t a std::integral_constant<DType, dtype> for bf16, else for fp16 (the kernels' two
+// element types; callers check the dtype first).
+template <typename Fn>
+auto WithHalfDtype(DType dtype, Fn&& fn) {
+  return dtype == DType::kBF16 ? fn(std::integral_constant<DType, DType::kBF16>{})
+                               : fn(std::integral_constant<DType, DType::kF16>{});
+}
 
 // Index of `name` in Tilings<head_dim>::kList (head dims 64, 128, 256), or -1. No allocation: it
 // runs per kernel call.
 template <template <int> class Tilings>
 int TilingIndex(int head_dim, std::string_view name) {
-  auto find = [name](const auto& list) {
-    int i = 0;
-    for (const auto& t : list) {
-      if (name == t.name) return i;
-      ++i;
-    }
-    return -1;
-  };
-  switch (head_dim) {
-    case 64:
-      return find(Tilings<64>::kList);
-    case 128:
-      return find(Tilings<128>::kList);
-    case 256:
-      return find(Tilings<256>::kList);
-  }
-  return -1;
+  return WithHeadDim(
+      head_dim,
+      [name](auto d) {
+        int i = 0;
+        for (const auto& t : Tilings<decltype(d)::value>::kList) {
+          if (name == t.name) return i;
+          ++i;
+        }
+        return -1;
+      },
+      [] { return -1; });
 }
 
 // The tiling a kernel runs for `head_dim`: the one environment variable `env_var` names, read once
