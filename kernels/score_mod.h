@@ -61,9 +61,11 @@ RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
   return s;
 }
 
+RA_HD bool InSpan(const KeySpan& s, int64_t k_pos) { return k_pos >= s.lo && k_pos <= s.hi; }
+
+// One pair; loops over a query's keys take its AllowedKeySpan once and test InSpan.
 RA_HD bool KeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos) {
-  const KeySpan s = AllowedKeySpan(p, q_pos);
-  return k_pos >= s.lo && k_pos <= s.hi;
+  return InSpan(AllowedKeySpan(p, q_pos), k_pos);
 }
 
 // Positions of a row: one run, or two when the row is at or past the split (see

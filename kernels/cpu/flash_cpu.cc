@@ -155,9 +155,10 @@ void ApplyScoreModsAndMask(const AttentionParams& params, const QueryBlock& qb, 
     if (all_allowed) {
       for (int j = 0; j < cols; ++j) s_row[j] = ModScore(p, qb.h, s_row[j], q_pos, k_pos[j]);
     } else {
+      const KeySpan span = AllowedKeySpan(p, q_pos);  // once per row, not per key
       for (int j = 0; j < cols; ++j) {
         s_row[j] =
-            KeyAllowed(p, q_pos, k_pos[j]) ? ModScore(p, qb.h, s_row[j], q_pos, k_pos[j]) : kNegInf;
+            InSpan(span, k_pos[j]) ? ModScore(p, qb.h, s_row[j], q_pos, k_pos[j]) : kNegInf;
       }
     }
   }

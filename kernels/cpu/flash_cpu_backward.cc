@@ -180,6 +180,7 @@ struct Scratch {
   std::vector<float> dout = std::vector<float>(kBlockQ * kHeadDim);    // [kBlockQ, head_dim]
   std::vector<float> dout_t = std::vector<float>(kHeadDim * kBlockQ);  // [head_dim, kBlockQ]
   std::array<int64_t, kBlockQ> q_pos;                                  // [kBlockQ]
+  std::array<KeySpan, kBlockQ> q_span;  // [kBlockQ]: each row's AllowedKeySpan
   std::array<float, kBlockQ> lse;    // [kBlockQ]; +inf for a row the forward fully masked
   std::array<float, kBlockQ> delta;  // [kBlockQ]
   // The block's products, each [kBlockK, kBlockQ]: S^T then P^T, and dP^T then dS^T.
@@ -236,6 +237,7 @@ void StageQueryBlock(const AttentionBackwardParams& bp, const RowStats& stats, i
       s->dout_t[d * kBlockQ + i] = dout_row[d];
     }
     s->q_pos[i] = QueryPos(p, row);
+    s->q_span[i] = AllowedKeySpan(p, s->q_pos[i]);
     const float lse = stats.lse[b * stats.lse_batch_stride + h * stats.lse_head_stride + row];
     // exp(s - +inf) = 0: a row with no allowed key anywhere gets P = 0, never exp(-inf + inf).
     s->lse[i] = lse == -kInf ? kInf : lse;
@@ -302,11 +304,11 @@ struct QueryRange {
   int hi;
 };
 
-QueryRange AllowedQueries(const AttentionParams& p, int64_t k_pos, const int64_t* q_pos, int rows) {
+QueryRange AllowedQueries(int64_t k_pos, const KeySpan* q_span, int rows) {  // q_span: [rows]
   int lo = 0;
-  while (lo < rows && !KeyAllowed(p, q_pos[lo], k_pos)) ++lo;
+  while (lo < rows && !InSpan(q_span[lo], k_pos)) ++lo;
   int hi = lo;
-  while (hi < rows && KeyAllowed(p, q_pos[hi], k_pos)) ++hi;
+  while (hi < rows && InSpan(q_span[hi], k_pos)) ++hi;
   return {lo, hi};
 }
 
@@ -322,7 +324,7 @@ void ProbsAndScoreGrads(const AttentionParams& p, int h, int rows, int cols, boo
     float* ds_row = &s->ds_t[j * kBlockQ];  // [kBlockQ]
     const int64_t k_pos = s->k_pos[j];
     const QueryRange r =
-        all_allowed ? QueryRange{0, rows} : AllowedQueries(p, k_pos, s->q_pos.data(), rows);
+        all_allowed ? QueryRange{0, rows} : AllowedQueries(k_pos, s->q_span.data(), rows);
     ProbsAndScoreGradsOfKey<kSoftcap, kAlibi>(p, slope, k_pos, r.lo, r.hi, s->q_pos.data(),
                                               s->lse.data(), s->delta.data(), p_row, ds_row);
     std::fill(p_row, p_row + r.lo, 0.0f);
