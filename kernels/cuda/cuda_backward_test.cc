@@ -75,25 +75,11 @@ TEST(CudaBackwardHostTest, Factory) {
 
 TEST(CudaBackwardHostTest, AcceptsPlainCall) { EXPECT_TRUE(CheckFlashBackwardSupport(FakeCall()).ok()); }
 
-TEST(CudaBackwardHostTest, RefusesFp32) {
-  AttentionBackwardParams p = FakeCall();
-  p.fwd.dtype = DType::kF32;
-  p.out_dtype = DType::kF32;
-  ExpectRefused(p, "dtype");
-}
-
-TEST(CudaBackwardHostTest, RefusesPackedSequences) {
-  AttentionBackwardParams p = FakeCall();
-  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
-  p.fwd.seq_bounds = bounds;
-  p.fwd.num_seqs = 1;
-  ExpectRefused(p, "packed variable-length sequences");
-}
-
-TEST(CudaBackwardHostTest, RefusesDropout) {
-  AttentionBackwardParams p = FakeCall();
-  p.fwd.dropout_p = 0.1f;
-  ExpectRefused(p, "dropout_p");
+TEST(CudaBackwardHostTest, RefusesWhatNoGpuBackwardTakes) {
+  for (const kernel_testing::BackwardRefusal& c : kernel_testing::RefusalsOfEveryGpuBackward()) {
+    SCOPED_TRACE(c.name);
+    ExpectRefused(c.p, c.needle);
+  }
 }
 
 TEST(CudaBackwardHostTest, RefusesHeadDim96) {
@@ -101,12 +87,6 @@ TEST(CudaBackwardHostTest, RefusesHeadDim96) {
   p.fwd.head_dim = 96;
   SetContiguousBackwardStrides(&p);
   ExpectRefused(p, "head_dim");
-}
-
-TEST(CudaBackwardHostTest, RefusesOutDtypeMismatch) {
-  AttentionBackwardParams p = FakeCall();
-  p.out_dtype = DType::kF32;
-  ExpectRefused(p, "out_dtype");
 }
 
 TEST(CudaBackwardHostTest, RefusesMisalignedDout) {

@@ -235,6 +235,33 @@ inline void ExpectBackwardRefused(AttentionBackwardBackend& backend,
   EXPECT_NE(s.message().find(needle), std::string::npos) << s;
 }
 
+// What no GPU backward takes, each with a part of the message it must give: fp32 inputs,
+// packed sequences, dropout, dO in another dtype than the inputs (each on FakeBackwardCall).
+struct BackwardRefusal {
+  std::string name;
+  AttentionBackwardParams p;
+  std::string needle;
+};
+inline std::vector<BackwardRefusal> RefusalsOfEveryGpuBackward() {
+  std::vector<BackwardRefusal> r;
+  AttentionBackwardParams p = FakeBackwardCall();
+  p.fwd.dtype = DType::kF32;
+  p.out_dtype = DType::kF32;
+  r.push_back({"Fp32", p, "dtype"});
+  p = FakeBackwardCall();
+  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
+  p.fwd.seq_bounds = bounds;
+  p.fwd.num_seqs = 1;
+  r.push_back({"PackedSequences", p, "packed variable-length sequences"});
+  p = FakeBackwardCall();
+  p.fwd.dropout_p = 0.1f;
+  r.push_back({"Dropout", p, "dropout_p"});
+  p = FakeBackwardCall();
+  p.out_dtype = DType::kF32;
+  r.push_back({"OutDtypeMismatch", p, "out_dtype"});
+  return r;
+}
+
 // backend.ComputeDelta against rowsum(dO * O) on the host, at 255 rows, 5 heads, d 64, bf16.
 inline void CheckComputeDelta(AttentionBackwardBackend& backend) {
   const Case c{255, 255, 5, 5, 64, DType::kBF16};

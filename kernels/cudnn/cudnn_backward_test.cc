@@ -92,6 +92,13 @@ TEST(CudnnBackwardHostTest, AcceptsPlainCall) {
   EXPECT_TRUE(CudnnBackwardSupports(FakeCall()).ok());
 }
 
+TEST(CudnnBackwardHostTest, RefusesWhatNoGpuBackwardTakes) {
+  for (const kernel_testing::BackwardRefusal& c : kernel_testing::RefusalsOfEveryGpuBackward()) {
+    SCOPED_TRACE(c.name);
+    ExpectRefused(c.p, c.needle);
+  }
+}
+
 TEST(CudnnBackwardHostTest, RefusesAlibi) {
   AttentionBackwardParams p = FakeCall();
   static const float slopes[4] = {0.5f, 0.25f, 0.125f, 0.0625f};
@@ -99,37 +106,10 @@ TEST(CudnnBackwardHostTest, RefusesAlibi) {
   ExpectRefused(p, "alibi_slopes");
 }
 
-TEST(CudnnBackwardHostTest, RefusesPackedSequences) {
-  AttentionBackwardParams p = FakeCall();
-  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
-  p.fwd.seq_bounds = bounds;
-  p.fwd.num_seqs = 1;
-  ExpectRefused(p, "packed variable-length sequences");
-}
-
-TEST(CudnnBackwardHostTest, RefusesDropout) {
-  AttentionBackwardParams p = FakeCall();
-  p.fwd.dropout_p = 0.1f;
-  ExpectRefused(p, "dropout_p");
-}
-
 TEST(CudnnBackwardHostTest, RefusesSoftcap) {
   AttentionBackwardParams p = FakeCall();
   p.fwd.softcap = 30.0f;
   ExpectRefused(p, "softcap");
-}
-
-TEST(CudnnBackwardHostTest, RefusesFp32) {
-  AttentionBackwardParams p = FakeCall();
-  p.fwd.dtype = DType::kF32;
-  p.out_dtype = DType::kF32;
-  ExpectRefused(p, "dtype");
-}
-
-TEST(CudnnBackwardHostTest, RefusesOutDtypeMismatch) {
-  AttentionBackwardParams p = FakeCall();
-  p.out_dtype = DType::kF32;
-  ExpectRefused(p, "out_dtype");
 }
 
 TEST(CudnnBackwardHostTest, RefusesNullOutWithDelta) {
