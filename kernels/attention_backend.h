@@ -31,6 +31,9 @@ class AttentionBackend {
   // Whether Forward takes a read-only partial result to merge with before writing
   // (AttentionParams::partial_o / partial_lse); those that do not refuse it.
   virtual bool supports_partial_input() const { return false; }
+  // Whether Forward takes packed variable-length sequences (AttentionParams::seq_bounds); the
+  // rings refuse them up front, before any transfer, for a backend that does not.
+  virtual bool supports_packed_sequences() const { return false; }
 };
 
 // "cpu" (fast blocked fp32) or "cpu_reference" (fp64, slow); GPU backends register in

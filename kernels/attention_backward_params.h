@@ -89,8 +89,9 @@ class AttentionBackwardBackend {
   // D = rowsum(dO * O) of p's query rows into `delta` (p.lse's strides, this backend's memory
   // space), so that a caller making several calls for the same rows computes it once.
   virtual absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) = 0;
-  // As AttentionBackend::supports_position_runs.
+  // As AttentionBackend::supports_position_runs and supports_packed_sequences.
   virtual bool supports_position_runs() const { return false; }
+  virtual bool supports_packed_sequences() const { return false; }
 };
 
 // "cpu" (the fast blocked fp32 kernel, flash_cpu_backward.h) or "cpu_reference" (fp64,

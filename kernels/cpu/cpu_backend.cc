@@ -24,6 +24,7 @@ class FlashCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_packed_sequences() const override { return true; }
   bool supports_partial_input() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   absl::Status Forward(const AttentionParams& p) override { return FlashCpuForward(p); }
@@ -33,6 +34,7 @@ class ReferenceCpuBackend final : public AttentionBackend {
  public:
   std::string_view name() const override { return kCpuReferenceName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_packed_sequences() const override { return true; }
   bool supports_partial_input() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
 

@@ -25,6 +25,7 @@ class FlashCpuBackwardBackend final : public AttentionBackwardBackend {
  public:
   std::string_view name() const override { return kCpuName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_packed_sequences() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   absl::Status Backward(const AttentionBackwardParams& p) override { return FlashCpuBackward(p); }
   absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) override {
@@ -55,6 +56,7 @@ class ReferenceCpuBackwardBackend final : public AttentionBackwardBackend {
  public:
   std::string_view name() const override { return kCpuReferenceName; }
   bool supports_position_runs() const override { return true; }
+  bool supports_packed_sequences() const override { return true; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
 
   absl::Status Backward(const AttentionBackwardParams& p) override {

@@ -138,12 +138,8 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
   const int world = comm.world_size();
   const int rank = comm.rank();
   RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world, options));
-  // Before any transfer, on every rank alike (they all get the same options).
-  if (!options.seq_bounds.empty()) {
-    return absl::InvalidArgumentError(
-        "seq_bounds (packed variable-length sequences) is not supported by the GPU kernels yet; "
-        "CPU workers (kernel cpu) take it");
-  }
+  RA_RETURN_IF_ERROR(
+      CheckPackedSequencesSupported(options, backend.supports_packed_sequences(), backend.name()));
   CudaBackend* cuda = AsCudaBackend(&backend);
   if (backend.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(
@@ -189,9 +185,9 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
   } else {
     RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->begin_event(), compute));
     // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces, unless the
-    // first step writes them. At 8k rows x 32 heads x d128 the fp32 o is 134 MB: writing it
-    // once, then reading it to round, is ~0.1 ms of memory traffic at ~3 TB/s, besides the
-    // first step's read of it, against a 2-rank causal ring's ~3.8 ms.
+    // first step writes them (and the last finalizes). Dropping the set-up and rounding passes
+    // took the 2 x H100 ring at 8k tokens per GPU from 0.81 to 0.90 of the bare kernel's
+    // per-GPU throughput (docs/performance_notes.md, "The ring's fixed cost per call").
     const RingOutputPlan output = PlanRingOutput(plan, rank, world, backend);
     if (!output.first_writes) {
       if (needs.o_elems > 0) {

@@ -353,12 +353,8 @@ absl::StatusOr<RingTimings> BackwardRingCall::Run() {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options_, t_));
   RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan_, rank_, world_, options_));
-  // Before any transfer, on every rank alike (they all get the same options).
-  if (!options_.seq_bounds.empty()) {
-    return absl::InvalidArgumentError(
-        "seq_bounds (packed variable-length sequences) is not supported by the GPU kernels yet; "
-        "CPU workers (kernel cpu) take it");
-  }
+  RA_RETURN_IF_ERROR(CheckPackedSequencesSupported(
+      options_, backend_.supports_packed_sequences(), backend_.name()));
   CudaBackwardBackend* cuda = AsCudaBackwardBackend(&backend_);
   if (backend_.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(

@@ -287,6 +287,19 @@ TEST(RingOutputPlan, WritesAndFinalizesWhereAStepIsOneWholeCall) {
   });
 }
 
+// Packed sequences are refused up front, naming the option and the kernels, only for a backend
+// that does not take them (every driver calls this before any transfer).
+TEST(RingRefusals, PackedSequencesWhereTheBackendDoesNotTakeThem) {
+  RingAttentionOptions options;
+  EXPECT_TRUE(CheckPackedSequencesSupported(options, false, "cuda").ok());
+  options.seq_bounds = {0, 5, 9};
+  EXPECT_TRUE(CheckPackedSequencesSupported(options, true, "cpu").ok());
+  const absl::Status s = CheckPackedSequencesSupported(options, false, "cuda");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("seq_bounds"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("'cuda'"), std::string::npos) << s;
+}
+
 TEST(RingStepCalls, SecondRunMustStartAfterTheFirst) {
   std::vector<float> buffer(8 * 64);
   AttentionParams p;

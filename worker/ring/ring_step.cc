@@ -60,6 +60,14 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
   return ValidateHeadDim(t.head_dim);
 }
 
+absl::Status CheckPackedSequencesSupported(const RingAttentionOptions& options, bool supported,
+                                           std::string_view backend_name) {
+  if (options.seq_bounds.empty() || supported) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "seq_bounds (packed variable-length sequences) is not supported by the '",
+      std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
+}
+
 absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
                                    const RingAttentionOptions& options) {
   if (!options.seq_bounds.empty()) {

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -77,6 +78,12 @@ struct RingTimings {
 
 // Checks the options against the tensors (every error names the option).
 absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t);
+
+// InvalidArgument naming seq_bounds when options has packed sequences and the backend
+// (`backend_name`) does not take them (`supported`): every rank refuses alike, before any
+// transfer.
+absl::Status CheckPackedSequencesSupported(const RingAttentionOptions& options, bool supported,
+                                           std::string_view backend_name);
 
 // InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them, and
 // options.seq_bounds, when set, runs from 0 to the plan's seqlen without decreasing.
