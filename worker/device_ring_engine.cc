@@ -105,7 +105,7 @@ class DeviceRingConnection final : public RingConnection {
                        "--kernel=cudnn"));
     }
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm_->rank(), comm_->world_size(), options));
+    RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm_->rank(), comm_->world_size()));
     const ShardBytes b = ShardBytes::Of(t.batch, plan.shards[comm_->rank()].rows, t.heads,
                                         t.heads_k, t.head_dim, t.dtype, t.grad_dtype);
     RingBackwardTensors d = t;  // same sizes and dtypes, device pointers

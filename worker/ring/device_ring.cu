@@ -137,9 +137,9 @@ absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBac
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
   const int world = comm.world_size();
   const int rank = comm.rank();
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world, options));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
   RA_RETURN_IF_ERROR(
-      CheckPackedSequencesSupported(options, backend.supports_packed_sequences(), backend.name()));
+      CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
   CudaBackend* cuda = AsCudaBackend(&backend);
   if (backend.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(

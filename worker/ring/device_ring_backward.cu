@@ -352,9 +352,9 @@ absl::Status BackwardRingCall::ReadTimings(RingTimings* timings) const {
 absl::StatusOr<RingTimings> BackwardRingCall::Run() {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options_, t_));
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan_, rank_, world_, options_));
-  RA_RETURN_IF_ERROR(CheckPackedSequencesSupported(
-      options_, backend_.supports_packed_sequences(), backend_.name()));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan_, rank_, world_));
+  RA_RETURN_IF_ERROR(CheckPackedSequences(options_, plan_, backend_.supports_packed_sequences(),
+                                          backend_.name()));
   CudaBackwardBackend* cuda = AsCudaBackwardBackend(&backend_);
   if (backend_.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
     return absl::InvalidArgumentError(

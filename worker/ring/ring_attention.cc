@@ -36,9 +36,9 @@ absl::StatusOr<RingTimings> RunRing(Communicator& comm, AttentionBackend& backen
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
   const int world = comm.world_size();
   const int rank = comm.rank();
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world, options));
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
   RA_RETURN_IF_ERROR(
-      CheckPackedSequencesSupported(options, backend.supports_packed_sequences(), backend.name()));
+      CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
   if (backend.memory_space() != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
     return absl::UnimplementedError("the host ring driver needs a host backend and transport");
   }

@@ -287,17 +287,26 @@ TEST(RingOutputPlan, WritesAndFinalizesWhereAStepIsOneWholeCall) {
   });
 }
 
-// Packed sequences are refused up front, naming the option and the kernels, only for a backend
-// that does not take them (every driver calls this before any transfer).
-TEST(RingRefusals, PackedSequencesWhereTheBackendDoesNotTakeThem) {
+// Packed sequences are refused up front, naming the option (and the kernels), for bounds that
+// do not run 0..seqlen without decreasing, and for a backend that does not take them (every
+// driver calls this before any transfer).
+TEST(RingRefusals, PackedSequencesBadBoundsOrABackendWithout) {
+  absl::StatusOr<ShardPlan> plan = PlanShards(9, 2, Layout::kZigzag);
+  ASSERT_TRUE(plan.ok());
   RingAttentionOptions options;
-  EXPECT_TRUE(CheckPackedSequencesSupported(options, false, "cuda").ok());
+  EXPECT_TRUE(CheckPackedSequences(options, *plan, false, "cuda").ok());
   options.seq_bounds = {0, 5, 9};
-  EXPECT_TRUE(CheckPackedSequencesSupported(options, true, "cpu").ok());
-  const absl::Status s = CheckPackedSequencesSupported(options, false, "cuda");
+  EXPECT_TRUE(CheckPackedSequences(options, *plan, true, "cpu").ok());
+  absl::Status s = CheckPackedSequences(options, *plan, false, "cuda");
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("seq_bounds"), std::string::npos) << s;
   EXPECT_NE(s.message().find("'cuda'"), std::string::npos) << s;
+  for (const std::vector<int64_t>& bad : {std::vector<int64_t>{0, 5}, std::vector<int64_t>{0, 6, 5, 9}}) {
+    options.seq_bounds = bad;
+    s = CheckPackedSequences(options, *plan, true, "cpu");
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("seq_bounds"), std::string::npos) << s;
+  }
 }
 
 TEST(RingStepCalls, SecondRunMustStartAfterTheFirst) {

@@ -60,20 +60,18 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
   return ValidateHeadDim(t.head_dim);
 }
 
-absl::Status CheckPackedSequencesSupported(const RingAttentionOptions& options, bool supported,
-                                           std::string_view backend_name) {
-  if (options.seq_bounds.empty() || supported) return absl::OkStatus();
+absl::Status CheckPackedSequences(const RingAttentionOptions& options, const ShardPlan& plan,
+                                  bool supported, std::string_view backend_name) {
+  if (options.seq_bounds.empty()) return absl::OkStatus();
+  RA_RETURN_IF_ERROR(CheckSequenceBounds(options.seq_bounds.data(), options.seq_bounds.size(),
+                                         "seq_bounds", "the sequence length", plan.seqlen));
+  if (supported) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(
       "seq_bounds (packed variable-length sequences) is not supported by the '",
       std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
 }
 
-absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
-                                   const RingAttentionOptions& options) {
-  if (!options.seq_bounds.empty()) {
-    RA_RETURN_IF_ERROR(CheckSequenceBounds(options.seq_bounds.data(), options.seq_bounds.size(),
-                                           "seq_bounds", "the sequence length", plan.seqlen));
-  }
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world) {
   if (plan.world != world || static_cast<int>(plan.shards.size()) != world) {
     return absl::InvalidArgumentError(
         absl::StrCat("shard plan is for ", plan.world, " ranks but the communicator has ", world));

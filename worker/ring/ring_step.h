@@ -79,16 +79,14 @@ struct RingTimings {
 // Checks the options against the tensors (every error names the option).
 absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t);
 
-// InvalidArgument naming seq_bounds when options has packed sequences and the backend
-// (`backend_name`) does not take them (`supported`): every rank refuses alike, before any
-// transfer.
-absl::Status CheckPackedSequencesSupported(const RingAttentionOptions& options, bool supported,
-                                           std::string_view backend_name);
+// options.seq_bounds (packed sequences), when set: InvalidArgument naming seq_bounds unless it
+// runs from 0 to the plan's seqlen without decreasing and the backend (`backend_name`) takes
+// them (`supported`). Every rank refuses alike, before any transfer.
+absl::Status CheckPackedSequences(const RingAttentionOptions& options, const ShardPlan& plan,
+                                  bool supported, std::string_view backend_name);
 
-// InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them, and
-// options.seq_bounds, when set, runs from 0 to the plan's seqlen without decreasing.
-absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world,
-                                   const RingAttentionOptions& options);
+// InvalidArgument unless `plan` is for `world` ranks and `rank` is one of them.
+absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world);
 
 // options.softmax_scale, or 1 / sqrt(head_dim).
 float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim);
