@@ -46,10 +46,10 @@
 #include "kernels/attention_params.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/params_check.h"
-#include "worker/ring/device_inprocess_ring.h"
-#include "worker/ring/device_ring.h"
-#include "worker/ring/inprocess_device_communicator.h"
-#include "worker/ring/layout.h"
+#include "ring/device_ring.h"
+#include "ring/layout.h"
+#include "ring/testing/device_inprocess_ring.h"
+#include "ring/transport/inprocess_device.h"
 
 namespace ringattn {
 namespace {

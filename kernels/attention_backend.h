@@ -10,12 +10,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "base/memory_space.h"
 #include "kernels/attention_params.h"
 
 namespace ringattn {
-
-// Where a backend expects the params' pointers to live.
-enum class MemorySpace { kHost, kDevice };
 
 class AttentionBackend {
  public:

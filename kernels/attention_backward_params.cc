@@ -1,8 +1,8 @@
 #include "kernels/attention_backward_params.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/params_check.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 

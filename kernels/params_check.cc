@@ -5,8 +5,8 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 

@@ -10,9 +10,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
+#include "ring/host_ring.h"
+#include "ring/layout.h"
 #include "ringattn/v1/attention.pb.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_attention.h"
 
 namespace ringattn {
 

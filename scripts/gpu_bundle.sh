@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 export PATH="/usr/local/cuda/bin:$PATH"
 if [ "${NO_BUILD:-0}" != 1 ]; then
+  mkdir -p "$BUILD_DIR"
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRINGATTN_WITH_SERVICE=OFF \
-    >"$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; exit 1; }
+    >"$BUILD_DIR/configure.log" 2>&1 || { cat "$BUILD_DIR/configure.log"; exit 1; }
   cmake --build "$BUILD_DIR" -j "${JOBS:-2}" --target "$@"
 fi
 rm -rf .devbin && mkdir -p .devbin/lib

@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
-./build/client/ringattn serve --demo --listen=127.0.0.1:0 --metrics=127.0.0.1:0 --workers=3 \
+./build/cli/ringattn serve --demo --listen=127.0.0.1:0 --metrics=127.0.0.1:0 --workers=3 \
   --seqlen=2048 --heads=8 --heads_k=2 --head_dim=128 --dtype=bf16 --causal "$@"

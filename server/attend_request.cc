@@ -12,8 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "kernels/params_check.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -18,9 +18,9 @@
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
 #include "proto/convert.h"
+#include "ring/host_ring.h"
+#include "ring/layout.h"
 #include "ringattn/v1/attention.pb.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_attention.h"
 
 namespace ringattn {
 

@@ -9,12 +9,12 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/status_macros.h"
+#include "base/status_macros.h"
+#include "proto/chunk_codec.h"
 #include "proto/convert.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "server/request_runner.h"
-#include "server/tensor_stream.h"
 
 namespace ringattn {
 namespace {

@@ -11,8 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "proto/convert.h"
+#include "ring/layout.h"
 #include "ringattn/v1/worker.grpc.pb.h"
-#include "worker/ring/layout.h"
 
 namespace ringattn {
 namespace {

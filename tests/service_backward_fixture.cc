@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
-#include "client/attend_command.h"
+#include "cli/attend_command.h"
 #include "gtest/gtest.h"
 #include "server/coordinator.h"
 

@@ -9,8 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "base/error_metrics.h"
 #include "client/attention_client.h"
-#include "kernels/error_metrics.h"
 #include "ringattn/v1/attention.pb.h"
 #include "tests/service_fixture.h"
 

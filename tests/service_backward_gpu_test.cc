@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "ringattn/v1/attention.pb.h"
+#include "ringattn_config.h"
 #include "tests/service_backward_fixture.h"
 #include "tests/service_fixture.h"
 
@@ -103,7 +104,7 @@ TEST_P(GpuServiceBackward, MatchesReference) {
 }
 
 std::vector<std::string> Kernels() {
-#ifdef RINGATTN_HAVE_CUDNN
+#if RINGATTN_HAVE_CUDNN
   return {"cuda", "cudnn"};
 #else
   return {"cuda"};

@@ -21,13 +21,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "client/attend_command.h"
+#include "base/error_metrics.h"
+#include "cli/attend_command.h"
 #include "client/attention_client.h"
 #include "client/npy.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/cpu/reference_backward.h"
-#include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "server/coordinator.h"

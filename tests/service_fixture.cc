@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "kernels/params_check.h"
-#include "worker/ring/synthetic_inputs.h"
+#include "ring/testing/synthetic_inputs.h"
 
 namespace ringattn::test {
 

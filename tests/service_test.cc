@@ -22,9 +22,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "base/error_metrics.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_attention.h"
-#include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"

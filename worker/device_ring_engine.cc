@@ -8,14 +8,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_backward.h"
-#include "kernels/cuda/cuda_check.h"
-#include "kernels/status_macros.h"
-#include "worker/ring/device_ring.h"
-#include "worker/ring/device_ring_backward.h"
-#include "worker/ring/nccl_communicator.h"
-#if defined(RINGATTN_HAVE_CUDNN)
+#include "ring/device_ring.h"
+#include "ring/device_ring_backward.h"
+#include "ring/transport/nccl_communicator.h"
+#include "ringattn_config.h"
+#if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/cudnn/cudnn_backward.h"
 #endif
@@ -235,7 +236,7 @@ class DeviceRingEngine final : public RingEngine {
 // the simple oracle kernel, and there is no matching backward; Backward then says so).
 std::unique_ptr<AttentionBackwardBackend> MakeDeviceBackwardBackend(const std::string& kernel) {
   if (kernel == "cuda") return MakeCudaBackwardBackend();
-#if defined(RINGATTN_HAVE_CUDNN)
+#if RINGATTN_HAVE_CUDNN
   if (kernel == "cudnn") return MakeCudnnBackwardBackend();
 #endif
   return nullptr;
@@ -264,7 +265,7 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngin
   RA_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
   std::unique_ptr<AttentionBackend> backend;
   if (options.kernel == "cudnn") {
-#if defined(RINGATTN_HAVE_CUDNN)
+#if RINGATTN_HAVE_CUDNN
     backend = MakeCudnnBackend();
 #else
     return absl::UnavailableError("this build has no cuDNN backend");

@@ -1,11 +1,11 @@
 #include "worker/host_ring_engine.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/attention_backward_params.h"
-#include "kernels/status_macros.h"
-#include "worker/ring/gloo_communicator.h"
-#include "worker/ring/ring_attention.h"
-#include "worker/ring/ring_backward.h"
+#include "ring/host_ring.h"
+#include "ring/ring_backward.h"
+#include "ring/transport/gloo_communicator.h"
 
 namespace ringattn {
 namespace {

@@ -1,9 +1,10 @@
 #include "worker/ring_engine.h"
 
 #include "absl/strings/str_cat.h"
-#include "kernels/status_macros.h"
+#include "base/status_macros.h"
+#include "ringattn_config.h"
 #include "worker/host_ring_engine.h"
-#if defined(RINGATTN_HAVE_CUDA)
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
 #include "worker/device_ring_engine.h"
 #endif
 
@@ -18,7 +19,7 @@ absl::StatusOr<RingTimings> RingConnection::Backward(const ShardPlan& /*plan*/,
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options) {
   RingEngineOptions o = options;
   if (o.kernel == "auto") {
-#if defined(RINGATTN_HAVE_CUDA)
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
     o.kernel = CudaDeviceCount() > 0 ? "cuda" : "cpu";
 #else
     o.kernel = "cpu";
@@ -29,7 +30,7 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptio
     return MakeHostRingEngine(std::move(backend), o);
   }
   if (o.kernel == "cuda" || o.kernel == "cuda_reference" || o.kernel == "cudnn") {
-#if defined(RINGATTN_HAVE_CUDA)
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
     return MakeDeviceRingEngine(o);
 #else
     return absl::UnavailableError(

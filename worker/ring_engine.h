@@ -12,10 +12,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention_backend.h"
+#include "ring/layout.h"
+#include "ring/ring_backward.h"
+#include "ring/ring_step.h"
 #include "worker/coordinator_store.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_backward.h"
-#include "worker/ring/ring_step.h"
 
 namespace ringattn {
 

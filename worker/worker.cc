@@ -14,9 +14,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "worker/ring_engine.h"
-#include "kernels/status_macros.h"
+#include "base/status_macros.h"
 #include "proto/convert.h"
+#include "worker/ring_engine.h"
 #include "worker/worker_service.h"
 
 namespace ringattn {

@@ -11,11 +11,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "kernels/status_macros.h"
+#include "base/status_macros.h"
 #include "proto/convert.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_attention.h"
-#include "worker/ring/ring_backward.h"
+#include "ring/host_ring.h"
+#include "ring/layout.h"
+#include "ring/ring_backward.h"
 
 namespace ringattn {
 namespace {

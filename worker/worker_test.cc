@@ -19,15 +19,15 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "base/error_metrics.h"
 #include "gloo/common/error.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu/reference_attention.h"
-#include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
+#include "ring/layout.h"
+#include "ring/testing/synthetic_inputs.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "worker/coordinator_store.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/synthetic_inputs.h"
 
 namespace ringattn {
 namespace {

@@ -12,9 +12,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "base/status_macros.h"
 #include "kernels/params_check.h"
-#include "kernels/status_macros.h"
-#include "worker/ring/layout.h"
+#include "ring/layout.h"
 
 namespace ringattn::compare {
 namespace {

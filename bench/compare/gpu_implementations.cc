@@ -22,42 +22,43 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "bench/compare/implementations.h"
 #include "bench/compare/implementations_internal.h"
 #include "bench/compare/metrics.h"
 #include "kernels/attention_backward_params.h"
-#include "kernels/status_macros.h"
-#include "worker/ring/inprocess_ring.h"  // BackendFactory
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_step.h"
+#include "ring/layout.h"
+#include "ring/ring_step.h"
+#include "ring/testing/inprocess_ranks.h"  // BackendFactory
+#include "ringattn_config.h"
 
 #if RINGATTN_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "base/cuda_check.h"
 #include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/cuda_check.h"
 #if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backend.h"
 #endif
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
 #include "kernels/cuda/cuda_backward.h"
 #include "kernels/cuda/flash_bwd.h"
-#include "worker/ring/ring_backward_step.h"  // RingBackwardTensors
+#include "ring/ring_backward_step.h"  // RingBackwardTensors
 #endif
-#if RINGATTN_HAVE_CUDNN_BACKWARD
+#if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backward.h"
 #endif
-#if RINGATTN_HAVE_DEVICE_RING
-#include "worker/ring/device_inprocess_ring.h"
-#include "worker/ring/device_ring.h"
+#if RINGATTN_HAVE_CUDA
+#include "ring/device_ring.h"
+#include "ring/testing/device_inprocess_ring.h"
 #endif
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_GPU_BACKWARD
-#include "worker/ring/device_inprocess_ring_backward.h"
-#include "worker/ring/device_ring_backward.h"
+#if RINGATTN_HAVE_CUDA
+#include "ring/device_ring_backward.h"
+#include "ring/testing/device_inprocess_ring_backward.h"
 #endif
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
 #include "absl/time/time.h"
-#include "worker/ring/nccl_communicator.h"
+#include "ring/transport/nccl_communicator.h"
 #endif
 #endif  // RINGATTN_HAVE_CUDA
 
@@ -431,7 +432,7 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeForwardOnStream(const Back
   return backend;
 }
 
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
 // The ring's view of a shard: backward (q, k, v, out, lse, dout in; fp32 dq, dk, dv out).
 RingBackwardTensors BackwardView(const Problem& problem, const DeviceShard& d) {
   const RingShardTensors f = ForwardView(problem, d);
@@ -472,7 +473,7 @@ absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> MakeBackwardOnStream(
   cuda->SetStream(stream);
   return backend;
 }
-#endif  // RINGATTN_HAVE_GPU_BACKWARD
+#endif  // RINGATTN_HAVE_CUDA
 
 // What every GPU implementation shares: its name and description, the kernels it runs (forward
 // and, when built, backward), and the support checks that come from them.
@@ -528,7 +529,7 @@ class SingleDevice final : public GpuImplementation {
     return run;
   }
 
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
   // The backward backend on the whole sequence (D = rowsum(dO * O) computed inside each call),
   // after one untimed forward for its out and LSE.
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
@@ -611,7 +612,7 @@ class SingleDevice final : public GpuImplementation {
 
 // ---- In-process ring on one GPU -------------------------------------------------------------
 
-#if RINGATTN_HAVE_DEVICE_RING
+#if RINGATTN_HAVE_CUDA
 // The device ring over W in-process ranks on GPU 0 (DeviceInProcessRing, kept across the calls
 // of a run; DeviceInProcessRingBackward for the backward): every rank's shard is uploaded once,
 // then warmup + repeats ring calls.
@@ -642,7 +643,7 @@ class RingDevice final : public GpuImplementation {
     return run;
   }
 
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
   // The device ring backward (DeviceInProcessRingBackward) after one untimed ring forward of
   // the same size for its out and LSE (that ring is gone before the memory is read).
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
@@ -676,11 +677,11 @@ class RingDevice final : public GpuImplementation {
 
  private:
 };
-#endif  // RINGATTN_HAVE_DEVICE_RING
+#endif  // RINGATTN_HAVE_CUDA
 
 // ---- Ring over NCCL, a GPU per rank ---------------------------------------------------------
 
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
 // How long a ring may take to form (every rank joins) and any transfer or end-of-call wait
 // after (the drivers' WaitStream); a 128k-token ring call takes well under a second.
 constexpr absl::Duration kNcclTimeout = absl::Seconds(120);
@@ -786,7 +787,7 @@ class NcclRing {
 struct NcclRankState {
   std::unique_ptr<AttentionBackend> forward;
   std::unique_ptr<DeviceRingWorkspace> forward_ws;
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
   std::unique_ptr<AttentionBackwardBackend> backward;
   std::unique_ptr<DeviceRingBackwardWorkspace> backward_ws;
 #endif
@@ -848,7 +849,7 @@ class RingNccl final : public GpuImplementation {
     return run;
   }
 
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
   // RingFlashAttnBackwardDevice on every rank after one untimed ring forward (same ranks, same
   // communicators) for its out and LSE.
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
@@ -917,7 +918,7 @@ class RingNccl final : public GpuImplementation {
 
   std::map<int, std::unique_ptr<NcclRing>> rings_;  // by world size
 };
-#endif  // RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
+#endif  // RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
 
 // ---- Kernels --------------------------------------------------------------------------------
 
@@ -934,7 +935,7 @@ GpuKernel CudaKernel() {
   GpuKernel k;
   k.forward = [] { return MakeCudaBackend("cuda"); };
   k.supports = CudaKernelSupports;
-#if RINGATTN_HAVE_GPU_BACKWARD
+#if RINGATTN_HAVE_CUDA
   k.backward = []() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
     return MakeCudaBackwardBackend();
   };
@@ -951,7 +952,7 @@ GpuKernel CudnnKernel() {
   GpuKernel k;
   k.forward = [] { return MakeCudnnBackend(); };
   k.supports = CudnnSupports;
-#if RINGATTN_HAVE_GPU_BACKWARD && RINGATTN_HAVE_CUDNN_BACKWARD
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_CUDNN
   k.backward = []() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
     return MakeCudnnBackwardBackend();
   };
@@ -1003,31 +1004,31 @@ void AddGpuImplementations(ImplementationRegistry& registry) {
 #endif
   AddImplementation<SingleDevice>(registry, "single_cuda", kSingleCudaDescription, CudaKernel);
 
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_CUDNN
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_CUDNN
   AddImplementation<RingDevice>(registry, "ring_cudnn", kRingCudnnDescription, CudnnKernel);
-#elif RINGATTN_HAVE_DEVICE_RING
+#elif RINGATTN_HAVE_CUDA
   AddNotAvailable(registry, "ring_cudnn", kRingCudnnDescription, true, no_cudnn);
 #else
   AddNotAvailable(registry, "ring_cudnn", kRingCudnnDescription, true,
                   Missing("ring_cudnn", "the device ring", "ra_ring_cuda"));
 #endif
-#if RINGATTN_HAVE_DEVICE_RING
+#if RINGATTN_HAVE_CUDA
   AddImplementation<RingDevice>(registry, "ring_cuda", kRingCudaDescription, CudaKernel);
 #else
   AddNotAvailable(registry, "ring_cuda", kRingCudaDescription, true,
                   Missing("ring_cuda", "the device ring", "ra_ring_cuda"));
 #endif
 
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL && RINGATTN_HAVE_CUDNN
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL && RINGATTN_HAVE_CUDNN
   AddImplementation<RingNccl>(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, CudnnKernel);
-#elif RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
+#elif RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
   AddNotAvailable(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, true, no_cudnn);
 #else
   AddNotAvailable(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, true,
                   Missing("ring_nccl_cudnn", "the NCCL device ring (NCCL found at configure time)",
                           "ra_ring_cuda with RINGATTN_WITH_NCCL"));
 #endif
-#if RINGATTN_HAVE_DEVICE_RING && RINGATTN_HAVE_NCCL
+#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
   AddImplementation<RingNccl>(registry, "ring_nccl_cuda", kRingNcclCudaDescription, CudaKernel);
 #else
   AddNotAvailable(registry, "ring_nccl_cuda", kRingNcclCudaDescription, true,

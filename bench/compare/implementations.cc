@@ -8,20 +8,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "bench/compare/implementations_internal.h"
 #include "kernels/attention_backend.h"
 #include "kernels/params_check.h"
-#include "kernels/status_macros.h"
-#include "worker/ring/inprocess_ring.h"
-#include "worker/ring/synthetic_inputs.h"
+#include "ring/testing/inprocess_ranks.h"
+#include "ring/testing/synthetic_inputs.h"
 
-#if RINGATTN_HAVE_CPU_BACKWARD
 #include "kernels/attention_backward_params.h"
 #include "kernels/cpu/reference_backward.h"
-#endif
-#if RINGATTN_HAVE_CPU_BACKWARD && RINGATTN_HAVE_RING_BACKWARD
-#include "worker/ring/inprocess_ring_backward.h"
-#endif
+#include "ring/testing/inprocess_ring_backward.h"
 
 namespace ringattn::compare {
 namespace {
@@ -41,7 +37,6 @@ MemoryUse HostMemorySince(const Problem& problem, int64_t live_at_start) {
           {}};
 }
 
-#if RINGATTN_HAVE_CPU_BACKWARD
 // Whole-sequence backward params over the problem's host tensors: the forward's `out` and `lse`
 // and the problem's dout in, fp32 gradients out (overwritten).
 AttentionBackwardParams WholeBackwardParams(const Problem& problem, const void* out,
@@ -58,7 +53,6 @@ AttentionBackwardParams WholeBackwardParams(const Problem& problem, const void* 
   SetContiguousBackwardStrides(&p);
   return p;
 }
-#endif
 
 // ---- CPU ----------------------------------------------------------------------------------------
 
@@ -101,7 +95,6 @@ class SingleCpu final : public Implementation {
     return run;
   }
 
-#if RINGATTN_HAVE_CPU_BACKWARD
   bool has_backward() const override { return true; }
 
   // The fast CPU backward ("cpu" backward backend) on the whole sequence, after one untimed
@@ -140,7 +133,6 @@ class SingleCpu final : public Implementation {
     run.memory.peak_bytes += static_cast<int64_t>(problem.dout.size());
     return run;
   }
-#endif
 };
 
 class RingCpu final : public Implementation {
@@ -176,7 +168,6 @@ class RingCpu final : public Implementation {
     return run;
   }
 
-#if RINGATTN_HAVE_CPU_BACKWARD && RINGATTN_HAVE_RING_BACKWARD
   bool has_backward() const override { return true; }
 
   // The ring backward (RunRingBackwardInProcess) with the "cpu" backward backend, after one
@@ -231,7 +222,6 @@ class RingCpu final : public Implementation {
     run.memory.peak_bytes += static_cast<int64_t>(problem.dout.size());
     return run;
   }
-#endif
 
  private:
   // The whole problem as RunRingInProcess takes it, writing into `out` and `lse`.
@@ -350,8 +340,7 @@ absl::StatusOr<BackwardRun> Implementation::Backward(const Problem&, int, const 
   return absl::UnimplementedError(absl::StrCat(std::string(name()), ": no backward in this build"));
 }
 
-absl::StatusOr<ReferenceGradients> ReferenceBackward([[maybe_unused]] const Problem& problem) {
-#if RINGATTN_HAVE_CPU_BACKWARD
+absl::StatusOr<ReferenceGradients> ReferenceBackward(const Problem& problem) {
   if (problem.dout.empty()) return absl::FailedPreconditionError("the problem has no dout");
   AttentionBackwardParams p;
   p.fwd = problem.Params();
@@ -360,11 +349,6 @@ absl::StatusOr<ReferenceGradients> ReferenceBackward([[maybe_unused]] const Prob
   SetContiguousBackwardStrides(&p);
   RA_ASSIGN_OR_RETURN(ReferenceBackwardResult r, ringattn::ReferenceBackward(p));
   return ReferenceGradients{std::move(r.dq), std::move(r.dk), std::move(r.dv)};
-#else
-  return absl::UnimplementedError(
-      "the fp64 reference backward (kernels/cpu/reference_backward.h, CMake target "
-      "ra_kernels_cpu_backward) is not in this build");
-#endif
 }
 
 // ---- Registry -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@
 // Backward: the single-device GPU ones run the "cuda" / "cudnn" backward backend, the rings
 // the device ring backward (in-process, or over NCCL), each after one untimed forward.
 // The GPU implementations live in gpu_implementations.cc. Each piece is compiled in when its
-// CMake target is in the build (bench/compare/CMakeLists.txt sets RINGATTN_HAVE_*); an
+// CMake target is in the build (ringattn_config.h says which); an
 // implementation whose piece is missing is still registered and reports "not available" with
 // the reason, as do the backwards without their libraries.
 #pragma once
@@ -43,8 +43,8 @@
 #include "bench/compare/cases.h"
 #include "bench/compare/metrics.h"
 #include "kernels/attention_params.h"
-#include "worker/ring/layout.h"
-#include "worker/ring/ring_step.h"
+#include "ring/layout.h"
+#include "ring/ring_step.h"
 
 namespace ringattn::compare {
 

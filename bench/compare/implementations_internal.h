@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "bench/compare/implementations.h"
-#include "worker/ring/ring_step.h"
+#include "ring/ring_step.h"
 
 namespace ringattn::compare::internal {
 

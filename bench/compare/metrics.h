@@ -8,9 +8,9 @@
 #include <string_view>
 #include <vector>
 
+#include "base/error_metrics.h"
 #include "kernels/dtype.h"
-#include "kernels/error_metrics.h"
-#include "worker/ring/ring_step.h"  // RingTimings
+#include "ring/ring_step.h"  // RingTimings
 
 namespace ringattn::compare {
 

@@ -12,10 +12,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "base/error_metrics.h"
 #include "bench/compare/implementations.h"
 #include "bench/compare/metrics.h"
 #include "kernels/cpu/reference_attention.h"
-#include "kernels/error_metrics.h"
 
 namespace ringattn::compare {
 namespace {

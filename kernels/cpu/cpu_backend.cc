@@ -9,10 +9,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/attention_backend.h"
 #include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/reference_attention.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -10,10 +10,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/cpu/flash_cpu_backward.h"
 #include "kernels/cpu/reference_backward.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

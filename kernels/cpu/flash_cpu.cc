@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/cpu/cpu_tiles.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
 #include "kernels/softmax_state.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

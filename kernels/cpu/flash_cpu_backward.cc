@@ -48,9 +48,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/cpu/cpu_tiles.h"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -10,9 +10,9 @@
 #include <limits>
 #include <vector>
 
+#include "base/status_macros.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

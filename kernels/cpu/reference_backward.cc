@@ -11,10 +11,10 @@
 #include <limits>
 #include <vector>
 
+#include "base/status_macros.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -14,10 +14,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/error_metrics.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_params.h"
 #include "kernels/dtype.h"
-#include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 
 namespace ringattn::kernel_testing {

@@ -7,10 +7,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/params_check.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

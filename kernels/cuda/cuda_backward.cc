@@ -8,9 +8,9 @@
 #include <string_view>
 
 #include "absl/status/status.h"
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/flash_bwd.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -35,13 +35,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/attention_backward_params.h"
-#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.cuh"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace flash_bwd {

@@ -7,12 +7,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/tiling_lookup.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -31,13 +31,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/error_metrics.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu/test_util.h"
-#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/reference_attention.h"
-#include "kernels/error_metrics.h"
 #include "kernels/params_check.h"
 
 namespace ringattn {

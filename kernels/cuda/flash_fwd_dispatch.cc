@@ -8,10 +8,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
 #include "kernels/cuda/tiling_lookup.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

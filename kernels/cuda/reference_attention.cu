@@ -10,7 +10,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
 #include "kernels/dtype.h"
 #include "kernels/score_mod.h"
 #include "kernels/softmax_state.h"

@@ -16,12 +16,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/cudnn/sdpa_graph_cache.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 namespace {

@@ -22,11 +22,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/cudnn/merge_kernel.h"
-#include "kernels/status_macros.h"
 
 namespace ringattn {
 

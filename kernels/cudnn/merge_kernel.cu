@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "kernels/cuda/cuda_check.h"
+#include "base/cuda_check.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/dtype.h"
 #include "kernels/softmax_state.h"

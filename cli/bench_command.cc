@@ -1,0 +1,429 @@
+#include "cli/bench_command.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "cli/attend_command.h"
+#include "cli/cli_parse.h"
+#include "cli/timing_table.h"
+#include "client/attention_client.h"
+#include "kernels/dtype.h"
+#include "ringattn/v1/attention.pb.h"
+
+namespace ringattn {
+namespace {
+
+// Server-side phases of one response, in seconds. compute, comm_wait and ring are the largest
+// over the workers (the slowest worker bounds the request).
+struct Phases {
+  double queue = 0, receive = 0, scatter = 0, compute = 0, comm_wait = 0, ring = 0, gather = 0,
+         send = 0, total = 0;
+};
+
+// The outcome of one call.
+struct CallRecord {
+  absl::StatusCode code = absl::StatusCode::kOk;
+  double latency_seconds = 0;  // client round trip
+  int64_t payload_bytes = 0;   // request + response tensor bytes (successful calls)
+  Phases phases;               // successful calls
+};
+
+struct BenchSummary {
+  std::string target;
+  int concurrency = 0;
+  int sent = 0;
+  int ok = 0;
+  std::map<std::string, int> failed_by_code;  // status code name -> calls
+  double wall_seconds = 0;
+  double requests_per_second = 0;                       // successful calls over wall time
+  double p50 = 0, p90 = 0, p99 = 0, max = 0, mean = 0;  // latency of successful calls
+  int64_t payload_bytes = 0;
+  double payload_gb_per_second = 0;
+  Phases server_mean;
+  double outside_compute_share = 0;  // 1 - mean compute / mean client latency
+  double flops_per_request = 0;
+  double tflops_ring = 0;       // flops / mean slowest-worker ring time
+  double tflops_delivered = 0;  // ok * flops / wall time (~ concurrency * flops / mean latency)
+
+  int failed() const {
+    int n = 0;
+    for (const auto& [code, count] : failed_by_code) n += count;
+    return n;
+  }
+};
+
+absl::Status ValidateOptions(const BenchOptions& o) {
+  if (o.target.empty()) return absl::InvalidArgumentError("--target must be host:port");
+  if (o.concurrency < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--concurrency must be >= 1, got ", o.concurrency));
+  }
+  if (!(o.duration_seconds >= 0) || !std::isfinite(o.duration_seconds)) {
+    return absl::InvalidArgumentError("--duration must be a finite number of seconds >= 0");
+  }
+  if (o.duration_seconds == 0 && o.requests < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--requests must be >= 1 (or give --duration), got ", o.requests));
+  }
+  if (o.batch < 1 || o.seqlen < 1 || o.heads < 1 || o.heads_k < 0 || o.head_dim < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--batch, --seqlen, --heads and --head_dim must be >= 1 and --heads_k >= 0, got ", o.batch,
+        ", ", o.seqlen, ", ", o.heads, ", ", o.head_dim, " and ", o.heads_k));
+  }
+  if (absl::Status s = ParseDTypeName(o.dtype).status(); !s.ok()) return s;
+  if (absl::Status s = ParseLayoutName(o.layout).status(); !s.ok()) return s;
+  if (!(o.timeout_seconds > 0) || !(o.connect_timeout_seconds > 0)) {
+    return absl::InvalidArgumentError("--timeout and the connect timeout must be > 0 seconds");
+  }
+  return absl::OkStatus();
+}
+
+// The one request every call sends; the options are already validated.
+v1::AttendRequest BuildRequest(const BenchOptions& o) {
+  v1::AttendRequest request =
+      MakeSyntheticRequest(o.batch, o.seqlen, o.heads, o.heads_k > 0 ? o.heads_k : o.heads,
+                           o.head_dim, *ParseDTypeName(o.dtype), o.seed);
+  request.set_layout(*ParseLayoutName(o.layout));
+  request.mutable_options()->set_causal(o.causal);
+  return request;
+}
+
+int64_t TensorBytes(const v1::Tensor& t) { return static_cast<int64_t>(t.data().size()); }
+
+Phases PhasesOf(const v1::Timings& t) {
+  Phases p;
+  p.queue = t.queue_seconds();
+  p.receive = t.receive_seconds();
+  p.scatter = t.scatter_seconds();
+  p.gather = t.gather_seconds();
+  p.send = t.send_seconds();
+  p.total = t.total_seconds();
+  for (const v1::WorkerTiming& w : t.workers()) {
+    p.compute = std::max(p.compute, w.compute_seconds());
+    p.comm_wait = std::max(p.comm_wait, w.comm_wait_seconds());
+    p.ring = std::max(p.ring, w.ring_seconds());
+  }
+  return p;
+}
+
+// How the calls go out: unary or streaming, and the limits of the server.
+struct CallPlan {
+  bool force_streaming = false;
+  int64_t max_unary_bytes = 0;  // the server's; <= 0 unknown
+  absl::Duration timeout;
+};
+
+// Chunks of a forced stream: the default, within the server's unary limit.
+int64_t StreamChunkBytes(const CallPlan& plan) {
+  int64_t chunk_bytes = kDefaultChunkBytes;
+  if (plan.max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, plan.max_unary_bytes);
+  return chunk_bytes;
+}
+
+CallRecord OneBackwardCall(AttentionClient& client, const v1::AttendBackwardRequest& request,
+                           const CallPlan& plan) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::AttendBackwardResponse> response =
+      plan.force_streaming
+          ? client.AttendBackwardStreaming(request, plan.timeout, StreamChunkBytes(plan))
+          : client.AttendBackwardAuto(request, plan.timeout, plan.max_unary_bytes);
+  CallRecord record;
+  record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  record.code = response.status().code();
+  if (response.ok()) {
+    record.payload_bytes =
+        TensorBytes(request.q()) + TensorBytes(request.k()) + TensorBytes(request.v()) +
+        TensorBytes(request.out()) + TensorBytes(request.dout()) + TensorBytes(request.lse()) +
+        TensorBytes(response->dq()) + TensorBytes(response->dk()) + TensorBytes(response->dv());
+    record.phases = PhasesOf(response->timings());
+  }
+  return record;
+}
+
+CallRecord OneCall(AttentionClient& client, const v1::AttendRequest& request,
+                   const CallPlan& plan) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::AttendResponse> response;
+  if (plan.force_streaming) {
+    response = client.AttendStreaming(request, plan.timeout, StreamChunkBytes(plan));
+  } else {
+    response = client.AttendAuto(request, plan.timeout, plan.max_unary_bytes);
+  }
+  CallRecord record;
+  record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  record.code = response.status().code();
+  if (response.ok()) {
+    record.payload_bytes = TensorBytes(request.q()) + TensorBytes(request.k()) +
+                           TensorBytes(request.v()) + TensorBytes(response->out()) +
+                           TensorBytes(response->lse());
+    record.phases = PhasesOf(response->timings());
+  }
+  return record;
+}
+
+struct LoadResult {
+  std::vector<CallRecord> records;
+  double wall_seconds = 0;
+};
+
+// Makes `one_call` from `concurrency` threads until `requests` calls have gone out, or, with a
+// duration, until it has passed. Every call is bounded by the plan's timeout.
+LoadResult RunLoad(const std::function<CallRecord()>& one_call, const BenchOptions& o) {
+  const bool by_time = o.duration_seconds > 0;
+  std::atomic<int> next{0};
+  std::vector<std::vector<CallRecord>> per_thread(static_cast<size_t>(o.concurrency));
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = start + absl::Seconds(o.duration_seconds);
+  {
+    std::vector<std::thread> threads;
+    threads.reserve(per_thread.size());
+    for (std::vector<CallRecord>& records : per_thread) {
+      threads.emplace_back([&, mine = &records] {
+        while (by_time ? absl::Now() < deadline : next.fetch_add(1) < o.requests) {
+          mine->push_back(one_call());
+        }
+      });
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  LoadResult result;
+  result.wall_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  for (std::vector<CallRecord>& records : per_thread) {
+    result.records.insert(result.records.end(), records.begin(), records.end());
+  }
+  return result;
+}
+
+// The nearest-rank percentile `p` (0, 1] of sorted `values`; 0 when empty.
+double Percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  const size_t rank = static_cast<size_t>(std::ceil(p * static_cast<double>(sorted.size())));
+  return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
+}
+
+BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flops) {
+  BenchSummary s;
+  s.target = o.target;
+  s.concurrency = o.concurrency;
+  s.sent = static_cast<int>(load.records.size());
+  s.wall_seconds = load.wall_seconds;
+  s.flops_per_request = flops;
+  std::vector<double> latencies;
+  Phases sum;
+  for (const CallRecord& r : load.records) {
+    if (r.code != absl::StatusCode::kOk) {
+      ++s.failed_by_code[absl::StatusCodeToString(r.code)];
+      continue;
+    }
+    ++s.ok;
+    latencies.push_back(r.latency_seconds);
+    s.payload_bytes += r.payload_bytes;
+    const Phases& p = r.phases;
+    sum.queue += p.queue;
+    sum.receive += p.receive;
+    sum.scatter += p.scatter;
+    sum.compute += p.compute;
+    sum.comm_wait += p.comm_wait;
+    sum.ring += p.ring;
+    sum.gather += p.gather;
+    sum.send += p.send;
+    sum.total += p.total;
+  }
+  if (s.ok > 0) {
+    const double n = s.ok;
+    s.server_mean = {sum.queue / n,   sum.receive / n,   sum.scatter / n,
+                     sum.compute / n, sum.comm_wait / n, sum.ring / n,
+                     sum.gather / n,  sum.send / n,      sum.total / n};
+    std::sort(latencies.begin(), latencies.end());
+    s.p50 = Percentile(latencies, 0.50);
+    s.p90 = Percentile(latencies, 0.90);
+    s.p99 = Percentile(latencies, 0.99);
+    s.max = latencies.back();
+    double total = 0;
+    for (const double l : latencies) total += l;
+    s.mean = total / n;
+    if (s.mean > 0) s.outside_compute_share = 1 - s.server_mean.compute / s.mean;
+    if (s.server_mean.ring > 0) s.tflops_ring = flops / s.server_mean.ring * 1e-12;
+  }
+  if (s.wall_seconds > 0) {
+    s.requests_per_second = s.ok / s.wall_seconds;
+    s.payload_gb_per_second = static_cast<double>(s.payload_bytes) / s.wall_seconds * 1e-9;
+    s.tflops_delivered = s.ok * flops / s.wall_seconds * 1e-12;
+  }
+  return s;
+}
+
+std::string FailedByCode(const BenchSummary& s) {
+  std::vector<std::string> parts;
+  for (const auto& [code, count] : s.failed_by_code)
+    parts.push_back(absl::StrCat(code, " ", count));
+  return parts.empty() ? "" : absl::StrCat(" (", absl::StrJoin(parts, ", "), ")");
+}
+
+std::string FormatReport(const BenchSummary& s) {
+  std::string r;
+  absl::StrAppendFormat(&r, "requests: %d sent, %d ok, %d failed%s\n", s.sent, s.ok, s.failed(),
+                        FailedByCode(s));
+  absl::StrAppendFormat(&r, "wall: %.3f s, %.2f requests/s (ok), concurrency %d\n", s.wall_seconds,
+                        s.requests_per_second, s.concurrency);
+  absl::StrAppendFormat(&r,
+                        "latency ms (client round trip, ok): p50 %.3f  p90 %.3f  p99 %.3f  "
+                        "max %.3f  mean %.3f\n",
+                        s.p50 * 1e3, s.p90 * 1e3, s.p99 * 1e3, s.max * 1e3, s.mean * 1e3);
+  absl::StrAppendFormat(&r, "payload: %.3f GB, %.3f GB/s (request + response tensors, ok calls)\n",
+                        static_cast<double>(s.payload_bytes) * 1e-9, s.payload_gb_per_second);
+  const Phases& m = s.server_mean;
+  r += "server phases, mean ms (compute, comm wait, ring: slowest worker):\n";
+  const std::pair<const char*, double> phases[] = {
+      {"queue", m.queue},     {"receive", m.receive},     {"scatter", m.scatter},
+      {"compute", m.compute}, {"comm_wait", m.comm_wait}, {"ring", m.ring},
+      {"gather", m.gather},   {"send", m.send},           {"total", m.total}};
+  for (const auto& [name, seconds] : phases) {
+    absl::StrAppendFormat(&r, "  %-10s %12.3f\n", name, seconds * 1e3);
+  }
+  absl::StrAppendFormat(&r, "outside compute: %.1f%% of the client latency\n",
+                        s.outside_compute_share * 100);
+  absl::StrAppendFormat(&r,
+                        "throughput: %.4g TFLOP/s over the mean ring, %.4g TFLOP/s delivered "
+                        "(ok x %.4g GFLOP over wall)\n",
+                        s.tflops_ring, s.tflops_delivered, s.flops_per_request * 1e-9);
+  return r;
+}
+
+// A JSON number; null for NaN and infinities, which JSON lacks.
+std::string Num(double x) { return std::isfinite(x) ? absl::StrFormat("%.9g", x) : "null"; }
+
+std::string FormatJson(const BenchSummary& s) {
+  std::vector<std::string> codes;
+  for (const auto& [code, count] : s.failed_by_code) {
+    codes.push_back(absl::StrFormat("\"%s\": %d", code, count));
+  }
+  const Phases& m = s.server_mean;
+  std::string target;  // escaped
+  for (const char c : s.target) {
+    if (c == '"' || c == '\\') target += '\\';
+    target += c;
+  }
+  std::string j = "{\n";
+  absl::StrAppendFormat(&j, "  \"target\": \"%s\",\n  \"concurrency\": %d,\n", target,
+                        s.concurrency);
+  absl::StrAppendFormat(&j, "  \"sent\": %d,\n  \"ok\": %d,\n  \"failed\": %d,\n", s.sent, s.ok,
+                        s.failed());
+  absl::StrAppendFormat(&j, "  \"failed_by_code\": {%s},\n", absl::StrJoin(codes, ", "));
+  absl::StrAppendFormat(&j, "  \"wall_seconds\": %s,\n  \"requests_per_second\": %s,\n",
+                        Num(s.wall_seconds), Num(s.requests_per_second));
+  absl::StrAppendFormat(&j,
+                        "  \"latency_seconds\": {\"p50\": %s, \"p90\": %s, \"p99\": %s, "
+                        "\"max\": %s, \"mean\": %s},\n",
+                        Num(s.p50), Num(s.p90), Num(s.p99), Num(s.max), Num(s.mean));
+  absl::StrAppendFormat(&j, "  \"payload_bytes\": %d,\n  \"payload_gb_per_second\": %s,\n",
+                        s.payload_bytes, Num(s.payload_gb_per_second));
+  absl::StrAppendFormat(&j,
+                        "  \"server_mean_seconds\": {\"queue\": %s, \"receive\": %s, "
+                        "\"scatter\": %s, \"compute\": %s, \"comm_wait\": %s, \"ring\": %s, "
+                        "\"gather\": %s, \"send\": %s, \"total\": %s},\n",
+                        Num(m.queue), Num(m.receive), Num(m.scatter), Num(m.compute),
+                        Num(m.comm_wait), Num(m.ring), Num(m.gather), Num(m.send), Num(m.total));
+  absl::StrAppendFormat(&j, "  \"outside_compute_share\": %s,\n", Num(s.outside_compute_share));
+  absl::StrAppendFormat(&j, "  \"flops_per_request\": %s,\n", Num(s.flops_per_request));
+  absl::StrAppendFormat(&j, "  \"tflops_ring\": %s,\n  \"tflops_delivered\": %s\n}\n",
+                        Num(s.tflops_ring), Num(s.tflops_delivered));
+  return j;
+}
+
+absl::Status WriteFile(const std::string& path, const std::string& contents) {
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file << contents;
+  file.close();
+  if (!file) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
+  if (absl::Status s = ValidateOptions(o); !s.ok()) {
+    out << ErrorLine(s);
+    return 2;
+  }
+  const v1::AttendRequest request = BuildRequest(o);
+  const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
+  absl::StatusOr<std::unique_ptr<AttentionClient>> client =
+      AttentionClient::Connect(o.target, connect_timeout);
+  if (!client.ok()) {
+    out << ErrorLine(client.status());
+    return 1;
+  }
+  absl::StatusOr<v1::InfoResponse> info = (*client)->GetInfo(connect_timeout);
+  if (!info.ok()) {
+    out << ErrorLine(info.status());
+    return 1;
+  }
+  CallPlan plan;
+  plan.force_streaming = o.streaming;
+  plan.max_unary_bytes = info->max_unary_bytes();
+  plan.timeout = absl::Seconds(o.timeout_seconds);
+  // With --backward: one forward for out and lse, then the gradients request every call sends.
+  v1::AttendBackwardRequest backward;
+  if (o.backward) {
+    v1::AttendRequest with_lse = request;
+    with_lse.set_return_lse(true);
+    absl::StatusOr<v1::AttendResponse> forward =
+        (*client)->AttendAuto(with_lse, plan.timeout, plan.max_unary_bytes);
+    if (!forward.ok()) {
+      out << ErrorLine(forward.status());
+      return 1;
+    }
+    backward = MakeBackwardRequest(with_lse, *forward, o.seed);
+  }
+  const bool streaming =
+      o.streaming ||
+      (o.backward ? static_cast<int64_t>(backward.ByteSizeLong()) > plan.max_unary_bytes &&
+                        plan.max_unary_bytes > 0
+                  : NeedsStreaming(request, plan.max_unary_bytes));
+  // FlashAttention's count: the backward is 2.5 forwards.
+  const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);
+  out << absl::StrFormat("server %s: version %s, world %d (%s)\n", o.target, info->version(),
+                         info->world_size(), info->ready() ? "ready" : "not ready");
+  out << absl::StrFormat(
+      "bench: q [%d, %d, %d, %d] %s, causal=%d, layout %s, via %s; %s from %d threads\n", o.batch,
+      o.seqlen, o.heads, o.head_dim, o.dtype, o.causal, o.layout,
+      o.backward ? (streaming ? "AttendBackwardStream" : "AttendBackward (unary)")
+                 : (streaming ? "AttendStream" : "Attend (unary)"),
+      o.duration_seconds > 0 ? absl::StrFormat("for %.3g s", o.duration_seconds)
+                             : absl::StrCat(o.requests, " requests"),
+      o.concurrency);
+  out.flush();
+
+  AttentionClient& c = **client;
+  const LoadResult load = o.backward
+                              ? RunLoad([&] { return OneBackwardCall(c, backward, plan); }, o)
+                              : RunLoad([&] { return OneCall(c, request, plan); }, o);
+  const BenchSummary summary = Summarize(o, load, flops);
+  out << FormatReport(summary);
+  if (!o.json_path.empty()) {
+    if (absl::Status s = WriteFile(o.json_path, FormatJson(summary)); !s.ok()) {
+      out << ErrorLine(s);
+      return 1;
+    }
+    out << "wrote " << o.json_path << "\n";
+  }
+  return summary.failed() == 0 && summary.ok > 0 ? 0 : 1;
+}
+
+}  // namespace ringattn

@@ -1,0 +1,290 @@
+// The `ringattn` command line. This file only turns flags into options; the work is in the
+// libraries.
+//
+//   ringattn serve [--workers 3] [--demo]     coordinator + local workers (the embedded default)
+//   ringattn coordinator [--workers N]        coordinator only; workers register from elsewhere
+//   ringattn worker --coordinator host:port   one worker process
+//   ringattn attend --target host:port        send a request (random or .npy inputs)
+//   ringattn bench --target host:port         load generator: one request, many times
+//   ringattn ring [--world 4]                 forward ring over local processes, no service
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "base/status_macros.h"
+#include "cli/attend_command.h"
+#include "cli/bench_command.h"
+#include "cli/cli_parse.h"
+#include "cli/local_ring.h"
+#include "cli/serve_command.h"
+#include "worker/worker.h"
+
+// The attention problem (ring, attend, serve --demo).
+ABSL_FLAG(int, batch, 1, "batch size");
+ABSL_FLAG(int64_t, seqlen, 4096, "sequence length (whole sequence, before sharding)");
+ABSL_FLAG(int, heads, 8, "query heads");
+ABSL_FLAG(int, heads_k, 0, "key/value heads (GQA); 0 means equal to --heads");
+ABSL_FLAG(int, head_dim, 64, "head dimension: 64, 128 or 256");
+ABSL_FLAG(std::string, dtype, "bf16", "input dtype: fp32, fp16 or bf16");
+ABSL_FLAG(std::string, layout, "auto", "auto, contiguous, zigzag or stripe");
+ABSL_FLAG(bool, causal, false, "causal mask");
+ABSL_FLAG(int64_t, window_left, -1, "sliding window, keys allowed to the left (-1: unbounded)");
+ABSL_FLAG(int64_t, window_right, -1, "sliding window, keys allowed to the right (-1: unbounded)");
+ABSL_FLAG(bool, alibi, false, "ALiBi with the standard slopes 2^(-8 i / heads)");
+ABSL_FLAG(double, softcap, 0.0, "score soft-capping (0 disables)");
+ABSL_FLAG(double, softmax_scale, 0.0, "softmax scale (0: 1/sqrt(head_dim))");
+ABSL_FLAG(double, dropout_p, 0.0, "ring, attend: dropout probability in [0, 1) (CPU kernels)");
+ABSL_FLAG(uint64_t, dropout_seed, 0, "dropout mask seed");
+ABSL_FLAG(std::string, cu_seqlens, "",
+          "ring, attend: packed variable-length sequences, boundaries 0,...,seqlen (CPU kernels)");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the synthetic inputs");
+ABSL_FLAG(bool, check, true, "compare the result with the fp64 reference computed here");
+ABSL_FLAG(double, timeout, 300, "seconds for the whole request (ring: before ranks are killed)");
+
+// ring
+ABSL_FLAG(int, world, 4, "ring: ranks (worker processes)");
+
+// serve, coordinator, worker
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "serve/coordinator: listen address");
+ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
+ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
+ABSL_FLAG(int, workers, 3, "serve/coordinator: workers in the ring");
+ABSL_FLAG(std::string, kernel, "auto",
+          "serve/worker: auto (cuda with a GPU, else cpu), cpu, cpu_reference, cuda, "
+          "cuda_reference, cudnn; ring: cpu or cpu_reference");
+ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
+ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
+ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
+ABSL_FLAG(int64_t, max_unary_bytes, int64_t{1} << 30, "serve/coordinator: unary message limit");
+ABSL_FLAG(int64_t, max_request_bytes, int64_t{4} << 30, "serve/coordinator: request limit");
+ABSL_FLAG(std::string, coordinator, "", "worker: the coordinator's host:port");
+ABSL_FLAG(bool, exit_with_parent, false,
+          "worker: exit when the process that started it exits (local workers)");
+ABSL_FLAG(std::string, advertise_host, "127.0.0.1", "worker: host others reach this worker at");
+
+// attend
+ABSL_FLAG(std::string, target, "127.0.0.1:50051", "attend: the coordinator's host:port");
+ABSL_FLAG(std::string, q_npy, "", "attend: q from a .npy file [batch, seq, heads, head_dim]");
+ABSL_FLAG(std::string, k_npy, "", "attend: k from a .npy file");
+ABSL_FLAG(std::string, v_npy, "", "attend: v from a .npy file");
+ABSL_FLAG(std::string, out_npy, "", "attend: write the output here");
+ABSL_FLAG(
+    std::string, grads_npy_prefix, "",
+    "attend --backward: write the gradients to <prefix>dq.npy, <prefix>dk.npy, <prefix>dv.npy");
+ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
+ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
+ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
+ABSL_FLAG(bool, backward, false,
+          "attend: also take the gradients (AttendBackward with a synthetic dout; with --check, "
+          "against the fp64 reference backward); bench: drive AttendBackward instead of Attend");
+
+// bench (also --target, the problem flags, --stream, --timeout per call and --seed)
+ABSL_FLAG(int, concurrency, 4, "bench: client threads, one call in flight each");
+ABSL_FLAG(int, requests, 32, "bench: calls in all (when --duration is 0)");
+ABSL_FLAG(double, duration, 0, "bench: seconds to keep sending (0: --requests calls)");
+ABSL_FLAG(std::string, json, "", "bench: also write the results here as JSON");
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: ringattn <command> [flags]\n"
+    "commands:\n"
+    "  serve        coordinator + local worker processes (CPU + Gloo without a GPU)\n"
+    "  coordinator  the coordinator alone; workers register from elsewhere\n"
+    "  worker       one worker process (--coordinator host:port)\n"
+    "  attend       send a request to a coordinator and print the result and timings\n"
+    "  bench        load generator: send one synthetic request many times, report latency and\n"
+    "               throughput (--concurrency, --requests or --duration, --json)\n"
+    "  ring         forward ring attention over local processes, without the service\n";
+
+std::vector<float> StandardAlibiSlopes(int heads) {
+  std::vector<float> s(heads);
+  for (int i = 0; i < heads; ++i) s[i] = std::pow(2.0f, -8.0f * (i + 1) / heads);
+  return s;
+}
+
+int HeadsK() {
+  return absl::GetFlag(FLAGS_heads_k) > 0 ? absl::GetFlag(FLAGS_heads_k)
+                                          : absl::GetFlag(FLAGS_heads);
+}
+
+std::string SelfBinary() {
+  char buf[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "";
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+int RunRing() {
+  ringattn::LocalRingOptions o;
+  o.world = absl::GetFlag(FLAGS_world);
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seqlen = absl::GetFlag(FLAGS_seqlen);
+  o.heads = absl::GetFlag(FLAGS_heads);
+  o.heads_k = HeadsK();
+  o.head_dim = absl::GetFlag(FLAGS_head_dim);
+  absl::StatusOr<ringattn::DType> dtype = ringattn::ParseDTypeName(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) {
+    std::cerr << dtype.status().message() << "\n";
+    return 2;
+  }
+  o.dtype = *dtype;
+  o.layout = absl::GetFlag(FLAGS_layout);
+  o.attention.causal = absl::GetFlag(FLAGS_causal);
+  o.attention.window_size = {absl::GetFlag(FLAGS_window_left), absl::GetFlag(FLAGS_window_right)};
+  if (absl::GetFlag(FLAGS_alibi)) o.attention.alibi_slopes = StandardAlibiSlopes(o.heads);
+  o.attention.softcap = static_cast<float>(absl::GetFlag(FLAGS_softcap));
+  if (absl::GetFlag(FLAGS_softmax_scale) > 0) {
+    o.attention.softmax_scale = static_cast<float>(absl::GetFlag(FLAGS_softmax_scale));
+  }
+  o.attention.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
+  o.attention.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
+  absl::StatusOr<std::vector<int64_t>> cu_seqlens =
+      ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens));
+  if (!cu_seqlens.ok()) {
+    std::cerr << cu_seqlens.status().message() << "\n";
+    return 2;
+  }
+  o.attention.seq_bounds = *std::move(cu_seqlens);
+  // The local ring is a CPU tool: auto means the fast CPU kernel.
+  o.backend =
+      absl::GetFlag(FLAGS_kernel) == "auto" ? std::string("cpu") : absl::GetFlag(FLAGS_kernel);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.check = absl::GetFlag(FLAGS_check);
+  o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  return ringattn::RunLocalRing(o, std::cout);
+}
+
+absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
+  ringattn::AttendCommandOptions o;
+  o.target = absl::GetFlag(FLAGS_target);
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seqlen = absl::GetFlag(FLAGS_seqlen);
+  o.heads = absl::GetFlag(FLAGS_heads);
+  o.heads_k = HeadsK();
+  o.head_dim = absl::GetFlag(FLAGS_head_dim);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.causal = absl::GetFlag(FLAGS_causal);
+  o.window_left = absl::GetFlag(FLAGS_window_left);
+  o.window_right = absl::GetFlag(FLAGS_window_right);
+  o.alibi = absl::GetFlag(FLAGS_alibi);
+  o.softcap = static_cast<float>(absl::GetFlag(FLAGS_softcap));
+  o.softmax_scale = static_cast<float>(absl::GetFlag(FLAGS_softmax_scale));
+  o.layout = absl::GetFlag(FLAGS_layout);
+  o.q_npy = absl::GetFlag(FLAGS_q_npy);
+  o.k_npy = absl::GetFlag(FLAGS_k_npy);
+  o.v_npy = absl::GetFlag(FLAGS_v_npy);
+  o.out_npy = absl::GetFlag(FLAGS_out_npy);
+  o.grads_npy_prefix = absl::GetFlag(FLAGS_grads_npy_prefix);
+  o.dropout_p = static_cast<float>(absl::GetFlag(FLAGS_dropout_p));
+  o.dropout_seed = absl::GetFlag(FLAGS_dropout_seed);
+  RA_ASSIGN_OR_RETURN(o.cu_seqlens, ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens)));
+  o.check = absl::GetFlag(FLAGS_check);
+  o.streaming = absl::GetFlag(FLAGS_stream);
+  o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.return_lse = absl::GetFlag(FLAGS_return_lse);
+  o.backward = absl::GetFlag(FLAGS_backward);
+  return o;
+}
+
+ringattn::BenchOptions BenchOptionsFromFlags() {
+  ringattn::BenchOptions o;
+  o.target = absl::GetFlag(FLAGS_target);
+  o.concurrency = absl::GetFlag(FLAGS_concurrency);
+  o.requests = absl::GetFlag(FLAGS_requests);
+  o.duration_seconds = absl::GetFlag(FLAGS_duration);
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seqlen = absl::GetFlag(FLAGS_seqlen);
+  o.heads = absl::GetFlag(FLAGS_heads);
+  o.heads_k = HeadsK();
+  o.head_dim = absl::GetFlag(FLAGS_head_dim);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.causal = absl::GetFlag(FLAGS_causal);
+  o.layout = absl::GetFlag(FLAGS_layout);
+  o.streaming = absl::GetFlag(FLAGS_stream);
+  o.backward = absl::GetFlag(FLAGS_backward);
+  o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.json_path = absl::GetFlag(FLAGS_json);
+  return o;
+}
+
+int RunServeOrCoordinator(bool spawn_workers) {
+  ringattn::ServeOptions o;
+  o.listen_address = absl::GetFlag(FLAGS_listen);
+  o.metrics_address = absl::GetFlag(FLAGS_metrics);
+  o.workers = absl::GetFlag(FLAGS_workers);
+  o.spawn_workers = spawn_workers;
+  o.kernel = absl::GetFlag(FLAGS_kernel);
+  o.binary = SelfBinary();
+  o.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
+  o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
+  o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.demo = absl::GetFlag(FLAGS_demo);
+  absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
+  if (!demo.ok()) {
+    std::cerr << demo.status().message() << "\n";
+    return 2;
+  }
+  o.demo_request = *std::move(demo);
+  return ringattn::RunServe(o, std::cout);
+}
+
+int RunWorker() {
+  if (absl::GetFlag(FLAGS_exit_with_parent)) {
+    // A local worker must not outlive its coordinator (nor hold its parent's output pipes).
+    const pid_t parent = getppid();
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) return 0;
+  }
+  ringattn::Worker::Options o;
+  o.coordinator_address = absl::GetFlag(FLAGS_coordinator);
+  if (o.coordinator_address.empty()) {
+    std::cerr << "worker: --coordinator host:port is required\n";
+    return 2;
+  }
+  o.listen_address = absl::GetFlag(FLAGS_worker_listen);
+  o.kernel = absl::GetFlag(FLAGS_kernel);
+  o.device = absl::GetFlag(FLAGS_device);
+  o.advertise_host = absl::GetFlag(FLAGS_advertise_host);
+  return ringattn::RunWorkerMain(o);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  const std::string command = args[1];
+  if (command == "ring") return RunRing();
+  if (command == "serve") return RunServeOrCoordinator(/*spawn_workers=*/true);
+  if (command == "coordinator") return RunServeOrCoordinator(/*spawn_workers=*/false);
+  if (command == "worker") return RunWorker();
+  if (command == "attend") {
+    absl::StatusOr<ringattn::AttendCommandOptions> o = AttendOptionsFromFlags();
+    if (!o.ok()) {
+      std::cerr << o.status().message() << "\n";
+      return 2;
+    }
+    return ringattn::RunAttendCommand(*o, std::cout);
+  }
+  if (command == "bench") return ringattn::RunBenchCommand(BenchOptionsFromFlags(), std::cout);
+  std::fprintf(stderr, "unknown command '%s'\n%s", command.c_str(), kUsage);
+  return 2;
+}

@@ -1,0 +1,79 @@
+#include "cli/serve_command.h"
+
+#include <signal.h>
+
+#include <atomic>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/coordinator.h"
+#include "server/local_workers.h"
+
+namespace ringattn {
+namespace {
+
+std::atomic<bool> g_stop{false};
+
+void OnSignal(int) { g_stop = true; }
+
+}  // namespace
+
+int RunServe(const ServeOptions& o, std::ostream& out) {
+  Coordinator::Options co;
+  co.listen_address = o.listen_address;
+  co.metrics_address = o.metrics_address;
+  co.world_size = o.workers;
+  co.max_queue = o.max_queue;
+  co.max_unary_bytes = o.max_unary_bytes;
+  co.max_request_bytes = o.max_request_bytes;
+  Coordinator coordinator(co);
+  if (absl::Status s = coordinator.BuildAndStart(); !s.ok()) {
+    out << "error: coordinator: " << s << "\n";
+    return 1;
+  }
+  const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
+  out << "coordinator listening on port " << coordinator.port();
+  if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();
+  out << "\n";
+
+  std::unique_ptr<LocalWorkerPool> workers;
+  if (o.spawn_workers) {
+    LocalWorkerPool::Options wo;
+    wo.binary = o.binary;
+    wo.count = o.workers;
+    wo.coordinator_address = address;
+    wo.kernel = o.kernel;
+    workers = std::make_unique<LocalWorkerPool>(wo);
+    if (absl::Status s = workers->Start(); !s.ok()) {
+      out << "error: " << s << "\n";
+      return 1;
+    }
+  }
+  if (!coordinator.WaitUntilReady(absl::Seconds(o.ready_timeout_seconds))) {
+    out << "error: the ring of " << o.workers << " workers did not form within "
+        << o.ready_timeout_seconds << " s\n";
+    if (workers) workers->Stop();
+    coordinator.Shutdown();
+    return 1;
+  }
+  out << "ring of " << o.workers << " workers ready (kernel " << o.kernel << ")\n";
+  out.flush();
+
+  int code = 0;
+  if (o.demo) {
+    AttendCommandOptions req = o.demo_request;
+    req.target = address;
+    code = RunAttendCommand(req, out);
+  } else {
+    signal(SIGINT, OnSignal);
+    signal(SIGTERM, OnSignal);
+    while (!g_stop) absl::SleepFor(absl::Milliseconds(100));
+    out << "shutting down\n";
+  }
+  if (workers) workers->Stop();
+  coordinator.Shutdown();
+  return code;
+}
+
+}  // namespace ringattn

@@ -1,0 +1,33 @@
+// `ringattn serve` (the embedded default: a coordinator on localhost plus local worker
+// processes, CPU backend and a Gloo ring without a GPU) and `ringattn coordinator` (the
+// coordinator alone, for deployments whose workers register from elsewhere).
+#pragma once
+
+#include <ostream>
+#include <string>
+
+#include "cli/attend_command.h"
+
+namespace ringattn {
+
+struct ServeOptions {
+  std::string listen_address = "127.0.0.1:50051";
+  std::string metrics_address = "127.0.0.1:9464";  // empty disables /metrics
+  int workers = 3;              // local worker processes (the ring's size)
+  bool spawn_workers = true;    // false: wait for workers to register (Kubernetes)
+  std::string kernel = "auto";  // passed to every local worker
+  std::string binary;           // the ringattn executable, for local workers
+  size_t max_queue = 16;
+  int64_t max_unary_bytes = int64_t{1} << 30;
+  int64_t max_request_bytes = int64_t{4} << 30;
+  double ready_timeout_seconds = 120;
+  // --demo: once the ring is up, send `demo_request` through the client, print the result
+  // and the timings, and stop. The exit code is the request's.
+  bool demo = false;
+  AttendCommandOptions demo_request;
+};
+
+// Runs until SIGINT/SIGTERM (or, with demo, until the sample request is answered).
+int RunServe(const ServeOptions& options, std::ostream& out);
+
+}  // namespace ringattn
