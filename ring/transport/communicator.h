@@ -54,6 +54,12 @@ class Communicator {
   virtual void Abort(const absl::Status& reason) = 0;
 };
 
+// InvalidArgument unless every operation names a peer in [0, world) and has a buffer when it
+// carries bytes: what every transport checks before posting anything, so that a malformed batch
+// changes nothing.
+absl::Status CheckBatch(int rank, int world, absl::Span<const SendOp> sends,
+                        absl::Span<const RecvOp> recvs);
+
 // Start followed by Wait.
 inline absl::Status Exchange(Communicator& comm, absl::Span<const SendOp> sends,
                              absl::Span<const RecvOp> recvs) {

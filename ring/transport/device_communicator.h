@@ -1,7 +1,7 @@
 // The ring's transport interface on GPUs: batched point-to-point transfers between the ranks of
 // a fixed group, ordered on a CUDA stream rather than waited for on the host. Implementations:
 // NCCL (nccl_communicator.h: one process per GPU, across hosts) and in-process
-// (inprocess_device_communicator.h: ranks as threads sharing one GPU; tests and benchmarks).
+// (inprocess.h: ranks as threads sharing one GPU; tests and benchmarks).
 //
 // The host interface (communicator.h) is Start + Wait on the host; here the host only enqueues,
 // and the stream carries the dependency: work enqueued on the stream before Enqueue happens

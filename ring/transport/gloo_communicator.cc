@@ -75,22 +75,12 @@ milliseconds TimeLeft(Clock::time_point deadline) {
   return std::max(left, milliseconds::zero());
 }
 
-absl::Status CheckOp(int rank, int world, int peer, size_t bytes, const void* data,
-                     const char* kind, size_t i) {
-  if (peer < 0 || peer >= world) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, ": ", kind, " ", i, " names peer ", peer, ", outside [0, ", world, ")"));
-  }
-  if (bytes > 0 && data == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes, " bytes has a null buffer"));
-  }
-  if (bytes > kMaxBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
-                                                   " bytes exceeds the Gloo transport's ",
-                                                   kMaxBytes, "-byte limit per transfer"));
-  }
-  return absl::OkStatus();
+// Beyond CheckBatch: the byte count must fit a payload slot.
+absl::Status CheckFitsSlot(int rank, size_t bytes, const char* kind, size_t i) {
+  if (bytes <= kMaxBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
+                                                 " bytes exceeds the Gloo transport's ", kMaxBytes,
+                                                 "-byte limit per transfer"));
 }
 
 // Meets the other ranks in `store` and connects to each of them. Throws what Gloo throws; call
@@ -215,17 +205,16 @@ GlooCommunicator::~GlooCommunicator() {
 
 absl::Status GlooCommunicator::ValidateBatch(absl::Span<const SendOp> sends,
                                              absl::Span<const RecvOp> recvs) const {
+  RA_RETURN_IF_ERROR(CheckBatch(rank_, world_, sends, recvs));
   std::vector<size_t> self_sends;
   std::vector<size_t> self_recvs;
   for (size_t i = 0; i < sends.size(); ++i) {
-    const SendOp& s = sends[i];
-    RA_RETURN_IF_ERROR(CheckOp(rank_, world_, s.peer, s.bytes, s.data, "send", i));
-    if (s.peer == rank_) self_sends.push_back(s.bytes);
+    RA_RETURN_IF_ERROR(CheckFitsSlot(rank_, sends[i].bytes, "send", i));
+    if (sends[i].peer == rank_) self_sends.push_back(sends[i].bytes);
   }
   for (size_t i = 0; i < recvs.size(); ++i) {
-    const RecvOp& r = recvs[i];
-    RA_RETURN_IF_ERROR(CheckOp(rank_, world_, r.peer, r.bytes, r.data, "receive", i));
-    if (r.peer == rank_) self_recvs.push_back(r.bytes);
+    RA_RETURN_IF_ERROR(CheckFitsSlot(rank_, recvs[i].bytes, "receive", i));
+    if (recvs[i].peer == rank_) self_recvs.push_back(recvs[i].bytes);
   }
   // Gloo has no connection to self; such transfers are copied here, within the batch.
   if (self_sends.size() != self_recvs.size()) {

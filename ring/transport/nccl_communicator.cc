@@ -27,20 +27,6 @@ using Clock = std::chrono::steady_clock;
     }                                                                                       \
   } while (0)
 
-absl::Status CheckOp(int rank, int world, int peer, size_t bytes, const void* data,
-                     const char* kind, size_t i) {
-  if (peer < 0 || peer >= world) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, ": ", kind, " ", i, " names peer ", peer, ", outside [0, ", world, ")"));
-  }
-  if (bytes > 0 && data == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
-                                                   " bytes to/from rank ", peer,
-                                                   " has a null buffer"));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status NcclErrorStatus(ncclResult_t result, const char* expr, const char* file, int line,
@@ -185,14 +171,7 @@ absl::Status NcclCommunicator::WaitWhileInProgress(std::unique_lock<std::mutex>&
 absl::Status NcclCommunicator::Enqueue(absl::Span<const SendOp> sends,
                                        absl::Span<const RecvOp> recvs, cudaStream_t stream) {
   // A malformed batch is rejected before anything reaches NCCL, so it changes nothing.
-  for (size_t i = 0; i < sends.size(); ++i) {
-    RA_RETURN_IF_ERROR(
-        CheckOp(rank_, world_, sends[i].peer, sends[i].bytes, sends[i].data, "send", i));
-  }
-  for (size_t i = 0; i < recvs.size(); ++i) {
-    RA_RETURN_IF_ERROR(
-        CheckOp(rank_, world_, recvs[i].peer, recvs[i].bytes, recvs[i].data, "receive", i));
-  }
+  RA_RETURN_IF_ERROR(CheckBatch(rank_, world_, sends, recvs));
   std::unique_lock<std::mutex> lock(mu_);
   if (comm_ == nullptr) return abort_status_;
   // Inside a group NCCL only records the operations; errors are kept until ncclGroupEnd,

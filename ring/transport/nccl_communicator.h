@@ -1,6 +1,6 @@
 // The ring's GPU transport across processes and hosts: one NCCL communicator per rank, one
 // process per GPU (the caller selects the device, e.g. cudaSetDevice(local_rank), before
-// Create; NCCL refuses two ranks on one GPU, for which see inprocess_device_communicator.h).
+// Create; NCCL refuses two ranks on one GPU, for which see inprocess.h).
 //
 // RAII and fail-fast, after PyTorch's NCCLUtils / ProcessGroupNCCL:
 //  - the communicator is non-blocking (ncclConfig_t::blocking = 0), so no NCCL call can hang
