@@ -68,6 +68,15 @@ absl::Status CallGloo(const std::string& what, Fn&& fn) {
   }
 }
 
+// Gloo signals a store or connect timeout as an IoException like any other I/O error: a failure
+// once `timeout` has passed since `start` is that timeout.
+absl::Status TimeoutIfLate(const absl::Status& status, Clock::time_point start,
+                           milliseconds timeout) {
+  if (status.ok() || Clock::now() - start < timeout) return status;
+  return absl::DeadlineExceededError(
+      absl::StrCat(status.message(), " (gave up after ", timeout.count(), " ms)"));
+}
+
 // Gloo's waits take a relative timeout; -1 would mean "the context default", so never go
 // below zero. Rounded up so that a wait that times out has really reached the deadline.
 milliseconds TimeLeft(Clock::time_point deadline) {
@@ -149,6 +158,23 @@ absl::StatusOr<std::shared_ptr<gloo::rendezvous::Store>> MakeFileStore(const std
   return store;
 }
 
+absl::Status StoreSet(gloo::rendezvous::Store& store, const std::string& key,
+                      const std::vector<char>& value) {
+  return CallGloo(absl::StrCat("setting '", key, "' in the store"), [&] { store.set(key, value); });
+}
+
+absl::StatusOr<std::vector<char>> StoreGet(gloo::rendezvous::Store& store, const std::string& key,
+                                           milliseconds timeout) {
+  const Clock::time_point start = Clock::now();
+  std::vector<char> value;
+  const absl::Status got = CallGloo(absl::StrCat("getting '", key, "' from the store"), [&] {
+    store.wait({key}, timeout);
+    value = store.get(key);
+  });
+  RA_RETURN_IF_ERROR(TimeoutIfLate(got, start, timeout));
+  return value;
+}
+
 absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
     int rank, int world, std::shared_ptr<gloo::rendezvous::Store> store,
     const GlooOptions& options) {
@@ -172,14 +198,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
   std::shared_ptr<gloo::Context> context;
   absl::Status joined =
       CallGloo(what, [&] { context = ConnectMesh(rank, world, *store, options); });
-  if (!joined.ok()) {
-    // Gloo signals a store or connect timeout as an IoException like any other I/O error.
-    if (Clock::now() - start >= options.timeout) {
-      return absl::DeadlineExceededError(
-          absl::StrCat(joined.message(), " (gave up after ", options.timeout.count(), " ms)"));
-    }
-    return joined;
-  }
+  RA_RETURN_IF_ERROR(TimeoutIfLate(joined, start, options.timeout));
   return std::unique_ptr<GlooCommunicator>(
       new GlooCommunicator(rank, world, options.timeout, std::move(context)));
 }
