@@ -23,15 +23,26 @@ struct RecvOp {
   size_t bytes;
 };
 
-class Communicator {
+// One rank of a fixed group of ranks that trade bytes: what the host interface (Communicator,
+// below) and the device one (DeviceCommunicator, device_communicator.h) share.
+class GroupRank {
  public:
-  virtual ~Communicator() = default;
-  Communicator() = default;
-  Communicator(const Communicator&) = delete;
-  Communicator& operator=(const Communicator&) = delete;
+  virtual ~GroupRank() = default;
+  GroupRank() = default;
+  GroupRank(const GroupRank&) = delete;
+  GroupRank& operator=(const GroupRank&) = delete;
 
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
+
+  // Fails pending and later operations with `reason` and releases peers blocked on this rank
+  // where the transport can. Idempotent; the first reason sticks. Any thread may call it.
+  virtual void Abort(const absl::Status& reason) = 0;
+};
+
+// Transfers the host waits for (Start, then Wait), of buffers in memory_space().
+class Communicator : public GroupRank {
+ public:
   // Where the buffers handed to Start must live.
   virtual MemorySpace memory_space() const = 0;
 
@@ -48,11 +59,13 @@ class Communicator {
   // communicator is aborted and every later call fails at once. Waiting with nothing posted
   // returns OK.
   virtual absl::Status Wait() = 0;
-
-  // Fails pending and later operations with `reason` and releases peers blocked on this rank
-  // where the transport can. Idempotent; the first reason sticks.
-  virtual void Abort(const absl::Status& reason) = 0;
 };
+
+// InvalidArgument unless every operation names a peer in [0, world) and has a buffer when it
+// carries bytes: what every transport checks before posting anything, so that a malformed batch
+// changes nothing.
+absl::Status CheckBatch(int rank, int world, absl::Span<const SendOp> sends,
+                        absl::Span<const RecvOp> recvs);
 
 // Start followed by Wait.
 inline absl::Status Exchange(Communicator& comm, absl::Span<const SendOp> sends,

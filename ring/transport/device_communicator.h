@@ -1,7 +1,7 @@
 // The ring's transport interface on GPUs: batched point-to-point transfers between the ranks of
 // a fixed group, ordered on a CUDA stream rather than waited for on the host. Implementations:
 // NCCL (nccl_communicator.h: one process per GPU, across hosts) and in-process
-// (inprocess_device_communicator.h: ranks as threads sharing one GPU; tests and benchmarks).
+// (inprocess.h: ranks as threads sharing one GPU; tests and benchmarks).
 //
 // The host interface (communicator.h) is Start + Wait on the host; here the host only enqueues,
 // and the stream carries the dependency: work enqueued on the stream before Enqueue happens
@@ -15,19 +15,15 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "ring/transport/communicator.h"  // SendOp, RecvOp
+#include "ring/transport/communicator.h"  // GroupRank, SendOp, RecvOp
 
 namespace ringattn {
 
-class DeviceCommunicator {
+// rank(), world_size() and Abort: GroupRank (communicator.h). Abort releases peers where the
+// transport can (in-process: every rank; NCCL: ncclCommAbort, which frees this process's
+// kernels; remote ranks learn of it from their own watchdog or the coordinator).
+class DeviceCommunicator : public GroupRank {
  public:
-  virtual ~DeviceCommunicator() = default;
-  DeviceCommunicator() = default;
-  DeviceCommunicator(const DeviceCommunicator&) = delete;
-  DeviceCommunicator& operator=(const DeviceCommunicator&) = delete;
-
-  virtual int rank() const = 0;
-  virtual int world_size() const = 0;
   // How long one transfer or one WaitStream may take before the group is declared stuck.
   virtual absl::Duration timeout() const = 0;
 
@@ -46,12 +42,6 @@ class DeviceCommunicator {
   // Non-blocking health check: the abort reason once aborted, else an asynchronous transport
   // error (which aborts the group), else OK.
   virtual absl::Status CheckHealth() = 0;
-
-  // Fails pending and later operations with `reason` and releases peers where the transport
-  // can (in-process: every rank; NCCL: ncclCommAbort, which frees this process's kernels; remote
-  // ranks learn of it from their own watchdog or the coordinator). Idempotent; the first
-  // reason sticks. May be called from any thread.
-  virtual void Abort(const absl::Status& reason) = 0;
 
   // The watchdog wait (nccl-tests testStreamSynchronize, PyTorch WorkNCCL::checkTimeout): polls
   // cudaStreamQuery(stream) and CheckHealth() until the stream is done, a CUDA or transport

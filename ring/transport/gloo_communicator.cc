@@ -68,6 +68,15 @@ absl::Status CallGloo(const std::string& what, Fn&& fn) {
   }
 }
 
+// Gloo signals a store or connect timeout as an IoException like any other I/O error: a failure
+// once `timeout` has passed since `start` is that timeout.
+absl::Status TimeoutIfLate(const absl::Status& status, Clock::time_point start,
+                           milliseconds timeout) {
+  if (status.ok() || Clock::now() - start < timeout) return status;
+  return absl::DeadlineExceededError(
+      absl::StrCat(status.message(), " (gave up after ", timeout.count(), " ms)"));
+}
+
 // Gloo's waits take a relative timeout; -1 would mean "the context default", so never go
 // below zero. Rounded up so that a wait that times out has really reached the deadline.
 milliseconds TimeLeft(Clock::time_point deadline) {
@@ -75,22 +84,12 @@ milliseconds TimeLeft(Clock::time_point deadline) {
   return std::max(left, milliseconds::zero());
 }
 
-absl::Status CheckOp(int rank, int world, int peer, size_t bytes, const void* data,
-                     const char* kind, size_t i) {
-  if (peer < 0 || peer >= world) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, ": ", kind, " ", i, " names peer ", peer, ", outside [0, ", world, ")"));
-  }
-  if (bytes > 0 && data == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes, " bytes has a null buffer"));
-  }
-  if (bytes > kMaxBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
-                                                   " bytes exceeds the Gloo transport's ",
-                                                   kMaxBytes, "-byte limit per transfer"));
-  }
-  return absl::OkStatus();
+// Beyond CheckBatch: the byte count must fit a payload slot.
+absl::Status CheckFitsSlot(int rank, size_t bytes, const char* kind, size_t i) {
+  if (bytes <= kMaxBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
+                                                 " bytes exceeds the Gloo transport's ", kMaxBytes,
+                                                 "-byte limit per transfer"));
 }
 
 // Meets the other ranks in `store` and connects to each of them. Throws what Gloo throws; call
@@ -159,6 +158,23 @@ absl::StatusOr<std::shared_ptr<gloo::rendezvous::Store>> MakeFileStore(const std
   return store;
 }
 
+absl::Status StoreSet(gloo::rendezvous::Store& store, const std::string& key,
+                      const std::vector<char>& value) {
+  return CallGloo(absl::StrCat("setting '", key, "' in the store"), [&] { store.set(key, value); });
+}
+
+absl::StatusOr<std::vector<char>> StoreGet(gloo::rendezvous::Store& store, const std::string& key,
+                                           milliseconds timeout) {
+  const Clock::time_point start = Clock::now();
+  std::vector<char> value;
+  const absl::Status got = CallGloo(absl::StrCat("getting '", key, "' from the store"), [&] {
+    store.wait({key}, timeout);
+    value = store.get(key);
+  });
+  RA_RETURN_IF_ERROR(TimeoutIfLate(got, start, timeout));
+  return value;
+}
+
 absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
     int rank, int world, std::shared_ptr<gloo::rendezvous::Store> store,
     const GlooOptions& options) {
@@ -182,14 +198,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
   std::shared_ptr<gloo::Context> context;
   absl::Status joined =
       CallGloo(what, [&] { context = ConnectMesh(rank, world, *store, options); });
-  if (!joined.ok()) {
-    // Gloo signals a store or connect timeout as an IoException like any other I/O error.
-    if (Clock::now() - start >= options.timeout) {
-      return absl::DeadlineExceededError(
-          absl::StrCat(joined.message(), " (gave up after ", options.timeout.count(), " ms)"));
-    }
-    return joined;
-  }
+  RA_RETURN_IF_ERROR(TimeoutIfLate(joined, start, options.timeout));
   return std::unique_ptr<GlooCommunicator>(
       new GlooCommunicator(rank, world, options.timeout, std::move(context)));
 }
@@ -215,17 +224,16 @@ GlooCommunicator::~GlooCommunicator() {
 
 absl::Status GlooCommunicator::ValidateBatch(absl::Span<const SendOp> sends,
                                              absl::Span<const RecvOp> recvs) const {
+  RA_RETURN_IF_ERROR(CheckBatch(rank_, world_, sends, recvs));
   std::vector<size_t> self_sends;
   std::vector<size_t> self_recvs;
   for (size_t i = 0; i < sends.size(); ++i) {
-    const SendOp& s = sends[i];
-    RA_RETURN_IF_ERROR(CheckOp(rank_, world_, s.peer, s.bytes, s.data, "send", i));
-    if (s.peer == rank_) self_sends.push_back(s.bytes);
+    RA_RETURN_IF_ERROR(CheckFitsSlot(rank_, sends[i].bytes, "send", i));
+    if (sends[i].peer == rank_) self_sends.push_back(sends[i].bytes);
   }
   for (size_t i = 0; i < recvs.size(); ++i) {
-    const RecvOp& r = recvs[i];
-    RA_RETURN_IF_ERROR(CheckOp(rank_, world_, r.peer, r.bytes, r.data, "receive", i));
-    if (r.peer == rank_) self_recvs.push_back(r.bytes);
+    RA_RETURN_IF_ERROR(CheckFitsSlot(rank_, recvs[i].bytes, "receive", i));
+    if (recvs[i].peer == rank_) self_recvs.push_back(recvs[i].bytes);
   }
   // Gloo has no connection to self; such transfers are copied here, within the batch.
   if (self_sends.size() != self_recvs.size()) {

@@ -48,6 +48,14 @@ struct GlooOptions {
 // be written only once, so reuse a directory only with a fresh GlooOptions::key_prefix.
 absl::StatusOr<std::shared_ptr<gloo::rendezvous::Store>> MakeFileStore(const std::string& path);
 
+// A store's calls without exceptions (gloo::rendezvous::Store throws), for whatever else ranks
+// trade through it (the NCCL unique id). Unavailable for a failed call; StoreGet waits up to
+// `timeout` for the key (DeadlineExceeded past it).
+absl::Status StoreSet(gloo::rendezvous::Store& store, const std::string& key,
+                      const std::vector<char>& value);
+absl::StatusOr<std::vector<char>> StoreGet(gloo::rendezvous::Store& store, const std::string& key,
+                                           std::chrono::milliseconds timeout);
+
 class GlooCommunicator final : public Communicator {
  public:
   // Joins ring `options.key_prefix` as `rank` of `world` and connects to every other rank;

@@ -1,126 +1,94 @@
-// A Communicator whose ranks are threads of one process: the ring's test transport, and the
-// shape a single-process multi-GPU transport would take.
+// Transports whose ranks are threads of one process: the ring's test and benchmark transports.
+// InProcessGroup carries host memory (a Communicator: Start, then Wait). InProcessDeviceGroup
+// (CUDA builds) carries device memory of one GPU shared by every rank, each rank with its own
+// streams (a DeviceCommunicator: Enqueue on a stream), for rings of several ranks on one card,
+// which NCCL refuses.
 //
-// The ranks share an InProcessGroup. Transfers between one ordered pair of ranks (src, dst)
-// match first-in first-out; whichever side posts second copies the bytes straight from the
-// sender's buffer into the receiver's, so nothing is buffered in between. The group fails as a
-// whole: an abort, a timeout or a byte-count mismatch on any rank fails every rank's pending
-// and later calls with the same status, so one failing rank never leaves the others waiting.
+// Both are one mailbox that differs only in how a matched pair's bytes move. Transfers between
+// one ordered pair of ranks (src, dst) match first-in first-out; whichever side posts second
+// moves the bytes straight from the sender's buffer into the receiver's, nothing buffered in
+// between: a memcpy on the host (outside the group's lock, so every rank's copies run in
+// parallel), or on the device a cudaMemcpyAsync on the RECEIVER's stream, after the point
+// where the sender's stream had its data ready, with the sender's stream made to wait for the
+// copy before its Enqueue returns. So Enqueue returns once every transfer of the batch is
+// matched and ordered on the streams: work enqueued before it on a rank's stream happens
+// before the transfers read or write, work enqueued after sees their result, and no host
+// thread waits for the GPU.
+//
+// The group fails as a whole: an abort, a timeout or a byte-count mismatch on any rank fails
+// every rank's pending and later calls with the same status, so one failing rank never leaves
+// the others waiting. After an abort no copy starts any more; host copies under way finish
+// before their owners' Wait returns, device copies already enqueued are finite, so every rank's
+// streams drain.
+//
+// Device groups: every rank's streams belong to the GPU current on the threads that call
+// Enqueue.
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
-#include <cstdint>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/types/span.h"
 #include "ring/transport/communicator.h"
+#include "ringattn_config.h"
 
 namespace ringattn {
 
-class InProcessGroup : public std::enable_shared_from_this<InProcessGroup> {
+class DeviceCommunicator;  // device_communicator.h
+
+namespace inprocess_internal {
+template <typename Comm>
+class Mailbox;
+}  // namespace inprocess_internal
+
+// A group of ranks whose communicators are of type Comm: Communicator (InProcessGroup) or
+// DeviceCommunicator (InProcessDeviceGroup).
+template <typename Comm>
+class BasicInProcessGroup {
  public:
-  // A group of `world_size` ranks (>= 1). Each Wait gives up after `timeout` (> 0) with
-  // DeadlineExceeded, which also aborts the group.
-  static absl::StatusOr<std::shared_ptr<InProcessGroup>> Create(int world_size,
-                                                                std::chrono::milliseconds timeout);
+  // A group of `world_size` ranks (>= 1). A batch whose transfers are not all matched within
+  // `timeout` (> 0) of its Wait (host) or Enqueue (device) fails with DeadlineExceeded, which
+  // also aborts the group.
+  static absl::StatusOr<std::shared_ptr<BasicInProcessGroup>> Create(
+      int world_size, std::chrono::milliseconds timeout);
 
   // A new group and all of its communicators, rank r at index r.
-  static absl::StatusOr<std::vector<std::unique_ptr<Communicator>>> CreateCommunicators(
+  static absl::StatusOr<std::vector<std::unique_ptr<Comm>>> CreateCommunicators(
       int world_size, std::chrono::milliseconds timeout);
 
   // The communicator of `rank`; each rank can be taken once (FailedPrecondition otherwise).
-  // The communicator keeps the group alive. Its methods other than Abort are meant for one
-  // thread, the rank's own; Abort may come from any thread.
-  absl::StatusOr<std::unique_ptr<Communicator>> MakeCommunicator(int rank);
+  // The communicator keeps the group's state alive. Its methods are meant for one thread, the
+  // rank's own, except Abort and a device communicator's CheckHealth, which any thread may call.
+  // Destroying it with a batch in flight aborts the group.
+  absl::StatusOr<std::unique_ptr<Comm>> MakeCommunicator(int rank);
 
-  // Aborts every rank, as Communicator::Abort on any of them does.
+  // Aborts every rank, as Abort on any communicator of the group does.
   void Abort(const absl::Status& reason);
+  // The abort reason, or OK.
+  absl::Status status() const;
 
-  int world_size() const { return world_size_; }
-  std::chrono::milliseconds timeout() const { return timeout_; }
+  int world_size() const;
+  std::chrono::milliseconds timeout() const;
 
-  InProcessGroup(const InProcessGroup&) = delete;
-  InProcessGroup& operator=(const InProcessGroup&) = delete;
+  ~BasicInProcessGroup();
+  BasicInProcessGroup(const BasicInProcessGroup&) = delete;
+  BasicInProcessGroup& operator=(const BasicInProcessGroup&) = delete;
 
  private:
-  friend class InProcessCommunicator;
+  explicit BasicInProcessGroup(std::shared_ptr<inprocess_internal::Mailbox<Comm>> mailbox);
 
-  // One posted transfer with bytes to move. Owned by its rank's batch.
-  struct Op {
-    enum class State { kQueued, kCopying, kFinished };
-    bool is_send = false;
-    int owner = 0;  // the rank that posted it
-    int peer = 0;
-    uint64_t index = 0;  // how many transfers in this direction between the pair came before
-    size_t bytes = 0;
-    const void* send_data = nullptr;
-    void* recv_data = nullptr;
-    State state = State::kQueued;
-  };
-
-  // What one rank has in flight.
-  struct RankState {
-    bool taken = false;  // MakeCommunicator handed it out
-    bool in_flight = false;
-    std::vector<std::unique_ptr<Op>> ops;
-    int unfinished = 0;
-    std::vector<uint64_t> sends_posted;  // per destination, zero-byte transfers included
-    std::vector<uint64_t> recvs_posted;  // per source
-  };
-
-  // Transfers posted first and still waiting for their counterpart, for one (src, dst) pair.
-  // At most one of the two is non-empty: a post that finds the other kind matches it instead.
-  struct PairQueue {
-    std::deque<Op*> sends;
-    std::deque<Op*> recvs;
-  };
-
-  // A matched send and receive whose bytes the second poster copies outside the lock.
-  struct Match {
-    Op* send;
-    Op* recv;
-  };
-
-  InProcessGroup(int world_size, std::chrono::milliseconds timeout);
-
-  absl::Status Start(int rank, absl::Span<const SendOp> sends, absl::Span<const RecvOp> recvs);
-  absl::Status Wait(int rank);
-  // Aborts a batch left in flight and waits out its copies, so its buffers can go.
-  void Release(int rank);
-
-  absl::Status ValidateBatch(int rank, absl::Span<const SendOp> sends,
-                             absl::Span<const RecvOp> recvs) const;
-  // The *Locked functions need mu_ held. CopyMatches needs it not held.
-  // Queues `op` or matches it with its counterpart; a match is appended to `matches`.
-  absl::Status PostLocked(Op* op, std::vector<Match>* matches);
-  void CopyMatches(const std::vector<Match>& matches);
-  void FinishLocked(Op* op);
-  bool AnyCopyingLocked(const RankState& state) const;
-  void ClearBatchLocked(RankState& state);
-  absl::Status TimeoutStatusLocked(int rank) const;
-  void AbortLocked(const absl::Status& reason);
-  PairQueue& QueueLocked(int src, int dst) {
-    return queues_[static_cast<size_t>(src) * world_size_ + dst];
-  }
-
-  const int world_size_;
-  const std::chrono::milliseconds timeout_;
-
-  // std::mutex rather than absl::Mutex: the prebuilt Abseil is invisible to ThreadSanitizer,
-  // pthread-based locks are not.
-  std::mutex mu_;
-  // Notified on every finished transfer and on abort; waiters recheck their own batch.
-  std::condition_variable changed_;
-  // Guarded by mu_:
-  absl::Status abort_status_;
-  std::vector<RankState> ranks_;
-  std::vector<PairQueue> queues_;  // [src * world_size + dst]
+  // Shared with the communicators.
+  const std::shared_ptr<inprocess_internal::Mailbox<Comm>> mailbox_;
 };
+
+using InProcessGroup = BasicInProcessGroup<Communicator>;
+extern template class BasicInProcessGroup<Communicator>;
+
+#if RINGATTN_HAVE_CUDA
+using InProcessDeviceGroup = BasicInProcessGroup<DeviceCommunicator>;
+extern template class BasicInProcessGroup<DeviceCommunicator>;
+#endif
 
 }  // namespace ringattn

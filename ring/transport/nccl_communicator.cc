@@ -27,20 +27,6 @@ using Clock = std::chrono::steady_clock;
     }                                                                                       \
   } while (0)
 
-absl::Status CheckOp(int rank, int world, int peer, size_t bytes, const void* data,
-                     const char* kind, size_t i) {
-  if (peer < 0 || peer >= world) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, ": ", kind, " ", i, " names peer ", peer, ", outside [0, ", world, ")"));
-  }
-  if (bytes > 0 && data == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, ": ", kind, " ", i, " of ", bytes,
-                                                   " bytes to/from rank ", peer,
-                                                   " has a null buffer"));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status NcclErrorStatus(ncclResult_t result, const char* expr, const char* file, int line,
@@ -155,26 +141,16 @@ absl::Status NcclCommunicator::WaitWhileInProgress(std::unique_lock<std::mutex>&
   for (;;) {
     if (comm_ == nullptr) return abort_status_;  // Abort got in between two polls
     ncclResult_t state = ncclSuccess;
-    const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
-    if (query != ncclSuccess) {
-      const absl::Status error =
-          NcclErrorStatus(query, "ncclCommGetAsyncError(comm_, &state)", __FILE__, __LINE__, comm_);
-      AbortLocked(error);
-      return error;
-    }
+    RA_RETURN_IF_ERROR(QueryStateLocked(&state));
     if (state == ncclSuccess) return absl::OkStatus();
     if (state != ncclInProgress) {
-      const absl::Status error = NcclErrorStatus(state, what, __FILE__, __LINE__, comm_);
-      AbortLocked(error);
-      return error;
+      return FailLocked(NcclErrorStatus(state, what, __FILE__, __LINE__, comm_));
     }
     const Clock::time_point now = Clock::now();
     if (now >= deadline) {
-      const absl::Status timed_out = absl::DeadlineExceededError(
+      return FailLocked(absl::DeadlineExceededError(
           absl::StrCat("rank ", rank_, " of ", world_, ": ", what, " still in progress after ",
-                       absl::FormatDuration(timeout_), "; NCCL communicator aborted"));
-      AbortLocked(timed_out);
-      return timed_out;
+                       absl::FormatDuration(timeout_), "; NCCL communicator aborted")));
     }
     lock.unlock();
     device_comm_internal::PollPause(absl::FromChrono(now - start));
@@ -185,14 +161,7 @@ absl::Status NcclCommunicator::WaitWhileInProgress(std::unique_lock<std::mutex>&
 absl::Status NcclCommunicator::Enqueue(absl::Span<const SendOp> sends,
                                        absl::Span<const RecvOp> recvs, cudaStream_t stream) {
   // A malformed batch is rejected before anything reaches NCCL, so it changes nothing.
-  for (size_t i = 0; i < sends.size(); ++i) {
-    RA_RETURN_IF_ERROR(
-        CheckOp(rank_, world_, sends[i].peer, sends[i].bytes, sends[i].data, "send", i));
-  }
-  for (size_t i = 0; i < recvs.size(); ++i) {
-    RA_RETURN_IF_ERROR(
-        CheckOp(rank_, world_, recvs[i].peer, recvs[i].bytes, recvs[i].data, "receive", i));
-  }
+  RA_RETURN_IF_ERROR(CheckBatch(rank_, world_, sends, recvs));
   std::unique_lock<std::mutex> lock(mu_);
   if (comm_ == nullptr) return abort_status_;
   // Inside a group NCCL only records the operations; errors are kept until ncclGroupEnd,
@@ -205,10 +174,7 @@ absl::Status NcclCommunicator::Enqueue(absl::Span<const SendOp> sends,
   };
   const ncclResult_t start = ncclGroupStart();
   if (start != ncclSuccess) {
-    const absl::Status error =
-        NcclErrorStatus(start, "ncclGroupStart()", __FILE__, __LINE__, comm_);
-    AbortLocked(error);
-    return error;
+    return FailLocked(NcclErrorStatus(start, "ncclGroupStart()", __FILE__, __LINE__, comm_));
   }
   // Zero-byte operations are skipped on both sides (sizes are symmetric by contract).
   for (const SendOp& s : sends) {
@@ -223,10 +189,7 @@ absl::Status NcclCommunicator::Enqueue(absl::Span<const SendOp> sends,
   }
   const ncclResult_t end = ncclGroupEnd();
   note(end, "ncclGroupEnd()", __LINE__);
-  if (!first_error.ok()) {
-    AbortLocked(first_error);
-    return first_error;
-  }
+  if (!first_error.ok()) return FailLocked(first_error);
   // Non-blocking: ncclInProgress means NCCL is still connecting peers or putting the kernels
   // on `stream`; nothing enqueued on `stream` after this call may come before them.
   if (end == ncclInProgress) return WaitWhileInProgress(lock, "ncclGroupEnd (send/recv)");
@@ -237,16 +200,20 @@ absl::Status NcclCommunicator::CheckHealth() {
   std::lock_guard<std::mutex> lock(mu_);
   if (comm_ == nullptr) return abort_status_;
   ncclResult_t state = ncclSuccess;
-  const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
-  if (query != ncclSuccess) {
-    const absl::Status error =
-        NcclErrorStatus(query, "ncclCommGetAsyncError(comm_, &state)", __FILE__, __LINE__, comm_);
-    AbortLocked(error);
-    return error;
-  }
+  RA_RETURN_IF_ERROR(QueryStateLocked(&state));
   if (state == ncclSuccess || state == ncclInProgress) return absl::OkStatus();
-  const absl::Status error = NcclErrorStatus(
-      state, "asynchronous NCCL error (ncclCommGetAsyncError)", __FILE__, __LINE__, comm_);
+  return FailLocked(NcclErrorStatus(state, "asynchronous NCCL error (ncclCommGetAsyncError)",
+                                    __FILE__, __LINE__, comm_));
+}
+
+absl::Status NcclCommunicator::QueryStateLocked(ncclResult_t* state) {
+  const ncclResult_t query = ncclCommGetAsyncError(comm_, state);
+  if (query == ncclSuccess) return absl::OkStatus();
+  return FailLocked(
+      NcclErrorStatus(query, "ncclCommGetAsyncError(comm_, state)", __FILE__, __LINE__, comm_));
+}
+
+absl::Status NcclCommunicator::FailLocked(const absl::Status& error) {
   AbortLocked(error);
   return error;
 }

@@ -1,6 +1,6 @@
 // The ring's GPU transport across processes and hosts: one NCCL communicator per rank, one
 // process per GPU (the caller selects the device, e.g. cudaSetDevice(local_rank), before
-// Create; NCCL refuses two ranks on one GPU, for which see inprocess_device_communicator.h).
+// Create; NCCL refuses two ranks on one GPU, for which see inprocess.h).
 //
 // RAII and fail-fast, after PyTorch's NCCLUtils / ProcessGroupNCCL:
 //  - the communicator is non-blocking (ncclConfig_t::blocking = 0), so no NCCL call can hang
@@ -81,6 +81,10 @@ class NcclCommunicator final : public DeviceCommunicator {
   // the operation for errors. Releases mu_ between polls so that Abort can get in. On an error
   // or the deadline, aborts and returns it.
   absl::Status WaitWhileInProgress(std::unique_lock<std::mutex>& lock, const char* what);
+  // ncclCommGetAsyncError on the live comm_: its state in *state; a failed query aborts.
+  absl::Status QueryStateLocked(ncclResult_t* state);
+  // Aborts with `error` and returns it.
+  absl::Status FailLocked(const absl::Status& error);
   void AbortLocked(const absl::Status& reason);
 
   const int rank_;
