@@ -354,35 +354,5 @@ TEST(RingBackwardFailures, AFailingKernelCallReleasesTheOthers) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
 }
 
-// A backward backend that only declares whether it takes two runs of positions.
-class DeclaringBackwardBackend final : public AttentionBackwardBackend {
- public:
-  explicit DeclaringBackwardBackend(bool runs) : runs_(runs) {}
-  std::string_view name() const override { return "declaring"; }
-  MemorySpace memory_space() const override { return MemorySpace::kHost; }
-  absl::Status Backward(const AttentionBackwardParams&) override {
-    return absl::UnimplementedError("declaring only");
-  }
-  absl::Status ComputeDelta(const AttentionBackwardParams&, float*) override {
-    return absl::UnimplementedError("declaring only");
-  }
-  bool supports_position_runs() const override { return runs_; }
-
- private:
-  bool runs_;
-};
-
-// The first step (own block) writes dq and dK/dV where it is one call over both whole shards:
-// every layout and W with position runs, one-segment shards only without; never a rank without
-// rows.
-TEST(RingBackwardStep, FirstStepWritesWhereItIsOneWholeCall) {
-  test::ForEachRankOfSmallPlans([](const ShardPlan& plan, int world, int r) {
-    const Shard& mine = plan.shards[r];
-    EXPECT_EQ(BackwardStepWrites(plan, r, r, DeclaringBackwardBackend(true)), mine.rows > 0);
-    EXPECT_EQ(BackwardStepWrites(plan, r, r, DeclaringBackwardBackend(false)),
-              mine.rows > 0 && mine.segments.size() == 1);
-  });
-}
-
 }  // namespace
 }  // namespace ringattn
