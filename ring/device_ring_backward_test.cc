@@ -319,18 +319,7 @@ INSTANTIATE_TEST_SUITE_P(Lengths, DeviceRingBackwardLengths,
                                                std::get<1>(info.param));
                          });
 
-struct OptionCase {
-  std::string name;
-  DType dtype;
-  int heads, heads_k, head_dim;
-  int64_t seqlen;
-  bool causal;
-  std::pair<int64_t, int64_t> window;
-  bool alibi;
-  float softcap;
-};
-
-void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
+using test::OptionCase;
 
 class DeviceRingBackwardOptions : public GpuTest,
                                   public ::testing::WithParamInterface<OptionCase> {};

@@ -33,17 +33,7 @@
 namespace ringattn {
 namespace {
 
-struct Problem {
-  DType dtype = DType::kF32;
-  DType grad_dtype = DType::kF32;
-  int batch = 1;
-  int64_t seqlen = 255;
-  int heads = 5;
-  int heads_k = 5;
-  int head_dim = 64;
-  RingAttentionOptions options;
-  uint64_t seed = 7;
-};
+using Problem = test::HostProblem;
 
 using test::BackwardInputs;
 using test::ExpectClose;
@@ -150,10 +140,7 @@ TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
   test::ApplyOptionCase(c, &pr);
-  if (c.alibi) {
-    for (int h = 0; h < c.heads; ++h)
-      pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
-  }
+  if (c.alibi) pr.options.alibi_slopes = test::HostAlibiSlopes(c.heads);
   const Inputs in = MakeInputs(pr);
   const Grads single = RunSingle(pr, in);
   for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
@@ -168,31 +155,8 @@ TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   std::printf("    ring(4) vs fp64 reference: worst rel L2 %.2e\n", e);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Options, RingBackwardOptions,
-    ::testing::Values(
-        OptionCase{"gqa8to2", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0},
-        OptionCase{"mqa8to1", DType::kF32, 8, 1, 64, 7, false, {-1, -1}, false, 0},
-        OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
-        OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
-        OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
-        OptionCase{"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
-        OptionCase{"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f,
-                   0.5f},
-        OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
-        OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
-        OptionCase{"all_fp32", DType::kF32, 8, 2, 64, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
-        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
-        OptionCase{
-            "seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0},
-        // Packed sequences: gradients stay inside each sequence across shards.
-        OptionCase{"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
-                   {0, 1, 8, 8, 200, 381}},
-        OptionCase{"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
-                   0.3f, {0, 7, 150, 381}}),
-    [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Options, RingBackwardOptions,
+                         ::testing::ValuesIn(test::HostOptionCases()), test::OptionCaseName);
 
 // ---- Gradients in the input dtype, batch > 1, the reference backend ---------------------------
 
