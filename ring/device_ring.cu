@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <vector>
@@ -18,7 +19,6 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_backward.h"
 #include "kernels/dtype.h"
-#include "ring/device_ring_util.h"  // ReportIfError
 
 namespace ringattn {
 
@@ -79,8 +79,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// For the destructor, which cannot return a status: errors on stderr.
 void ReportIfError(cudaError_t e, const char* what) {
-  device_ring_internal::ReportIfError("DeviceRingWorkspace", e, what);
+  if (e == cudaSuccess) return;
+  std::fprintf(stderr, "DeviceRingWorkspace: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
+               cudaGetErrorString(e));
 }
 
 void ReportIfError(const absl::Status& s) {

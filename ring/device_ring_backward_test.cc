@@ -25,7 +25,7 @@
 // order of the fp32 sums differs (dQ over key blocks, dK/dV over ranks), so 1e-3 is loose.
 // "cudnn" rounds each call's dQ/dK/dV to the input dtype before adding them in fp32, so a ring
 // step's partial sums are rounded separately: 1e-2.
-#include "ring/device_ring_backward.h"
+#include "ring/device_ring.h"
 
 #include <cuda_runtime_api.h>
 

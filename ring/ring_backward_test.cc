@@ -7,7 +7,7 @@
 // (dK/dV sum over ranks), so rel L2 <= 1e-5 (measured <= 3e-7). Against the exact fp64
 // reference, the forward's output rounded to bf16/fp16 feeds D = rowsum(dO * O): that
 // rounding, not the ring, sets the error (see kReferenceTolerance).
-#include "ring/ring_backward.h"
+#include "ring/host_ring.h"
 
 #include <atomic>
 #include <chrono>
