@@ -1,5 +1,3 @@
-#include "ring/accumulator_kernels.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -7,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
+#include "ring/accumulator_kernels.h"
 
 namespace ringattn {
 namespace {

@@ -1,5 +1,3 @@
-#include "ring/device_ring.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,6 +17,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_backward.h"
 #include "kernels/dtype.h"
+#include "ring/device_ring.h"
 
 namespace ringattn {
 
@@ -28,12 +27,12 @@ struct DeviceRingWorkspace::State {
   // Sizes one call needs.
   struct Needs {
     RingDirection direction = RingDirection::kForward;
-    int steps = 0;             // timing events per kind
-    size_t slot_bytes = 0;     // one K/V receive slot: K then V of the largest shard
-    size_t q_floats = 0;       // forward o, backward dq: [batch, rows, heads, head_dim]
-    size_t row_floats = 0;     // forward lse, backward D: [batch, heads, rows]
-    size_t dkv_floats = 0;     // one dK/dV accumulator: [2][batch, max rows, heads_k, head_dim]
-    int dkv_buffers = 0;       // how many: 1 (one rank) or 3 (this rank's x2, the received)
+    int steps = 0;          // timing events per kind
+    size_t slot_bytes = 0;  // one K/V receive slot: K then V of the largest shard
+    size_t q_floats = 0;    // forward o, backward dq: [batch, rows, heads, head_dim]
+    size_t row_floats = 0;  // forward lse, backward D: [batch, heads, rows]
+    size_t dkv_floats = 0;  // one dK/dV accumulator: [2][batch, max rows, heads_k, head_dim]
+    int dkv_buffers = 0;    // how many: 1 (one rank) or 3 (this rank's x2, the received)
   };
 
   // Creates the streams and events and grows the buffers to `needs`, on the current device.
@@ -45,7 +44,10 @@ struct DeviceRingWorkspace::State {
   RingBuffers Buffers(const void* k, const void* v, size_t v_offset) const;
   float* q_acc() const { return q_acc_.as<float>(); }
   float* row_acc() const { return row_acc_.as<float>(); }
-  float* dkv(int i) const { return dkv_.as<float>() + static_cast<size_t>(i) * dkv_stride_; }
+  float* dkv(int i) const {  // accumulator i, or null while none is held
+    return dkv_.get() == nullptr ? nullptr
+                                 : dkv_.as<float>() + static_cast<size_t>(i) * dkv_stride_;
+  }
   size_t bytes_reserved() const {
     return kv_slots_.bytes() + q_acc_.bytes() + row_acc_.bytes() + dkv_.bytes() + alibi_.bytes();
   }
@@ -58,8 +60,8 @@ struct DeviceRingWorkspace::State {
   // only: comm_waited, step_done, return_*; the forward's only: begin, end.
   std::vector<cudaEvent_t> start, kernels_done, comm_done, comm_waited, step_done;
   cudaEvent_t begin = nullptr, end = nullptr;  // the forward's first and last compute operation
-  cudaEvent_t return_done = nullptr;    // comm stream, after the return hop
-  cudaEvent_t return_waited = nullptr;  // compute stream, once the return hop has landed
+  cudaEvent_t return_done = nullptr;           // comm stream, after the return hop
+  cudaEvent_t return_waited = nullptr;         // compute stream, once the return hop has landed
 
  private:
   // Two receive slots, each [2][batch, max_rows, heads_k, head_dim] (K then V), in one block:
@@ -165,9 +167,8 @@ absl::StatusOr<const float*> DeviceRingWorkspace::State::AlibiSlopes(
   RA_RETURN_IF_ERROR(alibi_.Reserve(slopes.size() * sizeof(float)));
   // From pageable memory: the runtime stages the bytes before returning, so `slopes` may change
   // afterwards; the copy lands in stream order before the kernels that read it.
-  RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(alibi_.get(), slopes.data(),
-                                          slopes.size() * sizeof(float), cudaMemcpyHostToDevice,
-                                          compute));
+  RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+      alibi_.get(), slopes.data(), slopes.size() * sizeof(float), cudaMemcpyHostToDevice, compute));
   alibi_host_ = slopes;
   return static_cast<const float*>(alibi_.as<float>());
 }
@@ -179,7 +180,7 @@ RingBuffers DeviceRingWorkspace::State::Buffers(const void* k, const void* v,
   b.kv_slots[0] = kv_slots_.as<std::byte>();
   b.kv_slots[1] = kv_slots_.as<std::byte>() + kv_slots_.bytes() / 2;
   b.kv_slot_v_offset = v_offset;
-  for (int i = 0; i < 3; ++i) b.dkv[i] = dkv_.get() == nullptr ? nullptr : dkv(i);
+  for (int i = 0; i < 3; ++i) b.dkv[i] = dkv(i);
   return b;
 }
 
@@ -344,8 +345,8 @@ absl::Status CheckDeviceCall(const DeviceCommunicator& comm, const Backend& back
   RA_RETURN_IF_ERROR(
       CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
   if (backend.memory_space() != MemorySpace::kDevice || !is_cuda) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " needs a ", backends, ", got '",
-                                                   std::string(backend.name()), "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " needs a ", backends, ", got '", std::string(backend.name()), "'"));
   }
   if (ws == nullptr) return absl::InvalidArgumentError(absl::StrCat(what, " needs a workspace"));
   return absl::OkStatus();
@@ -404,9 +405,8 @@ class ForwardCall {
       // Unless the last step did: the fp32 accumulators rounded once into the caller's dtype,
       // and the lse.
       if (!s_.last_finalizes()) {
-        RA_RETURN_IF_ERROR(LaunchConvertFromFloat(ws.q_acc(), t_.out, t_.dtype,
-                                                  static_cast<int64_t>(needs.q_floats),
-                                                  ws.compute));
+        RA_RETURN_IF_ERROR(LaunchConvertFromFloat(
+            ws.q_acc(), t_.out, t_.dtype, static_cast<int64_t>(needs.q_floats), ws.compute));
         if (t_.lse != nullptr && needs.row_floats > 0) {
           RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t_.lse, ws.row_acc(),
                                                   needs.row_floats * sizeof(float),
@@ -422,8 +422,8 @@ class ForwardCall {
     RA_RETURN_IF_ERROR(ReadStepTimings(ws, s_, kernel_calls_, &timings));
     for (const RingStepPlan& step : s_.steps) {
       if (!step.has_transfers()) continue;
-      RA_ASSIGN_OR_RETURN(const double wait, ElapsedSeconds(ws.kernels_done[step.step],
-                                                            ws.comm_done[step.step]));
+      RA_ASSIGN_OR_RETURN(const double wait,
+                          ElapsedSeconds(ws.kernels_done[step.step], ws.comm_done[step.step]));
       timings.steps[step.step].comm_wait_seconds = std::max(0.0, wait);
     }
     if (s_.one_call) {
@@ -458,9 +458,9 @@ class ForwardCall {
       const KvBlock kv{static_cast<const std::byte*>(t_.k), static_cast<const std::byte*>(t_.v)};
       // Sizes, strides, positions and options as every ring step has them; only the output
       // differs.
-      AttentionParams p = SegmentPairParams(t_, s_.rows, *s_.one_call, kv, s_.rows, *s_.one_call,
-                                            /*o_acc=*/nullptr, /*lse_acc=*/nullptr, options_,
-                                            alibi_, scale_);
+      AttentionParams p =
+          SegmentPairParams(t_, s_.rows, *s_.one_call, kv, s_.rows, *s_.one_call,
+                            /*o_acc=*/nullptr, /*lse_acc=*/nullptr, options_, alibi_, scale_);
       p.o = t_.out;
       p.o_dtype = t_.dtype;
       p.lse = t_.lse;
@@ -631,8 +631,7 @@ class BackwardCall {
     State& ws = ws_->state();
     const size_t dq_floats = static_cast<size_t>(t_.shape(s_.rows).q_elems());
     if (dq_floats > 0 && !s_.first_writes()) {
-      RA_CUDA_RETURN_IF_ERROR(
-          cudaMemsetAsync(dq_acc_, 0, dq_floats * sizeof(float), ws.compute));
+      RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_acc_, 0, dq_floats * sizeof(float), ws.compute));
     }
     const RingBuffers b = ws.Buffers(t_.k, t_.v, shape_.WithRows(0, s_.max_rows).kv_bytes());
     RA_RETURN_IF_ERROR(EnqueueSteps(comm_, ws, s_, b, *this, &kernel_calls_));
@@ -690,12 +689,9 @@ absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
   return AbortAndDrainOnFailure(comm, ws, ForwardCall(comm, backend, plan, t, options, ws).Run());
 }
 
-absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(DeviceCommunicator& comm,
-                                                        AttentionBackwardBackend& backend,
-                                                        const ShardPlan& plan,
-                                                        const RingBackwardTensors& t,
-                                                        const RingAttentionOptions& options,
-                                                        DeviceRingWorkspace* ws) {
+absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(
+    DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+    const RingBackwardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
   return AbortAndDrainOnFailure(comm, ws, BackwardCall(comm, backend, plan, t, options, ws).Run());
 }
 

@@ -12,11 +12,12 @@
 //            accumulator | record step_done[s]
 //
 // (the comm line and the wait on comm_done only for a step with transfers, the wait on ready
-// from step 1; ready is kernels_done forward, step_done backward). Forward: a fill of the fp32 accumulators before step 0 and a rounding into out
-// after the last, unless those steps write them (RingSchedule). Backward: then the return hop
-// (comm: wait step_done[W-1] | Enqueue | record return_done; compute: wait return_done | record
-// return_waited) and one rounding of the gradients. One rank (RingSchedule::one_call) is one
-// kernel call into the caller's outputs. docs/architecture.md ("The ring step") has the whys.
+// from step 1; ready is kernels_done forward, step_done backward). Forward: a fill of the fp32
+// accumulators before step 0 and a rounding into out after the last, unless those steps write
+// them (RingSchedule). Backward: then the return hop (comm: wait step_done[W-1] | Enqueue |
+// record return_done; compute: wait return_done | record return_waited) and one rounding of the
+// gradients. One rank (RingSchedule::one_call) is one kernel call into the caller's outputs.
+// docs/architecture.md ("The ring step") has the whys.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -82,11 +83,8 @@ absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
 // returns OK. Timings per step: compute = start..kernels_done + comm_waited..step_done (the
 // add), comm wait = kernels_done..comm_waited; the last step's comm wait includes the return
 // hop (step_done..return_waited); total is host wall time. Failures as the forward's.
-absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(DeviceCommunicator& comm,
-                                                        AttentionBackwardBackend& backend,
-                                                        const ShardPlan& plan,
-                                                        const RingBackwardTensors& t,
-                                                        const RingAttentionOptions& options,
-                                                        DeviceRingWorkspace* ws);
+absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(
+    DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+    const RingBackwardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws);
 
 }  // namespace ringattn

@@ -25,8 +25,6 @@
 // order of the fp32 sums differs (dQ over key blocks, dK/dV over ranks), so 1e-3 is loose.
 // "cudnn" rounds each call's dQ/dK/dV to the input dtype before adding them in fp32, so a ring
 // step's partial sums are rounded separately: 1e-2.
-#include "ring/device_ring.h"
-
 #include <cuda_runtime_api.h>
 
 #include <atomic>
@@ -53,6 +51,7 @@
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/cuda/cuda_backward.h"
 #include "kernels/cuda/gpu_test_util.h"
+#include "ring/device_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
 #include "ring/testing/device_inprocess_ring_backward.h"

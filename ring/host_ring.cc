@@ -46,8 +46,7 @@ absl::Status CheckHostCall(const Communicator& comm, const ShardPlan& plan,
 // between two; a third receives. Accumulator 0 starts NaN: the first step writes or zeroes it.
 class HostRingMemory {
  public:
-  HostRingMemory(const RingSchedule& s, const AttentionShape& shape, const void* k,
-                 const void* v) {
+  HostRingMemory(const RingSchedule& s, const AttentionShape& shape, const void* k, const void* v) {
     buffers_.caller_kv = {static_cast<const std::byte*>(k), static_cast<const std::byte*>(v)};
     buffers_.kv_slot_v_offset = shape.WithRows(0, s.max_rows).kv_bytes();
     if (s.world > 1) {
@@ -212,8 +211,7 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBac
 
 // A rank that stops early would leave its neighbours waiting for its blocks until their
 // timeout; aborting releases them at once with the reason.
-absl::StatusOr<RingTimings> AbortOnFailure(Communicator& comm,
-                                           absl::StatusOr<RingTimings> result) {
+absl::StatusOr<RingTimings> AbortOnFailure(Communicator& comm, absl::StatusOr<RingTimings> result) {
   if (!result.ok()) {
     comm.Abort(absl::Status(result.status().code(),
                             absl::StrCat("rank ", comm.rank(), ": ", result.status().message())));

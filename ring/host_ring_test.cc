@@ -77,9 +77,12 @@ ErrorStats LseVsSingle(const Tensors& ring, const Tensors& single) {
 // and round once, so fp32 agrees to accumulation-order noise and fp16/bf16 to one rounding.
 double SingleTolerance(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 1e-5;
-    case DType::kF16: return 1e-3;
-    case DType::kBF16: return 8e-3;
+    case DType::kF32:
+      return 1e-5;
+    case DType::kF16:
+      return 1e-3;
+    case DType::kBF16:
+      return 8e-3;
   }
   return 0;
 }
@@ -98,12 +101,12 @@ TEST_P(RingMatchesSingleDevice, Fp32) {
   EXPECT_TRUE(l.Within(1e-6, 1e-5)) << l.ToString();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    WorldsLayouts, RingMatchesSingleDevice,
-    ::testing::Combine(::testing::Values(1, 2, 3, 4),
-                       ::testing::Values(Layout::kContiguous, Layout::kZigzag, Layout::kStripe),
-                       ::testing::Bool()),
-    test::RingCaseName);
+INSTANTIATE_TEST_SUITE_P(WorldsLayouts, RingMatchesSingleDevice,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(Layout::kContiguous, Layout::kZigzag,
+                                                              Layout::kStripe),
+                                            ::testing::Bool()),
+                         test::RingCaseName);
 
 // Every option alone and together, through the ring with 3 ranks at an awkward length, GQA.
 using test::OptionCase;
@@ -157,8 +160,8 @@ TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
     errs.push_back(CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), QElems(pr)).rel_l2);
   }
   for (size_t i = 1; i < errs.size(); ++i) {
-    EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6) << "world index " << i << " errors " << errs[0]
-                                              << " -> " << errs[i];
+    EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6)
+        << "world index " << i << " errors " << errs[0] << " -> " << errs[i];
   }
 }
 
@@ -178,7 +181,8 @@ TEST(RingRefusals, PackedSequencesBadBoundsOrABackendWithout) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("seq_bounds"), std::string::npos) << s;
   EXPECT_NE(s.message().find("'cuda'"), std::string::npos) << s;
-  for (const std::vector<int64_t>& bad : {std::vector<int64_t>{0, 5}, std::vector<int64_t>{0, 6, 5, 9}}) {
+  for (const std::vector<int64_t>& bad :
+       {std::vector<int64_t>{0, 5}, std::vector<int64_t>{0, 6, 5, 9}}) {
     options.seq_bounds = bad;
     s = CheckPackedSequences(options, *plan, true, "cpu");
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);

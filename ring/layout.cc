@@ -39,9 +39,12 @@ void ForEachShardRow(const ShardPlan& plan, int rank, Fn fn) {
 
 std::string_view LayoutName(Layout layout) {
   switch (layout) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kZigzag: return "zigzag";
-    case Layout::kStripe: return "stripe";
+    case Layout::kContiguous:
+      return "contiguous";
+    case Layout::kZigzag:
+      return "zigzag";
+    case Layout::kStripe:
+      return "stripe";
   }
   return "unknown";
 }
@@ -50,8 +53,8 @@ absl::StatusOr<Layout> ParseLayout(std::string_view name) {
   for (Layout l : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
     if (name == LayoutName(l)) return l;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown layout '", std::string(name), "'; expected one of contiguous, zigzag, stripe"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown layout '", std::string(name),
+                                                 "'; expected one of contiguous, zigzag, stripe"));
 }
 
 Layout AutoLayout(bool causal) { return causal ? Layout::kZigzag : Layout::kContiguous; }
@@ -63,8 +66,10 @@ int64_t ShardPlan::max_rows() const {
 }
 
 absl::StatusOr<ShardPlan> PlanShards(int64_t seqlen, int world, Layout layout) {
-  if (seqlen < 0) return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
-  if (world < 1) return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world));
+  if (seqlen < 0)
+    return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
+  if (world < 1)
+    return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world));
   ShardPlan plan;
   plan.layout = layout;
   plan.seqlen = seqlen;

@@ -7,8 +7,6 @@
 // (dK/dV sum over ranks), so rel L2 <= 1e-5 (measured <= 3e-7). Against the exact fp64
 // reference, the forward's output rounded to bf16/fp16 feeds D = rowsum(dO * O): that
 // rounding, not the ring, sets the error (see kReferenceTolerance).
-#include "ring/host_ring.h"
-
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -25,6 +23,7 @@
 #include "kernels/cpu/flash_cpu_backward.h"
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
+#include "ring/host_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
 #include "ring/testing/inprocess_ring_backward.h"
@@ -155,8 +154,8 @@ TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   std::printf("    ring(4) vs fp64 reference: worst rel L2 %.2e\n", e);
 }
 
-INSTANTIATE_TEST_SUITE_P(Options, RingBackwardOptions,
-                         ::testing::ValuesIn(test::HostOptionCases()), test::OptionCaseName);
+INSTANTIATE_TEST_SUITE_P(Options, RingBackwardOptions, ::testing::ValuesIn(test::HostOptionCases()),
+                         test::OptionCaseName);
 
 // ---- Gradients in the input dtype, batch > 1, the reference backend ---------------------------
 

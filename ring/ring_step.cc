@@ -90,9 +90,9 @@ absl::Status CheckPackedSequences(const RingAttentionOptions& options, const Sha
   RA_RETURN_IF_ERROR(CheckSequenceBounds(options.seq_bounds.data(), options.seq_bounds.size(),
                                          "seq_bounds", "the sequence length", plan.seqlen));
   if (supported) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "seq_bounds (packed variable-length sequences) is not supported by the '",
-      std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("seq_bounds (packed variable-length sequences) is not supported by the '",
+                   std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
 }
 
 absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world) {
@@ -206,10 +206,12 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, int64_t q_rows, con
   return p;
 }
 
-AttentionBackwardParams SegmentPairBackwardParams(
-    const RingBackwardTensors& t, int64_t q_rows, const Segment& qs, const KvBlock& kv,
-    int64_t k_rows, const Segment& ks, float* dq_acc, float* delta, const DkvBlock& dkv,
-    const RingAttentionOptions& options, const float* alibi, float scale) {
+AttentionBackwardParams SegmentPairBackwardParams(const RingBackwardTensors& t, int64_t q_rows,
+                                                  const Segment& qs, const KvBlock& kv,
+                                                  int64_t k_rows, const Segment& ks, float* dq_acc,
+                                                  float* delta, const DkvBlock& dkv,
+                                                  const RingAttentionOptions& options,
+                                                  const float* alibi, float scale) {
   const AttentionShape shape = t.shape(q_rows);
   const int64_t kv_row_elems = shape.kv_row_elems();
   AttentionBackwardParams bp;
@@ -267,14 +269,13 @@ absl::Status CheckWritingStep(const RingSchedule& s, const RingStepPlan& step,
 }  // namespace
 
 absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
-                             const RingStepPlan& step, const RingShardTensors& t,
-                             const KvBlock& kv, float* o_acc, float* lse_acc,
-                             const RingAttentionOptions& options, const float* alibi, float scale,
-                             int* kernel_calls) {
+                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi, float scale, int* kernel_calls) {
   RA_RETURN_IF_ERROR(CheckWritingStep(s, step, "ring"));
   for (const StepCall& c : step.calls) {
-    AttentionParams p = SegmentPairParams(t, s.rows, c.q, kv, step.block_rows, c.k, o_acc,
-                                          lse_acc, options, alibi, scale);
+    AttentionParams p = SegmentPairParams(t, s.rows, c.q, kv, step.block_rows, c.k, o_acc, lse_acc,
+                                          options, alibi, scale);
     ApplyPositionRuns(c, &p);
     switch (step.output) {
       case StepOutput::kMerge:

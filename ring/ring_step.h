@@ -41,9 +41,9 @@ struct RingAttentionOptions {
   // and attends only within itself (AttentionParams::seq_bounds). Empty: one sequence. The cpu
   // kernels take it; the GPU kernels refuse it.
   std::vector<int64_t> seq_bounds;
-  float softcap = 0.0f;                                // 0 disables
-  bool deterministic = false;                          // the forward is deterministic either way
-  bool return_attn_probs = false;                      // refused: the ring never forms the matrix
+  float softcap = 0.0f;            // 0 disables
+  bool deterministic = false;      // the forward is deterministic either way
+  bool return_attn_probs = false;  // refused: the ring never forms the matrix
 };
 
 // The element type and sizes of one rank's shard tensors (every rank has the same).
@@ -74,15 +74,15 @@ struct RingShardTensors : RingShardSizes {
 // for RingFlashAttnBackwardDevice).
 struct RingBackwardTensors : RingShardSizes {
   DType grad_dtype = DType::kF32;  // dq, dk, dv: dtype or fp32
-  const void* q = nullptr;     // [batch, rows, heads, head_dim]
-  const void* k = nullptr;     // [batch, rows, heads_k, head_dim]
-  const void* v = nullptr;     // [batch, rows, heads_k, head_dim]
-  const void* out = nullptr;   // [batch, rows, heads, head_dim]: the ring forward's output
-  const float* lse = nullptr;  // [batch, heads, rows]: the ring forward's LSE
-  const void* dout = nullptr;  // [batch, rows, heads, head_dim]
-  void* dq = nullptr;          // [batch, rows, heads, head_dim], grad_dtype
-  void* dk = nullptr;          // [batch, rows, heads_k, head_dim], grad_dtype
-  void* dv = nullptr;          // [batch, rows, heads_k, head_dim], grad_dtype
+  const void* q = nullptr;         // [batch, rows, heads, head_dim]
+  const void* k = nullptr;         // [batch, rows, heads_k, head_dim]
+  const void* v = nullptr;         // [batch, rows, heads_k, head_dim]
+  const void* out = nullptr;       // [batch, rows, heads, head_dim]: the ring forward's output
+  const float* lse = nullptr;      // [batch, heads, rows]: the ring forward's LSE
+  const void* dout = nullptr;      // [batch, rows, heads, head_dim]
+  void* dq = nullptr;              // [batch, rows, heads, head_dim], grad_dtype
+  void* dk = nullptr;              // [batch, rows, heads_k, head_dim], grad_dtype
+  void* dv = nullptr;              // [batch, rows, heads_k, head_dim], grad_dtype
 };
 
 struct RingStepTiming {
@@ -157,10 +157,10 @@ struct DkvBlock {
 
 // Where one call's buffers are, under the schedule's numbers (host or device memory).
 struct RingBuffers {
-  KvBlock caller_kv;                // kCallerKv
-  std::byte* kv_slots[2] = {};      // each K then V of the largest shard
-  size_t kv_slot_v_offset = 0;      // bytes from a slot's K to its V
-  float* dkv[3] = {};               // backward: accumulators 0, 1 and kDkvReceive
+  KvBlock caller_kv;            // kCallerKv
+  std::byte* kv_slots[2] = {};  // each K then V of the largest shard
+  size_t kv_slot_v_offset = 0;  // bytes from a slot's K to its V
+  float* dkv[3] = {};           // backward: accumulators 0, 1 and kDkvReceive
 
   KvBlock Kv(int buffer) const {
     if (buffer == kCallerKv) return caller_kv;
@@ -205,10 +205,12 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, int64_t q_rows, con
 // The backward call of the same pair, adding into the fp32 dq accumulator [batch, q_rows,
 // heads, head_dim] and the block's dK/dV accumulator: SegmentPairParams places q, k, v and the
 // positions, its o and lse slots carrying dq and delta (the shapes of the forward's o and lse).
-AttentionBackwardParams SegmentPairBackwardParams(
-    const RingBackwardTensors& t, int64_t q_rows, const Segment& qs, const KvBlock& kv,
-    int64_t k_rows, const Segment& ks, float* dq_acc, float* delta, const DkvBlock& dkv,
-    const RingAttentionOptions& options, const float* alibi, float scale);
+AttentionBackwardParams SegmentPairBackwardParams(const RingBackwardTensors& t, int64_t q_rows,
+                                                  const Segment& qs, const KvBlock& kv,
+                                                  int64_t k_rows, const Segment& ks, float* dq_acc,
+                                                  float* delta, const DkvBlock& dkv,
+                                                  const RingAttentionOptions& options,
+                                                  const float* alibi, float scale);
 
 // Sets p's second runs of positions from `c` (SegmentPairParams(c.q, c.k) sets the first).
 void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
@@ -221,10 +223,9 @@ bool AnyKeyAllowed(const AttentionParams& p);
 // kFinalize: the one call, always made; kFinalize writes t.out and t.lse). Adds the calls made
 // to *kernel_calls.
 absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
-                             const RingStepPlan& step, const RingShardTensors& t,
-                             const KvBlock& kv, float* o_acc, float* lse_acc,
-                             const RingAttentionOptions& options, const float* alibi, float scale,
-                             int* kernel_calls);
+                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi, float scale, int* kernel_calls);
 
 // One backward step, the same calls: adding into dq_acc and `dkv` (kMerge, calls wholly masked
 // skipped; the caller zeroes `dkv` first, which holds this rank's contribution to the block

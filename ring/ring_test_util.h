@@ -139,7 +139,7 @@ struct OptionCase {
   std::pair<int64_t, int64_t> window;
   bool alibi;
   float softcap;
-  float dropout = 0.0f;  // with seed 17 (ApplyOptionCase)
+  float dropout = 0.0f;                  // with seed 17 (ApplyOptionCase)
   std::vector<int64_t> cu_seqlens = {};  // packed sequences (options.seq_bounds); empty: one
 };
 inline void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
@@ -183,11 +183,41 @@ inline std::vector<OptionCase> HostOptionCases() {
       {"hd256", DType::kBF16, 2, 1, 256, 100, true, {-1, -1}, false, 0},
       {"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
       {"seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0},
-      {"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
+      {"packed_causal_gqa",
+       DType::kF32,
+       8,
+       2,
+       64,
+       381,
+       true,
+       {-1, -1},
+       false,
+       0,
+       0,
        {0, 1, 8, 8, 200, 381}},
-      {"packed_full_heads5", DType::kF32, 5, 5, 64, 255, false, {-1, -1}, false, 0, 0,
+      {"packed_full_heads5",
+       DType::kF32,
+       5,
+       5,
+       64,
+       255,
+       false,
+       {-1, -1},
+       false,
+       0,
+       0,
        {0, 100, 101, 255}},
-      {"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f, 0.3f,
+      {"packed_all_bf16",
+       DType::kBF16,
+       8,
+       2,
+       128,
+       381,
+       true,
+       {60, -1},
+       true,
+       20.0f,
+       0.3f,
        {0, 7, 150, 381}},
   };
 }

@@ -101,12 +101,12 @@ struct Hop {
 
 struct RingStepPlan {
   int step = 0;
-  int block = 0;            // the rank whose K/V block is in hand, computed in this step
-  int64_t block_rows = 0;   // its rows
+  int block = 0;              // the rank whose K/V block is in hand, computed in this step
+  int64_t block_rows = 0;     // its rows
   int kv_buffer = kCallerKv;  // where it is: the caller's K/V or a receive slot
   StepOutput output = StepOutput::kMerge;
-  std::vector<StepCall> calls;  // StepCalls(this rank's shard, the block's shard)
-  std::optional<Hop> kv_send, kv_recv;    // step < W - 1: the block in hand out, the next in
+  std::vector<StepCall> calls;          // StepCalls(this rank's shard, the block's shard)
+  std::optional<Hop> kv_send, kv_recv;  // step < W - 1: the block in hand out, the next in
   int dkv_buffer = -1;  // backward: the accumulator of this rank's contribution (0 or 1)
   std::optional<Hop> dkv_send, dkv_recv;  // backward, step >= 1: one step behind the K/V
   bool has_transfers() const { return kv_send || kv_recv || dkv_send || dkv_recv; }

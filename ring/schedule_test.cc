@@ -96,8 +96,8 @@ TEST(RingSchedule, EveryRankComputesEveryBlockExactlyOnce) {
   });
 }
 
-void ExpectSameHop(const std::optional<Hop>& send, const std::optional<Hop>& recv, int from,
-                   int to, const std::string& what) {
+void ExpectSameHop(const std::optional<Hop>& send, const std::optional<Hop>& recv, int from, int to,
+                   const std::string& what) {
   ASSERT_EQ(send.has_value(), recv.has_value()) << what;
   if (!send) return;
   EXPECT_EQ(send->peer, to) << what;
@@ -247,9 +247,8 @@ TEST(RingSchedule, WritesAndFinalizesWhereAStepIsOneWholeCall) {
       const Shard& last = c.plan.shards[s.steps.back().block];
       const bool runs = c.traits.position_runs;
       const bool whole_first = mine.rows > 0 && (runs || mine.segments.size() == 1);
-      const bool whole_last =
-          mine.rows > 0 && last.rows > 0 &&
-          (runs || (mine.segments.size() == 1 && last.segments.size() == 1));
+      const bool whole_last = mine.rows > 0 && last.rows > 0 &&
+                              (runs || (mine.segments.size() == 1 && last.segments.size() == 1));
       EXPECT_EQ(s.first_writes(), whole_first);
       EXPECT_EQ(s.last_finalizes(), c.direction == RingDirection::kForward &&
                                         c.traits.partial_input && world > 1 && whole_last);
@@ -347,8 +346,8 @@ TEST(RingScheduleParts, OneCallPerStepWithPositionRuns) {
         ASSERT_TRUE(plan.ok()) << plan.status();
         for (int r = 0; r < world; ++r) {
           for (int src = 0; src < world; ++src) {
-            SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world,
-                                      " s=", seqlen, " rank ", r, " block ", src));
+            SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen,
+                                      " rank ", r, " block ", src));
             const Shard& mine = plan->shards[r];
             const Shard& theirs = plan->shards[src];
             const std::vector<StepCall> runs = StepCalls(mine, theirs, true);
@@ -430,8 +429,7 @@ TEST(RingTransfers, StepBatchesFollowTheHops) {
   const RingTransfers hop = ReturnHopTransfers(s, b, kShape, own);
   ASSERT_EQ(hop.n_sends, 2u);
   ASSERT_EQ(hop.n_recvs, 2u);
-  const DkvBlock finished =
-      DkvBlock::At(b.dkv[s.return_send->buffer], kShape, s.return_send->rows);
+  const DkvBlock finished = DkvBlock::At(b.dkv[s.return_send->buffer], kShape, s.return_send->rows);
   EXPECT_EQ(hop.sends[0].data, finished.dk);
   EXPECT_EQ(hop.sends[1].data, finished.dv);
   EXPECT_EQ(hop.sends[0].bytes + hop.sends[1].bytes, s.return_send->bytes);
