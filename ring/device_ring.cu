@@ -2,382 +2,697 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
-#include <optional>
 #include <string>
-#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "base/cuda_check.h"
+#include "base/device_buffer.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_backward.h"
 #include "kernels/dtype.h"
 #include "ring/device_ring.h"
-#include "ring/device_ring_util.h"
 
 namespace ringattn {
+
+// ---- The workspace ------------------------------------------------------------------------------
+
+struct DeviceRingWorkspace::State {
+  // Sizes one call needs.
+  struct Needs {
+    RingDirection direction = RingDirection::kForward;
+    int steps = 0;          // timing events per kind
+    size_t slot_bytes = 0;  // one K/V receive slot: K then V of the largest shard
+    size_t q_floats = 0;    // forward o, backward dq: [batch, rows, heads, head_dim]
+    size_t row_floats = 0;  // forward lse, backward D: [batch, heads, rows]
+    size_t dkv_floats = 0;  // one dK/dV accumulator: [2][batch, max rows, heads_k, head_dim]
+    int dkv_buffers = 0;    // how many: 1 (one rank) or 3 (this rank's x2, the received)
+  };
+
+  // Creates the streams and events and grows the buffers to `needs`, on the current device.
+  absl::Status Reserve(const Needs& needs);
+  // The device copy of `slopes` ([heads] fp32), uploaded on the compute stream unless it holds
+  // them already; null for none.
+  absl::StatusOr<const float*> AlibiSlopes(const std::vector<float>& slopes);
+  // The schedule's buffers: the caller's K/V, the slots (K to V: `v_offset` bytes), dK/dV.
+  RingBuffers Buffers(const void* k, const void* v, size_t v_offset) const;
+  float* q_acc() const { return q_acc_.as<float>(); }
+  float* row_acc() const { return row_acc_.as<float>(); }
+  float* dkv(int i) const {  // accumulator i, or null while none is held
+    return dkv_.get() == nullptr ? nullptr
+                                 : dkv_.as<float>() + static_cast<size_t>(i) * dkv_stride_;
+  }
+  size_t bytes_reserved() const {
+    return kv_slots_.bytes() + q_acc_.bytes() + row_acc_.bytes() + dkv_.bytes() + alibi_.bytes();
+  }
+  void Destroy();  // the destructor's work, on the workspace's device
+
+  int device = -1;
+  cudaStream_t compute = nullptr;
+  cudaStream_t comm = nullptr;
+  // Per step; timing enabled (the executor reads elapsed times between them). The backward's
+  // only: comm_waited, step_done, return_*; the forward's only: begin, end.
+  std::vector<cudaEvent_t> start, kernels_done, comm_done, comm_waited, step_done;
+  cudaEvent_t begin = nullptr, end = nullptr;  // the forward's first and last compute operation
+  cudaEvent_t return_done = nullptr;           // comm stream, after the return hop
+  cudaEvent_t return_waited = nullptr;         // compute stream, once the return hop has landed
+
+ private:
+  // Two receive slots, each [2][batch, max_rows, heads_k, head_dim] (K then V), in one block:
+  // slot 1 at half its size.
+  DeviceBuffer kv_slots_;
+  DeviceBuffer q_acc_;    // fp32 [batch, rows, heads, head_dim]
+  DeviceBuffer row_acc_;  // fp32 [batch, heads, rows]
+  // dkv_buffers_ accumulators of dkv_stride_ floats each, in one block.
+  DeviceBuffer dkv_;
+  size_t dkv_stride_ = 0;
+  int dkv_buffers_ = 0;
+  DeviceBuffer alibi_;             // [heads] fp32
+  std::vector<float> alibi_host_;  // what alibi_ holds
+};
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int kThreads = 256;
-// Grid-stride loops: enough blocks to fill an H100 (132 SMs x 2048 threads) several times
-// over; more only adds scheduling.
-constexpr int64_t kMaxBlocks = 8192;
-
-int BlocksFor(int64_t work) {
-  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
+// For the destructor, which cannot return a status: errors on stderr.
+void ReportIfError(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  std::fprintf(stderr, "DeviceRingWorkspace: %s failed: %s (%s)\n", what, cudaGetErrorName(e),
+               cudaGetErrorString(e));
 }
 
-// ---- Kernels --------------------------------------------------------------------------------
-
-__global__ void FillFloatKernel(float* __restrict__ x, int64_t n, float value) {  // x: [n]
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    x[i] = value;
-  }
+void ReportIfError(const absl::Status& s) {
+  if (!s.ok()) std::fprintf(stderr, "DeviceRingWorkspace: %s\n", s.ToString().c_str());
 }
 
-template <DType kOut>
-__device__ __forceinline__ uint16_t To16(float x) {
-  static_assert(kOut == DType::kBF16 || kOut == DType::kF16, "16-bit output types only");
-  if constexpr (kOut == DType::kBF16) {
-    return FloatToBf16(x);
-  } else {
-    return FloatToF16(x);
+// Appends timing-enabled events up to `count`.
+absl::Status GrowEvents(std::vector<cudaEvent_t>* events, size_t count) {
+  while (events->size() < count) {
+    cudaEvent_t e = nullptr;
+    RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    events->push_back(e);
   }
-}
-
-// dst[i] = round(src[i]) for i < n, four elements per thread per iteration: one 16-byte load,
-// one 8-byte store (the launcher checks the alignment), then the n % 4 tail one by one. The
-// rounding is dtype.h's, the same code as the host ring's Finalize.
-template <DType kOut>
-__global__ void ConvertFromFloatKernel(const float* __restrict__ src,  // [n] fp32
-                                       uint16_t* __restrict__ dst,     // [n] kOut
-                                       int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t groups = n / 4;
-  const auto* src4 = reinterpret_cast<const float4*>(src);
-  auto* dst4 = reinterpret_cast<uint2*>(dst);
-  for (int64_t g = first; g < groups; g += stride) {
-    const float4 v = src4[g];
-    uint2 packed;  // little-endian: element 4g in the low half of .x
-    packed.x =
-        static_cast<uint32_t>(To16<kOut>(v.x)) | (static_cast<uint32_t>(To16<kOut>(v.y)) << 16);
-    packed.y =
-        static_cast<uint32_t>(To16<kOut>(v.z)) | (static_cast<uint32_t>(To16<kOut>(v.w)) << 16);
-    dst4[g] = packed;
-  }
-  for (int64_t i = groups * 4 + first; i < n; i += stride) dst[i] = To16<kOut>(src[i]);
-}
-
-// The same without alignment requirements, one element per thread per iteration.
-template <DType kOut>
-__global__ void ConvertFromFloatScalarKernel(const float* __restrict__ src,  // [n] fp32
-                                             uint16_t* __restrict__ dst,     // [n] kOut
-                                             int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    dst[i] = To16<kOut>(src[i]);
-  }
-}
-
-template <DType kOut>
-absl::Status LaunchConvert16(const float* src, void* dst, int64_t n, cudaStream_t stream) {
-  auto* out = static_cast<uint16_t*>(dst);
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
-  if (aligned) {
-    ConvertFromFloatKernel<kOut>
-        <<<BlocksFor(std::max<int64_t>(n / 4, 1)), kThreads, 0, stream>>>(src, out, n);
-  } else {
-    ConvertFromFloatScalarKernel<kOut><<<BlocksFor(n), kThreads, 0, stream>>>(src, out, n);
-  }
-  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
-// ---- Helpers --------------------------------------------------------------------------------
-
-using device_ring_internal::ElapsedSeconds;
-using device_ring_internal::GrowEvents;
-using device_ring_internal::GrowFloats;
-
-void ReportIfError(cudaError_t e, const char* what) {
-  device_ring_internal::ReportIfError("DeviceRingWorkspace", e, what);
-}
-
-// The one kernel call of a one-rank ring whose shard is one run of positions `s`: straight
-// into the caller's output, in its dtype, and its lse (may be null), as a single-device call
-// on the whole shard would be.
-AttentionParams DirectParams(const RingShardTensors& t, const ShardGeometry& g, int64_t rows,
-                             const Segment& s, const RingAttentionOptions& options,
-                             const float* alibi, float scale) {
-  const KvBlock kv{static_cast<const std::byte*>(t.k), static_cast<const std::byte*>(t.v)};
-  // Sizes, strides, positions and options as every ring step has them; only the output differs.
-  AttentionParams p = SegmentPairParams(t, g, rows, s, kv, rows, s, /*o_acc=*/nullptr,
-                                        /*lse_acc=*/nullptr, options, alibi, scale);
-  p.o = t.out;
-  p.o_dtype = t.dtype;
-  p.lse = t.lse;
-  p.merge_into_output = false;
-  return p;
-}
-
-absl::StatusOr<RingTimings> RunDeviceRing(DeviceCommunicator& comm, AttentionBackend& backend,
-                                          const ShardPlan& plan, const RingShardTensors& t,
-                                          const RingAttentionOptions& options,
-                                          DeviceRingWorkspace* ws) {
-  const auto t0 = Clock::now();
-  RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
-  const int world = comm.world_size();
-  const int rank = comm.rank();
-  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, rank, world));
-  RA_RETURN_IF_ERROR(
-      CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
-  CudaBackend* cuda = AsCudaBackend(&backend);
-  if (backend.memory_space() != MemorySpace::kDevice || cuda == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the device ring driver needs a CUDA backend "
-                     "(cuda, cuda_reference), got '",
-                     std::string(backend.name()), "'"));
-  }
-  if (ws == nullptr) return absl::InvalidArgumentError("the device ring driver needs a workspace");
-  const ShardGeometry g = ShardGeometry::Of(t);
-  const int64_t rows = plan.shards[rank].rows;
-  const float scale = RingSoftmaxScale(options, t.head_dim);
-
-  // One rank whose shard is one run of positions (every layout with one rank): one call.
-  const std::optional<Segment> single =
-      world == 1 ? AsSingleSegment(plan.shards[rank]) : std::nullopt;
-  const bool direct = world == 1 && (rows == 0 || single.has_value());
-
-  DeviceRingWorkspace::Needs needs;
-  needs.steps = world;
-  const size_t slot_kv_bytes = g.KvBytes(t.batch, plan.max_rows());  // K or V of one slot
-  if (!direct) {
-    needs.o_elems = static_cast<size_t>(t.batch) * rows * g.q_row_elems;
-    needs.lse_elems = static_cast<size_t>(t.batch) * t.heads * rows;
-    if (world > 1) needs.slot_bytes = 2 * slot_kv_bytes;
-  }
-  RA_RETURN_IF_ERROR(ws->Reserve(needs));
-  RA_ASSIGN_OR_RETURN(const float* alibi, ws->AlibiSlopes(options.alibi_slopes));
-  const cudaStream_t compute = ws->compute_stream();
-  const cudaStream_t transfer = ws->comm_stream();
-  device_ring_internal::ScopedBackendStream<CudaBackend> stream_scope(cuda, compute);
-
-  RingTimings timings;
-  timings.steps.resize(world);
-  if (direct) {
-    RingStepTiming& st = timings.steps[0];
-    st.source_rank = rank;
-    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start_event(0), compute));
-    if (rows > 0) {
-      RA_RETURN_IF_ERROR(backend.Forward(DirectParams(t, g, rows, *single, options, alibi, scale)));
-      st.kernel_calls = 1;
-    }
-    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(0), compute));
-  } else {
-    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->begin_event(), compute));
-    // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces, unless the
-    // first step writes them (and the last finalizes). Dropping the set-up and rounding passes
-    // took the 2 x H100 ring at 8k tokens per GPU from 0.81 to 0.90 of the bare kernel's
-    // per-GPU throughput (docs/performance_notes.md, "The ring's fixed cost per call").
-    const RingOutputPlan output = PlanRingOutput(plan, rank, world, backend);
-    if (!output.first_writes) {
-      if (needs.o_elems > 0) {
-        RA_CUDA_RETURN_IF_ERROR(
-            cudaMemsetAsync(ws->o_acc(), 0, needs.o_elems * sizeof(float), compute));
-      }
-      RA_RETURN_IF_ERROR(LaunchFillFloat(ws->lse_acc(), static_cast<int64_t>(needs.lse_elems),
-                                         -std::numeric_limits<float>::infinity(), compute));
-    }
-
-    // Step 0 computes and sends straight from the caller's K/V.
-    KvBlock in_hand{static_cast<const std::byte*>(t.k), static_cast<const std::byte*>(t.v)};
-    const int next = RingNextRank(rank, world);
-    const int prev = RingPrevRank(rank, world);
-    for (int step = 0; step < world; ++step) {
-      RingStepTiming& st = timings.steps[step];
-      const int src = RingSourceRank(rank, step, world);  // owner of the block in hand
-      st.source_rank = src;
-      // The step's kernels are enqueued before its transfer, so that NCCL's host-side launch
-      // of a group (a thread of its own for a non-blocking communicator) overlaps them rather
-      // than delaying them: with the transfer first, on 2 x H100 at 8k tokens per GPU, the
-      // call's device time exceeded its steps' compute by 0.2-0.4 ms.
-      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start_event(step), compute));
-      const StepTarget target{output.ModeOf(step, world), ws->o_acc(), ws->lse_acc()};
-      RA_RETURN_IF_ERROR(ComputeRingStep(backend, plan, rank, src, t, g, in_hand, target, options,
-                                         alibi, scale, &st.kernel_calls));
-      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->compute_done_event(step), compute));
-      if (step + 1 == world) break;
-      const int incoming_src = RingSourceRank(rank, step + 1, world);
-      const size_t send_bytes = g.KvBytes(t.batch, plan.shards[src].rows);
-      const size_t recv_bytes = g.KvBytes(t.batch, plan.shards[incoming_src].rows);
-      std::byte* slot = ws->slot(step % 2);
-      // The slot was in hand at step - 1: its compute must be done before it is overwritten.
-      // (At step 0 both slots are idle: the previous call drained the streams.)
-      if (step > 0) {
-        RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(transfer, ws->compute_done_event(step - 1), 0));
-      }
-      const SendOp sends[] = {{next, in_hand.k, send_bytes}, {next, in_hand.v, send_bytes}};
-      const RecvOp recvs[] = {{prev, slot, recv_bytes}, {prev, slot + slot_kv_bytes, recv_bytes}};
-      RA_RETURN_IF_ERROR(comm.Enqueue(sends, recvs, transfer));
-      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->comm_done_event(step), transfer));
-      // The next block in hand: the compute stream idles here until it has arrived.
-      RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(compute, ws->comm_done_event(step), 0));
-      in_hand = {slot, slot + slot_kv_bytes};
-    }
-    // Finalize, unless the last step did: the fp32 accumulators rounded once into the caller's
-    // dtype, and the lse.
-    if (!output.last_finalizes) {
-      RA_RETURN_IF_ERROR(LaunchConvertFromFloat(ws->o_acc(), t.out, t.dtype,
-                                                static_cast<int64_t>(needs.o_elems), compute));
-      if (t.lse != nullptr && needs.lse_elems > 0) {
-        RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.lse, ws->lse_acc(),
-                                                needs.lse_elems * sizeof(float),
-                                                cudaMemcpyDeviceToDevice, compute));
-      }
-    }
-    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->end_event(), compute));
-  }
-  const double launch_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-
-  // The compute stream waited for every comm_done, so it finishes last; the comm stream's
-  // wait returns at once and only guards against a transport that enqueued more. (A one-rank
-  // call enqueued nothing there.)
-  RA_RETURN_IF_ERROR(comm.WaitStream(compute, comm.timeout()));
-  if (!direct) RA_RETURN_IF_ERROR(comm.WaitStream(transfer, comm.timeout()));
-  for (int step = 0; step < world; ++step) {
-    RingStepTiming& st = timings.steps[step];
-    RA_ASSIGN_OR_RETURN(st.compute_seconds,
-                        ElapsedSeconds(ws->start_event(step), ws->compute_done_event(step)));
-    if (!direct && step + 1 < world) {
-      RA_ASSIGN_OR_RETURN(const double wait,
-                          ElapsedSeconds(ws->compute_done_event(step), ws->comm_done_event(step)));
-      st.comm_wait_seconds = std::max(0.0, wait);
-    }
-  }
-  if (direct) {
-    timings.device_seconds = timings.steps[0].compute_seconds;
-  } else {
-    RA_ASSIGN_OR_RETURN(timings.device_seconds,
-                        ElapsedSeconds(ws->begin_event(), ws->end_event()));
-  }
-  timings.launch_seconds = launch_seconds;
-  timings.total_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  return timings;
+// Seconds between two completed events (negative when `to` completed first).
+absl::StatusOr<double> ElapsedSeconds(cudaEvent_t from, cudaEvent_t to) {
+  float ms = 0.0f;
+  RA_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, from, to));
+  return static_cast<double>(ms) * 1e-3;
 }
 
 }  // namespace
 
-// ---- DeviceRingWorkspace --------------------------------------------------------------------
+absl::Status DeviceRingWorkspace::State::Reserve(const Needs& needs) {
+  int current = -1;
+  RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
+  if (device >= 0 && current != device) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring workspace belongs to CUDA device ", device, " but device ", current, " is current"));
+  }
+  device = current;
+  if (compute == nullptr) {
+    // Non-blocking: no implicit synchronisation with the legacy default stream, which other
+    // ranks' threads of the same process may use. The transfers get the higher priority: an
+    // NCCL kernel or copy queued behind a wave of attention blocks would delay the next step's
+    // input (a choice, not yet measured).
+    int least = 0, greatest = 0;
+    RA_CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    RA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&compute, cudaStreamNonBlocking, least));
+    RA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&comm, cudaStreamNonBlocking, greatest));
+  }
+  const bool backward = needs.direction == RingDirection::kBackward;
+  const size_t steps = static_cast<size_t>(std::max(needs.steps, 1));
+  std::vector<std::vector<cudaEvent_t>*> per_step = {&start, &kernels_done, &comm_done};
+  if (backward) per_step.insert(per_step.end(), {&comm_waited, &step_done});
+  for (std::vector<cudaEvent_t>* events : per_step) RA_RETURN_IF_ERROR(GrowEvents(events, steps));
+  for (cudaEvent_t* e : backward ? std::vector<cudaEvent_t*>{&return_done, &return_waited}
+                                 : std::vector<cudaEvent_t*>{&begin, &end}) {
+    if (*e == nullptr) RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(e, cudaEventDefault));
+  }
+  // cudaMalloc aligns to 256 bytes; slot 1 starts at 2 * KvBytes, a multiple of
+  // heads_k * head_dim * 2 >= 128 bytes, which keeps the kernels' 16-byte loads aligned.
+  RA_RETURN_IF_ERROR(kv_slots_.Reserve(2 * needs.slot_bytes));
+  RA_RETURN_IF_ERROR(q_acc_.Reserve(needs.q_floats * sizeof(float)));
+  RA_RETURN_IF_ERROR(row_acc_.Reserve(needs.row_floats * sizeof(float)));
+  // The accumulators keep their stride (and so their offsets) until a call needs more of
+  // either; each starts at a multiple of heads_k * head_dim floats (>= 256 bytes) from the
+  // 256-byte aligned base, so the add kernel's 16-byte path applies.
+  if (needs.dkv_floats > dkv_stride_ || needs.dkv_buffers > dkv_buffers_) {
+    const size_t stride = std::max(needs.dkv_floats, dkv_stride_);
+    const int buffers = std::max(needs.dkv_buffers, dkv_buffers_);
+    dkv_stride_ = 0;
+    dkv_buffers_ = 0;
+    RA_RETURN_IF_ERROR(dkv_.Free());
+    RA_RETURN_IF_ERROR(dkv_.Reserve(stride * buffers * sizeof(float)));
+    dkv_stride_ = stride;
+    dkv_buffers_ = buffers;
+  }
+  return absl::OkStatus();
+}
 
-DeviceRingWorkspace::~DeviceRingWorkspace() {
-  if (device_ < 0) return;  // never used
+absl::StatusOr<const float*> DeviceRingWorkspace::State::AlibiSlopes(
+    const std::vector<float>& slopes) {
+  if (slopes.empty()) return static_cast<const float*>(nullptr);
+  if (slopes == alibi_host_) return static_cast<const float*>(alibi_.as<float>());
+  alibi_host_.clear();  // until the upload below is enqueued
+  RA_RETURN_IF_ERROR(alibi_.Reserve(slopes.size() * sizeof(float)));
+  // From pageable memory: the runtime stages the bytes before returning, so `slopes` may change
+  // afterwards; the copy lands in stream order before the kernels that read it.
+  RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+      alibi_.get(), slopes.data(), slopes.size() * sizeof(float), cudaMemcpyHostToDevice, compute));
+  alibi_host_ = slopes;
+  return static_cast<const float*>(alibi_.as<float>());
+}
+
+RingBuffers DeviceRingWorkspace::State::Buffers(const void* k, const void* v,
+                                                size_t v_offset) const {
+  RingBuffers b;
+  b.caller_kv = {static_cast<const std::byte*>(k), static_cast<const std::byte*>(v)};
+  b.kv_slots[0] = kv_slots_.as<std::byte>();
+  b.kv_slots[1] = kv_slots_.as<std::byte>() + kv_slots_.bytes() / 2;
+  b.kv_slot_v_offset = v_offset;
+  for (int i = 0; i < 3; ++i) b.dkv[i] = dkv(i);
+  return b;
+}
+
+void DeviceRingWorkspace::State::Destroy() {
+  if (device < 0) return;  // never used
   // The destructor may run on another thread than the calls, with another device current.
   int current = -1;
   ReportIfError(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != device_) ReportIfError(cudaSetDevice(device_), "cudaSetDevice");
-  for (cudaStream_t s : {compute_stream_, comm_stream_}) {
+  if (current != device) ReportIfError(cudaSetDevice(device), "cudaSetDevice");
+  for (cudaStream_t s : {compute, comm}) {
     if (s == nullptr) continue;
     ReportIfError(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     ReportIfError(cudaStreamDestroy(s), "cudaStreamDestroy");
   }
-  for (std::vector<cudaEvent_t>* events : {&start_, &compute_done_, &comm_done_}) {
+  for (std::vector<cudaEvent_t>* events :
+       {&start, &kernels_done, &comm_done, &comm_waited, &step_done}) {
     for (cudaEvent_t e : *events) ReportIfError(cudaEventDestroy(e), "cudaEventDestroy");
   }
-  for (cudaEvent_t e : {begin_, end_}) {
+  for (cudaEvent_t e : {begin, end, return_done, return_waited}) {
     if (e != nullptr) ReportIfError(cudaEventDestroy(e), "cudaEventDestroy");
   }
-  for (void* p : {static_cast<void*>(slots_), static_cast<void*>(o_acc_),
-                  static_cast<void*>(lse_acc_), static_cast<void*>(alibi_)}) {
-    if (p != nullptr) ReportIfError(cudaFree(p), "cudaFree");
+  for (DeviceBuffer* b : {&kv_slots_, &q_acc_, &row_acc_, &dkv_, &alibi_}) {
+    ReportIfError(b->Free());
   }
-  if (current >= 0 && current != device_) ReportIfError(cudaSetDevice(current), "cudaSetDevice");
+  if (current >= 0 && current != device) ReportIfError(cudaSetDevice(current), "cudaSetDevice");
 }
 
-size_t DeviceRingWorkspace::bytes_reserved() const {
-  return 2 * slot_bytes_ + (o_capacity_ + lse_capacity_ + alibi_capacity_) * sizeof(float);
-}
+DeviceRingWorkspace::DeviceRingWorkspace() : state_(std::make_unique<State>()) {}
+DeviceRingWorkspace::~DeviceRingWorkspace() { state_->Destroy(); }
+cudaStream_t DeviceRingWorkspace::compute_stream() const { return state_->compute; }
+cudaStream_t DeviceRingWorkspace::comm_stream() const { return state_->comm; }
+size_t DeviceRingWorkspace::bytes_reserved() const { return state_->bytes_reserved(); }
 
-absl::Status DeviceRingWorkspace::Reserve(const Needs& needs) {
-  int device = -1;
-  RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  if (device_ >= 0 && device != device_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "ring workspace belongs to CUDA device ", device_, " but device ", device, " is current"));
+// ---- The executor -------------------------------------------------------------------------------
+
+namespace {
+
+using State = DeviceRingWorkspace::State;
+
+// Sets a backend's stream (SetStream and stream()) for a scope and restores the caller's on
+// exit.
+template <typename Backend>
+class ScopedBackendStream {
+ public:
+  ScopedBackendStream(Backend* backend, cudaStream_t stream)
+      : backend_(backend), saved_(backend->stream()) {
+    backend_->SetStream(stream);
   }
-  device_ = device;
-  if (compute_stream_ == nullptr) {
-    RA_RETURN_IF_ERROR(device_ring_internal::CreateRingStreams(&compute_stream_, &comm_stream_));
+  ~ScopedBackendStream() { backend_->SetStream(saved_); }
+  ScopedBackendStream(const ScopedBackendStream&) = delete;
+  ScopedBackendStream& operator=(const ScopedBackendStream&) = delete;
+
+ private:
+  Backend* const backend_;
+  const cudaStream_t saved_;
+};
+
+// Enqueues the steps of `s` (the protocol drawn in device_ring.h): `work` enqueues a step's
+// calls (EnqueueKernels), names the event after which step s's transfers may start
+// (ReadyEvent(s - 1)) and enqueues what follows a step's transfers (AfterTransfers).
+template <typename Work>
+absl::Status EnqueueSteps(DeviceCommunicator& comm, State& ws, const RingSchedule& s,
+                          const RingBuffers& b, Work& work, std::vector<int>* kernel_calls) {
+  for (const RingStepPlan& step : s.steps) {
+    const int i = step.step;
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start[i], ws.compute));
+    RA_RETURN_IF_ERROR(work.EnqueueKernels(step, b.Kv(step.kv_buffer), &(*kernel_calls)[i]));
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.kernels_done[i], ws.compute));
+    if (step.has_transfers()) {
+      // What the transfers overwrite or send was last used by step i - 1. (At step 0 every
+      // buffer is idle: the previous call drained the streams.)
+      if (i > 0) RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.comm, work.ReadyEvent(i - 1), 0));
+      const RingTransfers x = StepTransfers(step, b);
+      RA_RETURN_IF_ERROR(comm.Enqueue(x.send_ops(), x.recv_ops(), ws.comm));
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.comm_done[i], ws.comm));
+      // The next block in hand (and the received accumulator): the compute stream idles here
+      // until they have arrived.
+      RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.compute, ws.comm_done[i], 0));
+    }
+    RA_RETURN_IF_ERROR(work.AfterTransfers(step));
   }
-  const size_t steps = static_cast<size_t>(std::max(needs.steps, 1));
-  RA_RETURN_IF_ERROR(GrowEvents(&start_, steps));
-  RA_RETURN_IF_ERROR(GrowEvents(&compute_done_, steps));
-  RA_RETURN_IF_ERROR(GrowEvents(&comm_done_, steps));
-  RA_RETURN_IF_ERROR(device_ring_internal::EnsureEvent(&begin_));
-  RA_RETURN_IF_ERROR(device_ring_internal::EnsureEvent(&end_));
-  if (needs.slot_bytes > slot_bytes_) {
-    if (slots_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(slots_));
-    slots_ = nullptr;
-    slot_bytes_ = 0;
-    // cudaMalloc aligns to 256 bytes; slot 1 starts at 2 * KvBytes, a multiple of
-    // heads_k * head_dim * 2 >= 128 bytes, which keeps the kernel's 16-byte loads aligned.
-    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&slots_), 2 * needs.slot_bytes));
-    slot_bytes_ = needs.slot_bytes;
-  }
-  RA_RETURN_IF_ERROR(GrowFloats(&o_acc_, &o_capacity_, needs.o_elems));
-  RA_RETURN_IF_ERROR(GrowFloats(&lse_acc_, &lse_capacity_, needs.lse_elems));
   return absl::OkStatus();
 }
 
-absl::StatusOr<const float*> DeviceRingWorkspace::AlibiSlopes(const std::vector<float>& slopes) {
-  return device_ring_internal::UploadAlibiSlopes(slopes, &alibi_, &alibi_capacity_, &alibi_host_,
-                                                 compute_stream_);
-}
-
-// ---- Kernels' launchers ---------------------------------------------------------------------
-
-absl::Status LaunchFillFloat(float* x, int64_t n, float value, cudaStream_t stream) {
-  if (n <= 0) return absl::OkStatus();
-  FillFloatKernel<<<BlocksFor(n), kThreads, 0, stream>>>(x, n, value);
-  RA_CUDA_RETURN_IF_LAUNCH_ERROR();
+// The compute stream waited for every transfer, so it finishes last; the comm stream's wait
+// returns at once and only guards against a transport that enqueued more. (One call enqueued
+// nothing there.)
+absl::Status WaitForStreams(DeviceCommunicator& comm, const State& ws, const RingSchedule& s) {
+  RA_RETURN_IF_ERROR(comm.WaitStream(ws.compute, comm.timeout()));
+  if (!s.one_call) RA_RETURN_IF_ERROR(comm.WaitStream(ws.comm, comm.timeout()));
   return absl::OkStatus();
 }
 
-absl::Status LaunchConvertFromFloat(const float* src, void* dst, DType dtype, int64_t n,
-                                    cudaStream_t stream) {
-  if (n <= 0) return absl::OkStatus();
-  switch (dtype) {
-    case DType::kF32:
-      RA_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream));
-      return absl::OkStatus();
-    case DType::kBF16:
-      return LaunchConvert16<DType::kBF16>(src, dst, n, stream);
-    case DType::kF16:
-      return LaunchConvert16<DType::kF16>(src, dst, n, stream);
+// Per step: source rank, calls, and compute = start..kernels_done.
+absl::Status ReadStepTimings(const State& ws, const RingSchedule& s,
+                             const std::vector<int>& kernel_calls, RingTimings* timings) {
+  timings->steps.resize(s.world);
+  for (const RingStepPlan& step : s.steps) {
+    RingStepTiming& st = timings->steps[step.step];
+    st.source_rank = step.block;
+    st.kernel_calls = kernel_calls[step.step];
+    RA_ASSIGN_OR_RETURN(st.compute_seconds,
+                        ElapsedSeconds(ws.start[step.step], ws.kernels_done[step.step]));
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("no conversion from fp32 to dtype ", static_cast<int>(dtype)));
+  return absl::OkStatus();
 }
 
-// ---- The driver -----------------------------------------------------------------------------
+// Polls until `stream` has no pending work or `timeout` passes, ignoring errors (the caller is
+// failing already and only needs its buffers idle). False on timeout.
+bool DrainStream(cudaStream_t stream, absl::Duration timeout) {
+  if (stream == nullptr) return true;
+  const Clock::time_point start = Clock::now();
+  const Clock::time_point deadline = start + absl::ToChronoNanoseconds(timeout);
+  for (;;) {
+    const cudaError_t e = cudaStreamQuery(stream);
+    if (e != cudaErrorNotReady) return true;  // done, or failed for good (sticky error)
+    (void)cudaGetLastError();  // NotReady is not an error; see DeviceCommunicator::WaitStream
+    const Clock::time_point now = Clock::now();
+    if (now >= deadline) return false;
+    device_comm_internal::PollPause(absl::FromChrono(now - start));
+  }
+}
+
+// The failure path of a call: aborts the communicator (so that peers fail at once with the
+// reason rather than wait for this rank's blocks until their timeout), then waits out the work
+// already enqueued on the two streams (an aborted transport's work is finite), so that the
+// caller may free its tensors and the workspace's buffers. Returns `result` as it came, or the
+// failure with a note when the streams did not drain within the communicator's timeout.
+absl::StatusOr<RingTimings> AbortAndDrainOnFailure(DeviceCommunicator& comm,
+                                                   DeviceRingWorkspace* ws,
+                                                   absl::StatusOr<RingTimings> result) {
+  if (result.ok()) return result;
+  const absl::Status& failure = result.status();
+  const std::string message = absl::StrCat("rank ", comm.rank(), ": ", failure.message());
+  comm.Abort(absl::Status(failure.code(), message));
+  const bool drained = ws == nullptr || (DrainStream(ws->compute_stream(), comm.timeout()) &&
+                                         DrainStream(ws->comm_stream(), comm.timeout()));
+  if (!drained) {
+    return absl::Status(
+        failure.code(),
+        absl::StrCat(message, " [and the ring's streams did not drain within ",
+                     absl::FormatDuration(comm.timeout()),
+                     ": its buffers and the caller's tensors may still be in use]"));
+  }
+  return result;  // as the host executor: the reason as it came, the abort carries the rank
+}
+
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The checks of a device call after its options', before anything is enqueued: the plan
+// against the group, packed sequences against the backend, the backend (`is_cuda`: a CUDA
+// backend of the direction's kind) and the workspace. Errors name the executor (`what`) and the
+// backends it takes.
+template <typename Backend>
+absl::Status CheckDeviceCall(const DeviceCommunicator& comm, const Backend& backend, bool is_cuda,
+                             const ShardPlan& plan, const RingAttentionOptions& options,
+                             const DeviceRingWorkspace* ws, const char* what,
+                             const char* backends) {
+  RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm.rank(), comm.world_size()));
+  RA_RETURN_IF_ERROR(
+      CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
+  if (backend.memory_space() != MemorySpace::kDevice || !is_cuda) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " needs a ", backends, ", got '", std::string(backend.name()), "'"));
+  }
+  if (ws == nullptr) return absl::InvalidArgumentError(absl::StrCat(what, " needs a workspace"));
+  return absl::OkStatus();
+}
+
+// ---- Forward ------------------------------------------------------------------------------------
+
+class ForwardCall {
+ public:
+  ForwardCall(DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
+              const RingShardTensors& t, const RingAttentionOptions& options,
+              DeviceRingWorkspace* ws)
+      : comm_(comm), backend_(backend), plan_(plan), t_(t), options_(options), ws_(ws) {}
+
+  absl::StatusOr<RingTimings> Run() {
+    const auto t0 = Clock::now();
+    RA_RETURN_IF_ERROR(ValidateRingOptions(options_, t_));
+    CudaBackend* cuda = AsCudaBackend(&backend_);
+    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, cuda != nullptr, plan_, options_, ws_,
+                                       "the device ring driver",
+                                       "CUDA backend (cuda, cuda_reference)"));
+    const AttentionShape shape = t_.shape(0);
+    s_ = PlanRingSchedule(plan_, comm_.rank(), RingDirection::kForward, shape,
+                          {backend_.supports_position_runs(), backend_.supports_partial_input()});
+    State& ws = ws_->state();
+    const AttentionShape mine = t_.shape(s_.rows);
+    State::Needs needs;
+    needs.steps = s_.world;
+    if (!s_.one_call) {
+      needs.q_floats = mine.q_elems();
+      needs.row_floats = mine.lse_elems();
+      if (s_.world > 1) needs.slot_bytes = 2 * shape.WithRows(0, s_.max_rows).kv_bytes();
+    }
+    RA_RETURN_IF_ERROR(ws.Reserve(needs));
+    RA_ASSIGN_OR_RETURN(alibi_, ws.AlibiSlopes(options_.alibi_slopes));
+    scale_ = RingSoftmaxScale(options_, t_.head_dim);
+    ScopedBackendStream<CudaBackend> stream_scope(cuda, ws.compute);
+    kernel_calls_.assign(s_.world, 0);
+
+    if (s_.one_call) {
+      RA_RETURN_IF_ERROR(EnqueueOneCall());
+    } else {
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.begin, ws.compute));
+      // Accumulators: o = 0 and lse = -inf, the empty partial every merge replaces, unless the
+      // first step writes them (docs/architecture.md: what the passes cost).
+      if (!s_.first_writes()) {
+        if (needs.q_floats > 0) {
+          RA_CUDA_RETURN_IF_ERROR(
+              cudaMemsetAsync(ws.q_acc(), 0, needs.q_floats * sizeof(float), ws.compute));
+        }
+        RA_RETURN_IF_ERROR(LaunchFillFloat(ws.row_acc(), static_cast<int64_t>(needs.row_floats),
+                                           -std::numeric_limits<float>::infinity(), ws.compute));
+      }
+      const RingBuffers b = ws.Buffers(t_.k, t_.v, shape.WithRows(0, s_.max_rows).kv_bytes());
+      RA_RETURN_IF_ERROR(EnqueueSteps(comm_, ws, s_, b, *this, &kernel_calls_));
+      // Unless the last step did: the fp32 accumulators rounded once into the caller's dtype,
+      // and the lse.
+      if (!s_.last_finalizes()) {
+        RA_RETURN_IF_ERROR(LaunchConvertFromFloat(
+            ws.q_acc(), t_.out, t_.dtype, static_cast<int64_t>(needs.q_floats), ws.compute));
+        if (t_.lse != nullptr && needs.row_floats > 0) {
+          RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t_.lse, ws.row_acc(),
+                                                  needs.row_floats * sizeof(float),
+                                                  cudaMemcpyDeviceToDevice, ws.compute));
+        }
+      }
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.end, ws.compute));
+    }
+    const double launch_seconds = SecondsSince(t0);
+
+    RA_RETURN_IF_ERROR(WaitForStreams(comm_, ws, s_));
+    RingTimings timings;
+    RA_RETURN_IF_ERROR(ReadStepTimings(ws, s_, kernel_calls_, &timings));
+    for (const RingStepPlan& step : s_.steps) {
+      if (!step.has_transfers()) continue;
+      RA_ASSIGN_OR_RETURN(const double wait,
+                          ElapsedSeconds(ws.kernels_done[step.step], ws.comm_done[step.step]));
+      timings.steps[step.step].comm_wait_seconds = std::max(0.0, wait);
+    }
+    if (s_.one_call) {
+      timings.device_seconds = timings.steps[0].compute_seconds;
+    } else {
+      RA_ASSIGN_OR_RETURN(timings.device_seconds, ElapsedSeconds(ws.begin, ws.end));
+    }
+    timings.launch_seconds = launch_seconds;
+    timings.total_seconds = SecondsSince(t0);
+    return timings;
+  }
+
+  // EnqueueSteps' hooks: the step's calls into the fp32 accumulators; the slot received into
+  // at step s was in hand at s - 1, so the transfers wait for that step's kernels; nothing
+  // after the transfers.
+  absl::Status EnqueueKernels(const RingStepPlan& step, const KvBlock& kv, int* calls) {
+    State& ws = ws_->state();
+    return ComputeRingStep(backend_, s_, step, t_, kv, ws.q_acc(), ws.row_acc(), options_, alibi_,
+                           scale_, calls);
+  }
+  cudaEvent_t ReadyEvent(int step) const { return ws_->state().kernels_done[step]; }
+  absl::Status AfterTransfers(const RingStepPlan&) { return absl::OkStatus(); }
+
+ private:
+  // One rank: one kernel call straight into the caller's output (its dtype, no accumulators, no
+  // conversion) and lse, as a single-device call on the whole shard, so that a one-rank ring
+  // costs what the kernel alone does.
+  absl::Status EnqueueOneCall() {
+    State& ws = ws_->state();
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start[0], ws.compute));
+    if (s_.rows > 0) {
+      const KvBlock kv{static_cast<const std::byte*>(t_.k), static_cast<const std::byte*>(t_.v)};
+      // Sizes, strides, positions and options as every ring step has them; only the output
+      // differs.
+      AttentionParams p =
+          SegmentPairParams(t_, s_.rows, *s_.one_call, kv, s_.rows, *s_.one_call,
+                            /*o_acc=*/nullptr, /*lse_acc=*/nullptr, options_, alibi_, scale_);
+      p.o = t_.out;
+      p.o_dtype = t_.dtype;
+      p.lse = t_.lse;
+      p.merge_into_output = false;
+      RA_RETURN_IF_ERROR(backend_.Forward(p));
+      kernel_calls_[0] = 1;
+    }
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.kernels_done[0], ws.compute));
+    return absl::OkStatus();
+  }
+
+  DeviceCommunicator& comm_;
+  AttentionBackend& backend_;
+  const ShardPlan& plan_;
+  const RingShardTensors& t_;
+  const RingAttentionOptions& options_;
+  DeviceRingWorkspace* const ws_;
+  RingSchedule s_;
+  const float* alibi_ = nullptr;  // device copy of options.alibi_slopes, or null
+  float scale_ = 0;
+  std::vector<int> kernel_calls_;  // [world]
+};
+
+// ---- Backward -----------------------------------------------------------------------------------
+
+class BackwardCall {
+ public:
+  BackwardCall(DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+               const RingBackwardTensors& t, const RingAttentionOptions& options,
+               DeviceRingWorkspace* ws)
+      : comm_(comm),
+        backend_(backend),
+        plan_(plan),
+        t_(t),
+        options_(options),
+        ws_(ws),
+        shape_(t.shape(0)),
+        // fp32 gradients: dQ accumulates in the caller's dq and the return hop lands in the
+        // caller's dk and dv, so nothing is copied at the end.
+        grads_in_place_(t.grad_dtype == DType::kF32) {}
+
+  absl::StatusOr<RingTimings> Run() {
+    const auto t0 = Clock::now();
+    RA_RETURN_IF_ERROR(ValidateRingBackward(options_, t_));
+    CudaBackwardBackend* cuda = AsCudaBackwardBackend(&backend_);
+    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, cuda != nullptr, plan_, options_, ws_,
+                                       "the device ring backward",
+                                       "CUDA backward backend (cuda, cudnn)"));
+    s_ = PlanRingSchedule(plan_, comm_.rank(), RingDirection::kBackward, shape_,
+                          {backend_.supports_position_runs(), false});
+    RA_RETURN_IF_ERROR(CheckShardTensorsSet(t_, s_.rank, s_.rows));
+    State& ws = ws_->state();
+    const AttentionShape mine = t_.shape(s_.rows);
+    State::Needs needs;
+    needs.direction = RingDirection::kBackward;
+    needs.steps = s_.world;
+    needs.row_floats = mine.lse_elems();
+    if (!grads_in_place_) needs.q_floats = mine.q_elems();
+    if (s_.world > 1) {
+      needs.slot_bytes = 2 * shape_.WithRows(0, s_.max_rows).kv_bytes();
+      needs.dkv_floats = DkvBytes(shape_, s_.max_rows) / sizeof(float);
+      needs.dkv_buffers = 3;
+    } else {
+      // One rank: the one accumulator is its own (in the one call only for rounding).
+      needs.dkv_floats = DkvBytes(shape_, s_.rows) / sizeof(float);
+      needs.dkv_buffers = 1;
+    }
+    RA_RETURN_IF_ERROR(ws.Reserve(needs));
+    RA_ASSIGN_OR_RETURN(alibi_, ws.AlibiSlopes(options_.alibi_slopes));
+    scale_ = RingSoftmaxScale(options_, t_.head_dim);
+    dq_acc_ = grads_in_place_ ? static_cast<float*>(t_.dq) : ws.q_acc();
+    ScopedBackendStream<CudaBackwardBackend> stream_scope(cuda, ws.compute);
+    kernel_calls_.assign(s_.world, 0);
+
+    // D once per rank for every step (the one call too: the backend then needs no scratch).
+    RA_RETURN_IF_ERROR(ComputeShardDelta(backend_, t_, s_.rows, ws.row_acc()));
+    if (s_.one_call) {
+      RA_RETURN_IF_ERROR(EnqueueOneCall());
+    } else {
+      RA_RETURN_IF_ERROR(EnqueueRing());
+    }
+
+    RA_RETURN_IF_ERROR(WaitForStreams(comm_, ws, s_));
+    RingTimings timings;
+    RA_RETURN_IF_ERROR(ReadStepTimings(ws, s_, kernel_calls_, &timings));
+    for (const RingStepPlan& step : s_.steps) {
+      const int i = step.step;
+      RA_ASSIGN_OR_RETURN(const double wait, ElapsedSeconds(ws.kernels_done[i], ws.comm_waited[i]));
+      RA_ASSIGN_OR_RETURN(const double add, ElapsedSeconds(ws.comm_waited[i], ws.step_done[i]));
+      // Events of one stream complete in order; max() only guards the timer's resolution.
+      RingStepTiming& st = timings.steps[i];
+      st.compute_seconds = std::max(0.0, st.compute_seconds) + std::max(0.0, add);
+      st.comm_wait_seconds = std::max(0.0, wait);
+    }
+    if (s_.return_send) {
+      RA_ASSIGN_OR_RETURN(const double hop,
+                          ElapsedSeconds(ws.step_done[s_.world - 1], ws.return_waited));
+      timings.steps.back().comm_wait_seconds += std::max(0.0, hop);
+    }
+    timings.total_seconds = SecondsSince(t0);
+    return timings;
+  }
+
+  // EnqueueSteps' hooks: this rank's contribution to the block in hand (zeroed first unless the
+  // step writes it); the transfers wait for the previous step's add (the accumulator sent is
+  // finished, the receive buffer read by it); after them, the received accumulator added.
+  absl::Status EnqueueKernels(const RingStepPlan& step, const KvBlock& kv, int* calls) {
+    State& ws = ws_->state();
+    const DkvBlock mine = Contribution(step);
+    if (mine.elems > 0 && step.output != StepOutput::kWrite) {
+      RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(mine.dk, 0, mine.Bytes(), ws.compute));
+    }
+    return ComputeBackwardStep(backend_, s_, step, t_, kv, dq_acc_, ws.row_acc(), mine, options_,
+                               alibi_, scale_, calls);
+  }
+  cudaEvent_t ReadyEvent(int step) const { return ws_->state().step_done[step]; }
+  absl::Status AfterTransfers(const RingStepPlan& step) {
+    State& ws = ws_->state();
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.comm_waited[step.step], ws.compute));
+    if (step.dkv_recv) {
+      // Ranks block .. rank - 1 received, this rank's added: the host executor's order.
+      const DkvBlock mine = Contribution(step);
+      RA_RETURN_IF_ERROR(LaunchAddFloat(mine.dk, ws.dkv(step.dkv_recv->buffer),
+                                        static_cast<int64_t>(2 * mine.elems), ws.compute));
+    }
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.step_done[step.step], ws.compute));
+    return absl::OkStatus();
+  }
+
+ private:
+  DkvBlock Contribution(const RingStepPlan& step) const {
+    return DkvBlock::At(ws_->state().dkv(step.dkv_buffer), shape_, step.block_rows);
+  }
+  // The caller's dk and dv as the fp32 accumulator's halves (fp32 gradients only).
+  DkvBlock CallerGrads() const {
+    return {static_cast<float*>(t_.dk), static_cast<float*>(t_.dv),
+            static_cast<size_t>(t_.shape(s_.rows).kv_elems())};
+  }
+
+  // One rank: one call (after D) that writes the gradients, fp32, straight into the caller's
+  // buffers, or into the workspace and then rounded.
+  absl::Status EnqueueOneCall() {
+    State& ws = ws_->state();
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start[0], ws.compute));
+    const DkvBlock grads =
+        grads_in_place_ ? CallerGrads() : DkvBlock::At(ws.dkv(0), shape_, s_.rows);
+    if (s_.rows > 0) {
+      const KvBlock kv{static_cast<const std::byte*>(t_.k), static_cast<const std::byte*>(t_.v)};
+      AttentionBackwardParams bp =
+          SegmentPairBackwardParams(t_, s_.rows, *s_.one_call, kv, s_.rows, *s_.one_call, dq_acc_,
+                                    ws.row_acc(), grads, options_, alibi_, scale_);
+      // Written, not added: every element of dq, dk and dv (zeros where nothing contributes),
+      // so the call is not skipped even if it were wholly masked.
+      bp.accumulate = false;
+      RA_RETURN_IF_ERROR(backend_.Backward(bp));
+      kernel_calls_[0] = 1;
+    }
+    // The step's other events, so that timings read the same on every path.
+    for (cudaEvent_t e : {ws.kernels_done[0], ws.comm_waited[0], ws.step_done[0]}) {
+      RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(e, ws.compute));
+    }
+    RA_RETURN_IF_ERROR(EnqueueStoreDq());
+    return EnqueueStoreDkv(grads);
+  }
+
+  // The ring: the steps, then the return hop and the rounding.
+  absl::Status EnqueueRing() {
+    State& ws = ws_->state();
+    const size_t dq_floats = static_cast<size_t>(t_.shape(s_.rows).q_elems());
+    if (dq_floats > 0 && !s_.first_writes()) {
+      RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_acc_, 0, dq_floats * sizeof(float), ws.compute));
+    }
+    const RingBuffers b = ws.Buffers(t_.k, t_.v, shape_.WithRows(0, s_.max_rows).kv_bytes());
+    RA_RETURN_IF_ERROR(EnqueueSteps(comm_, ws, s_, b, *this, &kernel_calls_));
+    // dq is final once the last step's calls are done: rounded while the return hop travels.
+    RA_RETURN_IF_ERROR(EnqueueStoreDq());
+    if (!s_.return_recv) return EnqueueStoreDkv(Contribution(s_.steps.back()));
+    const DkvBlock own = grads_in_place_
+                             ? CallerGrads()
+                             : DkvBlock::At(ws.dkv(s_.return_recv->buffer), shape_, s_.rows);
+    // The complete accumulator of block rank + 1 to its owner, this rank's own from rank - 1.
+    const RingTransfers x = ReturnHopTransfers(s_, b, shape_, own);
+    RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.comm, ws.step_done[s_.world - 1], 0));
+    RA_RETURN_IF_ERROR(comm_.Enqueue(x.send_ops(), x.recv_ops(), ws.comm));
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.return_done, ws.comm));
+    RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.compute, ws.return_done, 0));
+    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.return_waited, ws.compute));
+    return EnqueueStoreDkv(own);
+  }
+
+  // The fp32 gradients rounded once into the caller's (a copy for fp32; nothing when they are
+  // the caller's already).
+  absl::Status EnqueueStoreDq() {
+    if (grads_in_place_) return absl::OkStatus();
+    return LaunchConvertFromFloat(dq_acc_, t_.dq, t_.grad_dtype, t_.shape(s_.rows).q_elems(),
+                                  ws_->state().compute);
+  }
+  absl::Status EnqueueStoreDkv(const DkvBlock& own) {
+    if (own.dk == t_.dk && own.dv == t_.dv) return absl::OkStatus();  // written in place
+    const cudaStream_t compute = ws_->state().compute;
+    const int64_t n = static_cast<int64_t>(own.elems);
+    RA_RETURN_IF_ERROR(LaunchConvertFromFloat(own.dk, t_.dk, t_.grad_dtype, n, compute));
+    return LaunchConvertFromFloat(own.dv, t_.dv, t_.grad_dtype, n, compute);
+  }
+
+  DeviceCommunicator& comm_;
+  AttentionBackwardBackend& backend_;
+  const ShardPlan& plan_;
+  const RingBackwardTensors& t_;
+  const RingAttentionOptions& options_;
+  DeviceRingWorkspace* const ws_;
+  const AttentionShape shape_;
+  const bool grads_in_place_;
+  RingSchedule s_;
+  const float* alibi_ = nullptr;  // device copy of options.alibi_slopes, or null
+  float scale_ = 0;
+  float* dq_acc_ = nullptr;        // the caller's dq (fp32) or the workspace's
+  std::vector<int> kernel_calls_;  // [world]
+};
+
+}  // namespace
 
 absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
     DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
     const RingShardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
-  absl::StatusOr<RingTimings> result = RunDeviceRing(comm, backend, plan, t, options, ws);
-  if (result.ok()) return result;
-  return device_ring_internal::AbortAndDrain(comm, result.status(),
-                                             ws != nullptr ? ws->compute_stream() : nullptr,
-                                             ws != nullptr ? ws->comm_stream() : nullptr);
+  return AbortAndDrainOnFailure(comm, ws, ForwardCall(comm, backend, plan, t, options, ws).Run());
+}
+
+absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(
+    DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+    const RingBackwardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
+  return AbortAndDrainOnFailure(comm, ws, BackwardCall(comm, backend, plan, t, options, ws).Run());
 }
 
 }  // namespace ringattn

@@ -1,6 +1,6 @@
 // The device ring backward on a GPU, with "cuda" (our kernel) and, where the build has cuDNN,
-// "cudnn". Every GPU test skips without a CUDA device (gtest counts a skip as a pass), so
-// ctest passes on machines without one; the host-only tests at the end always run.
+// "cudnn". Every test skips without a CUDA device (gtest counts a skip as a pass), so ctest
+// passes on machines without one.
 //
 // What is checked:
 //   1. the driver's accumulator add kernel against the host, aligned and not;
@@ -25,8 +25,6 @@
 // order of the fp32 sums differs (dQ over key blocks, dK/dV over ranks), so 1e-3 is loose.
 // "cudnn" rounds each call's dQ/dK/dV to the input dtype before adding them in fp32, so a ring
 // step's partial sums are rounded separately: 1e-2.
-#include "ring/device_ring_backward.h"
-
 #include <cuda_runtime_api.h>
 
 #include <atomic>
@@ -53,6 +51,7 @@
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/cuda/cuda_backward.h"
 #include "kernels/cuda/gpu_test_util.h"
+#include "ring/device_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
 #include "ring/testing/device_inprocess_ring_backward.h"
@@ -319,18 +318,7 @@ INSTANTIATE_TEST_SUITE_P(Lengths, DeviceRingBackwardLengths,
                                                std::get<1>(info.param));
                          });
 
-struct OptionCase {
-  std::string name;
-  DType dtype;
-  int heads, heads_k, head_dim;
-  int64_t seqlen;
-  bool causal;
-  std::pair<int64_t, int64_t> window;
-  bool alibi;
-  float softcap;
-};
-
-void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
+using test::OptionCase;
 
 class DeviceRingBackwardOptions : public GpuTest,
                                   public ::testing::WithParamInterface<OptionCase> {};
@@ -668,22 +656,6 @@ TEST_F(DeviceRingBackwardNccl, OneRankEqualsInProcess) {
 }
 
 #endif  // RINGATTN_HAVE_NCCL
-
-// ---- Host-only: the shared accumulator block ------------------------------------------------
-
-TEST(RingBackwardStepHost, DkvBlockPlacesDvAfterDk) {
-  const ShardGeometry g{/*q_row_elems=*/8 * 64, /*kv_row_elems=*/2 * 64, /*elem_bytes=*/2};
-  std::vector<float> buffer(DkvBlock::Floats(3, 5, g));
-  EXPECT_EQ(buffer.size(), 2u * 3 * 5 * 128);
-  const DkvBlock b = DkvBlock::At(buffer.data(), 3, 5, g);
-  EXPECT_EQ(b.elems, 3u * 5 * 128);
-  EXPECT_EQ(b.dv, b.dk + b.elems);
-  EXPECT_EQ(b.Bytes(), buffer.size() * sizeof(float));
-  const DkvBlock empty = DkvBlock::At(nullptr, 3, 0, g);
-  EXPECT_EQ(empty.dk, nullptr);
-  EXPECT_EQ(empty.dv, nullptr);
-  EXPECT_EQ(empty.Bytes(), 0u);
-}
 
 }  // namespace
 }  // namespace ringattn

@@ -1,5 +1,6 @@
 // The device ring on a GPU. Every test skips without a CUDA device (gtest counts a skip as a
-// pass), so ctest passes on machines without one; the host-only tests at the end always run.
+// pass), so ctest passes on machines without one (the schedule's host-side properties are
+// schedule_test's).
 //
 // What is checked, from the bottom up, so that a failure points at one layer:
 //   1. the driver's small kernels (fill, fp32 -> bf16/fp16 conversion) bit for bit against the
@@ -1126,42 +1127,6 @@ TEST_F(NcclOneRank, RingEqualsTheSingleCall) {
 }
 
 #endif  // RINGATTN_HAVE_NCCL
-
-// ---- Host-only: the shared ring-step pieces -------------------------------------------------
-
-TEST(RingStepHost, OneRankShardsAreOneSegmentInEveryLayout) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
-    for (int64_t seqlen : {1, 2, 7, 255}) {
-      absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, 1, layout);
-      ASSERT_TRUE(plan.ok());
-      const std::optional<Segment> s = AsSingleSegment(plan->shards[0]);
-      ASSERT_TRUE(s.has_value()) << LayoutName(layout) << " s=" << seqlen;
-      EXPECT_EQ(s->start, 0);
-      EXPECT_EQ(s->stride, 1);
-      EXPECT_EQ(s->length, seqlen);
-      EXPECT_EQ(s->local_offset, 0);
-    }
-  }
-}
-
-TEST(RingStepHost, SegmentsThatDoNotFollowAreNotMerged) {
-  Shard swapped;  // positions 4..7 first, then 0..3
-  swapped.segments = {{4, 1, 4, 0}, {0, 1, 4, 4}};
-  swapped.rows = 8;
-  EXPECT_FALSE(AsSingleSegment(swapped).has_value());
-  absl::StatusOr<ShardPlan> zigzag = PlanShards(16, 2, Layout::kZigzag);  // chunks 0 and 3
-  ASSERT_TRUE(zigzag.ok());
-  EXPECT_FALSE(AsSingleSegment(zigzag->shards[0]).has_value());
-  EXPECT_FALSE(AsSingleSegment(Shard{}).has_value());
-}
-
-TEST(RingStepHost, SourceRanksWalkBackwards) {
-  EXPECT_EQ(RingSourceRank(0, 0, 4), 0);
-  EXPECT_EQ(RingSourceRank(0, 1, 4), 3);
-  EXPECT_EQ(RingSourceRank(2, 3, 4), 3);
-  EXPECT_EQ(RingNextRank(3, 4), 0);
-  EXPECT_EQ(RingPrevRank(0, 4), 3);
-}
 
 }  // namespace
 }  // namespace ringattn

@@ -22,16 +22,7 @@
 namespace ringattn {
 namespace {
 
-struct Problem {
-  DType dtype = DType::kF32;
-  int batch = 1;
-  int64_t seqlen = 255;
-  int heads = 5;
-  int heads_k = 5;
-  int head_dim = 64;
-  RingAttentionOptions options;
-  uint64_t seed = 7;
-};
+using Problem = test::HostProblem;
 
 using Tensors = test::RingTensors;
 using test::MakeInputs;
@@ -86,9 +77,12 @@ ErrorStats LseVsSingle(const Tensors& ring, const Tensors& single) {
 // and round once, so fp32 agrees to accumulation-order noise and fp16/bf16 to one rounding.
 double SingleTolerance(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 1e-5;
-    case DType::kF16: return 1e-3;
-    case DType::kBF16: return 8e-3;
+    case DType::kF32:
+      return 1e-5;
+    case DType::kF16:
+      return 1e-3;
+    case DType::kBF16:
+      return 8e-3;
   }
   return 0;
 }
@@ -107,12 +101,12 @@ TEST_P(RingMatchesSingleDevice, Fp32) {
   EXPECT_TRUE(l.Within(1e-6, 1e-5)) << l.ToString();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    WorldsLayouts, RingMatchesSingleDevice,
-    ::testing::Combine(::testing::Values(1, 2, 3, 4),
-                       ::testing::Values(Layout::kContiguous, Layout::kZigzag, Layout::kStripe),
-                       ::testing::Bool()),
-    test::RingCaseName);
+INSTANTIATE_TEST_SUITE_P(WorldsLayouts, RingMatchesSingleDevice,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(Layout::kContiguous, Layout::kZigzag,
+                                                              Layout::kStripe),
+                                            ::testing::Bool()),
+                         test::RingCaseName);
 
 // Every option alone and together, through the ring with 3 ranks at an awkward length, GQA.
 using test::OptionCase;
@@ -123,9 +117,7 @@ TEST_P(RingOptions, MatchesSingleDeviceAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
   test::ApplyOptionCase(c, &pr);
-  if (c.alibi) {
-    for (int h = 0; h < c.heads; ++h) pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
-  }
+  if (c.alibi) pr.options.alibi_slopes = test::HostAlibiSlopes(c.heads);
   const Tensors single = RunSingle(pr);
   for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
     const Tensors ring = RunRing(pr, 3, layout);
@@ -148,31 +140,8 @@ TEST_P(RingOptions, MatchesSingleDeviceAndReference) {
   EXPECT_TRUE(rl.Within(1e-5, 1e-4)) << "ring(4) lse vs fp64: " << rl.ToString();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Options, RingOptions,
-    ::testing::Values(
-        OptionCase{"gqa8to2", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0},
-        OptionCase{"mqa8to1", DType::kF32, 8, 1, 64, 7, false, {-1, -1}, false, 0},
-        OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
-        OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
-        OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
-        OptionCase{"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
-        OptionCase{"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f,
-                   0.5f},
-        OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
-        OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
-        OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
-        OptionCase{"hd256", DType::kBF16, 2, 1, 256, 100, true, {-1, -1}, false, 0},
-        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
-        // Packed sequences: an empty one, single rows, boundaries inside every rank's shard.
-        OptionCase{"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
-                   {0, 1, 8, 8, 200, 381}},
-        OptionCase{"packed_full_heads5", DType::kF32, 5, 5, 64, 255, false, {-1, -1}, false, 0, 0,
-                   {0, 100, 101, 255}},
-        OptionCase{"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
-                   0.3f, {0, 7, 150, 381}}),
-    [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Options, RingOptions, ::testing::ValuesIn(test::HostOptionCases()),
+                         test::OptionCaseName);
 
 // The ring keeps partials in fp32, so its bf16 error against fp64 does not grow with ranks.
 TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
@@ -191,101 +160,12 @@ TEST(RingNumerics, ErrorDoesNotGrowWithRanks) {
     errs.push_back(CompareTensor(ring.out.data(), pr.dtype, ref->o.data(), QElems(pr)).rel_l2);
   }
   for (size_t i = 1; i < errs.size(); ++i) {
-    EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6) << "world index " << i << " errors " << errs[0]
-                                              << " -> " << errs[i];
+    EXPECT_LE(errs[i], errs[0] * 1.05 + 1e-6)
+        << "world index " << i << " errors " << errs[0] << " -> " << errs[i];
   }
 }
 
-// ---- One call per step where the backend takes two runs of positions ----------------------
-
-// Every row's position through the call's params equals the plan's position of that row.
-void ExpectCallPositions(const StepCall& c, const Shard& mine, const Shard& theirs) {
-  AttentionParams p;
-  p.q_pos_offset = c.q.start;
-  p.q_pos_stride = c.q.stride;
-  p.k_pos_offset = c.k.start;
-  p.k_pos_stride = c.k.stride;
-  ApplyPositionRuns(c, &p);
-  for (const auto& [shard, seg, pos] :
-       {std::tuple{&mine, c.q, &QueryPos}, std::tuple{&theirs, c.k, &KeyPos}}) {
-    for (const Segment& s : shard->segments) {
-      for (int64_t i = 0; i < s.length; ++i) {
-        const int64_t row = s.local_offset + i - seg.local_offset;
-        EXPECT_EQ(pos(p, row), s.start + i * s.stride) << "row " << row;
-      }
-    }
-  }
-}
-
-TEST(RingStepCalls, OneCallPerStepWithPositionRuns) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
-    for (int world : {1, 2, 3, 4}) {
-      for (int64_t seqlen : {int64_t{7}, int64_t{64}, int64_t{1001}}) {
-        absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
-        ASSERT_TRUE(plan.ok()) << plan.status();
-        for (int r = 0; r < world; ++r) {
-          for (int src = 0; src < world; ++src) {
-            SCOPED_TRACE(absl::StrCat(std::string(LayoutName(layout)), " W=", world, " s=", seqlen, " rank ",
-                                      r, " block ", src));
-            const Shard& mine = plan->shards[r];
-            const Shard& theirs = plan->shards[src];
-            const std::vector<StepCall> runs = StepCalls(mine, theirs, true);
-            const std::vector<StepCall> pairs = StepCalls(mine, theirs, false);
-            EXPECT_EQ(pairs.size(), mine.segments.size() * theirs.segments.size());
-            if (mine.segments.empty() || theirs.segments.empty()) continue;
-            ASSERT_EQ(runs.size(), 1u);
-            EXPECT_EQ(runs[0].q.length, mine.rows);
-            EXPECT_EQ(runs[0].k.length, theirs.rows);
-            ExpectCallPositions(runs[0], mine, theirs);
-          }
-        }
-      }
-    }
-  }
-}
-
-// A backend that only declares what it takes (PlanRingOutput reads nothing else).
-class DeclaringBackend final : public AttentionBackend {
- public:
-  DeclaringBackend(bool runs, bool partial) : runs_(runs), partial_(partial) {}
-  std::string_view name() const override { return "declaring"; }
-  MemorySpace memory_space() const override { return MemorySpace::kHost; }
-  absl::Status Forward(const AttentionParams&) override {
-    return absl::UnimplementedError("declaring only");
-  }
-  bool supports_position_runs() const override { return runs_; }
-  bool supports_partial_input() const override { return partial_; }
-
- private:
-  bool runs_, partial_;
-};
-
-// The first step writes the accumulators and the last finalizes exactly where that step is one
-// call over every local row: always with position runs (every layout, any W, uneven shards),
-// only for one-segment shards without; finalizing needs a partial-taking backend and W > 1.
-TEST(RingOutputPlan, WritesAndFinalizesWhereAStepIsOneWholeCall) {
-  test::ForEachRankOfSmallPlans([](const ShardPlan& plan, int world, int r) {
-    const Shard& mine = plan.shards[r];
-    const Shard& last = plan.shards[RingSourceRank(r, world - 1, world)];
-    const bool has_rows = mine.rows > 0;
-    for (const bool partial : {false, true}) {
-      const RingOutputPlan runs = PlanRingOutput(plan, r, world, DeclaringBackend(true, partial));
-      EXPECT_EQ(runs.first_writes, has_rows);
-      EXPECT_EQ(runs.last_finalizes, partial && world > 1 && has_rows && last.rows > 0);
-    }
-    const RingOutputPlan pairs = PlanRingOutput(plan, r, world, DeclaringBackend(false, true));
-    const bool one_segment = mine.segments.size() == 1;
-    EXPECT_EQ(pairs.first_writes, has_rows && one_segment);
-    EXPECT_EQ(pairs.last_finalizes,
-              world > 1 && has_rows && one_segment && last.segments.size() == 1);
-    // ModeOf: the first step writes, the last finalizes (a lone step writes), the rest merge.
-    const RingOutputPlan both{true, world > 1};
-    EXPECT_EQ(both.ModeOf(0, world), StepOutput::kWrite);
-    EXPECT_EQ(both.ModeOf(world - 1, world),
-              world > 1 ? StepOutput::kFinalize : StepOutput::kWrite);
-    if (world > 2) EXPECT_EQ(both.ModeOf(1, world), StepOutput::kMerge);
-  });
-}
+// ---- Refusals and failures ------------------------------------------------------------------
 
 // Packed sequences are refused up front, naming the option (and the kernels), for bounds that
 // do not run 0..seqlen without decreasing, and for a backend that does not take them (every
@@ -301,7 +181,8 @@ TEST(RingRefusals, PackedSequencesBadBoundsOrABackendWithout) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("seq_bounds"), std::string::npos) << s;
   EXPECT_NE(s.message().find("'cuda'"), std::string::npos) << s;
-  for (const std::vector<int64_t>& bad : {std::vector<int64_t>{0, 5}, std::vector<int64_t>{0, 6, 5, 9}}) {
+  for (const std::vector<int64_t>& bad :
+       {std::vector<int64_t>{0, 5}, std::vector<int64_t>{0, 6, 5, 9}}) {
     options.seq_bounds = bad;
     s = CheckPackedSequences(options, *plan, true, "cpu");
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);

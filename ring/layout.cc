@@ -39,9 +39,12 @@ void ForEachShardRow(const ShardPlan& plan, int rank, Fn fn) {
 
 std::string_view LayoutName(Layout layout) {
   switch (layout) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kZigzag: return "zigzag";
-    case Layout::kStripe: return "stripe";
+    case Layout::kContiguous:
+      return "contiguous";
+    case Layout::kZigzag:
+      return "zigzag";
+    case Layout::kStripe:
+      return "stripe";
   }
   return "unknown";
 }
@@ -50,8 +53,8 @@ absl::StatusOr<Layout> ParseLayout(std::string_view name) {
   for (Layout l : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
     if (name == LayoutName(l)) return l;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown layout '", std::string(name), "'; expected one of contiguous, zigzag, stripe"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown layout '", std::string(name),
+                                                 "'; expected one of contiguous, zigzag, stripe"));
 }
 
 Layout AutoLayout(bool causal) { return causal ? Layout::kZigzag : Layout::kContiguous; }
@@ -63,8 +66,10 @@ int64_t ShardPlan::max_rows() const {
 }
 
 absl::StatusOr<ShardPlan> PlanShards(int64_t seqlen, int world, Layout layout) {
-  if (seqlen < 0) return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
-  if (world < 1) return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world));
+  if (seqlen < 0)
+    return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
+  if (world < 1)
+    return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world));
   ShardPlan plan;
   plan.layout = layout;
   plan.seqlen = seqlen;
@@ -93,32 +98,39 @@ absl::StatusOr<ShardPlan> PlanShards(int64_t seqlen, int world, Layout layout) {
   return plan;
 }
 
-void ExtractShard(const ShardPlan& plan, int rank, const void* whole, int64_t outer,
-                  size_t row_bytes, void* shard) {
-  const auto* src = static_cast<const std::byte*>(whole);
-  auto* dst = static_cast<std::byte*>(shard);
+namespace {
+
+// Copies rank's rows from `from` to `to`: whole [outer, seqlen, row_bytes] to shard [outer, rows,
+// row_bytes] (kToShard) or back.
+template <bool kToShard>
+void CopyShardRows(const ShardPlan& plan, int rank, const void* from, int64_t outer,
+                   size_t row_bytes, void* to) {
+  const auto* src = static_cast<const std::byte*>(from);
+  auto* dst = static_cast<std::byte*>(to);
   const int64_t rows = plan.shards[rank].rows;
+  const int64_t src_rows = kToShard ? plan.seqlen : rows;
+  const int64_t dst_rows = kToShard ? rows : plan.seqlen;
   for (int64_t b = 0; b < outer; ++b) {
-    const std::byte* src_b = src + b * plan.seqlen * row_bytes;
-    std::byte* dst_b = dst + b * rows * row_bytes;
+    const std::byte* src_b = src + b * src_rows * row_bytes;
+    std::byte* dst_b = dst + b * dst_rows * row_bytes;
     ForEachShardRow(plan, rank, [&](int64_t whole_row, int64_t shard_row) {
-      std::memcpy(dst_b + shard_row * row_bytes, src_b + whole_row * row_bytes, row_bytes);
+      const int64_t from_row = kToShard ? whole_row : shard_row;
+      const int64_t to_row = kToShard ? shard_row : whole_row;
+      std::memcpy(dst_b + to_row * row_bytes, src_b + from_row * row_bytes, row_bytes);
     });
   }
 }
 
+}  // namespace
+
+void ExtractShard(const ShardPlan& plan, int rank, const void* whole, int64_t outer,
+                  size_t row_bytes, void* shard) {
+  CopyShardRows<true>(plan, rank, whole, outer, row_bytes, shard);
+}
+
 void InsertShard(const ShardPlan& plan, int rank, const void* shard, int64_t outer,
                  size_t row_bytes, void* whole) {
-  const auto* src = static_cast<const std::byte*>(shard);
-  auto* dst = static_cast<std::byte*>(whole);
-  const int64_t rows = plan.shards[rank].rows;
-  for (int64_t b = 0; b < outer; ++b) {
-    const std::byte* src_b = src + b * rows * row_bytes;
-    std::byte* dst_b = dst + b * plan.seqlen * row_bytes;
-    ForEachShardRow(plan, rank, [&](int64_t whole_row, int64_t shard_row) {
-      std::memcpy(dst_b + whole_row * row_bytes, src_b + shard_row * row_bytes, row_bytes);
-    });
-  }
+  CopyShardRows<false>(plan, rank, shard, outer, row_bytes, whole);
 }
 
 }  // namespace ringattn

@@ -7,8 +7,6 @@
 // (dK/dV sum over ranks), so rel L2 <= 1e-5 (measured <= 3e-7). Against the exact fp64
 // reference, the forward's output rounded to bf16/fp16 feeds D = rowsum(dO * O): that
 // rounding, not the ring, sets the error (see kReferenceTolerance).
-#include "ring/ring_backward.h"
-
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -25,6 +23,7 @@
 #include "kernels/cpu/flash_cpu_backward.h"
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
+#include "ring/host_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
 #include "ring/testing/inprocess_ring_backward.h"
@@ -33,17 +32,7 @@
 namespace ringattn {
 namespace {
 
-struct Problem {
-  DType dtype = DType::kF32;
-  DType grad_dtype = DType::kF32;
-  int batch = 1;
-  int64_t seqlen = 255;
-  int heads = 5;
-  int heads_k = 5;
-  int head_dim = 64;
-  RingAttentionOptions options;
-  uint64_t seed = 7;
-};
+using Problem = test::HostProblem;
 
 using test::BackwardInputs;
 using test::ExpectClose;
@@ -150,10 +139,7 @@ TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   const OptionCase& c = GetParam();
   Problem pr;
   test::ApplyOptionCase(c, &pr);
-  if (c.alibi) {
-    for (int h = 0; h < c.heads; ++h)
-      pr.options.alibi_slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
-  }
+  if (c.alibi) pr.options.alibi_slopes = test::HostAlibiSlopes(c.heads);
   const Inputs in = MakeInputs(pr);
   const Grads single = RunSingle(pr, in);
   for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
@@ -168,31 +154,8 @@ TEST_P(RingBackwardOptions, MatchesSingleDeviceAndReference) {
   std::printf("    ring(4) vs fp64 reference: worst rel L2 %.2e\n", e);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Options, RingBackwardOptions,
-    ::testing::Values(
-        OptionCase{"gqa8to2", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0},
-        OptionCase{"mqa8to1", DType::kF32, 8, 1, 64, 7, false, {-1, -1}, false, 0},
-        OptionCase{"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
-        OptionCase{"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
-        OptionCase{"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
-        OptionCase{"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
-        OptionCase{"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f,
-                   0.5f},
-        OptionCase{"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
-        OptionCase{"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
-        OptionCase{"all_fp32", DType::kF32, 8, 2, 64, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
-        OptionCase{"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
-        OptionCase{
-            "seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0},
-        // Packed sequences: gradients stay inside each sequence across shards.
-        OptionCase{"packed_causal_gqa", DType::kF32, 8, 2, 64, 381, true, {-1, -1}, false, 0, 0,
-                   {0, 1, 8, 8, 200, 381}},
-        OptionCase{"packed_all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
-                   0.3f, {0, 7, 150, 381}}),
-    [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Options, RingBackwardOptions, ::testing::ValuesIn(test::HostOptionCases()),
+                         test::OptionCaseName);
 
 // ---- Gradients in the input dtype, batch > 1, the reference backend ---------------------------
 
@@ -352,36 +315,6 @@ TEST(RingBackwardFailures, AFailingKernelCallReleasesTheOthers) {
   EXPECT_NE(r.status().message().find("planted kernel failure"), std::string_view::npos)
       << r.status();
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
-}
-
-// A backward backend that only declares whether it takes two runs of positions.
-class DeclaringBackwardBackend final : public AttentionBackwardBackend {
- public:
-  explicit DeclaringBackwardBackend(bool runs) : runs_(runs) {}
-  std::string_view name() const override { return "declaring"; }
-  MemorySpace memory_space() const override { return MemorySpace::kHost; }
-  absl::Status Backward(const AttentionBackwardParams&) override {
-    return absl::UnimplementedError("declaring only");
-  }
-  absl::Status ComputeDelta(const AttentionBackwardParams&, float*) override {
-    return absl::UnimplementedError("declaring only");
-  }
-  bool supports_position_runs() const override { return runs_; }
-
- private:
-  bool runs_;
-};
-
-// The first step (own block) writes dq and dK/dV where it is one call over both whole shards:
-// every layout and W with position runs, one-segment shards only without; never a rank without
-// rows.
-TEST(RingBackwardStep, FirstStepWritesWhereItIsOneWholeCall) {
-  test::ForEachRankOfSmallPlans([](const ShardPlan& plan, int world, int r) {
-    const Shard& mine = plan.shards[r];
-    EXPECT_EQ(BackwardStepWrites(plan, r, r, DeclaringBackwardBackend(true)), mine.rows > 0);
-    EXPECT_EQ(BackwardStepWrites(plan, r, r, DeclaringBackwardBackend(false)),
-              mine.rows > 0 && mine.segments.size() == 1);
-  });
 }
 
 }  // namespace

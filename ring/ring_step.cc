@@ -1,6 +1,7 @@
 #include "ring/ring_step.h"
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -22,7 +23,9 @@ double RingTimings::comm_wait_seconds() const {
   return s;
 }
 
-absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t) {
+// ---- Checks -----------------------------------------------------------------------------------
+
+absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardSizes& t) {
   if (!(options.dropout_p >= 0.0f && options.dropout_p < 1.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("dropout_p must be in [0, 1), got ", options.dropout_p));
@@ -60,15 +63,36 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
   return ValidateHeadDim(t.head_dim);
 }
 
+absl::Status ValidateRingBackward(const RingAttentionOptions& options,
+                                  const RingBackwardTensors& t) {
+  RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
+  if (t.grad_dtype != t.dtype && t.grad_dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("grad_dtype must be the input dtype (", std::string(DTypeName(t.dtype)),
+                     ") or fp32, got ", std::string(DTypeName(t.grad_dtype))));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckShardTensorsSet(const RingBackwardTensors& t, int rank, int64_t rows) {
+  if (rows == 0) return absl::OkStatus();
+  if (t.q == nullptr || t.k == nullptr || t.v == nullptr || t.out == nullptr || t.lse == nullptr ||
+      t.dout == nullptr || t.dq == nullptr || t.dk == nullptr || t.dv == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", rank, " holds ", rows, " rows: q, k, v, out, lse, dout, dq, dk, dv must be set"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckPackedSequences(const RingAttentionOptions& options, const ShardPlan& plan,
                                   bool supported, std::string_view backend_name) {
   if (options.seq_bounds.empty()) return absl::OkStatus();
   RA_RETURN_IF_ERROR(CheckSequenceBounds(options.seq_bounds.data(), options.seq_bounds.size(),
                                          "seq_bounds", "the sequence length", plan.seqlen));
   if (supported) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "seq_bounds (packed variable-length sequences) is not supported by the '",
-      std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("seq_bounds (packed variable-length sequences) is not supported by the '",
+                   std::string(backend_name), "' kernels yet; CPU workers (kernel cpu) take it"));
 }
 
 absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world) {
@@ -87,33 +111,81 @@ float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim) {
   return options.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
 }
 
-AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g, int64_t q_rows,
-                                  const Segment& qs, const KvBlock& kv, int64_t k_rows,
-                                  const Segment& ks, float* o_acc, float* lse_acc,
-                                  const RingAttentionOptions& options, const float* alibi_slopes,
-                                  float scale) {
-  AttentionParams p;
-  p.batch = t.batch;
-  p.heads = t.heads;
-  p.heads_k = t.heads_k;
-  p.head_dim = t.head_dim;
-  p.dtype = t.dtype;
-  p.o_dtype = DType::kF32;
-  p.seqlen_q = qs.length;
-  p.seqlen_k = ks.length;
+// ---- Transfers --------------------------------------------------------------------------------
 
-  p.q = static_cast<const std::byte*>(t.q) + qs.local_offset * g.q_row_elems * g.elem_bytes;
-  p.k = kv.k + ks.local_offset * g.kv_row_elems * g.elem_bytes;
-  p.v = kv.v + ks.local_offset * g.kv_row_elems * g.elem_bytes;
-  p.o = o_acc + qs.local_offset * g.q_row_elems;
+RingTransfers StepTransfers(const RingStepPlan& step, const RingBuffers& b) {
+  RingTransfers x;
+  if (step.kv_send) {
+    const KvBlock in_hand = b.Kv(step.kv_send->buffer);
+    x.sends[x.n_sends++] = {step.kv_send->peer, in_hand.k, step.kv_send->bytes};
+    x.sends[x.n_sends++] = {step.kv_send->peer, in_hand.v, step.kv_send->bytes};
+  }
+  if (step.kv_recv) {
+    std::byte* slot = b.kv_slots[step.kv_recv->buffer];
+    x.recvs[x.n_recvs++] = {step.kv_recv->peer, slot, step.kv_recv->bytes};
+    x.recvs[x.n_recvs++] = {step.kv_recv->peer, slot + b.kv_slot_v_offset, step.kv_recv->bytes};
+  }
+  if (step.dkv_send) {
+    x.sends[x.n_sends++] = {step.dkv_send->peer, b.dkv[step.dkv_send->buffer],
+                            step.dkv_send->bytes};
+  }
+  if (step.dkv_recv) {
+    x.recvs[x.n_recvs++] = {step.dkv_recv->peer, b.dkv[step.dkv_recv->buffer],
+                            step.dkv_recv->bytes};
+  }
+  return x;
+}
+
+RingTransfers ReturnHopTransfers(const RingSchedule& s, const RingBuffers& b,
+                                 const AttentionShape& shape, const DkvBlock& own) {
+  RingTransfers x;
+  if (!s.return_send || !s.return_recv) return x;
+  const Hop& out = *s.return_send;
+  const DkvBlock finished = DkvBlock::At(b.dkv[out.buffer], shape, out.rows);
+  const size_t sent_bytes = finished.elems * sizeof(float);
+  const size_t own_bytes = own.elems * sizeof(float);
+  x.sends[x.n_sends++] = {out.peer, finished.dk, sent_bytes};
+  x.sends[x.n_sends++] = {out.peer, finished.dv, sent_bytes};
+  x.recvs[x.n_recvs++] = {s.return_recv->peer, own.dk, own_bytes};
+  x.recvs[x.n_recvs++] = {s.return_recv->peer, own.dv, own_bytes};
+  return x;
+}
+
+// ---- One step's calls -------------------------------------------------------------------------
+
+RingShardTensors ForwardView(const RingBackwardTensors& t) {
+  RingShardTensors f;
+  static_cast<RingShardSizes&>(f) = t;
+  f.q = t.q;
+  f.k = t.k;
+  f.v = t.v;
+  return f;
+}
+
+AttentionParams SegmentPairParams(const RingShardTensors& t, int64_t q_rows, const Segment& qs,
+                                  const KvBlock& kv, int64_t k_rows, const Segment& ks,
+                                  float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                                  const float* alibi_slopes, float scale) {
+  const AttentionShape shape = t.shape(q_rows);
+  const int64_t q_row_elems = shape.q_row_elems();
+  const int64_t kv_row_elems = shape.kv_row_elems();
+  const size_t elem_bytes = shape.elem_bytes();
+  AttentionParams p;
+  SetShape(shape.WithRows(qs.length, ks.length), &p);
+  p.o_dtype = DType::kF32;
+
+  p.q = static_cast<const std::byte*>(t.q) + qs.local_offset * q_row_elems * elem_bytes;
+  p.k = kv.k + ks.local_offset * kv_row_elems * elem_bytes;
+  p.v = kv.v + ks.local_offset * kv_row_elems * elem_bytes;
+  p.o = o_acc + qs.local_offset * q_row_elems;
   p.lse = lse_acc + qs.local_offset;
 
   p.q_head_stride = p.o_head_stride = t.head_dim;
-  p.q_row_stride = p.o_row_stride = g.q_row_elems;
-  p.q_batch_stride = p.o_batch_stride = q_rows * g.q_row_elems;
+  p.q_row_stride = p.o_row_stride = q_row_elems;
+  p.q_batch_stride = p.o_batch_stride = q_rows * q_row_elems;
   p.k_head_stride = p.v_head_stride = t.head_dim;
-  p.k_row_stride = p.v_row_stride = g.kv_row_elems;
-  p.k_batch_stride = p.v_batch_stride = k_rows * g.kv_row_elems;
+  p.k_row_stride = p.v_row_stride = kv_row_elems;
+  p.k_batch_stride = p.v_batch_stride = k_rows * kv_row_elems;
   p.lse_head_stride = q_rows;
   p.lse_batch_stride = q_rows * t.heads;
 
@@ -134,52 +206,40 @@ AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry
   return p;
 }
 
-namespace {
-
-// A shard as one call's rows: `whole` covers every row from local row 0 with the first run's
-// positions; a second run starts at row `split` at position `start2`.
-struct ShardRuns {
-  Segment whole;
-  int64_t split = kNoPosSplit;
-  int64_t start2 = 0;
-};
-
-std::optional<ShardRuns> AsPositionRuns(const Shard& shard) {
-  if (shard.segments.empty() || shard.segments.size() > 2) return std::nullopt;
-  const Segment& a = shard.segments[0];
-  if (a.local_offset != 0) return std::nullopt;
-  ShardRuns runs;
-  runs.whole = a;
-  runs.whole.length = shard.rows;
-  if (shard.segments.size() == 1) {
-    if (a.length != shard.rows) return std::nullopt;
-    return runs;
-  }
-  const Segment& b = shard.segments[1];
-  const bool rows_follow = b.local_offset == a.length && a.length + b.length == shard.rows;
-  const bool ascending = b.start > a.start + (a.length - 1) * a.stride;
-  if (!rows_follow || b.stride != a.stride || !ascending) return std::nullopt;
-  runs.split = a.length;
-  runs.start2 = b.start;
-  return runs;
-}
-
-}  // namespace
-
-std::vector<StepCall> StepCalls(const Shard& mine, const Shard& theirs, bool position_runs) {
-  std::vector<StepCall> calls;
-  if (position_runs) {
-    const std::optional<ShardRuns> q = AsPositionRuns(mine);
-    const std::optional<ShardRuns> k = AsPositionRuns(theirs);
-    if (q.has_value() && k.has_value()) {
-      calls.push_back({q->whole, k->whole, q->split, q->start2, k->split, k->start2});
-      return calls;
-    }
-  }
-  for (const Segment& qs : mine.segments) {
-    for (const Segment& ks : theirs.segments) calls.push_back({qs, ks});
-  }
-  return calls;
+AttentionBackwardParams SegmentPairBackwardParams(const RingBackwardTensors& t, int64_t q_rows,
+                                                  const Segment& qs, const KvBlock& kv,
+                                                  int64_t k_rows, const Segment& ks, float* dq_acc,
+                                                  float* delta, const DkvBlock& dkv,
+                                                  const RingAttentionOptions& options,
+                                                  const float* alibi, float scale) {
+  const AttentionShape shape = t.shape(q_rows);
+  const int64_t kv_row_elems = shape.kv_row_elems();
+  AttentionBackwardParams bp;
+  bp.fwd = SegmentPairParams(ForwardView(t), q_rows, qs, kv, k_rows, ks, dq_acc, delta, options,
+                             alibi, scale);
+  const AttentionParams& p = bp.fwd;
+  const size_t q_offset_bytes = qs.local_offset * shape.q_row_elems() * shape.elem_bytes();
+  bp.out = static_cast<const std::byte*>(t.out) + q_offset_bytes;
+  bp.dout = static_cast<const std::byte*>(t.dout) + q_offset_bytes;
+  bp.out_dtype = t.dtype;
+  bp.out_batch_stride = bp.dout_batch_stride = p.q_batch_stride;
+  bp.out_row_stride = bp.dout_row_stride = p.q_row_stride;
+  bp.out_head_stride = bp.dout_head_stride = p.q_head_stride;
+  bp.lse = t.lse + qs.local_offset;
+  bp.delta = p.lse;  // delta + qs.local_offset, with lse's strides
+  bp.lse_batch_stride = p.lse_batch_stride;
+  bp.lse_head_stride = p.lse_head_stride;
+  bp.dq = static_cast<float*>(p.o);  // dq_acc + qs.local_offset rows, with o's strides
+  bp.dq_batch_stride = p.o_batch_stride;
+  bp.dq_row_stride = p.o_row_stride;
+  bp.dq_head_stride = p.o_head_stride;
+  bp.dk = dkv.dk + ks.local_offset * kv_row_elems;
+  bp.dv = dkv.dv + ks.local_offset * kv_row_elems;
+  bp.dk_batch_stride = bp.dv_batch_stride = k_rows * kv_row_elems;
+  bp.dk_row_stride = bp.dv_row_stride = kv_row_elems;
+  bp.dk_head_stride = bp.dv_head_stride = t.head_dim;
+  bp.accumulate = true;
+  return bp;
 }
 
 void ApplyPositionRuns(const StepCall& c, AttentionParams* p) {
@@ -195,43 +255,29 @@ bool AnyKeyAllowed(const AttentionParams& p) {
       .any;
 }
 
-bool StepIsOneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs) {
-  if (mine.rows == 0 || theirs.rows == 0) return false;
-  const std::vector<StepCall> calls = StepCalls(mine, theirs, position_runs);
-  return calls.size() == 1 && calls[0].q.local_offset == 0 && calls[0].q.length == mine.rows &&
-         calls[0].k.local_offset == 0 && calls[0].k.length == theirs.rows;
+namespace {
+
+// A writing step is one call (the schedule vouched for it; a broken plan must not write half).
+absl::Status CheckWritingStep(const RingSchedule& s, const RingStepPlan& step,
+                              const char* direction) {
+  if (step.output == StepOutput::kMerge || step.calls.size() == 1) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(direction, " step from rank ", step.block, " on rank ",
+                                          s.rank, ": a writing step must be one call, got ",
+                                          step.calls.size()));
 }
 
-RingOutputPlan PlanRingOutput(const ShardPlan& plan, int rank, int world,
-                              const AttentionBackend& backend) {
-  const Shard& mine = plan.shards[rank];
-  const bool runs = backend.supports_position_runs();
-  RingOutputPlan out;
-  out.first_writes = StepIsOneWholeCall(mine, plan.shards[RingSourceRank(rank, 0, world)], runs);
-  out.last_finalizes =
-      world > 1 && backend.supports_partial_input() &&
-      StepIsOneWholeCall(mine, plan.shards[RingSourceRank(rank, world - 1, world)], runs);
-  return out;
-}
+}  // namespace
 
-absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
-                             const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
-                             const StepTarget& target, const RingAttentionOptions& options,
-                             const float* alibi_slopes, float scale, int* kernel_calls) {
-  const Shard& mine = plan.shards[rank];
-  const Shard& theirs = plan.shards[src];
-  const std::vector<StepCall> calls = StepCalls(mine, theirs, backend.supports_position_runs());
-  if (target.mode != StepOutput::kMerge && calls.size() != 1) {
-    return absl::InternalError(absl::StrCat("ring step from rank ", src, " on rank ", rank,
-                                            ": a writing step must be one call, got ",
-                                            calls.size()));
-  }
-  for (const StepCall& c : calls) {
-    AttentionParams p = SegmentPairParams(t, g, mine.rows, c.q, kv, theirs.rows, c.k,
-                                          target.o_acc, target.lse_acc, options, alibi_slopes,
-                                          scale);
+absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
+                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi, float scale, int* kernel_calls) {
+  RA_RETURN_IF_ERROR(CheckWritingStep(s, step, "ring"));
+  for (const StepCall& c : step.calls) {
+    AttentionParams p = SegmentPairParams(t, s.rows, c.q, kv, step.block_rows, c.k, o_acc, lse_acc,
+                                          options, alibi, scale);
     ApplyPositionRuns(c, &p);
-    switch (target.mode) {
+    switch (step.output) {
       case StepOutput::kMerge:
         if (!AnyKeyAllowed(p)) continue;
         break;
@@ -240,8 +286,8 @@ absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, i
         break;
       case StepOutput::kFinalize:
         p.merge_into_output = false;
-        p.partial_o = target.o_acc;
-        p.partial_lse = target.lse_acc;
+        p.partial_o = o_acc;
+        p.partial_lse = lse_acc;
         p.o = t.out;
         p.o_dtype = t.dtype;
         p.lse = t.lse;  // may be null
@@ -253,20 +299,37 @@ absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, i
   return absl::OkStatus();
 }
 
-std::optional<Segment> AsSingleSegment(const Shard& shard) {
-  if (shard.segments.empty()) return std::nullopt;
-  Segment merged = shard.segments.front();
-  if (merged.local_offset != 0) return std::nullopt;
-  for (size_t i = 1; i < shard.segments.size(); ++i) {
-    const Segment& next = shard.segments[i];
-    const bool rows_follow = next.local_offset == merged.local_offset + merged.length;
-    const bool positions_follow = next.start == merged.start + merged.length * merged.stride &&
-                                  (next.stride == merged.stride || next.length == 1);
-    if (!rows_follow || !positions_follow) return std::nullopt;
-    merged.length += next.length;
+absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const RingSchedule& s,
+                                 const RingStepPlan& step, const RingBackwardTensors& t,
+                                 const KvBlock& kv, float* dq_acc, float* delta,
+                                 const DkvBlock& dkv, const RingAttentionOptions& options,
+                                 const float* alibi, float scale, int* kernel_calls) {
+  RA_RETURN_IF_ERROR(CheckWritingStep(s, step, "backward"));
+  for (const StepCall& c : step.calls) {
+    AttentionBackwardParams bp = SegmentPairBackwardParams(
+        t, s.rows, c.q, kv, step.block_rows, c.k, dq_acc, delta, dkv, options, alibi, scale);
+    ApplyPositionRuns(c, &bp.fwd);
+    if (step.output == StepOutput::kWrite) {
+      bp.accumulate = false;  // every element of dq and dK/dV written, masked or not
+    } else if (!AnyKeyAllowed(bp.fwd)) {
+      continue;
+    }
+    RA_RETURN_IF_ERROR(backend.Backward(bp));
+    ++*kernel_calls;
   }
-  if (merged.length != shard.rows) return std::nullopt;
-  return merged;
+  return absl::OkStatus();
+}
+
+absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
+                               int64_t rows, float* delta) {
+  if (rows == 0) return absl::OkStatus();
+  AttentionBackwardParams bp;
+  SetShape(t.shape(rows), &bp.fwd);  // D reads out and dout, [batch, rows, heads, head_dim]
+  bp.out = t.out;
+  bp.dout = t.dout;
+  bp.out_dtype = t.dtype;
+  SetContiguousBackwardStrides(&bp);
+  return backend.ComputeDelta(bp, delta);
 }
 
 }  // namespace ringattn

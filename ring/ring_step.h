@@ -1,7 +1,7 @@
-// What the host ring driver (ring_attention.h) and the device ring driver (device_ring.h) share:
-// the options, the shard tensors and timings they take and return, and one ring step's kernel
-// calls. Both drivers run the same algorithm in the same step order; only where the bytes live
-// and how a step waits differ, so everything that is neither lives here, once.
+// What the ring executors (host_ring.h, device_ring.h), forward and backward, share: the
+// options, the shard tensors and timings they take and return, their checks, one step's kernel
+// calls (the backward's built on the forward's) and one step's transfers as the communicators
+// take them. Which block, buffer and output mode each step has is the schedule's (schedule.h).
 #pragma once
 
 #include <cstddef>
@@ -12,10 +12,15 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "kernels/attention_backend.h"
+#include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
+#include "kernels/attention_shape.h"
 #include "kernels/dtype.h"
 #include "ring/layout.h"
+#include "ring/schedule.h"
+#include "ring/transport/communicator.h"  // SendOp, RecvOp
 
 namespace ringattn {
 
@@ -36,24 +41,48 @@ struct RingAttentionOptions {
   // and attends only within itself (AttentionParams::seq_bounds). Empty: one sequence. The cpu
   // kernels take it; the GPU kernels refuse it.
   std::vector<int64_t> seq_bounds;
-  float softcap = 0.0f;                                // 0 disables
-  bool deterministic = false;                          // the forward is deterministic either way
-  bool return_attn_probs = false;                      // refused: the ring never forms the matrix
+  float softcap = 0.0f;            // 0 disables
+  bool deterministic = false;      // the forward is deterministic either way
+  bool return_attn_probs = false;  // refused: the ring never forms the matrix
 };
 
-// This rank's shard, rows in the plan's local order, all contiguous, host or device memory as
-// the backend and communicator expect.
-struct RingShardTensors {
-  DType dtype = DType::kBF16;
+// The element type and sizes of one rank's shard tensors (every rank has the same).
+struct RingShardSizes {
+  DType dtype = DType::kBF16;  // q, k, v (and out)
   int batch = 0;
   int heads = 0;
   int heads_k = 0;
   int head_dim = 0;
+
+  // The shape of a shard of `rows` rows (queries and keys alike).
+  AttentionShape shape(int64_t rows) const {
+    return AttentionShape::Self(dtype, batch, rows, heads, heads_k, head_dim);
+  }
+};
+
+// This rank's shard for the forward, rows in the plan's local order, all contiguous, host or
+// device memory as the backend and communicator expect.
+struct RingShardTensors : RingShardSizes {
   const void* q = nullptr;  // [batch, rows, heads, head_dim]
   const void* k = nullptr;  // [batch, rows, heads_k, head_dim]
   const void* v = nullptr;  // [batch, rows, heads_k, head_dim]
   void* out = nullptr;      // [batch, rows, heads, head_dim], element type dtype
   float* lse = nullptr;     // [batch, heads, rows], or null
+};
+
+// This rank's shard for the backward, as the forward's (host for RingFlashAttnBackward, device
+// for RingFlashAttnBackwardDevice).
+struct RingBackwardTensors : RingShardSizes {
+  DType grad_dtype = DType::kF32;  // dq, dk, dv: dtype or fp32
+  const void* q = nullptr;         // [batch, rows, heads, head_dim]
+  const void* k = nullptr;         // [batch, rows, heads_k, head_dim]
+  const void* v = nullptr;         // [batch, rows, heads_k, head_dim]
+  const void* out = nullptr;       // [batch, rows, heads, head_dim]: the ring forward's output
+  const float* lse = nullptr;      // [batch, heads, rows]: the ring forward's LSE
+  const void* dout = nullptr;      // [batch, rows, heads, head_dim]
+  void* dq = nullptr;              // [batch, rows, heads, head_dim], grad_dtype
+  void* dk = nullptr;              // [batch, rows, heads_k, head_dim], grad_dtype
+  void* dv = nullptr;              // [batch, rows, heads_k, head_dim], grad_dtype
 };
 
 struct RingStepTiming {
@@ -66,22 +95,33 @@ struct RingStepTiming {
 struct RingTimings {
   std::vector<RingStepTiming> steps;  // [world]
   double total_seconds = 0;
-  // Device drivers: GPU time from the call's first to its last operation on the compute stream
+  // Device forward: GPU time from the call's first to its last operation on the compute stream
   // (accumulator set-up, steps, waits and rounding), and host time from the call's start until
   // everything was enqueued. total - device is host overhead and the final wait's latency;
-  // device - compute - comm wait is set-up and rounding. 0 for the host driver.
+  // device - compute - comm wait is set-up and rounding. 0 for the host executor.
   double device_seconds = 0;
   double launch_seconds = 0;
   double compute_seconds() const;
   double comm_wait_seconds() const;
 };
 
-// Checks the options against the tensors (every error names the option).
-absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardTensors& t);
+// ---- Checks: every ring refuses alike, before any transfer -----------------------------------
+
+// Checks the options against the sizes (every error names the option).
+absl::Status ValidateRingOptions(const RingAttentionOptions& options, const RingShardSizes& t);
+
+// As ValidateRingOptions (dropout and return_attn_probs refused with the forward's errors),
+// and grad_dtype.
+absl::Status ValidateRingBackward(const RingAttentionOptions& options,
+                                  const RingBackwardTensors& t);
+
+// InvalidArgument unless every pointer of `t` is set, when `rank` holds rows > 0 (a rank with
+// no rows has nothing to point at).
+absl::Status CheckShardTensorsSet(const RingBackwardTensors& t, int rank, int64_t rows);
 
 // options.seq_bounds (packed sequences), when set: InvalidArgument naming seq_bounds unless it
 // runs from 0 to the plan's seqlen without decreasing and the backend (`backend_name`) takes
-// them (`supported`). Every rank refuses alike, before any transfer.
+// them (`supported`).
 absl::Status CheckPackedSequences(const RingAttentionOptions& options, const ShardPlan& plan,
                                   bool supported, std::string_view backend_name);
 
@@ -91,13 +131,7 @@ absl::Status CheckPlanMatchesGroup(const ShardPlan& plan, int rank, int world);
 // options.softmax_scale, or 1 / sqrt(head_dim).
 float RingSoftmaxScale(const RingAttentionOptions& options, int head_dim);
 
-// Rank r of `world` at step s computes the block of rank (r - s) mod world, sends it to
-// r + 1 and receives the block of (r - s - 1) mod world from r - 1.
-inline int RingSourceRank(int rank, int step, int world) {
-  return ((rank - step) % world + world) % world;
-}
-inline int RingNextRank(int rank, int world) { return (rank + 1) % world; }
-inline int RingPrevRank(int rank, int world) { return (rank + world - 1) % world; }
+// ---- Buffers and transfers --------------------------------------------------------------------
 
 // The K and V of one shard as the ring carries them: each [batch, rows, heads_k, head_dim],
 // in the memory the backend reads.
@@ -106,54 +140,77 @@ struct KvBlock {
   const std::byte* v = nullptr;
 };
 
-// Sizes of one rank's tensors, in elements and bytes.
-struct ShardGeometry {
-  int64_t q_row_elems;   // heads * head_dim
-  int64_t kv_row_elems;  // heads_k * head_dim
-  size_t elem_bytes;
+// The fp32 dK/dV accumulator of one K/V block of `rows` rows: dk [batch, rows, heads_k,
+// head_dim] followed by dv of the same shape, at the start of a buffer sized for the largest
+// shard (host or device memory). Sent and received as one transfer of Bytes().
+struct DkvBlock {
+  float* dk = nullptr;
+  float* dv = nullptr;
+  size_t elems = 0;  // of each of dk and dv
 
-  static ShardGeometry Of(const RingShardTensors& t) {
-    return {static_cast<int64_t>(t.heads) * t.head_dim,
-            static_cast<int64_t>(t.heads_k) * t.head_dim, static_cast<size_t>(DTypeSize(t.dtype))};
+  static DkvBlock At(float* buffer, const AttentionShape& shape, int64_t rows) {
+    const size_t elems = static_cast<size_t>(shape.batch) * rows * shape.kv_row_elems();
+    return {buffer, buffer == nullptr ? nullptr : buffer + elems, elems};
   }
-  // Bytes of one of K or V of a shard of `rows` rows.
-  size_t KvBytes(int batch, int64_t rows) const {
-    return static_cast<size_t>(batch) * rows * kv_row_elems * elem_bytes;
+  size_t Bytes() const { return 2 * elems * sizeof(float); }
+};
+
+// Where one call's buffers are, under the schedule's numbers (host or device memory).
+struct RingBuffers {
+  KvBlock caller_kv;            // kCallerKv
+  std::byte* kv_slots[2] = {};  // each K then V of the largest shard
+  size_t kv_slot_v_offset = 0;  // bytes from a slot's K to its V
+  float* dkv[3] = {};           // backward: accumulators 0, 1 and kDkvReceive
+
+  KvBlock Kv(int buffer) const {
+    if (buffer == kCallerKv) return caller_kv;
+    return {kv_slots[buffer], kv_slots[buffer] + kv_slot_v_offset};
   }
 };
+
+// One batch of transfers, as Communicator::Start and DeviceCommunicator::Enqueue take it.
+struct RingTransfers {
+  SendOp sends[4] = {};
+  RecvOp recvs[4] = {};
+  size_t n_sends = 0, n_recvs = 0;
+  absl::Span<const SendOp> send_ops() const { return {sends, n_sends}; }
+  absl::Span<const RecvOp> recv_ops() const { return {recvs, n_recvs}; }
+};
+
+// A step's batch: K and V of the block in hand to r + 1, then the finished accumulator; from
+// r - 1 the next block's K and V, then the accumulator of the block in hand.
+RingTransfers StepTransfers(const RingStepPlan& step, const RingBuffers& b);
+
+// The backward's return hop: the finished accumulator of block r + 1 to r + 1, and this rank's
+// own from r - 1 into `own` (the kDkvReceive buffer or the caller's dk and dv): dk and dv as
+// separate transfers, since `own` may be two buffers.
+RingTransfers ReturnHopTransfers(const RingSchedule& s, const RingBuffers& b,
+                                 const AttentionShape& shape, const DkvBlock& own);
+
+// ---- One step's kernel calls ------------------------------------------------------------------
+
+// The forward's view of a backward shard (sizes, q, k, v; no out or lse).
+RingShardTensors ForwardView(const RingBackwardTensors& t);
 
 // The kernel call for local query segment `qs` against key segment `ks` of a block whose
 // shard has `k_rows` rows; merges into the fp32 accumulators o_acc [batch, q_rows, heads,
 // head_dim] and lse_acc [batch, heads, q_rows]. `alibi_slopes` ([heads] fp32 or null) must be
-// in the backend's memory space: the host driver passes options.alibi_slopes.data(), the
-// device driver its device copy.
-AttentionParams SegmentPairParams(const RingShardTensors& t, const ShardGeometry& g, int64_t q_rows,
-                                  const Segment& qs, const KvBlock& kv, int64_t k_rows,
-                                  const Segment& ks, float* o_acc, float* lse_acc,
-                                  const RingAttentionOptions& options, const float* alibi_slopes,
-                                  float scale);
+// in the backend's memory space: the host executor passes options.alibi_slopes.data(), the
+// device executor its device copy.
+AttentionParams SegmentPairParams(const RingShardTensors& t, int64_t q_rows, const Segment& qs,
+                                  const KvBlock& kv, int64_t k_rows, const Segment& ks,
+                                  float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                                  const float* alibi_slopes, float scale);
 
-// One kernel call of a ring step: the local query rows and the block's key rows it covers, as
-// segments (rows and positions), with a second run of positions for either when a whole
-// two-segment shard (zigzag) goes into the one call.
-struct StepCall {
-  Segment q, k;
-  int64_t q_split = kNoPosSplit, q_start2 = 0;
-  int64_t k_split = kNoPosSplit, k_start2 = 0;
-};
-
-// The calls of one step of `mine`'s queries against `theirs`' block. With `position_runs` (the
-// backend takes two runs of positions) one call, both shards whole, when each is one run or
-// two with a common stride in ascending positions (every layout's shards are); otherwise one
-// call per (query segment, key segment) pair, as backends that take one run need. One call
-// instead of four per zigzag step: one launch with one tail, and one read-merge-write of the
-// fp32 accumulators rather than one per key segment.
-std::vector<StepCall> StepCalls(const Shard& mine, const Shard& theirs, bool position_runs);
-
-// Whether the step of `mine`'s queries against `theirs`' block is one call (StepCalls) over every
-// local query row and every key row of the block, both shards non-empty: a call that, made with
-// a writing output mode, writes every row it is responsible for.
-bool StepIsOneWholeCall(const Shard& mine, const Shard& theirs, bool position_runs);
+// The backward call of the same pair, adding into the fp32 dq accumulator [batch, q_rows,
+// heads, head_dim] and the block's dK/dV accumulator: SegmentPairParams places q, k, v and the
+// positions, its o and lse slots carrying dq and delta (the shapes of the forward's o and lse).
+AttentionBackwardParams SegmentPairBackwardParams(const RingBackwardTensors& t, int64_t q_rows,
+                                                  const Segment& qs, const KvBlock& kv,
+                                                  int64_t k_rows, const Segment& ks, float* dq_acc,
+                                                  float* delta, const DkvBlock& dkv,
+                                                  const RingAttentionOptions& options,
+                                                  const float* alibi, float scale);
 
 // Sets p's second runs of positions from `c` (SegmentPairParams(c.q, c.k) sets the first).
 void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
@@ -161,55 +218,27 @@ void ApplyPositionRuns(const StepCall& c, AttentionParams* p);
 // Whether any (query, key) pair of `p` survives the causal and window masks.
 bool AnyKeyAllowed(const AttentionParams& p);
 
-// Where one ring step's result goes.
-enum class StepOutput {
-  // Merged into the fp32 accumulators, which hold the earlier steps' partial (o = 0 and
-  // lse = -inf before the first).
-  kMerge,
-  // Written into the accumulators: the first step, so that they need no initialisation pass.
-  kWrite,
-  // Merged with the accumulators (read only) and written into the caller's out, in its dtype,
-  // and lse (AttentionParams::partial_o): the last step, so that the accumulators need no
-  // rounding pass.
-  kFinalize,
-};
+// One forward step: `s`'s queries against the block in hand (`kv`), step.calls into the fp32
+// accumulators o_acc, lse_acc as step.output says (kMerge: calls wholly masked skipped; kWrite,
+// kFinalize: the one call, always made; kFinalize writes t.out and t.lse). Adds the calls made
+// to *kernel_calls.
+absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
+                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
+                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+                             const float* alibi, float scale, int* kernel_calls);
 
-struct StepTarget {
-  StepOutput mode = StepOutput::kMerge;
-  float* o_acc = nullptr;    // [batch, rows, heads, head_dim] fp32
-  float* lse_acc = nullptr;  // [batch, heads, rows] fp32
-};
+// One backward step, the same calls: adding into dq_acc and `dkv` (kMerge, calls wholly masked
+// skipped; the caller zeroes `dkv` first, which holds this rank's contribution to the block
+// only), or writing both whole (kWrite: the one call with accumulate off, neither zeroed).
+absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const RingSchedule& s,
+                                 const RingStepPlan& step, const RingBackwardTensors& t,
+                                 const KvBlock& kv, float* dq_acc, float* delta,
+                                 const DkvBlock& dkv, const RingAttentionOptions& options,
+                                 const float* alibi, float scale, int* kernel_calls);
 
-// Which of a rank's ring steps write (the first) and finalize (the last) instead of merging.
-// Each needs the step to be one kernel call over every local query row (StepCalls), which it
-// then makes even where the masks leave it no key (it still writes those rows); finalizing
-// also needs a backend that takes a partial (supports_partial_input) and more than one step.
-// Where a step does not qualify, the driver initialises the accumulators first (o = 0,
-// lse = -inf) or rounds them into out after the last step, as before.
-struct RingOutputPlan {
-  bool first_writes = false;
-  bool last_finalizes = false;
-  StepOutput ModeOf(int step, int world) const {
-    if (step == 0 && first_writes) return StepOutput::kWrite;
-    if (step == world - 1 && last_finalizes) return StepOutput::kFinalize;
-    return StepOutput::kMerge;
-  }
-};
-RingOutputPlan PlanRingOutput(const ShardPlan& plan, int rank, int world,
-                              const AttentionBackend& backend);
-
-// One ring step's compute: attention of the local queries of `rank` against the block owned by
-// `src` (`kv`) in StepCalls' calls, into `target` (kMerge: skipping calls whose positions are
-// wholly masked; kWrite and kFinalize: the one call PlanRingOutput vouched for, always made).
-// Adds the number of calls made to *kernel_calls.
-absl::Status ComputeRingStep(AttentionBackend& backend, const ShardPlan& plan, int rank, int src,
-                             const RingShardTensors& t, const ShardGeometry& g, const KvBlock& kv,
-                             const StepTarget& target, const RingAttentionOptions& options,
-                             const float* alibi_slopes, float scale, int* kernel_calls);
-
-// The shard's rows as one segment when its segments follow each other without a gap in
-// positions and in local rows (e.g. zigzag with one rank: chunks 0 and 1); nullopt otherwise
-// or when the shard is empty. Lets a one-rank ring make a single kernel call.
-std::optional<Segment> AsSingleSegment(const Shard& shard);
+// D = rowsum(dout * out) of every local query row, by the backend (on its stream, for a
+// device backend), into delta [batch, heads, rows]: once per rank rather than once per call.
+absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
+                               int64_t rows, float* delta);
 
 }  // namespace ringattn

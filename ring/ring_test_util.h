@@ -1,8 +1,9 @@
-// Shared pieces of the ring tests (ring_attention_test, ring_backward_test, device_ring_test):
-// whole-sequence synthetic tensors, the single call's parameters over the whole sequence, the
-// options every ring refuses and the names of the (world, layout, causal) cases. Each test keeps
-// its own Problem (defaults differ); these take any Problem with the fields dtype, batch,
-// seqlen, heads, heads_k, head_dim, options and seed.
+// Shared pieces of the ring tests (host_ring_test, ring_backward_test, device_ring_test,
+// device_ring_backward_test): whole-sequence synthetic tensors, the single call's parameters over
+// the whole sequence, the host tests' problem and option sweep, the options every ring refuses
+// and the names of the (world, layout, causal) cases. The templates take any Problem with the
+// fields dtype, batch, seqlen, heads, heads_k, head_dim, options and seed (the device tests keep
+// their own, with other defaults).
 #ifndef RINGATTN_WORKER_RING_RING_TEST_UTIL_H_
 #define RINGATTN_WORKER_RING_RING_TEST_UTIL_H_
 
@@ -114,8 +115,21 @@ inline const float* HostAlibi(const RingAttentionOptions& options) {
   return options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 }
 
-// One case of the host rings' option sweeps (ring_attention_test, ring_backward_test): sizes and
-// options, named for the test's name.
+// The host ring tests' problem (host_ring_test, ring_backward_test; the forward ignores
+// grad_dtype): fp32, 255 positions, 5 heads of 64.
+struct HostProblem {
+  DType dtype = DType::kF32;
+  DType grad_dtype = DType::kF32;
+  int batch = 1;
+  int64_t seqlen = 255;
+  int heads = 5;
+  int heads_k = 5;
+  int head_dim = 64;
+  RingAttentionOptions options;
+  uint64_t seed = 7;
+};
+
+// One case of the rings' option sweeps: sizes and options, named for the test's name.
 struct OptionCase {
   std::string name;
   DType dtype;
@@ -125,7 +139,7 @@ struct OptionCase {
   std::pair<int64_t, int64_t> window;
   bool alibi;
   float softcap;
-  float dropout = 0.0f;  // with seed 17 (ApplyOptionCase)
+  float dropout = 0.0f;                  // with seed 17 (ApplyOptionCase)
   std::vector<int64_t> cu_seqlens = {};  // packed sequences (options.seq_bounds); empty: one
 };
 inline void PrintTo(const OptionCase& c, std::ostream* os) { *os << c.name; }
@@ -147,6 +161,76 @@ void ApplyOptionCase(const OptionCase& c, Problem* pr) {
     pr->options.dropout_seed = 17;
   }
   if constexpr (requires { c.cu_seqlens; }) pr->options.seq_bounds = c.cu_seqlens;
+}
+
+// The host rings' option sweep, forward and backward alike: every option alone and together,
+// GQA and MQA, dtypes, head dims, lengths that leave ranks with few or no rows, packed sequences
+// (an empty one, single rows, boundaries inside every rank's shard).
+inline std::vector<OptionCase> HostOptionCases() {
+  return {
+      {"gqa8to2", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0},
+      {"mqa8to1", DType::kF32, 8, 1, 64, 7, false, {-1, -1}, false, 0},
+      {"window", DType::kF32, 5, 5, 64, 255, false, {17, 9}, false, 0},
+      {"window_causal", DType::kF32, 5, 5, 64, 255, true, {40, -1}, false, 0},
+      {"window_zero", DType::kF32, 2, 2, 64, 64, false, {0, 0}, false, 0},
+      {"dropout", DType::kF32, 8, 2, 64, 255, true, {-1, -1}, false, 0, 0.2f},
+      {"dropout_all_bf16", DType::kBF16, 8, 2, 64, 381, true, {60, -1}, true, 20.0f, 0.5f},
+      {"alibi", DType::kF32, 5, 5, 64, 255, true, {-1, -1}, true, 0},
+      {"softcap", DType::kF32, 5, 5, 128, 255, false, {-1, -1}, false, 5.0f},
+      {"all_fp32", DType::kF32, 8, 2, 64, 381, true, {60, -1}, true, 20.0f},
+      {"all_bf16", DType::kBF16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
+      {"all_fp16", DType::kF16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
+      {"hd256", DType::kBF16, 2, 1, 256, 100, true, {-1, -1}, false, 0},
+      {"seq1", DType::kF32, 5, 5, 64, 1, true, {-1, -1}, false, 0},
+      {"seq2_more_ranks_than_rows", DType::kF32, 2, 1, 64, 2, true, {-1, -1}, false, 0},
+      {"packed_causal_gqa",
+       DType::kF32,
+       8,
+       2,
+       64,
+       381,
+       true,
+       {-1, -1},
+       false,
+       0,
+       0,
+       {0, 1, 8, 8, 200, 381}},
+      {"packed_full_heads5",
+       DType::kF32,
+       5,
+       5,
+       64,
+       255,
+       false,
+       {-1, -1},
+       false,
+       0,
+       0,
+       {0, 100, 101, 255}},
+      {"packed_all_bf16",
+       DType::kBF16,
+       8,
+       2,
+       128,
+       381,
+       true,
+       {60, -1},
+       true,
+       20.0f,
+       0.3f,
+       {0, 7, 150, 381}},
+  };
+}
+
+inline std::string OptionCaseName(const ::testing::TestParamInfo<OptionCase>& info) {
+  return info.param.name;
+}
+
+// ALiBi slopes 2^-(h + 1) for each of `heads` heads.
+inline std::vector<float> HostAlibiSlopes(int heads) {
+  std::vector<float> slopes;
+  for (int h = 0; h < heads; ++h) slopes.push_back(std::pow(2.0f, -(h + 1.0f)));
+  return slopes;
 }
 
 // Options every ring refuses up front, each with a part of the message it must give.

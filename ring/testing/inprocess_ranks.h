@@ -142,8 +142,7 @@ RingBackwardTensors ShardOf(const WholeAttentionBackward& w, absl::Span<void* co
 
 #if RINGATTN_HAVE_CUDA
 class DeviceCommunicator;           // ring/transport/device_communicator.h
-class DeviceRingWorkspace;          // ring/device_ring.h
-class DeviceRingBackwardWorkspace;  // ring/device_ring_backward.h
+class DeviceRingWorkspace;  // ring/device_ring.h: both directions
 
 // What the forward and the backward device rings differ in (the driver each calls is picked
 // by these types in inprocess_ranks_device.cc).
@@ -155,7 +154,7 @@ struct DeviceForwardPass {
 struct DeviceBackwardPass {
   using Backend = AttentionBackwardBackend;
   using Tensors = RingBackwardTensors;
-  using Workspace = DeviceRingBackwardWorkspace;
+  using Workspace = DeviceRingWorkspace;
 };
 
 // A ring of `world` ranks on the device current at Create, kept across calls: per rank a
