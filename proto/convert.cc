@@ -1,6 +1,9 @@
 #include "proto/convert.h"
 
+#include <algorithm>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -68,7 +71,6 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(FromGrpcCode(status.error_code()), status.error_message());
 }
 
-
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
   switch (dtype) {
     case v1::DTYPE_FP32: return DType::kF32;
@@ -113,6 +115,57 @@ v1::Layout LayoutToProto(Layout layout) {
 
 Layout ResolveLayout(std::optional<Layout> requested, bool causal) {
   return requested.value_or(AutoLayout(causal));
+}
+
+v1::Shape ShapeToProto(const AttentionShape& s) {
+  v1::Shape out;
+  out.set_dtype(DTypeToProto(s.dtype));
+  out.set_batch(s.batch);
+  out.set_seqlen_q(s.seqlen_q);
+  out.set_seqlen_k(s.seqlen_k);
+  out.set_heads(s.heads);
+  out.set_heads_k(s.heads_k);
+  out.set_head_dim(s.head_dim);
+  return out;
+}
+
+absl::StatusOr<AttentionShape> ShapeFromProto(const v1::Shape& p) {
+  AttentionShape s;
+  absl::StatusOr<DType> dtype = DTypeFromProto(p.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("shape.", dtype.status().message()));
+  }
+  s.dtype = *dtype;
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", p.batch()},
+                                    {"heads", p.heads()},
+                                    {"heads_k", p.heads_k()},
+                                    {"head_dim", p.head_dim()}}) {
+    if (value <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("shape.", name, " must be > 0, got ", value));
+    }
+  }
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"seqlen_q", p.seqlen_q()},
+                                    {"seqlen_k", p.seqlen_k()}}) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("shape.", name, " must be >= 0, got ", value));
+    }
+  }
+  // The largest tensor's bytes: q or k/v at the longer sequence, or the fp32 lse.
+  const int64_t heads = std::max(p.heads(), p.heads_k());
+  const int64_t seqlen = std::max(p.seqlen_q(), p.seqlen_k());
+  int64_t bytes = std::max(DTypeSize(s.dtype), 4);
+  for (int64_t d : {int64_t{p.batch()}, seqlen, heads, int64_t{p.head_dim()}}) {
+    if (__builtin_mul_overflow(bytes, d, &bytes)) {
+      return absl::InvalidArgumentError("shape is too large to address");
+    }
+  }
+  s.batch = p.batch();
+  s.seqlen_q = p.seqlen_q();
+  s.seqlen_k = p.seqlen_k();
+  s.heads = p.heads();
+  s.heads_k = p.heads_k();
+  s.head_dim = p.head_dim();
+  return s;
 }
 
 v1::ShardPlan ShardPlanToProto(const ShardPlan& plan) {
