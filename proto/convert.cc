@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <initializer_list>
 #include <string>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -130,42 +129,35 @@ v1::Shape ShapeToProto(const AttentionShape& s) {
 }
 
 absl::StatusOr<AttentionShape> ShapeFromProto(const v1::Shape& p) {
-  AttentionShape s;
   absl::StatusOr<DType> dtype = DTypeFromProto(p.dtype());
   if (!dtype.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("shape.", dtype.status().message()));
   }
-  s.dtype = *dtype;
-  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", p.batch()},
-                                    {"heads", p.heads()},
-                                    {"heads_k", p.heads_k()},
-                                    {"head_dim", p.head_dim()}}) {
-    if (value <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("shape.", name, " must be > 0, got ", value));
-    }
-  }
-  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"seqlen_q", p.seqlen_q()},
-                                    {"seqlen_k", p.seqlen_k()}}) {
-    if (value < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("shape.", name, " must be >= 0, got ", value));
+  struct Bound {
+    const char* name;
+    int64_t value;
+    int64_t min;  // 1: "> 0", 0: ">= 0"
+  };
+  for (const Bound& b : {Bound{"batch", p.batch(), 1}, Bound{"seqlen_q", p.seqlen_q(), 0},
+                         Bound{"seqlen_k", p.seqlen_k(), 0}, Bound{"heads", p.heads(), 1},
+                         Bound{"heads_k", p.heads_k(), 1}, Bound{"head_dim", p.head_dim(), 1}}) {
+    if (b.value < b.min) {
+      return absl::InvalidArgumentError(absl::StrCat("shape.", b.name, " must be ",
+                                                     b.min == 1 ? "> 0" : ">= 0", ", got ",
+                                                     b.value));
     }
   }
   // The largest tensor's bytes: q or k/v at the longer sequence, or the fp32 lse.
   const int64_t heads = std::max(p.heads(), p.heads_k());
   const int64_t seqlen = std::max(p.seqlen_q(), p.seqlen_k());
-  int64_t bytes = std::max(DTypeSize(s.dtype), 4);
+  int64_t bytes = std::max(DTypeSize(*dtype), 4);
   for (int64_t d : {int64_t{p.batch()}, seqlen, heads, int64_t{p.head_dim()}}) {
     if (__builtin_mul_overflow(bytes, d, &bytes)) {
       return absl::InvalidArgumentError("shape is too large to address");
     }
   }
-  s.batch = p.batch();
-  s.seqlen_q = p.seqlen_q();
-  s.seqlen_k = p.seqlen_k();
-  s.heads = p.heads();
-  s.heads_k = p.heads_k();
-  s.head_dim = p.head_dim();
-  return s;
+  return AttentionShape{*dtype,    p.batch(),   p.seqlen_q(), p.seqlen_k(),
+                        p.heads(), p.heads_k(), p.head_dim()};
 }
 
 v1::ShardPlan ShardPlanToProto(const ShardPlan& plan) {
