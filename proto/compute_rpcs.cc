@@ -122,6 +122,11 @@ const ComputeRpc& AttendBackwardRpc() {
   return rpc;
 }
 
+absl::Span<const ComputeRpc* const> ComputeRpcs() {
+  static const ComputeRpc* const rpcs[] = {&AttendRpc(), &AttendBackwardRpc()};
+  return rpcs;
+}
+
 bool Wants(const Message& request, const ComputeTensor& output) {
   return output.wanted_if == nullptr || BoolField(request, output.wanted_if);
 }

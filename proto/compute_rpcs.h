@@ -75,6 +75,8 @@ struct ComputeRpc {
 
 const ComputeRpc& AttendRpc();          // Attend, AttendStream -> RunShard
 const ComputeRpc& AttendBackwardRpc();  // AttendBackward, AttendBackwardStream -> RunShardBackward
+// Every table; each RPC `name` has its streaming variant `name`Stream.
+absl::Span<const ComputeRpc* const> ComputeRpcs();
 
 // Whether `request` asks for `output` (see wanted_if).
 bool Wants(const google::protobuf::Message& request, const ComputeTensor& output);

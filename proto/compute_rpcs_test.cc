@@ -85,9 +85,14 @@ TEST_P(ComputeRpcTableTest, NamesAFieldOfEveryMessage) {
   EXPECT_NE(rpc.call, nullptr);
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryRpc, ComputeRpcTableTest,
-                         ::testing::Values(&AttendRpc(), &AttendBackwardRpc()),
+INSTANTIATE_TEST_SUITE_P(EveryRpc, ComputeRpcTableTest, ::testing::ValuesIn(ComputeRpcs()),
                          [](const auto& info) { return std::string(info.param->name); });
+
+TEST(ComputeRpcTest, EveryTableIsListed) {
+  ASSERT_EQ(ComputeRpcs().size(), 2u);
+  EXPECT_EQ(ComputeRpcs()[0], &AttendRpc());
+  EXPECT_EQ(ComputeRpcs()[1], &AttendBackwardRpc());
+}
 
 TEST(ComputeRpcTest, AttendOrderAndKinds) {
   const ComputeRpc& rpc = AttendRpc();

@@ -42,32 +42,40 @@ absl::Status CancelReason(const grpc::CallbackServerContext& ctx) {
   return absl::CancelledError("the client cancelled the request");
 }
 
-// The compute RPCs as the coordinator serves them: the table, the message types, the checks of
-// a whole request and of a stream's header, and the metric labels.
-struct AttendCall {
-  using Request = v1::AttendRequest;
-  using Response = v1::AttendResponse;
-  using StreamRequest = v1::AttendStreamRequest;
-  using StreamResponse = v1::AttendStreamResponse;
+// The `rpc` labels of the request metrics: every compute RPC and its stream.
+std::vector<std::string> RpcLabels() {
+  std::vector<std::string> labels;
+  for (const ComputeRpc* rpc : ComputeRpcs()) {
+    labels.emplace_back(rpc->name);
+    labels.push_back(absl::StrCat(std::string(rpc->name), "Stream"));
+  }
+  return labels;
+}
+
+// The message types of a compute RPC and its stream.
+template <typename Req, typename Resp, typename StreamReq, typename StreamResp>
+struct CallMessages {
+  using Request = Req;
+  using Response = Resp;
+  using StreamRequest = StreamReq;
+  using StreamResponse = StreamResp;
+};
+
+// The compute RPCs as the coordinator serves them: messages, table, and the checks of a whole
+// request and of a stream's header.
+struct AttendCall : CallMessages<v1::AttendRequest, v1::AttendResponse, v1::AttendStreamRequest,
+                                 v1::AttendStreamResponse> {
   static const ComputeRpc& Rpc() { return AttendRpc(); }
   static constexpr auto Validate = ValidateAttendRequest;
   static constexpr auto ValidateHeader = ValidateAttendHeader;
-  static constexpr ServiceMetrics::Rpc kUnaryMetric = ServiceMetrics::Rpc::kAttend;
-  static constexpr ServiceMetrics::Rpc kStreamMetric = ServiceMetrics::Rpc::kAttendStream;
-  static constexpr char kStreamName[] = "AttendStream";
 };
 
-struct AttendBackwardCall {
-  using Request = v1::AttendBackwardRequest;
-  using Response = v1::AttendBackwardResponse;
-  using StreamRequest = v1::AttendBackwardStreamRequest;
-  using StreamResponse = v1::AttendBackwardStreamResponse;
+struct AttendBackwardCall
+    : CallMessages<v1::AttendBackwardRequest, v1::AttendBackwardResponse,
+                   v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse> {
   static const ComputeRpc& Rpc() { return AttendBackwardRpc(); }
   static constexpr auto Validate = ValidateAttendBackwardRequest;
   static constexpr auto ValidateHeader = ValidateAttendBackwardHeader;
-  static constexpr ServiceMetrics::Rpc kUnaryMetric = ServiceMetrics::Rpc::kAttendBackward;
-  static constexpr ServiceMetrics::Rpc kStreamMetric = ServiceMetrics::Rpc::kAttendBackwardStream;
-  static constexpr char kStreamName[] = "AttendBackwardStream";
 };
 
 }  // namespace
@@ -99,7 +107,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   // it; send_seconds stays 0 (the streams measure their chunks).
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
-    c_->metrics_.RecordRequest(Call::kUnaryMetric, ToGrpcStatus(s).error_code(),
+    c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(),
                                response_->timings(), TensorDataBytes(*request_, rpc.inputs),
                                s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0);
     Finish(ToGrpcStatus(s));
@@ -123,8 +131,8 @@ class Coordinator::StreamCall final
       : c_(c),
         ctx_(ctx),
         arrival_(absl::Now()),
-        receiver_(absl::StrCat(Call::kStreamName, " request"),
-                  absl::StatusCode::kInvalidArgument) {
+        stream_name_(absl::StrCat(std::string(Call::Rpc().name), "Stream")),
+        receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument) {
     this->StartRead(&in_);
   }
 
@@ -208,7 +216,7 @@ class Coordinator::StreamCall final
 
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
-    c_->metrics_.RecordRequest(Call::kStreamMetric, ToGrpcStatus(s).error_code(),
+    c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(),
                                response_.timings(),
                                TensorDataBytes(*receiver_.header(), rpc.inputs),
                                s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0);
@@ -223,6 +231,7 @@ class Coordinator::StreamCall final
   Coordinator* const c_;
   grpc::CallbackServerContext* const ctx_;
   const absl::Time arrival_;
+  const std::string stream_name_;  // "AttendStream"
   double receive_seconds_ = 0;
   absl::Time send0_;
   typename Call::StreamRequest in_;
@@ -320,6 +329,7 @@ class Coordinator::Services {
 
 Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
+      metrics_(RpcLabels()),
       ring_(std::make_unique<RingManager>(
           [&] {
             RingManager::Options r = options_.ring;
