@@ -571,26 +571,22 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     return 1;
   }
   const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
-  absl::StatusOr<std::unique_ptr<AttentionClient>> client =
-      AttentionClient::Connect(o.target, connect_timeout);
-  if (!client.ok()) {
-    out << ErrorLine(client.status());
+  absl::StatusOr<ConnectedClient> connected = ConnectAndGetInfo(o.target, connect_timeout);
+  if (!connected.ok()) {
+    out << ErrorLine(connected.status());
     return 1;
   }
-  absl::StatusOr<v1::InfoResponse> info = (*client)->GetInfo(connect_timeout);
-  if (!info.ok()) {
-    out << ErrorLine(info.status());
-    return 1;
-  }
+  AttentionClient& client = *connected->client;
+  const v1::InfoResponse& info = connected->info;
   out << absl::StrFormat(
       "server %s: version %s, world %d (%s), transport %s, max unary %s\n", o.target,
-      info->version(), info->world_size(), info->ready() ? "ready" : "not ready",
-      info->transport().empty() ? "-" : info->transport(),
-      info->max_unary_bytes() > 0 ? MiB(info->max_unary_bytes()) : std::string("not set"));
+      info.version(), info.world_size(), info.ready() ? "ready" : "not ready",
+      info.transport().empty() ? "-" : info.transport(),
+      info.max_unary_bytes() > 0 ? MiB(info.max_unary_bytes()) : std::string("not set"));
 
-  const bool streaming = o.streaming || NeedsStreaming(*request, info->max_unary_bytes());
+  const bool streaming = o.streaming || NeedsStreaming(*request, info.max_unary_bytes());
   int64_t chunk_bytes = o.chunk_bytes;
-  if (info->max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info->max_unary_bytes());
+  if (info.max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info.max_unary_bytes());
   const int64_t request_bytes = static_cast<int64_t>(
       request->q().data().size() + request->k().data().size() + request->v().data().size());
   out << absl::StrFormat("request: q %s k/v %s %s, %s, causal=%d, layout %s, via %s\n",
@@ -606,10 +602,10 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   absl::StatusOr<v1::AttendResponse> response;
   {
     ProgressBar bar("attend");
-    response = streaming ? (*client)->AttendStreaming(
+    response = streaming ? client.AttendStreaming(
                                *request, timeout, chunk_bytes,
                                [&bar](int64_t done, int64_t total) { bar.Update(done, total); })
-                         : (*client)->Attend(*request, timeout);
+                         : client.Attend(*request, timeout);
   }
   const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
   if (!response.ok()) {
@@ -631,7 +627,7 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   }
   if (o.check && !RunCheck(*request, *response, out)) return 1;
   if (o.backward) {
-    return RunBackward(o, *request, *response, **client, info->max_unary_bytes(), out);
+    return RunBackward(o, *request, *response, client, info.max_unary_bytes(), out);
   }
   return 0;
 }

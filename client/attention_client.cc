@@ -301,4 +301,12 @@ absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout
   return response;
 }
 
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
+                                                  absl::Duration timeout) {
+  ConnectedClient c;
+  RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout));
+  RA_ASSIGN_OR_RETURN(c.info, c.client->GetInfo(timeout));
+  return c;
+}
+
 }  // namespace ringattn
