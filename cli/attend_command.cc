@@ -19,6 +19,7 @@
 #include "client/npy.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
+#include "kernels/attention_shape.h"
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
 #include "proto/convert.h"
@@ -159,17 +160,8 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
   return request;
 }
 
-// A problem's sizes as a request's tensors give them.
-struct Problem {
-  DType dtype = DType::kF32;
-  int batch = 0;
-  int64_t seqlen = 0;
-  int heads = 0;
-  int heads_k = 0;
-  int head_dim = 0;
-};
-
-absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v) {
+// A problem's shape as a request's tensors give them, checked.
+absl::StatusOr<AttentionShape> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v) {
   const std::pair<const char*, const v1::Tensor*> tensors[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : tensors) {
     if (t->shape_size() != 4) {
@@ -183,8 +175,7 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
       }
     }
   }
-  Problem p;
-  RA_ASSIGN_OR_RETURN(p.dtype, FromProtoDType(q.dtype(), "q.dtype"));
+  RA_ASSIGN_OR_RETURN(const DType dtype, FromProtoDType(q.dtype(), "q.dtype"));
   if (k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
     return absl::InvalidArgumentError(
         absl::StrCat("k and v must have q's dtype ", DTypeLabel(q.dtype()), ", got ",
@@ -199,11 +190,6 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
     return absl::InvalidArgumentError(
         absl::StrCat("v ", ShapeString(v), " must have k's shape ", ShapeString(k)));
   }
-  p.batch = static_cast<int>(q.shape(0));
-  p.seqlen = q.shape(1);
-  p.heads = static_cast<int>(q.shape(2));
-  p.heads_k = static_cast<int>(k.shape(2));
-  p.head_dim = static_cast<int>(q.shape(3));
   for (const auto& [name, t] : tensors) {
     if (static_cast<int64_t>(t->data().size()) != ExpectedTensorBytes(*t)) {
       return absl::InvalidArgumentError(absl::StrCat(name, " has ", t->data().size(),
@@ -211,10 +197,12 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
                                                      " needs ", ExpectedTensorBytes(*t)));
     }
   }
-  return p;
+  return AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), q.shape(1),
+                              static_cast<int>(q.shape(2)), static_cast<int>(k.shape(2)),
+                              static_cast<int>(q.shape(3)));
 }
 
-absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
+absl::StatusOr<AttentionShape> ProblemOf(const v1::AttendRequest& request) {
   return ProblemOf(request.q(), request.k(), request.v());
 }
 
@@ -319,7 +307,7 @@ namespace {
 absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::Tensor& k,
                                                 const v1::Tensor& v,
                                                 const v1::AttentionOptions& options) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(q, k, v));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(q, k, v));
   if (!(options.dropout_p() >= 0.0f && options.dropout_p() < 1.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("options.dropout_p must be in [0, 1), got ", options.dropout_p()));
@@ -330,12 +318,7 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
                      " slopes; expected one per query head (", problem.heads, ")"));
   }
   AttentionParams p;
-  p.batch = problem.batch;
-  p.seqlen_q = p.seqlen_k = problem.seqlen;
-  p.heads = problem.heads;
-  p.heads_k = problem.heads_k;
-  p.head_dim = problem.head_dim;
-  p.dtype = p.o_dtype = problem.dtype;
+  SetShape(problem, &p);
   p.q = q.data().data();
   p.k = k.data().data();
   p.v = v.data().data();
@@ -404,7 +387,7 @@ double GradientTolerance(DType dtype) {
 
 absl::StatusOr<GradientErrors> CompareGradientsWithReference(
     const v1::AttendBackwardRequest& request, const v1::AttendBackwardResponse& response) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request.q(), request.k(), request.v()));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(request.q(), request.k(), request.v()));
   const std::pair<const char*, std::pair<const v1::Tensor*, const v1::Tensor*>> pairs[] = {
       {"dq", {&response.dq(), &request.q()}},
       {"dk", {&response.dk(), &request.k()}},
@@ -421,7 +404,7 @@ absl::StatusOr<GradientErrors> CompareGradientsWithReference(
                        DTypeLabel(like->dtype())));
     }
   }
-  const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
+  const int64_t lse_count = problem.lse_elems();
   if (static_cast<int64_t>(request.lse().data().size()) != lse_count * 4) {
     return absl::InvalidArgumentError(
         absl::StrCat("lse has ", request.lse().data().size(), " bytes; expected ", lse_count * 4));
@@ -449,7 +432,7 @@ absl::StatusOr<GradientErrors> CompareGradientsWithReference(
 
 absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& request,
                                                      const v1::AttendResponse& response) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(request));
   const v1::Tensor& q = request.q();
   const v1::Tensor& out = response.out();
   if (out.dtype() != q.dtype() || ShapeString(out) != ShapeString(q) ||
@@ -460,11 +443,11 @@ absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& re
         DTypeLabel(q.dtype()), " with ", ExpectedTensorBytes(q), " bytes"));
   }
   const v1::Tensor& lse = response.lse();
-  const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
+  const int64_t lse_count = problem.lse_elems();
   const bool has_lse = lse.shape_size() > 0;
   if (has_lse) {
     const std::string expected_shape =
-        absl::StrCat("[", problem.batch, ", ", problem.heads, ", ", problem.seqlen, "]");
+        absl::StrCat("[", problem.batch, ", ", problem.heads, ", ", problem.seqlen_q, "]");
     if (lse.dtype() != v1::DTYPE_FP32 || ShapeString(lse) != expected_shape ||
         static_cast<int64_t>(lse.data().size()) != lse_count * 4) {
       return absl::InvalidArgumentError(
@@ -570,8 +553,8 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     out << ErrorLine(request.status());
     return 1;
   }
-  const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
-  absl::StatusOr<ConnectedClient> connected = ConnectAndGetInfo(o.target, connect_timeout);
+  absl::StatusOr<ConnectedClient> connected =
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return 1;

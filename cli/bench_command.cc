@@ -362,8 +362,8 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     return 2;
   }
   const v1::AttendRequest request = BuildRequest(o);
-  const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
-  absl::StatusOr<ConnectedClient> connected = ConnectAndGetInfo(o.target, connect_timeout);
+  absl::StatusOr<ConnectedClient> connected =
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return 1;
