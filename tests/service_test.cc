@@ -294,6 +294,16 @@ bool WorkersIdle(Service& svc, absl::Duration timeout) {
   return true;
 }
 
+// After a failed request: a small one is answered, and matches the reference.
+void ExpectNextRequestMatchesReference(Service& svc) {
+  Shape small;
+  const v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse resp;
+  const grpc::Status st = Call(svc, next, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ExpectMatchesReference(next, resp);
+}
+
 // Work longer than the deadline: DEADLINE_EXCEEDED, the workers stop, the next request works.
 TEST(ServiceFaults, DeadlineShorterThanWork) {
   Service svc(2);
@@ -308,12 +318,7 @@ TEST(ServiceFaults, DeadlineShorterThanWork) {
 
   // The workers were told to stop: within a short while none is busy.
   EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5)));
-  Shape small;
-  v1::AttendRequest next = MakeRequest(small);
-  v1::AttendResponse ok_resp;
-  grpc::Status st2 = Call(svc, next, &ok_resp);
-  ASSERT_TRUE(st2.ok()) << st2.error_message();
-  ExpectMatchesReference(next, ok_resp);
+  ExpectNextRequestMatchesReference(svc);
 }
 
 // The client goes away mid-request: it sees CANCELLED, the workers stop computing for nobody,
@@ -335,12 +340,7 @@ TEST(ServiceFaults, ClientCancelsMidRequest) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
   EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5))) << "workers still busy after cancellation";
   EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(5));
-  Shape small;
-  v1::AttendRequest next = MakeRequest(small);
-  v1::AttendResponse ok_resp;
-  grpc::Status st2 = Call(svc, next, &ok_resp);
-  ASSERT_TRUE(st2.ok()) << st2.error_message();
-  ExpectMatchesReference(next, ok_resp);
+  ExpectNextRequestMatchesReference(svc);
 }
 
 // A worker killed mid-request: UNAVAILABLE, the worker is restarted, the ring re-formed, and
