@@ -28,25 +28,10 @@ const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
 }  // namespace
 
 const char* ServiceMetrics::PhaseName(Phase phase) {
-  switch (phase) {
-    case Phase::kQueue:
-      return "queue";
-    case Phase::kReceive:
-      return "receive";
-    case Phase::kScatter:
-      return "scatter";
-    case Phase::kCompute:
-      return "compute";
-    case Phase::kCommWait:
-      return "comm_wait";
-    case Phase::kGather:
-      return "gather";
-    case Phase::kSend:
-      return "send";
-    case Phase::kTotal:
-      return "total";
-  }
-  return "unknown";
+  static constexpr const char* kNames[kNumPhases] = {
+      "queue", "receive", "scatter", "compute", "comm_wait", "gather", "send", "total"};
+  const int p = static_cast<int>(phase);
+  return p >= 0 && p < kNumPhases ? kNames[p] : "unknown";
 }
 
 ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs)
