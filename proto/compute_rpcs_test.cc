@@ -163,6 +163,25 @@ TEST(ReflectionTest, FieldsByName) {
   EXPECT_EQ(ShardTiming(resp).rank(), 3);
 }
 
+TEST(StatusConversionTest, EveryCanonicalCodeAndMessageCrosses) {
+  for (int c = 1; c <= 16; ++c) {
+    const absl::Status s(static_cast<absl::StatusCode>(c), "why");
+    const grpc::Status g = ToGrpcStatus(s);
+    EXPECT_EQ(static_cast<int>(g.error_code()), c);
+    EXPECT_EQ(g.error_message(), "why");
+    EXPECT_EQ(FromGrpcStatus(g), s);
+  }
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  EXPECT_EQ(ToGrpcStatus(absl::InvalidArgumentError("x")).error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(FromGrpcStatus(grpc::Status(grpc::UNAVAILABLE, "y")).code(),
+            absl::StatusCode::kUnavailable);
+  // Outside the canonical codes: UNKNOWN, message kept.
+  const grpc::Status odd(static_cast<grpc::StatusCode>(99), "odd");
+  EXPECT_EQ(FromGrpcStatus(odd), absl::UnknownError("odd"));
+  EXPECT_EQ(ToGrpcStatus(absl::Status(static_cast<absl::StatusCode>(42), "z")).error_code(),
+            grpc::UNKNOWN);
+}
+
 TEST(ShapeProtoTest, RoundTripAndRefusals) {
   const AttentionShape s = AttentionShape::Self(DType::kF16, 3, 100, 8, 2, 128);
   absl::StatusOr<AttentionShape> back = ShapeFromProto(ShapeToProto(s));
