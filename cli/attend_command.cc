@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <utility>
@@ -473,6 +474,27 @@ absl::StatusOr<ErrorStats> CheckAgainstReference(const v1::AttendRequest& reques
 
 namespace {
 
+// One call of the client under a progress bar named `bar_label`: prints "<what> in S s (client
+// round trip)", or the call's error.
+template <typename Response>
+absl::StatusOr<Response> TimedCall(
+    const char* bar_label, const char* what, std::ostream& out,
+    const std::function<absl::StatusOr<Response>(const ProgressFn&)>& call) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Response> response;
+  {
+    ProgressBar bar(bar_label);
+    response = call([&bar](int64_t done, int64_t total) { bar.Update(done, total); });
+  }
+  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
+  if (!response.ok()) {
+    out << ErrorLine(response.status());
+  } else {
+    out << absl::StrFormat("%s in %.3f s (client round trip)\n", what, round_trip);
+  }
+  return response;
+}
+
 // --backward: AttendBackward with the forward's out and lse and a synthetic dout; prints the
 // gradients' summaries and timing table, and with --check their errors against the fp64
 // reference backward. Returns the process exit code.
@@ -480,28 +502,19 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
                 const v1::AttendResponse& response, AttentionClient& client,
                 int64_t max_unary_bytes, std::ostream& out) {
   const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendBackwardResponse> grads;
-  {
-    ProgressBar bar("backward");
-    const ProgressFn progress = [&bar](int64_t done, int64_t total) { bar.Update(done, total); };
-    const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
-    // AttendBackwardStream with --stream or past the server's unary limit.
-    if (o.streaming) {
-      const int64_t chunk =
-          max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
-      grads = client.AttendBackwardStreaming(backward, timeout, chunk, progress);
-    } else {
-      grads =
-          client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes, progress);
-    }
-  }
-  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
-  if (!grads.ok()) {
-    out << ErrorLine(grads.status());
-    return 1;
-  }
-  out << absl::StrFormat("gradients in %.3f s (client round trip)\n", round_trip);
+  const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
+  const absl::StatusOr<v1::AttendBackwardResponse> grads = TimedCall<v1::AttendBackwardResponse>(
+      "backward", "gradients", out, [&](const ProgressFn& progress) {
+        // AttendBackwardStream with --stream or past the server's unary limit.
+        if (!o.streaming) {
+          return client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes,
+                                           progress);
+        }
+        const int64_t chunk =
+            max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
+        return client.AttendBackwardStreaming(backward, timeout, chunk, progress);
+      });
+  if (!grads.ok()) return 1;
   PrintTensorSummary("dq", grads->dq(), out);
   PrintTensorSummary("dk", grads->dk(), out);
   PrintTensorSummary("dv", grads->dv(), out);
@@ -581,22 +594,12 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   out.flush();
 
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendResponse> response;
-  {
-    ProgressBar bar("attend");
-    response = streaming ? client.AttendStreaming(
-                               *request, timeout, chunk_bytes,
-                               [&bar](int64_t done, int64_t total) { bar.Update(done, total); })
+  const absl::StatusOr<v1::AttendResponse> response = TimedCall<v1::AttendResponse>(
+      "attend", "response", out, [&](const ProgressFn& progress) {
+        return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
                          : client.Attend(*request, timeout);
-  }
-  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
-  if (!response.ok()) {
-    out << ErrorLine(response.status());
-    return 1;
-  }
-
-  out << absl::StrFormat("response in %.3f s (client round trip)\n", round_trip);
+      });
+  if (!response.ok()) return 1;
   PrintTensorSummary("out", response->out(), out);
   if (response->lse().shape_size() > 0) PrintTensorSummary("lse", response->lse(), out);
   out << FormatTimings(*response, RequestFlops(*request));
