@@ -14,24 +14,6 @@
 
 namespace ringattn {
 
-void Cancellation::Cancel(absl::Status reason) {
-  absl::MutexLock lock(&mu_);
-  if (!reason_.ok()) return;
-  reason_ = std::move(reason);
-  if (listener_) listener_();
-}
-
-absl::Status Cancellation::reason() const {
-  absl::MutexLock lock(&mu_);
-  return reason_;
-}
-
-void Cancellation::Listen(std::function<void()> listener) {
-  absl::MutexLock lock(&mu_);
-  listener_ = std::move(listener);
-  if (listener_ && !reason_.ok()) listener_();
-}
-
 namespace {
 
 using google::protobuf::Message;
@@ -61,61 +43,6 @@ absl::Status RingFailure(const std::vector<grpc::Status>& statuses, const RingSn
                                                ") failed: ", s.error_message()));
   }
   return absl::InternalError("ring failed without a worker error");
-}
-
-// Starts one worker call on `context`; `done` gets its status.
-using StartCall = std::function<void(int rank, grpc::ClientContext* context,
-                                     std::function<void(grpc::Status)> done)>;
-
-// Starts every rank's call at once (the ranks must all be in the ring together) and waits for
-// their callbacks. On the first failure, or when the request is cancelled, cancels every call
-// still running so that no worker keeps computing for nobody. OK when every call succeeded,
-// else RingFailure. The callbacks only record and wake this thread, which does the cancelling:
-// gRPC may run a callback inside TryCancel.
-absl::Status RunOnEveryRank(const RingSnapshot& ring, const RunControl& control,
-                            const StartCall& start) {
-  const int world = static_cast<int>(ring.members.size());
-  std::vector<grpc::ClientContext> contexts(world);
-  for (grpc::ClientContext& ctx : contexts) {
-    if (control.deadline != absl::InfiniteFuture()) {
-      ctx.set_deadline(absl::ToChronoTime(control.deadline));
-    }
-  }
-  absl::Mutex mu;
-  std::vector<grpc::Status> statuses(world);
-  int pending = world;
-  bool failed = false;
-  bool cancelled = false;
-  if (control.cancellation != nullptr) {
-    control.cancellation->Listen([&] {
-      absl::MutexLock lock(&mu);
-      cancelled = true;
-    });
-  }
-  for (int r = 0; r < world; ++r) {
-    start(r, &contexts[r], [&, r](grpc::Status s) {
-      absl::MutexLock lock(&mu);
-      failed |= !s.ok();
-      statuses[r] = std::move(s);
-      --pending;
-    });
-  }
-  bool stopped = false;  // every call was cancelled
-  const auto wake = [&] { return pending == 0 || ((failed || cancelled) && !stopped); };
-  {
-    absl::MutexLock lock(&mu);
-    while (true) {
-      mu.Await(absl::Condition(&wake));
-      if (pending == 0) break;
-      stopped = true;
-      mu.Unlock();
-      for (grpc::ClientContext& ctx : contexts) ctx.TryCancel();
-      mu.Lock();
-    }
-  }
-  if (control.cancellation != nullptr) control.cancellation->Listen(nullptr);
-  if (failed) return RingFailure(statuses, ring, control);
-  return absl::OkStatus();
 }
 
 // Runs fn(r) for every rank, one thread each (none for one rank). Scatter and gather are
@@ -195,12 +122,20 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   });
   timings->set_scatter_seconds(SecondsSince(scatter0));
 
-  RA_RETURN_IF_ERROR(RunOnEveryRank(
-      ring, control,
-      [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
+  // Every rank at once: the ranks must all be in the ring together. The first failure, or the
+  // request's cancellation, cancels every call, so that no worker keeps computing for nobody.
+  FanOutOptions fan_out;
+  fan_out.deadline = control.deadline;
+  fan_out.cancel_all_on_failure = true;
+  fan_out.cancellation = control.cancellation;
+  const std::vector<grpc::Status> statuses = FanOut(
+      world, fan_out, [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
         rpc.call(ring.members[r]->stub.get(), ctx, *requests[r], responses[r].get(),
                  std::move(done));
-      }));
+      });
+  for (const grpc::Status& s : statuses) {
+    if (!s.ok()) return RingFailure(statuses, ring, control);
+  }
 
   // Gather: each rank's rows of every wanted output back into sequence order.
   const absl::Time gather0 = absl::Now();
