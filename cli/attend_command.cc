@@ -162,7 +162,8 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
 }
 
 // A problem's shape as a request's tensors give them, checked.
-absl::StatusOr<AttentionShape> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v) {
+absl::StatusOr<AttentionShape> ProblemOf(const v1::Tensor& q, const v1::Tensor& k,
+                                         const v1::Tensor& v) {
   const std::pair<const char*, const v1::Tensor*> tensors[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : tensors) {
     if (t->shape_size() != 4) {
@@ -299,9 +300,12 @@ struct Tolerances {
 
 Tolerances TolerancesOf(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return {1e-5, 1e-4};
-    case DType::kF16: return {2e-3, 5e-3};
-    case DType::kBF16: return {1e-2, 2e-2};
+    case DType::kF32:
+      return {1e-5, 1e-4};
+    case DType::kF16:
+      return {2e-3, 5e-3};
+    case DType::kBF16:
+      return {1e-2, 2e-2};
   }
   return {0, 0};
 }
@@ -388,7 +392,8 @@ double GradientTolerance(DType dtype) { return TolerancesOf(dtype).gradients; }
 
 absl::StatusOr<GradientErrors> CompareGradientsWithReference(
     const v1::AttendBackwardRequest& request, const v1::AttendBackwardResponse& response) {
-  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(request.q(), request.k(), request.v()));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem,
+                      ProblemOf(request.q(), request.k(), request.v()));
   const std::pair<const char*, std::pair<const v1::Tensor*, const v1::Tensor*>> pairs[] = {
       {"dq", {&response.dq(), &request.q()}},
       {"dk", {&response.dk(), &request.k()}},
@@ -594,8 +599,8 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   out.flush();
 
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
-  const absl::StatusOr<v1::AttendResponse> response = TimedCall<v1::AttendResponse>(
-      "attend", "response", out, [&](const ProgressFn& progress) {
+  const absl::StatusOr<v1::AttendResponse> response =
+      TimedCall<v1::AttendResponse>("attend", "response", out, [&](const ProgressFn& progress) {
         return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
                          : client.Attend(*request, timeout);
       });

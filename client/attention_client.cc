@@ -62,14 +62,13 @@ absl::Status CheckOutputSizes(const ComputeRpc& rpc, const google::protobuf::Mes
     const v1::Tensor& tensor = TensorField(response, out.name);
     const int64_t expected = ExpectedTensorBytes(tensor);
     if (expected < 0) {
-      return absl::InternalError(absl::StrCat("response ", out.name,
-                                              " has an invalid dtype or shape ",
-                                              ShapeString(tensor)));
+      return absl::InternalError(absl::StrCat(
+          "response ", out.name, " has an invalid dtype or shape ", ShapeString(tensor)));
     }
     if (static_cast<int64_t>(tensor.data().size()) != expected) {
-      return absl::InternalError(absl::StrCat("response ", out.name, " has ",
-                                              tensor.data().size(), " bytes; its shape ",
-                                              ShapeString(tensor), " needs ", expected));
+      return absl::InternalError(absl::StrCat("response ", out.name, " has ", tensor.data().size(),
+                                              " bytes; its shape ", ShapeString(tensor), " needs ",
+                                              expected));
     }
   }
   return absl::OkStatus();
@@ -83,7 +82,9 @@ int64_t EstimatedResponseBytes(const ComputeRpc& rpc, const google::protobuf::Me
   for (const ComputeTensor& out : rpc.outputs) {
     if (!Wants(request, out)) continue;
     switch (out.kind) {
-      case TensorKind::kQ: bytes += static_cast<int64_t>(q.data().size()); break;
+      case TensorKind::kQ:
+        bytes += static_cast<int64_t>(q.data().size());
+        break;
       case TensorKind::kKv:
         bytes += static_cast<int64_t>(TensorField(request, "k").data().size());
         break;
@@ -156,9 +157,8 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
       v1::Tensor* t = MutableTensorField(header, out.name);
       const int64_t expected = ExpectedTensorBytes(*t);
       if (expected < 0) {
-        return assembler.chunks().Error(absl::StrCat("header: ", out.name,
-                                                     " has an invalid dtype or shape ",
-                                                     ShapeString(*t)));
+        return assembler.chunks().Error(
+            absl::StrCat("header: ", out.name, " has an invalid dtype or shape ", ShapeString(*t)));
       }
       RA_RETURN_IF_ERROR(assembler.chunks().Expect(out.which, out.name, t, expected));
     }
@@ -189,8 +189,8 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
   for (const ComputeTensor& out : rpc.outputs) {
     const v1::Tensor& t = TensorField(*response, out.name);
     if (HasTensorField(*response, out.name) && t.shape_size() == 0 && t.data().empty()) {
-      response->GetReflection()->ClearField(
-          response, response->GetDescriptor()->FindFieldByName(out.name));
+      response->GetReflection()->ClearField(response,
+                                            response->GetDescriptor()->FindFieldByName(out.name));
     }
   }
   return std::move(*response);

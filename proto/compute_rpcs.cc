@@ -18,10 +18,9 @@ template <typename Req, typename Resp,
           void (Async::*Method)(grpc::ClientContext*, const Req*, Resp*,
                                 std::function<void(grpc::Status)>)>
 void CallWorker(v1::WorkerService::StubInterface* stub, grpc::ClientContext* context,
-                const Message& request, Message* response,
-                std::function<void(grpc::Status)> done) {
-  (stub->async()->*Method)(context, static_cast<const Req*>(&request),
-                           static_cast<Resp*>(response), std::move(done));
+                const Message& request, Message* response, std::function<void(grpc::Status)> done) {
+  (stub->async()->*Method)(context, static_cast<const Req*>(&request), static_cast<Resp*>(response),
+                           std::move(done));
 }
 
 constexpr ComputeTensor kAttendInputs[] = {
@@ -64,9 +63,12 @@ const FieldDescriptor* Field(const Message& m, std::string_view name) {
 
 RowView RowsOf(TensorKind kind, const AttentionShape& s) {
   switch (kind) {
-    case TensorKind::kQ: return {s.batch, static_cast<size_t>(s.q_row_elems()) * s.elem_bytes()};
-    case TensorKind::kKv: return {s.batch, static_cast<size_t>(s.kv_row_elems()) * s.elem_bytes()};
-    case TensorKind::kLse: return {int64_t{s.batch} * s.heads, sizeof(float)};
+    case TensorKind::kQ:
+      return {s.batch, static_cast<size_t>(s.q_row_elems()) * s.elem_bytes()};
+    case TensorKind::kKv:
+      return {s.batch, static_cast<size_t>(s.kv_row_elems()) * s.elem_bytes()};
+    case TensorKind::kLse:
+      return {int64_t{s.batch} * s.heads, sizeof(float)};
   }
   return {};
 }
@@ -78,9 +80,12 @@ size_t BytesOf(TensorKind kind, const AttentionShape& s) {
 
 std::vector<int64_t> DimsOf(TensorKind kind, const AttentionShape& s) {
   switch (kind) {
-    case TensorKind::kQ: return {s.batch, s.seqlen_q, s.heads, s.head_dim};
-    case TensorKind::kKv: return {s.batch, s.seqlen_q, s.heads_k, s.head_dim};
-    case TensorKind::kLse: return {s.batch, s.heads, s.seqlen_q};
+    case TensorKind::kQ:
+      return {s.batch, s.seqlen_q, s.heads, s.head_dim};
+    case TensorKind::kKv:
+      return {s.batch, s.seqlen_q, s.heads_k, s.head_dim};
+    case TensorKind::kLse:
+      return {s.batch, s.heads, s.seqlen_q};
   }
   return {};
 }
@@ -95,18 +100,20 @@ std::string DescribeRows(TensorKind kind, const AttentionShape& s) {
     case TensorKind::kKv:
       return absl::StrCat("[batch=", s.batch, ", rows=", s.seqlen_q,
                           kind == TensorKind::kQ ? ", heads=" : ", heads_k=",
-                          kind == TensorKind::kQ ? s.heads : s.heads_k,
-                          ", head_dim=", s.head_dim, "] ", std::string(DTypeName(s.dtype)));
+                          kind == TensorKind::kQ ? s.heads : s.heads_k, ", head_dim=", s.head_dim,
+                          "] ", std::string(DTypeName(s.dtype)));
     case TensorKind::kLse:
-      return absl::StrCat("[batch=", s.batch, ", heads=", s.heads, ", rows=", s.seqlen_q,
-                          "] fp32");
+      return absl::StrCat("[batch=", s.batch, ", heads=", s.heads, ", rows=", s.seqlen_q, "] fp32");
   }
   return "";
 }
 
 const ComputeRpc& AttendRpc() {
   static const ComputeRpc rpc = {
-      "Attend", kAttendInputs, kAttendOutputs, &v1::RunShardRequest::default_instance(),
+      "Attend",
+      kAttendInputs,
+      kAttendOutputs,
+      &v1::RunShardRequest::default_instance(),
       &v1::RunShardResponse::default_instance(),
       &CallWorker<v1::RunShardRequest, v1::RunShardResponse, &Async::RunShard>};
   return rpc;
@@ -114,7 +121,9 @@ const ComputeRpc& AttendRpc() {
 
 const ComputeRpc& AttendBackwardRpc() {
   static const ComputeRpc rpc = {
-      "AttendBackward", kBackwardInputs, kBackwardOutputs,
+      "AttendBackward",
+      kBackwardInputs,
+      kBackwardOutputs,
       &v1::RunShardBackwardRequest::default_instance(),
       &v1::RunShardBackwardResponse::default_instance(),
       &CallWorker<v1::RunShardBackwardRequest, v1::RunShardBackwardResponse,
@@ -161,13 +170,13 @@ void SetBoolField(Message* m, std::string_view name, bool value) {
 }
 
 v1::ShardHeader* MutableShardHeader(Message* shard_request) {
-  return static_cast<v1::ShardHeader*>(
-      shard_request->GetReflection()->MutableMessage(shard_request, Field(*shard_request, "header")));
+  return static_cast<v1::ShardHeader*>(shard_request->GetReflection()->MutableMessage(
+      shard_request, Field(*shard_request, "header")));
 }
 
 const v1::WorkerTiming& ShardTiming(const Message& shard_response) {
-  return static_cast<const v1::WorkerTiming&>(shard_response.GetReflection()->GetMessage(
-      shard_response, Field(shard_response, "timing")));
+  return static_cast<const v1::WorkerTiming&>(
+      shard_response.GetReflection()->GetMessage(shard_response, Field(shard_response, "timing")));
 }
 
 int64_t TensorDataBytes(const Message& message, absl::Span<const ComputeTensor> tensors) {

@@ -68,7 +68,7 @@ struct ComputeRpc {
   std::string_view name;                    // "Attend"
   absl::Span<const ComputeTensor> inputs;   // request -> shards, in the stream's chunk order
   absl::Span<const ComputeTensor> outputs;  // shards -> response, in the stream's chunk order
-  const google::protobuf::Message* shard_request;   // the default instance of its type
+  const google::protobuf::Message* shard_request;  // the default instance of its type
   const google::protobuf::Message* shard_response;
   ShardCall call;
 };

@@ -59,15 +59,13 @@ TEST_P(ComputeRpcTableTest, NamesAFieldOfEveryMessage) {
     ExpectTensorField(pub.request->GetDescriptor(), in.name);
     ExpectBytesField(shard_req, in.name);
     EXPECT_EQ(in.wanted_if, nullptr) << "inputs are always sent";
-    EXPECT_EQ(v1::TensorChunk::Which_Name(in.which),
-              "WHICH_" + absl::AsciiStrToUpper(in.name));
+    EXPECT_EQ(v1::TensorChunk::Which_Name(in.which), "WHICH_" + absl::AsciiStrToUpper(in.name));
   }
   for (const ComputeTensor& out : rpc.outputs) {
     SCOPED_TRACE(out.name);
     ExpectTensorField(pub.response->GetDescriptor(), out.name);
     ExpectBytesField(shard_resp, out.name);
-    EXPECT_EQ(v1::TensorChunk::Which_Name(out.which),
-              "WHICH_" + absl::AsciiStrToUpper(out.name));
+    EXPECT_EQ(v1::TensorChunk::Which_Name(out.which), "WHICH_" + absl::AsciiStrToUpper(out.name));
     if (out.wanted_if != nullptr) {
       for (const Descriptor* d : {pub.request->GetDescriptor(), shard_req}) {
         const FieldDescriptor* flag = FieldOf(d, out.wanted_if);

@@ -37,8 +37,7 @@ constexpr int kNumCanonicalCodes = static_cast<int>(std::size(kSameCodes));
 
 constexpr bool CodesAgree() {
   for (int i = 0; i < kNumCanonicalCodes; ++i) {
-    if (static_cast<int>(kSameCodes[i].first) != i ||
-        static_cast<int>(kSameCodes[i].second) != i) {
+    if (static_cast<int>(kSameCodes[i].first) != i || static_cast<int>(kSameCodes[i].second) != i) {
       return false;
     }
   }
@@ -139,9 +138,8 @@ absl::StatusOr<AttentionShape> ShapeFromProto(const v1::Shape& p) {
                          Bound{"seqlen_k", p.seqlen_k(), 0}, Bound{"heads", p.heads(), 1},
                          Bound{"heads_k", p.heads_k(), 1}, Bound{"head_dim", p.head_dim(), 1}}) {
     if (b.value < b.min) {
-      return absl::InvalidArgumentError(absl::StrCat("shape.", b.name, " must be ",
-                                                     b.min == 1 ? "> 0" : ">= 0", ", got ",
-                                                     b.value));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape.", b.name, " must be ", b.min == 1 ? "> 0" : ">= 0", ", got ", b.value));
     }
   }
   // The largest tensor's bytes: q or k/v at the longer sequence, or the fp32 lse.

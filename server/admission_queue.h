@@ -22,7 +22,7 @@ struct AttendJob {
   std::string request_id;
   absl::Time arrival;
   absl::Time deadline = absl::InfiniteFuture();
-  Cancellation cancellation;  // the client went away or the deadline passed
+  Cancellation cancellation;       // the client went away or the deadline passed
   v1::Timings* timings = nullptr;  // the response's; the dispatcher sets queue_seconds
   // Runs the request on `ring` (RunOnRing), filling the handler's response.
   std::function<absl::Status(const RingSnapshot& ring, const RunControl& control)> run;

@@ -238,9 +238,9 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
 
   ValidatedAttend out;
   out.request_id = r.request_id();
-  out.shape = AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), seqlen,
-                                   static_cast<int>(heads), static_cast<int>(heads_k),
-                                   static_cast<int>(q.shape(3)));
+  out.shape =
+      AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), seqlen, static_cast<int>(heads),
+                           static_cast<int>(heads_k), static_cast<int>(q.shape(3)));
   out.options = OptionsFromProto(r.options());
   out.return_lse = r.return_lse();
   out.layout = *layout;

@@ -107,8 +107,8 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   // it; send_seconds stays 0 (the streams measure their chunks).
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
-    c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(),
-                               response_->timings(), TensorDataBytes(*request_, rpc.inputs),
+    c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(), response_->timings(),
+                               TensorDataBytes(*request_, rpc.inputs),
                                s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0);
     Finish(ToGrpcStatus(s));
   }
@@ -190,9 +190,8 @@ class Coordinator::StreamCall final
   absl::Status ExpectInputs(typename Call::Request* header) {
     RA_ASSIGN_OR_RETURN(const ValidatedAttend problem, Call::ValidateHeader(*header, c_->Limits()));
     for (const ComputeTensor& in : Call::Rpc().inputs) {
-      RA_RETURN_IF_ERROR(receiver_.chunks().Expect(in.which, in.name,
-                                                   MutableTensorField(header, in.name),
-                                                   BytesOf(in.kind, problem.shape)));
+      RA_RETURN_IF_ERROR(receiver_.chunks().Expect(
+          in.which, in.name, MutableTensorField(header, in.name), BytesOf(in.kind, problem.shape)));
     }
     return absl::OkStatus();
   }
@@ -216,8 +215,7 @@ class Coordinator::StreamCall final
 
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
-    c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(),
-                               response_.timings(),
+    c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(), response_.timings(),
                                TensorDataBytes(*receiver_.header(), rpc.inputs),
                                s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0);
     this->Finish(ToGrpcStatus(s));

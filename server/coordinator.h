@@ -33,7 +33,7 @@ class Coordinator {
     // Unary messages above this are refused by gRPC (RESOURCE_EXHAUSTED); clients stream.
     int64_t max_unary_bytes = int64_t{1} << 30;
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
-    int64_t stream_chunk_bytes = int64_t{4} << 20; // response chunks of the streaming RPCs
+    int64_t stream_chunk_bytes = int64_t{4} << 20;  // response chunks of the streaming RPCs
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;

@@ -28,7 +28,8 @@ void Cancellation::Listen(std::function<void()> listener) {
 std::vector<grpc::Status> FanOut(int n, const FanOutOptions& options, const StartCall& start) {
   std::vector<grpc::ClientContext> contexts(n);
   if (options.deadline != absl::InfiniteFuture()) {
-    for (grpc::ClientContext& ctx : contexts) ctx.set_deadline(absl::ToChronoTime(options.deadline));
+    for (grpc::ClientContext& ctx : contexts)
+      ctx.set_deadline(absl::ToChronoTime(options.deadline));
   }
   absl::Mutex mu;
   std::vector<grpc::Status> statuses(n);

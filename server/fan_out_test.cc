@@ -25,9 +25,9 @@ class FakeWorker final : public v1::WorkerService::Service {
   grpc::Status Ping(grpc::ServerContext* ctx, const v1::PingRequest*,
                     v1::PingResponse* response) override {
     const auto mode = ctx->client_metadata().find("mode");
-    const std::string m =
-        mode == ctx->client_metadata().end() ? "ok" : std::string(mode->second.data(),
-                                                                  mode->second.size());
+    const std::string m = mode == ctx->client_metadata().end()
+                              ? "ok"
+                              : std::string(mode->second.data(), mode->second.size());
     if (m == "fail") return grpc::Status(grpc::UNAVAILABLE, "fails on purpose");
     if (m == "block") {
       const auto give_up = std::chrono::system_clock::now() + std::chrono::seconds(20);
@@ -52,8 +52,8 @@ class FanOutTest : public ::testing::Test {
     builder.RegisterService(&worker_);
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
-    stub_ = v1::WorkerService::NewStub(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+    stub_ = v1::WorkerService::NewStub(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   }
   void TearDown() override { server_->Shutdown(std::chrono::system_clock::now()); }
 

@@ -28,8 +28,8 @@ const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
 }  // namespace
 
 const char* ServiceMetrics::PhaseName(Phase phase) {
-  static constexpr const char* kNames[kNumPhases] = {
-      "queue", "receive", "scatter", "compute", "comm_wait", "gather", "send", "total"};
+  static constexpr const char* kNames[kNumPhases] = {"queue",     "receive", "scatter", "compute",
+                                                     "comm_wait", "gather",  "send",    "total"};
   const int p = static_cast<int>(phase);
   return p >= 0 && p < kNumPhases ? kNames[p] : "unknown";
 }

@@ -42,12 +42,10 @@ v1::Timings MakeTimings(int workers, int steps) {
 
 TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
   ServiceMetrics m = MakeMetrics();
-  m.RecordRequest("Attend", absl::StatusCode::kOk,
-                  MakeTimings(/*workers=*/3, /*steps=*/3), 3000, 1000);
-  m.RecordRequest("AttendStream", grpc::StatusCode::INVALID_ARGUMENT,
-                  v1::Timings(), 0, 0);
-  m.RecordRequest("AttendBackward", absl::StatusCode::kUnavailable,
-                  MakeTimings(2, 0), 10, 0);
+  m.RecordRequest("Attend", absl::StatusCode::kOk, MakeTimings(/*workers=*/3, /*steps=*/3), 3000,
+                  1000);
+  m.RecordRequest("AttendStream", grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0);
+  m.RecordRequest("AttendBackward", absl::StatusCode::kUnavailable, MakeTimings(2, 0), 10, 0);
   m.SetQueueDepth(4);
   m.SetWorkersUp(3);
   m.RecordRingReform();

@@ -193,12 +193,10 @@ void RingManager::TryFormRing() {
   FanOutOptions fan_out;
   fan_out.deadline = absl::Now() + options_.join_timeout;
   fan_out.cancel_all_on_failure = true;
-  const std::vector<grpc::Status> results =
-      FanOut(world, fan_out,
-             [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
-               members[r]->stub->async()->JoinRing(ctx, &requests[r], &responses[r],
-                                                   std::move(done));
-             });
+  const std::vector<grpc::Status> results = FanOut(
+      world, fan_out, [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
+        members[r]->stub->async()->JoinRing(ctx, &requests[r], &responses[r], std::move(done));
+      });
   const bool failed =
       std::any_of(results.begin(), results.end(), [](const grpc::Status& s) { return !s.ok(); });
   store_->ErasePrefix(prefix);

@@ -273,9 +273,9 @@ absl::StatusOr<ShardSpec> ParseShardHeader(const v1::ShardHeader& header, int ra
   ShardSpec spec;
   RA_ASSIGN_OR_RETURN(spec.shape, ShapeFromProto(header.shape()));
   if (spec.shape.seqlen_q != spec.shape.seqlen_k) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shape.seqlen_k (", spec.shape.seqlen_k, ") must equal shape.seqlen_q (",
-        spec.shape.seqlen_q, "): the ring computes self-attention over one sequence"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape.seqlen_k (", spec.shape.seqlen_k, ") must equal shape.seqlen_q (",
+                     spec.shape.seqlen_q, "): the ring computes self-attention over one sequence"));
   }
   RA_ASSIGN_OR_RETURN(const std::optional<Layout> requested, LayoutFromProto(header.layout()));
   if (!requested.has_value()) {
@@ -381,9 +381,9 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                             ParseShardHeader(request.header(), rank, comm.world_size()));
         RA_RETURN_IF_ERROR(CheckShardInputs(rpc, request, spec));
         SizeShardOutputs(rpc, request, spec, response);
-        RA_ASSIGN_OR_RETURN(
-            const RingTimings timings,
-            RunWatched(context, what, comm, [&] { return op(comm, spec, request, response); }));
+        RA_ASSIGN_OR_RETURN(const RingTimings timings, RunWatched(context, what, comm, [&] {
+                              return op(comm, spec, request, response);
+                            }));
         FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(),
                    response->mutable_timing());
         return absl::OkStatus();

@@ -88,17 +88,15 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   // already sized in `response`.
   template <typename Request, typename Response>
   using ShardOp = std::function<absl::StatusOr<RingTimings>(
-      RingConnection& comm, const ShardSpec& spec, const Request& request,
-      Response* response)>;
+      RingConnection& comm, const ShardSpec& spec, const Request& request, Response* response)>;
   // A compute call (`method`, of table `rpc`) in the frame of RunOnCurrentRing: its shard
   // header parsed, its inputs checked and outputs sized by the table, then `op` run, aborting
   // the ring when the call is cancelled or past its deadline. `what_kind` goes into the
   // messages ("backward of ").
   template <typename Request, typename Response>
   grpc::Status RunCompute(const ComputeRpc& rpc, const char* method, const char* what_kind,
-                          grpc::ServerContext* context, const Request& request,
-                          Response* response, const ShardOp<Request, Response>& op)
-      ABSL_LOCKS_EXCLUDED(run_mu_);
+                          grpc::ServerContext* context, const Request& request, Response* response,
+                          const ShardOp<Request, Response>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);
