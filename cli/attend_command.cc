@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <utility>
@@ -19,6 +20,7 @@
 #include "client/npy.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
+#include "kernels/attention_shape.h"
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
 #include "proto/convert.h"
@@ -159,17 +161,9 @@ absl::StatusOr<v1::AttendRequest> BuildRequest(const AttendCommandOptions& o) {
   return request;
 }
 
-// A problem's sizes as a request's tensors give them.
-struct Problem {
-  DType dtype = DType::kF32;
-  int batch = 0;
-  int64_t seqlen = 0;
-  int heads = 0;
-  int heads_k = 0;
-  int head_dim = 0;
-};
-
-absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v) {
+// A problem's shape as a request's tensors give them, checked.
+absl::StatusOr<AttentionShape> ProblemOf(const v1::Tensor& q, const v1::Tensor& k,
+                                         const v1::Tensor& v) {
   const std::pair<const char*, const v1::Tensor*> tensors[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : tensors) {
     if (t->shape_size() != 4) {
@@ -183,8 +177,7 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
       }
     }
   }
-  Problem p;
-  RA_ASSIGN_OR_RETURN(p.dtype, FromProtoDType(q.dtype(), "q.dtype"));
+  RA_ASSIGN_OR_RETURN(const DType dtype, FromProtoDType(q.dtype(), "q.dtype"));
   if (k.dtype() != q.dtype() || v.dtype() != q.dtype()) {
     return absl::InvalidArgumentError(
         absl::StrCat("k and v must have q's dtype ", DTypeLabel(q.dtype()), ", got ",
@@ -199,11 +192,6 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
     return absl::InvalidArgumentError(
         absl::StrCat("v ", ShapeString(v), " must have k's shape ", ShapeString(k)));
   }
-  p.batch = static_cast<int>(q.shape(0));
-  p.seqlen = q.shape(1);
-  p.heads = static_cast<int>(q.shape(2));
-  p.heads_k = static_cast<int>(k.shape(2));
-  p.head_dim = static_cast<int>(q.shape(3));
   for (const auto& [name, t] : tensors) {
     if (static_cast<int64_t>(t->data().size()) != ExpectedTensorBytes(*t)) {
       return absl::InvalidArgumentError(absl::StrCat(name, " has ", t->data().size(),
@@ -211,10 +199,12 @@ absl::StatusOr<Problem> ProblemOf(const v1::Tensor& q, const v1::Tensor& k, cons
                                                      " needs ", ExpectedTensorBytes(*t)));
     }
   }
-  return p;
+  return AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), q.shape(1),
+                              static_cast<int>(q.shape(2)), static_cast<int>(k.shape(2)),
+                              static_cast<int>(q.shape(3)));
 }
 
-absl::StatusOr<Problem> ProblemOf(const v1::AttendRequest& request) {
+absl::StatusOr<AttentionShape> ProblemOf(const v1::AttendRequest& request) {
   return ProblemOf(request.q(), request.k(), request.v());
 }
 
@@ -299,17 +289,30 @@ v1::AttendRequest MakeSyntheticRequest(int batch, int64_t seqlen, int heads, int
   return request;
 }
 
-double OutputTolerance(DType dtype) {
+namespace {
+
+// The rel_l2 bounds of --check against fp64: the output, and the gradients (a longer chain of
+// roundings).
+struct Tolerances {
+  double out;
+  double gradients;
+};
+
+Tolerances TolerancesOf(DType dtype) {
   switch (dtype) {
     case DType::kF32:
-      return 1e-5;
+      return {1e-5, 1e-4};
     case DType::kF16:
-      return 2e-3;
+      return {2e-3, 5e-3};
     case DType::kBF16:
-      return 1e-2;
+      return {1e-2, 2e-2};
   }
-  return 0;
+  return {0, 0};
 }
+
+}  // namespace
+
+double OutputTolerance(DType dtype) { return TolerancesOf(dtype).out; }
 
 namespace {
 
@@ -319,7 +322,7 @@ namespace {
 absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::Tensor& k,
                                                 const v1::Tensor& v,
                                                 const v1::AttentionOptions& options) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(q, k, v));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(q, k, v));
   if (!(options.dropout_p() >= 0.0f && options.dropout_p() < 1.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("options.dropout_p must be in [0, 1), got ", options.dropout_p()));
@@ -330,12 +333,7 @@ absl::StatusOr<AttentionParams> ReferenceParams(const v1::Tensor& q, const v1::T
                      " slopes; expected one per query head (", problem.heads, ")"));
   }
   AttentionParams p;
-  p.batch = problem.batch;
-  p.seqlen_q = p.seqlen_k = problem.seqlen;
-  p.heads = problem.heads;
-  p.heads_k = problem.heads_k;
-  p.head_dim = problem.head_dim;
-  p.dtype = p.o_dtype = problem.dtype;
+  SetShape(problem, &p);
   p.q = q.data().data();
   p.k = k.data().data();
   p.v = v.data().data();
@@ -390,21 +388,12 @@ v1::AttendBackwardRequest MakeBackwardRequest(const v1::AttendRequest& forward,
   return r;
 }
 
-double GradientTolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return 1e-4;
-    case DType::kF16:
-      return 5e-3;
-    case DType::kBF16:
-      return 2e-2;
-  }
-  return 0;
-}
+double GradientTolerance(DType dtype) { return TolerancesOf(dtype).gradients; }
 
 absl::StatusOr<GradientErrors> CompareGradientsWithReference(
     const v1::AttendBackwardRequest& request, const v1::AttendBackwardResponse& response) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request.q(), request.k(), request.v()));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem,
+                      ProblemOf(request.q(), request.k(), request.v()));
   const std::pair<const char*, std::pair<const v1::Tensor*, const v1::Tensor*>> pairs[] = {
       {"dq", {&response.dq(), &request.q()}},
       {"dk", {&response.dk(), &request.k()}},
@@ -421,7 +410,7 @@ absl::StatusOr<GradientErrors> CompareGradientsWithReference(
                        DTypeLabel(like->dtype())));
     }
   }
-  const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
+  const int64_t lse_count = problem.lse_elems();
   if (static_cast<int64_t>(request.lse().data().size()) != lse_count * 4) {
     return absl::InvalidArgumentError(
         absl::StrCat("lse has ", request.lse().data().size(), " bytes; expected ", lse_count * 4));
@@ -449,7 +438,7 @@ absl::StatusOr<GradientErrors> CompareGradientsWithReference(
 
 absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& request,
                                                      const v1::AttendResponse& response) {
-  RA_ASSIGN_OR_RETURN(const Problem problem, ProblemOf(request));
+  RA_ASSIGN_OR_RETURN(const AttentionShape problem, ProblemOf(request));
   const v1::Tensor& q = request.q();
   const v1::Tensor& out = response.out();
   if (out.dtype() != q.dtype() || ShapeString(out) != ShapeString(q) ||
@@ -460,11 +449,11 @@ absl::StatusOr<ReferenceErrors> CompareWithReference(const v1::AttendRequest& re
         DTypeLabel(q.dtype()), " with ", ExpectedTensorBytes(q), " bytes"));
   }
   const v1::Tensor& lse = response.lse();
-  const int64_t lse_count = int64_t{problem.batch} * problem.heads * problem.seqlen;
+  const int64_t lse_count = problem.lse_elems();
   const bool has_lse = lse.shape_size() > 0;
   if (has_lse) {
     const std::string expected_shape =
-        absl::StrCat("[", problem.batch, ", ", problem.heads, ", ", problem.seqlen, "]");
+        absl::StrCat("[", problem.batch, ", ", problem.heads, ", ", problem.seqlen_q, "]");
     if (lse.dtype() != v1::DTYPE_FP32 || ShapeString(lse) != expected_shape ||
         static_cast<int64_t>(lse.data().size()) != lse_count * 4) {
       return absl::InvalidArgumentError(
@@ -490,6 +479,27 @@ absl::StatusOr<ErrorStats> CheckAgainstReference(const v1::AttendRequest& reques
 
 namespace {
 
+// One call of the client under a progress bar named `bar_label`: prints "<what> in S s (client
+// round trip)", or the call's error.
+template <typename Response>
+absl::StatusOr<Response> TimedCall(
+    const char* bar_label, const char* what, std::ostream& out,
+    const std::function<absl::StatusOr<Response>(const ProgressFn&)>& call) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Response> response;
+  {
+    ProgressBar bar(bar_label);
+    response = call([&bar](int64_t done, int64_t total) { bar.Update(done, total); });
+  }
+  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
+  if (!response.ok()) {
+    out << ErrorLine(response.status());
+  } else {
+    out << absl::StrFormat("%s in %.3f s (client round trip)\n", what, round_trip);
+  }
+  return response;
+}
+
 // --backward: AttendBackward with the forward's out and lse and a synthetic dout; prints the
 // gradients' summaries and timing table, and with --check their errors against the fp64
 // reference backward. Returns the process exit code.
@@ -497,28 +507,19 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
                 const v1::AttendResponse& response, AttentionClient& client,
                 int64_t max_unary_bytes, std::ostream& out) {
   const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendBackwardResponse> grads;
-  {
-    ProgressBar bar("backward");
-    const ProgressFn progress = [&bar](int64_t done, int64_t total) { bar.Update(done, total); };
-    const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
-    // AttendBackwardStream with --stream or past the server's unary limit.
-    if (o.streaming) {
-      const int64_t chunk =
-          max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
-      grads = client.AttendBackwardStreaming(backward, timeout, chunk, progress);
-    } else {
-      grads =
-          client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes, progress);
-    }
-  }
-  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
-  if (!grads.ok()) {
-    out << ErrorLine(grads.status());
-    return 1;
-  }
-  out << absl::StrFormat("gradients in %.3f s (client round trip)\n", round_trip);
+  const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
+  const absl::StatusOr<v1::AttendBackwardResponse> grads = TimedCall<v1::AttendBackwardResponse>(
+      "backward", "gradients", out, [&](const ProgressFn& progress) {
+        // AttendBackwardStream with --stream or past the server's unary limit.
+        if (!o.streaming) {
+          return client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes,
+                                           progress);
+        }
+        const int64_t chunk =
+            max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
+        return client.AttendBackwardStreaming(backward, timeout, chunk, progress);
+      });
+  if (!grads.ok()) return 1;
   PrintTensorSummary("dq", grads->dq(), out);
   PrintTensorSummary("dk", grads->dk(), out);
   PrintTensorSummary("dv", grads->dv(), out);
@@ -570,27 +571,23 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     out << ErrorLine(request.status());
     return 1;
   }
-  const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
-  absl::StatusOr<std::unique_ptr<AttentionClient>> client =
-      AttentionClient::Connect(o.target, connect_timeout);
-  if (!client.ok()) {
-    out << ErrorLine(client.status());
+  absl::StatusOr<ConnectedClient> connected =
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
+  if (!connected.ok()) {
+    out << ErrorLine(connected.status());
     return 1;
   }
-  absl::StatusOr<v1::InfoResponse> info = (*client)->GetInfo(connect_timeout);
-  if (!info.ok()) {
-    out << ErrorLine(info.status());
-    return 1;
-  }
+  AttentionClient& client = *connected->client;
+  const v1::InfoResponse& info = connected->info;
   out << absl::StrFormat(
       "server %s: version %s, world %d (%s), transport %s, max unary %s\n", o.target,
-      info->version(), info->world_size(), info->ready() ? "ready" : "not ready",
-      info->transport().empty() ? "-" : info->transport(),
-      info->max_unary_bytes() > 0 ? MiB(info->max_unary_bytes()) : std::string("not set"));
+      info.version(), info.world_size(), info.ready() ? "ready" : "not ready",
+      info.transport().empty() ? "-" : info.transport(),
+      info.max_unary_bytes() > 0 ? MiB(info.max_unary_bytes()) : std::string("not set"));
 
-  const bool streaming = o.streaming || NeedsStreaming(*request, info->max_unary_bytes());
+  const bool streaming = o.streaming || NeedsStreaming(*request, info.max_unary_bytes());
   int64_t chunk_bytes = o.chunk_bytes;
-  if (info->max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info->max_unary_bytes());
+  if (info.max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info.max_unary_bytes());
   const int64_t request_bytes = static_cast<int64_t>(
       request->q().data().size() + request->k().data().size() + request->v().data().size());
   out << absl::StrFormat("request: q %s k/v %s %s, %s, causal=%d, layout %s, via %s\n",
@@ -602,22 +599,12 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   out.flush();
 
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendResponse> response;
-  {
-    ProgressBar bar("attend");
-    response = streaming ? (*client)->AttendStreaming(
-                               *request, timeout, chunk_bytes,
-                               [&bar](int64_t done, int64_t total) { bar.Update(done, total); })
-                         : (*client)->Attend(*request, timeout);
-  }
-  const double round_trip = absl::ToDoubleSeconds(absl::Now() - start);
-  if (!response.ok()) {
-    out << ErrorLine(response.status());
-    return 1;
-  }
-
-  out << absl::StrFormat("response in %.3f s (client round trip)\n", round_trip);
+  const absl::StatusOr<v1::AttendResponse> response =
+      TimedCall<v1::AttendResponse>("attend", "response", out, [&](const ProgressFn& progress) {
+        return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
+                         : client.Attend(*request, timeout);
+      });
+  if (!response.ok()) return 1;
   PrintTensorSummary("out", response->out(), out);
   if (response->lse().shape_size() > 0) PrintTensorSummary("lse", response->lse(), out);
   out << FormatTimings(*response, RequestFlops(*request));
@@ -631,7 +618,7 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   }
   if (o.check && !RunCheck(*request, *response, out)) return 1;
   if (o.backward) {
-    return RunBackward(o, *request, *response, **client, info->max_unary_bytes(), out);
+    return RunBackward(o, *request, *response, client, info.max_unary_bytes(), out);
   }
   return 0;
 }

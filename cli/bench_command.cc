@@ -362,21 +362,17 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     return 2;
   }
   const v1::AttendRequest request = BuildRequest(o);
-  const absl::Duration connect_timeout = absl::Seconds(o.connect_timeout_seconds);
-  absl::StatusOr<std::unique_ptr<AttentionClient>> client =
-      AttentionClient::Connect(o.target, connect_timeout);
-  if (!client.ok()) {
-    out << ErrorLine(client.status());
+  absl::StatusOr<ConnectedClient> connected =
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
+  if (!connected.ok()) {
+    out << ErrorLine(connected.status());
     return 1;
   }
-  absl::StatusOr<v1::InfoResponse> info = (*client)->GetInfo(connect_timeout);
-  if (!info.ok()) {
-    out << ErrorLine(info.status());
-    return 1;
-  }
+  AttentionClient& client = *connected->client;
+  const v1::InfoResponse& info = connected->info;
   CallPlan plan;
   plan.force_streaming = o.streaming;
-  plan.max_unary_bytes = info->max_unary_bytes();
+  plan.max_unary_bytes = info.max_unary_bytes();
   plan.timeout = absl::Seconds(o.timeout_seconds);
   // With --backward: one forward for out and lse, then the gradients request every call sends.
   v1::AttendBackwardRequest backward;
@@ -384,7 +380,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     v1::AttendRequest with_lse = request;
     with_lse.set_return_lse(true);
     absl::StatusOr<v1::AttendResponse> forward =
-        (*client)->AttendAuto(with_lse, plan.timeout, plan.max_unary_bytes);
+        client.AttendAuto(with_lse, plan.timeout, plan.max_unary_bytes);
     if (!forward.ok()) {
       out << ErrorLine(forward.status());
       return 1;
@@ -398,8 +394,8 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
                   : NeedsStreaming(request, plan.max_unary_bytes));
   // FlashAttention's count: the backward is 2.5 forwards.
   const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);
-  out << absl::StrFormat("server %s: version %s, world %d (%s)\n", o.target, info->version(),
-                         info->world_size(), info->ready() ? "ready" : "not ready");
+  out << absl::StrFormat("server %s: version %s, world %d (%s)\n", o.target, info.version(),
+                         info.world_size(), info.ready() ? "ready" : "not ready");
   out << absl::StrFormat(
       "bench: q [%d, %d, %d, %d] %s, causal=%d, layout %s, via %s; %s from %d threads\n", o.batch,
       o.seqlen, o.heads, o.head_dim, o.dtype, o.causal, o.layout,
@@ -410,10 +406,9 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
       o.concurrency);
   out.flush();
 
-  AttentionClient& c = **client;
   const LoadResult load = o.backward
-                              ? RunLoad([&] { return OneBackwardCall(c, backward, plan); }, o)
-                              : RunLoad([&] { return OneCall(c, request, plan); }, o);
+                              ? RunLoad([&] { return OneBackwardCall(client, backward, plan); }, o)
+                              : RunLoad([&] { return OneCall(client, request, plan); }, o);
   const BenchSummary summary = Summarize(o, load, flops);
   out << FormatReport(summary);
   if (!o.json_path.empty()) {

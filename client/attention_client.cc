@@ -10,14 +10,17 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <initializer_list>
 #include <limits>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/types/span.h"
+#include "base/status_macros.h"
+#include "proto/chunk_codec.h"
+#include "proto/compute_rpcs.h"
 #include "proto/convert.h"
 
 namespace ringattn {
@@ -52,281 +55,151 @@ std::string ShapeString(const v1::Tensor& tensor) {
                       v1::DType_Name(tensor.dtype()));
 }
 
-// Checks that out and lse hold the bytes their shapes imply.
-// Every tensor's data has the size its dtype and shape imply; INTERNAL naming it if not.
-absl::Status CheckTensorSizes(
-    std::initializer_list<std::pair<const char*, const v1::Tensor*>> tensors) {
-  for (const auto& [name, tensor] : tensors) {
-    const int64_t expected = ExpectedTensorBytes(*tensor);
+// Every output of `rpc` in `response` has the bytes its dtype and shape imply; INTERNAL naming
+// it if not.
+absl::Status CheckOutputSizes(const ComputeRpc& rpc, const google::protobuf::Message& response) {
+  for (const ComputeTensor& out : rpc.outputs) {
+    const v1::Tensor& tensor = TensorField(response, out.name);
+    const int64_t expected = ExpectedTensorBytes(tensor);
     if (expected < 0) {
-      return absl::InternalError(
-          absl::StrCat("response ", name, " has an invalid dtype or shape ", ShapeString(*tensor)));
+      return absl::InternalError(absl::StrCat(
+          "response ", out.name, " has an invalid dtype or shape ", ShapeString(tensor)));
     }
-    if (static_cast<int64_t>(tensor->data().size()) != expected) {
-      return absl::InternalError(absl::StrCat("response ", name, " has ", tensor->data().size(),
-                                              " bytes; its shape ", ShapeString(*tensor), " needs ",
+    if (static_cast<int64_t>(tensor.data().size()) != expected) {
+      return absl::InternalError(absl::StrCat("response ", out.name, " has ", tensor.data().size(),
+                                              " bytes; its shape ", ShapeString(tensor), " needs ",
                                               expected));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CheckResponseTensors(const v1::AttendResponse& response) {
-  return CheckTensorSizes({{"out", &response.out()}, {"lse", &response.lse()}});
-}
-
-// The request without tensor data: what AttendStream's header carries. Every field of
-// AttendRequest but the tensors' data is copied; a field added to the message must be added here.
-v1::AttendRequest StreamHeader(const v1::AttendRequest& request) {
-  v1::AttendRequest header;
-  header.set_request_id(request.request_id());
-  if (request.has_options()) *header.mutable_options() = request.options();
-  header.set_layout(request.layout());
-  header.set_return_lse(request.return_lse());
-  const std::pair<const v1::Tensor*, v1::Tensor*> tensors[] = {{&request.q(), header.mutable_q()},
-                                                               {&request.k(), header.mutable_k()},
-                                                               {&request.v(), header.mutable_v()}};
-  for (const auto& [from, to] : tensors) {
-    to->set_dtype(from->dtype());
-    *to->mutable_shape() = from->shape();
-  }
-  return header;
-}
-
-// Response bytes to expect before the response header says: out as large as q, and the fp32
-// lse [batch, heads, seq] when asked for.
-int64_t EstimatedResponseBytes(const v1::AttendRequest& request) {
-  int64_t bytes = static_cast<int64_t>(request.q().data().size());
-  if (request.return_lse() && request.q().shape_size() == 4) {
-    bytes += 4 * request.q().shape(0) * request.q().shape(1) * request.q().shape(2);
+// Response bytes to expect before the response header says: each wanted output as large as the
+// input it is shaped like (q or k), the fp32 lse [batch, heads, seq] from q's shape.
+int64_t EstimatedResponseBytes(const ComputeRpc& rpc, const google::protobuf::Message& request) {
+  const v1::Tensor& q = TensorField(request, "q");
+  int64_t bytes = 0;
+  for (const ComputeTensor& out : rpc.outputs) {
+    if (!Wants(request, out)) continue;
+    switch (out.kind) {
+      case TensorKind::kQ:
+        bytes += static_cast<int64_t>(q.data().size());
+        break;
+      case TensorKind::kKv:
+        bytes += static_cast<int64_t>(TensorField(request, "k").data().size());
+        break;
+      case TensorKind::kLse:
+        if (q.shape_size() == 4) bytes += 4 * q.shape(0) * q.shape(1) * q.shape(2);
+        break;
+    }
   }
   return bytes;
 }
 
-// The two streaming calls, as StreamAssembler and RunStreamingCall see them: message types,
-// the tensors the response carries in chunks, and the call's name for errors.
-struct ForwardStream {
-  using Request = v1::AttendRequest;
-  using Response = v1::AttendResponse;
-  using StreamRequest = v1::AttendStreamRequest;
-  using StreamResponse = v1::AttendStreamResponse;
-  static constexpr const char* kCall = "AttendStream";
-  static constexpr int kOutputs = 2;
-  static constexpr v1::TensorChunk::Which kWhich[kOutputs] = {v1::TensorChunk::WHICH_OUT,
-                                                              v1::TensorChunk::WHICH_LSE};
-  static constexpr const char* kNames[kOutputs] = {"out", "lse"};
-  static v1::Tensor* Output(Response* r, int i) {
-    return i == 0 ? r->mutable_out() : r->mutable_lse();
-  }
-  // A server that moves the data out of an AttendResponse leaves an empty lse message behind;
-  // dropped so that a streamed response equals the unary one.
-  static void Tidy(Response* r) {
-    if (r->has_lse() && r->lse().shape_size() == 0 && r->lse().data().empty()) r->clear_lse();
-  }
-};
+// A unary compute call whose outputs are checked against their shapes.
+template <typename Response, typename Call>
+absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, absl::Duration timeout,
+                                      const Call& call) {
+  grpc::ClientContext context;
+  SetTimeout(timeout, &context);
+  Response response;
+  const grpc::Status status = call(&context, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  if (absl::Status s = CheckOutputSizes(rpc, response); !s.ok()) return s;
+  return response;
+}
 
-struct BackwardStream {
-  using Request = v1::AttendBackwardRequest;
-  using Response = v1::AttendBackwardResponse;
-  using StreamRequest = v1::AttendBackwardStreamRequest;
-  using StreamResponse = v1::AttendBackwardStreamResponse;
-  static constexpr const char* kCall = "AttendBackwardStream";
-  static constexpr int kOutputs = 3;
-  static constexpr v1::TensorChunk::Which kWhich[kOutputs] = {
-      v1::TensorChunk::WHICH_DQ, v1::TensorChunk::WHICH_DK, v1::TensorChunk::WHICH_DV};
-  static constexpr const char* kNames[kOutputs] = {"dq", "dk", "dv"};
-  static v1::Tensor* Output(Response* r, int i) {
-    return i == 0 ? r->mutable_dq() : i == 1 ? r->mutable_dk() : r->mutable_dv();
-  }
-  static void Tidy(Response*) {}
-};
-
-// Builds the response from the messages of a streamed answer: the header, then the chunks of
-// each output tensor, each tensor's chunks contiguous and in order.
-template <typename S>
-class StreamAssembler {
- public:
-  absl::Status Add(typename S::StreamResponse* message) {
-    if (message->has_header()) return AddHeader(message->mutable_header());
-    if (message->has_chunk()) return AddChunk(message->chunk());
-    return absl::InternalError(absl::StrCat(S::kCall, " answered with an empty message"));
-  }
-
-  bool has_header() const { return has_header_; }
-  int64_t expected_bytes() const {
-    int64_t sum = 0;
-    for (int64_t e : expected_) sum += e;
-    return sum;
-  }
-  int64_t received_bytes() const { return received_; }
-
-  // The assembled response; INTERNAL when the stream ended before it was complete.
-  absl::StatusOr<typename S::Response> Finish() {
-    if (!has_header_) {
-      return absl::InternalError(absl::StrCat(S::kCall, " ended without a response header"));
-    }
-    for (int i = 0; i < S::kOutputs; ++i) {
-      const v1::Tensor* t = S::Output(&response_, i);
-      const int64_t got = static_cast<int64_t>(t->data().size());
-      if (got != expected_[i]) {
-        return absl::InternalError(absl::StrCat(S::kCall, " response incomplete: ", S::kNames[i],
-                                                " has ", got, " of the ", expected_[i],
-                                                " bytes its shape ", ShapeString(*t), " needs"));
-      }
-    }
-    S::Tidy(&response_);
-    return std::move(response_);
-  }
-
- private:
-  absl::Status AddHeader(typename S::Response* header) {
-    if (has_header_) {
-      return absl::InternalError(absl::StrCat(S::kCall, " answered with a second header"));
-    }
-    response_ = std::move(*header);
-    has_header_ = true;
-    for (int i = 0; i < S::kOutputs; ++i) {
-      v1::Tensor* t = S::Output(&response_, i);
-      expected_[i] = ExpectedTensorBytes(*t);
-      if (expected_[i] < 0) {
-        return absl::InternalError(absl::StrCat(S::kCall, " response header: ", S::kNames[i],
-                                                " has an invalid dtype or shape ",
-                                                ShapeString(*t)));
-      }
-      if (!t->data().empty()) {
-        return absl::InternalError(absl::StrCat(S::kCall, " response header carries ",
-                                                t->data().size(), " bytes of ", S::kNames[i],
-                                                " data; tensor bytes must come as chunks"));
-      }
-      t->mutable_data()->reserve(static_cast<size_t>(expected_[i]));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status AddChunk(const v1::TensorChunk& chunk) {
-    if (!has_header_) {
-      return absl::InternalError(
-          absl::StrCat(S::kCall, " answered with a chunk before the header"));
-    }
-    int i = 0;
-    while (i < S::kOutputs && S::kWhich[i] != chunk.tensor()) ++i;
-    if (i == S::kOutputs) {
-      std::string expected;
-      for (int j = 0; j < S::kOutputs; ++j) {
-        absl::StrAppend(&expected, j == 0 ? "" : " or ", v1::TensorChunk::Which_Name(S::kWhich[j]));
-      }
-      return absl::InternalError(absl::StrCat(S::kCall, " response chunk for tensor ",
-                                              v1::TensorChunk::Which_Name(chunk.tensor()),
-                                              "; expected ", expected));
-    }
-    v1::Tensor* t = S::Output(&response_, i);
-    std::string* data = t->mutable_data();
-    if (chunk.offset() != static_cast<int64_t>(data->size())) {
-      return absl::InternalError(
-          absl::StrCat(S::kCall, " response: ", S::kNames[i], " chunk at offset ", chunk.offset(),
-                       ", expected ", data->size(), " (chunks must be contiguous and in order)"));
-    }
-    if (static_cast<int64_t>(data->size() + chunk.data().size()) > expected_[i]) {
-      return absl::InternalError(
-          absl::StrCat(S::kCall, " response: ", S::kNames[i], " chunks exceed the ", expected_[i],
-                       " bytes of its shape ", ShapeString(*t), " (chunk at offset ",
-                       chunk.offset(), " of ", chunk.data().size(), " bytes)"));
-    }
-    data->append(chunk.data());
-    received_ += static_cast<int64_t>(chunk.data().size());
-    return absl::OkStatus();
-  }
-
-  bool has_header_ = false;
-  typename S::Response response_;
-  int64_t expected_[S::kOutputs] = {};
-  int64_t received_ = 0;
-};
-
-// One streamed call: the header, then each input's bytes in chunks of at most chunk_bytes; then
-// the answer assembled. `open` starts the call on a context. `estimated_response_bytes` sizes
-// the progress total until the response header tells.
-template <typename S, typename Open>
-absl::StatusOr<typename S::Response> RunStreamingCall(
-    const Open& open, const typename S::Request& header,
-    absl::Span<const std::pair<v1::TensorChunk::Which, const std::string*>> inputs,
-    int64_t estimated_response_bytes, absl::Duration timeout, int64_t chunk_bytes,
-    const ProgressFn& progress) {
+// One streamed call of `rpc`: the request's header, then its inputs in chunks of at most
+// chunk_bytes; then the answer's header and its outputs' chunks, assembled. `open` starts the
+// call on a context.
+template <typename StreamRequest, typename StreamResponse, typename Request, typename Open>
+absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCall(
+    const ComputeRpc& rpc, const char* call_name, const Open& open, const Request& request,
+    absl::Duration timeout, int64_t chunk_bytes, const ProgressFn& progress) {
   if (chunk_bytes <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("chunk_bytes must be > 0, got ", chunk_bytes));
   }
   grpc::ClientContext context;
   SetTimeout(timeout, &context);
   auto stream = open(&context);
-  int64_t sent_total = 0;
-  for (const auto& input : inputs) sent_total += static_cast<int64_t>(input.second->size());
-  int64_t total = sent_total + estimated_response_bytes;
+  std::vector<ChunkCursor::Source> inputs;
+  for (const ComputeTensor& in : rpc.inputs) {
+    inputs.push_back({in.which, &TensorField(request, in.name).data()});
+  }
+  ChunkCursor cursor(std::move(inputs), chunk_bytes);
+  const int64_t sent_total = cursor.total_bytes();
+  int64_t total = sent_total + EstimatedResponseBytes(rpc, request);
   int64_t done = 0;
 
   // Send: the header, then the inputs in chunks. A failed write means the server has ended the
   // call (its status comes from Finish).
   bool writing;
   {
-    typename S::StreamRequest message;
-    *message.mutable_header() = header;
+    StreamRequest message;
+    *message.mutable_header() = HeaderOf(request);
     writing = stream->Write(message);
   }
-  for (const auto& [which, data] : inputs) {
-    const int64_t size = static_cast<int64_t>(data->size());
-    for (int64_t offset = 0; writing && offset < size; offset += chunk_bytes) {
-      const int64_t n = std::min(chunk_bytes, size - offset);
-      typename S::StreamRequest message;
-      v1::TensorChunk* chunk = message.mutable_chunk();
-      chunk->set_tensor(which);
-      chunk->set_offset(offset);
-      chunk->set_data(data->data() + offset, static_cast<size_t>(n));
-      writing = stream->Write(message);
-      if (writing) {
-        done += n;
-        if (progress) progress(done, total);
-      }
+  StreamRequest message;
+  while (writing && cursor.Next(message.mutable_chunk())) {
+    writing = stream->Write(message);
+    if (writing) {
+      done += static_cast<int64_t>(message.chunk().data().size());
+      if (progress) progress(done, total);
     }
   }
   if (writing) stream->WritesDone();
 
   // Receive: the response header, then the outputs' chunks.
-  StreamAssembler<S> assembler;
+  StreamAssembler<StreamResponse> assembler(absl::StrCat(call_name, " response"),
+                                            absl::StatusCode::kInternal);
+  const auto expect_outputs = [&](google::protobuf::Message* header) -> absl::Status {
+    for (const ComputeTensor& out : rpc.outputs) {
+      v1::Tensor* t = MutableTensorField(header, out.name);
+      const int64_t expected = ExpectedTensorBytes(*t);
+      if (expected < 0) {
+        return assembler.chunks().Error(
+            absl::StrCat("header: ", out.name, " has an invalid dtype or shape ", ShapeString(*t)));
+      }
+      RA_RETURN_IF_ERROR(assembler.chunks().Expect(out.which, out.name, t, expected));
+    }
+    total = sent_total + assembler.chunks().expected_bytes();
+    return absl::OkStatus();
+  };
   absl::Status protocol = absl::OkStatus();
-  typename S::StreamResponse message;
-  while (stream->Read(&message)) {
-    protocol = assembler.Add(&message);
+  StreamResponse in;
+  while (stream->Read(&in)) {
+    protocol = assembler.Add(&in, expect_outputs);
     if (!protocol.ok()) {
       context.TryCancel();
-      while (stream->Read(&message)) {
+      while (stream->Read(&in)) {
       }
       break;
     }
-    if (assembler.has_header()) total = sent_total + assembler.expected_bytes();
-    if (progress && assembler.received_bytes() > 0) {
-      progress(sent_total + assembler.received_bytes(), total);
+    if (progress && assembler.chunks().received_bytes() > 0) {
+      progress(sent_total + assembler.chunks().received_bytes(), total);
     }
   }
   const grpc::Status status = stream->Finish();
   if (!protocol.ok()) return protocol;
   if (!status.ok()) return FromGrpcStatus(status);
-  return assembler.Finish();
+  RA_RETURN_IF_ERROR(assembler.Finish());
+  // An output message left without shape and data (a server that moved the data out of an
+  // absent tensor) is dropped, so that a streamed response equals the unary one.
+  auto* response = assembler.header();
+  for (const ComputeTensor& out : rpc.outputs) {
+    const v1::Tensor& t = TensorField(*response, out.name);
+    if (HasTensorField(*response, out.name) && t.shape_size() == 0 && t.data().empty()) {
+      response->GetReflection()->ClearField(response,
+                                            response->GetDescriptor()->FindFieldByName(out.name));
+    }
+  }
+  return std::move(*response);
 }
 
-// The backward request without tensor data: AttendBackwardStream's header. Every field but the
-// tensors' data is copied; a field added to the message must be added here.
-v1::AttendBackwardRequest BackwardStreamHeader(const v1::AttendBackwardRequest& request) {
-  v1::AttendBackwardRequest header = request;
-  for (v1::Tensor* t : {header.mutable_q(), header.mutable_k(), header.mutable_v(),
-                        header.mutable_out(), header.mutable_dout(), header.mutable_lse()}) {
-    t->clear_data();
-  }
-  if (!request.has_out()) header.clear_out();
-  if (!request.has_dout()) header.clear_dout();
-  if (!request.has_lse()) header.clear_lse();
-  if (!request.has_q()) header.clear_q();
-  if (!request.has_k()) header.clear_k();
-  if (!request.has_v()) header.clear_v();
-  return header;
+bool PastUnaryLimit(const google::protobuf::Message& request, int64_t max_unary_bytes) {
+  const int64_t bytes = static_cast<int64_t>(request.ByteSizeLong());
+  if (bytes >= kProtobufMessageLimit) return true;
+  return max_unary_bytes > 0 && bytes > max_unary_bytes;
 }
 
 }  // namespace
@@ -345,9 +218,7 @@ int64_t ExpectedTensorBytes(const v1::Tensor& tensor) {
 }
 
 bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes) {
-  const int64_t bytes = static_cast<int64_t>(request.ByteSizeLong());
-  if (bytes >= kProtobufMessageLimit) return true;
-  return max_unary_bytes > 0 && bytes > max_unary_bytes;
+  return PastUnaryLimit(request, max_unary_bytes);
 }
 
 absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Connect(
@@ -370,70 +241,37 @@ AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,
                                                            absl::Duration timeout) {
-  grpc::ClientContext context;
-  SetTimeout(timeout, &context);
-  v1::AttendResponse response;
-  const grpc::Status status = stub_->Attend(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  if (absl::Status s = CheckResponseTensors(response); !s.ok()) return s;
-  return response;
+  return RunUnaryCall<v1::AttendResponse>(
+      AttendRpc(), timeout, [&](grpc::ClientContext* context, v1::AttendResponse* response) {
+        return stub_->Attend(context, request, response);
+      });
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
     const v1::AttendBackwardRequest& request, absl::Duration timeout) {
-  grpc::ClientContext context;
-  SetTimeout(timeout, &context);
-  v1::AttendBackwardResponse response;
-  const grpc::Status status = stub_->AttendBackward(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  if (absl::Status s = CheckTensorSizes(
-          {{"dq", &response.dq()}, {"dk", &response.dk()}, {"dv", &response.dv()}});
-      !s.ok()) {
-    return s;
-  }
-  return response;
+  return RunUnaryCall<v1::AttendBackwardResponse>(
+      AttendBackwardRpc(), timeout,
+      [&](grpc::ClientContext* context, v1::AttendBackwardResponse* response) {
+        return stub_->AttendBackward(context, request, response);
+      });
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendStreaming(
     const v1::AttendRequest& request, absl::Duration timeout, int64_t chunk_bytes,
     const ProgressFn& progress) {
-  const std::pair<v1::TensorChunk::Which, const std::string*> inputs[] = {
-      {v1::TensorChunk::WHICH_Q, &request.q().data()},
-      {v1::TensorChunk::WHICH_K, &request.k().data()},
-      {v1::TensorChunk::WHICH_V, &request.v().data()}};
-  return RunStreamingCall<ForwardStream>(
-      [this](grpc::ClientContext* context) { return stub_->AttendStream(context); },
-      StreamHeader(request), inputs, EstimatedResponseBytes(request), timeout, chunk_bytes,
-      progress);
+  return RunStreamingCall<v1::AttendStreamRequest, v1::AttendStreamResponse>(
+      AttendRpc(), "AttendStream",
+      [this](grpc::ClientContext* context) { return stub_->AttendStream(context); }, request,
+      timeout, chunk_bytes, progress);
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardStreaming(
     const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t chunk_bytes,
     const ProgressFn& progress) {
-  const std::pair<v1::TensorChunk::Which, const std::string*> inputs[] = {
-      {v1::TensorChunk::WHICH_Q, &request.q().data()},
-      {v1::TensorChunk::WHICH_K, &request.k().data()},
-      {v1::TensorChunk::WHICH_V, &request.v().data()},
-      {v1::TensorChunk::WHICH_OUT, &request.out().data()},
-      {v1::TensorChunk::WHICH_DOUT, &request.dout().data()},
-      {v1::TensorChunk::WHICH_LSE, &request.lse().data()}};
-  // dq like q, dk and dv like k and v.
-  const int64_t estimated =
-      static_cast<int64_t>(request.q().data().size() + 2 * request.k().data().size());
-  return RunStreamingCall<BackwardStream>(
+  return RunStreamingCall<v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse>(
+      AttendBackwardRpc(), "AttendBackwardStream",
       [this](grpc::ClientContext* context) { return stub_->AttendBackwardStream(context); },
-      BackwardStreamHeader(request), inputs, estimated, timeout, chunk_bytes, progress);
-}
-
-absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
-    const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
-    int64_t chunk_bytes, const ProgressFn& progress) {
-  const int64_t bytes = static_cast<int64_t>(request.ByteSizeLong());
-  const bool streaming =
-      bytes >= kProtobufMessageLimit || (max_unary_bytes > 0 && bytes > max_unary_bytes);
-  if (!streaming) return AttendBackward(request, timeout);
-  if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
-  return AttendBackwardStreaming(request, timeout, chunk_bytes, progress);
+      request, timeout, chunk_bytes, progress);
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendRequest& request,
@@ -441,9 +279,17 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendR
                                                                int64_t max_unary_bytes,
                                                                int64_t chunk_bytes,
                                                                const ProgressFn& progress) {
-  if (!NeedsStreaming(request, max_unary_bytes)) return Attend(request, timeout);
+  if (!PastUnaryLimit(request, max_unary_bytes)) return Attend(request, timeout);
   if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
   return AttendStreaming(request, timeout, chunk_bytes, progress);
+}
+
+absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
+    const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
+    int64_t chunk_bytes, const ProgressFn& progress) {
+  if (!PastUnaryLimit(request, max_unary_bytes)) return AttendBackward(request, timeout);
+  if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
+  return AttendBackwardStreaming(request, timeout, chunk_bytes, progress);
 }
 
 absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout) {
@@ -453,6 +299,14 @@ absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout
   const grpc::Status status = stub_->GetInfo(&context, v1::InfoRequest(), &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
+}
+
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
+                                                  absl::Duration timeout) {
+  ConnectedClient c;
+  RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout));
+  RA_ASSIGN_OR_RETURN(c.info, c.client->GetInfo(timeout));
+  return c;
 }
 
 }  // namespace ringattn

@@ -100,4 +100,14 @@ class AttentionClient {
   std::unique_ptr<v1::AttentionService::Stub> stub_;
 };
 
+// A client connected to a server, and the server's GetInfo.
+struct ConnectedClient {
+  std::unique_ptr<AttentionClient> client;
+  v1::InfoResponse info;
+};
+
+// AttentionClient::Connect, then GetInfo, each within `timeout`; the first failure's status.
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
+                                                  absl::Duration timeout);
+
 }  // namespace ringattn

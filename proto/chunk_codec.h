@@ -1,85 +1,137 @@
-// The chunked half of the streaming RPCs (AttendStream, AttendBackwardStream) on the
-// coordinator's side: after the header, each tensor's bytes travel as TensorChunk messages, the
-// tensors in a fixed order and each tensor's chunks at increasing offsets. One template for
-// both calls' message types.
+// The chunk protocol of the streaming RPCs (AttendStream, AttendBackwardStream), for both ends.
+// A stream is a header message (the unary request or response whose tensors carry dtype and
+// shape but no data), then each tensor's bytes as TensorChunk messages: tensor by tensor, each
+// tensor's chunks contiguous from offset 0.
+//
+// Receiving (StreamAssembler): the header first, then chunks of the tensors the header
+// announced (Expect), until each has the bytes its shape needs. Every breach is an error of the
+// code the receiver gives (the coordinator: INVALID_ARGUMENT; the client: INTERNAL), naming the
+// tensor and the offending offset or size: no header, a second header, data in the header, a
+// chunk of a tensor the call does not take, an out-of-order offset, too many bytes, a short
+// tensor. Sending: HeaderOf makes the header, ChunkCursor cuts the tensors into chunks.
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
-#include "absl/types/span.h"
+#include "google/protobuf/message.h"
 #include "ringattn/v1/attention.pb.h"
 
 namespace ringattn {
 
-// One tensor a stream carries in chunks.
-struct StreamedTensor {
-  v1::TensorChunk::Which which;
-  const char* name;      // for errors: "q", "dout", ...
-  std::string* data;     // receiving: appended to; sending: read from
-  int64_t expected = 0;  // receiving: the bytes its header's shape needs
+// Assembles the chunks that follow a header into the tensors it announced.
+class ChunkAssembler {
+ public:
+  // `what` names the stream in errors ("AttendStream request"); `code` is a breach's code.
+  ChunkAssembler(std::string what, absl::StatusCode code);
+
+  // The header announces `tensor`, whose `bytes` follow as chunks of `which`, appended to
+  // tensor->data(). A header whose tensor already carries data is a breach.
+  absl::Status Expect(v1::TensorChunk::Which which, std::string_view name, v1::Tensor* tensor,
+                      int64_t bytes);
+  // Appends one chunk to its tensor.
+  absl::Status AddChunk(const v1::TensorChunk& chunk);
+  // OK when every announced tensor has all its bytes.
+  absl::Status CheckComplete() const;
+
+  int64_t expected_bytes() const;
+  int64_t received_bytes() const { return received_; }
+  absl::Status Error(std::string_view message) const;  // `code` with "<what>: message"
+
+ private:
+  struct Part {
+    v1::TensorChunk::Which which;
+    std::string name;
+    std::string* data;
+    int64_t bytes;
+  };
+  const std::string what_;
+  const absl::StatusCode code_;
+  std::vector<Part> parts_;
+  int64_t received_ = 0;
 };
 
-// Appends the chunks that follow a stream's header to their tensors (`StreamRequest` has a
-// `chunk` and a `header` part). INVALID_ARGUMENT for a second header, a chunk of a tensor not in
-// `tensors`, an offset other than the bytes received so far, or more bytes than expected; a
-// short tensor is left to the caller's full validation.
-template <typename StreamRequest, typename Stream>
-absl::Status ReceiveChunks(Stream* stream, absl::Span<const StreamedTensor> tensors) {
-  StreamRequest msg;
-  while (stream->Read(&msg)) {
-    if (!msg.has_chunk()) return absl::InvalidArgumentError("only one header is allowed");
-    const v1::TensorChunk& c = msg.chunk();
-    const StreamedTensor* t = nullptr;
-    for (const StreamedTensor& candidate : tensors) {
-      if (candidate.which == c.tensor()) t = &candidate;
-    }
-    if (t == nullptr) {
-      std::string names;
-      for (const StreamedTensor& candidate : tensors) {
-        absl::StrAppend(&names, names.empty() ? "" : ", ", candidate.name);
-      }
-      return absl::InvalidArgumentError(absl::StrCat("chunk.tensor ",
-                                                     v1::TensorChunk::Which_Name(c.tensor()),
-                                                     " is not one this call takes (", names, ")"));
-    }
-    if (c.offset() != static_cast<int64_t>(t->data->size())) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk.offset ", c.offset(), " for ", t->name,
-                                                     " must be ", t->data->size(),
-                                                     " (chunks in order)"));
-    }
-    if (static_cast<int64_t>(t->data->size() + c.data().size()) > t->expected) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(t->name, " chunks exceed the ", t->expected, " bytes its shape needs"));
-    }
-    t->data->append(c.data());
-  }
-  return absl::OkStatus();
-}
+// The receiving end of one stream of `StreamMessage` (a oneof of `header` and `chunk`).
+template <typename StreamMessage>
+class StreamAssembler {
+ public:
+  using Header = std::remove_cvref_t<decltype(std::declval<StreamMessage&>().header())>;
+  // Called once with the header (moved into header()): checks it and Expects its tensors.
+  using OnHeader = absl::FunctionRef<absl::Status(Header*)>;
 
-// Writes each tensor's bytes as chunks of at most chunk_bytes (`StreamResponse` has a `chunk`
-// part), in `tensors`' order. CANCELLED when the client went away.
-template <typename StreamResponse, typename Stream>
-absl::Status SendChunks(Stream* stream, absl::Span<const StreamedTensor> tensors,
-                        int64_t chunk_bytes) {
-  const int64_t chunk = std::max<int64_t>(1, chunk_bytes);
-  for (const StreamedTensor& t : tensors) {
-    const std::string& bytes = *t.data;
-    for (int64_t off = 0; off < static_cast<int64_t>(bytes.size()); off += chunk) {
-      StreamResponse m;
-      m.mutable_chunk()->set_tensor(t.which);
-      m.mutable_chunk()->set_offset(off);
-      m.mutable_chunk()->set_data(bytes.substr(off, chunk));
-      if (!stream->Write(m)) return absl::CancelledError("client went away");
+  StreamAssembler(std::string what, absl::StatusCode code) : chunks_(std::move(what), code) {}
+
+  // Takes the stream's next message.
+  absl::Status Add(StreamMessage* message, OnHeader on_header) {
+    if (message->has_header()) {
+      if (has_header_) return chunks_.Error("a second header; only one header is allowed");
+      header_ = std::move(*message->mutable_header());
+      has_header_ = true;
+      return on_header(&header_);
     }
+    if (!message->has_chunk()) return chunks_.Error("a message with neither header nor chunk");
+    if (!has_header_) return NoHeader("got a chunk before the header");
+    return chunks_.AddChunk(message->chunk());
   }
-  return absl::OkStatus();
+
+  // After the last message: OK when the header came and every tensor is complete.
+  absl::Status Finish() const {
+    if (!has_header_) return NoHeader("got no message");
+    return chunks_.CheckComplete();
+  }
+
+  bool has_header() const { return has_header_; }
+  Header* header() { return &header_; }
+  ChunkAssembler& chunks() { return chunks_; }
+  const ChunkAssembler& chunks() const { return chunks_; }
+
+ private:
+  absl::Status NoHeader(std::string_view got) const {
+    return chunks_.Error(std::string("must start with a header message; ") + std::string(got));
+  }
+
+  ChunkAssembler chunks_;
+  bool has_header_ = false;
+  Header header_;
+};
+
+// The chunks of some tensors, tensor by tensor, each at most `chunk_bytes` long. An empty
+// tensor has no chunks. The tensors' bytes must outlive the cursor.
+class ChunkCursor {
+ public:
+  struct Source {
+    v1::TensorChunk::Which which;
+    const std::string* data;
+  };
+  ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes);
+
+  // Fills the next chunk; false after the last.
+  bool Next(v1::TensorChunk* chunk);
+  int64_t total_bytes() const;
+
+ private:
+  std::vector<Source> tensors_;
+  int64_t chunk_bytes_;
+  size_t tensor_ = 0;
+  int64_t offset_ = 0;
+};
+
+// `from` without tensor data, into `to` (empty): every v1::Tensor field keeps its dtype and
+// shape, absent ones stay absent, every other field is copied. Copies no tensor bytes.
+void CopyWithoutTensorData(const google::protobuf::Message& from, google::protobuf::Message* to);
+
+// A stream's header for `message`.
+template <typename M>
+M HeaderOf(const M& message) {
+  M header;
+  CopyWithoutTensorData(message, &header);
+  return header;
 }
 
 }  // namespace ringattn

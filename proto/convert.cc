@@ -1,6 +1,10 @@
 #include "proto/convert.h"
 
+#include <algorithm>
+#include <initializer_list>
+#include <iterator>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -8,66 +12,59 @@ namespace ringattn {
 
 namespace {
 
-grpc::StatusCode ToGrpcCode(absl::StatusCode code) {
-  switch (code) {
-    case absl::StatusCode::kOk: return grpc::StatusCode::OK;
-    case absl::StatusCode::kCancelled: return grpc::StatusCode::CANCELLED;
-    case absl::StatusCode::kUnknown: return grpc::StatusCode::UNKNOWN;
-    case absl::StatusCode::kInvalidArgument: return grpc::StatusCode::INVALID_ARGUMENT;
-    case absl::StatusCode::kDeadlineExceeded: return grpc::StatusCode::DEADLINE_EXCEEDED;
-    case absl::StatusCode::kNotFound: return grpc::StatusCode::NOT_FOUND;
-    case absl::StatusCode::kAlreadyExists: return grpc::StatusCode::ALREADY_EXISTS;
-    case absl::StatusCode::kPermissionDenied: return grpc::StatusCode::PERMISSION_DENIED;
-    case absl::StatusCode::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
-    case absl::StatusCode::kFailedPrecondition: return grpc::StatusCode::FAILED_PRECONDITION;
-    case absl::StatusCode::kAborted: return grpc::StatusCode::ABORTED;
-    case absl::StatusCode::kOutOfRange: return grpc::StatusCode::OUT_OF_RANGE;
-    case absl::StatusCode::kUnimplemented: return grpc::StatusCode::UNIMPLEMENTED;
-    case absl::StatusCode::kInternal: return grpc::StatusCode::INTERNAL;
-    case absl::StatusCode::kUnavailable: return grpc::StatusCode::UNAVAILABLE;
-    case absl::StatusCode::kDataLoss: return grpc::StatusCode::DATA_LOSS;
-    case absl::StatusCode::kUnauthenticated: return grpc::StatusCode::UNAUTHENTICATED;
-    default: break;
-  }
-  return grpc::StatusCode::UNKNOWN;
-}
+// The canonical codes, OK (0) to UNAUTHENTICATED (16), have the same numbers in gRPC and absl;
+// anything else is UNKNOWN.
+constexpr std::pair<grpc::StatusCode, absl::StatusCode> kSameCodes[] = {
+    {grpc::OK, absl::StatusCode::kOk},
+    {grpc::CANCELLED, absl::StatusCode::kCancelled},
+    {grpc::UNKNOWN, absl::StatusCode::kUnknown},
+    {grpc::INVALID_ARGUMENT, absl::StatusCode::kInvalidArgument},
+    {grpc::DEADLINE_EXCEEDED, absl::StatusCode::kDeadlineExceeded},
+    {grpc::NOT_FOUND, absl::StatusCode::kNotFound},
+    {grpc::ALREADY_EXISTS, absl::StatusCode::kAlreadyExists},
+    {grpc::PERMISSION_DENIED, absl::StatusCode::kPermissionDenied},
+    {grpc::RESOURCE_EXHAUSTED, absl::StatusCode::kResourceExhausted},
+    {grpc::FAILED_PRECONDITION, absl::StatusCode::kFailedPrecondition},
+    {grpc::ABORTED, absl::StatusCode::kAborted},
+    {grpc::OUT_OF_RANGE, absl::StatusCode::kOutOfRange},
+    {grpc::UNIMPLEMENTED, absl::StatusCode::kUnimplemented},
+    {grpc::INTERNAL, absl::StatusCode::kInternal},
+    {grpc::UNAVAILABLE, absl::StatusCode::kUnavailable},
+    {grpc::DATA_LOSS, absl::StatusCode::kDataLoss},
+    {grpc::UNAUTHENTICATED, absl::StatusCode::kUnauthenticated},
+};
+constexpr int kNumCanonicalCodes = static_cast<int>(std::size(kSameCodes));
 
-absl::StatusCode FromGrpcCode(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK: return absl::StatusCode::kOk;
-    case grpc::StatusCode::CANCELLED: return absl::StatusCode::kCancelled;
-    case grpc::StatusCode::UNKNOWN: return absl::StatusCode::kUnknown;
-    case grpc::StatusCode::INVALID_ARGUMENT: return absl::StatusCode::kInvalidArgument;
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return absl::StatusCode::kDeadlineExceeded;
-    case grpc::StatusCode::NOT_FOUND: return absl::StatusCode::kNotFound;
-    case grpc::StatusCode::ALREADY_EXISTS: return absl::StatusCode::kAlreadyExists;
-    case grpc::StatusCode::PERMISSION_DENIED: return absl::StatusCode::kPermissionDenied;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return absl::StatusCode::kResourceExhausted;
-    case grpc::StatusCode::FAILED_PRECONDITION: return absl::StatusCode::kFailedPrecondition;
-    case grpc::StatusCode::ABORTED: return absl::StatusCode::kAborted;
-    case grpc::StatusCode::OUT_OF_RANGE: return absl::StatusCode::kOutOfRange;
-    case grpc::StatusCode::UNIMPLEMENTED: return absl::StatusCode::kUnimplemented;
-    case grpc::StatusCode::INTERNAL: return absl::StatusCode::kInternal;
-    case grpc::StatusCode::UNAVAILABLE: return absl::StatusCode::kUnavailable;
-    case grpc::StatusCode::DATA_LOSS: return absl::StatusCode::kDataLoss;
-    case grpc::StatusCode::UNAUTHENTICATED: return absl::StatusCode::kUnauthenticated;
-    default: break;
+constexpr bool CodesAgree() {
+  for (int i = 0; i < kNumCanonicalCodes; ++i) {
+    if (static_cast<int>(kSameCodes[i].first) != i || static_cast<int>(kSameCodes[i].second) != i) {
+      return false;
+    }
   }
-  return absl::StatusCode::kUnknown;
+  return true;
+}
+static_assert(CodesAgree(), "gRPC and absl number the canonical codes alike");
+
+int CanonicalOrUnknown(int code) {
+  return code >= 0 && code < kNumCanonicalCodes ? code
+                                                : static_cast<int>(absl::StatusCode::kUnknown);
 }
 
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(ToGrpcCode(status.code()), std::string(status.message()));
+  return grpc::Status(
+      static_cast<grpc::StatusCode>(CanonicalOrUnknown(static_cast<int>(status.code()))),
+      std::string(status.message()));
 }
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
-  return absl::Status(FromGrpcCode(status.error_code()), status.error_message());
+  return absl::Status(
+      static_cast<absl::StatusCode>(CanonicalOrUnknown(static_cast<int>(status.error_code()))),
+      status.error_message());
 }
-
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
   switch (dtype) {
@@ -113,6 +110,49 @@ v1::Layout LayoutToProto(Layout layout) {
 
 Layout ResolveLayout(std::optional<Layout> requested, bool causal) {
   return requested.value_or(AutoLayout(causal));
+}
+
+v1::Shape ShapeToProto(const AttentionShape& s) {
+  v1::Shape out;
+  out.set_dtype(DTypeToProto(s.dtype));
+  out.set_batch(s.batch);
+  out.set_seqlen_q(s.seqlen_q);
+  out.set_seqlen_k(s.seqlen_k);
+  out.set_heads(s.heads);
+  out.set_heads_k(s.heads_k);
+  out.set_head_dim(s.head_dim);
+  return out;
+}
+
+absl::StatusOr<AttentionShape> ShapeFromProto(const v1::Shape& p) {
+  absl::StatusOr<DType> dtype = DTypeFromProto(p.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("shape.", dtype.status().message()));
+  }
+  struct Bound {
+    const char* name;
+    int64_t value;
+    int64_t min;  // 1: "> 0", 0: ">= 0"
+  };
+  for (const Bound& b : {Bound{"batch", p.batch(), 1}, Bound{"seqlen_q", p.seqlen_q(), 0},
+                         Bound{"seqlen_k", p.seqlen_k(), 0}, Bound{"heads", p.heads(), 1},
+                         Bound{"heads_k", p.heads_k(), 1}, Bound{"head_dim", p.head_dim(), 1}}) {
+    if (b.value < b.min) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape.", b.name, " must be ", b.min == 1 ? "> 0" : ">= 0", ", got ", b.value));
+    }
+  }
+  // The largest tensor's bytes: q or k/v at the longer sequence, or the fp32 lse.
+  const int64_t heads = std::max(p.heads(), p.heads_k());
+  const int64_t seqlen = std::max(p.seqlen_q(), p.seqlen_k());
+  int64_t bytes = std::max(DTypeSize(*dtype), 4);
+  for (int64_t d : {int64_t{p.batch()}, seqlen, heads, int64_t{p.head_dim()}}) {
+    if (__builtin_mul_overflow(bytes, d, &bytes)) {
+      return absl::InvalidArgumentError("shape is too large to address");
+    }
+  }
+  return AttentionShape{*dtype,    p.batch(),   p.seqlen_q(), p.seqlen_k(),
+                        p.heads(), p.heads_k(), p.head_dim()};
 }
 
 v1::ShardPlan ShardPlanToProto(const ShardPlan& plan) {

@@ -2,49 +2,33 @@
 // capacity a request is refused at once (RESOURCE_EXHAUSTED) instead of waiting unboundedly.
 #pragma once
 
-#include <atomic>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "ringattn/v1/attention.pb.h"
-#include "server/attend_request.h"
+#include "server/request_runner.h"
 
 namespace ringattn {
 
-// One admitted request, shared by its handler (which waits) and the dispatcher (which runs it).
-// Forward (Attend, AttendStream) and backward (AttendBackward) requests share the one queue, so
-// that every worker runs them in the same order.
+// One admitted request of any compute RPC, shared by its handler and the dispatcher: the fields
+// every request has and the one function that runs it on a ring. Every worker runs the jobs
+// of the one queue in the same order.
 struct AttendJob {
-  enum class Kind { kForward, kBackward };
-  Kind kind = Kind::kForward;
-  // kForward: the request (owned by the handler, alive until done), its problem, its answer.
-  const v1::AttendRequest* request = nullptr;
-  ValidatedAttend problem;
-  v1::AttendResponse response;  // valid once done and ok
-  // kBackward: the same three.
-  const v1::AttendBackwardRequest* backward_request = nullptr;
-  ValidatedAttendBackward backward_problem;
-  v1::AttendBackwardResponse backward_response;  // valid once done and ok
-
+  std::string request_id;
   absl::Time arrival;
   absl::Time deadline = absl::InfiniteFuture();
-  std::atomic<bool> cancelled{false};  // the client went away
-  absl::Notification done;
-  absl::Status status;  // valid once done
-
-  // The request id and the timings of whichever kind this is.
-  std::string& request_id() {
-    return kind == Kind::kForward ? problem.request_id : backward_problem.attend.request_id;
-  }
-  v1::Timings* timings() {
-    return kind == Kind::kForward ? response.mutable_timings()
-                                  : backward_response.mutable_timings();
-  }
+  Cancellation cancellation;       // the client went away or the deadline passed
+  v1::Timings* timings = nullptr;  // the response's; the dispatcher sets queue_seconds
+  // Runs the request on `ring` (RunOnRing), filling the handler's response.
+  std::function<absl::Status(const RingSnapshot& ring, const RunControl& control)> run;
+  // Called once, by the dispatcher after `run` or by the handler that took the job out of the
+  // queue; the job's request and response may be gone after it.
+  std::function<void(absl::Status)> done;
 };
 
 class AdmissionQueue {

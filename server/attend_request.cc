@@ -7,6 +7,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -210,7 +211,6 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
     return Invalid("q.shape[2] (heads) ", heads, " must be a multiple of k.shape[2] (heads_k) ",
                    heads_k);
   }
-  ValidatedAttend out;
   absl::StatusOr<std::optional<Layout>> layout = LayoutFromProto(r.layout());
   if (!layout.ok()) return layout.status();
   RA_RETURN_IF_ERROR(CheckOptions(r.options(), static_cast<int>(heads), q.shape(1)));
@@ -222,13 +222,12 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
                      " (max_seqlen)");
   }
   RA_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(q.dtype()));
-  RA_ASSIGN_OR_RETURN(out.bytes.q, TensorBytes(q, "q", dtype, limits));
-  RA_ASSIGN_OR_RETURN(out.bytes.k, TensorBytes(r.k(), "k", dtype, limits));
-  out.bytes.v = out.bytes.k;
+  RA_ASSIGN_OR_RETURN(const int64_t q_bytes, TensorBytes(q, "q", dtype, limits));
+  RA_ASSIGN_OR_RETURN(const int64_t kv_bytes, TensorBytes(r.k(), "k", dtype, limits));
   // Each is below 2^63 but their sum need not be.
   int64_t total = 0;
-  if (__builtin_add_overflow(out.bytes.q, out.bytes.k, &total) ||
-      __builtin_add_overflow(total, out.bytes.v, &total)) {
+  if (__builtin_add_overflow(q_bytes, kv_bytes, &total) ||
+      __builtin_add_overflow(total, kv_bytes, &total)) {
     return Exhausted("q, k and v need more than 2^63 bytes; the limit is ",
                      limits.max_request_bytes, " (max_request_bytes)");
   }
@@ -236,50 +235,43 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
     return Exhausted("q, k and v need ", total, " bytes; the limit is ", limits.max_request_bytes,
                      " (max_request_bytes)");
   }
-  out.bytes.out = out.bytes.q;
-  out.bytes.lse = q.shape(0) * heads * seqlen * static_cast<int64_t>(sizeof(float));
 
+  ValidatedAttend out;
   out.request_id = r.request_id();
-  out.dtype = dtype;
-  out.batch = static_cast<int>(q.shape(0));
-  out.seqlen = seqlen;
-  out.heads = static_cast<int>(heads);
-  out.heads_k = static_cast<int>(heads_k);
-  out.head_dim = static_cast<int>(q.shape(3));
+  out.shape =
+      AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), seqlen, static_cast<int>(heads),
+                           static_cast<int>(heads_k), static_cast<int>(q.shape(3)));
   out.options = OptionsFromProto(r.options());
   out.return_lse = r.return_lse();
   out.layout = *layout;
   return out;
 }
 
+// Each tensor's data has the bytes its shape needs.
+absl::Status CheckDataSizes(
+    std::initializer_list<std::tuple<const char*, const v1::Tensor*, size_t>> tensors,
+    DType dtype) {
+  for (const auto& [name, t, bytes] : tensors) {
+    if (t->data().size() != bytes) {
+      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
+                     " of ", std::string(DTypeName(dtype)), " needs ", bytes);
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 Layout ValidatedAttend::ResolvedLayout() const { return ResolveLayout(layout, options.causal); }
 
-size_t ValidatedAttend::q_row_bytes() const {
-  return static_cast<size_t>(heads) * head_dim * DTypeSize(dtype);
-}
-
-size_t ValidatedAttend::kv_row_bytes() const {
-  return static_cast<size_t>(heads_k) * head_dim * DTypeSize(dtype);
-}
-
 absl::StatusOr<ValidatedAttend> ValidateAttendRequest(const v1::AttendRequest& request,
                                                       const AttendLimits& limits) {
   RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateHeaderFields(request, limits));
-  const std::pair<const char*, const v1::Tensor*> tensors[] = {
-      {"q", &request.q()}, {"k", &request.k()}, {"v", &request.v()}};
-  const int64_t expected[] = {out.bytes.q, out.bytes.k, out.bytes.v};
-  for (int i = 0; i < 3; ++i) {
-    const auto& [name, t] = tensors[i];
-    if (static_cast<int64_t>(t->data().size()) != expected[i]) {
-      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
-                     " of ", std::string(DTypeName(out.dtype)), " needs ", expected[i]);
-    }
-  }
-  out.q_bytes = &request.q().data();
-  out.k_bytes = &request.k().data();
-  out.v_bytes = &request.v().data();
+  const AttentionShape& s = out.shape;
+  RA_RETURN_IF_ERROR(CheckDataSizes({{"q", &request.q(), s.q_bytes()},
+                                     {"k", &request.k(), s.kv_bytes()},
+                                     {"v", &request.v(), s.kv_bytes()}},
+                                    s.dtype));
   return out;
 }
 
@@ -299,9 +291,9 @@ absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& he
 
 namespace {
 
-// out or dout against q: present, q's dtype and shape, and data of q's size.
+// out or dout against q: present, q's dtype and shape (its data is checked with the others).
 absl::Status CheckLikeQ(bool present, const v1::Tensor& t, const char* name, const v1::Tensor& q,
-                        int64_t bytes, DType dtype) {
+                        DType dtype) {
   if (!present) {
     return Invalid(name, " is missing; expected a tensor of q's shape ", ShapeString(q), " and ",
                    "dtype ", std::string(DTypeName(dtype)));
@@ -314,15 +306,11 @@ absl::Status CheckLikeQ(bool present, const v1::Tensor& t, const char* name, con
       !std::equal(t.shape().begin(), t.shape().end(), q.shape().begin())) {
     return Invalid(name, ".shape must equal q.shape ", ShapeString(q), ", got ", ShapeString(t));
   }
-  if (static_cast<int64_t>(t.data().size()) != bytes) {
-    return Invalid(name, ".data has ", t.data().size(), " bytes; shape ", ShapeString(t), " of ",
-                   std::string(DTypeName(dtype)), " needs ", bytes);
-  }
   return absl::OkStatus();
 }
 
-absl::Status CheckLse(bool present, const v1::Tensor& t, const ValidatedAttend& p) {
-  const std::string want = absl::StrCat("[", p.batch, ",", p.heads, ",", p.seqlen, "]");
+absl::Status CheckLse(bool present, const v1::Tensor& t, const AttentionShape& s) {
+  const std::string want = absl::StrCat("[", s.batch, ",", s.heads, ",", s.seqlen_q, "]");
   if (!present) {
     return Invalid("lse is missing; expected the forward's LSE, fp32 [batch, heads, seq] = ",
                    want, " (Attend with return_lse)");
@@ -330,66 +318,78 @@ absl::Status CheckLse(bool present, const v1::Tensor& t, const ValidatedAttend& 
   if (t.dtype() != v1::DTYPE_FP32) {
     return Invalid("lse.dtype must be fp32, got ", ServedDTypeName(t.dtype()));
   }
-  if (t.shape_size() != 3 || t.shape(0) != p.batch || t.shape(1) != p.heads ||
-      t.shape(2) != p.seqlen) {
+  if (t.shape_size() != 3 || t.shape(0) != s.batch || t.shape(1) != s.heads ||
+      t.shape(2) != s.seqlen_q) {
     return Invalid("lse.shape must be [batch, heads, seq] = ", want, ", got ", ShapeString(t));
   }
-  if (static_cast<int64_t>(t.data().size()) != p.bytes.lse) {
+  if (t.data().size() != s.lse_bytes()) {
     return Invalid("lse.data has ", t.data().size(), " bytes; shape ", ShapeString(t),
-                   " of fp32 needs ", p.bytes.lse);
+                   " of fp32 needs ", s.lse_bytes());
+  }
+  return absl::OkStatus();
+}
+
+// The q/k/v part of a backward request (its other tensors left out) through the forward's
+// header checks.
+absl::StatusOr<ValidatedAttend> ValidateForwardPart(const v1::AttendBackwardRequest& r,
+                                                    const AttendLimits& limits) {
+  v1::AttendRequest header;
+  header.set_request_id(r.request_id());
+  const std::tuple<bool, const v1::Tensor*, v1::Tensor*> parts[] = {
+      {r.has_q(), &r.q(), header.mutable_q()},
+      {r.has_k(), &r.k(), header.mutable_k()},
+      {r.has_v(), &r.v(), header.mutable_v()}};
+  for (const auto& [present, from, to] : parts) {
+    to->set_dtype(from->dtype());
+    *to->mutable_shape() = from->shape();
+  }
+  if (!r.has_q()) header.clear_q();  // left absent: reported as missing
+  if (!r.has_k()) header.clear_k();
+  if (!r.has_v()) header.clear_v();
+  *header.mutable_options() = r.options();
+  header.set_layout(r.layout());
+  return ValidateHeaderFields(header, limits);
+}
+
+// The six tensors of a backward request within max_request_bytes.
+absl::Status CheckBackwardBytes(const AttentionShape& s, const AttendLimits& limits) {
+  const int64_t q = static_cast<int64_t>(s.q_bytes());
+  const int64_t kv = static_cast<int64_t>(s.kv_bytes());
+  int64_t total = 0;
+  bool overflow = false;
+  for (int64_t b : {q, kv, kv, q, q, static_cast<int64_t>(s.lse_bytes())}) {
+    overflow |= __builtin_add_overflow(total, b, &total);
+  }
+  if (overflow || total > limits.max_request_bytes) {
+    return Exhausted("q, k, v, out, dout and lse need ", overflow ? "more than 2^63" : "",
+                     overflow ? "" : absl::StrCat(total), " bytes; the limit is ",
+                     limits.max_request_bytes, " (max_request_bytes)");
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<ValidatedAttendBackward> ValidateAttendBackwardRequest(
-    const v1::AttendBackwardRequest& r, const AttendLimits& limits) {
-  // The q/k/v part through the forward's checks, on a header without the tensors' data.
-  v1::AttendRequest header;
-  header.set_request_id(r.request_id());
-  const std::pair<const v1::Tensor*, v1::Tensor*> parts[] = {
-      {&r.q(), header.mutable_q()}, {&r.k(), header.mutable_k()}, {&r.v(), header.mutable_v()}};
-  const bool present[] = {r.has_q(), r.has_k(), r.has_v()};
-  for (int i = 0; i < 3; ++i) {
-    if (!present[i]) continue;  // left absent: reported as missing
-    parts[i].second->set_dtype(parts[i].first->dtype());
-    *parts[i].second->mutable_shape() = parts[i].first->shape();
-  }
-  if (!r.has_q()) header.clear_q();
-  if (!r.has_k()) header.clear_k();
-  if (!r.has_v()) header.clear_v();
-  *header.mutable_options() = r.options();
-  header.set_layout(r.layout());
-  ValidatedAttendBackward out;
-  RA_ASSIGN_OR_RETURN(out.attend, ValidateHeaderFields(header, limits));
-  ValidatedAttend& p = out.attend;
-  const std::pair<const char*, const v1::Tensor*> tensors[] = {
-      {"q", &r.q()}, {"k", &r.k()}, {"v", &r.v()}};
-  const int64_t expected[] = {p.bytes.q, p.bytes.k, p.bytes.v};
-  for (int i = 0; i < 3; ++i) {
-    const auto& [name, t] = tensors[i];
-    if (static_cast<int64_t>(t->data().size()) != expected[i]) {
-      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
-                     " of ", std::string(DTypeName(p.dtype)), " needs ", expected[i]);
-    }
-  }
-  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_out(), r.out(), "out", r.q(), p.bytes.out, p.dtype));
-  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_dout(), r.dout(), "dout", r.q(), p.bytes.out, p.dtype));
-  RA_RETURN_IF_ERROR(CheckLse(r.has_lse(), r.lse(), p));
-  int64_t total = p.bytes.request();
-  if (__builtin_add_overflow(total, p.bytes.out, &total) ||
-      __builtin_add_overflow(total, p.bytes.out, &total) ||
-      __builtin_add_overflow(total, p.bytes.lse, &total) || total > limits.max_request_bytes) {
-    return Exhausted("q, k, v, out, dout and lse need ", total, " bytes; the limit is ",
-                     limits.max_request_bytes, " (max_request_bytes)");
-  }
-  p.q_bytes = &r.q().data();
-  p.k_bytes = &r.k().data();
-  p.v_bytes = &r.v().data();
-  out.out_bytes = &r.out().data();
-  out.dout_bytes = &r.dout().data();
-  out.lse_bytes = &r.lse().data();
+absl::StatusOr<ValidatedAttend> ValidateAttendBackwardRequest(const v1::AttendBackwardRequest& r,
+                                                              const AttendLimits& limits) {
+  RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateForwardPart(r, limits));
+  const AttentionShape& s = out.shape;
+  RA_RETURN_IF_ERROR(CheckDataSizes(
+      {{"q", &r.q(), s.q_bytes()}, {"k", &r.k(), s.kv_bytes()}, {"v", &r.v(), s.kv_bytes()}},
+      s.dtype));
+  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_out(), r.out(), "out", r.q(), s.dtype));
+  RA_RETURN_IF_ERROR(CheckDataSizes({{"out", &r.out(), s.q_bytes()}}, s.dtype));
+  RA_RETURN_IF_ERROR(CheckLikeQ(r.has_dout(), r.dout(), "dout", r.q(), s.dtype));
+  RA_RETURN_IF_ERROR(CheckDataSizes({{"dout", &r.dout(), s.q_bytes()}}, s.dtype));
+  RA_RETURN_IF_ERROR(CheckLse(r.has_lse(), r.lse(), s));
+  RA_RETURN_IF_ERROR(CheckBackwardBytes(s, limits));
+  return out;
+}
+
+absl::StatusOr<ValidatedAttend> ValidateAttendBackwardHeader(const v1::AttendBackwardRequest& r,
+                                                             const AttendLimits& limits) {
+  RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateForwardPart(r, limits));
+  RA_RETURN_IF_ERROR(CheckBackwardBytes(out.shape, limits));
   return out;
 }
 

@@ -258,28 +258,21 @@ TEST_P(ValidRequestTest, PassesWithTheRightFields) {
   absl::StatusOr<ValidatedAttend> v = ValidateAttendRequest(r, AttendLimits{});
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(v->request_id, "req-1");
-  EXPECT_EQ(DTypeToProto(v->dtype), dtype);
-  EXPECT_EQ(v->batch, batch);
-  EXPECT_EQ(v->seqlen, seq);
-  EXPECT_EQ(v->heads, heads);
-  EXPECT_EQ(v->heads_k, heads_k);
-  EXPECT_EQ(v->head_dim, head_dim);
+  const AttentionShape& s = v->shape;
+  EXPECT_EQ(DTypeToProto(s.dtype), dtype);
+  EXPECT_EQ(s.batch, batch);
+  EXPECT_EQ(s.seqlen_q, seq);
+  EXPECT_EQ(s.seqlen_k, seq);
+  EXPECT_EQ(s.heads, heads);
+  EXPECT_EQ(s.heads_k, heads_k);
+  EXPECT_EQ(s.head_dim, head_dim);
   EXPECT_FALSE(v->layout.has_value());
   EXPECT_EQ(v->ResolvedLayout(), Layout::kContiguous);
   EXPECT_FALSE(v->return_lse);
   const int64_t es = ElemSize(dtype);
-  EXPECT_EQ(v->bytes.q, batch * seq * heads * head_dim * es);
-  EXPECT_EQ(v->bytes.k, batch * seq * heads_k * head_dim * es);
-  EXPECT_EQ(v->bytes.v, v->bytes.k);
-  EXPECT_EQ(v->bytes.out, v->bytes.q);
-  EXPECT_EQ(v->bytes.lse, batch * heads * seq * 4);
-  EXPECT_EQ(v->bytes.request(), v->bytes.q + 2 * v->bytes.k);
-  EXPECT_EQ(v->q_row_bytes(), static_cast<size_t>(heads * head_dim * es));
-  EXPECT_EQ(v->kv_row_bytes(), static_cast<size_t>(heads_k * head_dim * es));
-  // No copies: the pointers are the request's own strings.
-  EXPECT_EQ(v->q_bytes, &r.q().data());
-  EXPECT_EQ(v->k_bytes, &r.k().data());
-  EXPECT_EQ(v->v_bytes, &r.v().data());
+  EXPECT_EQ(static_cast<int64_t>(s.q_bytes()), batch * seq * heads * head_dim * es);
+  EXPECT_EQ(static_cast<int64_t>(s.kv_bytes()), batch * seq * heads_k * head_dim * es);
+  EXPECT_EQ(static_cast<int64_t>(s.lse_bytes()), batch * heads * seq * 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(AwkwardSizes, ValidRequestTest,
@@ -354,12 +347,8 @@ TEST(AttendHeaderTest, ReturnsTheExpectedBytes) {
   const v1::AttendRequest h = StripData(MakeRequest(2, 7, 8, 2, 64));
   absl::StatusOr<ValidatedAttend> v = ValidateAttendHeader(h, AttendLimits{});
   ASSERT_TRUE(v.ok()) << v.status();
-  EXPECT_EQ(v->bytes.q, 2 * 7 * 8 * 64 * 2);
-  EXPECT_EQ(v->bytes.k, 2 * 7 * 2 * 64 * 2);
-  EXPECT_EQ(v->bytes.v, 2 * 7 * 2 * 64 * 2);
-  EXPECT_EQ(v->q_bytes, nullptr);
-  EXPECT_EQ(v->k_bytes, nullptr);
-  EXPECT_EQ(v->v_bytes, nullptr);
+  EXPECT_EQ(v->shape.q_bytes(), 2u * 7 * 8 * 64 * 2);
+  EXPECT_EQ(v->shape.kv_bytes(), 2u * 7 * 2 * 64 * 2);
   // The unary validator refuses the same header: its data is missing.
   EXPECT_EQ(ValidateAttendRequest(h, AttendLimits{}).status().code(),
             absl::StatusCode::kInvalidArgument);

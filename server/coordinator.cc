@@ -7,10 +7,13 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <optional>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "proto/chunk_codec.h"
+#include "proto/compute_rpcs.h"
 #include "proto/convert.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
@@ -24,126 +27,257 @@ constexpr char kServiceName[] = "ringattn.v1.AttentionService";
 
 double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
 
-absl::Time DeadlineOf(const grpc::ServerContext& ctx) {
+absl::Time DeadlineOf(const grpc::ServerContextBase& ctx) {
   const auto d = ctx.deadline();
   if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
   return absl::FromChrono(d);
 }
 
-int64_t RequestBytes(const v1::AttendRequest& r) {
-  return static_cast<int64_t>(r.q().data().size() + r.k().data().size() + r.v().data().size());
-}
-
-int64_t ResponseBytes(const v1::AttendResponse& r) {
-  return static_cast<int64_t>(r.out().data().size() + r.lse().data().size());
-}
-
-int64_t RequestBytes(const v1::AttendBackwardRequest& r) {
-  int64_t n = 0;
-  for (const v1::Tensor* t : {&r.q(), &r.k(), &r.v(), &r.out(), &r.dout(), &r.lse()}) {
-    n += static_cast<int64_t>(t->data().size());
+// Why gRPC cancelled a call: its deadline passed (gRPC's timer fires at it; the slack absorbs
+// clock rounding), or the client went away.
+absl::Status CancelReason(const grpc::CallbackServerContext& ctx) {
+  if (DeadlineOf(ctx) <= absl::Now() + absl::Milliseconds(1)) {
+    return absl::DeadlineExceededError("deadline exceeded");
   }
-  return n;
+  return absl::CancelledError("the client cancelled the request");
 }
 
-int64_t ResponseBytes(const v1::AttendBackwardResponse& r) {
-  return static_cast<int64_t>(r.dq().data().size() + r.dk().data().size() + r.dv().data().size());
+// The `rpc` labels of the request metrics: every compute RPC and its stream.
+std::vector<std::string> RpcLabels() {
+  std::vector<std::string> labels;
+  for (const ComputeRpc* rpc : ComputeRpcs()) {
+    labels.emplace_back(rpc->name);
+    labels.push_back(absl::StrCat(std::string(rpc->name), "Stream"));
+  }
+  return labels;
 }
+
+// The message types of a compute RPC and its stream.
+template <typename Req, typename Resp, typename StreamReq, typename StreamResp>
+struct CallMessages {
+  using Request = Req;
+  using Response = Resp;
+  using StreamRequest = StreamReq;
+  using StreamResponse = StreamResp;
+};
+
+// The compute RPCs as the coordinator serves them: messages, table, and the checks of a whole
+// request and of a stream's header.
+struct AttendCall : CallMessages<v1::AttendRequest, v1::AttendResponse, v1::AttendStreamRequest,
+                                 v1::AttendStreamResponse> {
+  static const ComputeRpc& Rpc() { return AttendRpc(); }
+  static constexpr auto Validate = ValidateAttendRequest;
+  static constexpr auto ValidateHeader = ValidateAttendHeader;
+};
+
+struct AttendBackwardCall
+    : CallMessages<v1::AttendBackwardRequest, v1::AttendBackwardResponse,
+                   v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse> {
+  static const ComputeRpc& Rpc() { return AttendBackwardRpc(); }
+  static constexpr auto Validate = ValidateAttendBackwardRequest;
+  static constexpr auto ValidateHeader = ValidateAttendBackwardHeader;
+};
 
 }  // namespace
+
+// A unary compute call: submitted on arrival, finished when its job is done.
+template <typename Call>
+class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  UnaryCall(Coordinator* c, grpc::CallbackServerContext* ctx, const typename Call::Request* request,
+            typename Call::Response* response)
+      : c_(c), ctx_(ctx), request_(request), response_(response) {
+    const absl::Time arrival = absl::Now();
+    absl::StatusOr<std::shared_ptr<AttendJob>> job = c_->Submit<Call>(
+        *request_, response_, arrival, DeadlineOf(*ctx_), [this](absl::Status s) { End(s); });
+    if (job.ok()) {
+      job_ = *std::move(job);
+    } else {
+      End(job.status());
+    }
+  }
+
+  void OnCancel() override {
+    if (job_ != nullptr) c_->Cancel(job_, CancelReason(*ctx_));
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  // Unary: gRPC serialises and sends the response after Finish, so the timings cannot include
+  // it; send_seconds stays 0 (the streams measure their chunks).
+  void End(const absl::Status& s) {
+    const ComputeRpc& rpc = Call::Rpc();
+    c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(), response_->timings(),
+                               TensorDataBytes(*request_, rpc.inputs),
+                               s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0);
+    Finish(ToGrpcStatus(s));
+  }
+
+  Coordinator* const c_;
+  grpc::CallbackServerContext* const ctx_;
+  const typename Call::Request* const request_;
+  typename Call::Response* const response_;
+  std::shared_ptr<AttendJob> job_;  // set before OnCancel can run
+};
+
+// A streaming compute call: the request's header and chunks are read and assembled (the chunk
+// protocol's breaches are INVALID_ARGUMENT), the job submitted, then the response's header and
+// its outputs' chunks written.
+template <typename Call>
+class Coordinator::StreamCall final
+    : public grpc::ServerBidiReactor<typename Call::StreamRequest, typename Call::StreamResponse> {
+ public:
+  StreamCall(Coordinator* c, grpc::CallbackServerContext* ctx)
+      : c_(c),
+        ctx_(ctx),
+        arrival_(absl::Now()),
+        stream_name_(absl::StrCat(std::string(Call::Rpc().name), "Stream")),
+        receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument) {
+    this->StartRead(&in_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (ok) {
+      absl::Status s =
+          receiver_.Add(&in_, [this](typename Call::Request* h) { return ExpectInputs(h); });
+      if (!s.ok()) return End(s);
+      this->StartRead(&in_);
+      return;
+    }
+    // The client is done sending, or gone.
+    if (absl::Status why = cancel_reason(); !why.ok()) return End(why);
+    if (absl::Status s = receiver_.Finish(); !s.ok()) return End(s);
+    receive_seconds_ = SecondsSince(arrival_);
+    absl::StatusOr<std::shared_ptr<AttendJob>> job =
+        c_->Submit<Call>(*receiver_.header(), &response_, arrival_, DeadlineOf(*ctx_),
+                         [this](absl::Status s) { Respond(s); });
+    if (!job.ok()) return End(job.status());
+    absl::Status cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      job_ = *job;
+      cancelled = cancel_reason_;
+    }
+    if (!cancelled.ok()) c_->Cancel(*job, cancelled);  // cancelled while it was being queued
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return End(absl::CancelledError("client went away"));
+    out_.Clear();
+    if (cursor_->Next(out_.mutable_chunk())) {
+      this->StartWrite(&out_);
+      return;
+    }
+    response_.mutable_timings()->set_send_seconds(SecondsSince(send0_));
+    response_.mutable_timings()->set_total_seconds(SecondsSince(arrival_));
+    End(absl::OkStatus());
+  }
+
+  void OnCancel() override {
+    const absl::Status reason = CancelReason(*ctx_);
+    std::shared_ptr<AttendJob> job;
+    {
+      absl::MutexLock lock(&mu_);
+      cancel_reason_ = reason;
+      job = job_;
+    }
+    if (job != nullptr) c_->Cancel(job, reason);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  // The header's checks give the sizes of the inputs whose chunks follow.
+  absl::Status ExpectInputs(typename Call::Request* header) {
+    RA_ASSIGN_OR_RETURN(const ValidatedAttend problem, Call::ValidateHeader(*header, c_->Limits()));
+    for (const ComputeTensor& in : Call::Rpc().inputs) {
+      RA_RETURN_IF_ERROR(receiver_.chunks().Expect(
+          in.which, in.name, MutableTensorField(header, in.name), BytesOf(in.kind, problem.shape)));
+    }
+    return absl::OkStatus();
+  }
+
+  // The job is done: its failure, or the response's header and then its outputs in chunks.
+  void Respond(const absl::Status& s) {
+    if (!s.ok()) return End(s);
+    response_.mutable_timings()->set_receive_seconds(receive_seconds_);
+    send0_ = absl::Now();
+    std::vector<ChunkCursor::Source> outputs;
+    for (const ComputeTensor& t : Call::Rpc().outputs) {
+      if (HasTensorField(response_, t.name)) {
+        outputs.push_back({t.which, &TensorField(response_, t.name).data()});
+      }
+    }
+    cursor_.emplace(std::move(outputs), c_->options_.stream_chunk_bytes);
+    out_.Clear();
+    *out_.mutable_header() = HeaderOf(response_);
+    this->StartWrite(&out_);
+  }
+
+  void End(const absl::Status& s) {
+    const ComputeRpc& rpc = Call::Rpc();
+    c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(), response_.timings(),
+                               TensorDataBytes(*receiver_.header(), rpc.inputs),
+                               s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0);
+    this->Finish(ToGrpcStatus(s));
+  }
+
+  absl::Status cancel_reason() {
+    absl::MutexLock lock(&mu_);
+    return cancel_reason_;
+  }
+
+  Coordinator* const c_;
+  grpc::CallbackServerContext* const ctx_;
+  const absl::Time arrival_;
+  const std::string stream_name_;  // "AttendStream"
+  double receive_seconds_ = 0;
+  absl::Time send0_;
+  typename Call::StreamRequest in_;
+  StreamAssembler<typename Call::StreamRequest> receiver_;  // the request, once assembled
+  typename Call::Response response_;
+  typename Call::StreamResponse out_;
+  std::optional<ChunkCursor> cursor_;
+  absl::Mutex mu_;  // OnCancel runs alongside the other reactions
+  absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<AttendJob> job_ ABSL_GUARDED_BY(mu_);
+};
 
 class Coordinator::Services {
  public:
   explicit Services(Coordinator* c) : attention(c), coordinator(c) {}
 
-  class Attention final : public v1::AttentionService::Service {
+  class Attention final : public v1::AttentionService::CallbackService {
    public:
     explicit Attention(Coordinator* c) : c_(c) {}
 
-    grpc::Status Attend(grpc::ServerContext* ctx, const v1::AttendRequest* request,
-                        v1::AttendResponse* response) override {
-      const absl::Time arrival = absl::Now();
-      absl::Status s = c_->Handle(ctx, *request, arrival, 0.0, response);
-      // Unary: gRPC serialises and sends the response after this returns, so the timings
-      // cannot include it; send_seconds stays 0 (AttendStream measures its chunks).
-      if (s.ok()) response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttend, ToGrpcStatus(s).error_code(),
-                                 response->timings(), RequestBytes(*request),
-                                 s.ok() ? ResponseBytes(*response) : 0);
-      return ToGrpcStatus(s);
+    grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* ctx,
+                                     const v1::AttendRequest* request,
+                                     v1::AttendResponse* response) override {
+      return new UnaryCall<AttendCall>(c_, ctx, request, response);
     }
 
-    grpc::Status AttendStream(grpc::ServerContext* ctx,
-                              grpc::ServerReaderWriter<v1::AttendStreamResponse,
-                                                       v1::AttendStreamRequest>* stream) override {
-      const absl::Time arrival = absl::Now();
-      v1::AttendRequest request;
-      v1::AttendResponse response;
-      absl::Status s = c_->ReceiveStream(stream, &request);
-      const double receive_s = SecondsSince(arrival);
-      if (s.ok()) s = c_->Handle(ctx, request, arrival, receive_s, &response);
-      if (s.ok()) s = c_->SendStream(stream, arrival, &response);
-      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendStream, ToGrpcStatus(s).error_code(),
-                                 response.timings(), RequestBytes(request),
-                                 s.ok() ? ResponseBytes(response) : 0);
-      return ToGrpcStatus(s);
+    grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+        grpc::CallbackServerContext* ctx) override {
+      return new StreamCall<AttendCall>(c_, ctx);
     }
 
-    grpc::Status AttendBackward(grpc::ServerContext* ctx, const v1::AttendBackwardRequest* request,
-                                v1::AttendBackwardResponse* response) override {
-      const absl::Time arrival = absl::Now();
-      absl::Status s = c_->HandleBackward(ctx, *request, arrival, response);
-      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendBackward, ToGrpcStatus(s).error_code(),
-                                 response->timings(), RequestBytes(*request),
-                                 s.ok() ? ResponseBytes(*response) : 0);
-      return ToGrpcStatus(s);
+    grpc::ServerUnaryReactor* AttendBackward(grpc::CallbackServerContext* ctx,
+                                             const v1::AttendBackwardRequest* request,
+                                             v1::AttendBackwardResponse* response) override {
+      return new UnaryCall<AttendBackwardCall>(c_, ctx, request, response);
     }
 
-    grpc::Status AttendBackwardStream(
-        grpc::ServerContext* ctx,
-        grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
-            stream) override {
-      const absl::Time arrival = absl::Now();
-      v1::AttendBackwardRequest request;
-      v1::AttendBackwardResponse response;
-      absl::Status s = c_->ReceiveBackwardStream(stream, &request);
-      const double receive_s = SecondsSince(arrival);
-      if (s.ok()) s = c_->HandleBackward(ctx, request, arrival, &response);
-      if (s.ok()) {
-        response.mutable_timings()->set_receive_seconds(receive_s);
-        s = c_->SendBackwardStream(stream, arrival, &response);
-      }
-      c_->metrics_.RecordRequest(ServiceMetrics::Rpc::kAttendBackwardStream,
-                                 ToGrpcStatus(s).error_code(), response.timings(),
-                                 RequestBytes(request), s.ok() ? ResponseBytes(response) : 0);
-      return ToGrpcStatus(s);
+    grpc::ServerBidiReactor<v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse>*
+    AttendBackwardStream(grpc::CallbackServerContext* ctx) override {
+      return new StreamCall<AttendBackwardCall>(c_, ctx);
     }
 
-    grpc::Status GetInfo(grpc::ServerContext*, const v1::InfoRequest*,
-                         v1::InfoResponse* response) override {
-      const RingManager::Status st = c_->ring_->GetStatus();
-      response->set_version(kVersion);
-      response->set_world_size(st.ready ? static_cast<int>(st.members.size()) : 0);
-      response->set_ready(st.ready);
-      response->set_transport("gloo");
-      response->set_max_unary_bytes(c_->options_.max_unary_bytes);
-      response->set_max_request_bytes(c_->options_.max_request_bytes);
-      std::vector<std::string> backends;
-      const auto& listed = st.ready ? st.members : st.workers;
-      for (size_t i = 0; i < listed.size(); ++i) {
-        v1::WorkerInfo* w = response->add_workers();
-        w->set_rank(st.ready ? static_cast<int>(i) : -1);
-        w->set_address(listed[i]->address);
-        w->set_backend(listed[i]->backend);
-        w->set_device(listed[i]->device);
-        w->set_ready(st.ready);
-        if (std::find(backends.begin(), backends.end(), listed[i]->backend) == backends.end()) {
-          backends.push_back(listed[i]->backend);
-        }
-        if (!listed[i]->transport.empty()) response->set_transport(listed[i]->transport);
-      }
-      for (const std::string& b : backends) response->add_backends(b);
-      return grpc::Status::OK;
+    grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx, const v1::InfoRequest*,
+                                      v1::InfoResponse* response) override {
+      c_->FillInfo(response);
+      grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+      reactor->Finish(grpc::Status::OK);
+      return reactor;
     }
 
    private:
@@ -193,6 +327,7 @@ class Coordinator::Services {
 
 Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
+      metrics_(RpcLabels()),
       ring_(std::make_unique<RingManager>(
           [&] {
             RingManager::Options r = options_.ring;
@@ -252,65 +387,92 @@ void Coordinator::Wait() {
   if (server_ != nullptr) server_->Wait();
 }
 
-// Validates, admits and waits for one request; fills `response` on success.
-absl::Status Coordinator::Handle(grpc::ServerContext* ctx, const v1::AttendRequest& request,
-                                 absl::Time arrival, double receive_seconds,
-                                 v1::AttendResponse* response) {
-  AttendLimits limits;
-  limits.max_request_bytes = options_.max_request_bytes;
-  absl::StatusOr<ValidatedAttend> problem = ValidateAttendRequest(request, limits);
-  if (!problem.ok()) return problem.status();
-  auto job = std::make_shared<AttendJob>();
-  job->request = &request;
-  job->problem = *std::move(problem);
-  job->arrival = arrival;
-  if (absl::Status s = AdmitAndWait(ctx, job); !s.ok()) return s;
-  *response = std::move(job->response);
-  response->set_request_id(job->problem.request_id);
-  response->mutable_timings()->set_receive_seconds(receive_seconds);
-  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-  return absl::OkStatus();
-}
-
-absl::Status Coordinator::HandleBackward(grpc::ServerContext* ctx,
-                                         const v1::AttendBackwardRequest& request,
-                                         absl::Time arrival, v1::AttendBackwardResponse* response) {
-  AttendLimits limits;
-  limits.max_request_bytes = options_.max_request_bytes;
-  absl::StatusOr<ValidatedAttendBackward> problem = ValidateAttendBackwardRequest(request, limits);
-  if (!problem.ok()) return problem.status();
-  auto job = std::make_shared<AttendJob>();
-  job->kind = AttendJob::Kind::kBackward;
-  job->backward_request = &request;
-  job->backward_problem = *std::move(problem);
-  job->arrival = arrival;
-  if (absl::Status s = AdmitAndWait(ctx, job); !s.ok()) return s;
-  *response = std::move(job->backward_response);
-  response->set_request_id(job->request_id());
-  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-  return absl::OkStatus();
-}
-
-absl::Status Coordinator::AdmitAndWait(grpc::ServerContext* ctx,
-                                       const std::shared_ptr<AttendJob>& job) {
-  if (job->request_id().empty()) {
-    job->request_id() = absl::StrCat("req-", absl::ToUnixMicros(job->arrival));
-  }
-  job->deadline = DeadlineOf(*ctx);
-  if (absl::Status s = queue_.Push(job); !s.ok()) return s;
-  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
-
-  // Wait for the dispatcher, watching the client and the deadline while queued. Once the
-  // dispatcher has the job it watches them itself (through `cancelled` and the deadline).
-  while (!job->done.WaitForNotificationWithTimeout(absl::Milliseconds(10))) {
-    const bool gone = ctx->IsCancelled();
-    if (gone) job->cancelled = true;
-    if ((gone || absl::Now() >= job->deadline) && queue_.Remove(job)) {
-      return gone ? absl::CancelledError("the client cancelled the request while it was queued")
-                  : absl::DeadlineExceededError("deadline exceeded while queued");
+void Coordinator::FillInfo(v1::InfoResponse* response) const {
+  const RingManager::Status st = ring_->GetStatus();
+  response->set_version(kVersion);
+  response->set_world_size(st.ready ? static_cast<int>(st.members.size()) : 0);
+  response->set_ready(st.ready);
+  response->set_transport("gloo");
+  response->set_max_unary_bytes(options_.max_unary_bytes);
+  response->set_max_request_bytes(options_.max_request_bytes);
+  std::vector<std::string> backends;
+  const auto& listed = st.ready ? st.members : st.workers;
+  for (size_t i = 0; i < listed.size(); ++i) {
+    v1::WorkerInfo* w = response->add_workers();
+    w->set_rank(st.ready ? static_cast<int>(i) : -1);
+    w->set_address(listed[i]->address);
+    w->set_backend(listed[i]->backend);
+    w->set_device(listed[i]->device);
+    w->set_ready(st.ready);
+    if (std::find(backends.begin(), backends.end(), listed[i]->backend) == backends.end()) {
+      backends.push_back(listed[i]->backend);
     }
+    if (!listed[i]->transport.empty()) response->set_transport(listed[i]->transport);
   }
-  return job->status;
+  for (const std::string& b : backends) response->add_backends(b);
+}
+
+AttendLimits Coordinator::Limits() const {
+  AttendLimits limits;
+  limits.max_request_bytes = options_.max_request_bytes;
+  return limits;
+}
+
+template <typename Call>
+absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
+    const typename Call::Request& request, typename Call::Response* response, absl::Time arrival,
+    absl::Time deadline, std::function<void(absl::Status)> finish) {
+  RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
+  if (problem.request_id.empty()) {
+    problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
+  }
+  auto job = std::make_shared<AttendJob>();
+  job->request_id = problem.request_id;
+  job->arrival = arrival;
+  job->deadline = deadline;
+  job->timings = response->mutable_timings();
+  job->run = [&request, response, problem](const RingSnapshot& ring, const RunControl& control) {
+    return RunOnRing(Call::Rpc(), problem, request, ring, control, response,
+                     response->mutable_plan(), response->mutable_timings());
+  };
+  job->done = [response, arrival, id = problem.request_id,
+               finish = std::move(finish)](absl::Status s) {
+    if (s.ok()) {
+      response->set_request_id(id);
+      response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+    }
+    finish(std::move(s));
+  };
+  RA_RETURN_IF_ERROR(queue_.Push(job));
+  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
+  return job;
+}
+
+void Coordinator::Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason) {
+  job->cancellation.Cancel(reason);
+  if (!queue_.Remove(job)) return;  // the dispatcher has it and sees the cancellation
+  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
+  job->done(absl::Status(reason.code(), absl::StrCat(reason.message(), " while it was queued")));
+}
+
+absl::Status Coordinator::RunJob(AttendJob& job) {
+  // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
+  const absl::Time ring_deadline = std::min(job.deadline, absl::Now() + options_.ring_wait);
+  absl::StatusOr<RingSnapshot> ring = ring_->CurrentRing();
+  while (!ring.ok() && absl::Now() < ring_deadline && job.cancellation.reason().ok() &&
+         !stopping_) {
+    ring_->WaitUntilReady(absl::Milliseconds(50));
+    ring = ring_->CurrentRing();
+  }
+  if (absl::Status why = job.cancellation.reason(); !why.ok()) return why;
+  if (!ring.ok()) {
+    return absl::Now() >= job.deadline
+               ? absl::DeadlineExceededError("deadline exceeded waiting for the ring to form")
+               : ring.status();
+  }
+  const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation});
+  if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
+  return s;
 }
 
 void Coordinator::DispatchLoop() {
@@ -318,31 +480,8 @@ void Coordinator::DispatchLoop() {
     std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
     metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
     if (job == nullptr) continue;
-    job->timings()->set_queue_seconds(SecondsSince(job->arrival));
-    RunControl control{job->deadline, &job->cancelled};
-    absl::Status s;
-    // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
-    const absl::Time ring_deadline = std::min(job->deadline, absl::Now() + options_.ring_wait);
-    absl::StatusOr<RingSnapshot> ring = ring_->CurrentRing();
-    while (!ring.ok() && absl::Now() < ring_deadline && !job->cancelled && !stopping_) {
-      ring_->WaitUntilReady(absl::Milliseconds(50));
-      ring = ring_->CurrentRing();
-    }
-    if (job->cancelled) {
-      s = absl::CancelledError("the client cancelled the request");
-    } else if (!ring.ok()) {
-      s = absl::Now() >= job->deadline
-              ? absl::DeadlineExceededError("deadline exceeded waiting for the ring to form")
-              : ring.status();
-    } else {
-      s = job->kind == AttendJob::Kind::kForward
-              ? RunOnRing(*job->request, job->problem, *ring, control, &job->response)
-              : RunBackwardOnRing(*job->backward_request, job->backward_problem, *ring, control,
-                                  &job->backward_response);
-      if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
-    }
-    job->status = s;
-    job->done.Notify();
+    job->timings->set_queue_seconds(SecondsSince(job->arrival));
+    job->done(RunJob(*job));
   }
 }
 
@@ -359,127 +498,6 @@ void Coordinator::StatusLoop() {
     }
     absl::SleepFor(absl::Milliseconds(50));
   }
-}
-
-absl::Status Coordinator::ReceiveStream(
-    grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
-    v1::AttendRequest* request) {
-  v1::AttendStreamRequest msg;
-  if (!stream->Read(&msg) || !msg.has_header()) {
-    return absl::InvalidArgumentError("AttendStream must start with a header message");
-  }
-  *request = std::move(*msg.mutable_header());
-  AttendLimits limits;
-  limits.max_request_bytes = options_.max_request_bytes;
-  absl::StatusOr<ValidatedAttend> header = ValidateAttendHeader(*request, limits);
-  if (!header.ok()) return header.status();
-  const StreamedTensor tensors[] = {
-      {v1::TensorChunk::WHICH_Q, "q", request->mutable_q()->mutable_data(), header->bytes.q},
-      {v1::TensorChunk::WHICH_K, "k", request->mutable_k()->mutable_data(), header->bytes.k},
-      {v1::TensorChunk::WHICH_V, "v", request->mutable_v()->mutable_data(), header->bytes.v}};
-  for (const StreamedTensor& t : tensors) t.data->reserve(t.expected);
-  RA_RETURN_IF_ERROR(ReceiveChunks<v1::AttendStreamRequest>(stream, tensors));
-  return absl::OkStatus();  // full validation (byte counts included) follows in Handle
-}
-
-absl::Status Coordinator::SendStream(
-    grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
-    absl::Time arrival, v1::AttendResponse* response) {
-  const absl::Time send0 = absl::Now();
-  const bool has_lse = response->has_lse();
-  std::string out = std::move(*response->mutable_out()->mutable_data());
-  std::string lse = has_lse ? std::move(*response->mutable_lse()->mutable_data()) : std::string();
-  response->mutable_out()->clear_data();
-  if (has_lse) response->mutable_lse()->clear_data();
-  v1::AttendStreamResponse header;
-  *header.mutable_header() = *response;
-  if (!stream->Write(header)) return absl::CancelledError("client went away");
-  const StreamedTensor parts[] = {{v1::TensorChunk::WHICH_OUT, "out", &out},
-                                  {v1::TensorChunk::WHICH_LSE, "lse", &lse}};
-  RA_RETURN_IF_ERROR(
-      SendChunks<v1::AttendStreamResponse>(stream, parts, options_.stream_chunk_bytes));
-  response->mutable_timings()->set_send_seconds(SecondsSince(send0));
-  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-  // Keep the bytes for the metrics' byte count.
-  *response->mutable_out()->mutable_data() = std::move(out);
-  if (has_lse) *response->mutable_lse()->mutable_data() = std::move(lse);
-  return absl::OkStatus();
-}
-
-absl::Status Coordinator::ReceiveBackwardStream(
-    grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
-        stream,
-    v1::AttendBackwardRequest* request) {
-  v1::AttendBackwardStreamRequest msg;
-  if (!stream->Read(&msg) || !msg.has_header()) {
-    return absl::InvalidArgumentError("AttendBackwardStream must start with a header message");
-  }
-  *request = std::move(*msg.mutable_header());
-  // The q/k/v part of the header through the forward's header checks, for the sizes to expect
-  // (out and dout are q-shaped, lse [batch, heads, seq] fp32); the six tensors together within
-  // max_request_bytes before any chunk is taken. Everything else (out/dout/lse dtypes and
-  // shapes, the byte counts) is checked on the assembled request by HandleBackward.
-  v1::AttendRequest forward_header;
-  forward_header.set_request_id(request->request_id());
-  *forward_header.mutable_q() = request->q();
-  *forward_header.mutable_k() = request->k();
-  *forward_header.mutable_v() = request->v();
-  *forward_header.mutable_options() = request->options();
-  forward_header.set_layout(request->layout());
-  AttendLimits limits;
-  limits.max_request_bytes = options_.max_request_bytes;
-  absl::StatusOr<ValidatedAttend> header = ValidateAttendHeader(forward_header, limits);
-  if (!header.ok()) return header.status();
-  for (const v1::Tensor* t : {&request->out(), &request->dout(), &request->lse()}) {
-    if (!t->data().empty()) {
-      return absl::InvalidArgumentError(
-          "AttendBackwardStream's header carries tensor data; every tensor's bytes come as chunks");
-    }
-  }
-  const AttendTensorBytes& b = header->bytes;
-  const int64_t total = b.request() + 2 * b.out + b.lse;
-  if (total > options_.max_request_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("q, k, v, out, dout and lse need ", total, " bytes; the limit is ",
-                     options_.max_request_bytes, " (max_request_bytes)"));
-  }
-  const StreamedTensor tensors[] = {
-      {v1::TensorChunk::WHICH_Q, "q", request->mutable_q()->mutable_data(), b.q},
-      {v1::TensorChunk::WHICH_K, "k", request->mutable_k()->mutable_data(), b.k},
-      {v1::TensorChunk::WHICH_V, "v", request->mutable_v()->mutable_data(), b.v},
-      {v1::TensorChunk::WHICH_OUT, "out", request->mutable_out()->mutable_data(), b.out},
-      {v1::TensorChunk::WHICH_DOUT, "dout", request->mutable_dout()->mutable_data(), b.out},
-      {v1::TensorChunk::WHICH_LSE, "lse", request->mutable_lse()->mutable_data(), b.lse}};
-  for (const StreamedTensor& t : tensors) t.data->reserve(t.expected);
-  return ReceiveChunks<v1::AttendBackwardStreamRequest>(stream, tensors);
-}
-
-absl::Status Coordinator::SendBackwardStream(
-    grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse, v1::AttendBackwardStreamRequest>*
-        stream,
-    absl::Time arrival, v1::AttendBackwardResponse* response) {
-  const absl::Time send0 = absl::Now();
-  std::string dq = std::move(*response->mutable_dq()->mutable_data());
-  std::string dk = std::move(*response->mutable_dk()->mutable_data());
-  std::string dv = std::move(*response->mutable_dv()->mutable_data());
-  for (v1::Tensor* t : {response->mutable_dq(), response->mutable_dk(), response->mutable_dv()}) {
-    t->clear_data();
-  }
-  v1::AttendBackwardStreamResponse header;
-  *header.mutable_header() = *response;
-  if (!stream->Write(header)) return absl::CancelledError("client went away");
-  const StreamedTensor parts[] = {{v1::TensorChunk::WHICH_DQ, "dq", &dq},
-                                  {v1::TensorChunk::WHICH_DK, "dk", &dk},
-                                  {v1::TensorChunk::WHICH_DV, "dv", &dv}};
-  RA_RETURN_IF_ERROR(
-      SendChunks<v1::AttendBackwardStreamResponse>(stream, parts, options_.stream_chunk_bytes));
-  response->mutable_timings()->set_send_seconds(SecondsSince(send0));
-  response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
-  // Keep the bytes for the metrics' byte count.
-  *response->mutable_dq()->mutable_data() = std::move(dq);
-  *response->mutable_dk()->mutable_data() = std::move(dk);
-  *response->mutable_dv()->mutable_data() = std::move(dv);
-  return absl::OkStatus();
 }
 
 }  // namespace ringattn

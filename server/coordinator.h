@@ -1,8 +1,9 @@
-// The coordinator: serves the public AttentionService and the internal CoordinatorService on
-// one port, admits requests into a bounded queue, and runs them one at a time through the ring
-// of workers that RingManager keeps formed.
+// The coordinator: serves the public AttentionService (gRPC callback API: no thread waits for a
+// request) and the internal CoordinatorService on one port, admits requests into a bounded
+// queue, and runs them one at a time through the ring of workers that RingManager keeps formed.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,9 +19,6 @@
 
 namespace grpc {
 class Server;
-class ServerContext;
-template <class W, class R>
-class ServerReaderWriter;
 }  // namespace grpc
 
 namespace ringattn {
@@ -35,7 +33,7 @@ class Coordinator {
     // Unary messages above this are refused by gRPC (RESOURCE_EXHAUSTED); clients stream.
     int64_t max_unary_bytes = int64_t{1} << 30;
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
-    int64_t stream_chunk_bytes = int64_t{4} << 20; // response chunks of AttendStream
+    int64_t stream_chunk_bytes = int64_t{4} << 20;  // response chunks of the streaming RPCs
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;
@@ -57,29 +55,28 @@ class Coordinator {
   class Services;
 
  private:
-  absl::Status Handle(grpc::ServerContext* ctx, const v1::AttendRequest& request,
-                      absl::Time arrival, double receive_seconds, v1::AttendResponse* response);
-  absl::Status HandleBackward(grpc::ServerContext* ctx, const v1::AttendBackwardRequest& request,
-                              absl::Time arrival, v1::AttendBackwardResponse* response);
-  // Admits a validated job and waits until the dispatcher ran it (or it left the queue because
-  // its client went away or its deadline passed). The job's status.
-  absl::Status AdmitAndWait(grpc::ServerContext* ctx, const std::shared_ptr<AttendJob>& job);
-  absl::Status ReceiveStream(
-      grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
-      v1::AttendRequest* request);
-  absl::Status SendStream(
-      grpc::ServerReaderWriter<v1::AttendStreamResponse, v1::AttendStreamRequest>* stream,
-      absl::Time arrival, v1::AttendResponse* response);
-  // AttendBackwardStream's halves: the header checked for the sizes to expect, then the six
-  // tensors' chunks; the response header, then dq, dk and dv in chunks.
-  absl::Status ReceiveBackwardStream(
-      grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
-                               v1::AttendBackwardStreamRequest>* stream,
-      v1::AttendBackwardRequest* request);
-  absl::Status SendBackwardStream(
-      grpc::ServerReaderWriter<v1::AttendBackwardStreamResponse,
-                               v1::AttendBackwardStreamRequest>* stream,
-      absl::Time arrival, v1::AttendBackwardResponse* response);
+  // The compute RPCs' handlers (coordinator.cc): one unary and one streaming reactor, each a
+  // template over the RPC's description.
+  template <typename Call>
+  class UnaryCall;
+  template <typename Call>
+  class StreamCall;
+
+  AttendLimits Limits() const;
+  // Checks `request` and queues its job, which runs it into `response`; `finish` gets the job's
+  // status once, after which request and response may be gone. A refused request (invalid, queue
+  // full) returns its status and `finish` is never called.
+  template <typename Call>
+  absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
+                                                    typename Call::Response* response,
+                                                    absl::Time arrival, absl::Time deadline,
+                                                    std::function<void(absl::Status)> finish);
+  // The client went away or the deadline passed (`reason`): a queued job is taken out and
+  // finished, a running one stops its worker calls.
+  void Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason);
+  // Waits for the ring and runs the job on it; reports a failed ring.
+  absl::Status RunJob(AttendJob& job);
+  void FillInfo(v1::InfoResponse* response) const;
   void DispatchLoop();
   void StatusLoop();
 

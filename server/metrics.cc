@@ -28,51 +28,25 @@ const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
 }  // namespace
 
 const char* ServiceMetrics::PhaseName(Phase phase) {
-  switch (phase) {
-    case Phase::kQueue:
-      return "queue";
-    case Phase::kReceive:
-      return "receive";
-    case Phase::kScatter:
-      return "scatter";
-    case Phase::kCompute:
-      return "compute";
-    case Phase::kCommWait:
-      return "comm_wait";
-    case Phase::kGather:
-      return "gather";
-    case Phase::kSend:
-      return "send";
-    case Phase::kTotal:
-      return "total";
-  }
-  return "unknown";
+  static constexpr const char* kNames[kNumPhases] = {"queue",     "receive", "scatter", "compute",
+                                                     "comm_wait", "gather",  "send",    "total"};
+  const int p = static_cast<int>(phase);
+  return p >= 0 && p < kNumPhases ? kNames[p] : "unknown";
 }
 
-const char* ServiceMetrics::RpcName(Rpc rpc) {
-  switch (rpc) {
-    case Rpc::kAttend:
-      return "Attend";
-    case Rpc::kAttendStream:
-      return "AttendStream";
-    case Rpc::kAttendBackward:
-      return "AttendBackward";
-    case Rpc::kAttendBackwardStream:
-      return "AttendBackwardStream";
-  }
-  return "unknown";
-}
-
-ServiceMetrics::ServiceMetrics() : registry_(std::make_shared<prometheus::Registry>()) {
+ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      rpcs_(std::move(rpcs)),
+      requests_(rpcs_.size()) {
   auto& requests = prometheus::BuildCounter()
                        .Name("ringattn_requests_total")
                        .Help("Finished requests by RPC and gRPC status code.")
                        .Register(*registry_);
   // Every (rpc, code) exists from the start, so that rate() and increase() see the first error.
-  for (int r = 0; r < kNumRpcs; ++r) {
+  for (size_t r = 0; r < rpcs_.size(); ++r) {
     for (int c = 0; c < kNumCodes; ++c) {
       requests_[r][c] =
-          &requests.Add({{"rpc", RpcName(static_cast<Rpc>(r))},
+          &requests.Add({{"rpc", rpcs_[r]},
                          {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
     }
   }
@@ -119,12 +93,16 @@ ServiceMetrics::~ServiceMetrics() {
   exposer_.reset();
 }
 
-void ServiceMetrics::RecordRequest(Rpc rpc, absl::StatusCode code, const v1::Timings& timings,
-                                   int64_t bytes_in, int64_t bytes_out) {
+void ServiceMetrics::RecordRequest(std::string_view rpc, absl::StatusCode code,
+                                   const v1::Timings& timings, int64_t bytes_in,
+                                   int64_t bytes_out) {
   const int c = static_cast<int>(code);
-  requests_[static_cast<int>(rpc)]
-           [c >= 0 && c < kNumCodes ? c : static_cast<int>(absl::StatusCode::kUnknown)]
-               ->Increment();
+  const auto r = std::find(rpcs_.begin(), rpcs_.end(), rpc);
+  if (r != rpcs_.end()) {
+    requests_[r - rpcs_.begin()]
+             [c >= 0 && c < kNumCodes ? c : static_cast<int>(absl::StatusCode::kUnknown)]
+                 ->Increment();
+  }
   if (bytes_in > 0) bytes_in_->Increment(static_cast<double>(bytes_in));
   if (bytes_out > 0) bytes_out_->Increment(static_cast<double>(bytes_out));
 
@@ -152,8 +130,9 @@ void ServiceMetrics::RecordRequest(Rpc rpc, absl::StatusCode code, const v1::Tim
   }
 }
 
-void ServiceMetrics::RecordRequest(Rpc rpc, grpc::StatusCode code, const v1::Timings& timings,
-                                   int64_t bytes_in, int64_t bytes_out) {
+void ServiceMetrics::RecordRequest(std::string_view rpc, grpc::StatusCode code,
+                                   const v1::Timings& timings, int64_t bytes_in,
+                                   int64_t bytes_out) {
   // The canonical codes have the same numbers in gRPC and absl.
   RecordRequest(rpc, static_cast<absl::StatusCode>(code), timings, bytes_in, bytes_out);
 }

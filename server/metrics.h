@@ -1,8 +1,8 @@
 // The coordinator's Prometheus metrics: one registry, its metric families created once, and an
 // optional HTTP exposer serving them at /metrics.
 //
-//   ringattn_requests_total{code}              counter, finished requests by gRPC status code
-//                                              name ("OK", "INVALID_ARGUMENT", ...)
+//   ringattn_requests_total{rpc,code}          counter, finished requests by RPC and gRPC
+//                                              status code name ("OK", "INVALID_ARGUMENT", ...)
 //   ringattn_request_phase_seconds{phase}      histogram; phase is one of queue, receive,
 //                                              scatter, compute, comm_wait, gather, send, total
 //   ringattn_request_bytes_total{direction}    counter, tensor bytes "in" (q, k, v) and "out"
@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -44,26 +46,24 @@ class ServiceMetrics {
   static constexpr int kNumPhases = 8;
   static const char* PhaseName(Phase phase);
 
-  ServiceMetrics();
+  // `rpcs` are the values of the `rpc` label of ringattn_requests_total (the coordinator's:
+  // every compute RPC, unary and streaming); each (rpc, code) series exists from the start.
+  explicit ServiceMetrics(std::vector<std::string> rpcs);
   ~ServiceMetrics();
   ServiceMetrics(const ServiceMetrics&) = delete;
   ServiceMetrics& operator=(const ServiceMetrics&) = delete;
 
-  // The public RPCs, the `rpc` label of ringattn_requests_total.
-  enum class Rpc { kAttend, kAttendStream, kAttendBackward, kAttendBackwardStream };
-  static constexpr int kNumRpcs = 4;
-  static const char* RpcName(Rpc rpc);
-
-  // Records one finished request: counts it under its RPC and status code, adds its tensor bytes,
+  // Records one finished request: counts it under its RPC (one of `rpcs`; another is not
+  // counted in ringattn_requests_total) and status code, adds its tensor bytes,
   // and counts its ring steps (the most steps any worker reports, else one per worker listed).
   // Phase durations come from `timings`: compute and comm_wait are the maxima over the
   // workers (the slowest rank bounds the request). "total" is observed for every request, the
   // other phases only for OK ones, so that the breakdown is not diluted by requests refused
   // before they reached a phase.
-  void RecordRequest(Rpc rpc, absl::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
-                     int64_t bytes_out);
-  void RecordRequest(Rpc rpc, grpc::StatusCode code, const v1::Timings& timings, int64_t bytes_in,
-                     int64_t bytes_out);
+  void RecordRequest(std::string_view rpc, absl::StatusCode code, const v1::Timings& timings,
+                     int64_t bytes_in, int64_t bytes_out);
+  void RecordRequest(std::string_view rpc, grpc::StatusCode code, const v1::Timings& timings,
+                     int64_t bytes_in, int64_t bytes_out);
 
   void SetQueueDepth(int64_t depth);
   void SetWorkersUp(int64_t workers);
@@ -84,7 +84,9 @@ class ServiceMetrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   // Owned by the registry's families.
-  std::array<std::array<prometheus::Counter*, kNumCodes>, kNumRpcs> requests_{};
+  const std::vector<std::string> rpcs_;
+  // [rpc][code], parallel to rpcs_.
+  std::vector<std::array<prometheus::Counter*, kNumCodes>> requests_;
   std::array<prometheus::Histogram*, kNumPhases> phase_seconds_{};
   prometheus::Counter* bytes_in_ = nullptr;
   prometheus::Counter* bytes_out_ = nullptr;

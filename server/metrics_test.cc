@@ -17,6 +17,11 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
+// The coordinator's labels.
+ServiceMetrics MakeMetrics() {
+  return ServiceMetrics({"Attend", "AttendStream", "AttendBackward", "AttendBackwardStream"});
+}
+
 v1::Timings MakeTimings(int workers, int steps) {
   v1::Timings t;
   t.set_queue_seconds(0.001);
@@ -36,13 +41,11 @@ v1::Timings MakeTimings(int workers, int steps) {
 }
 
 TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
-  ServiceMetrics m;
-  m.RecordRequest(ServiceMetrics::Rpc::kAttend, absl::StatusCode::kOk,
-                  MakeTimings(/*workers=*/3, /*steps=*/3), 3000, 1000);
-  m.RecordRequest(ServiceMetrics::Rpc::kAttendStream, grpc::StatusCode::INVALID_ARGUMENT,
-                  v1::Timings(), 0, 0);
-  m.RecordRequest(ServiceMetrics::Rpc::kAttendBackward, absl::StatusCode::kUnavailable,
-                  MakeTimings(2, 0), 10, 0);
+  ServiceMetrics m = MakeMetrics();
+  m.RecordRequest("Attend", absl::StatusCode::kOk, MakeTimings(/*workers=*/3, /*steps=*/3), 3000,
+                  1000);
+  m.RecordRequest("AttendStream", grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0);
+  m.RecordRequest("AttendBackward", absl::StatusCode::kUnavailable, MakeTimings(2, 0), 10, 0);
   m.SetQueueDepth(4);
   m.SetWorkersUp(3);
   m.RecordRingReform();
@@ -112,13 +115,23 @@ std::string HttpExchange(int port, const std::string& request) {
   return response;
 }
 
+TEST(ServiceMetricsTest, AnRpcOutsideTheLabelsIsNotCounted) {
+  ServiceMetrics m({"Attend"});
+  m.RecordRequest("Attend", absl::StatusCode::kOk, MakeTimings(1, 1), 4, 4);
+  m.RecordRequest("Other", absl::StatusCode::kOk, MakeTimings(1, 1), 4, 4);
+  const std::string text = m.Serialize();
+  EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 1"));
+  EXPECT_THAT(text, Not(HasSubstr("Other")));
+  EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"in\"} 8"));
+}
+
 TEST(ServiceMetricsTest, ExposerAnswersHttpGetOnAnEphemeralPort) {
-  ServiceMetrics m;
+  ServiceMetrics m = MakeMetrics();
   EXPECT_EQ(m.exposer_port(), 0);
   ASSERT_TRUE(m.StartExposer("127.0.0.1:0").ok());
   const int port = m.exposer_port();
   ASSERT_GT(port, 0);
-  m.RecordRequest(ServiceMetrics::Rpc::kAttend, absl::StatusCode::kOk, MakeTimings(1, 1), 1, 1);
+  m.RecordRequest("Attend", absl::StatusCode::kOk, MakeTimings(1, 1), 1, 1);
   const std::string response = HttpExchange(port, "GET /metrics HTTP/1.0\r\n\r\n");
   EXPECT_THAT(response, HasSubstr("200 OK"));
   EXPECT_THAT(response, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 1"));
@@ -130,9 +143,9 @@ TEST(ServiceMetricsTest, ExposerAnswersHttpGetOnAnEphemeralPort) {
 }
 
 TEST(ServiceMetricsTest, ExposerOnABusyPortIsUnavailable) {
-  ServiceMetrics first;
+  ServiceMetrics first = MakeMetrics();
   ASSERT_TRUE(first.StartExposer("127.0.0.1:0").ok());
-  ServiceMetrics second;
+  ServiceMetrics second = MakeMetrics();
   const absl::Status s = second.StartExposer("127.0.0.1:" + std::to_string(first.exposer_port()));
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("cannot serve metrics on '127.0.0.1:"));

@@ -2,9 +2,12 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <climits>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "server/fan_out.h"
 #include "server/metrics.h"
 
 namespace ringattn {
@@ -129,20 +132,18 @@ void RingManager::PingAll() {
 // Pings `workers` once, all at a time; returns those that did not answer.
 std::vector<std::shared_ptr<WorkerRecord>> RingManager::Unresponsive(
     const std::vector<std::shared_ptr<WorkerRecord>>& workers) const {
-  std::vector<char> ok(workers.size(), 0);
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < workers.size(); ++i) {
-    threads.emplace_back([&, i] {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.ping_timeout));
-      v1::PingResponse resp;
-      ok[i] = workers[i]->stub->Ping(&ctx, v1::PingRequest(), &resp).ok();
-    });
-  }
-  for (auto& t : threads) t.join();
+  const v1::PingRequest request;
+  std::vector<v1::PingResponse> responses(workers.size());
+  FanOutOptions fan_out;
+  fan_out.deadline = absl::Now() + options_.ping_timeout;
+  const std::vector<grpc::Status> statuses =
+      FanOut(static_cast<int>(workers.size()), fan_out,
+             [&](int i, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
+               workers[i]->stub->async()->Ping(ctx, &request, &responses[i], std::move(done));
+             });
   std::vector<std::shared_ptr<WorkerRecord>> lost;
   for (size_t i = 0; i < workers.size(); ++i) {
-    if (!ok[i]) lost.push_back(workers[i]);
+    if (!statuses[i].ok()) lost.push_back(workers[i]);
   }
   return lost;
 }
@@ -179,36 +180,25 @@ void RingManager::TryFormRing() {
   const std::vector<std::shared_ptr<WorkerRecord>>& members = candidates;
   const std::string prefix = absl::StrCat("ring/", generation, "/");
   const int world = static_cast<int>(members.size());
-  std::vector<grpc::Status> results(world);
-  std::vector<std::unique_ptr<grpc::ClientContext>> contexts(world);
-  for (auto& c : contexts) {
-    c = std::make_unique<grpc::ClientContext>();
-    c->set_deadline(absl::ToChronoTime(absl::Now() + options_.join_timeout));
-  }
-  absl::Mutex join_mu;
-  bool failed = false;
-  std::vector<std::thread> threads;
+  std::vector<v1::JoinRingRequest> requests(world);
+  std::vector<v1::JoinRingResponse> responses(world);
   for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      v1::JoinRingRequest req;
-      req.set_generation(generation);
-      req.set_rank(r);
-      req.set_world_size(world);
-      req.set_store_prefix(prefix);
-      req.set_timeout_seconds(options_.ring_timeout_seconds);
-      v1::JoinRingResponse resp;
-      results[r] = members[r]->stub->JoinRing(contexts[r].get(), req, &resp);
-      if (!results[r].ok()) {
-        // The others would wait for this rank until join_timeout: release them now.
-        absl::MutexLock lock(&join_mu);
-        if (!failed) {
-          failed = true;
-          for (auto& c : contexts) c->TryCancel();
-        }
-      }
-    });
+    requests[r].set_generation(generation);
+    requests[r].set_rank(r);
+    requests[r].set_world_size(world);
+    requests[r].set_store_prefix(prefix);
+    requests[r].set_timeout_seconds(options_.ring_timeout_seconds);
   }
-  for (auto& t : threads) t.join();
+  // A rank that fails to join cancels the others, which would wait for it until join_timeout.
+  FanOutOptions fan_out;
+  fan_out.deadline = absl::Now() + options_.join_timeout;
+  fan_out.cancel_all_on_failure = true;
+  const std::vector<grpc::Status> results = FanOut(
+      world, fan_out, [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
+        members[r]->stub->async()->JoinRing(ctx, &requests[r], &responses[r], std::move(done));
+      });
+  const bool failed =
+      std::any_of(results.begin(), results.end(), [](const grpc::Status& s) { return !s.ok(); });
   store_->ErasePrefix(prefix);
   for (int r = 0; r < world; ++r) {
     if (!results[r].ok() && results[r].error_code() != grpc::StatusCode::CANCELLED) {

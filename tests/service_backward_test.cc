@@ -368,9 +368,9 @@ TEST(BackwardStream, PastTheUnaryLimitAndProtocolErrors) {
   } cases[] = {
       {"no header", {wrong_tensor}, "must start with a header"},
       {"chunk of a response tensor", {header, wrong_tensor}, "WHICH_DQ is not one this call takes"},
-      {"offset out of order", {header, bad_offset}, "chunk.offset 8 for q must be 0"},
+      {"offset out of order", {header, bad_offset}, "q chunk at offset 8, expected 0"},
       {"data in the header", {with_data}, "header carries tensor data"},
-      {"short tensors", {header}, "q.data has 0 bytes"},
+      {"short tensors", {header}, "incomplete: q has 0 of the"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);

@@ -294,6 +294,16 @@ bool WorkersIdle(Service& svc, absl::Duration timeout) {
   return true;
 }
 
+// After a failed request: a small one is answered, and matches the reference.
+void ExpectNextRequestMatchesReference(Service& svc) {
+  Shape small;
+  const v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse resp;
+  const grpc::Status st = Call(svc, next, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ExpectMatchesReference(next, resp);
+}
+
 // Work longer than the deadline: DEADLINE_EXCEEDED, the workers stop, the next request works.
 TEST(ServiceFaults, DeadlineShorterThanWork) {
   Service svc(2);
@@ -308,12 +318,7 @@ TEST(ServiceFaults, DeadlineShorterThanWork) {
 
   // The workers were told to stop: within a short while none is busy.
   EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5)));
-  Shape small;
-  v1::AttendRequest next = MakeRequest(small);
-  v1::AttendResponse ok_resp;
-  grpc::Status st2 = Call(svc, next, &ok_resp);
-  ASSERT_TRUE(st2.ok()) << st2.error_message();
-  ExpectMatchesReference(next, ok_resp);
+  ExpectNextRequestMatchesReference(svc);
 }
 
 // The client goes away mid-request: it sees CANCELLED, the workers stop computing for nobody,
@@ -335,12 +340,7 @@ TEST(ServiceFaults, ClientCancelsMidRequest) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
   EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5))) << "workers still busy after cancellation";
   EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(5));
-  Shape small;
-  v1::AttendRequest next = MakeRequest(small);
-  v1::AttendResponse ok_resp;
-  grpc::Status st2 = Call(svc, next, &ok_resp);
-  ASSERT_TRUE(st2.ok()) << st2.error_message();
-  ExpectMatchesReference(next, ok_resp);
+  ExpectNextRequestMatchesReference(svc);
 }
 
 // A worker killed mid-request: UNAVAILABLE, the worker is restarted, the ring re-formed, and
@@ -481,6 +481,68 @@ TEST(ServiceOps, HealthInfoAndMetrics) {
     EXPECT_NE(metrics.find(family), std::string::npos) << family;
   }
   EXPECT_NE(metrics.find("code=\"OK\""), std::string::npos);
+}
+
+// Whether /metrics shows `line` within `timeout`.
+bool MetricsShowWithin(Service& svc, const std::string& line, absl::Duration timeout) {
+  const absl::Time stop_by = absl::Now() + timeout;
+  while (HttpGet(svc.coordinator().metrics_port(), "/metrics").find(line) == std::string::npos) {
+    if (absl::Now() >= stop_by) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
+// Requests waiting behind a long one leave the queue as soon as their deadline passes or their
+// client cancels (the coordinator is told, it does not find out later): their place is free
+// for the next request, and the metrics count them under their codes.
+TEST(ServiceAdmission, LeavingTheQueueFreesItsPlace) {
+  Coordinator::Options o;
+  o.max_queue = 1;
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  const v1::AttendRequest long_request = MakeRequest(big);
+  grpc::Status long_status;
+  std::thread long_caller([&] {
+    v1::AttendResponse resp;
+    long_status = Call(svc, long_request, &resp, absl::Seconds(120));
+  });
+  // The dispatcher has taken it: the queue is empty.
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(5)));
+
+  Shape small;
+  const v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse resp;
+  const grpc::Status late = Call(svc, next, &resp, absl::Milliseconds(300));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
+  EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(2)));
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    grpc::Status gone;
+    std::thread caller([&] { gone = svc.stub().Attend(&ctx, next, &resp); });
+    ASSERT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 1\n", absl::Seconds(5)));
+    ctx.TryCancel();
+    caller.join();
+    EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
+  }
+  EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(2)));
+  // With max_queue 1 this is refused unless both left: it waits behind the long one instead.
+  v1::AttendResponse ok_resp;
+  const grpc::Status ok = Call(svc, next, &ok_resp, absl::Seconds(120));
+  ASSERT_TRUE(ok.ok()) << ok.error_message();
+  ExpectMatchesReference(next, ok_resp);
+  long_caller.join();
+  EXPECT_TRUE(long_status.ok()) << long_status.error_message();
+  const std::string metrics = HttpGet(svc.coordinator().metrics_port(), "/metrics");
+  EXPECT_NE(metrics.find("ringattn_requests_total{code=\"DEADLINE_EXCEEDED\",rpc=\"Attend\"} 1"),
+            std::string::npos);
+  EXPECT_NE(metrics.find("ringattn_requests_total{code=\"CANCELLED\",rpc=\"Attend\"} 1"),
+            std::string::npos);
+  EXPECT_NE(metrics.find("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 2"),
+            std::string::npos);
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
-#include <initializer_list>
+#include <optional>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "proto/compute_rpcs.h"
 #include "proto/convert.h"
 #include "ring/host_ring.h"
 #include "ring/layout.h"
@@ -80,27 +82,6 @@ class CallWatcher {
 
 absl::Status Annotate(const absl::Status& s, const std::string& prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, std::string(s.message())));
-}
-
-// Bytes of a tensor with the given dimensions; InvalidArgument naming it on overflow.
-absl::StatusOr<size_t> TensorBytes(const char* name, std::initializer_list<int64_t> dims,
-                                   int64_t element_bytes) {
-  int64_t n = element_bytes;
-  for (int64_t d : dims) {
-    if (__builtin_mul_overflow(n, d, &n)) {
-      return absl::InvalidArgumentError(absl::StrCat(name, " is too large to address"));
-    }
-  }
-  return static_cast<size_t>(n);
-}
-
-absl::Status CheckBytes(const char* name, const std::string& data, size_t want, int batch,
-                        int64_t rows, int heads, int head_dim, DType dtype, int rank) {
-  if (data.size() == want) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat(name, " has ", data.size(), " bytes but rank ", rank, "'s shard needs ", want,
-                   " ([batch=", batch, ", rows=", rows, ", heads=", heads, ", head_dim=", head_dim,
-                   "] ", std::string(DTypeName(dtype)), ")"));
 }
 
 }  // namespace
@@ -286,89 +267,63 @@ grpc::Status WorkerServiceImpl::RunOnCurrentRing(
   return ToGrpcStatus(s);
 }
 
-grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
-                                         const v1::RunShardRequest* request,
-                                         v1::RunShardResponse* response) {
-  return RunOnCurrentRing(
-      "RunShard", request->generation(),
-      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return Run(context, *request, ring, response);
-      },
-      response);
-}
-
-grpc::Status WorkerServiceImpl::RunShardBackward(grpc::ServerContext* context,
-                                                 const v1::RunShardBackwardRequest* request,
-                                                 v1::RunShardBackwardResponse* response) {
-  return RunOnCurrentRing(
-      "RunShardBackward", request->generation(),
-      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return RunBackward(context, *request, ring, response);
-      },
-      response);
-}
-
 namespace {
 
-// The sizes of this rank's shard, from the fields RunShardRequest and RunShardBackwardRequest
-// share, checked.
-struct ShardSpec {
-  DType dtype = DType::kF32;
-  int batch = 0;
-  int heads = 0;
-  int heads_k = 0;
-  int head_dim = 0;
-  ShardPlan plan;
-  int64_t rows = 0;      // of this rank
-  size_t q_bytes = 0;    // [batch, rows, heads, head_dim] of dtype (q, out, dout, dq)
-  size_t kv_bytes = 0;   // [batch, rows, heads_k, head_dim] of dtype (k, v, dk, dv)
-  size_t lse_bytes = 0;  // [batch, heads, rows] fp32
-
-  absl::Status Check(const char* name, const std::string& data, bool kv, int rank) const {
-    return CheckBytes(name, data, kv ? kv_bytes : q_bytes, batch, rows, kv ? heads_k : heads,
-                      head_dim, dtype, rank);
-  }
-};
-
-template <typename ShardRequest>
-absl::StatusOr<ShardSpec> ParseShard(const ShardRequest& request, int rank, int world) {
+absl::StatusOr<ShardSpec> ParseShardHeader(const v1::ShardHeader& header, int rank, int world) {
   ShardSpec spec;
-  RA_ASSIGN_OR_RETURN(spec.dtype, DTypeFromProto(request.dtype()));
-  RA_ASSIGN_OR_RETURN(const std::optional<Layout> requested, LayoutFromProto(request.layout()));
+  RA_ASSIGN_OR_RETURN(spec.shape, ShapeFromProto(header.shape()));
+  if (spec.shape.seqlen_q != spec.shape.seqlen_k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape.seqlen_k (", spec.shape.seqlen_k, ") must equal shape.seqlen_q (",
+                     spec.shape.seqlen_q, "): the ring computes self-attention over one sequence"));
+  }
+  RA_ASSIGN_OR_RETURN(const std::optional<Layout> requested, LayoutFromProto(header.layout()));
   if (!requested.has_value()) {
     return absl::InvalidArgumentError(
         "layout must be LAYOUT_CONTIGUOUS, LAYOUT_ZIGZAG or LAYOUT_STRIPE (the coordinator "
         "resolves AUTO), got LAYOUT_AUTO");
   }
-  spec.batch = request.batch();
-  spec.heads = request.heads();
-  spec.heads_k = request.heads_k();
-  spec.head_dim = request.head_dim();
-  const int64_t seqlen = request.seqlen();
-  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"batch", spec.batch},
-                                    {"heads", spec.heads},
-                                    {"heads_k", spec.heads_k},
-                                    {"head_dim", spec.head_dim}}) {
-    if (value <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(name, " must be > 0, got ", value));
+  RA_ASSIGN_OR_RETURN(spec.plan, PlanShards(spec.shape.seqlen_q, world, *requested));
+  spec.rank = rank;
+  const int64_t rows = spec.plan.shards[rank].rows;
+  spec.shard = spec.shape.WithRows(rows, rows);
+  spec.options = OptionsFromProto(header.options());
+  return spec;
+}
+
+// Every input of `rpc` in `request` has the bytes this rank's shard needs.
+absl::Status CheckShardInputs(const ComputeRpc& rpc, const google::protobuf::Message& request,
+                              const ShardSpec& spec) {
+  for (const ComputeTensor& in : rpc.inputs) {
+    const size_t have = BytesField(request, in.name).size();
+    const size_t want = BytesOf(in.kind, spec.shard);
+    if (have != want) {
+      return absl::InvalidArgumentError(absl::StrCat(in.name, " has ", have, " bytes but rank ",
+                                                     spec.rank, "'s shard needs ", want, " (",
+                                                     DescribeRows(in.kind, spec.shard), ")"));
     }
   }
-  if (seqlen < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("seqlen must be >= 0, got ", seqlen));
+  return absl::OkStatus();
+}
+
+// Sizes every output of `rpc` the request wants to this rank's shard.
+void SizeShardOutputs(const ComputeRpc& rpc, const google::protobuf::Message& request,
+                      const ShardSpec& spec, google::protobuf::Message* response) {
+  for (const ComputeTensor& out : rpc.outputs) {
+    if (Wants(request, out)) {
+      SetBytesField(response, out.name, std::string(BytesOf(out.kind, spec.shard), '\0'));
+    }
   }
-  RA_ASSIGN_OR_RETURN(spec.plan, PlanShards(seqlen, world, *requested));
-  spec.rows = spec.plan.shards[rank].rows;
-  const int esize = DTypeSize(spec.dtype);
-  RA_ASSIGN_OR_RETURN(spec.q_bytes,
-                      TensorBytes("q", {spec.batch, spec.rows, spec.heads, spec.head_dim}, esize));
-  RA_ASSIGN_OR_RETURN(
-      spec.kv_bytes, TensorBytes("k", {spec.batch, spec.rows, spec.heads_k, spec.head_dim}, esize));
-  RA_ASSIGN_OR_RETURN(spec.lse_bytes,
-                      TensorBytes("lse", {spec.batch, spec.heads, spec.rows}, sizeof(float)));
-  RA_RETURN_IF_ERROR(spec.Check("q", request.q(), false, rank));
-  RA_RETURN_IF_ERROR(spec.Check("k", request.k(), true, rank));
-  RA_RETURN_IF_ERROR(spec.Check("v", request.v(), true, rank));
-  return spec;
+}
+
+// The sizes of a ring's shard tensors (RingShardTensors, RingBackwardTensors) from the shape.
+template <typename Tensors>
+void SetShardSizes(const AttentionShape& s, Tensors* t) {
+  t->dtype = s.dtype;
+  t->batch = s.batch;
+  t->heads = s.heads;
+  t->heads_k = s.heads_k;
+  t->head_dim = s.head_dim;
 }
 
 // Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
@@ -409,88 +364,72 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
 
 }  // namespace
 
-absl::Status WorkerServiceImpl::Run(grpc::ServerContext* context,
-                                    const v1::RunShardRequest& request,
-                                    const std::shared_ptr<Ring>& ring,
-                                    v1::RunShardResponse* response) {
-  RingConnection& comm = *ring->conn;
-  const int rank = comm.rank();
-  const std::string what = absl::StrCat("rank ", rank, " of ring generation ", ring->generation,
-                                        ", request '", request.request_id(), "'");
-  RA_ASSIGN_OR_RETURN(const ShardSpec spec, ParseShard(request, rank, comm.world_size()));
-  const RingAttentionOptions options = OptionsFromProto(request.options());
-
-  std::string* out = response->mutable_out();
-  out->resize(spec.q_bytes);
-  std::string* lse = response->mutable_lse();
-  if (request.return_lse()) lse->resize(spec.lse_bytes);
-  RingShardTensors t;
-  t.dtype = spec.dtype;
-  t.batch = spec.batch;
-  t.heads = spec.heads;
-  t.heads_k = spec.heads_k;
-  t.head_dim = spec.head_dim;
-  t.q = request.q().data();
-  t.k = request.k().data();
-  t.v = request.v().data();
-  t.out = out->data();
-  t.lse = request.return_lse() ? reinterpret_cast<float*>(lse->data()) : nullptr;
-
-  RA_ASSIGN_OR_RETURN(const RingTimings timings,
-                      RunWatched(context, what, comm,
-                                 [&] { return comm.Forward(spec.plan, t, options); }));
-  FillTiming(rank, spec.rows, timings, engine_->backend_name(), response->mutable_timing());
-  return absl::OkStatus();
+template <typename Request, typename Response>
+grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* method,
+                                           const char* what_kind, grpc::ServerContext* context,
+                                           const Request& request, Response* response,
+                                           const ShardOp<Request, Response>& op) {
+  return RunOnCurrentRing(
+      method, request.header().generation(),
+      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
+        RingConnection& comm = *ring->conn;
+        const int rank = comm.rank();
+        const std::string what =
+            absl::StrCat("rank ", rank, " of ring generation ", ring->generation, ", ", what_kind,
+                         "request '", request.header().request_id(), "'");
+        RA_ASSIGN_OR_RETURN(const ShardSpec spec,
+                            ParseShardHeader(request.header(), rank, comm.world_size()));
+        RA_RETURN_IF_ERROR(CheckShardInputs(rpc, request, spec));
+        SizeShardOutputs(rpc, request, spec, response);
+        RA_ASSIGN_OR_RETURN(const RingTimings timings, RunWatched(context, what, comm, [&] {
+                              return op(comm, spec, request, response);
+                            }));
+        FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(),
+                   response->mutable_timing());
+        return absl::OkStatus();
+      },
+      response);
 }
 
-absl::Status WorkerServiceImpl::RunBackward(grpc::ServerContext* context,
-                                            const v1::RunShardBackwardRequest& request,
-                                            const std::shared_ptr<Ring>& ring,
-                                            v1::RunShardBackwardResponse* response) {
-  RingConnection& comm = *ring->conn;
-  const int rank = comm.rank();
-  const std::string what =
-      absl::StrCat("rank ", rank, " of ring generation ", ring->generation, ", backward of ",
-                   "request '", request.request_id(), "'");
-  RA_ASSIGN_OR_RETURN(const ShardSpec spec, ParseShard(request, rank, comm.world_size()));
-  RA_RETURN_IF_ERROR(spec.Check("out", request.out(), false, rank));
-  RA_RETURN_IF_ERROR(spec.Check("dout", request.dout(), false, rank));
-  if (request.lse().size() != spec.lse_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("lse has ", request.lse().size(), " bytes but rank ", rank,
-                     "'s shard needs ", spec.lse_bytes, " ([batch=", spec.batch, ", heads=",
-                     spec.heads, ", rows=", spec.rows, "] fp32)"));
-  }
-  const RingAttentionOptions options = OptionsFromProto(request.options());
+grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
+                                         const v1::RunShardRequest* request,
+                                         v1::RunShardResponse* response) {
+  return RunCompute<v1::RunShardRequest, v1::RunShardResponse>(
+      AttendRpc(), "RunShard", "", context, *request, response,
+      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardRequest& req,
+         v1::RunShardResponse* resp) {
+        RingShardTensors t;
+        SetShardSizes(spec.shape, &t);
+        t.q = req.q().data();
+        t.k = req.k().data();
+        t.v = req.v().data();
+        t.out = resp->mutable_out()->data();
+        t.lse = req.return_lse() ? reinterpret_cast<float*>(resp->mutable_lse()->data()) : nullptr;
+        return comm.Forward(spec.plan, t, spec.options);
+      });
+}
 
-  std::string* dq = response->mutable_dq();
-  std::string* dk = response->mutable_dk();
-  std::string* dv = response->mutable_dv();
-  dq->resize(spec.q_bytes);
-  dk->resize(spec.kv_bytes);
-  dv->resize(spec.kv_bytes);
-  RingBackwardTensors t;
-  t.dtype = spec.dtype;
-  t.grad_dtype = spec.dtype;  // accumulated in fp32, rounded once at the end
-  t.batch = spec.batch;
-  t.heads = spec.heads;
-  t.heads_k = spec.heads_k;
-  t.head_dim = spec.head_dim;
-  t.q = request.q().data();
-  t.k = request.k().data();
-  t.v = request.v().data();
-  t.out = request.out().data();
-  t.dout = request.dout().data();
-  t.lse = reinterpret_cast<const float*>(request.lse().data());
-  t.dq = dq->data();
-  t.dk = dk->data();
-  t.dv = dv->data();
-
-  RA_ASSIGN_OR_RETURN(const RingTimings timings,
-                      RunWatched(context, what, comm,
-                                 [&] { return comm.Backward(spec.plan, t, options); }));
-  FillTiming(rank, spec.rows, timings, engine_->backend_name(), response->mutable_timing());
-  return absl::OkStatus();
+grpc::Status WorkerServiceImpl::RunShardBackward(grpc::ServerContext* context,
+                                                 const v1::RunShardBackwardRequest* request,
+                                                 v1::RunShardBackwardResponse* response) {
+  return RunCompute<v1::RunShardBackwardRequest, v1::RunShardBackwardResponse>(
+      AttendBackwardRpc(), "RunShardBackward", "backward of ", context, *request, response,
+      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardBackwardRequest& req,
+         v1::RunShardBackwardResponse* resp) {
+        RingBackwardTensors t;
+        SetShardSizes(spec.shape, &t);
+        t.grad_dtype = spec.shape.dtype;  // accumulated in fp32, rounded once at the end
+        t.q = req.q().data();
+        t.k = req.k().data();
+        t.v = req.v().data();
+        t.out = req.out().data();
+        t.dout = req.dout().data();
+        t.lse = reinterpret_cast<const float*>(req.lse().data());
+        t.dq = resp->mutable_dq()->data();
+        t.dk = resp->mutable_dk()->data();
+        t.dv = resp->mutable_dv()->data();
+        return comm.Backward(spec.plan, t, spec.options);
+      });
 }
 
 void WorkerServiceImpl::DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason) {

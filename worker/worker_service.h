@@ -3,11 +3,13 @@
 //
 // One ring at a time. JoinRing drops the previous ring (aborting its communicator, which fails
 // a shard still running on it), then rendezvouses with the other ranks through the
-// coordinator's store (CoordinatorStore) and connects Gloo. RunShard runs one request at a
-// time; a stale generation is refused with FAILED_PRECONDITION. A cancelled call or a passed
-// deadline aborts the communicator, so the ring stops at once on every rank instead of waiting
-// for its transport timeout. After any failed RunShard the ring is dead: the worker drops it,
-// Ping reports generation 0, and the coordinator forms a new one.
+// coordinator's store (CoordinatorStore) and connects its transport. The compute calls
+// (RunShard, RunShardBackward: one shard header, then the tensors proto/compute_rpcs.h lists)
+// run one request at a time; a stale generation is refused with FAILED_PRECONDITION. A
+// cancelled call or a passed deadline aborts the communicator, so the ring stops at once on
+// every rank instead of waiting for its transport timeout. After any failed compute call the
+// ring is dead: the worker drops it, Ping reports generation 0, and the coordinator forms a new
+// one.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -20,12 +22,23 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/attention_shape.h"
+#include "proto/compute_rpcs.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "worker/coordinator_store.h"
 #include "worker/ring_engine.h"
 
 namespace ringattn {
 
+// This rank's part of a compute call, from its shard header: the whole problem, the plan, and
+// the shard's own shape (this rank's rows of the sequence).
+struct ShardSpec {
+  AttentionShape shape;  // of the whole problem
+  ShardPlan plan;
+  int rank = 0;
+  AttentionShape shard;  // shape.WithRows(rows, rows)
+  RingAttentionOptions options;
+};
 
 class WorkerServiceImpl final : public v1::WorkerService::Service {
  public:
@@ -63,22 +76,27 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   // Shared by the handlers: the ring, if `generation` is the current one (`rpc` names the call).
   absl::Status CheckGeneration(const char* rpc, int64_t generation) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // The frame of RunShard and RunShardBackward: refuses a stale generation without waiting,
-  // then runs `run` on the current ring under run_mu_ with busy_ set. After a failure the ring
-  // is aborted and dropped, and `response` cleared.
+  // The frame of every compute call: refuses a stale generation without waiting, then runs
+  // `run` on the current ring under run_mu_ with busy_ set. After a failure the ring is aborted
+  // and dropped, and `response` cleared.
   grpc::Status RunOnCurrentRing(
       const char* rpc, int64_t generation,
       const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
       google::protobuf::Message* response) ABSL_LOCKS_EXCLUDED(run_mu_);
   absl::Status Join(grpc::ServerContext* context, const v1::JoinRingRequest& request);
-  absl::Status Run(grpc::ServerContext* context, const v1::RunShardRequest& request,
-                   const std::shared_ptr<Ring>& ring, v1::RunShardResponse* response)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
-  absl::Status RunBackward(grpc::ServerContext* context,
-                           const v1::RunShardBackwardRequest& request,
-                           const std::shared_ptr<Ring>& ring,
-                           v1::RunShardBackwardResponse* response)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  // One ring pass of a compute call on this rank's shard: its inputs in `request`, its outputs
+  // already sized in `response`.
+  template <typename Request, typename Response>
+  using ShardOp = std::function<absl::StatusOr<RingTimings>(
+      RingConnection& comm, const ShardSpec& spec, const Request& request, Response* response)>;
+  // A compute call (`method`, of table `rpc`) in the frame of RunOnCurrentRing: its shard
+  // header parsed, its inputs checked and outputs sized by the table, then `op` run, aborting
+  // the ring when the call is cancelled or past its deadline. `what_kind` goes into the
+  // messages ("backward of ").
+  template <typename Request, typename Response>
+  grpc::Status RunCompute(const ComputeRpc& rpc, const char* method, const char* what_kind,
+                          grpc::ServerContext* context, const Request& request, Response* response,
+                          const ShardOp<Request, Response>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);

@@ -1,0 +1,115 @@
+#include "proto/chunk_codec.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/field_mask.pb.h"
+#include "google/protobuf/util/field_mask_util.h"
+
+namespace ringattn {
+
+ChunkAssembler::ChunkAssembler(std::string what, absl::StatusCode code)
+    : what_(std::move(what)), code_(code) {}
+
+absl::Status ChunkAssembler::Error(std::string_view message) const {
+  return absl::Status(code_, absl::StrCat(what_, ": ", std::string(message)));
+}
+
+absl::Status ChunkAssembler::Expect(v1::TensorChunk::Which which, std::string_view name,
+                                    v1::Tensor* tensor, int64_t bytes) {
+  if (!tensor->data().empty()) {
+    return Error(absl::StrCat("header carries tensor data: ", tensor->data().size(), " bytes of ",
+                              std::string(name), "; every tensor's bytes come as chunks"));
+  }
+  tensor->mutable_data()->reserve(static_cast<size_t>(bytes));
+  parts_.push_back({which, std::string(name), tensor->mutable_data(), bytes});
+  return absl::OkStatus();
+}
+
+absl::Status ChunkAssembler::AddChunk(const v1::TensorChunk& chunk) {
+  auto part = std::find_if(parts_.begin(), parts_.end(),
+                           [&](const Part& p) { return p.which == chunk.tensor(); });
+  if (part == parts_.end()) {
+    std::string names;
+    for (const Part& p : parts_) absl::StrAppend(&names, names.empty() ? "" : ", ", p.name);
+    return Error(absl::StrCat("chunk.tensor ", v1::TensorChunk::Which_Name(chunk.tensor()),
+                              " is not one this call takes (", names, ")"));
+  }
+  const int64_t have = static_cast<int64_t>(part->data->size());
+  if (chunk.offset() != have) {
+    return Error(absl::StrCat(part->name, " chunk at offset ", chunk.offset(), ", expected ", have,
+                              " (chunks contiguous and in order)"));
+  }
+  const int64_t n = static_cast<int64_t>(chunk.data().size());
+  if (have + n > part->bytes) {
+    return Error(absl::StrCat(part->name, " chunks exceed the ", part->bytes,
+                              " bytes its shape needs (chunk at offset ", chunk.offset(), " of ", n,
+                              " bytes)"));
+  }
+  part->data->append(chunk.data());
+  received_ += n;
+  return absl::OkStatus();
+}
+
+absl::Status ChunkAssembler::CheckComplete() const {
+  for (const Part& p : parts_) {
+    if (static_cast<int64_t>(p.data->size()) != p.bytes) {
+      return Error(absl::StrCat("incomplete: ", p.name, " has ", p.data->size(), " of the ",
+                                p.bytes, " bytes its shape needs"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+int64_t ChunkAssembler::expected_bytes() const {
+  int64_t sum = 0;
+  for (const Part& p : parts_) sum += p.bytes;
+  return sum;
+}
+
+ChunkCursor::ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes)
+    : tensors_(std::move(tensors)), chunk_bytes_(std::max<int64_t>(1, chunk_bytes)) {}
+
+bool ChunkCursor::Next(v1::TensorChunk* chunk) {
+  while (tensor_ < tensors_.size() &&
+         offset_ >= static_cast<int64_t>(tensors_[tensor_].data->size())) {
+    ++tensor_;
+    offset_ = 0;
+  }
+  if (tensor_ == tensors_.size()) return false;
+  const Source& t = tensors_[tensor_];
+  const int64_t n = std::min(chunk_bytes_, static_cast<int64_t>(t.data->size()) - offset_);
+  chunk->set_tensor(t.which);
+  chunk->set_offset(offset_);
+  chunk->set_data(t.data->data() + offset_, static_cast<size_t>(n));
+  offset_ += n;
+  return true;
+}
+
+int64_t ChunkCursor::total_bytes() const {
+  int64_t sum = 0;
+  for (const Source& t : tensors_) sum += static_cast<int64_t>(t.data->size());
+  return sum;
+}
+
+void CopyWithoutTensorData(const google::protobuf::Message& from, google::protobuf::Message* to) {
+  const google::protobuf::Descriptor* d = from.GetDescriptor();
+  const google::protobuf::Reflection* r = from.GetReflection();
+  google::protobuf::FieldMask others;
+  for (int i = 0; i < d->field_count(); ++i) {
+    const google::protobuf::FieldDescriptor* f = d->field(i);
+    if (f->is_repeated() || f->message_type() != v1::Tensor::descriptor()) {
+      others.add_paths(f->name());
+      continue;
+    }
+    if (!r->HasField(from, f)) continue;
+    const auto& tensor = static_cast<const v1::Tensor&>(r->GetMessage(from, f));
+    auto* copy = static_cast<v1::Tensor*>(to->GetReflection()->MutableMessage(to, f));
+    copy->set_dtype(tensor.dtype());
+    *copy->mutable_shape() = tensor.shape();
+  }
+  google::protobuf::util::FieldMaskUtil::MergeMessageTo(
+      from, others, google::protobuf::util::FieldMaskUtil::MergeOptions(), to);
+}
+
+}  // namespace ringattn

@@ -1,0 +1,148 @@
+// The chunk protocol: a stream cut by ChunkCursor reassembles to the same bytes, and every breach
+// of the protocol is refused with the receiver's code, naming the tensor and the offset or size.
+#include "proto/chunk_codec.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace ringattn {
+namespace {
+
+using ::testing::HasSubstr;
+using Which = v1::TensorChunk;
+
+v1::AttendStreamRequest Header() {
+  v1::AttendStreamRequest m;
+  v1::AttendRequest* h = m.mutable_header();
+  h->set_request_id("r");
+  h->set_return_lse(true);
+  h->mutable_q()->set_dtype(v1::DTYPE_FP32);
+  h->mutable_q()->add_shape(3);
+  h->mutable_k()->set_dtype(v1::DTYPE_FP32);
+  return m;
+}
+
+v1::AttendStreamRequest Chunk(Which::Which which, int64_t offset, const std::string& data) {
+  v1::AttendStreamRequest m;
+  m.mutable_chunk()->set_tensor(which);
+  m.mutable_chunk()->set_offset(offset);
+  m.mutable_chunk()->set_data(data);
+  return m;
+}
+
+// Expects q (10 bytes) and k (4 bytes).
+absl::Status ExpectQk(StreamAssembler<v1::AttendStreamRequest>& a, v1::AttendRequest* h) {
+  if (absl::Status s = a.chunks().Expect(Which::WHICH_Q, "q", h->mutable_q(), 10); !s.ok()) {
+    return s;
+  }
+  return a.chunks().Expect(Which::WHICH_K, "k", h->mutable_k(), 4);
+}
+
+// Feeds `messages` to a fresh assembler; the first error, or Finish's status.
+absl::Status Feed(std::vector<v1::AttendStreamRequest> messages,
+                  absl::StatusCode code = absl::StatusCode::kInvalidArgument) {
+  StreamAssembler<v1::AttendStreamRequest> a("AttendStream request", code);
+  for (v1::AttendStreamRequest& m : messages) {
+    absl::Status s = a.Add(&m, [&](v1::AttendRequest* h) { return ExpectQk(a, h); });
+    if (!s.ok()) return s;
+  }
+  return a.Finish();
+}
+
+TEST(ChunkCodecTest, CursorAndAssemblerRoundTrip) {
+  const std::string q = "0123456789";
+  const std::string k = "abcd";
+  const std::string empty;
+  for (int64_t chunk_bytes : {1, 3, 4, 100}) {
+    SCOPED_TRACE(chunk_bytes);
+    ChunkCursor cursor({{Which::WHICH_Q, &q}, {Which::WHICH_LSE, &empty}, {Which::WHICH_K, &k}},
+                       chunk_bytes);
+    EXPECT_EQ(cursor.total_bytes(), 14);
+    StreamAssembler<v1::AttendStreamRequest> a("AttendStream request",
+                                               absl::StatusCode::kInvalidArgument);
+    v1::AttendStreamRequest header = Header();
+    ASSERT_TRUE(a.Add(&header, [&](v1::AttendRequest* h) { return ExpectQk(a, h); }).ok());
+    v1::AttendStreamRequest m;
+    int chunks = 0;
+    while (cursor.Next(m.mutable_chunk())) {
+      EXPECT_LE(static_cast<int64_t>(m.chunk().data().size()), chunk_bytes);
+      ASSERT_TRUE(a.Add(&m, [](v1::AttendRequest*) { return absl::OkStatus(); }).ok());
+      ++chunks;
+    }
+    EXPECT_EQ(chunks, (10 + chunk_bytes - 1) / chunk_bytes + (4 + chunk_bytes - 1) / chunk_bytes);
+    ASSERT_TRUE(a.Finish().ok()) << a.Finish();
+    EXPECT_EQ(a.header()->q().data(), q);
+    EXPECT_EQ(a.header()->k().data(), k);
+    EXPECT_EQ(a.header()->request_id(), "r");
+    EXPECT_EQ(a.chunks().received_bytes(), 14);
+    EXPECT_EQ(a.chunks().expected_bytes(), 14);
+  }
+}
+
+TEST(ChunkCodecTest, BreachesNameTheTensorAndOffset) {
+  v1::AttendStreamRequest with_data = Header();
+  with_data.mutable_header()->mutable_k()->set_data("zz");
+  const struct {
+    const char* name;
+    std::vector<v1::AttendStreamRequest> messages;
+    const char* expect;
+  } cases[] = {
+      {"nothing", {}, "AttendStream request: must start with a header message; got no message"},
+      {"chunk first",
+       {Chunk(Which::WHICH_Q, 0, "ab")},
+       "must start with a header message; got a chunk before the header"},
+      {"second header", {Header(), Header()}, "a second header; only one header is allowed"},
+      {"data in the header", {with_data}, "header carries tensor data: 2 bytes of k"},
+      {"tensor not taken",
+       {Header(), Chunk(Which::WHICH_DQ, 0, "ab")},
+       "chunk.tensor WHICH_DQ is not one this call takes (q, k)"},
+      {"offset out of order",
+       {Header(), Chunk(Which::WHICH_Q, 0, "ab"), Chunk(Which::WHICH_Q, 3, "c")},
+       "q chunk at offset 3, expected 2"},
+      {"too many bytes",
+       {Header(), Chunk(Which::WHICH_K, 0, "abc"), Chunk(Which::WHICH_K, 3, "de")},
+       "k chunks exceed the 4 bytes its shape needs (chunk at offset 3 of 2 bytes)"},
+      {"short tensor",
+       {Header(), Chunk(Which::WHICH_Q, 0, "0123456")},
+       "incomplete: q has 7 of the 10 bytes its shape needs"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const absl::Status s = Feed(c.messages);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(c.expect));
+  }
+  // The client's receiver: the same checks, its own code.
+  EXPECT_EQ(Feed({Header(), Chunk(Which::WHICH_Q, 1, "a")}, absl::StatusCode::kInternal).code(),
+            absl::StatusCode::kInternal);
+}
+
+TEST(ChunkCodecTest, HeaderOfKeepsShapesAndDropsData) {
+  v1::AttendBackwardRequest r;
+  r.set_request_id("id");
+  r.set_layout(v1::LAYOUT_STRIPE);
+  r.mutable_options()->set_causal(true);
+  r.mutable_q()->set_dtype(v1::DTYPE_BF16);
+  r.mutable_q()->add_shape(1);
+  r.mutable_q()->add_shape(2);
+  r.mutable_q()->set_data("data");
+  r.mutable_lse()->set_data("lse");
+  const v1::AttendBackwardRequest h = HeaderOf(r);
+  EXPECT_EQ(h.request_id(), "id");
+  EXPECT_EQ(h.layout(), v1::LAYOUT_STRIPE);
+  EXPECT_TRUE(h.options().causal());
+  ASSERT_TRUE(h.has_q());
+  EXPECT_EQ(h.q().dtype(), v1::DTYPE_BF16);
+  EXPECT_THAT(h.q().shape(), ::testing::ElementsAre(1, 2));
+  EXPECT_TRUE(h.q().data().empty());
+  EXPECT_TRUE(h.has_lse());
+  EXPECT_TRUE(h.lse().data().empty());
+  EXPECT_FALSE(h.has_k());  // absent stays absent
+  EXPECT_FALSE(h.has_dout());
+}
+
+}  // namespace
+}  // namespace ringattn
