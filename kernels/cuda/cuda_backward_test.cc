@@ -1,4 +1,4 @@
-// The "cuda" backward backend (cuda_backward.h) and its kernel (flash_bwd.cuh).
+// The backward of the "cuda" backend (cuda_backend.h) and its kernel (flash_bwd.cuh).
 //
 // Host-only (run everywhere): the factory; refusals are InvalidArgument naming the field (dtype,
 // head_dim, out_dtype, dout and dq layouts) before any device call.
@@ -16,7 +16,7 @@
 //   - ComputeDelta against rowsum(dO * O) on the host.
 // Tolerances per gradient tensor: relative L2 <= 2e-2 (bf16), 5e-3 (fp16): the kernel rounds
 // P and dS to the input dtype for the tensor cores and accumulates in fp32.
-#include "kernels/cuda/cuda_backward.h"
+#include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
 
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -31,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/gpu_backward_test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
@@ -54,19 +56,27 @@ constexpr int64_t kOpen = kUnboundedWindow;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
+// The registered "cuda" backend.
+std::unique_ptr<AttentionBackend> MakeCuda() {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeBackend("cuda");
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? *std::move(b) : nullptr;
+}
+
 AttentionBackwardParams FakeCall() { return kernel_testing::FakeBackwardCall(); }
 
 void ExpectRefused(const AttentionBackwardParams& p, const std::string& needle) {
-  auto backend = MakeCudaBackwardBackend();
+  auto backend = MakeCuda();
   kernel_testing::ExpectBackwardRefused(*backend, p, needle);
 }
 
 TEST(CudaBackwardHostTest, Factory) {
-  auto backend = MakeCudaBackwardBackend();
+  auto backend = MakeCuda();
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->name(), "cuda");
   EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
-  CudaBackwardBackend* c = AsCudaBackwardBackend(backend.get());
+  EXPECT_TRUE(backend->capabilities().backward);
+  CudaBackend* c = AsCudaBackend(backend.get());
   ASSERT_NE(c, nullptr);
   EXPECT_EQ(c->stream(), nullptr);
   c->SetStream(reinterpret_cast<cudaStream_t>(0x10));
@@ -133,7 +143,7 @@ void RunCase(const Case& c, const std::string& config) {
   ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
   std::printf("  %s%s\n", CaseName(c).c_str(), config.empty() ? "" : (" " + config).c_str());
   if (config.empty()) {
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     const absl::Status s = backend->Backward(dc.p);
     ASSERT_TRUE(s.ok()) << s;
   } else {
@@ -244,7 +254,7 @@ TEST_F(CudaBackwardGpuTest, AccumulateTwiceIsTwice) {
     ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     ASSERT_TRUE(backend->Backward(dc.p).ok());
     const absl::Status s = backend->Backward(dc.p);
     ASSERT_TRUE(s.ok()) << s;
@@ -261,7 +271,7 @@ TEST_F(CudaBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
     ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, 100}, {100, 256}}) {
       AttentionBackwardParams part = dc.p;
       part.fwd = kernel_testing::KeyRange(dc.p.fwd, begin, end);
@@ -283,7 +293,7 @@ TEST_F(CudaBackwardGpuTest, DkDvAreDeterministic) {
   for (int run = 0; run < 2; ++run) {
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     ASSERT_TRUE(backend->Backward(dc.p).ok());
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     std::vector<float> dk = Download(dc.dk), dv = Download(dc.dv);
@@ -298,7 +308,7 @@ TEST_F(CudaBackwardGpuTest, DkDvAreDeterministic) {
 }
 
 TEST_F(CudaBackwardGpuTest, ComputeDelta) {
-  auto backend = MakeCudaBackwardBackend();
+  auto backend = MakeCuda();
   kernel_testing::CheckComputeDelta(*backend);
 }
 

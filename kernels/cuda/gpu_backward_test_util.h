@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "kernels/attention_backend.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu/reference_attention.h"
@@ -228,7 +229,7 @@ inline AttentionBackwardParams FakeBackwardCall() {
 }
 
 // backend.Backward(p) is InvalidArgument naming `needle` (and returns before any device call).
-inline void ExpectBackwardRefused(AttentionBackwardBackend& backend,
+inline void ExpectBackwardRefused(AttentionBackend& backend,
                                   const AttentionBackwardParams& p, const std::string& needle) {
   const absl::Status s = backend.Backward(p);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
@@ -263,7 +264,7 @@ inline std::vector<BackwardRefusal> RefusalsOfEveryGpuBackward() {
 }
 
 // backend.ComputeDelta against rowsum(dO * O) on the host, at 255 rows, 5 heads, d 64, bf16.
-inline void CheckComputeDelta(AttentionBackwardBackend& backend) {
+inline void CheckComputeDelta(AttentionBackend& backend) {
   const Case c{255, 255, 5, 5, 64, DType::kBF16};
   HostCall hc;
   ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
