@@ -13,12 +13,14 @@ absl::Status AttentionBackend::DoForward(const AttentionParams& /*p*/,
 
 absl::Status AttentionBackend::DoBackward(const AttentionBackwardParams& /*p*/,
                                           const ExecutionContext& /*ctx*/) {
-  return absl::UnimplementedError(absl::StrCat("backend ", std::string(name()), " has no backward"));
+  return absl::UnimplementedError(
+      absl::StrCat("backend ", std::string(name()), " has no backward"));
 }
 
 absl::Status AttentionBackend::DoComputeDelta(const AttentionBackwardParams& /*p*/,
                                               float* /*delta*/, const ExecutionContext& /*ctx*/) {
-  return absl::UnimplementedError(absl::StrCat("backend ", std::string(name()), " has no backward"));
+  return absl::UnimplementedError(
+      absl::StrCat("backend ", std::string(name()), " has no backward"));
 }
 
 }  // namespace ringattn

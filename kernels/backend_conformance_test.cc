@@ -153,7 +153,8 @@ AttentionParams InSpace(const AttentionParams& host, AttentionBuffers& t, Space&
   p.v = space.Put(t.v.data(), Bytes(t.v));
   p.o = space.Put(t.o.data(), Bytes(t.o));
   p.lse = host.lse == nullptr ? nullptr : space.Put(t.lse.data(), Bytes(t.lse));
-  p.alibi_slopes = host.alibi_slopes == nullptr ? nullptr : space.Put(t.alibi.data(), Bytes(t.alibi));
+  p.alibi_slopes =
+      host.alibi_slopes == nullptr ? nullptr : space.Put(t.alibi.data(), Bytes(t.alibi));
   return p;
 }
 
@@ -237,8 +238,8 @@ std::vector<AttentionParams> SweepCases(const BackendCapabilities& caps, bool d6
     int64_t sq, sk;
     int heads, heads_k, head_dim;
   };
-  const Size sizes[] = {{1, 1, 5, 5, 64},     {7, 7, 5, 5, 64},       {255, 255, 5, 5, 64},
-                        {7, 7, 8, 2, 64},     {100, 255, 8, 2, 64},   {255, 100, 8, 2, 64},
+  const Size sizes[] = {{1, 1, 5, 5, 64},     {7, 7, 5, 5, 64},     {255, 255, 5, 5, 64},
+                        {7, 7, 8, 2, 64},     {100, 255, 8, 2, 64}, {255, 100, 8, 2, 64},
                         {255, 255, 8, 2, 128}};
   std::vector<DType> dtypes = {DType::kBF16, DType::kF16};
   if (caps.fp32_inputs) dtypes.push_back(DType::kF32);
@@ -581,7 +582,8 @@ TEST(BackendRegistry, MemorySpaceRestrictsAndNamesTheBackendsOfThatSpace) {
   EXPECT_NE(wrong.status().message().find("'cpu_reference' computes in host memory"),
             std::string::npos)
       << wrong.status();
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> unknown = MakeBackend("gpu", MemorySpace::kHost);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> unknown =
+      MakeBackend("gpu", MemorySpace::kHost);
   ASSERT_FALSE(unknown.ok());
   EXPECT_EQ(unknown.status().message(),
             "unknown attention backend 'gpu'; registered host backends: cpu, cpu_reference");

@@ -24,9 +24,7 @@ Registry& TheRegistry() {
   return *registry;
 }
 
-const char* SpaceName(MemorySpace space) {
-  return space == MemorySpace::kHost ? "host" : "device";
-}
+const char* SpaceName(MemorySpace space) { return space == MemorySpace::kHost ? "host" : "device"; }
 
 }  // namespace
 
@@ -60,9 +58,9 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeBackend(std::string_view n
     if (auto it = r.constructors.find(name); it != r.constructors.end()) constructor = it->second;
   }
   if (!constructor) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown attention backend '", std::string(name),
-                                                   "'; registered: ",
-                                                   absl::StrJoin(RegisteredBackends(), ", ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown attention backend '", std::string(name),
+                     "'; registered: ", absl::StrJoin(RegisteredBackends(), ", ")));
   }
   return constructor();
 }

@@ -960,7 +960,7 @@ void AddGpuImplementations(ImplementationRegistry& registry) {
                         "ra_ring_cuda with RINGATTN_WITH_NCCL) is not in this build")));
 #endif
   }
-#else   // !RINGATTN_HAVE_CUDA
+#else  // !RINGATTN_HAVE_CUDA
   const absl::Status no_cuda = absl::UnavailableError(
       "built without CUDA (RINGATTN_WITH_CUDA off or no nvcc at configure time)");
   for (const KernelNames& k : kKernels) {

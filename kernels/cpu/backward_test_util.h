@@ -108,8 +108,8 @@ inline void MakeHostCall(const Case& c, HostCall* hc) {
 
 // Compares a downloaded contiguous [b, rows, heads, d] gradient with scale * want.
 inline ::testing::AssertionResult GradClose(const char* name, const std::vector<float>& got,
-                                     const std::vector<double>& want, double scale, int64_t rows,
-                                     int heads, int d, double bound) {
+                                            const std::vector<double>& want, double scale,
+                                            int64_t rows, int heads, int d, double bound) {
   double err2 = 0, ref2 = 0, got2 = 0, worst = -1;
   int64_t worst_at = -1, nan = 0, first_nan = -1;
   for (size_t i = 0; i < got.size(); ++i) {

@@ -16,15 +16,13 @@
 //   - ComputeDelta against rowsum(dO * O) on the host.
 // Tolerances per gradient tensor: relative L2 <= 2e-2 (bf16), 5e-3 (fp16): the kernel rounds
 // P and dS to the input dtype for the tensor cores and accumulates in fp32.
-#include "kernels/cuda/cuda_backend.h"
-
 #include <cuda_runtime_api.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <string>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -33,6 +31,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/backend_registry.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/gpu_backward_test_util.h"
 #include "kernels/cuda/gpu_test_util.h"

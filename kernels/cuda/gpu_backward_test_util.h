@@ -110,8 +110,8 @@ inline AttentionBackwardParams FakeBackwardCall() {
 }
 
 // backend.Backward(p) is InvalidArgument naming `needle` (and returns before any device call).
-inline void ExpectBackwardRefused(AttentionBackend& backend,
-                                  const AttentionBackwardParams& p, const std::string& needle) {
+inline void ExpectBackwardRefused(AttentionBackend& backend, const AttentionBackwardParams& p,
+                                  const std::string& needle) {
   const absl::Status s = backend.Backward(p);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find(needle), std::string::npos) << s;

@@ -289,10 +289,11 @@ std::string SdpaGraphKey::ToString() const {
   auto strides = [](const int64_t* s) {
     return absl::StrCat("{", s[0], ",", s[1], ",", s[2], "}");
   };
-  return absl::StrCat("{", backward ? "backward " : "", std::string(DTypeName(dtype)), " b=", batch, " h=", heads,
-                      " h_k=", heads_k, " s_q=", seqlen_q, " s_k=", seqlen_k, " d=", head_dim,
-                      " q_strides(b,h,s)=", strides(q_stride), " k_strides=", strides(k_stride),
-                      " v_strides=", strides(v_stride), " o_strides=", strides(o_stride),
+  return absl::StrCat("{", backward ? "backward " : "", std::string(DTypeName(dtype)), " b=", batch,
+                      " h=", heads, " h_k=", heads_k, " s_q=", seqlen_q, " s_k=", seqlen_k,
+                      " d=", head_dim, " q_strides(b,h,s)=", strides(q_stride),
+                      " k_strides=", strides(k_stride), " v_strides=", strides(v_stride),
+                      " o_strides=", strides(o_stride),
                       backward ? absl::StrCat(" do_strides=", strides(do_stride)) : std::string(),
                       has_right_bound ? absl::StrCat(" right_bound=", right_bound) : std::string(),
                       has_left_bound ? absl::StrCat(" left_bound=", left_bound) : std::string(),
