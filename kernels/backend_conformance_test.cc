@@ -176,9 +176,9 @@ struct BackwardCall {
     dk.assign(hc.ref.dk.size(), fill);
     dv.assign(hc.ref.dv.size(), fill);
     p.fwd = InSpace(hc.fwd, hc.t, space);
+    p.out = p.fwd.o;  // hc.t.o holds the reference forward's O
     p.fwd.o = nullptr;
     p.fwd.lse = nullptr;
-    p.out = space.Put(hc.t.o.data(), Bytes(hc.t.o));
     p.dout = space.Put(hc.dout.data(), Bytes(hc.dout));
     p.out_dtype = hc.fwd.dtype;
     p.lse = space.Put(hc.lse.data(), Bytes(hc.lse));
