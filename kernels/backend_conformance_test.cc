@@ -50,6 +50,8 @@
 
 #if RINGATTN_HAVE_CUDA
 #include <cuda_runtime_api.h>
+
+#include "kernels/cuda/gpu_test_util.h"
 #endif
 
 namespace ringattn {
@@ -73,13 +75,7 @@ using kernel_testing::TypedBuffer;
 
 bool GpuAvailable() {
 #if RINGATTN_HAVE_CUDA
-  static const bool available = [] {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) (void)cudaGetLastError();
-    return e == cudaSuccess && count > 0;
-  }();
-  return available;
+  return kernel_testing::GpuAvailable();
 #else
   return false;
 #endif
@@ -139,7 +135,7 @@ class Space {
   MemorySpace space_;
 };
 
-size_t Bytes(const TypedBuffer& b) { return static_cast<size_t>(b.size()) * DTypeSize(b.type()); }
+using kernel_testing::Bytes;
 template <typename T>
 size_t Bytes(const std::vector<T>& v) {
   return v.size() * sizeof(T);

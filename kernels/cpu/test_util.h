@@ -132,6 +132,11 @@ class TypedBuffer {
   std::vector<uint32_t> words_;
 };
 
+// Bytes of a host buffer: size() elements of type().
+inline size_t Bytes(const TypedBuffer& b) {
+  return static_cast<size_t>(b.size()) * DTypeSize(b.type());
+}
+
 // Fills `buffer` with standard-normal values (rounded to its type), never zeros: an all-zero
 // input would hide indexing errors.
 inline void FillRandomNormal(TypedBuffer* buffer, uint32_t seed, float stddev = 1.0f) {

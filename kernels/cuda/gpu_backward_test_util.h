@@ -144,31 +144,5 @@ inline std::vector<BackwardRefusal> RefusalsOfEveryGpuBackward() {
   return r;
 }
 
-// backend.ComputeDelta against rowsum(dO * O) on the host, at 255 rows, 5 heads, d 64, bf16.
-inline void CheckComputeDelta(AttentionBackend& backend) {
-  const Case c{255, 255, 5, 5, 64, DType::kBF16};
-  HostCall hc;
-  ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
-  DeviceCall dc;
-  ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, false));
-  DeviceBuffer delta(hc.lse.size() * sizeof(float));
-  delta.Poison();
-  ASSERT_TRUE(backend.ComputeDelta(dc.p, static_cast<float*>(delta.get())).ok());
-  ASSERT_CUDA_OK(cudaDeviceSynchronize());
-  std::vector<float> got = Download(delta);
-  const AttentionParams& f = hc.fwd;
-  for (int h = 0; h < f.heads; ++h) {
-    for (int64_t i = 0; i < f.seqlen_q; ++i) {
-      double want = 0;
-      for (int col = 0; col < f.head_dim; ++col) {
-        const int64_t at = (i * f.heads + h) * f.head_dim + col;
-        want += static_cast<double>(hc.t.o.Get(at)) * hc.dout.Get(at);
-      }
-      ASSERT_NEAR(got[h * f.seqlen_q + i], want, 1e-4 * (1 + std::abs(want)))
-          << "head " << h << " row " << i;
-    }
-  }
-}
-
 }  // namespace kernel_testing
 }  // namespace ringattn

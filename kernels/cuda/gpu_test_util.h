@@ -98,11 +98,6 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-// Bytes of a host buffer: size() elements of type().
-inline size_t Bytes(const TypedBuffer& b) {
-  return static_cast<size_t>(b.size()) * DTypeSize(b.type());
-}
-
 // Device copies of one call's tensors.
 struct DeviceTensors {
   DeviceBuffer q, k, v, o, lse, alibi;

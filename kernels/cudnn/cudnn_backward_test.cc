@@ -13,6 +13,7 @@
 //     positions kept), the whole forward's lse, accumulating into the same dq, give the whole
 //     gradients;
 //   - the graph cache: a repeated call does not rebuild.
+// ComputeDelta is checked for every backend by backend_conformance_test.
 // The forward's O and LSE come from the fp64 reference forward (O rounded to the input dtype,
 // as a real forward would store it), so a failure here is the backward's.
 //
@@ -237,11 +238,6 @@ TEST_F(CudnnBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
       CheckGrads(hc, dc, 1.0);
     }
   }
-}
-
-TEST_F(CudnnBackwardGpuTest, ComputeDelta) {
-  auto backend = MakeCudnn();
-  kernel_testing::CheckComputeDelta(*backend);
 }
 
 }  // namespace
