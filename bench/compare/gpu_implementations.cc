@@ -337,11 +337,17 @@ RingShardTensors ForwardView(const Problem& problem, const DeviceShard& d) {
   return t;
 }
 
+// view(problem, shard) of every shard, [world]: ForwardView or BackwardView.
+template <typename ViewOf>
+auto Views(const Problem& problem, const std::vector<DeviceShard>& shards, ViewOf view) {
+  std::vector<decltype(view(problem, shards.front()))> views;
+  for (const DeviceShard& d : shards) views.push_back(view(problem, d));
+  return views;
+}
+
 std::vector<RingShardTensors> ForwardViews(const Problem& problem,
                                            const std::vector<DeviceShard>& shards) {
-  std::vector<RingShardTensors> views;
-  for (const DeviceShard& d : shards) views.push_back(ForwardView(problem, d));
-  return views;
+  return Views(problem, shards, ForwardView);
 }
 
 // ---- Params and timing ----------------------------------------------------------------------
@@ -415,9 +421,7 @@ RingBackwardTensors BackwardView(const Problem& problem, const DeviceShard& d) {
 
 std::vector<RingBackwardTensors> BackwardViews(const Problem& problem,
                                                const std::vector<DeviceShard>& shards) {
-  std::vector<RingBackwardTensors> views;
-  for (const DeviceShard& d : shards) views.push_back(BackwardView(problem, d));
-  return views;
+  return Views(problem, shards, BackwardView);
 }
 
 // A backend of `kernel`, from the registry.
