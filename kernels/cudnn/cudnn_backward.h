@@ -37,9 +37,9 @@
 // runs our kernel (FlashBackwardAllocatingDelta, flash_bwd.h) on the same stream instead.
 //
 // ---- Caching ----------------------------------------------------------------------------------
-// The forward's CudnnDeviceContext (cudnn_backend.h): one handle, graph cache (keys with
-// backward set: the live block's sizes, strides of q/k/v/o/dO, mask plan, scale) and workspace
-// (cuDNN's + Stats + dQ/dK/dV scratch) for both directions.
+// Shared with the forward (cudnn_context.h): one handle, one graph cache (backward keys: the
+// live block's sizes, strides of q/k/v/o/dO, mask plan, scale) and one workspace (here cuDNN's
+// + Stats + dQ/dK/dV scratch).
 #pragma once
 
 #include <cuda_runtime_api.h>
