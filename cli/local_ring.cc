@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "base/error_metrics.h"
 #include "base/status_macros.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "ring/testing/synthetic_inputs.h"
@@ -135,7 +136,8 @@ int ReportOnRankZero(const LocalRingOptions& o, const ShardPlan& plan,
   p.window_left = o.attention.window_size.first;
   p.window_right = o.attention.window_size.second;
 
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCpuBackend(o.backend);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend =
+      MakeBackend(o.backend, MemorySpace::kHost);
   if (!backend.ok()) {
     out << "error: " << backend.status() << "\n";
     return 1;
@@ -214,7 +216,8 @@ absl::Status RunRank(const LocalRingOptions& o, int rank, const std::string& sto
   RA_ASSIGN_OR_RETURN(std::shared_ptr<gloo::rendezvous::Store> store, MakeFileStore(store_dir));
   RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
                       GlooCommunicator::Create(rank, o.world, std::move(store), gloo));
-  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeCpuBackend(o.backend));
+  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend,
+                      MakeBackend(o.backend, MemorySpace::kHost));
   RA_ASSIGN_OR_RETURN(const RingTimings timings,
                       RingFlashAttnForward(*comm, *backend, plan, t, o.attention));
   mine.timings = FlattenTimings(timings);

@@ -23,7 +23,7 @@ struct LocalRingOptions {
   DType dtype = DType::kBF16;
   std::string layout = "auto";  // auto, contiguous, zigzag, stripe
   RingAttentionOptions attention;
-  std::string backend = "cpu";
+  std::string backend = "cpu";  // a registered host backend (backend_registry.h)
   uint64_t seed = 1;
   bool check = true;               // compare with the single-device run (and fp64 when small)
   double timeout_seconds = 300;    // for the whole run; ranks are killed past it

@@ -1,41 +1,103 @@
-// The interface every attention kernel backend implements, and the registry that makes one
-// by name. A backend computes one AttentionParams call; it owns whatever it caches (cuDNN
-// graphs, thread pools) between calls.
+// The one interface every attention kernel backend implements: the forward of one call and,
+// where the backend has one, its backward, on the stream the caller passes. A backend owns
+// whatever it caches between calls (cuDNN graphs and workspace, thread pools). Backends are
+// made by name through the registry (backend_registry.h).
 #pragma once
 
 #include <memory>
-#include <string>
 #include <string_view>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "base/memory_space.h"
+#include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
 
 namespace ringattn {
 
+// What a backend computes beyond a plain call. An option a backend does not claim, it refuses
+// with InvalidArgument naming the option, never computes silently wrong (the conformance suite,
+// backend_conformance_test.cc, checks both sides for every registered backend).
+struct BackendCapabilities {
+  // Backward and ComputeDelta; without it they return UNIMPLEMENTED naming the backend.
+  bool backward = false;
+  // Two runs of positions per call (AttentionParams::q_pos_split / k_pos_split): the ring then
+  // computes a two-segment (zigzag) shard in one call instead of up to four.
+  bool position_runs = false;
+  // A read-only partial result merged before writing (AttentionParams::partial_o, forward).
+  bool partial_input = false;
+  // Packed variable-length sequences (AttentionParams::seq_bounds); the rings refuse them up
+  // front, before any transfer, for a backend without.
+  bool packed_sequences = false;
+  // dropout_p > 0 (AttentionParams::dropout_p).
+  bool dropout = false;
+  // fp32 q, k and v (AttentionParams::dtype; every backend takes bf16 and fp16).
+  bool fp32_inputs = false;
+};
+
+// Where one call runs. `stream` is a cudaStream_t passed opaquely, so that host code needs no
+// CUDA headers; null means the backend's own stream (CudaBackend::stream(), the legacy default
+// stream unless set). Host backends ignore it.
+struct ExecutionContext {
+  void* stream = nullptr;
+};
+
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
+
   virtual std::string_view name() const = 0;
+  // Where the tensors of a call live.
   virtual MemorySpace memory_space() const = 0;
-  // Validates `p` against what this backend supports, then computes it. Must support
+  virtual BackendCapabilities capabilities() const { return {}; }
+
+  // Validates `p` against what this backend supports, then computes it. Device backends enqueue
+  // on ctx's stream and return without synchronising (launch errors are returned, errors while
+  // the kernel runs surface at the next synchronising call). Every backend takes
   // merge_into_output (fp32 o, non-null lse).
-  virtual absl::Status Forward(const AttentionParams& p) = 0;
-  // Whether Forward takes two runs of positions (AttentionParams::q_pos_split / k_pos_split);
-  // the ring then computes a two-segment shard (zigzag) in one call instead of up to four.
-  virtual bool supports_position_runs() const { return false; }
-  // Whether Forward takes a read-only partial result to merge with before writing
-  // (AttentionParams::partial_o / partial_lse); those that do not refuse it.
-  virtual bool supports_partial_input() const { return false; }
-  // Whether Forward takes packed variable-length sequences (AttentionParams::seq_bounds); the
-  // rings refuse them up front, before any transfer, for a backend that does not.
-  virtual bool supports_packed_sequences() const { return false; }
+  absl::Status Forward(const AttentionParams& p, const ExecutionContext& ctx) {
+    return DoForward(p, ctx);
+  }
+  // The gradients of `p` (attention_backward_params.h), validated first, written or added
+  // (p.accumulate) into its fp32 dq, dk and dv.
+  absl::Status Backward(const AttentionBackwardParams& p, const ExecutionContext& ctx) {
+    return DoBackward(p, ctx);
+  }
+  // D = rowsum(dO * O) of p's query rows into `delta` (p.lse's strides, this backend's memory
+  // space), so that a caller making several calls for the same rows computes it once. Reads
+  // only out, dout and the sizes.
+  absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta,
+                            const ExecutionContext& ctx) {
+    return DoComputeDelta(p, delta, ctx);
+  }
+
+  // ---- Transitional (issue #12; removed once ring/ and its tests use the calls above) --------
+  // The calls above on the backend's own stream. Virtual, like the supports_* wrappers over
+  // capabilities(), only so that test doubles written against the former two interfaces keep
+  // compiling; backends override the Do* hooks and capabilities().
+  virtual absl::Status Forward(const AttentionParams& p) { return DoForward(p, {}); }
+  virtual absl::Status Backward(const AttentionBackwardParams& p) { return DoBackward(p, {}); }
+  virtual absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) {
+    return DoComputeDelta(p, delta, {});
+  }
+  virtual bool supports_position_runs() const { return capabilities().position_runs; }
+  virtual bool supports_partial_input() const { return capabilities().partial_input; }
+  virtual bool supports_packed_sequences() const { return capabilities().packed_sequences; }
+
+ protected:
+  // What a backend implements. Those it does not override return UNIMPLEMENTED naming it.
+  virtual absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx);
+  virtual absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx);
+  virtual absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
+                                      const ExecutionContext& ctx);
 };
 
-// "cpu" (fast blocked fp32) or "cpu_reference" (fp64, slow); GPU backends register in
-// their own libraries. Unknown names give InvalidArgument listing the known ones.
+// ---- Transitional (issue #12): the former backward interface and CPU factories -------------
+using AttentionBackwardBackend = AttentionBackend;
+
+// MakeBackend (backend_registry.h) restricted to backends in host memory ("cpu",
+// "cpu_reference"); InvalidArgument listing those for any other name.
 absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackend(std::string_view name);
+absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackwardBackend(std::string_view name);
 
 }  // namespace ringattn

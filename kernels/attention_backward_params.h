@@ -1,5 +1,6 @@
-// The parameter struct of the attention backward (gradients of q, k and v), and the interface
-// of a backward backend.
+// The parameter struct of the attention backward (gradients of q, k and v): the forward's
+// params and what the backward adds. Backends compute it through AttentionBackend::Backward
+// (attention_backend.h).
 //
 // Given the forward's inputs, its output O and LSE, and dO (the gradient of a loss with
 // respect to O), a backward call computes, in FlashAttention-2's notation per (batch, head):
@@ -16,12 +17,8 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
-#include <string_view>
 
 #include "absl/status/status.h"
-#include "absl/status/statusor.h"
-#include "kernels/attention_backend.h"  // MemorySpace
 #include "kernels/attention_params.h"
 
 namespace ringattn {
@@ -77,26 +74,8 @@ void SetContiguousBackwardStrides(AttentionBackwardParams* p);
 // ForwardFlops (halved when causal with equal lengths).
 double BackwardFlops(const AttentionBackwardParams& p);
 
-// A backend that computes AttentionBackwardParams calls. Kept apart from AttentionBackend for
-// now, so that forward-only backends (cuda, cudnn) need not change.
-class AttentionBackwardBackend {
- public:
-  virtual ~AttentionBackwardBackend() = default;
-  virtual std::string_view name() const = 0;
-  virtual MemorySpace memory_space() const = 0;
-  // Validates `p` against what this backend supports, then computes it.
-  virtual absl::Status Backward(const AttentionBackwardParams& p) = 0;
-  // D = rowsum(dO * O) of p's query rows into `delta` (p.lse's strides, this backend's memory
-  // space), so that a caller making several calls for the same rows computes it once.
-  virtual absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) = 0;
-  // As AttentionBackend::supports_position_runs and supports_packed_sequences.
-  virtual bool supports_position_runs() const { return false; }
-  virtual bool supports_packed_sequences() const { return false; }
-};
-
-// "cpu" (the fast blocked fp32 kernel, flash_cpu_backward.h) or "cpu_reference" (fp64,
-// reference_backward.h; slow). Unknown names give InvalidArgument listing the known ones.
-absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> MakeCpuBackwardBackend(
-    std::string_view name);
-
 }  // namespace ringattn
+
+// Transitional (issue #12): code that reached the backward backend interface through this
+// header (ring/) keeps compiling. Last, so that either header may be included first.
+#include "kernels/attention_backend.h"  // IWYU pragma: export

@@ -71,7 +71,7 @@ struct AttentionParams {
   // q_pos_split sit at q_pos_offset2 + (row - q_pos_split) * q_pos_stride instead; the second
   // run must start after the first ends, so that positions still grow with the row (what the
   // kernels' block classification needs). kNoPosSplit (the default) is one run. Backends that
-  // take two runs say so (AttentionBackend::supports_position_runs); cudnn does not.
+  // take two runs say so (BackendCapabilities::position_runs); cudnn does not.
   int64_t q_pos_split = kNoPosSplit, q_pos_offset2 = 0;
   int64_t k_pos_split = kNoPosSplit, k_pos_offset2 = 0;
   // Packed variable-length sequences (FlashAttention's cu_seqlens, in positions): positions
@@ -97,7 +97,7 @@ struct AttentionParams {
   // partial_o fp32 with o's strides, partial_lse with lse's strides; both or neither. The
   // ring's last step, so that the fp32 accumulators are rounded inside the kernel's epilogue
   // instead of in a pass of their own. A row this call masks wholly gets the partial as it is
-  // (rounded). Backends that take it say so (AttentionBackend::supports_partial_input).
+  // (rounded). Backends that take it say so (BackendCapabilities::partial_input).
   const float* partial_o = nullptr;    // [batch, seqlen_q, heads, head_dim] fp32
   const float* partial_lse = nullptr;  // [batch, heads, seqlen_q]
 };

@@ -10,16 +10,10 @@
 #include "absl/time/time.h"
 #include "base/cuda_check.h"
 #include "base/status_macros.h"
-#include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/cuda_backward.h"
+#include "kernels/backend_registry.h"
 #include "ring/device_ring.h"
 #include "ring/device_ring_backward.h"
 #include "ring/transport/nccl_communicator.h"
-#include "ringattn_config.h"
-#if RINGATTN_HAVE_CUDNN
-#include "kernels/cudnn/cudnn_backend.h"
-#include "kernels/cudnn/cudnn_backward.h"
-#endif
 
 namespace ringattn {
 namespace {
@@ -89,7 +83,7 @@ absl::Status CopyToHost(void* dst, const void* src, size_t bytes) {
 class DeviceRingConnection final : public RingConnection {
  public:
   // `backward` is null when the kernel has no device backward (cuda_reference).
-  DeviceRingConnection(int device, AttentionBackend* backend, AttentionBackwardBackend* backward,
+  DeviceRingConnection(int device, AttentionBackend* backend, AttentionBackend* backward,
                        std::unique_ptr<NcclCommunicator> comm)
       : device_(device), backend_(backend), backward_(backward), comm_(std::move(comm)) {}
 
@@ -185,7 +179,7 @@ class DeviceRingConnection final : public RingConnection {
  private:
   const int device_;
   AttentionBackend* const backend_;
-  AttentionBackwardBackend* const backward_;
+  AttentionBackend* const backward_;
   std::unique_ptr<NcclCommunicator> comm_;
   DeviceRingWorkspace ws_;
   DeviceRingBackwardWorkspace backward_ws_;
@@ -197,7 +191,7 @@ class DeviceRingConnection final : public RingConnection {
 class DeviceRingEngine final : public RingEngine {
  public:
   DeviceRingEngine(int device, std::string device_name, std::unique_ptr<AttentionBackend> backend,
-                   std::unique_ptr<AttentionBackwardBackend> backward)
+                   std::unique_ptr<AttentionBackend> backward)
       : device_(device),
         device_name_(std::move(device_name)),
         backend_(std::move(backend)),
@@ -229,18 +223,8 @@ class DeviceRingEngine final : public RingEngine {
   const int device_;
   const std::string device_name_;
   std::unique_ptr<AttentionBackend> backend_;
-  std::unique_ptr<AttentionBackwardBackend> backward_;  // null: the kernel has no backward
+  std::unique_ptr<AttentionBackend> backward_;  // null: the kernel has no backward
 };
-
-// The backward backend of `kernel`, or null where it has none (cuda_reference: its forward is
-// the simple oracle kernel, and there is no matching backward; Backward then says so).
-std::unique_ptr<AttentionBackwardBackend> MakeDeviceBackwardBackend(const std::string& kernel) {
-  if (kernel == "cuda") return MakeCudaBackwardBackend();
-#if RINGATTN_HAVE_CUDNN
-  if (kernel == "cudnn") return MakeCudnnBackwardBackend();
-#endif
-  return nullptr;
-}
 
 }  // namespace
 
@@ -253,7 +237,8 @@ int CudaDeviceCount() {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngineOptions& options) {
+absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
+    std::unique_ptr<AttentionBackend> backend, const RingEngineOptions& options) {
   const int count = CudaDeviceCount();
   if (count == 0) {
     return absl::UnavailableError(
@@ -263,18 +248,14 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngin
   RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   cudaDeviceProp prop;
   RA_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
-  std::unique_ptr<AttentionBackend> backend;
-  if (options.kernel == "cudnn") {
-#if RINGATTN_HAVE_CUDNN
-    backend = MakeCudnnBackend();
-#else
-    return absl::UnavailableError("this build has no cuDNN backend");
-#endif
-  } else {
-    RA_ASSIGN_OR_RETURN(backend, MakeCudaBackend(options.kernel));
+  // The backward ring gets an instance of its own (the rings set a backend's stream for their
+  // call); none where the kernel has no backward (cuda_reference: Backward then says so).
+  std::unique_ptr<AttentionBackend> backward;
+  if (backend->capabilities().backward) {
+    RA_ASSIGN_OR_RETURN(backward, MakeBackend(backend->name()));
   }
   return std::unique_ptr<RingEngine>(std::make_unique<DeviceRingEngine>(
-      device, prop.name, std::move(backend), MakeDeviceBackwardBackend(options.kernel)));
+      device, prop.name, std::move(backend), std::move(backward)));
 }
 
 }  // namespace ringattn

@@ -12,8 +12,10 @@
 
 namespace ringattn {
 
-// Unavailable when there is no GPU; InvalidArgument for an unknown kernel.
-absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(const RingEngineOptions& options);
+// The engine of a device `backend` (options.kernel its name) on GPU options.device; Unavailable
+// when there is no GPU.
+absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
+    std::unique_ptr<AttentionBackend> backend, const RingEngineOptions& options);
 
 // Number of CUDA devices; 0 when there is no driver or no device.
 int CudaDeviceCount();

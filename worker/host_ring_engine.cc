@@ -2,7 +2,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "kernels/attention_backward_params.h"
 #include "ring/host_ring.h"
 #include "ring/ring_backward.h"
 #include "ring/transport/gloo_communicator.h"
@@ -12,7 +11,7 @@ namespace {
 
 class HostRingConnection final : public RingConnection {
  public:
-  HostRingConnection(AttentionBackend* backend, AttentionBackwardBackend* backward,
+  HostRingConnection(AttentionBackend* backend, AttentionBackend* backward,
                      std::unique_ptr<Communicator> comm)
       : backend_(backend), backward_(backward), comm_(std::move(comm)) {}
   int rank() const override { return comm_->rank(); }
@@ -33,19 +32,14 @@ class HostRingConnection final : public RingConnection {
 
  private:
   AttentionBackend* backend_;
-  AttentionBackwardBackend* backward_;  // null when the kernel has none
+  AttentionBackend* backward_;  // null when the kernel has none
   std::unique_ptr<Communicator> comm_;
 };
 
 class HostRingEngine final : public RingEngine {
  public:
   HostRingEngine(std::unique_ptr<AttentionBackend> backend, RingEngineOptions options)
-      : backend_(std::move(backend)), options_(std::move(options)) {
-    // The backward backend of the same name (cpu or cpu_reference).
-    absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> backward =
-        MakeCpuBackwardBackend(backend_->name());
-    if (backward.ok()) backward_ = *std::move(backward);
-  }
+      : backend_(std::move(backend)), options_(std::move(options)) {}
   std::string backend_name() const override { return std::string(backend_->name()); }
   std::string device_name() const override { return "cpu"; }
   std::string transport() const override { return "gloo"; }
@@ -60,12 +54,16 @@ class HostRingEngine final : public RingEngine {
     RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
                         GlooCommunicator::Create(rank, world, std::move(store), gloo));
     return std::unique_ptr<RingConnection>(
-        std::make_unique<HostRingConnection>(backend_.get(), backward_.get(), std::move(comm)));
+        std::make_unique<HostRingConnection>(backend_.get(), backward(), std::move(comm)));
   }
 
  private:
+  // The backend itself (host backends keep no per-call state), or null without a backward.
+  AttentionBackend* backward() const {
+    return backend_->capabilities().backward ? backend_.get() : nullptr;
+  }
+
   std::unique_ptr<AttentionBackend> backend_;
-  std::unique_ptr<AttentionBackwardBackend> backward_;  // null when the kernel has none
   const RingEngineOptions options_;
 };
 

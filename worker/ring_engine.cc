@@ -1,7 +1,11 @@
 #include "worker/ring_engine.h"
 
+#include <memory>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
-#include "base/status_macros.h"
+#include "absl/strings/str_join.h"
+#include "kernels/backend_registry.h"
 #include "ringattn_config.h"
 #include "worker/host_ring_engine.h"
 #if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
@@ -25,21 +29,21 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptio
     o.kernel = "cpu";
 #endif
   }
-  if (o.kernel == "cpu" || o.kernel == "cpu_reference") {
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeCpuBackend(o.kernel));
-    return MakeHostRingEngine(std::move(backend), o);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend(o.kernel);
+  if (!backend.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown kernel '", o.kernel,
+                                                   "'; expected auto or one of ",
+                                                   absl::StrJoin(RegisteredBackends(), ", ")));
   }
-  if (o.kernel == "cuda" || o.kernel == "cuda_reference" || o.kernel == "cudnn") {
+  if ((*backend)->memory_space() == MemorySpace::kHost) {
+    return MakeHostRingEngine(*std::move(backend), o);
+  }
 #if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
-    return MakeDeviceRingEngine(o);
+  return MakeDeviceRingEngine(*std::move(backend), o);
 #else
-    return absl::UnavailableError(
-        absl::StrCat("kernel '", o.kernel, "' needs a build with CUDA; this one has none"));
+  return absl::UnavailableError(absl::StrCat(
+      "kernel '", o.kernel, "' runs on a GPU; this build has no NCCL device ring for it"));
 #endif
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown kernel '", o.kernel,
-      "'; expected one of auto, cpu, cpu_reference, cuda, cuda_reference, cudnn"));
 }
 
 }  // namespace ringattn

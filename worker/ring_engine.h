@@ -55,16 +55,17 @@ class RingEngine {
 };
 
 struct RingEngineOptions {
-  // auto (a GPU when there is one: cuda, else cpu), cpu, cpu_reference, cuda, cuda_reference,
-  // cudnn.
+  // auto (a GPU when there is one: cuda, else cpu) or a registered backend
+  // (backend_registry.h): cpu, cpu_reference, and in a build with them cuda, cuda_reference,
+  // cudnn. Host backends run on the host engine, device ones on the device engine.
   std::string kernel = "auto";
   int device = 0;  // GPU index (taken modulo the number of GPUs)
   std::string gloo_hostname = "127.0.0.1";
   std::string gloo_interface;
 };
 
-// InvalidArgument for an unknown kernel; Unavailable for a GPU kernel without a GPU (or in a
-// build without CUDA).
+// InvalidArgument for a kernel this build does not register (naming those it does);
+// Unavailable for a GPU kernel without a GPU (or in a build without the NCCL device ring).
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options);
 
 }  // namespace ringattn

@@ -36,27 +36,18 @@
 #include <cuda_runtime_api.h>
 
 #include "base/cuda_check.h"
-#include "kernels/cuda/cuda_backend.h"
+#include "kernels/backend_registry.h"
+#include "kernels/cuda/flash_bwd.h"
+#include "ring/device_ring.h"
+#include "ring/device_ring_backward.h"
+#include "ring/ring_backward_step.h"  // RingBackwardTensors
+#include "ring/testing/device_inprocess_ring.h"
+#include "ring/testing/device_inprocess_ring_backward.h"
 #if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backend.h"
-#endif
-#if RINGATTN_HAVE_CUDA
-#include "kernels/cuda/cuda_backward.h"
-#include "kernels/cuda/flash_bwd.h"
-#include "ring/ring_backward_step.h"  // RingBackwardTensors
-#endif
-#if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backward.h"
 #endif
-#if RINGATTN_HAVE_CUDA
-#include "ring/device_ring.h"
-#include "ring/testing/device_inprocess_ring.h"
-#endif
-#if RINGATTN_HAVE_CUDA
-#include "ring/device_ring_backward.h"
-#include "ring/testing/device_inprocess_ring_backward.h"
-#endif
-#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
+#if RINGATTN_HAVE_NCCL
 #include "absl/time/time.h"
 #include "ring/transport/nccl_communicator.h"
 #endif
@@ -85,14 +76,12 @@ constexpr std::string_view kRingNcclCudaDescription =
     "the device ring over NCCL with the \"cuda\" backend: W ranks as threads of one process, "
     "rank r on GPU r, K/V (and dK/dV) by NCCL send/recv; needs W GPUs";
 
-using BackwardFactory = std::function<absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>>()>;
-
-// One kernel as the GPU implementations use it: its backends and what each computes.
+// One kernel as the GPU implementations use it: the registered backend that runs it (forward
+// and, where its capabilities say so, backward) and what it computes.
 struct GpuKernel {
-  BackendFactory forward;
+  std::string backend;  // registered name (backend_registry.h)
   // InvalidArgument naming what the forward does not compute (checked on the whole problem).
   std::function<absl::Status(const AttentionParams&)> supports;
-  BackwardFactory backward;  // null: no backward in this build
   std::function<absl::Status(const AttentionBackwardParams&)> backward_supports;
 };
 
@@ -348,11 +337,17 @@ RingShardTensors ForwardView(const Problem& problem, const DeviceShard& d) {
   return t;
 }
 
+// view(problem, shard) of every shard, [world]: ForwardView or BackwardView.
+template <typename ViewOf>
+auto Views(const Problem& problem, const std::vector<DeviceShard>& shards, ViewOf view) {
+  std::vector<decltype(view(problem, shards.front()))> views;
+  for (const DeviceShard& d : shards) views.push_back(view(problem, d));
+  return views;
+}
+
 std::vector<RingShardTensors> ForwardViews(const Problem& problem,
                                            const std::vector<DeviceShard>& shards) {
-  std::vector<RingShardTensors> views;
-  for (const DeviceShard& d : shards) views.push_back(ForwardView(problem, d));
-  return views;
+  return Views(problem, shards, ForwardView);
 }
 
 // ---- Params and timing ----------------------------------------------------------------------
@@ -402,37 +397,6 @@ absl::Status TimeOnStream(const TimedStream& ts, const Repeats& repeats,
   return absl::OkStatus();
 }
 
-// One call of a whole ring: every rank's timings, [world].
-using RingCall = std::function<absl::StatusOr<std::vector<RingTimings>>()>;
-
-// `warmup` untimed ring calls, then `repeats` timed ones: per call the slowest rank's time into
-// run->seconds, the host wall time around the call into run->wall_seconds and every rank's
-// timings into run->ring.
-template <typename Run>
-absl::Status TimeRingCalls(const Repeats& repeats, const RingCall& call, Run* run) {
-  for (int i = 0; i < repeats.warmup + repeats.repeats; ++i) {
-    const Clock::time_point t0 = Clock::now();
-    RA_ASSIGN_OR_RETURN(std::vector<RingTimings> timings, call());
-    const double wall = SecondsSince(t0);
-    if (i < repeats.warmup) continue;
-    run->seconds.push_back(SlowestRank(timings));
-    run->wall_seconds.push_back(wall);
-    run->ring.push_back(std::move(timings));
-  }
-  return absl::OkStatus();
-}
-
-// A forward backend made by `factory`, enqueuing on `stream`.
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeForwardOnStream(const BackendFactory& factory,
-                                                                      cudaStream_t stream) {
-  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, factory());
-  CudaBackend* cuda = AsCudaBackend(backend.get());
-  if (cuda == nullptr) return absl::InternalError("the forward backend is not a CUDA backend");
-  cuda->SetStream(stream);
-  return backend;
-}
-
-#if RINGATTN_HAVE_CUDA
 // The ring's view of a shard: backward (q, k, v, out, lse, dout in; fp32 dq, dk, dv out).
 RingBackwardTensors BackwardView(const Problem& problem, const DeviceShard& d) {
   const RingShardTensors f = ForwardView(problem, d);
@@ -457,30 +421,28 @@ RingBackwardTensors BackwardView(const Problem& problem, const DeviceShard& d) {
 
 std::vector<RingBackwardTensors> BackwardViews(const Problem& problem,
                                                const std::vector<DeviceShard>& shards) {
-  std::vector<RingBackwardTensors> views;
-  for (const DeviceShard& d : shards) views.push_back(BackwardView(problem, d));
-  return views;
+  return Views(problem, shards, BackwardView);
 }
 
-// A backward backend made by `factory`, enqueuing on `stream`.
-absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> MakeBackwardOnStream(
-    const BackwardFactory& factory, cudaStream_t stream) {
-  RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackwardBackend> backend, factory());
-  CudaBackwardBackend* cuda = AsCudaBackwardBackend(backend.get());
-  if (cuda == nullptr) {
-    return absl::InternalError("the backward backend is not a CUDA backward backend");
-  }
-  cuda->SetStream(stream);
-  return backend;
+// A backend of `kernel`, from the registry.
+absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeKernelBackend(const GpuKernel& kernel) {
+  return MakeBackend(kernel.backend);
 }
-#endif  // RINGATTN_HAVE_CUDA
 
-// What every GPU implementation shares: its name and description, the kernels it runs (forward
-// and, when built, backward), and the support checks that come from them.
+// The same as the rings take it.
+BackendFactory FactoryOf(const GpuKernel& kernel) {
+  return [backend = kernel.backend] { return MakeBackend(backend); };
+}
+
+// What every GPU implementation shares: its name and description, the kernel it runs (forward
+// and, where the backend has one, backward), and the support checks that come from it.
 class GpuImplementation : public Implementation {
  public:
   GpuImplementation(std::string name, std::string_view description, GpuKernel kernel)
-      : name_(std::move(name)), description_(description), kernel_(std::move(kernel)) {}
+      : name_(std::move(name)), description_(description), kernel_(std::move(kernel)) {
+    absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeKernelBackend(kernel_);
+    has_backward_ = backend.ok() && (*backend)->capabilities().backward;
+  }
 
   std::string_view name() const override { return name_; }
   std::string_view description() const override { return description_; }
@@ -489,7 +451,7 @@ class GpuImplementation : public Implementation {
   absl::Status Supports(const Problem& problem) const override {
     return kernel_.supports(ParamsForValidation(problem));
   }
-  bool has_backward() const override { return static_cast<bool>(kernel_.backward); }
+  bool has_backward() const override { return has_backward_; }
   absl::Status SupportsBackward(const Problem& problem) const override {
     return kernel_.backward_supports(BackwardParamsForValidation(problem));
   }
@@ -498,6 +460,7 @@ class GpuImplementation : public Implementation {
   const std::string name_;
   const std::string_view description_;
   const GpuKernel kernel_;
+  bool has_backward_ = false;
 };
 
 // ---- Single device --------------------------------------------------------------------------
@@ -519,23 +482,23 @@ class SingleDevice final : public GpuImplementation {
     RA_RETURN_IF_ERROR(w.Upload(problem, /*backward=*/false));
     TimedStream ts;
     RA_RETURN_IF_ERROR(ts.Create());
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend,
-                        MakeForwardOnStream(kernel_.forward, ts.stream()));
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeKernelBackend(kernel_));
+    const ExecutionContext on_stream{ts.stream()};
     RA_RETURN_IF_ERROR(TimeOnStream(
-        ts, repeats, [&] { return backend->Forward(w.params); }, &run));
+        ts, repeats, [&] { return backend->Forward(w.params, on_stream); }, &run));
     RA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ts.stream()));
     RA_ASSIGN_OR_RETURN(run.memory, MemoryGrowthSince(before));
     RA_RETURN_IF_ERROR(DownloadOutputs(problem, w.plan, w.shard, /*gpu_per_rank=*/false, &run));
     return run;
   }
 
-#if RINGATTN_HAVE_CUDA
-  // The backward backend on the whole sequence (D = rowsum(dO * O) computed inside each call),
-  // after one untimed forward for its out and LSE.
+  // The backend's backward on the whole sequence (D = rowsum(dO * O) computed inside each
+  // call), after one untimed forward for its out and LSE (by an instance of its own, so that
+  // the memory measured includes both, as two backends hold it in a training step).
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
                                        const Repeats& repeats) override {
     RA_RETURN_IF_ERROR(CheckWorld(world));
-    if (!kernel_.backward) return Implementation::Backward(problem, world, repeats);
+    if (!has_backward_) return Implementation::Backward(problem, world, repeats);
     RA_ASSIGN_OR_RETURN(const std::vector<int64_t> before, UsedBytesPerGpu(1));
     BackwardRun run;
     run.timer = "cuda_event";
@@ -543,21 +506,19 @@ class SingleDevice final : public GpuImplementation {
     RA_RETURN_IF_ERROR(w.Upload(problem, /*backward=*/true));
     TimedStream ts;
     RA_RETURN_IF_ERROR(ts.Create());
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> forward,
-                        MakeForwardOnStream(kernel_.forward, ts.stream()));
-    RA_RETURN_IF_ERROR(forward->Forward(w.params));
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackwardBackend> backward,
-                        MakeBackwardOnStream(kernel_.backward, ts.stream()));
+    const ExecutionContext on_stream{ts.stream()};
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> forward, MakeKernelBackend(kernel_));
+    RA_RETURN_IF_ERROR(forward->Forward(w.params, on_stream));
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backward, MakeKernelBackend(kernel_));
     const AttentionBackwardParams bp = w.BackwardParams(problem);
     RA_RETURN_IF_ERROR(TimeOnStream(
-        ts, repeats, [&] { return backward->Backward(bp); }, &run));
+        ts, repeats, [&] { return backward->Backward(bp, on_stream); }, &run));
     RA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ts.stream()));
     RA_ASSIGN_OR_RETURN(run.memory, MemoryGrowthSince(before));
     RA_RETURN_IF_ERROR(
         DownloadGradients(problem, w.plan, w.shard, /*gpu_per_rank=*/false, &run.grads));
     return run;
   }
-#endif
 
  private:
   // The whole problem on GPU 0 as a one-rank contiguous shard, and its params.
@@ -607,12 +568,10 @@ class SingleDevice final : public GpuImplementation {
     }
     return absl::OkStatus();
   }
-
 };
 
 // ---- In-process ring on one GPU -------------------------------------------------------------
 
-#if RINGATTN_HAVE_CUDA
 // The device ring over W in-process ranks on GPU 0 (DeviceInProcessRing, kept across the calls
 // of a run; DeviceInProcessRingBackward for the backward): every rank's shard is uploaded once,
 // then warmup + repeats ring calls.
@@ -633,7 +592,7 @@ class RingDevice final : public GpuImplementation {
     RA_RETURN_IF_ERROR(
         UploadShards(problem, plan, /*backward=*/false, /*gpu_per_rank=*/false, &shards));
     RA_ASSIGN_OR_RETURN(std::unique_ptr<DeviceInProcessRing> ring,
-                        DeviceInProcessRing::Create(world, kernel_.forward));
+                        DeviceInProcessRing::Create(world, FactoryOf(kernel_)));
     const std::vector<RingShardTensors> views = ForwardViews(problem, shards);
     const RingAttentionOptions options = problem.RingOptions();
     RA_RETURN_IF_ERROR(TimeRingCalls(
@@ -643,12 +602,11 @@ class RingDevice final : public GpuImplementation {
     return run;
   }
 
-#if RINGATTN_HAVE_CUDA
   // The device ring backward (DeviceInProcessRingBackward) after one untimed ring forward of
   // the same size for its out and LSE (that ring is gone before the memory is read).
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
                                        const Repeats& repeats) override {
-    if (!kernel_.backward) return Implementation::Backward(problem, world, repeats);
+    if (!has_backward_) return Implementation::Backward(problem, world, repeats);
     RA_ASSIGN_OR_RETURN(const ShardPlan plan,
                         PlanShards(problem.spec.seqlen, world, problem.layout));
     RA_ASSIGN_OR_RETURN(const std::vector<int64_t> before, UsedBytesPerGpu(1));
@@ -660,11 +618,11 @@ class RingDevice final : public GpuImplementation {
     const RingAttentionOptions options = problem.RingOptions();
     {
       RA_ASSIGN_OR_RETURN(std::unique_ptr<DeviceInProcessRing> forward,
-                          DeviceInProcessRing::Create(world, kernel_.forward));
+                          DeviceInProcessRing::Create(world, FactoryOf(kernel_)));
       RA_RETURN_IF_ERROR(forward->Run(plan, ForwardViews(problem, shards), options).status());
     }
     RA_ASSIGN_OR_RETURN(std::unique_ptr<DeviceInProcessRingBackward> ring,
-                        DeviceInProcessRingBackward::Create(world, kernel_.backward));
+                        DeviceInProcessRingBackward::Create(world, FactoryOf(kernel_)));
     const std::vector<RingBackwardTensors> views = BackwardViews(problem, shards);
     RA_RETURN_IF_ERROR(TimeRingCalls(
         repeats, [&] { return ring->Run(plan, views, options); }, &run));
@@ -673,11 +631,7 @@ class RingDevice final : public GpuImplementation {
         DownloadGradients(problem, plan, shards, /*gpu_per_rank=*/false, &run.grads));
     return run;
   }
-#endif
-
- private:
 };
-#endif  // RINGATTN_HAVE_CUDA
 
 // ---- Ring over NCCL, a GPU per rank ---------------------------------------------------------
 
@@ -787,10 +741,8 @@ class NcclRing {
 struct NcclRankState {
   std::unique_ptr<AttentionBackend> forward;
   std::unique_ptr<DeviceRingWorkspace> forward_ws;
-#if RINGATTN_HAVE_CUDA
-  std::unique_ptr<AttentionBackwardBackend> backward;
+  std::unique_ptr<AttentionBackend> backward;
   std::unique_ptr<DeviceRingBackwardWorkspace> backward_ws;
-#endif
 };
 
 // Every rank's state, [world], released rank by rank with the rank's GPU current (the cudnn
@@ -849,12 +801,11 @@ class RingNccl final : public GpuImplementation {
     return run;
   }
 
-#if RINGATTN_HAVE_CUDA
   // RingFlashAttnBackwardDevice on every rank after one untimed ring forward (same ranks, same
   // communicators) for its out and LSE.
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
                                        const Repeats& repeats) override {
-    if (!kernel_.backward) return Implementation::Backward(problem, world, repeats);
+    if (!has_backward_) return Implementation::Backward(problem, world, repeats);
     RA_RETURN_IF_ERROR(EnoughGpus(world));
     RA_ASSIGN_OR_RETURN(const ShardPlan plan,
                         PlanShards(problem.spec.seqlen, world, problem.layout));
@@ -874,7 +825,7 @@ class RingNccl final : public GpuImplementation {
         [&](int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
       NcclRankState& s = states[r];
       if (s.backward == nullptr) {
-        RA_ASSIGN_OR_RETURN(s.backward, kernel_.backward());
+        RA_ASSIGN_OR_RETURN(s.backward, MakeKernelBackend(kernel_));
         s.backward_ws = std::make_unique<DeviceRingBackwardWorkspace>();
       }
       return RingFlashAttnBackwardDevice(comm, *s.backward, plan, views[r], options,
@@ -886,7 +837,6 @@ class RingNccl final : public GpuImplementation {
     RA_RETURN_IF_ERROR(DownloadGradients(problem, plan, shards, /*gpu_per_rank=*/true, &run.grads));
     return run;
   }
-#endif
 
  private:
   // The forward ring call of rank r, making its backend and workspace at its first call. The
@@ -898,7 +848,7 @@ class RingNccl final : public GpuImplementation {
                int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
       NcclRankState& s = states[r];
       if (s.forward == nullptr) {
-        RA_ASSIGN_OR_RETURN(s.forward, kernel_.forward());
+        RA_ASSIGN_OR_RETURN(s.forward, MakeKernelBackend(kernel_));
         s.forward_ws = std::make_unique<DeviceRingWorkspace>();
       }
       return RingFlashAttnForwardDevice(comm, *s.forward, plan, views[r], options,
@@ -931,45 +881,21 @@ absl::Status CudaKernelSupports(const AttentionParams& p) {
   return absl::OkStatus();
 }
 
-GpuKernel CudaKernel() {
-  GpuKernel k;
-  k.forward = [] { return MakeCudaBackend("cuda"); };
-  k.supports = CudaKernelSupports;
-#if RINGATTN_HAVE_CUDA
-  k.backward = []() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
-    return MakeCudaBackwardBackend();
-  };
-  k.backward_supports = [](const AttentionBackwardParams& p) -> absl::Status {
-    RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
-    return CheckFlashBackwardSupport(p);
-  };
-#endif
-  return k;
-}
-
-#if RINGATTN_HAVE_CUDNN
-GpuKernel CudnnKernel() {
-  GpuKernel k;
-  k.forward = [] { return MakeCudnnBackend(); };
-  k.supports = CudnnSupports;
-#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_CUDNN
-  k.backward = []() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
-    return MakeCudnnBackwardBackend();
-  };
-  k.backward_supports = CudnnBackwardSupports;
-#endif
-  return k;
-}
-#endif
-
 #endif  // RINGATTN_HAVE_CUDA
 
-// The reason an implementation is not in this build: `what` (CMake target `target`) is missing.
-[[maybe_unused]] absl::Status Missing(std::string_view name, std::string_view what,
-                                      std::string_view target) {
-  return absl::UnimplementedError(absl::StrCat(std::string(name), ": ", std::string(what),
-                                               " (CMake target ", std::string(target),
-                                               ") is not in this build"));
+// The kernels compared, by their registered backend names, and the descriptions of their
+// single-device, in-process ring and NCCL ring implementations (registered in this order).
+struct KernelNames {
+  std::string_view backend;
+  std::string_view single, ring, ring_nccl;
+};
+constexpr KernelNames kKernels[] = {
+    {"cudnn", kSingleCudnnDescription, kRingCudnnDescription, kRingNcclCudnnDescription},
+    {"cuda", kSingleCudaDescription, kRingCudaDescription, kRingNcclCudaDescription},
+};
+
+std::string ImplementationName(std::string_view kind, std::string_view backend) {
+  return absl::StrCat(std::string(kind), "_", std::string(backend));
 }
 
 // Adds `name` as a registered implementation that reports `why` on every call.
@@ -981,70 +907,76 @@ void AddNotAvailable(ImplementationRegistry& registry, std::string name,
   });
 }
 
-// Adds `name` as an Impl (SingleDevice, RingDevice, RingNccl) of the kernel `kernel()` makes.
+#if RINGATTN_HAVE_CUDA
+
+// The kernel of `backend` with its support checks, or why this build lacks it.
+absl::StatusOr<GpuKernel> KernelOf(std::string_view backend) {
+  if (backend == "cuda") {
+    return GpuKernel{"cuda", CudaKernelSupports,
+                     [](const AttentionBackwardParams& p) -> absl::Status {
+                       RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
+                       return CheckFlashBackwardSupport(p);
+                     }};
+  }
+#if RINGATTN_HAVE_CUDNN
+  return GpuKernel{"cudnn", CudnnSupports, CudnnBackwardSupports};
+#else
+  return absl::UnimplementedError(
+      "the cudnn backend (kernels/cudnn, CMake target ra_kernels_cudnn) is not in this build");
+#endif
+}
+
+// Adds `name` as an Impl (SingleDevice, RingDevice, RingNccl) running `kernel`, or as not
+// available where this build lacks the kernel.
 template <typename Impl>
 void AddImplementation(ImplementationRegistry& registry, std::string name,
-                       std::string_view description, std::function<GpuKernel()> kernel) {
-  registry.Add(name, [name, description, kernel] {
-    return std::make_unique<Impl>(name, description, kernel());
+                       std::string_view description, bool is_ring,
+                       const absl::StatusOr<GpuKernel>& kernel) {
+  if (!kernel.ok()) return AddNotAvailable(registry, name, description, is_ring, kernel.status());
+  registry.Add(name, [name, description, kernel = *kernel] {
+    return std::make_unique<Impl>(name, description, kernel);
   });
 }
+
+#endif  // RINGATTN_HAVE_CUDA
 
 }  // namespace
 
 void AddGpuImplementations(ImplementationRegistry& registry) {
 #if RINGATTN_HAVE_CUDA
-  // Why the cudnn kernel is missing, for the implementations that need it.
-  [[maybe_unused]] const absl::Status no_cudnn = absl::UnimplementedError(
-      "the cudnn backend (kernels/cudnn, CMake target ra_kernels_cudnn) is not in this build");
-#if RINGATTN_HAVE_CUDNN
-  AddImplementation<SingleDevice>(registry, "single_cudnn", kSingleCudnnDescription, CudnnKernel);
+  for (const KernelNames& k : kKernels) {
+    AddImplementation<SingleDevice>(registry, ImplementationName("single", k.backend), k.single,
+                                    false, KernelOf(k.backend));
+  }
+  for (const KernelNames& k : kKernels) {
+    AddImplementation<RingDevice>(registry, ImplementationName("ring", k.backend), k.ring, true,
+                                  KernelOf(k.backend));
+  }
+  for (const KernelNames& k : kKernels) {
+    const std::string name = ImplementationName("ring_nccl", k.backend);
+#if RINGATTN_HAVE_NCCL
+    AddImplementation<RingNccl>(registry, name, k.ring_nccl, true, KernelOf(k.backend));
 #else
-  AddNotAvailable(registry, "single_cudnn", kSingleCudnnDescription, false, no_cudnn);
+    AddNotAvailable(registry, name, k.ring_nccl, true,
+                    absl::UnimplementedError(absl::StrCat(
+                        name,
+                        ": the NCCL device ring (NCCL found at configure time) (CMake target "
+                        "ra_ring_cuda with RINGATTN_WITH_NCCL) is not in this build")));
 #endif
-  AddImplementation<SingleDevice>(registry, "single_cuda", kSingleCudaDescription, CudaKernel);
-
-#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_CUDNN
-  AddImplementation<RingDevice>(registry, "ring_cudnn", kRingCudnnDescription, CudnnKernel);
-#elif RINGATTN_HAVE_CUDA
-  AddNotAvailable(registry, "ring_cudnn", kRingCudnnDescription, true, no_cudnn);
-#else
-  AddNotAvailable(registry, "ring_cudnn", kRingCudnnDescription, true,
-                  Missing("ring_cudnn", "the device ring", "ra_ring_cuda"));
-#endif
-#if RINGATTN_HAVE_CUDA
-  AddImplementation<RingDevice>(registry, "ring_cuda", kRingCudaDescription, CudaKernel);
-#else
-  AddNotAvailable(registry, "ring_cuda", kRingCudaDescription, true,
-                  Missing("ring_cuda", "the device ring", "ra_ring_cuda"));
-#endif
-
-#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL && RINGATTN_HAVE_CUDNN
-  AddImplementation<RingNccl>(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, CudnnKernel);
-#elif RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
-  AddNotAvailable(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, true, no_cudnn);
-#else
-  AddNotAvailable(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, true,
-                  Missing("ring_nccl_cudnn", "the NCCL device ring (NCCL found at configure time)",
-                          "ra_ring_cuda with RINGATTN_WITH_NCCL"));
-#endif
-#if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
-  AddImplementation<RingNccl>(registry, "ring_nccl_cuda", kRingNcclCudaDescription, CudaKernel);
-#else
-  AddNotAvailable(registry, "ring_nccl_cuda", kRingNcclCudaDescription, true,
-                  Missing("ring_nccl_cuda", "the NCCL device ring (NCCL found at configure time)",
-                          "ra_ring_cuda with RINGATTN_WITH_NCCL"));
-#endif
-
+  }
 #else  // !RINGATTN_HAVE_CUDA
   const absl::Status no_cuda = absl::UnavailableError(
       "built without CUDA (RINGATTN_WITH_CUDA off or no nvcc at configure time)");
-  AddNotAvailable(registry, "single_cudnn", kSingleCudnnDescription, false, no_cuda);
-  AddNotAvailable(registry, "single_cuda", kSingleCudaDescription, false, no_cuda);
-  AddNotAvailable(registry, "ring_cudnn", kRingCudnnDescription, true, no_cuda);
-  AddNotAvailable(registry, "ring_cuda", kRingCudaDescription, true, no_cuda);
-  AddNotAvailable(registry, "ring_nccl_cudnn", kRingNcclCudnnDescription, true, no_cuda);
-  AddNotAvailable(registry, "ring_nccl_cuda", kRingNcclCudaDescription, true, no_cuda);
+  for (const KernelNames& k : kKernels) {
+    AddNotAvailable(registry, ImplementationName("single", k.backend), k.single, false, no_cuda);
+  }
+  for (const KernelNames& k : kKernels) {
+    AddNotAvailable(registry, ImplementationName("ring", k.backend), k.ring, true, no_cuda);
+  }
+  for (const KernelNames& k : kKernels) {
+    AddNotAvailable(registry, ImplementationName("ring_nccl", k.backend), k.ring_nccl, true,
+                    no_cuda);
+  }
 #endif
 }
 

@@ -11,20 +11,28 @@
 #include "base/status_macros.h"
 #include "bench/compare/implementations_internal.h"
 #include "kernels/attention_backend.h"
+#include "kernels/attention_backward_params.h"
+#include "kernels/backend_registry.h"
+#include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
 #include "ring/testing/inprocess_ranks.h"
-#include "ring/testing/synthetic_inputs.h"
-
-#include "kernels/attention_backward_params.h"
-#include "kernels/cpu/reference_backward.h"
 #include "ring/testing/inprocess_ring_backward.h"
+#include "ring/testing/synthetic_inputs.h"
 
 namespace ringattn::compare {
 namespace {
 
 using internal::Clock;
 using internal::SecondsSince;
-using internal::SlowestRank;
+using internal::TimeRingCalls;
+
+// The backend of the CPU implementations.
+constexpr std::string_view kCpu = "cpu";
+
+// The same as the rings take it.
+BackendFactory CpuFactory() {
+  return [] { return MakeBackend(kCpu); };
+}
 
 // Synthetic tensor ids (as the command line's ring uses them).
 constexpr uint32_t kQ = 0, kK = 1, kV = 2, kDOut = 3;
@@ -74,7 +82,7 @@ class SingleCpu final : public Implementation {
   absl::StatusOr<ForwardRun> Forward(const Problem& problem, int world,
                                      const Repeats& repeats) override {
     if (world != 1) return absl::InvalidArgumentError("single_cpu runs at world size 1 only");
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeCpuBackend("cpu"));
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeBackend(kCpu));
     HostHeap::ResetPeak();
     const int64_t live_at_start = HostHeap::LiveBytes();
     ForwardRun run;
@@ -97,15 +105,13 @@ class SingleCpu final : public Implementation {
 
   bool has_backward() const override { return true; }
 
-  // The fast CPU backward ("cpu" backward backend) on the whole sequence, after one untimed
+  // The fast CPU backward (the "cpu" backend's) on the whole sequence, after one untimed
   // forward for its out and LSE.
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
                                        const Repeats& repeats) override {
     if (world != 1) return absl::InvalidArgumentError("single_cpu runs at world size 1 only");
     if (problem.dout.empty()) return absl::FailedPreconditionError("the problem has no dout");
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> forward, MakeCpuBackend("cpu"));
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackwardBackend> backward,
-                        MakeCpuBackwardBackend("cpu"));
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend, MakeBackend(kCpu));
     HostHeap::ResetPeak();
     const int64_t live_at_start = HostHeap::LiveBytes();
     std::vector<std::byte> out(problem.q.size());
@@ -113,7 +119,7 @@ class SingleCpu final : public Implementation {
     AttentionParams fp = problem.Params();
     fp.o = out.data();
     fp.lse = lse.data();
-    RA_RETURN_IF_ERROR(forward->Forward(fp));
+    RA_RETURN_IF_ERROR(backend->Forward(fp));
 
     BackwardRun run;
     run.timer = "steady_clock";
@@ -122,10 +128,10 @@ class SingleCpu final : public Implementation {
     run.grads.dv.resize(run.grads.dk.size());
     const AttentionBackwardParams bp =
         WholeBackwardParams(problem, out.data(), lse.data(), &run.grads);
-    for (int i = 0; i < repeats.warmup; ++i) RA_RETURN_IF_ERROR(backward->Backward(bp));
+    for (int i = 0; i < repeats.warmup; ++i) RA_RETURN_IF_ERROR(backend->Backward(bp));
     for (int i = 0; i < repeats.repeats; ++i) {
       const Clock::time_point t0 = Clock::now();
-      RA_RETURN_IF_ERROR(backward->Backward(bp));
+      RA_RETURN_IF_ERROR(backend->Backward(bp));
       run.seconds.push_back(SecondsSince(t0));
     }
     run.wall_seconds = run.seconds;
@@ -153,24 +159,17 @@ class RingCpu final : public Implementation {
     run.lse.resize(problem.lse_elements());
     const WholeAttention whole = Whole(problem, run.out.data(), run.lse.data());
     const RingAttentionOptions options = problem.RingOptions();
-    const BackendFactory factory = [] { return MakeCpuBackend("cpu"); };
-    for (int i = 0; i < repeats.warmup + repeats.repeats; ++i) {
-      const Clock::time_point t0 = Clock::now();
-      RA_ASSIGN_OR_RETURN(std::vector<RingTimings> timings,
-                          RunRingInProcess(whole, world, problem.layout, options, factory));
-      const double wall = SecondsSince(t0);
-      if (i < repeats.warmup) continue;
-      run.seconds.push_back(SlowestRank(timings));
-      run.wall_seconds.push_back(wall);
-      run.ring.push_back(std::move(timings));
-    }
+    RA_RETURN_IF_ERROR(TimeRingCalls(
+        repeats,
+        [&] { return RunRingInProcess(whole, world, problem.layout, options, CpuFactory()); },
+        &run));
     run.memory = HostMemorySince(problem, live_at_start);
     return run;
   }
 
   bool has_backward() const override { return true; }
 
-  // The ring backward (RunRingBackwardInProcess) with the "cpu" backward backend, after one
+  // The ring backward (RunRingBackwardInProcess) with the "cpu" backend, after one
   // untimed ring forward of the same size for its out and LSE.
   absl::StatusOr<BackwardRun> Backward(const Problem& problem, int world,
                                        const Repeats& repeats) override {
@@ -181,9 +180,8 @@ class RingCpu final : public Implementation {
     std::vector<float> lse(problem.lse_elements());
     WholeAttention whole = Whole(problem, out.data(), lse.data());
     const RingAttentionOptions options = problem.RingOptions();
-    RA_RETURN_IF_ERROR(RunRingInProcess(whole, world, problem.layout, options, [] {
-                         return MakeCpuBackend("cpu");
-                       }).status());
+    RA_RETURN_IF_ERROR(
+        RunRingInProcess(whole, world, problem.layout, options, CpuFactory()).status());
 
     BackwardRun run;
     run.timer = "steady_clock";
@@ -207,17 +205,10 @@ class RingCpu final : public Implementation {
     wb.dq = run.grads.dq.data();
     wb.dk = run.grads.dk.data();
     wb.dv = run.grads.dv.data();
-    const BackwardBackendFactory factory = [] { return MakeCpuBackwardBackend("cpu"); };
-    for (int i = 0; i < repeats.warmup + repeats.repeats; ++i) {
-      const Clock::time_point t0 = Clock::now();
-      RA_ASSIGN_OR_RETURN(std::vector<RingTimings> timings,
-                          RunRingBackwardInProcess(wb, world, problem.layout, options, factory));
-      const double wall = SecondsSince(t0);
-      if (i < repeats.warmup) continue;
-      run.seconds.push_back(SlowestRank(timings));
-      run.wall_seconds.push_back(wall);
-      run.ring.push_back(std::move(timings));
-    }
+    RA_RETURN_IF_ERROR(TimeRingCalls(
+        repeats,
+        [&] { return RunRingBackwardInProcess(wb, world, problem.layout, options, CpuFactory()); },
+        &run));
     run.memory = HostMemorySince(problem, live_at_start);
     run.memory.peak_bytes += static_cast<int64_t>(problem.dout.size());
     return run;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -11,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "base/status_macros.h"
 #include "bench/compare/implementations.h"
 #include "ring/ring_step.h"
 
@@ -27,6 +29,26 @@ inline double SlowestRank(const std::vector<RingTimings>& timings) {
   double slowest = 0;
   for (const RingTimings& t : timings) slowest = std::max(slowest, t.total_seconds);
   return slowest;
+}
+
+// One call of a whole ring: every rank's timings, [world].
+using RingCall = std::function<absl::StatusOr<std::vector<RingTimings>>()>;
+
+// `warmup` untimed ring calls, then `repeats` timed ones: per call the slowest rank's time into
+// run->seconds, the host wall time around the call into run->wall_seconds and every rank's
+// timings into run->ring.
+template <typename Run>
+absl::Status TimeRingCalls(const Repeats& repeats, const RingCall& call, Run* run) {
+  for (int i = 0; i < repeats.warmup + repeats.repeats; ++i) {
+    const Clock::time_point t0 = Clock::now();
+    RA_ASSIGN_OR_RETURN(std::vector<RingTimings> timings, call());
+    const double wall = SecondsSince(t0);
+    if (i < repeats.warmup) continue;
+    run->seconds.push_back(SlowestRank(timings));
+    run->wall_seconds.push_back(wall);
+    run->ring.push_back(std::move(timings));
+  }
+  return absl::OkStatus();
 }
 
 // A registered implementation that cannot run in this build: every call says why.

@@ -22,6 +22,22 @@
 
 namespace ringattn::kernel_testing {
 
+// Sizes and dtypes of one call, default scale 1/sqrt(head_dim), no options, no tensors.
+inline AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k,
+                             int head_dim, DType dtype = DType::kBF16, DType o_dtype = DType::kBF16,
+                             int batch = 1) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads = heads;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  p.dtype = dtype;
+  p.o_dtype = o_dtype;
+  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  return p;
+}
 // Options on a params value, for building test cases as expressions:
 // Causal(Window(Shape(...), 8, 0)).
 inline AttentionParams Causal(AttentionParams p) {
@@ -77,6 +93,17 @@ inline AttentionParams Runs(AttentionParams p, int64_t q_split, int64_t q_offset
   return p;
 }
 
+// Points `part` at keys [begin, end) of `whole`: the K/V pointers move down the rows and the
+// key positions keep their global values.
+inline AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
+  AttentionParams part = whole;
+  part.seqlen_k = end - begin;
+  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
+  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
+  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
+  return part;
+}
+
 // A host buffer of `size` elements of one DType. Stored as 32-bit words so that fp32 elements
 // are aligned whatever the type.
 class TypedBuffer {
@@ -104,6 +131,11 @@ class TypedBuffer {
   int64_t size_ = 0;
   std::vector<uint32_t> words_;
 };
+
+// Bytes of a host buffer: size() elements of type().
+inline size_t Bytes(const TypedBuffer& b) {
+  return static_cast<size_t>(b.size()) * DTypeSize(b.type());
+}
 
 // Fills `buffer` with standard-normal values (rounded to its type), never zeros: an all-zero
 // input would hide indexing errors.

@@ -1,4 +1,4 @@
-// The "cuda" backward backend (cuda_backward.h) and its kernel (flash_bwd.cuh).
+// The backward of the "cuda" backend (cuda_backend.h) and its kernel (flash_bwd.cuh).
 //
 // Host-only (run everywhere): the factory; refusals are InvalidArgument naming the field (dtype,
 // head_dim, out_dtype, dout and dq layouts) before any device call.
@@ -12,17 +12,16 @@
 //   - accumulate: two calls into zeroed gradients give twice the gradient;
 //   - a ring-like key split: two calls on the key halves, the whole forward's lse, accumulating
 //     into one dq, give the whole gradients;
-//   - dK and dV are bitwise deterministic (a fixed sum order; only dQ uses atomics);
-//   - ComputeDelta against rowsum(dO * O) on the host.
+//   - dK and dV are bitwise deterministic (a fixed sum order; only dQ uses atomics).
+// ComputeDelta is checked for every backend by backend_conformance_test.
 // Tolerances per gradient tensor: relative L2 <= 2e-2 (bf16), 5e-3 (fp16): the kernel rounds
 // P and dS to the input dtype for the tensor cores and accumulates in fp32.
-#include "kernels/cuda/cuda_backward.h"
-
 #include <cuda_runtime_api.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,6 +30,8 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
+#include "kernels/backend_registry.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/gpu_backward_test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
@@ -54,19 +55,27 @@ constexpr int64_t kOpen = kUnboundedWindow;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
+// The registered "cuda" backend.
+std::unique_ptr<AttentionBackend> MakeCuda() {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeBackend("cuda");
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? *std::move(b) : nullptr;
+}
+
 AttentionBackwardParams FakeCall() { return kernel_testing::FakeBackwardCall(); }
 
 void ExpectRefused(const AttentionBackwardParams& p, const std::string& needle) {
-  auto backend = MakeCudaBackwardBackend();
+  auto backend = MakeCuda();
   kernel_testing::ExpectBackwardRefused(*backend, p, needle);
 }
 
 TEST(CudaBackwardHostTest, Factory) {
-  auto backend = MakeCudaBackwardBackend();
+  auto backend = MakeCuda();
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->name(), "cuda");
   EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
-  CudaBackwardBackend* c = AsCudaBackwardBackend(backend.get());
+  EXPECT_TRUE(backend->capabilities().backward);
+  CudaBackend* c = AsCudaBackend(backend.get());
   ASSERT_NE(c, nullptr);
   EXPECT_EQ(c->stream(), nullptr);
   c->SetStream(reinterpret_cast<cudaStream_t>(0x10));
@@ -133,7 +142,7 @@ void RunCase(const Case& c, const std::string& config) {
   ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
   std::printf("  %s%s\n", CaseName(c).c_str(), config.empty() ? "" : (" " + config).c_str());
   if (config.empty()) {
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     const absl::Status s = backend->Backward(dc.p);
     ASSERT_TRUE(s.ok()) << s;
   } else {
@@ -244,7 +253,7 @@ TEST_F(CudaBackwardGpuTest, AccumulateTwiceIsTwice) {
     ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     ASSERT_TRUE(backend->Backward(dc.p).ok());
     const absl::Status s = backend->Backward(dc.p);
     ASSERT_TRUE(s.ok()) << s;
@@ -261,7 +270,7 @@ TEST_F(CudaBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
     ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, 100}, {100, 256}}) {
       AttentionBackwardParams part = dc.p;
       part.fwd = kernel_testing::KeyRange(dc.p.fwd, begin, end);
@@ -283,7 +292,7 @@ TEST_F(CudaBackwardGpuTest, DkDvAreDeterministic) {
   for (int run = 0; run < 2; ++run) {
     DeviceCall dc;
     ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
-    auto backend = MakeCudaBackwardBackend();
+    auto backend = MakeCuda();
     ASSERT_TRUE(backend->Backward(dc.p).ok());
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     std::vector<float> dk = Download(dc.dk), dv = Download(dc.dv);
@@ -295,11 +304,6 @@ TEST_F(CudaBackwardGpuTest, DkDvAreDeterministic) {
       EXPECT_EQ(dv, first_dv);
     }
   }
-}
-
-TEST_F(CudaBackwardGpuTest, ComputeDelta) {
-  auto backend = MakeCudaBackwardBackend();
-  kernel_testing::CheckComputeDelta(*backend);
 }
 
 }  // namespace

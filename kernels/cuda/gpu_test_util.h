@@ -98,11 +98,6 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-// Bytes of a host buffer: size() elements of type().
-inline size_t Bytes(const TypedBuffer& b) {
-  return static_cast<size_t>(b.size()) * DTypeSize(b.type());
-}
-
 // Device copies of one call's tensors.
 struct DeviceTensors {
   DeviceBuffer q, k, v, o, lse, alibi;
@@ -152,22 +147,6 @@ inline void FromDevice(const DeviceTensors& d, AttentionBuffers* t) {
 
 // ---- Building cases -------------------------------------------------------------------------
 
-// Sizes and dtypes of one call, default scale 1/sqrt(head_dim), no options, no tensors.
-inline AttentionParams Shape(int64_t seqlen_q, int64_t seqlen_k, int heads, int heads_k,
-                             int head_dim, DType dtype = DType::kBF16, DType o_dtype = DType::kBF16,
-                             int batch = 1) {
-  AttentionParams p;
-  p.batch = batch;
-  p.seqlen_q = seqlen_q;
-  p.seqlen_k = seqlen_k;
-  p.heads = heads;
-  p.heads_k = heads_k;
-  p.head_dim = head_dim;
-  p.dtype = dtype;
-  p.o_dtype = o_dtype;
-  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  return p;
-}
 // Strides of `p` with `head_pad` elements between heads and `row_pad` between rows of q/k/v/o
 // (and between batches of q/o), and lse [batch, heads, seqlen_q] padded by 3 per head and 5
 // per batch.
@@ -275,17 +254,6 @@ inline std::vector<double> GatherLse(const AttentionParams& p, const std::vector
     }
   }
   return out;
-}
-
-// Points `part` at keys [begin, end) of `whole`: the K/V pointers move down the rows and the
-// key positions keep their global values.
-inline AttentionParams KeyRange(const AttentionParams& whole, int64_t begin, int64_t end) {
-  AttentionParams part = whole;
-  part.seqlen_k = end - begin;
-  part.k = static_cast<const char*>(whole.k) + begin * whole.k_row_stride * DTypeSize(whole.dtype);
-  part.v = static_cast<const char*>(whole.v) + begin * whole.v_row_stride * DTypeSize(whole.dtype);
-  part.k_pos_offset = whole.k_pos_offset + begin * whole.k_pos_stride;
-  return part;
 }
 
 }  // namespace ringattn::kernel_testing

@@ -1,5 +1,6 @@
-// The cudnn backend: the expressibility rules (PlanCudnnCall) and Forward (graph from the cache,
-// execute, epilogue). See cudnn_backend.h for the rules and their derivation.
+// The cudnn backend: the expressibility rules (PlanCudnnCall), the forward (graph from the cache,
+// execute, epilogue) and the backend itself (its backward is cudnn_backward.cc's). See
+// cudnn_backend.h for the rules and their derivation.
 #include "kernels/cudnn/cudnn_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -18,6 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
 #include "base/status_macros.h"
+#include "kernels/backend_registry.h"
+#include "kernels/cudnn/cudnn_backward.h"
+#include "kernels/cudnn/cudnn_context.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/cudnn/sdpa_graph_cache.h"
 #include "kernels/params_check.h"
@@ -45,15 +49,6 @@ Wide CeilDiv(Wide a, Wide b) {  // b > 0
 }
 Wide Max(Wide a, Wide b) { return a > b ? a : b; }
 Wide Min(Wide a, Wide b) { return a < b ? a : b; }
-
-const void* Advance(const void* base, int64_t elements, DType t) {
-  return static_cast<const char*>(base) + elements * DTypeSize(t);
-}
-void* Advance(void* base, int64_t elements, DType t) {
-  return static_cast<char*>(base) + elements * DTypeSize(t);
-}
-
-bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // R4 for one tensor: the pointer 16-byte aligned, the stride of each dimension of size > 1 a
 // multiple of 8 elements (16 bytes in fp16/bf16). Returns the offending field or nullptr.
@@ -101,23 +96,6 @@ absl::Status CheckAlignment(const AttentionParams& p, const CudnnMaskPlan& plan)
       "multiples of 8 elements (cuDNN's vector loads); got ",
       std::string(name), got, "; use the cuda_reference backend"));
 }
-
-// The cuDNN status of `expr` as an absl::Status.
-absl::Status CudnnStatus(cudnnStatus_t s, const char* expr) {
-  if (s == CUDNN_STATUS_SUCCESS) return absl::OkStatus();
-  const std::string message =
-      absl::StrCat(expr, " failed: ", cudnnGetErrorString(s), " (", static_cast<int>(s), ")");
-  switch (s) {
-    case CUDNN_STATUS_ALLOC_FAILED:
-      return absl::ResourceExhaustedError(message);
-    case CUDNN_STATUS_NOT_INITIALIZED:
-      return absl::FailedPreconditionError(message);
-    default:
-      return absl::InternalError(message);
-  }
-}
-
-int64_t Align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
 
@@ -284,110 +262,17 @@ absl::Status CudnnSupports(const AttentionParams& p) {
 
 namespace {
 
-class CudnnBackendImpl final : public CudnnBackend {
- public:
-  CudnnBackendImpl() : cache_(std::make_unique<SdpaGraphCache>()) {}
-  ~CudnnBackendImpl() override;
-
-  std::string_view name() const override { return kCudnnName; }
-  absl::Status Forward(const AttentionParams& p) override;
-
-  int64_t graph_builds() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return cache_->builds();
-  }
-  int64_t workspace_bytes() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return workspace_bytes_;
-  }
-
- private:
-  absl::Status EnsureHandle();
-  absl::Status EnsureWorkspace(int64_t bytes, cudaStream_t stream);
-
-  mutable std::mutex mu_;
-  int device_ = -1;
-  cudnnHandle_t handle_ = nullptr;
-  bool async_alloc_ = false;    // the device has stream-ordered memory pools
-  cudaEvent_t done_ = nullptr;  // recorded after each call's last use of the workspace
-  bool done_recorded_ = false;
-  cudaStream_t last_stream_ = nullptr;
-  void* workspace_ = nullptr;
-  int64_t workspace_bytes_ = 0;
-  std::unique_ptr<SdpaGraphCache> cache_;  // graphs go before the handle they were built with
-};
-
-CudnnBackendImpl::~CudnnBackendImpl() {
-  // Errors are ignored: there is no one to report them to (the driver may be shutting down).
-  if (done_recorded_) (void)cudaEventSynchronize(done_);
-  cache_.reset();
-  if (workspace_ != nullptr) (void)cudaFree(workspace_);
-  if (done_ != nullptr) (void)cudaEventDestroy(done_);
-  if (handle_ != nullptr) (void)cudnnDestroy(handle_);
-}
-
-absl::Status CudnnBackendImpl::EnsureHandle() {
-  int count = 0;
-  RA_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
-  if (count == 0) return absl::FailedPreconditionError("the cudnn backend needs a CUDA device");
-  int device = 0;
-  RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  if (handle_ != nullptr) {
-    if (device != device_) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("the cudnn backend was first used on CUDA device ", device_,
-                       " and this call is on device ", device, "; use one backend per device"));
-    }
-    return absl::OkStatus();
-  }
-  int pools = 0;
-  RA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device));
-  if (done_ == nullptr)
-    RA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
-  cudnnHandle_t handle = nullptr;
-  RA_RETURN_IF_ERROR(CudnnStatus(cudnnCreate(&handle), "cudnnCreate"));
-  handle_ = handle;
-  device_ = device;
-  async_alloc_ = pools != 0;
-  return absl::OkStatus();
-}
-
-absl::Status CudnnBackendImpl::EnsureWorkspace(int64_t bytes, cudaStream_t stream) {
-  if (bytes <= workspace_bytes_) return absl::OkStatus();
-  // Grow by at least half again, in 2 MiB steps, so that a slowly growing shape does not
-  // reallocate every call.
-  const int64_t want = std::max(bytes, workspace_bytes_ + workspace_bytes_ / 2);
-  const int64_t grown = (want + (int64_t{2} << 20) - 1) / (int64_t{2} << 20) * (int64_t{2} << 20);
-  if (async_alloc_) {
-    // Stream-ordered: the free runs after every earlier use (the stream waited for done_ if it
-    // changed), and nothing synchronises the device.
-    if (workspace_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFreeAsync(workspace_, stream));
-    workspace_ = nullptr;
-    workspace_bytes_ = 0;
-    RA_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&workspace_, static_cast<size_t>(grown), stream));
-  } else {
-    if (done_recorded_) RA_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
-    if (workspace_ != nullptr) RA_CUDA_RETURN_IF_ERROR(cudaFree(workspace_));
-    workspace_ = nullptr;
-    workspace_bytes_ = 0;
-    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(&workspace_, static_cast<size_t>(grown)));
-  }
-  workspace_bytes_ = grown;
-  return absl::OkStatus();
-}
-
-absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
+// Forward on `stream` with `c` (see cudnn_backend.h: the plan, cuDNN on the live block, the
+// epilogue).
+absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaStream_t stream) {
   RA_RETURN_IF_ERROR(ValidateParams(p));
   RA_ASSIGN_OR_RETURN(const CudnnMaskPlan plan, PlanCudnnCall(p));
   if (!plan.empty) RA_RETURN_IF_ERROR(CheckAlignment(p, plan));
   if (p.seqlen_q == 0) return absl::OkStatus();
   if (plan.empty && p.merge_into_output) return absl::OkStatus();  // nothing to merge
 
-  std::lock_guard<std::mutex> lock(mu_);
-  const cudaStream_t stream = this->stream();
-  if (done_recorded_ && stream != last_stream_) {
-    RA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, done_, 0));
-  }
+  std::lock_guard<std::mutex> lock(c.mutex());
+  RA_RETURN_IF_ERROR(c.WaitForPrevious(stream));
 
   CudnnEpilogueParams e;
   e.batch = p.batch;
@@ -405,7 +290,7 @@ absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
   e.merge = p.merge_into_output;
 
   if (!plan.empty) {
-    RA_RETURN_IF_ERROR(EnsureHandle());
+    RA_RETURN_IF_ERROR(c.EnsureHandle());
     const int64_t b = p.batch, h = p.heads, d = p.head_dim, sq = plan.q_count;
     // cuDNN writes o in place when nothing needs converting or merging and o suits its stores.
     const int64_t o_sizes[3] = {b, h, sq};
@@ -414,32 +299,11 @@ absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
     bool in_place = !p.merge_into_output && p.o_dtype == p.dtype && Aligned16(o_live);
     for (int i = 0; i < 3; ++i) in_place = in_place && (o_sizes[i] <= 1 || o_strides[i] % 8 == 0);
 
-    SdpaGraphKey key;
-    key.dtype = p.dtype;
-    key.batch = b;
-    key.heads = h;
-    key.heads_k = p.heads_k;
-    key.seqlen_q = sq;
-    key.seqlen_k = plan.k_count;
-    key.head_dim = d;
-    const int64_t q_stride[3] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride};
-    const int64_t k_stride[3] = {p.k_batch_stride, p.k_head_stride, p.k_row_stride};
-    const int64_t v_stride[3] = {p.v_batch_stride, p.v_head_stride, p.v_row_stride};
+    SdpaGraphKey key = PlannedGraphKey(p, plan);
     // Scratch O: packed [b, s, h, d] (rows of the epilogue's warps contiguous).
     const int64_t scratch_stride[3] = {sq * h * d, d, h * d};
-    for (int i = 0; i < 3; ++i) {
-      key.q_stride[i] = q_stride[i];
-      key.k_stride[i] = k_stride[i];
-      key.v_stride[i] = v_stride[i];
-      key.o_stride[i] = in_place ? o_strides[i] : scratch_stride[i];
-    }
-    key.has_right_bound = plan.has_right_bound;
-    key.right_bound = plan.right_bound;
-    key.has_left_bound = plan.has_left_bound;
-    key.left_bound = plan.left_bound;
-    key.padding_mask = plan.padding_mask;
-    std::memcpy(&key.scale_bits, &p.softmax_scale, sizeof(key.scale_bits));
-    RA_ASSIGN_OR_RETURN(const SdpaGraph* graph, cache_->GetOrBuild(handle_, key));
+    for (int i = 0; i < 3; ++i) key.o_stride[i] = in_place ? o_strides[i] : scratch_stride[i];
+    RA_ASSIGN_OR_RETURN(const SdpaGraph* graph, c.graphs().GetOrBuild(c.handle(), key));
 
     // Workspace: [cuDNN's][stats][scratch O][seq_len_q, seq_len_kv].
     const int64_t cudnn_bytes = Align256(SdpaWorkspaceBytes(*graph));
@@ -447,8 +311,8 @@ absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
     const int64_t scratch_bytes = in_place ? 0 : Align256(b * sq * h * d * DTypeSize(p.dtype));
     const int64_t seqlen_bytes = plan.padding_mask ? Align256(2 * b * sizeof(int32_t)) : 0;
     RA_RETURN_IF_ERROR(
-        EnsureWorkspace(cudnn_bytes + stats_bytes + scratch_bytes + seqlen_bytes, stream));
-    char* const base = static_cast<char*>(workspace_);
+        c.EnsureWorkspace(cudnn_bytes + stats_bytes + scratch_bytes + seqlen_bytes, stream));
+    char* const base = c.workspace();
     float* const stats = reinterpret_cast<float*>(base + cudnn_bytes);
     void* const scratch = base + cudnn_bytes + stats_bytes;
     int32_t* const seqlens =
@@ -467,8 +331,8 @@ absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
       RA_RETURN_IF_ERROR(
           LaunchFillInt32(t.seq_len_kv, b, static_cast<int32_t>(plan.k_count), stream));
     }
-    RA_RETURN_IF_ERROR(CudnnStatus(cudnnSetStream(handle_, stream), "cudnnSetStream"));
-    RA_RETURN_IF_ERROR(ExecuteSdpa(*graph, handle_, t, base));
+    RA_RETURN_IF_ERROR(c.BindHandle(stream));
+    RA_RETURN_IF_ERROR(ExecuteSdpa(*graph, c.handle(), t, base));
 
     e.live_begin = plan.q_begin;
     e.live_count = sq;
@@ -482,18 +346,50 @@ absl::Status CudnnBackendImpl::Forward(const AttentionParams& p) {
   }
 
   RA_RETURN_IF_ERROR(LaunchCudnnEpilogue(e, stream));
-  if (done_ != nullptr) {
-    RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, stream));
-    done_recorded_ = true;
-    last_stream_ = stream;
-  }
-  return absl::OkStatus();
+  return c.RecordDone(stream);
 }
 
+class CudnnBackendImpl final : public CudnnBackend {
+ public:
+  std::string_view name() const override { return kCudnnName; }
+  BackendCapabilities capabilities() const override { return {.backward = true}; }
+
+  int64_t graph_builds() const override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    return context_.graphs().builds();
+  }
+  int64_t workspace_bytes() const override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    return context_.workspace_bytes();
+  }
+
+ protected:
+  absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
+    return CudnnForward(context_, p, StreamOf(ctx));
+  }
+  absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
+    return CudnnBackward(context_, p, StreamOf(ctx));
+  }
+  absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
+                              const ExecutionContext& ctx) override {
+    return CudnnComputeDelta(context_, p, delta, StreamOf(ctx));
+  }
+
+ private:
+  CudnnDeviceContext context_;
+};
+
 }  // namespace
+
+// Kept in every program that links ra_kernels_cudnn (kernels/cudnn/CMakeLists.txt: --undefined).
+extern "C" const bool ringattn_register_cudnn_backends = RegisterBackends({
+    {kCudnnName, [] { return std::unique_ptr<AttentionBackend>(new CudnnBackendImpl()); }},
+});
 
 std::unique_ptr<AttentionBackend> MakeCudnnBackend() {
   return std::make_unique<CudnnBackendImpl>();
 }
+
+std::unique_ptr<AttentionBackend> MakeCudnnBackwardBackend() { return MakeCudnnBackend(); }
 
 }  // namespace ringattn

@@ -1,9 +1,10 @@
-// The "cudnn" attention backend: cuDNN's fused flash attention (the cudnn-frontend SDPA graph)
-// behind AttentionBackend, with the softmax stats (LSE) the ring's merge needs.
+// The "cudnn" attention backend: cuDNN's fused flash attention (the cudnn-frontend SDPA graphs)
+// behind AttentionBackend, forward (with the softmax stats, the LSE the ring's merge needs) and
+// backward (cudnn_backward.h).
 //
-// It takes device pointers (MemorySpace::kDevice) and runs on the stream set with SetStream (it
-// is a CudaBackend, so AsCudaBackend works on it as on "cuda"). Whatever cuDNN cannot express
-// exactly is refused with InvalidArgument naming the option; nothing falls back silently.
+// It takes device pointers (MemorySpace::kDevice) and runs on the call's stream (a CudaBackend:
+// SetStream sets the stream of calls without one). Whatever cuDNN cannot express exactly is
+// refused with InvalidArgument naming the option; nothing falls back silently.
 //
 // ---- What cuDNN computes (cudnn-frontend 1.32, cuDNN 9.x, fp16/bf16 SDPA forward) ------------
 // For Q [b, h, s_q, d], K/V [b, h_k, s_kv, d] (query head h reads K/V head h / (h / h_k)):
@@ -63,13 +64,12 @@
 // With o_dtype == dtype, no merge and 16-byte-aligned o, cuDNN writes o in place.
 //
 // ---- Caching and memory ---------------------------------------------------------------------
-// A cuDNN handle is created on the first Forward on the then-current device (later calls must
-// be on that device). Graphs are built once per SdpaGraphKey (shapes, strides, mask plan, scale,
-// dtype) and cached, failures included; graph_builds() counts builds. One device workspace
-// (cuDNN's workspace + scratch O + stats) is kept and grown when a call needs more
-// (cudaMallocAsync/cudaFreeAsync on the stream, so no device-wide synchronisation; on a device
-// without memory pools, cudaMalloc after waiting for the previous call). Forward is serialised
-// by a mutex; a stream change makes the new stream wait for the previous call.
+// Forward and backward share one CudnnDeviceContext (cudnn_context.h): the handle, made at the
+// first call on the then-current device (later calls must be on that device); the graphs, built
+// once per SdpaGraphKey (direction, shapes, strides, mask plan, scale) and cached, failures
+// included (graph_builds() counts builds); one device workspace (cuDNN's workspace + scratch
+// tensors), grown stream-ordered. Calls are serialised; a stream change makes the new stream
+// wait for the previous call.
 #pragma once
 
 #include <cstdint>
@@ -117,22 +117,23 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p);
 // OK when the cudnn backend can compute `p` (ValidateParams, then PlanCudnnCall).
 absl::Status CudnnSupports(const AttentionParams& p);
 
-// The backend. Forward validates (CudnnSupports), then enqueues on stream() and returns without
-// synchronising, like the CUDA backends.
+// The backend. Forward validates (CudnnSupports), then enqueues on the call's stream and returns
+// without synchronising, like the CUDA backends; Backward likewise (CudnnBackwardSupports).
 class CudnnBackend : public CudaBackend {
  public:
-  // Graphs built so far by this backend (a repeated shape does not build again).
+  // Graphs built so far by this backend, forward and backward (a repeated shape does not build
+  // again).
   virtual int64_t graph_builds() const = 0;
   // Bytes of the device workspace currently held.
   virtual int64_t workspace_bytes() const = 0;
 };
 
-// Named "cudnn". Creating it touches no device.
-std::unique_ptr<AttentionBackend> MakeCudnnBackend();
-
 // `backend` as a CudnnBackend (for graph_builds()), or nullptr when it is not one.
 inline CudnnBackend* AsCudnnBackend(AttentionBackend* backend) {
   return dynamic_cast<CudnnBackend*>(backend);
 }
+
+// Transitional (issue #12): MakeBackend("cudnn") (backend_registry.h).
+std::unique_ptr<AttentionBackend> MakeCudnnBackend();
 
 }  // namespace ringattn

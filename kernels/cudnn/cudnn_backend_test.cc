@@ -56,6 +56,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -93,6 +94,13 @@ using kernel_testing::Window;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kOpen = kUnboundedWindow;
+
+// The registered "cudnn" backend.
+std::unique_ptr<AttentionBackend> MakeCudnn() {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeBackend("cudnn");
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? *std::move(b) : nullptr;
+}
 
 // ---- Building params ------------------------------------------------------------------------
 
@@ -410,7 +418,7 @@ TEST(CudnnRulesTest, AcceptsWhatItShould) {
 }
 
 TEST(CudnnBackendFactoryTest, NameMemorySpaceAndAccessors) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->name(), "cudnn");
   EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
@@ -425,7 +433,7 @@ TEST(CudnnBackendFactoryTest, NameMemorySpaceAndAccessors) {
 
 // Refusals come from Forward too, before any device call (this runs without a GPU).
 TEST(CudnnBackendFactoryTest, ForwardRefusesBeforeTouchingTheDevice) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   for (const Refusal& c : Refusals()) {
     SCOPED_TRACE(c.name);
     const absl::Status s = backend->Forward(c.p);
@@ -439,7 +447,7 @@ TEST(CudnnBackendFactoryTest, ForwardRefusesBeforeTouchingTheDevice) {
 
 TEST(CudnnBackendFactoryTest, WithoutADeviceForwardFailsCleanly) {
   if (GpuAvailable()) GTEST_SKIP() << "a CUDA device is present";
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   const absl::Status s = backend->Forward(WithFakePointers(Causal(Shape(8, 8, 2, 2, 64))));
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.code(), absl::StatusCode::kInvalidArgument) << s;
@@ -457,7 +465,7 @@ absl::Status RunAndWait(AttentionBackend& backend, const AttentionParams& p) {
 }
 
 std::unique_ptr<AttentionBackend> CudaReference() {
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeCudaBackend("cuda_reference");
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeBackend("cuda_reference");
   if (!b.ok()) {
     ADD_FAILURE() << b.status();
     return nullptr;
@@ -568,7 +576,7 @@ void CheckCase(const Case& c) {
   ASSERT_TRUE(ref.ok()) << ref.status();
   const Tolerance tol = CudnnTolerance(host);
 
-  std::unique_ptr<AttentionBackend> cudnn = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> cudnn = MakeCudnn();
   DeviceTensors d;
   const AttentionParams p = ToDevice(host, t, &d);
   const absl::Status s = RunAndWait(*cudnn, p);
@@ -676,7 +684,7 @@ INSTANTIATE_TEST_SUITE_P(
 class CudnnBackendTest : public GpuTest {};
 
 TEST_F(CudnnBackendTest, RefusesOptionsWithInvalidArgumentNamingThem) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   struct Bad {
     const char* name;
     AttentionParams p;
@@ -717,7 +725,7 @@ TEST_F(CudnnBackendTest, StatsAreTheNaturalLogLseOfScaledScores) {
   AttentionBuffers t = MakeAttentionBuffers(&host, 5);
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
   ASSERT_TRUE(ref.ok());
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   DeviceTensors d;
   ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
   FromDevice(d, &t);
@@ -752,7 +760,7 @@ TEST_P(CudnnMergeTest, TwoKeyHalvesEqualOneCall) {
   AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name));
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
   ASSERT_TRUE(ref.ok()) << ref.status();
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   DeviceTensors d;
   const AttentionParams whole = ToDevice(host, t, &d);
   ASSERT_TRUE(RunAndWait(*backend, whole).ok());
@@ -836,7 +844,7 @@ TEST_F(CudnnBackendTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
   AttentionBuffers t = MakeAttentionBuffers(&host, 41);
   std::fill(t.lse.begin(), t.lse.end(), kNegInf);
   host.merge_into_output = true;
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   DeviceTensors d;
   ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d, /*upload_outputs=*/true)).ok());
   FromDevice(d, &t);
@@ -848,7 +856,7 @@ TEST_F(CudnnBackendTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
 // ---- Fully masked rows, empty calls, null lse -------------------------------------------------
 
 TEST_F(CudnnBackendTest, FullyMaskedCallWritesZerosAndNegInfWithoutCallingCudnn) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   for (DType o_dtype : {DType::kBF16, DType::kF32}) {
     AttentionParams host =
         Causal(Positions(Shape(170, 90, 2, 2, 64, DType::kBF16, o_dtype), 0, 1, 1000, 1));
@@ -867,7 +875,7 @@ TEST_F(CudnnBackendTest, NoKeysGivesFullyMaskedRows) {
   AttentionBuffers t = MakeAttentionBuffers(&host, 13);
   host.k = nullptr;
   host.v = nullptr;
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   DeviceTensors d;
   ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
   FromDevice(d, &t);
@@ -880,7 +888,7 @@ TEST_F(CudnnBackendTest, NoQueriesIsANoOp) {
   AttentionBuffers t = MakeAttentionBuffers(&host, 14);
   host.q = nullptr;
   host.o = nullptr;
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   DeviceTensors d;
   EXPECT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
 }
@@ -890,7 +898,7 @@ TEST_F(CudnnBackendTest, NullLseIsAllowedWithoutMerge) {
     AttentionParams host = Causal(Shape(65, 65, 2, 2, 64, DType::kBF16, o_dtype));
     AttentionBuffers t = MakeAttentionBuffers(&host, 15);
     host.lse = nullptr;
-    std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+    std::unique_ptr<AttentionBackend> backend = MakeCudnn();
     DeviceTensors d;
     ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
     FromDevice(d, &t);
@@ -914,7 +922,7 @@ TEST_F(CudnnBackendTest, HonoursStridesAndWritesNothingOutsideTheView) {
         Positions(Shape(sq, sk, heads, heads_k, dim, DType::kF16, o_dtype, batch), 40, 1, 0, 1));
     PadStrides(&host, head_pad, row_pad);
     AttentionBuffers t = StridedBuffers(&host);
-    std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+    std::unique_ptr<AttentionBackend> backend = MakeCudnn();
     DeviceTensors d;
     ASSERT_TRUE(RunAndWait(*backend, ToDevice(host, t, &d)).ok());
     FromDevice(d, &t);
@@ -1058,7 +1066,7 @@ TEST_F(CudnnBackendTest, EpilogueAloneMergesStoresAndFills) {
 // ---- The graph cache ------------------------------------------------------------------------
 
 TEST_F(CudnnBackendTest, RepeatedShapeDoesNotRebuildTheGraph) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   CudnnBackend* cudnn = AsCudnnBackend(backend.get());
   ASSERT_NE(cudnn, nullptr);
   AttentionParams host = Causal(Shape(200, 200, 4, 2, 64));
@@ -1126,7 +1134,7 @@ TEST_F(CudnnBackendTest, RunsOnTheStreamItIsGivenAndSurvivesAStreamChange) {
   cudaStream_t s1 = nullptr, s2 = nullptr;
   ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
   ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   CudaBackend* cuda = AsCudaBackend(backend.get());
   ASSERT_NE(cuda, nullptr);
 
@@ -1151,7 +1159,7 @@ TEST_F(CudnnBackendTest, RunsOnTheStreamItIsGivenAndSurvivesAStreamChange) {
 }
 
 TEST_F(CudnnBackendTest, WorkspaceGrowsAndIsReused) {
-  std::unique_ptr<AttentionBackend> backend = MakeCudnnBackend();
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
   CudnnBackend* cudnn = AsCudnnBackend(backend.get());
   int64_t last_bytes = 0;
   // Small, large, small: every result right, the workspace only grows.

@@ -1,8 +1,8 @@
-// The "cudnn" attention backward backend: cuDNN's fused SDPA backward (cudnn-frontend
-// graph.sdpa_backward) behind AttentionBackwardBackend.
+// The backward of the "cudnn" backend (cudnn_backend.h): cuDNN's fused SDPA backward
+// (cudnn-frontend graph.sdpa_backward).
 //
-// Device pointers (MemorySpace::kDevice), enqueued on the stream set with SetStream (nullptr,
-// the default, is the legacy default stream); Backward returns without synchronising.
+// Device pointers (MemorySpace::kDevice), enqueued on the call's stream; Backward returns
+// without synchronising.
 //
 // ---- What is refused (InvalidArgument naming the option; nothing touches the device) -------
 // Everything the forward cudnn backend refuses (cudnn_backend.h: PlanCudnnCall and the q/k/v
@@ -37,11 +37,9 @@
 // runs our kernel (FlashBackwardAllocatingDelta, flash_bwd.h) on the same stream instead.
 //
 // ---- Caching ----------------------------------------------------------------------------------
-// A cuDNN handle is created on the first Backward on the then-current device. Graphs are built
-// once per (dtype, sizes of the live block, strides of q/k/v/o/dO, mask plan, scale) and cached
-// (failures too, except transient CUDA failures); graph_builds() counts builds. One device
-// workspace (cuDNN's + Stats + dQ/dK/dV scratch) is kept and grown stream-ordered. Calls are
-// serialised by a mutex; a stream change makes the new stream wait for the previous call.
+// Shared with the forward (cudnn_context.h): one handle, one graph cache (backward keys: the
+// live block's sizes, strides of q/k/v/o/dO, mask plan, scale) and one workspace (here cuDNN's
+// + Stats + dQ/dK/dV scratch).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -51,27 +49,27 @@
 
 #include "absl/status/status.h"
 #include "kernels/attention_backward_params.h"
-#include "kernels/cuda/cuda_backward.h"
+#include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/dtype.h"
 
 namespace ringattn {
 
-// A CudaBackwardBackend (cuda_backward.h: SetStream, device memory) with cuDNN's graph cache.
-class CudnnBackwardBackend : public CudaBackwardBackend {
- public:
-  // Graphs built so far (a repeated shape does not build again).
-  virtual int64_t graph_builds() const = 0;
-};
-
-// Named "cudnn". Creating it touches no device.
-std::unique_ptr<AttentionBackwardBackend> MakeCudnnBackwardBackend();
-
-inline CudnnBackwardBackend* AsCudnnBackwardBackend(AttentionBackwardBackend* b) {
-  return dynamic_cast<CudnnBackwardBackend*>(b);
-}
+class CudnnDeviceContext;  // cudnn_context.h
 
 // Checks `p` against what the cudnn backward can compute (host only, reads no tensor).
 absl::Status CudnnBackwardSupports(const AttentionBackwardParams& p);
+
+// The backend's Backward and ComputeDelta on `stream` with its context `c` (internal to
+// kernels/cudnn; call them through AttentionBackend).
+absl::Status CudnnBackward(CudnnDeviceContext& c, const AttentionBackwardParams& p,
+                           cudaStream_t stream);
+absl::Status CudnnComputeDelta(CudnnDeviceContext& c, const AttentionBackwardParams& p,
+                               float* delta, cudaStream_t stream);
+
+// ---- Transitional (issue #12): the former backward names -----------------------------------
+using CudnnBackwardBackend = CudnnBackend;
+std::unique_ptr<AttentionBackend> MakeCudnnBackwardBackend();  // MakeCudnnBackend()
+inline CudnnBackend* AsCudnnBackwardBackend(AttentionBackend* b) { return AsCudnnBackend(b); }
 
 // ---- Helper kernels (cudnn_backward_kernels.cu) --------------------------------------------
 

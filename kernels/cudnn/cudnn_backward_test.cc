@@ -1,4 +1,4 @@
-// The cudnn backward backend (cudnn_backward.h).
+// The backward of the cudnn backend (cudnn_backward.h).
 //
 // Host-only (run everywhere): refusals are InvalidArgument naming the option (alibi_slopes,
 // softcap, dtype, out_dtype, out/dout strides) before any device call; the factory.
@@ -13,6 +13,7 @@
 //     positions kept), the whole forward's lse, accumulating into the same dq, give the whole
 //     gradients;
 //   - the graph cache: a repeated call does not rebuild.
+// ComputeDelta is checked for every backend by backend_conformance_test.
 // The forward's O and LSE come from the fp64 reference forward (O rounded to the input dtype,
 // as a real forward would store it), so a failure here is the backward's.
 //
@@ -41,6 +42,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/cpu/test_util.h"
@@ -65,22 +67,30 @@ using kernel_testing::Shape;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
+// The registered "cudnn" backend.
+std::unique_ptr<AttentionBackend> MakeCudnn() {
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> b = MakeBackend("cudnn");
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? *std::move(b) : nullptr;
+}
+
 AttentionBackwardParams FakeCall() { return kernel_testing::FakeBackwardCall(); }
 
 void ExpectRefused(const AttentionBackwardParams& p, const std::string& needle) {
   EXPECT_EQ(CudnnBackwardSupports(p).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(CudnnBackwardSupports(p).message().find(needle), std::string::npos)
       << CudnnBackwardSupports(p);
-  auto backend = MakeCudnnBackwardBackend();
+  auto backend = MakeCudnn();
   kernel_testing::ExpectBackwardRefused(*backend, p, needle);
 }
 
 TEST(CudnnBackwardHostTest, Factory) {
-  auto backend = MakeCudnnBackwardBackend();
+  auto backend = MakeCudnn();
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->name(), "cudnn");
   EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
-  CudnnBackwardBackend* c = AsCudnnBackwardBackend(backend.get());
+  EXPECT_TRUE(backend->capabilities().backward);
+  CudnnBackend* c = AsCudnnBackend(backend.get());
   ASSERT_NE(c, nullptr);
   EXPECT_EQ(c->stream(), nullptr);
   c->SetStream(reinterpret_cast<cudaStream_t>(0x10));
@@ -151,7 +161,7 @@ TEST_P(CudnnBackwardSweep, MatchesFp64Reference) {
   ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
   SCOPED_TRACE(absl::StrCat(CaseName(c), " plan ", PlanOf(hc.fwd)));
   std::printf("  %s plan %s\n", CaseName(c).c_str(), PlanOf(hc.fwd).c_str());
-  auto backend = MakeCudnnBackwardBackend();
+  auto backend = MakeCudnn();
   const absl::Status s = backend->Backward(dc.p);
   ASSERT_TRUE(s.ok()) << s;
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
@@ -166,13 +176,13 @@ TEST_P(CudnnBackwardSweep, AccumulateTwiceIsTwice) {
   DeviceCall dc;
   ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
   SCOPED_TRACE(absl::StrCat(CaseName(c), " plan ", PlanOf(hc.fwd)));
-  auto backend = MakeCudnnBackwardBackend();
+  auto backend = MakeCudnn();
   ASSERT_TRUE(backend->Backward(dc.p).ok());
   const absl::Status s = backend->Backward(dc.p);
   ASSERT_TRUE(s.ok()) << s;
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   // One build, none for a 1 x 1 call (our kernel runs it).
-  EXPECT_EQ(AsCudnnBackwardBackend(backend.get())->graph_builds(), c.sq * c.sk == 1 ? 0 : 1)
+  EXPECT_EQ(AsCudnnBackend(backend.get())->graph_builds(), c.sq * c.sk == 1 ? 0 : 1)
       << "repeat rebuilt";
   CheckGrads(hc, dc, 2.0);
 }
@@ -213,7 +223,7 @@ TEST_F(CudnnBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
       ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
       DeviceCall dc;
       ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/true));
-      auto backend = MakeCudnnBackwardBackend();
+      auto backend = MakeCudnn();
       for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, 128}, {128, 256}}) {
         AttentionBackwardParams part = dc.p;
         part.fwd = kernel_testing::KeyRange(dc.p.fwd, begin, end);
@@ -228,11 +238,6 @@ TEST_F(CudnnBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
       CheckGrads(hc, dc, 1.0);
     }
   }
-}
-
-TEST_F(CudnnBackwardGpuTest, ComputeDelta) {
-  auto backend = MakeCudnnBackwardBackend();
-  kernel_testing::CheckComputeDelta(*backend);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Building and executing cuDNN SDPA forward graphs with cudnn-frontend.
+// Building and executing cuDNN SDPA graphs, forward and backward, with cudnn-frontend.
 #include "kernels/cudnn/sdpa_graph_cache.h"
 
 #include <cudnn_frontend.h>
@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 static_assert(CUDNN_FRONTEND_VERSION >= 11100,
               "the cudnn backend needs cudnn-frontend >= 1.11 (diagonal band bounds)");
@@ -25,6 +26,7 @@ namespace fe = cudnn_frontend;
 struct SdpaGraph {
   std::shared_ptr<fe::graph::Graph> graph;
   int64_t workspace_bytes = 0;
+  bool backward = false;
   bool padding_mask = false;
 };
 
@@ -39,6 +41,10 @@ enum : fe::graph::Tensor_attributes::uid_t {
   kUidStats = 5,
   kUidSeqLenQ = 6,
   kUidSeqLenKv = 7,
+  kUidDO = 8,
+  kUidDQ = 9,
+  kUidDK = 10,
+  kUidDV = 11,
 };
 
 const char* CodeName(fe::error_code_t code) {
@@ -86,8 +92,9 @@ absl::Status BuildError(const char* step, fe::error_t e, const SdpaGraphKey& key
   *transient = e.code == fe::error_code_t::CUDA_API_FAILED ||
                e.code == fe::error_code_t::HANDLE_ERROR ||
                e.code == fe::error_code_t::INVALID_CUDA_DEVICE;
-  const std::string message = absl::StrCat("cuDNN SDPA graph ", step, " failed (", CodeName(e.code),
-                                           "): ", e.err_msg, "; graph ", key.ToString());
+  const std::string message =
+      absl::StrCat("cuDNN SDPA ", key.backward ? "backward " : "", "graph ", step, " failed (",
+                   CodeName(e.code), "): ", e.err_msg, "; graph ", key.ToString());
   switch (e.code) {
     case fe::error_code_t::GRAPH_NOT_SUPPORTED:
     case fe::error_code_t::GRAPH_EXECUTION_PLAN_CREATION_FAILED:
@@ -105,41 +112,34 @@ fe::DataType_t IoType(DType t) {
   return t == DType::kF16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
 }
 
-absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const SdpaGraphKey& key,
-                                                 bool* transient) {
-  using fe::graph::Tensor_attributes;
-  const int64_t b = key.batch, h = key.heads, hk = key.heads_k, sq = key.seqlen_q,
-                sk = key.seqlen_k, d = key.head_dim;
-  const fe::DataType_t io = IoType(key.dtype);
+using TensorPtr = std::shared_ptr<fe::graph::Tensor_attributes>;
 
-  auto graph = std::make_shared<fe::graph::Graph>();
-  graph->set_io_data_type(io)
-      .set_intermediate_data_type(fe::DataType_t::FLOAT)
-      .set_compute_data_type(fe::DataType_t::FLOAT);
+// An input of the key's dtype, [b, heads, rows, d] with {batch, head, row} strides `stride`.
+TensorPtr Input(fe::graph::Graph& graph, const SdpaGraphKey& key, const char* name,
+                fe::graph::Tensor_attributes::uid_t uid, int64_t heads, int64_t rows,
+                const int64_t stride[3]) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_name(name)
+                          .set_uid(uid)
+                          .set_data_type(IoType(key.dtype))
+                          .set_dim({key.batch, heads, rows, key.head_dim})
+                          .set_stride({stride[0], stride[1], stride[2], 1}));
+}
 
-  auto q = graph->tensor(Tensor_attributes()
-                             .set_name("Q")
-                             .set_uid(kUidQ)
-                             .set_data_type(io)
-                             .set_dim({b, h, sq, d})
-                             .set_stride({key.q_stride[0], key.q_stride[1], key.q_stride[2], 1}));
-  auto k = graph->tensor(Tensor_attributes()
-                             .set_name("K")
-                             .set_uid(kUidK)
-                             .set_data_type(io)
-                             .set_dim({b, hk, sk, d})
-                             .set_stride({key.k_stride[0], key.k_stride[1], key.k_stride[2], 1}));
-  auto v = graph->tensor(Tensor_attributes()
-                             .set_name("V")
-                             .set_uid(kUidV)
-                             .set_data_type(io)
-                             .set_dim({b, hk, sk, d})
-                             .set_stride({key.v_stride[0], key.v_stride[1], key.v_stride[2], 1}));
+// A [batch] int32 sequence-length input of the padding mask.
+TensorPtr SeqLen(fe::graph::Graph& graph, const SdpaGraphKey& key, const char* name,
+                 fe::graph::Tensor_attributes::uid_t uid) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_name(name)
+                          .set_uid(uid)
+                          .set_dim({key.batch, 1, 1, 1})
+                          .set_stride({1, 1, 1, 1})
+                          .set_data_type(fe::DataType_t::INT32));
+}
 
-  float scale;
-  std::memcpy(&scale, &key.scale_bits, sizeof(scale));
-  fe::graph::SDPA_attributes options;
-  options.set_name("ringattn_sdpa").set_generate_stats(true).set_attn_scale(scale);
+// The mask of `key` (TOP_LEFT band bounds, padding mask) on either direction's options.
+template <typename Options>
+void SetMask(fe::graph::Graph& graph, const SdpaGraphKey& key, Options& options) {
   // Only TOP_LEFT alignment: every offset is folded into the bounds (cudnn_backend.h).
   options.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT);
   if (key.has_right_bound) {
@@ -147,31 +147,37 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
   }
   if (key.has_left_bound) options.set_diagonal_band_left_bound(static_cast<int>(key.left_bound));
   if (key.padding_mask) {
-    auto seq_q = graph->tensor(Tensor_attributes()
-                                   .set_name("seq_len_q")
-                                   .set_uid(kUidSeqLenQ)
-                                   .set_dim({b, 1, 1, 1})
-                                   .set_stride({1, 1, 1, 1})
-                                   .set_data_type(fe::DataType_t::INT32));
-    auto seq_kv = graph->tensor(Tensor_attributes()
-                                    .set_name("seq_len_kv")
-                                    .set_uid(kUidSeqLenKv)
-                                    .set_dim({b, 1, 1, 1})
-                                    .set_stride({1, 1, 1, 1})
-                                    .set_data_type(fe::DataType_t::INT32));
-    options.set_padding_mask(true).set_seq_len_q(seq_q).set_seq_len_kv(seq_kv);
+    options.set_padding_mask(true)
+        .set_seq_len_q(SeqLen(graph, key, "seq_len_q", kUidSeqLenQ))
+        .set_seq_len_kv(SeqLen(graph, key, "seq_len_kv", kUidSeqLenKv));
   }
+}
 
-  auto outputs = graph->sdpa(q, k, v, options);
-  const std::shared_ptr<Tensor_attributes>& o = outputs[0];
-  const std::shared_ptr<Tensor_attributes>& stats = outputs[1];
+float Scale(const SdpaGraphKey& key) {
+  float scale;
+  std::memcpy(&scale, &key.scale_bits, sizeof(scale));
+  return scale;
+}
+
+// Q, K, V in; O and the fp32 Stats out.
+absl::Status DefineForward(fe::graph::Graph& graph, const SdpaGraphKey& key) {
+  const int64_t b = key.batch, h = key.heads, sq = key.seqlen_q, d = key.head_dim;
+  auto q = Input(graph, key, "Q", kUidQ, h, sq, key.q_stride);
+  auto k = Input(graph, key, "K", kUidK, key.heads_k, key.seqlen_k, key.k_stride);
+  auto v = Input(graph, key, "V", kUidV, key.heads_k, key.seqlen_k, key.v_stride);
+  fe::graph::SDPA_attributes options;
+  options.set_name("ringattn_sdpa").set_generate_stats(true).set_attn_scale(Scale(key));
+  SetMask(graph, key, options);
+  auto outputs = graph.sdpa(q, k, v, options);
+  const TensorPtr& o = outputs[0];
+  const TensorPtr& stats = outputs[1];
   if (o == nullptr || stats == nullptr) {
     return absl::InternalError(
         absl::StrCat("cudnn-frontend sdpa() returned no O or Stats; graph ", key.ToString()));
   }
   o->set_output(true)
       .set_uid(kUidO)
-      .set_data_type(io)
+      .set_data_type(IoType(key.dtype))
       .set_dim({b, h, sq, d})
       .set_stride({key.o_stride[0], key.o_stride[1], key.o_stride[2], 1});
   stats->set_output(true)
@@ -179,6 +185,54 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
       .set_data_type(fe::DataType_t::FLOAT)
       .set_dim({b, h, sq, 1})
       .set_stride({h * sq, sq, 1, 1});
+  return absl::OkStatus();
+}
+
+// Q, K, V, O, dO and the fp32 Stats in; dQ, dK and dV out, packed [b, s, h(_k), d].
+absl::Status DefineBackward(fe::graph::Graph& graph, const SdpaGraphKey& key) {
+  const int64_t b = key.batch, h = key.heads, hk = key.heads_k, sq = key.seqlen_q,
+                sk = key.seqlen_k, d = key.head_dim;
+  auto q = Input(graph, key, "Q", kUidQ, h, sq, key.q_stride);
+  auto k = Input(graph, key, "K", kUidK, hk, sk, key.k_stride);
+  auto v = Input(graph, key, "V", kUidV, hk, sk, key.v_stride);
+  auto o = Input(graph, key, "O", kUidO, h, sq, key.o_stride);
+  auto dout = Input(graph, key, "dO", kUidDO, h, sq, key.do_stride);
+  auto stats = graph.tensor(fe::graph::Tensor_attributes()
+                                .set_name("Stats")
+                                .set_uid(kUidStats)
+                                .set_data_type(fe::DataType_t::FLOAT)
+                                .set_dim({b, h, sq, 1})
+                                .set_stride({h * sq, sq, 1, 1}));
+  fe::graph::SDPA_backward_attributes options;
+  options.set_name("ringattn_sdpa_backward").set_attn_scale(Scale(key));
+  SetMask(graph, key, options);
+  auto grads = graph.sdpa_backward(q, k, v, o, dout, stats, options);
+  if (grads[0] == nullptr || grads[1] == nullptr || grads[2] == nullptr) {
+    return absl::InternalError(absl::StrCat(
+        "cudnn-frontend sdpa_backward() returned no dQ/dK/dV; graph ", key.ToString()));
+  }
+  const struct {
+    fe::graph::Tensor_attributes::uid_t uid;
+    int64_t heads, rows;
+  } outs[3] = {{kUidDQ, h, sq}, {kUidDK, hk, sk}, {kUidDV, hk, sk}};
+  for (int i = 0; i < 3; ++i) {
+    grads[i]
+        ->set_output(true)
+        .set_uid(outs[i].uid)
+        .set_data_type(IoType(key.dtype))
+        .set_dim({b, outs[i].heads, outs[i].rows, d})
+        .set_stride({outs[i].rows * outs[i].heads * d, d, outs[i].heads * d, 1});
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const SdpaGraphKey& key,
+                                                 bool* transient) {
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(IoType(key.dtype))
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  RA_RETURN_IF_ERROR(key.backward ? DefineBackward(*graph, key) : DefineForward(*graph, key));
 
   if (fe::error_t e = graph->validate(); e.is_bad())
     return BuildError("validate", e, key, transient);
@@ -201,8 +255,30 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
   auto built = std::make_unique<SdpaGraph>();
   built->graph = std::move(graph);
   built->workspace_bytes = workspace;
+  built->backward = key.backward;
   built->padding_mask = key.padding_mask;
   return built;
+}
+
+using VariantPack = std::unordered_map<fe::graph::Tensor_attributes::uid_t, void*>;
+
+absl::Status Execute(const SdpaGraph& graph, cudnnHandle_t handle, VariantPack pack,
+                     int32_t* seq_len_q, int32_t* seq_len_kv, void* workspace) {
+  if (graph.padding_mask) {
+    pack.emplace(kUidSeqLenQ, seq_len_q);
+    pack.emplace(kUidSeqLenKv, seq_len_kv);
+  }
+  const char* const what = graph.backward ? "cuDNN SDPA backward execute" : "cuDNN SDPA execute";
+  fe::error_t e;
+  try {
+    e = graph.graph->execute(handle, pack, workspace);
+  } catch (const std::exception& ex) {
+    return absl::InternalError(absl::StrCat(what, " threw: ", ex.what()));
+  }
+  if (e.is_bad()) {
+    return absl::InternalError(absl::StrCat(what, " failed (", CodeName(e.code), "): ", e.err_msg));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -213,10 +289,12 @@ std::string SdpaGraphKey::ToString() const {
   auto strides = [](const int64_t* s) {
     return absl::StrCat("{", s[0], ",", s[1], ",", s[2], "}");
   };
-  return absl::StrCat("{", std::string(DTypeName(dtype)), " b=", batch, " h=", heads,
-                      " h_k=", heads_k, " s_q=", seqlen_q, " s_k=", seqlen_k, " d=", head_dim,
-                      " q_strides(b,h,s)=", strides(q_stride), " k_strides=", strides(k_stride),
-                      " v_strides=", strides(v_stride), " o_strides=", strides(o_stride),
+  return absl::StrCat("{", backward ? "backward " : "", std::string(DTypeName(dtype)), " b=", batch,
+                      " h=", heads, " h_k=", heads_k, " s_q=", seqlen_q, " s_k=", seqlen_k,
+                      " d=", head_dim, " q_strides(b,h,s)=", strides(q_stride),
+                      " k_strides=", strides(k_stride), " v_strides=", strides(v_stride),
+                      " o_strides=", strides(o_stride),
+                      backward ? absl::StrCat(" do_strides=", strides(do_stride)) : std::string(),
                       has_right_bound ? absl::StrCat(" right_bound=", right_bound) : std::string(),
                       has_left_bound ? absl::StrCat(" left_bound=", left_bound) : std::string(),
                       padding_mask ? " padding_mask" : "", " scale=", scale, "}");
@@ -230,11 +308,12 @@ size_t SdpaGraphKeyHash::operator()(const SdpaGraphKey& k) const {
       h *= 1099511628211ull;
     }
   };
+  mix(k.backward);
   mix(static_cast<uint64_t>(k.dtype));
   for (int64_t x : {k.batch, k.heads, k.heads_k, k.seqlen_q, k.seqlen_k, k.head_dim}) {
     mix(static_cast<uint64_t>(x));
   }
-  for (const int64_t* s : {k.q_stride, k.k_stride, k.v_stride, k.o_stride}) {
+  for (const int64_t* s : {k.q_stride, k.k_stride, k.v_stride, k.o_stride, k.do_stride}) {
     for (int i = 0; i < 3; ++i) mix(static_cast<uint64_t>(s[i]));
   }
   mix(k.has_right_bound);
@@ -250,28 +329,28 @@ int64_t SdpaWorkspaceBytes(const SdpaGraph& graph) { return graph.workspace_byte
 
 absl::Status ExecuteSdpa(const SdpaGraph& graph, cudnnHandle_t handle, const SdpaTensors& t,
                          void* workspace) {
-  std::unordered_map<fe::graph::Tensor_attributes::uid_t, void*> pack = {
-      {kUidQ, const_cast<void*>(t.q)},
-      {kUidK, const_cast<void*>(t.k)},
-      {kUidV, const_cast<void*>(t.v)},
-      {kUidO, t.o},
-      {kUidStats, t.stats},
-  };
-  if (graph.padding_mask) {
-    pack.emplace(kUidSeqLenQ, t.seq_len_q);
-    pack.emplace(kUidSeqLenKv, t.seq_len_kv);
-  }
-  fe::error_t e;
-  try {
-    e = graph.graph->execute(handle, pack, workspace);
-  } catch (const std::exception& ex) {
-    return absl::InternalError(absl::StrCat("cuDNN SDPA execute threw: ", ex.what()));
-  }
-  if (e.is_bad()) {
-    return absl::InternalError(
-        absl::StrCat("cuDNN SDPA execute failed (", CodeName(e.code), "): ", e.err_msg));
-  }
-  return absl::OkStatus();
+  return Execute(graph, handle,
+                 {{kUidQ, const_cast<void*>(t.q)},
+                  {kUidK, const_cast<void*>(t.k)},
+                  {kUidV, const_cast<void*>(t.v)},
+                  {kUidO, t.o},
+                  {kUidStats, t.stats}},
+                 t.seq_len_q, t.seq_len_kv, workspace);
+}
+
+absl::Status ExecuteSdpaBackward(const SdpaGraph& graph, cudnnHandle_t handle,
+                                 const SdpaBackwardTensors& t, void* workspace) {
+  return Execute(graph, handle,
+                 {{kUidQ, const_cast<void*>(t.q)},
+                  {kUidK, const_cast<void*>(t.k)},
+                  {kUidV, const_cast<void*>(t.v)},
+                  {kUidO, const_cast<void*>(t.o)},
+                  {kUidDO, const_cast<void*>(t.dout)},
+                  {kUidStats, const_cast<float*>(t.stats)},
+                  {kUidDQ, t.dq},
+                  {kUidDK, t.dk},
+                  {kUidDV, t.dv}},
+                 t.seq_len_q, t.seq_len_kv, workspace);
 }
 
 SdpaGraphCache::SdpaGraphCache() = default;

@@ -1,10 +1,12 @@
-// cuDNN SDPA forward graphs (cudnn-frontend), built once per shape/option key and cached.
+// cuDNN SDPA graphs (cudnn-frontend), forward and backward, built once per shape/option key
+// and cached.
 //
-// A graph fixes everything but the device pointers: dtype, sizes, the strides of Q/K/V/O, the
-// mask band (cudnn_backend.h), the softmax scale. Tensors in cuDNN's [b, h, s, d] order;
-// our [b, s, h, d] tensors are views with strides {batch, head, row, 1}. Stats is always a
-// packed fp32 [b, h, s_q, 1] tensor. This header keeps the cudnn-frontend headers out of its
-// includers; only sdpa_graph_cache.cc includes them.
+// A graph fixes everything but the device pointers: direction, dtype, sizes, the strides of
+// Q/K/V/O (and dO), the mask band (cudnn_backend.h), the softmax scale. Tensors in cuDNN's
+// [b, h, s, d] order; our [b, s, h, d] tensors are views with strides {batch, head, row, 1}.
+// Stats is always a packed fp32 [b, h, s_q, 1] tensor; the backward's dQ, dK and dV are packed
+// [b, s, h(_k), d] tensors of the input dtype. This header keeps the cudnn-frontend headers out
+// of its includers; only sdpa_graph_cache.cc includes them.
 #pragma once
 
 #include <cudnn.h>
@@ -22,13 +24,16 @@
 namespace ringattn {
 
 struct SdpaGraphKey {
-  DType dtype = DType::kBF16;  // q, k, v and O (bf16 or fp16)
+  bool backward = false;       // sdpa_backward (dQ, dK, dV) instead of sdpa (O, Stats)
+  DType dtype = DType::kBF16;  // q, k, v, O (and dO, dQ, dK, dV): bf16 or fp16
   int64_t batch = 0, heads = 0, heads_k = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
-  // {batch, head, row} strides in elements (the head_dim stride is 1).
+  // {batch, head, row} strides in elements (the head_dim stride is 1). O is the forward's
+  // output, or the backward's input.
   int64_t q_stride[3] = {0, 0, 0};
   int64_t k_stride[3] = {0, 0, 0};
   int64_t v_stride[3] = {0, 0, 0};
   int64_t o_stride[3] = {0, 0, 0};
+  int64_t do_stride[3] = {0, 0, 0};  // backward only
   bool has_right_bound = false;
   int64_t right_bound = 0;
   bool has_left_bound = false;
@@ -47,7 +52,7 @@ struct SdpaGraphKeyHash {
 // A built graph (opaque outside sdpa_graph_cache.cc).
 struct SdpaGraph;
 
-// Device pointers of one execution.
+// Device pointers of one forward execution.
 struct SdpaTensors {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -58,12 +63,30 @@ struct SdpaTensors {
   int32_t* seq_len_kv = nullptr;  // [batch], only with padding_mask
 };
 
+// Device pointers of one backward execution.
+struct SdpaBackwardTensors {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;
+  const void* dout = nullptr;
+  const float* stats = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int32_t* seq_len_q = nullptr;   // [batch], only with padding_mask
+  int32_t* seq_len_kv = nullptr;  // [batch], only with padding_mask
+};
+
 // Bytes of device workspace the graph's plan needs (cuDNN's and the frontend's).
 int64_t SdpaWorkspaceBytes(const SdpaGraph& graph);
 
-// Enqueues the graph on the handle's stream (cudnnSetStream is the caller's job).
+// Enqueue a forward / backward graph on the handle's stream (cudnnSetStream is the caller's
+// job).
 absl::Status ExecuteSdpa(const SdpaGraph& graph, cudnnHandle_t handle, const SdpaTensors& t,
                          void* workspace);
+absl::Status ExecuteSdpaBackward(const SdpaGraph& graph, cudnnHandle_t handle,
+                                 const SdpaBackwardTensors& t, void* workspace);
 
 // Key -> built graph, or the status of a failed build (not retried, except failures of CUDA
 // calls, which may be transient). Not thread-safe: the backend serialises calls.
@@ -83,6 +106,7 @@ class SdpaGraphCache {
   // message; other failures are Internal.
   absl::StatusOr<const SdpaGraph*> GetOrBuild(cudnnHandle_t handle, const SdpaGraphKey& key);
 
+  // Builds so far, forward and backward.
   int64_t builds() const { return builds_; }
   size_t size() const { return entries_.size(); }
 
