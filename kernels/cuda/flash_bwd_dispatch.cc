@@ -33,25 +33,6 @@ absl::Status CheckGradLayout(const char* name, const float* ptr, int64_t batch_s
   return absl::OkStatus();
 }
 
-template <int kHeadDim>
-std::vector<FlashBackwardConfig> ConfigsOf() {
-  std::vector<FlashBackwardConfig> configs;
-  for (const flash_bwd::Tiling& t : CompiledTilings<flash_bwd::Tilings, kHeadDim>()) {
-    FlashBackwardConfig c;
-    c.name = t.name;
-    c.head_dim = kHeadDim;
-    c.block_n = t.block_n;
-    c.block_m = t.block_m;
-    c.warps = t.warps;
-    c.d_split = t.d_split;
-    c.min_ctas_per_sm = t.min_ctas_per_sm;
-    c.head_major = t.head_major;
-    c.is_default = configs.empty();
-    configs.push_back(c);
-  }
-  return configs;
-}
-
 absl::Status UnsupportedHeadDim(int head_dim) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
@@ -129,9 +110,15 @@ absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* de
 }
 
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim) {
-  return WithHeadDim(
-      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
-      [] { return std::vector<FlashBackwardConfig>(); });
+  return CompiledConfigs<flash_bwd::Tilings, FlashBackwardConfig>(
+      head_dim, [](const flash_bwd::Tiling& t, FlashBackwardConfig* c) {
+        c->block_n = t.block_n;
+        c->block_m = t.block_m;
+        c->warps = t.warps;
+        c->d_split = t.d_split;
+        c->min_ctas_per_sm = t.min_ctas_per_sm;
+        c->head_major = t.head_major;
+      });
 }
 
 absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim, DType dtype,

@@ -90,30 +90,6 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
 
 namespace {
 
-// The compiled tilings of one head dim, as listed by flash_fwd_configs.h.
-template <int kHeadDim>
-std::vector<FlashForwardConfig> ConfigsOf() {
-  std::vector<FlashForwardConfig> configs;
-  for (const flash_fwd::Tiling& t : CompiledTilings<flash_fwd::Tilings, kHeadDim>()) {
-    FlashForwardConfig c;
-    c.name = t.name;
-    c.head_dim = kHeadDim;
-    c.block_m = t.block_m;
-    c.block_n = t.block_n;
-    c.warps = t.warps;
-    c.rows_per_warp = t.block_m / t.warps;
-    c.q_in_regs = t.q_in_regs;
-    c.stages = t.stages;
-    c.min_ctas_per_sm = t.min_ctas_per_sm;
-    c.one_barrier = t.one_barrier;
-    c.ex2_combine = t.ex2_combine;
-    c.global_heavy_first = t.global_heavy_first;
-    c.is_default = configs.empty();
-    configs.push_back(std::move(c));
-  }
-  return configs;
-}
-
 absl::Status UnsupportedHeadDim(int head_dim) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
@@ -138,9 +114,19 @@ std::string FlashForwardConfig::Describe() const {
 }
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
-  return WithHeadDim(
-      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
-      [] { return std::vector<FlashForwardConfig>(); });
+  return CompiledConfigs<flash_fwd::Tilings, FlashForwardConfig>(
+      head_dim, [](const flash_fwd::Tiling& t, FlashForwardConfig* c) {
+        c->block_m = t.block_m;
+        c->block_n = t.block_n;
+        c->warps = t.warps;
+        c->rows_per_warp = t.block_m / t.warps;
+        c->q_in_regs = t.q_in_regs;
+        c->stages = t.stages;
+        c->min_ctas_per_sm = t.min_ctas_per_sm;
+        c->one_barrier = t.one_barrier;
+        c->ex2_combine = t.ex2_combine;
+        c->global_heavy_first = t.global_heavy_first;
+      });
 }
 
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -64,6 +65,27 @@ auto CompiledTilings() {
   return std::vector<Row>(
       std::begin(Tilings<kHeadDim>::kList),
       std::begin(Tilings<kHeadDim>::kList) + kCompiledTilings<Tilings, kHeadDim>);
+}
+
+// One Config per compiled row of head_dim's table, the default first: name, head_dim and
+// is_default set here, the rest by describe(row, &config). Empty for a head dim without a table.
+template <template <int> class Tilings, typename Config, typename Describe>
+std::vector<Config> CompiledConfigs(int head_dim, Describe&& describe) {
+  return WithHeadDim(
+      head_dim,
+      [&](auto d) {
+        std::vector<Config> configs;
+        for (const auto& t : CompiledTilings<Tilings, decltype(d)::value>()) {
+          Config c;
+          c.name = t.name;
+          c.head_dim = decltype(d)::value;
+          c.is_default = configs.empty();
+          describe(t, &c);
+          configs.push_back(std::move(c));
+        }
+        return configs;
+      },
+      [] { return std::vector<Config>(); });
 }
 
 // Index of `name` in Tilings<head_dim>::kList, compiled or not; -1 when that table has no such
