@@ -20,21 +20,6 @@ struct BlockRange {
   int64_t end;
 };
 
-// The first block in [lo, hi) for which `is_after(block)` holds (hi if none): is_after must be
-// false, then true, along the blocks.
-template <typename IsAfter>
-__device__ __forceinline__ int64_t FirstBlockWhere(int64_t lo, int64_t hi, IsAfter is_after) {
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (is_after(mid)) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  return lo;
-}
-
 // The key blocks (kBlockN keys each) that may hold an allowed key for some query position in
 // [q_pos_lo, q_pos_hi]: exactly the blocks for which ClassifyBlock(...).any holds.
 template <int kBlockN>
@@ -43,14 +28,27 @@ __device__ __forceinline__ BlockRange LiveKeyBlocks(const AttentionParams& p, in
   const int64_t num_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const KeySpan first = AllowedKeySpan(p, q_pos_lo);
   const KeySpan last = AllowedKeySpan(p, q_pos_hi);
-  // From the first block whose last key is at or after first.lo, to the first block whose
-  // first key is after last.hi.
-  const int64_t begin = FirstBlockWhere(0, num_blocks, [&](int64_t n) {
-    return KeyPos(p, Min64((n + 1) * kBlockN, p.seqlen_k) - 1) >= first.lo;
-  });
-  const int64_t end = FirstBlockWhere(begin, num_blocks,
-                                      [&](int64_t n) { return KeyPos(p, n * kBlockN) > last.hi; });
-  return {begin, end};
+  int64_t lo = 0, hi = num_blocks;  // first block whose last key is at or after first.lo
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    const int64_t last_key = Min64((mid + 1) * kBlockN, p.seqlen_k) - 1;
+    if (KeyPos(p, last_key) >= first.lo) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  const int64_t begin = lo;
+  hi = num_blocks;  // first block from `begin` on whose first key is after last.hi
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (KeyPos(p, mid * kBlockN) > last.hi) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return {begin, lo};
 }
 
 // The query blocks (kBlockM rows each) that may hold a query allowed to see some key position
@@ -59,16 +57,27 @@ template <int kBlockM>
 __device__ __forceinline__ BlockRange LiveQueryBlocks(const AttentionParams& p, int64_t k_lo,
                                                       int64_t k_hi) {
   const int64_t num_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  // From the first block whose last row's span ends at or after k_lo, to the first block whose
-  // first row's span starts after k_hi.
-  const int64_t begin = FirstBlockWhere(0, num_blocks, [&](int64_t m) {
-    const int64_t last_row = Min64((m + 1) * kBlockM, p.seqlen_q) - 1;
-    return AllowedKeySpan(p, QueryPos(p, last_row)).hi >= k_lo;
-  });
-  const int64_t end = FirstBlockWhere(begin, num_blocks, [&](int64_t m) {
-    return AllowedKeySpan(p, QueryPos(p, m * kBlockM)).lo > k_hi;
-  });
-  return {begin, end};
+  int64_t lo = 0, hi = num_blocks;  // first block whose last row's span ends at or after k_lo
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    const int64_t last_row = Min64((mid + 1) * kBlockM, p.seqlen_q) - 1;
+    if (AllowedKeySpan(p, QueryPos(p, last_row)).hi >= k_lo) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  const int64_t begin = lo;
+  hi = num_blocks;  // first block from `begin` on whose first row's span starts after k_hi
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (AllowedKeySpan(p, QueryPos(p, mid * kBlockM)).lo > k_hi) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return {begin, lo};
 }
 
 // The forward CTA's query block, head and batch. Heaviest query blocks first (under a causal
