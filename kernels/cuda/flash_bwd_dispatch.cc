@@ -111,13 +111,15 @@ absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* de
 
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim) {
   return CompiledConfigs<flash_bwd::Tilings, FlashBackwardConfig>(
-      head_dim, [](const flash_bwd::Tiling& t, FlashBackwardConfig* c) {
-        c->block_n = t.block_n;
-        c->block_m = t.block_m;
-        c->warps = t.warps;
-        c->d_split = t.d_split;
-        c->min_ctas_per_sm = t.min_ctas_per_sm;
-        c->head_major = t.head_major;
+      head_dim, [](const flash_bwd::Tiling& t) {
+        FlashBackwardConfig c;
+        c.block_n = t.block_n;
+        c.block_m = t.block_m;
+        c.warps = t.warps;
+        c.d_split = t.d_split;
+        c.min_ctas_per_sm = t.min_ctas_per_sm;
+        c.head_major = t.head_major;
+        return c;
       });
 }
 

@@ -115,17 +115,19 @@ std::string FlashForwardConfig::Describe() const {
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
   return CompiledConfigs<flash_fwd::Tilings, FlashForwardConfig>(
-      head_dim, [](const flash_fwd::Tiling& t, FlashForwardConfig* c) {
-        c->block_m = t.block_m;
-        c->block_n = t.block_n;
-        c->warps = t.warps;
-        c->rows_per_warp = t.block_m / t.warps;
-        c->q_in_regs = t.q_in_regs;
-        c->stages = t.stages;
-        c->min_ctas_per_sm = t.min_ctas_per_sm;
-        c->one_barrier = t.one_barrier;
-        c->ex2_combine = t.ex2_combine;
-        c->global_heavy_first = t.global_heavy_first;
+      head_dim, [](const flash_fwd::Tiling& t) {
+        FlashForwardConfig c;
+        c.block_m = t.block_m;
+        c.block_n = t.block_n;
+        c.warps = t.warps;
+        c.rows_per_warp = t.block_m / t.warps;
+        c.q_in_regs = t.q_in_regs;
+        c.stages = t.stages;
+        c.min_ctas_per_sm = t.min_ctas_per_sm;
+        c.one_barrier = t.one_barrier;
+        c.ex2_combine = t.ex2_combine;
+        c.global_heavy_first = t.global_heavy_first;
+        return c;
       });
 }
 

@@ -67,8 +67,8 @@ auto CompiledTilings() {
       std::begin(Tilings<kHeadDim>::kList) + kCompiledTilings<Tilings, kHeadDim>);
 }
 
-// One Config per compiled row of head_dim's table, the default first: name, head_dim and
-// is_default set here, the rest by describe(row, &config). Empty for a head dim without a table.
+// One Config per compiled row of head_dim's table, the default first: describe(row), then name,
+// head_dim and is_default set here. Empty for a head dim without a table.
 template <template <int> class Tilings, typename Config, typename Describe>
 std::vector<Config> CompiledConfigs(int head_dim, Describe&& describe) {
   return WithHeadDim(
@@ -76,11 +76,10 @@ std::vector<Config> CompiledConfigs(int head_dim, Describe&& describe) {
       [&](auto d) {
         std::vector<Config> configs;
         for (const auto& t : CompiledTilings<Tilings, decltype(d)::value>()) {
-          Config c;
+          Config c = describe(t);
           c.name = t.name;
           c.head_dim = decltype(d)::value;
           c.is_default = configs.empty();
-          describe(t, &c);
           configs.push_back(std::move(c));
         }
         return configs;
