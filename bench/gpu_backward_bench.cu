@@ -1,6 +1,7 @@
 // Benchmark of the backward kernel (not a test) at the ANCHORS.md shapes, bf16: our forward
-// ("cuda", default tiling), then every compiled backward tiling (flash_bwd_configs.h), each
-// timed as the call a single-device user makes: D = rowsum(dO * O), dq zeroed, the kernel.
+// ("cuda", default tiling), then every compiled backward tiling (flash_bwd_configs.h: the
+// default, or every row with -DRINGATTN_CUDA_ALL_TILINGS=ON), each timed as the call a
+// single-device user makes: D = rowsum(dO * O), dq zeroed, the kernel.
 //
 // Timing: per shape, warm-up calls, then timed calls round-robin over the forward and the
 // tilings, each alone between two cudaEvents; medians reported. FLOPs as FlashAttention counts
@@ -39,6 +40,7 @@ using bench::CurrentDevice;
 using bench::DeviceMemory;
 using bench::FillBf16;
 using bench::Median;
+using bench::SelfAttentionParams;
 using bench::TimeOnce;
 
 struct Shape {
@@ -50,9 +52,9 @@ struct Shape {
 };
 
 constexpr Shape kShapes[] = {
-    {1, 8192, 32, 128, false},  {1, 8192, 32, 128, true},  {1, 32768, 32, 128, false},
-    {1, 32768, 32, 128, true},  {1, 16384, 16, 64, false}, {1, 16384, 16, 64, true},
-    {4, 4096, 32, 128, false},  {4, 4096, 32, 128, true},
+    {1, 8192, 32, 128, false}, {1, 8192, 32, 128, true},  {1, 32768, 32, 128, false},
+    {1, 32768, 32, 128, true}, {1, 16384, 16, 64, false}, {1, 16384, 16, 64, true},
+    {4, 4096, 32, 128, false}, {4, 4096, 32, 128, true},
 };
 
 std::string ShapeName(const Shape& s) {
@@ -75,8 +77,8 @@ Grads Download(const DeviceMemory& dq, const DeviceMemory& dk, const DeviceMemor
 // max over the three tensors of ||got - want|| / ||want||; +inf on a non-finite value.
 double MaxRelDiff(const Grads& got, const Grads& want) {
   double worst = 0.0;
-  for (auto [a, b] : {std::pair{&got.dq, &want.dq}, std::pair{&got.dk, &want.dk},
-                      std::pair{&got.dv, &want.dv}}) {
+  for (auto [a, b] :
+       {std::pair{&got.dq, &want.dq}, std::pair{&got.dk, &want.dk}, std::pair{&got.dv, &want.dv}}) {
     double err = 0.0, ref = 0.0;
     for (size_t i = 0; i < a->size(); ++i) {
       if (!std::isfinite((*a)[i])) return INFINITY;
@@ -115,17 +117,10 @@ int Main(int argc, char** argv) {
   std::printf("%-28s %-12s %9s %9s %10s %10s %9s\n", "shape", "tiling", "fwd ms", "bwd ms",
               "bwd TF/s", "f+b TF/s", "rel diff");
   for (const Shape& shape : kShapes) {
-    AttentionParams f;
-    f.batch = shape.batch;
-    f.seqlen_q = f.seqlen_k = shape.seqlen;
-    f.heads = f.heads_k = shape.heads;
-    f.head_dim = shape.head_dim;
-    f.dtype = f.o_dtype = DType::kBF16;
-    f.causal = shape.causal;
-    f.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    SetContiguousStrides(&f);
-    const int64_t elements = static_cast<int64_t>(shape.batch) * shape.seqlen * shape.heads *
-                             shape.head_dim;
+    AttentionParams f =
+        SelfAttentionParams(shape.batch, shape.seqlen, shape.heads, shape.head_dim, shape.causal);
+    const int64_t elements =
+        static_cast<int64_t>(shape.batch) * shape.seqlen * shape.heads * shape.head_dim;
     const int64_t rows = static_cast<int64_t>(shape.batch) * shape.heads * shape.seqlen;
     DeviceMemory q(elements * 2), k(elements * 2), v(elements * 2), o(elements * 2),
         dout(elements * 2), lse(rows * 4), delta(rows * 4), dq(elements * 4), dk(elements * 4),
@@ -197,9 +192,8 @@ int Main(int argc, char** argv) {
                      "\"default\": %s, \"b\": %d, \"s\": %lld, \"h\": %d, \"d\": %d, "
                      "\"causal\": %s, \"fwd_ms\": %.4f, \"bwd_ms\": %.4f, \"bwd_tflops\": %.2f, "
                      "\"fwdbwd_tflops\": %.2f, \"rel_diff\": %.3g}\n",
-                     prop.name, configs[ci].name.c_str(),
-                     configs[ci].is_default ? "true" : "false", shape.batch,
-                     static_cast<long long>(shape.seqlen), shape.heads, shape.head_dim,
+                     prop.name, configs[ci].name.c_str(), configs[ci].is_default ? "true" : "false",
+                     shape.batch, static_cast<long long>(shape.seqlen), shape.heads, shape.head_dim,
                      shape.causal ? "true" : "false", f_ms, b_ms, bwd_tflops, total_tflops, rel);
       }
     }

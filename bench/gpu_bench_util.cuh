@@ -1,5 +1,6 @@
 // Device-side pieces shared by the GPU benchmarks (gpu_kernel_bench, gpu_backward_bench,
-// gpu_ring_bench): inputs filled on the device, a scoped allocation, one timed call. CUDA
+// gpu_ring_bench): inputs filled on the device, a scoped allocation, one timed call, the
+// params of a self-attention shape. CUDA
 // sources only (it holds a kernel); one benchmark translation unit each, so the definitions
 // below live in that unit's anonymous namespace.
 #ifndef RINGATTN_BENCH_GPU_BENCH_UTIL_CUH_
@@ -8,10 +9,13 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 #include "bench/gpu_timing.h"
+#include "kernels/attention_params.h"
+#include "kernels/params_check.h"
 
 namespace ringattn::bench {
 namespace {
@@ -63,6 +67,22 @@ double TimeOnce(const Run& run, cudaStream_t stream, cudaEvent_t start, cudaEven
   float elapsed = 0.0f;
   BENCH_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
   return elapsed;
+}
+
+// Self-attention over [batch, seqlen, heads, head_dim] bf16 tensors, contiguous, bf16 output,
+// softmax scale 1 / sqrt(head_dim); tensor pointers left null.
+AttentionParams SelfAttentionParams(int batch, int64_t seqlen, int heads, int head_dim,
+                                    bool causal) {
+  AttentionParams p;
+  p.batch = batch;
+  p.seqlen_q = p.seqlen_k = seqlen;
+  p.heads = p.heads_k = heads;
+  p.head_dim = head_dim;
+  p.dtype = p.o_dtype = DType::kBF16;
+  p.causal = causal;
+  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  SetContiguousStrides(&p);
+  return p;
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Benchmark of the CUDA attention kernels (not a test) at the ANCHORS.md shapes, bf16: every
-// compiled tiling of the fast kernel ("cuda", flash_fwd_configs.h) at every shape of its head
-// dim, so that one device run picks the best tiling per head dim; two softcap shapes for the
+// compiled tiling of the fast kernel ("cuda", flash_fwd_configs.h; the defaults, or every row
+// with -DRINGATTN_CUDA_ALL_TILINGS=ON) at every shape of its head dim, so that one device run
+// of an all-tilings build picks the best tiling per head dim; two softcap shapes for the
 // score-mod kernels; the simple kernel ("cuda_reference") at the smallest shape (it is slow).
 //
 // Timing: per shape, every tiling gets its warm-up calls, then the timed calls go round-robin
@@ -10,13 +11,14 @@
 // (4 b h s^2 d, halved for causal), the convention of the ANCHORS.md table.
 //
 // Checks, so that no garbage gets a time: after the timed calls, one more call of each tiling,
-// its o and lse checked on the device for NaN/inf and o compared with v1's (the first
-// version's tiling, in every head dim) as ||o - o_v1|| / ||o_v1|| (bf16 outputs of two correct
-// kernels differ by rounding, ~1e-3; the bench fails above 1e-2).
+// its o and lse checked on the device for NaN/inf and o compared with the reference tiling's
+// (v1, the first version's tiling, when compiled; else the default) as ||o - o_ref|| / ||o_ref||
+// (bf16 outputs of two correct kernels differ by rounding, ~1e-3; the bench fails above 1e-2).
 //
 // Output: the kernels' resources (registers, local memory, shared memory, CTAs per SM), one row
-// per (tiling, shape) with ms, TFLOP/s and the ratio to v1, then a summary: the best tiling per
-// shape and per head dim (geometric mean over that head dim's shapes), and the default.
+// per (tiling, shape) with ms, TFLOP/s and the ratio to the reference, then a summary: the best
+// tiling per shape and per head dim (geometric mean over that head dim's shapes), and the
+// default.
 //
 // Usage: gpu_kernel_bench [--json PATH] [--iters N] [--simple-iters N] [--only-fast]
 //                         [--configs NAME,NAME...]
@@ -24,9 +26,10 @@
 //   --iters N         timed calls per tiling and shape (default 20; warm-up 3)
 //   --simple-iters N  timed calls of the simple kernel (default 3; warm-up 1)
 //   --only-fast       skip the simple kernel
-//   --configs LIST    only these tilings (names as printed; "v1" is in every head dim)
+//   --configs LIST    only these compiled tilings (names as printed)
 // Exits non-zero on any CUDA or kernel error, on NaN or infinity in an output, on a tiling that
-// disagrees with the first, and when there is no CUDA device.
+// disagrees with the reference, on a --configs name not compiled, and when there is no CUDA
+// device.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -59,8 +62,9 @@ using bench::CheckStatus;
 using bench::CurrentDevice;
 using bench::DeviceMemory;
 using bench::FillUniformBf16;
-using bench::TimeOnce;
 using bench::Median;
+using bench::SelfAttentionParams;
+using bench::TimeOnce;
 
 struct Shape {
   int batch;
@@ -136,7 +140,7 @@ struct Row {
   Shape shape;
   double ms = 0.0;
   double tflops = 0.0;
-  double rel_diff = 0.0;  // ||o - o_ref|| / ||o_ref|| (the reference tiling: v1)
+  double rel_diff = 0.0;  // ||o - o_ref|| / ||o_ref|| (the reference tiling)
   bool bad = false;       // non-finite output or rel_diff > 1e-2
 };
 
@@ -181,14 +185,26 @@ int Main(int argc, char** argv) {
   cudaDeviceProp prop;
   if (!CurrentDevice(&prop)) return 1;
 
-  // The tilings per head dim, in table order (the default first), filtered by --configs.
+  // The compiled tilings per head dim, in table order (the default first), filtered by
+  // --configs, every name of which must be compiled for some head dim.
   std::map<int, std::vector<FlashForwardConfig>> configs;
+  std::set<std::string> compiled;
   for (const Shape& shape : kShapes) {
     if (configs.count(shape.head_dim)) continue;
     for (FlashForwardConfig& c : FlashForwardConfigs(shape.head_dim)) {
+      compiled.insert(c.name);
       if (only_configs.empty() || only_configs.count(c.name)) {
         configs[shape.head_dim].push_back(std::move(c));
       }
+    }
+  }
+  for (const std::string& name : only_configs) {
+    if (compiled.count(name) == 0) {
+      std::fprintf(stderr,
+                   "--configs: no compiled tiling '%s' (this build compiles every tiling only "
+                   "with -DRINGATTN_CUDA_ALL_TILINGS=ON)\n",
+                   name.c_str());
+      return 2;
     }
   }
 
@@ -228,22 +244,15 @@ int Main(int argc, char** argv) {
   std::vector<Row> rows;
 
   std::printf(
-      "\n%-15s %-26s %9s %9s %8s %10s   (* the default; vs v1: time ratio; diff: "
-      "||o - o_v1|| / ||o_v1||)\n",
-      "config", "shape", "ms", "TFLOP/s", "vs v1", "diff");
+      "\n%-15s %-26s %9s %9s %8s %10s   (* the default; vs ref: time ratio to v1, or to the "
+      "default without v1; diff: ||o - o_ref|| / ||o_ref||)\n",
+      "config", "shape", "ms", "TFLOP/s", "vs ref", "diff");
   for (const Shape& shape : kShapes) {
     const std::vector<FlashForwardConfig>& list = configs[shape.head_dim];
     if (list.empty()) continue;  // --configs left no tiling of this head dim
-    AttentionParams p;
-    p.batch = shape.batch;
-    p.seqlen_q = p.seqlen_k = shape.seqlen;
-    p.heads = p.heads_k = shape.heads;
-    p.head_dim = shape.head_dim;
-    p.dtype = p.o_dtype = DType::kBF16;
-    p.causal = shape.causal;
-    p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+    AttentionParams p =
+        SelfAttentionParams(shape.batch, shape.seqlen, shape.heads, shape.head_dim, shape.causal);
     if (shape.softcap) p.softcap = 30.0f;
-    SetContiguousStrides(&p);
     const int64_t elements = p.batch * p.seqlen_q * p.heads * p.head_dim;  // q, k, v and o alike
     const int64_t lse_n = p.batch * p.heads * p.seqlen_q;
     DeviceMemory q(elements * 2), k(elements * 2), v(elements * 2), o(elements * 2);

@@ -1,5 +1,5 @@
-// Host entry points of the backward kernel (flash_bwd.cuh): FlashAttention-2's backward on
-// mma.sync tensor cores, compiled for sm_90a. Plain C++, so that host-only files can call it.
+// Host entry points of the backward kernel (flash_bwd_kernel.cuh): FlashAttention-2's backward
+// on mma.sync tensor cores, compiled for sm_90a. Plain C++, so that host-only files can call it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/cuda/flash_fwd.h"  // FlashKernelResources
+#include "kernels/cuda/flash_instantiations.h"
 #include "kernels/dtype.h"
 
 namespace ringattn {
@@ -26,14 +27,16 @@ absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p);
 // Enqueues on `stream`: dq zeroed (unless p.accumulate), D = rowsum(dO * O) into `delta_scratch`
 // when p.delta is null (the caller provides [batch, heads, seqlen_q] fp32 with lse's strides;
 // unused when p.delta is set), then the kernel. Checks support first. Runs the default tiling of
-// p.fwd.head_dim unless RINGATTN_FLASH_BWD_CONFIG names another of that head dim (test hook).
+// p.fwd.head_dim unless RINGATTN_FLASH_BWD_CONFIG names another (test hook), with
+// FlashForward's rules for RINGATTN_FLASH_FWD_CONFIG.
 absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
                            cudaStream_t stream);
 // FlashBackward for a single call: when p.delta is null, D goes into stream-ordered scratch
 // from the device's memory pool (cudaMallocAsync / cudaFreeAsync on `stream`) spanning lse's
 // view. (A ring computes D once per shard and passes it.)
 absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cudaStream_t stream);
-// The same with the tiling named `config` (tests and benchmarks).
+// The same with the tiling named `config`, one of FlashBackwardConfigs (tests and benchmarks);
+// InvalidArgument for an unknown name or a tiling this build does not compile.
 absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* delta_scratch,
                                      std::string_view config, cudaStream_t stream);
 
@@ -45,7 +48,8 @@ absl::Status LaunchComputeDelta(const AttentionBackwardParams& p, float* delta,
 // dq = 0 over p's view (batch, seqlen_q, heads, head_dim through dq's strides).
 absl::Status LaunchZeroDq(const AttentionBackwardParams& p, cudaStream_t stream);
 
-// The compiled tilings of one head dim (flash_bwd_configs.h), the default first.
+// The tilings this build compiles for one head dim (rows of flash_bwd_configs.h), the default
+// first: the default alone, or every row with the CMake option RINGATTN_CUDA_ALL_TILINGS.
 struct FlashBackwardConfig {
   std::string name;
   int head_dim = 0;
@@ -67,22 +71,16 @@ absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim
 
 // Instantiations, one file per (head_dim, dtype): flash_bwd_hdim*_*.cu.
 template <int kHeadDim, DType kDType>
-absl::Status LaunchFlashBackward(const AttentionBackwardParams& p, int config,
-                                 cudaStream_t stream);
+absl::Status LaunchFlashBackward(const AttentionBackwardParams& p, int config, cudaStream_t stream);
 template <int kHeadDim, DType kDType>
 absl::StatusOr<FlashBackwardResources> FlashBackwardResourcesOf(int config);
 
-#define RA_FLASH_BWD_DECLARE(kHeadDim, kDType)                                              \
-  extern template absl::Status LaunchFlashBackward<kHeadDim, kDType>(                       \
-      const AttentionBackwardParams&, int, cudaStream_t);                                   \
-  extern template absl::StatusOr<FlashBackwardResources> FlashBackwardResourcesOf<kHeadDim, \
-                                                                                  kDType>(int)
-RA_FLASH_BWD_DECLARE(64, DType::kBF16);
-RA_FLASH_BWD_DECLARE(64, DType::kF16);
-RA_FLASH_BWD_DECLARE(128, DType::kBF16);
-RA_FLASH_BWD_DECLARE(128, DType::kF16);
-RA_FLASH_BWD_DECLARE(256, DType::kBF16);
-RA_FLASH_BWD_DECLARE(256, DType::kF16);
+#define RA_FLASH_BWD_DECLARE(kHeadDim, kDType)                        \
+  extern template absl::Status LaunchFlashBackward<kHeadDim, kDType>( \
+      const AttentionBackwardParams&, int, cudaStream_t);             \
+  extern template absl::StatusOr<FlashBackwardResources>              \
+  FlashBackwardResourcesOf<kHeadDim, kDType>(int);
+RA_FLASH_FOR_EACH_INSTANTIATION(RA_FLASH_BWD_DECLARE)
 #undef RA_FLASH_BWD_DECLARE
 
 }  // namespace ringattn

@@ -12,6 +12,7 @@
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/flash_instantiations.h"
 #include "kernels/cuda/tiling_lookup.h"
 
 namespace ringattn {
@@ -32,33 +33,6 @@ absl::Status CheckGradLayout(const char* name, const float* ptr, int64_t batch_s
   return absl::OkStatus();
 }
 
-template <int kHeadDim>
-std::vector<FlashBackwardConfig> ConfigsOf() {
-  std::vector<FlashBackwardConfig> configs;
-  for (const flash_bwd::Tiling& t : flash_bwd::Tilings<kHeadDim>::kList) {
-    FlashBackwardConfig c;
-    c.name = t.name;
-    c.head_dim = kHeadDim;
-    c.block_n = t.block_n;
-    c.block_m = t.block_m;
-    c.warps = t.warps;
-    c.d_split = t.d_split;
-    c.min_ctas_per_sm = t.min_ctas_per_sm;
-    c.head_major = t.head_major;
-    c.is_default = configs.empty();
-    configs.push_back(c);
-  }
-  return configs;
-}
-
-absl::StatusOr<int> NamedConfigIndex(int head_dim, std::string_view name) {
-  const int index = TilingIndex<flash_bwd::Tilings>(head_dim, name);
-  if (index >= 0) return index;
-  std::vector<std::string> names;
-  for (const FlashBackwardConfig& c : FlashBackwardConfigs(head_dim)) names.push_back(c.name);
-  return UnknownTiling("backward", head_dim, name, names);
-}
-
 absl::Status UnsupportedHeadDim(int head_dim) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
@@ -75,12 +49,10 @@ absl::Status Run(const AttentionBackwardParams& p, float* delta_scratch, int con
     call.delta = delta_scratch;
   }
   if (!call.accumulate) RA_RETURN_IF_ERROR(LaunchZeroDq(call, stream));
-  return WithHeadDim(
-      p.fwd.head_dim,
-      [&](auto d) {
-        return WithHalfDtype(p.fwd.dtype, [&](auto t) {
-          return LaunchFlashBackward<decltype(d)::value, decltype(t)::value>(call, config, stream);
-        });
+  return WithInstantiation(
+      p.fwd.head_dim, p.fwd.dtype,
+      [&](auto d, auto t) {
+        return LaunchFlashBackward<decltype(d)::value, decltype(t)::value>(call, config, stream);
       },
       [&] { return UnsupportedHeadDim(p.fwd.head_dim); });
 }
@@ -109,7 +81,10 @@ absl::Status CheckFlashBackwardSupport(const AttentionBackwardParams& p) {
 
 absl::Status FlashBackward(const AttentionBackwardParams& p, float* delta_scratch,
                            cudaStream_t stream) {
-  return Run(p, delta_scratch, ForcedOrDefaultTilingIndex<flash_bwd::Tilings>("RINGATTN_FLASH_BWD_CONFIG", p.fwd.head_dim), stream);
+  RA_ASSIGN_OR_RETURN(const int index,
+                      ForcedOrDefaultTilingIndex<flash_bwd::Tilings>(
+                          "backward", "RINGATTN_FLASH_BWD_CONFIG", p.fwd.head_dim));
+  return Run(p, delta_scratch, index, stream);
 }
 
 absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cudaStream_t stream) {
@@ -129,28 +104,36 @@ absl::Status FlashBackwardAllocatingDelta(const AttentionBackwardParams& p, cuda
 
 absl::Status FlashBackwardWithConfig(const AttentionBackwardParams& p, float* delta_scratch,
                                      std::string_view config, cudaStream_t stream) {
-  RA_ASSIGN_OR_RETURN(const int index, NamedConfigIndex(p.fwd.head_dim, config));
+  RA_ASSIGN_OR_RETURN(const int index,
+                      CompiledTilingIndex<flash_bwd::Tilings>("backward", p.fwd.head_dim, config));
   return Run(p, delta_scratch, index, stream);
 }
 
 std::vector<FlashBackwardConfig> FlashBackwardConfigs(int head_dim) {
-  return WithHeadDim(
-      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
-      [] { return std::vector<FlashBackwardConfig>(); });
+  return CompiledConfigs<flash_bwd::Tilings, FlashBackwardConfig>(
+      head_dim, [](const flash_bwd::Tiling& t) {
+        FlashBackwardConfig c;
+        c.block_n = t.block_n;
+        c.block_m = t.block_m;
+        c.warps = t.warps;
+        c.d_split = t.d_split;
+        c.min_ctas_per_sm = t.min_ctas_per_sm;
+        c.head_major = t.head_major;
+        return c;
+      });
 }
 
 absl::StatusOr<FlashBackwardResources> FlashBackwardKernelResources(int head_dim, DType dtype,
                                                                     std::string_view config) {
-  RA_ASSIGN_OR_RETURN(const int index, NamedConfigIndex(head_dim, config));
+  RA_ASSIGN_OR_RETURN(const int index,
+                      CompiledTilingIndex<flash_bwd::Tilings>("backward", head_dim, config));
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: backward kernels are bf16 or fp16");
   }
-  return WithHeadDim(
-      head_dim,
-      [&](auto d) {
-        return WithHalfDtype(dtype, [&](auto t) {
-          return FlashBackwardResourcesOf<decltype(d)::value, decltype(t)::value>(index);
-        });
+  return WithInstantiation(
+      head_dim, dtype,
+      [&](auto d, auto t) {
+        return FlashBackwardResourcesOf<decltype(d)::value, decltype(t)::value>(index);
       },
       [&]() -> absl::StatusOr<FlashBackwardResources> { return UnsupportedHeadDim(head_dim); });
 }

@@ -1,10 +1,4 @@
-// The backward kernel for head_dim 256, bf16 inputs, every tiling of that head dim
-// (flash_bwd_configs.h); one (head_dim, dtype) per file so that they compile in parallel.
-#include "kernels/cuda/flash_bwd.cuh"
+// The backward kernel for head_dim 256, bf16 inputs: this build's tilings of that head dim.
+#include "kernels/cuda/flash_bwd_launch.cuh"
 
-namespace ringattn {
-template absl::Status LaunchFlashBackward<256, DType::kBF16>(const AttentionBackwardParams& p,
-                                                             int config, cudaStream_t stream);
-template absl::StatusOr<FlashBackwardResources> FlashBackwardResourcesOf<256, DType::kBF16>(
-    int config);
-}  // namespace ringattn
+RA_FLASH_BWD_INSTANTIATE(256, ringattn::DType::kBF16);

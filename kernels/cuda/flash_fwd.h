@@ -1,6 +1,6 @@
-// Host entry points of the fast forward kernel (flash_fwd.cuh): FlashAttention-2's schedule on
-// mma.sync tensor cores, compiled for sm_90a. Plain C++ (no device code), so that host-only
-// files can call it.
+// Host entry points of the fast forward kernel (flash_fwd_kernel.cuh): FlashAttention-2's
+// schedule on mma.sync tensor cores, compiled for sm_90a. Plain C++ (no device code), so that
+// host-only files can call it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention_params.h"
+#include "kernels/cuda/flash_instantiations.h"
 #include "kernels/dtype.h"
 
 namespace ringattn {
@@ -35,11 +36,12 @@ absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batc
 // lse with p.merge_into_output. Launch errors are returned; errors while the kernel runs surface
 // at the caller's next synchronising call. Runs the default tiling of p.head_dim (the first of
 // FlashForwardConfigs), unless the environment variable RINGATTN_FLASH_FWD_CONFIG (read once)
-// names another tiling of that head dim: a test hook, so that the whole GPU test suite can run
-// on each tiling; a name that head dim lacks leaves its default.
+// names another tiling: a test hook, so that the whole GPU test suite can run on each tiling.
+// A name that only other head dims have leaves p.head_dim's default; a name this build does not
+// compile for p.head_dim (see FlashForwardConfigs), or that no head dim has, is InvalidArgument.
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream);
 
-// The compiled tilings of the fast kernel (flash_fwd_configs.h holds the table and the reasons).
+// A compiled tiling of the fast kernel (a row of flash_fwd_configs.h's table).
 struct FlashForwardConfig {
   std::string name;  // unique per head dim; "v1" is the first version's tiling
   int head_dim = 0;
@@ -59,12 +61,14 @@ struct FlashForwardConfig {
   std::string Describe() const;
 };
 
-// Every tiling compiled for `head_dim` (both dtypes), the default first; empty for an
-// unsupported head dim.
+// Every tiling this build compiles for `head_dim` (both dtypes), the default first: the default
+// alone, or every row of the table with the CMake option RINGATTN_CUDA_ALL_TILINGS. Empty for
+// an unsupported head dim.
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim);
 
 // FlashForward with the tiling named `config` (one of FlashForwardConfigs(p.head_dim)), for
-// tests and benchmarks. InvalidArgument for an unknown name.
+// tests and benchmarks. InvalidArgument for an unknown name, or for a tiling of the table that
+// this build does not compile.
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
                                     cudaStream_t stream);
 
@@ -83,9 +87,9 @@ struct FlashKernelResources {
 absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType dtype,
                                                            std::string_view config);
 
-// One instantiation of the kernel per (head_dim, dtype), every tiling of that head dim (index
-// `config` into Tilings<head_dim>); defined in flash_fwd_hdim*_*.cu (one file each, so that
-// they build in parallel). FlashForward dispatches to them.
+// One instantiation of the kernel per (head_dim, dtype), every compiled tiling of that head dim
+// (index `config` into flash_fwd_configs.h's table); defined in flash_fwd_hdim*_*.cu (one file
+// each, so that they build in parallel). FlashForward dispatches to them.
 template <int kHeadDim, DType kDType>
 absl::Status LaunchFlashForward(const AttentionParams& p, int config, cudaStream_t stream);
 template <int kHeadDim, DType kDType>
@@ -95,13 +99,8 @@ absl::StatusOr<FlashKernelResources> FlashForwardKernelResources(int config);
   extern template absl::Status LaunchFlashForward<kHeadDim, kDType>(const AttentionParams&, int, \
                                                                     cudaStream_t);               \
   extern template absl::StatusOr<FlashKernelResources>                                           \
-  FlashForwardKernelResources<kHeadDim, kDType>(int)
-RA_FLASH_FWD_DECLARE(64, DType::kBF16);
-RA_FLASH_FWD_DECLARE(64, DType::kF16);
-RA_FLASH_FWD_DECLARE(128, DType::kBF16);
-RA_FLASH_FWD_DECLARE(128, DType::kF16);
-RA_FLASH_FWD_DECLARE(256, DType::kBF16);
-RA_FLASH_FWD_DECLARE(256, DType::kF16);
+  FlashForwardKernelResources<kHeadDim, kDType>(int);
+RA_FLASH_FOR_EACH_INSTANTIATION(RA_FLASH_FWD_DECLARE)
 #undef RA_FLASH_FWD_DECLARE
 
 }  // namespace ringattn

@@ -3,7 +3,8 @@
 // tiling, no online softmax) on the same device inputs: partial tiles, GQA/MQA, batches, every
 // mask with global positions and strides, fully masked rows, score mods (the second kernel of
 // each tiling), fp32/fp16/bf16 outputs, merge_into_output, strided layouts, null lse, and
-// sequences long enough to cycle every pipeline stage. One binary covers every tiling; the
+// sequences long enough to cycle every pipeline stage. One binary covers every tiling the build
+// compiles (the defaults; every row of flash_fwd_configs.h with RINGATTN_CUDA_ALL_TILINGS); the
 // whole cuda_backend_test also runs on one tiling with RINGATTN_FLASH_FWD_CONFIG=<name>.
 //
 // Without a CUDA device the GPU tests skip (gtest reports success); the tests of the tiling
@@ -36,9 +37,12 @@
 #include "kernels/attention_params.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/flash_fwd_configs.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/reference_attention.h"
+#include "kernels/cuda/tiling_lookup.h"
 #include "kernels/params_check.h"
+#include "ringattn_config.h"
 
 namespace ringattn {
 namespace {
@@ -330,14 +334,15 @@ INSTANTIATE_TEST_SUITE_P(AllTilings, FlashFwdConfigTest, ::testing::ValuesIn(All
 
 // ---- The tiling list and the resources of each kernel ----------------------------------------
 
-TEST(FlashFwdConfigListTest, EveryHeadDimHasADefaultAndV1) {
+// The build compiles each head dim's default, or every row of the table
+// (RINGATTN_HAVE_ALL_TILINGS).
+TEST(FlashFwdConfigListTest, EveryHeadDimHasItsCompiledTilings) {
   for (int d : {64, 128, 256}) {
     SCOPED_TRACE(d);
     const std::vector<FlashForwardConfig> configs = FlashForwardConfigs(d);
     ASSERT_FALSE(configs.empty());
     EXPECT_TRUE(configs[0].is_default);
     std::set<std::string> names;
-    bool has_v1 = false;
     for (size_t i = 0; i < configs.size(); ++i) {
       const FlashForwardConfig& c = configs[i];
       EXPECT_TRUE(names.insert(c.name).second) << "duplicate tiling name " << c.name;
@@ -345,10 +350,14 @@ TEST(FlashFwdConfigListTest, EveryHeadDimHasADefaultAndV1) {
       EXPECT_EQ(c.head_dim, d);
       EXPECT_EQ(c.rows_per_warp * c.warps, c.block_m) << c.name;
       EXPECT_TRUE(c.rows_per_warp == 16 || c.rows_per_warp == 32) << c.name;
-      has_v1 |= c.name == "v1";
     }
-    EXPECT_TRUE(has_v1);
+    if (RINGATTN_HAVE_ALL_TILINGS) {
+      EXPECT_TRUE(names.count("v1")) << "v1, the baseline, is in every head dim's table";
+    } else {
+      EXPECT_EQ(configs.size(), 1u) << "only the default is compiled";
+    }
   }
+  EXPECT_EQ(FlashForwardConfigs(128)[0].name, "4x32_n64");
   EXPECT_TRUE(FlashForwardConfigs(96).empty());
 }
 
@@ -357,7 +366,50 @@ TEST(FlashFwdConfigListTest, UnknownTilingIsInvalidArgument) {
   SetContiguousStrides(&p);
   const absl::Status s = FlashForwardWithConfig(p, "no_such_tiling", nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("no forward tiling 'no_such_tiling' for head_dim 128"),
+            std::string::npos)
+      << s;
   EXPECT_NE(s.message().find("4x32_n64"), std::string::npos) << s;  // lists the known ones
+}
+
+// A row of the table that the build leaves out is refused by name, saying how to compile it.
+TEST(FlashFwdConfigListTest, TilingNotCompiledIsInvalidArgument) {
+  if (RINGATTN_HAVE_ALL_TILINGS) GTEST_SKIP() << "every tiling is compiled";
+  AttentionParams p = Shape(8, 8, 2, 2, 128);  // null tensors: no launch is reached
+  SetContiguousStrides(&p);
+  const absl::Status s = FlashForwardWithConfig(p, "v1", nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("'v1' for head_dim 128 is not compiled"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("RINGATTN_CUDA_ALL_TILINGS"), std::string::npos) << s;
+  EXPECT_EQ(FlashForwardResources(128, DType::kBF16, "v1").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// RINGATTN_FLASH_FWD_CONFIG's value -> the tiling FlashForward runs (the variable itself is read
+// once per process, so its rules are tested on the lookup behind it).
+TEST(FlashFwdConfigListTest, ForcedTilingFromTheEnvironment) {
+  constexpr const char* kVar = "RINGATTN_FLASH_FWD_CONFIG";
+  auto forced = [&](std::string_view name, int head_dim) {
+    return ForcedTilingIndex<flash_fwd::Tilings>("forward", kVar, name, head_dim);
+  };
+  EXPECT_EQ(*forced("", 128), 0);           // unset: the default
+  EXPECT_EQ(*forced("4x32_n64", 128), 0);   // the default by name
+  EXPECT_EQ(*forced("4x32_n128", 128), 0);  // another head dim's tiling: the default here
+  const absl::StatusOr<int> unknown = forced("no_such_tiling", 128);
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(unknown.status().message().find("RINGATTN_FLASH_FWD_CONFIG=no_such_tiling"),
+            std::string::npos)
+      << unknown.status();
+  const absl::StatusOr<int> v1 = forced("v1", 128);
+  if (RINGATTN_HAVE_ALL_TILINGS) {
+    ASSERT_TRUE(v1.ok()) << v1.status();
+    EXPECT_EQ(FlashForwardConfigs(128)[*v1].name, "v1");
+  } else {
+    EXPECT_EQ(v1.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(v1.status().message().find("RINGATTN_FLASH_FWD_CONFIG=v1"), std::string::npos)
+        << v1.status();
+    EXPECT_NE(v1.status().message().find("not compiled"), std::string::npos) << v1.status();
+  }
 }
 
 // The occupancy each tiling was designed for (min_ctas_per_sm) is what the device gives the

@@ -1,11 +1,9 @@
-// The tilings the fast forward kernel (flash_fwd.cuh) is compiled with: a closed set per head
-// dim, the first entry of each the default that FlashForward runs. Plain C++ (host and device):
-// the host dispatch lists and names them, the kernel reads its constants from them.
-//
-// Every entry is compiled for bf16 and fp16 and tested (flash_fwd_config_test.cc runs each against
-// the simple kernel; RINGATTN_FLASH_FWD_CONFIG=<name> runs the whole cuda_backend_test on one).
-// gpu_kernel_bench times every entry at the ANCHORS.md shapes, so the choice of the default is
-// a measurement: see docs/performance_notes.md for the prediction behind each entry.
+// The tilings of the fast forward kernel: a closed table per head dim, row 0 the default that
+// FlashForward runs. A build compiles the default rows only, or every row with the CMake option
+// RINGATTN_CUDA_ALL_TILINGS (kCompiledTilings, tiling_lookup.h). Plain C++ (host and device):
+// the host dispatch lists and names the rows, the kernel reads its constants from them
+// (FlashFwdTraits). The prediction behind each row and its measurements:
+// docs/performance_notes.md.
 #pragma once
 
 namespace ringattn {
@@ -21,77 +19,98 @@ struct Tiling {
   int min_ctas_per_sm;  // __launch_bounds__ minimum: the register cap 64 K / (threads * this)
   bool one_barrier;     // one __syncthreads per key block (else v1's two)
   bool ex2_combine;     // Combine's code with ex2.approx (CombineWith) instead of std::exp
-  // Grid in longest-first order across all (batch, head) pairs (else v1's: per pair); see
-  // QueryBlockOf in flash_fwd.cuh. Matters under causal masks.
-  bool global_heavy_first;
+  bool global_heavy_first;  // grid order across all (batch, head) pairs (QueryBlockOf)
 };
 
-// Names: <warps>x<rows per warp>_n<block_n>, then what differs from the default of that layout:
-// qr (Q in registers), s3 (3 stages), c2/c3 (CTAs per SM asked of ptxas), 2bar (two barriers),
-// expf (Combine with std::exp), v1grid (v1's grid order). "v1" is the first version's tiling and
-// schedule (8 warps of 16 rows, Q in registers up to d 128, two barriers, std::exp Combine, 1 CTA
-// per SM, heaviest query block first per (batch, head)); the code generation changes of this
-// version (LoadTile, ldmatrix addressing, score mods as a compile- time switch) apply to it too:
-// 225 instead of 247 registers at d 128.
-//
-// Register budget per thread (fp32): S = rows/16 * block_n/2, O = rows/16 * d/2, Q in registers
-// rows/16 * d/4 (32-bit pairs); ptxas -v numbers per entry in docs/performance_notes.md.
+// Names: <warps>x<rows per warp>_n<block_n>, then what differs from that layout's default:
+// qr (Q in registers), s3 (3 stages), c2 (2 CTAs per SM asked of ptxas), 2bar (two barriers),
+// expf (Combine with std::exp), v1grid (v1's grid order). "v1": 8 warps of 16 rows, Q in
+// registers up to d 128, two barriers, std::exp Combine, 1 CTA per SM, v1's grid order.
 template <int kHeadDim>
 struct Tilings;
 
 template <>
 struct Tilings<64> {
+  // clang-format off
   static constexpr Tiling kList[] = {
-      // FlashAttention-2's d 64 forward tile: S 128 + O 64, Q from smem. Smem 16 + 64 = 80 KB.
-      {"4x32_n128", 128, 128, 4, false, 2, 2, true, true, true},
-      // The default with v1's grid order.
-      {"4x32_n128_v1grid", 128, 128, 4, false, 2, 2, true, true, false},
-      {"v1", 128, 128, 8, true, 2, 1, false, false, false},
-      // S 64 + O 64 + Q 32 registers; smem 16 + 32 = 48 KB.
-      {"4x32_n64_qr", 128, 64, 4, true, 2, 2, true, true, true},
-      // 3 stages: 16 + 96 = 112 KB, still 2 CTAs per SM (226 of 228 KB with the reserve).
-      {"4x32_n128_s3", 128, 128, 4, false, 3, 2, true, true, true},
-      // v1's layout with 2 CTAs per SM (128-register cap): S 32 + O 32 + Q 16.
-      {"v1_n64_c2", 128, 64, 8, true, 2, 2, false, false, false},
-      // The default's warps at 256 rows per CTA, 1 CTA per SM: half the K/V traffic from L2
-      // per FLOP, the same shared-memory traffic. Smem 32 + 64 = 96 KB.
-      {"8x32_n128", 256, 128, 8, false, 2, 1, true, true, true},
+      // FlashAttention-2's d 64 forward tile. Smem 16 + 64 = 80 KB.
+      {.name = "4x32_n128", .block_m = 128, .block_n = 128, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
+      {.name = "4x32_n128_v1grid", .block_m = 128, .block_n = 128, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = false},
+      {.name = "v1", .block_m = 128, .block_n = 128, .warps = 8, .q_in_regs = true, .stages = 2,
+       .min_ctas_per_sm = 1, .one_barrier = false, .ex2_combine = false,
+       .global_heavy_first = false},
+      // Smem 16 + 32 = 48 KB.
+      {.name = "4x32_n64_qr", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = true,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
+      // Smem 16 + 96 = 112 KB: still 2 CTAs per SM (226 of 228 KB with the reserve).
+      {.name = "4x32_n128_s3", .block_m = 128, .block_n = 128, .warps = 4, .q_in_regs = false,
+       .stages = 3, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
+      // v1's layout under a 128-register cap.
+      {.name = "v1_n64_c2", .block_m = 128, .block_n = 64, .warps = 8, .q_in_regs = true,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = false, .ex2_combine = false,
+       .global_heavy_first = false},
+      // The default's warps at 256 rows per CTA. Smem 32 + 64 = 96 KB.
+      {.name = "8x32_n128", .block_m = 256, .block_n = 128, .warps = 8, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 1, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
   };
+  // clang-format on
 };
 
 template <>
 struct Tilings<128> {
+  // clang-format off
   static constexpr Tiling kList[] = {
-      // FlashAttention-2's d 128 forward tile: 4 warps of 32 rows, S 64 + O 128, Q from smem.
-      // Smem 32 + 64 = 96 KB: 2 CTAs per SM.
-      {"4x32_n64", 128, 64, 4, false, 2, 2, true, true, true},
-      {"v1", 128, 64, 8, true, 2, 1, false, false, false},
-      // The default with one lever reverted each: the exp in Combine, the second barrier, the
-      // grid order.
-      {"4x32_n64_expf", 128, 64, 4, false, 2, 2, true, false, true},
-      {"4x32_n64_2bar", 128, 64, 4, false, 2, 2, false, true, true},
-      {"4x32_n64_v1grid", 128, 64, 4, false, 2, 2, true, true, false},
-      // 3 stages: 32 + 96 = 128 KB, so 1 CTA per SM.
-      {"4x32_n64_s3", 128, 64, 4, false, 3, 1, true, true, true},
-      // v1's layout with twice the keys per step: S 64 + O 64 + Q 32; smem 32 + 128 = 160 KB.
-      {"v1_n128", 128, 128, 8, true, 2, 1, false, false, false},
-      // The default's warps at 256 rows per CTA, 1 CTA per SM: half the K/V traffic from L2
-      // per FLOP, the same shared-memory traffic. Smem 64 + 64 = 128 KB.
-      {"8x32_n64", 256, 64, 8, false, 2, 1, true, true, true},
+      // FlashAttention-2's d 128 forward tile. Smem 32 + 64 = 96 KB: 2 CTAs per SM.
+      {.name = "4x32_n64", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
+      {.name = "v1", .block_m = 128, .block_n = 64, .warps = 8, .q_in_regs = true, .stages = 2,
+       .min_ctas_per_sm = 1, .one_barrier = false, .ex2_combine = false,
+       .global_heavy_first = false},
+      // The default with one lever reverted each.
+      {.name = "4x32_n64_expf", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = false,
+       .global_heavy_first = true},
+      {.name = "4x32_n64_2bar", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = false, .ex2_combine = true,
+       .global_heavy_first = true},
+      {.name = "4x32_n64_v1grid", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 2, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = false},
+      // Smem 32 + 96 = 128 KB: 1 CTA per SM.
+      {.name = "4x32_n64_s3", .block_m = 128, .block_n = 64, .warps = 4, .q_in_regs = false,
+       .stages = 3, .min_ctas_per_sm = 1, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
+      // v1's layout with twice the keys per step. Smem 32 + 128 = 160 KB.
+      {.name = "v1_n128", .block_m = 128, .block_n = 128, .warps = 8, .q_in_regs = true,
+       .stages = 2, .min_ctas_per_sm = 1, .one_barrier = false, .ex2_combine = false,
+       .global_heavy_first = false},
+      // The default's warps at 256 rows per CTA. Smem 64 + 64 = 128 KB.
+      {.name = "8x32_n64", .block_m = 256, .block_n = 64, .warps = 8, .q_in_regs = false,
+       .stages = 2, .min_ctas_per_sm = 1, .one_barrier = true, .ex2_combine = true,
+       .global_heavy_first = true},
   };
+  // clang-format on
 };
 
 template <>
 struct Tilings<256> {
+  // clang-format off
   static constexpr Tiling kList[] = {
       // O alone takes 128 registers: 16 rows per warp, Q from smem. Smem 64 + 64 = 128 KB.
-      {"v1", 128, 32, 8, false, 2, 1, false, false, false},
+      {.name = "v1", .block_m = 128, .block_n = 32, .warps = 8, .q_in_regs = false, .stages = 2,
+       .min_ctas_per_sm = 1, .one_barrier = false, .ex2_combine = false,
+       .global_heavy_first = false},
   };
+  // clang-format on
 };
-
-template <int kHeadDim>
-inline constexpr int kNumTilings = static_cast<int>(sizeof(Tilings<kHeadDim>::kList) /
-                                                    sizeof(Tiling));
 
 }  // namespace flash_fwd
 }  // namespace ringattn

@@ -11,6 +11,7 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
+#include "kernels/cuda/flash_instantiations.h"
 #include "kernels/cuda/tiling_lookup.h"
 
 namespace ringattn {
@@ -58,9 +59,12 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", p.head_dim,
                                                    "; the cuda kernel supports 64, 128, 256"));
   }
-  RA_RETURN_IF_ERROR(CheckFastKernelRows("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
-  RA_RETURN_IF_ERROR(CheckFastKernelRows("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
-  RA_RETURN_IF_ERROR(CheckFastKernelRows("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckFastKernelRows("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckFastKernelRows("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride));
+  RA_RETURN_IF_ERROR(
+      CheckFastKernelRows("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
   // o is stored two elements at a time.
   if (p.o != nullptr) {
     if (!AlignedTo(p.o, 2 * DTypeSize(p.o_dtype))) {
@@ -86,47 +90,15 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
 
 namespace {
 
-// The compiled tilings of one head dim, as listed by flash_fwd_configs.h.
-template <int kHeadDim>
-std::vector<FlashForwardConfig> ConfigsOf() {
-  std::vector<FlashForwardConfig> configs;
-  for (const flash_fwd::Tiling& t : flash_fwd::Tilings<kHeadDim>::kList) {
-    FlashForwardConfig c;
-    c.name = t.name;
-    c.head_dim = kHeadDim;
-    c.block_m = t.block_m;
-    c.block_n = t.block_n;
-    c.warps = t.warps;
-    c.rows_per_warp = t.block_m / t.warps;
-    c.q_in_regs = t.q_in_regs;
-    c.stages = t.stages;
-    c.min_ctas_per_sm = t.min_ctas_per_sm;
-    c.one_barrier = t.one_barrier;
-    c.ex2_combine = t.ex2_combine;
-    c.global_heavy_first = t.global_heavy_first;
-    c.is_default = configs.empty();
-    configs.push_back(std::move(c));
-  }
-  return configs;
-}
-
-absl::Status UnknownForwardTiling(int head_dim, std::string_view name) {
-  std::vector<std::string> names;
-  for (const FlashForwardConfig& c : FlashForwardConfigs(head_dim)) names.push_back(c.name);
-  return UnknownTiling("forward", head_dim, name, names);
-}
-
 absl::Status UnsupportedHeadDim(int head_dim) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
 
 absl::Status Launch(const AttentionParams& p, int config, cudaStream_t stream) {
-  return WithHeadDim(
-      p.head_dim,
-      [&](auto d) {
-        return WithHalfDtype(p.dtype, [&](auto t) {
-          return LaunchFlashForward<decltype(d)::value, decltype(t)::value>(p, config, stream);
-        });
+  return WithInstantiation(
+      p.head_dim, p.dtype,
+      [&](auto d, auto t) {
+        return LaunchFlashForward<decltype(d)::value, decltype(t)::value>(p, config, stream);
       },
       [&] { return UnsupportedHeadDim(p.head_dim); });
 }
@@ -142,21 +114,35 @@ std::string FlashForwardConfig::Describe() const {
 }
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
-  return WithHeadDim(
-      head_dim, [](auto d) { return ConfigsOf<decltype(d)::value>(); },
-      [] { return std::vector<FlashForwardConfig>(); });
+  return CompiledConfigs<flash_fwd::Tilings, FlashForwardConfig>(
+      head_dim, [](const flash_fwd::Tiling& t) {
+        FlashForwardConfig c;
+        c.block_m = t.block_m;
+        c.block_n = t.block_n;
+        c.warps = t.warps;
+        c.rows_per_warp = t.block_m / t.warps;
+        c.q_in_regs = t.q_in_regs;
+        c.stages = t.stages;
+        c.min_ctas_per_sm = t.min_ctas_per_sm;
+        c.one_barrier = t.one_barrier;
+        c.ex2_combine = t.ex2_combine;
+        c.global_heavy_first = t.global_heavy_first;
+        return c;
+      });
 }
 
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  return Launch(p, ForcedOrDefaultTilingIndex<flash_fwd::Tilings>("RINGATTN_FLASH_FWD_CONFIG", p.head_dim), stream);
+  RA_ASSIGN_OR_RETURN(const int index, ForcedOrDefaultTilingIndex<flash_fwd::Tilings>(
+                                           "forward", "RINGATTN_FLASH_FWD_CONFIG", p.head_dim));
+  return Launch(p, index, stream);
 }
 
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
                                     cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  const int index = TilingIndex<flash_fwd::Tilings>(p.head_dim, config);
-  if (index < 0) return UnknownForwardTiling(p.head_dim, config);
+  RA_ASSIGN_OR_RETURN(const int index,
+                      CompiledTilingIndex<flash_fwd::Tilings>("forward", p.head_dim, config));
   return Launch(p, index, stream);
 }
 
@@ -165,14 +151,12 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
   }
-  const int index = TilingIndex<flash_fwd::Tilings>(head_dim, config);
-  if (index < 0) return UnknownForwardTiling(head_dim, config);
-  return WithHeadDim(
-      head_dim,
-      [&](auto d) {
-        return WithHalfDtype(dtype, [&](auto t) {
-          return FlashForwardKernelResources<decltype(d)::value, decltype(t)::value>(index);
-        });
+  RA_ASSIGN_OR_RETURN(const int index,
+                      CompiledTilingIndex<flash_fwd::Tilings>("forward", head_dim, config));
+  return WithInstantiation(
+      head_dim, dtype,
+      [&](auto d, auto t) {
+        return FlashForwardKernelResources<decltype(d)::value, decltype(t)::value>(index);
       },
       [&]() -> absl::StatusOr<FlashKernelResources> { return UnsupportedHeadDim(head_dim); });
 }
