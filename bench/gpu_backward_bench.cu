@@ -1,4 +1,4 @@
-// Benchmark of the backward kernel (not a test) at the ANCHORS.md shapes, bf16: our forward
+// Benchmark of the backward kernel (not a test) at the reference shapes (docs/performance.md), bf16: our forward
 // ("cuda", default tiling), then every compiled backward tiling (flash_bwd_configs.h: the
 // default, or every row with -DRINGATTN_CUDA_ALL_TILINGS=ON), each timed as the call a
 // single-device user makes: D = rowsum(dO * O), dq zeroed, the kernel.

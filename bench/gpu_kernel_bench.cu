@@ -1,4 +1,4 @@
-// Benchmark of the CUDA attention kernels (not a test) at the ANCHORS.md shapes, bf16: every
+// Benchmark of the CUDA attention kernels (not a test) at the reference shapes (docs/performance.md), bf16: every
 // compiled tiling of the fast kernel ("cuda", flash_fwd_configs.h; the defaults, or every row
 // with -DRINGATTN_CUDA_ALL_TILINGS=ON) at every shape of its head dim, so that one device run
 // of an all-tilings build picks the best tiling per head dim; two softcap shapes for the
@@ -8,7 +8,7 @@
 // over the tilings (call i of each before call i + 1 of any), each timed alone between two
 // cudaEvents on one stream; the median per tiling is reported. Round-robin keeps clock and
 // thermal drift from favouring whichever tiling ran first. FLOPs as ForwardFlops counts them
-// (4 b h s^2 d, halved for causal), the convention of the ANCHORS.md table.
+// (4 b h s^2 d, halved for causal), the convention of the published FlashAttention figures.
 //
 // Checks, so that no garbage gets a time: after the timed calls, one more call of each tiling,
 // its o and lse checked on the device for NaN/inf and o compared with the reference tiling's
@@ -73,10 +73,10 @@ struct Shape {
   int head_dim;
   bool causal;
   bool run_simple;       // the simple kernel only at the smallest shape
-  bool softcap = false;  // softcap 30: the score-mod kernel of each tiling (not in ANCHORS.md)
+  bool softcap = false;  // softcap 30: the score-mod kernel of each tiling (not a reference shape)
 };
 
-// The ANCHORS.md single-GPU table, then two softcap shapes: each tiling compiles a second
+// The reference shapes (docs/performance.md), then two softcap shapes: each tiling compiles a second
 // kernel for softcap/ALiBi (more registers, some spills), timed here so that its cost is known.
 constexpr Shape kShapes[] = {
     {1, 8192, 32, 128, false, true},       {1, 8192, 32, 128, true, true},
@@ -399,7 +399,7 @@ int Main(int argc, char** argv) {
     std::printf("%-26s %-15s %9.1f %9.1f %9.1f\n", ShapeName(shape).c_str(), best->config.c_str(),
                 best->tflops, def != nullptr ? def->tflops : 0.0, v1 != nullptr ? v1->tflops : 0.0);
   }
-  std::printf("\nper head dim: geometric mean TFLOP/s over its ANCHORS.md shapes\n");
+  std::printf("\nper head dim: geometric mean TFLOP/s over its reference shapes\n");
   for (const auto& [d, list] : configs) {
     std::string best_name;
     double best_mean = 0.0;

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""PyTorch SDPA (flash and cuDNN backends) at the ANCHORS.md shapes: the external reference that
+"""PyTorch SDPA (flash and cuDNN backends) at the reference shapes (docs/performance.md): the external reference that
 ringattn's GPU kernels are quoted against. Run on the same card in the same job as ours.
 
 Prints one table row per (shape, backend) and writes JSON lines with --json PATH.
-FLOPs: 4*b*h*s*s*d, halved for causal (as in ANCHORS.md); fwd+bwd counted as 3.5x forward.
+FLOPs: 4*b*h*s*s*d, halved for causal (as the published FlashAttention figures do); fwd+bwd counted as 3.5x forward.
 """
 import argparse
 import json

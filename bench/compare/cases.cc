@@ -89,7 +89,7 @@ CaseSet QuickPreset() {
   return set;
 }
 
-// The ANCHORS.md shapes (bf16) plus one more length for the sweep, at ring sizes 1, 2 and 4
+// The reference shapes (bf16) plus one more length for the sweep, at ring sizes 1, 2 and 4
 // (in-process ranks on one GPU), and two small cases whose errors are taken against fp64.
 CaseSet GpuPreset() {
   CaseSet set;
@@ -409,7 +409,7 @@ std::string_view PresetDescription(std::string_view preset) {
     return "single-device implementations only, against the fp64 reference (quick validation)";
   }
   if (preset == "gpu") {
-    return "ANCHORS.md shapes (bf16) at W = 1, 2, 4 in-process ranks on one GPU";
+    return "reference shapes (bf16) at W = 1, 2, 4 in-process ranks on one GPU";
   }
   if (preset == "multigpu") {
     return "rings over NCCL with a GPU per rank, W = 2, 4, 8 up to the GPUs present, 8k and 16k "

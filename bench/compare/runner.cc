@@ -22,7 +22,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Backward FLOPs as ANCHORS.md counts them: forward + backward = 3.5 forwards.
+// Backward FLOPs as the published FlashAttention figures count them: forward + backward = 3.5 forwards.
 constexpr double kBackwardFlopsPerForward = 2.5;
 
 std::vector<float> ToFloat(const std::vector<std::byte>& data, DType dtype) {

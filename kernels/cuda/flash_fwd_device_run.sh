@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device job for the fast forward kernel's tilings: correctness of every compiled tiling,
-# then the timing of every compiled tiling at the ANCHORS.md shapes. Binaries come from
+# then the timing of every compiled tiling at the reference shapes (docs/performance.md). Binaries come from
 # scripts/gpu_bundle.sh; for every tiling, from a build configured with
 # -DRINGATTN_CUDA_ALL_TILINGS=ON (a default build compiles each head dim's default only):
 #
