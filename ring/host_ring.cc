@@ -108,13 +108,13 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
                                        const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
-  RA_RETURN_IF_ERROR(CheckHostCall(comm, plan, options, backend.supports_packed_sequences(),
-                                   backend.name(), backend.memory_space(),
+  const BackendCapabilities caps = backend.capabilities();
+  RA_RETURN_IF_ERROR(CheckHostCall(comm, plan, options, caps.packed_sequences, backend.name(),
+                                   backend.memory_space(),
                                    "the host ring driver needs a host backend and transport"));
   const AttentionShape shape = t.shape(0);
-  const RingSchedule s =
-      PlanRingSchedule(plan, comm.rank(), RingDirection::kForward, shape,
-                       {backend.supports_position_runs(), backend.supports_partial_input()});
+  const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kForward, shape,
+                                          {caps.position_runs, caps.partial_input});
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 
@@ -132,8 +132,8 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
   RA_RETURN_IF_ERROR(RunSteps(
       comm, s, memory.buffers(),
       [&](const RingStepPlan& step, const KvBlock& kv, int* calls) {
-        return ComputeRingStep(backend, s, step, t, kv, o_acc.data(), lse_acc.data(), options,
-                               alibi, scale, calls);
+        return ComputeRingStep(backend, ExecutionContext{}, s, step, t, kv, o_acc.data(),
+                               lse_acc.data(), options, alibi, scale, calls);
       },
       [](const RingStepPlan&) {}, &timings));
   // Unless the last step wrote them: the fp32 accumulators rounded once into out, and lse.
@@ -145,18 +145,18 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
   return timings;
 }
 
-absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackend& backend,
                                         const ShardPlan& plan, const RingBackwardTensors& t,
                                         const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options, t));
-  RA_RETURN_IF_ERROR(
-      CheckHostCall(comm, plan, options, backend.supports_packed_sequences(), backend.name(),
-                    backend.memory_space(),
-                    "the host ring backward needs a host backward backend and transport"));
+  const BackendCapabilities caps = backend.capabilities();
+  RA_RETURN_IF_ERROR(CheckHostCall(
+      comm, plan, options, caps.packed_sequences, backend.name(), backend.memory_space(),
+      "the host ring backward needs a host backward backend and transport"));
   const AttentionShape shape = t.shape(0);
   const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kBackward, shape,
-                                          {backend.supports_position_runs(), false});
+                                          {caps.position_runs, false});
   RA_RETURN_IF_ERROR(CheckShardTensorsSet(t, s.rank, s.rows));
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
@@ -167,7 +167,7 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBac
   const AttentionShape mine = t.shape(s.rows);
   std::vector<float> dq_acc(mine.q_elems(), s.first_writes() ? kNan : 0.0f);
   std::vector<float> delta(mine.lse_elems());
-  RA_RETURN_IF_ERROR(ComputeShardDelta(backend, t, s.rows, delta.data()));
+  RA_RETURN_IF_ERROR(ComputeShardDelta(backend, ExecutionContext{}, t, s.rows, delta.data()));
   const HostRingMemory memory(s, shape, t.k, t.v);
   const RingBuffers& b = memory.buffers();
   auto contribution = [&](const RingStepPlan& step) {
@@ -181,8 +181,8 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBac
         // This rank's contribution to the block only: zeroed, or written whole by the first step.
         const DkvBlock dkv = contribution(step);
         if (step.output != StepOutput::kWrite) std::fill(dkv.dk, dkv.dk + 2 * dkv.elems, 0.0f);
-        return ComputeBackwardStep(backend, s, step, t, kv, dq_acc.data(), delta.data(), dkv,
-                                   options, alibi, scale, calls);
+        return ComputeBackwardStep(backend, ExecutionContext{}, s, step, t, kv, dq_acc.data(),
+                                   delta.data(), dkv, options, alibi, scale, calls);
       },
       [&](const RingStepPlan& step) {
         // Ranks block .. rank - 1 received, this rank's added: a fixed order of the sums.
@@ -227,8 +227,7 @@ absl::StatusOr<RingTimings> RingFlashAttnForward(Communicator& comm, AttentionBa
   return AbortOnFailure(comm, RunForward(comm, backend, plan, t, options));
 }
 
-absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm,
-                                                  AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm, AttentionBackend& backend,
                                                   const ShardPlan& plan,
                                                   const RingBackwardTensors& t,
                                                   const RingAttentionOptions& options) {
