@@ -3,7 +3,6 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "ring/host_ring.h"
-#include "ring/ring_backward.h"
 #include "ring/transport/gloo_communicator.h"
 
 namespace ringattn {

@@ -39,10 +39,6 @@
 #include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "ring/device_ring.h"
-#include "ring/device_ring_backward.h"
-#include "ring/ring_backward_step.h"  // RingBackwardTensors
-#include "ring/testing/device_inprocess_ring.h"
-#include "ring/testing/device_inprocess_ring_backward.h"
 #if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/cudnn/cudnn_backward.h"
@@ -742,7 +738,7 @@ struct NcclRankState {
   std::unique_ptr<AttentionBackend> forward;
   std::unique_ptr<DeviceRingWorkspace> forward_ws;
   std::unique_ptr<AttentionBackend> backward;
-  std::unique_ptr<DeviceRingBackwardWorkspace> backward_ws;
+  std::unique_ptr<DeviceRingWorkspace> backward_ws;
 };
 
 // Every rank's state, [world], released rank by rank with the rank's GPU current (the cudnn
@@ -826,7 +822,7 @@ class RingNccl final : public GpuImplementation {
       NcclRankState& s = states[r];
       if (s.backward == nullptr) {
         RA_ASSIGN_OR_RETURN(s.backward, MakeKernelBackend(kernel_));
-        s.backward_ws = std::make_unique<DeviceRingBackwardWorkspace>();
+        s.backward_ws = std::make_unique<DeviceRingWorkspace>();
       }
       return RingFlashAttnBackwardDevice(comm, *s.backward, plan, views[r], options,
                                          s.backward_ws.get());
