@@ -62,8 +62,6 @@ class DeviceRingWorkspace {
   std::unique_ptr<State> state_;
 };
 
-using DeviceRingBackwardWorkspace = DeviceRingWorkspace;
-
 // Runs the forward ring on this rank. `t` holds device pointers (rows in the plan's local
 // order); `backend` is a device backend ("cuda", "cuda_reference", "cudnn"), every call of it
 // made with the workspace's compute stream as its ExecutionContext. Every rank of `comm` must

@@ -2,9 +2,9 @@
 // behind AttentionBackend, forward (with the softmax stats, the LSE the ring's merge needs) and
 // backward (cudnn_backward.h).
 //
-// It takes device pointers (MemorySpace::kDevice) and runs on the call's stream (a CudaBackend:
-// SetStream sets the stream of calls without one). Whatever cuDNN cannot express exactly is
-// refused with InvalidArgument naming the option; nothing falls back silently.
+// It takes device pointers (MemorySpace::kDevice) and runs on the stream of the call's
+// ExecutionContext. Whatever cuDNN cannot express exactly is refused with InvalidArgument naming
+// the option; nothing falls back silently.
 //
 // ---- What cuDNN computes (cudnn-frontend 1.32, cuDNN 9.x, fp16/bf16 SDPA forward) ------------
 // For Q [b, h, s_q, d], K/V [b, h_k, s_kv, d] (query head h reads K/V head h / (h / h_k)):
@@ -73,7 +73,6 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
@@ -132,8 +131,5 @@ class CudnnBackend : public CudaBackend {
 inline CudnnBackend* AsCudnnBackend(AttentionBackend* backend) {
   return dynamic_cast<CudnnBackend*>(backend);
 }
-
-// Transitional (issue #12): MakeBackend("cudnn") (backend_registry.h).
-std::unique_ptr<AttentionBackend> MakeCudnnBackend();
 
 }  // namespace ringattn
