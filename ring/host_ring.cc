@@ -26,14 +26,15 @@ void StoreFloats(const float* from, size_t n, DType dtype, void* to) {
   for (size_t i = 0; i < n; ++i) StoreFromFloat(to, static_cast<int64_t>(i), dtype, from[i]);
 }
 
-// Checks every host ring call makes before its first transfer.
-absl::Status CheckHostCall(const Communicator& comm, const ShardPlan& plan,
-                           const RingAttentionOptions& options, bool packed_supported,
-                           std::string_view backend_name, MemorySpace backend_memory,
+// Checks every host ring call makes before its first transfer; `needs` is the error for a
+// backend or transport not in host memory.
+absl::Status CheckHostCall(const Communicator& comm, const AttentionBackend& backend,
+                           const ShardPlan& plan, const RingAttentionOptions& options,
                            const char* needs) {
   RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm.rank(), comm.world_size()));
-  RA_RETURN_IF_ERROR(CheckPackedSequences(options, plan, packed_supported, backend_name));
-  if (backend_memory != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
+  RA_RETURN_IF_ERROR(
+      CheckPackedSequences(options, plan, backend.capabilities().packed_sequences, backend.name()));
+  if (backend.memory_space() != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
     return absl::UnimplementedError(needs);
   }
   return absl::OkStatus();
@@ -108,11 +109,10 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
                                        const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
-  const BackendCapabilities caps = backend.capabilities();
-  RA_RETURN_IF_ERROR(CheckHostCall(comm, plan, options, caps.packed_sequences, backend.name(),
-                                   backend.memory_space(),
+  RA_RETURN_IF_ERROR(CheckHostCall(comm, backend, plan, options,
                                    "the host ring driver needs a host backend and transport"));
   const AttentionShape shape = t.shape(0);
+  const BackendCapabilities caps = backend.capabilities();
   const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kForward, shape,
                                           {caps.position_runs, caps.partial_input});
   const float scale = RingSoftmaxScale(options, t.head_dim);
@@ -150,13 +150,12 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackend& ba
                                         const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options, t));
-  const BackendCapabilities caps = backend.capabilities();
-  RA_RETURN_IF_ERROR(CheckHostCall(
-      comm, plan, options, caps.packed_sequences, backend.name(), backend.memory_space(),
-      "the host ring backward needs a host backward backend and transport"));
+  RA_RETURN_IF_ERROR(
+      CheckHostCall(comm, backend, plan, options,
+                    "the host ring backward needs a host backward backend and transport"));
   const AttentionShape shape = t.shape(0);
   const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kBackward, shape,
-                                          {caps.position_runs, false});
+                                          {backend.capabilities().position_runs, false});
   RA_RETURN_IF_ERROR(CheckShardTensorsSet(t, s.rank, s.rows));
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
