@@ -46,12 +46,13 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "bench/gpu_bench_util.cuh"
 #include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
-#include "kernels/cuda/cuda_backend.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/params_check.h"
 
@@ -357,15 +358,15 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
 
     if (!only_fast && shape.run_simple) {
-      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCudaBackend("cuda_reference");
-      CheckStatus(backend.status(), "MakeCudaBackend");
-      AsCudaBackend(backend->get())->SetStream(stream);
-      CheckStatus((*backend)->Forward(p), "simple warm-up call");
+      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend("cuda_reference");
+      CheckStatus(backend.status(), "MakeBackend");
+      const ExecutionContext on_stream{stream};
+      CheckStatus((*backend)->Forward(p, on_stream), "simple warm-up call");
       std::vector<double> simple_ms;
       for (int it = 0; it < simple_iters; ++it) {
         simple_ms.push_back(
-            TimeOnce([&] { CheckStatus((*backend)->Forward(p), "simple timed call"); }, stream,
-                     start, stop));
+            TimeOnce([&] { CheckStatus((*backend)->Forward(p, on_stream), "simple timed call"); },
+                     stream, start, stop));
       }
       const double median = Median(simple_ms);
       const double tflops = ForwardFlops(p) / (median * 1e-3) / 1e12;

@@ -44,12 +44,13 @@
 #include "bench/gpu_timing.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
-#include "kernels/cuda/cuda_backend.h"
+#include "kernels/backend_registry.h"
 #include "kernels/params_check.h"
 #include "ring/device_ring.h"
 #include "ring/layout.h"
-#include "ring/testing/device_inprocess_ring.h"
-#include "ring/transport/inprocess_device.h"
+#include "ring/testing/inprocess_ranks.h"
+#include "ring/transport/device_communicator.h"
+#include "ring/transport/inprocess.h"
 
 namespace ringattn {
 namespace {
@@ -247,16 +248,18 @@ int Main(int argc, char** argv) {
 
     // (a) The kernel once on the whole sequence.
     {
-      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCudaBackend("cuda");
-      CheckStatus(backend.status(), "MakeCudaBackend");
-      AsCudaBackend(backend->get())->SetStream(stream);
-      for (int i = 0; i < warmup; ++i) CheckStatus((*backend)->Forward(whole_p), "warm-up");
+      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend("cuda");
+      CheckStatus(backend.status(), "MakeBackend");
+      const ExecutionContext on_stream{stream};
+      for (int i = 0; i < warmup; ++i) {
+        CheckStatus((*backend)->Forward(whole_p, on_stream), "warm-up");
+      }
       BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
       std::vector<double> wall, gpu;
       for (int i = 0; i < iters; ++i) {
         const auto t0 = Clock::now();
         BENCH_CUDA_CHECK(cudaEventRecord(start, stream));
-        CheckStatus((*backend)->Forward(whole_p), "single call");
+        CheckStatus((*backend)->Forward(whole_p, on_stream), "single call");
         BENCH_CUDA_CHECK(cudaEventRecord(stop, stream));
         BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
         wall.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
@@ -286,8 +289,8 @@ int Main(int argc, char** argv) {
       absl::StatusOr<std::vector<std::unique_ptr<DeviceCommunicator>>> comms =
           InProcessDeviceGroup::CreateCommunicators(1, timeout);
       CheckStatus(comms.status(), "CreateCommunicators");
-      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCudaBackend("cuda");
-      CheckStatus(backend.status(), "MakeCudaBackend");
+      absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend("cuda");
+      CheckStatus(backend.status(), "MakeBackend");
       DeviceRingWorkspace ws;
       // With one rank the shard is the whole sequence in order (zigzag's two chunks follow).
       const RingShardTensors t = whole.View();
@@ -327,7 +330,7 @@ int Main(int argc, char** argv) {
       }
       BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
       absl::StatusOr<std::unique_ptr<DeviceInProcessRing>> ring = DeviceInProcessRing::Create(
-          world, [] { return MakeCudaBackend("cuda"); }, timeout);
+          world, [] { return MakeBackend("cuda"); }, timeout);
       CheckStatus(ring.status(), "DeviceInProcessRing::Create");
       for (int i = 0; i < warmup; ++i) {
         CheckStatus((*ring)->Run(*plan, views, options).status(), "ring warm-up");

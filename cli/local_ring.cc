@@ -19,7 +19,8 @@
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "ring/testing/synthetic_inputs.h"
-#include "ring/transport/gloo_communicator.h"
+#include "ring/transport/gloo_communicator.h"  // MakeFileStore
+#include "ring/transport/transport_registry.h"
 
 namespace ringattn {
 namespace {
@@ -211,11 +212,12 @@ absl::Status RunRank(const LocalRingOptions& o, int rank, const std::string& sto
   t.out = mine.out.data();
   t.lse = mine.lse.data();
 
-  GlooOptions gloo;
-  gloo.timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_seconds * 1000));
   RA_ASSIGN_OR_RETURN(std::shared_ptr<gloo::rendezvous::Store> store, MakeFileStore(store_dir));
-  RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
-                      GlooCommunicator::Create(rank, o.world, std::move(store), gloo));
+  const std::chrono::milliseconds timeout(static_cast<int64_t>(o.timeout_seconds * 1000));
+  RA_ASSIGN_OR_RETURN(
+      std::unique_ptr<Communicator> comm,
+      HostTransports().Join(
+          "gloo", {.rank = rank, .world = o.world, .timeout = timeout, .store = std::move(store)}));
   RA_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> backend,
                       MakeBackend(o.backend, MemorySpace::kHost));
   RA_ASSIGN_OR_RETURN(const RingTimings timings,

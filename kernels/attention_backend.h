@@ -4,11 +4,9 @@
 // made by name through the registry (backend_registry.h).
 #pragma once
 
-#include <memory>
 #include <string_view>
 
 #include "absl/status/status.h"
-#include "absl/status/statusor.h"
 #include "base/memory_space.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
@@ -36,8 +34,7 @@ struct BackendCapabilities {
 };
 
 // Where one call runs. `stream` is a cudaStream_t passed opaquely, so that host code needs no
-// CUDA headers; null means the backend's own stream (CudaBackend::stream(), the legacy default
-// stream unless set). Host backends ignore it.
+// CUDA headers; null is the legacy default stream. Host backends ignore it.
 struct ExecutionContext {
   void* stream = nullptr;
 };
@@ -52,37 +49,24 @@ class AttentionBackend {
   virtual BackendCapabilities capabilities() const { return {}; }
 
   // Validates `p` against what this backend supports, then computes it. Device backends enqueue
-  // on ctx's stream and return without synchronising (launch errors are returned, errors while
-  // the kernel runs surface at the next synchronising call). Every backend takes
-  // merge_into_output (fp32 o, non-null lse).
-  absl::Status Forward(const AttentionParams& p, const ExecutionContext& ctx) {
+  // on ctx's stream (without a context: the legacy default stream) and return without
+  // synchronising (launch errors are returned, errors while the kernel runs surface at the next
+  // synchronising call). Every backend takes merge_into_output (fp32 o, non-null lse).
+  absl::Status Forward(const AttentionParams& p, const ExecutionContext& ctx = {}) {
     return DoForward(p, ctx);
   }
   // The gradients of `p` (attention_backward_params.h), validated first, written or added
   // (p.accumulate) into its fp32 dq, dk and dv.
-  absl::Status Backward(const AttentionBackwardParams& p, const ExecutionContext& ctx) {
+  absl::Status Backward(const AttentionBackwardParams& p, const ExecutionContext& ctx = {}) {
     return DoBackward(p, ctx);
   }
   // D = rowsum(dO * O) of p's query rows into `delta` (p.lse's strides, this backend's memory
   // space), so that a caller making several calls for the same rows computes it once. Reads
   // only out, dout and the sizes.
   absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta,
-                            const ExecutionContext& ctx) {
+                            const ExecutionContext& ctx = {}) {
     return DoComputeDelta(p, delta, ctx);
   }
-
-  // ---- Transitional (issue #12; removed once ring/ and its tests use the calls above) --------
-  // The calls above on the backend's own stream. Virtual, like the supports_* wrappers over
-  // capabilities(), only so that test doubles written against the former two interfaces keep
-  // compiling; backends override the Do* hooks and capabilities().
-  virtual absl::Status Forward(const AttentionParams& p) { return DoForward(p, {}); }
-  virtual absl::Status Backward(const AttentionBackwardParams& p) { return DoBackward(p, {}); }
-  virtual absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) {
-    return DoComputeDelta(p, delta, {});
-  }
-  virtual bool supports_position_runs() const { return capabilities().position_runs; }
-  virtual bool supports_partial_input() const { return capabilities().partial_input; }
-  virtual bool supports_packed_sequences() const { return capabilities().packed_sequences; }
 
  protected:
   // What a backend implements. Those it does not override return UNIMPLEMENTED naming it.
@@ -91,13 +75,5 @@ class AttentionBackend {
   virtual absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
                                       const ExecutionContext& ctx);
 };
-
-// ---- Transitional (issue #12): the former backward interface and CPU factories -------------
-using AttentionBackwardBackend = AttentionBackend;
-
-// MakeBackend (backend_registry.h) restricted to backends in host memory ("cpu",
-// "cpu_reference"); InvalidArgument listing those for any other name.
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackend(std::string_view name);
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackwardBackend(std::string_view name);
 
 }  // namespace ringattn

@@ -75,7 +75,3 @@ void SetContiguousBackwardStrides(AttentionBackwardParams* p);
 double BackwardFlops(const AttentionBackwardParams& p);
 
 }  // namespace ringattn
-
-// Transitional (issue #12): code that reached the backward backend interface through this
-// header (ring/) keeps compiling. Last, so that either header may be included first.
-#include "kernels/attention_backend.h"  // IWYU pragma: export

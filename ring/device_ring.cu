@@ -14,8 +14,6 @@
 #include "base/cuda_check.h"
 #include "base/device_buffer.h"
 #include "base/status_macros.h"
-#include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/cuda_backward.h"
 #include "kernels/dtype.h"
 #include "ring/device_ring.h"
 
@@ -220,24 +218,6 @@ namespace {
 
 using State = DeviceRingWorkspace::State;
 
-// Sets a backend's stream (SetStream and stream()) for a scope and restores the caller's on
-// exit.
-template <typename Backend>
-class ScopedBackendStream {
- public:
-  ScopedBackendStream(Backend* backend, cudaStream_t stream)
-      : backend_(backend), saved_(backend->stream()) {
-    backend_->SetStream(stream);
-  }
-  ~ScopedBackendStream() { backend_->SetStream(saved_); }
-  ScopedBackendStream(const ScopedBackendStream&) = delete;
-  ScopedBackendStream& operator=(const ScopedBackendStream&) = delete;
-
- private:
-  Backend* const backend_;
-  const cudaStream_t saved_;
-};
-
 // Enqueues the steps of `s` (the protocol drawn in device_ring.h): `work` enqueues a step's
 // calls (EnqueueKernels), names the event after which step s's transfers may start
 // (ReadyEvent(s - 1)) and enqueues what follows a step's transfers (AfterTransfers).
@@ -328,23 +308,24 @@ absl::StatusOr<RingTimings> AbortAndDrainOnFailure(DeviceCommunicator& comm,
   return result;  // as the host executor: the reason as it came, the abort carries the rank
 }
 
+// Where every backend call of a ring call runs: the workspace's compute stream.
+ExecutionContext OnCompute(const State& ws) { return ExecutionContext{ws.compute}; }
+
 double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 // The checks of a device call after its options', before anything is enqueued: the plan
-// against the group, packed sequences against the backend, the backend (`is_cuda`: a CUDA
-// backend of the direction's kind) and the workspace. Errors name the executor (`what`) and the
-// backends it takes.
-template <typename Backend>
-absl::Status CheckDeviceCall(const DeviceCommunicator& comm, const Backend& backend, bool is_cuda,
+// against the group, packed sequences against the backend, the backend (one in device memory)
+// and the workspace. Errors name the executor (`what`) and the backends it takes.
+absl::Status CheckDeviceCall(const DeviceCommunicator& comm, const AttentionBackend& backend,
                              const ShardPlan& plan, const RingAttentionOptions& options,
                              const DeviceRingWorkspace* ws, const char* what,
                              const char* backends) {
   RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm.rank(), comm.world_size()));
   RA_RETURN_IF_ERROR(
-      CheckPackedSequences(options, plan, backend.supports_packed_sequences(), backend.name()));
-  if (backend.memory_space() != MemorySpace::kDevice || !is_cuda) {
+      CheckPackedSequences(options, plan, backend.capabilities().packed_sequences, backend.name()));
+  if (backend.memory_space() != MemorySpace::kDevice) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, " needs a ", backends, ", got '", std::string(backend.name()), "'"));
   }
@@ -364,13 +345,13 @@ class ForwardCall {
   absl::StatusOr<RingTimings> Run() {
     const auto t0 = Clock::now();
     RA_RETURN_IF_ERROR(ValidateRingOptions(options_, t_));
-    CudaBackend* cuda = AsCudaBackend(&backend_);
-    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, cuda != nullptr, plan_, options_, ws_,
+    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, plan_, options_, ws_,
                                        "the device ring driver",
                                        "CUDA backend (cuda, cuda_reference)"));
     const AttentionShape shape = t_.shape(0);
+    const BackendCapabilities caps = backend_.capabilities();
     s_ = PlanRingSchedule(plan_, comm_.rank(), RingDirection::kForward, shape,
-                          {backend_.supports_position_runs(), backend_.supports_partial_input()});
+                          {caps.position_runs, caps.partial_input});
     State& ws = ws_->state();
     const AttentionShape mine = t_.shape(s_.rows);
     State::Needs needs;
@@ -383,7 +364,6 @@ class ForwardCall {
     RA_RETURN_IF_ERROR(ws.Reserve(needs));
     RA_ASSIGN_OR_RETURN(alibi_, ws.AlibiSlopes(options_.alibi_slopes));
     scale_ = RingSoftmaxScale(options_, t_.head_dim);
-    ScopedBackendStream<CudaBackend> stream_scope(cuda, ws.compute);
     kernel_calls_.assign(s_.world, 0);
 
     if (s_.one_call) {
@@ -441,8 +421,8 @@ class ForwardCall {
   // after the transfers.
   absl::Status EnqueueKernels(const RingStepPlan& step, const KvBlock& kv, int* calls) {
     State& ws = ws_->state();
-    return ComputeRingStep(backend_, s_, step, t_, kv, ws.q_acc(), ws.row_acc(), options_, alibi_,
-                           scale_, calls);
+    return ComputeRingStep(backend_, OnCompute(ws), s_, step, t_, kv, ws.q_acc(), ws.row_acc(),
+                           options_, alibi_, scale_, calls);
   }
   cudaEvent_t ReadyEvent(int step) const { return ws_->state().kernels_done[step]; }
   absl::Status AfterTransfers(const RingStepPlan&) { return absl::OkStatus(); }
@@ -465,7 +445,7 @@ class ForwardCall {
       p.o_dtype = t_.dtype;
       p.lse = t_.lse;
       p.merge_into_output = false;
-      RA_RETURN_IF_ERROR(backend_.Forward(p));
+      RA_RETURN_IF_ERROR(backend_.Forward(p, OnCompute(ws)));
       kernel_calls_[0] = 1;
     }
     RA_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.kernels_done[0], ws.compute));
@@ -488,7 +468,7 @@ class ForwardCall {
 
 class BackwardCall {
  public:
-  BackwardCall(DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+  BackwardCall(DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
                const RingBackwardTensors& t, const RingAttentionOptions& options,
                DeviceRingWorkspace* ws)
       : comm_(comm),
@@ -505,12 +485,11 @@ class BackwardCall {
   absl::StatusOr<RingTimings> Run() {
     const auto t0 = Clock::now();
     RA_RETURN_IF_ERROR(ValidateRingBackward(options_, t_));
-    CudaBackwardBackend* cuda = AsCudaBackwardBackend(&backend_);
-    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, cuda != nullptr, plan_, options_, ws_,
+    RA_RETURN_IF_ERROR(CheckDeviceCall(comm_, backend_, plan_, options_, ws_,
                                        "the device ring backward",
                                        "CUDA backward backend (cuda, cudnn)"));
     s_ = PlanRingSchedule(plan_, comm_.rank(), RingDirection::kBackward, shape_,
-                          {backend_.supports_position_runs(), false});
+                          {backend_.capabilities().position_runs, false});
     RA_RETURN_IF_ERROR(CheckShardTensorsSet(t_, s_.rank, s_.rows));
     State& ws = ws_->state();
     const AttentionShape mine = t_.shape(s_.rows);
@@ -532,11 +511,10 @@ class BackwardCall {
     RA_ASSIGN_OR_RETURN(alibi_, ws.AlibiSlopes(options_.alibi_slopes));
     scale_ = RingSoftmaxScale(options_, t_.head_dim);
     dq_acc_ = grads_in_place_ ? static_cast<float*>(t_.dq) : ws.q_acc();
-    ScopedBackendStream<CudaBackwardBackend> stream_scope(cuda, ws.compute);
     kernel_calls_.assign(s_.world, 0);
 
     // D once per rank for every step (the one call too: the backend then needs no scratch).
-    RA_RETURN_IF_ERROR(ComputeShardDelta(backend_, t_, s_.rows, ws.row_acc()));
+    RA_RETURN_IF_ERROR(ComputeShardDelta(backend_, OnCompute(ws), t_, s_.rows, ws.row_acc()));
     if (s_.one_call) {
       RA_RETURN_IF_ERROR(EnqueueOneCall());
     } else {
@@ -573,8 +551,8 @@ class BackwardCall {
     if (mine.elems > 0 && step.output != StepOutput::kWrite) {
       RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(mine.dk, 0, mine.Bytes(), ws.compute));
     }
-    return ComputeBackwardStep(backend_, s_, step, t_, kv, dq_acc_, ws.row_acc(), mine, options_,
-                               alibi_, scale_, calls);
+    return ComputeBackwardStep(backend_, OnCompute(ws), s_, step, t_, kv, dq_acc_, ws.row_acc(),
+                               mine, options_, alibi_, scale_, calls);
   }
   cudaEvent_t ReadyEvent(int step) const { return ws_->state().step_done[step]; }
   absl::Status AfterTransfers(const RingStepPlan& step) {
@@ -615,7 +593,7 @@ class BackwardCall {
       // Written, not added: every element of dq, dk and dv (zeros where nothing contributes),
       // so the call is not skipped even if it were wholly masked.
       bp.accumulate = false;
-      RA_RETURN_IF_ERROR(backend_.Backward(bp));
+      RA_RETURN_IF_ERROR(backend_.Backward(bp, OnCompute(ws)));
       kernel_calls_[0] = 1;
     }
     // The step's other events, so that timings read the same on every path.
@@ -667,7 +645,7 @@ class BackwardCall {
   }
 
   DeviceCommunicator& comm_;
-  AttentionBackwardBackend& backend_;
+  AttentionBackend& backend_;
   const ShardPlan& plan_;
   const RingBackwardTensors& t_;
   const RingAttentionOptions& options_;
@@ -690,7 +668,7 @@ absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
 }
 
 absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(
-    DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+    DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
     const RingBackwardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws) {
   return AbortAndDrainOnFailure(comm, ws, BackwardCall(comm, backend, plan, t, options, ws).Run());
 }

@@ -62,29 +62,29 @@ class DeviceRingWorkspace {
   std::unique_ptr<State> state_;
 };
 
-using DeviceRingBackwardWorkspace = DeviceRingWorkspace;
-
 // Runs the forward ring on this rank. `t` holds device pointers (rows in the plan's local
-// order); `backend` must be a CudaBackend (its stream is set to the workspace's compute stream
-// for the call and restored afterwards). Every rank of `comm` must call it with the same plan,
-// options and sizes. Q, K and V must be ready on the device when it is called (e.g. the stream
-// that wrote them synchronized); out and lse are ready when it returns OK (timeout
-// comm.timeout()). Timings from CUDA events, per step: compute = start..kernels_done, comm
-// wait = max(0, kernels_done..comm_done), the time the compute stream idled for the next block;
-// device_seconds and launch_seconds as RingTimings says; total is host wall time. On any
-// failure the communicator is aborted (so peers fail rather than wait) and the workspace's
-// streams are drained before returning, so the buffers may be freed at once.
+// order); `backend` is a device backend ("cuda", "cuda_reference", "cudnn"), every call of it
+// made with the workspace's compute stream as its ExecutionContext. Every rank of `comm` must
+// call it with the same plan, options and sizes. Q, K and V must be ready on the device when it
+// is called (e.g. the stream that wrote them synchronized); out and lse are ready when it
+// returns OK (timeout comm.timeout()). Timings from CUDA events, per step: compute =
+// start..kernels_done, comm wait = max(0, kernels_done..comm_done), the time the compute stream
+// idled for the next block; device_seconds and launch_seconds as RingTimings says; total is
+// host wall time. On any failure the communicator is aborted (so peers fail rather than wait)
+// and the workspace's streams are drained before returning, so the buffers may be freed at
+// once.
 absl::StatusOr<RingTimings> RingFlashAttnForwardDevice(
     DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
     const RingShardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws);
 
-// Runs the backward ring on this rank, as the forward: `backend` a CudaBackwardBackend ("cuda",
-// "cudnn"); q, k, v, out, lse and dout ready when called, dq, dk and dv (t.grad_dtype) when it
-// returns OK. Timings per step: compute = start..kernels_done + comm_waited..step_done (the
-// add), comm wait = kernels_done..comm_waited; the last step's comm wait includes the return
-// hop (step_done..return_waited); total is host wall time. Failures as the forward's.
+// Runs the backward ring on this rank, as the forward: `backend` a device backend with a
+// backward ("cuda", "cudnn"); q, k, v, out, lse and dout ready when called, dq, dk and dv
+// (t.grad_dtype) when it returns OK. Timings per step: compute = start..kernels_done +
+// comm_waited..step_done (the add), comm wait = kernels_done..comm_waited; the last step's
+// comm wait includes the return hop (step_done..return_waited); total is host wall time.
+// Failures as the forward's.
 absl::StatusOr<RingTimings> RingFlashAttnBackwardDevice(
-    DeviceCommunicator& comm, AttentionBackwardBackend& backend, const ShardPlan& plan,
+    DeviceCommunicator& comm, AttentionBackend& backend, const ShardPlan& plan,
     const RingBackwardTensors& t, const RingAttentionOptions& options, DeviceRingWorkspace* ws);
 
 }  // namespace ringattn

@@ -47,18 +47,15 @@
 #include "absl/strings/str_cat.h"
 #include "base/error_metrics.h"
 #include "gtest/gtest.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/reference_backward.h"
-#include "kernels/cuda/cuda_backward.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "ring/device_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
-#include "ring/testing/device_inprocess_ring_backward.h"
+#include "ring/testing/inprocess_ranks.h"
 #include "ringattn_config.h"
-#if RINGATTN_HAVE_CUDNN
-#include "kernels/cudnn/cudnn_backward.h"
-#endif
 #if RINGATTN_HAVE_NCCL
 #include "ring/transport/nccl_communicator.h"
 #endif
@@ -131,15 +128,7 @@ ReferenceBackwardResult Reference(const Problem& pr, const BackwardInputs& in) {
 
 // ---- Backends and runs ----------------------------------------------------------------------
 
-absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> MakeBackend(const std::string& name) {
-  if (name == kCuda) return MakeCudaBackwardBackend();
-#if RINGATTN_HAVE_CUDNN
-  if (name == kCudnn) return MakeCudnnBackwardBackend();
-#endif
-  return absl::InvalidArgumentError(absl::StrCat("no backward backend '", name, "' in this build"));
-}
-
-BackwardBackendFactory Factory(const std::string& name) {
+BackendFactory Factory(const std::string& name) {
   return [name] { return MakeBackend(name); };
 }
 
@@ -403,7 +392,7 @@ TEST_F(DeviceRingBackward, ErrorDoesNotGrowWithRanks) {
 class DeviceRingBackwardFailures : public GpuTest {};
 
 // Runs a small problem that must fail with InvalidArgument containing `expect`, promptly.
-void ExpectRefused(const Problem& pr, int world, const BackwardBackendFactory& factory,
+void ExpectRefused(const Problem& pr, int world, const BackendFactory& factory,
                    const std::string& expect) {
   SCOPED_TRACE(expect);
   // Values do not matter for a refusal (and the reference refuses what the ring must).
@@ -455,7 +444,7 @@ TEST_F(DeviceRingBackwardFailures, RefusesAHostBackend) {
   Problem pr;
   pr.seqlen = 8;
   ExpectRefused(
-      pr, 2, [] { return MakeCpuBackwardBackend("cpu"); }, "CUDA backward backend");
+      pr, 2, [] { return MakeBackend("cpu"); }, "CUDA backward backend");
 }
 
 TEST_F(DeviceRingBackwardFailures, UnsupportedHeadDim) {
@@ -471,10 +460,9 @@ TEST_F(DeviceRingBackwardFailures, OneFailingRankReleasesTheOthers) {
   Problem pr;
   pr.seqlen = 64;
   std::atomic<int> made{0};
-  BackwardBackendFactory flaky =
-      [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
+  BackendFactory flaky = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
-    return MakeCudaBackwardBackend();
+    return MakeBackend(kCuda);
   };
   const BackwardInputs in = MakeInputs(pr);
   GradBuffers grads = GradBuffers::Poisoned(pr);
@@ -595,9 +583,9 @@ TEST_F(DeviceRingBackwardFailures, WorkspaceIsReusedAcrossCalls) {
 // A failed Run leaves the ring usable: the next Run forms a fresh group.
 TEST_F(DeviceRingBackwardFailures, RingRecoversAfterAFailedRun) {
   std::atomic<bool> fail{true};
-  BackwardBackendFactory once = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
+  BackendFactory once = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (fail.exchange(false)) return absl::InternalError("planted first failure");
-    return MakeCudaBackwardBackend();
+    return MakeBackend(kCuda);
   };
   absl::StatusOr<std::unique_ptr<DeviceInProcessRingBackward>> ring =
       DeviceInProcessRingBackward::Create(2, once, std::chrono::seconds(30));
@@ -635,9 +623,9 @@ TEST_F(DeviceRingBackwardNccl, OneRankEqualsInProcess) {
   absl::StatusOr<ShardPlan> plan = PlanShards(pr.seqlen, 1, Layout::kZigzag);
   ASSERT_TRUE(plan.ok());
   DeviceShards shards(pr, whole, *plan);
-  absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> backend = MakeCudaBackwardBackend();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend(kCuda);
   ASSERT_TRUE(backend.ok());
-  DeviceRingBackwardWorkspace ws;
+  DeviceRingWorkspace ws;
   absl::StatusOr<RingTimings> timings =
       RingFlashAttnBackwardDevice(**comm, **backend, *plan, shards.views[0], pr.options, &ws);
   ASSERT_TRUE(timings.ok()) << timings.status();

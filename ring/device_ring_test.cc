@@ -60,15 +60,16 @@
 #include "absl/time/time.h"
 #include "base/error_metrics.h"
 #include "gtest/gtest.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
-#include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/params_check.h"
 #include "ring/ring_step.h"
 #include "ring/ring_test_util.h"
-#include "ring/testing/device_inprocess_ring.h"
+#include "ring/testing/inprocess_ranks.h"
 #include "ring/testing/synthetic_inputs.h"
-#include "ring/transport/inprocess_device.h"
+#include "ring/transport/device_communicator.h"
+#include "ring/transport/inprocess.h"
 #include "ringattn_config.h"
 #if RINGATTN_HAVE_NCCL
 #include "ring/transport/nccl_communicator.h"
@@ -214,7 +215,7 @@ using test::View;
 using test::WholeParams;
 
 BackendFactory Factory(const char* name) {
-  return [name] { return MakeCudaBackend(name); };
+  return [name] { return MakeBackend(name, MemorySpace::kDevice); };
 }
 
 // The backend `name` once on the whole sequence, on the device.
@@ -231,7 +232,8 @@ Tensors RunSingle(const Problem& pr, const char* name) {
   lse.Fill(0xff);
   const AttentionParams p =
       WholeParams(pr, q.get(), k.get(), v.get(), o.get(), lse.as<float>(), alibi.as<float>());
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCudaBackend(name);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend =
+      MakeBackend(name, MemorySpace::kDevice);
   EXPECT_TRUE(backend.ok()) << backend.status();
   if (!backend.ok()) return t;
   if (pr.seqlen > 0) {
@@ -848,7 +850,7 @@ TEST_F(DeviceRingFailures, OneFailingRankReleasesTheOthers) {
   std::atomic<int> made{0};
   BackendFactory flaky = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
-    return MakeCudaBackend(kFast);
+    return MakeBackend(kFast);
   };
   const auto start = Clock::now();
   absl::StatusOr<std::vector<RingTimings>> r = RunDeviceRingInProcess(
@@ -868,7 +870,7 @@ TEST_F(DeviceRingFailures, DeadlineWhenOneRankNeverPosts) {
   std::atomic<int> made{0};
   BackendFactory slow = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 1) std::this_thread::sleep_for(std::chrono::seconds(2));
-    return MakeCudaBackend(kFast);
+    return MakeBackend(kFast);
   };
   const auto start = Clock::now();
   absl::StatusOr<std::vector<RingTimings>> r = RunDeviceRingInProcess(
@@ -909,7 +911,7 @@ TEST_F(DeviceRingFailures, RefusesAHostBackend) {
   Problem pr;
   pr.seqlen = 8;
   Tensors t = MakeInputs(pr);
-  BackendFactory cpu = [] { return MakeCpuBackend("cpu"); };
+  BackendFactory cpu = [] { return MakeBackend("cpu"); };
   absl::StatusOr<std::vector<RingTimings>> r =
       RunDeviceRingInProcess(View(pr, t), 2, Layout::kContiguous, pr.options, cpu);
   ASSERT_FALSE(r.ok());
@@ -1013,7 +1015,7 @@ TEST_F(DeviceRingFailures, RingRecoversAfterAFailedRun) {
   std::atomic<bool> fail{true};
   BackendFactory once = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (fail.exchange(false)) return absl::InternalError("planted first failure");
-    return MakeCudaBackend(kFast);
+    return MakeBackend(kFast);
   };
   absl::StatusOr<std::unique_ptr<DeviceInProcessRing>> ring =
       DeviceInProcessRing::Create(2, once, std::chrono::seconds(30));
@@ -1112,7 +1114,7 @@ TEST_F(NcclOneRank, RingEqualsTheSingleCall) {
   absl::StatusOr<ShardPlan> plan = PlanShards(pr.seqlen, 1, Layout::kZigzag);
   ASSERT_TRUE(plan.ok());
   DeviceShards shards(pr, t, *plan);
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCudaBackend(kFast);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend(kFast);
   ASSERT_TRUE(backend.ok());
   DeviceRingWorkspace ws;
   absl::StatusOr<RingTimings> timings =

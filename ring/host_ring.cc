@@ -26,14 +26,15 @@ void StoreFloats(const float* from, size_t n, DType dtype, void* to) {
   for (size_t i = 0; i < n; ++i) StoreFromFloat(to, static_cast<int64_t>(i), dtype, from[i]);
 }
 
-// Checks every host ring call makes before its first transfer.
-absl::Status CheckHostCall(const Communicator& comm, const ShardPlan& plan,
-                           const RingAttentionOptions& options, bool packed_supported,
-                           std::string_view backend_name, MemorySpace backend_memory,
+// Checks every host ring call makes before its first transfer; `needs` is the error for a
+// backend or transport not in host memory.
+absl::Status CheckHostCall(const Communicator& comm, const AttentionBackend& backend,
+                           const ShardPlan& plan, const RingAttentionOptions& options,
                            const char* needs) {
   RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm.rank(), comm.world_size()));
-  RA_RETURN_IF_ERROR(CheckPackedSequences(options, plan, packed_supported, backend_name));
-  if (backend_memory != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
+  RA_RETURN_IF_ERROR(
+      CheckPackedSequences(options, plan, backend.capabilities().packed_sequences, backend.name()));
+  if (backend.memory_space() != MemorySpace::kHost || comm.memory_space() != MemorySpace::kHost) {
     return absl::UnimplementedError(needs);
   }
   return absl::OkStatus();
@@ -108,13 +109,12 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
                                        const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingOptions(options, t));
-  RA_RETURN_IF_ERROR(CheckHostCall(comm, plan, options, backend.supports_packed_sequences(),
-                                   backend.name(), backend.memory_space(),
+  RA_RETURN_IF_ERROR(CheckHostCall(comm, backend, plan, options,
                                    "the host ring driver needs a host backend and transport"));
   const AttentionShape shape = t.shape(0);
-  const RingSchedule s =
-      PlanRingSchedule(plan, comm.rank(), RingDirection::kForward, shape,
-                       {backend.supports_position_runs(), backend.supports_partial_input()});
+  const BackendCapabilities caps = backend.capabilities();
+  const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kForward, shape,
+                                          {caps.position_runs, caps.partial_input});
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
 
@@ -132,8 +132,8 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
   RA_RETURN_IF_ERROR(RunSteps(
       comm, s, memory.buffers(),
       [&](const RingStepPlan& step, const KvBlock& kv, int* calls) {
-        return ComputeRingStep(backend, s, step, t, kv, o_acc.data(), lse_acc.data(), options,
-                               alibi, scale, calls);
+        return ComputeRingStep(backend, ExecutionContext{}, s, step, t, kv, o_acc.data(),
+                               lse_acc.data(), options, alibi, scale, calls);
       },
       [](const RingStepPlan&) {}, &timings));
   // Unless the last step wrote them: the fp32 accumulators rounded once into out, and lse.
@@ -145,18 +145,17 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
   return timings;
 }
 
-absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackend& backend,
                                         const ShardPlan& plan, const RingBackwardTensors& t,
                                         const RingAttentionOptions& options) {
   const auto t0 = Clock::now();
   RA_RETURN_IF_ERROR(ValidateRingBackward(options, t));
   RA_RETURN_IF_ERROR(
-      CheckHostCall(comm, plan, options, backend.supports_packed_sequences(), backend.name(),
-                    backend.memory_space(),
+      CheckHostCall(comm, backend, plan, options,
                     "the host ring backward needs a host backward backend and transport"));
   const AttentionShape shape = t.shape(0);
   const RingSchedule s = PlanRingSchedule(plan, comm.rank(), RingDirection::kBackward, shape,
-                                          {backend.supports_position_runs(), false});
+                                          {backend.capabilities().position_runs, false});
   RA_RETURN_IF_ERROR(CheckShardTensorsSet(t, s.rank, s.rows));
   const float scale = RingSoftmaxScale(options, t.head_dim);
   const float* alibi = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
@@ -167,7 +166,7 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBac
   const AttentionShape mine = t.shape(s.rows);
   std::vector<float> dq_acc(mine.q_elems(), s.first_writes() ? kNan : 0.0f);
   std::vector<float> delta(mine.lse_elems());
-  RA_RETURN_IF_ERROR(ComputeShardDelta(backend, t, s.rows, delta.data()));
+  RA_RETURN_IF_ERROR(ComputeShardDelta(backend, ExecutionContext{}, t, s.rows, delta.data()));
   const HostRingMemory memory(s, shape, t.k, t.v);
   const RingBuffers& b = memory.buffers();
   auto contribution = [&](const RingStepPlan& step) {
@@ -181,8 +180,8 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackwardBac
         // This rank's contribution to the block only: zeroed, or written whole by the first step.
         const DkvBlock dkv = contribution(step);
         if (step.output != StepOutput::kWrite) std::fill(dkv.dk, dkv.dk + 2 * dkv.elems, 0.0f);
-        return ComputeBackwardStep(backend, s, step, t, kv, dq_acc.data(), delta.data(), dkv,
-                                   options, alibi, scale, calls);
+        return ComputeBackwardStep(backend, ExecutionContext{}, s, step, t, kv, dq_acc.data(),
+                                   delta.data(), dkv, options, alibi, scale, calls);
       },
       [&](const RingStepPlan& step) {
         // Ranks block .. rank - 1 received, this rank's added: a fixed order of the sums.
@@ -227,8 +226,7 @@ absl::StatusOr<RingTimings> RingFlashAttnForward(Communicator& comm, AttentionBa
   return AbortOnFailure(comm, RunForward(comm, backend, plan, t, options));
 }
 
-absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm,
-                                                  AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm, AttentionBackend& backend,
                                                   const ShardPlan& plan,
                                                   const RingBackwardTensors& t,
                                                   const RingAttentionOptions& options) {

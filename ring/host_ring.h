@@ -33,8 +33,7 @@ absl::StatusOr<RingTimings> RingFlashAttnForward(Communicator& comm, AttentionBa
 // plan, options and sizes on every rank. Timings: one entry per step (source_rank is the K/V
 // block computed); the last step's comm_wait_seconds includes the return hop. Failures abort
 // the communicator, as the forward's.
-absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm,
-                                                  AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RingFlashAttnBackward(Communicator& comm, AttentionBackend& backend,
                                                   const ShardPlan& plan,
                                                   const RingBackwardTensors& t,
                                                   const RingAttentionOptions& options);

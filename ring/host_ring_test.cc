@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/error_metrics.h"
 #include "gtest/gtest.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
@@ -36,14 +37,14 @@ AttentionParams WholeParams(const Problem& pr, Tensors& t) {
 }
 
 BackendFactory Cpu() {
-  return [] { return MakeCpuBackend("cpu"); };
+  return [] { return MakeBackend("cpu"); };
 }
 
 // Runs the single-device kernel on the whole sequence.
 Tensors RunSingle(const Problem& pr) {
   Tensors t = MakeInputs(pr);
   AttentionParams p = WholeParams(pr, t);
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeCpuBackend("cpu");
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = MakeBackend("cpu");
   EXPECT_TRUE(backend.ok());
   absl::Status s = (*backend)->Forward(p);
   EXPECT_TRUE(s.ok()) << s;
@@ -249,7 +250,7 @@ TEST(RingFailures, OneFailingRankReleasesTheOthers) {
   std::atomic<int> made{0};
   BackendFactory flaky = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
-    return MakeCpuBackend("cpu");
+    return MakeBackend("cpu");
   };
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::vector<RingTimings>> r = RunRingInProcess(

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/error_metrics.h"
 #include "gtest/gtest.h"
+#include "kernels/backend_registry.h"
 #include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/flash_cpu_backward.h"
 #include "kernels/cpu/reference_backward.h"
@@ -26,7 +27,7 @@
 #include "ring/host_ring.h"
 #include "ring/ring_backward_test_util.h"
 #include "ring/ring_test_util.h"
-#include "ring/testing/inprocess_ring_backward.h"
+#include "ring/testing/inprocess_ranks.h"
 #include "ring/testing/synthetic_inputs.h"
 
 namespace ringattn {
@@ -67,8 +68,8 @@ Grads RunSingle(const Problem& pr, const Inputs& in) {
   return g;
 }
 
-BackwardBackendFactory Backend(const char* name) {
-  return [name] { return MakeCpuBackwardBackend(name); };
+BackendFactory Backend(const char* name) {
+  return [name] { return MakeBackend(name, MemorySpace::kHost); };
 }
 
 // The ring backward with `world` in-process ranks; gradients poisoned first (0xff bytes are
@@ -266,10 +267,9 @@ TEST(RingBackwardFailures, OneFailingRankReleasesTheOthers) {
   pr.seqlen = 64;
   const Inputs in = MakeInputs(pr);
   std::atomic<int> made{0};
-  BackwardBackendFactory flaky =
-      [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
+  BackendFactory flaky = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 1) return absl::InternalError("planted backend failure");
-    return MakeCpuBackwardBackend("cpu");
+    return MakeBackend("cpu");
   };
   GradBuffers grads;
   const auto start = std::chrono::steady_clock::now();
@@ -283,15 +283,19 @@ TEST(RingBackwardFailures, OneFailingRankReleasesTheOthers) {
 
 // A backend that fails mid-ring (its third call) must release the others as well.
 TEST(RingBackwardFailures, AFailingKernelCallReleasesTheOthers) {
-  class FailingBackend final : public AttentionBackwardBackend {
+  class FailingBackend final : public AttentionBackend {
    public:
     std::string_view name() const override { return "failing"; }
     MemorySpace memory_space() const override { return MemorySpace::kHost; }
-    absl::Status Backward(const AttentionBackwardParams& p) override {
+    BackendCapabilities capabilities() const override { return {.backward = true}; }
+
+   protected:
+    absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext&) override {
       if (++calls_ == 3) return absl::InternalError("planted kernel failure");
       return FlashCpuBackward(p);
     }
-    absl::Status ComputeDelta(const AttentionBackwardParams& p, float* delta) override {
+    absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
+                                const ExecutionContext&) override {
       return FlashCpuBackwardDelta(p, delta);
     }
 
@@ -302,10 +306,9 @@ TEST(RingBackwardFailures, AFailingKernelCallReleasesTheOthers) {
   pr.seqlen = 64;
   const Inputs in = MakeInputs(pr);
   std::atomic<int> made{0};
-  BackwardBackendFactory factory =
-      [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>> {
+  BackendFactory factory = [&]() -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
     if (made.fetch_add(1) == 2) return std::make_unique<FailingBackend>();
-    return MakeCpuBackwardBackend("cpu");
+    return MakeBackend("cpu");
   };
   GradBuffers grads;
   const auto start = std::chrono::steady_clock::now();

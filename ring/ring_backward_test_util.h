@@ -19,7 +19,7 @@
 #include "kernels/attention_backward_params.h"
 #include "kernels/dtype.h"
 #include "ring/ring_test_util.h"
-#include "ring/testing/inprocess_ring_backward.h"  // WholeAttentionBackward
+#include "ring/testing/inprocess_ranks.h"  // WholeAttentionBackward
 #include "ring/testing/synthetic_inputs.h"
 
 namespace ringattn::test {

@@ -268,9 +268,10 @@ absl::Status CheckWritingStep(const RingSchedule& s, const RingStepPlan& step,
 
 }  // namespace
 
-absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
-                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
-                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+absl::Status ComputeRingStep(AttentionBackend& backend, const ExecutionContext& ctx,
+                             const RingSchedule& s, const RingStepPlan& step,
+                             const RingShardTensors& t, const KvBlock& kv, float* o_acc,
+                             float* lse_acc, const RingAttentionOptions& options,
                              const float* alibi, float scale, int* kernel_calls) {
   RA_RETURN_IF_ERROR(CheckWritingStep(s, step, "ring"));
   for (const StepCall& c : step.calls) {
@@ -293,17 +294,18 @@ absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
         p.lse = t.lse;  // may be null
         break;
     }
-    RA_RETURN_IF_ERROR(backend.Forward(p));
+    RA_RETURN_IF_ERROR(backend.Forward(p, ctx));
     ++*kernel_calls;
   }
   return absl::OkStatus();
 }
 
-absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const RingSchedule& s,
-                                 const RingStepPlan& step, const RingBackwardTensors& t,
-                                 const KvBlock& kv, float* dq_acc, float* delta,
-                                 const DkvBlock& dkv, const RingAttentionOptions& options,
-                                 const float* alibi, float scale, int* kernel_calls) {
+absl::Status ComputeBackwardStep(AttentionBackend& backend, const ExecutionContext& ctx,
+                                 const RingSchedule& s, const RingStepPlan& step,
+                                 const RingBackwardTensors& t, const KvBlock& kv, float* dq_acc,
+                                 float* delta, const DkvBlock& dkv,
+                                 const RingAttentionOptions& options, const float* alibi,
+                                 float scale, int* kernel_calls) {
   RA_RETURN_IF_ERROR(CheckWritingStep(s, step, "backward"));
   for (const StepCall& c : step.calls) {
     AttentionBackwardParams bp = SegmentPairBackwardParams(
@@ -314,14 +316,14 @@ absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const RingSc
     } else if (!AnyKeyAllowed(bp.fwd)) {
       continue;
     }
-    RA_RETURN_IF_ERROR(backend.Backward(bp));
+    RA_RETURN_IF_ERROR(backend.Backward(bp, ctx));
     ++*kernel_calls;
   }
   return absl::OkStatus();
 }
 
-absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
-                               int64_t rows, float* delta) {
+absl::Status ComputeShardDelta(AttentionBackend& backend, const ExecutionContext& ctx,
+                               const RingBackwardTensors& t, int64_t rows, float* delta) {
   if (rows == 0) return absl::OkStatus();
   AttentionBackwardParams bp;
   SetShape(t.shape(rows), &bp.fwd);  // D reads out and dout, [batch, rows, heads, head_dim]
@@ -329,7 +331,7 @@ absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBack
   bp.dout = t.dout;
   bp.out_dtype = t.dtype;
   SetContiguousBackwardStrides(&bp);
-  return backend.ComputeDelta(bp, delta);
+  return backend.ComputeDelta(bp, delta, ctx);
 }
 
 }  // namespace ringattn

@@ -220,25 +220,28 @@ bool AnyKeyAllowed(const AttentionParams& p);
 
 // One forward step: `s`'s queries against the block in hand (`kv`), step.calls into the fp32
 // accumulators o_acc, lse_acc as step.output says (kMerge: calls wholly masked skipped; kWrite,
-// kFinalize: the one call, always made; kFinalize writes t.out and t.lse). Adds the calls made
-// to *kernel_calls.
-absl::Status ComputeRingStep(AttentionBackend& backend, const RingSchedule& s,
-                             const RingStepPlan& step, const RingShardTensors& t, const KvBlock& kv,
-                             float* o_acc, float* lse_acc, const RingAttentionOptions& options,
+// kFinalize: the one call, always made; kFinalize writes t.out and t.lse). Every call runs in
+// `ctx` (the device executor's compute stream; none on the host). Adds the calls made to
+// *kernel_calls.
+absl::Status ComputeRingStep(AttentionBackend& backend, const ExecutionContext& ctx,
+                             const RingSchedule& s, const RingStepPlan& step,
+                             const RingShardTensors& t, const KvBlock& kv, float* o_acc,
+                             float* lse_acc, const RingAttentionOptions& options,
                              const float* alibi, float scale, int* kernel_calls);
 
 // One backward step, the same calls: adding into dq_acc and `dkv` (kMerge, calls wholly masked
 // skipped; the caller zeroes `dkv` first, which holds this rank's contribution to the block
 // only), or writing both whole (kWrite: the one call with accumulate off, neither zeroed).
-absl::Status ComputeBackwardStep(AttentionBackwardBackend& backend, const RingSchedule& s,
-                                 const RingStepPlan& step, const RingBackwardTensors& t,
-                                 const KvBlock& kv, float* dq_acc, float* delta,
-                                 const DkvBlock& dkv, const RingAttentionOptions& options,
-                                 const float* alibi, float scale, int* kernel_calls);
+absl::Status ComputeBackwardStep(AttentionBackend& backend, const ExecutionContext& ctx,
+                                 const RingSchedule& s, const RingStepPlan& step,
+                                 const RingBackwardTensors& t, const KvBlock& kv, float* dq_acc,
+                                 float* delta, const DkvBlock& dkv,
+                                 const RingAttentionOptions& options, const float* alibi,
+                                 float scale, int* kernel_calls);
 
-// D = rowsum(dout * out) of every local query row, by the backend (on its stream, for a
-// device backend), into delta [batch, heads, rows]: once per rank rather than once per call.
-absl::Status ComputeShardDelta(AttentionBackwardBackend& backend, const RingBackwardTensors& t,
-                               int64_t rows, float* delta);
+// D = rowsum(dout * out) of every local query row, by the backend in `ctx`, into delta
+// [batch, heads, rows]: once per rank rather than once per call.
+absl::Status ComputeShardDelta(AttentionBackend& backend, const ExecutionContext& ctx,
+                               const RingBackwardTensors& t, int64_t rows, float* delta);
 
 }  // namespace ringattn

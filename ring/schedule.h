@@ -80,8 +80,8 @@ enum class StepOutput {
 
 // What the plan depends on of the backend.
 struct RingBackendTraits {
-  bool position_runs = false;  // supports_position_runs(): one call per step (StepCalls)
-  bool partial_input = false;  // supports_partial_input(): the forward's last step finalizes
+  bool position_runs = false;  // capabilities().position_runs: one call per step (StepCalls)
+  bool partial_input = false;  // capabilities().partial_input: the forward's last step finalizes
 };
 
 // Buffers the schedule names; the executors map them to memory (host or device).

@@ -12,7 +12,6 @@
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
 #include "ring/device_ring.h"
-#include "ring/device_ring_backward.h"
 #include "ring/transport/nccl_communicator.h"
 
 namespace ringattn {
@@ -182,7 +181,7 @@ class DeviceRingConnection final : public RingConnection {
   AttentionBackend* const backward_;
   std::unique_ptr<NcclCommunicator> comm_;
   DeviceRingWorkspace ws_;
-  DeviceRingBackwardWorkspace backward_ws_;
+  DeviceRingWorkspace backward_ws_;
   // Shard buffers kept between calls; q, k, v, out and lse serve the forward and the backward
   // (one call at a time per connection).
   DeviceBuffer q_, k_, v_, out_, lse_, dout_, dq_, dk_, dv_;
@@ -248,8 +247,8 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
   RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   cudaDeviceProp prop;
   RA_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
-  // The backward ring gets an instance of its own (the rings set a backend's stream for their
-  // call); none where the kernel has no backward (cuda_reference: Backward then says so).
+  // The backward ring gets an instance of its own; none where the kernel has no backward
+  // (cuda_reference: Backward then says so).
   std::unique_ptr<AttentionBackend> backward;
   if (backend->capabilities().backward) {
     RA_ASSIGN_OR_RETURN(backward, MakeBackend(backend->name()));

@@ -1,8 +1,8 @@
 // The GPU engine: a device kernel backend (cuda, cuda_reference, cudnn) over an NCCL ring.
 // Rank 0 makes the NCCL unique id and publishes it through the coordinator's store; every rank
 // joins on its GPU. Shards arrive in host memory (from gRPC) and are copied to the device and
-// back around the ring forward and backward (device_ring_backward.h; kernels cuda and cudnn,
-// cuda_reference has none); device buffers and the ring workspaces are kept between calls.
+// back around the ring forward and backward (device_ring.h; kernels cuda and cudnn,
+// cuda_reference has no backward); device buffers and the ring workspaces are kept between calls.
 #pragma once
 
 #include <memory>

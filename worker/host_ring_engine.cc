@@ -3,8 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "ring/host_ring.h"
-#include "ring/ring_backward.h"
-#include "ring/transport/gloo_communicator.h"
+#include "ring/transport/transport_registry.h"
 
 namespace ringattn {
 namespace {
@@ -46,13 +45,13 @@ class HostRingEngine final : public RingEngine {
   absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,
       std::chrono::milliseconds timeout) override {
-    GlooOptions gloo;
-    gloo.hostname = options_.gloo_hostname;
-    gloo.interface = options_.gloo_interface;
-    gloo.timeout = timeout;
-    gloo.key_prefix = "gloo";  // the store already confines keys to this ring
-    RA_ASSIGN_OR_RETURN(std::unique_ptr<GlooCommunicator> comm,
-                        GlooCommunicator::Create(rank, world, std::move(store), gloo));
+    RA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
+                        HostTransports().Join("gloo", {.rank = rank,
+                                                       .world = world,
+                                                       .timeout = timeout,
+                                                       .store = std::move(store),
+                                                       .hostname = options_.gloo_hostname,
+                                                       .interface = options_.gloo_interface}));
     return std::unique_ptr<RingConnection>(
         std::make_unique<HostRingConnection>(backend_.get(), backward(), std::move(comm)));
   }

@@ -13,7 +13,6 @@
 #include "absl/status/statusor.h"
 #include "kernels/attention_backend.h"
 #include "ring/layout.h"
-#include "ring/ring_backward.h"
 #include "ring/ring_step.h"
 #include "worker/coordinator_store.h"
 
@@ -28,7 +27,7 @@ class RingConnection {
   // Runs the forward ring; `t` holds host pointers. Every rank calls it with the same plan.
   virtual absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
                                               const RingAttentionOptions& options) = 0;
-  // Runs the backward ring (ring_backward.h); `t` holds host pointers, gradients in t.grad_dtype.
+  // Runs the backward ring (host_ring.h); `t` holds host pointers, gradients in t.grad_dtype.
   // Every rank calls it with the same plan and the same options as its forward. UNIMPLEMENTED
   // where the engine has no backward (the default).
   virtual absl::StatusOr<RingTimings> Backward(const ShardPlan& plan,

@@ -17,7 +17,6 @@
 #include "proto/convert.h"
 #include "ring/host_ring.h"
 #include "ring/layout.h"
-#include "ring/ring_backward.h"
 
 namespace ringattn {
 namespace {

@@ -7,6 +7,7 @@
 // rank's host wall time of the call (each rank waits for its streams before returning), its
 // per-step compute and communication wait from the ring's own CUDA events. The backward of each
 // runs after one untimed forward of the same implementation, for its out and LSE.
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -39,17 +40,12 @@
 #include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "ring/device_ring.h"
-#include "ring/device_ring_backward.h"
-#include "ring/ring_backward_step.h"  // RingBackwardTensors
-#include "ring/testing/device_inprocess_ring.h"
-#include "ring/testing/device_inprocess_ring_backward.h"
 #if RINGATTN_HAVE_CUDNN
 #include "kernels/cudnn/cudnn_backend.h"
 #include "kernels/cudnn/cudnn_backward.h"
 #endif
 #if RINGATTN_HAVE_NCCL
-#include "absl/time/time.h"
-#include "ring/transport/nccl_communicator.h"
+#include "ring/transport/transport_registry.h"
 #endif
 #endif  // RINGATTN_HAVE_CUDA
 
@@ -638,7 +634,7 @@ class RingDevice final : public GpuImplementation {
 #if RINGATTN_HAVE_CUDA && RINGATTN_HAVE_NCCL
 // How long a ring may take to form (every rank joins) and any transfer or end-of-call wait
 // after (the drivers' WaitStream); a 128k-token ring call takes well under a second.
-constexpr absl::Duration kNcclTimeout = absl::Seconds(120);
+constexpr std::chrono::seconds kNcclTimeout(120);
 
 // Unavailable unless this process sees at least `world` GPUs: NCCL refuses two ranks on one.
 absl::Status EnoughGpus(int world) {
@@ -672,21 +668,17 @@ absl::Status FirstError(const std::vector<absl::Status>& statuses) {
   return absl::OkStatus();
 }
 
-// W NCCL communicators of one unique id, rank r's on GPU r, made together (no Create returns
-// before every rank has joined) and kept for every later run at this W: forming a ring
-// (bootstrap, topology search) takes about a second, far more than a call.
+// W NCCL communicators of one ring, rank r's on GPU r, made together (the "nccl" transport's
+// local group) and kept for every later run at this W: forming a ring (bootstrap, topology
+// search) takes about a second, far more than a call.
 class NcclRing {
  public:
   using RankCall = std::function<absl::StatusOr<RingTimings>(int rank, DeviceCommunicator& comm)>;
 
   static absl::StatusOr<std::unique_ptr<NcclRing>> Create(int world) {
-    RA_ASSIGN_OR_RETURN(const std::string id, NcclCommunicator::GetUniqueId());
     std::unique_ptr<NcclRing> ring(new NcclRing());
-    ring->comms_.resize(world);
-    RA_RETURN_IF_ERROR(FirstError(RunOnEachGpu(world, [&](int r) -> absl::Status {
-      RA_ASSIGN_OR_RETURN(ring->comms_[r], NcclCommunicator::Create(r, world, id, kNcclTimeout));
-      return absl::OkStatus();
-    })));
+    RA_ASSIGN_OR_RETURN(ring->comms_,
+                        DeviceTransports().MakeLocalGroup("nccl", world, kNcclTimeout));
     return ring;
   }
 
@@ -706,7 +698,7 @@ class NcclRing {
 
   // Every communicator is there and reports no error.
   bool Healthy() {
-    for (const std::unique_ptr<NcclCommunicator>& c : comms_) {
+    for (const std::unique_ptr<DeviceCommunicator>& c : comms_) {
       if (c == nullptr || !c->CheckHealth().ok()) return false;
     }
     return true;
@@ -721,7 +713,7 @@ class NcclRing {
     const std::vector<absl::Status> status = RunOnEachGpu(world(), [&](int r) -> absl::Status {
       absl::StatusOr<RingTimings> t = call(r, *comms_[r]);
       if (!t.ok()) {
-        for (const std::unique_ptr<NcclCommunicator>& c : comms_) c->Abort(t.status());
+        for (const std::unique_ptr<DeviceCommunicator>& c : comms_) c->Abort(t.status());
         return t.status();
       }
       timings[r] = *std::move(t);
@@ -733,7 +725,7 @@ class NcclRing {
 
  private:
   NcclRing() = default;
-  std::vector<std::unique_ptr<NcclCommunicator>> comms_;  // [world], comms_[r] on GPU r
+  std::vector<std::unique_ptr<DeviceCommunicator>> comms_;  // [world], comms_[r] on GPU r
 };
 
 // What one rank keeps across the calls of one run: its backends and ring workspaces, made in
@@ -742,7 +734,7 @@ struct NcclRankState {
   std::unique_ptr<AttentionBackend> forward;
   std::unique_ptr<DeviceRingWorkspace> forward_ws;
   std::unique_ptr<AttentionBackend> backward;
-  std::unique_ptr<DeviceRingBackwardWorkspace> backward_ws;
+  std::unique_ptr<DeviceRingWorkspace> backward_ws;
 };
 
 // Every rank's state, [world], released rank by rank with the rank's GPU current (the cudnn
@@ -826,7 +818,7 @@ class RingNccl final : public GpuImplementation {
       NcclRankState& s = states[r];
       if (s.backward == nullptr) {
         RA_ASSIGN_OR_RETURN(s.backward, MakeKernelBackend(kernel_));
-        s.backward_ws = std::make_unique<DeviceRingBackwardWorkspace>();
+        s.backward_ws = std::make_unique<DeviceRingWorkspace>();
       }
       return RingFlashAttnBackwardDevice(comm, *s.backward, plan, views[r], options,
                                          s.backward_ws.get());

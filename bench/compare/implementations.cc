@@ -16,7 +16,6 @@
 #include "kernels/cpu/reference_backward.h"
 #include "kernels/params_check.h"
 #include "ring/testing/inprocess_ranks.h"
-#include "ring/testing/inprocess_ring_backward.h"
 #include "ring/testing/synthetic_inputs.h"
 
 namespace ringattn::compare {

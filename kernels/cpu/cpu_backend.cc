@@ -146,12 +146,4 @@ extern "C" const bool ringattn_register_cpu_backends = RegisterBackends({
     {"cpu_reference", [] { return std::unique_ptr<AttentionBackend>(new ReferenceCpuBackend()); }},
 });
 
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackend(std::string_view name) {
-  return MakeBackend(name, MemorySpace::kHost);
-}
-
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCpuBackwardBackend(std::string_view name) {
-  return MakeBackend(name, MemorySpace::kHost);
-}
-
 }  // namespace ringattn

@@ -5,7 +5,6 @@
 #include <string_view>
 
 #include "absl/status/status.h"
-#include "absl/status/statusor.h"
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_bwd.h"
@@ -64,13 +63,5 @@ extern "C" const bool ringattn_register_cuda_backends = RegisterBackends({
     {"cuda_reference",
      [] { return std::unique_ptr<AttentionBackend>(new ReferenceCudaBackend()); }},
 });
-
-absl::StatusOr<std::unique_ptr<AttentionBackend>> MakeCudaBackend(std::string_view name) {
-  return MakeBackend(name, MemorySpace::kDevice);
-}
-
-std::unique_ptr<AttentionBackend> MakeCudaBackwardBackend() {
-  return std::make_unique<FlashCudaBackend>();
-}
 
 }  // namespace ringattn

@@ -386,10 +386,4 @@ extern "C" const bool ringattn_register_cudnn_backends = RegisterBackends({
     {kCudnnName, [] { return std::unique_ptr<AttentionBackend>(new CudnnBackendImpl()); }},
 });
 
-std::unique_ptr<AttentionBackend> MakeCudnnBackend() {
-  return std::make_unique<CudnnBackendImpl>();
-}
-
-std::unique_ptr<AttentionBackend> MakeCudnnBackwardBackend() { return MakeCudnnBackend(); }
-
 }  // namespace ringattn

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
@@ -68,8 +67,5 @@ class CudnnBackend : public CudaBackend {
 inline CudnnBackend* AsCudnnBackend(AttentionBackend* backend) {
   return dynamic_cast<CudnnBackend*>(backend);
 }
-
-// Transitional (issue #12): MakeBackend("cudnn") (backend_registry.h).
-std::unique_ptr<AttentionBackend> MakeCudnnBackend();
 
 }  // namespace ringattn

@@ -8,7 +8,7 @@
 //   - refusals: InvalidArgument naming the option (dtype, alibi_slopes, softcap, strides,
 //     alignment), from PlanCudnnCall, CudnnSupports and Forward alike (Forward refuses before
 //     touching a device);
-//   - the factory (name, memory space, AsCudaBackend / AsCudnnBackend).
+//   - the factory (name, memory space, AsCudnnBackend).
 // GPU (every case skips without a CUDA device, so ctest passes here):
 //   - a sweep against the fp64 CPU reference (ReferenceForward) at awkward sizes (seq 1, 7, 255,
 //     1000; 5 heads; GQA 8:2, 8:1; d 64/128 (256 in its own suite); bf16/fp16; o in fp32/bf16/
@@ -59,7 +59,6 @@
 #include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
-#include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/params_check.h"
@@ -422,9 +421,6 @@ TEST(CudnnBackendFactoryTest, NameMemorySpaceAndAccessors) {
   ASSERT_NE(backend, nullptr);
   EXPECT_EQ(backend->name(), "cudnn");
   EXPECT_EQ(backend->memory_space(), MemorySpace::kDevice);
-  CudaBackend* cuda = AsCudaBackend(backend.get());
-  ASSERT_NE(cuda, nullptr);
-  EXPECT_EQ(cuda->stream(), nullptr);
   CudnnBackend* cudnn = AsCudnnBackend(backend.get());
   ASSERT_NE(cudnn, nullptr);
   EXPECT_EQ(cudnn->graph_builds(), 0);
@@ -1135,19 +1131,15 @@ TEST_F(CudnnBackendTest, RunsOnTheStreamItIsGivenAndSurvivesAStreamChange) {
   ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
   ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
   std::unique_ptr<AttentionBackend> backend = MakeCudnn();
-  CudaBackend* cuda = AsCudaBackend(backend.get());
-  ASSERT_NE(cuda, nullptr);
 
   AttentionParams host = Causal(Shape(300, 300, 4, 2, 64, DType::kF16, DType::kF32));
   AttentionBuffers t = MakeAttentionBuffers(&host, 52);
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
   ASSERT_TRUE(ref.ok());
   for (cudaStream_t stream : {s1, s2, s1}) {
-    cuda->SetStream(stream);
-    EXPECT_EQ(cuda->stream(), stream);
     DeviceTensors d;
     const AttentionParams p = ToDevice(host, t, &d);
-    ASSERT_TRUE(backend->Forward(p).ok());
+    ASSERT_TRUE(backend->Forward(p, ExecutionContext{stream}).ok());
     ASSERT_CUDA_OK(cudaStreamSynchronize(stream));  // the stream alone carries the work
     AttentionBuffers out = t;
     FromDevice(d, &out);

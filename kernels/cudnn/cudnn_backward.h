@@ -9,7 +9,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <memory>
 
 #include "absl/status/status.h"
 #include "kernels/attention_backward_params.h"
@@ -29,11 +28,6 @@ absl::Status CudnnBackward(CudnnDeviceContext& c, const AttentionBackwardParams&
                            cudaStream_t stream);
 absl::Status CudnnComputeDelta(CudnnDeviceContext& c, const AttentionBackwardParams& p,
                                float* delta, cudaStream_t stream);
-
-// ---- Transitional (issue #12): the former backward names -----------------------------------
-using CudnnBackwardBackend = CudnnBackend;
-std::unique_ptr<AttentionBackend> MakeCudnnBackwardBackend();  // MakeCudnnBackend()
-inline CudnnBackend* AsCudnnBackwardBackend(AttentionBackend* b) { return AsCudnnBackend(b); }
 
 // ---- Helper kernels (cudnn_backward_kernels.cu) --------------------------------------------
 

@@ -100,7 +100,7 @@ absl::StatusOr<RingTimings> RunDriver(Communicator& comm, AttentionBackend& back
                                       const RingAttentionOptions& options) {
   return RingFlashAttnForward(comm, backend, plan, t, options);
 }
-absl::StatusOr<RingTimings> RunDriver(Communicator& comm, AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RunDriver(Communicator& comm, AttentionBackend& backend,
                                       const ShardPlan& plan, const RingBackwardTensors& t,
                                       const RingAttentionOptions& options) {
   return RingFlashAttnBackward(comm, backend, plan, t, options);
@@ -109,10 +109,10 @@ absl::StatusOr<RingTimings> RunDriver(Communicator& comm, AttentionBackwardBacke
 // The host run of either pass: shards the whole problem by the layout into zeroed host
 // buffers, runs the ranks over a new InProcessGroup (each with a backend of its own), and
 // gathers the wanted outputs.
-template <typename Whole, typename Factory>
+template <typename Whole>
 absl::StatusOr<std::vector<RingTimings>> RunOnHost(const Whole& whole, int world, Layout layout,
                                                    const RingAttentionOptions& options,
-                                                   const Factory& make_backend,
+                                                   const BackendFactory& make_backend,
                                                    std::chrono::milliseconds timeout) {
   RA_ASSIGN_OR_RETURN(const ShardPlan plan, PlanShards(whole.seqlen, world, layout));
   const std::vector<WholeTensor> tensors = TensorsOf(whole);
@@ -157,7 +157,7 @@ absl::StatusOr<std::vector<RingTimings>> RunRingInProcess(const WholeAttention& 
 
 absl::StatusOr<std::vector<RingTimings>> RunRingBackwardInProcess(
     const WholeAttentionBackward& whole, int world, Layout layout,
-    const RingAttentionOptions& options, const BackwardBackendFactory& make_backend,
+    const RingAttentionOptions& options, const BackendFactory& make_backend,
     std::chrono::milliseconds timeout) {
   return inprocess_internal::RunOnHost(whole, world, layout, options, make_backend, timeout);
 }

@@ -31,7 +31,6 @@
 #include "kernels/dtype.h"
 #include "ring/host_ring.h"
 #include "ring/layout.h"
-#include "ring/ring_backward.h"
 #include "ring/ring_step.h"
 #include "ring/transport/communicator.h"
 #include "ringattn_config.h"
@@ -75,8 +74,6 @@ struct WholeAttentionBackward {
 
 // Each rank's backend is made by the factory in the rank's own thread.
 using BackendFactory = std::function<absl::StatusOr<std::unique_ptr<AttentionBackend>>()>;
-using BackwardBackendFactory =
-    std::function<absl::StatusOr<std::unique_ptr<AttentionBackwardBackend>>()>;
 
 // Runs run_rank(r, *comms[r]) for every rank r in a thread of its own and returns the timings,
 // [world]. A rank whose run fails aborts its communicator, so that peers waiting on it are
@@ -114,7 +111,7 @@ absl::StatusOr<std::vector<RingTimings>> RunRingInProcess(
 // The forward's out and lse and dO are sharded like the inputs; dq, dk, dv come back.
 absl::StatusOr<std::vector<RingTimings>> RunRingBackwardInProcess(
     const WholeAttentionBackward& whole, int world, Layout layout,
-    const RingAttentionOptions& options, const BackwardBackendFactory& make_backend,
+    const RingAttentionOptions& options, const BackendFactory& make_backend,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 namespace inprocess_internal {
@@ -141,20 +138,16 @@ RingBackwardTensors ShardOf(const WholeAttentionBackward& w, absl::Span<void* co
 }  // namespace inprocess_internal
 
 #if RINGATTN_HAVE_CUDA
-class DeviceCommunicator;           // ring/transport/device_communicator.h
+class DeviceCommunicator;   // ring/transport/device_communicator.h
 class DeviceRingWorkspace;  // ring/device_ring.h: both directions
 
-// What the forward and the backward device rings differ in (the driver each calls is picked
-// by these types in inprocess_ranks_device.cc).
+// What the forward and the backward device rings differ in: their shard tensors (the driver
+// each calls is picked by them in inprocess_ranks_device.cc).
 struct DeviceForwardPass {
-  using Backend = AttentionBackend;
   using Tensors = RingShardTensors;
-  using Workspace = DeviceRingWorkspace;
 };
 struct DeviceBackwardPass {
-  using Backend = AttentionBackwardBackend;
   using Tensors = RingBackwardTensors;
-  using Workspace = DeviceRingWorkspace;
 };
 
 // A ring of `world` ranks on the device current at Create, kept across calls: per rank a
@@ -164,10 +157,8 @@ struct DeviceBackwardPass {
 template <typename Pass>
 class BasicDeviceInProcessRing {
  public:
-  using Factory = std::function<absl::StatusOr<std::unique_ptr<typename Pass::Backend>>()>;
-
   static absl::StatusOr<std::unique_ptr<BasicDeviceInProcessRing>> Create(
-      int world, Factory make_backend,
+      int world, BackendFactory make_backend,
       std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
   // Runs every rank in its own thread on shards[r] (device pointers, rows in `plan`'s local
@@ -185,16 +176,16 @@ class BasicDeviceInProcessRing {
   BasicDeviceInProcessRing& operator=(const BasicDeviceInProcessRing&) = delete;
 
  private:
-  BasicDeviceInProcessRing(int world, Factory make_backend, std::chrono::milliseconds timeout,
-                           int device);
+  BasicDeviceInProcessRing(int world, BackendFactory make_backend,
+                           std::chrono::milliseconds timeout, int device);
 
   const int world_;
-  const Factory make_backend_;
+  const BackendFactory make_backend_;
   const std::chrono::milliseconds timeout_;
   const int device_;
-  std::vector<std::unique_ptr<typename Pass::Backend>> backends_;      // [world], made lazily
-  std::vector<std::unique_ptr<typename Pass::Workspace>> workspaces_;  // [world]
-  std::vector<std::unique_ptr<DeviceCommunicator>> comms_;             // [world]
+  std::vector<std::unique_ptr<AttentionBackend>> backends_;       // [world], made lazily
+  std::vector<std::unique_ptr<DeviceRingWorkspace>> workspaces_;  // [world]
+  std::vector<std::unique_ptr<DeviceCommunicator>> comms_;        // [world]
 };
 
 using DeviceInProcessRing = BasicDeviceInProcessRing<DeviceForwardPass>;
@@ -209,26 +200,8 @@ absl::StatusOr<std::vector<RingTimings>> RunDeviceRingInProcess(
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
 absl::StatusOr<std::vector<RingTimings>> RunDeviceRingBackwardInProcess(
     const WholeAttentionBackward& whole, int world, Layout layout,
-    const RingAttentionOptions& options, const BackwardBackendFactory& make_backend,
+    const RingAttentionOptions& options, const BackendFactory& make_backend,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
-
-namespace device_ring_internal {
-
-// Keeps *comms when it holds `world` healthy communicators of one InProcessDeviceGroup, makes a
-// new group otherwise (a group that failed stays aborted; a healthy one is reused, its per-pair
-// order intact, as every successful run matched every transfer it posted).
-absl::Status EnsureHealthyGroup(int world, std::chrono::milliseconds timeout,
-                                std::vector<std::unique_ptr<DeviceCommunicator>>* comms);
-
-// One rank's part of a run, in the rank's own thread.
-using RankRun = std::function<absl::StatusOr<RingTimings>(int rank, DeviceCommunicator& comm)>;
-
-// RunRanksInThreads with `device` current in every rank's thread.
-absl::StatusOr<std::vector<RingTimings>> RunRanksInThreads(
-    int device, absl::Span<const std::unique_ptr<DeviceCommunicator>> comms,
-    const RankRun& run_rank);
-
-}  // namespace device_ring_internal
 #endif  // RINGATTN_HAVE_CUDA
 
 }  // namespace ringattn

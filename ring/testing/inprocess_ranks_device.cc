@@ -3,14 +3,17 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdio>
+#include <functional>
+#include <memory>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
+#include "base/device_buffer.h"
 #include "base/status_macros.h"
 #include "ring/device_ring.h"
-#include "ring/device_ring_backward.h"
-#include "ring/device_ring_util.h"
 #include "ring/testing/inprocess_ranks.h"
 #include "ring/transport/device_communicator.h"
 #include "ring/transport/inprocess.h"
@@ -18,7 +21,6 @@
 namespace ringattn {
 namespace {
 
-using device_ring_internal::DeviceAllocation;
 using inprocess_internal::WholeTensor;
 
 // The driver of each pass.
@@ -28,11 +30,37 @@ absl::StatusOr<RingTimings> RunDriver(DeviceCommunicator& comm, AttentionBackend
                                       DeviceRingWorkspace* ws) {
   return RingFlashAttnForwardDevice(comm, backend, plan, t, options, ws);
 }
-absl::StatusOr<RingTimings> RunDriver(DeviceCommunicator& comm, AttentionBackwardBackend& backend,
+absl::StatusOr<RingTimings> RunDriver(DeviceCommunicator& comm, AttentionBackend& backend,
                                       const ShardPlan& plan, const RingBackwardTensors& t,
                                       const RingAttentionOptions& options,
-                                      DeviceRingBackwardWorkspace* ws) {
+                                      DeviceRingWorkspace* ws) {
   return RingFlashAttnBackwardDevice(comm, backend, plan, t, options, ws);
+}
+
+// Keeps *comms when it holds `world` healthy communicators of one InProcessDeviceGroup, makes a
+// new group otherwise (a group that failed stays aborted; a healthy one is reused, its per-pair
+// order intact, as every successful run matched every transfer it posted).
+absl::Status EnsureHealthyGroup(int world, std::chrono::milliseconds timeout,
+                                std::vector<std::unique_ptr<DeviceCommunicator>>* comms) {
+  bool healthy = comms->size() == static_cast<size_t>(world);
+  for (const auto& comm : *comms) healthy = healthy && comm->CheckHealth().ok();
+  if (healthy) return absl::OkStatus();
+  comms->clear();
+  RA_ASSIGN_OR_RETURN(*comms, InProcessDeviceGroup::CreateCommunicators(world, timeout));
+  return absl::OkStatus();
+}
+
+// RunRanksInThreads (inprocess_ranks.h) with `device` current in every rank's thread.
+absl::StatusOr<std::vector<RingTimings>> RunRanksOnDevice(
+    int device, absl::Span<const std::unique_ptr<DeviceCommunicator>> comms,
+    const std::function<absl::StatusOr<RingTimings>(int rank, DeviceCommunicator& comm)>&
+        run_rank) {
+  return RunRanksInThreads<DeviceCommunicator>(
+      comms, [&](int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
+        // The current device is per thread.
+        RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+        return run_rank(r, comm);
+      });
 }
 
 // Copies host tensors to and from the device on one stream of its own, synchronously per
@@ -40,10 +68,13 @@ absl::StatusOr<RingTimings> RunDriver(DeviceCommunicator& comm, AttentionBackwar
 // staged, not done, when it returns.
 class Staging {
  public:
+  // Reports a failure on stderr (a destructor cannot return it).
   ~Staging() {
-    if (stream_ != nullptr) {
-      device_ring_internal::ReportIfError("in-process device ring staging",
-                                          cudaStreamDestroy(stream_), "cudaStreamDestroy");
+    if (stream_ == nullptr) return;
+    const cudaError_t e = cudaStreamDestroy(stream_);
+    if (e != cudaSuccess) {
+      std::fprintf(stderr, "in-process device ring staging: cudaStreamDestroy failed: %s (%s)\n",
+                   cudaGetErrorName(e), cudaGetErrorString(e));
     }
   }
   absl::Status Init() {
@@ -52,7 +83,7 @@ class Staging {
   }
   // dst <- rank's rows of x.in.
   absl::Status Upload(const ShardPlan& plan, int rank, const WholeTensor& x,
-                      const DeviceAllocation& dst) {
+                      const DeviceBuffer& dst) {
     if (dst.bytes() == 0) return absl::OkStatus();
     host_.resize(dst.bytes());
     ExtractShard(plan, rank, x.in, x.outer, x.row_bytes, host_.data());
@@ -62,7 +93,7 @@ class Staging {
     return absl::OkStatus();
   }
   // rank's rows of x.out <- src.
-  absl::Status Download(const ShardPlan& plan, int rank, const DeviceAllocation& src,
+  absl::Status Download(const ShardPlan& plan, int rank, const DeviceBuffer& src,
                         const WholeTensor& x) {
     if (src.bytes() == 0) return absl::OkStatus();
     host_.resize(src.bytes());
@@ -73,7 +104,7 @@ class Staging {
     return absl::OkStatus();
   }
   // All bytes 0xff: NaN in fp32, fp16 and bf16.
-  absl::Status Poison(const DeviceAllocation& d) {
+  absl::Status Poison(const DeviceBuffer& d) {
     if (d.bytes() == 0) return absl::OkStatus();
     RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d.get(), 0xff, d.bytes(), stream_));
     RA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -91,22 +122,22 @@ class Staging {
 template <typename Ring, typename Whole>
 absl::StatusOr<std::vector<RingTimings>> RunOnDevice(const Whole& whole, int world, Layout layout,
                                                      const RingAttentionOptions& options,
-                                                     const typename Ring::Factory& make_backend,
+                                                     const BackendFactory& make_backend,
                                                      std::chrono::milliseconds timeout) {
   RA_ASSIGN_OR_RETURN(const ShardPlan plan, PlanShards(whole.seqlen, world, layout));
   const std::vector<WholeTensor> tensors = inprocess_internal::TensorsOf(whole);
   Staging staging;
   RA_RETURN_IF_ERROR(staging.Init());
-  std::vector<std::vector<DeviceAllocation>> shards(world);  // [rank][tensor]
+  std::vector<std::vector<DeviceBuffer>> shards(world);  // [rank][tensor]
   std::vector<decltype(inprocess_internal::ShardOf(whole, {}))> views;
   for (int r = 0; r < world; ++r) {
     const int64_t rows = plan.shards[r].rows;
-    shards[r] = std::vector<DeviceAllocation>(tensors.size());
+    shards[r] = std::vector<DeviceBuffer>(tensors.size());
     std::vector<void*> pointers;
     for (size_t i = 0; i < tensors.size(); ++i) {
       const WholeTensor& x = tensors[i];
-      DeviceAllocation& d = shards[r][i];
-      RA_RETURN_IF_ERROR(d.Allocate(x.outer * rows * x.row_bytes));
+      DeviceBuffer& d = shards[r][i];  // allocated at its exact size
+      RA_RETURN_IF_ERROR(d.Reserve(x.outer * rows * x.row_bytes));
       RA_RETURN_IF_ERROR(x.in != nullptr ? staging.Upload(plan, r, x, d) : staging.Poison(d));
       pointers.push_back(d.get());
     }
@@ -128,7 +159,7 @@ absl::StatusOr<std::vector<RingTimings>> RunOnDevice(const Whole& whole, int wor
 // ---- BasicDeviceInProcessRing ---------------------------------------------------------------
 
 template <typename Pass>
-BasicDeviceInProcessRing<Pass>::BasicDeviceInProcessRing(int world, Factory make_backend,
+BasicDeviceInProcessRing<Pass>::BasicDeviceInProcessRing(int world, BackendFactory make_backend,
                                                          std::chrono::milliseconds timeout,
                                                          int device)
     : world_(world),
@@ -137,7 +168,7 @@ BasicDeviceInProcessRing<Pass>::BasicDeviceInProcessRing(int world, Factory make
       device_(device),
       backends_(world) {
   for (int r = 0; r < world; ++r) {
-    workspaces_.push_back(std::make_unique<typename Pass::Workspace>());
+    workspaces_.push_back(std::make_unique<DeviceRingWorkspace>());
   }
 }
 
@@ -146,7 +177,7 @@ BasicDeviceInProcessRing<Pass>::~BasicDeviceInProcessRing() = default;
 
 template <typename Pass>
 absl::StatusOr<std::unique_ptr<BasicDeviceInProcessRing<Pass>>>
-BasicDeviceInProcessRing<Pass>::Create(int world, Factory make_backend,
+BasicDeviceInProcessRing<Pass>::Create(int world, BackendFactory make_backend,
                                        std::chrono::milliseconds timeout) {
   if (world < 1) {
     return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world));
@@ -156,7 +187,7 @@ BasicDeviceInProcessRing<Pass>::Create(int world, Factory make_backend,
   RA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   std::unique_ptr<BasicDeviceInProcessRing> ring(
       new BasicDeviceInProcessRing(world, std::move(make_backend), timeout, device));
-  RA_RETURN_IF_ERROR(device_ring_internal::EnsureHealthyGroup(world, timeout, &ring->comms_));
+  RA_RETURN_IF_ERROR(EnsureHealthyGroup(world, timeout, &ring->comms_));
   return ring;
 }
 
@@ -175,8 +206,8 @@ absl::StatusOr<std::vector<RingTimings>> BasicDeviceInProcessRing<Pass>::Run(
     return absl::InvalidArgumentError(absl::StrCat("a ring of ", world_, " ranks got a plan for ",
                                                    plan.world, " and ", shards.size(), " shards"));
   }
-  RA_RETURN_IF_ERROR(device_ring_internal::EnsureHealthyGroup(world_, timeout_, &comms_));
-  return device_ring_internal::RunRanksInThreads(
+  RA_RETURN_IF_ERROR(EnsureHealthyGroup(world_, timeout_, &comms_));
+  return RunRanksOnDevice(
       device_, comms_, [&](int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
         if (backends_[r] == nullptr) {
           RA_ASSIGN_OR_RETURN(backends_[r], make_backend_());
@@ -200,36 +231,10 @@ absl::StatusOr<std::vector<RingTimings>> RunDeviceRingInProcess(const WholeAtten
 
 absl::StatusOr<std::vector<RingTimings>> RunDeviceRingBackwardInProcess(
     const WholeAttentionBackward& whole, int world, Layout layout,
-    const RingAttentionOptions& options, const BackwardBackendFactory& make_backend,
+    const RingAttentionOptions& options, const BackendFactory& make_backend,
     std::chrono::milliseconds timeout) {
   return RunOnDevice<DeviceInProcessRingBackward>(whole, world, layout, options, make_backend,
                                                   timeout);
 }
 
-// ---- Shared plumbing ------------------------------------------------------------------------
-
-namespace device_ring_internal {
-
-absl::Status EnsureHealthyGroup(int world, std::chrono::milliseconds timeout,
-                                std::vector<std::unique_ptr<DeviceCommunicator>>* comms) {
-  bool healthy = comms->size() == static_cast<size_t>(world);
-  for (const auto& comm : *comms) healthy = healthy && comm->CheckHealth().ok();
-  if (healthy) return absl::OkStatus();
-  comms->clear();
-  RA_ASSIGN_OR_RETURN(*comms, InProcessDeviceGroup::CreateCommunicators(world, timeout));
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::vector<RingTimings>> RunRanksInThreads(
-    int device, absl::Span<const std::unique_ptr<DeviceCommunicator>> comms,
-    const RankRun& run_rank) {
-  return ringattn::RunRanksInThreads<DeviceCommunicator>(
-      comms, [&](int r, DeviceCommunicator& comm) -> absl::StatusOr<RingTimings> {
-        // The current device is per thread.
-        RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-        return run_rank(r, comm);
-      });
-}
-
-}  // namespace device_ring_internal
 }  // namespace ringattn
