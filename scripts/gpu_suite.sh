@@ -5,9 +5,10 @@
 # in two halves under the 64 MiB a device job carries:
 #
 #   here:   scripts/gpu_bundle.sh cuda_backend_test flash_fwd_config_test cuda_backward_test \
-#             cudnn_backend_test cudnn_backward_test gpu_kernel_bench gpu_backward_bench
+#             cudnn_backend_test cudnn_backward_test backend_conformance_test gpu_kernel_bench \
+#             gpu_backward_bench
 #   device: scripts/gpu_suite.sh .devbin $OUT
-#   here:   scripts/gpu_bundle.sh device_ring_test device_ring_backward_test \
+#   here:   scripts/gpu_bundle.sh device_ring_test device_ring_backward_test ring_test \
 #             service_backward_gpu_test ringattn gpu_ring_bench
 #   device: scripts/gpu_suite.sh .devbin $OUT
 #
@@ -25,7 +26,8 @@ export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=index,name --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 
 TESTS="cuda_backend_test flash_fwd_config_test cuda_backward_test cudnn_backend_test
-       cudnn_backward_test device_ring_test device_ring_backward_test service_backward_gpu_test"
+       cudnn_backward_test backend_conformance_test device_ring_test device_ring_backward_test
+       service_backward_gpu_test"
 status=0
 rows=()
 run() {  # $1 name, rest: command
@@ -44,6 +46,9 @@ run() {  # $1 name, rest: command
 for t in $TESTS; do
   [ -x "$BIN/$t" ] && run "$t" "$BIN/$t"
 done
+# The transport conformance suite's device cases (in-process device group, NCCL).
+[ -x "$BIN/ring_test" ] && run transport_device "$BIN/ring_test" \
+  --gtest_filter='*/inprocess_device:*/nccl:*DeviceGroup*'
 if [ "${BENCH:-0}" = 1 ]; then
   [ -x "$BIN/gpu_kernel_bench" ] && run gpu_kernel_bench "$BIN/gpu_kernel_bench" --only-fast \
     --iters 5 --json "$OUT_DIR/kernel_bench.jsonl"
