@@ -101,6 +101,10 @@ struct RingTimings {
   // device - compute - comm wait is set-up and rounding. 0 for the host executor.
   double device_seconds = 0;
   double launch_seconds = 0;
+  // Device workers: the inputs' host-to-device and the outputs' device-to-host copies around
+  // the ring (outside total_seconds); 0 for the host executor.
+  double host_to_device_seconds = 0;
+  double device_to_host_seconds = 0;
   double compute_seconds() const;
   double comm_wait_seconds() const;
 };

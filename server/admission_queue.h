@@ -21,9 +21,11 @@ namespace ringattn {
 struct AttendJob {
   std::string request_id;
   absl::Time arrival;
+  absl::Time queued;  // pushed onto the queue; queue_seconds runs from here
   absl::Time deadline = absl::InfiniteFuture();
   Cancellation cancellation;       // the client went away or the deadline passed
   v1::Timings* timings = nullptr;  // the response's; the dispatcher sets queue_seconds
+                                   // and ring_wait_seconds
   // Runs the request on `ring` (RunOnRing), filling the handler's response.
   std::function<absl::Status(const RingSnapshot& ring, const RunControl& control)> run;
   // Called once, by the dispatcher after `run` or by the handler that took the job out of the

@@ -422,6 +422,7 @@ template <typename Call>
 absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     const typename Call::Request& request, typename Call::Response* response, absl::Time arrival,
     absl::Time deadline, std::function<void(absl::Status)> finish) {
+  const absl::Time validate0 = absl::Now();
   RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
   if (problem.request_id.empty()) {
     problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
@@ -438,11 +439,16 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   job->done = [response, arrival, id = problem.request_id,
                finish = std::move(finish)](absl::Status s) {
     if (s.ok()) {
+      const absl::Time respond0 = absl::Now();
       response->set_request_id(id);
-      response->mutable_timings()->set_total_seconds(SecondsSince(arrival));
+      v1::Timings* t = response->mutable_timings();
+      t->set_respond_seconds(SecondsSince(respond0));
+      t->set_total_seconds(SecondsSince(arrival));
     }
     finish(std::move(s));
   };
+  job->queued = absl::Now();
+  response->mutable_timings()->set_validate_seconds(absl::ToDoubleSeconds(job->queued - validate0));
   RA_RETURN_IF_ERROR(queue_.Push(job));
   metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
   return job;
@@ -457,6 +463,7 @@ void Coordinator::Cancel(const std::shared_ptr<AttendJob>& job, const absl::Stat
 
 absl::Status Coordinator::RunJob(AttendJob& job) {
   // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
+  const absl::Time wait0 = absl::Now();
   const absl::Time ring_deadline = std::min(job.deadline, absl::Now() + options_.ring_wait);
   absl::StatusOr<RingSnapshot> ring = ring_->CurrentRing();
   while (!ring.ok() && absl::Now() < ring_deadline && job.cancellation.reason().ok() &&
@@ -470,6 +477,7 @@ absl::Status Coordinator::RunJob(AttendJob& job) {
                ? absl::DeadlineExceededError("deadline exceeded waiting for the ring to form")
                : ring.status();
   }
+  job.timings->set_ring_wait_seconds(SecondsSince(wait0));
   const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation});
   if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
   return s;
@@ -480,7 +488,7 @@ void Coordinator::DispatchLoop() {
     std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
     metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
     if (job == nullptr) continue;
-    job->timings->set_queue_seconds(SecondsSince(job->arrival));
+    job->timings->set_queue_seconds(SecondsSince(job->queued));
     job->done(RunJob(*job));
   }
 }

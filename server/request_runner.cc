@@ -94,14 +94,14 @@ v1::ShardHeader ShardHeaderOf(const RingSnapshot& ring, const ValidatedAttend& p
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
                        const RingSnapshot& ring, const RunControl& control, Message* response,
                        v1::ShardPlan* plan_proto, v1::Timings* timings) {
+  // Scatter: the plan, then each rank's rows of every input, in layout order.
+  const absl::Time scatter0 = absl::Now();
   const int world = static_cast<int>(ring.members.size());
   const Layout layout = p.ResolvedLayout();
   absl::StatusOr<ShardPlan> plan_or = PlanShards(p.shape.seqlen_q, world, layout);
   if (!plan_or.ok()) return plan_or.status();
   const ShardPlan& plan = *plan_or;
 
-  // Scatter: each rank's rows of every input, in layout order.
-  const absl::Time scatter0 = absl::Now();
   const v1::ShardHeader header = ShardHeaderOf(ring, p, layout);
   std::vector<std::unique_ptr<Message>> requests(world);
   std::vector<std::unique_ptr<Message>> responses(world);
@@ -120,7 +120,8 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
                                       view.row_bytes));
     }
   });
-  timings->set_scatter_seconds(SecondsSince(scatter0));
+  const absl::Time workers0 = absl::Now();
+  timings->set_scatter_seconds(absl::ToDoubleSeconds(workers0 - scatter0));
 
   // Every rank at once: the ranks must all be in the ring together. The first failure, or the
   // request's cancellation, cancels every call, so that no worker keeps computing for nobody.
@@ -128,17 +129,23 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   fan_out.deadline = control.deadline;
   fan_out.cancel_all_on_failure = true;
   fan_out.cancellation = control.cancellation;
+  std::vector<double> call_seconds(world, 0.0);  // each rank's own RPC, issue to response
   const std::vector<grpc::Status> statuses = FanOut(
       world, fan_out, [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
+        const absl::Time call0 = absl::Now();
         rpc.call(ring.members[r]->stub.get(), ctx, *requests[r], responses[r].get(),
-                 std::move(done));
+                 [&call_seconds, r, call0, done = std::move(done)](grpc::Status s) {
+                   call_seconds[r] = SecondsSince(call0);
+                   done(std::move(s));
+                 });
       });
+  const absl::Time gather0 = absl::Now();
+  timings->set_workers_seconds(absl::ToDoubleSeconds(gather0 - workers0));
   for (const grpc::Status& s : statuses) {
     if (!s.ok()) return RingFailure(statuses, ring, control);
   }
 
   // Gather: each rank's rows of every wanted output back into sequence order.
-  const absl::Time gather0 = absl::Now();
   for (const ComputeTensor& out : rpc.outputs) {
     if (!Wants(request, out)) continue;
     v1::Tensor* t = MutableTensorField(response, out.name);
@@ -154,6 +161,7 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
     *wt = ShardTiming(*responses[r]);
     wt->set_rank(r);
     wt->set_rows(plan.shards[r].rows);
+    wt->set_call_seconds(call_seconds[r]);
   }
   *plan_proto = ShardPlanToProto(plan);
   timings->set_gather_seconds(SecondsSince(gather0));

@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -151,6 +152,52 @@ TEST_P(ServiceWorlds, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(World, ServiceWorlds, ::testing::Values(1, 2, 3, 4));
+
+// The coordinator's reported phases, which do not overlap: their sum is at most the total.
+double CoordinatorPhaseSum(const v1::Timings& t) {
+  return t.receive_seconds() + t.validate_seconds() + t.queue_seconds() +
+         t.ring_wait_seconds() + t.scatter_seconds() + t.workers_seconds() +
+         t.gather_seconds() + t.respond_seconds() + t.send_seconds();
+}
+
+// Every millisecond of the coordinator's total is in a reported phase (>= 95% of it), and each
+// worker's phases lie within its handler, the handler within the coordinator's call to it, and
+// the call within the fan-out. Accounting, not speed: on a loaded machine a preemption may land
+// between two phases, so the coverage needs one of a few requests; the nesting holds for all.
+TEST(ServiceTimings, PhasesCoverTheTotal) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  constexpr int kWorld = 2;
+  Service svc(kWorld);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  const Shape shape{1, 1024, 4, 2, 64, v1::DTYPE_FP32};
+  constexpr double kSlack = 1e-3;  // seconds; clock reads of two processes
+  double best_coverage = 0;
+  for (int attempt = 0; attempt < 5 && best_coverage < 0.95; ++attempt) {
+    v1::AttendRequest req = MakeRequest(shape);
+    req.mutable_options()->set_causal(true);
+    v1::AttendResponse resp;
+    const grpc::Status st = Call(svc, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    const v1::Timings& t = resp.timings();
+    ASSERT_GT(t.total_seconds(), 0);
+    EXPECT_GT(t.workers_seconds(), 0);
+    const double sum = CoordinatorPhaseSum(t);
+    EXPECT_LE(sum, t.total_seconds() + 1e-6) << t.DebugString();
+    ASSERT_EQ(t.workers_size(), kWorld);
+    for (const v1::WorkerTiming& w : t.workers()) {
+      SCOPED_TRACE(absl::StrCat("rank ", w.rank()));
+      EXPECT_EQ(w.host_to_device_seconds(), 0);  // CPU workers
+      EXPECT_EQ(w.device_to_host_seconds(), 0);
+      EXPECT_GT(w.handler_seconds(), 0);
+      EXPECT_LE(w.receive_seconds() + w.ring_seconds() + w.send_seconds(),
+                w.handler_seconds() + 1e-6);
+      EXPECT_LE(w.handler_seconds(), w.call_seconds() + kSlack);
+      EXPECT_LE(w.call_seconds(), t.workers_seconds() + 1e-6);
+    }
+    best_coverage = std::max(best_coverage, sum / t.total_seconds());
+  }
+  EXPECT_GE(best_coverage, 0.95);
+}
 
 // Every kind of bad input gets its status naming the field, and the service keeps serving.
 TEST(ServiceErrors, BadInputThenGoodRequest) {

@@ -70,6 +70,8 @@ struct ShardBytes {
 
 // Synchronous copies (the host tensors are pageable gRPC buffers; the drivers require their
 // inputs ready on the device when called). Zero bytes copy nothing.
+double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
+
 absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
   return absl::OkStatus();
@@ -121,18 +123,23 @@ class DeviceRingConnection final : public RingConnection {
     d.dq = dq;
     d.dk = dk;
     d.dv = dv;
+    const absl::Time h2d0 = absl::Now();
     RA_RETURN_IF_ERROR(CopyToDevice(q, t.q, b.q));
     RA_RETURN_IF_ERROR(CopyToDevice(k, t.k, b.kv));
     RA_RETURN_IF_ERROR(CopyToDevice(v, t.v, b.kv));
     RA_RETURN_IF_ERROR(CopyToDevice(out, t.out, b.q));
     RA_RETURN_IF_ERROR(CopyToDevice(dout, t.dout, b.q));
     RA_RETURN_IF_ERROR(CopyToDevice(lse, t.lse, b.lse));
+    const double h2d_seconds = SecondsSince(h2d0);
     RA_ASSIGN_OR_RETURN(
         RingTimings timings,
         RingFlashAttnBackwardDevice(*comm_, *backward_, plan, d, options, &backward_ws_));
+    const absl::Time d2h0 = absl::Now();
     RA_RETURN_IF_ERROR(CopyToHost(t.dq, dq, b.dq));
     RA_RETURN_IF_ERROR(CopyToHost(t.dk, dk, b.dkv));
     RA_RETURN_IF_ERROR(CopyToHost(t.dv, dv, b.dkv));
+    timings.host_to_device_seconds = h2d_seconds;
+    timings.device_to_host_seconds = SecondsSince(d2h0);
     return timings;
   }
 
@@ -159,19 +166,24 @@ class DeviceRingConnection final : public RingConnection {
       d.lse = static_cast<float*>(lse);
     }
     // Synchronous copies: the driver requires q/k/v ready on the device when it is called.
+    const absl::Time h2d0 = absl::Now();
     if (q_bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(q, t.q, q_bytes, cudaMemcpyHostToDevice));
     if (kv_bytes > 0) {
       RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(k, t.k, kv_bytes, cudaMemcpyHostToDevice));
       RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(v, t.v, kv_bytes, cudaMemcpyHostToDevice));
     }
+    const double h2d_seconds = SecondsSince(h2d0);
     RA_ASSIGN_OR_RETURN(RingTimings timings,
                         RingFlashAttnForwardDevice(*comm_, *backend_, plan, d, options, &ws_));
+    const absl::Time d2h0 = absl::Now();
     if (q_bytes > 0) {
       RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(t.out, out, q_bytes, cudaMemcpyDeviceToHost));
     }
     if (t.lse != nullptr && lse_bytes > 0) {
       RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(t.lse, d.lse, lse_bytes, cudaMemcpyDeviceToHost));
     }
+    timings.host_to_device_seconds = h2d_seconds;
+    timings.device_to_host_seconds = SecondsSince(d2h0);
     return timings;
   }
 

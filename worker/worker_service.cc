@@ -352,6 +352,8 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
   timing->set_ring_seconds(timings.total_seconds);
   timing->set_device_seconds(timings.device_seconds);
   timing->set_launch_seconds(timings.launch_seconds);
+  timing->set_host_to_device_seconds(timings.host_to_device_seconds);
+  timing->set_device_to_host_seconds(timings.device_to_host_seconds);
   timing->set_backend(backend);
   for (const RingStepTiming& st : timings.steps) {
     v1::StepTiming* step = timing->add_steps();
@@ -368,7 +370,8 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                                            const char* what_kind, grpc::ServerContext* context,
                                            const Request& request, Response* response,
                                            const ShardOp<Request, Response>& op) {
-  return RunOnCurrentRing(
+  const absl::Time handler0 = absl::Now();
+  const grpc::Status status = RunOnCurrentRing(
       method, request.header().generation(),
       [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
         RingConnection& comm = *ring->conn;
@@ -380,14 +383,22 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                             ParseShardHeader(request.header(), rank, comm.world_size()));
         RA_RETURN_IF_ERROR(CheckShardInputs(rpc, request, spec));
         SizeShardOutputs(rpc, request, spec, response);
+        const absl::Time ring0 = absl::Now();
         RA_ASSIGN_OR_RETURN(const RingTimings timings, RunWatched(context, what, comm, [&] {
                               return op(comm, spec, request, response);
                             }));
-        FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(),
-                   response->mutable_timing());
+        const absl::Time send0 = absl::Now();
+        v1::WorkerTiming* timing = response->mutable_timing();
+        FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(), timing);
+        timing->set_receive_seconds(absl::ToDoubleSeconds(ring0 - handler0));
+        timing->set_send_seconds(absl::ToDoubleSeconds(absl::Now() - send0));
         return absl::OkStatus();
       },
       response);
+  if (status.ok()) {
+    response->mutable_timing()->set_handler_seconds(absl::ToDoubleSeconds(absl::Now() - handler0));
+  }
+  return status;
 }
 
 grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
