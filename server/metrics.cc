@@ -28,8 +28,9 @@ const prometheus::Histogram::BucketBoundaries& PhaseBuckets() {
 }  // namespace
 
 const char* ServiceMetrics::PhaseName(Phase phase) {
-  static constexpr const char* kNames[kNumPhases] = {"queue",     "receive", "scatter", "compute",
-                                                     "comm_wait", "gather",  "send",    "total"};
+  static constexpr const char* kNames[kNumPhases] = {
+      "queue", "receive", "scatter",  "compute",   "comm_wait", "gather",
+      "send",  "total",   "validate", "ring_wait", "workers",   "respond"};
   const int p = static_cast<int>(phase);
   return p >= 0 && p < kNumPhases ? kNames[p] : "unknown";
 }
@@ -37,7 +38,8 @@ const char* ServiceMetrics::PhaseName(Phase phase) {
 ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs)
     : registry_(std::make_shared<prometheus::Registry>()),
       rpcs_(std::move(rpcs)),
-      requests_(rpcs_.size()) {
+      requests_(rpcs_.size()),
+      phase_seconds_(rpcs_.size()) {
   auto& requests = prometheus::BuildCounter()
                        .Name("ringattn_requests_total")
                        .Help("Finished requests by RPC and gRPC status code.")
@@ -53,10 +55,13 @@ ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs)
 
   auto& phases = prometheus::BuildHistogram()
                      .Name("ringattn_request_phase_seconds")
-                     .Help("Time of each phase of an Attend request, in seconds.")
+                     .Help("Time of each phase of a compute request by RPC, in seconds.")
                      .Register(*registry_);
-  for (int p = 0; p < kNumPhases; ++p) {
-    phase_seconds_[p] = &phases.Add({{"phase", PhaseName(static_cast<Phase>(p))}}, PhaseBuckets());
+  for (size_t r = 0; r < rpcs_.size(); ++r) {
+    for (int p = 0; p < kNumPhases; ++p) {
+      phase_seconds_[r][p] = &phases.Add(
+          {{"rpc", rpcs_[r]}, {"phase", PhaseName(static_cast<Phase>(p))}}, PhaseBuckets());
+    }
   }
 
   auto& bytes = prometheus::BuildCounter()
@@ -98,7 +103,8 @@ void ServiceMetrics::RecordRequest(std::string_view rpc, absl::StatusCode code,
                                    int64_t bytes_out) {
   const int c = static_cast<int>(code);
   const auto r = std::find(rpcs_.begin(), rpcs_.end(), rpc);
-  if (r != rpcs_.end()) {
+  const bool known = r != rpcs_.end();
+  if (known) {
     requests_[r - rpcs_.begin()]
              [c >= 0 && c < kNumCodes ? c : static_cast<int>(absl::StatusCode::kUnknown)]
                  ->Increment();
@@ -116,17 +122,23 @@ void ServiceMetrics::RecordRequest(std::string_view rpc, absl::StatusCode code,
   if (steps == 0) steps = timings.workers_size();
   if (steps > 0) ring_steps_->Increment(steps);
 
-  phase_seconds_[static_cast<int>(Phase::kTotal)]->Observe(timings.total_seconds());
+  if (!known) return;
+  const std::array<prometheus::Histogram*, kNumPhases>& observe = phase_seconds_[r - rpcs_.begin()];
+  observe[static_cast<int>(Phase::kTotal)]->Observe(timings.total_seconds());
   if (code != absl::StatusCode::kOk) return;
   const std::pair<Phase, double> phases[] = {{Phase::kQueue, timings.queue_seconds()},
                                              {Phase::kReceive, timings.receive_seconds()},
+                                             {Phase::kValidate, timings.validate_seconds()},
+                                             {Phase::kRingWait, timings.ring_wait_seconds()},
                                              {Phase::kScatter, timings.scatter_seconds()},
+                                             {Phase::kWorkers, timings.workers_seconds()},
                                              {Phase::kCompute, compute},
                                              {Phase::kCommWait, comm_wait},
                                              {Phase::kGather, timings.gather_seconds()},
+                                             {Phase::kRespond, timings.respond_seconds()},
                                              {Phase::kSend, timings.send_seconds()}};
   for (const auto& [phase, seconds] : phases) {
-    phase_seconds_[static_cast<int>(phase)]->Observe(seconds);
+    observe[static_cast<int>(phase)]->Observe(seconds);
   }
 }
 

@@ -3,8 +3,10 @@
 //
 //   ringattn_requests_total{rpc,code}          counter, finished requests by RPC and gRPC
 //                                              status code name ("OK", "INVALID_ARGUMENT", ...)
-//   ringattn_request_phase_seconds{phase}      histogram; phase is one of queue, receive,
-//                                              scatter, compute, comm_wait, gather, send, total
+//   ringattn_request_phase_seconds{rpc,phase}  histogram; phase is one of queue, receive,
+//                                              validate, ring_wait, scatter, workers, compute,
+//                                              comm_wait, gather, respond, send, total (the
+//                                              fields of v1::Timings; docs/running.md)
 //   ringattn_request_bytes_total{direction}    counter, tensor bytes "in" (q, k, v) and "out"
 //                                              (out, lse)
 //   ringattn_queue_depth                       gauge, requests admitted and not yet finished
@@ -42,19 +44,33 @@ namespace ringattn {
 class ServiceMetrics {
  public:
   // The phases of ringattn_request_phase_seconds, in label order.
-  enum class Phase { kQueue, kReceive, kScatter, kCompute, kCommWait, kGather, kSend, kTotal };
-  static constexpr int kNumPhases = 8;
+  enum class Phase {
+    kQueue,
+    kReceive,
+    kScatter,
+    kCompute,
+    kCommWait,
+    kGather,
+    kSend,
+    kTotal,
+    kValidate,
+    kRingWait,
+    kWorkers,
+    kRespond,
+  };
+  static constexpr int kNumPhases = 12;
   static const char* PhaseName(Phase phase);
 
-  // `rpcs` are the values of the `rpc` label of ringattn_requests_total (the coordinator's:
-  // every compute RPC, unary and streaming); each (rpc, code) series exists from the start.
+  // `rpcs` are the values of the `rpc` label of ringattn_requests_total and
+  // ringattn_request_phase_seconds (the coordinator's: every compute RPC, unary and
+  // streaming); each (rpc, code) and (rpc, phase) series exists from the start.
   explicit ServiceMetrics(std::vector<std::string> rpcs);
   ~ServiceMetrics();
   ServiceMetrics(const ServiceMetrics&) = delete;
   ServiceMetrics& operator=(const ServiceMetrics&) = delete;
 
   // Records one finished request: counts it under its RPC (one of `rpcs`; another is not
-  // counted in ringattn_requests_total) and status code, adds its tensor bytes,
+  // counted, nor its phases observed) and status code, adds its tensor bytes,
   // and counts its ring steps (the most steps any worker reports, else one per worker listed).
   // Phase durations come from `timings`: compute and comm_wait are the maxima over the
   // workers (the slowest rank bounds the request). "total" is observed for every request, the
@@ -87,7 +103,8 @@ class ServiceMetrics {
   const std::vector<std::string> rpcs_;
   // [rpc][code], parallel to rpcs_.
   std::vector<std::array<prometheus::Counter*, kNumCodes>> requests_;
-  std::array<prometheus::Histogram*, kNumPhases> phase_seconds_{};
+  // [rpc][phase], parallel to rpcs_.
+  std::vector<std::array<prometheus::Histogram*, kNumPhases>> phase_seconds_;
   prometheus::Counter* bytes_in_ = nullptr;
   prometheus::Counter* bytes_out_ = nullptr;
   prometheus::Gauge* queue_depth_ = nullptr;

@@ -61,19 +61,34 @@ TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
       text,
       HasSubstr(
           "ringattn_requests_total{code=\"RESOURCE_EXHAUSTED\",rpc=\"AttendBackwardStream\"} 0"));
-  for (const char* phase :
-       {"queue", "receive", "scatter", "compute", "comm_wait", "gather", "send"}) {
+  for (const char* phase : {"queue", "receive", "validate", "ring_wait", "scatter", "workers",
+                            "compute", "comm_wait", "gather", "respond", "send"}) {
     // Only the OK request is broken down by phase.
     EXPECT_THAT(text, HasSubstr(std::string("ringattn_request_phase_seconds_count{phase=\"") +
-                                phase + "\"} 1"))
+                                phase + "\",rpc=\"Attend\"} 1"))
+        << phase;
+    EXPECT_THAT(text, HasSubstr(std::string("ringattn_request_phase_seconds_count{phase=\"") +
+                                phase + "\",rpc=\"AttendBackward\"} 0"))
         << phase;
   }
-  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_count{phase=\"total\"} 3"));
-  // compute is the slowest worker's (0.3 s); total sums 0.5 + 0 + 0.5.
-  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"compute\"} 0.3"));
-  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"total\"} 1"));
+  // total is observed for every request, under its own RPC.
+  for (const char* rpc : {"Attend", "AttendStream", "AttendBackward"}) {
+    EXPECT_THAT(text, HasSubstr(std::string("ringattn_request_phase_seconds_count{phase=\"total\","
+                                            "rpc=\"") +
+                                rpc + "\"} 1"))
+        << rpc;
+  }
+  // compute is the slowest worker's (0.3 s); total 0.5 for Attend, 0.5 for AttendBackward.
+  EXPECT_THAT(
+      text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"compute\",rpc=\"Attend\"} 0.3"));
   EXPECT_THAT(text,
-              HasSubstr("ringattn_request_phase_seconds_bucket{phase=\"queue\",le=\"0.001\"} 1"));
+              HasSubstr("ringattn_request_phase_seconds_sum{phase=\"total\",rpc=\"Attend\"} 0.5"));
+  EXPECT_THAT(
+      text,
+      HasSubstr("ringattn_request_phase_seconds_sum{phase=\"total\",rpc=\"AttendBackward\"} 0.5"));
+  EXPECT_THAT(text,
+              HasSubstr("ringattn_request_phase_seconds_bucket{phase=\"queue\",rpc=\"Attend\","
+                        "le=\"0.001\"} 1"));
   EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"in\"} 3010"));
   EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"out\"} 1000"));
   EXPECT_THAT(text, HasSubstr("ringattn_queue_depth 4"));
