@@ -195,7 +195,13 @@ void FillPlanAndTimings(int64_t seqlen, v1::AttendResponse* response) {
   t->set_scatter_seconds(0.003);
   t->set_gather_seconds(0.004);
   t->set_send_seconds(0.005);
-  t->set_total_seconds(0.5);
+  t->set_validate_seconds(0.0005);
+  t->set_ring_wait_seconds(0.0005);
+  t->set_workers_seconds(0.4);
+  t->set_respond_seconds(0.0001);
+  t->set_total_seconds(0.5);  // 83.9 ms in no phase
+  t->set_client_seconds(0.6);
+  t->set_client_wire_seconds(0.1);
   for (int r = 0; r < 2; ++r) {
     v1::WorkerTiming* w = t->add_workers();
     w->set_rank(r);
@@ -206,6 +212,10 @@ void FillPlanAndTimings(int64_t seqlen, v1::AttendResponse* response) {
     w->set_device_seconds(0.24);
     w->set_launch_seconds(0.0125);
     w->set_backend("cpu");
+    w->set_receive_seconds(0.001);
+    w->set_send_seconds(0.002);
+    w->set_handler_seconds(0.31 + 0.05 * r);
+    w->set_call_seconds(0.35 + 0.05 * r);  // wire 40 ms
     for (int step = 0; step < 2; ++step) {
       v1::StepTiming* st = w->add_steps();
       st->set_compute_seconds(0.15);
@@ -501,6 +511,17 @@ TEST(ClientTest, UnaryAndStreamingGiveTheSameResponse) {
     absl::StatusOr<v1::AttendResponse> streamed = client->AttendStreaming(request, kTimeout, 999);
     ASSERT_TRUE(unary.ok()) << unary.status();
     ASSERT_TRUE(streamed.ok()) << streamed.status();
+    // The client stamps its own call's time on each (the server's total is inside it); those
+    // differ by call, the rest is the server's answer.
+    for (v1::AttendResponse* r : {&*unary, &*streamed}) {
+      v1::Timings* t = r->mutable_timings();
+      EXPECT_GT(t->client_seconds(), 0);
+      // (the fake server's total is made up: the wire is never negative)
+      EXPECT_DOUBLE_EQ(t->client_wire_seconds(),
+                       std::max(0.0, t->client_seconds() - t->total_seconds()));
+      t->clear_client_seconds();
+      t->clear_client_wire_seconds();
+    }
     EXPECT_TRUE(SameMessage(*unary, *streamed))
         << unary->ShortDebugString().substr(0, 400) << "\nvs\n"
         << streamed->ShortDebugString().substr(0, 400);
@@ -646,7 +667,11 @@ TEST(TimingTableTest, ListsThePlanEveryPhaseAndWorkerAndTheThroughput) {
        {"request id abc123", "layout zigzag", "world 2", "rows per rank 19 18", "queue", "receive",
         "scatter", "gather", "send", "total", "500.000", "compute_ms", "comm_wait_ms", "ring_ms", "device_ms", "launch_ms", "240.000", "12.500",
         "steps (compute/wait ms): 150.000/10.000 150.000/0.000",
-        "cpu", "GFLOP/s over the total", "over the slowest ring"}) {
+        "cpu", "GFLOP/s over the total", "over the slowest ring", "validate", "ring_wait",
+        "workers       400.000", "respond", "(other)        83.900", "client_wire   100.000",
+        "client        600.000",
+        "handler ms: receive 1.000, h2d 0.000, ring 250.000, d2h 0.000, send 2.000; "
+        "handler 310.000, call 350.000 (wire 40.000)"}) {
     EXPECT_THAT(table, HasSubstr(s));
   }
   EXPECT_THAT(FormatTimings(response), Not(HasSubstr("throughput")));

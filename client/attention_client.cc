@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
@@ -106,6 +107,18 @@ absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, absl::Duration time
   const grpc::Status status = call(&context, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   if (absl::Status s = CheckOutputSizes(rpc, response); !s.ok()) return s;
+  return response;
+}
+
+// Stamps the client's side of a finished call on its response's timings: the whole call since
+// `call0`, and that minus the server's total (serialising, the wire both ways, parsing).
+template <typename Response>
+absl::StatusOr<Response> WithClientTimes(absl::Time call0, absl::StatusOr<Response> response) {
+  if (response.ok()) {
+    v1::Timings* t = response->mutable_timings();
+    t->set_client_seconds(absl::ToDoubleSeconds(absl::Now() - call0));
+    t->set_client_wire_seconds(std::max(0.0, t->client_seconds() - t->total_seconds()));
+  }
   return response;
 }
 
@@ -241,37 +254,47 @@ AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,
                                                            absl::Duration timeout) {
-  return RunUnaryCall<v1::AttendResponse>(
-      AttendRpc(), timeout, [&](grpc::ClientContext* context, v1::AttendResponse* response) {
-        return stub_->Attend(context, request, response);
-      });
+  const absl::Time call0 = absl::Now();
+  return WithClientTimes(
+      call0,
+      RunUnaryCall<v1::AttendResponse>(
+          AttendRpc(), timeout, [&](grpc::ClientContext* context, v1::AttendResponse* response) {
+            return stub_->Attend(context, request, response);
+          }));
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
     const v1::AttendBackwardRequest& request, absl::Duration timeout) {
-  return RunUnaryCall<v1::AttendBackwardResponse>(
-      AttendBackwardRpc(), timeout,
-      [&](grpc::ClientContext* context, v1::AttendBackwardResponse* response) {
-        return stub_->AttendBackward(context, request, response);
-      });
+  const absl::Time call0 = absl::Now();
+  return WithClientTimes(
+      call0, RunUnaryCall<v1::AttendBackwardResponse>(
+                 AttendBackwardRpc(), timeout,
+                 [&](grpc::ClientContext* context, v1::AttendBackwardResponse* response) {
+                   return stub_->AttendBackward(context, request, response);
+                 }));
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendStreaming(
     const v1::AttendRequest& request, absl::Duration timeout, int64_t chunk_bytes,
     const ProgressFn& progress) {
-  return RunStreamingCall<v1::AttendStreamRequest, v1::AttendStreamResponse>(
-      AttendRpc(), "AttendStream",
-      [this](grpc::ClientContext* context) { return stub_->AttendStream(context); }, request,
-      timeout, chunk_bytes, progress);
+  const absl::Time call0 = absl::Now();
+  return WithClientTimes(
+      call0, RunStreamingCall<v1::AttendStreamRequest, v1::AttendStreamResponse>(
+                 AttendRpc(), "AttendStream",
+                 [this](grpc::ClientContext* context) { return stub_->AttendStream(context); },
+                 request, timeout, chunk_bytes, progress));
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardStreaming(
     const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t chunk_bytes,
     const ProgressFn& progress) {
-  return RunStreamingCall<v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse>(
-      AttendBackwardRpc(), "AttendBackwardStream",
-      [this](grpc::ClientContext* context) { return stub_->AttendBackwardStream(context); },
-      request, timeout, chunk_bytes, progress);
+  const absl::Time call0 = absl::Now();
+  return WithClientTimes(
+      call0,
+      RunStreamingCall<v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse>(
+          AttendBackwardRpc(), "AttendBackwardStream",
+          [this](grpc::ClientContext* context) { return stub_->AttendBackwardStream(context); },
+          request, timeout, chunk_bytes, progress));
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendRequest& request,
