@@ -31,9 +31,19 @@ namespace {
 // Server-side phases of one response, in seconds. compute, comm_wait and ring are the largest
 // over the workers (the slowest worker bounds the request).
 struct Phases {
-  double queue = 0, receive = 0, scatter = 0, compute = 0, comm_wait = 0, ring = 0, gather = 0,
-         send = 0, total = 0;
+  double queue = 0, receive = 0, validate = 0, ring_wait = 0, scatter = 0, workers = 0, compute = 0,
+         comm_wait = 0, ring = 0, gather = 0, respond = 0, send = 0, total = 0, client_wire = 0;
 };
+
+// Every field of Phases with its name, in report order (the coordinator's, then the client's).
+constexpr std::pair<const char*, double Phases::*> kPhaseFields[] = {
+    {"queue", &Phases::queue},       {"receive", &Phases::receive},
+    {"validate", &Phases::validate}, {"ring_wait", &Phases::ring_wait},
+    {"scatter", &Phases::scatter},   {"workers", &Phases::workers},
+    {"compute", &Phases::compute},   {"comm_wait", &Phases::comm_wait},
+    {"ring", &Phases::ring},         {"gather", &Phases::gather},
+    {"respond", &Phases::respond},   {"send", &Phases::send},
+    {"total", &Phases::total},       {"client_wire", &Phases::client_wire}};
 
 // The outcome of one call.
 struct CallRecord {
@@ -109,10 +119,15 @@ Phases PhasesOf(const v1::Timings& t) {
   Phases p;
   p.queue = t.queue_seconds();
   p.receive = t.receive_seconds();
+  p.validate = t.validate_seconds();
+  p.ring_wait = t.ring_wait_seconds();
   p.scatter = t.scatter_seconds();
+  p.workers = t.workers_seconds();
   p.gather = t.gather_seconds();
+  p.respond = t.respond_seconds();
   p.send = t.send_seconds();
   p.total = t.total_seconds();
+  p.client_wire = t.client_wire_seconds();
   for (const v1::WorkerTiming& w : t.workers()) {
     p.compute = std::max(p.compute, w.compute_seconds());
     p.comm_wait = std::max(p.comm_wait, w.comm_wait_seconds());
@@ -233,22 +248,11 @@ BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flo
     ++s.ok;
     latencies.push_back(r.latency_seconds);
     s.payload_bytes += r.payload_bytes;
-    const Phases& p = r.phases;
-    sum.queue += p.queue;
-    sum.receive += p.receive;
-    sum.scatter += p.scatter;
-    sum.compute += p.compute;
-    sum.comm_wait += p.comm_wait;
-    sum.ring += p.ring;
-    sum.gather += p.gather;
-    sum.send += p.send;
-    sum.total += p.total;
+    for (const auto& [name, field] : kPhaseFields) sum.*field += r.phases.*field;
   }
   if (s.ok > 0) {
     const double n = s.ok;
-    s.server_mean = {sum.queue / n,   sum.receive / n,   sum.scatter / n,
-                     sum.compute / n, sum.comm_wait / n, sum.ring / n,
-                     sum.gather / n,  sum.send / n,      sum.total / n};
+    for (const auto& [name, field] : kPhaseFields) s.server_mean.*field = sum.*field / n;
     std::sort(latencies.begin(), latencies.end());
     s.p50 = Percentile(latencies, 0.50);
     s.p90 = Percentile(latencies, 0.90);
@@ -288,13 +292,10 @@ std::string FormatReport(const BenchSummary& s) {
   absl::StrAppendFormat(&r, "payload: %.3f GB, %.3f GB/s (request + response tensors, ok calls)\n",
                         static_cast<double>(s.payload_bytes) * 1e-9, s.payload_gb_per_second);
   const Phases& m = s.server_mean;
-  r += "server phases, mean ms (compute, comm wait, ring: slowest worker):\n";
-  const std::pair<const char*, double> phases[] = {
-      {"queue", m.queue},     {"receive", m.receive},     {"scatter", m.scatter},
-      {"compute", m.compute}, {"comm_wait", m.comm_wait}, {"ring", m.ring},
-      {"gather", m.gather},   {"send", m.send},           {"total", m.total}};
-  for (const auto& [name, seconds] : phases) {
-    absl::StrAppendFormat(&r, "  %-10s %12.3f\n", name, seconds * 1e3);
+  r += "server phases, mean ms (compute, comm wait, ring: slowest worker; client_wire: the "
+       "client round trip minus the server's total):\n";
+  for (const auto& [name, field] : kPhaseFields) {
+    absl::StrAppendFormat(&r, "  %-11s %11.3f\n", name, m.*field * 1e3);
   }
   absl::StrAppendFormat(&r, "outside compute: %.1f%% of the client latency\n",
                         s.outside_compute_share * 100);
@@ -333,12 +334,11 @@ std::string FormatJson(const BenchSummary& s) {
                         Num(s.p50), Num(s.p90), Num(s.p99), Num(s.max), Num(s.mean));
   absl::StrAppendFormat(&j, "  \"payload_bytes\": %d,\n  \"payload_gb_per_second\": %s,\n",
                         s.payload_bytes, Num(s.payload_gb_per_second));
-  absl::StrAppendFormat(&j,
-                        "  \"server_mean_seconds\": {\"queue\": %s, \"receive\": %s, "
-                        "\"scatter\": %s, \"compute\": %s, \"comm_wait\": %s, \"ring\": %s, "
-                        "\"gather\": %s, \"send\": %s, \"total\": %s},\n",
-                        Num(m.queue), Num(m.receive), Num(m.scatter), Num(m.compute),
-                        Num(m.comm_wait), Num(m.ring), Num(m.gather), Num(m.send), Num(m.total));
+  std::vector<std::string> means;
+  for (const auto& [name, field] : kPhaseFields) {
+    means.push_back(absl::StrFormat("\"%s\": %s", name, Num(m.*field)));
+  }
+  absl::StrAppendFormat(&j, "  \"server_mean_seconds\": {%s},\n", absl::StrJoin(means, ", "));
   absl::StrAppendFormat(&j, "  \"outside_compute_share\": %s,\n", Num(s.outside_compute_share));
   absl::StrAppendFormat(&j, "  \"flops_per_request\": %s,\n", Num(s.flops_per_request));
   absl::StrAppendFormat(&j, "  \"tflops_ring\": %s,\n  \"tflops_delivered\": %s\n}\n",

@@ -70,17 +70,28 @@ std::string FormatTimings(const v1::AttendResponse& response, double flops) {
 
 std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& plan,
                           const v1::Timings& t, double flops) {
-  std::string s =
-      absl::StrCat("request id ", request_id.empty() ? "(none)" : request_id, "\n");
+  std::string s = absl::StrCat("request id ", request_id.empty() ? "(none)" : request_id, "\n");
   absl::StrAppendFormat(&s, "plan: layout %s, world %d, rows per rank %s\n",
                         LayoutLabel(plan.layout()), plan.world_size(), RowsPerRank(plan));
-  absl::StrAppendFormat(&s, "  %-8s %12s\n", "phase", "ms");
+  // The coordinator's phases in order, what none of them covers, its total, then the client's.
+  absl::StrAppendFormat(&s, "  %-11s %9s\n", "phase", "ms");
   const std::pair<const char*, double> phases[] = {
-      {"queue", t.queue_seconds()},     {"receive", t.receive_seconds()},
-      {"scatter", t.scatter_seconds()}, {"gather", t.gather_seconds()},
-      {"send", t.send_seconds()},       {"total", t.total_seconds()}};
+      {"receive", t.receive_seconds()}, {"validate", t.validate_seconds()},
+      {"queue", t.queue_seconds()},     {"ring_wait", t.ring_wait_seconds()},
+      {"scatter", t.scatter_seconds()}, {"workers", t.workers_seconds()},
+      {"gather", t.gather_seconds()},   {"respond", t.respond_seconds()},
+      {"send", t.send_seconds()}};
+  double accounted = 0;
   for (const auto& [name, seconds] : phases) {
-    absl::StrAppendFormat(&s, "  %-8s %12.3f\n", name, seconds * 1e3);
+    absl::StrAppendFormat(&s, "  %-11s %9.3f\n", name, seconds * 1e3);
+    accounted += seconds;
+  }
+  absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "(other)",
+                        std::max(0.0, t.total_seconds() - accounted) * 1e3);
+  absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "total", t.total_seconds() * 1e3);
+  if (t.client_seconds() > 0) {  // set by the client library
+    absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "client_wire", t.client_wire_seconds() * 1e3);
+    absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "client", t.client_seconds() * 1e3);
   }
   double slowest_ring = 0;
   if (t.workers_size() > 0) {
@@ -105,6 +116,15 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
                                           st.comm_wait_seconds() * 1e3));
         }
         absl::StrAppend(&s, "       steps (compute/wait ms): ", absl::StrJoin(steps, " "), "\n");
+      }
+      if (w.handler_seconds() > 0) {  // the worker's handler, and the coordinator's call to it
+        absl::StrAppendFormat(
+            &s,
+            "       handler ms: receive %.3f, h2d %.3f, ring %.3f, d2h %.3f, send %.3f; "
+            "handler %.3f, call %.3f (wire %.3f)\n",
+            w.receive_seconds() * 1e3, w.host_to_device_seconds() * 1e3, w.ring_seconds() * 1e3,
+            w.device_to_host_seconds() * 1e3, w.send_seconds() * 1e3, w.handler_seconds() * 1e3,
+            w.call_seconds() * 1e3, std::max(0.0, w.call_seconds() - w.handler_seconds()) * 1e3);
       }
       slowest_ring = std::max(slowest_ring, w.ring_seconds());
     }
