@@ -49,6 +49,7 @@ class FakeAttentionService final : public v1::AttentionService::Service {
     t->set_queue_seconds(0.001);
     t->set_receive_seconds(0.002);
     t->set_scatter_seconds(0.003);
+    t->set_workers_seconds(0.008);
     t->set_gather_seconds(0.004);
     t->set_send_seconds(0.005);
     t->set_total_seconds(0.020);
@@ -138,6 +139,7 @@ TEST(BenchCommandTest, AllSucceed) {
   EXPECT_THAT(out.str(), HasSubstr("  queue             1.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("  compute           7.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("  comm_wait         2.000\n"));
+  EXPECT_THAT(out.str(), HasSubstr("  workers           8.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("  total            20.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("TFLOP/s over the mean ring"));
 }
@@ -180,6 +182,11 @@ TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
                           "\"queue\"",
                           "\"receive\"",
                           "\"scatter\"",
+                          "\"validate\"",
+                          "\"ring_wait\"",
+                          "\"workers\"",
+                          "\"respond\"",
+                          "\"client_wire\"",
                           "\"compute\"",
                           "\"comm_wait\"",
                           "\"gather\"",
