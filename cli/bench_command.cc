@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -64,6 +65,9 @@ struct BenchSummary {
   double p50 = 0, p90 = 0, p99 = 0, max = 0, mean = 0;  // latency of successful calls
   int64_t payload_bytes = 0;
   double payload_gb_per_second = 0;
+  // This machine's host memcpy in the same run (bytes copied per second): the rate the payload
+  // could move at if nothing but one copy stood in its way.
+  double memcpy_gb_per_second = 0;
   Phases server_mean;
   double outside_compute_share = 0;  // 1 - mean compute / mean client latency
   double flops_per_request = 0;
@@ -76,6 +80,23 @@ struct BenchSummary {
     return n;
   }
 };
+
+// Host memcpy rate, bytes copied per second: the best of 5 copies of 64 MiB between two buffers
+// written beforehand (so the pages exist), on the calling thread.
+double MeasureMemcpyGbPerSecond() {
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::vector<char> from(kBytes, 1), to(kBytes, 0);
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    const absl::Time t0 = absl::Now();
+    std::memcpy(to.data(), from.data(), kBytes);
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+    if (seconds > 0) best = std::max(best, static_cast<double>(kBytes) / seconds * 1e-9);
+    // Each copy's result feeds the next copy's source, so none can be elided.
+    from[static_cast<size_t>(i) * 4096] = to[kBytes - 1 - static_cast<size_t>(i)];
+  }
+  return best;
+}
 
 absl::Status ValidateOptions(const BenchOptions& o) {
   if (o.target.empty()) return absl::InvalidArgumentError("--target must be host:port");
@@ -291,6 +312,13 @@ std::string FormatReport(const BenchSummary& s) {
                         s.p50 * 1e3, s.p90 * 1e3, s.p99 * 1e3, s.max * 1e3, s.mean * 1e3);
   absl::StrAppendFormat(&r, "payload: %.3f GB, %.3f GB/s (request + response tensors, ok calls)\n",
                         static_cast<double>(s.payload_bytes) * 1e-9, s.payload_gb_per_second);
+  absl::StrAppendFormat(&r,
+                        "host memcpy on this machine: %.3f GB/s (same run); payload at %.2f%% of "
+                        "it\n",
+                        s.memcpy_gb_per_second,
+                        s.memcpy_gb_per_second > 0
+                            ? 100 * s.payload_gb_per_second / s.memcpy_gb_per_second
+                            : 0.0);
   const Phases& m = s.server_mean;
   r += "server phases, mean ms (compute, comm wait, ring: slowest worker; client_wire: the "
        "client round trip minus the server's total):\n";
@@ -334,6 +362,7 @@ std::string FormatJson(const BenchSummary& s) {
                         Num(s.p50), Num(s.p90), Num(s.p99), Num(s.max), Num(s.mean));
   absl::StrAppendFormat(&j, "  \"payload_bytes\": %d,\n  \"payload_gb_per_second\": %s,\n",
                         s.payload_bytes, Num(s.payload_gb_per_second));
+  absl::StrAppendFormat(&j, "  \"memcpy_gb_per_second\": %s,\n", Num(s.memcpy_gb_per_second));
   std::vector<std::string> means;
   for (const auto& [name, field] : kPhaseFields) {
     means.push_back(absl::StrFormat("\"%s\": %s", name, Num(m.*field)));
@@ -409,7 +438,8 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   const LoadResult load = o.backward
                               ? RunLoad([&] { return OneBackwardCall(client, backward, plan); }, o)
                               : RunLoad([&] { return OneCall(client, request, plan); }, o);
-  const BenchSummary summary = Summarize(o, load, flops);
+  BenchSummary summary = Summarize(o, load, flops);
+  summary.memcpy_gb_per_second = MeasureMemcpyGbPerSecond();
   out << FormatReport(summary);
   if (!o.json_path.empty()) {
     if (absl::Status s = WriteFile(o.json_path, FormatJson(summary)); !s.ok()) {

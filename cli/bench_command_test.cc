@@ -142,6 +142,7 @@ TEST(BenchCommandTest, AllSucceed) {
   EXPECT_THAT(out.str(), HasSubstr("  workers           8.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("  total            20.000\n"));
   EXPECT_THAT(out.str(), HasSubstr("TFLOP/s over the mean ring"));
+  EXPECT_THAT(out.str(), HasSubstr("host memcpy on this machine: "));
 }
 
 TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
@@ -178,6 +179,7 @@ TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
                           "\"max\"",
                           "\"payload_bytes\"",
                           "\"payload_gb_per_second\"",
+                          "\"memcpy_gb_per_second\"",
                           "\"server_mean_seconds\"",
                           "\"queue\"",
                           "\"receive\"",
@@ -197,6 +199,8 @@ TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
                           "\"tflops_delivered\""}) {
     EXPECT_THAT(json, HasSubstr(key));
   }
+  // The machine's memcpy rate is measured in the same run: a real, positive rate.
+  EXPECT_GT(NumberAfter(json, "memcpy_gb_per_second"), 0.01);
   const double p50 = NumberAfter(json, "p50");
   const double p90 = NumberAfter(json, "p90");
   const double p99 = NumberAfter(json, "p99");

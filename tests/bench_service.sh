@@ -57,6 +57,8 @@ RC=$?
 echo "$OUT"
 [[ $RC == 0 ]] || fail "ringattn bench exited with $RC"
 grep -q "12 sent, 12 ok, 0 failed" <<<"$OUT" || fail "the bench did not report 12 ok and 0 failed"
+grep -qE "host memcpy on this machine: [0-9.]+ GB/s" <<<"$OUT" \
+  || fail "the bench did not report this machine's memcpy rate beside the payload rate"
 
 # The same load of gradient calls (one forward first, then AttendBackward), unary and streamed.
 for STREAM in false true; do
