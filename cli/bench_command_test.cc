@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "cli/loopback_server_test_util.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 
 namespace ringattn {
@@ -76,26 +77,7 @@ class FakeAttentionService final : public v1::AttentionService::Service {
   std::atomic<int> calls_{0};
 };
 
-class FakeServer {
- public:
-  FakeServer() {
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
-    builder.RegisterService(&service_);
-    builder.SetMaxReceiveMessageSize(INT_MAX);
-    server_ = builder.BuildAndStart();
-  }
-  ~FakeServer() { server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2))); }
-
-  bool started() const { return server_ != nullptr && port_ > 0; }
-  std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
-  FakeAttentionService& service() { return service_; }
-
- private:
-  FakeAttentionService service_;
-  int port_ = 0;
-  std::unique_ptr<grpc::Server> server_;
-};
+using FakeServer = LoopbackServer<FakeAttentionService>;
 
 BenchOptions SmallBench(const std::string& target) {
   BenchOptions o;

@@ -28,6 +28,7 @@
 #include "absl/time/time.h"
 #include "cli/attend_command.h"
 #include "cli/cli_parse.h"
+#include "cli/loopback_server_test_util.h"
 #include "cli/timing_table.h"
 #include "client/attention_client.h"
 #include "client/npy.h"
@@ -405,20 +406,10 @@ class FakeAttentionService final : public v1::AttentionService::Service {
 };
 
 // The fake service listening on 127.0.0.1 (a free port).
-class FakeServer {
+class FakeServer : public LoopbackServer<FakeAttentionService> {
  public:
-  explicit FakeServer(ComputeFn compute = EchoCompute) : service_(std::move(compute)) {
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
-    builder.RegisterService(&service_);
-    builder.SetMaxReceiveMessageSize(INT_MAX);
-    server_ = builder.BuildAndStart();
-  }
-  ~FakeServer() { server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2))); }
-
-  bool started() const { return server_ != nullptr && port_ > 0; }
-  std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
-  FakeAttentionService& service() { return service_; }
+  explicit FakeServer(ComputeFn compute = EchoCompute)
+      : LoopbackServer<FakeAttentionService>(std::move(compute)) {}
 
   std::unique_ptr<AttentionClient> Client() {
     absl::StatusOr<std::unique_ptr<AttentionClient>> client =
@@ -426,11 +417,6 @@ class FakeServer {
     EXPECT_TRUE(client.ok()) << client.status();
     return client.ok() ? std::move(*client) : nullptr;
   }
-
- private:
-  FakeAttentionService service_;
-  int port_ = 0;
-  std::unique_ptr<grpc::Server> server_;
 };
 
 // A small request with distinct values: q 3552 bytes, k and v 1184 bytes each.
