@@ -1,0 +1,63 @@
+// POSIX shared memory for the same-host data path: a mapped byte range of an shm_open object,
+// and memory access that turns the object shrinking underneath (SIGBUS) into an error.
+//
+// A client owns its objects: it may truncate or unlink one while a request reads it. Unlinking
+// is harmless (the mapping stays valid); truncation makes the vanished pages fault with SIGBUS,
+// which GuardedAccess turns into FAILED_PRECONDITION for that request only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace ringattn {
+
+class SharedMemoryMapping {
+ public:
+  // Maps [offset, offset + byte_size) of the object `key` (shm_open's name: "/" and at most 255
+  // bytes without another "/"), read-write. INVALID_ARGUMENT naming `field` for a bad key,
+  // offset or size (the range must lie within the object); NOT_FOUND when no such object.
+  static absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> Open(const std::string& key,
+                                                                   int64_t offset,
+                                                                   int64_t byte_size,
+                                                                   absl::string_view field);
+  ~SharedMemoryMapping();
+  SharedMemoryMapping(const SharedMemoryMapping&) = delete;
+  SharedMemoryMapping& operator=(const SharedMemoryMapping&) = delete;
+
+  const std::string& key() const { return key_; }
+  int64_t offset() const { return offset_; }
+  int64_t size() const { return size_; }
+  // The range's first byte. Access it through GuardedAccess.
+  char* data() const { return data_; }
+  // Whether the object named `key` is still the one mapped here (same inode) and still covers
+  // the range: a cached mapping is reused only when it is.
+  bool StillCurrent() const;
+
+ private:
+  SharedMemoryMapping() = default;
+  std::string key_;
+  int64_t offset_ = 0;
+  int64_t size_ = 0;
+  char* data_ = nullptr;
+  void* map_base_ = nullptr;  // page-aligned start of the mmap
+  size_t map_bytes_ = 0;
+  uint64_t device_ = 0;
+  uint64_t inode_ = 0;
+};
+
+// Runs `fn`, which reads or writes shared memory, on this thread with a SIGBUS inside it turned
+// into FAILED_PRECONDITION ("<what>: the shared-memory region shrank or vanished ..."). `fn` is
+// abandoned at the fault: it must hold nothing that needs a destructor (plain copies only).
+absl::Status GuardedAccess(absl::string_view what, const std::function<void()>& fn);
+
+// Validates an shm_open name: INVALID_ARGUMENT naming `field` when it is not "/name".
+absl::Status CheckSharedMemoryKey(const std::string& key, absl::string_view field);
+
+}  // namespace ringattn

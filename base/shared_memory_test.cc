@@ -1,0 +1,120 @@
+#include "base/shared_memory.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace ringattn {
+namespace {
+
+// A shm object of `bytes` bytes, unlinked at the end of the test.
+class ShmObject {
+ public:
+  explicit ShmObject(int64_t bytes)
+      : key_(absl::StrCat("/ringattn_shm_test_", getpid(), "_", counter_++)) {
+    const int fd = shm_open(key_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(ftruncate(fd, bytes), 0);
+    close(fd);
+  }
+  ~ShmObject() { shm_unlink(key_.c_str()); }
+  const std::string& key() const { return key_; }
+  void Truncate(int64_t bytes) {
+    const int fd = shm_open(key_.c_str(), O_RDWR, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(ftruncate(fd, bytes), 0);
+    close(fd);
+  }
+
+ private:
+  static inline int counter_ = 0;
+  std::string key_;
+};
+
+TEST(SharedMemoryMapping, MapsTheRangeAtAnUnalignedOffset) {
+  ShmObject obj(3 * 4096);
+  auto whole = SharedMemoryMapping::Open(obj.key(), 0, 3 * 4096, "r");
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  for (int i = 0; i < 3 * 4096; ++i) (*whole)->data()[i] = static_cast<char>(i % 251);
+  auto part = SharedMemoryMapping::Open(obj.key(), 5000, 100, "r");
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_EQ((*part)->size(), 100);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ((*part)->data()[i], static_cast<char>((5000 + i) % 251));
+  (*part)->data()[0] = 42;  // writes reach the object
+  EXPECT_EQ((*whole)->data()[5000], 42);
+  EXPECT_TRUE((*part)->StillCurrent());
+}
+
+TEST(SharedMemoryMapping, RefusesBadKeysAndRangesNamingTheField) {
+  ShmObject obj(4096);
+  for (const std::string key : {"", "/", "noslash", "/a/b"}) {
+    auto m = SharedMemoryMapping::Open(key, 0, 1, "region");
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << key;
+    EXPECT_NE(m.status().message().find("region.key"), std::string::npos) << m.status();
+  }
+  auto past = SharedMemoryMapping::Open(obj.key(), 4000, 97, "region");
+  EXPECT_EQ(past.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(past.status().message().find("exceeds the 4096 bytes"), std::string::npos);
+  EXPECT_EQ(SharedMemoryMapping::Open(obj.key(), -1, 1, "region").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemoryMapping::Open(obj.key(), 0, 0, "region").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Overflow of offset + size must not wrap around into "fits".
+  EXPECT_EQ(SharedMemoryMapping::Open(obj.key(), 8, INT64_MAX, "region").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemoryMapping::Open("/ringattn_no_such_object", 0, 1, "region").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(SharedMemoryMapping, UnlinkedObjectStaysReadableButIsNoLongerCurrent) {
+  auto obj = std::make_unique<ShmObject>(4096);
+  auto m = SharedMemoryMapping::Open(obj->key(), 0, 4096, "r");
+  ASSERT_TRUE(m.ok());
+  (*m)->data()[7] = 9;
+  obj.reset();  // shm_unlink
+  EXPECT_FALSE((*m)->StillCurrent());
+  EXPECT_EQ((*m)->data()[7], 9);
+}
+
+TEST(GuardedAccess, ATruncatedRegionIsAnErrorNotACrash) {
+  ShmObject obj(4 * 4096);
+  auto m = SharedMemoryMapping::Open(obj.key(), 0, 4 * 4096, "r");
+  ASSERT_TRUE(m.ok());
+  EXPECT_TRUE(GuardedAccess("read", [&] { std::memset((*m)->data(), 1, 4 * 4096); }).ok());
+  obj.Truncate(4096);
+  EXPECT_FALSE((*m)->StillCurrent());
+  char sink[4096];
+  const absl::Status s = GuardedAccess("q", [&] { std::memcpy(sink, (*m)->data() + 8192, 4096); });
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("q: the shared-memory region shrank"), std::string::npos);
+  // The thread and the guard still work afterwards, nested too.
+  EXPECT_TRUE(GuardedAccess("first page", [&] { std::memcpy(sink, (*m)->data(), 4096); }).ok());
+  absl::Status inner;
+  const absl::Status outer = GuardedAccess("outer", [&] {
+    inner = GuardedAccess("inner", [&] { std::memcpy(sink, (*m)->data() + 3 * 4096, 16); });
+  });
+  EXPECT_TRUE(outer.ok());
+  EXPECT_EQ(inner.code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(GuardedAccess, ASigbusOutsideAGuardStillKillsTheProcess) {
+  EXPECT_DEATH(
+      {
+        ShmObject obj(2 * 4096);
+        auto m = SharedMemoryMapping::Open(obj.key(), 0, 2 * 4096, "r");
+        (void)GuardedAccess("install", [] {});
+        obj.Truncate(0);
+        volatile char c = (*m)->data()[4096];
+        (void)c;
+      },
+      "");
+}
+
+}  // namespace
+}  // namespace ringattn
