@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 
@@ -52,7 +53,29 @@ absl::Status ErrnoStatus(int err, absl::string_view what) {
   return absl::FailedPreconditionError(msg);
 }
 
+// "field.sub", or "sub" for an empty field.
+std::string Sub(absl::string_view field, absl::string_view sub) {
+  return field.empty() ? std::string(sub) : absl::StrCat(field, ".", sub);
+}
+// "field: what", or "what" for an empty field.
+std::string About(absl::string_view field, absl::string_view what) {
+  return field.empty() ? std::string(what) : absl::StrCat(field, ": ", what);
+}
+
 }  // namespace
+
+std::string HostId() {
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  std::string boot;
+  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char buf[64] = {0};
+    if (std::fgets(buf, sizeof(buf), f) != nullptr) boot = buf;
+    std::fclose(f);
+    while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
+  }
+  return absl::StrCat(boot, "/", host);
+}
 
 absl::Status CheckSharedMemoryKey(const std::string& key, absl::string_view field) {
   if (key.size() < 2 || key.size() > 255 || key[0] != '/' ||
@@ -66,27 +89,27 @@ absl::Status CheckSharedMemoryKey(const std::string& key, absl::string_view fiel
 
 absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryMapping::Open(
     const std::string& key, int64_t offset, int64_t byte_size, absl::string_view field) {
-  if (absl::Status s = CheckSharedMemoryKey(key, absl::StrCat(field, ".key")); !s.ok()) return s;
+  if (absl::Status s = CheckSharedMemoryKey(key, Sub(field, "key")); !s.ok()) return s;
   if (offset < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".offset must be >= 0, got ", offset));
+    return absl::InvalidArgumentError(absl::StrCat(Sub(field, "offset"), " must be >= 0, got ", offset));
   }
   if (byte_size <= 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat(field, ".byte_size must be > 0, got ", byte_size));
+        absl::StrCat(Sub(field, "byte_size"), " must be > 0, got ", byte_size));
   }
   const int fd = shm_open(key.c_str(), O_RDWR, 0);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrCat(field, ": shm_open('", key, "')"));
+  if (fd < 0) return ErrnoStatus(errno, About(field, absl::StrCat("shm_open('", key, "')")));
   struct stat st;
   if (fstat(fd, &st) != 0) {
     const int err = errno;
     close(fd);
-    return ErrnoStatus(err, absl::StrCat(field, ": fstat('", key, "')"));
+    return ErrnoStatus(err, About(field, absl::StrCat("fstat('", key, "')")));
   }
   if (offset > st.st_size || byte_size > st.st_size - offset) {
     close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ": offset ", offset, " + byte_size ", byte_size, " exceeds the ", st.st_size,
-        " bytes of shared-memory object '", key, "'"));
+    return absl::InvalidArgumentError(About(
+        field, absl::StrCat("offset ", offset, " + byte_size ", byte_size, " exceeds the ",
+                            st.st_size, " bytes of shared-memory object '", key, "'")));
   }
   const int64_t page = sysconf(_SC_PAGESIZE);
   const int64_t map_offset = offset / page * page;
@@ -94,7 +117,7 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryMapping::Open(
   void* base = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, map_offset);
   const int err = errno;
   close(fd);
-  if (base == MAP_FAILED) return ErrnoStatus(err, absl::StrCat(field, ": mmap('", key, "')"));
+  if (base == MAP_FAILED) return ErrnoStatus(err, About(field, absl::StrCat("mmap('", key, "')")));
   InstallSigbusHandler();
   std::shared_ptr<SharedMemoryMapping> m(new SharedMemoryMapping());
   m->key_ = key;
@@ -120,6 +143,40 @@ bool SharedMemoryMapping::StillCurrent() const {
                   static_cast<uint64_t>(st.st_ino) == inode_ && st.st_size >= offset_ + size_;
   close(fd);
   return ok;
+}
+
+absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryCache::Open(
+    const std::string& key, int64_t offset, int64_t byte_size, absl::string_view field) {
+  const auto id = std::make_tuple(key, offset, byte_size);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(id);
+    if (it != entries_.end()) {
+      if (it->second.mapping->StillCurrent()) {
+        it->second.last_use = ++clock_;
+        return it->second.mapping;
+      }
+      entries_.erase(it);
+    }
+  }
+  absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> m =
+      SharedMemoryMapping::Open(key, offset, byte_size, field);
+  if (!m.ok()) return m.status();
+  std::lock_guard<std::mutex> lock(mu_);
+  while (!entries_.empty() && entries_.size() >= capacity_) {
+    auto oldest = entries_.begin();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->second.last_use < oldest->second.last_use) oldest = it;
+    }
+    entries_.erase(oldest);
+  }
+  if (capacity_ > 0) entries_[id] = Entry{*m, ++clock_};
+  return m;
+}
+
+size_t SharedMemoryCache::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entries_.size();
 }
 
 absl::Status GuardedAccess(absl::string_view what, const std::function<void()>& fn) {

@@ -9,7 +9,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <tuple>
 #include <string>
 #include "absl/strings/string_view.h"
 
@@ -21,8 +24,9 @@ namespace ringattn {
 class SharedMemoryMapping {
  public:
   // Maps [offset, offset + byte_size) of the object `key` (shm_open's name: "/" and at most 255
-  // bytes without another "/"), read-write. INVALID_ARGUMENT naming `field` for a bad key,
-  // offset or size (the range must lie within the object); NOT_FOUND when no such object.
+  // bytes without another "/"), read-write. INVALID_ARGUMENT naming the field for a bad key,
+  // offset or size ("<field>.offset"; plain "offset" when `field` is empty), or when the range
+  // does not lie within the object; NOT_FOUND when no such object.
   static absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> Open(const std::string& key,
                                                                    int64_t offset,
                                                                    int64_t byte_size,
@@ -52,10 +56,38 @@ class SharedMemoryMapping {
   uint64_t inode_ = 0;
 };
 
+// Mappings kept between requests (mapping and first-touch page faults cost milliseconds per
+// hundred megabytes): Open returns the cached mapping of (key, offset, byte_size) while the
+// object is still the one mapped, else maps afresh. Holds at most `capacity` mappings, dropping
+// the least recently used. Thread-safe.
+class SharedMemoryCache {
+ public:
+  explicit SharedMemoryCache(size_t capacity = 16) : capacity_(capacity) {}
+  absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> Open(const std::string& key,
+                                                            int64_t offset, int64_t byte_size,
+                                                            absl::string_view field);
+  size_t size() const;
+
+ private:
+  struct Entry {
+    std::shared_ptr<SharedMemoryMapping> mapping;
+    uint64_t last_use = 0;
+  };
+  const size_t capacity_;
+  mutable std::mutex mu_;
+  std::map<std::tuple<std::string, int64_t, int64_t>, Entry> entries_;  // guarded by mu_
+  uint64_t clock_ = 0;                                                  // guarded by mu_
+};
+
 // Runs `fn`, which reads or writes shared memory, on this thread with a SIGBUS inside it turned
 // into FAILED_PRECONDITION ("<what>: the shared-memory region shrank or vanished ..."). `fn` is
 // abandoned at the fault: it must hold nothing that needs a destructor (plain copies only).
 absl::Status GuardedAccess(absl::string_view what, const std::function<void()>& fn);
+
+// This host's identity for deciding who can map whose shared memory: the kernel's boot id and
+// the hostname (a container with its own /dev/shm should not advertise it; see the worker's
+// --shared_memory flag).
+std::string HostId();
 
 // Validates an shm_open name: INVALID_ARGUMENT naming `field` when it is not "/name".
 absl::Status CheckSharedMemoryKey(const std::string& key, absl::string_view field);

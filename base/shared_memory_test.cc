@@ -82,6 +82,36 @@ TEST(SharedMemoryMapping, UnlinkedObjectStaysReadableButIsNoLongerCurrent) {
   EXPECT_EQ((*m)->data()[7], 9);
 }
 
+TEST(SharedMemoryCache, ReusesWhileCurrentRemapsWhenReplacedAndStaysBounded) {
+  SharedMemoryCache cache(2);
+  auto obj = std::make_unique<ShmObject>(4096);
+  const std::string key = obj->key();
+  auto a = cache.Open(key, 0, 4096, "r");
+  ASSERT_TRUE(a.ok());
+  auto b = cache.Open(key, 0, 4096, "r");
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(a->get(), b->get());
+  // Another range is another entry; a third evicts the least recently used (the first).
+  ASSERT_TRUE(cache.Open(key, 0, 100, "r").ok());
+  ASSERT_TRUE(cache.Open(key, 0, 200, "r").ok());
+  EXPECT_EQ(cache.size(), 2u);
+  auto c = cache.Open(key, 0, 100, "r");
+  ASSERT_TRUE(c.ok());
+  // A new object under the same name is mapped afresh, not served from the old mapping.
+  (*c)->data()[0] = 1;
+  obj.reset();
+  const int fd = shm_open(key.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 4096), 0);
+  close(fd);
+  auto d = cache.Open(key, 0, 100, "r");
+  ASSERT_TRUE(d.ok());
+  EXPECT_NE(d->get(), c->get());
+  EXPECT_EQ((*d)->data()[0], 0);
+  shm_unlink(key.c_str());
+  EXPECT_EQ(cache.Open(key, 0, 100, "r").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(GuardedAccess, ATruncatedRegionIsAnErrorNotACrash) {
   ShmObject obj(4 * 4096);
   auto m = SharedMemoryMapping::Open(obj.key(), 0, 4 * 4096, "r");

@@ -71,6 +71,9 @@ ABSL_FLAG(std::string, coordinator, "", "worker: the coordinator's host:port");
 ABSL_FLAG(bool, exit_with_parent, false,
           "worker: exit when the process that started it exits (local workers)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1", "worker: host others reach this worker at");
+ABSL_FLAG(bool, shared_memory, true,
+          "serve/coordinator: accept same-host clients' system shared memory; worker: read and "
+          "write it itself (false where the worker does not share the coordinator's /dev/shm)");
 
 // attend
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "attend: the coordinator's host:port");
@@ -232,6 +235,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
   o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   o.demo = absl::GetFlag(FLAGS_demo);
   absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
   if (!demo.ok()) {
@@ -259,6 +263,7 @@ int RunWorker() {
   o.kernel = absl::GetFlag(FLAGS_kernel);
   o.device = absl::GetFlag(FLAGS_device);
   o.advertise_host = absl::GetFlag(FLAGS_advertise_host);
+  o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   return ringattn::RunWorkerMain(o);
 }
 

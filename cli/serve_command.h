@@ -18,6 +18,7 @@ struct ServeOptions {
   std::string kernel = "auto";  // passed to every local worker
   std::string binary;           // the ringattn executable, for local workers
   size_t max_queue = 16;
+  bool shared_memory = true;  // Coordinator::Options::shared_memory
   int64_t max_unary_bytes = int64_t{1} << 30;
   int64_t max_request_bytes = int64_t{4} << 30;
   double ready_timeout_seconds = 120;

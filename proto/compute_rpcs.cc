@@ -1,5 +1,6 @@
 #include "proto/compute_rpcs.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -140,6 +141,23 @@ bool Wants(const Message& request, const ComputeTensor& output) {
   return output.wanted_if == nullptr || BoolField(request, output.wanted_if);
 }
 
+std::vector<std::pair<std::string, v1::SharedMemoryRef>> OutputShm(const Message& request) {
+  // A map field is, to reflection, a repeated message of {key = 1, value = 2} entries.
+  const google::protobuf::FieldDescriptor* map = Field(request, "output_shm");
+  const google::protobuf::Reflection* refl = request.GetReflection();
+  std::vector<std::pair<std::string, v1::SharedMemoryRef>> out;
+  for (int i = 0; i < refl->FieldSize(request, map); ++i) {
+    const Message& entry = refl->GetRepeatedMessage(request, map, i);
+    const google::protobuf::Reflection* e = entry.GetReflection();
+    const google::protobuf::Descriptor* d = entry.GetDescriptor();
+    out.emplace_back(e->GetString(entry, d->FindFieldByNumber(1)),
+                     static_cast<const v1::SharedMemoryRef&>(
+                         e->GetMessage(entry, d->FindFieldByNumber(2))));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  return out;
+}
+
 const v1::Tensor& TensorField(const Message& m, std::string_view name) {
   return static_cast<const v1::Tensor&>(m.GetReflection()->GetMessage(m, Field(m, name)));
 }
@@ -161,6 +179,12 @@ void SetBytesField(Message* m, std::string_view name, std::string value) {
   m->GetReflection()->SetString(m, Field(*m, name), std::move(value));
 }
 
+char* SizeBytesField(Message* m, std::string_view name, size_t bytes) {
+  SetBytesField(m, name, std::string(bytes, '\0'));
+  // A generated message keeps its bytes field in place (see BytesField).
+  return const_cast<std::string&>(BytesField(*m, name)).data();
+}
+
 bool BoolField(const Message& m, std::string_view name) {
   return m.GetReflection()->GetBool(m, Field(m, name));
 }
@@ -172,6 +196,11 @@ void SetBoolField(Message* m, std::string_view name, bool value) {
 v1::ShardHeader* MutableShardHeader(Message* shard_request) {
   return static_cast<v1::ShardHeader*>(shard_request->GetReflection()->MutableMessage(
       shard_request, Field(*shard_request, "header")));
+}
+
+const v1::ShardHeader& ShardHeaderOf(const Message& shard_request) {
+  return static_cast<const v1::ShardHeader&>(
+      shard_request.GetReflection()->GetMessage(shard_request, Field(shard_request, "header")));
 }
 
 const v1::WorkerTiming& ShardTiming(const Message& shard_response) {

@@ -19,6 +19,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/types/span.h"
@@ -88,9 +89,16 @@ v1::Tensor* MutableTensorField(google::protobuf::Message* m, std::string_view na
 bool HasTensorField(const google::protobuf::Message& m, std::string_view name);
 const std::string& BytesField(const google::protobuf::Message& m, std::string_view name);
 void SetBytesField(google::protobuf::Message* m, std::string_view name, std::string value);
+// Sets bytes field `name` to `bytes` zero bytes and returns where they are, to be written in
+// place.
+char* SizeBytesField(google::protobuf::Message* m, std::string_view name, size_t bytes);
 bool BoolField(const google::protobuf::Message& m, std::string_view name);
 void SetBoolField(google::protobuf::Message* m, std::string_view name, bool value);
 v1::ShardHeader* MutableShardHeader(google::protobuf::Message* shard_request);
+const v1::ShardHeader& ShardHeaderOf(const google::protobuf::Message& shard_request);
+// A public request's `output_shm` map: output name -> where the client wants its bytes.
+std::vector<std::pair<std::string, v1::SharedMemoryRef>> OutputShm(
+    const google::protobuf::Message& request);
 const v1::WorkerTiming& ShardTiming(const google::protobuf::Message& shard_response);
 
 // Bytes of the data of every table tensor present in `message` (inputs of a request or outputs

@@ -150,6 +150,10 @@ TEST(ReflectionTest, FieldsByName) {
   SetBytesField(&shard, "dout", "12345");
   EXPECT_EQ(shard.dout(), "12345");
   EXPECT_EQ(&BytesField(shard, "dout"), &shard.dout());  // in place, no copy
+  v1::RunShardBackwardResponse grads;
+  char* dq = SizeBytesField(&grads, "dq", 6);
+  dq[5] = 'x';
+  EXPECT_EQ(grads.dq(), std::string(5, '\0') + "x");
   MutableShardHeader(&shard)->set_generation(7);
   EXPECT_EQ(shard.header().generation(), 7);
   v1::RunShardRequest fwd;
@@ -159,6 +163,23 @@ TEST(ReflectionTest, FieldsByName) {
   v1::RunShardResponse resp;
   resp.mutable_timing()->set_rank(3);
   EXPECT_EQ(ShardTiming(resp).rank(), 3);
+  EXPECT_EQ(&ShardHeaderOf(shard), &shard.header());
+}
+
+TEST(ReflectionTest, OutputShmOfEveryRequestSortedByName) {
+  v1::AttendBackwardRequest b;
+  (*b.mutable_output_shm())["dv"].set_offset(3);
+  (*b.mutable_output_shm())["dq"].set_region("r");
+  const auto refs = OutputShm(b);
+  ASSERT_EQ(refs.size(), 2u);
+  EXPECT_EQ(refs[0].first, "dq");
+  EXPECT_EQ(refs[0].second.region(), "r");
+  EXPECT_EQ(refs[1].first, "dv");
+  EXPECT_EQ(refs[1].second.offset(), 3);
+  v1::AttendRequest a;
+  EXPECT_TRUE(OutputShm(a).empty());
+  (*a.mutable_output_shm())["out"].set_byte_size(9);
+  EXPECT_EQ(OutputShm(a).at(0).second.byte_size(), 9);
 }
 
 TEST(StatusConversionTest, EveryCanonicalCodeAndMessageCrosses) {

@@ -247,15 +247,55 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
   return out;
 }
 
+// A tensor's bytes are those its shape needs: in its data, or (shm set, data empty) the size
+// of its shared-memory reference, whose region the coordinator resolves later.
+absl::Status CheckTensorBytes(const char* name, const v1::Tensor& t, size_t bytes,
+                              const std::string& dtype_name) {
+  if (t.has_shm()) {
+    if (!t.data().empty()) {
+      return Invalid(name, ".data must be empty when ", name, ".shm is set, got ", t.data().size(),
+                     " bytes");
+    }
+    if (t.shm().region().empty()) {
+      return Invalid(name, ".shm.region must name a region registered with "
+                     "RegisterSystemSharedMemory");
+    }
+    if (t.shm().byte_size() < 0 || static_cast<uint64_t>(t.shm().byte_size()) != bytes) {
+      return Invalid(name, ".shm.byte_size is ", t.shm().byte_size(), "; shape ", ShapeString(t),
+                     " of ", dtype_name, " needs ", bytes);
+    }
+    return absl::OkStatus();
+  }
+  if (t.data().size() != bytes) {
+    return Invalid(name, ".data has ", t.data().size(), " bytes; shape ", ShapeString(t), " of ",
+                   dtype_name, " needs ", bytes);
+  }
+  return absl::OkStatus();
+}
+
 // Each tensor's data has the bytes its shape needs.
 absl::Status CheckDataSizes(
     std::initializer_list<std::tuple<const char*, const v1::Tensor*, size_t>> tensors,
     DType dtype) {
   for (const auto& [name, t, bytes] : tensors) {
-    if (t->data().size() != bytes) {
-      return Invalid(name, ".data has ", t->data().size(), " bytes; shape ", ShapeString(*t),
-                     " of ", std::string(DTypeName(dtype)), " needs ", bytes);
+    RA_RETURN_IF_ERROR(CheckTensorBytes(name, *t, bytes, std::string(DTypeName(dtype))));
+  }
+  return absl::OkStatus();
+}
+
+// Stream headers carry no shared-memory references: the streams exist to move bytes.
+absl::Status CheckNoSharedMemory(
+    std::initializer_list<std::pair<const char*, const v1::Tensor*>> tensors,
+    size_t output_shm_entries, const char* rpc) {
+  for (const auto& [name, t] : tensors) {
+    if (t->has_shm()) {
+      return Invalid(name, ".shm must be unset in an ", rpc, " header: shared-memory tensors go "
+                     "through the unary call");
     }
+  }
+  if (output_shm_entries > 0) {
+    return Invalid("output_shm must be empty in an ", rpc, " header: shared-memory outputs go "
+                   "through the unary call");
   }
   return absl::OkStatus();
 }
@@ -286,6 +326,8 @@ absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& he
                      " chunks), got ", t->data().size(), " bytes");
     }
   }
+  RA_RETURN_IF_ERROR(CheckNoSharedMemory({{"q", &header.q()}, {"k", &header.k()}, {"v", &header.v()}},
+                                         header.output_shm_size(), "AttendStream"));
   return out;
 }
 
@@ -322,11 +364,7 @@ absl::Status CheckLse(bool present, const v1::Tensor& t, const AttentionShape& s
       t.shape(2) != s.seqlen_q) {
     return Invalid("lse.shape must be [batch, heads, seq] = ", want, ", got ", ShapeString(t));
   }
-  if (t.data().size() != s.lse_bytes()) {
-    return Invalid("lse.data has ", t.data().size(), " bytes; shape ", ShapeString(t),
-                   " of fp32 needs ", s.lse_bytes());
-  }
-  return absl::OkStatus();
+  return CheckTensorBytes("lse", t, s.lse_bytes(), "fp32");
 }
 
 // The q/k/v part of a backward request (its other tensors left out) through the forward's
@@ -390,6 +428,13 @@ absl::StatusOr<ValidatedAttend> ValidateAttendBackwardHeader(const v1::AttendBac
                                                              const AttendLimits& limits) {
   RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateForwardPart(r, limits));
   RA_RETURN_IF_ERROR(CheckBackwardBytes(out.shape, limits));
+  RA_RETURN_IF_ERROR(CheckNoSharedMemory({{"q", &r.q()},
+                                          {"k", &r.k()},
+                                          {"v", &r.v()},
+                                          {"out", &r.out()},
+                                          {"dout", &r.dout()},
+                                          {"lse", &r.lse()}},
+                                         r.output_shm_size(), "AttendBackwardStream"));
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "proto/chunk_codec.h"
@@ -40,6 +41,39 @@ absl::Status CancelReason(const grpc::CallbackServerContext& ctx) {
     return absl::DeadlineExceededError("deadline exceeded");
   }
   return absl::CancelledError("the client cancelled the request");
+}
+
+// Who is calling, for keying what a caller owns (its shared-memory regions): the authenticated
+// peer identity when the channel has one, else the peer's address without its port.
+std::string CallerIdentity(const grpc::ServerContextBase& ctx) {
+  const std::shared_ptr<const grpc::AuthContext> auth = ctx.auth_context();
+  if (auth != nullptr && auth->IsPeerAuthenticated()) {
+    std::string id;
+    for (const grpc::string_ref& part : auth->GetPeerIdentity()) {
+      absl::StrAppend(&id, id.empty() ? "" : ",", std::string(part.data(), part.size()));
+    }
+    return absl::StrCat("auth:", id);
+  }
+  std::string peer = ctx.peer();  // "ipv4:127.0.0.1:5432", "ipv6:[::1]:5432", "unix:/path"
+  if (absl::StartsWith(peer, "ipv4:") || absl::StartsWith(peer, "ipv6:")) {
+    const size_t colon = peer.rfind(':');
+    if (colon != std::string::npos && colon > 5) peer.resize(colon);
+  }
+  return absl::StrCat("peer:", peer);
+}
+
+// Shared memory is for callers on this host: loopback addresses and Unix sockets.
+bool IsLocalCaller(const grpc::ServerContextBase& ctx) {
+  const std::string peer = ctx.peer();
+  return absl::StartsWith(peer, "ipv4:127.") || absl::StartsWith(peer, "ipv6:[::1]") ||
+         absl::StartsWith(peer, "ipv6:%5B::1%5D") || absl::StartsWith(peer, "unix:");
+}
+
+// Finishes a unary callback call with `s` at once.
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, const absl::Status& s) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
 }
 
 // The `rpc` labels of the request metrics: every compute RPC and its stream.
@@ -88,8 +122,9 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
             typename Call::Response* response)
       : c_(c), ctx_(ctx), request_(request), response_(response) {
     const absl::Time arrival = absl::Now();
-    absl::StatusOr<std::shared_ptr<AttendJob>> job = c_->Submit<Call>(
-        *request_, response_, arrival, DeadlineOf(*ctx_), [this](absl::Status s) { End(s); });
+    absl::StatusOr<std::shared_ptr<AttendJob>> job =
+        c_->Submit<Call>(*request_, response_, CallerIdentity(*ctx_), arrival, DeadlineOf(*ctx_),
+                         [this](absl::Status s) { End(s); });
     if (job.ok()) {
       job_ = *std::move(job);
     } else {
@@ -149,8 +184,8 @@ class Coordinator::StreamCall final
     if (absl::Status s = receiver_.Finish(); !s.ok()) return End(s);
     receive_seconds_ = SecondsSince(arrival_);
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*receiver_.header(), &response_, arrival_, DeadlineOf(*ctx_),
-                         [this](absl::Status s) { Respond(s); });
+        c_->Submit<Call>(*receiver_.header(), &response_, CallerIdentity(*ctx_), arrival_,
+                         DeadlineOf(*ctx_), [this](absl::Status s) { Respond(s); });
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -275,9 +310,39 @@ class Coordinator::Services {
     grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx, const v1::InfoRequest*,
                                       v1::InfoResponse* response) override {
       c_->FillInfo(response);
-      grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-      reactor->Finish(grpc::Status::OK);
-      return reactor;
+      return FinishNow(ctx, absl::OkStatus());
+    }
+
+    grpc::ServerUnaryReactor* RegisterSystemSharedMemory(
+        grpc::CallbackServerContext* ctx, const v1::RegisterSystemSharedMemoryRequest* request,
+        v1::RegisterSystemSharedMemoryResponse*) override {
+      if (!c_->options_.shared_memory) {
+        return FinishNow(ctx, absl::FailedPreconditionError(
+                                  "this service has system shared memory disabled"));
+      }
+      if (!IsLocalCaller(*ctx)) {
+        return FinishNow(ctx, absl::PermissionDeniedError(absl::StrCat(
+                                  "system shared memory is for callers on the service's host; ",
+                                  "this call came from ", ctx->peer())));
+      }
+      return FinishNow(ctx, c_->shared_memory_.Register(CallerIdentity(*ctx), *request));
+    }
+
+    grpc::ServerUnaryReactor* UnregisterSystemSharedMemory(
+        grpc::CallbackServerContext* ctx, const v1::UnregisterSystemSharedMemoryRequest* request,
+        v1::UnregisterSystemSharedMemoryResponse*) override {
+      return FinishNow(ctx, c_->shared_memory_.Unregister(CallerIdentity(*ctx), request->name()));
+    }
+
+    grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
+        grpc::CallbackServerContext* ctx, const v1::SystemSharedMemoryStatusRequest* request,
+        v1::SystemSharedMemoryStatusResponse* response) override {
+      absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> regions =
+          c_->shared_memory_.List(CallerIdentity(*ctx), request->name());
+      if (regions.ok()) {
+        for (v1::SystemSharedMemoryRegion& r : *regions) *response->add_regions() = std::move(r);
+      }
+      return FinishNow(ctx, regions.status());
     }
 
    private:
@@ -327,6 +392,7 @@ class Coordinator::Services {
 
 Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
+      shared_memory_(options_.shared_memory_limits),
       metrics_(RpcLabels()),
       ring_(std::make_unique<RingManager>(
           [&] {
@@ -420,10 +486,15 @@ AttendLimits Coordinator::Limits() const {
 
 template <typename Call>
 absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
-    const typename Call::Request& request, typename Call::Response* response, absl::Time arrival,
-    absl::Time deadline, std::function<void(absl::Status)> finish) {
+    const typename Call::Request& request, typename Call::Response* response,
+    const std::string& owner, absl::Time arrival, absl::Time deadline,
+    std::function<void(absl::Status)> finish) {
   const absl::Time validate0 = absl::Now();
   RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
+  // Resolved now, so that a bad reference is refused before queueing, and holding the regions'
+  // mappings until the job is done.
+  RA_ASSIGN_OR_RETURN(SharedTensors shared, ResolveSharedTensors(Call::Rpc(), request, problem,
+                                                                  shared_memory_, owner));
   if (problem.request_id.empty()) {
     problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
   }
@@ -432,8 +503,9 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   job->arrival = arrival;
   job->deadline = deadline;
   job->timings = response->mutable_timings();
-  job->run = [&request, response, problem](const RingSnapshot& ring, const RunControl& control) {
-    return RunOnRing(Call::Rpc(), problem, request, ring, control, response,
+  job->run = [&request, response, problem, shared = std::move(shared)](
+                 const RingSnapshot& ring, const RunControl& control) {
+    return RunOnRing(Call::Rpc(), problem, request, shared, ring, control, response,
                      response->mutable_plan(), response->mutable_timings());
   };
   job->done = [response, arrival, id = problem.request_id,
@@ -478,8 +550,10 @@ absl::Status Coordinator::RunJob(AttendJob& job) {
                : ring.status();
   }
   job.timings->set_ring_wait_seconds(SecondsSince(wait0));
-  const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation});
-  if (!s.ok()) ring_->ReportFailure(ring->generation, s.ToString());
+  bool workers_called = false;
+  const absl::Status s =
+      job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called});
+  if (!s.ok() && workers_called) ring_->ReportFailure(ring->generation, s.ToString());
   return s;
 }
 

@@ -16,6 +16,7 @@
 #include "server/metrics.h"
 #include "server/rendezvous_store.h"
 #include "server/ring_manager.h"
+#include "server/shared_memory_registry.h"
 
 namespace grpc {
 class Server;
@@ -34,6 +35,10 @@ class Coordinator {
     int64_t max_unary_bytes = int64_t{1} << 30;
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
     int64_t stream_chunk_bytes = int64_t{4} << 20;  // response chunks of the streaming RPCs
+    // Whether same-host callers may register system shared memory (callers on other hosts
+    // never may).
+    bool shared_memory = true;
+    SharedMemoryRegistry::Limits shared_memory_limits;
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;
@@ -66,10 +71,13 @@ class Coordinator {
   // Checks `request` and queues its job, which runs it into `response`; `finish` gets the job's
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
+  // `owner` is the caller's identity (CallerIdentity), whose shared-memory regions the request
+  // may refer to.
   template <typename Call>
   absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
                                                     typename Call::Response* response,
-                                                    absl::Time arrival, absl::Time deadline,
+                                                    const std::string& owner, absl::Time arrival,
+                                                    absl::Time deadline,
                                                     std::function<void(absl::Status)> finish);
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.
@@ -82,6 +90,7 @@ class Coordinator {
 
   const Options options_;
   RendezvousStore store_;
+  SharedMemoryRegistry shared_memory_;
   ServiceMetrics metrics_;
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;

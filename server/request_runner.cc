@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "base/shared_memory.h"
 #include "base/status_macros.h"
 #include "proto/convert.h"
 #include "ring/layout.h"
@@ -89,12 +90,27 @@ v1::ShardHeader ShardHeaderOf(const RingSnapshot& ring, const ValidatedAttend& p
   return h;
 }
 
+// Whether rank r's worker maps the request's shared memory itself: it is on this host.
+bool WorkerMapsSharedMemory(const RingSnapshot& ring, int r) {
+  static const std::string* const kThisHost = new std::string(HostId());
+  return ring.members[r]->host_id == *kThisHost;
+}
+
+void AddShardShm(const std::string& name, const SharedTensor& t, v1::ShardHeader* h) {
+  v1::ShardShm& s = (*h->mutable_shm())[name];
+  s.set_key(t.mapping->key());
+  s.set_offset(t.object_offset());
+  s.set_byte_size(t.bytes);
+}
+
 }  // namespace
 
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
-                       const RingSnapshot& ring, const RunControl& control, Message* response,
-                       v1::ShardPlan* plan_proto, v1::Timings* timings) {
-  // Scatter: the plan, then each rank's rows of every input, in layout order.
+                       const SharedTensors& shared, const RingSnapshot& ring,
+                       const RunControl& control, Message* response, v1::ShardPlan* plan_proto,
+                       v1::Timings* timings) {
+  // Scatter: the plan, then each rank's rows of every input, in layout order. Inputs in shared
+  // memory go as references to workers on this host, as bytes read from it to the others.
   const absl::Time scatter0 = absl::Now();
   const int world = static_cast<int>(ring.members.size());
   const Layout layout = p.ResolvedLayout();
@@ -102,29 +118,61 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   if (!plan_or.ok()) return plan_or.status();
   const ShardPlan& plan = *plan_or;
 
+  // A region replaced or shrunk since it was registered fails this request only, before any
+  // worker starts (a worker failing on it would break the ring for everyone).
+  for (const auto& [name, t] : shared) {
+    if (!t.mapping->StillCurrent()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          name, ": the shared-memory object '", t.mapping->key(),
+          "' shrank, vanished or was replaced since it was registered; register it again"));
+    }
+  }
+
   const v1::ShardHeader header = ShardHeaderOf(ring, p, layout);
   std::vector<std::unique_ptr<Message>> requests(world);
   std::vector<std::unique_ptr<Message>> responses(world);
+  std::vector<absl::Status> scattered(world);
   ForEachRankInParallel(world, [&](int r) {
     requests[r].reset(rpc.shard_request->New());
     responses[r].reset(rpc.shard_response->New());
     Message* req = requests[r].get();
-    *MutableShardHeader(req) = header;
+    v1::ShardHeader* h = MutableShardHeader(req);
+    *h = header;
+    const bool worker_maps = !shared.empty() && WorkerMapsSharedMemory(ring, r);
     for (const ComputeTensor& out : rpc.outputs) {
       if (out.wanted_if != nullptr) SetBoolField(req, out.wanted_if, Wants(request, out));
+      auto placed = shared.find(out.name);
+      if (worker_maps && placed != shared.end()) AddShardShm(out.name, placed->second, h);
     }
     for (const ComputeTensor& in : rpc.inputs) {
       const RowView view = RowsOf(in.kind, p.shape);
-      SetBytesField(req, in.name,
-                    ExtractShardBytes(plan, r, TensorField(request, in.name).data(), view.outer,
-                                      view.row_bytes));
+      auto placed = shared.find(in.name);
+      if (placed == shared.end()) {
+        SetBytesField(req, in.name,
+                      ExtractShardBytes(plan, r, TensorField(request, in.name).data(), view.outer,
+                                        view.row_bytes));
+      } else if (worker_maps) {
+        AddShardShm(in.name, placed->second, h);
+      } else {
+        std::string bytes(view.outer * plan.shards[r].rows * view.row_bytes, '\0');
+        const absl::Status s = GuardedAccess(absl::StrCat(in.name, ".shm"), [&] {
+          ExtractShard(plan, r, placed->second.data(), view.outer, view.row_bytes, bytes.data());
+        });
+        if (!s.ok()) {
+          scattered[r] = s;
+          return;
+        }
+        SetBytesField(req, in.name, std::move(bytes));
+      }
     }
   });
+  for (const absl::Status& s : scattered) RA_RETURN_IF_ERROR(s);
   const absl::Time workers0 = absl::Now();
   timings->set_scatter_seconds(absl::ToDoubleSeconds(workers0 - scatter0));
 
   // Every rank at once: the ranks must all be in the ring together. The first failure, or the
   // request's cancellation, cancels every call, so that no worker keeps computing for nobody.
+  if (control.workers_called != nullptr) *control.workers_called = true;
   FanOutOptions fan_out;
   fan_out.deadline = control.deadline;
   fan_out.cancel_all_on_failure = true;
@@ -145,16 +193,40 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
     if (!s.ok()) return RingFailure(statuses, ring, control);
   }
 
-  // Gather: each rank's rows of every wanted output back into sequence order.
+  // Gather: each rank's rows of every wanted output back into sequence order, into the
+  // response or into the caller's shared memory (where workers on this host wrote theirs).
   for (const ComputeTensor& out : rpc.outputs) {
     if (!Wants(request, out)) continue;
     v1::Tensor* t = MutableTensorField(response, out.name);
     t->set_dtype(DTypeOf(out.kind, p.shape));
     for (int64_t d : DimsOf(out.kind, p.shape)) t->add_shape(d);
-    RA_RETURN_IF_ERROR(Gather(
-        plan, RowsOf(out.kind, p.shape),
-        [&](int r) -> const std::string& { return BytesField(*responses[r], out.name); },
-        t->mutable_data()));
+    const RowView view = RowsOf(out.kind, p.shape);
+    auto placed = shared.find(out.name);
+    if (placed == shared.end()) {
+      RA_RETURN_IF_ERROR(Gather(
+          plan, view,
+          [&](int r) -> const std::string& { return BytesField(*responses[r], out.name); },
+          t->mutable_data()));
+      continue;
+    }
+    for (int r = 0; r < world; ++r) {
+      const std::string& bytes = BytesField(*responses[r], out.name);
+      const size_t want = view.outer * plan.shards[r].rows * view.row_bytes;
+      if (WorkerMapsSharedMemory(ring, r)) {
+        if (!bytes.empty()) {
+          return absl::InternalError(absl::StrCat("worker rank ", r, " sent ", out.name,
+                                                  " bytes instead of writing shared memory"));
+        }
+        continue;
+      }
+      if (bytes.size() != want) {
+        return absl::InternalError(absl::StrCat("worker rank ", r, ": ", out.name, " has ",
+                                                bytes.size(), " bytes, expected ", want));
+      }
+      RA_RETURN_IF_ERROR(GuardedAccess(absl::StrCat("output_shm['", out.name, "']"), [&] {
+        InsertShard(plan, r, bytes.data(), view.outer, view.row_bytes, placed->second.data());
+      }));
+    }
   }
   for (int r = 0; r < world; ++r) {
     v1::WorkerTiming* wt = timings->add_workers();

@@ -1,7 +1,9 @@
 // Runs one validated request of a compute RPC through the ring, as its table (proto/
 // compute_rpcs.h) says: cuts every input into the ranks' shards, calls every worker at once
 // (FanOut, carrying the caller's deadline and cancellation), gathers the outputs back into
-// sequence order, and fills the response's plan and timings.
+// sequence order, and fills the response's plan and timings. Tensors in the caller's shared
+// memory (`shared`) are read and written there: by the workers on this host themselves, by the
+// coordinator for the others.
 #pragma once
 
 #include "absl/status/status.h"
@@ -12,12 +14,16 @@
 #include "server/attend_request.h"
 #include "server/fan_out.h"
 #include "server/ring_manager.h"
+#include "server/shared_tensors.h"
 
 namespace ringattn {
 
 struct RunControl {
   absl::Time deadline = absl::InfiniteFuture();
   Cancellation* cancellation = nullptr;  // may be null
+  // Set to true when the first worker call is issued: a failure before it (a region that
+  // shrank) is the request's alone and leaves the ring intact. May be null.
+  bool* workers_called = nullptr;
 };
 
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request
@@ -27,7 +33,8 @@ struct RunControl {
 // when those stopped it, every worker call cancelled. Any failure leaves the workers' ring
 // broken; the caller reports it.
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& problem,
-                       const google::protobuf::Message& request, const RingSnapshot& ring,
+                       const google::protobuf::Message& request, const SharedTensors& shared,
+                       const RingSnapshot& ring,
                        const RunControl& control, google::protobuf::Message* response,
                        v1::ShardPlan* plan, v1::Timings* timings);
 

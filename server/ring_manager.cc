@@ -50,6 +50,7 @@ std::string RingManager::Register(const v1::RegisterRequest& request) {
   w->device = request.device();
   w->transport = request.transport();
   w->pid = request.pid();
+  w->host_id = request.host_id();
   w->channel = WorkerChannel(w->address);
   w->stub = v1::WorkerService::NewStub(w->channel);
   absl::MutexLock lock(&mu_);

@@ -25,6 +25,8 @@ struct WorkerRecord {
   std::string device;
   std::string transport;
   int64_t pid = 0;
+  std::string host_id;  // HostId() of its host; empty when it did not say
+
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::WorkerService::Stub> stub;
 };

@@ -16,7 +16,8 @@ std::string WorkerBinary() {
   return b != nullptr ? b : "";
 }
 
-LocalService::LocalService(int world, Coordinator::Options options, std::string kernel) {
+LocalService::LocalService(int world, Coordinator::Options options, std::string kernel,
+                           std::vector<std::string> worker_args) {
   options.world_size = world;
   options.ring.ring_timeout_seconds = 20;
   options.ring.ping_interval = absl::Milliseconds(200);
@@ -28,6 +29,7 @@ LocalService::LocalService(int world, Coordinator::Options options, std::string 
   w.count = world;
   w.coordinator_address = address();
   w.kernel = std::move(kernel);
+  w.extra_args = std::move(worker_args);
   workers_ = std::make_unique<LocalWorkerPool>(w);
   start_status_ = workers_->Start();
   if (!start_status_.ok()) return;

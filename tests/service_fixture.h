@@ -26,7 +26,9 @@ class LocalService {
  public:
   // Sets world_size, the ring timeout and the ping interval on `options`; waits up to 60 s for
   // the ring to form. The workers run with --kernel=`kernel`.
-  LocalService(int world, Coordinator::Options options, std::string kernel = "auto");
+  // `worker_args` go to every worker's command line.
+  LocalService(int world, Coordinator::Options options, std::string kernel = "auto",
+               std::vector<std::string> worker_args = {});
   ~LocalService();
   LocalService(const LocalService&) = delete;
   LocalService& operator=(const LocalService&) = delete;

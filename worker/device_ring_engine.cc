@@ -212,6 +212,13 @@ class DeviceRingEngine final : public RingEngine {
   std::string device_name() const override { return device_name_; }
   std::string transport() const override { return "nccl"; }
 
+  absl::StatusOr<std::shared_ptr<char>> AllocateHost(size_t bytes) override {
+    RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* p = nullptr;
+    RA_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p, bytes > 0 ? bytes : 1));
+    return std::shared_ptr<char>(static_cast<char*>(p), [](char* q) { cudaFreeHost(q); });
+  }
+
   absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,
       std::chrono::milliseconds timeout) override {

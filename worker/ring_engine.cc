@@ -20,6 +20,10 @@ absl::StatusOr<RingTimings> RingConnection::Backward(const ShardPlan& /*plan*/,
   return absl::UnimplementedError("this worker's engine has no backward");
 }
 
+absl::StatusOr<std::shared_ptr<char>> RingEngine::AllocateHost(size_t bytes) {
+  return std::shared_ptr<char>(new char[bytes > 0 ? bytes : 1], std::default_delete<char[]>());
+}
+
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options) {
   RingEngineOptions o = options;
   if (o.kernel == "auto") {

@@ -47,6 +47,9 @@ class RingEngine {
   virtual std::string device_name() const = 0;
   // "gloo" or "nccl".
   virtual std::string transport() const = 0;
+  // Host memory of `bytes` that this engine's connections copy to and from at their best speed:
+  // page-locked on GPU engines (cudaMallocHost), plain on the host engine (the default).
+  virtual absl::StatusOr<std::shared_ptr<char>> AllocateHost(size_t bytes);
   // Joins ring `rank` of `world` through `store` (keys already confined to this ring).
   virtual absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "base/shared_memory.h"
 #include "base/status_macros.h"
 #include "proto/convert.h"
 #include "worker/ring_engine.h"
@@ -143,6 +144,7 @@ absl::Status Worker::Register() {
   request.set_device(device_name_);
   request.set_pid(static_cast<int64_t>(getpid()));
   request.set_transport(transport_);
+  if (options_.shared_memory) request.set_host_id(HostId());
 
   const auto deadline = Clock::now() + options_.register_timeout;
   auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kInitialBackoff);

@@ -41,6 +41,10 @@ class Worker {
     // Host the coordinator and the other ranks reach this worker at: advertised to the
     // coordinator with the port, and the address the Gloo transport listens on.
     std::string advertise_host = "127.0.0.1";
+    // Whether to read and write same-host clients' shared memory itself: advertises HostId() to
+    // the coordinator. Off for a worker that does not share the coordinator's /dev/shm (another
+    // container): the coordinator then moves those tensors' bytes for it.
+    bool shared_memory = true;
     // How long registration keeps retrying while the coordinator is not up yet.
     std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
   };

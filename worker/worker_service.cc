@@ -290,29 +290,36 @@ absl::StatusOr<ShardSpec> ParseShardHeader(const v1::ShardHeader& header, int ra
   return spec;
 }
 
-// Every input of `rpc` in `request` has the bytes this rank's shard needs.
+// Every input of `rpc` that `request` carries as bytes has the bytes this rank's shard needs.
 absl::Status CheckShardInputs(const ComputeRpc& rpc, const google::protobuf::Message& request,
-                              const ShardSpec& spec) {
+                              const v1::ShardHeader& header, const ShardSpec& spec) {
   for (const ComputeTensor& in : rpc.inputs) {
     const size_t have = BytesField(request, in.name).size();
     const size_t want = BytesOf(in.kind, spec.shard);
+    if (header.shm().count(in.name) > 0) {
+      if (have != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            in.name, " has ", have, " bytes but is also in shared memory (header.shm)"));
+      }
+      continue;
+    }
     if (have != want) {
       return absl::InvalidArgumentError(absl::StrCat(in.name, " has ", have, " bytes but rank ",
                                                      spec.rank, "'s shard needs ", want, " (",
                                                      DescribeRows(in.kind, spec.shard), ")"));
     }
   }
-  return absl::OkStatus();
-}
-
-// Sizes every output of `rpc` the request wants to this rank's shard.
-void SizeShardOutputs(const ComputeRpc& rpc, const google::protobuf::Message& request,
-                      const ShardSpec& spec, google::protobuf::Message* response) {
-  for (const ComputeTensor& out : rpc.outputs) {
-    if (Wants(request, out)) {
-      SetBytesField(response, out.name, std::string(BytesOf(out.kind, spec.shard), '\0'));
+  for (const auto& [name, shm] : header.shm()) {
+    bool known = false;
+    for (const ComputeTensor& t : rpc.inputs) known |= name == t.name;
+    for (const ComputeTensor& t : rpc.outputs) known |= name == t.name;
+    if (!known) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.shm['", name.substr(0, 64), "'] names no tensor of ",
+                       std::string(rpc.name)));
     }
   }
+  return absl::OkStatus();
 }
 
 // The sizes of a ring's shard tensors (RingShardTensors, RingBackwardTensors) from the shape.
@@ -323,6 +330,31 @@ void SetShardSizes(const AttentionShape& s, Tensors* t) {
   t->heads = s.heads;
   t->heads_k = s.heads_k;
   t->head_dim = s.head_dim;
+}
+
+// A whole tensor mapped from a client's shared memory, viewed as the rows ExtractShard cuts.
+struct SharedTensorView {
+  std::shared_ptr<SharedMemoryMapping> mapping;  // keeps `data` mapped
+  char* data = nullptr;
+  RowView rows;
+};
+
+// Maps `shm`, which must hold the whole of `t` for the problem in `spec`.
+absl::StatusOr<SharedTensorView> MapWhole(const ComputeTensor& t, const v1::ShardShm& shm,
+                                          const ShardSpec& spec, SharedMemoryCache* cache) {
+  const int64_t want = static_cast<int64_t>(BytesOf(t.kind, spec.shape));
+  const std::string field = absl::StrCat("header.shm['", t.name, "']");
+  if (shm.byte_size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".byte_size is ", shm.byte_size(),
+                                                   "; the whole ", t.name, " has ", want));
+  }
+  RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> m,
+                      cache->Open(shm.key(), shm.offset(), shm.byte_size(), field));
+  SharedTensorView view;
+  view.data = m->data();
+  view.mapping = std::move(m);
+  view.rows = RowsOf(t.kind, spec.shape);
+  return view;
 }
 
 // Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
@@ -365,38 +397,108 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
 
 }  // namespace
 
+absl::StatusOr<char*> WorkerServiceImpl::Staging(size_t slot, size_t bytes) {
+  if (staging_.size() <= slot) staging_.resize(slot + 1);
+  StagingSlot& s = staging_[slot];
+  if (s.data == nullptr || s.bytes < bytes) {
+    s.data.reset();  // freed before the larger one is allocated
+    s.bytes = 0;
+    RA_ASSIGN_OR_RETURN(s.data, engine_->AllocateHost(bytes));
+    s.bytes = bytes;
+  }
+  return s.data.get();
+}
+
+namespace {
+
+// Seconds since t0.
+double Since(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
+
+}  // namespace
+
 template <typename Request, typename Response>
 grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* method,
                                            const char* what_kind, grpc::ServerContext* context,
                                            const Request& request, Response* response,
-                                           const ShardOp<Request, Response>& op) {
+                                           const ShardOp<Request>& op) {
   const absl::Time handler0 = absl::Now();
   const grpc::Status status = RunOnCurrentRing(
       method, request.header().generation(),
       [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
         RingConnection& comm = *ring->conn;
         const int rank = comm.rank();
+        const v1::ShardHeader& header = request.header();
         const std::string what =
             absl::StrCat("rank ", rank, " of ring generation ", ring->generation, ", ", what_kind,
-                         "request '", request.header().request_id(), "'");
+                         "request '", header.request_id(), "'");
         RA_ASSIGN_OR_RETURN(const ShardSpec spec,
-                            ParseShardHeader(request.header(), rank, comm.world_size()));
-        RA_RETURN_IF_ERROR(CheckShardInputs(rpc, request, spec));
-        SizeShardOutputs(rpc, request, spec, response);
+                            ParseShardHeader(header, rank, comm.world_size()));
+        RA_RETURN_IF_ERROR(CheckShardInputs(rpc, request, header, spec));
+
+        // The tensors in the client's shared memory: the whole tensor mapped, this rank's rows
+        // read into (inputs) or later written from (outputs) staging.
+        std::vector<std::pair<const ComputeTensor*, SharedTensorView>> shared_outputs;
+        ShardBuffers buffers;
+        double read_seconds = 0;
+        size_t slot = 0;
+        for (const ComputeTensor& in : rpc.inputs) {
+          auto shm = header.shm().find(in.name);
+          if (shm == header.shm().end()) {
+            buffers.inputs.push_back(BytesField(request, in.name).data());
+            continue;
+          }
+          const absl::Time read0 = absl::Now();
+          RA_ASSIGN_OR_RETURN(const SharedTensorView view,
+                              MapWhole(in, shm->second, spec, &shared_memory_));
+          RA_ASSIGN_OR_RETURN(char* staged, Staging(slot++, BytesOf(in.kind, spec.shard)));
+          RA_RETURN_IF_ERROR(GuardedAccess(absl::StrCat(in.name, " in shared memory"), [&] {
+            ExtractShard(spec.plan, rank, view.data, view.rows.outer, view.rows.row_bytes, staged);
+          }));
+          buffers.inputs.push_back(staged);
+          read_seconds += Since(read0);
+        }
+        for (const ComputeTensor& out : rpc.outputs) {
+          if (!Wants(request, out)) {
+            buffers.outputs.push_back(nullptr);
+            continue;
+          }
+          const size_t bytes = BytesOf(out.kind, spec.shard);
+          auto shm = header.shm().find(out.name);
+          if (shm == header.shm().end()) {
+            buffers.outputs.push_back(SizeBytesField(response, out.name, bytes));
+            continue;
+          }
+          RA_ASSIGN_OR_RETURN(const SharedTensorView view,
+                              MapWhole(out, shm->second, spec, &shared_memory_));
+          RA_ASSIGN_OR_RETURN(char* staged, Staging(slot++, bytes));
+          shared_outputs.emplace_back(&out, view);
+          buffers.outputs.push_back(staged);
+        }
+
         const absl::Time ring0 = absl::Now();
         RA_ASSIGN_OR_RETURN(const RingTimings timings, RunWatched(context, what, comm, [&] {
-                              return op(comm, spec, request, response);
+                              return op(comm, spec, request, buffers);
                             }));
+        const absl::Time write0 = absl::Now();
+        for (const auto& [out, view] : shared_outputs) {
+          const size_t index = out - rpc.outputs.data();
+          RA_RETURN_IF_ERROR(GuardedAccess(absl::StrCat(out->name, " in shared memory"), [&] {
+            InsertShard(spec.plan, rank, buffers.outputs[index], view.rows.outer,
+                        view.rows.row_bytes, view.data);
+          }));
+        }
         const absl::Time send0 = absl::Now();
         v1::WorkerTiming* timing = response->mutable_timing();
         FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(), timing);
-        timing->set_receive_seconds(absl::ToDoubleSeconds(ring0 - handler0));
-        timing->set_send_seconds(absl::ToDoubleSeconds(absl::Now() - send0));
+        timing->set_receive_seconds(absl::ToDoubleSeconds(ring0 - handler0) - read_seconds);
+        timing->set_shared_memory_read_seconds(read_seconds);
+        timing->set_shared_memory_write_seconds(absl::ToDoubleSeconds(send0 - write0));
+        timing->set_send_seconds(Since(send0));
         return absl::OkStatus();
       },
       response);
   if (status.ok()) {
-    response->mutable_timing()->set_handler_seconds(absl::ToDoubleSeconds(absl::Now() - handler0));
+    response->mutable_timing()->set_handler_seconds(Since(handler0));
   }
   return status;
 }
@@ -406,15 +508,15 @@ grpc::Status WorkerServiceImpl::RunShard(grpc::ServerContext* context,
                                          v1::RunShardResponse* response) {
   return RunCompute<v1::RunShardRequest, v1::RunShardResponse>(
       AttendRpc(), "RunShard", "", context, *request, response,
-      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardRequest& req,
-         v1::RunShardResponse* resp) {
-        RingShardTensors t;
+      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardRequest& /*req*/,
+         const ShardBuffers& io) {
+        RingShardTensors t;  // AttendRpc's order: in q, k, v; out out, lse
         SetShardSizes(spec.shape, &t);
-        t.q = req.q().data();
-        t.k = req.k().data();
-        t.v = req.v().data();
-        t.out = resp->mutable_out()->data();
-        t.lse = req.return_lse() ? reinterpret_cast<float*>(resp->mutable_lse()->data()) : nullptr;
+        t.q = io.inputs[0];
+        t.k = io.inputs[1];
+        t.v = io.inputs[2];
+        t.out = io.outputs[0];
+        t.lse = reinterpret_cast<float*>(io.outputs[1]);  // null unless return_lse
         return comm.Forward(spec.plan, t, spec.options);
       });
 }
@@ -424,20 +526,20 @@ grpc::Status WorkerServiceImpl::RunShardBackward(grpc::ServerContext* context,
                                                  v1::RunShardBackwardResponse* response) {
   return RunCompute<v1::RunShardBackwardRequest, v1::RunShardBackwardResponse>(
       AttendBackwardRpc(), "RunShardBackward", "backward of ", context, *request, response,
-      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardBackwardRequest& req,
-         v1::RunShardBackwardResponse* resp) {
-        RingBackwardTensors t;
-        SetShardSizes(spec.shape, &t);
+      [](RingConnection& comm, const ShardSpec& spec, const v1::RunShardBackwardRequest& /*req*/,
+         const ShardBuffers& io) {
+        RingBackwardTensors t;  // AttendBackwardRpc's order: in q, k, v, out, dout, lse;
+        SetShardSizes(spec.shape, &t);  // out dq, dk, dv
         t.grad_dtype = spec.shape.dtype;  // accumulated in fp32, rounded once at the end
-        t.q = req.q().data();
-        t.k = req.k().data();
-        t.v = req.v().data();
-        t.out = req.out().data();
-        t.dout = req.dout().data();
-        t.lse = reinterpret_cast<const float*>(req.lse().data());
-        t.dq = resp->mutable_dq()->data();
-        t.dk = resp->mutable_dk()->data();
-        t.dv = resp->mutable_dv()->data();
+        t.q = io.inputs[0];
+        t.k = io.inputs[1];
+        t.v = io.inputs[2];
+        t.out = io.inputs[3];
+        t.dout = io.inputs[4];
+        t.lse = reinterpret_cast<const float*>(io.inputs[5]);
+        t.dq = io.outputs[0];
+        t.dk = io.outputs[1];
+        t.dv = io.outputs[2];
         return comm.Backward(spec.plan, t, spec.options);
       });
 }

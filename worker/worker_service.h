@@ -26,6 +26,7 @@
 #include "proto/compute_rpcs.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "worker/coordinator_store.h"
+#include "base/shared_memory.h"
 #include "worker/ring_engine.h"
 
 namespace ringattn {
@@ -84,11 +85,18 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
       const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
       google::protobuf::Message* response) ABSL_LOCKS_EXCLUDED(run_mu_);
   absl::Status Join(grpc::ServerContext* context, const v1::JoinRingRequest& request);
-  // One ring pass of a compute call on this rank's shard: its inputs in `request`, its outputs
-  // already sized in `response`.
-  template <typename Request, typename Response>
+  // A rank's shard tensors in host memory, in the table's order: inputs from the request's
+  // bytes or read from shared memory into staging; outputs into the response's bytes or into
+  // staging that is written to shared memory after the ring. Outputs not wanted are null.
+  struct ShardBuffers {
+    std::vector<const char*> inputs;  // [rpc.inputs.size()]
+    std::vector<char*> outputs;       // [rpc.outputs.size()]
+  };
+  // One ring pass of a compute call on this rank's shard.
+  template <typename Request>
   using ShardOp = std::function<absl::StatusOr<RingTimings>(
-      RingConnection& comm, const ShardSpec& spec, const Request& request, Response* response)>;
+      RingConnection& comm, const ShardSpec& spec, const Request& request,
+      const ShardBuffers& buffers)>;
   // A compute call (`method`, of table `rpc`) in the frame of RunOnCurrentRing: its shard
   // header parsed, its inputs checked and outputs sized by the table, then `op` run, aborting
   // the ring when the call is cancelled or past its deadline. `what_kind` goes into the
@@ -96,7 +104,10 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   template <typename Request, typename Response>
   grpc::Status RunCompute(const ComputeRpc& rpc, const char* method, const char* what_kind,
                           grpc::ServerContext* context, const Request& request, Response* response,
-                          const ShardOp<Request, Response>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
+                          const ShardOp<Request>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
+  // Host memory for slot `slot` of at least `bytes`, kept between calls (page-locked on GPU
+  // workers: RingEngine::AllocateHost).
+  absl::StatusOr<char*> Staging(size_t slot, size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -107,6 +118,13 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   // a time. Acquired before mu_.
   absl::Mutex run_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   const std::unique_ptr<RingEngine> engine_ ABSL_PT_GUARDED_BY(run_mu_);
+  // Same-host clients' shared memory (ShardHeader.shm), mapped once per tensor range.
+  SharedMemoryCache shared_memory_;
+  struct StagingSlot {
+    std::shared_ptr<char> data;
+    size_t bytes = 0;
+  };
+  std::vector<StagingSlot> staging_ ABSL_GUARDED_BY(run_mu_);
 
   // Guards the state that Ping and the aborting paths read without waiting for a run.
   mutable absl::Mutex mu_;

@@ -1,0 +1,416 @@
+// System shared memory through the service end to end: a client's POSIX shared-memory object
+// registered with the coordinator, requests that refer to it for their inputs and outputs, real
+// `ringattn worker` processes reading and writing it themselves (or, with --shared_memory=false,
+// the coordinator moving the bytes for them); checked against the fp64 reference and against
+// the same request with bytes. Bad regions and references are refused naming the field while the
+// service keeps serving.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "base/error_metrics.h"
+#include "base/shared_memory.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_attention.h"
+#include "ringattn/v1/attention.grpc.pb.h"
+#include "server/coordinator.h"
+#include "tests/service_fixture.h"
+
+namespace ringattn {
+namespace {
+
+using test::MakeRequest;
+using test::Shape;
+using test::WorkerBinary;
+
+// A client's shared-memory object, unlinked at the end.
+class ClientObject {
+ public:
+  explicit ClientObject(int64_t bytes)
+      : key_(absl::StrCat("/ringattn_svc_test_", getpid(), "_", n_++)), bytes_(bytes) {
+    const int fd = shm_open(key_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(ftruncate(fd, bytes), 0);
+    close(fd);
+    mapping_ = SharedMemoryMapping::Open(key_, 0, bytes, "test").value();
+  }
+  ~ClientObject() { shm_unlink(key_.c_str()); }
+  const std::string& key() const { return key_; }
+  int64_t bytes() const { return bytes_; }
+  char* data() { return mapping_->data(); }
+  void Truncate(int64_t bytes) {
+    const int fd = shm_open(key_.c_str(), O_RDWR, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(ftruncate(fd, bytes), 0);
+    close(fd);
+  }
+
+ private:
+  static inline int n_ = 0;
+  std::string key_;
+  int64_t bytes_;
+  std::shared_ptr<SharedMemoryMapping> mapping_;
+};
+
+// Lays tensors out one after another (64-byte aligned) in a region.
+class Placer {
+ public:
+  Placer(ClientObject* obj, std::string region) : obj_(obj), region_(std::move(region)) {}
+  // Moves t's data into the region and refers to it.
+  void Input(v1::Tensor* t) {
+    v1::SharedMemoryRef* ref = t->mutable_shm();
+    Take(static_cast<int64_t>(t->data().size()), ref);
+    std::memcpy(obj_->data() + ref->offset(), t->data().data(), t->data().size());
+    t->clear_data();
+  }
+  // Room for an output of `bytes`.
+  v1::SharedMemoryRef Output(int64_t bytes) {
+    v1::SharedMemoryRef ref;
+    Take(bytes, &ref);
+    std::memset(obj_->data() + ref.offset(), 0x7f, bytes);  // not what any result would be
+    return ref;
+  }
+  std::string Read(const v1::SharedMemoryRef& ref) const {
+    return std::string(obj_->data() + ref.offset(), ref.byte_size());
+  }
+
+ private:
+  void Take(int64_t bytes, v1::SharedMemoryRef* ref) {
+    ref->set_region(region_);
+    ref->set_offset(next_);
+    ref->set_byte_size(bytes);
+    next_ = (next_ + bytes + 63) / 64 * 64;
+    EXPECT_LE(next_, obj_->bytes());
+  }
+  ClientObject* obj_;
+  std::string region_;
+  int64_t next_ = 0;
+};
+
+class ShmService : public test::LocalService {
+ public:
+  ShmService(int world, bool workers_map)
+      : LocalService(world, {}, "cpu",
+                     workers_map ? std::vector<std::string>{}
+                                 : std::vector<std::string>{"--shared_memory=false"}) {
+    if (!start_status().ok()) return;
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(INT_MAX);
+    args.SetMaxSendMessageSize(INT_MAX);
+    stub_ = v1::AttentionService::NewStub(
+        grpc::CreateCustomChannel(address(), grpc::InsecureChannelCredentials(), args));
+  }
+  ~ShmService() { Stop(); }
+
+  grpc::Status Register(const std::string& name, const ClientObject& obj, int64_t offset = 0,
+                        int64_t bytes = -1) {
+    v1::RegisterSystemSharedMemoryRequest r;
+    r.set_name(name);
+    r.set_key(obj.key());
+    r.set_offset(offset);
+    r.set_byte_size(bytes < 0 ? obj.bytes() - offset : bytes);
+    v1::RegisterSystemSharedMemoryResponse resp;
+    grpc::ClientContext ctx;
+    return stub_->RegisterSystemSharedMemory(&ctx, r, &resp);
+  }
+  grpc::Status Unregister(const std::string& name) {
+    v1::UnregisterSystemSharedMemoryRequest r;
+    r.set_name(name);
+    v1::UnregisterSystemSharedMemoryResponse resp;
+    grpc::ClientContext ctx;
+    return stub_->UnregisterSystemSharedMemory(&ctx, r, &resp);
+  }
+  grpc::Status Status(const std::string& name, v1::SystemSharedMemoryStatusResponse* resp) {
+    v1::SystemSharedMemoryStatusRequest r;
+    r.set_name(name);
+    grpc::ClientContext ctx;
+    return stub_->SystemSharedMemoryStatus(&ctx, r, resp);
+  }
+  grpc::Status Attend(const v1::AttendRequest& req, v1::AttendResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    return stub_->Attend(&ctx, req, resp);
+  }
+  grpc::Status AttendBackward(const v1::AttendBackwardRequest& req,
+                              v1::AttendBackwardResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    return stub_->AttendBackward(&ctx, req, resp);
+  }
+  v1::AttentionService::Stub& stub() { return *stub_; }
+
+ private:
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+int64_t Bytes(const v1::Tensor& t) { return static_cast<int64_t>(t.data().size()); }
+
+// out and lse (from the region) against the fp64 reference of the request's inputs.
+void ExpectMatchesReference(const v1::AttendRequest& with_bytes, const std::string& out,
+                            const std::string& lse) {
+  std::vector<float> slopes;
+  AttentionParams p = test::ReferenceParams(with_bytes.q(), with_bytes.k(), with_bytes.v(),
+                                            with_bytes.options(), &slopes);
+  char unused;
+  p.o = &unused;
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  const int64_t n = static_cast<int64_t>(ref->o.size());
+  ASSERT_EQ(out.size(), static_cast<size_t>(n) * DTypeSize(p.dtype));
+  const double tol = p.dtype == DType::kF32 ? 1e-5 : 1e-2;
+  const ErrorStats e = CompareTensor(out.data(), p.dtype, ref->o.data(), n);
+  EXPECT_TRUE(e.Within(tol, 1.0)) << "out vs fp64: " << e.ToString();
+  ASSERT_EQ(lse.size(), ref->lse.size() * sizeof(float));
+  const ErrorStats l = CompareTensor(lse.data(), DType::kF32, ref->lse.data(),
+                                     static_cast<int64_t>(ref->lse.size()));
+  EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
+}
+
+// world, and whether the workers map the memory themselves.
+class ShmWorlds : public ::testing::TestWithParam<std::tuple<int, bool>> {};
+
+TEST_P(ShmWorlds, InputsAndOutputsInSharedMemoryMatchTheReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  const auto [world, workers_map] = GetParam();
+  ShmService svc(world, workers_map);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  struct Case {
+    const char* name;
+    Shape shape;
+    bool causal;
+  };
+  const Case cases[] = {
+      {"seq7_h5_mqa_causal", {1, 7, 5, 1, 64, v1::DTYPE_FP32}, true},
+      {"seq1", {1, 1, 5, 5, 64, v1::DTYPE_FP32}, true},
+      {"b2_seq37_gqa_bf16", {2, 37, 8, 2, 128, v1::DTYPE_BF16}, false},
+      {"seq300_zigzag", {1, 300, 4, 2, 64, v1::DTYPE_FP32}, true},
+  };
+  ClientObject obj(8 << 20);
+  ASSERT_TRUE(svc.Register("mine", obj).ok());
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const v1::AttendRequest with_bytes = MakeRequest(c.shape);
+    v1::AttendRequest req = with_bytes;
+    req.mutable_options()->set_causal(c.causal);
+    v1::AttendRequest ref_req = req;
+    Placer place(&obj, "mine");
+    place.Input(req.mutable_q());
+    place.Input(req.mutable_k());
+    place.Input(req.mutable_v());
+    const v1::SharedMemoryRef out = place.Output(Bytes(with_bytes.q()));
+    const int64_t lse_bytes = int64_t{c.shape.batch} * c.shape.heads * c.shape.seqlen * 4;
+    const v1::SharedMemoryRef lse = place.Output(lse_bytes);
+    (*req.mutable_output_shm())["out"] = out;
+    (*req.mutable_output_shm())["lse"] = lse;
+    v1::AttendResponse resp;
+    grpc::Status s = svc.Attend(req, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    // The response describes the outputs but carries none of their bytes.
+    EXPECT_TRUE(resp.out().data().empty());
+    EXPECT_TRUE(resp.lse().data().empty());
+    EXPECT_EQ(resp.out().shape_size(), 4);
+    EXPECT_EQ(resp.lse().dtype(), v1::DTYPE_FP32);
+    ExpectMatchesReference(ref_req, place.Read(out), place.Read(lse));
+    for (const v1::WorkerTiming& w : resp.timings().workers()) {
+      EXPECT_EQ(w.shared_memory_read_seconds() > 0, workers_map) << w.rank();
+    }
+
+    // The same request with bytes gives the same bytes.
+    v1::AttendResponse plain;
+    ASSERT_TRUE(svc.Attend(ref_req, &plain).ok());
+    EXPECT_EQ(plain.out().data(), place.Read(out));
+    EXPECT_EQ(plain.lse().data(), place.Read(lse));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, ShmWorlds,
+                         ::testing::Values(std::make_tuple(1, true), std::make_tuple(3, true),
+                                           std::make_tuple(2, false)),
+                         [](const auto& info) {
+                           return absl::StrCat("w", std::get<0>(info.param),
+                                               std::get<1>(info.param) ? "_workers_map"
+                                                                       : "_coordinator_moves");
+                         });
+
+class ShmServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+    svc_ = std::make_unique<ShmService>(2, true);
+    ASSERT_TRUE(svc_->start_status().ok()) << svc_->start_status();
+  }
+  void TearDown() override { svc_.reset(); }
+
+  // A request whose q, k, v are in `obj` under `region`, and whose out and lse go there too.
+  v1::AttendRequest Placed(ClientObject* obj, const std::string& region, Shape shape = {}) {
+    v1::AttendRequest req = MakeRequest(shape);
+    Placer place(obj, region);
+    const int64_t q = Bytes(req.q());
+    place.Input(req.mutable_q());
+    place.Input(req.mutable_k());
+    place.Input(req.mutable_v());
+    (*req.mutable_output_shm())["out"] = place.Output(q);
+    (*req.mutable_output_shm())["lse"] =
+        place.Output(int64_t{shape.batch} * shape.heads * shape.seqlen * 4);
+    return req;
+  }
+
+  // The request is refused with INVALID_ARGUMENT naming `words`, then a good one is answered.
+  void ExpectRefused(const v1::AttendRequest& bad, const std::string& words,
+                     grpc::StatusCode code = grpc::StatusCode::INVALID_ARGUMENT) {
+    v1::AttendResponse resp;
+    grpc::Status s = svc_->Attend(bad, &resp);
+    EXPECT_EQ(s.error_code(), code) << s.error_message();
+    EXPECT_NE(s.error_message().find(words), std::string::npos)
+        << "want '" << words << "' in: " << s.error_message();
+    v1::AttendResponse good;
+    EXPECT_TRUE(svc_->Attend(MakeRequest(Shape{}), &good).ok()) << "the service stopped serving";
+  }
+
+  std::unique_ptr<ShmService> svc_;
+};
+
+TEST_F(ShmServiceTest, RegistrationStatusAndUnregistration) {
+  ClientObject obj(1 << 20);
+  ASSERT_TRUE(svc_->Register("a", obj, 4096, 8192).ok());
+  ASSERT_TRUE(svc_->Register("b", obj).ok());
+  EXPECT_EQ(svc_->Register("a", obj).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  v1::SystemSharedMemoryStatusResponse st;
+  ASSERT_TRUE(svc_->Status("", &st).ok());
+  ASSERT_EQ(st.regions_size(), 2);
+  EXPECT_EQ(st.regions(0).name(), "a");
+  EXPECT_EQ(st.regions(0).key(), obj.key());
+  EXPECT_EQ(st.regions(0).offset(), 4096);
+  EXPECT_EQ(st.regions(0).byte_size(), 8192);
+  v1::SystemSharedMemoryStatusResponse one;
+  EXPECT_EQ(svc_->Status("zzz", &one).error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(svc_->Unregister("a").ok());
+  EXPECT_EQ(svc_->Unregister("a").error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(svc_->Unregister("").ok());
+  v1::SystemSharedMemoryStatusResponse none;
+  ASSERT_TRUE(svc_->Status("", &none).ok());
+  EXPECT_EQ(none.regions_size(), 0);
+  // Bad registrations name the field.
+  grpc::Status s = svc_->Register("c", obj, 0, 2 << 20);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("exceeds"), std::string::npos) << s.error_message();
+  v1::RegisterSystemSharedMemoryRequest r;
+  r.set_name("d");
+  r.set_key("/ringattn_svc_no_such_object");
+  r.set_byte_size(1);
+  v1::RegisterSystemSharedMemoryResponse resp;
+  grpc::ClientContext ctx;
+  EXPECT_EQ(svc_->stub().RegisterSystemSharedMemory(&ctx, r, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ShmServiceTest, BadReferencesAreRefusedNamingTheField) {
+  ClientObject obj(1 << 20);
+  ASSERT_TRUE(svc_->Register("r", obj).ok());
+  const v1::AttendRequest good = Placed(&obj, "r");
+  {
+    v1::AttendResponse resp;
+    ASSERT_TRUE(svc_->Attend(good, &resp).ok());
+  }
+  v1::AttendRequest bad = good;
+  bad.mutable_q()->mutable_shm()->set_region("nobody");
+  ExpectRefused(bad, "q.shm.region 'nobody' is not registered");
+  bad = good;
+  bad.mutable_k()->mutable_shm()->set_offset((1 << 20) - 10);
+  ExpectRefused(bad, "k.shm.offset");
+  bad = good;
+  bad.mutable_v()->mutable_shm()->set_byte_size(good.v().shm().byte_size() - 4);
+  ExpectRefused(bad, "v.shm.byte_size");
+  bad = good;
+  bad.mutable_q()->set_data("x");
+  ExpectRefused(bad, "q.data must be empty when q.shm is set");
+  bad = good;
+  (*bad.mutable_output_shm())["dq"] = good.output_shm().at("out");
+  ExpectRefused(bad, "output_shm['dq']: Attend has no output 'dq'");
+  bad = good;
+  bad.set_return_lse(false);
+  ExpectRefused(bad, "output_shm['lse']: the request does not ask for lse");
+  bad = good;
+  (*bad.mutable_output_shm())["lse"].set_offset(good.q().shm().offset() + 64);
+  ExpectRefused(bad, "output_shm['lse'] overlaps q.shm");
+  bad = good;
+  (*bad.mutable_output_shm())["out"].set_offset(good.output_shm().at("lse").offset() - 64);
+  ExpectRefused(bad, "output_shm['out'] overlaps output_shm['lse']");
+  bad = good;
+  (*bad.mutable_output_shm())["lse"].set_byte_size(8);
+  ExpectRefused(bad, "output_shm['lse'].byte_size");
+
+  // A stream header refuses references (its bytes come as chunks).
+  grpc::ClientContext ctx;
+  auto stream = svc_->stub().AttendStream(&ctx);
+  v1::AttendStreamRequest header;
+  *header.mutable_header() = good;
+  header.mutable_header()->clear_output_shm();
+  ASSERT_TRUE(stream->Write(header));
+  stream->WritesDone();
+  v1::AttendStreamResponse ignored;
+  while (stream->Read(&ignored)) {
+  }
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("q.shm must be unset in an AttendStream header"),
+            std::string::npos) << s.error_message();
+}
+
+TEST_F(ShmServiceTest, ARegionThatShrankFailsThatRequestOnly) {
+  auto obj = std::make_unique<ClientObject>(1 << 20);
+  ASSERT_TRUE(svc_->Register("r", *obj).ok());
+  const v1::AttendRequest req = Placed(obj.get(), "r");
+  obj->Truncate(4096);
+  ExpectRefused(req, "shrank, vanished or was replaced", grpc::StatusCode::FAILED_PRECONDITION);
+  // Unlinked: the workers cannot open it any more.
+  obj.reset();
+  ExpectRefused(req, "shrank, vanished or was replaced", grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ShmServiceTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
+  const Shape shape{1, 37, 5, 1, 64, v1::DTYPE_FP32};
+  v1::AttendRequest fwd = MakeRequest(shape);
+  fwd.mutable_options()->set_causal(true);
+  v1::AttendResponse f;
+  ASSERT_TRUE(svc_->Attend(fwd, &f).ok());
+  v1::AttendBackwardRequest plain;
+  *plain.mutable_q() = fwd.q();
+  *plain.mutable_k() = fwd.k();
+  *plain.mutable_v() = fwd.v();
+  *plain.mutable_out() = f.out();
+  *plain.mutable_lse() = f.lse();
+  *plain.mutable_dout() = fwd.q();  // any q-shaped tensor
+  *plain.mutable_options() = fwd.options();
+  v1::AttendBackwardResponse want;
+  ASSERT_TRUE(svc_->AttendBackward(plain, &want).ok());
+
+  ClientObject obj(1 << 20);
+  ASSERT_TRUE(svc_->Register("g", obj).ok());
+  v1::AttendBackwardRequest req = plain;
+  Placer place(&obj, "g");
+  for (v1::Tensor* t : {req.mutable_q(), req.mutable_k(), req.mutable_v(), req.mutable_out(),
+                        req.mutable_dout(), req.mutable_lse()}) {
+    place.Input(t);
+  }
+  (*req.mutable_output_shm())["dq"] = place.Output(Bytes(plain.q()));
+  (*req.mutable_output_shm())["dk"] = place.Output(Bytes(plain.k()));
+  // dv in the response, as bytes.
+  v1::AttendBackwardResponse got;
+  grpc::Status s = svc_->AttendBackward(req, &got);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(place.Read(req.output_shm().at("dq")), want.dq().data());
+  EXPECT_EQ(place.Read(req.output_shm().at("dk")), want.dk().data());
+  EXPECT_TRUE(got.dq().data().empty());
+  EXPECT_EQ(got.dv().data(), want.dv().data());
+}
+
+}  // namespace
+}  // namespace ringattn
