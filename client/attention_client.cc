@@ -53,9 +53,9 @@ int ElementSize(v1::DType dtype) {
 
 // Every output of `rpc` in `response` has the bytes its dtype and shape imply, or none when the
 // request placed it in shared memory (a key of `output_shm`); INTERNAL naming it if not.
-absl::Status CheckOutputSizes(const ComputeRpc& rpc, const google::protobuf::Message& response,
-                              const google::protobuf::Map<std::string, v1::SharedMemoryRef>&
-                                  output_shm) {
+absl::Status CheckOutputSizes(
+    const ComputeRpc& rpc, const google::protobuf::Message& response,
+    const google::protobuf::Map<std::string, v1::SharedMemoryRef>& output_shm) {
   for (const ComputeTensor& out : rpc.outputs) {
     const v1::Tensor& tensor = TensorField(response, out.name);
     const int64_t expected = ExpectedTensorBytes(tensor);
@@ -169,8 +169,8 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
       v1::Tensor* t = MutableTensorField(header, out.name);
       const int64_t expected = ExpectedTensorBytes(*t);
       if (expected < 0) {
-        return assembler.chunks().Error(
-            absl::StrCat("header: ", out.name, " has an invalid dtype or shape ", DescribeTensor(*t)));
+        return assembler.chunks().Error(absl::StrCat(
+            "header: ", out.name, " has an invalid dtype or shape ", DescribeTensor(*t)));
       }
       RA_RETURN_IF_ERROR(assembler.chunks().Expect(out.which, out.name, t, expected));
     }
@@ -277,11 +277,11 @@ AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
 absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,
                                                            absl::Duration timeout) {
   const absl::Time call0 = absl::Now();
-  return WithClientTimes(call0, RunUnaryCall<v1::AttendResponse>(
-                                    AttendRpc(), request, timeout,
-                                    [this](auto* context, const auto& r, auto* response) {
-                                      return stub_->Attend(context, r, response);
-                                    }));
+  return WithClientTimes(
+      call0, RunUnaryCall<v1::AttendResponse>(AttendRpc(), request, timeout,
+                                              [this](auto* context, const auto& r, auto* response) {
+                                                return stub_->Attend(context, r, response);
+                                              }));
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
@@ -336,10 +336,10 @@ absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
 }
 
 absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout) {
-  return RunPlainCall<v1::InfoResponse>(
-      v1::InfoRequest(), timeout, [this](auto* context, const auto& r, auto* response) {
-        return stub_->GetInfo(context, r, response);
-      });
+  return RunPlainCall<v1::InfoResponse>(v1::InfoRequest(), timeout,
+                                        [this](auto* context, const auto& r, auto* response) {
+                                          return stub_->GetInfo(context, r, response);
+                                        });
 }
 
 absl::Status AttentionClient::RegisterSystemSharedMemory(const std::string& name,

@@ -65,10 +65,11 @@ absl::StatusOr<SharedMemoryPlacement> SharedMemoryPlacement::Make(
     if (!Wants(request, out)) continue;
     const int64_t bytes = ExpectedOutputBytes(out, request);
     if (bytes < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cannot size ", out.name, " in shared memory: q ", DescribeTensor(TensorField(request, "q")),
-          " and k ", DescribeTensor(TensorField(request, "k")),
-          " must be 4-D [batch, seq, heads, head_dim] of a known dtype"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot size ", out.name, " in shared memory: q ",
+                       DescribeTensor(TensorField(request, "q")), " and k ",
+                       DescribeTensor(TensorField(request, "k")),
+                       " must be 4-D [batch, seq, heads, head_dim] of a known dtype"));
     }
     add(&p.outputs_, out.name, bytes);
   }
@@ -106,10 +107,11 @@ absl::Status SharedMemoryPlacement::PlaceInputs(const google::protobuf::Message&
     if (!slotted && !present) continue;
     const v1::Tensor& t = TensorField(request, in.name);
     if (!slotted || !present || static_cast<int64_t>(t.data().size()) != inputs_[next].byte_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "request ", in.name, present ? absl::StrCat(" has ", t.data().size(), " bytes") : " is absent",
-          slotted ? absl::StrCat("; its slot has ", inputs_[next].byte_size, " bytes")
-                  : "; the placement has no slot for it"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("request ", in.name,
+                       present ? absl::StrCat(" has ", t.data().size(), " bytes") : " is absent",
+                       slotted ? absl::StrCat("; its slot has ", inputs_[next].byte_size, " bytes")
+                               : "; the placement has no slot for it"));
     }
     const Slot& slot = inputs_[next++];
     copies.push_back({region_bytes.data() + slot.offset, t.data().data(), t.data().size()});
@@ -125,15 +127,13 @@ absl::Status SharedMemoryPlacement::CollectOutputs(absl::Span<const char> region
   for (const Slot& slot : outputs_) {
     v1::Tensor* t = MutableTensorField(response, slot.name);
     if (!t->data().empty()) {
-      return absl::InternalError(absl::StrCat("response ", slot.name, " carries ",
-                                              t->data().size(),
+      return absl::InternalError(absl::StrCat("response ", slot.name, " carries ", t->data().size(),
                                               " bytes; the request placed it in shared memory"));
     }
     if (ExpectedTensorBytes(*t) != slot.byte_size) {
-      return absl::InternalError(absl::StrCat("response ", slot.name, " is ", DescribeTensor(*t),
-                                              " (", ExpectedTensorBytes(*t),
-                                              " bytes); its shared-memory slot has ",
-                                              slot.byte_size));
+      return absl::InternalError(absl::StrCat(
+          "response ", slot.name, " is ", DescribeTensor(*t), " (", ExpectedTensorBytes(*t),
+          " bytes); its shared-memory slot has ", slot.byte_size));
     }
     t->mutable_data()->resize(static_cast<size_t>(slot.byte_size));
     copies.push_back({t->mutable_data()->data(), region_bytes.data() + slot.offset,

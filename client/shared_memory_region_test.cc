@@ -1,6 +1,8 @@
 // The client's shared-memory pieces without a service: an owned region (created exclusively,
 // mode 0600, unlinked on destruction) and the placement of a request's tensors in one region
 // (aligned, non-overlapping slots of the right sizes; the bytes' round trip both ways).
+#include "client/shared_memory_region.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -18,7 +20,6 @@
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
 #include "client/shared_memory_placement.h"
-#include "client/shared_memory_region.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -31,7 +32,8 @@ using ::testing::HasSubstr;
 
 TEST(SharedMemoryRegionTest, CreatesAZeroedPrivateObjectThatOthersCanMap) {
   const std::string key = MakeSharedMemoryKey();
-  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region = SharedMemoryRegion::Create(key, 5000);
+  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
+      SharedMemoryRegion::Create(key, 5000);
   ASSERT_TRUE(region.ok()) << region.status();
   EXPECT_EQ((*region)->key(), key);
   EXPECT_EQ((*region)->size(), 5000);
@@ -290,12 +292,11 @@ TEST(SharedMemoryPlacementTest, BackwardPlacesSixInputsAndThreeGradients) {
 
   // Gradients written at their refs come back in the response.
   v1::AttendBackwardResponse response;
-  for (const auto& [name, like, seed] : {std::tuple{"dq", &request.q(), 21},
-                                         std::tuple{"dk", &request.k(), 22},
-                                         std::tuple{"dv", &request.v(), 23}}) {
-    const v1::Tensor g = PatternTensor(v1::DTYPE_FP32,
-                                       std::vector<int64_t>(like->shape().begin(), like->shape().end()),
-                                       seed);
+  for (const auto& [name, like, seed] :
+       {std::tuple{"dq", &request.q(), 21}, std::tuple{"dk", &request.k(), 22},
+        std::tuple{"dv", &request.v(), 23}}) {
+    const v1::Tensor g = PatternTensor(
+        v1::DTYPE_FP32, std::vector<int64_t>(like->shape().begin(), like->shape().end()), seed);
     std::memcpy(region.data() + sent->output_shm().at(name).offset(), g.data().data(),
                 g.data().size());
     v1::Tensor* t = name == std::string("dq")   ? response.mutable_dq()
@@ -305,8 +306,7 @@ TEST(SharedMemoryPlacementTest, BackwardPlacesSixInputsAndThreeGradients) {
     t->clear_data();
   }
   ASSERT_TRUE(p->Collect(absl::MakeConstSpan(region), &response).ok());
-  EXPECT_EQ(response.dq().data(),
-            PatternTensor(v1::DTYPE_FP32, {1, 37, 5, 64}, 21).data());
+  EXPECT_EQ(response.dq().data(), PatternTensor(v1::DTYPE_FP32, {1, 37, 5, 64}, 21).data());
   EXPECT_EQ(response.dv().data(), PatternTensor(v1::DTYPE_FP32, {1, 37, 1, 64}, 23).data());
 }
 
@@ -330,10 +330,9 @@ TEST(SharedMemoryPlacementTest, RefusesInconsistentRequestsRegionsAndResponses) 
   ASSERT_TRUE(p.ok()) << p.status();
   std::vector<char> region(static_cast<size_t>(p->bytes()));
   // A region too small, another request's inputs.
-  EXPECT_THAT(p->Place(request, "r", absl::MakeSpan(region.data(), region.size() - 1))
-                  .status()
-                  .message(),
-              HasSubstr("need"));
+  EXPECT_THAT(
+      p->Place(request, "r", absl::MakeSpan(region.data(), region.size() - 1)).status().message(),
+      HasSubstr("need"));
   v1::AttendRequest other = AttendOf(v1::DTYPE_FP32, 1, 8, 3, 1, 8, false);
   EXPECT_EQ(p->Place(other, "r", absl::MakeSpan(region)).status().code(),
             absl::StatusCode::kInvalidArgument);

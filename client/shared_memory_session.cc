@@ -13,8 +13,8 @@ constexpr absl::Duration kCloseTimeoutOnDestruction = absl::Seconds(5);
 
 template <typename Request>
 absl::StatusOr<std::unique_ptr<SharedMemorySession>> OpenSized(AttentionClient& client,
-                                                                const Request& request,
-                                                                absl::Duration timeout) {
+                                                               const Request& request,
+                                                               absl::Duration timeout) {
   RA_ASSIGN_OR_RETURN(const SharedMemoryPlacement placement, SharedMemoryPlacement::Of(request));
   return SharedMemorySession::Open(client, placement.bytes(), timeout);
 }
@@ -29,8 +29,7 @@ absl::StatusOr<std::unique_ptr<SharedMemorySession>> SharedMemorySession::Open(
     AttentionClient& client, int64_t byte_size, absl::Duration timeout) {
   RA_ASSIGN_OR_RETURN(std::unique_ptr<SharedMemoryRegion> region,
                       SharedMemoryRegion::Create(MakeSharedMemoryKey(), byte_size));
-  std::unique_ptr<SharedMemorySession> session(
-      new SharedMemorySession(client, std::move(region)));
+  std::unique_ptr<SharedMemorySession> session(new SharedMemorySession(client, std::move(region)));
   const SharedMemoryRegion& r = *session->region_;
   RA_RETURN_IF_ERROR(
       client.RegisterSystemSharedMemory(session->name_, r.key(), 0, r.size(), timeout));
@@ -78,9 +77,8 @@ auto SharedMemorySession::CallThrough(const Request& request, SharedMemoryCopyTi
 absl::StatusOr<v1::AttendResponse> SharedMemorySession::Attend(const v1::AttendRequest& request,
                                                                absl::Duration timeout,
                                                                SharedMemoryCopyTimes* copies) {
-  return CallThrough(request, copies, [&](const v1::AttendRequest& sent) {
-    return client_.Attend(sent, timeout);
-  });
+  return CallThrough(request, copies,
+                     [&](const v1::AttendRequest& sent) { return client_.Attend(sent, timeout); });
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> SharedMemorySession::AttendBackward(
