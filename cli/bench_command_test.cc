@@ -31,13 +31,12 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 // Answers Attend with out = q and fixed Timings; every `fail_every`-th call (1-based; 0: none)
-// fails with RESOURCE_EXHAUSTED, and every call first sleeps `delay`.
-class FakeAttentionService final : public v1::AttentionService::Service {
+// fails with RESOURCE_EXHAUSTED, and every call first sleeps `delay`. Tensors may come and go
+// through registered shared memory.
+class FakeAttentionService final : public FakeServiceWithSharedMemory {
  public:
   int fail_every = 0;
   absl::Duration delay = absl::ZeroDuration();
-  // System shared memory: registrations, and the refs of calls resolved through them.
-  FakeSharedMemoryRegistry shm;
 
   int calls() const { return calls_; }
 
@@ -67,17 +66,6 @@ class FakeAttentionService final : public v1::AttentionService::Service {
       w->set_ring_seconds(0.010);
     }
     return shm.WriteOutputs(request->output_shm(), response);
-  }
-
-  grpc::Status RegisterSystemSharedMemory(grpc::ServerContext*,
-                                          const v1::RegisterSystemSharedMemoryRequest* request,
-                                          v1::RegisterSystemSharedMemoryResponse*) override {
-    return shm.Register(*request);
-  }
-  grpc::Status UnregisterSystemSharedMemory(grpc::ServerContext*,
-                                            const v1::UnregisterSystemSharedMemoryRequest* request,
-                                            v1::UnregisterSystemSharedMemoryResponse*) override {
-    return shm.Unregister(*request);
   }
 
   grpc::Status GetInfo(grpc::ServerContext*, const v1::InfoRequest*,

@@ -271,7 +271,7 @@ grpc::Status ReferenceCompute(const v1::AttendRequest& request, v1::AttendRespon
   return grpc::Status::OK;
 }
 
-class FakeAttentionService final : public v1::AttentionService::Service {
+class FakeAttentionService final : public FakeServiceWithSharedMemory {
  public:
   // How AttendStream's answer breaks the protocol.
   enum class Corruption { kNone, kGapInOut, kShortOut, kExtraLse, kChunkBeforeHeader };
@@ -284,9 +284,6 @@ class FakeAttentionService final : public v1::AttentionService::Service {
   Corruption corruption = Corruption::kNone;
   bool refuse_after_header = false;  // INVALID_ARGUMENT without reading any chunk
   bool ignore_output_shm = false;    // answer with the outputs' data whatever output_shm says
-
-  // System shared memory: registrations, and the refs of unary calls resolved through them.
-  FakeSharedMemoryRegistry shm;
 
   int unary_calls() const { return unary_calls_; }
   int backward_calls() const { return backward_calls_; }
@@ -318,22 +315,6 @@ class FakeAttentionService final : public v1::AttentionService::Service {
     *response->mutable_dv() = resolved.v();
     response->mutable_timings()->set_total_seconds(0.001);
     return shm.WriteOutputs(request->output_shm(), response);
-  }
-
-  grpc::Status RegisterSystemSharedMemory(grpc::ServerContext*,
-                                          const v1::RegisterSystemSharedMemoryRequest* request,
-                                          v1::RegisterSystemSharedMemoryResponse*) override {
-    return shm.Register(*request);
-  }
-  grpc::Status UnregisterSystemSharedMemory(grpc::ServerContext*,
-                                            const v1::UnregisterSystemSharedMemoryRequest* request,
-                                            v1::UnregisterSystemSharedMemoryResponse*) override {
-    return shm.Unregister(*request);
-  }
-  grpc::Status SystemSharedMemoryStatus(grpc::ServerContext*,
-                                        const v1::SystemSharedMemoryStatusRequest* request,
-                                        v1::SystemSharedMemoryStatusResponse* response) override {
-    return shm.Status(*request, response);
   }
 
   grpc::Status AttendStream(grpc::ServerContext*,

@@ -1,6 +1,6 @@
 // For tests: the service side of system shared memory as a fake AttentionService needs it (the
-// registration RPCs' bookkeeping, a request's shm inputs read into data, outputs written to
-// their refs), and the shm objects of this process left in /dev/shm.
+// registration RPCs and their bookkeeping, a request's shm inputs read into data, outputs written
+// to their refs), and the shm objects of this process left in /dev/shm.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -18,7 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
 #include "proto/compute_rpcs.h"
-#include "ringattn/v1/attention.pb.h"
+#include "ringattn/v1/attention.grpc.pb.h"
 
 namespace ringattn {
 
@@ -139,6 +139,29 @@ class FakeSharedMemoryRegistry {
   std::map<std::string, std::shared_ptr<SharedMemoryMapping>> regions_;  // guarded by mu_
   int registrations_ = 0;                                                // guarded by mu_
   int calls_with_shm_ = 0;                                               // guarded by mu_
+};
+
+// A fake AttentionService whose registration RPCs go to `shm`; its compute RPCs resolve refs
+// with shm.ReadInputs and shm.WriteOutputs.
+class FakeServiceWithSharedMemory : public v1::AttentionService::Service {
+ public:
+  FakeSharedMemoryRegistry shm;
+
+  grpc::Status RegisterSystemSharedMemory(grpc::ServerContext*,
+                                          const v1::RegisterSystemSharedMemoryRequest* request,
+                                          v1::RegisterSystemSharedMemoryResponse*) override {
+    return shm.Register(*request);
+  }
+  grpc::Status UnregisterSystemSharedMemory(grpc::ServerContext*,
+                                            const v1::UnregisterSystemSharedMemoryRequest* request,
+                                            v1::UnregisterSystemSharedMemoryResponse*) override {
+    return shm.Unregister(*request);
+  }
+  grpc::Status SystemSharedMemoryStatus(grpc::ServerContext*,
+                                        const v1::SystemSharedMemoryStatusRequest* request,
+                                        v1::SystemSharedMemoryStatusResponse* response) override {
+    return shm.Status(*request, response);
+  }
 };
 
 // The names of this process's shm objects (MakeSharedMemoryKey's) that exist now.

@@ -88,23 +88,29 @@ int64_t EstimatedResponseBytes(const ComputeRpc& rpc, const google::protobuf::Me
   return bytes;
 }
 
-// One unary call, `call(context, request, response)`: its response, or the service's status.
-template <typename Response, typename Request, typename Call>
-absl::StatusOr<Response> RunPlainCall(const Request& request, absl::Duration timeout,
-                                      const Call& call) {
+template <typename Request, typename Response>
+using StubMethod = grpc::Status (v1::AttentionService::Stub::*)(grpc::ClientContext*,
+                                                                const Request&, Response*);
+
+// One unary call of the stub's `method`: its response, or the service's status.
+template <typename Request, typename Response>
+absl::StatusOr<Response> RunPlainCall(v1::AttentionService::Stub& stub,
+                                      StubMethod<Request, Response> method, const Request& request,
+                                      absl::Duration timeout) {
   grpc::ClientContext context;
   SetTimeout(timeout, &context);
   Response response;
-  const grpc::Status status = call(&context, request, &response);
+  const grpc::Status status = (stub.*method)(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
 }
 
 // A unary compute call of `request` whose outputs are checked against their shapes.
-template <typename Response, typename Request, typename Call>
-absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, const Request& request,
-                                      absl::Duration timeout, const Call& call) {
-  RA_ASSIGN_OR_RETURN(Response response, RunPlainCall<Response>(request, timeout, call));
+template <typename Request, typename Response>
+absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, v1::AttentionService::Stub& stub,
+                                      StubMethod<Request, Response> method, const Request& request,
+                                      absl::Duration timeout) {
+  RA_ASSIGN_OR_RETURN(Response response, RunPlainCall(stub, method, request, timeout));
   RA_RETURN_IF_ERROR(CheckOutputSizes(rpc, response, request.output_shm()));
   return response;
 }
@@ -278,20 +284,16 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendReque
                                                            absl::Duration timeout) {
   const absl::Time call0 = absl::Now();
   return WithClientTimes(
-      call0, RunUnaryCall<v1::AttendResponse>(AttendRpc(), request, timeout,
-                                              [this](auto* context, const auto& r, auto* response) {
-                                                return stub_->Attend(context, r, response);
-                                              }));
+      call0,
+      RunUnaryCall(AttendRpc(), *stub_, &v1::AttentionService::Stub::Attend, request, timeout));
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
     const v1::AttendBackwardRequest& request, absl::Duration timeout) {
   const absl::Time call0 = absl::Now();
-  return WithClientTimes(call0, RunUnaryCall<v1::AttendBackwardResponse>(
-                                    AttendBackwardRpc(), request, timeout,
-                                    [this](auto* context, const auto& r, auto* response) {
-                                      return stub_->AttendBackward(context, r, response);
-                                    }));
+  return WithClientTimes(
+      call0, RunUnaryCall(AttendBackwardRpc(), *stub_, &v1::AttentionService::Stub::AttendBackward,
+                          request, timeout));
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendStreaming(
@@ -336,10 +338,7 @@ absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
 }
 
 absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout) {
-  return RunPlainCall<v1::InfoResponse>(v1::InfoRequest(), timeout,
-                                        [this](auto* context, const auto& r, auto* response) {
-                                          return stub_->GetInfo(context, r, response);
-                                        });
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::GetInfo, v1::InfoRequest(), timeout);
 }
 
 absl::Status AttentionClient::RegisterSystemSharedMemory(const std::string& name,
@@ -351,11 +350,8 @@ absl::Status AttentionClient::RegisterSystemSharedMemory(const std::string& name
   request.set_key(key);
   request.set_offset(offset);
   request.set_byte_size(byte_size);
-  return RunPlainCall<v1::RegisterSystemSharedMemoryResponse>(
-             request, timeout,
-             [this](auto* context, const auto& r, auto* response) {
-               return stub_->RegisterSystemSharedMemory(context, r, response);
-             })
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::RegisterSystemSharedMemory, request,
+                      timeout)
       .status();
 }
 
@@ -363,11 +359,8 @@ absl::Status AttentionClient::UnregisterSystemSharedMemory(const std::string& na
                                                            absl::Duration timeout) {
   v1::UnregisterSystemSharedMemoryRequest request;
   request.set_name(name);
-  return RunPlainCall<v1::UnregisterSystemSharedMemoryResponse>(
-             request, timeout,
-             [this](auto* context, const auto& r, auto* response) {
-               return stub_->UnregisterSystemSharedMemory(context, r, response);
-             })
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::UnregisterSystemSharedMemory, request,
+                      timeout)
       .status();
 }
 
@@ -375,11 +368,9 @@ absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> AttentionClient::Syste
     const std::string& name, absl::Duration timeout) {
   v1::SystemSharedMemoryStatusRequest request;
   request.set_name(name);
-  RA_ASSIGN_OR_RETURN(v1::SystemSharedMemoryStatusResponse response,
-                      RunPlainCall<v1::SystemSharedMemoryStatusResponse>(
-                          request, timeout, [this](auto* context, const auto& r, auto* response) {
-                            return stub_->SystemSharedMemoryStatus(context, r, response);
-                          }));
+  RA_ASSIGN_OR_RETURN(const v1::SystemSharedMemoryStatusResponse response,
+                      RunPlainCall(*stub_, &v1::AttentionService::Stub::SystemSharedMemoryStatus,
+                                   request, timeout));
   return std::vector<v1::SystemSharedMemoryRegion>(response.regions().begin(),
                                                    response.regions().end());
 }

@@ -159,6 +159,24 @@ std::map<std::string, SharedMemoryPlacement::Slot> CheckedSlots(const SharedMemo
   return by_name;
 }
 
+// A request's placement and a region of its size.
+struct Placed {
+  SharedMemoryPlacement placement;
+  std::unique_ptr<SharedMemoryRegion> region;
+  absl::Span<char> bytes() const {
+    return absl::Span<char>(region->data(), static_cast<size_t>(region->size()));
+  }
+};
+
+absl::StatusOr<Placed> PlaceInNewRegion(const v1::AttendRequest& request) {
+  absl::StatusOr<SharedMemoryPlacement> p = SharedMemoryPlacement::Of(request);
+  if (!p.ok()) return p.status();
+  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
+      SharedMemoryRegion::Create(MakeSharedMemoryKey(), p->bytes());
+  if (!region.ok()) return region.status();
+  return Placed{*std::move(p), *std::move(region)};
+}
+
 std::vector<std::string> Names(const std::vector<SharedMemoryPlacement::Slot>& slots) {
   std::vector<std::string> names;
   for (const auto& s : slots) names.push_back(s.name);
@@ -203,36 +221,34 @@ TEST(SharedMemoryPlacementTest, OddSizesStayAligned) {
 
 TEST(SharedMemoryPlacementTest, PlacesInputsAndCollectsOutputsThroughTheRegion) {
   const v1::AttendRequest request = AttendOf(v1::DTYPE_BF16, 1, 37, 5, 1, 64, true);
-  absl::StatusOr<SharedMemoryPlacement> p = SharedMemoryPlacement::Of(request);
-  ASSERT_TRUE(p.ok()) << p.status();
-  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
-      SharedMemoryRegion::Create(MakeSharedMemoryKey(), p->bytes());
-  ASSERT_TRUE(region.ok()) << region.status();
-  const absl::Span<char> bytes((*region)->data(), static_cast<size_t>((*region)->size()));
+  absl::StatusOr<Placed> placed = PlaceInNewRegion(request);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  const SharedMemoryPlacement& p = placed->placement;
+  const absl::Span<char> bytes = placed->bytes();
 
-  absl::StatusOr<v1::AttendRequest> sent = p->Place(request, "mine", bytes);
+  absl::StatusOr<v1::AttendRequest> sent = p.Place(request, "mine", bytes);
   ASSERT_TRUE(sent.ok()) << sent.status();
   // Everything but the tensors' bytes as in the request.
   EXPECT_EQ(sent->request_id(), "placed");
   EXPECT_TRUE(sent->options().causal());
   EXPECT_EQ(sent->layout(), v1::LAYOUT_ZIGZAG);
   EXPECT_TRUE(sent->return_lse());
-  std::map<std::string, SharedMemoryPlacement::Slot> slots = CheckedSlots(*p);
+  std::map<std::string, SharedMemoryPlacement::Slot> slots = CheckedSlots(p);
 
   // What the service sees through its own mapping: each input at its ref.
   absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> service =
-      SharedMemoryMapping::Open((*region)->key(), 0, p->bytes(), "service");
+      SharedMemoryMapping::Open(placed->region->key(), 0, p.bytes(), "service");
   ASSERT_TRUE(service.ok()) << service.status();
-  for (const auto& [name, tensor, placed] :
+  for (const auto& [name, tensor, as_sent] :
        {std::tuple{"q", &request.q(), &sent->q()}, std::tuple{"k", &request.k(), &sent->k()},
         std::tuple{"v", &request.v(), &sent->v()}}) {
-    EXPECT_TRUE(placed->data().empty()) << name;
-    EXPECT_EQ(placed->dtype(), tensor->dtype()) << name;
-    EXPECT_EQ(placed->shape_size(), 4) << name;
-    EXPECT_EQ(placed->shm().region(), "mine") << name;
-    EXPECT_EQ(placed->shm().offset(), slots[name].offset) << name;
-    EXPECT_EQ(placed->shm().byte_size(), static_cast<int64_t>(tensor->data().size())) << name;
-    EXPECT_EQ(std::string((*service)->data() + placed->shm().offset(), tensor->data().size()),
+    EXPECT_TRUE(as_sent->data().empty()) << name;
+    EXPECT_EQ(as_sent->dtype(), tensor->dtype()) << name;
+    EXPECT_EQ(as_sent->shape_size(), 4) << name;
+    EXPECT_EQ(as_sent->shm().region(), "mine") << name;
+    EXPECT_EQ(as_sent->shm().offset(), slots[name].offset) << name;
+    EXPECT_EQ(as_sent->shm().byte_size(), static_cast<int64_t>(tensor->data().size())) << name;
+    EXPECT_EQ(std::string((*service)->data() + as_sent->shm().offset(), tensor->data().size()),
               tensor->data())
         << name;
   }
@@ -256,7 +272,7 @@ TEST(SharedMemoryPlacementTest, PlacesInputsAndCollectsOutputsThroughTheRegion) 
   response.mutable_out()->clear_data();
   *response.mutable_lse() = lse;
   response.mutable_lse()->clear_data();
-  ASSERT_TRUE(p->Collect(bytes, &response).ok());
+  ASSERT_TRUE(p.Collect(bytes, &response).ok());
   EXPECT_EQ(response.out().data(), out.data());
   EXPECT_EQ(response.lse().data(), lse.data());
 }
@@ -356,17 +372,14 @@ TEST(SharedMemoryPlacementTest, RefusesInconsistentRequestsRegionsAndResponses) 
 
 TEST(SharedMemoryPlacementTest, ARegionTruncatedUnderTheCopyIsAFailedPrecondition) {
   const v1::AttendRequest request = AttendOf(v1::DTYPE_FP32, 1, 64, 4, 4, 64, false);
-  absl::StatusOr<SharedMemoryPlacement> p = SharedMemoryPlacement::Of(request);
-  ASSERT_TRUE(p.ok()) << p.status();
-  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
-      SharedMemoryRegion::Create(MakeSharedMemoryKey(), p->bytes());
-  ASSERT_TRUE(region.ok()) << region.status();
-  const int fd = shm_open((*region)->key().c_str(), O_RDWR, 0);
+  absl::StatusOr<Placed> placed = PlaceInNewRegion(request);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  const int fd = shm_open(placed->region->key().c_str(), O_RDWR, 0);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(ftruncate(fd, 0), 0);  // another process of this user shrinks it
   close(fd);
-  const absl::StatusOr<v1::AttendRequest> sent = p->Place(
-      request, "r", absl::Span<char>((*region)->data(), static_cast<size_t>((*region)->size())));
+  const absl::StatusOr<v1::AttendRequest> sent =
+      placed->placement.Place(request, "r", placed->bytes());
   EXPECT_EQ(sent.status().code(), absl::StatusCode::kFailedPrecondition) << sent.status();
 }
 
