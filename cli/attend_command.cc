@@ -18,6 +18,7 @@
 #include "cli/cli_parse.h"
 #include "cli/timing_table.h"
 #include "client/npy.h"
+#include "client/shared_memory_session.h"
 #include "kernels/attention_backward_params.h"
 #include "kernels/attention_params.h"
 #include "kernels/attention_shape.h"
@@ -90,6 +91,10 @@ absl::Status ValidateOptions(const AttendCommandOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--batch, --seqlen, --heads and --head_dim must be >= 1 and --heads_k >= 0, got ", o.batch,
         ", ", o.seqlen, ", ", o.heads, ", ", o.head_dim, " and ", o.heads_k));
+  }
+  if (o.shm && o.streaming) {
+    return absl::InvalidArgumentError(
+        "--shm and --stream exclude each other: shared-memory references go in unary calls");
   }
   if (o.chunk_bytes <= 0) {
     return absl::InvalidArgumentError(
@@ -500,6 +505,24 @@ absl::StatusOr<Response> TimedCall(
   return response;
 }
 
+// --shm: a session whose region fits `request`, registered with the service; prints it, or the
+// error (null then).
+template <typename Request>
+std::unique_ptr<SharedMemorySession> OpenSharedMemory(AttentionClient& client,
+                                                      const Request& request,
+                                                      const AttendCommandOptions& o,
+                                                      std::ostream& out) {
+  absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
+      SharedMemorySession::OpenFor(client, request, absl::Seconds(o.connect_timeout_seconds));
+  if (!session.ok()) {
+    out << ErrorLine(session.status());
+    return nullptr;
+  }
+  out << absl::StrFormat("shared memory: region %s (%s, %s) registered\n", (*session)->name(),
+                         (*session)->region().key(), MiB((*session)->region().size()));
+  return *std::move(session);
+}
+
 // --backward: AttendBackward with the forward's out and lse and a synthetic dout; prints the
 // gradients' summaries and timing table, and with --check their errors against the fp64
 // reference backward. Returns the process exit code.
@@ -508,8 +531,12 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
                 int64_t max_unary_bytes, std::ostream& out) {
   const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
+  std::unique_ptr<SharedMemorySession> shm;
+  if (o.shm && (shm = OpenSharedMemory(client, backward, o, out)) == nullptr) return 1;
+  SharedMemoryCopyTimes copies;
   const absl::StatusOr<v1::AttendBackwardResponse> grads = TimedCall<v1::AttendBackwardResponse>(
       "backward", "gradients", out, [&](const ProgressFn& progress) {
+        if (shm) return shm->AttendBackward(backward, timeout, &copies);
         // AttendBackwardStream with --stream or past the server's unary limit.
         if (!o.streaming) {
           return client.AttendBackwardAuto(backward, timeout, max_unary_bytes, o.chunk_bytes,
@@ -525,7 +552,7 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
   PrintTensorSummary("dv", grads->dv(), out);
   // FlashAttention's count: the backward is 2.5 forwards.
   out << FormatTimings(grads->request_id(), grads->plan(), grads->timings(),
-                       2.5 * RequestFlops(request));
+                       2.5 * RequestFlops(request), shm ? &copies : nullptr);
   if (!o.grads_npy_prefix.empty()) {
     for (const auto& [name, tensor] : {std::pair{"dq", &grads->dq()}, std::pair{"dk", &grads->dk()},
                                        std::pair{"dv", &grads->dv()}}) {
@@ -585,29 +612,39 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
       info.transport().empty() ? "-" : info.transport(),
       info.max_unary_bytes() > 0 ? MiB(info.max_unary_bytes()) : std::string("not set"));
 
-  const bool streaming = o.streaming || NeedsStreaming(*request, info.max_unary_bytes());
+  // Shared-memory requests are small whatever their tensors: always unary.
+  const bool streaming =
+      !o.shm && (o.streaming || NeedsStreaming(*request, info.max_unary_bytes()));
   int64_t chunk_bytes = o.chunk_bytes;
   if (info.max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info.max_unary_bytes());
+  std::string via = "Attend (unary)";
+  if (o.shm) {
+    via = "Attend (unary, system shared memory)";
+  } else if (streaming) {
+    via = absl::StrCat("AttendStream (chunks of ", chunk_bytes, " bytes)");
+  }
   const int64_t request_bytes = static_cast<int64_t>(
       request->q().data().size() + request->k().data().size() + request->v().data().size());
   out << absl::StrFormat("request: q %s k/v %s %s, %s, causal=%d, layout %s, via %s\n",
                          ShapeString(request->q()), ShapeString(request->k()),
                          DTypeLabel(request->q().dtype()), MiB(request_bytes), o.causal, o.layout,
-                         streaming
-                             ? absl::StrCat("AttendStream (chunks of ", chunk_bytes, " bytes)")
-                             : std::string("Attend (unary)"));
+                         via);
   out.flush();
 
+  std::unique_ptr<SharedMemorySession> shm;
+  if (o.shm && (shm = OpenSharedMemory(client, *request, o, out)) == nullptr) return 1;
+  SharedMemoryCopyTimes copies;
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
   const absl::StatusOr<v1::AttendResponse> response =
       TimedCall<v1::AttendResponse>("attend", "response", out, [&](const ProgressFn& progress) {
+        if (shm) return shm->Attend(*request, timeout, &copies);
         return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
                          : client.Attend(*request, timeout);
       });
   if (!response.ok()) return 1;
   PrintTensorSummary("out", response->out(), out);
   if (response->lse().shape_size() > 0) PrintTensorSummary("lse", response->lse(), out);
-  out << FormatTimings(*response, RequestFlops(*request));
+  out << FormatTimings(*response, RequestFlops(*request), shm ? &copies : nullptr);
 
   if (!o.out_npy.empty()) {
     if (absl::Status s = WriteOutput(response->out(), o.out_npy); !s.ok()) {

@@ -2,7 +2,9 @@
 //
 // The inputs are synthetic (deterministic random values addressed by position, the same as
 // `ringattn ring` makes for a seed) or read from .npy files. The request goes unary or, when
-// forced or larger than the server's unary limit, through AttendStream in chunks. The command
+// forced or larger than the server's unary limit, through AttendStream in chunks; with `shm`, a
+// unary call whose tensors go through system shared memory registered with the service (which
+// must run on this host). The command
 // prints the output's shape, a few values and its NaN count, then the timing table; with
 // `check` it also compares the output with the fp64 reference computed locally.
 #pragma once
@@ -48,6 +50,10 @@ struct AttendCommandOptions {
   std::string q_npy, k_npy, v_npy;
   bool check = false;      // compare with the fp64 reference computed here
   bool streaming = false;  // force AttendStream
+  // Send the tensors through system shared memory (client/shared_memory_session.h): a region
+  // per call (forward, backward) sized for it, registered, unregistered and unlinked at the
+  // end. Unary calls only (not with `streaming`); the timing table adds the copies' times.
+  bool shm = false;
   int64_t chunk_bytes = kDefaultChunkBytes;
   double timeout_seconds = 300;         // for the Attend call
   double connect_timeout_seconds = 10;  // for the connection and GetInfo

@@ -23,6 +23,7 @@
 #include "cli/cli_parse.h"
 #include "cli/timing_table.h"
 #include "client/attention_client.h"
+#include "client/shared_memory_session.h"
 #include "kernels/dtype.h"
 #include "ringattn/v1/attention.pb.h"
 
@@ -30,10 +31,13 @@ namespace ringattn {
 namespace {
 
 // Server-side phases of one response, in seconds. compute, comm_wait and ring are the largest
-// over the workers (the slowest worker bounds the request).
+// over the workers (the slowest worker bounds the request). The client's: client_wire from the
+// response's Timings; shm_in and shm_out (--shm) its copies into and out of shared memory,
+// measured here.
 struct Phases {
   double queue = 0, receive = 0, validate = 0, ring_wait = 0, scatter = 0, workers = 0, compute = 0,
-         comm_wait = 0, ring = 0, gather = 0, respond = 0, send = 0, total = 0, client_wire = 0;
+         comm_wait = 0, ring = 0, gather = 0, respond = 0, send = 0, total = 0, client_wire = 0,
+         shm_in = 0, shm_out = 0;
 };
 
 // Every field of Phases with its name, in report order (the coordinator's, then the client's).
@@ -44,7 +48,12 @@ constexpr std::pair<const char*, double Phases::*> kPhaseFields[] = {
     {"compute", &Phases::compute},   {"comm_wait", &Phases::comm_wait},
     {"ring", &Phases::ring},         {"gather", &Phases::gather},
     {"respond", &Phases::respond},   {"send", &Phases::send},
-    {"total", &Phases::total},       {"client_wire", &Phases::client_wire}};
+    {"total", &Phases::total},       {"client_wire", &Phases::client_wire},
+    {"shm_in", &Phases::shm_in},     {"shm_out", &Phases::shm_out}};
+
+bool IsSharedMemoryPhase(double Phases::*field) {
+  return field == &Phases::shm_in || field == &Phases::shm_out;
+}
 
 // The outcome of one call.
 struct CallRecord {
@@ -57,6 +66,7 @@ struct CallRecord {
 struct BenchSummary {
   std::string target;
   int concurrency = 0;
+  bool shm = false;
   int sent = 0;
   int ok = 0;
   std::map<std::string, int> failed_by_code;  // status code name -> calls
@@ -107,6 +117,10 @@ absl::Status ValidateOptions(const BenchOptions& o) {
   if (!(o.duration_seconds >= 0) || !std::isfinite(o.duration_seconds)) {
     return absl::InvalidArgumentError("--duration must be a finite number of seconds >= 0");
   }
+  if (o.shm && o.streaming) {
+    return absl::InvalidArgumentError(
+        "--shm and --stream exclude each other: shared-memory references go in unary calls");
+  }
   if (o.duration_seconds == 0 && o.requests < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("--requests must be >= 1 (or give --duration), got ", o.requests));
@@ -133,8 +147,6 @@ v1::AttendRequest BuildRequest(const BenchOptions& o) {
   request.mutable_options()->set_causal(o.causal);
   return request;
 }
-
-int64_t TensorBytes(const v1::Tensor& t) { return static_cast<int64_t>(t.data().size()); }
 
 Phases PhasesOf(const v1::Timings& t) {
   Phases p;
@@ -171,45 +183,52 @@ int64_t StreamChunkBytes(const CallPlan& plan) {
   return chunk_bytes;
 }
 
-CallRecord OneBackwardCall(AttentionClient& client, const v1::AttendBackwardRequest& request,
-                           const CallPlan& plan) {
+// One call, `call(copies)`, timed and recorded: its status, its client round trip (with --shm,
+// the copies into and out of the region too), the tensor bytes of `rpc`'s request and response,
+// and the phases.
+template <typename Request, typename Call>
+CallRecord RecordCall(const ComputeRpc& rpc, const Request& request, const Call& call) {
+  SharedMemoryCopyTimes copies;
   const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendBackwardResponse> response =
-      plan.force_streaming
-          ? client.AttendBackwardStreaming(request, plan.timeout, StreamChunkBytes(plan))
-          : client.AttendBackwardAuto(request, plan.timeout, plan.max_unary_bytes);
+  const auto response = call(&copies);
   CallRecord record;
   record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   record.code = response.status().code();
   if (response.ok()) {
     record.payload_bytes =
-        TensorBytes(request.q()) + TensorBytes(request.k()) + TensorBytes(request.v()) +
-        TensorBytes(request.out()) + TensorBytes(request.dout()) + TensorBytes(request.lse()) +
-        TensorBytes(response->dq()) + TensorBytes(response->dk()) + TensorBytes(response->dv());
+        TensorDataBytes(request, rpc.inputs) + TensorDataBytes(*response, rpc.outputs);
     record.phases = PhasesOf(response->timings());
+    record.phases.shm_in = copies.in_seconds;
+    record.phases.shm_out = copies.out_seconds;
   }
   return record;
 }
 
-CallRecord OneCall(AttentionClient& client, const v1::AttendRequest& request,
-                   const CallPlan& plan) {
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::AttendResponse> response;
-  if (plan.force_streaming) {
-    response = client.AttendStreaming(request, plan.timeout, StreamChunkBytes(plan));
-  } else {
-    response = client.AttendAuto(request, plan.timeout, plan.max_unary_bytes);
-  }
-  CallRecord record;
-  record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
-  record.code = response.status().code();
-  if (response.ok()) {
-    record.payload_bytes = TensorBytes(request.q()) + TensorBytes(request.k()) +
-                           TensorBytes(request.v()) + TensorBytes(response->out()) +
-                           TensorBytes(response->lse());
-    record.phases = PhasesOf(response->timings());
-  }
-  return record;
+// A call of `request` through `shm` when set, else unary or streamed as the plan says.
+CallRecord OneBackwardCall(AttentionClient& client, SharedMemorySession* shm,
+                           const v1::AttendBackwardRequest& request, const CallPlan& plan) {
+  return RecordCall(
+      AttendBackwardRpc(), request,
+      [&](SharedMemoryCopyTimes* copies) -> absl::StatusOr<v1::AttendBackwardResponse> {
+        if (shm != nullptr) return shm->AttendBackward(request, plan.timeout, copies);
+        if (plan.force_streaming) {
+          return client.AttendBackwardStreaming(request, plan.timeout, StreamChunkBytes(plan));
+        }
+        return client.AttendBackwardAuto(request, plan.timeout, plan.max_unary_bytes);
+      });
+}
+
+CallRecord OneCall(AttentionClient& client, SharedMemorySession* shm,
+                   const v1::AttendRequest& request, const CallPlan& plan) {
+  return RecordCall(AttendRpc(), request,
+                    [&](SharedMemoryCopyTimes* copies) -> absl::StatusOr<v1::AttendResponse> {
+                      if (shm != nullptr) return shm->Attend(request, plan.timeout, copies);
+                      if (plan.force_streaming) {
+                        return client.AttendStreaming(request, plan.timeout,
+                                                      StreamChunkBytes(plan));
+                      }
+                      return client.AttendAuto(request, plan.timeout, plan.max_unary_bytes);
+                    });
 }
 
 struct LoadResult {
@@ -217,9 +236,10 @@ struct LoadResult {
   double wall_seconds = 0;
 };
 
-// Makes `one_call` from `concurrency` threads until `requests` calls have gone out, or, with a
-// duration, until it has passed. Every call is bounded by the plan's timeout.
-LoadResult RunLoad(const std::function<CallRecord()>& one_call, const BenchOptions& o) {
+// Makes `one_call(thread)` from `concurrency` threads (numbered from 0) until `requests` calls
+// have gone out, or, with a duration, until it has passed. Every call is bounded by the plan's
+// timeout.
+LoadResult RunLoad(const std::function<CallRecord(int thread)>& one_call, const BenchOptions& o) {
   const bool by_time = o.duration_seconds > 0;
   std::atomic<int> next{0};
   std::vector<std::vector<CallRecord>> per_thread(static_cast<size_t>(o.concurrency));
@@ -228,10 +248,10 @@ LoadResult RunLoad(const std::function<CallRecord()>& one_call, const BenchOptio
   {
     std::vector<std::thread> threads;
     threads.reserve(per_thread.size());
-    for (std::vector<CallRecord>& records : per_thread) {
-      threads.emplace_back([&, mine = &records] {
+    for (size_t i = 0; i < per_thread.size(); ++i) {
+      threads.emplace_back([&, thread = static_cast<int>(i), mine = &per_thread[i]] {
         while (by_time ? absl::Now() < deadline : next.fetch_add(1) < o.requests) {
-          mine->push_back(one_call());
+          mine->push_back(one_call(thread));
         }
       });
     }
@@ -256,6 +276,7 @@ BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flo
   BenchSummary s;
   s.target = o.target;
   s.concurrency = o.concurrency;
+  s.shm = o.shm;
   s.sent = static_cast<int>(load.records.size());
   s.wall_seconds = load.wall_seconds;
   s.flops_per_request = flops;
@@ -321,8 +342,10 @@ std::string FormatReport(const BenchSummary& s) {
                             : 0.0);
   const Phases& m = s.server_mean;
   r += "server phases, mean ms (compute, comm wait, ring: slowest worker; client_wire: the "
-       "client round trip minus the server's total):\n";
+       "client library's call minus the server's total";
+  r += s.shm ? "; shm_in, shm_out: the client's copies into and out of shared memory):\n" : "):\n";
   for (const auto& [name, field] : kPhaseFields) {
+    if (!s.shm && IsSharedMemoryPhase(field)) continue;
     absl::StrAppendFormat(&r, "  %-11s %11.3f\n", name, m.*field * 1e3);
   }
   absl::StrAppendFormat(&r, "outside compute: %.1f%% of the client latency\n",
@@ -351,6 +374,7 @@ std::string FormatJson(const BenchSummary& s) {
   std::string j = "{\n";
   absl::StrAppendFormat(&j, "  \"target\": \"%s\",\n  \"concurrency\": %d,\n", target,
                         s.concurrency);
+  absl::StrAppendFormat(&j, "  \"shm\": %s,\n", s.shm ? "true" : "false");
   absl::StrAppendFormat(&j, "  \"sent\": %d,\n  \"ok\": %d,\n  \"failed\": %d,\n", s.sent, s.ok,
                         s.failed());
   absl::StrAppendFormat(&j, "  \"failed_by_code\": {%s},\n", absl::StrJoin(codes, ", "));
@@ -416,28 +440,55 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     }
     backward = MakeBackwardRequest(with_lse, *forward, o.seed);
   }
-  const bool streaming =
-      o.streaming ||
-      (o.backward ? static_cast<int64_t>(backward.ByteSizeLong()) > plan.max_unary_bytes &&
-                        plan.max_unary_bytes > 0
-                  : NeedsStreaming(request, plan.max_unary_bytes));
+  const bool past_unary_limit =
+      o.backward ? static_cast<int64_t>(backward.ByteSizeLong()) > plan.max_unary_bytes &&
+                       plan.max_unary_bytes > 0
+                 : NeedsStreaming(request, plan.max_unary_bytes);
+  // Shared-memory requests are small whatever their tensors: always unary.
+  const bool streaming = !o.shm && (o.streaming || past_unary_limit);
+  std::string via = o.backward ? "AttendBackward" : "Attend";
+  if (streaming) {
+    via += "Stream";
+  } else {
+    via += o.shm ? " (unary, system shared memory)" : " (unary)";
+  }
   // FlashAttention's count: the backward is 2.5 forwards.
   const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);
   out << absl::StrFormat("server %s: version %s, world %d (%s)\n", o.target, info.version(),
                          info.world_size(), info.ready() ? "ready" : "not ready");
   out << absl::StrFormat(
       "bench: q [%d, %d, %d, %d] %s, causal=%d, layout %s, via %s; %s from %d threads\n", o.batch,
-      o.seqlen, o.heads, o.head_dim, o.dtype, o.causal, o.layout,
-      o.backward ? (streaming ? "AttendBackwardStream" : "AttendBackward (unary)")
-                 : (streaming ? "AttendStream" : "Attend (unary)"),
+      o.seqlen, o.heads, o.head_dim, o.dtype, o.causal, o.layout, via,
       o.duration_seconds > 0 ? absl::StrFormat("for %.3g s", o.duration_seconds)
                              : absl::StrCat(o.requests, " requests"),
       o.concurrency);
   out.flush();
 
-  const LoadResult load = o.backward
-                              ? RunLoad([&] { return OneBackwardCall(client, backward, plan); }, o)
-                              : RunLoad([&] { return OneCall(client, request, plan); }, o);
+  // --shm: a registered region per thread, sized for the request; unregistered and unlinked
+  // when `sessions` goes, on every path.
+  std::vector<std::unique_ptr<SharedMemorySession>> sessions;
+  const absl::Duration register_timeout = absl::Seconds(o.connect_timeout_seconds);
+  for (int i = 0; o.shm && i < o.concurrency; ++i) {
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
+        o.backward ? SharedMemorySession::OpenFor(client, backward, register_timeout)
+                   : SharedMemorySession::OpenFor(client, request, register_timeout);
+    if (!session.ok()) {
+      out << ErrorLine(session.status());
+      return 1;
+    }
+    sessions.push_back(*std::move(session));
+  }
+  if (o.shm) {
+    out << absl::StrFormat("shared memory: %d regions of %d bytes registered\n", o.concurrency,
+                           sessions.front()->region().size());
+  }
+  const auto shm_of = [&sessions](int thread) {
+    return sessions.empty() ? nullptr : sessions[static_cast<size_t>(thread)].get();
+  };
+  const LoadResult load =
+      o.backward
+          ? RunLoad([&](int t) { return OneBackwardCall(client, shm_of(t), backward, plan); }, o)
+          : RunLoad([&](int t) { return OneCall(client, shm_of(t), request, plan); }, o);
   BenchSummary summary = Summarize(o, load, flops);
   summary.memcpy_gb_per_second = MeasureMemcpyGbPerSecond();
   out << FormatReport(summary);

@@ -36,6 +36,11 @@ struct BenchOptions {
   bool causal = false;
   std::string layout = "auto";  // auto, contiguous, zigzag or stripe
   bool streaming = false;       // force AttendStream (else by the server's unary limit)
+  // Send the tensors through system shared memory: one region per client thread, sized for the
+  // request, registered before the load and reused by each of the thread's calls, then
+  // unregistered and unlinked. Unary calls only (not with `streaming`). Latency then includes
+  // the copies into and out of the region, also reported as the phases shm_in and shm_out.
+  bool shm = false;
   // Drive AttendBackward (AttendBackwardStream past the unary limit or with `streaming`)
   // instead of Attend: one forward first for out and lse, then every call sends the same
   // gradients request (synthetic dout); throughput counts the backward as 2.5 forwards.

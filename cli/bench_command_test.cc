@@ -18,9 +18,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "cli/loopback_server_test_util.h"
+#include "cli/shared_memory_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "cli/loopback_server_test_util.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 
 namespace ringattn {
@@ -30,8 +31,9 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 // Answers Attend with out = q and fixed Timings; every `fail_every`-th call (1-based; 0: none)
-// fails with RESOURCE_EXHAUSTED, and every call first sleeps `delay`.
-class FakeAttentionService final : public v1::AttentionService::Service {
+// fails with RESOURCE_EXHAUSTED, and every call first sleeps `delay`. Tensors may come and go
+// through registered shared memory.
+class FakeAttentionService final : public FakeServiceWithSharedMemory {
  public:
   int fail_every = 0;
   absl::Duration delay = absl::ZeroDuration();
@@ -45,7 +47,9 @@ class FakeAttentionService final : public v1::AttentionService::Service {
     if (fail_every > 0 && call % fail_every == 0) {
       return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "queue full");
     }
-    *response->mutable_out() = request->q();
+    v1::AttendRequest resolved = *request;
+    if (grpc::Status s = shm.ReadInputs(AttendRpc(), &resolved); !s.ok()) return s;
+    *response->mutable_out() = resolved.q();
     v1::Timings* t = response->mutable_timings();
     t->set_queue_seconds(0.001);
     t->set_receive_seconds(0.002);
@@ -61,7 +65,7 @@ class FakeAttentionService final : public v1::AttentionService::Service {
       w->set_comm_wait_seconds(0.002 - 0.001 * r);  // max 2 ms
       w->set_ring_seconds(0.010);
     }
-    return grpc::Status::OK;
+    return shm.WriteOutputs(request->output_shm(), response);
   }
 
   grpc::Status GetInfo(grpc::ServerContext*, const v1::InfoRequest*,
@@ -234,6 +238,56 @@ TEST(BenchCommandTest, BadOptionsAndNoServer) {
   std::ostringstream unreachable;
   EXPECT_EQ(RunBenchCommand(o, unreachable), 1);
   EXPECT_THAT(unreachable.str(), HasSubstr("error: UNAVAILABLE"));
+}
+
+TEST(BenchCommandTest, SharedMemoryRegionPerThreadReusedAcrossCalls) {
+  FakeServer server;
+  ASSERT_TRUE(server.started());
+  BenchOptions o = SmallBench(server.target());
+  o.shm = true;
+  o.json_path = ::testing::TempDir() + "/bench_command_test_shm.json";
+  std::ostringstream out;
+  EXPECT_EQ(RunBenchCommand(o, out), 0) << out.str();
+  EXPECT_EQ(server.service().calls(), 12);
+  // Three threads, a region each, every call through one.
+  EXPECT_EQ(server.service().shm.registrations(), 3);
+  EXPECT_EQ(server.service().shm.calls_with_shm(), 12);
+  EXPECT_EQ(server.service().shm.registered(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+  EXPECT_THAT(out.str(), HasSubstr("via Attend (unary, system shared memory)"));
+  EXPECT_THAT(out.str(), HasSubstr("shared memory: 3 regions of "));
+  EXPECT_THAT(out.str(), HasSubstr("12 sent, 12 ok, 0 failed\n"));
+  EXPECT_THAT(out.str(), HasSubstr("\n  shm_in "));
+  EXPECT_THAT(out.str(), HasSubstr("\n  shm_out "));
+  const std::string json = ReadFile(o.json_path);
+  EXPECT_THAT(json, HasSubstr("\"shm\": true"));
+  // The same tensor bytes as without shared memory: q, k, v in and out back, 8 KiB each.
+  EXPECT_EQ(NumberAfter(json, "payload_bytes"), 12.0 * 4 * 8192);
+  EXPECT_GT(NumberAfter(json, "shm_in"), 0);
+  EXPECT_GT(NumberAfter(json, "shm_out"), 0);
+}
+
+TEST(BenchCommandTest, SharedMemoryRefusedOrWithStream) {
+  FakeServer server;
+  ASSERT_TRUE(server.started());
+  server.service().shm.refuse = true;
+  BenchOptions o = SmallBench(server.target());
+  o.shm = true;
+  std::ostringstream refused;
+  EXPECT_EQ(RunBenchCommand(o, refused), 1) << refused.str();
+  EXPECT_THAT(refused.str(), HasSubstr("error: PERMISSION_DENIED"));
+  EXPECT_EQ(server.service().calls(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+
+  o.streaming = true;
+  std::ostringstream both;
+  EXPECT_EQ(RunBenchCommand(o, both), 2);
+  EXPECT_THAT(both.str(), HasSubstr("--shm and --stream exclude each other"));
+  // Without --shm the report has no shared-memory rows.
+  o = SmallBench(server.target());
+  std::ostringstream plain;
+  EXPECT_EQ(RunBenchCommand(o, plain), 0) << plain.str();
+  EXPECT_THAT(plain.str(), Not(HasSubstr("shm_in")));
 }
 
 }  // namespace

@@ -29,9 +29,11 @@
 #include "cli/attend_command.h"
 #include "cli/cli_parse.h"
 #include "cli/loopback_server_test_util.h"
+#include "cli/shared_memory_test_util.h"
 #include "cli/timing_table.h"
 #include "client/attention_client.h"
 #include "client/npy.h"
+#include "client/shared_memory_session.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
@@ -269,7 +271,7 @@ grpc::Status ReferenceCompute(const v1::AttendRequest& request, v1::AttendRespon
   return grpc::Status::OK;
 }
 
-class FakeAttentionService final : public v1::AttentionService::Service {
+class FakeAttentionService final : public FakeServiceWithSharedMemory {
  public:
   // How AttendStream's answer breaks the protocol.
   enum class Corruption { kNone, kGapInOut, kShortOut, kExtraLse, kChunkBeforeHeader };
@@ -281,8 +283,10 @@ class FakeAttentionService final : public v1::AttentionService::Service {
   int64_t max_unary_bytes = 0;
   Corruption corruption = Corruption::kNone;
   bool refuse_after_header = false;  // INVALID_ARGUMENT without reading any chunk
+  bool ignore_output_shm = false;    // answer with the outputs' data whatever output_shm says
 
   int unary_calls() const { return unary_calls_; }
+  int backward_calls() const { return backward_calls_; }
   int stream_calls() const { return stream_calls_; }
   int request_chunks() const { return request_chunks_; }
   int64_t largest_request_chunk() const {
@@ -293,7 +297,24 @@ class FakeAttentionService final : public v1::AttentionService::Service {
   grpc::Status Attend(grpc::ServerContext*, const v1::AttendRequest* request,
                       v1::AttendResponse* response) override {
     ++unary_calls_;
-    return compute_(*request, response);
+    v1::AttendRequest resolved = *request;
+    if (grpc::Status s = shm.ReadInputs(AttendRpc(), &resolved); !s.ok()) return s;
+    if (grpc::Status s = compute_(resolved, response); !s.ok()) return s;
+    if (ignore_output_shm) return grpc::Status::OK;
+    return shm.WriteOutputs(request->output_shm(), response);
+  }
+
+  // Gradients that echo the inputs (dq = q, dk = k, dv = v), so a test can follow their bytes.
+  grpc::Status AttendBackward(grpc::ServerContext*, const v1::AttendBackwardRequest* request,
+                              v1::AttendBackwardResponse* response) override {
+    ++backward_calls_;
+    v1::AttendBackwardRequest resolved = *request;
+    if (grpc::Status s = shm.ReadInputs(AttendBackwardRpc(), &resolved); !s.ok()) return s;
+    *response->mutable_dq() = resolved.q();
+    *response->mutable_dk() = resolved.k();
+    *response->mutable_dv() = resolved.v();
+    response->mutable_timings()->set_total_seconds(0.001);
+    return shm.WriteOutputs(request->output_shm(), response);
   }
 
   grpc::Status AttendStream(grpc::ServerContext*,
@@ -399,6 +420,7 @@ class FakeAttentionService final : public v1::AttentionService::Service {
 
   const ComputeFn compute_;
   std::atomic<int> unary_calls_{0};
+  std::atomic<int> backward_calls_{0};
   std::atomic<int> stream_calls_{0};
   std::atomic<int> request_chunks_{0};
   mutable std::mutex mu_;
@@ -860,6 +882,203 @@ TEST(AttendCommandTest, ReadsNpyInputsConvertsThemAndWritesTheOutput) {
   EXPECT_EQ(RunAttendCommand(o, out2), 1);
   EXPECT_THAT(out2.str(), HasSubstr("error: NOT_FOUND: "));
   EXPECT_THAT(out2.str(), HasSubstr("missing_k.npy"));
+}
+
+// ---- System shared memory ----------------------------------------------------------------------
+
+TEST(SharedMemoryClientTest, RegistersListsAndUnregistersRegions) {
+  FakeServer server;
+  std::unique_ptr<AttentionClient> client = server.Client();
+  ASSERT_NE(client, nullptr);
+  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
+      SharedMemoryRegion::Create(MakeSharedMemoryKey(), 4096);
+  ASSERT_TRUE(region.ok()) << region.status();
+  const std::string& key = (*region)->key();
+  ASSERT_TRUE(client->RegisterSystemSharedMemory("a", key, 0, 4096, kTimeout).ok());
+  ASSERT_TRUE(client->RegisterSystemSharedMemory("b", key, 1024, 2048, kTimeout).ok());
+  // The service's refusals keep their code.
+  EXPECT_EQ(client->RegisterSystemSharedMemory("a", key, 0, 64, kTimeout).code(),
+            absl::StatusCode::kAlreadyExists);
+
+  absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> all =
+      client->SystemSharedMemoryStatus("", kTimeout);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->size(), 2u);
+  absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> b =
+      client->SystemSharedMemoryStatus("b", kTimeout);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(b->size(), 1u);
+  EXPECT_EQ((*b)[0].name(), "b");
+  EXPECT_EQ((*b)[0].key(), key);
+  EXPECT_EQ((*b)[0].offset(), 1024);
+  EXPECT_EQ((*b)[0].byte_size(), 2048);
+
+  EXPECT_TRUE(client->UnregisterSystemSharedMemory("a", kTimeout).ok());
+  EXPECT_EQ(client->UnregisterSystemSharedMemory("a", kTimeout).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_TRUE(client->UnregisterSystemSharedMemory("", kTimeout).ok());  // all
+  EXPECT_TRUE(client->SystemSharedMemoryStatus("", kTimeout)->empty());
+}
+
+TEST(SharedMemoryClientTest, SessionsSendRefsAndReturnOrdinaryResponses) {
+  FakeServer server;  // out = q, lse element i = i / 8; gradients dq = q, dk = k, dv = v
+  std::unique_ptr<AttentionClient> client = server.Client();
+  ASSERT_NE(client, nullptr);
+  const v1::AttendRequest request = SmallRequest(/*return_lse=*/true);
+  {
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
+        SharedMemorySession::OpenFor(*client, request, kTimeout);
+    ASSERT_TRUE(session.ok()) << session.status();
+    EXPECT_EQ(server.service().shm.registered(), 1);
+    EXPECT_EQ("/" + (*session)->name(), (*session)->region().key());
+    absl::StatusOr<v1::AttendResponse> response;
+    for (int call = 0; call < 2; ++call) {  // one region, call after call
+      SharedMemoryCopyTimes copies;
+      response = (*session)->Attend(request, kTimeout, &copies);
+      ASSERT_TRUE(response.ok()) << response.status();
+      EXPECT_EQ(response->request_id(), "req-1");
+      EXPECT_EQ(response->out().data(), request.q().data());
+      ASSERT_EQ(response->lse().data().size(), 3u * 37 * 4);
+      float lse5;
+      std::memcpy(&lse5, response->lse().data().data() + 5 * sizeof(float), sizeof(float));
+      EXPECT_EQ(lse5, 5.0f / 8);
+      EXPECT_GT(copies.in_seconds, 0);
+      EXPECT_GT(copies.out_seconds, 0);
+      EXPECT_GT(response->timings().client_seconds(), 0);
+    }
+    EXPECT_EQ(server.service().shm.calls_with_shm(), 2);
+
+    // The backward through a session sized for it: the echoed gradients come back.
+    const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, *response, 1);
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> grads_session =
+        SharedMemorySession::OpenFor(*client, backward, kTimeout);
+    ASSERT_TRUE(grads_session.ok()) << grads_session.status();
+    EXPECT_GT((*grads_session)->region().size(), (*session)->region().size());
+    absl::StatusOr<v1::AttendBackwardResponse> grads =
+        (*grads_session)->AttendBackward(backward, kTimeout);
+    ASSERT_TRUE(grads.ok()) << grads.status();
+    EXPECT_EQ(grads->dq().data(), request.q().data());
+    EXPECT_EQ(grads->dk().data(), request.k().data());
+    EXPECT_EQ(grads->dv().data(), request.v().data());
+    EXPECT_EQ(server.service().shm.calls_with_shm(), 3);
+
+    // A request larger than the region is refused before any call.
+    const int calls = server.service().unary_calls();
+    const v1::AttendRequest larger = MakeSyntheticRequest(1, 100, 3, 1, 8, DType::kF32, 7);
+    EXPECT_EQ((*session)->Attend(larger, kTimeout).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(server.service().unary_calls(), calls);
+    EXPECT_EQ(server.service().shm.registered(), 2);
+  }
+  // The sessions are gone: unregistered at the service, unlinked here.
+  EXPECT_EQ(server.service().shm.registered(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+}
+
+TEST(SharedMemoryClientTest, AnOutputSentDespiteOutputShmIsInternal) {
+  FakeServer server;
+  server.service().ignore_output_shm = true;
+  std::unique_ptr<AttentionClient> client = server.Client();
+  ASSERT_NE(client, nullptr);
+  const v1::AttendRequest request = SmallRequest(false);
+  absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
+      SharedMemorySession::OpenFor(*client, request, kTimeout);
+  ASSERT_TRUE(session.ok()) << session.status();
+  absl::StatusOr<v1::AttendResponse> r = (*session)->Attend(request, kTimeout);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(r.status().message(),
+              HasSubstr("response out carries 3552 bytes; the request placed it in shared memory"));
+}
+
+TEST(TimingTableTest, ListsTheSharedMemoryCopiesWhenGiven) {
+  v1::AttendResponse response;
+  FillPlanAndTimings(37, &response);
+  EXPECT_THAT(FormatTimings(response), Not(HasSubstr("shm_")));
+  const SharedMemoryCopyTimes copies{0.0015, 0.0025};
+  const std::string table = FormatTimings(response, 0, &copies);
+  EXPECT_THAT(
+      table, AllOf(HasSubstr("  shm_in          1.500\n"), HasSubstr("  shm_out         2.500\n")));
+  // After the client's own rows.
+  EXPECT_LT(table.find("client "), table.find("shm_in"));
+}
+
+TEST(AttendCommandTest, SharedMemoryPassesTheCheckAtAwkwardSizes) {
+  FakeServer server(ReferenceCompute);
+  server.service().max_unary_bytes = 1000;  // tensors past it: only the refs travel
+  struct Case {
+    int64_t seqlen;
+    int heads, heads_k;
+    const char* dtype;
+  };
+  for (const Case c : {Case{37, 5, 1, "fp32"}, Case{7, 5, 5, "bf16"}, Case{37, 4, 2, "fp16"}}) {
+    AttendCommandOptions o = SmallCommand(server.target());
+    o.seqlen = c.seqlen;
+    o.heads = c.heads;
+    o.heads_k = c.heads_k;
+    o.dtype = c.dtype;
+    o.shm = true;
+    std::ostringstream out;
+    EXPECT_EQ(RunAttendCommand(o, out), 0) << out.str();
+    EXPECT_THAT(out.str(),
+                AllOf(HasSubstr("via Attend (unary, system shared memory)"),
+                      HasSubstr("shared memory: region ringattn_"), HasSubstr("check: PASS"),
+                      HasSubstr("  shm_in "), HasSubstr("  shm_out ")));
+  }
+  EXPECT_EQ(server.service().stream_calls(), 0);
+  EXPECT_EQ(server.service().shm.calls_with_shm(), 3);
+  EXPECT_EQ(server.service().shm.registrations(), 3);
+  EXPECT_EQ(server.service().shm.registered(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+}
+
+TEST(AttendCommandTest, SharedMemoryBackwardReturnsTheGradientsBytes) {
+  FakeServer server(ReferenceCompute);  // the backward echoes dq = q, dk = k, dv = v
+  AttendCommandOptions o = SmallCommand(server.target());
+  o.dtype = "fp32";
+  o.shm = true;
+  o.backward = true;
+  o.check = false;  // the echoed gradients are no gradients
+  o.grads_npy_prefix = TempPath("shm_");
+  std::ostringstream out;
+  EXPECT_EQ(RunAttendCommand(o, out), 0) << out.str();
+  EXPECT_EQ(server.service().backward_calls(), 1);
+  EXPECT_EQ(server.service().shm.calls_with_shm(), 2);  // forward and backward
+  EXPECT_EQ(server.service().shm.registrations(), 2);   // a region each
+  EXPECT_EQ(server.service().shm.registered(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+  // The backward's timing table has the copies too.
+  const std::string text = out.str();
+  const size_t gradients = text.find("gradients in");
+  ASSERT_NE(gradients, std::string::npos) << text;
+  EXPECT_NE(text.find("  shm_in ", gradients), std::string::npos) << text;
+  const v1::AttendRequest sent =
+      MakeSyntheticRequest(o.batch, o.seqlen, o.heads, o.heads_k, o.head_dim, DType::kF32, o.seed);
+  for (const auto& [name, like] : {std::pair{"dq", &sent.q()}, std::pair{"dv", &sent.v()}}) {
+    absl::StatusOr<NpyArray> g = ReadNpy(absl::StrCat(o.grads_npy_prefix, name, ".npy"));
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_EQ(g->data, like->data()) << name;
+  }
+}
+
+TEST(AttendCommandTest, SharedMemoryRefusedByTheServiceLeavesNothingBehind) {
+  FakeServer server(ReferenceCompute);
+  server.service().shm.refuse = true;
+  AttendCommandOptions o = SmallCommand(server.target());
+  o.shm = true;
+  std::ostringstream out;
+  EXPECT_EQ(RunAttendCommand(o, out), 1) << out.str();
+  EXPECT_THAT(out.str(), HasSubstr("error: PERMISSION_DENIED: not on this host\n"));
+  EXPECT_EQ(server.service().unary_calls(), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+}
+
+TEST(AttendCommandTest, SharedMemoryAndStreamExcludeEachOther) {
+  AttendCommandOptions o = SmallCommand("127.0.0.1:1");
+  o.shm = true;
+  o.streaming = true;
+  std::ostringstream out;
+  EXPECT_EQ(RunAttendCommand(o, out), 2);
+  EXPECT_THAT(out.str(), HasSubstr("--shm and --stream exclude each other"));
 }
 
 }  // namespace

@@ -85,13 +85,18 @@ ABSL_FLAG(
     std::string, grads_npy_prefix, "",
     "attend --backward: write the gradients to <prefix>dq.npy, <prefix>dk.npy, <prefix>dv.npy");
 ABSL_FLAG(bool, stream, false, "attend: force the streaming RPC");
+ABSL_FLAG(bool, shm, false,
+          "attend, bench: send the tensors through system shared memory (POSIX shm regions this "
+          "process creates and registers with the service, which must run on this host): unary "
+          "calls only, not with --stream; the timings add the copies into and out of the "
+          "regions (shm_in, shm_out)");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
 ABSL_FLAG(bool, backward, false,
           "attend: also take the gradients (AttendBackward with a synthetic dout; with --check, "
           "against the fp64 reference backward); bench: drive AttendBackward instead of Attend");
 
-// bench (also --target, the problem flags, --stream, --timeout per call and --seed)
+// bench (also --target, the problem flags, --stream, --shm, --timeout per call and --seed)
 ABSL_FLAG(int, concurrency, 4, "bench: client threads, one call in flight each");
 ABSL_FLAG(int, requests, 32, "bench: calls in all (when --duration is 0)");
 ABSL_FLAG(double, duration, 0, "bench: seconds to keep sending (0: --requests calls)");
@@ -106,8 +111,9 @@ constexpr char kUsage[] =
     "  coordinator  the coordinator alone; workers register from elsewhere\n"
     "  worker       one worker process (--coordinator host:port)\n"
     "  attend       send a request to a coordinator and print the result and timings\n"
+    "               (--shm: the tensors through system shared memory, same host)\n"
     "  bench        load generator: send one synthetic request many times, report latency and\n"
-    "               throughput (--concurrency, --requests or --duration, --json)\n"
+    "               throughput (--concurrency, --requests or --duration, --json, --shm)\n"
     "  ring         forward ring attention over local processes, without the service\n";
 
 std::vector<float> StandardAlibiSlopes(int heads) {
@@ -194,6 +200,7 @@ absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
   RA_ASSIGN_OR_RETURN(o.cu_seqlens, ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens)));
   o.check = absl::GetFlag(FLAGS_check);
   o.streaming = absl::GetFlag(FLAGS_stream);
+  o.shm = absl::GetFlag(FLAGS_shm);
   o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);
@@ -217,6 +224,7 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
   o.causal = absl::GetFlag(FLAGS_causal);
   o.layout = absl::GetFlag(FLAGS_layout);
   o.streaming = absl::GetFlag(FLAGS_stream);
+  o.shm = absl::GetFlag(FLAGS_shm);
   o.backward = absl::GetFlag(FLAGS_backward);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);

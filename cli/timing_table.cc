@@ -64,12 +64,15 @@ double RequestFlops(const v1::AttendRequest& request) {
   return ForwardFlops(p);
 }
 
-std::string FormatTimings(const v1::AttendResponse& response, double flops) {
-  return FormatTimings(response.request_id(), response.plan(), response.timings(), flops);
+std::string FormatTimings(const v1::AttendResponse& response, double flops,
+                          const SharedMemoryCopyTimes* shm_copies) {
+  return FormatTimings(response.request_id(), response.plan(), response.timings(), flops,
+                       shm_copies);
 }
 
 std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& plan,
-                          const v1::Timings& t, double flops) {
+                          const v1::Timings& t, double flops,
+                          const SharedMemoryCopyTimes* shm_copies) {
   std::string s = absl::StrCat("request id ", request_id.empty() ? "(none)" : request_id, "\n");
   absl::StrAppendFormat(&s, "plan: layout %s, world %d, rows per rank %s\n",
                         LayoutLabel(plan.layout()), plan.world_size(), RowsPerRank(plan));
@@ -92,6 +95,10 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
   if (t.client_seconds() > 0) {  // set by the client library
     absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "client_wire", t.client_wire_seconds() * 1e3);
     absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "client", t.client_seconds() * 1e3);
+  }
+  if (shm_copies != nullptr) {  // client-local: the copies around the client library's call
+    absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "shm_in", shm_copies->in_seconds * 1e3);
+    absl::StrAppendFormat(&s, "  %-11s %9.3f\n", "shm_out", shm_copies->out_seconds * 1e3);
   }
   double slowest_ring = 0;
   if (t.workers_size() > 0) {

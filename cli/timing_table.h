@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "client/shared_memory_session.h"
 #include "ringattn/v1/attention.pb.h"
 
 namespace ringattn {
@@ -20,11 +21,15 @@ double RequestFlops(const v1::AttendRequest& request);
 // phases (queue, receive, scatter, gather, send, total) in ms and each worker's rows, backend,
 // compute, communication wait and ring time. With `flops` > 0 (RequestFlops of the request: the
 // response alone does not tell whether the attention was causal) it ends with the throughput
-// over the total time and over the slowest worker's ring.
-std::string FormatTimings(const v1::AttendResponse& response, double flops = 0);
+// over the total time and over the slowest worker's ring. With `shm_copies` (a call through
+// system shared memory) the client phases end with shm_in and shm_out, the client-local times of
+// the copies into and out of the region, outside the client library's call (`client`).
+std::string FormatTimings(const v1::AttendResponse& response, double flops = 0,
+                          const SharedMemoryCopyTimes* shm_copies = nullptr);
 // The same table from its parts (an AttendBackwardResponse has the same three).
 std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& plan,
-                          const v1::Timings& timings, double flops = 0);
+                          const v1::Timings& timings, double flops = 0,
+                          const SharedMemoryCopyTimes* shm_copies = nullptr);
 
 // A transfer progress bar drawn on one line with carriage returns. Nothing is drawn until
 // `delay` has passed since construction, so fast transfers print nothing.

@@ -51,62 +51,67 @@ int ElementSize(v1::DType dtype) {
   }
 }
 
-std::string ShapeString(const v1::Tensor& tensor) {
-  return absl::StrCat("[", absl::StrJoin(tensor.shape(), ", "), "] ",
-                      v1::DType_Name(tensor.dtype()));
-}
-
-// Every output of `rpc` in `response` has the bytes its dtype and shape imply; INTERNAL naming
-// it if not.
-absl::Status CheckOutputSizes(const ComputeRpc& rpc, const google::protobuf::Message& response) {
+// Every output of `rpc` in `response` has the bytes its dtype and shape imply, or none when the
+// request placed it in shared memory (a key of `output_shm`); INTERNAL naming it if not.
+absl::Status CheckOutputSizes(
+    const ComputeRpc& rpc, const google::protobuf::Message& response,
+    const google::protobuf::Map<std::string, v1::SharedMemoryRef>& output_shm) {
   for (const ComputeTensor& out : rpc.outputs) {
     const v1::Tensor& tensor = TensorField(response, out.name);
     const int64_t expected = ExpectedTensorBytes(tensor);
     if (expected < 0) {
       return absl::InternalError(absl::StrCat(
-          "response ", out.name, " has an invalid dtype or shape ", ShapeString(tensor)));
+          "response ", out.name, " has an invalid dtype or shape ", DescribeTensor(tensor)));
     }
-    if (static_cast<int64_t>(tensor.data().size()) != expected) {
+    if (output_shm.contains(out.name)) {
+      if (!tensor.data().empty()) {
+        return absl::InternalError(absl::StrCat("response ", out.name, " carries ",
+                                                tensor.data().size(),
+                                                " bytes; the request placed it in shared memory"));
+      }
+    } else if (static_cast<int64_t>(tensor.data().size()) != expected) {
       return absl::InternalError(absl::StrCat("response ", out.name, " has ", tensor.data().size(),
-                                              " bytes; its shape ", ShapeString(tensor), " needs ",
-                                              expected));
+                                              " bytes; its shape ", DescribeTensor(tensor),
+                                              " needs ", expected));
     }
   }
   return absl::OkStatus();
 }
 
-// Response bytes to expect before the response header says: each wanted output as large as the
-// input it is shaped like (q or k), the fp32 lse [batch, heads, seq] from q's shape.
+// Response bytes to expect before the response header says: each wanted output's size as the
+// request's shapes imply.
 int64_t EstimatedResponseBytes(const ComputeRpc& rpc, const google::protobuf::Message& request) {
-  const v1::Tensor& q = TensorField(request, "q");
   int64_t bytes = 0;
   for (const ComputeTensor& out : rpc.outputs) {
-    if (!Wants(request, out)) continue;
-    switch (out.kind) {
-      case TensorKind::kQ:
-        bytes += static_cast<int64_t>(q.data().size());
-        break;
-      case TensorKind::kKv:
-        bytes += static_cast<int64_t>(TensorField(request, "k").data().size());
-        break;
-      case TensorKind::kLse:
-        if (q.shape_size() == 4) bytes += 4 * q.shape(0) * q.shape(1) * q.shape(2);
-        break;
-    }
+    if (Wants(request, out)) bytes += std::max<int64_t>(0, ExpectedOutputBytes(out, request));
   }
   return bytes;
 }
 
-// A unary compute call whose outputs are checked against their shapes.
-template <typename Response, typename Call>
-absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, absl::Duration timeout,
-                                      const Call& call) {
+template <typename Request, typename Response>
+using StubMethod = grpc::Status (v1::AttentionService::Stub::*)(grpc::ClientContext*,
+                                                                const Request&, Response*);
+
+// One unary call of the stub's `method`: its response, or the service's status.
+template <typename Request, typename Response>
+absl::StatusOr<Response> RunPlainCall(v1::AttentionService::Stub& stub,
+                                      StubMethod<Request, Response> method, const Request& request,
+                                      absl::Duration timeout) {
   grpc::ClientContext context;
   SetTimeout(timeout, &context);
   Response response;
-  const grpc::Status status = call(&context, &response);
+  const grpc::Status status = (stub.*method)(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
-  if (absl::Status s = CheckOutputSizes(rpc, response); !s.ok()) return s;
+  return response;
+}
+
+// A unary compute call of `request` whose outputs are checked against their shapes.
+template <typename Request, typename Response>
+absl::StatusOr<Response> RunUnaryCall(const ComputeRpc& rpc, v1::AttentionService::Stub& stub,
+                                      StubMethod<Request, Response> method, const Request& request,
+                                      absl::Duration timeout) {
+  RA_ASSIGN_OR_RETURN(Response response, RunPlainCall(stub, method, request, timeout));
+  RA_RETURN_IF_ERROR(CheckOutputSizes(rpc, response, request.output_shm()));
   return response;
 }
 
@@ -170,8 +175,8 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
       v1::Tensor* t = MutableTensorField(header, out.name);
       const int64_t expected = ExpectedTensorBytes(*t);
       if (expected < 0) {
-        return assembler.chunks().Error(
-            absl::StrCat("header: ", out.name, " has an invalid dtype or shape ", ShapeString(*t)));
+        return assembler.chunks().Error(absl::StrCat(
+            "header: ", out.name, " has an invalid dtype or shape ", DescribeTensor(*t)));
       }
       RA_RETURN_IF_ERROR(assembler.chunks().Expect(out.which, out.name, t, expected));
     }
@@ -217,6 +222,29 @@ bool PastUnaryLimit(const google::protobuf::Message& request, int64_t max_unary_
 
 }  // namespace
 
+std::string DescribeTensor(const v1::Tensor& tensor) {
+  return absl::StrCat("[", absl::StrJoin(tensor.shape(), ", "), "] ",
+                      v1::DType_Name(tensor.dtype()));
+}
+
+int64_t ExpectedOutputBytes(const ComputeTensor& out, const google::protobuf::Message& request) {
+  const v1::Tensor& q = TensorField(request, "q");
+  switch (out.kind) {
+    case TensorKind::kQ:
+      return ExpectedTensorBytes(q);
+    case TensorKind::kKv:
+      return ExpectedTensorBytes(TensorField(request, "k"));
+    case TensorKind::kLse: {
+      if (q.shape_size() != 4) return -1;
+      v1::Tensor lse;  // [batch, heads, seq] fp32
+      lse.set_dtype(v1::DTYPE_FP32);
+      for (const int i : {0, 2, 1}) lse.add_shape(q.shape(i));
+      return ExpectedTensorBytes(lse);
+    }
+  }
+  return -1;
+}
+
 int64_t ExpectedTensorBytes(const v1::Tensor& tensor) {
   if (tensor.shape_size() == 0) return 0;
   const int element = ElementSize(tensor.dtype());
@@ -257,21 +285,15 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendReque
   const absl::Time call0 = absl::Now();
   return WithClientTimes(
       call0,
-      RunUnaryCall<v1::AttendResponse>(
-          AttendRpc(), timeout, [&](grpc::ClientContext* context, v1::AttendResponse* response) {
-            return stub_->Attend(context, request, response);
-          }));
+      RunUnaryCall(AttendRpc(), *stub_, &v1::AttentionService::Stub::Attend, request, timeout));
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackward(
     const v1::AttendBackwardRequest& request, absl::Duration timeout) {
   const absl::Time call0 = absl::Now();
   return WithClientTimes(
-      call0, RunUnaryCall<v1::AttendBackwardResponse>(
-                 AttendBackwardRpc(), timeout,
-                 [&](grpc::ClientContext* context, v1::AttendBackwardResponse* response) {
-                   return stub_->AttendBackward(context, request, response);
-                 }));
+      call0, RunUnaryCall(AttendBackwardRpc(), *stub_, &v1::AttentionService::Stub::AttendBackward,
+                          request, timeout));
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::AttendStreaming(
@@ -316,12 +338,41 @@ absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
 }
 
 absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout) {
-  grpc::ClientContext context;
-  SetTimeout(timeout, &context);
-  v1::InfoResponse response;
-  const grpc::Status status = stub_->GetInfo(&context, v1::InfoRequest(), &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::GetInfo, v1::InfoRequest(), timeout);
+}
+
+absl::Status AttentionClient::RegisterSystemSharedMemory(const std::string& name,
+                                                         const std::string& key, int64_t offset,
+                                                         int64_t byte_size,
+                                                         absl::Duration timeout) {
+  v1::RegisterSystemSharedMemoryRequest request;
+  request.set_name(name);
+  request.set_key(key);
+  request.set_offset(offset);
+  request.set_byte_size(byte_size);
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::RegisterSystemSharedMemory, request,
+                      timeout)
+      .status();
+}
+
+absl::Status AttentionClient::UnregisterSystemSharedMemory(const std::string& name,
+                                                           absl::Duration timeout) {
+  v1::UnregisterSystemSharedMemoryRequest request;
+  request.set_name(name);
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::UnregisterSystemSharedMemory, request,
+                      timeout)
+      .status();
+}
+
+absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> AttentionClient::SystemSharedMemoryStatus(
+    const std::string& name, absl::Duration timeout) {
+  v1::SystemSharedMemoryStatusRequest request;
+  request.set_name(name);
+  RA_ASSIGN_OR_RETURN(const v1::SystemSharedMemoryStatusResponse response,
+                      RunPlainCall(*stub_, &v1::AttentionService::Stub::SystemSharedMemoryStatus,
+                                   request, timeout));
+  return std::vector<v1::SystemSharedMemoryRegion>(response.regions().begin(),
+                                                   response.regions().end());
 }
 
 absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,

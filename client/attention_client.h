@@ -5,6 +5,9 @@
 // reassembles the chunked out and lse of the answer; AttendAuto picks one of the two by the
 // request's size; AttendBackward, AttendBackwardStreaming and AttendBackwardAuto do the same for
 // the gradients (AttendBackwardStream's chunks: q, k, v, out, dout, lse in; dq, dk, dv out).
+// Unary calls may carry system shared-memory references (Tensor.shm, output_shm; see
+// client/shared_memory_session.h): an output named in the request's output_shm comes back
+// without data, the service having written it into the region.
 // Every call returns the service's status with its code and message as they came; a response
 // that breaks the chunk protocol or whose tensors do not match their shapes is INTERNAL, naming
 // the tensor and the offending offset or size.
@@ -14,9 +17,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "proto/compute_rpcs.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 
 namespace ringattn {
@@ -33,6 +39,14 @@ inline constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
 // (an absent tensor); -1 when the dtype is unspecified, a dimension is negative or the size
 // overflows.
 int64_t ExpectedTensorBytes(const v1::Tensor& tensor);
+
+// "[1, 37, 5, 64] DTYPE_FP32": a tensor's shape and dtype, for messages.
+std::string DescribeTensor(const v1::Tensor& tensor);
+
+// Bytes of the output `out` of a compute request (proto/compute_rpcs.h) as the request's shapes
+// imply: the shape and dtype of q (kQ) or k (kKv), or the fp32 [batch, heads, seq] of q (kLse).
+// -1 when that input's dtype or shape does not give it (kLse: q not 4-D).
+int64_t ExpectedOutputBytes(const ComputeTensor& out, const google::protobuf::Message& request);
 
 // Whether `request` has to go through AttendStream: its serialised size exceeds
 // `max_unary_bytes` (the server's InfoResponse.max_unary_bytes; <= 0 when unknown) or the
@@ -94,6 +108,17 @@ class AttentionClient {
       int64_t chunk_bytes = kDefaultChunkBytes, const ProgressFn& progress = nullptr);
 
   absl::StatusOr<v1::InfoResponse> GetInfo(absl::Duration timeout);
+
+  // System shared memory (same-host callers; the service refuses others): registers bytes
+  // [offset, offset + byte_size) of the shm_open object `key` under `name`, unique among this
+  // caller's regions, for requests to refer to; unregisters one (an empty name: all of this
+  // caller's); lists this caller's regions (an empty name: all of them).
+  absl::Status RegisterSystemSharedMemory(const std::string& name, const std::string& key,
+                                          int64_t offset, int64_t byte_size,
+                                          absl::Duration timeout);
+  absl::Status UnregisterSystemSharedMemory(const std::string& name, absl::Duration timeout);
+  absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> SystemSharedMemoryStatus(
+      const std::string& name, absl::Duration timeout);
 
  private:
   std::shared_ptr<grpc::Channel> channel_;
