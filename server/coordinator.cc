@@ -503,9 +503,10 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   job->arrival = arrival;
   job->deadline = deadline;
   job->timings = response->mutable_timings();
-  job->run = [&request, response, problem, shared = std::move(shared)](
+  SharedMemoryArena* arena = options_.shared_memory ? &arena_ : nullptr;
+  job->run = [&request, response, problem, shared = std::move(shared), arena](
                  const RingSnapshot& ring, const RunControl& control) {
-    return RunOnRing(Call::Rpc(), problem, request, shared, ring, control, response,
+    return RunOnRing(Call::Rpc(), problem, request, shared, arena, ring, control, response,
                      response->mutable_plan(), response->mutable_timings());
   };
   job->done = [response, arrival, id = problem.request_id,

@@ -16,6 +16,7 @@
 #include "server/metrics.h"
 #include "server/rendezvous_store.h"
 #include "server/ring_manager.h"
+#include "server/shared_memory_arena.h"
 #include "server/shared_memory_registry.h"
 
 namespace grpc {
@@ -36,7 +37,8 @@ class Coordinator {
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
     int64_t stream_chunk_bytes = int64_t{4} << 20;  // response chunks of the streaming RPCs
     // Whether same-host callers may register system shared memory (callers on other hosts
-    // never may).
+    // never may), and whether requests sent as bytes reach workers on this host through the
+    // coordinator's shared-memory arena instead of as shard messages.
     bool shared_memory = true;
     SharedMemoryRegistry::Limits shared_memory_limits;
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
@@ -91,6 +93,9 @@ class Coordinator {
   const Options options_;
   RendezvousStore store_;
   SharedMemoryRegistry shared_memory_;
+  // For requests that arrive as bytes, when workers share this host (one request at a time:
+  // the dispatcher runs them in turn).
+  SharedMemoryArena arena_;
   ServiceMetrics metrics_;
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;

@@ -103,12 +103,47 @@ void AddShardShm(const std::string& name, const SharedTensor& t, v1::ShardHeader
   s.set_byte_size(t.bytes);
 }
 
+// Places the tensors of `request` that are not in the client's shared memory into `arena` for
+// the workers on this host: inputs copied in, wanted outputs given room. Adds them to
+// `reachable`; `arena_outputs` lists the outputs to copy back into the response.
+absl::Status PlaceInArena(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
+                          SharedMemoryArena& arena, SharedTensors* reachable,
+                          std::vector<const ComputeTensor*>* arena_outputs) {
+  std::vector<std::pair<const ComputeTensor*, int64_t>> slots;  // tensor, offset
+  int64_t total = 0;
+  auto take = [&](const ComputeTensor& t) {
+    slots.emplace_back(&t, total);
+    total += (static_cast<int64_t>(BytesOf(t.kind, p.shape)) + 63) / 64 * 64;
+  };
+  for (const ComputeTensor& in : rpc.inputs) {
+    if (reachable->count(in.name) == 0) take(in);
+  }
+  for (const ComputeTensor& out : rpc.outputs) {
+    if (Wants(request, out) && reachable->count(out.name) == 0) take(out);
+  }
+  if (slots.empty()) return absl::OkStatus();
+  RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> mapping, arena.Reserve(total));
+  for (const auto& [t, at] : slots) {
+    const int64_t bytes = static_cast<int64_t>(BytesOf(t->kind, p.shape));
+    SharedTensor st{mapping, at, bytes};
+    const bool input = t >= rpc.inputs.data() && t < rpc.inputs.data() + rpc.inputs.size();
+    if (input) {
+      RA_RETURN_IF_ERROR(ParallelCopy(st.data(), TensorField(request, t->name).data().data(),
+                                      bytes, "the coordinator's arena"));
+    } else {
+      arena_outputs->push_back(t);
+    }
+    reachable->emplace(t->name, std::move(st));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
-                       const SharedTensors& shared, const RingSnapshot& ring,
-                       const RunControl& control, Message* response, v1::ShardPlan* plan_proto,
-                       v1::Timings* timings) {
+                       const SharedTensors& client_shared, SharedMemoryArena* arena,
+                       const RingSnapshot& ring, const RunControl& control, Message* response,
+                       v1::ShardPlan* plan_proto, v1::Timings* timings) {
   // Scatter: the plan, then each rank's rows of every input, in layout order. Inputs in shared
   // memory go as references to workers on this host, as bytes read from it to the others.
   const absl::Time scatter0 = absl::Now();
@@ -117,6 +152,16 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   absl::StatusOr<ShardPlan> plan_or = PlanShards(p.shape.seqlen_q, world, layout);
   if (!plan_or.ok()) return plan_or.status();
   const ShardPlan& plan = *plan_or;
+
+  // What the workers on this host reach through shared memory: the client's tensors, and with
+  // an arena every other tensor of the request too.
+  SharedTensors shared = client_shared;
+  std::vector<const ComputeTensor*> arena_outputs;
+  bool any_worker_maps = false;
+  for (int r = 0; r < world; ++r) any_worker_maps |= WorkerMapsSharedMemory(ring, r);
+  if (arena != nullptr && any_worker_maps) {
+    RA_RETURN_IF_ERROR(PlaceInArena(rpc, p, request, *arena, &shared, &arena_outputs));
+  }
 
   // A region replaced or shrunk since it was registered fails this request only, before any
   // worker starts (a worker failing on it would break the ring for everyone).
@@ -227,6 +272,12 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
         InsertShard(plan, r, bytes.data(), view.outer, view.row_bytes, placed->second.data());
       }));
     }
+  }
+  for (const ComputeTensor* out : arena_outputs) {
+    const SharedTensor& st = shared.at(out->name);
+    std::string* data = MutableTensorField(response, out->name)->mutable_data();
+    data->resize(st.bytes);
+    RA_RETURN_IF_ERROR(ParallelCopy(data->data(), st.data(), st.bytes, "the coordinator's arena"));
   }
   for (int r = 0; r < world; ++r) {
     v1::WorkerTiming* wt = timings->add_workers();

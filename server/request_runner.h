@@ -2,8 +2,9 @@
 // compute_rpcs.h) says: cuts every input into the ranks' shards, calls every worker at once
 // (FanOut, carrying the caller's deadline and cancellation), gathers the outputs back into
 // sequence order, and fills the response's plan and timings. Tensors in the caller's shared
-// memory (`shared`) are read and written there: by the workers on this host themselves, by the
-// coordinator for the others.
+// memory (`client_shared`) are read and written there: by the workers on this host themselves,
+// by the coordinator for the others. With an `arena` (may be null) and workers on this host, the
+// request's other tensors go to those workers the same way, through the arena.
 #pragma once
 
 #include "absl/status/status.h"
@@ -14,6 +15,7 @@
 #include "server/attend_request.h"
 #include "server/fan_out.h"
 #include "server/ring_manager.h"
+#include "server/shared_memory_arena.h"
 #include "server/shared_tensors.h"
 
 namespace ringattn {
@@ -33,7 +35,8 @@ struct RunControl {
 // when those stopped it, every worker call cancelled. Any failure leaves the workers' ring
 // broken; the caller reports it.
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& problem,
-                       const google::protobuf::Message& request, const SharedTensors& shared,
+                       const google::protobuf::Message& request,
+                       const SharedTensors& client_shared, SharedMemoryArena* arena,
                        const RingSnapshot& ring,
                        const RunControl& control, google::protobuf::Message* response,
                        v1::ShardPlan* plan, v1::Timings* timings);

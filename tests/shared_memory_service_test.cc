@@ -227,6 +227,10 @@ TEST_P(ShmWorlds, InputsAndOutputsInSharedMemoryMatchTheReference) {
     ASSERT_TRUE(svc.Attend(ref_req, &plain).ok());
     EXPECT_EQ(plain.out().data(), place.Read(out));
     EXPECT_EQ(plain.lse().data(), place.Read(lse));
+    // Bytes reach workers on this host through the coordinator's arena, not as shard messages.
+    for (const v1::WorkerTiming& w : plain.timings().workers()) {
+      EXPECT_EQ(w.shared_memory_read_seconds() > 0, workers_map) << w.rank();
+    }
   }
 }
 

@@ -1,0 +1,82 @@
+#include "server/shared_memory_arena.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace ringattn {
+
+SharedMemoryArena::~SharedMemoryArena() {
+  absl::MutexLock lock(&mu_);
+  Release();
+}
+
+void SharedMemoryArena::Release() {
+  mapping_.reset();
+  if (!key_.empty()) shm_unlink(key_.c_str());
+  key_.clear();
+}
+
+absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryArena::Reserve(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  if (mapping_ != nullptr && mapping_->size() >= bytes) return mapping_;
+  Release();
+  // Rounded up so that a slowly growing shape does not make a new object every time.
+  const int64_t size = std::max<int64_t>(int64_t{1} << 20, bytes + bytes / 4);
+  const std::string key = absl::StrCat(prefix_, "_", getpid(), "_", serial_++);
+  const int fd = shm_open(key.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("shm_open('", key, "') for the coordinator's arena: ", std::strerror(errno)));
+  }
+  const int rc = ftruncate(fd, size);
+  const int err = errno;
+  close(fd);
+  if (rc != 0) {
+    shm_unlink(key.c_str());
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot size the coordinator's arena to ", size, " bytes: ", std::strerror(err)));
+  }
+  absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> m =
+      SharedMemoryMapping::Open(key, 0, size, "arena");
+  if (!m.ok()) {
+    shm_unlink(key.c_str());
+    return m.status();
+  }
+  key_ = key;
+  mapping_ = *std::move(m);
+  return mapping_;
+}
+
+absl::Status ParallelCopy(char* dst, const char* src, size_t bytes, absl::string_view what,
+                          int threads) {
+  constexpr size_t kMinPerThread = size_t{4} << 20;
+  const int n = static_cast<int>(std::min<size_t>(std::max(1, threads),
+                                                  std::max<size_t>(1, bytes / kMinPerThread)));
+  if (n <= 1) return GuardedAccess(what, [&] { std::memcpy(dst, src, bytes); });
+  std::vector<std::thread> pool;
+  std::vector<absl::Status> statuses(n);
+  const size_t per = (bytes + n - 1) / n;
+  for (int i = 0; i < n; ++i) {
+    const size_t begin = std::min(bytes, i * per);
+    const size_t end = std::min(bytes, begin + per);
+    pool.emplace_back([&, i, begin, end] {
+      statuses[i] = GuardedAccess(what, [&] { std::memcpy(dst + begin, src + begin, end - begin); });
+    });
+  }
+  for (std::thread& t : pool) t.join();
+  for (const absl::Status& s : statuses) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace ringattn
