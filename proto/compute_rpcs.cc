@@ -137,6 +137,15 @@ absl::Span<const ComputeRpc* const> ComputeRpcs() {
   return rpcs;
 }
 
+const ComputeRpc& FindComputeRpc(std::string_view name) {
+  for (const ComputeRpc* rpc : ComputeRpcs()) {
+    if (rpc->name == name) return *rpc;
+  }
+  std::fprintf(stderr, "FindComputeRpc: no compute RPC named '%.*s'\n",
+               static_cast<int>(name.size()), name.data());
+  std::abort();  // a programming error: callers name tables that exist (proto_test checks them)
+}
+
 bool Wants(const Message& request, const ComputeTensor& output) {
   return output.wanted_if == nullptr || BoolField(request, output.wanted_if);
 }

@@ -78,6 +78,9 @@ const ComputeRpc& AttendRpc();          // Attend, AttendStream -> RunShard
 const ComputeRpc& AttendBackwardRpc();  // AttendBackward, AttendBackwardStream -> RunShardBackward
 // Every table; each RPC `name` has its streaming variant `name`Stream.
 absl::Span<const ComputeRpc* const> ComputeRpcs();
+// The table named `name` ("Attend"): how a new RPC's coordinator and worker code reach its
+// table without an accessor of its own here. Aborts for a name no table has.
+const ComputeRpc& FindComputeRpc(std::string_view name);
 
 // Whether `request` asks for `output` (see wanted_if).
 bool Wants(const google::protobuf::Message& request, const ComputeTensor& output);

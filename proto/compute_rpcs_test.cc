@@ -81,6 +81,12 @@ TEST_P(ComputeRpcTableTest, NamesAFieldOfEveryMessage) {
   ASSERT_NE(timing, nullptr);
   EXPECT_EQ(timing->message_type(), v1::WorkerTiming::descriptor());
   EXPECT_NE(rpc.call, nullptr);
+  // Outputs into the caller's shared memory: map<string, SharedMemoryRef> output_shm.
+  const FieldDescriptor* output_shm = FieldOf(pub.request->GetDescriptor(), "output_shm");
+  ASSERT_NE(output_shm, nullptr) << rpc.name;
+  ASSERT_TRUE(output_shm->is_map());
+  EXPECT_EQ(output_shm->message_type()->map_value()->message_type(),
+            v1::SharedMemoryRef::descriptor());
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryRpc, ComputeRpcTableTest, ::testing::ValuesIn(ComputeRpcs()),
@@ -90,6 +96,12 @@ TEST(ComputeRpcTest, EveryTableIsListed) {
   ASSERT_EQ(ComputeRpcs().size(), 2u);
   EXPECT_EQ(ComputeRpcs()[0], &AttendRpc());
   EXPECT_EQ(ComputeRpcs()[1], &AttendBackwardRpc());
+}
+
+TEST(ComputeRpcTest, FoundByName) {
+  EXPECT_EQ(&FindComputeRpc("Attend"), &AttendRpc());
+  EXPECT_EQ(&FindComputeRpc("AttendBackward"), &AttendBackwardRpc());
+  EXPECT_DEATH(FindComputeRpc("Nope"), "no compute RPC named 'Nope'");
 }
 
 TEST(ComputeRpcTest, AttendOrderAndKinds) {
