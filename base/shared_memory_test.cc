@@ -8,34 +8,13 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "base/shm_test_object.h"
 #include "gtest/gtest.h"
 
 namespace ringattn {
 namespace {
 
-// A shm object of `bytes` bytes, unlinked at the end of the test.
-class ShmObject {
- public:
-  explicit ShmObject(int64_t bytes)
-      : key_(absl::StrCat("/ringattn_shm_test_", getpid(), "_", counter_++)) {
-    const int fd = shm_open(key_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    EXPECT_GE(fd, 0);
-    EXPECT_EQ(ftruncate(fd, bytes), 0);
-    close(fd);
-  }
-  ~ShmObject() { shm_unlink(key_.c_str()); }
-  const std::string& key() const { return key_; }
-  void Truncate(int64_t bytes) {
-    const int fd = shm_open(key_.c_str(), O_RDWR, 0);
-    ASSERT_GE(fd, 0);
-    ASSERT_EQ(ftruncate(fd, bytes), 0);
-    close(fd);
-  }
-
- private:
-  static inline int counter_ = 0;
-  std::string key_;
-};
+using test::ShmObject;
 
 TEST(SharedMemoryMapping, MapsTheRangeAtAnUnalignedOffset) {
   ShmObject obj(3 * 4096);

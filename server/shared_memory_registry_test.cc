@@ -7,26 +7,13 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "base/shm_test_object.h"
 #include "gtest/gtest.h"
 
 namespace ringattn {
 namespace {
 
-class Object {
- public:
-  explicit Object(int64_t bytes) : key_(absl::StrCat("/ringattn_registry_test_", getpid(), "_", n_++)) {
-    const int fd = shm_open(key_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    EXPECT_GE(fd, 0);
-    EXPECT_EQ(ftruncate(fd, bytes), 0);
-    close(fd);
-  }
-  ~Object() { shm_unlink(key_.c_str()); }
-  const std::string& key() const { return key_; }
-
- private:
-  static inline int n_ = 0;
-  std::string key_;
-};
+using Object = test::ShmObject;
 
 v1::RegisterSystemSharedMemoryRequest Reg(const std::string& name, const std::string& key,
                                           int64_t offset, int64_t bytes) {

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/error_metrics.h"
 #include "base/shared_memory.h"
+#include "base/shm_test_object.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_attention.h"
 #include "ringattn/v1/attention.grpc.pb.h"
@@ -30,32 +31,14 @@ using test::MakeRequest;
 using test::Shape;
 using test::WorkerBinary;
 
-// A client's shared-memory object, unlinked at the end.
-class ClientObject {
+// A client's shared-memory object, mapped, unlinked at the end.
+class ClientObject : public test::ShmObject {
  public:
   explicit ClientObject(int64_t bytes)
-      : key_(absl::StrCat("/ringattn_svc_test_", getpid(), "_", n_++)), bytes_(bytes) {
-    const int fd = shm_open(key_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    EXPECT_GE(fd, 0);
-    EXPECT_EQ(ftruncate(fd, bytes), 0);
-    close(fd);
-    mapping_ = SharedMemoryMapping::Open(key_, 0, bytes, "test").value();
-  }
-  ~ClientObject() { shm_unlink(key_.c_str()); }
-  const std::string& key() const { return key_; }
-  int64_t bytes() const { return bytes_; }
+      : ShmObject(bytes), mapping_(SharedMemoryMapping::Open(key(), 0, bytes, "test").value()) {}
   char* data() { return mapping_->data(); }
-  void Truncate(int64_t bytes) {
-    const int fd = shm_open(key_.c_str(), O_RDWR, 0);
-    ASSERT_GE(fd, 0);
-    ASSERT_EQ(ftruncate(fd, bytes), 0);
-    close(fd);
-  }
 
  private:
-  static inline int n_ = 0;
-  std::string key_;
-  int64_t bytes_;
   std::shared_ptr<SharedMemoryMapping> mapping_;
 };
 
