@@ -7,10 +7,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
@@ -177,6 +179,53 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryCache::Open(
 size_t SharedMemoryCache::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return entries_.size();
+}
+
+absl::Status ParallelCopy(const std::vector<CopySpan>& spans, absl::string_view what,
+                          int threads) {
+  constexpr size_t kMinPerThread = size_t{4} << 20;
+  size_t total = 0;
+  for (const CopySpan& s : spans) total += s.bytes;
+  if (threads <= 0) {
+    threads = static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
+  }
+  const int n = static_cast<int>(
+      std::min<size_t>(threads, std::max<size_t>(1, total / kMinPerThread)));
+  if (n <= 1) {
+    return GuardedAccess(what, [&] {
+      for (const CopySpan& s : spans) std::memcpy(s.dst, s.src, s.bytes);
+    });
+  }
+  // Thread t copies bytes [t * per, (t + 1) * per) of the spans laid end to end.
+  const size_t per = (total + n - 1) / n;
+  std::vector<absl::Status> statuses(n);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < n; ++t) {
+    pool.emplace_back([&, t] {
+      const size_t begin = std::min(total, t * per);
+      const size_t end = std::min(total, begin + per);
+      statuses[t] = GuardedAccess(what, [&] {
+        size_t at = 0;  // start of the current span in the end-to-end order
+        for (const CopySpan& s : spans) {
+          const size_t lo = std::max(begin, at);
+          const size_t hi = std::min(end, at + s.bytes);
+          if (lo < hi) std::memcpy(s.dst + (lo - at), s.src + (lo - at), hi - lo);
+          at += s.bytes;
+          if (at >= end) break;
+        }
+      });
+    });
+  }
+  for (std::thread& t : pool) t.join();
+  for (const absl::Status& s : statuses) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParallelCopy(char* dst, const char* src, size_t bytes, absl::string_view what,
+                          int threads) {
+  return ParallelCopy(std::vector<CopySpan>{{dst, src, bytes}}, what, threads);
 }
 
 absl::Status GuardedAccess(absl::string_view what, const std::function<void()>& fn) {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <vector>
 #include <string>
 #include "absl/strings/string_view.h"
 
@@ -88,6 +89,21 @@ absl::Status GuardedAccess(absl::string_view what, const std::function<void()>& 
 // the hostname (a container with its own /dev/shm should not advertise it; see the worker's
 // --shared_memory flag).
 std::string HostId();
+
+// One memcpy of a ParallelCopy.
+struct CopySpan {
+  char* dst = nullptr;
+  const char* src = nullptr;
+  size_t bytes = 0;
+};
+
+// The copies, their bytes split evenly over up to `threads` threads (0: the machine's cores, at
+// most 8; spans cut where needed; one thread below a few megabytes), each thread under
+// GuardedAccess: FAILED_PRECONDITION naming `what` when shared memory shrank underneath.
+absl::Status ParallelCopy(const std::vector<CopySpan>& spans, absl::string_view what,
+                          int threads = 0);
+absl::Status ParallelCopy(char* dst, const char* src, size_t bytes, absl::string_view what,
+                          int threads = 0);
 
 // Validates an shm_open name: INVALID_ARGUMENT naming `field` when it is not "/name".
 absl::Status CheckSharedMemoryKey(const std::string& key, absl::string_view field);

@@ -4,8 +4,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "base/shm_test_object.h"
@@ -89,6 +91,52 @@ TEST(SharedMemoryCache, ReusesWhileCurrentRemapsWhenReplacedAndStaysBounded) {
   EXPECT_EQ((*d)->data()[0], 0);
   shm_unlink(key.c_str());
   EXPECT_EQ(cache.Open(key, 0, 100, "r").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ParallelCopy, CopiesEveryByteAtAwkwardSizes) {
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4095}, (size_t{9} << 20) + 13}) {
+    std::vector<char> src(bytes), dst(bytes, 0);
+    for (size_t i = 0; i < bytes; ++i) src[i] = static_cast<char>(i * 131 + 7);
+    ASSERT_TRUE(ParallelCopy(dst.data(), src.data(), bytes, "test", 3).ok());
+    EXPECT_EQ(src, dst) << bytes;
+  }
+}
+
+TEST(ParallelCopy, SpansCutAcrossThreadsLandWhereTheySay) {
+  // Spans of uneven sizes, reversed order into the destination, on several threads.
+  const size_t sizes[] = {size_t{5} << 20, 17, size_t{3} << 20, 1, (size_t{7} << 20) + 3};
+  size_t total = 0;
+  for (size_t s : sizes) total += s;
+  std::vector<char> src(total), dst(total, 0);
+  for (size_t i = 0; i < total; ++i) src[i] = static_cast<char>((i * 2654435761u) >> 13);
+  std::vector<CopySpan> spans;
+  size_t from = 0, to = total;
+  for (size_t s : sizes) {
+    to -= s;
+    spans.push_back({dst.data() + to, src.data() + from, s});
+    from += s;
+  }
+  for (int threads : {1, 2, 5, 8}) {
+    std::fill(dst.begin(), dst.end(), 0);
+    ASSERT_TRUE(ParallelCopy(spans, "spans", threads).ok());
+    size_t f = 0, t = total;
+    for (size_t s : sizes) {
+      t -= s;
+      ASSERT_EQ(std::memcmp(dst.data() + t, src.data() + f, s), 0) << threads << " " << s;
+      f += s;
+    }
+  }
+}
+
+TEST(ParallelCopy, ATruncatedSourceOnAnyThreadIsAnError) {
+  ShmObject obj(int64_t{16} << 20);
+  auto m = SharedMemoryMapping::Open(obj.key(), 0, int64_t{16} << 20, "r");
+  ASSERT_TRUE(m.ok());
+  obj.Truncate(int64_t{4} << 20);
+  std::vector<char> dst(size_t{16} << 20);
+  const absl::Status s = ParallelCopy(dst.data(), (*m)->data(), dst.size(), "q rows", 4);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("q rows"), std::string::npos);
 }
 
 TEST(GuardedAccess, ATruncatedRegionIsAnErrorNotACrash) {

@@ -25,18 +25,13 @@ void SetRef(const std::string& region, const SharedMemoryPlacement::Slot& slot,
   ref->set_byte_size(slot.byte_size);
 }
 
-// A copy between a tensor's data and its slot.
-struct Copy {
-  char* to;
-  const char* from;
-  size_t bytes;
-};
+// A copy between a tensor's data and its slot: {to, from, bytes}.
+using Copy = CopySpan;
 
-// Runs the copies with a shrinking region (SIGBUS) turned into FAILED_PRECONDITION.
+// Runs the copies on several threads, with a shrinking region (SIGBUS) turned into
+// FAILED_PRECONDITION.
 absl::Status RunCopies(const char* what, const std::vector<Copy>& copies) {
-  return GuardedAccess(what, [&copies] {
-    for (const Copy& c : copies) std::memcpy(c.to, c.from, c.bytes);
-  });
+  return ParallelCopy(copies, what);
 }
 
 }  // namespace

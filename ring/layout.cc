@@ -27,14 +27,6 @@ void AddSegment(Shard* shard, Segment s) {
   shard->segments.push_back(s);
 }
 
-// Calls fn(whole_row, shard_row) for every row of rank's shard.
-template <typename Fn>
-void ForEachShardRow(const ShardPlan& plan, int rank, Fn fn) {
-  for (const Segment& s : plan.shards[rank].segments) {
-    for (int64_t i = 0; i < s.length; ++i) fn(s.start + i * s.stride, s.local_offset + i);
-  }
-}
-
 }  // namespace
 
 std::string_view LayoutName(Layout layout) {
@@ -98,6 +90,30 @@ absl::StatusOr<ShardPlan> PlanShards(int64_t seqlen, int world, Layout layout) {
   return plan;
 }
 
+std::vector<ShardPiece> ShardPieces(const ShardPlan& plan, int rank, int64_t outer,
+                                size_t row_bytes) {
+  std::vector<ShardPiece> runs;
+  const int64_t rows = plan.shards[rank].rows;
+  for (int64_t b = 0; b < outer; ++b) {
+    const size_t whole_b = static_cast<size_t>(b * plan.seqlen) * row_bytes;
+    const size_t shard_b = static_cast<size_t>(b * rows) * row_bytes;
+    for (const Segment& seg : plan.shards[rank].segments) {
+      if (seg.stride == 1) {
+        runs.push_back({whole_b + static_cast<size_t>(seg.start) * row_bytes,
+                        shard_b + static_cast<size_t>(seg.local_offset) * row_bytes,
+                        static_cast<size_t>(seg.length) * row_bytes});
+        continue;
+      }
+      for (int64_t i = 0; i < seg.length; ++i) {
+        runs.push_back({whole_b + static_cast<size_t>(seg.start + i * seg.stride) * row_bytes,
+                        shard_b + static_cast<size_t>(seg.local_offset + i) * row_bytes,
+                        row_bytes});
+      }
+    }
+  }
+  return runs;
+}
+
 namespace {
 
 // Copies rank's rows from `from` to `to`: whole [outer, seqlen, row_bytes] to shard [outer, rows,
@@ -107,17 +123,9 @@ void CopyShardRows(const ShardPlan& plan, int rank, const void* from, int64_t ou
                    size_t row_bytes, void* to) {
   const auto* src = static_cast<const std::byte*>(from);
   auto* dst = static_cast<std::byte*>(to);
-  const int64_t rows = plan.shards[rank].rows;
-  const int64_t src_rows = kToShard ? plan.seqlen : rows;
-  const int64_t dst_rows = kToShard ? rows : plan.seqlen;
-  for (int64_t b = 0; b < outer; ++b) {
-    const std::byte* src_b = src + b * src_rows * row_bytes;
-    std::byte* dst_b = dst + b * dst_rows * row_bytes;
-    ForEachShardRow(plan, rank, [&](int64_t whole_row, int64_t shard_row) {
-      const int64_t from_row = kToShard ? whole_row : shard_row;
-      const int64_t to_row = kToShard ? shard_row : whole_row;
-      std::memcpy(dst_b + to_row * row_bytes, src_b + from_row * row_bytes, row_bytes);
-    });
+  for (const ShardPiece& run : ShardPieces(plan, rank, outer, row_bytes)) {
+    std::memcpy(dst + (kToShard ? run.shard_offset : run.whole_offset),
+                src + (kToShard ? run.whole_offset : run.shard_offset), run.bytes);
   }
 }
 

@@ -65,4 +65,16 @@ void ExtractShard(const ShardPlan& plan, int rank, const void* whole, int64_t ou
 void InsertShard(const ShardPlan& plan, int rank, const void* shard, int64_t outer,
                  size_t row_bytes, void* whole);
 
+// One contiguous piece of a shard copy: `bytes` at `whole_offset` of the whole tensor
+// [outer, seqlen, row_bytes] and at `shard_offset` of the shard [outer, rows, row_bytes].
+struct ShardPiece {
+  size_t whole_offset = 0;
+  size_t shard_offset = 0;
+  size_t bytes = 0;
+};
+// Rank's rows as the fewest such pieces (a contiguous segment is one piece per outer index), in
+// shard order: what ExtractShard and InsertShard copy, for copiers of their own (several
+// threads, or a device copy per piece).
+std::vector<ShardPiece> ShardPieces(const ShardPlan& plan, int rank, int64_t outer, size_t row_bytes);
+
 }  // namespace ringattn

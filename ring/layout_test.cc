@@ -108,6 +108,45 @@ TEST(LayoutTest, ExtractInsertRoundTrip) {
   }
 }
 
+// ShardPieces against the plan's rows one by one: every row of every rank once, in the right place,
+// contiguous segments as one run per outer index.
+TEST(LayoutTest, ShardPiecesCoverEveryRowOnceAndMergeContiguousRows) {
+  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStripe}) {
+    const int64_t seqlen = 29, outer = 2;
+    const size_t row_bytes = 5;
+    const int world = 3;
+    absl::StatusOr<ShardPlan> plan = PlanShards(seqlen, world, layout);
+    ASSERT_TRUE(plan.ok());
+    std::vector<int> covered(outer * seqlen, 0);
+    for (int r = 0; r < world; ++r) {
+      const Shard& shard = plan->shards[r];
+      std::vector<std::pair<size_t, size_t>> want;  // (whole byte, shard byte) of every row
+      for (int64_t b = 0; b < outer; ++b) {
+        for (const Segment& s : shard.segments) {
+          for (int64_t i = 0; i < s.length; ++i) {
+            want.emplace_back((b * seqlen + s.start + i * s.stride) * row_bytes,
+                              (b * shard.rows + s.local_offset + i) * row_bytes);
+          }
+        }
+      }
+      std::vector<std::pair<size_t, size_t>> got;
+      const std::vector<ShardPiece> runs = ShardPieces(*plan, r, outer, row_bytes);
+      for (const ShardPiece& run : runs) {
+        ASSERT_EQ(run.bytes % row_bytes, 0u);
+        for (size_t k = 0; k < run.bytes / row_bytes; ++k) {
+          got.emplace_back(run.whole_offset + k * row_bytes, run.shard_offset + k * row_bytes);
+          ++covered[(run.whole_offset + k * row_bytes) / row_bytes];
+        }
+      }
+      EXPECT_EQ(got, want) << LayoutName(layout) << " rank " << r;
+      if (layout != Layout::kStripe) {
+        EXPECT_EQ(runs.size(), outer * shard.segments.size()) << LayoutName(layout);
+      }
+    }
+    for (int c : covered) EXPECT_EQ(c, 1) << LayoutName(layout);
+  }
+}
+
 TEST(LayoutTest, ParseAndRefuse) {
   EXPECT_EQ(*ParseLayout("zigzag"), Layout::kZigzag);
   EXPECT_EQ(*ParseLayout("stripe"), Layout::kStripe);

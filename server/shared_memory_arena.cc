@@ -7,8 +7,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <thread>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -54,29 +52,6 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryArena::Reserve(
   key_ = key;
   mapping_ = *std::move(m);
   return mapping_;
-}
-
-absl::Status ParallelCopy(char* dst, const char* src, size_t bytes, absl::string_view what,
-                          int threads) {
-  constexpr size_t kMinPerThread = size_t{4} << 20;
-  const int n = static_cast<int>(std::min<size_t>(std::max(1, threads),
-                                                  std::max<size_t>(1, bytes / kMinPerThread)));
-  if (n <= 1) return GuardedAccess(what, [&] { std::memcpy(dst, src, bytes); });
-  std::vector<std::thread> pool;
-  std::vector<absl::Status> statuses(n);
-  const size_t per = (bytes + n - 1) / n;
-  for (int i = 0; i < n; ++i) {
-    const size_t begin = std::min(bytes, i * per);
-    const size_t end = std::min(bytes, begin + per);
-    pool.emplace_back([&, i, begin, end] {
-      statuses[i] = GuardedAccess(what, [&] { std::memcpy(dst + begin, src + begin, end - begin); });
-    });
-  }
-  for (std::thread& t : pool) t.join();
-  for (const absl::Status& s : statuses) {
-    if (!s.ok()) return s;
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace ringattn

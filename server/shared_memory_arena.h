@@ -37,10 +37,4 @@ class SharedMemoryArena {
   int serial_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// Copies `bytes` from `src` to `dst` on up to `threads` threads (a single memcpy below a few
-// megabytes), each under GuardedAccess: FAILED_PRECONDITION naming `what` when shared memory
-// shrank underneath.
-absl::Status ParallelCopy(char* dst, const char* src, size_t bytes, absl::string_view what,
-                          int threads = 8);
-
 }  // namespace ringattn

@@ -1,7 +1,6 @@
 #include "server/shared_memory_arena.h"
 
 #include <string>
-#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -30,15 +29,6 @@ TEST(SharedMemoryArena, ReusesWhileLargeEnoughGrowsIntoANewObject) {
   ASSERT_TRUE(worker.ok()) << worker.status();
   (*c)->data()[12345] = 7;
   EXPECT_EQ((*worker)->data()[12345], 7);
-}
-
-TEST(ParallelCopy, CopiesEveryByteAtAwkwardSizes) {
-  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4095}, (size_t{9} << 20) + 13}) {
-    std::vector<char> src(bytes), dst(bytes, 0);
-    for (size_t i = 0; i < bytes; ++i) src[i] = static_cast<char>(i * 131 + 7);
-    ASSERT_TRUE(ParallelCopy(dst.data(), src.data(), bytes, "test", 3).ok());
-    EXPECT_EQ(src, dst) << bytes;
-  }
 }
 
 }  // namespace

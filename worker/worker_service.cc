@@ -357,6 +357,21 @@ absl::StatusOr<SharedTensorView> MapWhole(const ComputeTensor& t, const v1::Shar
   return view;
 }
 
+// The copies of rank's rows between a whole tensor in shared memory and its shard in `shard`:
+// out of shared memory (`to_shard`) or back into it.
+std::vector<CopySpan> RowCopies(const ShardPlan& plan, int rank, const SharedTensorView& view,
+                                char* shard, bool to_shard) {
+  std::vector<CopySpan> copies;
+  for (const ShardPiece& p : ShardPieces(plan, rank, view.rows.outer, view.rows.row_bytes)) {
+    if (to_shard) {
+      copies.push_back({shard + p.shard_offset, view.data + p.whole_offset, p.bytes});
+    } else {
+      copies.push_back({view.data + p.whole_offset, shard + p.shard_offset, p.bytes});
+    }
+  }
+  return copies;
+}
+
 // Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
 // cancelled or past its deadline; a call stopped by its caller reports why, even if the ring got
 // to the end first.
@@ -451,9 +466,8 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
           RA_ASSIGN_OR_RETURN(const SharedTensorView view,
                               MapWhole(in, shm->second, spec, &shared_memory_));
           RA_ASSIGN_OR_RETURN(char* staged, Staging(slot++, BytesOf(in.kind, spec.shard)));
-          RA_RETURN_IF_ERROR(GuardedAccess(absl::StrCat(in.name, " in shared memory"), [&] {
-            ExtractShard(spec.plan, rank, view.data, view.rows.outer, view.rows.row_bytes, staged);
-          }));
+          RA_RETURN_IF_ERROR(ParallelCopy(RowCopies(spec.plan, rank, view, staged, true),
+                                          absl::StrCat(in.name, " in shared memory")));
           buffers.inputs.push_back(staged);
           read_seconds += Since(read0);
         }
@@ -482,10 +496,9 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
         const absl::Time write0 = absl::Now();
         for (const auto& [out, view] : shared_outputs) {
           const size_t index = out - rpc.outputs.data();
-          RA_RETURN_IF_ERROR(GuardedAccess(absl::StrCat(out->name, " in shared memory"), [&] {
-            InsertShard(spec.plan, rank, buffers.outputs[index], view.rows.outer,
-                        view.rows.row_bytes, view.data);
-          }));
+          RA_RETURN_IF_ERROR(
+              ParallelCopy(RowCopies(spec.plan, rank, view, buffers.outputs[index], false),
+                           absl::StrCat(out->name, " in shared memory")));
         }
         const absl::Time send0 = absl::Now();
         v1::WorkerTiming* timing = response->mutable_timing();
