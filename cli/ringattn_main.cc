@@ -27,6 +27,7 @@
 #include "cli/cli_parse.h"
 #include "cli/local_ring.h"
 #include "cli/serve_command.h"
+#include "proto/cluster_auth.h"
 #include "worker/worker.h"
 
 // The attention problem (ring, attend, serve --demo).
@@ -56,6 +57,12 @@ ABSL_FLAG(int, world, 4, "ring: ranks (worker processes)");
 
 // serve, coordinator, worker
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "serve/coordinator: listen address");
+ABSL_FLAG(std::string, internal_listen, "",
+          "serve/coordinator: the internal plane's address, where workers register (serve: a "
+          "free loopback port when empty; coordinator: required)");
+ABSL_FLAG(std::string, cluster_secret_file, "",
+          "serve/coordinator/worker: file whose first line is the internal plane's secret "
+          "(else RINGATTN_CLUSTER_SECRET; serve generates one for its local workers)");
 ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
 ABSL_FLAG(int, workers, 3, "serve/coordinator: workers in the ring");
@@ -235,6 +242,19 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
 int RunServeOrCoordinator(bool spawn_workers) {
   ringattn::ServeOptions o;
   o.listen_address = absl::GetFlag(FLAGS_listen);
+  o.internal_listen_address = absl::GetFlag(FLAGS_internal_listen);
+  if (!spawn_workers && o.internal_listen_address.empty()) {
+    std::cerr << "coordinator: --internal_listen host:port is required (workers register there)\n";
+    return 2;
+  }
+  absl::StatusOr<ringattn::ClusterSecret> secret =
+      ringattn::ClusterSecret::FromFileOrEnvironment(absl::GetFlag(FLAGS_cluster_secret_file));
+  if (secret.ok()) {
+    o.cluster_secret = secret->value();
+  } else if (!absl::IsNotFound(secret.status()) || !spawn_workers) {
+    std::cerr << secret.status().message() << "\n";  // remote workers need to know it
+    return 2;
+  }
   o.metrics_address = absl::GetFlag(FLAGS_metrics);
   o.workers = absl::GetFlag(FLAGS_workers);
   o.spawn_workers = spawn_workers;
@@ -272,6 +292,13 @@ int RunWorker() {
   o.device = absl::GetFlag(FLAGS_device);
   o.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
+  absl::StatusOr<ringattn::ClusterSecret> secret =
+      ringattn::ClusterSecret::FromFileOrEnvironment(absl::GetFlag(FLAGS_cluster_secret_file));
+  if (!secret.ok()) {
+    std::cerr << "worker: " << secret.status().message() << "\n";
+    return 2;
+  }
+  o.cluster_secret = secret->value();
   return ringattn::RunWorkerMain(o);
 }
 

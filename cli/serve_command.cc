@@ -22,6 +22,9 @@ void OnSignal(int) { g_stop = true; }
 int RunServe(const ServeOptions& o, std::ostream& out) {
   Coordinator::Options co;
   co.listen_address = o.listen_address;
+  co.internal_listen_address =
+      o.internal_listen_address.empty() ? "127.0.0.1:0" : o.internal_listen_address;
+  co.cluster_secret = o.cluster_secret;
   co.metrics_address = o.metrics_address;
   co.world_size = o.workers;
   co.max_queue = o.max_queue;
@@ -34,7 +37,8 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     return 1;
   }
   const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
-  out << "coordinator listening on port " << coordinator.port();
+  out << "coordinator listening on port " << coordinator.port() << " (internal plane on port "
+      << coordinator.internal_port() << ")";
   if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();
   out << "\n";
 
@@ -43,7 +47,8 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     LocalWorkerPool::Options wo;
     wo.binary = o.binary;
     wo.count = o.workers;
-    wo.coordinator_address = address;
+    wo.coordinator_address = coordinator.internal_address();
+    wo.cluster_secret = coordinator.cluster_secret();
     wo.kernel = o.kernel;
     workers = std::make_unique<LocalWorkerPool>(wo);
     if (absl::Status s = workers->Start(); !s.ok()) {

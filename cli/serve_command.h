@@ -13,6 +13,10 @@ namespace ringattn {
 struct ServeOptions {
   std::string listen_address = "127.0.0.1:50051";
   std::string metrics_address = "127.0.0.1:9464";  // empty disables /metrics
+  // The internal plane (workers register here); empty: a free loopback port, for local workers.
+  std::string internal_listen_address;
+  // The internal plane's secret; empty: generated (local workers are given it).
+  std::string cluster_secret;
   int workers = 3;              // local worker processes (the ring's size)
   bool spawn_workers = true;    // false: wait for workers to register (Kubernetes)
   std::string kernel = "auto";  // passed to every local worker

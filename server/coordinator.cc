@@ -353,8 +353,9 @@ class Coordinator::Services {
    public:
     explicit Internal(Coordinator* c) : c_(c) {}
 
-    grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* request,
+    grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* request,
                           v1::RegisterResponse* response) override {
+      if (absl::Status s = c_->CheckInternal(*ctx); !s.ok()) return ToGrpcStatus(s);
       if (request->address().empty()) {
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address must be host:port");
       }
@@ -365,14 +366,16 @@ class Coordinator::Services {
       return grpc::Status::OK;
     }
 
-    grpc::Status StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* request,
+    grpc::Status StoreSet(grpc::ServerContext* ctx, const v1::StoreSetRequest* request,
                           v1::StoreSetResponse*) override {
+      if (absl::Status s = c_->CheckInternal(*ctx); !s.ok()) return ToGrpcStatus(s);
       c_->store_.Set(request->key(), request->value());
       return grpc::Status::OK;
     }
 
     grpc::Status StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* request,
                           v1::StoreGetResponse* response) override {
+      if (absl::Status s = c_->CheckInternal(*ctx); !s.ok()) return ToGrpcStatus(s);
       std::vector<std::string> keys(request->keys().begin(), request->keys().end());
       // Bounded even when the caller set no deadline.
       const absl::Time deadline = std::min(DeadlineOf(*ctx), absl::Now() + absl::Minutes(5));
@@ -394,10 +397,14 @@ Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
       shared_memory_(options_.shared_memory_limits),
       metrics_(RpcLabels()),
+      secret_(options_.cluster_secret.empty() ? ClusterSecret::Generate()
+                                              : ClusterSecret::FromString(options_.cluster_secret)),
+      secret_value_(secret_.ok() ? secret_->value() : ""),
       ring_(std::make_unique<RingManager>(
           [&] {
             RingManager::Options r = options_.ring;
             r.expected_workers = options_.world_size;
+            if (secret_.ok()) r.secret = *secret_;
             return r;
           }(),
           &store_, &metrics_)),
@@ -417,10 +424,20 @@ absl::Status Coordinator::BuildAndStart() {
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  if (!secret_.ok()) return secret_.status();
+  grpc::ServerBuilder internal;
+  internal.AddListeningPort(options_.internal_listen_address, grpc::InsecureServerCredentials(),
+                            &internal_port_);
+  internal.RegisterService(&services_->coordinator);
+  internal.SetMaxReceiveMessageSize(64 << 20);  // registrations and rendezvous values
+  internal_server_ = internal.BuildAndStart();
+  if (internal_server_ == nullptr || internal_port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.internal_listen_address, " (internal plane)"));
+  }
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
   builder.RegisterService(&services_->attention);
-  builder.RegisterService(&services_->coordinator);
   // Unary messages carry whole tensors; past this limit gRPC itself answers
   // RESOURCE_EXHAUSTED and clients use AttendStream.
   const int64_t unary = std::min<int64_t>(options_.max_unary_bytes + (1 << 20), INT_MAX);
@@ -438,12 +455,30 @@ absl::Status Coordinator::BuildAndStart() {
   return absl::OkStatus();
 }
 
+std::vector<std::string> Coordinator::worker_addresses() const {
+  const RingManager::Status st = ring_->GetStatus();
+  std::vector<std::string> out;
+  for (const auto& w : st.ready ? st.members : st.workers) out.push_back(w->address);
+  return out;
+}
+
+std::string Coordinator::internal_address() const {
+  return absl::StrCat("127.0.0.1:", internal_port_);
+}
+
+absl::Status Coordinator::CheckInternal(const grpc::ServerContextBase& ctx) const {
+  return secret_.ok() ? secret_->Check(ctx) : secret_.status();
+}
+
 int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
 
 void Coordinator::Shutdown() {
   if (stopping_.exchange(true)) return;
   queue_.Close();
   if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  if (internal_server_ != nullptr) {
+    internal_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  }
   if (dispatcher_.joinable()) dispatcher_.join();
   if (status_thread_.joinable()) status_thread_.join();
   ring_->Stop();
@@ -466,7 +501,7 @@ void Coordinator::FillInfo(v1::InfoResponse* response) const {
   for (size_t i = 0; i < listed.size(); ++i) {
     v1::WorkerInfo* w = response->add_workers();
     w->set_rank(st.ready ? static_cast<int>(i) : -1);
-    w->set_address(listed[i]->address);
+    // No internal addresses on the public API: they are the internal plane's business.
     w->set_backend(listed[i]->backend);
     w->set_device(listed[i]->device);
     w->set_ready(st.ready);

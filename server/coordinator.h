@@ -1,6 +1,7 @@
 // The coordinator: serves the public AttentionService (gRPC callback API: no thread waits for a
-// request) and the internal CoordinatorService on one port, admits requests into a bounded
-// queue, and runs them one at a time through the ring of workers that RingManager keeps formed.
+// request) on its port and the internal CoordinatorService on another, where every call must
+// carry the cluster secret (proto/cluster_auth.h); admits requests into a bounded queue, and
+// runs them one at a time through the ring of workers that RingManager keeps formed.
 #pragma once
 
 #include <functional>
@@ -11,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "ringattn/v1/attention.pb.h"
+#include "proto/cluster_auth.h"
 #include "server/admission_queue.h"
 #include "server/attend_request.h"
 #include "server/metrics.h"
@@ -28,7 +30,12 @@ namespace ringattn {
 class Coordinator {
  public:
   struct Options {
-    std::string listen_address = "127.0.0.1:0";
+    std::string listen_address = "127.0.0.1:0";  // the public API
+    // The internal plane (worker registration, the rendezvous store); workers connect here.
+    std::string internal_listen_address = "127.0.0.1:0";
+    // The secret every internal call carries (>= 16 printable bytes); empty: one is generated
+    // (cluster_secret() gives it to local workers).
+    std::string cluster_secret;
     std::string metrics_address;  // host:port of /metrics; empty disables
     int world_size = 1;           // workers in the ring
     size_t max_queue = 16;        // admitted requests waiting; more are RESOURCE_EXHAUSTED
@@ -53,6 +60,12 @@ class Coordinator {
 
   absl::Status BuildAndStart();
   int port() const { return port_; }
+  int internal_port() const { return internal_port_; }
+  // "127.0.0.1:<internal port>" for workers on this host.
+  std::string internal_address() const;
+  const std::string& cluster_secret() const { return secret_value_; }
+  // host:port of the registered workers (the internal plane's; GetInfo does not show them).
+  std::vector<std::string> worker_addresses() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
   void Shutdown();
@@ -70,6 +83,8 @@ class Coordinator {
   class StreamCall;
 
   AttendLimits Limits() const;
+  // OK when an internal call carries the cluster secret; UNAUTHENTICATED otherwise.
+  absl::Status CheckInternal(const grpc::ServerContextBase& ctx) const;
   // Checks `request` and queues its job, which runs it into `response`; `finish` gets the job's
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
@@ -97,11 +112,15 @@ class Coordinator {
   // the dispatcher runs them in turn).
   SharedMemoryArena arena_;
   ServiceMetrics metrics_;
+  absl::StatusOr<ClusterSecret> secret_;
+  std::string secret_value_;  // secret_'s, or empty when it failed
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;
   std::unique_ptr<Services> services_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::Server> internal_server_;
   int port_ = 0;
+  int internal_port_ = 0;
   std::thread dispatcher_;
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "proto/cluster_auth.h"
 
 extern char** environ;
 
@@ -24,8 +25,20 @@ absl::StatusOr<pid_t> LocalWorkerPool::Spawn(int slot) {
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The environment, with the cluster secret (argv is world-readable in /proc; the environment
+  // is the owner's).
+  const std::string secret_var =
+      absl::StrCat(ClusterSecret::kEnvironmentVariable, "=", options_.cluster_secret);
+  const std::string prefix = absl::StrCat(ClusterSecret::kEnvironmentVariable, "=");
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::strncmp(*e, prefix.c_str(), prefix.size()) != 0) envp.push_back(*e);
+  }
+  if (!options_.cluster_secret.empty()) envp.push_back(const_cast<char*>(secret_var.c_str()));
+  envp.push_back(nullptr);
   pid_t pid = 0;
-  const int rc = posix_spawn(&pid, options_.binary.c_str(), nullptr, nullptr, argv.data(), environ);
+  const int rc =
+      posix_spawn(&pid, options_.binary.c_str(), nullptr, nullptr, argv.data(), envp.data());
   if (rc != 0) {
     return absl::InternalError(absl::StrCat("cannot start worker ", slot, " (", options_.binary,
                                             "): ", std::strerror(rc)));

@@ -20,7 +20,8 @@ class LocalWorkerPool {
   struct Options {
     std::string binary;               // the ringattn executable
     int count = 2;
-    std::string coordinator_address;  // host:port
+    std::string coordinator_address;  // host:port of its internal plane
+    std::string cluster_secret;       // given to the workers in their environment, not argv
     std::string kernel = "auto";
     bool restart = true;              // start a worker again when it exits
     std::vector<std::string> extra_args;

@@ -13,11 +13,13 @@
 namespace ringattn {
 namespace {
 
-std::shared_ptr<grpc::Channel> WorkerChannel(const std::string& address) {
+std::shared_ptr<grpc::Channel> WorkerChannel(const std::string& address,
+                                            const std::optional<ClusterSecret>& secret) {
   grpc::ChannelArguments args;
   // Shards of long sequences are large; the coordinator already enforced the request limit.
   args.SetMaxReceiveMessageSize(INT_MAX);
   args.SetMaxSendMessageSize(INT_MAX);
+  if (secret.has_value()) return ClusterChannel(address, args, *secret);
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
@@ -51,7 +53,7 @@ std::string RingManager::Register(const v1::RegisterRequest& request) {
   w->transport = request.transport();
   w->pid = request.pid();
   w->host_id = request.host_id();
-  w->channel = WorkerChannel(w->address);
+  w->channel = WorkerChannel(w->address, options_.secret);
   w->stub = v1::WorkerService::NewStub(w->channel);
   absl::MutexLock lock(&mu_);
   w->id = absl::StrCat("w", next_worker_id_++);

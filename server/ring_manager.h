@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "ringattn/v1/worker.grpc.pb.h"
+#include "proto/cluster_auth.h"
 #include "server/rendezvous_store.h"
 
 namespace ringattn {
@@ -45,6 +47,8 @@ class RingManager {
     absl::Duration ping_interval = absl::Milliseconds(500);
     absl::Duration ping_timeout = absl::Seconds(2);
     double ring_timeout_seconds = 60;               // transport timeout handed to workers
+    // Carried by every call to a worker (its channels are ClusterChannels).
+    std::optional<ClusterSecret> secret;
   };
 
   RingManager(Options options, RendezvousStore* store, ServiceMetrics* metrics);

@@ -27,7 +27,8 @@ LocalService::LocalService(int world, Coordinator::Options options, std::string 
   LocalWorkerPool::Options w;
   w.binary = WorkerBinary();
   w.count = world;
-  w.coordinator_address = address();
+  w.coordinator_address = coordinator_->internal_address();
+  w.cluster_secret = coordinator_->cluster_secret();
   w.kernel = std::move(kernel);
   w.extra_args = std::move(worker_args);
   workers_ = std::make_unique<LocalWorkerPool>(w);

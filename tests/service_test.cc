@@ -27,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
+#include "proto/cluster_auth.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "server/coordinator.h"
@@ -322,13 +323,11 @@ TEST(ServiceStreaming, LargerThanUnaryLimit) {
 
 // Waits until no worker of the ring reports busy; false after `timeout`.
 bool WorkersIdle(Service& svc, absl::Duration timeout) {
-  v1::InfoResponse info;
-  grpc::ClientContext ctx;
-  if (!svc.stub().GetInfo(&ctx, v1::InfoRequest(), &info).ok()) return false;
+  const ClusterSecret secret = *ClusterSecret::FromString(svc.coordinator().cluster_secret());
   const absl::Time stop_by = absl::Now() + timeout;
-  for (const v1::WorkerInfo& w : info.workers()) {
+  for (const std::string& address : svc.coordinator().worker_addresses()) {
     auto stub = v1::WorkerService::NewStub(
-        grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
+        ClusterChannel(address, grpc::ChannelArguments(), secret));
     bool busy = true;
     while (busy && absl::Now() < stop_by) {
       grpc::ClientContext pctx;
@@ -419,6 +418,69 @@ TEST(ServiceFaults, WorkerKilledMidRequest) {
 }
 
 // Past the admission queue: RESOURCE_EXHAUSTED at once.
+// The internal plane is apart and needs the secret: the public port has no CoordinatorService;
+// on the internal port registration and the rendezvous store refuse callers without the secret
+// (a rogue worker cannot join, read the store or fill it); workers refuse them too. After all of
+// it the service answers correctly.
+TEST(ServicePlanes, InternalCallsNeedTheSecretAndThePublicPortHasNone) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Coordinator& c = svc.coordinator();
+  ASSERT_NE(c.internal_port(), c.port());
+  v1::RegisterRequest rogue;
+  rogue.set_address("127.0.0.1:1");
+  rogue.set_backend("cpu");
+  {
+    auto pub = v1::CoordinatorService::NewStub(svc.channel_ptr());
+    grpc::ClientContext ctx;
+    v1::RegisterResponse resp;
+    EXPECT_EQ(pub->Register(&ctx, rogue, &resp).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  }
+  const std::string wrong(c.cluster_secret().size(), 'x');
+  for (const std::string& secret : {std::string(), wrong}) {
+    auto internal = v1::CoordinatorService::NewStub(
+        secret.empty() ? grpc::CreateChannel(c.internal_address(),
+                                             grpc::InsecureChannelCredentials())
+                       : ClusterChannel(c.internal_address(), grpc::ChannelArguments(),
+                                        *ClusterSecret::FromString(secret)));
+    grpc::ClientContext r;
+    v1::RegisterResponse rr;
+    EXPECT_EQ(internal->Register(&r, rogue, &rr).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext set;
+    v1::StoreSetRequest sreq;
+    sreq.set_key("k");
+    sreq.set_value(std::string(1 << 20, 'v'));
+    v1::StoreSetResponse sresp;
+    EXPECT_EQ(internal->StoreSet(&set, sreq, &sresp).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext get;
+    get.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    v1::StoreGetRequest greq;
+    greq.add_keys("k");
+    v1::StoreGetResponse gresp;
+    EXPECT_EQ(internal->StoreGet(&get, greq, &gresp).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    for (const std::string& address : c.worker_addresses()) {
+      auto worker = v1::WorkerService::NewStub(
+          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+      grpc::ClientContext j;
+      v1::JoinRingRequest poison;
+      poison.set_generation(INT64_MAX);
+      poison.set_world_size(1);
+      v1::JoinRingResponse jr;
+      EXPECT_EQ(worker->JoinRing(&j, poison, &jr).error_code(),
+                grpc::StatusCode::UNAUTHENTICATED);
+    }
+  }
+  Shape s;
+  const v1::AttendRequest req = MakeRequest(s);
+  v1::AttendResponse resp;
+  ASSERT_TRUE(Call(svc, req, &resp).ok());
+  ExpectMatchesReference(req, resp);
+  EXPECT_EQ(c.worker_addresses().size(), 2u);  // the rogue registration left no trace
+}
+
 TEST(ServiceAdmission, QueueFull) {
   Coordinator::Options o;
   o.max_queue = 1;
@@ -513,6 +575,9 @@ TEST(ServiceOps, HealthInfoAndMetrics) {
   EXPECT_TRUE(info.ready());
   EXPECT_EQ(info.world_size(), 2);
   EXPECT_EQ(info.workers_size(), 2);
+  for (const v1::WorkerInfo& w : info.workers()) {
+    EXPECT_TRUE(w.address().empty()) << "GetInfo shows an internal address: " << w.address();
+  }
   EXPECT_EQ(info.transport(), "gloo");
   ASSERT_EQ(info.backends_size(), 1);
   EXPECT_EQ(info.backends(0), "cpu");

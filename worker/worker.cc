@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
 #include "base/status_macros.h"
+#include "proto/cluster_auth.h"
 #include "proto/convert.h"
 #include "worker/ring_engine.h"
 #include "worker/worker_service.h"
@@ -38,14 +39,15 @@ bool Retryable(grpc::StatusCode code) {
          code == grpc::RESOURCE_EXHAUSTED || code == grpc::ABORTED;
 }
 
-std::shared_ptr<grpc::Channel> CoordinatorChannel(const std::string& address) {
+std::shared_ptr<grpc::Channel> CoordinatorChannel(const std::string& address,
+                                                 const ClusterSecret& secret) {
   grpc::ChannelArguments args;
   // Reconnect soon after the coordinator comes up, instead of gRPC's default backoff (up to
   // two minutes).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return ClusterChannel(address, args, secret);
 }
 
 // host:port, bracketing an IPv6 literal.
@@ -100,10 +102,14 @@ absl::Status Worker::BuildAndStart() {
   device_name_ = engine->device_name();
   transport_ = engine->transport();
 
-  coordinator_channel_ = CoordinatorChannel(options_.coordinator_address);
+  absl::StatusOr<ClusterSecret> secret =
+      options_.cluster_secret.empty() ? ClusterSecret::FromFileOrEnvironment("")
+                                      : ClusterSecret::FromString(options_.cluster_secret);
+  if (!secret.ok()) return secret.status();
+  coordinator_channel_ = CoordinatorChannel(options_.coordinator_address, *secret);
   coordinator_ = v1::CoordinatorService::NewStub(coordinator_channel_);
 
-  auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine));
+  auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine), *secret);
 
   int port = 0;
   grpc::ServerBuilder builder;

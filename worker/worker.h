@@ -45,6 +45,9 @@ class Worker {
     // the coordinator. Off for a worker that does not share the coordinator's /dev/shm (another
     // container): the coordinator then moves those tensors' bytes for it.
     bool shared_memory = true;
+    // The internal plane's secret (proto/cluster_auth.h): carried by every call to the
+    // coordinator and required of every call to this worker. Empty: RINGATTN_CLUSTER_SECRET.
+    std::string cluster_secret;
     // How long registration keeps retrying while the coordinator is not up yet.
     std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
   };

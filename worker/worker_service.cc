@@ -87,8 +87,8 @@ absl::Status Annotate(const absl::Status& s, const std::string& prefix) {
 
 WorkerServiceImpl::WorkerServiceImpl(
     std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-    std::unique_ptr<RingEngine> engine)
-    : coordinator_(std::move(coordinator)), engine_(std::move(engine)) {}
+    std::unique_ptr<RingEngine> engine, ClusterSecret secret)
+    : coordinator_(std::move(coordinator)), secret_(std::move(secret)), engine_(std::move(engine)) {}
 
 WorkerServiceImpl::~WorkerServiceImpl() { Shutdown(); }
 
@@ -113,9 +113,10 @@ int64_t WorkerServiceImpl::generation() const {
   return ring_ != nullptr ? ring_->generation : 0;
 }
 
-grpc::Status WorkerServiceImpl::Ping(grpc::ServerContext* /*context*/,
+grpc::Status WorkerServiceImpl::Ping(grpc::ServerContext* context,
                                      const v1::PingRequest* /*request*/,
                                      v1::PingResponse* response) {
+  if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   absl::MutexLock lock(&mu_);
   response->set_generation(ring_ != nullptr ? ring_->generation : 0);
   response->set_busy(busy_);
@@ -125,6 +126,7 @@ grpc::Status WorkerServiceImpl::Ping(grpc::ServerContext* /*context*/,
 grpc::Status WorkerServiceImpl::JoinRing(grpc::ServerContext* context,
                                          const v1::JoinRingRequest* request,
                                          v1::JoinRingResponse* /*response*/) {
+  if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   return ToGrpcStatus(Join(context, *request));
 }
 
@@ -436,6 +438,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                                            const char* what_kind, grpc::ServerContext* context,
                                            const Request& request, Response* response,
                                            const ShardOp<Request>& op) {
+  if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   const absl::Time handler0 = absl::Now();
   const grpc::Status status = RunOnCurrentRing(
       method, request.header().generation(),

@@ -27,6 +27,7 @@
 #include "ringattn/v1/worker.grpc.pb.h"
 #include "worker/coordinator_store.h"
 #include "base/shared_memory.h"
+#include "proto/cluster_auth.h"
 #include "worker/ring_engine.h"
 
 namespace ringattn {
@@ -44,9 +45,10 @@ struct ShardSpec {
 class WorkerServiceImpl final : public v1::WorkerService::Service {
  public:
   // `coordinator` serves the rendezvous store; `engine` (kernel backend and transport) connects
-  // the rings and computes every ring step.
+  // the rings and computes every ring step. Every call must carry `secret` (UNAUTHENTICATED
+  // otherwise, before anything else is looked at).
   WorkerServiceImpl(std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-                    std::unique_ptr<RingEngine> engine);
+                    std::unique_ptr<RingEngine> engine, ClusterSecret secret);
   ~WorkerServiceImpl() override;
 
   grpc::Status JoinRing(grpc::ServerContext* context, const v1::JoinRingRequest* request,
@@ -113,6 +115,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
       ABSL_LOCKS_EXCLUDED(mu_);
 
   const std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator_;
+  const ClusterSecret secret_;
 
   // Held for the whole of a rendezvous or a shard: the ring (and the backend) run one thing at
   // a time. Acquired before mu_.

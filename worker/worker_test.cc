@@ -27,6 +27,7 @@
 #include "ring/layout.h"
 #include "ring/testing/synthetic_inputs.h"
 #include "ringattn/v1/worker.grpc.pb.h"
+#include "proto/cluster_auth.h"
 #include "worker/coordinator_store.h"
 
 namespace ringattn {
@@ -34,6 +35,14 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+// The internal plane's secret the workers of these tests share with their callers.
+constexpr char kSecret[] = "worker-test-secret-0123456789";
+
+const ClusterSecret& Secret() {
+  static const ClusterSecret* const secret = new ClusterSecret(*ClusterSecret::FromString(kSecret));
+  return *secret;
+}
 
 double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -43,16 +52,19 @@ double SecondsSince(Clock::time_point t0) {
 // every key exists or the call's deadline passes.
 class FakeCoordinator final : public v1::CoordinatorService::Service {
  public:
-  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* request,
+  grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
                         v1::RegisterResponse* response) override {
+    // Workers carry the secret on every call to the coordinator.
+    if (!Secret().Check(*context).ok()) return grpc::Status(grpc::UNAUTHENTICATED, "no secret");
     absl::MutexLock lock(&mu_);
     registrations_.push_back(*request);
     response->set_worker_id(absl::StrCat("w", registrations_.size()));
     return grpc::Status::OK;
   }
 
-  grpc::Status StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* request,
+  grpc::Status StoreSet(grpc::ServerContext* context, const v1::StoreSetRequest* request,
                         v1::StoreSetResponse*) override {
+    if (!Secret().Check(*context).ok()) return grpc::Status(grpc::UNAUTHENTICATED, "no secret");
     absl::MutexLock lock(&mu_);
     values_[request->key()] = request->value();
     return grpc::Status::OK;
@@ -110,7 +122,7 @@ class FakeCoordinatorServer {
   FakeCoordinator& service() { return service_; }
   std::shared_ptr<v1::CoordinatorService::Stub> NewStub() const {
     return v1::CoordinatorService::NewStub(
-        grpc::CreateChannel(address(), grpc::InsecureChannelCredentials()));
+        ClusterChannel(address(), grpc::ChannelArguments(), Secret()));
   }
 
  private:
@@ -247,14 +259,15 @@ class WorkerTest : public ::testing::Test {
       Worker::Options options;
       options.coordinator_address = coordinator_.address();
       options.kernel = "cpu";  // the CPU path, also on a machine with a GPU
+      options.cluster_secret = kSecret;
       workers_.push_back(std::make_unique<Worker>(options));
       absl::Status s = workers_.back()->BuildAndStart();
       ASSERT_TRUE(s.ok()) << s;
       grpc::ChannelArguments args;
       args.SetMaxReceiveMessageSize(INT_MAX);
       args.SetMaxSendMessageSize(INT_MAX);
-      stubs_.push_back(v1::WorkerService::NewStub(grpc::CreateCustomChannel(
-          workers_.back()->address(), grpc::InsecureChannelCredentials(), args)));
+      stubs_.push_back(v1::WorkerService::NewStub(
+          ClusterChannel(workers_.back()->address(), args, Secret())));
     }
   }
 
@@ -455,6 +468,57 @@ TEST_F(WorkerTest, StaleGenerationIsRefused) {
   RunAndCheck(problem, v1::LAYOUT_ZIGZAG, Layout::kZigzag, 2);
 }
 
+// Whoever reaches a worker without the cluster secret gets UNAUTHENTICATED from every RPC and
+// changes nothing: a JoinRing with the largest generation does not poison later rings, a RunShard
+// does not touch the ring.
+TEST_F(WorkerTest, CallsWithoutTheSecretAreRefusedAndChangeNothing) {
+  JoinAll(3);
+  for (const char* secret : {"", "worker-test-secret-0123456780"}) {
+    SCOPED_TRACE(secret);
+    grpc::ChannelArguments args;
+    auto rogue = v1::WorkerService::NewStub(
+        *secret == '\0'
+            ? grpc::CreateCustomChannel(workers_[0]->address(), grpc::InsecureChannelCredentials(),
+                                        args)
+            : ClusterChannel(workers_[0]->address(), args, *ClusterSecret::FromString(secret)));
+    {
+      grpc::ClientContext ctx;
+      v1::JoinRingRequest poison;
+      poison.set_generation(INT64_MAX);
+      poison.set_world_size(1);
+      v1::JoinRingResponse resp;
+      EXPECT_EQ(rogue->JoinRing(&ctx, poison, &resp).error_code(), grpc::UNAUTHENTICATED);
+    }
+    {
+      grpc::ClientContext ctx;
+      v1::PingResponse resp;
+      EXPECT_EQ(rogue->Ping(&ctx, v1::PingRequest(), &resp).error_code(), grpc::UNAUTHENTICATED);
+    }
+    for (int method = 0; method < 2; ++method) {
+      grpc::ClientContext ctx;
+      grpc::Status s;
+      if (method == 0) {
+        v1::RunShardRequest req;
+        req.mutable_header()->set_generation(3);
+        v1::RunShardResponse resp;
+        s = rogue->RunShard(&ctx, req, &resp);
+      } else {
+        v1::RunShardBackwardRequest req;
+        req.mutable_header()->set_generation(3);
+        v1::RunShardBackwardResponse resp;
+        s = rogue->RunShardBackward(&ctx, req, &resp);
+      }
+      EXPECT_EQ(s.error_code(), grpc::UNAUTHENTICATED) << method;
+    }
+  }
+  // The ring of generation 3 is untouched and the next generation still forms.
+  EXPECT_EQ(Ping(0).generation(), 3);
+  const Problem problem = MakeProblem();
+  RunAndCheck(problem, v1::LAYOUT_ZIGZAG, Layout::kZigzag, 3);
+  JoinAll(4);
+  RunAndCheck(problem, v1::LAYOUT_CONTIGUOUS, Layout::kContiguous, 4);
+}
+
 TEST_F(WorkerTest, WrongQByteCountIsInvalidArgumentAndReleasesThePeers) {
   const Problem problem = MakeProblem();
   const ShardPlan plan = *PlanShards(problem.seqlen, kWorld, Layout::kContiguous);
@@ -551,6 +615,7 @@ TEST(WorkerRegistrationTest, RetriesUntilTheCoordinatorComesUp) {
     port = probe.port();
   }
   Worker::Options options;
+  options.cluster_secret = kSecret;
   options.coordinator_address = absl::StrCat("127.0.0.1:", port);
   options.kernel = "cpu";
   options.register_timeout = milliseconds(15000);
@@ -574,6 +639,7 @@ TEST(WorkerRegistrationTest, GivesUpAfterTheTimeout) {
     port = probe.port();
   }
   Worker::Options options;
+  options.cluster_secret = kSecret;
   options.coordinator_address = absl::StrCat("127.0.0.1:", port);
   options.kernel = "cpu";
   options.register_timeout = milliseconds(500);
@@ -586,6 +652,7 @@ TEST(WorkerRegistrationTest, GivesUpAfterTheTimeout) {
 
 TEST(WorkerRegistrationTest, UnknownBackendIsInvalidArgument) {
   Worker::Options options;
+  options.cluster_secret = kSecret;
   options.coordinator_address = "127.0.0.1:1";
   options.kernel = "tpu";
   Worker worker(options);
