@@ -109,7 +109,9 @@ $B --seqlen=32768 --heads=16 --heads_k=4 --head_dim=128 --dtype=bf16 --causal --
   >"$LOG/kill.log" 2>&1 &
 CALL=$!
 sleep 2.5
-VICTIM=$(pgrep -f "ringattn worker --coordinator=127.0.0.1:$PORT2" | head -n1)
+# Workers register on the internal plane's port, which serve prints beside the public one.
+IPORT2=$(grep -oE 'internal plane on port [0-9]+' "$LOG/serve_fault.log" | grep -oE '[0-9]+$')
+VICTIM=$(pgrep -f "ringattn worker --coordinator=127.0.0.1:$IPORT2" | head -n1)
 kill -9 "$VICTIM"
 wait $CALL
 echo "killed worker pid $VICTIM: $(grep -E '^error|^throughput' "$LOG/kill.log" | head -1)"
