@@ -417,7 +417,6 @@ TEST(ServiceFaults, WorkerKilledMidRequest) {
   EXPECT_GE(svc.workers().restarts(), 1);
 }
 
-// Past the admission queue: RESOURCE_EXHAUSTED at once.
 // The internal plane is apart and needs the secret: the public port has no CoordinatorService;
 // on the internal port registration and the rendezvous store refuse callers without the secret
 // (a rogue worker cannot join, read the store or fill it); workers refuse them too. After all of
@@ -481,6 +480,7 @@ TEST(ServicePlanes, InternalCallsNeedTheSecretAndThePublicPortHasNone) {
   EXPECT_EQ(c.worker_addresses().size(), 2u);  // the rogue registration left no trace
 }
 
+// Past the admission queue: RESOURCE_EXHAUSTED at once.
 TEST(ServiceAdmission, QueueFull) {
   Coordinator::Options o;
   o.max_queue = 1;

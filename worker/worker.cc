@@ -135,15 +135,34 @@ absl::Status Worker::BuildAndStart() {
     }
   }
 
-  absl::Status registered = Register();
+  absl::Status registered = Register(options_.register_timeout);
   if (!registered.ok()) {
     Shutdown();
     return registered;
   }
+  if (options_.reregister_after > std::chrono::milliseconds(0)) {
+    keep_registered_ = std::thread([this] { KeepRegistered(); });
+  }
   return absl::OkStatus();
 }
 
-absl::Status Worker::Register() {
+void Worker::KeepRegistered() {
+  const absl::Duration quiet = absl::FromChrono(options_.reregister_after);
+  absl::Time last_registered = absl::Now();
+  while (!shutdown_requested_.WaitForNotificationWithTimeout(
+      std::min(quiet / 4, absl::Milliseconds(500)))) {
+    const absl::Time heard = std::max(service_->last_ping(), last_registered);
+    if (absl::Now() - heard < quiet) continue;
+    // The coordinator forgot this worker (it restarted, or dropped it during a pause).
+    const absl::Status s = Register(std::chrono::milliseconds(2000));
+    last_registered = absl::Now();
+    std::fprintf(stderr, "worker %s: no ping for %.1f s; registered again: %s\n",
+                 address().c_str(), absl::ToDoubleSeconds(absl::Now() - heard),
+                 s.ok() ? "ok" : s.ToString().c_str());
+  }
+}
+
+absl::Status Worker::Register(std::chrono::milliseconds timeout) {
   v1::RegisterRequest request;
   request.set_address(address());
   request.set_backend(backend_name_);
@@ -152,7 +171,7 @@ absl::Status Worker::Register() {
   request.set_transport(transport_);
   if (options_.shared_memory) request.set_host_id(HostId());
 
-  const auto deadline = Clock::now() + options_.register_timeout;
+  const auto deadline = Clock::now() + timeout;
   auto backoff = std::chrono::duration_cast<std::chrono::milliseconds>(kInitialBackoff);
   grpc::Status last;
   int attempts = 0;
@@ -186,7 +205,7 @@ absl::Status Worker::Register() {
   }
   return absl::DeadlineExceededError(
       absl::StrCat("could not register with the coordinator at ", options_.coordinator_address,
-                   " within ", std::chrono::duration<double>(options_.register_timeout).count(),
+                   " within ", std::chrono::duration<double>(timeout).count(),
                    " s (", attempts, " attempt(s)); last error: ", last.error_message()));
 }
 
@@ -207,6 +226,9 @@ void Worker::Wait() {
     server = server_.get();
   }
   if (server != nullptr) server->Wait();
+  if (shutdown_requested_.HasBeenNotified() && keep_registered_.joinable()) {
+    keep_registered_.join();
+  }
 }
 
 int RunWorkerMain(const Worker::Options& options) {

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -48,6 +49,9 @@ class Worker {
     // The internal plane's secret (proto/cluster_auth.h): carried by every call to the
     // coordinator and required of every call to this worker. Empty: RINGATTN_CLUSTER_SECRET.
     std::string cluster_secret;
+    // Registers again when the coordinator has not pinged this worker for this long (it
+    // restarted, or dropped the worker while it was paused); 0 disables.
+    std::chrono::milliseconds reregister_after = std::chrono::seconds(3);
     // How long registration keeps retrying while the coordinator is not up yet.
     std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
   };
@@ -84,7 +88,10 @@ class Worker {
   void Wait();
 
  private:
-  absl::Status Register();
+  // Registers, retrying until `timeout` passes (or the worker is shut down).
+  absl::Status Register(std::chrono::milliseconds timeout);
+  // Until shutdown: registers again whenever the coordinator stopped pinging (reregister_after).
+  void KeepRegistered();
 
   const Options options_;
   int port_ = 0;
@@ -98,6 +105,7 @@ class Worker {
   std::unique_ptr<WorkerServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
 
+  std::thread keep_registered_;
   absl::Notification shutdown_requested_;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;

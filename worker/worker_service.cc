@@ -108,6 +108,11 @@ void WorkerServiceImpl::Shutdown() {
   if (store != nullptr) store->Cancel(reason);
 }
 
+absl::Time WorkerServiceImpl::last_ping() const {
+  absl::MutexLock lock(&mu_);
+  return last_ping_;
+}
+
 int64_t WorkerServiceImpl::generation() const {
   absl::MutexLock lock(&mu_);
   return ring_ != nullptr ? ring_->generation : 0;
@@ -118,6 +123,7 @@ grpc::Status WorkerServiceImpl::Ping(grpc::ServerContext* context,
                                      v1::PingResponse* response) {
   if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   absl::MutexLock lock(&mu_);
+  last_ping_ = absl::Now();
   response->set_generation(ring_ != nullptr ? ring_->generation : 0);
   response->set_busy(busy_);
   return grpc::Status::OK;

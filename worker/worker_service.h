@@ -69,6 +69,8 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
 
   // The generation of the ring this worker is in, 0 when none.
   int64_t generation() const;
+  // When the coordinator last pinged (an authenticated Ping); InfinitePast before the first.
+  absl::Time last_ping() const;
 
  private:
   struct Ring {
@@ -137,6 +139,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   // The rendezvous in progress, so that a newer JoinRing or Shutdown can cancel it.
   std::shared_ptr<CoordinatorStore> joining_store_ ABSL_GUARDED_BY(mu_);
   bool busy_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time last_ping_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
 };
 
