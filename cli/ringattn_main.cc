@@ -72,6 +72,9 @@ ABSL_FLAG(std::string, kernel, "auto",
 ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
 ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
+ABSL_FLAG(double, drain_seconds, 30,
+          "serve/coordinator: on SIGTERM, how long admitted requests get to finish before the "
+          "workers stop (new ones are refused meanwhile)");
 ABSL_FLAG(int64_t, max_unary_bytes, int64_t{1} << 30, "serve/coordinator: unary message limit");
 ABSL_FLAG(int64_t, max_request_bytes, int64_t{4} << 30, "serve/coordinator: request limit");
 ABSL_FLAG(std::string, coordinator, "", "worker: the coordinator's host:port");
@@ -264,6 +267,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
+  o.drain_seconds = std::max(0.0, absl::GetFlag(FLAGS_drain_seconds));
   o.demo = absl::GetFlag(FLAGS_demo);
   absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
   if (!demo.ok()) {

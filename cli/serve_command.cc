@@ -75,7 +75,11 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     signal(SIGINT, OnSignal);
     signal(SIGTERM, OnSignal);
     while (!g_stop) absl::SleepFor(absl::Milliseconds(100));
-    out << "shutting down\n";
+    out << "draining: refusing new requests, finishing the admitted ones (up to "
+        << o.drain_seconds << " s)\n";
+    out.flush();
+    const bool drained = coordinator.Drain(absl::Seconds(o.drain_seconds));
+    out << (drained ? "drained; " : "drain time over; ") << "shutting down\n";
   }
   if (workers) workers->Stop();
   coordinator.Shutdown();

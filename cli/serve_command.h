@@ -26,6 +26,9 @@ struct ServeOptions {
   int64_t max_unary_bytes = int64_t{1} << 30;
   int64_t max_request_bytes = int64_t{4} << 30;
   double ready_timeout_seconds = 120;
+  // On SIGTERM/SIGINT: how long queued and running requests get to finish before the workers
+  // stop (new requests are refused meanwhile).
+  double drain_seconds = 30;
   // --demo: once the ring is up, send `demo_request` through the client, print the result
   // and the timings, and stop. The exit code is the request's.
   bool demo = false;

@@ -472,6 +472,20 @@ absl::Status Coordinator::CheckInternal(const grpc::ServerContextBase& ctx) cons
 
 int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
 
+bool Coordinator::Drain(absl::Duration grace) {
+  draining_ = true;
+  if (server_ != nullptr) {
+    server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+    server_->GetHealthCheckService()->SetServingStatus("", false);
+  }
+  const absl::Time deadline = absl::Now() + grace;
+  while (in_flight_ > 0) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
 void Coordinator::Shutdown() {
   if (stopping_.exchange(true)) return;
   queue_.Close();
@@ -524,6 +538,19 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     const typename Call::Request& request, typename Call::Response* response,
     const std::string& owner, absl::Time arrival, absl::Time deadline,
     std::function<void(absl::Status)> finish) {
+  // Counted from here, so that a Drain that starts now waits for this request or it sees the
+  // drain and is refused; uncounted again on every refusal below.
+  ++in_flight_;
+  struct Uncount {
+    std::atomic<int>& n;
+    bool admitted = false;
+    ~Uncount() {
+      if (!admitted) --n;
+    }
+  } uncount{in_flight_};
+  if (draining_) {
+    return absl::UnavailableError("the service is shutting down; send the request elsewhere");
+  }
   const absl::Time validate0 = absl::Now();
   RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
   // Resolved now, so that a bad reference is refused before queueing, and holding the regions'
@@ -544,7 +571,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     return RunOnRing(Call::Rpc(), problem, request, shared, arena, ring, control, response,
                      response->mutable_plan(), response->mutable_timings());
   };
-  job->done = [response, arrival, id = problem.request_id,
+  job->done = [this, response, arrival, id = problem.request_id,
                finish = std::move(finish)](absl::Status s) {
     if (s.ok()) {
       const absl::Time respond0 = absl::Now();
@@ -554,10 +581,12 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
       t->set_total_seconds(SecondsSince(arrival));
     }
     finish(std::move(s));
+    --in_flight_;
   };
   job->queued = absl::Now();
   response->mutable_timings()->set_validate_seconds(absl::ToDoubleSeconds(job->queued - validate0));
   RA_RETURN_IF_ERROR(queue_.Push(job));
+  uncount.admitted = true;  // job->done uncounts it
   metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
   return job;
 }
@@ -607,7 +636,7 @@ void Coordinator::StatusLoop() {
   bool last = false;
   bool first = true;
   while (!stopping_) {
-    const bool ready = ring_->WaitUntilReady(absl::ZeroDuration());
+    const bool ready = ring_->WaitUntilReady(absl::ZeroDuration()) && !draining_;
     if (first || ready != last) {
       server_->GetHealthCheckService()->SetServingStatus(kServiceName, ready);
       server_->GetHealthCheckService()->SetServingStatus("", ready);

@@ -68,6 +68,10 @@ class Coordinator {
   std::vector<std::string> worker_addresses() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
+  // Graceful stop, step one: health NOT_SERVING, new requests refused (UNAVAILABLE), and waits
+  // up to `grace` for the queued and running requests to finish. True when they all did.
+  // Shutdown follows.
+  bool Drain(absl::Duration grace);
   void Shutdown();
   void Wait();
 
@@ -124,6 +128,8 @@ class Coordinator {
   std::thread dispatcher_;
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> draining_{false};
+  std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
 };
 
 }  // namespace ringattn

@@ -531,40 +531,84 @@ std::string HttpGet(int port, const std::string& path) {
   return out;
 }
 
+// The serialized grpc.health.v1 HealthCheckResponse of the service ("\x08\x01": SERVING).
+std::string HealthStatus(Service& svc) {
+  grpc::GenericStub generic(svc.channel_ptr());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  grpc::Slice empty_slice{std::string()};
+  grpc::ByteBuffer request(&empty_slice, 1), response;
+  absl::Notification done;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                    &response, [&](grpc::Status s) {
+                      status = s;
+                      done.Notify();
+                    });
+  done.WaitForNotification();
+  if (!status.ok()) return "error: " + status.error_message();
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return "error: dump";
+  std::string bytes;
+  for (const grpc::Slice& sl : slices) {
+    bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  }
+  return bytes;
+}
+
+// SIGTERM's path: Drain refuses new requests at once (UNAVAILABLE, health NOT_SERVING) and returns
+// once the running and the queued ones are answered, correctly.
+TEST(ServiceOps, DrainFinishesAdmittedRequestsAndRefusesNewOnes) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 4096, 8, 8, 128, v1::DTYPE_BF16};
+  const v1::AttendRequest running = MakeRequest(big);
+  Shape small{1, 37, 5, 1, 64, v1::DTYPE_FP32};
+  const v1::AttendRequest queued = MakeRequest(small);
+  v1::AttendResponse running_resp, queued_resp;
+  grpc::Status running_st, queued_st;
+  absl::Time running_done;
+  std::thread a([&] {
+    running_st = Call(svc, running, &running_resp);
+    running_done = absl::Now();
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  std::thread b([&] { queued_st = Call(svc, queued, &queued_resp); });
+  absl::SleepFor(absl::Milliseconds(200));
+  bool drained = false;
+  absl::Time drain0 = absl::Now();
+  std::thread d([&] { drained = svc.coordinator().Drain(absl::Seconds(60)); });
+  absl::SleepFor(absl::Milliseconds(100));
+  v1::AttendResponse refused_resp;
+  const grpc::Status refused = Call(svc, queued, &refused_resp);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("shutting down"), std::string::npos);
+  EXPECT_NE(HealthStatus(svc), std::string("\x08\x01", 2)) << "still SERVING while draining";
+  a.join();
+  b.join();
+  d.join();
+  EXPECT_TRUE(drained);
+  EXPECT_LT(absl::Now() - drain0, absl::Seconds(60));
+  EXPECT_GT(running_done, drain0) << "the request finished before the drain began: make it longer";
+  ASSERT_TRUE(running_st.ok()) << running_st.error_message();
+  EXPECT_EQ(running_resp.out().data().size(), running.q().data().size());
+  ASSERT_TRUE(queued_st.ok()) << queued_st.error_message();
+  ExpectMatchesReference(queued, queued_resp);
+}
+
 TEST(ServiceOps, HealthInfoAndMetrics) {
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   // grpc.health.v1.Health/Check for the whole server (empty service name), called as raw
   // bytes: the empty request is zero bytes; SERVING is field 1 = 1 (0x08 0x01), NOT_SERVING 2.
   // The health status follows the ring within the coordinator's 50 ms status poll.
-  auto health_check = [&]() -> std::string {
-    grpc::GenericStub generic(svc.channel_ptr());
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    grpc::Slice empty_slice{std::string()};
-    grpc::ByteBuffer request(&empty_slice, 1), response;
-    absl::Notification done;
-    grpc::Status status;
-    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                      &response, [&](grpc::Status s) {
-                        status = s;
-                        done.Notify();
-                      });
-    done.WaitForNotification();
-    if (!status.ok()) return "error: " + status.error_message();
-    std::vector<grpc::Slice> slices;
-    if (!response.Dump(&slices).ok()) return "error: dump";
-    std::string bytes;
-    for (const grpc::Slice& sl : slices) {
-      bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
-    }
-    return bytes;
-  };
+
   const std::string kServing("\x08\x01", 2);
-  std::string health = health_check();
+  std::string health = HealthStatus(svc);
   for (int i = 0; i < 20 && health != kServing; ++i) {
     absl::SleepFor(absl::Milliseconds(50));
-    health = health_check();
+    health = HealthStatus(svc);
   }
   EXPECT_EQ(health, kServing);
   v1::InfoResponse info;
