@@ -21,11 +21,15 @@ struct KeySpan {
 inline constexpr int64_t kMinPos = -(int64_t{1} << 62);
 inline constexpr int64_t kMaxPos = int64_t{1} << 62;
 
-// The causal and window part of the mask.
+// The causal and window part of the mask. Window sides past the position range saturate at
+// kMinPos/kMaxPos (a side near INT64_MAX once overflowed q_pos + window_right into a span
+// that held no key).
 RA_HD KeySpan WindowKeySpan(const AttentionParams& p, int64_t q_pos) {
   KeySpan s{kMinPos, kMaxPos};
-  if (p.window_left >= 0) s.lo = q_pos - p.window_left;
-  if (p.window_right >= 0) s.hi = q_pos + p.window_right;
+  if (p.window_left >= 0) s.lo = p.window_left >= q_pos - kMinPos ? kMinPos : q_pos - p.window_left;
+  if (p.window_right >= 0) {
+    s.hi = p.window_right >= kMaxPos - q_pos ? kMaxPos : q_pos + p.window_right;
+  }
   if (p.causal && s.hi > q_pos) s.hi = q_pos;
   return s;
 }

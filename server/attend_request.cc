@@ -242,6 +242,11 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
       AttentionShape::Self(dtype, static_cast<int>(q.shape(0)), seqlen, static_cast<int>(heads),
                            static_cast<int>(heads_k), static_cast<int>(q.shape(3)));
   out.options = OptionsFromProto(r.options());
+  // A window side past the sequence sees every key a bounded one would: clamped, so that no
+  // position arithmetic downstream (q position + window_right) can overflow.
+  for (int64_t* side : {&out.options.window_size.first, &out.options.window_size.second}) {
+    if (*side > seqlen) *side = seqlen;
+  }
   out.return_lse = r.return_lse();
   out.layout = *layout;
   return out;

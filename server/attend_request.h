@@ -5,6 +5,7 @@
 // options, checked field by field. Bad input is INVALID_ARGUMENT with a message that
 // names the field and the value expected ("k.shape[1] (seq) must equal q.shape[1] (7), got 8");
 // a request past the service's limits is RESOURCE_EXHAUSTED naming the size and the limit.
+// Window sides past the sequence are clamped to it (the same keys).
 // Tensor data is never inspected: NaN and infinity are computed, not refused.
 #pragma once
 

@@ -300,11 +300,31 @@ TEST(AttendRequestTest, OptionsAndLayoutAreCarriedOver) {
   EXPECT_TRUE(v->return_lse);
   EXPECT_TRUE(v->options.causal);
   EXPECT_EQ(v->options.softmax_scale, 0.05f);
-  EXPECT_EQ(v->options.window_size, std::make_pair(int64_t{50}, int64_t{-1}));
+  // window_left 50 over 7 positions sees every key: clamped to the sequence (WindowSides...).
+  EXPECT_EQ(v->options.window_size, std::make_pair(int64_t{7}, int64_t{-1}));
   EXPECT_EQ(v->options.softcap, 30.0f);
   ASSERT_EQ(v->options.alibi_slopes.size(), 8u);
   EXPECT_EQ(v->options.alibi_slopes[0], 0.5f);
   EXPECT_EQ(v->options.dropout_p, 0.0f);
+}
+
+// Window sides past the sequence are clamped to it (same keys, no overflow downstream: a
+// window_right near INT64_MAX once overflowed the kernels' q + window_right into zero rows);
+// unbounded (-1) and sides within the sequence stay as sent.
+TEST(AttendRequestTest, WindowSidesPastTheSequenceAreClampedToIt) {
+  struct Case {
+    int64_t left, right, want_left, want_right;
+  };
+  for (const Case& c : {Case{INT64_MAX, INT64_MAX - 1, 37, 37}, Case{-1, 38, -1, 37},
+                        Case{36, 0, 36, 0}, Case{37, -1, 37, -1}}) {
+    v1::AttendRequest r = MakeRequest(1, 37, 4, 4, 64);
+    r.mutable_options()->set_window_left(c.left);
+    r.mutable_options()->set_window_right(c.right);
+    absl::StatusOr<ValidatedAttend> v = ValidateAttendRequest(r, AttendLimits{});
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(v->options.window_size, std::make_pair(c.want_left, c.want_right))
+        << c.left << ", " << c.right;
+  }
 }
 
 TEST(AttendRequestTest, AutoLayoutIsZigzagWhenCausal) {

@@ -98,8 +98,11 @@ double ComputeRow(const AttentionParams& p, int b, int h, int64_t i,
 }  // namespace
 
 bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos) {
-  const KeySpan window = WindowKeySpan(p, q_pos);
-  if (k_pos < window.lo || k_pos > window.hi) return false;
+  // Plain comparisons of the distance, on purpose not the kernels' WindowKeySpan: an oracle
+  // that shares the code it judges shares its bugs. Positions are in [0, 2^62): no overflow.
+  if (p.causal && k_pos > q_pos) return false;
+  if (p.window_left >= 0 && q_pos - k_pos > p.window_left) return false;
+  if (p.window_right >= 0 && k_pos - q_pos > p.window_right) return false;
   if (p.seq_bounds == nullptr) return true;
   int q_seq = -1, k_seq = -1;  // the sequence whose [bound i, bound i + 1) holds each
   for (int i = 0; i < p.num_seqs; ++i) {

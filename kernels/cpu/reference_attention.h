@@ -18,9 +18,9 @@ struct ReferenceResult {
 // Reads q, k, v and the options from `p` (p.o, p.lse and merge_into_output are ignored).
 absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p);
 
-// The references' mask: the causal and window span (WindowKeySpan) and, for packed sequences,
-// both positions in one sequence, found by a linear walk over seq_bounds rather than the
-// kernels' clamped span (AllowedKeySpan), so that the oracle does not share that code.
+// The references' mask, sharing no code with the kernels' (WindowKeySpan, AllowedKeySpan): causal
+// and window by plain comparisons of the distance between the positions and, for packed
+// sequences, both positions in one sequence, found by a linear walk over seq_bounds.
 bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos);
 
 }  // namespace ringattn

@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/params_check.h"
+#include "kernels/score_mod.h"
 
 namespace ringattn {
 namespace {
@@ -136,6 +137,40 @@ TEST(ReferenceAttentionTest, WindowSelectsKeysByGlobalPosition) {
 }
 
 // ---- Invariances ----------------------------------------------------------------------------
+
+// Hand-worked bounds of the references' own mask: a key exactly on each bound, and one past it.
+TEST(ReferenceAttentionTest, MaskPutsAKeyOnEveryBound) {
+  AttentionParams p;
+  p.window_left = 3;
+  p.window_right = 2;
+  EXPECT_TRUE(ReferenceKeyAllowed(p, 10, 7));    // q - 3: on the left bound
+  EXPECT_FALSE(ReferenceKeyAllowed(p, 10, 6));   // one past it
+  EXPECT_TRUE(ReferenceKeyAllowed(p, 10, 12));   // q + 2: on the right bound
+  EXPECT_FALSE(ReferenceKeyAllowed(p, 10, 13));
+  p.causal = true;
+  EXPECT_TRUE(ReferenceKeyAllowed(p, 10, 10));   // the diagonal
+  EXPECT_FALSE(ReferenceKeyAllowed(p, 10, 11));
+  p.causal = false;
+  p.window_left = 0;
+  p.window_right = 0;
+  EXPECT_TRUE(ReferenceKeyAllowed(p, 5, 5));
+  EXPECT_FALSE(ReferenceKeyAllowed(p, 5, 4));
+  EXPECT_FALSE(ReferenceKeyAllowed(p, 5, 6));
+}
+
+// Sides near INT64_MAX are "every key" to the references and to the kernels' span alike (they
+// once overflowed q + window_right into an empty span).
+TEST(ReferenceAttentionTest, HugeWindowSidesSeeEveryKey) {
+  AttentionParams p;
+  p.window_left = std::numeric_limits<int64_t>::max();
+  p.window_right = std::numeric_limits<int64_t>::max() - 1;
+  for (int64_t q : {int64_t{0}, int64_t{1}, int64_t{1} << 40}) {
+    for (int64_t k : {int64_t{0}, q, q + 1, int64_t{1} << 41}) {
+      EXPECT_TRUE(ReferenceKeyAllowed(p, q, k)) << q << " " << k;
+      EXPECT_TRUE(InSpan(WindowKeySpan(p, q), k)) << q << " " << k;
+    }
+  }
+}
 
 TEST(ReferenceAttentionTest, IdenticalKeysGiveTheMeanOfTheAllowedValues) {
   // Every key row is the same, so every allowed score is equal: o = mean of allowed V rows.
