@@ -369,17 +369,19 @@ class Coordinator::Services {
     grpc::Status StoreSet(grpc::ServerContext* ctx, const v1::StoreSetRequest* request,
                           v1::StoreSetResponse*) override {
       if (absl::Status s = c_->CheckInternal(*ctx); !s.ok()) return ToGrpcStatus(s);
-      c_->store_.Set(request->key(), request->value());
-      return grpc::Status::OK;
+      return ToGrpcStatus(c_->store_.Set(request->key(), request->value()));
     }
 
     grpc::Status StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* request,
                           v1::StoreGetResponse* response) override {
       if (absl::Status s = c_->CheckInternal(*ctx); !s.ok()) return ToGrpcStatus(s);
       std::vector<std::string> keys(request->keys().begin(), request->keys().end());
-      // Bounded even when the caller set no deadline.
-      const absl::Time deadline = std::min(DeadlineOf(*ctx), absl::Now() + absl::Minutes(5));
-      absl::StatusOr<std::vector<std::string>> values = c_->store_.Get(keys, deadline);
+      // Bounded by the ring's join timeout even when the caller set no deadline, and freed as
+      // soon as the caller goes away.
+      const absl::Time deadline =
+          std::min(DeadlineOf(*ctx), absl::Now() + c_->options_.ring.join_timeout);
+      absl::StatusOr<std::vector<std::string>> values =
+          c_->store_.Get(keys, deadline, [ctx] { return ctx->IsCancelled(); });
       if (!values.ok()) return ToGrpcStatus(values.status());
       for (std::string& v : *values) response->add_values(std::move(v));
       return grpc::Status::OK;
@@ -429,7 +431,11 @@ absl::Status Coordinator::BuildAndStart() {
   internal.AddListeningPort(options_.internal_listen_address, grpc::InsecureServerCredentials(),
                             &internal_port_);
   internal.RegisterService(&services_->coordinator);
-  internal.SetMaxReceiveMessageSize(64 << 20);  // registrations and rendezvous values
+  internal.SetMaxReceiveMessageSize(4 << 20);  // registrations and rendezvous values
+  // A thread per call in flight on this synchronous service, bounded.
+  grpc::ResourceQuota quota("ringattn-internal");
+  quota.SetMaxThreads(64);
+  internal.SetResourceQuota(quota);
   internal_server_ = internal.BuildAndStart();
   if (internal_server_ == nullptr || internal_port_ == 0) {
     return absl::UnavailableError(
