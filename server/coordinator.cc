@@ -407,6 +407,9 @@ Coordinator::Coordinator(Options options)
             RingManager::Options r = options_.ring;
             r.expected_workers = options_.world_size;
             if (secret_.ok()) r.secret = *secret_;
+            r.on_ring_broken = [this](int64_t generation, const std::string& why) {
+              OnRingBroken(generation, why);
+            };
             return r;
           }(),
           &store_, &metrics_)),
@@ -621,6 +624,10 @@ absl::Status Coordinator::RunJob(AttendJob& job) {
                : ring.status();
   }
   job.timings->set_ring_wait_seconds(SecondsSince(wait0));
+  {
+    absl::MutexLock lock(&running_mu_);
+    running_generation_ = ring->generation;
+  }
   bool workers_called = false;
   const absl::Status s =
       job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called});
@@ -634,8 +641,29 @@ void Coordinator::DispatchLoop() {
     metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
     if (job == nullptr) continue;
     job->timings->set_queue_seconds(SecondsSince(job->queued));
-    job->done(RunJob(*job));
+    {
+      absl::MutexLock lock(&running_mu_);
+      running_job_ = job;
+      running_generation_ = 0;
+    }
+    const absl::Status s = RunJob(*job);
+    {
+      absl::MutexLock lock(&running_mu_);
+      running_job_.reset();
+    }
+    job->done(s);
   }
+}
+
+void Coordinator::OnRingBroken(int64_t generation, const std::string& why) {
+  std::shared_ptr<AttendJob> job;
+  {
+    absl::MutexLock lock(&running_mu_);
+    if (running_generation_ == generation) job = running_job_;
+  }
+  if (job == nullptr) return;
+  job->cancellation.Cancel(absl::UnavailableError(
+      absl::StrCat(why, " during the request; the ring is being re-formed, retry")));
 }
 
 void Coordinator::StatusLoop() {

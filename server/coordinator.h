@@ -107,6 +107,8 @@ class Coordinator {
   absl::Status RunJob(AttendJob& job);
   void FillInfo(v1::InfoResponse* response) const;
   void DispatchLoop();
+  // A member of ring `generation` stopped answering: the job running on it is stopped.
+  void OnRingBroken(int64_t generation, const std::string& why);
   void StatusLoop();
 
   const Options options_;
@@ -130,6 +132,11 @@ class Coordinator {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> draining_{false};
   std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
+  // The job the dispatcher runs and the ring generation it runs on, for stopping it when that
+  // ring breaks (RingManager::Options::on_ring_broken).
+  absl::Mutex running_mu_;
+  std::shared_ptr<AttendJob> running_job_ ABSL_GUARDED_BY(running_mu_);
+  int64_t running_generation_ ABSL_GUARDED_BY(running_mu_) = 0;
 };
 
 }  // namespace ringattn

@@ -19,8 +19,8 @@ namespace ringattn {
 // away or its deadline passed, and watched by whoever runs it. Thread-safe.
 class Cancellation {
  public:
-  // Records `reason` (CANCELLED or DEADLINE_EXCEEDED) and calls the listener; only the first
-  // call counts.
+  // Records `reason` (CANCELLED, DEADLINE_EXCEEDED, or UNAVAILABLE when the ring broke under
+  // the request) and calls the listener; only the first call counts.
   void Cancel(absl::Status reason) ABSL_LOCKS_EXCLUDED(mu_);
   // OK until cancelled, then the reason.
   absl::Status reason() const ABSL_LOCKS_EXCLUDED(mu_);

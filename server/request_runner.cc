@@ -33,6 +33,7 @@ absl::Status RingFailure(const std::vector<grpc::Status>& statuses, const RingSn
   if (absl::IsDeadlineExceeded(cancelled) || absl::Now() >= control.deadline) {
     return absl::DeadlineExceededError("deadline exceeded while the ring was computing");
   }
+  if (!cancelled.ok()) return cancelled;  // stopped for another reason (a member stopped answering)
   for (size_t r = 0; r < statuses.size(); ++r) {
     const grpc::Status& s = statuses[r];
     if (s.ok()) continue;

@@ -153,14 +153,25 @@ std::vector<std::shared_ptr<WorkerRecord>> RingManager::Unresponsive(
 
 void RingManager::DropWorkers(const std::vector<std::shared_ptr<WorkerRecord>>& lost) {
   if (lost.empty()) return;
-  absl::MutexLock lock(&mu_);
-  for (const auto& w : lost) {
-    std::fprintf(stderr, "coordinator: worker %s at %s stopped answering\n", w->id.c_str(),
-                 w->address.c_str());
-    std::erase(workers_, w);
-    if (std::find(members_.begin(), members_.end(), w) != members_.end()) ready_ = false;
+  int64_t broken = 0;  // the generation of the formed ring a lost member broke
+  std::string why;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& w : lost) {
+      std::fprintf(stderr, "coordinator: worker %s at %s stopped answering\n", w->id.c_str(),
+                   w->address.c_str());
+      std::erase(workers_, w);
+      if (std::find(members_.begin(), members_.end(), w) != members_.end()) {
+        if (ready_) {
+          broken = generation_;
+          why = absl::StrCat("worker ", w->id, " at ", w->address, " stopped answering");
+        }
+        ready_ = false;
+      }
+    }
+    if (metrics_ != nullptr) metrics_->SetWorkersUp(static_cast<int>(workers_.size()));
   }
-  if (metrics_ != nullptr) metrics_->SetWorkersUp(static_cast<int>(workers_.size()));
+  if (broken != 0 && options_.on_ring_broken) options_.on_ring_broken(broken, why);
 }
 
 void RingManager::TryFormRing() {

@@ -3,6 +3,7 @@
 // after any failure, so that the next request finds a working ring.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +50,10 @@ class RingManager {
     double ring_timeout_seconds = 60;               // transport timeout handed to workers
     // Carried by every call to a worker (its channels are ClusterChannels).
     std::optional<ClusterSecret> secret;
+    // Called (outside the manager's lock) when a member of the formed ring of `generation`
+    // stops answering pings: a request running on it cannot finish and should stop now rather
+    // than wait for the transport's timeout.
+    std::function<void(int64_t generation, const std::string& why)> on_ring_broken;
   };
 
   RingManager(Options options, RendezvousStore* store, ServiceMetrics* metrics);

@@ -79,6 +79,46 @@ TEST(Liveness, APausedWorkerRegistersAgainAndTheRingReforms) {
   ExpectAnsweredCorrectly(svc.address());
 }
 
+// A worker that hangs mid-request (SIGSTOP) fails that request within the ping timeout plus a
+// ping interval, not the transport's timeout (20 s here, 60 s by default): the coordinator stops
+// the request when the member stops answering, and the other workers leave the ring at once.
+TEST(Liveness, AHungWorkerFailsTheRequestWithinTheBound) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Coordinator::Options o;
+  o.ring.ping_timeout = absl::Milliseconds(800);
+  test::LocalService svc(2, o, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(INT_MAX);
+  auto stub = v1::AttentionService::NewStub(
+      grpc::CreateCustomChannel(svc.address(), grpc::InsecureChannelCredentials(), args));
+  Shape big{1, 8192, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  const v1::AttendRequest req = MakeRequest(big);
+  v1::AttendResponse resp;
+  grpc::Status st;
+  absl::Time hung_at, failed_at;
+  std::thread caller([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+    st = stub->Attend(&ctx, req, &resp);
+    failed_at = absl::Now();
+  });
+  absl::SleepFor(absl::Milliseconds(700));
+  const pid_t victim = svc.workers().pids()[1];
+  hung_at = absl::Now();
+  kill(victim, SIGSTOP);
+  caller.join();
+  kill(victim, SIGCONT);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_NE(st.error_message().find("stopped answering"), std::string::npos)
+      << st.error_message();
+  const absl::Duration took = failed_at - hung_at;
+  EXPECT_LT(took, absl::Seconds(5)) << "the request waited for the transport's timeout";
+  std::fprintf(stderr, "request failed %.2f s after its worker hung\n", absl::ToDoubleSeconds(took));
+  ASSERT_TRUE(svc.coordinator().WaitUntilReady(absl::Seconds(15)));
+  ExpectAnsweredCorrectly(svc.address());
+}
+
 TEST(Liveness, ARestartedCoordinatorGetsItsWorkersBack) {
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
   Coordinator::Options o;
