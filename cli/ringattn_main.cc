@@ -72,6 +72,9 @@ ABSL_FLAG(std::string, kernel, "auto",
 ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
 ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
+ABSL_FLAG(double, max_request_seconds, 600,
+          "serve/coordinator: the longest a request may take from arrival, whatever deadline "
+          "its client set (or none)");
 ABSL_FLAG(double, drain_seconds, 30,
           "serve/coordinator: on SIGTERM, how long admitted requests get to finish before the "
           "workers stop (new ones are refused meanwhile)");
@@ -268,6 +271,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   o.drain_seconds = std::max(0.0, absl::GetFlag(FLAGS_drain_seconds));
+  o.max_request_seconds = std::max(0.001, absl::GetFlag(FLAGS_max_request_seconds));
   o.demo = absl::GetFlag(FLAGS_demo);
   absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
   if (!demo.ok()) {

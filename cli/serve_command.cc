@@ -31,6 +31,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
   co.max_unary_bytes = o.max_unary_bytes;
   co.max_request_bytes = o.max_request_bytes;
   co.shared_memory = o.shared_memory;
+  co.max_request_time = absl::Seconds(o.max_request_seconds);
   Coordinator coordinator(co);
   if (absl::Status s = coordinator.BuildAndStart(); !s.ok()) {
     out << "error: coordinator: " << s << "\n";

@@ -29,6 +29,7 @@ struct ServeOptions {
   // On SIGTERM/SIGINT: how long queued and running requests get to finish before the workers
   // stop (new requests are refused meanwhile).
   double drain_seconds = 30;
+  double max_request_seconds = 600;  // Coordinator::Options::max_request_time
   // --demo: once the ring is up, send `demo_request` through the client, print the result
   // and the timings, and stop. The exit code is the request's.
   bool demo = false;

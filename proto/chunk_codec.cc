@@ -15,13 +15,19 @@ absl::Status ChunkAssembler::Error(std::string_view message) const {
   return absl::Status(code_, absl::StrCat(what_, ": ", std::string(message)));
 }
 
+namespace {
+constexpr int64_t kUpfrontBytes = int64_t{64} << 20;
+}  // namespace
+
 absl::Status ChunkAssembler::Expect(v1::TensorChunk::Which which, std::string_view name,
                                     v1::Tensor* tensor, int64_t bytes) {
   if (!tensor->data().empty()) {
     return Error(absl::StrCat("header carries tensor data: ", tensor->data().size(), " bytes of ",
                               std::string(name), "; every tensor's bytes come as chunks"));
   }
-  tensor->mutable_data()->reserve(static_cast<size_t>(bytes));
+  // Memory follows the data: a header alone cannot make the server hold what it declares
+  // (up to max_request_bytes); past the first 64 MiB the buffer grows as chunks arrive.
+  tensor->mutable_data()->reserve(static_cast<size_t>(std::min<int64_t>(bytes, kUpfrontBytes)));
   parts_.push_back({which, std::string(name), tensor->mutable_data(), bytes});
   return absl::OkStatus();
 }

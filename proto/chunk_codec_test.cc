@@ -120,6 +120,22 @@ TEST(ChunkCodecTest, BreachesNameTheTensorAndOffset) {
             absl::StatusCode::kInternal);
 }
 
+// A header declaring gigabytes holds at most 64 MiB until chunks arrive; the chunks then grow
+// the tensor to exactly its bytes.
+TEST(ChunkCodecTest, MemoryFollowsTheDataNotTheDeclaredSize) {
+  ChunkAssembler a("test", absl::StatusCode::kInvalidArgument);
+  v1::Tensor big, small;
+  ASSERT_TRUE(a.Expect(v1::TensorChunk::WHICH_Q, "q", &big, int64_t{4} << 30).ok());
+  EXPECT_LE(big.data().capacity(), size_t{64} << 20);
+  ASSERT_TRUE(a.Expect(v1::TensorChunk::WHICH_K, "k", &small, 5).ok());
+  EXPECT_GE(small.data().capacity(), 5u);
+  v1::TensorChunk c;
+  c.set_tensor(v1::TensorChunk::WHICH_K);
+  c.set_data("abcde");
+  ASSERT_TRUE(a.AddChunk(c).ok());
+  EXPECT_EQ(small.data(), "abcde");
+}
+
 TEST(ChunkCodecTest, HeaderOfKeepsShapesAndDropsData) {
   v1::AttendBackwardRequest r;
   r.set_request_id("id");

@@ -572,7 +572,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   auto job = std::make_shared<AttendJob>();
   job->request_id = problem.request_id;
   job->arrival = arrival;
-  job->deadline = deadline;
+  job->deadline = std::min(deadline, arrival + options_.max_request_time);
   job->timings = response->mutable_timings();
   SharedMemoryArena* arena = options_.shared_memory ? &arena_ : nullptr;
   job->run = [&request, response, problem, shared = std::move(shared), arena](

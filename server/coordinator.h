@@ -48,6 +48,9 @@ class Coordinator {
     // coordinator's shared-memory arena instead of as shard messages.
     bool shared_memory = true;
     SharedMemoryRegistry::Limits shared_memory_limits;
+    // The longest a request may take, from arrival: its deadline is the client's or this,
+    // whichever comes first, so that a request without a deadline cannot hold the ring forever.
+    absl::Duration max_request_time = absl::Minutes(10);
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;

@@ -369,6 +369,26 @@ TEST(ServiceFaults, DeadlineShorterThanWork) {
 
 // The client goes away mid-request: it sees CANCELLED, the workers stop computing for nobody,
 // and the next request succeeds.
+// A request whose client set no deadline still ends at the server's maximum request time
+// (DEADLINE_EXCEEDED), freeing the ring for the next one.
+TEST(ServiceFaults, NoClientDeadlineStillEndsAtTheServersMaximum) {
+  Coordinator::Options o;
+  o.max_request_time = absl::Seconds(2);
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 8192, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  const v1::AttendRequest req = MakeRequest(big);
+  v1::AttendResponse resp;
+  grpc::ClientContext ctx;  // no deadline
+  const absl::Time t0 = absl::Now();
+  const grpc::Status st = svc.stub().Attend(&ctx, req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(8));
+  // The next request (within the same 2 s) once the workers have left the old ring.
+  ASSERT_TRUE(svc.coordinator().WaitUntilReady(absl::Seconds(60)));
+  ExpectNextRequestMatchesReference(svc);
+}
+
 TEST(ServiceFaults, ClientCancelsMidRequest) {
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
