@@ -682,6 +682,14 @@ TEST(TimingTableTest, ListsThePlanEveryPhaseAndWorkerAndTheThroughput) {
         "handler 310.000, call 350.000 (wire 40.000)"}) {
     EXPECT_THAT(table, HasSubstr(s));
   }
+  // A worker that read and wrote shared memory (the coordinator's arena or a client's region)
+  // says how long that took.
+  v1::WorkerTiming* w0 = response.mutable_timings()->mutable_workers(0);
+  w0->set_shared_memory_read_seconds(0.003);
+  w0->set_shared_memory_write_seconds(0.004);
+  EXPECT_THAT(FormatTimings(response, flops),
+              HasSubstr("handler ms: receive 1.000, shm_read 3.000, h2d 0.000, ring 250.000, "
+                        "d2h 0.000, shm_write 4.000, send 2.000; handler 310.000"));
   EXPECT_THAT(FormatTimings(response), Not(HasSubstr("throughput")));
   v1::AttendRequest causal = request;
   causal.mutable_options()->set_causal(true);

@@ -125,13 +125,19 @@ std::string FormatTimings(const std::string& request_id, const v1::ShardPlan& pl
         absl::StrAppend(&s, "       steps (compute/wait ms): ", absl::StrJoin(steps, " "), "\n");
       }
       if (w.handler_seconds() > 0) {  // the worker's handler, and the coordinator's call to it
-        absl::StrAppendFormat(
-            &s,
-            "       handler ms: receive %.3f, h2d %.3f, ring %.3f, d2h %.3f, send %.3f; "
-            "handler %.3f, call %.3f (wire %.3f)\n",
-            w.receive_seconds() * 1e3, w.host_to_device_seconds() * 1e3, w.ring_seconds() * 1e3,
-            w.device_to_host_seconds() * 1e3, w.send_seconds() * 1e3, w.handler_seconds() * 1e3,
-            w.call_seconds() * 1e3, std::max(0.0, w.call_seconds() - w.handler_seconds()) * 1e3);
+        // Shared-memory copies only where there were any (the arena or a client's region).
+        const bool shm = w.shared_memory_read_seconds() > 0 || w.shared_memory_write_seconds() > 0;
+        absl::StrAppendFormat(&s, "       handler ms: receive %.3f, ", w.receive_seconds() * 1e3);
+        if (shm) absl::StrAppendFormat(&s, "shm_read %.3f, ", w.shared_memory_read_seconds() * 1e3);
+        absl::StrAppendFormat(&s, "h2d %.3f, ring %.3f, d2h %.3f, ", w.host_to_device_seconds() * 1e3,
+                              w.ring_seconds() * 1e3, w.device_to_host_seconds() * 1e3);
+        if (shm) {
+          absl::StrAppendFormat(&s, "shm_write %.3f, ", w.shared_memory_write_seconds() * 1e3);
+        }
+        absl::StrAppendFormat(&s, "send %.3f; handler %.3f, call %.3f (wire %.3f)\n",
+                              w.send_seconds() * 1e3, w.handler_seconds() * 1e3,
+                              w.call_seconds() * 1e3,
+                              std::max(0.0, w.call_seconds() - w.handler_seconds()) * 1e3);
       }
       slowest_ring = std::max(slowest_ring, w.ring_seconds());
     }

@@ -88,7 +88,16 @@ absl::Status RunSteps(
     const RingTransfers x = StepTransfers(step, b);
     if (step.has_transfers()) RA_RETURN_IF_ERROR(comm.Start(x.send_ops(), x.recv_ops()));
     const auto c0 = Clock::now();
-    RA_RETURN_IF_ERROR(compute(step, b.Kv(step.kv_buffer), &st.kernel_calls));
+    const absl::Status computed = compute(step, b.Kv(step.kv_buffer), &st.kernel_calls);
+    if (!computed.ok()) {
+      if (step.has_transfers()) {
+        // Peers may be copying into or out of this rank's buffers, which go when this returns:
+        // abort (they fail at once), then wait until none still copies.
+        comm.Abort(computed);
+        comm.Wait().IgnoreError();
+      }
+      return computed;
+    }
     st.compute_seconds = SecondsSince(c0);
     if (step.has_transfers()) {
       const auto w0 = Clock::now();
