@@ -7,49 +7,8 @@ set -u
 
 BIN=${1:?usage: bench_service.sh /path/to/ringattn}
 LOG=$(mktemp -t bench_service.XXXXXX.log)
-SERVER_PID=""
-
-cleanup() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SERVER_PID" 2>/dev/null
-    wait "$SERVER_PID" 2>/dev/null
-  fi
-  rm -f "$LOG"
-}
-trap cleanup EXIT
-
-fail() {
-  echo "FAIL: $*" >&2
-  echo "--- server log ---" >&2
-  cat "$LOG" >&2
-  exit 1
-}
-
-free_port() {
-  python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); \
-    print(s.getsockname()[1])"
-}
-
-# The port may be taken between picking it and binding it: retry a few times.
-for attempt in 1 2 3; do
-  PORT=$(free_port) || fail "cannot pick a free port"
-  : > "$LOG"
-  "$BIN" serve --workers=2 --listen="127.0.0.1:$PORT" --metrics= >"$LOG" 2>&1 &
-  SERVER_PID=$!
-  READY=0
-  for _ in $(seq 600); do  # up to 60 s
-    if grep -q "workers ready" "$LOG"; then READY=1; break; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  [[ $READY == 1 ]] && break
-  kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
-  echo "attempt $attempt: the server did not become ready on port $PORT" >&2
-  cat "$LOG" >&2
-done
-[[ $READY == 1 ]] || fail "the server did not become ready"
+source "$(dirname "$0")/serve_helpers.sh"
+start_server
 
 OUT=$("$BIN" bench --target="127.0.0.1:$PORT" --concurrency=3 --requests=12 --seqlen=256 \
       --heads=4 --head_dim=64 --dtype=fp32 --causal --timeout=60 2>&1)
