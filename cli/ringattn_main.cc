@@ -75,6 +75,9 @@ ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wai
 ABSL_FLAG(double, max_request_seconds, 600,
           "serve/coordinator: the longest a request may take from arrival, whatever deadline "
           "its client set (or none)");
+ABSL_FLAG(double, stream_idle_seconds, 60,
+          "serve/coordinator: a streaming call whose client neither sends nor reads for this "
+          "long is cancelled");
 ABSL_FLAG(double, drain_seconds, 30,
           "serve/coordinator: on SIGTERM, how long admitted requests get to finish before the "
           "workers stop (new ones are refused meanwhile)");
@@ -272,6 +275,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   o.drain_seconds = std::max(0.0, absl::GetFlag(FLAGS_drain_seconds));
   o.max_request_seconds = std::max(0.001, absl::GetFlag(FLAGS_max_request_seconds));
+  o.stream_idle_seconds = std::max(0.001, absl::GetFlag(FLAGS_stream_idle_seconds));
   o.demo = absl::GetFlag(FLAGS_demo);
   absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
   if (!demo.ok()) {

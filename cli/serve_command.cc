@@ -32,6 +32,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
   co.max_request_bytes = o.max_request_bytes;
   co.shared_memory = o.shared_memory;
   co.max_request_time = absl::Seconds(o.max_request_seconds);
+  co.stream_idle_timeout = absl::Seconds(o.stream_idle_seconds);
   Coordinator coordinator(co);
   if (absl::Status s = coordinator.BuildAndStart(); !s.ok()) {
     out << "error: coordinator: " << s << "\n";

@@ -30,6 +30,7 @@ struct ServeOptions {
   // stop (new requests are refused meanwhile).
   double drain_seconds = 30;
   double max_request_seconds = 600;  // Coordinator::Options::max_request_time
+  double stream_idle_seconds = 60;   // Coordinator::Options::stream_idle_timeout
   // --demo: once the ring is up, send `demo_request` through the client, print the result
   // and the timings, and stop. The exit code is the request's.
   bool demo = false;

@@ -167,11 +167,13 @@ class Coordinator::StreamCall final
         ctx_(ctx),
         arrival_(absl::Now()),
         stream_name_(absl::StrCat(std::string(Call::Rpc().name), "Stream")),
-        receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument) {
+        receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument),
+        watch_(c->WatchStream(ctx)) {
     this->StartRead(&in_);
   }
 
   void OnReadDone(bool ok) override {
+    Touch(/*server_busy=*/false);
     if (ok) {
       absl::Status s =
           receiver_.Add(&in_, [this](typename Call::Request* h) { return ExpectInputs(h); });
@@ -183,6 +185,7 @@ class Coordinator::StreamCall final
     if (absl::Status why = cancel_reason(); !why.ok()) return End(why);
     if (absl::Status s = receiver_.Finish(); !s.ok()) return End(s);
     receive_seconds_ = SecondsSince(arrival_);
+    Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
         c_->Submit<Call>(*receiver_.header(), &response_, CallerIdentity(*ctx_), arrival_,
                          DeadlineOf(*ctx_), [this](absl::Status s) { Respond(s); });
@@ -197,6 +200,7 @@ class Coordinator::StreamCall final
   }
 
   void OnWriteDone(bool ok) override {
+    Touch(/*server_busy=*/false);
     if (!ok) return End(absl::CancelledError("client went away"));
     out_.Clear();
     if (cursor_->Next(out_.mutable_chunk())) {
@@ -218,7 +222,10 @@ class Coordinator::StreamCall final
     }
     if (job != nullptr) c_->Cancel(job, reason);
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    c_->UnwatchStream(watch_);
+    delete this;
+  }
 
  private:
   // The header's checks give the sizes of the inputs whose chunks follow.
@@ -233,6 +240,7 @@ class Coordinator::StreamCall final
 
   // The job is done: its failure, or the response's header and then its outputs in chunks.
   void Respond(const absl::Status& s) {
+    Touch(/*server_busy=*/false);
     if (!s.ok()) return End(s);
     response_.mutable_timings()->set_receive_seconds(receive_seconds_);
     send0_ = absl::Now();
@@ -261,6 +269,12 @@ class Coordinator::StreamCall final
     return cancel_reason_;
   }
 
+  void Touch(bool server_busy) {
+    absl::MutexLock lock(&watch_->mu);
+    watch_->last = absl::Now();
+    watch_->server_busy = server_busy;
+  }
+
   Coordinator* const c_;
   grpc::CallbackServerContext* const ctx_;
   const absl::Time arrival_;
@@ -275,6 +289,7 @@ class Coordinator::StreamCall final
   absl::Mutex mu_;  // OnCancel runs alongside the other reactions
   absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttendJob> job_ ABSL_GUARDED_BY(mu_);
+  const std::shared_ptr<StreamWatch> watch_;
 };
 
 class Coordinator::Services {
@@ -666,6 +681,47 @@ void Coordinator::OnRingBroken(int64_t generation, const std::string& why) {
       absl::StrCat(why, " during the request; the ring is being re-formed, retry")));
 }
 
+std::shared_ptr<Coordinator::StreamWatch> Coordinator::WatchStream(
+    grpc::CallbackServerContext* ctx) {
+  auto w = std::make_shared<StreamWatch>();
+  {
+    absl::MutexLock lock(&w->mu);
+    w->ctx = ctx;
+    w->last = absl::Now();
+  }
+  absl::MutexLock lock(&watches_mu_);
+  watches_.push_back(w);
+  return w;
+}
+
+void Coordinator::UnwatchStream(const std::shared_ptr<StreamWatch>& watch) {
+  {
+    absl::MutexLock lock(&watch->mu);
+    watch->ctx = nullptr;
+  }
+  absl::MutexLock lock(&watches_mu_);
+  std::erase(watches_, watch);
+}
+
+void Coordinator::CancelIdleStreams() {
+  std::vector<std::shared_ptr<StreamWatch>> watches;
+  {
+    absl::MutexLock lock(&watches_mu_);
+    watches = watches_;
+  }
+  const absl::Time now = absl::Now();
+  for (const std::shared_ptr<StreamWatch>& w : watches) {
+    absl::MutexLock lock(&w->mu);
+    if (w->ctx == nullptr || w->server_busy || now - w->last < options_.stream_idle_timeout) {
+      continue;
+    }
+    std::fprintf(stderr, "coordinator: cancelling a stream idle for %.1f s\n",
+                 absl::ToDoubleSeconds(now - w->last));
+    w->ctx->TryCancel();  // OnDone (which clears ctx under this lock) runs later, elsewhere
+    w->ctx = nullptr;
+  }
+}
+
 void Coordinator::StatusLoop() {
   bool last = false;
   bool first = true;
@@ -677,6 +733,7 @@ void Coordinator::StatusLoop() {
       last = ready;
       first = false;
     }
+    CancelIdleStreams();
     absl::SleepFor(absl::Milliseconds(50));
   }
 }

@@ -51,6 +51,10 @@ class Coordinator {
     // The longest a request may take, from arrival: its deadline is the client's or this,
     // whichever comes first, so that a request without a deadline cannot hold the ring forever.
     absl::Duration max_request_time = absl::Minutes(10);
+    // A streaming call whose client sends nothing (while the call waits for its chunks) or
+    // reads nothing (while the answer waits to be sent) for this long is cancelled, freeing
+    // what it holds.
+    absl::Duration stream_idle_timeout = absl::Seconds(60);
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;
@@ -110,6 +114,16 @@ class Coordinator {
   absl::Status RunJob(AttendJob& job);
   void FillInfo(v1::InfoResponse* response) const;
   void DispatchLoop();
+  // The streams' activity, for cancelling idle ones (StatusLoop).
+  struct StreamWatch {
+    absl::Mutex mu;
+    grpc::CallbackServerContext* ctx ABSL_GUARDED_BY(mu);  // null once done or cancelled
+    absl::Time last ABSL_GUARDED_BY(mu);
+    bool server_busy ABSL_GUARDED_BY(mu) = false;  // the job runs: not the client's idleness
+  };
+  std::shared_ptr<StreamWatch> WatchStream(grpc::CallbackServerContext* ctx);
+  void UnwatchStream(const std::shared_ptr<StreamWatch>& watch);
+  void CancelIdleStreams();
   // A member of ring `generation` stopped answering: the job running on it is stopped.
   void OnRingBroken(int64_t generation, const std::string& why);
   void StatusLoop();
@@ -134,6 +148,8 @@ class Coordinator {
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> draining_{false};
+  absl::Mutex watches_mu_;
+  std::vector<std::shared_ptr<StreamWatch>> watches_ ABSL_GUARDED_BY(watches_mu_);
   std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
   // The job the dispatcher runs and the ring generation it runs on, for stopping it when that
   // ring breaks (RingManager::Options::on_ring_broken).

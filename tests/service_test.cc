@@ -389,6 +389,34 @@ TEST(ServiceFaults, NoClientDeadlineStillEndsAtTheServersMaximum) {
   ExpectNextRequestMatchesReference(svc);
 }
 
+// A stream whose client sends its header and then nothing is cancelled after the idle timeout
+// (it would otherwise hold its buffers for ever); the service keeps serving.
+TEST(ServiceFaults, ASilentStreamIsCancelledAfterTheIdleTimeout) {
+  Coordinator::Options o;
+  o.stream_idle_timeout = absl::Seconds(1);
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape s{1, 1024, 8, 8, 128, v1::DTYPE_BF16};
+  v1::AttendStreamRequest header;
+  *header.mutable_header() = MakeRequest(s);
+  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
+                        header.mutable_header()->mutable_v()}) {
+    t->clear_data();
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  auto stream = svc.stub().AttendStream(&ctx);
+  ASSERT_TRUE(stream->Write(header));
+  const absl::Time t0 = absl::Now();
+  v1::AttendStreamResponse ignored;
+  while (stream->Read(&ignored)) {
+  }
+  const grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(5));
+  ExpectNextRequestMatchesReference(svc);
+}
+
 TEST(ServiceFaults, ClientCancelsMidRequest) {
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
