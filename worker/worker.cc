@@ -79,7 +79,10 @@ Worker::~Worker() {
 
 std::string Worker::address() const { return JoinHostPort(options_.advertise_host, port_); }
 
-std::string Worker::worker_id() const { return worker_id_; }
+std::string Worker::worker_id() const {
+  absl::MutexLock lock(&id_mu_);
+  return worker_id_;
+}
 
 absl::Status Worker::BuildAndStart() {
   if (options_.coordinator_address.empty()) {
@@ -186,6 +189,7 @@ absl::Status Worker::Register(std::chrono::milliseconds timeout) {
     last = coordinator_->Register(&ctx, request, &response);
     ++attempts;
     if (last.ok()) {
+      absl::MutexLock lock(&id_mu_);
       worker_id_ = response.worker_id();
       return absl::OkStatus();
     }

@@ -95,7 +95,8 @@ class Worker {
 
   const Options options_;
   int port_ = 0;
-  std::string worker_id_;
+  mutable absl::Mutex id_mu_;  // KeepRegistered writes the id while others may read it
+  std::string worker_id_ ABSL_GUARDED_BY(id_mu_);
   std::string backend_name_;
   std::string device_name_;
   std::string transport_;
