@@ -462,6 +462,12 @@ absl::Status Coordinator::BuildAndStart() {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
   builder.RegisterService(&services_->attention);
+  auto ms = [](absl::Duration d) {
+    return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT_MAX));
+  };
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, ms(options_.connection_idle));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ms(options_.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(options_.keepalive_timeout));
   // Unary messages carry whole tensors; past this limit gRPC itself answers
   // RESOURCE_EXHAUSTED and clients use AttendStream.
   const int64_t unary = std::min<int64_t>(options_.max_unary_bytes + (1 << 20), INT_MAX);

@@ -55,6 +55,12 @@ class Coordinator {
     // reads nothing (while the answer waits to be sent) for this long is cancelled, freeing
     // what it holds.
     absl::Duration stream_idle_timeout = absl::Seconds(60);
+    // Public connections: closed (GOAWAY) after this long without a call, and pinged after this
+    // long without traffic, dropped when a ping goes unanswered for keepalive_timeout; so that
+    // idle or dead peers do not hold connections.
+    absl::Duration connection_idle = absl::Minutes(10);
+    absl::Duration keepalive_time = absl::Seconds(60);
+    absl::Duration keepalive_timeout = absl::Seconds(20);
     // How long a request waits for a ring that is being (re-)formed before UNAVAILABLE.
     absl::Duration ring_wait = absl::Seconds(20);
     RingManager::Options ring;

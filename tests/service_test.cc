@@ -417,6 +417,31 @@ TEST(ServiceFaults, ASilentStreamIsCancelledAfterTheIdleTimeout) {
   ExpectNextRequestMatchesReference(svc);
 }
 
+// A connection without calls is closed by the server after connection_idle: the client's
+// channel goes back to IDLE, and its next call reconnects.
+TEST(ServiceFaults, AnIdleConnectionIsClosed) {
+  Coordinator::Options o;
+  o.connection_idle = absl::Milliseconds(500);
+  Service svc(1, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  auto channel = grpc::CreateChannel(svc.address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::AttentionService::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    v1::InfoResponse info;
+    ASSERT_TRUE(stub->GetInfo(&ctx, v1::InfoRequest(), &info).ok());
+  }
+  EXPECT_EQ(channel->GetState(false), GRPC_CHANNEL_READY);
+  const absl::Time stop_by = absl::Now() + absl::Seconds(10);
+  while (channel->GetState(false) == GRPC_CHANNEL_READY && absl::Now() < stop_by) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_NE(channel->GetState(false), GRPC_CHANNEL_READY) << "the idle connection stayed open";
+  grpc::ClientContext ctx;
+  v1::InfoResponse info;
+  EXPECT_TRUE(stub->GetInfo(&ctx, v1::InfoRequest(), &info).ok());
+}
+
 TEST(ServiceFaults, ClientCancelsMidRequest) {
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
