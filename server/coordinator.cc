@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -416,7 +417,6 @@ Coordinator::Coordinator(Options options)
       metrics_(RpcLabels()),
       secret_(options_.cluster_secret.empty() ? ClusterSecret::Generate()
                                               : ClusterSecret::FromString(options_.cluster_secret)),
-      secret_value_(secret_.ok() ? secret_->value() : ""),
       ring_(std::make_unique<RingManager>(
           [&] {
             RingManager::Options r = options_.ring;
@@ -490,6 +490,11 @@ std::vector<std::string> Coordinator::worker_addresses() const {
   std::vector<std::string> out;
   for (const auto& w : st.ready ? st.members : st.workers) out.push_back(w->address);
   return out;
+}
+
+const std::string& Coordinator::cluster_secret() const {
+  static const std::string* const kNone = new std::string();
+  return secret_.ok() ? secret_->value() : *kNone;
 }
 
 std::string Coordinator::internal_address() const {
@@ -571,13 +576,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   // Counted from here, so that a Drain that starts now waits for this request or it sees the
   // drain and is refused; uncounted again on every refusal below.
   ++in_flight_;
-  struct Uncount {
-    std::atomic<int>& n;
-    bool admitted = false;
-    ~Uncount() {
-      if (!admitted) --n;
-    }
-  } uncount{in_flight_};
+  absl::Cleanup uncount = [this] { --in_flight_; };
   if (draining_) {
     return absl::UnavailableError("the service is shutting down; send the request elsewhere");
   }
@@ -616,7 +615,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   job->queued = absl::Now();
   response->mutable_timings()->set_validate_seconds(absl::ToDoubleSeconds(job->queued - validate0));
   RA_RETURN_IF_ERROR(queue_.Push(job));
-  uncount.admitted = true;  // job->done uncounts it
+  std::move(uncount).Cancel();  // admitted: job->done uncounts it
   metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
   return job;
 }

@@ -76,7 +76,8 @@ class Coordinator {
   int internal_port() const { return internal_port_; }
   // "127.0.0.1:<internal port>" for workers on this host.
   std::string internal_address() const;
-  const std::string& cluster_secret() const { return secret_value_; }
+  // Empty when none could be made (BuildAndStart then fails).
+  const std::string& cluster_secret() const;
   // host:port of the registered workers (the internal plane's; GetInfo does not show them).
   std::vector<std::string> worker_addresses() const;
   int metrics_port() const;
@@ -142,7 +143,6 @@ class Coordinator {
   SharedMemoryArena arena_;
   ServiceMetrics metrics_;
   absl::StatusOr<ClusterSecret> secret_;
-  std::string secret_value_;  // secret_'s, or empty when it failed
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;
   std::unique_ptr<Services> services_;
