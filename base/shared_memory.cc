@@ -134,7 +134,18 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryMapping::Open(
 }
 
 SharedMemoryMapping::~SharedMemoryMapping() {
+  attachment_.reset();  // before the pages it may refer to go
   if (map_base_ != nullptr) munmap(map_base_, map_bytes_);
+}
+
+std::shared_ptr<void> SharedMemoryMapping::attachment() const {
+  std::lock_guard<std::mutex> lock(attachment_mu_);
+  return attachment_;
+}
+
+void SharedMemoryMapping::set_attachment(std::shared_ptr<void> attachment) {
+  std::lock_guard<std::mutex> lock(attachment_mu_);
+  attachment_ = std::move(attachment);
 }
 
 bool SharedMemoryMapping::StillCurrent() const {
@@ -145,6 +156,16 @@ bool SharedMemoryMapping::StillCurrent() const {
                   static_cast<uint64_t>(st.st_ino) == inode_ && st.st_size >= offset_ + size_;
   close(fd);
   return ok;
+}
+
+bool SharedMemoryMapping::Shrunk() const {
+  const int fd = shm_open(key_.c_str(), O_RDONLY, 0);
+  if (fd < 0) return false;
+  struct stat st;
+  const bool shrunk = fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_dev) == device_ &&
+                      static_cast<uint64_t>(st.st_ino) == inode_ && st.st_size < offset_ + size_;
+  close(fd);
+  return shrunk;
 }
 
 absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryCache::Open(

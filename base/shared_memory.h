@@ -44,6 +44,18 @@ class SharedMemoryMapping {
   // Whether the object named `key` is still the one mapped here (same inode) and still covers
   // the range: a cached mapping is reused only when it is.
   bool StillCurrent() const;
+  // Whether the object named `key` is the one mapped here and no longer covers the range (it
+  // was truncated); false when the name is gone or names another object (the pages mapped
+  // here are still the ones the client wrote).
+  bool Shrunk() const;
+
+  // The page-aligned mmap that holds the range (what a device registers).
+  void* map_base() const { return map_base_; }
+  size_t map_bytes() const { return map_bytes_; }
+  // Something that lives as long as the mapping and is released before the range is unmapped
+  // (a registration of its pages with a device). Thread-safe; null until set.
+  std::shared_ptr<void> attachment() const;
+  void set_attachment(std::shared_ptr<void> attachment);
 
  private:
   SharedMemoryMapping() = default;
@@ -55,6 +67,8 @@ class SharedMemoryMapping {
   size_t map_bytes_ = 0;
   uint64_t device_ = 0;
   uint64_t inode_ = 0;
+  mutable std::mutex attachment_mu_;
+  std::shared_ptr<void> attachment_;  // guarded by attachment_mu_
 };
 
 // Mappings kept between requests (mapping and first-touch page faults cost milliseconds per
@@ -63,7 +77,7 @@ class SharedMemoryMapping {
 // the least recently used. Thread-safe.
 class SharedMemoryCache {
  public:
-  explicit SharedMemoryCache(size_t capacity = 16) : capacity_(capacity) {}
+  explicit SharedMemoryCache(size_t capacity = 64) : capacity_(capacity) {}
   absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> Open(const std::string& key,
                                                             int64_t offset, int64_t byte_size,
                                                             absl::string_view field);

@@ -117,6 +117,9 @@ absl::Status ValidateOptions(const BenchOptions& o) {
   if (!(o.duration_seconds >= 0) || !std::isfinite(o.duration_seconds)) {
     return absl::InvalidArgumentError("--duration must be a finite number of seconds >= 0");
   }
+  if (o.shm_resident && !o.shm) {
+    return absl::InvalidArgumentError("--shm_resident needs --shm");
+  }
   if (o.shm && o.streaming) {
     return absl::InvalidArgumentError(
         "--shm and --stream exclude each other: shared-memory references go in unary calls");
@@ -205,11 +208,14 @@ CallRecord RecordCall(const ComputeRpc& rpc, const Request& request, const Call&
 }
 
 // A call of `request` through `shm` when set, else unary or streamed as the plan says.
+// `resident`, when set, is `request` already placed in shm's region (sent as it is).
 CallRecord OneBackwardCall(AttentionClient& client, SharedMemorySession* shm,
+                           const v1::AttendBackwardRequest* resident,
                            const v1::AttendBackwardRequest& request, const CallPlan& plan) {
   return RecordCall(
       AttendBackwardRpc(), request,
       [&](SharedMemoryCopyTimes* copies) -> absl::StatusOr<v1::AttendBackwardResponse> {
+        if (resident != nullptr) return client.AttendBackward(*resident, plan.timeout);
         if (shm != nullptr) return shm->AttendBackward(request, plan.timeout, copies);
         if (plan.force_streaming) {
           return client.AttendBackwardStreaming(request, plan.timeout, StreamChunkBytes(plan));
@@ -219,9 +225,11 @@ CallRecord OneBackwardCall(AttentionClient& client, SharedMemorySession* shm,
 }
 
 CallRecord OneCall(AttentionClient& client, SharedMemorySession* shm,
-                   const v1::AttendRequest& request, const CallPlan& plan) {
+                   const v1::AttendRequest* resident, const v1::AttendRequest& request,
+                   const CallPlan& plan) {
   return RecordCall(AttendRpc(), request,
                     [&](SharedMemoryCopyTimes* copies) -> absl::StatusOr<v1::AttendResponse> {
+                      if (resident != nullptr) return client.Attend(*resident, plan.timeout);
                       if (shm != nullptr) return shm->Attend(request, plan.timeout, copies);
                       if (plan.force_streaming) {
                         return client.AttendStreaming(request, plan.timeout,
@@ -478,17 +486,48 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     }
     sessions.push_back(*std::move(session));
   }
+  // --shm_resident: each thread's request placed in its region once.
+  std::vector<v1::AttendRequest> resident;
+  std::vector<v1::AttendBackwardRequest> resident_backward;
+  for (int i = 0; o.shm_resident && i < o.concurrency; ++i) {
+    absl::Status placed;
+    if (o.backward) {
+      absl::StatusOr<v1::AttendBackwardRequest> r = sessions[i]->PlaceResident(backward);
+      if (r.ok()) resident_backward.push_back(*std::move(r));
+      placed = r.status();
+    } else {
+      absl::StatusOr<v1::AttendRequest> r = sessions[i]->PlaceResident(request);
+      if (r.ok()) resident.push_back(*std::move(r));
+      placed = r.status();
+    }
+    if (!placed.ok()) {
+      out << ErrorLine(placed);
+      return 1;
+    }
+  }
   if (o.shm) {
-    out << absl::StrFormat("shared memory: %d regions of %d bytes registered\n", o.concurrency,
-                           sessions.front()->region().size());
+    out << absl::StrFormat("shared memory: %d regions of %d bytes registered%s\n", o.concurrency,
+                           sessions.front()->region().size(),
+                           o.shm_resident ? ", the tensors resident in them" : "");
   }
   const auto shm_of = [&sessions](int thread) {
     return sessions.empty() ? nullptr : sessions[static_cast<size_t>(thread)].get();
   };
+  const auto at = [](const auto& v, int thread) {
+    return v.empty() ? nullptr : &v[static_cast<size_t>(thread)];
+  };
   const LoadResult load =
-      o.backward
-          ? RunLoad([&](int t) { return OneBackwardCall(client, shm_of(t), backward, plan); }, o)
-          : RunLoad([&](int t) { return OneCall(client, shm_of(t), request, plan); }, o);
+      o.backward ? RunLoad(
+                       [&](int t) {
+                         return OneBackwardCall(client, shm_of(t), at(resident_backward, t),
+                                                backward, plan);
+                       },
+                       o)
+                 : RunLoad(
+                       [&](int t) {
+                         return OneCall(client, shm_of(t), at(resident, t), request, plan);
+                       },
+                       o);
   BenchSummary summary = Summarize(o, load, flops);
   summary.memcpy_gb_per_second = MeasureMemcpyGbPerSecond();
   out << FormatReport(summary);

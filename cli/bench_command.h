@@ -41,6 +41,10 @@ struct BenchOptions {
   // unregistered and unlinked. Unary calls only (not with `streaming`). Latency then includes
   // the copies into and out of the region, also reported as the phases shm_in and shm_out.
   bool shm = false;
+  // With `shm`: the tensors live in the regions (a client that computes in shared memory): each
+  // thread's inputs are copied in once before the load and its outputs are left there, so the
+  // latency is the service's alone.
+  bool shm_resident = false;
   // Drive AttendBackward (AttendBackwardStream past the unary limit or with `streaming`)
   // instead of Attend: one forward first for out and lse, then every call sends the same
   // gradients request (synthetic dout); throughput counts the backward as 2.5 forwards.

@@ -106,6 +106,9 @@ ABSL_FLAG(bool, shm, false,
           "process creates and registers with the service, which must run on this host): unary "
           "calls only, not with --stream; the timings add the copies into and out of the "
           "regions (shm_in, shm_out)");
+ABSL_FLAG(bool, shm_resident, false,
+          "bench --shm: the tensors live in the regions (inputs copied in once before the load, "
+          "outputs left there): the latency is the service's alone");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "attend: streaming chunk size");
 ABSL_FLAG(bool, return_lse, true, "attend: ask for the log-sum-exp too");
 ABSL_FLAG(bool, backward, false,
@@ -241,6 +244,7 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
   o.layout = absl::GetFlag(FLAGS_layout);
   o.streaming = absl::GetFlag(FLAGS_stream);
   o.shm = absl::GetFlag(FLAGS_shm);
+  o.shm_resident = absl::GetFlag(FLAGS_shm_resident);
   o.backward = absl::GetFlag(FLAGS_backward);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);

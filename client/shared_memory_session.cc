@@ -55,6 +55,24 @@ absl::Status SharedMemorySession::Close(absl::Duration timeout) {
   return client_.UnregisterSystemSharedMemory(name_, timeout);
 }
 
+template <typename Request>
+absl::StatusOr<Request> PlaceIn(const Request& request, const std::string& name,
+                                SharedMemoryRegion& region) {
+  RA_ASSIGN_OR_RETURN(const SharedMemoryPlacement placement, SharedMemoryPlacement::Of(request));
+  return placement.Place(request, name,
+                         absl::Span<char>(region.data(), static_cast<size_t>(region.size())));
+}
+
+absl::StatusOr<v1::AttendRequest> SharedMemorySession::PlaceResident(
+    const v1::AttendRequest& request) {
+  return PlaceIn(request, name_, *region_);
+}
+
+absl::StatusOr<v1::AttendBackwardRequest> SharedMemorySession::PlaceResident(
+    const v1::AttendBackwardRequest& request) {
+  return PlaceIn(request, name_, *region_);
+}
+
 template <typename Request, typename Call>
 auto SharedMemorySession::CallThrough(const Request& request, SharedMemoryCopyTimes* copies,
                                       const Call& call) -> decltype(call(request)) {

@@ -62,6 +62,14 @@ class SharedMemorySession {
       const v1::AttendBackwardRequest& request, absl::Duration timeout,
       SharedMemoryCopyTimes* copies = nullptr);
 
+  // For a client whose tensors live in the region: copies `request`'s inputs into their slots
+  // once and returns the request to send (references only, outputs named in output_shm). Each
+  // call of it through the client leaves the outputs in the region (the response carries none)
+  // and costs no copy on this side. Errors as Attend's placement.
+  absl::StatusOr<v1::AttendRequest> PlaceResident(const v1::AttendRequest& request);
+  absl::StatusOr<v1::AttendBackwardRequest> PlaceResident(
+      const v1::AttendBackwardRequest& request);
+
  private:
   SharedMemorySession(AttentionClient& client, std::unique_ptr<SharedMemoryRegion> region);
   template <typename Request, typename Call>

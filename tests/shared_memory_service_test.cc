@@ -15,6 +15,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "ringattn_config.h"
+#if RINGATTN_SHM_GPU
+#include <cuda_runtime_api.h>
+#endif
 #include "base/error_metrics.h"
 #include "base/shared_memory.h"
 #include "base/shm_test_object.h"
@@ -79,8 +83,8 @@ class Placer {
 
 class ShmService : public test::LocalService {
  public:
-  ShmService(int world, bool workers_map)
-      : LocalService(world, {}, "cpu",
+  ShmService(int world, bool workers_map, const std::string& kernel = "cpu")
+      : LocalService(world, {}, kernel,
                      workers_map ? std::vector<std::string>{}
                                  : std::vector<std::string>{"--shared_memory=false"}) {
     if (!start_status().ok()) return;
@@ -135,6 +139,54 @@ class ShmService : public test::LocalService {
 
 int64_t Bytes(const v1::Tensor& t) { return static_cast<int64_t>(t.data().size()); }
 
+#if RINGATTN_SHM_GPU
+bool GpuAvailable() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e == cudaSuccess && count > 0;
+}
+#endif
+
+// AttendBackward with its inputs, dq and dk in shared memory (dv as bytes) gives the bytes of
+// the same request sent as bytes.
+void ExpectBackwardThroughSharedMemoryEqualsBytes(ShmService& svc, const Shape& shape) {
+  v1::AttendRequest fwd = MakeRequest(shape);
+  fwd.mutable_options()->set_causal(true);
+  v1::AttendResponse f;
+  ASSERT_TRUE(svc.Attend(fwd, &f).ok());
+  v1::AttendBackwardRequest plain;
+  *plain.mutable_q() = fwd.q();
+  *plain.mutable_k() = fwd.k();
+  *plain.mutable_v() = fwd.v();
+  *plain.mutable_out() = f.out();
+  *plain.mutable_lse() = f.lse();
+  *plain.mutable_dout() = fwd.q();  // any q-shaped tensor
+  *plain.mutable_options() = fwd.options();
+  v1::AttendBackwardResponse want;
+  ASSERT_TRUE(svc.AttendBackward(plain, &want).ok());
+
+  ClientObject obj(32 << 20);
+  ASSERT_TRUE(svc.Register("g", obj).ok());
+  v1::AttendBackwardRequest req = plain;
+  Placer place(&obj, "g");
+  for (v1::Tensor* t : {req.mutable_q(), req.mutable_k(), req.mutable_v(), req.mutable_out(),
+                        req.mutable_dout(), req.mutable_lse()}) {
+    place.Input(t);
+  }
+  (*req.mutable_output_shm())["dq"] = place.Output(Bytes(plain.q()));
+  (*req.mutable_output_shm())["dk"] = place.Output(Bytes(plain.k()));
+  // dv in the response, as bytes.
+  v1::AttendBackwardResponse got;
+  grpc::Status s = svc.AttendBackward(req, &got);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(place.Read(req.output_shm().at("dq")), want.dq().data());
+  EXPECT_EQ(place.Read(req.output_shm().at("dk")), want.dk().data());
+  EXPECT_TRUE(got.dq().data().empty());
+  EXPECT_EQ(got.dv().data(), want.dv().data());
+  ASSERT_TRUE(svc.Unregister("g").ok());
+}
+
 // out and lse (from the region) against the fp64 reference of the request's inputs.
 void ExpectMatchesReference(const v1::AttendRequest& with_bytes, const std::string& out,
                             const std::string& lse) {
@@ -156,29 +208,39 @@ void ExpectMatchesReference(const v1::AttendRequest& with_bytes, const std::stri
   EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
 }
 
-// world, and whether the workers map the memory themselves.
-class ShmWorlds : public ::testing::TestWithParam<std::tuple<int, bool>> {};
+// world, whether the workers map the memory themselves, and their kernel (GPU kernels: the
+// worker pins the client's pages and copies rows between them and the device directly).
+class ShmWorlds : public ::testing::TestWithParam<std::tuple<int, bool, std::string>> {};
 
 TEST_P(ShmWorlds, InputsAndOutputsInSharedMemoryMatchTheReference) {
+#if RINGATTN_SHM_GPU
+  if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+#endif
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
-  const auto [world, workers_map] = GetParam();
-  ShmService svc(world, workers_map);
+  const auto [world, workers_map, kernel] = GetParam();
+  ShmService svc(world, workers_map, kernel);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   struct Case {
     const char* name;
     Shape shape;
     bool causal;
   };
+  // GPU kernels take 16-bit inputs only.
+  const v1::DType f32 = kernel == "cpu" ? v1::DTYPE_FP32 : v1::DTYPE_BF16;
   const Case cases[] = {
-      {"seq7_h5_mqa_causal", {1, 7, 5, 1, 64, v1::DTYPE_FP32}, true},
-      {"seq1", {1, 1, 5, 5, 64, v1::DTYPE_FP32}, true},
+      {"seq7_h5_mqa_causal", {1, 7, 5, 1, 64, f32}, true},
+      {"seq1", {1, 1, 5, 5, 64, f32}, true},
       {"b2_seq37_gqa_bf16", {2, 37, 8, 2, 128, v1::DTYPE_BF16}, false},
-      {"seq300_zigzag", {1, 300, 4, 2, 64, v1::DTYPE_FP32}, true},
+      {"seq300_zigzag", {1, 300, 4, 2, 64, f32}, true},
+      {"b3_seq3816_h5_gqa_fp16", {3, 3816, 5, 1, 128, v1::DTYPE_FP16}, true},
   };
-  ClientObject obj(8 << 20);
+  ClientObject obj(64 << 20);
   ASSERT_TRUE(svc.Register("mine", obj).ok());
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
+    // The long case is for the GPU's copies in pieces (3 batches, 2 zigzag chunks each); on
+    // CPU workers it would only cost CI minutes.
+    if (kernel == "cpu" && c.shape.seqlen > 1000) continue;
     const v1::AttendRequest with_bytes = MakeRequest(c.shape);
     v1::AttendRequest req = with_bytes;
     req.mutable_options()->set_causal(c.causal);
@@ -217,14 +279,28 @@ TEST_P(ShmWorlds, InputsAndOutputsInSharedMemoryMatchTheReference) {
   }
 }
 
+const auto ShmWorldName = [](const auto& info) {
+  return absl::StrCat(std::get<2>(info.param), "_w", std::get<0>(info.param),
+                      std::get<1>(info.param) ? "_workers_map" : "_coordinator_moves");
+};
+
+#if RINGATTN_SHM_GPU
+// One GPU: one worker (NCCL refuses two ranks on one device).
 INSTANTIATE_TEST_SUITE_P(, ShmWorlds,
-                         ::testing::Values(std::make_tuple(1, true), std::make_tuple(3, true),
-                                           std::make_tuple(2, false)),
-                         [](const auto& info) {
-                           return absl::StrCat("w", std::get<0>(info.param),
-                                               std::get<1>(info.param) ? "_workers_map"
-                                                                       : "_coordinator_moves");
-                         });
+                         ::testing::Values(std::make_tuple(1, true, std::string("cuda")),
+                                           std::make_tuple(1, false, std::string("cuda"))
+#if RINGATTN_HAVE_CUDNN
+                                               ,
+                                           std::make_tuple(1, true, std::string("cudnn"))
+#endif
+                                               ),
+                         ShmWorldName);
+#else
+INSTANTIATE_TEST_SUITE_P(, ShmWorlds,
+                         ::testing::Values(std::make_tuple(1, true, std::string("cpu")),
+                                           std::make_tuple(3, true, std::string("cpu")),
+                                           std::make_tuple(2, false, std::string("cpu"))),
+                         ShmWorldName);
 
 class ShmServiceTest : public ::testing::Test {
  protected:
@@ -363,41 +439,19 @@ TEST_F(ShmServiceTest, ARegionThatShrankFailsThatRequestOnly) {
 }
 
 TEST_F(ShmServiceTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
-  const Shape shape{1, 37, 5, 1, 64, v1::DTYPE_FP32};
-  v1::AttendRequest fwd = MakeRequest(shape);
-  fwd.mutable_options()->set_causal(true);
-  v1::AttendResponse f;
-  ASSERT_TRUE(svc_->Attend(fwd, &f).ok());
-  v1::AttendBackwardRequest plain;
-  *plain.mutable_q() = fwd.q();
-  *plain.mutable_k() = fwd.k();
-  *plain.mutable_v() = fwd.v();
-  *plain.mutable_out() = f.out();
-  *plain.mutable_lse() = f.lse();
-  *plain.mutable_dout() = fwd.q();  // any q-shaped tensor
-  *plain.mutable_options() = fwd.options();
-  v1::AttendBackwardResponse want;
-  ASSERT_TRUE(svc_->AttendBackward(plain, &want).ok());
-
-  ClientObject obj(1 << 20);
-  ASSERT_TRUE(svc_->Register("g", obj).ok());
-  v1::AttendBackwardRequest req = plain;
-  Placer place(&obj, "g");
-  for (v1::Tensor* t : {req.mutable_q(), req.mutable_k(), req.mutable_v(), req.mutable_out(),
-                        req.mutable_dout(), req.mutable_lse()}) {
-    place.Input(t);
-  }
-  (*req.mutable_output_shm())["dq"] = place.Output(Bytes(plain.q()));
-  (*req.mutable_output_shm())["dk"] = place.Output(Bytes(plain.k()));
-  // dv in the response, as bytes.
-  v1::AttendBackwardResponse got;
-  grpc::Status s = svc_->AttendBackward(req, &got);
-  ASSERT_TRUE(s.ok()) << s.error_message();
-  EXPECT_EQ(place.Read(req.output_shm().at("dq")), want.dq().data());
-  EXPECT_EQ(place.Read(req.output_shm().at("dk")), want.dk().data());
-  EXPECT_TRUE(got.dq().data().empty());
-  EXPECT_EQ(got.dv().data(), want.dv().data());
+  ExpectBackwardThroughSharedMemoryEqualsBytes(*svc_, Shape{1, 37, 5, 1, 64, v1::DTYPE_FP32});
 }
+#endif  // RINGATTN_SHM_GPU
+
+#if RINGATTN_SHM_GPU
+TEST(ShmGpuTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
+  if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  ShmService svc(1, true, "cuda");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  ExpectBackwardThroughSharedMemoryEqualsBytes(svc, Shape{2, 1000, 5, 1, 128, v1::DTYPE_BF16});
+}
+#endif
 
 }  // namespace
 }  // namespace ringattn

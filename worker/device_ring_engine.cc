@@ -13,6 +13,7 @@
 #include "kernels/backend_registry.h"
 #include "ring/device_ring.h"
 #include "ring/transport/nccl_communicator.h"
+#include "worker/pitched_runs.h"
 
 namespace ringattn {
 namespace {
@@ -54,32 +55,71 @@ struct ShardBytes {
   size_t dq = 0;   // [batch, rows, heads, head_dim], grad_dtype
   size_t dkv = 0;  // dk, dv: [batch, rows, heads_k, head_dim], grad_dtype
 
-  static ShardBytes Of(int batch, int64_t rows, int heads, int heads_k, int head_dim, DType dtype,
-                       DType grad_dtype) {
-    const size_t q_elems = static_cast<size_t>(batch) * rows * heads * head_dim;
-    const size_t kv_elems = static_cast<size_t>(batch) * rows * heads_k * head_dim;
+  template <typename Tensors>
+  static ShardBytes Of(const Tensors& t, int64_t rows, DType grad_dtype) {
+    const size_t q_elems = static_cast<size_t>(t.batch) * rows * t.heads * t.head_dim;
+    const size_t kv_elems = static_cast<size_t>(t.batch) * rows * t.heads_k * t.head_dim;
     ShardBytes b;
-    b.q = q_elems * DTypeSize(dtype);
-    b.kv = kv_elems * DTypeSize(dtype);
-    b.lse = static_cast<size_t>(batch) * heads * rows * sizeof(float);
+    b.q = q_elems * DTypeSize(t.dtype);
+    b.kv = kv_elems * DTypeSize(t.dtype);
+    b.lse = static_cast<size_t>(t.batch) * t.heads * rows * sizeof(float);
     b.dq = q_elems * DTypeSize(grad_dtype);
     b.dkv = kv_elems * DTypeSize(grad_dtype);
     return b;
   }
 };
 
-// Synchronous copies (the host tensors are pageable gRPC buffers; the drivers require their
-// inputs ready on the device when called). Zero bytes copy nothing.
 double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
 
-absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) {
-  if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-  return absl::OkStatus();
+// Whether `p` is memory of `device` (device-resident shard tensors are used in place).
+bool OnDevice(const void* p, int device) {
+  if (p == nullptr) return false;
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // not a pointer CUDA knows
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice && a.device == device;
 }
-absl::Status CopyToHost(void* dst, const void* src, size_t bytes) {
-  if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-  return absl::OkStatus();
-}
+
+// The device side of one call's shard tensors: each tensor used where it lies when it is in
+// this device's memory, else copied into a kept buffer (inputs at once, outputs back by
+// CopyBack). Synchronous copies: the drivers require their inputs ready when called.
+class CallStaging {
+ public:
+  explicit CallStaging(int device) : device_(device) {}
+
+  absl::StatusOr<const void*> In(const void* src, size_t bytes, DeviceBuffer& buffer) {
+    if (OnDevice(src, device_)) return src;
+    RA_ASSIGN_OR_RETURN(void* dst, buffer.Reserve(bytes));
+    const absl::Time t0 = absl::Now();
+    if (bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    in_seconds_ += SecondsSince(t0);
+    return dst;
+  }
+  absl::StatusOr<void*> Out(void* dst, size_t bytes, DeviceBuffer& buffer) {
+    if (dst == nullptr || OnDevice(dst, device_)) return dst;
+    RA_ASSIGN_OR_RETURN(void* src, buffer.Reserve(bytes));
+    copies_back_.push_back({static_cast<char*>(dst), static_cast<const char*>(src), bytes});
+    return src;
+  }
+  absl::Status CopyBack(RingTimings* timings) {
+    const absl::Time t0 = absl::Now();
+    for (const CopySpan& c : copies_back_) {
+      if (c.bytes > 0) {
+        RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(c.dst, c.src, c.bytes, cudaMemcpyDefault));
+      }
+    }
+    timings->host_to_device_seconds = in_seconds_;
+    timings->device_to_host_seconds = SecondsSince(t0);
+    return absl::OkStatus();
+  }
+
+ private:
+  const int device_;
+  double in_seconds_ = 0;
+  std::vector<CopySpan> copies_back_;
+};
 
 class DeviceRingConnection final : public RingConnection {
  public:
@@ -102,88 +142,41 @@ class DeviceRingConnection final : public RingConnection {
     }
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     RA_RETURN_IF_ERROR(CheckPlanMatchesGroup(plan, comm_->rank(), comm_->world_size()));
-    const ShardBytes b = ShardBytes::Of(t.batch, plan.shards[comm_->rank()].rows, t.heads,
-                                        t.heads_k, t.head_dim, t.dtype, t.grad_dtype);
+    const ShardBytes b = ShardBytes::Of(t, plan.shards[comm_->rank()].rows, t.grad_dtype);
+    CallStaging io(device_);
     RingBackwardTensors d = t;  // same sizes and dtypes, device pointers
-    RA_ASSIGN_OR_RETURN(void* q, q_.Reserve(b.q));
-    RA_ASSIGN_OR_RETURN(void* k, k_.Reserve(b.kv));
-    RA_ASSIGN_OR_RETURN(void* v, v_.Reserve(b.kv));
-    RA_ASSIGN_OR_RETURN(void* out, out_.Reserve(b.q));
-    RA_ASSIGN_OR_RETURN(void* dout, dout_.Reserve(b.q));
-    RA_ASSIGN_OR_RETURN(void* lse, lse_.Reserve(b.lse));
-    RA_ASSIGN_OR_RETURN(void* dq, dq_.Reserve(b.dq));
-    RA_ASSIGN_OR_RETURN(void* dk, dk_.Reserve(b.dkv));
-    RA_ASSIGN_OR_RETURN(void* dv, dv_.Reserve(b.dkv));
-    d.q = q;
-    d.k = k;
-    d.v = v;
-    d.out = out;
-    d.dout = dout;
+    RA_ASSIGN_OR_RETURN(d.q, io.In(t.q, b.q, q_));
+    RA_ASSIGN_OR_RETURN(d.k, io.In(t.k, b.kv, k_));
+    RA_ASSIGN_OR_RETURN(d.v, io.In(t.v, b.kv, v_));
+    RA_ASSIGN_OR_RETURN(d.out, io.In(t.out, b.q, out_));
+    RA_ASSIGN_OR_RETURN(d.dout, io.In(t.dout, b.q, dout_));
+    RA_ASSIGN_OR_RETURN(const void* lse, io.In(t.lse, b.lse, lse_));
     d.lse = static_cast<const float*>(lse);
-    d.dq = dq;
-    d.dk = dk;
-    d.dv = dv;
-    const absl::Time h2d0 = absl::Now();
-    RA_RETURN_IF_ERROR(CopyToDevice(q, t.q, b.q));
-    RA_RETURN_IF_ERROR(CopyToDevice(k, t.k, b.kv));
-    RA_RETURN_IF_ERROR(CopyToDevice(v, t.v, b.kv));
-    RA_RETURN_IF_ERROR(CopyToDevice(out, t.out, b.q));
-    RA_RETURN_IF_ERROR(CopyToDevice(dout, t.dout, b.q));
-    RA_RETURN_IF_ERROR(CopyToDevice(lse, t.lse, b.lse));
-    const double h2d_seconds = SecondsSince(h2d0);
+    RA_ASSIGN_OR_RETURN(d.dq, io.Out(t.dq, b.dq, dq_));
+    RA_ASSIGN_OR_RETURN(d.dk, io.Out(t.dk, b.dkv, dk_));
+    RA_ASSIGN_OR_RETURN(d.dv, io.Out(t.dv, b.dkv, dv_));
     RA_ASSIGN_OR_RETURN(
         RingTimings timings,
         RingFlashAttnBackwardDevice(*comm_, *backward_, plan, d, options, &backward_ws_));
-    const absl::Time d2h0 = absl::Now();
-    RA_RETURN_IF_ERROR(CopyToHost(t.dq, dq, b.dq));
-    RA_RETURN_IF_ERROR(CopyToHost(t.dk, dk, b.dkv));
-    RA_RETURN_IF_ERROR(CopyToHost(t.dv, dv, b.dkv));
-    timings.host_to_device_seconds = h2d_seconds;
-    timings.device_to_host_seconds = SecondsSince(d2h0);
+    RA_RETURN_IF_ERROR(io.CopyBack(&timings));
     return timings;
   }
 
   absl::StatusOr<RingTimings> Forward(const ShardPlan& plan, const RingShardTensors& t,
                                       const RingAttentionOptions& options) override {
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    const int64_t rows = plan.shards[comm_->rank()].rows;
-    const size_t es = DTypeSize(t.dtype);
-    const size_t q_bytes = static_cast<size_t>(t.batch) * rows * t.heads * t.head_dim * es;
-    const size_t kv_bytes = static_cast<size_t>(t.batch) * rows * t.heads_k * t.head_dim * es;
-    const size_t lse_bytes = static_cast<size_t>(t.batch) * t.heads * rows * sizeof(float);
+    const ShardBytes b = ShardBytes::Of(t, plan.shards[comm_->rank()].rows, t.dtype);
+    CallStaging io(device_);
     RingShardTensors d = t;  // same sizes and dtype, device pointers
-    RA_ASSIGN_OR_RETURN(void* q, q_.Reserve(q_bytes));
-    RA_ASSIGN_OR_RETURN(void* k, k_.Reserve(kv_bytes));
-    RA_ASSIGN_OR_RETURN(void* v, v_.Reserve(kv_bytes));
-    RA_ASSIGN_OR_RETURN(void* out, out_.Reserve(q_bytes));
-    d.q = q;
-    d.k = k;
-    d.v = v;
-    d.out = out;
-    d.lse = nullptr;
-    if (t.lse != nullptr) {
-      RA_ASSIGN_OR_RETURN(void* lse, lse_.Reserve(lse_bytes));
-      d.lse = static_cast<float*>(lse);
-    }
-    // Synchronous copies: the driver requires q/k/v ready on the device when it is called.
-    const absl::Time h2d0 = absl::Now();
-    if (q_bytes > 0) RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(q, t.q, q_bytes, cudaMemcpyHostToDevice));
-    if (kv_bytes > 0) {
-      RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(k, t.k, kv_bytes, cudaMemcpyHostToDevice));
-      RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(v, t.v, kv_bytes, cudaMemcpyHostToDevice));
-    }
-    const double h2d_seconds = SecondsSince(h2d0);
+    RA_ASSIGN_OR_RETURN(d.q, io.In(t.q, b.q, q_));
+    RA_ASSIGN_OR_RETURN(d.k, io.In(t.k, b.kv, k_));
+    RA_ASSIGN_OR_RETURN(d.v, io.In(t.v, b.kv, v_));
+    RA_ASSIGN_OR_RETURN(d.out, io.Out(t.out, b.q, out_));
+    RA_ASSIGN_OR_RETURN(void* lse, io.Out(t.lse, b.lse, lse_));  // null unless wanted
+    d.lse = static_cast<float*>(lse);
     RA_ASSIGN_OR_RETURN(RingTimings timings,
                         RingFlashAttnForwardDevice(*comm_, *backend_, plan, d, options, &ws_));
-    const absl::Time d2h0 = absl::Now();
-    if (q_bytes > 0) {
-      RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(t.out, out, q_bytes, cudaMemcpyDeviceToHost));
-    }
-    if (t.lse != nullptr && lse_bytes > 0) {
-      RA_CUDA_RETURN_IF_ERROR(cudaMemcpy(t.lse, d.lse, lse_bytes, cudaMemcpyDeviceToHost));
-    }
-    timings.host_to_device_seconds = h2d_seconds;
-    timings.device_to_host_seconds = SecondsSince(d2h0);
+    RA_RETURN_IF_ERROR(io.CopyBack(&timings));
     return timings;
   }
 
@@ -217,6 +210,51 @@ class DeviceRingEngine final : public RingEngine {
     void* p = nullptr;
     RA_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p, bytes > 0 ? bytes : 1));
     return std::shared_ptr<char>(static_cast<char*>(p), [](char* q) { cudaFreeHost(q); });
+  }
+
+  absl::StatusOr<std::shared_ptr<char>> AllocateShard(size_t bytes) override {
+    RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* p = nullptr;
+    RA_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+    return std::shared_ptr<char>(static_cast<char*>(p), [](char* q) { cudaFree(q); });
+  }
+
+  absl::StatusOr<bool> PinHost(SharedMemoryMapping& mapping) override {
+    if (mapping.attachment() != nullptr) return true;
+    RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* base = mapping.map_base();
+    if (cudaHostRegister(base, mapping.map_bytes(), cudaHostRegisterDefault) != cudaSuccess) {
+      cudaGetLastError();  // not registrable here: the caller stages through AllocateHost
+      return false;
+    }
+    mapping.set_attachment(std::shared_ptr<void>(base, [](void* p) { cudaHostUnregister(p); }));
+    return true;
+  }
+
+  absl::Status CopyShard(const std::vector<CopySpan>& spans, absl::string_view what) override {
+    RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    // 2-D copies take pitches below 2^31 (cudaDevAttrMaxPitch); others go piece by piece.
+    constexpr size_t kMaxPitch = (size_t{1} << 31) - 1;
+    for (const PitchedRun& r : PitchedRuns(spans)) {
+      if (r.bytes == 0) continue;
+      if (r.count > 1 && r.dst_pitch <= kMaxPitch && r.src_pitch <= kMaxPitch) {
+        const CopySpan& c = spans[r.first];
+        RA_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(c.dst, r.dst_pitch, c.src, r.src_pitch,
+                                                  r.bytes, r.count, cudaMemcpyDefault,
+                                                  cudaStreamPerThread));
+        continue;
+      }
+      for (size_t i = r.first; i < r.first + r.count; ++i) {
+        RA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spans[i].dst, spans[i].src, spans[i].bytes,
+                                                cudaMemcpyDefault, cudaStreamPerThread));
+      }
+    }
+    const cudaError_t e = cudaStreamSynchronize(cudaStreamPerThread);
+    if (e != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrCat(what, ": copy failed: ", cudaGetErrorString(e)));
+    }
+    return absl::OkStatus();
   }
 
   absl::StatusOr<std::unique_ptr<RingConnection>> Connect(

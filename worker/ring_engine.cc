@@ -24,6 +24,16 @@ absl::StatusOr<std::shared_ptr<char>> RingEngine::AllocateHost(size_t bytes) {
   return std::shared_ptr<char>(new char[bytes > 0 ? bytes : 1], std::default_delete<char[]>());
 }
 
+absl::StatusOr<std::shared_ptr<char>> RingEngine::AllocateShard(size_t bytes) {
+  return AllocateHost(bytes);
+}
+
+absl::StatusOr<bool> RingEngine::PinHost(SharedMemoryMapping& /*mapping*/) { return true; }
+
+absl::Status RingEngine::CopyShard(const std::vector<CopySpan>& spans, absl::string_view what) {
+  return ParallelCopy(spans, what);
+}
+
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options) {
   RingEngineOptions o = options;
   if (o.kernel == "auto") {

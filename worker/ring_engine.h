@@ -1,16 +1,20 @@
 // What a worker computes with: a kernel backend and a transport, behind one interface so that
 // the worker service does not care whether the ring runs on the CPU (Gloo TCP, host memory) or
-// on a GPU (NCCL, device memory). An engine connects a ring; a connection runs the forward (and,
-// on the CPU, the backward) on this rank's shard, whose tensors always arrive and leave in host
-// memory (they come from and go to gRPC messages).
+// on a GPU (NCCL, device memory). An engine connects a ring; a connection runs the forward and
+// the backward on this rank's shard, whose tensors arrive and leave in host memory (gRPC
+// messages, staging) or, on GPU engines, in the device's own memory (AllocateShard), where the
+// connection computes on them in place.
 #pragma once
 
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "base/shared_memory.h"
 #include "kernels/attention_backend.h"
 #include "ring/layout.h"
 #include "ring/ring_step.h"
@@ -50,6 +54,17 @@ class RingEngine {
   // Host memory of `bytes` that this engine's connections copy to and from at their best speed:
   // page-locked on GPU engines (cudaMallocHost), plain on the host engine (the default).
   virtual absl::StatusOr<std::shared_ptr<char>> AllocateHost(size_t bytes);
+  // Memory for a shard tensor that this engine's connections compute on where it lies (no copy
+  // in Forward/Backward): device memory on GPU engines, AllocateHost on the host engine.
+  virtual absl::StatusOr<std::shared_ptr<char>> AllocateShard(size_t bytes);
+  // Makes `mapping` (a client's shared memory) a source and target of CopyShard: GPU engines
+  // register its pages with the device once per mapping (true); false where the engine cannot
+  // (then stage through AllocateHost with ParallelCopy). The host engine: true, nothing done.
+  virtual absl::StatusOr<bool> PinHost(SharedMemoryMapping& mapping);
+  // Runs `spans`, copies between pinned host memory (PinHost) and memory from AllocateShard, at
+  // this engine's best speed; FAILED_PRECONDITION naming `what` when shared memory shrank under
+  // a host-side copy. Thread-safe.
+  virtual absl::Status CopyShard(const std::vector<CopySpan>& spans, absl::string_view what);
   // Joins ring `rank` of `world` through `store` (keys already confined to this ring).
   virtual absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,

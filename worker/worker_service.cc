@@ -380,6 +380,15 @@ std::vector<CopySpan> RowCopies(const ShardPlan& plan, int rank, const SharedTen
   return copies;
 }
 
+// FAILED_PRECONDITION when `mapping`'s object was truncated under the request (a device copying
+// from pinned pages sees no SIGBUS: the request fails here instead).
+absl::Status CheckStillMapped(const SharedMemoryMapping& mapping, const std::string& what) {
+  if (!mapping.Shrunk()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, ": the shared-memory region shrank or vanished during the request (object '",
+      mapping.key(), "')"));
+}
+
 // Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
 // cancelled or past its deadline; a call stopped by its caller reports why, even if the ring got
 // to the end first.
@@ -420,16 +429,30 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
 
 }  // namespace
 
-absl::StatusOr<char*> WorkerServiceImpl::Staging(size_t slot, size_t bytes) {
+absl::StatusOr<WorkerServiceImpl::SharedShard> WorkerServiceImpl::StageShared(
+    size_t slot, size_t bytes, SharedMemoryMapping& mapping) {
+  RA_ASSIGN_OR_RETURN(const bool pinned, engine_->PinHost(mapping));
   if (staging_.size() <= slot) staging_.resize(slot + 1);
   StagingSlot& s = staging_[slot];
-  if (s.data == nullptr || s.bytes < bytes) {
-    s.data.reset();  // freed before the larger one is allocated
+  if (s.data == nullptr || s.bytes < bytes || s.engine_memory != pinned) {
+    s.data.reset();  // freed before the new one is allocated
     s.bytes = 0;
-    RA_ASSIGN_OR_RETURN(s.data, engine_->AllocateHost(bytes));
+    if (pinned) {
+      RA_ASSIGN_OR_RETURN(s.data, engine_->AllocateShard(bytes));
+    } else {
+      RA_ASSIGN_OR_RETURN(s.data, engine_->AllocateHost(bytes));
+    }
     s.bytes = bytes;
+    s.engine_memory = pinned;
   }
-  return s.data.get();
+  return SharedShard{s.data.get(), pinned};
+}
+
+absl::Status WorkerServiceImpl::CopyRows(const SharedShard& shard,
+                                         const std::vector<CopySpan>& copies,
+                                         absl::string_view what) {
+  if (shard.engine_memory) return engine_->CopyShard(copies, what);
+  return ParallelCopy(copies, what);
 }
 
 namespace {
@@ -461,7 +484,12 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
 
         // The tensors in the client's shared memory: the whole tensor mapped, this rank's rows
         // read into (inputs) or later written from (outputs) staging.
-        std::vector<std::pair<const ComputeTensor*, SharedTensorView>> shared_outputs;
+        struct SharedOutput {
+          const ComputeTensor* tensor;
+          SharedTensorView view;
+          SharedShard shard;
+        };
+        std::vector<SharedOutput> shared_outputs;
         ShardBuffers buffers;
         double read_seconds = 0;
         size_t slot = 0;
@@ -474,10 +502,13 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
           const absl::Time read0 = absl::Now();
           RA_ASSIGN_OR_RETURN(const SharedTensorView view,
                               MapWhole(in, shm->second, spec, &shared_memory_));
-          RA_ASSIGN_OR_RETURN(char* staged, Staging(slot++, BytesOf(in.kind, spec.shard)));
-          RA_RETURN_IF_ERROR(ParallelCopy(RowCopies(spec.plan, rank, view, staged, true),
-                                          absl::StrCat(in.name, " in shared memory")));
-          buffers.inputs.push_back(staged);
+          RA_ASSIGN_OR_RETURN(const SharedShard staged,
+                              StageShared(slot++, BytesOf(in.kind, spec.shard), *view.mapping));
+          const std::string where = absl::StrCat(in.name, " in shared memory");
+          RA_RETURN_IF_ERROR(
+              CopyRows(staged, RowCopies(spec.plan, rank, view, staged.data, true), where));
+          RA_RETURN_IF_ERROR(CheckStillMapped(*view.mapping, where));
+          buffers.inputs.push_back(staged.data);
           read_seconds += Since(read0);
         }
         for (const ComputeTensor& out : rpc.outputs) {
@@ -493,9 +524,9 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
           }
           RA_ASSIGN_OR_RETURN(const SharedTensorView view,
                               MapWhole(out, shm->second, spec, &shared_memory_));
-          RA_ASSIGN_OR_RETURN(char* staged, Staging(slot++, bytes));
-          shared_outputs.emplace_back(&out, view);
-          buffers.outputs.push_back(staged);
+          RA_ASSIGN_OR_RETURN(const SharedShard staged, StageShared(slot++, bytes, *view.mapping));
+          shared_outputs.push_back({&out, view, staged});
+          buffers.outputs.push_back(staged.data);
         }
 
         const absl::Time ring0 = absl::Now();
@@ -503,11 +534,11 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                               return op(comm, spec, request, buffers);
                             }));
         const absl::Time write0 = absl::Now();
-        for (const auto& [out, view] : shared_outputs) {
-          const size_t index = out - rpc.outputs.data();
-          RA_RETURN_IF_ERROR(
-              ParallelCopy(RowCopies(spec.plan, rank, view, buffers.outputs[index], false),
-                           absl::StrCat(out->name, " in shared memory")));
+        for (const SharedOutput& out : shared_outputs) {
+          const std::string where = absl::StrCat(out.tensor->name, " in shared memory");
+          RA_RETURN_IF_ERROR(CopyRows(
+              out.shard, RowCopies(spec.plan, rank, out.view, out.shard.data, false), where));
+          RA_RETURN_IF_ERROR(CheckStillMapped(*out.view.mapping, where));
         }
         const absl::Time send0 = absl::Now();
         v1::WorkerTiming* timing = response->mutable_timing();

@@ -109,9 +109,19 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   grpc::Status RunCompute(const ComputeRpc& rpc, const char* method, const char* what_kind,
                           grpc::ServerContext* context, const Request& request, Response* response,
                           const ShardOp<Request>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
-  // Host memory for slot `slot` of at least `bytes`, kept between calls (page-locked on GPU
-  // workers: RingEngine::AllocateHost).
-  absl::StatusOr<char*> Staging(size_t slot, size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  // Where a tensor in a client's shared memory (`mapping`) has its shard during a call: the
+  // engine's shard memory (device memory on GPU workers, filled straight from the client's
+  // pages, which the engine pins) or, where the engine cannot pin them, page-locked host
+  // staging. Slot `slot`, at least `bytes`, kept between calls.
+  struct SharedShard {
+    char* data = nullptr;
+    bool engine_memory = false;  // AllocateShard's (copies by CopyShard), else AllocateHost's
+  };
+  absl::StatusOr<SharedShard> StageShared(size_t slot, size_t bytes, SharedMemoryMapping& mapping)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  // The copies of a shared shard's rows (SharedShard's kind says how).
+  absl::Status CopyRows(const SharedShard& shard, const std::vector<CopySpan>& copies,
+                        absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -128,6 +138,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   struct StagingSlot {
     std::shared_ptr<char> data;
     size_t bytes = 0;
+    bool engine_memory = false;
   };
   std::vector<StagingSlot> staging_ ABSL_GUARDED_BY(run_mu_);
 
