@@ -513,13 +513,15 @@ std::unique_ptr<SharedMemorySession> OpenSharedMemory(AttentionClient& client,
                                                       const AttendCommandOptions& o,
                                                       std::ostream& out) {
   absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
-      SharedMemorySession::OpenFor(client, request, absl::Seconds(o.connect_timeout_seconds));
+      SharedMemorySession::OpenFor(client, request, absl::Seconds(o.connect_timeout_seconds),
+                                   o.cuda_shm ? SharedMemorySession::Kind::kCuda
+                                              : SharedMemorySession::Kind::kSystem);
   if (!session.ok()) {
     out << ErrorLine(session.status());
     return nullptr;
   }
   out << absl::StrFormat("shared memory: region %s (%s, %s) registered\n", (*session)->name(),
-                         (*session)->region().key(), MiB((*session)->region().size()));
+                         (*session)->where(), MiB((*session)->size()));
   return *std::move(session);
 }
 

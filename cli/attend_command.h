@@ -54,6 +54,9 @@ struct AttendCommandOptions {
   // per call (forward, backward) sized for it, registered, unregistered and unlinked at the
   // end. Unary calls only (not with `streaming`); the timing table adds the copies' times.
   bool shm = false;
+  // With `shm`: the region is a GPU allocation of this process (device 0, CUDA IPC) instead of
+  // a POSIX object; the service's workers must be GPU workers on this host.
+  bool cuda_shm = false;
   int64_t chunk_bytes = kDefaultChunkBytes;
   double timeout_seconds = 300;         // for the Attend call
   double connect_timeout_seconds = 10;  // for the connection and GetInfo

@@ -458,7 +458,9 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   if (streaming) {
     via += "Stream";
   } else {
-    via += o.shm ? " (unary, system shared memory)" : " (unary)";
+    via += !o.shm        ? " (unary)"
+           : o.cuda_shm ? " (unary, CUDA shared memory)"
+                        : " (unary, system shared memory)";
   }
   // FlashAttention's count: the backward is 2.5 forwards.
   const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);
@@ -476,10 +478,12 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   // when `sessions` goes, on every path.
   std::vector<std::unique_ptr<SharedMemorySession>> sessions;
   const absl::Duration register_timeout = absl::Seconds(o.connect_timeout_seconds);
+  const SharedMemorySession::Kind kind =
+      o.cuda_shm ? SharedMemorySession::Kind::kCuda : SharedMemorySession::Kind::kSystem;
   for (int i = 0; o.shm && i < o.concurrency; ++i) {
     absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
-        o.backward ? SharedMemorySession::OpenFor(client, backward, register_timeout)
-                   : SharedMemorySession::OpenFor(client, request, register_timeout);
+        o.backward ? SharedMemorySession::OpenFor(client, backward, register_timeout, kind)
+                   : SharedMemorySession::OpenFor(client, request, register_timeout, kind);
     if (!session.ok()) {
       out << ErrorLine(session.status());
       return 1;
@@ -507,7 +511,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   }
   if (o.shm) {
     out << absl::StrFormat("shared memory: %d regions of %d bytes registered%s\n", o.concurrency,
-                           sessions.front()->region().size(),
+                           sessions.front()->size(),
                            o.shm_resident ? ", the tensors resident in them" : "");
   }
   const auto shm_of = [&sessions](int thread) {

@@ -45,6 +45,8 @@ struct BenchOptions {
   // thread's inputs are copied in once before the load and its outputs are left there, so the
   // latency is the service's alone.
   bool shm_resident = false;
+  // With `shm`: the regions are GPU allocations of this process (device 0, CUDA IPC).
+  bool cuda_shm = false;
   // Drive AttendBackward (AttendBackwardStream past the unary limit or with `streaming`)
   // instead of Attend: one forward first for out and lse, then every call sends the same
   // gradients request (synthetic dout); throughput counts the backward as 2.5 forwards.

@@ -267,6 +267,31 @@ TEST(BenchCommandTest, SharedMemoryRegionPerThreadReusedAcrossCalls) {
   EXPECT_GT(NumberAfter(json, "shm_out"), 0);
 }
 
+TEST(BenchCommandTest, ResidentTensorsArePlacedOnceAndLeftInTheRegion) {
+  FakeServer server;
+  ASSERT_TRUE(server.started());
+  BenchOptions o = SmallBench(server.target());
+  o.shm = true;
+  o.shm_resident = true;
+  o.json_path = ::testing::TempDir() + "/bench_command_test_resident.json";
+  std::ostringstream out;
+  EXPECT_EQ(RunBenchCommand(o, out), 0) << out.str();
+  EXPECT_EQ(server.service().calls(), 12);
+  EXPECT_EQ(server.service().shm.registrations(), 3);
+  EXPECT_EQ(server.service().shm.calls_with_shm(), 12);
+  EXPECT_THAT(out.str(), HasSubstr("registered, the tensors resident in them"));
+  const std::string json = ReadFile(o.json_path);
+  // No copies on the client's side during the load.
+  EXPECT_EQ(NumberAfter(json, "shm_in"), 0);
+  EXPECT_EQ(NumberAfter(json, "shm_out"), 0);
+  EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());
+
+  o.shm = false;
+  std::ostringstream alone;
+  EXPECT_EQ(RunBenchCommand(o, alone), 2);
+  EXPECT_THAT(alone.str(), HasSubstr("--shm_resident needs --shm"));
+}
+
 TEST(BenchCommandTest, SharedMemoryRefusedOrWithStream) {
   FakeServer server;
   ASSERT_TRUE(server.started());

@@ -938,7 +938,7 @@ TEST(SharedMemoryClientTest, SessionsSendRefsAndReturnOrdinaryResponses) {
         SharedMemorySession::OpenFor(*client, request, kTimeout);
     ASSERT_TRUE(session.ok()) << session.status();
     EXPECT_EQ(server.service().shm.registered(), 1);
-    EXPECT_EQ("/" + (*session)->name(), (*session)->region().key());
+    EXPECT_EQ("/" + (*session)->name(), (*session)->where());
     absl::StatusOr<v1::AttendResponse> response;
     for (int call = 0; call < 2; ++call) {  // one region, call after call
       SharedMemoryCopyTimes copies;
@@ -961,7 +961,7 @@ TEST(SharedMemoryClientTest, SessionsSendRefsAndReturnOrdinaryResponses) {
     absl::StatusOr<std::unique_ptr<SharedMemorySession>> grads_session =
         SharedMemorySession::OpenFor(*client, backward, kTimeout);
     ASSERT_TRUE(grads_session.ok()) << grads_session.status();
-    EXPECT_GT((*grads_session)->region().size(), (*session)->region().size());
+    EXPECT_GT((*grads_session)->size(), (*session)->size());
     absl::StatusOr<v1::AttendBackwardResponse> grads =
         (*grads_session)->AttendBackward(backward, kTimeout);
     ASSERT_TRUE(grads.ok()) << grads.status();

@@ -106,6 +106,10 @@ ABSL_FLAG(bool, shm, false,
           "process creates and registers with the service, which must run on this host): unary "
           "calls only, not with --stream; the timings add the copies into and out of the "
           "regions (shm_in, shm_out)");
+ABSL_FLAG(bool, cuda_shm, false,
+          "attend, bench: send the tensors through CUDA shared memory (a GPU allocation of this "
+          "process on device 0, exported by CUDA IPC; the workers must be GPU workers on this "
+          "host); as --shm otherwise");
 ABSL_FLAG(bool, shm_resident, false,
           "bench --shm: the tensors live in the regions (inputs copied in once before the load, "
           "outputs left there): the latency is the service's alone");
@@ -219,7 +223,8 @@ absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
   RA_ASSIGN_OR_RETURN(o.cu_seqlens, ringattn::ParseCuSeqlens(absl::GetFlag(FLAGS_cu_seqlens)));
   o.check = absl::GetFlag(FLAGS_check);
   o.streaming = absl::GetFlag(FLAGS_stream);
-  o.shm = absl::GetFlag(FLAGS_shm);
+  o.shm = absl::GetFlag(FLAGS_shm) || absl::GetFlag(FLAGS_cuda_shm);
+  o.cuda_shm = absl::GetFlag(FLAGS_cuda_shm);
   o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
   o.seed = absl::GetFlag(FLAGS_seed);
@@ -243,7 +248,8 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
   o.causal = absl::GetFlag(FLAGS_causal);
   o.layout = absl::GetFlag(FLAGS_layout);
   o.streaming = absl::GetFlag(FLAGS_stream);
-  o.shm = absl::GetFlag(FLAGS_shm);
+  o.shm = absl::GetFlag(FLAGS_shm) || absl::GetFlag(FLAGS_cuda_shm);
+  o.cuda_shm = absl::GetFlag(FLAGS_cuda_shm);
   o.shm_resident = absl::GetFlag(FLAGS_shm_resident);
   o.backward = absl::GetFlag(FLAGS_backward);
   o.timeout_seconds = absl::GetFlag(FLAGS_timeout);

@@ -375,6 +375,40 @@ absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> AttentionClient::Syste
                                                    response.regions().end());
 }
 
+absl::Status AttentionClient::RegisterCudaSharedMemory(const std::string& name,
+                                                       const std::string& raw_handle,
+                                                       int device_id, int64_t byte_size,
+                                                       absl::Duration timeout) {
+  v1::RegisterCudaSharedMemoryRequest request;
+  request.set_name(name);
+  request.set_raw_handle(raw_handle);
+  request.set_device_id(device_id);
+  request.set_byte_size(byte_size);
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::RegisterCudaSharedMemory, request,
+                      timeout)
+      .status();
+}
+
+absl::Status AttentionClient::UnregisterCudaSharedMemory(const std::string& name,
+                                                         absl::Duration timeout) {
+  v1::UnregisterCudaSharedMemoryRequest request;
+  request.set_name(name);
+  return RunPlainCall(*stub_, &v1::AttentionService::Stub::UnregisterCudaSharedMemory, request,
+                      timeout)
+      .status();
+}
+
+absl::StatusOr<std::vector<v1::CudaSharedMemoryRegion>> AttentionClient::CudaSharedMemoryStatus(
+    const std::string& name, absl::Duration timeout) {
+  v1::CudaSharedMemoryStatusRequest request;
+  request.set_name(name);
+  RA_ASSIGN_OR_RETURN(const v1::CudaSharedMemoryStatusResponse response,
+                      RunPlainCall(*stub_, &v1::AttentionService::Stub::CudaSharedMemoryStatus,
+                                   request, timeout));
+  return std::vector<v1::CudaSharedMemoryRegion>(response.regions().begin(),
+                                                 response.regions().end());
+}
+
 absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
                                                   absl::Duration timeout) {
   ConnectedClient c;

@@ -119,6 +119,16 @@ class AttentionClient {
   absl::Status UnregisterSystemSharedMemory(const std::string& name, absl::Duration timeout);
   absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> SystemSharedMemoryStatus(
       const std::string& name, absl::Duration timeout);
+  // CUDA shared memory (same-host callers, GPU workers): registers the first `byte_size` bytes
+  // of the GPU allocation whose cudaIpcMemHandle_t is `raw_handle` (on the caller's GPU
+  // `device_id`) under `name`, in the same name space as the system regions; unregisters one
+  // (an empty name: all of this caller's CUDA regions); lists them.
+  absl::Status RegisterCudaSharedMemory(const std::string& name, const std::string& raw_handle,
+                                        int device_id, int64_t byte_size,
+                                        absl::Duration timeout);
+  absl::Status UnregisterCudaSharedMemory(const std::string& name, absl::Duration timeout);
+  absl::StatusOr<std::vector<v1::CudaSharedMemoryRegion>> CudaSharedMemoryStatus(
+      const std::string& name, absl::Duration timeout);
 
  private:
   std::shared_ptr<grpc::Channel> channel_;

@@ -28,9 +28,11 @@ void SetRef(const std::string& region, const SharedMemoryPlacement::Slot& slot,
 // A copy between a tensor's data and its slot: {to, from, bytes}.
 using Copy = CopySpan;
 
-// Runs the copies on several threads, with a shrinking region (SIGBUS) turned into
-// FAILED_PRECONDITION.
-absl::Status RunCopies(const char* what, const std::vector<Copy>& copies) {
+// Runs the copies with `copy`, or on several threads with a shrinking region (SIGBUS) turned
+// into FAILED_PRECONDITION.
+absl::Status RunCopies(const RegionCopier& copy, const char* what,
+                       const std::vector<Copy>& copies) {
+  if (copy) return copy(copies, what);
   return ParallelCopy(copies, what);
 }
 
@@ -92,6 +94,7 @@ absl::Status SharedMemoryPlacement::CheckRegionSize(int64_t size) const {
 absl::Status SharedMemoryPlacement::PlaceInputs(const google::protobuf::Message& request,
                                                 const std::string& region,
                                                 absl::Span<char> region_bytes,
+                                                const RegionCopier& copy,
                                                 google::protobuf::Message* sent) const {
   RA_RETURN_IF_ERROR(CheckRegionSize(static_cast<int64_t>(region_bytes.size())));
   std::vector<Copy> copies;
@@ -112,10 +115,11 @@ absl::Status SharedMemoryPlacement::PlaceInputs(const google::protobuf::Message&
     copies.push_back({region_bytes.data() + slot.offset, t.data().data(), t.data().size()});
     SetRef(region, slot, MutableTensorField(sent, slot.name)->mutable_shm());
   }
-  return RunCopies("copying the inputs into shared memory", copies);
+  return RunCopies(copy, "copying the inputs into shared memory", copies);
 }
 
 absl::Status SharedMemoryPlacement::CollectOutputs(absl::Span<const char> region_bytes,
+                                                   const RegionCopier& copy,
                                                    google::protobuf::Message* response) const {
   RA_RETURN_IF_ERROR(CheckRegionSize(static_cast<int64_t>(region_bytes.size())));
   std::vector<Copy> copies;
@@ -134,40 +138,43 @@ absl::Status SharedMemoryPlacement::CollectOutputs(absl::Span<const char> region
     copies.push_back({t->mutable_data()->data(), region_bytes.data() + slot.offset,
                       static_cast<size_t>(slot.byte_size)});
   }
-  return RunCopies("copying the outputs out of shared memory", copies);
+  return RunCopies(copy, "copying the outputs out of shared memory", copies);
 }
 
 template <typename Request>
 absl::StatusOr<Request> SharedMemoryPlacement::PlaceAs(const Request& request,
                                                        const std::string& region,
-                                                       absl::Span<char> region_bytes) const {
+                                                       absl::Span<char> region_bytes,
+                                                       const RegionCopier& copy) const {
   Request sent = HeaderOf(request);
-  RA_RETURN_IF_ERROR(PlaceInputs(request, region, region_bytes, &sent));
+  RA_RETURN_IF_ERROR(PlaceInputs(request, region, region_bytes, copy, &sent));
   sent.clear_output_shm();
   for (const Slot& slot : outputs_) SetRef(region, slot, &(*sent.mutable_output_shm())[slot.name]);
   return sent;
 }
 
 absl::StatusOr<v1::AttendRequest> SharedMemoryPlacement::Place(
-    const v1::AttendRequest& request, const std::string& region,
-    absl::Span<char> region_bytes) const {
-  return PlaceAs(request, region, region_bytes);
+    const v1::AttendRequest& request, const std::string& region, absl::Span<char> region_bytes,
+    const RegionCopier& copy) const {
+  return PlaceAs(request, region, region_bytes, copy);
 }
 
 absl::StatusOr<v1::AttendBackwardRequest> SharedMemoryPlacement::Place(
     const v1::AttendBackwardRequest& request, const std::string& region,
-    absl::Span<char> region_bytes) const {
-  return PlaceAs(request, region, region_bytes);
+    absl::Span<char> region_bytes, const RegionCopier& copy) const {
+  return PlaceAs(request, region, region_bytes, copy);
 }
 
 absl::Status SharedMemoryPlacement::Collect(absl::Span<const char> region_bytes,
-                                            v1::AttendResponse* response) const {
-  return CollectOutputs(region_bytes, response);
+                                            v1::AttendResponse* response,
+                                            const RegionCopier& copy) const {
+  return CollectOutputs(region_bytes, copy, response);
 }
 
 absl::Status SharedMemoryPlacement::Collect(absl::Span<const char> region_bytes,
-                                            v1::AttendBackwardResponse* response) const {
-  return CollectOutputs(region_bytes, response);
+                                            v1::AttendBackwardResponse* response,
+                                            const RegionCopier& copy) const {
+  return CollectOutputs(region_bytes, copy, response);
 }
 
 }  // namespace ringattn

@@ -15,18 +15,28 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "base/shared_memory.h"
 #include "proto/compute_rpcs.h"
 #include "ringattn/v1/attention.pb.h"
 
 namespace ringattn {
 
-inline constexpr int64_t kSharedMemoryAlignment = 64;
+// Slot alignment: 256 bytes, as cudaMalloc's, so that a tensor in a CUDA region can be used in
+// place by the kernels.
+inline constexpr int64_t kSharedMemoryAlignment = 256;
+
+// Runs copies between a request's tensors and a region (host memory by default; device memory
+// for a CUDA region); `what` names them in errors.
+using RegionCopier =
+    std::function<absl::Status(const std::vector<CopySpan>& copies, absl::string_view what)>;
 
 class SharedMemoryPlacement {
  public:
@@ -53,20 +63,23 @@ class SharedMemoryPlacement {
   // its slot and output_shm to the outputs' slots. INVALID_ARGUMENT when the region is smaller
   // than bytes() or the request's inputs are not the placement's; FAILED_PRECONDITION when the
   // region's object shrinks under the copy (base/shared_memory.h GuardedAccess).
+  // `copy` (null: ParallelCopy, for host memory) moves the bytes.
   absl::StatusOr<v1::AttendRequest> Place(const v1::AttendRequest& request,
-                                          const std::string& region,
-                                          absl::Span<char> region_bytes) const;
+                                          const std::string& region, absl::Span<char> region_bytes,
+                                          const RegionCopier& copy = nullptr) const;
   absl::StatusOr<v1::AttendBackwardRequest> Place(const v1::AttendBackwardRequest& request,
                                                   const std::string& region,
-                                                  absl::Span<char> region_bytes) const;
+                                                  absl::Span<char> region_bytes,
+                                                  const RegionCopier& copy = nullptr) const;
 
   // Fills each output of `response` (the answer to the placed request: the outputs' dtypes and
   // shapes, no data) with its slot's bytes. INTERNAL when an output's dtype and shape imply
   // another size than its slot or it carries data; INVALID_ARGUMENT when the region is smaller
   // than bytes(); FAILED_PRECONDITION when it shrinks under the copy.
-  absl::Status Collect(absl::Span<const char> region_bytes, v1::AttendResponse* response) const;
-  absl::Status Collect(absl::Span<const char> region_bytes,
-                       v1::AttendBackwardResponse* response) const;
+  absl::Status Collect(absl::Span<const char> region_bytes, v1::AttendResponse* response,
+                       const RegionCopier& copy = nullptr) const;
+  absl::Status Collect(absl::Span<const char> region_bytes, v1::AttendBackwardResponse* response,
+                       const RegionCopier& copy = nullptr) const;
 
  private:
   static absl::StatusOr<SharedMemoryPlacement> Make(const ComputeRpc& rpc,
@@ -74,13 +87,14 @@ class SharedMemoryPlacement {
   // Checks `request`'s inputs against the slots and the region's size; copies the inputs in and
   // fills `sent`'s refs (not output_shm, a field of each request type).
   absl::Status PlaceInputs(const google::protobuf::Message& request, const std::string& region,
-                           absl::Span<char> region_bytes, google::protobuf::Message* sent) const;
-  absl::Status CollectOutputs(absl::Span<const char> region_bytes,
+                           absl::Span<char> region_bytes, const RegionCopier& copy,
+                           google::protobuf::Message* sent) const;
+  absl::Status CollectOutputs(absl::Span<const char> region_bytes, const RegionCopier& copy,
                               google::protobuf::Message* response) const;
   absl::Status CheckRegionSize(int64_t size) const;
   template <typename Request>
   absl::StatusOr<Request> PlaceAs(const Request& request, const std::string& region,
-                                  absl::Span<char> region_bytes) const;
+                                  absl::Span<char> region_bytes, const RegionCopier& copy) const;
 
   const ComputeRpc* rpc_ = nullptr;
   std::vector<Slot> inputs_;

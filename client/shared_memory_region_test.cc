@@ -209,13 +209,13 @@ TEST(SharedMemoryPlacementTest, SizesGqaSlotsAndAsksForTheLseOnlyWhenWanted) {
 }
 
 TEST(SharedMemoryPlacementTest, OddSizesStayAligned) {
-  // fp32 q [1, 7, 3, 8] = 672 bytes (not a multiple of 64), k/v [1, 7, 1, 8] = 224, lse 84.
+  // fp32 q [1, 7, 3, 8] = 672 bytes (not a multiple of 256), k/v [1, 7, 1, 8] = 224, lse 84.
   absl::StatusOr<SharedMemoryPlacement> p =
       SharedMemoryPlacement::Of(AttendOf(v1::DTYPE_FP32, 1, 7, 3, 1, 8, true));
   ASSERT_TRUE(p.ok()) << p.status();
   std::map<std::string, SharedMemoryPlacement::Slot> slots = CheckedSlots(*p);
   EXPECT_EQ(slots["q"].offset, 0);
-  EXPECT_EQ(slots["k"].offset, 704);  // 672 rounded up to 64
+  EXPECT_EQ(slots["k"].offset, 768);  // 672 rounded up to 256
   EXPECT_EQ(slots["lse"].byte_size, 84);
 }
 

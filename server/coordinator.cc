@@ -350,6 +350,39 @@ class Coordinator::Services {
       return FinishNow(ctx, c_->shared_memory_.Unregister(CallerIdentity(*ctx), request->name()));
     }
 
+    grpc::ServerUnaryReactor* RegisterCudaSharedMemory(
+        grpc::CallbackServerContext* ctx, const v1::RegisterCudaSharedMemoryRequest* request,
+        v1::RegisterCudaSharedMemoryResponse*) override {
+      if (!c_->options_.shared_memory) {
+        return FinishNow(ctx, absl::FailedPreconditionError(
+                                  "this service has shared memory disabled"));
+      }
+      if (!IsLocalCaller(*ctx)) {
+        return FinishNow(ctx, absl::PermissionDeniedError(absl::StrCat(
+                                  "CUDA shared memory is for callers on the service's host; ",
+                                  "this call came from ", ctx->peer())));
+      }
+      return FinishNow(ctx, c_->shared_memory_.Register(CallerIdentity(*ctx), *request));
+    }
+
+    grpc::ServerUnaryReactor* UnregisterCudaSharedMemory(
+        grpc::CallbackServerContext* ctx, const v1::UnregisterCudaSharedMemoryRequest* request,
+        v1::UnregisterCudaSharedMemoryResponse*) override {
+      return FinishNow(ctx, c_->shared_memory_.Unregister(CallerIdentity(*ctx), request->name(),
+                                                          SharedMemoryRegistry::Kind::kCuda));
+    }
+
+    grpc::ServerUnaryReactor* CudaSharedMemoryStatus(
+        grpc::CallbackServerContext* ctx, const v1::CudaSharedMemoryStatusRequest* request,
+        v1::CudaSharedMemoryStatusResponse* response) override {
+      absl::StatusOr<std::vector<v1::CudaSharedMemoryRegion>> regions =
+          c_->shared_memory_.ListCuda(CallerIdentity(*ctx), request->name());
+      if (regions.ok()) {
+        for (v1::CudaSharedMemoryRegion& r : *regions) *response->add_regions() = std::move(r);
+      }
+      return FinishNow(ctx, regions.status());
+    }
+
     grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
         grpc::CallbackServerContext* ctx, const v1::SystemSharedMemoryStatusRequest* request,
         v1::SystemSharedMemoryStatusResponse* response) override {

@@ -99,9 +99,32 @@ bool WorkerMapsSharedMemory(const RingSnapshot& ring, int r) {
 
 void AddShardShm(const std::string& name, const SharedTensor& t, v1::ShardHeader* h) {
   v1::ShardShm& s = (*h->mutable_shm())[name];
-  s.set_key(t.mapping->key());
+  if (t.mapping != nullptr) {
+    s.set_key(t.mapping->key());
+  } else {
+    s.set_cuda_handle(t.cuda->handle);
+  }
   s.set_offset(t.object_offset());
   s.set_byte_size(t.bytes);
+}
+
+// FAILED_PRECONDITION naming the tensor when one in CUDA memory has a rank that cannot reach
+// it: only GPU workers on this host open a client's allocation.
+absl::Status CheckCudaReachable(const SharedTensors& shared, const RingSnapshot& ring) {
+  for (const auto& [name, t] : shared) {
+    if (t.cuda == nullptr) continue;
+    for (size_t r = 0; r < ring.members.size(); ++r) {
+      const WorkerRecord& w = *ring.members[r];
+      if (!WorkerMapsSharedMemory(ring, static_cast<int>(r)) || w.transport != "nccl") {
+        return absl::FailedPreconditionError(absl::StrCat(
+            name, " is in CUDA shared memory, which only GPU workers on the service's host can "
+            "reach; rank ", r, "'s worker (", w.backend, " on ", w.device, ") ",
+            WorkerMapsSharedMemory(ring, static_cast<int>(r)) ? "has no GPU"
+                                                              : "is on another host"));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 // Places the tensors of `request` that are not in the client's shared memory into `arena` for
@@ -126,7 +149,7 @@ absl::Status PlaceInArena(const ComputeRpc& rpc, const ValidatedAttend& p, const
   RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> mapping, arena.Reserve(total));
   for (const auto& [t, at] : slots) {
     const int64_t bytes = static_cast<int64_t>(BytesOf(t->kind, p.shape));
-    SharedTensor st{mapping, at, bytes};
+    SharedTensor st{mapping, nullptr, at, bytes};
     const bool input = t >= rpc.inputs.data() && t < rpc.inputs.data() + rpc.inputs.size();
     if (input) {
       RA_RETURN_IF_ERROR(ParallelCopy(st.data(), TensorField(request, t->name).data().data(),
@@ -166,8 +189,9 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
 
   // A region replaced or shrunk since it was registered fails this request only, before any
   // worker starts (a worker failing on it would break the ring for everyone).
+  RA_RETURN_IF_ERROR(CheckCudaReachable(shared, ring));
   for (const auto& [name, t] : shared) {
-    if (!t.mapping->StillCurrent()) {
+    if (t.mapping != nullptr && !t.mapping->StillCurrent()) {
       return absl::FailedPreconditionError(absl::StrCat(
           name, ": the shared-memory object '", t.mapping->key(),
           "' shrank, vanished or was replaced since it was registered; register it again"));

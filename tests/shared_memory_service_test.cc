@@ -26,6 +26,8 @@
 #include "kernels/cpu/reference_attention.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "server/coordinator.h"
+#include "client/attention_client.h"
+#include "client/shared_memory_session.h"
 #include "tests/service_fixture.h"
 
 namespace ringattn {
@@ -374,6 +376,63 @@ TEST_F(ShmServiceTest, RegistrationStatusAndUnregistration) {
             grpc::StatusCode::NOT_FOUND);
 }
 
+TEST_F(ShmServiceTest, CudaRegionsAreKeptButRefusedToHostWorkers) {
+  const auto reg = [&](const std::string& name, std::string handle, int64_t bytes) {
+    v1::RegisterCudaSharedMemoryRequest r;
+    r.set_name(name);
+    r.set_raw_handle(std::move(handle));
+    r.set_byte_size(bytes);
+    v1::RegisterCudaSharedMemoryResponse resp;
+    grpc::ClientContext ctx;
+    return svc_->stub().RegisterCudaSharedMemory(&ctx, r, &resp);
+  };
+  // The coordinator keeps the handle without opening it (it needs no GPU).
+  ASSERT_TRUE(reg("gpu", std::string(64, '\x01'), 1 << 20).ok());
+  grpc::Status s = reg("short", std::string(10, '\x01'), 1 << 20);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("raw_handle"), std::string::npos) << s.error_message();
+  s = reg("empty", std::string(64, '\x01'), 0);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("byte_size"), std::string::npos) << s.error_message();
+  EXPECT_EQ(reg("gpu", std::string(64, '\x02'), 1).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+
+  // Listed as a CUDA region, not as a system one; unregistered only as what it is.
+  {
+    v1::CudaSharedMemoryStatusRequest r;
+    v1::CudaSharedMemoryStatusResponse st;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(svc_->stub().CudaSharedMemoryStatus(&ctx, r, &st).ok());
+    ASSERT_EQ(st.regions_size(), 1);
+    EXPECT_EQ(st.regions(0).name(), "gpu");
+    EXPECT_EQ(st.regions(0).byte_size(), 1 << 20);
+    v1::SystemSharedMemoryStatusResponse sys;
+    ASSERT_TRUE(svc_->Status("", &sys).ok());
+    EXPECT_EQ(sys.regions_size(), 0);
+    EXPECT_EQ(svc_->Unregister("gpu").error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+
+  // A request with a tensor there is refused before any worker runs: these are CPU workers.
+  v1::AttendRequest req = MakeRequest(Shape{});
+  const int64_t q_bytes = Bytes(req.q());
+  req.mutable_q()->clear_data();
+  v1::SharedMemoryRef* ref = req.mutable_q()->mutable_shm();
+  ref->set_region("gpu");
+  ref->set_offset(0);
+  ref->set_byte_size(q_bytes);
+  ExpectRefused(req, "q is in CUDA shared memory", grpc::StatusCode::FAILED_PRECONDITION);
+  ExpectRefused(req, "has no GPU", grpc::StatusCode::FAILED_PRECONDITION);
+  // Out of its range: INVALID_ARGUMENT naming the field, as for system memory.
+  ref->set_offset((1 << 20) - 2);
+  ExpectRefused(req, "q.shm.offset");
+
+  v1::UnregisterCudaSharedMemoryRequest u;
+  u.set_name("gpu");
+  v1::UnregisterCudaSharedMemoryResponse ur;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(svc_->stub().UnregisterCudaSharedMemory(&ctx, u, &ur).ok());
+}
+
 TEST_F(ShmServiceTest, BadReferencesAreRefusedNamingTheField) {
   ClientObject obj(1 << 20);
   ASSERT_TRUE(svc_->Register("r", obj).ok());
@@ -444,6 +503,59 @@ TEST_F(ShmServiceTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
 #endif  // RINGATTN_SHM_GPU
 
 #if RINGATTN_SHM_GPU
+// Attend and AttendBackward with their tensors in this process's GPU memory (CUDA IPC): the
+// same bytes as the requests sent as bytes, and the forward within the fp64 tolerance.
+TEST(ShmGpuTest, CudaSharedMemoryGivesTheBytesOfTheMessages) {
+  if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  ShmService svc(1, true, "cuda");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  absl::StatusOr<ConnectedClient> c = ConnectAndGetInfo(svc.address(), absl::Seconds(10));
+  ASSERT_TRUE(c.ok()) << c.status();
+  AttentionClient& client = *c->client;
+  const absl::Duration timeout = absl::Seconds(60);
+  for (const Shape& shape : {Shape{1, 7, 5, 1, 64, v1::DTYPE_BF16},
+                             Shape{2, 3816, 5, 1, 128, v1::DTYPE_FP16}}) {
+    SCOPED_TRACE(shape.seqlen);
+    v1::AttendRequest request = MakeRequest(shape);
+    request.mutable_options()->set_causal(true);
+    request.set_return_lse(true);
+    absl::StatusOr<v1::AttendResponse> plain = client.Attend(request, timeout);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> session = SharedMemorySession::OpenFor(
+        client, request, timeout, SharedMemorySession::Kind::kCuda, 0);
+    ASSERT_TRUE(session.ok()) << session.status();
+    absl::StatusOr<v1::AttendResponse> got = (*session)->Attend(request, timeout);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->out().data(), plain->out().data());
+    EXPECT_EQ(got->lse().data(), plain->lse().data());
+    ExpectMatchesReference(request, got->out().data(), got->lse().data());
+    // In place: the worker read and wrote the client's GPU memory, no host copy on its side.
+    for (const v1::WorkerTiming& w : got->timings().workers()) {
+      EXPECT_EQ(w.host_to_device_seconds(), 0) << w.rank();
+    }
+
+    v1::AttendBackwardRequest backward;
+    *backward.mutable_q() = request.q();
+    *backward.mutable_k() = request.k();
+    *backward.mutable_v() = request.v();
+    *backward.mutable_out() = plain->out();
+    *backward.mutable_lse() = plain->lse();
+    *backward.mutable_dout() = request.q();
+    *backward.mutable_options() = request.options();
+    absl::StatusOr<v1::AttendBackwardResponse> want = client.AttendBackward(backward, timeout);
+    ASSERT_TRUE(want.ok()) << want.status();
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> grads = SharedMemorySession::OpenFor(
+        client, backward, timeout, SharedMemorySession::Kind::kCuda, 0);
+    ASSERT_TRUE(grads.ok()) << grads.status();
+    absl::StatusOr<v1::AttendBackwardResponse> g = (*grads)->AttendBackward(backward, timeout);
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_EQ(g->dq().data(), want->dq().data());
+    EXPECT_EQ(g->dk().data(), want->dk().data());
+    EXPECT_EQ(g->dv().data(), want->dv().data());
+  }
+}
+
 TEST(ShmGpuTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
   if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";

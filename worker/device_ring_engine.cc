@@ -1,6 +1,11 @@
 #include "worker/device_ring_engine.h"
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
 
 #include <cstddef>
 #include <string>
@@ -70,6 +75,33 @@ struct ShardBytes {
 };
 
 double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
+
+// The bytes of the device allocation that starts at `p` (cuMemGetAddressRange, reached through
+// the runtime so that the binary needs no libcuda where there is no GPU).
+absl::StatusOr<size_t> AllocationBytes(void* p) {
+  using GetRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  static GetRange get_range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetRange>(fn);
+  }();
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (get_range == nullptr ||
+      get_range(&base, &size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS) {
+    return absl::InvalidArgumentError("the CUDA IPC handle's allocation has no known size");
+  }
+  if (base != reinterpret_cast<CUdeviceptr>(p)) {
+    return absl::InvalidArgumentError("the CUDA IPC handle does not open at its allocation's start");
+  }
+  return size;
+}
 
 // Whether `p` is memory of `device` (device-resident shard tensors are used in place).
 bool OnDevice(const void* p, int device) {
@@ -257,6 +289,39 @@ class DeviceRingEngine final : public RingEngine {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<std::shared_ptr<char>> OpenCudaShared(const std::string& handle,
+                                                       int64_t bytes) override {
+    std::lock_guard<std::mutex> lock(ipc_mu_);
+    auto it = ipc_.find(handle);
+    if (it == ipc_.end()) {
+      RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+      cudaIpcMemHandle_t h;
+      if (handle.size() != sizeof(h)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "CUDA IPC handle has ", handle.size(), " bytes, expected ", sizeof(h)));
+      }
+      std::memcpy(&h, handle.data(), sizeof(h));
+      void* p = nullptr;
+      const cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the CUDA IPC handle does not open on this worker's GPU: ", cudaGetErrorString(e)));
+      }
+      std::shared_ptr<char> opened(static_cast<char*>(p),
+                                   [](char* q) { cudaIpcCloseMemHandle(q); });
+      RA_ASSIGN_OR_RETURN(const size_t size, AllocationBytes(p));
+      if (ipc_.size() >= kMaxOpenHandles) ipc_.erase(ipc_.begin());  // closed when unheld
+      it = ipc_.emplace(handle, OpenedIpc{std::move(opened), size}).first;
+    }
+    if (bytes < 0 || static_cast<size_t>(bytes) > it->second.size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the CUDA shared-memory region's tensors reach byte ", bytes,
+                       " of an allocation of ", it->second.size));
+    }
+    return it->second.base;
+  }
+
   absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,
       std::chrono::milliseconds timeout) override {
@@ -276,10 +341,18 @@ class DeviceRingEngine final : public RingEngine {
   }
 
  private:
+  static constexpr size_t kMaxOpenHandles = 64;
+  struct OpenedIpc {
+    std::shared_ptr<char> base;  // closes the handle when the last holder lets go
+    size_t size = 0;             // of the allocation
+  };
+
   const int device_;
   const std::string device_name_;
   std::unique_ptr<AttentionBackend> backend_;
   std::unique_ptr<AttentionBackend> backward_;  // null: the kernel has no backward
+  std::mutex ipc_mu_;
+  std::map<std::string, OpenedIpc> ipc_;  // by handle bytes; guarded by ipc_mu_
 };
 
 }  // namespace

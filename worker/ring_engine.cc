@@ -34,6 +34,12 @@ absl::Status RingEngine::CopyShard(const std::vector<CopySpan>& spans, absl::str
   return ParallelCopy(spans, what);
 }
 
+absl::StatusOr<std::shared_ptr<char>> RingEngine::OpenCudaShared(const std::string& /*handle*/,
+                                                                 int64_t /*bytes*/) {
+  return absl::FailedPreconditionError(
+      "CUDA shared memory reached a worker without a GPU (its kernel runs on the host)");
+}
+
 absl::StatusOr<std::unique_ptr<RingEngine>> MakeRingEngine(const RingEngineOptions& options) {
   RingEngineOptions o = options;
   if (o.kernel == "auto") {

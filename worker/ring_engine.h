@@ -65,6 +65,12 @@ class RingEngine {
   // this engine's best speed; FAILED_PRECONDITION naming `what` when shared memory shrank under
   // a host-side copy. Thread-safe.
   virtual absl::Status CopyShard(const std::vector<CopySpan>& spans, absl::string_view what);
+  // A client's GPU allocation exported by CUDA IPC (`handle`: cudaIpcMemHandle_t bytes), opened
+  // on this engine's device once per handle and kept open while cached or held; `bytes` from
+  // its start must lie in it (INVALID_ARGUMENT otherwise, or for a handle that does not open).
+  // FAILED_PRECONDITION on the host engine, which has no GPU.
+  virtual absl::StatusOr<std::shared_ptr<char>> OpenCudaShared(const std::string& handle,
+                                                               int64_t bytes);
   // Joins ring `rank` of `world` through `store` (keys already confined to this ring).
   virtual absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,

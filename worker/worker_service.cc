@@ -340,29 +340,55 @@ void SetShardSizes(const AttentionShape& s, Tensors* t) {
   t->head_dim = s.head_dim;
 }
 
-// A whole tensor mapped from a client's shared memory, viewed as the rows ExtractShard cuts.
+// A whole tensor in a client's shared memory (system: mapped; CUDA: opened on this worker's
+// GPU), viewed as the rows ExtractShard cuts.
 struct SharedTensorView {
-  std::shared_ptr<SharedMemoryMapping> mapping;  // keeps `data` mapped
+  std::shared_ptr<SharedMemoryMapping> mapping;  // keeps `data` mapped; null for CUDA memory
+  std::shared_ptr<char> device;                  // keeps a CUDA allocation open
   char* data = nullptr;
   RowView rows;
 };
 
-// Maps `shm`, which must hold the whole of `t` for the problem in `spec`.
-absl::StatusOr<SharedTensorView> MapWhole(const ComputeTensor& t, const v1::ShardShm& shm,
-                                          const ShardSpec& spec, SharedMemoryCache* cache) {
+// Opens `shm`, which must hold the whole of `t` for the problem in `spec`.
+absl::StatusOr<SharedTensorView> OpenWhole(const ComputeTensor& t, const v1::ShardShm& shm,
+                                           const ShardSpec& spec, SharedMemoryCache* cache,
+                                           RingEngine& engine) {
   const int64_t want = static_cast<int64_t>(BytesOf(t.kind, spec.shape));
   const std::string field = absl::StrCat("header.shm['", t.name, "']");
   if (shm.byte_size() != want) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".byte_size is ", shm.byte_size(),
                                                    "; the whole ", t.name, " has ", want));
   }
+  SharedTensorView view;
+  view.rows = RowsOf(t.kind, spec.shape);
+  if (!shm.cuda_handle().empty()) {
+    if (shm.offset() < 0 || shm.offset() > INT64_MAX - shm.byte_size()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".offset is ", shm.offset()));
+    }
+    absl::StatusOr<std::shared_ptr<char>> base =
+        engine.OpenCudaShared(shm.cuda_handle(), shm.offset() + shm.byte_size());
+    if (!base.ok()) return Annotate(base.status(), field + ": ");
+    view.data = base->get() + shm.offset();
+    view.device = *std::move(base);
+    return view;
+  }
   RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> m,
                       cache->Open(shm.key(), shm.offset(), shm.byte_size(), field));
-  SharedTensorView view;
   view.data = m->data();
   view.mapping = std::move(m);
-  view.rows = RowsOf(t.kind, spec.shape);
   return view;
+}
+
+// Whether rank's shard of a tensor in CUDA memory is the whole tensor in order, at an address
+// the kernels take (256-byte aligned, as cudaMalloc's): then the ring uses it in place.
+bool UsableInPlace(const ShardPlan& plan, int rank, const SharedTensorView& view) {
+  if (view.device == nullptr || reinterpret_cast<uintptr_t>(view.data) % 256 != 0) return false;
+  size_t bytes = 0;
+  for (const ShardPiece& p : ShardPieces(plan, rank, view.rows.outer, view.rows.row_bytes)) {
+    if (p.shard_offset != p.whole_offset) return false;
+    bytes += p.bytes;
+  }
+  return bytes == view.rows.outer * static_cast<size_t>(plan.seqlen) * view.rows.row_bytes;
 }
 
 // The copies of rank's rows between a whole tensor in shared memory and its shard in `shard`:
@@ -382,11 +408,12 @@ std::vector<CopySpan> RowCopies(const ShardPlan& plan, int rank, const SharedTen
 
 // FAILED_PRECONDITION when `mapping`'s object was truncated under the request (a device copying
 // from pinned pages sees no SIGBUS: the request fails here instead).
-absl::Status CheckStillMapped(const SharedMemoryMapping& mapping, const std::string& what) {
-  if (!mapping.Shrunk()) return absl::OkStatus();
+// Null (CUDA memory): nothing to check.
+absl::Status CheckStillMapped(const SharedMemoryMapping* mapping, const std::string& what) {
+  if (mapping == nullptr || !mapping->Shrunk()) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       what, ": the shared-memory region shrank or vanished during the request (object '",
-      mapping.key(), "')"));
+      mapping->key(), "')"));
 }
 
 // Runs `ring_op` (one ring pass on `comm`) with a watcher that aborts the ring when the call is
@@ -430,8 +457,11 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
 }  // namespace
 
 absl::StatusOr<WorkerServiceImpl::SharedShard> WorkerServiceImpl::StageShared(
-    size_t slot, size_t bytes, SharedMemoryMapping& mapping) {
-  RA_ASSIGN_OR_RETURN(const bool pinned, engine_->PinHost(mapping));
+    size_t slot, size_t bytes, SharedMemoryMapping* mapping) {
+  bool pinned = true;  // CUDA memory: device copies
+  if (mapping != nullptr) {
+    RA_ASSIGN_OR_RETURN(pinned, engine_->PinHost(*mapping));
+  }
   if (staging_.size() <= slot) staging_.resize(slot + 1);
   StagingSlot& s = staging_[slot];
   if (s.data == nullptr || s.bytes < bytes || s.engine_memory != pinned) {
@@ -490,6 +520,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
           SharedShard shard;
         };
         std::vector<SharedOutput> shared_outputs;
+        std::vector<SharedTensorView> held;  // tensors used in place, open for the call
         ShardBuffers buffers;
         double read_seconds = 0;
         size_t slot = 0;
@@ -500,15 +531,22 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
             continue;
           }
           const absl::Time read0 = absl::Now();
-          RA_ASSIGN_OR_RETURN(const SharedTensorView view,
-                              MapWhole(in, shm->second, spec, &shared_memory_));
+          RA_ASSIGN_OR_RETURN(SharedTensorView view,
+                              OpenWhole(in, shm->second, spec, &shared_memory_, *engine_));
+          if (UsableInPlace(spec.plan, rank, view)) {
+            buffers.inputs.push_back(view.data);
+            held.push_back(std::move(view));
+            read_seconds += Since(read0);
+            continue;
+          }
           RA_ASSIGN_OR_RETURN(const SharedShard staged,
-                              StageShared(slot++, BytesOf(in.kind, spec.shard), *view.mapping));
+                              StageShared(slot++, BytesOf(in.kind, spec.shard), view.mapping.get()));
           const std::string where = absl::StrCat(in.name, " in shared memory");
           RA_RETURN_IF_ERROR(
               CopyRows(staged, RowCopies(spec.plan, rank, view, staged.data, true), where));
-          RA_RETURN_IF_ERROR(CheckStillMapped(*view.mapping, where));
+          RA_RETURN_IF_ERROR(CheckStillMapped(view.mapping.get(), where));
           buffers.inputs.push_back(staged.data);
+          held.push_back(std::move(view));
           read_seconds += Since(read0);
         }
         for (const ComputeTensor& out : rpc.outputs) {
@@ -522,11 +560,17 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
             buffers.outputs.push_back(SizeBytesField(response, out.name, bytes));
             continue;
           }
-          RA_ASSIGN_OR_RETURN(const SharedTensorView view,
-                              MapWhole(out, shm->second, spec, &shared_memory_));
-          RA_ASSIGN_OR_RETURN(const SharedShard staged, StageShared(slot++, bytes, *view.mapping));
-          shared_outputs.push_back({&out, view, staged});
+          RA_ASSIGN_OR_RETURN(SharedTensorView view,
+                              OpenWhole(out, shm->second, spec, &shared_memory_, *engine_));
+          if (UsableInPlace(spec.plan, rank, view)) {
+            buffers.outputs.push_back(view.data);
+            held.push_back(std::move(view));
+            continue;
+          }
+          RA_ASSIGN_OR_RETURN(const SharedShard staged,
+                              StageShared(slot++, bytes, view.mapping.get()));
           buffers.outputs.push_back(staged.data);
+          shared_outputs.push_back({&out, std::move(view), staged});
         }
 
         const absl::Time ring0 = absl::Now();
@@ -538,7 +582,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
           const std::string where = absl::StrCat(out.tensor->name, " in shared memory");
           RA_RETURN_IF_ERROR(CopyRows(
               out.shard, RowCopies(spec.plan, rank, out.view, out.shard.data, false), where));
-          RA_RETURN_IF_ERROR(CheckStillMapped(*out.view.mapping, where));
+          RA_RETURN_IF_ERROR(CheckStillMapped(out.view.mapping.get(), where));
         }
         const absl::Time send0 = absl::Now();
         v1::WorkerTiming* timing = response->mutable_timing();

@@ -109,15 +109,16 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   grpc::Status RunCompute(const ComputeRpc& rpc, const char* method, const char* what_kind,
                           grpc::ServerContext* context, const Request& request, Response* response,
                           const ShardOp<Request>& op) ABSL_LOCKS_EXCLUDED(run_mu_);
-  // Where a tensor in a client's shared memory (`mapping`) has its shard during a call: the
-  // engine's shard memory (device memory on GPU workers, filled straight from the client's
-  // pages, which the engine pins) or, where the engine cannot pin them, page-locked host
-  // staging. Slot `slot`, at least `bytes`, kept between calls.
+  // Where a tensor in a client's shared memory (`mapping`; null for CUDA memory) has its shard
+  // during a call: the engine's shard memory (device memory on GPU workers, filled straight
+  // from the client's pages, which the engine pins, or from its GPU allocation) or, where the
+  // engine cannot pin them, page-locked host staging. Slot `slot`, at least `bytes`, kept
+  // between calls.
   struct SharedShard {
     char* data = nullptr;
     bool engine_memory = false;  // AllocateShard's (copies by CopyShard), else AllocateHost's
   };
-  absl::StatusOr<SharedShard> StageShared(size_t slot, size_t bytes, SharedMemoryMapping& mapping)
+  absl::StatusOr<SharedShard> StageShared(size_t slot, size_t bytes, SharedMemoryMapping* mapping)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
   // The copies of a shared shard's rows (SharedShard's kind says how).
   absl::Status CopyRows(const SharedShard& shard, const std::vector<CopySpan>& copies,
