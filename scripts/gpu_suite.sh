@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=index,name --format=csv,noheader 2>/dev/null || echo "no 
 
 TESTS="cuda_backend_test flash_fwd_config_test cuda_backward_test cudnn_backend_test
        cudnn_backward_test backend_conformance_test device_ring_test device_ring_backward_test
-       service_backward_gpu_test"
+       service_backward_gpu_test shared_memory_service_gpu_test"
 status=0
 rows=()
 run() {  # $1 name, rest: command

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The data-path benchmark of docs/performance.md on one GPU: `ringattn serve` with one worker
+# (--kernel, default cuda) and `ringattn bench` from the same machine over each path (bytes,
+# system shared memory, CUDA shared memory; with the client's copies, and with the tensors
+# resident in the regions; concurrency 1 and 4). JSON per run under OUT_DIR, one table last.
+# Usage (GPU machine, bundle from scripts/gpu_bundle.sh ringattn):
+#   scripts/gpu_data_path.sh .devbin $OUT
+# SHAPE overrides the problem flags (default: the issue's 32k shape).
+set -uo pipefail
+BIN=${1:-.devbin}
+OUT_DIR=${2:-${OUT:-/tmp/gpu_data_path}}
+KERNEL=${KERNEL:-cuda}
+N=${N:-6}
+SHAPE=${SHAPE:---seqlen=32768 --heads=32 --heads_k=8 --head_dim=128 --dtype=bf16 --causal}
+mkdir -p "$OUT_DIR"
+export LD_LIBRARY_PATH="$BIN/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NCCL_NVLS_ENABLE=0
+RA="$BIN/ringattn"
+PORT=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+LOG="$OUT_DIR/serve_$KERNEL.log"
+"$RA" serve --kernel="$KERNEL" --workers=1 --listen="127.0.0.1:$PORT" --metrics= >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+for _ in $(seq 600); do grep -q "workers ready" "$LOG" && break; sleep 0.1; done
+grep -q "workers ready" "$LOG" || { echo "serve did not start"; cat "$LOG"; exit 1; }
+
+run() {  # $1 name, rest: bench flags
+  local name=$1; shift
+  # shellcheck disable=SC2086
+  "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" "$@" \
+    >"$OUT_DIR/$name.txt" 2>&1 || echo "$name: bench failed (see $name.txt)"
+}
+run bytes --requests="$N"
+run shm --shm --requests="$N"
+run shm_resident --shm --shm_resident --requests="$N"
+run cuda_shm --cuda_shm --requests="$N"
+run cuda_shm_resident --cuda_shm --shm_resident --requests="$N"
+run shm_resident_c4 --shm --shm_resident --concurrency=4 --requests=$((4 * N))
+run cuda_shm_resident_c4 --cuda_shm --shm_resident --concurrency=4 --requests=$((4 * N))
+
+python3 - "$OUT_DIR" "$KERNEL" <<'PY'
+import json, os, sys
+out, kernel = sys.argv[1], sys.argv[2]
+names = ["bytes", "shm", "shm_resident", "cuda_shm", "cuda_shm_resident", "shm_resident_c4",
+         "cuda_shm_resident_c4"]
+print(f"== data path, one {kernel} worker (ms; p50 and mean of the client round trip; server "
+      "phases are means)")
+print(f"{'path':22} {'ok':>4} {'p50':>8} {'mean':>8} {'total':>8} {'workers':>8} {'ring':>7} "
+      f"{'shm_in':>7} {'shm_out':>7} {'busy':>6}")
+for n in names:
+    p = os.path.join(out, n + ".json")
+    if not os.path.exists(p):
+        print(f"{n:22} (no result)"); continue
+    j = json.load(open(p))
+    m = j["server_mean_seconds"]
+    f = lambda k: m.get(k, 0) * 1e3
+    print(f"{n:22} {j['ok']:>4} {j['latency_seconds']['p50']*1e3:8.1f} "
+          f"{j['latency_seconds']['mean']*1e3:8.1f} {f('total'):8.1f} {f('workers'):8.1f} "
+          f"{f('ring'):7.1f} {f('shm_in'):7.1f} {f('shm_out'):7.1f} "
+          f"{j.get('ring_busy_share', 0)*100:5.1f}%")
+PY
