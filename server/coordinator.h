@@ -1,7 +1,9 @@
 // The coordinator: serves the public AttentionService (gRPC callback API: no thread waits for a
 // request) on its port and the internal CoordinatorService on another, where every call must
-// carry the cluster secret (proto/cluster_auth.h); admits requests into a bounded queue, and
-// runs them one at a time through the ring of workers that RingManager keeps formed.
+// carry the cluster secret (proto/cluster_auth.h); either may have TLS, and the public API may
+// require bearer tokens (server/api_tokens.h). It admits requests into a queue bounded by
+// requests and bytes and fair between clients (server/admission_queue.h), and runs them one at
+// a time through the ring of workers that RingManager keeps formed.
 #pragma once
 
 #include <functional>
@@ -9,11 +11,16 @@
 #include <string>
 #include <thread>
 
+#include <optional>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "ringattn/v1/attention.pb.h"
 #include "proto/cluster_auth.h"
+#include "proto/transport_security.h"
 #include "server/admission_queue.h"
+#include "server/api_tokens.h"
 #include "server/attend_request.h"
 #include "server/metrics.h"
 #include "server/rendezvous_store.h"
@@ -39,6 +46,20 @@ class Coordinator {
     std::string metrics_address;  // host:port of /metrics; empty disables
     int world_size = 1;           // workers in the ring
     size_t max_queue = 16;        // admitted requests waiting; more are RESOURCE_EXHAUSTED
+    // Request bytes the service holds (being received, queued or running); past it
+    // RESOURCE_EXHAUSTED. <= 0: no bound.
+    int64_t max_queued_bytes = int64_t{8} << 30;
+    // The part of max_queue and of max_queued_bytes one client may take (at least one request).
+    double max_client_share = 0.5;
+    // TLS on the public API: this server's certificate and key (PEM files; empty: plaintext),
+    // and with `ca` mTLS: clients must present a certificate that CA signed, and a client's
+    // identity is its certificate's subject (alternative) name.
+    TlsFiles tls;
+    // TLS on the internal plane (ClusterSecret::WithTls): all three files, or none.
+    TlsFiles internal_tls;
+    // Bearer tokens the public API requires (server/api_tokens.h); empty: none. A caller's
+    // identity is then its token's client name.
+    std::string api_tokens_file;
     // Unary messages above this are refused by gRPC (RESOURCE_EXHAUSTED); clients stream.
     int64_t max_unary_bytes = int64_t{1} << 30;
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
@@ -103,6 +124,10 @@ class Coordinator {
   AttendLimits Limits() const;
   // OK when an internal call carries the cluster secret; UNAUTHENTICATED otherwise.
   absl::Status CheckInternal(const grpc::ServerContextBase& ctx) const;
+  // Who makes a public call: the client its bearer token names ("client:<name>") when tokens are
+  // required (UNAUTHENTICATED without a valid one), else the authenticated peer (mTLS), else the
+  // peer's address. Keys what a caller owns and its share of admission.
+  absl::StatusOr<std::string> Caller(const grpc::ServerContextBase& ctx) const;
   // Checks `request` and queues its job, which runs it into `response`; `finish` gets the job's
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
@@ -142,7 +167,8 @@ class Coordinator {
   // the dispatcher runs them in turn).
   SharedMemoryArena arena_;
   ServiceMetrics metrics_;
-  absl::StatusOr<ClusterSecret> secret_;
+  absl::StatusOr<ClusterSecret> secret_;  // with internal TLS when configured
+  std::optional<ApiTokens> tokens_;       // set by BuildAndStart when api_tokens_file is
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;
   std::unique_ptr<Services> services_;
