@@ -59,7 +59,25 @@ void AdmissionQueue::Release(const std::string& client, int64_t bytes) {
 }
 
 void AdmissionQueue::ForgetIfIdle(std::map<std::string, Client>::iterator it) {
-  if (it->second.queued == 0 && it->second.held_bytes == 0) clients_.erase(it);
+  // A client served is remembered a while longer (ForgetLongIdle), for the order of Pop.
+  if (it->second.queued == 0 && it->second.held_bytes == 0 && it->second.last_served == 0) {
+    clients_.erase(it);
+  }
+}
+
+void AdmissionQueue::ForgetLongIdle() {
+  // Bounds the clients remembered. One forgotten ranks with the clients never served (first),
+  // which favours only a client idle for that many pops.
+  const uint64_t horizon = std::max<uint64_t>(1024, 4 * limits_.max_jobs);
+  if (served_ <= horizon) return;
+  for (auto it = clients_.begin(); it != clients_.end();) {
+    const Client& c = it->second;
+    if (c.queued == 0 && c.held_bytes == 0 && c.last_served + horizon < served_) {
+      it = clients_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 absl::Status AdmissionQueue::Push(std::shared_ptr<AttendJob> job) {
@@ -103,7 +121,7 @@ std::shared_ptr<AttendJob> AdmissionQueue::Pop(absl::Duration wait) {
   auto client = clients_.find(job->client);
   --client->second.queued;
   client->second.last_served = ++served_;
-  ForgetIfIdle(client);
+  ForgetLongIdle();
   return job;
 }
 

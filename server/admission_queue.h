@@ -94,8 +94,10 @@ class AdmissionQueue {
     uint64_t last_served = 0;  // 0: not since it was last idle
   };
   void Release(const std::string& client, int64_t bytes);
-  // Forgets a client with nothing queued or held.
+  // Forgets a client with nothing queued or held that was never served.
   void ForgetIfIdle(std::map<std::string, Client>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets idle clients served long ago (their order is then that of clients never served).
+  void ForgetLongIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Limits limits_;
   mutable absl::Mutex mu_;

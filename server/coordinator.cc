@@ -568,6 +568,15 @@ absl::StatusOr<std::string> Coordinator::Caller(const grpc::ServerContextBase& c
   return absl::StrCat("client:", client);
 }
 
+Coordinator::AdmissionState Coordinator::admission() const {
+  AdmissionState state;
+  state.queued = queue_.depth();
+  state.held_bytes = queue_.held_bytes();
+  absl::MutexLock lock(&running_mu_);
+  state.running = running_job_ != nullptr;
+  return state;
+}
+
 int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
 
 bool Coordinator::Drain(absl::Duration grace) {

@@ -103,6 +103,14 @@ class Coordinator {
   std::vector<std::string> worker_addresses() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
+  // What admission holds now: requests queued, request bytes held (AdmissionQueue), and
+  // whether the dispatcher has a request (running, or waiting for the ring).
+  struct AdmissionState {
+    size_t queued = 0;
+    int64_t held_bytes = 0;
+    bool running = false;
+  };
+  AdmissionState admission() const;
   // Graceful stop, step one: health NOT_SERVING, new requests refused (UNAVAILABLE), and waits
   // up to `grace` for the queued and running requests to finish. True when they all did.
   // Shutdown follows.
@@ -185,7 +193,7 @@ class Coordinator {
   std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
   // The job the dispatcher runs and the ring generation it runs on, for stopping it when that
   // ring breaks (RingManager::Options::on_ring_broken).
-  absl::Mutex running_mu_;
+  mutable absl::Mutex running_mu_;
   std::shared_ptr<AttendJob> running_job_ ABSL_GUARDED_BY(running_mu_);
   int64_t running_generation_ ABSL_GUARDED_BY(running_mu_) = 0;
 };
