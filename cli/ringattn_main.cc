@@ -65,6 +65,9 @@ ABSL_FLAG(std::string, cluster_secret_file, "",
           "(else RINGATTN_CLUSTER_SECRET; serve generates one for its local workers)");
 ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
+ABSL_FLAG(std::string, health_listen, "",
+          "serve/coordinator: also serve grpc.health.v1 alone, in plaintext, here (for probes "
+          "that cannot speak TLS, e.g. Kubernetes' gRPC probe); '' off");
 ABSL_FLAG(int, workers, 3, "serve/coordinator: workers in the ring");
 ABSL_FLAG(std::string, kernel, "auto",
           "serve/worker: auto (cuda with a GPU, else cpu), cpu, cpu_reference, cuda, "
@@ -321,6 +324,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
     return 2;
   }
   o.metrics_address = absl::GetFlag(FLAGS_metrics);
+  o.health_listen_address = absl::GetFlag(FLAGS_health_listen);
   o.workers = absl::GetFlag(FLAGS_workers);
   o.spawn_workers = spawn_workers;
   o.kernel = absl::GetFlag(FLAGS_kernel);

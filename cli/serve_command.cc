@@ -26,6 +26,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
       o.internal_listen_address.empty() ? "127.0.0.1:0" : o.internal_listen_address;
   co.cluster_secret = o.cluster_secret;
   co.metrics_address = o.metrics_address;
+  co.health_listen_address = o.health_listen_address;
   co.world_size = o.workers;
   co.max_queue = o.max_queue;
   co.max_queued_bytes = o.max_queued_bytes;
@@ -49,6 +50,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
       << (o.api_tokens_file.empty() ? "" : " (bearer tokens)") << " (internal plane on port "
       << coordinator.internal_port() << (o.internal_tls.cert.empty() ? "" : ", mTLS") << ")";
   if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();
+  if (coordinator.health_port() != 0) out << ", health on port " << coordinator.health_port();
   out << "\n";
   if (!o.api_tokens_file.empty() && o.tls.cert.empty()) {
     out << "warning: bearer tokens without TLS (--tls_cert) cross the network in plaintext\n";

@@ -534,8 +534,17 @@ absl::Status Coordinator::BuildAndStart() {
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
   }
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
-  server_->GetHealthCheckService()->SetServingStatus("", false);
+  if (!options_.health_listen_address.empty()) {
+    grpc::ServerBuilder health;  // the default health service only
+    health.AddListeningPort(options_.health_listen_address, grpc::InsecureServerCredentials(),
+                            &health_port_);
+    health_server_ = health.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on ", options_.health_listen_address, " (health)"));
+    }
+  }
+  SetServing(false);
   ring_->Start();
   dispatcher_ = std::thread([this] { DispatchLoop(); });
   status_thread_ = std::thread([this] { StatusLoop(); });
@@ -581,10 +590,7 @@ int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
 
 bool Coordinator::Drain(absl::Duration grace) {
   draining_ = true;
-  if (server_ != nullptr) {
-    server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
-    server_->GetHealthCheckService()->SetServingStatus("", false);
-  }
+  SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   while (in_flight_ > 0) {
     if (absl::Now() >= deadline) return false;
@@ -600,9 +606,18 @@ void Coordinator::Shutdown() {
   if (internal_server_ != nullptr) {
     internal_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   }
+  if (health_server_ != nullptr) health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
   if (dispatcher_.joinable()) dispatcher_.join();
   if (status_thread_.joinable()) status_thread_.join();
   ring_->Stop();
+}
+
+void Coordinator::SetServing(bool serving) {
+  for (grpc::Server* server : {server_.get(), health_server_.get()}) {
+    if (server == nullptr) continue;
+    server->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+    server->GetHealthCheckService()->SetServingStatus("", serving);
+  }
 }
 
 void Coordinator::Wait() {
@@ -806,8 +821,7 @@ void Coordinator::StatusLoop() {
   while (!stopping_) {
     const bool ready = ring_->WaitUntilReady(absl::ZeroDuration()) && !draining_;
     if (first || ready != last) {
-      server_->GetHealthCheckService()->SetServingStatus(kServiceName, ready);
-      server_->GetHealthCheckService()->SetServingStatus("", ready);
+      SetServing(ready);
       last = ready;
       first = false;
     }

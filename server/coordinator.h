@@ -44,6 +44,9 @@ class Coordinator {
     // (cluster_secret() gives it to local workers).
     std::string cluster_secret;
     std::string metrics_address;  // host:port of /metrics; empty disables
+    // host:port of a plaintext server of grpc.health.v1 alone, for probes that cannot speak
+    // TLS (Kubernetes' gRPC probe); empty: none (health is on the public port as always).
+    std::string health_listen_address;
     int world_size = 1;           // workers in the ring
     size_t max_queue = 16;        // admitted requests waiting; more are RESOURCE_EXHAUSTED
     // Request bytes the service holds (being received, queued or running); past it
@@ -95,6 +98,7 @@ class Coordinator {
   absl::Status BuildAndStart();
   int port() const { return port_; }
   int internal_port() const { return internal_port_; }
+  int health_port() const { return health_port_; }  // 0 without health_listen_address
   // "127.0.0.1:<internal port>" for workers on this host.
   std::string internal_address() const;
   // Empty when none could be made (BuildAndStart then fails).
@@ -153,6 +157,8 @@ class Coordinator {
   // Waits for the ring and runs the job on it; reports a failed ring.
   absl::Status RunJob(AttendJob& job);
   void FillInfo(v1::InfoResponse* response) const;
+  // Health (grpc.health.v1) on the public port and the health port.
+  void SetServing(bool serving);
   void DispatchLoop();
   // The streams' activity, for cancelling idle ones (StatusLoop).
   struct StreamWatch {
@@ -182,8 +188,10 @@ class Coordinator {
   std::unique_ptr<Services> services_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> internal_server_;
+  std::unique_ptr<grpc::Server> health_server_;
   int port_ = 0;
   int internal_port_ = 0;
+  int health_port_ = 0;
   std::thread dispatcher_;
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};

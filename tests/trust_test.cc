@@ -133,6 +133,7 @@ TEST(Trust, TlsOnBothPlanesAndBearerTokens) {
   o.tls = {Files().path("server.pem"), Files().path("server.key"), ""};
   o.internal_tls = {Files().path("server.pem"), Files().path("server.key"), Files().path("ca.pem")};
   o.api_tokens_file = Files().tokens();
+  o.health_listen_address = "127.0.0.1:0";
   test::LocalService svc(2, o, "cpu", InternalTlsArgs());
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
 
@@ -167,6 +168,13 @@ TEST(Trust, TlsOnBothPlanesAndBearerTokens) {
     status = test::HealthStatus(health);
   }
   EXPECT_EQ(status, kServing);
+  // The same on the plaintext health port, which serves nothing else.
+  const std::string health_address = absl::StrCat("127.0.0.1:", svc.coordinator().health_port());
+  EXPECT_EQ(test::HealthStatus(grpc::CreateChannel(health_address,
+                                                   grpc::InsecureChannelCredentials())),
+            kServing);
+  EXPECT_EQ(InfoCode(*Client(health_address, Token(kAliceToken))),
+            absl::StatusCode::kUnimplemented);
 
   auto forged = Client(svc.address(), Tls("alice-token-0123456780"));
   const absl::Status wrong = forged->Attend(req, absl::Seconds(30)).status();
