@@ -96,7 +96,8 @@ ABSL_FLAG(std::string, internal_tls_cert, "",
           "(PEM, with the DNS name ringattn-internal), with --internal_tls_key and "
           "--internal_tls_ca (the CA of every internal certificate); serve passes them to its "
           "workers");
-ABSL_FLAG(std::string, internal_tls_key, "", "serve/coordinator/worker: key of --internal_tls_cert");
+ABSL_FLAG(std::string, internal_tls_key, "",
+          "serve/coordinator/worker: key of --internal_tls_cert");
 ABSL_FLAG(std::string, internal_tls_ca, "",
           "serve/coordinator/worker: CA that signed every internal certificate");
 ABSL_FLAG(double, max_request_seconds, 600,

@@ -46,7 +46,9 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
   }
   const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
   out << "coordinator listening on port " << coordinator.port()
-      << (o.tls.cert.empty() ? "" : o.tls.ca.empty() ? " (TLS)" : " (mTLS)")
+      << (o.tls.cert.empty() ? ""
+          : o.tls.ca.empty() ? " (TLS)"
+                             : " (mTLS)")
       << (o.api_tokens_file.empty() ? "" : " (bearer tokens)") << " (internal plane on port "
       << coordinator.internal_port() << (o.internal_tls.cert.empty() ? "" : ", mTLS") << ")";
   if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();

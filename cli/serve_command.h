@@ -14,7 +14,7 @@ namespace ringattn {
 struct ServeOptions {
   std::string listen_address = "127.0.0.1:50051";
   std::string metrics_address = "127.0.0.1:9464";  // empty disables /metrics
-  std::string health_listen_address;  // Coordinator::Options::health_listen_address
+  std::string health_listen_address;               // Coordinator::Options::health_listen_address
   // The internal plane (workers register here); empty: a free loopback port, for local workers.
   std::string internal_listen_address;
   // The internal plane's secret; empty: generated (local workers are given it).

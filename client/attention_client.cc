@@ -413,8 +413,7 @@ absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> AttentionClient::Syste
                                                    response.regions().end());
 }
 
-absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
-                                                  absl::Duration timeout,
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
                                                   const ClientCredentials& credentials) {
   ConnectedClient c;
   RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout, credentials));

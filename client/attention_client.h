@@ -158,8 +158,7 @@ struct ConnectedClient {
 };
 
 // AttentionClient::Connect, then GetInfo, each within `timeout`; the first failure's status.
-absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
-                                                  absl::Duration timeout,
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
                                                   const ClientCredentials& credentials = {});
 
 }  // namespace ringattn

@@ -1,9 +1,9 @@
 #include "proto/transport_security.h"
 
+#include <grpcpp/support/client_interceptor.h>
+
 #include <fstream>
 #include <sstream>
-
-#include <grpcpp/support/client_interceptor.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -60,8 +60,8 @@ class AddMetadataFactory final : public grpc::experimental::ClientInterceptorFac
 absl::StatusOr<TlsPem> ReadTlsFiles(const TlsFiles& files, absl::string_view flag_prefix) {
   const std::string prefix(flag_prefix);
   if (files.cert.empty() != files.key.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(prefix, "_cert and ", prefix,
-                                                   "_key go together: give both or neither"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "_cert and ", prefix, "_key go together: give both or neither"));
   }
   TlsPem pem;
   auto read = [&](const std::string& path, const char* which, std::string* out) {
@@ -95,8 +95,7 @@ std::shared_ptr<grpc::ChannelCredentials> TlsChannelCredentials(const TlsPem& pe
 
 std::shared_ptr<grpc::Channel> ChannelWithMetadata(
     const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
-    const grpc::ChannelArguments& args,
-    std::vector<std::pair<std::string, std::string>> metadata) {
+    const grpc::ChannelArguments& args, std::vector<std::pair<std::string, std::string>> metadata) {
   if (metadata.empty()) return grpc::CreateCustomChannel(target, credentials, args);
   std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
   factories.push_back(std::make_unique<AddMetadataFactory>(std::move(metadata)));

@@ -47,8 +47,7 @@ std::shared_ptr<grpc::ChannelCredentials> TlsChannelCredentials(const TlsPem& pe
 // that no call site can forget it.
 std::shared_ptr<grpc::Channel> ChannelWithMetadata(
     const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
-    const grpc::ChannelArguments& args,
-    std::vector<std::pair<std::string, std::string>> metadata);
+    const grpc::ChannelArguments& args, std::vector<std::pair<std::string, std::string>> metadata);
 
 // Whether `given` equals `expected`, in time that depends only on expected's length.
 bool ConstantTimeEquals(absl::string_view expected, absl::string_view given);

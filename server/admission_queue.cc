@@ -25,10 +25,10 @@ absl::StatusOr<std::unique_ptr<AdmissionQueue::Hold>> AdmissionQueue::HoldBytes(
   if (limits_.max_bytes > 0) {
     const int64_t share = client_max_bytes();
     if (bytes > share) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the request's ", bytes, " bytes exceed what one client may hold: ", share,
-          " bytes (--max_queued_bytes ", limits_.max_bytes, " x --max_client_share ",
-          limits_.client_share, ")"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the request's ", bytes, " bytes exceed what one client may hold: ", share,
+                       " bytes (--max_queued_bytes ", limits_.max_bytes, " x --max_client_share ",
+                       limits_.client_share, ")"));
     }
     if (held_bytes_ + bytes > limits_.max_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -84,8 +84,9 @@ absl::Status AdmissionQueue::Push(std::shared_ptr<AttendJob> job) {
   absl::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("the coordinator is shutting down");
   if (jobs_.size() >= limits_.max_jobs) {
-    return absl::ResourceExhaustedError(absl::StrCat("admission queue full (", limits_.max_jobs,
-                                                     " requests waiting, --max_queue); retry later"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("admission queue full (", limits_.max_jobs,
+                     " requests waiting, --max_queue); retry later"));
   }
   Client& mine = clients_[job->client];
   if (mine.queued >= client_max_jobs()) {

@@ -46,9 +46,9 @@ struct AttendJob {
 class AdmissionQueue {
  public:
   struct Limits {
-    size_t max_jobs = 16;                   // requests waiting (--max_queue)
-    int64_t max_bytes = int64_t{8} << 30;   // request bytes held (--max_queued_bytes); <= 0: none
-    double client_share = 0.5;              // of each bound, per client (--max_client_share)
+    size_t max_jobs = 16;                  // requests waiting (--max_queue)
+    int64_t max_bytes = int64_t{8} << 30;  // request bytes held (--max_queued_bytes); <= 0: none
+    double client_share = 0.5;             // of each bound, per client (--max_client_share)
   };
 
   // Request bytes held for a client until destroyed (the call that holds them ends).

@@ -24,7 +24,8 @@ std::shared_ptr<AttendJob> Job(const std::string& client, const std::string& id)
 // The ids of the jobs popped until the queue is empty.
 std::vector<std::string> Drain(AdmissionQueue& q) {
   std::vector<std::string> ids;
-  while (std::shared_ptr<AttendJob> job = q.Pop(absl::ZeroDuration())) ids.push_back(job->request_id);
+  while (std::shared_ptr<AttendJob> job = q.Pop(absl::ZeroDuration()))
+    ids.push_back(job->request_id);
   return ids;
 }
 
@@ -63,7 +64,7 @@ TEST(AdmissionQueue, AClientTakesAtMostItsShareOfTheQueue) {
   // A job taken out (cancelled) frees its client's place.
   auto gone = Job("alice", "a-gone");
   ASSERT_TRUE(q.Remove(q.Pop(absl::ZeroDuration())) == false);  // popped: not in the queue
-  ASSERT_TRUE(q.Push(gone).ok());                                 // alice's place (a1 left)
+  ASSERT_TRUE(q.Push(gone).ok());                               // alice's place (a1 left)
   EXPECT_TRUE(q.Remove(gone));
   EXPECT_FALSE(q.Remove(gone));
   EXPECT_TRUE(q.Push(Job("alice", "a5")).ok());
@@ -105,8 +106,7 @@ TEST(AdmissionQueue, BytesAreBoundedInAllAndPerClient) {
 
 TEST(AdmissionQueue, NoByteBoundWhenZero) {
   AdmissionQueue q({16, /*max_bytes=*/0, 0.5});
-  absl::StatusOr<std::unique_ptr<AdmissionQueue::Hold>> h =
-      q.HoldBytes("alice", int64_t{1} << 50);
+  absl::StatusOr<std::unique_ptr<AdmissionQueue::Hold>> h = q.HoldBytes("alice", int64_t{1} << 50);
   EXPECT_TRUE(h.ok()) << h.status();
 }
 

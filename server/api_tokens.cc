@@ -67,9 +67,9 @@ absl::StatusOr<std::string> ApiTokens::Authenticate(const grpc::ServerContextBas
   const auto& md = context.client_metadata();
   const auto it = md.find(kMetadataKey);
   if (it == md.end()) {
-    return absl::UnauthenticatedError(absl::StrCat(
-        "this service needs a bearer token: send the metadata '", kMetadataKey,
-        ": Bearer <token>'"));
+    return absl::UnauthenticatedError(
+        absl::StrCat("this service needs a bearer token: send the metadata '", kMetadataKey,
+                     ": Bearer <token>'"));
   }
   return AuthenticateValue(absl::string_view(it->second.data(), it->second.size()));
 }

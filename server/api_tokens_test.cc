@@ -31,12 +31,11 @@ TEST(ApiTokens, TheRightTokenNamesItsClient) {
 
 TEST(ApiTokens, AnythingElseIsUnauthenticated) {
   const ApiTokens t = *ApiTokens::Parse(kFile, "tokens");
-  for (const char* value :
-       {"Bearer alice-token-012345678",    // a prefix
-        "Bearer alice-token-01234567890",  // one byte more
-        "Bearer alice-token-0123456788",   // the last byte differs
-        "Bearer ", "Bearer", "", "bearer alice-token-0123456789",
-        "alice-token-0123456789", "Basic alice-token-0123456789"}) {
+  for (const char* value : {"Bearer alice-token-012345678",    // a prefix
+                            "Bearer alice-token-01234567890",  // one byte more
+                            "Bearer alice-token-0123456788",   // the last byte differs
+                            "Bearer ", "Bearer", "", "bearer alice-token-0123456789",
+                            "alice-token-0123456789", "Basic alice-token-0123456789"}) {
     SCOPED_TRACE(value);
     const absl::StatusOr<std::string> who = t.AuthenticateValue(value);
     EXPECT_EQ(who.status().code(), absl::StatusCode::kUnauthenticated);

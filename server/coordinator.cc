@@ -219,8 +219,8 @@ class Coordinator::StreamCall final
     receive_seconds_ = SecondsSince(arrival_);
     Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_,
-                         DeadlineOf(*ctx_), [this](absl::Status s) { Respond(s); });
+        c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_, DeadlineOf(*ctx_),
+                         [this](absl::Status s) { Respond(s); });
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -322,7 +322,7 @@ class Coordinator::StreamCall final
   typename Call::Response response_;
   typename Call::StreamResponse out_;
   std::optional<ChunkCursor> cursor_;
-  const absl::StatusOr<std::string> caller_;  // Coordinator::Caller
+  const absl::StatusOr<std::string> caller_;    // Coordinator::Caller
   std::unique_ptr<AdmissionQueue::Hold> hold_;  // the request's bytes, once its header came
   absl::Mutex mu_;  // OnCancel runs alongside the other reactions
   absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);

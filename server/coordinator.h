@@ -8,17 +8,16 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
-
-#include <optional>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "ringattn/v1/attention.pb.h"
 #include "proto/cluster_auth.h"
 #include "proto/transport_security.h"
+#include "ringattn/v1/attention.pb.h"
 #include "server/admission_queue.h"
 #include "server/api_tokens.h"
 #include "server/attend_request.h"

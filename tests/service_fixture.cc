@@ -115,8 +115,8 @@ std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
   grpc::ByteBuffer request(&empty_slice, 1), response;
   absl::Notification done;
   grpc::Status status;
-  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                    &response, [&](grpc::Status s) {
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                    [&](grpc::Status s) {
                       status = s;
                       done.Notify();
                     });

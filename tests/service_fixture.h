@@ -4,12 +4,12 @@
 #ifndef RINGATTN_TESTS_SERVICE_FIXTURE_H_
 #define RINGATTN_TESTS_SERVICE_FIXTURE_H_
 
+#include <grpcpp/channel.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/channel.h>
 
 #include "absl/status/status.h"
 #include "kernels/attention_params.h"

@@ -613,7 +613,8 @@ TEST(ServiceOps, DrainFinishesAdmittedRequestsAndRefusesNewOnes) {
   const grpc::Status refused = Call(svc, queued, &refused_resp);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
   EXPECT_NE(refused.error_message().find("shutting down"), std::string::npos);
-  EXPECT_NE(test::HealthStatus(svc.channel_ptr()), std::string("\x08\x01", 2)) << "still SERVING while draining";
+  EXPECT_NE(test::HealthStatus(svc.channel_ptr()), std::string("\x08\x01", 2))
+      << "still SERVING while draining";
   a.join();
   b.join();
   d.join();

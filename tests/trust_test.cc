@@ -26,9 +26,9 @@
 namespace ringattn {
 namespace {
 
-using ::testing::HasSubstr;
 using test::MakeRequest;
 using test::Shape;
+using ::testing::HasSubstr;
 
 constexpr char kAliceToken[] = "alice-token-0123456789";
 constexpr char kAliceRotatedToken[] = "alice-rotated-token-01";
@@ -47,8 +47,8 @@ const TestFiles& Files() {
   static const TestFiles* const files = [] {
     auto* f = new TestFiles;
     f->dir = ::testing::TempDir() + "/trust_test_" + std::to_string(getpid());
-    const std::string command = absl::StrCat(RINGATTN_SOURCE_DIR, "/tests/make_test_certs.sh ",
-                                             f->dir, " >/dev/null");
+    const std::string command =
+        absl::StrCat(RINGATTN_SOURCE_DIR, "/tests/make_test_certs.sh ", f->dir, " >/dev/null");
     const int rc = std::system(command.c_str());
     if (!WIFEXITED(rc) || WEXITSTATUS(rc) != 0) {
       f->why = WIFEXITED(rc) && WEXITSTATUS(rc) == 77
@@ -159,8 +159,8 @@ TEST(Trust, TlsOnBothPlanesAndBearerTokens) {
   // Health needs no token (probes carry none); it turns SERVING within the coordinator's 50 ms
   // status poll of the ring.
   const TlsPem ca = *ReadTlsFiles({"", "", Files().path("ca.pem")}, "--tls");
-  const auto health = grpc::CreateCustomChannel(svc.address(), TlsChannelCredentials(ca),
-                                                grpc::ChannelArguments());
+  const auto health =
+      grpc::CreateCustomChannel(svc.address(), TlsChannelCredentials(ca), grpc::ChannelArguments());
   const std::string kServing("\x08\x01", 2);
   std::string status = test::HealthStatus(health);
   for (int i = 0; i < 40 && status != kServing; ++i) {
@@ -170,9 +170,9 @@ TEST(Trust, TlsOnBothPlanesAndBearerTokens) {
   EXPECT_EQ(status, kServing);
   // The same on the plaintext health port, which serves nothing else.
   const std::string health_address = absl::StrCat("127.0.0.1:", svc.coordinator().health_port());
-  EXPECT_EQ(test::HealthStatus(grpc::CreateChannel(health_address,
-                                                   grpc::InsecureChannelCredentials())),
-            kServing);
+  EXPECT_EQ(
+      test::HealthStatus(grpc::CreateChannel(health_address, grpc::InsecureChannelCredentials())),
+      kServing);
   EXPECT_EQ(InfoCode(*Client(health_address, Token(kAliceToken))),
             absl::StatusCode::kUnimplemented);
 
@@ -185,7 +185,8 @@ TEST(Trust, TlsOnBothPlanesAndBearerTokens) {
   absl::StatusOr<v1::AttendResponse> unary = alice->Attend(req, absl::Seconds(60));
   ASSERT_TRUE(unary.ok()) << unary.status();
   test::ExpectMatchesReference(req, *unary);
-  absl::StatusOr<v1::AttendResponse> streamed = alice->AttendStreaming(req, absl::Seconds(60), 4096);
+  absl::StatusOr<v1::AttendResponse> streamed =
+      alice->AttendStreaming(req, absl::Seconds(60), 4096);
   ASSERT_TRUE(streamed.ok()) << streamed.status();
   test::ExpectMatchesReference(req, *streamed);
 
@@ -222,8 +223,8 @@ TEST(Trust, MutualTlsNeedsAClientCertificateThatNamesTheCaller) {
   absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region =
       SharedMemoryRegion::Create(MakeSharedMemoryKey(), 4096);
   ASSERT_TRUE(region.ok()) << region.status();
-  ASSERT_TRUE(alice->RegisterSystemSharedMemory("r", (*region)->key(), 0, 4096, absl::Seconds(10))
-                  .ok());
+  ASSERT_TRUE(
+      alice->RegisterSystemSharedMemory("r", (*region)->key(), 0, 4096, absl::Seconds(10)).ok());
   EXPECT_EQ(alice->SystemSharedMemoryStatus("r", absl::Seconds(10))->size(), 1u);
   EXPECT_EQ(bob->SystemSharedMemoryStatus("r", absl::Seconds(10)).status().code(),
             absl::StatusCode::kNotFound);
