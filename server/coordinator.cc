@@ -494,7 +494,7 @@ absl::Status Coordinator::BuildAndStart() {
   std::shared_ptr<grpc::ServerCredentials> public_credentials = grpc::InsecureServerCredentials();
   if (!options_.tls.cert.empty() || !options_.tls.key.empty() || !options_.tls.ca.empty()) {
     if (options_.tls.cert.empty()) {
-      return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+      return absl::InvalidArgumentError("--tls_key and --tls_client_ca need --tls_cert");
     }
     RA_ASSIGN_OR_RETURN(const TlsPem pem, ReadTlsFiles(options_.tls, "--tls"));
     public_credentials = TlsServerCredentials(pem);
