@@ -601,7 +601,7 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     return 1;
   }
   absl::StatusOr<ConnectedClient> connected =
-      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return 1;

@@ -430,7 +430,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   }
   const v1::AttendRequest request = BuildRequest(o);
   absl::StatusOr<ConnectedClient> connected =
-      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds));
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return 1;

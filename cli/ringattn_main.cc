@@ -65,6 +65,9 @@ ABSL_FLAG(std::string, cluster_secret_file, "",
           "(else RINGATTN_CLUSTER_SECRET; serve generates one for its local workers)");
 ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
+ABSL_FLAG(std::string, health_listen, "",
+          "serve/coordinator: also serve grpc.health.v1 alone, in plaintext, here (for probes "
+          "that cannot speak TLS, e.g. Kubernetes' gRPC probe); '' off");
 ABSL_FLAG(int, workers, 3, "serve/coordinator: workers in the ring");
 ABSL_FLAG(std::string, kernel, "auto",
           "serve/worker: auto (cuda with a GPU, else cpu), cpu, cpu_reference, cuda, "
@@ -72,6 +75,31 @@ ABSL_FLAG(std::string, kernel, "auto",
 ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
 ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
+ABSL_FLAG(int64_t, max_queued_bytes, int64_t{8} << 30,
+          "serve/coordinator: request bytes the service holds at once (being received, queued "
+          "or running); more are RESOURCE_EXHAUSTED (0: no bound)");
+ABSL_FLAG(double, max_client_share, 0.5,
+          "serve/coordinator: the part of --max_queue and --max_queued_bytes one client may "
+          "take (at least one request), so that one client cannot crowd out the others");
+ABSL_FLAG(std::string, api_tokens_file, "",
+          "serve/coordinator: require a bearer token on every public call (health excepted): "
+          "a file of '<token> <client name>' lines; the name is the client's identity");
+ABSL_FLAG(std::string, tls_cert, "",
+          "serve/coordinator: the public API's TLS certificate chain (PEM); attend/bench: the "
+          "client certificate for mTLS");
+ABSL_FLAG(std::string, tls_key, "",
+          "serve/coordinator: the key of --tls_cert (PEM); attend/bench: the client key");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "serve/coordinator: mTLS: clients must present a certificate this CA (PEM) signed");
+ABSL_FLAG(std::string, internal_tls_cert, "",
+          "serve/coordinator/worker: TLS on the internal plane: this process's certificate "
+          "(PEM, with the DNS name ringattn-internal), with --internal_tls_key and "
+          "--internal_tls_ca (the CA of every internal certificate); serve passes them to its "
+          "workers");
+ABSL_FLAG(std::string, internal_tls_key, "",
+          "serve/coordinator/worker: key of --internal_tls_cert");
+ABSL_FLAG(std::string, internal_tls_ca, "",
+          "serve/coordinator/worker: CA that signed every internal certificate");
 ABSL_FLAG(double, max_request_seconds, 600,
           "serve/coordinator: the longest a request may take from arrival, whatever deadline "
           "its client set (or none)");
@@ -93,6 +121,16 @@ ABSL_FLAG(bool, shared_memory, true,
 
 // attend
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "attend: the coordinator's host:port");
+ABSL_FLAG(bool, tls, false, "attend, bench: TLS, verifying the server against the system's roots");
+ABSL_FLAG(std::string, tls_ca, "",
+          "attend, bench (and serve --demo): TLS, verifying the server's certificate against "
+          "this CA (PEM)");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "attend, bench: the name the server's certificate must carry (default: --target's "
+          "host)");
+ABSL_FLAG(std::string, token_file, "",
+          "attend, bench (and serve --demo): file whose first line is the bearer token sent on "
+          "every call (else RINGATTN_TOKEN)");
 ABSL_FLAG(std::string, q_npy, "", "attend: q from a .npy file [batch, seq, heads, head_dim]");
 ABSL_FLAG(std::string, k_npy, "", "attend: k from a .npy file");
 ABSL_FLAG(std::string, v_npy, "", "attend: v from a .npy file");
@@ -197,9 +235,25 @@ int RunRing() {
   return ringattn::RunLocalRing(o, std::cout);
 }
 
-absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
+// The client's TLS and token flags. `client_cert`: --tls_cert and --tls_key are the client's
+// (attend, bench), not the server's (serve --demo).
+absl::StatusOr<ringattn::ClientCredentials> ClientCredentialsFromFlags(bool client_cert) {
+  ringattn::ClientCredentials c;
+  c.tls = absl::GetFlag(FLAGS_tls);
+  c.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  c.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  if (client_cert) {
+    c.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+    c.tls_key = absl::GetFlag(FLAGS_tls_key);
+  }
+  RA_ASSIGN_OR_RETURN(c.token, ringattn::LoadBearerToken(absl::GetFlag(FLAGS_token_file)));
+  return c;
+}
+
+absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags(bool client_cert = true) {
   ringattn::AttendCommandOptions o;
   o.target = absl::GetFlag(FLAGS_target);
+  RA_ASSIGN_OR_RETURN(o.credentials, ClientCredentialsFromFlags(client_cert));
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seqlen = absl::GetFlag(FLAGS_seqlen);
   o.heads = absl::GetFlag(FLAGS_heads);
@@ -233,9 +287,10 @@ absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags() {
   return o;
 }
 
-ringattn::BenchOptions BenchOptionsFromFlags() {
+absl::StatusOr<ringattn::BenchOptions> BenchOptionsFromFlags() {
   ringattn::BenchOptions o;
   o.target = absl::GetFlag(FLAGS_target);
+  RA_ASSIGN_OR_RETURN(o.credentials, ClientCredentialsFromFlags(/*client_cert=*/true));
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
   o.requests = absl::GetFlag(FLAGS_requests);
   o.duration_seconds = absl::GetFlag(FLAGS_duration);
@@ -258,6 +313,11 @@ ringattn::BenchOptions BenchOptionsFromFlags() {
   return o;
 }
 
+ringattn::TlsFiles InternalTlsFromFlags() {
+  return {absl::GetFlag(FLAGS_internal_tls_cert), absl::GetFlag(FLAGS_internal_tls_key),
+          absl::GetFlag(FLAGS_internal_tls_ca)};
+}
+
 int RunServeOrCoordinator(bool spawn_workers) {
   ringattn::ServeOptions o;
   o.listen_address = absl::GetFlag(FLAGS_listen);
@@ -275,11 +335,22 @@ int RunServeOrCoordinator(bool spawn_workers) {
     return 2;
   }
   o.metrics_address = absl::GetFlag(FLAGS_metrics);
+  o.health_listen_address = absl::GetFlag(FLAGS_health_listen);
   o.workers = absl::GetFlag(FLAGS_workers);
   o.spawn_workers = spawn_workers;
   o.kernel = absl::GetFlag(FLAGS_kernel);
   o.binary = SelfBinary();
   o.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
+  o.max_queued_bytes = absl::GetFlag(FLAGS_max_queued_bytes);
+  o.max_client_share = absl::GetFlag(FLAGS_max_client_share);
+  if (!(o.max_client_share > 0 && o.max_client_share <= 1)) {
+    std::cerr << "--max_client_share must be in (0, 1], got " << o.max_client_share << "\n";
+    return 2;
+  }
+  o.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+           absl::GetFlag(FLAGS_tls_client_ca)};
+  o.internal_tls = InternalTlsFromFlags();
+  o.api_tokens_file = absl::GetFlag(FLAGS_api_tokens_file);
   o.max_unary_bytes = absl::GetFlag(FLAGS_max_unary_bytes);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
@@ -287,7 +358,8 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.max_request_seconds = std::max(0.001, absl::GetFlag(FLAGS_max_request_seconds));
   o.stream_idle_seconds = std::max(0.001, absl::GetFlag(FLAGS_stream_idle_seconds));
   o.demo = absl::GetFlag(FLAGS_demo);
-  absl::StatusOr<ringattn::AttendCommandOptions> demo = AttendOptionsFromFlags();
+  absl::StatusOr<ringattn::AttendCommandOptions> demo =
+      AttendOptionsFromFlags(/*client_cert=*/false);
   if (!demo.ok()) {
     std::cerr << demo.status().message() << "\n";
     return 2;
@@ -321,6 +393,7 @@ int RunWorker() {
     return 2;
   }
   o.cluster_secret = secret->value();
+  o.internal_tls = InternalTlsFromFlags();
   return ringattn::RunWorkerMain(o);
 }
 
@@ -346,7 +419,14 @@ int main(int argc, char** argv) {
     }
     return ringattn::RunAttendCommand(*o, std::cout);
   }
-  if (command == "bench") return ringattn::RunBenchCommand(BenchOptionsFromFlags(), std::cout);
+  if (command == "bench") {
+    absl::StatusOr<ringattn::BenchOptions> o = BenchOptionsFromFlags();
+    if (!o.ok()) {
+      std::cerr << o.status().message() << "\n";
+      return 2;
+    }
+    return ringattn::RunBenchCommand(*o, std::cout);
+  }
   std::fprintf(stderr, "unknown command '%s'\n%s", command.c_str(), kUsage);
   return 2;
 }

@@ -26,8 +26,14 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
       o.internal_listen_address.empty() ? "127.0.0.1:0" : o.internal_listen_address;
   co.cluster_secret = o.cluster_secret;
   co.metrics_address = o.metrics_address;
+  co.health_listen_address = o.health_listen_address;
   co.world_size = o.workers;
   co.max_queue = o.max_queue;
+  co.max_queued_bytes = o.max_queued_bytes;
+  co.max_client_share = o.max_client_share;
+  co.tls = o.tls;
+  co.internal_tls = o.internal_tls;
+  co.api_tokens_file = o.api_tokens_file;
   co.max_unary_bytes = o.max_unary_bytes;
   co.max_request_bytes = o.max_request_bytes;
   co.shared_memory = o.shared_memory;
@@ -39,10 +45,18 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     return 1;
   }
   const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
-  out << "coordinator listening on port " << coordinator.port() << " (internal plane on port "
-      << coordinator.internal_port() << ")";
+  out << "coordinator listening on port " << coordinator.port()
+      << (o.tls.cert.empty() ? ""
+          : o.tls.ca.empty() ? " (TLS)"
+                             : " (mTLS)")
+      << (o.api_tokens_file.empty() ? "" : " (bearer tokens)") << " (internal plane on port "
+      << coordinator.internal_port() << (o.internal_tls.cert.empty() ? "" : ", mTLS") << ")";
   if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();
+  if (coordinator.health_port() != 0) out << ", health on port " << coordinator.health_port();
   out << "\n";
+  if (!o.api_tokens_file.empty() && o.tls.cert.empty()) {
+    out << "warning: bearer tokens without TLS (--tls_cert) cross the network in plaintext\n";
+  }
 
   std::unique_ptr<LocalWorkerPool> workers;
   if (o.spawn_workers) {
@@ -52,6 +66,11 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     wo.coordinator_address = coordinator.internal_address();
     wo.cluster_secret = coordinator.cluster_secret();
     wo.kernel = o.kernel;
+    if (!o.internal_tls.cert.empty()) {
+      wo.extra_args = {"--internal_tls_cert=" + o.internal_tls.cert,
+                       "--internal_tls_key=" + o.internal_tls.key,
+                       "--internal_tls_ca=" + o.internal_tls.ca};
+    }
     workers = std::make_unique<LocalWorkerPool>(wo);
     if (absl::Status s = workers->Start(); !s.ok()) {
       out << "error: " << s << "\n";

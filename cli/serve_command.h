@@ -7,12 +7,14 @@
 #include <string>
 
 #include "cli/attend_command.h"
+#include "proto/transport_security.h"
 
 namespace ringattn {
 
 struct ServeOptions {
   std::string listen_address = "127.0.0.1:50051";
   std::string metrics_address = "127.0.0.1:9464";  // empty disables /metrics
+  std::string health_listen_address;               // Coordinator::Options::health_listen_address
   // The internal plane (workers register here); empty: a free loopback port, for local workers.
   std::string internal_listen_address;
   // The internal plane's secret; empty: generated (local workers are given it).
@@ -22,6 +24,13 @@ struct ServeOptions {
   std::string kernel = "auto";  // passed to every local worker
   std::string binary;           // the ringattn executable, for local workers
   size_t max_queue = 16;
+  int64_t max_queued_bytes = int64_t{8} << 30;  // Coordinator::Options::max_queued_bytes
+  double max_client_share = 0.5;                // Coordinator::Options::max_client_share
+  // Coordinator::Options::tls (the public API), internal_tls (also given to local workers, as
+  // paths on their command line) and api_tokens_file.
+  TlsFiles tls;
+  TlsFiles internal_tls;
+  std::string api_tokens_file;
   bool shared_memory = true;  // Coordinator::Options::shared_memory
   int64_t max_unary_bytes = int64_t{1} << 30;
   int64_t max_request_bytes = int64_t{4} << 30;

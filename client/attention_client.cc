@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <string_view>
 #include <utility>
@@ -23,6 +25,7 @@
 #include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
 #include "proto/convert.h"
+#include "proto/transport_security.h"
 
 namespace ringattn {
 namespace {
@@ -262,14 +265,49 @@ bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes) {
   return PastUnaryLimit(request, max_unary_bytes);
 }
 
+absl::StatusOr<std::string> LoadBearerToken(const std::string& file) {
+  if (file.empty()) {
+    const char* env = std::getenv(kTokenEnvironmentVariable);
+    return std::string(env != nullptr ? env : "");
+  }
+  std::ifstream in(file);
+  std::string line;
+  if (!in || !std::getline(in, line)) {
+    return absl::InvalidArgumentError(absl::StrCat("--token_file: cannot read ", file));
+  }
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+  if (line.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--token_file: ", file, " has no token"));
+  }
+  return line;
+}
+
 absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Connect(
-    const std::string& target, absl::Duration wait_ready) {
+    const std::string& target, absl::Duration wait_ready, const ClientCredentials& credentials) {
   if (target.empty()) return absl::InvalidArgumentError("target must be host:port, got ''");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(INT_MAX);
   args.SetMaxSendMessageSize(INT_MAX);
+  std::shared_ptr<grpc::ChannelCredentials> channel_credentials =
+      grpc::InsecureChannelCredentials();
+  if (credentials.tls || !credentials.tls_ca.empty()) {
+    RA_ASSIGN_OR_RETURN(
+        const TlsPem pem,
+        ReadTlsFiles({credentials.tls_cert, credentials.tls_key, credentials.tls_ca}, "--tls"));
+    channel_credentials = TlsChannelCredentials(pem);
+    if (!credentials.tls_server_name.empty()) {
+      args.SetSslTargetNameOverride(credentials.tls_server_name);
+    }
+  } else if (!credentials.tls_cert.empty() || !credentials.tls_key.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert and --tls_key (a client certificate) need TLS: give --tls_ca or --tls");
+  }
+  std::vector<std::pair<std::string, std::string>> metadata;
+  if (!credentials.token.empty()) {
+    metadata.emplace_back("authorization", absl::StrCat("Bearer ", credentials.token));
+  }
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+      ChannelWithMetadata(target, channel_credentials, args, std::move(metadata));
   if (wait_ready > absl::ZeroDuration() && !channel->WaitForConnected(DeadlineAfter(wait_ready))) {
     return absl::UnavailableError(
         absl::StrCat("cannot connect to ", target, " within ", absl::FormatDuration(wait_ready)));
@@ -409,10 +447,10 @@ absl::StatusOr<std::vector<v1::CudaSharedMemoryRegion>> AttentionClient::CudaSha
                                                  response.regions().end());
 }
 
-absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
-                                                  absl::Duration timeout) {
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
+                                                  const ClientCredentials& credentials) {
   ConnectedClient c;
-  RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout));
+  RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout, credentials));
   RA_ASSIGN_OR_RETURN(c.info, c.client->GetInfo(timeout));
   return c;
 }

@@ -53,14 +53,40 @@ int64_t ExpectedOutputBytes(const ComputeTensor& out, const google::protobuf::Me
 // 2 GiB protobuf limit on one message.
 bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes);
 
+// How a client authenticates the service and itself (docs/security.md). All empty: plaintext
+// without a token, as before.
+struct ClientCredentials {
+  // TLS: on when `tls` or `tls_ca` is set. The server's certificate is verified against the CA
+  // certificates of the PEM file `tls_ca` (empty: the system's roots) and the name
+  // `tls_server_name` (empty: the target's host).
+  bool tls = false;
+  std::string tls_ca;
+  std::string tls_server_name;
+  // mTLS: this client's certificate chain and key (PEM files), both or neither.
+  std::string tls_cert;
+  std::string tls_key;
+  // Sent on every call as the metadata `authorization: Bearer <token>`; empty: none.
+  std::string token;
+};
+
+// The environment variable a bearer token may come from.
+inline constexpr char kTokenEnvironmentVariable[] = "RINGATTN_TOKEN";
+
+// The bearer token: the first line of `file` when given (INVALID_ARGUMENT naming it when it
+// cannot be read or its line is empty), else RINGATTN_TOKEN, else empty (no token).
+absl::StatusOr<std::string> LoadBearerToken(const std::string& file);
+
 // Thread-safe: calls may run concurrently over the one channel.
 class AttentionClient {
  public:
-  // Opens an insecure channel to `target` (host:port) with unlimited message sizes and waits up
-  // to `wait_ready` for it to connect: UNAVAILABLE naming the target if it does not. A zero
-  // `wait_ready` skips the wait (the channel connects on the first call).
-  static absl::StatusOr<std::unique_ptr<AttentionClient>> Connect(const std::string& target,
-                                                                  absl::Duration wait_ready);
+  // Opens a channel to `target` (host:port) with unlimited message sizes, secured as
+  // `credentials` say (INVALID_ARGUMENT naming a TLS file that cannot be read), and waits up to
+  // `wait_ready` for it to connect: UNAVAILABLE naming the target if it does not (a TLS
+  // handshake that fails looks the same). A zero `wait_ready` skips the wait (the channel
+  // connects on the first call).
+  static absl::StatusOr<std::unique_ptr<AttentionClient>> Connect(
+      const std::string& target, absl::Duration wait_ready,
+      const ClientCredentials& credentials = {});
 
   // Over an existing channel.
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
@@ -142,7 +168,7 @@ struct ConnectedClient {
 };
 
 // AttentionClient::Connect, then GetInfo, each within `timeout`; the first failure's status.
-absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target,
-                                                  absl::Duration timeout);
+absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
+                                                  const ClientCredentials& credentials = {});
 
 }  // namespace ringattn

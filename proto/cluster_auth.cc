@@ -6,8 +6,6 @@
 #include <memory>
 #include <vector>
 
-#include <grpcpp/support/client_interceptor.h>
-
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
@@ -72,54 +70,43 @@ void ClusterSecret::Attach(grpc::ClientContext* context) const {
 absl::Status ClusterSecret::Check(const grpc::ServerContextBase& context) const {
   const auto& md = context.client_metadata();
   auto it = md.find(kMetadataKey);
-  bool same = false;
-  if (it != md.end() && it->second.size() == value_.size()) {
-    unsigned char diff = 0;
-    for (size_t i = 0; i < value_.size(); ++i) diff |= it->second.data()[i] ^ value_[i];
-    same = diff == 0;
-  }
+  const bool same =
+      it != md.end() &&
+      ConstantTimeEquals(value_, absl::string_view(it->second.data(), it->second.size()));
   if (!same) return absl::UnauthenticatedError("this internal call needs the cluster secret");
   return absl::OkStatus();
 }
 
-namespace {
-
-class AddSecret final : public grpc::experimental::Interceptor {
- public:
-  explicit AddSecret(std::string secret) : secret_(std::move(secret)) {}
-  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (methods->QueryInterceptionHookPoint(
-            grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
-      methods->GetSendInitialMetadata()->emplace(ClusterSecret::kMetadataKey, secret_);
-    }
-    methods->Proceed();
+absl::StatusOr<ClusterSecret> ClusterSecret::WithTls(const TlsFiles& files) const {
+  if (files.cert.empty() || files.key.empty() || files.ca.empty()) {
+    return absl::InvalidArgumentError(
+        "internal TLS needs --internal_tls_cert, --internal_tls_key and --internal_tls_ca "
+        "together");
   }
+  absl::StatusOr<TlsPem> pem = ReadTlsFiles(files, "--internal_tls");
+  if (!pem.ok()) return pem.status();
+  ClusterSecret with = *this;
+  with.tls_ = std::make_shared<const TlsPem>(*std::move(pem));
+  return with;
+}
 
- private:
-  const std::string secret_;
-};
+std::shared_ptr<grpc::ServerCredentials> ClusterSecret::ServerCredentials() const {
+  return tls_ != nullptr ? TlsServerCredentials(*tls_) : grpc::InsecureServerCredentials();
+}
 
-class AddSecretFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
- public:
-  explicit AddSecretFactory(std::string secret) : secret_(std::move(secret)) {}
-  grpc::experimental::Interceptor* CreateClientInterceptor(
-      grpc::experimental::ClientRpcInfo* /*info*/) override {
-    return new AddSecret(secret_);
-  }
-
- private:
-  const std::string secret_;
-};
-
-}  // namespace
+std::shared_ptr<grpc::ChannelCredentials> ClusterSecret::ChannelCredentials() const {
+  return tls_ != nullptr ? TlsChannelCredentials(*tls_) : grpc::InsecureChannelCredentials();
+}
 
 std::shared_ptr<grpc::Channel> ClusterChannel(const std::string& address,
                                               const grpc::ChannelArguments& args,
                                               const ClusterSecret& secret) {
-  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
-  factories.push_back(std::make_unique<AddSecretFactory>(secret.value()));
-  return grpc::experimental::CreateCustomChannelWithInterceptors(
-      address, grpc::InsecureChannelCredentials(), args, std::move(factories));
+  grpc::ChannelArguments with_name = args;
+  if (secret.has_tls()) {
+    with_name.SetSslTargetNameOverride(ClusterSecret::kTlsServerName);
+  }
+  return ChannelWithMetadata(address, secret.ChannelCredentials(), with_name,
+                             {{ClusterSecret::kMetadataKey, secret.value()}});
 }
 
 }  // namespace ringattn

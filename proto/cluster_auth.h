@@ -1,9 +1,9 @@
 // The internal plane's credential: a secret the coordinator and its workers share. Every internal
 // call (registration, the rendezvous store, JoinRing, RunShard, Ping) carries it as metadata and
 // every internal handler checks it first, so that whoever reaches an internal port without it can
-// neither join, poison nor drive the ring. The secret travels in plaintext on an insecure
-// channel: on networks that are not trusted, run the internal plane inside one (a Kubernetes
-// NetworkPolicy, a VPN) until it has TLS (docs/security.md).
+// neither join, poison nor drive the ring. Without TLS the secret travels in plaintext: on
+// networks that are not trusted, give the internal plane TLS (WithTls) or run it inside one (a
+// Kubernetes NetworkPolicy, a VPN); docs/security.md.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "proto/transport_security.h"
 
 namespace ringattn {
 
@@ -32,6 +33,21 @@ class ClusterSecret {
   // From `file` when non-empty, else the environment variable, else NOT_FOUND.
   static absl::StatusOr<ClusterSecret> FromFileOrEnvironment(const std::string& file);
 
+  // The name internal servers' certificates must carry (a DNS subjectAltName) when the plane
+  // has TLS: clients check it whatever address they dial (workers are reached by pod IP).
+  static constexpr char kTlsServerName[] = "ringattn-internal";
+
+  // The same secret, with TLS on the internal plane: `files` are this process's certificate
+  // and key (its identity as server and as client) and the CA that signed every internal
+  // process's certificate; all three required (INVALID_ARGUMENT naming --internal_tls_*).
+  // Servers then require and verify client certificates; clients verify the server's.
+  absl::StatusOr<ClusterSecret> WithTls(const TlsFiles& files) const;
+  bool has_tls() const { return tls_ != nullptr; }
+  // For internal servers: TLS requiring client certificates, or insecure without TLS.
+  std::shared_ptr<grpc::ServerCredentials> ServerCredentials() const;
+  // For internal channels: TLS with this process's certificate, or insecure without TLS.
+  std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials() const;
+
   // Adds the secret to an outgoing internal call.
   void Attach(grpc::ClientContext* context) const;
   // OK when the incoming call carries the secret (compared in constant time); UNAUTHENTICATED
@@ -43,10 +59,11 @@ class ClusterSecret {
  private:
   explicit ClusterSecret(std::string value) : value_(std::move(value)) {}
   std::string value_;
+  std::shared_ptr<const TlsPem> tls_;  // null: plaintext
 };
 
-// An insecure channel to an internal endpoint whose every call carries `secret` (a client
-// interceptor adds it), so that no call site can forget it.
+// A channel to an internal endpoint whose every call carries `secret` (a client interceptor
+// adds it), so that no call site can forget it; TLS when the secret has it.
 std::shared_ptr<grpc::Channel> ClusterChannel(const std::string& address,
                                               const grpc::ChannelArguments& args,
                                               const ClusterSecret& secret);

@@ -63,6 +63,18 @@ std::string CallerIdentity(const grpc::ServerContextBase& ctx) {
   return absl::StrCat("peer:", peer);
 }
 
+// The internal plane's credential: the configured secret or a generated one, with TLS when
+// its files are given.
+absl::StatusOr<ClusterSecret> InternalCredentials(const Coordinator::Options& o) {
+  absl::StatusOr<ClusterSecret> secret = o.cluster_secret.empty()
+                                             ? ClusterSecret::Generate()
+                                             : ClusterSecret::FromString(o.cluster_secret);
+  if (!secret.ok()) return secret.status();
+  const TlsFiles& tls = o.internal_tls;
+  if (tls.cert.empty() && tls.key.empty() && tls.ca.empty()) return secret;
+  return secret->WithTls(tls);
+}
+
 // Shared memory is for callers on this host: loopback addresses and Unix sockets.
 bool IsLocalCaller(const grpc::ServerContextBase& ctx) {
   const std::string peer = ctx.peer();
@@ -123,8 +135,21 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
             typename Call::Response* response)
       : c_(c), ctx_(ctx), request_(request), response_(response) {
     const absl::Time arrival = absl::Now();
+    absl::StatusOr<std::string> caller = c_->Caller(*ctx_);
+    if (!caller.ok()) {
+      End(caller.status());
+      return;
+    }
+    // The request's bytes count against admission until this call ends.
+    absl::StatusOr<std::unique_ptr<AdmissionQueue::Hold>> hold =
+        c_->queue_.HoldBytes(*caller, TensorDataBytes(*request_, Call::Rpc().inputs));
+    if (!hold.ok()) {
+      End(hold.status());
+      return;
+    }
+    hold_ = *std::move(hold);
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*request_, response_, CallerIdentity(*ctx_), arrival, DeadlineOf(*ctx_),
+        c_->Submit<Call>(*request_, response_, *caller, arrival, DeadlineOf(*ctx_),
                          [this](absl::Status s) { End(s); });
     if (job.ok()) {
       job_ = *std::move(job);
@@ -153,6 +178,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   grpc::CallbackServerContext* const ctx_;
   const typename Call::Request* const request_;
   typename Call::Response* const response_;
+  std::unique_ptr<AdmissionQueue::Hold> hold_;
   std::shared_ptr<AttendJob> job_;  // set before OnCancel can run
 };
 
@@ -169,7 +195,12 @@ class Coordinator::StreamCall final
         arrival_(absl::Now()),
         stream_name_(absl::StrCat(std::string(Call::Rpc().name), "Stream")),
         receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument),
+        caller_(c->Caller(*ctx)),
         watch_(c->WatchStream(ctx)) {
+    if (!caller_.ok()) {
+      End(caller_.status());  // before any read: the call ends unread
+      return;
+    }
     this->StartRead(&in_);
   }
 
@@ -188,8 +219,8 @@ class Coordinator::StreamCall final
     receive_seconds_ = SecondsSince(arrival_);
     Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*receiver_.header(), &response_, CallerIdentity(*ctx_), arrival_,
-                         DeadlineOf(*ctx_), [this](absl::Status s) { Respond(s); });
+        c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_, DeadlineOf(*ctx_),
+                         [this](absl::Status s) { Respond(s); });
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -229,9 +260,13 @@ class Coordinator::StreamCall final
   }
 
  private:
-  // The header's checks give the sizes of the inputs whose chunks follow.
+  // The header's checks give the sizes of the inputs whose chunks follow, which count against
+  // admission from now until the call ends.
   absl::Status ExpectInputs(typename Call::Request* header) {
     RA_ASSIGN_OR_RETURN(const ValidatedAttend problem, Call::ValidateHeader(*header, c_->Limits()));
+    int64_t bytes = 0;
+    for (const ComputeTensor& in : Call::Rpc().inputs) bytes += BytesOf(in.kind, problem.shape);
+    RA_ASSIGN_OR_RETURN(hold_, c_->queue_.HoldBytes(*caller_, bytes));
     for (const ComputeTensor& in : Call::Rpc().inputs) {
       RA_RETURN_IF_ERROR(receiver_.chunks().Expect(
           in.which, in.name, MutableTensorField(header, in.name), BytesOf(in.kind, problem.shape)));
@@ -287,6 +322,8 @@ class Coordinator::StreamCall final
   typename Call::Response response_;
   typename Call::StreamResponse out_;
   std::optional<ChunkCursor> cursor_;
+  const absl::StatusOr<std::string> caller_;    // Coordinator::Caller
+  std::unique_ptr<AdmissionQueue::Hold> hold_;  // the request's bytes, once its header came
   absl::Mutex mu_;  // OnCancel runs alongside the other reactions
   absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttendJob> job_ ABSL_GUARDED_BY(mu_);
@@ -325,6 +362,9 @@ class Coordinator::Services {
 
     grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx, const v1::InfoRequest*,
                                       v1::InfoResponse* response) override {
+      if (absl::StatusOr<std::string> caller = c_->Caller(*ctx); !caller.ok()) {
+        return FinishNow(ctx, caller.status());
+      }
       c_->FillInfo(response);
       return FinishNow(ctx, absl::OkStatus());
     }
@@ -332,6 +372,8 @@ class Coordinator::Services {
     grpc::ServerUnaryReactor* RegisterSystemSharedMemory(
         grpc::CallbackServerContext* ctx, const v1::RegisterSystemSharedMemoryRequest* request,
         v1::RegisterSystemSharedMemoryResponse*) override {
+      absl::StatusOr<std::string> caller = c_->Caller(*ctx);
+      if (!caller.ok()) return FinishNow(ctx, caller.status());
       if (!c_->options_.shared_memory) {
         return FinishNow(ctx, absl::FailedPreconditionError(
                                   "this service has system shared memory disabled"));
@@ -341,13 +383,15 @@ class Coordinator::Services {
                                   "system shared memory is for callers on the service's host; ",
                                   "this call came from ", ctx->peer())));
       }
-      return FinishNow(ctx, c_->shared_memory_.Register(CallerIdentity(*ctx), *request));
+      return FinishNow(ctx, c_->shared_memory_.Register(*caller, *request));
     }
 
     grpc::ServerUnaryReactor* UnregisterSystemSharedMemory(
         grpc::CallbackServerContext* ctx, const v1::UnregisterSystemSharedMemoryRequest* request,
         v1::UnregisterSystemSharedMemoryResponse*) override {
-      return FinishNow(ctx, c_->shared_memory_.Unregister(CallerIdentity(*ctx), request->name()));
+      absl::StatusOr<std::string> caller = c_->Caller(*ctx);
+      if (!caller.ok()) return FinishNow(ctx, caller.status());
+      return FinishNow(ctx, c_->shared_memory_.Unregister(*caller, request->name()));
     }
 
     grpc::ServerUnaryReactor* RegisterCudaSharedMemory(
@@ -386,8 +430,10 @@ class Coordinator::Services {
     grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
         grpc::CallbackServerContext* ctx, const v1::SystemSharedMemoryStatusRequest* request,
         v1::SystemSharedMemoryStatusResponse* response) override {
+      absl::StatusOr<std::string> caller = c_->Caller(*ctx);
+      if (!caller.ok()) return FinishNow(ctx, caller.status());
       absl::StatusOr<std::vector<v1::SystemSharedMemoryRegion>> regions =
-          c_->shared_memory_.List(CallerIdentity(*ctx), request->name());
+          c_->shared_memory_.List(*caller, request->name());
       if (regions.ok()) {
         for (v1::SystemSharedMemoryRegion& r : *regions) *response->add_regions() = std::move(r);
       }
@@ -448,8 +494,7 @@ Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
       shared_memory_(options_.shared_memory_limits),
       metrics_(RpcLabels()),
-      secret_(options_.cluster_secret.empty() ? ClusterSecret::Generate()
-                                              : ClusterSecret::FromString(options_.cluster_secret)),
+      secret_(InternalCredentials(options_)),
       ring_(std::make_unique<RingManager>(
           [&] {
             RingManager::Options r = options_.ring;
@@ -461,7 +506,8 @@ Coordinator::Coordinator(Options options)
             return r;
           }(),
           &store_, &metrics_)),
-      queue_(options_.max_queue),
+      queue_(AdmissionQueue::Limits{options_.max_queue, options_.max_queued_bytes,
+                                    options_.max_client_share}),
       services_(std::make_unique<Services>(this)) {}
 
 Coordinator::~Coordinator() { Shutdown(); }
@@ -478,8 +524,19 @@ absl::Status Coordinator::BuildAndStart() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   if (!secret_.ok()) return secret_.status();
+  std::shared_ptr<grpc::ServerCredentials> public_credentials = grpc::InsecureServerCredentials();
+  if (!options_.tls.cert.empty() || !options_.tls.key.empty() || !options_.tls.ca.empty()) {
+    if (options_.tls.cert.empty()) {
+      return absl::InvalidArgumentError("--tls_key and --tls_client_ca need --tls_cert");
+    }
+    RA_ASSIGN_OR_RETURN(const TlsPem pem, ReadTlsFiles(options_.tls, "--tls"));
+    public_credentials = TlsServerCredentials(pem);
+  }
+  if (!options_.api_tokens_file.empty()) {
+    RA_ASSIGN_OR_RETURN(tokens_, ApiTokens::FromFile(options_.api_tokens_file));
+  }
   grpc::ServerBuilder internal;
-  internal.AddListeningPort(options_.internal_listen_address, grpc::InsecureServerCredentials(),
+  internal.AddListeningPort(options_.internal_listen_address, secret_->ServerCredentials(),
                             &internal_port_);
   internal.RegisterService(&services_->coordinator);
   internal.SetMaxReceiveMessageSize(4 << 20);  // registrations and rendezvous values
@@ -493,7 +550,7 @@ absl::Status Coordinator::BuildAndStart() {
         absl::StrCat("cannot listen on ", options_.internal_listen_address, " (internal plane)"));
   }
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.AddListeningPort(options_.listen_address, public_credentials, &port_);
   builder.RegisterService(&services_->attention);
   auto ms = [](absl::Duration d) {
     return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT_MAX));
@@ -510,8 +567,17 @@ absl::Status Coordinator::BuildAndStart() {
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
   }
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
-  server_->GetHealthCheckService()->SetServingStatus("", false);
+  if (!options_.health_listen_address.empty()) {
+    grpc::ServerBuilder health;  // the default health service only
+    health.AddListeningPort(options_.health_listen_address, grpc::InsecureServerCredentials(),
+                            &health_port_);
+    health_server_ = health.BuildAndStart();
+    if (health_server_ == nullptr || health_port_ == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen on ", options_.health_listen_address, " (health)"));
+    }
+  }
+  SetServing(false);
   ring_->Start();
   dispatcher_ = std::thread([this] { DispatchLoop(); });
   status_thread_ = std::thread([this] { StatusLoop(); });
@@ -538,14 +604,26 @@ absl::Status Coordinator::CheckInternal(const grpc::ServerContextBase& ctx) cons
   return secret_.ok() ? secret_->Check(ctx) : secret_.status();
 }
 
+absl::StatusOr<std::string> Coordinator::Caller(const grpc::ServerContextBase& ctx) const {
+  if (!tokens_.has_value()) return CallerIdentity(ctx);
+  RA_ASSIGN_OR_RETURN(std::string client, tokens_->Authenticate(ctx));
+  return absl::StrCat("client:", client);
+}
+
+Coordinator::AdmissionState Coordinator::admission() const {
+  AdmissionState state;
+  state.queued = queue_.depth();
+  state.held_bytes = queue_.held_bytes();
+  absl::MutexLock lock(&running_mu_);
+  state.running = running_job_ != nullptr;
+  return state;
+}
+
 int Coordinator::metrics_port() const { return metrics_.exposer_port(); }
 
 bool Coordinator::Drain(absl::Duration grace) {
   draining_ = true;
-  if (server_ != nullptr) {
-    server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
-    server_->GetHealthCheckService()->SetServingStatus("", false);
-  }
+  SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   while (in_flight_ > 0) {
     if (absl::Now() >= deadline) return false;
@@ -561,9 +639,18 @@ void Coordinator::Shutdown() {
   if (internal_server_ != nullptr) {
     internal_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   }
+  if (health_server_ != nullptr) health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
   if (dispatcher_.joinable()) dispatcher_.join();
   if (status_thread_.joinable()) status_thread_.join();
   ring_->Stop();
+}
+
+void Coordinator::SetServing(bool serving) {
+  for (grpc::Server* server : {server_.get(), health_server_.get()}) {
+    if (server == nullptr) continue;
+    server->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+    server->GetHealthCheckService()->SetServingStatus("", serving);
+  }
 }
 
 void Coordinator::Wait() {
@@ -624,6 +711,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   }
   auto job = std::make_shared<AttendJob>();
   job->request_id = problem.request_id;
+  job->client = owner;
   job->arrival = arrival;
   job->deadline = std::min(deadline, arrival + options_.max_request_time);
   job->timings = response->mutable_timings();
@@ -766,8 +854,7 @@ void Coordinator::StatusLoop() {
   while (!stopping_) {
     const bool ready = ring_->WaitUntilReady(absl::ZeroDuration()) && !draining_;
     if (first || ready != last) {
-      server_->GetHealthCheckService()->SetServingStatus(kServiceName, ready);
-      server_->GetHealthCheckService()->SetServingStatus("", ready);
+      SetServing(ready);
       last = ready;
       first = false;
     }

@@ -1,19 +1,25 @@
 // The coordinator: serves the public AttentionService (gRPC callback API: no thread waits for a
 // request) on its port and the internal CoordinatorService on another, where every call must
-// carry the cluster secret (proto/cluster_auth.h); admits requests into a bounded queue, and
-// runs them one at a time through the ring of workers that RingManager keeps formed.
+// carry the cluster secret (proto/cluster_auth.h); either may have TLS, and the public API may
+// require bearer tokens (server/api_tokens.h). It admits requests into a queue bounded by
+// requests and bytes and fair between clients (server/admission_queue.h), and runs them one at
+// a time through the ring of workers that RingManager keeps formed.
 #pragma once
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "ringattn/v1/attention.pb.h"
 #include "proto/cluster_auth.h"
+#include "proto/transport_security.h"
+#include "ringattn/v1/attention.pb.h"
 #include "server/admission_queue.h"
+#include "server/api_tokens.h"
 #include "server/attend_request.h"
 #include "server/metrics.h"
 #include "server/rendezvous_store.h"
@@ -37,8 +43,25 @@ class Coordinator {
     // (cluster_secret() gives it to local workers).
     std::string cluster_secret;
     std::string metrics_address;  // host:port of /metrics; empty disables
+    // host:port of a plaintext server of grpc.health.v1 alone, for probes that cannot speak
+    // TLS (Kubernetes' gRPC probe); empty: none (health is on the public port as always).
+    std::string health_listen_address;
     int world_size = 1;           // workers in the ring
     size_t max_queue = 16;        // admitted requests waiting; more are RESOURCE_EXHAUSTED
+    // Request bytes the service holds (being received, queued or running); past it
+    // RESOURCE_EXHAUSTED. <= 0: no bound.
+    int64_t max_queued_bytes = int64_t{8} << 30;
+    // The part of max_queue and of max_queued_bytes one client may take (at least one request).
+    double max_client_share = 0.5;
+    // TLS on the public API: this server's certificate and key (PEM files; empty: plaintext),
+    // and with `ca` mTLS: clients must present a certificate that CA signed, and a client's
+    // identity is its certificate's subject (alternative) name.
+    TlsFiles tls;
+    // TLS on the internal plane (ClusterSecret::WithTls): all three files, or none.
+    TlsFiles internal_tls;
+    // Bearer tokens the public API requires (server/api_tokens.h); empty: none. A caller's
+    // identity is then its token's client name.
+    std::string api_tokens_file;
     // Unary messages above this are refused by gRPC (RESOURCE_EXHAUSTED); clients stream.
     int64_t max_unary_bytes = int64_t{1} << 30;
     int64_t max_request_bytes = int64_t{4} << 30;  // any request, streamed or not
@@ -74,6 +97,7 @@ class Coordinator {
   absl::Status BuildAndStart();
   int port() const { return port_; }
   int internal_port() const { return internal_port_; }
+  int health_port() const { return health_port_; }  // 0 without health_listen_address
   // "127.0.0.1:<internal port>" for workers on this host.
   std::string internal_address() const;
   // Empty when none could be made (BuildAndStart then fails).
@@ -82,6 +106,14 @@ class Coordinator {
   std::vector<std::string> worker_addresses() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
+  // What admission holds now: requests queued, request bytes held (AdmissionQueue), and
+  // whether the dispatcher has a request (running, or waiting for the ring).
+  struct AdmissionState {
+    size_t queued = 0;
+    int64_t held_bytes = 0;
+    bool running = false;
+  };
+  AdmissionState admission() const;
   // Graceful stop, step one: health NOT_SERVING, new requests refused (UNAVAILABLE), and waits
   // up to `grace` for the queued and running requests to finish. True when they all did.
   // Shutdown follows.
@@ -103,6 +135,10 @@ class Coordinator {
   AttendLimits Limits() const;
   // OK when an internal call carries the cluster secret; UNAUTHENTICATED otherwise.
   absl::Status CheckInternal(const grpc::ServerContextBase& ctx) const;
+  // Who makes a public call: the client its bearer token names ("client:<name>") when tokens are
+  // required (UNAUTHENTICATED without a valid one), else the authenticated peer (mTLS), else the
+  // peer's address. Keys what a caller owns and its share of admission.
+  absl::StatusOr<std::string> Caller(const grpc::ServerContextBase& ctx) const;
   // Checks `request` and queues its job, which runs it into `response`; `finish` gets the job's
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
@@ -120,6 +156,8 @@ class Coordinator {
   // Waits for the ring and runs the job on it; reports a failed ring.
   absl::Status RunJob(AttendJob& job);
   void FillInfo(v1::InfoResponse* response) const;
+  // Health (grpc.health.v1) on the public port and the health port.
+  void SetServing(bool serving);
   void DispatchLoop();
   // The streams' activity, for cancelling idle ones (StatusLoop).
   struct StreamWatch {
@@ -142,14 +180,17 @@ class Coordinator {
   // the dispatcher runs them in turn).
   SharedMemoryArena arena_;
   ServiceMetrics metrics_;
-  absl::StatusOr<ClusterSecret> secret_;
+  absl::StatusOr<ClusterSecret> secret_;  // with internal TLS when configured
+  std::optional<ApiTokens> tokens_;       // set by BuildAndStart when api_tokens_file is
   std::unique_ptr<RingManager> ring_;
   AdmissionQueue queue_;
   std::unique_ptr<Services> services_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> internal_server_;
+  std::unique_ptr<grpc::Server> health_server_;
   int port_ = 0;
   int internal_port_ = 0;
+  int health_port_ = 0;
   std::thread dispatcher_;
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};
@@ -159,7 +200,7 @@ class Coordinator {
   std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
   // The job the dispatcher runs and the ring generation it runs on, for stopping it when that
   // ring breaks (RingManager::Options::on_ring_broken).
-  absl::Mutex running_mu_;
+  mutable absl::Mutex running_mu_;
   std::shared_ptr<AttendJob> running_job_ ABSL_GUARDED_BY(running_mu_);
   int64_t running_generation_ ABSL_GUARDED_BY(running_mu_) = 0;
 };

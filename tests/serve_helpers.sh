@@ -1,6 +1,7 @@
 # Shared by the shell integration tests that drive `ringattn serve` (source it after setting BIN
 # and LOG): cleanup on exit, fail with the server log, and start_server, which starts serve with
-# 2 CPU workers on a free loopback port (PORT, SERVER_PID) and waits for the ring.
+# 2 CPU workers on a free loopback port (PORT, SERVER_PID) and waits for the ring; its arguments
+# go to serve.
 
 SERVER_PID=""
 
@@ -33,7 +34,7 @@ start_server() {
   for attempt in 1 2 3; do
     PORT=$(free_port) || fail "cannot pick a free port"
     : > "$LOG"
-    "$BIN" serve --workers=2 --listen="127.0.0.1:$PORT" --metrics= >"$LOG" 2>&1 &
+    "$BIN" serve --workers=2 --listen="127.0.0.1:$PORT" --metrics= "$@" >"$LOG" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 600); do  # up to 60 s
       if grep -q "workers ready" "$LOG"; then ready=1; break; fi

@@ -1,11 +1,18 @@
 #include "tests/service_fixture.h"
 
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "base/error_metrics.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
 #include "ring/testing/synthetic_inputs.h"
 
@@ -98,6 +105,50 @@ AttentionParams ReferenceParams(const v1::Tensor& q, const v1::Tensor& k, const 
   p.alibi_slopes = slopes->empty() ? nullptr : slopes->data();
   p.softcap = o.softcap();
   return p;
+}
+
+std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  grpc::Slice empty_slice{std::string()};
+  grpc::ByteBuffer request(&empty_slice, 1), response;
+  absl::Notification done;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                    [&](grpc::Status s) {
+                      status = s;
+                      done.Notify();
+                    });
+  done.WaitForNotification();
+  if (!status.ok()) return "error: " + status.error_message();
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return "error: dump";
+  std::string bytes;
+  for (const grpc::Slice& sl : slices) {
+    bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  }
+  return bytes;
+}
+
+// The fp64 reference of a request, compared with its response.
+void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
+  const v1::Tensor& q = req.q();
+  std::vector<float> slopes;
+  AttentionParams p = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
+  char unused_output;  // ReferenceForward returns its own buffers; validation wants a pointer
+  p.o = &unused_output;
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ASSERT_EQ(resp.out().data().size(), q.data().size());
+  const int64_t n = static_cast<int64_t>(ref->o.size());
+  const ErrorStats e = CompareTensor(resp.out().data().data(), p.dtype, ref->o.data(), n);
+  const double tol = p.dtype == DType::kF32 ? 1e-5 : p.dtype == DType::kF16 ? 2e-3 : 1e-2;
+  EXPECT_TRUE(e.Within(tol, 1.0)) << "out vs fp64: " << e.ToString();
+  ASSERT_EQ(resp.lse().data().size(), ref->lse.size() * sizeof(float));
+  const ErrorStats l = CompareTensor(resp.lse().data().data(), DType::kF32, ref->lse.data(),
+                                     static_cast<int64_t>(ref->lse.size()));
+  EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
 }
 
 }  // namespace ringattn::test

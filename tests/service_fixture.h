@@ -4,6 +4,8 @@
 #ifndef RINGATTN_TESTS_SERVICE_FIXTURE_H_
 #define RINGATTN_TESTS_SERVICE_FIXTURE_H_
 
+#include <grpcpp/channel.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -72,6 +74,13 @@ v1::AttendRequest MakeRequest(const Shape& s, uint64_t seed = 3);
 // output pointer. p.alibi_slopes points into `slopes`, which must outlive the parameters.
 AttentionParams ReferenceParams(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v,
                                 const v1::AttentionOptions& o, std::vector<float>* slopes);
+
+// The serialized grpc.health.v1 HealthCheckResponse of the whole server over `channel`
+// ("\x08\x01": SERVING), or "error: ..." when the call fails.
+std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel);
+
+// Expects `resp` (out and lse) to match the fp64 reference of `req` within its dtype's tolerance.
+void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp);
 
 }  // namespace ringattn::test
 

@@ -37,6 +37,7 @@
 namespace ringattn {
 namespace {
 
+using test::ExpectMatchesReference;
 using test::MakeRequest;
 using test::ReferenceParams;
 using test::Shape;
@@ -68,26 +69,6 @@ class Service : public test::LocalService {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
 };
-
-// The fp64 reference of a request, compared with its response.
-void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
-  const v1::Tensor& q = req.q();
-  std::vector<float> slopes;
-  AttentionParams p = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
-  char unused_output;  // ReferenceForward returns its own buffers; validation wants a pointer
-  p.o = &unused_output;
-  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
-  ASSERT_TRUE(ref.ok()) << ref.status();
-  ASSERT_EQ(resp.out().data().size(), q.data().size());
-  const int64_t n = static_cast<int64_t>(ref->o.size());
-  const ErrorStats e = CompareTensor(resp.out().data().data(), p.dtype, ref->o.data(), n);
-  const double tol = p.dtype == DType::kF32 ? 1e-5 : p.dtype == DType::kF16 ? 2e-3 : 1e-2;
-  EXPECT_TRUE(e.Within(tol, 1.0)) << "out vs fp64: " << e.ToString();
-  ASSERT_EQ(resp.lse().data().size(), ref->lse.size() * sizeof(float));
-  const ErrorStats l = CompareTensor(resp.lse().data().data(), DType::kF32, ref->lse.data(),
-                                     static_cast<int64_t>(ref->lse.size()));
-  EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
-}
 
 grpc::Status Call(Service& svc, const v1::AttendRequest& req, v1::AttendResponse* resp,
                   absl::Duration timeout = absl::Seconds(60)) {
@@ -604,31 +585,6 @@ std::string HttpGet(int port, const std::string& path) {
   return out;
 }
 
-// The serialized grpc.health.v1 HealthCheckResponse of the service ("\x08\x01": SERVING).
-std::string HealthStatus(Service& svc) {
-  grpc::GenericStub generic(svc.channel_ptr());
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-  grpc::Slice empty_slice{std::string()};
-  grpc::ByteBuffer request(&empty_slice, 1), response;
-  absl::Notification done;
-  grpc::Status status;
-  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                    &response, [&](grpc::Status s) {
-                      status = s;
-                      done.Notify();
-                    });
-  done.WaitForNotification();
-  if (!status.ok()) return "error: " + status.error_message();
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return "error: dump";
-  std::string bytes;
-  for (const grpc::Slice& sl : slices) {
-    bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
-  }
-  return bytes;
-}
-
 // SIGTERM's path: Drain refuses new requests at once (UNAVAILABLE, health NOT_SERVING) and returns
 // once the running and the queued ones are answered, correctly.
 TEST(ServiceOps, DrainFinishesAdmittedRequestsAndRefusesNewOnes) {
@@ -657,7 +613,8 @@ TEST(ServiceOps, DrainFinishesAdmittedRequestsAndRefusesNewOnes) {
   const grpc::Status refused = Call(svc, queued, &refused_resp);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
   EXPECT_NE(refused.error_message().find("shutting down"), std::string::npos);
-  EXPECT_NE(HealthStatus(svc), std::string("\x08\x01", 2)) << "still SERVING while draining";
+  EXPECT_NE(test::HealthStatus(svc.channel_ptr()), std::string("\x08\x01", 2))
+      << "still SERVING while draining";
   a.join();
   b.join();
   d.join();
@@ -678,10 +635,10 @@ TEST(ServiceOps, HealthInfoAndMetrics) {
   // The health status follows the ring within the coordinator's 50 ms status poll.
 
   const std::string kServing("\x08\x01", 2);
-  std::string health = HealthStatus(svc);
+  std::string health = test::HealthStatus(svc.channel_ptr());
   for (int i = 0; i < 20 && health != kServing; ++i) {
     absl::SleepFor(absl::Milliseconds(50));
-    health = HealthStatus(svc);
+    health = test::HealthStatus(svc.channel_ptr());
   }
   EXPECT_EQ(health, kServing);
   v1::InfoResponse info;

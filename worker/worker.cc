@@ -109,6 +109,11 @@ absl::Status Worker::BuildAndStart() {
       options_.cluster_secret.empty() ? ClusterSecret::FromFileOrEnvironment("")
                                       : ClusterSecret::FromString(options_.cluster_secret);
   if (!secret.ok()) return secret.status();
+  const TlsFiles& tls = options_.internal_tls;
+  if (!tls.cert.empty() || !tls.key.empty() || !tls.ca.empty()) {
+    secret = secret->WithTls(tls);
+    if (!secret.ok()) return secret.status();
+  }
   coordinator_channel_ = CoordinatorChannel(options_.coordinator_address, *secret);
   coordinator_ = v1::CoordinatorService::NewStub(coordinator_channel_);
 
@@ -116,7 +121,7 @@ absl::Status Worker::BuildAndStart() {
 
   int port = 0;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options_.listen_address, secret->ServerCredentials(), &port);
   builder.RegisterService(service.get());
   // Shards of long sequences are large; the coordinator enforces the request limits.
   builder.SetMaxReceiveMessageSize(INT_MAX);

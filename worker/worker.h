@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "proto/transport_security.h"
 #include "ringattn/v1/worker.grpc.pb.h"
 
 namespace ringattn {
@@ -49,6 +50,9 @@ class Worker {
     // The internal plane's secret (proto/cluster_auth.h): carried by every call to the
     // coordinator and required of every call to this worker. Empty: RINGATTN_CLUSTER_SECRET.
     std::string cluster_secret;
+    // TLS on the internal plane (ClusterSecret::WithTls): this worker's certificate and key and
+    // the cluster's CA, all three or none (plaintext).
+    TlsFiles internal_tls;
     // Registers again when the coordinator has not pinged this worker for this long (it
     // restarted, or dropped the worker while it was paused); 0 disables.
     std::chrono::milliseconds reregister_after = std::chrono::seconds(3);
