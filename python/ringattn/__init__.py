@@ -27,3 +27,11 @@ __all__ = [
     "FailedPreconditionError", "AbortedError", "OutOfRangeError", "UnimplementedError",
     "InternalError", "UnavailableError", "DataLossError", "UnauthenticatedError",
 ]
+
+
+def __getattr__(name):
+    # ringattn.torch and ringattn.ring_flash_attn import torch: loaded on first use only.
+    if name in ("torch", "ring_flash_attn"):
+        import importlib
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module 'ringattn' has no attribute {name!r}")
