@@ -16,7 +16,7 @@ from typing import Any, Optional
 import grpc
 import numpy as np
 
-from . import _proto, _shm, _tensors
+from . import _proto, _shm, _tensors, _wire
 from .errors import RingAttnError, error, from_rpc_error
 
 _LAYOUTS = {"auto": "LAYOUT_AUTO", "contiguous": "LAYOUT_CONTIGUOUS", "zigzag": "LAYOUT_ZIGZAG",
@@ -152,11 +152,11 @@ class Client:
                                         request_serializer=req.SerializeToString,
                                         response_deserializer=resp.FromString)
         self._unary = unary
-        self._streams = {
-            r.name: ch.stream_stream(_proto.method_path(r.name + "Stream"),
-                                     request_serializer=r.stream_request.SerializeToString,
-                                     response_deserializer=r.stream_response.FromString)
-            for r in (_ATTEND, _BACKWARD)}
+        # The tensors' calls carry bytes this module encodes and decodes itself (_wire.py).
+        self._raw_unary = {r.name: ch.unary_unary(_proto.method_path(r.name))
+                           for r in (_ATTEND, _BACKWARD)}
+        self._streams = {r.name: ch.stream_stream(_proto.method_path(r.name + "Stream"))
+                         for r in (_ATTEND, _BACKWARD)}
         self._info = None
         self._info_lock = threading.Lock()
         want_shm = shared_memory is True or (shared_memory == "auto" and is_loopback_target(target))
@@ -406,7 +406,8 @@ class Client:
         t2 = time.perf_counter()
         tensors = {}
         for name, wire, shape in outputs:
-            _check_output(rpc, response, name, wire, shape, data=False)
+            _check_output(rpc, response, name, wire, shape, len(getattr(response, name).data),
+                          in_shm=True)
             at, nbytes = placement.slots[name]
             src = region.view(at, nbytes)
             tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
@@ -415,22 +416,24 @@ class Client:
 
     def _via_unary(self, rpc, header, ops, outputs, like, deadline):
         t0 = time.perf_counter()
-        data = {name: op.to_bytes() for name, op in ops.items()}
+        data = {_wire.field_number(rpc.request, name): op.to_bytes() for name, op in ops.items()}
         t1 = time.perf_counter()
-        request = rpc.request()
-        request.CopyFrom(header)
-        for name, b in data.items():
-            getattr(request, name).data = b
+        request = _wire.encode_request(header, data)
         del data
-        response, attempts = self._call_with_retry(
+        raw, attempts = self._call_with_retry(
             rpc.name, deadline,
-            lambda remaining: self._unary[rpc.name](request, timeout=remaining,
-                                                     metadata=self._metadata))
+            lambda remaining: self._raw_unary[rpc.name](request, timeout=remaining,
+                                                         metadata=self._metadata))
+        del request
+        meta, tensor_data = _wire.split_message(raw, {_wire.field_number(rpc.response, n): n
+                                                      for n in rpc.outputs})
+        response = rpc.response.FromString(meta)
         t2 = time.perf_counter()
         tensors = {}
         for name, wire, shape in outputs:
-            _check_output(rpc, response, name, wire, shape, data=True)
-            src = np.frombuffer(getattr(response, name).data, dtype=np.uint8)
+            got = tensor_data.get(name, b"")
+            _check_output(rpc, response, name, wire, shape, len(got))
+            src = np.frombuffer(got, dtype=np.uint8)
             tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
         t3 = time.perf_counter()
         return _Done(tensors, response, "unary", t1 - t0, t2 - t1, t3 - t2, attempts)
@@ -439,15 +442,16 @@ class Client:
         t0 = time.perf_counter()
         data = [(name, ops[name].to_bytes()) for name in rpc.inputs]
         t1 = time.perf_counter()
+        first = rpc.stream_request(header=header).SerializeToString()
+        chunk_field = _wire.field_number(rpc.stream_request, "chunk")
 
         def requests():
-            yield rpc.stream_request(header=header)
+            yield first
             for name, b in data:
                 view = memoryview(b)
                 which = _which(name)
                 for at in range(0, len(b), chunk_bytes):
-                    yield rpc.stream_request(chunk=_proto.TensorChunk(
-                        tensor=which, offset=at, data=bytes(view[at:at + chunk_bytes])))
+                    yield _wire.encode_chunk(chunk_field, which, at, view[at:at + chunk_bytes])
 
         def attempt(remaining):
             call = self._streams[rpc.name](requests(), timeout=remaining, metadata=self._metadata)
@@ -462,8 +466,6 @@ class Client:
         t2 = time.perf_counter()
         tensors = {}
         for name, wire, shape in outputs:
-            if name not in buffers:
-                continue
             src = np.frombuffer(buffers[name], dtype=np.uint8)
             tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
         t3 = time.perf_counter()
@@ -492,9 +494,9 @@ def _expected_bytes(tensor):
     return n
 
 
-def _check_output(rpc, response, name, wire, shape, data):
-    """The response's output `name` has the dtype and shape the request implies, and its bytes
-    (data) or none (shared memory); INTERNAL naming it if not."""
+def _check_output(rpc, response, name, wire, shape, got_bytes, in_shm=False):
+    """The response's output `name` has the dtype and shape the request implies, and got_bytes
+    of data: its bytes, or none when it is in shared memory; INTERNAL naming it if not."""
     if name == "lse" and not response.HasField("lse"):
         raise error(grpc.StatusCode.INTERNAL, "response has no lse; the request asked for it",
                     rpc.name)
@@ -503,15 +505,16 @@ def _check_output(rpc, response, name, wire, shape, data):
         raise error(grpc.StatusCode.INTERNAL,
                     f"response {name} is {list(t.shape)} {_proto.enum_name('DType', t.dtype)}; "
                     f"expected {list(shape)} DTYPE_{wire.upper()}", rpc.name)
-    want = _expected_bytes(t) if data else 0
-    if len(t.data) != want:
+    want = 0 if in_shm else _expected_bytes(t)
+    if got_bytes != want:
         raise error(grpc.StatusCode.INTERNAL,
-                    f"response {name} carries {len(t.data)} bytes; expected {want}", rpc.name)
+                    f"response {name} carries {got_bytes} bytes; expected {want}", rpc.name)
 
 
 def _assemble(rpc, call, outputs):
-    """The stream's header and each output's bytes (bytearray), checked as the C++ client's
-    StreamAssembler checks them: INTERNAL naming the tensor on any breach."""
+    """The stream's header and each output's bytes (bytearray) from the serialised response
+    messages `call` yields, checked as the C++ client's StreamAssembler checks them: INTERNAL
+    naming the tensor on any breach."""
     what = rpc.name + "Stream response"
     expected = {name: (wire, shape) for name, wire, shape in outputs}
     by_which = {_which(name): name for name in expected}
@@ -519,14 +522,22 @@ def _assemble(rpc, call, outputs):
     def breach(message):
         return error(grpc.StatusCode.INTERNAL, f"{what}: {message}", rpc.name + "Stream")
 
+    header_field = _wire.field_number(rpc.stream_response, "header")
+    chunk_field = _wire.field_number(rpc.stream_response, "chunk")
     header = None
     buffers, filled, order = {}, {}, []
-    for message in call:
-        part = message.WhichOneof("part")
+    for raw in call:
+        try:
+            part, value = _wire.decode_stream_message(raw, header_field, chunk_field)
+        except (ValueError, IndexError) as e:
+            raise breach(f"a message that does not parse: {e}") from None
         if part == "header":
             if header is not None:
                 raise breach("a second header; only one header is allowed")
-            header = message.header
+            try:
+                header = rpc.response.FromString(bytes(value))
+            except Exception as e:  # protobuf's DecodeError
+                raise breach(f"a header that does not parse: {e}") from None
             for name, (wire, shape) in expected.items():
                 if name == "lse" and not header.HasField("lse"):
                     continue
@@ -541,17 +552,17 @@ def _assemble(rpc, call, outputs):
         elif part == "chunk":
             if header is None:
                 raise breach("must start with a header message; got a chunk before the header")
-            c = message.chunk
-            name = by_which.get(c.tensor)
+            which, offset, data = value
+            name = by_which.get(which)
             if name is None or name not in buffers:
-                raise breach(f"a chunk of tensor {c.tensor}, which this call does not return")
+                raise breach(f"a chunk of tensor {which}, which this call does not return")
             done_before = all(filled[n] == len(buffers[n]) for n in order[:order.index(name)])
-            if not done_before or c.offset != filled[name]:
-                raise breach(f"{name} chunk at offset {c.offset}; expected {filled[name]}")
-            end = c.offset + len(c.data)
+            if not done_before or offset != filled[name]:
+                raise breach(f"{name} chunk at offset {offset}; expected {filled[name]}")
+            end = offset + len(data)
             if end > len(buffers[name]):
                 raise breach(f"{name} chunk ends at {end}, past its {len(buffers[name])} bytes")
-            buffers[name][c.offset:end] = c.data
+            buffers[name][offset:end] = data
             filled[name] = end
         else:
             raise breach("a message with neither header nor chunk")

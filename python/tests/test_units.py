@@ -13,7 +13,7 @@ import numpy as np
 import support  # noqa: F401 (puts the package on the path)
 
 import ringattn
-from ringattn import _build_proto, _proto, _tensors, client as client_module
+from ringattn import _build_proto, _proto, _tensors, _wire, client as client_module
 
 
 class Bf16Test(unittest.TestCase):
@@ -58,6 +58,10 @@ def chunk_message(rpc, name, offset, data):
     return m
 
 
+def raw(messages):
+    return iter([m.SerializeToString() for m in messages])
+
+
 class AssembleTest(unittest.TestCase):
     rpc = client_module._ATTEND
     outputs = [("out", "fp32", (1, 1, 1, 2)), ("lse", "fp32", (1, 1, 1))]
@@ -69,7 +73,7 @@ class AssembleTest(unittest.TestCase):
         msgs = [self.header(), chunk_message(self.rpc, "out", 0, b"a" * 4),
                 chunk_message(self.rpc, "out", 4, b"b" * 4),
                 chunk_message(self.rpc, "lse", 0, b"c" * 4)]
-        header, buffers = client_module._assemble(self.rpc, iter(msgs), self.outputs)
+        header, buffers = client_module._assemble(self.rpc, raw(msgs), self.outputs)
         self.assertEqual(bytes(buffers["out"]), b"aaaabbbb")
         self.assertEqual(bytes(buffers["lse"]), b"cccc")
 
@@ -89,13 +93,68 @@ class AssembleTest(unittest.TestCase):
                                                            lse=("fp32", (1, 1, 1)))],
             "header has no lse": [header_message(self.rpc, out=("fp32", (1, 1, 1, 2))),
                                   c("out", 0, b"x" * 8)],
+            "a message with neither header nor chunk": [self.rpc.stream_response()],
         }
         for fragment, msgs in cases.items():
             with self.subTest(fragment):
                 with self.assertRaises(ringattn.InternalError) as e:
-                    client_module._assemble(self.rpc, iter(msgs), self.outputs)
+                    client_module._assemble(self.rpc, raw(msgs), self.outputs)
                 self.assertEqual(e.exception.code, grpc.StatusCode.INTERNAL)
                 self.assertIn(fragment, e.exception.message)
+
+
+class WireTest(unittest.TestCase):
+    """The hand-written wire format against protobuf's."""
+
+    def test_request_parses_as_the_whole_message(self):
+        rng = np.random.default_rng(1)
+        full = _proto.AttendBackwardRequest(request_id="x", layout=2)
+        full.options.window_left = -1
+        full.options.alibi_slopes.extend([0.5, 0.25])
+        header = _proto.AttendBackwardRequest()
+        data = {}
+        for i, name in enumerate(("q", "k", "v", "out", "lse", "dout")):
+            t = getattr(full, name)
+            t.dtype = 1
+            t.shape.extend([1, 3 + i, 2, 64])
+            b = rng.integers(0, 256, 300 + 1000 * i, dtype=np.uint8).tobytes()
+            t.data = b
+            data[_wire.field_number(_proto.AttendBackwardRequest, name)] = b
+        header.CopyFrom(full)
+        for name in ("q", "k", "v", "out", "lse", "dout"):
+            getattr(header, name).ClearField("data")
+        got = _proto.AttendBackwardRequest.FromString(_wire.encode_request(header, data))
+        self.assertEqual(got, full)
+
+    def test_split_response(self):
+        r = _proto.AttendResponse(request_id="abc")
+        r.out.dtype = 3
+        r.out.shape.extend([1, 70000, 1, 1])
+        r.out.data = bytes(range(256)) * 547
+        r.lse.dtype = 1
+        r.lse.shape.extend([1, 1, 2])
+        r.lse.data = b"12345678"
+        r.timings.total_seconds = 1.5
+        r.timings.workers.add(rank=1, compute_seconds=0.25)
+        r.plan.rows_per_rank.extend([3, 4])
+        meta, data = _wire.split_message(r.SerializeToString(), {2: "out", 3: "lse"})
+        self.assertEqual(bytes(data["out"]), r.out.data)
+        self.assertEqual(bytes(data["lse"]), r.lse.data)
+        parsed = _proto.AttendResponse.FromString(meta)
+        r.out.ClearField("data")
+        r.lse.ClearField("data")
+        self.assertEqual(parsed, r)
+
+    def test_chunks(self):
+        rpc = client_module._BACKWARD
+        raw_chunk = _wire.encode_chunk(2, 7, 1 << 40, memoryview(b"abcdef")[1:4])
+        m = rpc.stream_request.FromString(raw_chunk)
+        self.assertEqual((m.chunk.tensor, m.chunk.offset, m.chunk.data), (7, 1 << 40, b"bcd"))
+        back = rpc.stream_response(chunk=_proto.TensorChunk(tensor=8, offset=5, data=b"xyz"))
+        kind, (which, offset, data) = _wire.decode_stream_message(back.SerializeToString(), 1, 2)
+        self.assertEqual((kind, which, offset, bytes(data)), ("chunk", 8, 5, b"xyz"))
+        for n in (0, 1, 127, 128, 300, 1 << 35):
+            self.assertEqual(_wire._read_varint(_wire.varint(n), 0), (n, len(_wire.varint(n))))
 
 
 class ErrorsTest(unittest.TestCase):
