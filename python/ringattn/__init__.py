@@ -9,7 +9,7 @@
 
 docs/python.md has the whole story.
 """
-from .client import (NO_RETRY, AttendResult, BackwardResult, Client, RetryPolicy, connect,
+from .client import (NO_RETRY, AttendResult, BackwardResult, CallInfo, Client, RetryPolicy, connect,
                      default_client, is_loopback_target, set_default_client)
 from .errors import (AbortedError, AlreadyExistsError, CancelledError, DataLossError,
                      DeadlineExceededError, FailedPreconditionError, InternalError,
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client", "connect", "default_client", "set_default_client", "RetryPolicy", "NO_RETRY",
-    "AttendResult", "BackwardResult", "is_loopback_target", "RingAttnError",
+    "AttendResult", "BackwardResult", "CallInfo", "is_loopback_target", "RingAttnError",
     "CancelledError", "UnknownError", "InvalidArgumentError", "DeadlineExceededError",
     "NotFoundError", "AlreadyExistsError", "PermissionDeniedError", "ResourceExhaustedError",
     "FailedPreconditionError", "AbortedError", "OutOfRangeError", "UnimplementedError",

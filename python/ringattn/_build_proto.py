@@ -13,6 +13,7 @@ build/python/ringattn_v1.desc. Stand-alone on purpose: no import of the package.
 """
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -39,10 +40,9 @@ def _protoc_commands():
     """Ways to run protoc, best first: grpcio-tools' bundled protoc, then protoc on PATH."""
     commands = []
     try:
-        import grpc_tools  # noqa: F401
-
-        commands.append([sys.executable, "-m", "grpc_tools.protoc"])
-    except ImportError:
+        if importlib.util.find_spec("grpc_tools.protoc") is not None:
+            commands.append([sys.executable, "-m", "grpc_tools.protoc"])
+    except ImportError:  # no grpc_tools at all
         pass
     protoc = os.environ.get("PROTOC") or shutil.which("protoc")
     if protoc:

@@ -41,37 +41,36 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @dataclasses.dataclass
-class AttendResult:
-    """out: the attention, as q came (numpy/torch, dtype, device, format). lse: fp32
-    [batch, heads, seq] when asked for, else None. timings: the service's ringattn.v1.Timings,
-    with client_seconds (the RPC as this client saw it: messages built, sent, answered, parsed)
-    and client_wire_seconds (that minus the service's total). path: "shm", "unary" or "stream".
-    input_copy_seconds / output_copy_seconds: the tensors' copies to and from the wire's bytes
-    (or the shared-memory region) outside the RPC. attempts: calls made (retries + 1)."""
-    out: Any
-    lse: Any
-    timings: Any
-    plan: Any
-    request_id: str
-    path: str
+class CallInfo:
+    """What every compute call returns beside its tensors. timings: the service's
+    ringattn.v1.Timings, with client_seconds (the RPC as this client saw it: messages built,
+    sent, answered, parsed) and client_wire_seconds (that minus the service's total). plan: the
+    ShardPlan. path: "shm", "unary" or "stream". input_copy_seconds / output_copy_seconds: the
+    tensors' copies to and from the wire's bytes (or the shared-memory region) outside the RPC.
+    attempts: calls made (retries + 1)."""
+    timings: Any = None
+    plan: Any = None
+    request_id: str = ""
+    path: str = ""
     input_copy_seconds: float = 0.0
     output_copy_seconds: float = 0.0
     attempts: int = 1
 
 
 @dataclasses.dataclass
-class BackwardResult:
-    """dq, dk, dv as q, k, v came; the rest as AttendResult."""
-    dq: Any
-    dk: Any
-    dv: Any
-    timings: Any
-    plan: Any
-    request_id: str
-    path: str
-    input_copy_seconds: float = 0.0
-    output_copy_seconds: float = 0.0
-    attempts: int = 1
+class AttendResult(CallInfo):
+    """out: the attention, as q came (numpy/torch, dtype, device, format); lse: fp32
+    [batch, heads, seq] when asked for, else None; the rest as CallInfo."""
+    out: Any = None
+    lse: Any = None
+
+
+@dataclasses.dataclass
+class BackwardResult(CallInfo):
+    """dq, dk, dv as q, k, v came; the rest as CallInfo."""
+    dq: Any = None
+    dk: Any = None
+    dv: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,10 +289,7 @@ class Client:
         if return_lse:
             outputs.append(("lse", "fp32", (b, h, s)))
         r = self._compute(_ATTEND, header, ops, outputs, _tensors.Like(q, fmt), timeout, path)
-        return AttendResult(out=r.tensors["out"], lse=r.tensors.get("lse"), timings=r.timings,
-                            plan=r.plan, request_id=r.request_id, path=r.path,
-                            input_copy_seconds=r.input_copy, output_copy_seconds=r.output_copy,
-                            attempts=r.attempts)
+        return AttendResult(out=r.tensors["out"], lse=r.tensors.get("lse"), **r.info())
 
     def attend_backward(self, q, k, v, out, lse, dout, *, causal=False, window=(-1, -1),
                         alibi_slopes=None, softcap=0.0, softmax_scale=None, dropout_p=0.0,
@@ -323,9 +319,7 @@ class Client:
         like = _tensors.Like(q, fmt)
         r = self._compute(_BACKWARD, header, ops, outputs, like, timeout, path)
         return BackwardResult(dq=r.tensors["dq"], dk=r.tensors["dk"], dv=r.tensors["dv"],
-                              timings=r.timings, plan=r.plan, request_id=r.request_id,
-                              path=r.path, input_copy_seconds=r.input_copy,
-                              output_copy_seconds=r.output_copy, attempts=r.attempts)
+                              **r.info())
 
     # ---- the three data paths ---------------------------------------------------------------
     def _compute(self, rpc, header, ops, outputs, like, timeout, path):
@@ -424,7 +418,6 @@ class Client:
             rpc.name, deadline,
             lambda remaining: self._raw_unary[rpc.name](request, timeout=remaining,
                                                          metadata=self._metadata))
-        del request
         meta, tensor_data = _wire.split_message(raw, {_wire.field_number(rpc.response, n): n
                                                       for n in rpc.outputs})
         response = rpc.response.FromString(meta)
@@ -475,15 +468,16 @@ class Client:
 class _Done:
     def __init__(self, tensors, response, path, input_copy, call, output_copy, attempts):
         self.tensors = tensors
-        self.timings = response.timings
-        self.timings.client_seconds = call
-        self.timings.client_wire_seconds = max(0.0, call - self.timings.total_seconds)
-        self.plan = response.plan
-        self.request_id = response.request_id
-        self.path = path
-        self.input_copy = input_copy
-        self.output_copy = output_copy
-        self.attempts = attempts
+        timings = response.timings
+        timings.client_seconds = call
+        timings.client_wire_seconds = max(0.0, call - timings.total_seconds)
+        self._info = dict(timings=timings, plan=response.plan, request_id=response.request_id,
+                          path=path, input_copy_seconds=input_copy,
+                          output_copy_seconds=output_copy, attempts=attempts)
+
+    def info(self):
+        """CallInfo's fields."""
+        return self._info
 
 
 def _expected_bytes(tensor):

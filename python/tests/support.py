@@ -21,8 +21,6 @@ except ImportError:
     print("NOTE: torch is not installed: the torch tests are skipped "
           "(scripts/setup.sh installs it into .deps/pyclient)", file=sys.stderr)
 
-needs_torch = unittest.skipIf(torch is None, "torch is not installed")
-
 # rel_l2 tolerances against fp64 (cli/attend_command.cc's): out, gradients.
 TOLERANCE = {"fp32": (1e-5, 1e-4), "fp16": (2e-3, 5e-3), "bf16": (1e-2, 2e-2)}
 
@@ -78,6 +76,48 @@ class Server:
                 self.proc.wait()
         self.log.close()
         os.unlink(self.log.name)
+
+
+class Servers:
+    """Servers a test module starts in setUpModule (start) and stops in tearDownModule (stop),
+    by name: Servers(main=(), small=("--max_unary_bytes=65536",)) -> .main.target, ..."""
+
+    def __init__(self, **flags_by_name):
+        self._flags = flags_by_name
+        self._servers = {}
+
+    def start(self):
+        for name, flags in self._flags.items():
+            self._servers[name] = Server(*flags)
+
+    def stop(self):
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()
+
+    def __getattr__(self, name):
+        servers = self.__dict__.get("_servers", {})
+        if name in servers:
+            return servers[name]
+        raise AttributeError(name)
+
+
+class ClientTest(unittest.TestCase):
+    """A test case with `client`, a ringattn.Client of the server `target()` returns."""
+    client_options = {}
+
+    @staticmethod
+    def target():
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls):
+        import ringattn
+        cls.client = ringattn.Client(cls.target(), **cls.client_options)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
 
 
 # ---- the fp64 reference ---------------------------------------------------------------------
@@ -189,6 +229,12 @@ def as_numpy_dtype(x, wire):
 def as_torch(x, wire):
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[wire]
     return torch.from_numpy(np.ascontiguousarray(x)).to(dt)
+
+
+def to_bshd(x, fmt):
+    """A result in format `fmt` as float64 [b, s, h, d]."""
+    x = to_float64(x)
+    return x.transpose(0, 2, 1, 3) if fmt == "bhsd" else x
 
 
 def to_float64(x):

@@ -6,20 +6,11 @@ import unittest
 import numpy as np
 
 import support
-from support import TOLERANCE, needs_torch, reference, rel_l2, torch
+from support import TOLERANCE, reference, rel_l2, torch
 
-import ringattn
-
-SERVER = None
-
-
-def setUpModule():
-    global SERVER
-    SERVER = support.Server()
-
-
-def tearDownModule():
-    SERVER.stop()
+SERVERS = support.Servers(main=())
+setUpModule = SERVERS.start
+tearDownModule = SERVERS.stop
 
 
 def make(x, kind, wire, fmt):
@@ -31,19 +22,8 @@ def make(x, kind, wire, fmt):
     return support.as_torch(x, wire)
 
 
-def bshd(x, fmt):
-    x = support.to_float64(x)
-    return x.transpose(0, 2, 1, 3) if fmt == "bhsd" else x
-
-
-class AttendTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = ringattn.Client(SERVER.target)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class AttendTest(support.ClientTest):
+    target = staticmethod(lambda: SERVERS.main.target)
 
     def check(self, seq, wire, kind, fmt, heads_k=1, causal=True, seed=0, path=None, **options):
         q, k, v = support.inputs(seed, 2 if seq < 100 else 1, seq, 5, heads_k, 64, wire)
@@ -68,7 +48,7 @@ class AttendTest(unittest.TestCase):
         want_shape = q.shape if fmt == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
         self.assertEqual(tuple(r.out.shape), want_shape, name)
         self.assertEqual(tuple(r.lse.shape), (q.shape[0], 5, seq), name)
-        err = rel_l2(bshd(r.out, fmt), want_out)
+        err = rel_l2(support.to_bshd(r.out, fmt), want_out)
         self.assertLessEqual(err, TOLERANCE[wire][0], f"{name}: out rel_l2 {err}")
         lse = support.to_float64(r.lse)
         self.assertLessEqual(rel_l2(lse, want_lse), 1e-5, name)

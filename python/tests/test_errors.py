@@ -1,6 +1,5 @@
 """Each error the service answers reaches Python as an exception of its code with the
 service's message; UNAVAILABLE is retried within the deadline."""
-import os
 import socket
 import threading
 import time
@@ -14,30 +13,16 @@ import support
 
 import ringattn
 
-SERVER = None    # limits small enough to breach: 2 MB per request
-NO_SHM = None
+# small: a limit small enough to breach, 2 MB per request.
+SERVERS = support.Servers(small=("--max_request_bytes=2000000",),
+                          no_shm=("--shared_memory=false",))
+setUpModule = SERVERS.start
+tearDownModule = SERVERS.stop
 
 
-def setUpModule():
-    global SERVER, NO_SHM
-    SERVER = support.Server("--max_request_bytes=2000000")
-    NO_SHM = support.Server("--shared_memory=false")
-
-
-def tearDownModule():
-    for s in (SERVER, NO_SHM):
-        if s is not None:
-            s.stop()
-
-
-class ServiceErrorsTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = ringattn.Client(SERVER.target, retry=ringattn.NO_RETRY)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class ServiceErrorsTest(support.ClientTest):
+    target = staticmethod(lambda: SERVERS.small.target)
+    client_options = dict(retry=ringattn.NO_RETRY)
 
     def assertCode(self, cls, code, fragment, fn, *args, **kwargs):
         with self.assertRaises(cls) as e:
@@ -99,7 +84,7 @@ class ServiceErrorsTest(unittest.TestCase):
             region.close()
 
     def test_failed_precondition_where_shared_memory_is_off(self):
-        client = ringattn.Client(NO_SHM.target, shared_memory=True, retry=ringattn.NO_RETRY)
+        client = ringattn.Client(SERVERS.no_shm.target, shared_memory=True, retry=ringattn.NO_RETRY)
         q, k, v = support.inputs(4, 1, 7, 4, 2, 64, "fp32")
         self.assertCode(ringattn.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION,
                         "disabled", client.attend, q, k, v)

@@ -11,30 +11,15 @@ from support import TOLERANCE, reference, rel_l2
 
 import ringattn
 
-SMALL = None   # --max_unary_bytes=65536: a 64-token fp32 request must stream
-NO_SHM = None  # --shared_memory=false
+# small: a 64-token fp32 request must stream.
+SERVERS = support.Servers(small=("--max_unary_bytes=65536",), no_shm=("--shared_memory=false",))
+setUpModule = SERVERS.start
+tearDownModule = SERVERS.stop
 
 
-def setUpModule():
-    global SMALL, NO_SHM
-    SMALL = support.Server("--max_unary_bytes=65536")
-    NO_SHM = support.Server("--shared_memory=false")
-
-
-def tearDownModule():
-    for s in (SMALL, NO_SHM):
-        if s is not None:
-            s.stop()
-
-
-class StreamingTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = ringattn.Client(SMALL.target, shared_memory=False)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class StreamingTest(support.ClientTest):
+    target = staticmethod(lambda: SERVERS.small.target)
+    client_options = dict(shared_memory=False)
 
     def test_limit_from_get_info(self):
         self.assertEqual(self.client.info().max_unary_bytes, 65536)
@@ -76,7 +61,7 @@ class StreamingTest(unittest.TestCase):
 
 class SharedMemoryTest(unittest.TestCase):
     def test_used_by_default_on_loopback_and_unregistered_on_close(self):
-        client = ringattn.Client(SMALL.target)
+        client = ringattn.Client(SERVERS.small.target)
         q, k, v = support.inputs(30, 1, 64, 5, 1, 64, "fp32")
         r = client.attend(q, k, v, causal=True, return_lse=True)
         self.assertEqual(r.path, "shm")  # no stream: the request carries references only
@@ -88,12 +73,12 @@ class SharedMemoryTest(unittest.TestCase):
         names = [region.name for region in client.system_shared_memory_status()]
         self.assertEqual(len(names), 1)
         client.close()
-        other = ringattn.Client(SMALL.target)
+        other = ringattn.Client(SERVERS.small.target)
         self.assertNotIn(names[0], [x.name for x in other.system_shared_memory_status()])
         other.close()
 
     def test_switched_off(self):
-        client = ringattn.Client(SMALL.target, shared_memory=False)
+        client = ringattn.Client(SERVERS.small.target, shared_memory=False)
         q, k, v = support.inputs(31, 1, 7, 5, 1, 64, "fp32")
         self.assertEqual(client.attend(q, k, v).path, "unary")
         with self.assertRaisesRegex(RuntimeError, "shared memory is off"):
@@ -102,20 +87,20 @@ class SharedMemoryTest(unittest.TestCase):
 
     def test_refused_by_the_service(self):
         q, k, v = support.inputs(32, 1, 7, 5, 1, 64, "fp32")
-        auto = ringattn.Client(NO_SHM.target)
+        auto = ringattn.Client(SERVERS.no_shm.target)
         r = auto.attend(q, k, v)
         self.assertEqual(r.path, "unary")
         self.assertFalse(auto.shared_memory_active)
         self.assertIn("disabled", auto.shared_memory_off_reason)
         auto.close()
-        required = ringattn.Client(NO_SHM.target, shared_memory=True)
+        required = ringattn.Client(SERVERS.no_shm.target, shared_memory=True)
         with self.assertRaises(ringattn.FailedPreconditionError) as e:
             required.attend(q, k, v)
         self.assertIn("shared memory disabled", e.exception.message)
         required.close()
 
     def test_region_grows_and_backward(self):
-        client = ringattn.Client(SMALL.target)
+        client = ringattn.Client(SERVERS.small.target)
         for seq in (7, 1000):
             q, k, v = support.inputs(33 + seq, 1, seq, 5, 1, 64, "fp16")
             dout = support.inputs(34 + seq, 1, seq, 5, 1, 64, "fp16", n=1)[0]
@@ -130,7 +115,7 @@ class SharedMemoryTest(unittest.TestCase):
         client.close()
 
     def test_threads_share_a_client(self):
-        client = ringattn.Client(SMALL.target)
+        client = ringattn.Client(SERVERS.small.target)
         cases = [support.inputs(40 + i, 1, 33, 5, 1, 64, "fp32") for i in range(4)]
         results = [None] * len(cases)
 

@@ -10,19 +10,14 @@ from support import TOLERANCE, reference, rel_l2, torch
 
 import ringattn
 
-SERVER = None
+SERVERS = support.Servers(main=())
+tearDownModule = SERVERS.stop
 
 
 def setUpModule():
     if torch is None:
         raise unittest.SkipTest("torch is not installed")
-    global SERVER
-    SERVER = support.Server()
-
-
-def tearDownModule():
-    if SERVER is not None:
-        SERVER.stop()
+    SERVERS.start()
 
 
 def leaf(x, wire, fmt="bshd", device="cpu"):
@@ -31,19 +26,12 @@ def leaf(x, wire, fmt="bshd", device="cpu"):
     return support.as_torch(x, wire).to(device).requires_grad_()
 
 
-def bshd(t, fmt):
-    x = support.to_float64(t)
-    return x.transpose(0, 2, 1, 3) if fmt == "bhsd" else x
+def target():
+    return SERVERS.main.target
 
 
-class AutogradTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = ringattn.Client(SERVER.target)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class AutogradTest(support.ClientTest):
+    target = staticmethod(target)
 
     def check(self, seq, wire, fmt, heads_k=1, causal=True, seed=0, device="cpu", path=None,
               **options):
@@ -60,11 +48,11 @@ class AutogradTest(unittest.TestCase):
                          alibi=options.get("alibi_slopes"), softcap=options.get("softcap", 0.0),
                          cu_seqlens=options.get("cu_seqlens"), dout=g)
         name = f"seq {seq} {wire} {fmt} {options}"
-        self.assertLessEqual(rel_l2(bshd(out, fmt), want[0]), TOLERANCE[wire][0], name)
+        self.assertLessEqual(rel_l2(support.to_bshd(out, fmt), want[0]), TOLERANCE[wire][0], name)
         for label, t, w in (("dq", tq, want[2]), ("dk", tk, want[3]), ("dv", tv, want[4])):
             self.assertEqual(t.grad.dtype, t.dtype, f"{name} {label}")
             self.assertEqual(t.grad.device, t.device, f"{name} {label}")
-            err = rel_l2(bshd(t.grad, fmt), w)
+            err = rel_l2(support.to_bshd(t.grad, fmt), w)
             self.assertLessEqual(err, TOLERANCE[wire][1], f"{name}: {label} rel_l2 {err}")
 
     def test_gradients_every_dtype_and_format(self):
@@ -86,7 +74,7 @@ class AutogradTest(unittest.TestCase):
         q, k, v = support.inputs(8, 1, 7, 5, 1, 64, "fp32")
         grads = []
         for path in ("unary", "stream"):
-            client = ringattn.Client(SERVER.target, shared_memory=False)
+            client = ringattn.Client(target(), shared_memory=False)
             tq, tk, tv = (leaf(x, "fp32") for x in (q, k, v))
             r = client.attend(tq, tk, tv, causal=True, return_lse=True, path=path)
             b = client.attend_backward(tq, tk, tv, r.out, r.lse, torch.ones_like(r.out),
@@ -108,8 +96,8 @@ class AutogradTest(unittest.TestCase):
 
     def test_default_client_from_environment(self):
         import os
-        os.environ["RINGATTN_TARGET"] = SERVER.target
-        ringattn.set_default_client(SERVER.target)
+        os.environ["RINGATTN_TARGET"] = target()
+        ringattn.set_default_client(target())
         q, k, v = support.inputs(7, 1, 7, 5, 5, 64, "fp32")
         out = ringattn.torch.attention(*(support.as_torch(x, "fp32") for x in (q, k, v)))
         self.assertLessEqual(rel_l2(support.to_float64(out), reference(q, k, v)[0]), 1e-5)
@@ -120,17 +108,15 @@ class AutogradTest(unittest.TestCase):
         self.check(7, "fp16", "bhsd", device="cuda", path=None)
 
 
-class RingFlashAttnTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        from ringattn import ring_flash_attn
-        cls.rfa = ring_flash_attn
-        cls.client = ringattn.Client(SERVER.target)
-        ringattn.set_default_client(cls.client)
+class RingFlashAttnTest(support.ClientTest):
+    target = staticmethod(target)
 
     @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+    def setUpClass(cls):
+        super().setUpClass()
+        from ringattn import ring_flash_attn
+        cls.rfa = ring_flash_attn
+        ringattn.set_default_client(cls.client)
 
     def test_func_forward_backward(self):
         q, k, v = support.inputs(10, 2, 7, 5, 1, 64, "bf16")
