@@ -1,6 +1,7 @@
 """ringattn.torch.attention's gradients through torch.autograd (AttendBackward on the service)
 against the fp64 reference, and ring-flash-attention's entry points."""
 import itertools
+import os
 import unittest
 
 import numpy as np
@@ -166,6 +167,42 @@ class RingFlashAttnTest(support.ClientTest):
             self.rfa.ring_flash_attn_func(q, k, v, dropout_p=0.1)
         with self.assertRaisesRegex(NotImplementedError, "dropout_p"):
             self.rfa.ring_flash_attn_varlen_func(q[0], k[0], v[0], [0, 7], 7, dropout_p=0.1)
+
+    def test_group_of_two_ranks(self):
+        # Each rank holds its shard, as ring-flash-attention's callers do: the service computes
+        # the whole sequence once, each rank gets its shard of the results and gradients.
+        import subprocess
+        import sys
+        import tempfile
+        for mode, wire, bounds in (("func", "bf16", None), ("varlen", "fp32", [0, 4, 10, 14])):
+            with self.subTest(mode=mode), tempfile.TemporaryDirectory() as d:
+                store = os.path.join(d, "store")
+                procs = [subprocess.Popen(
+                    [sys.executable, os.path.join(support.HERE, "group_rank.py"), str(r), "2",
+                     store, target(), os.path.join(d, f"{r}.npz"), mode]) for r in range(2)]
+                for p in procs:
+                    self.assertEqual(p.wait(120), 0)
+                ranks = [np.load(os.path.join(d, f"{r}.npz")) for r in range(2)]
+                q, k, v = support.inputs(50, 1, 14, 5, 1, 64, wire)
+                dout = support.inputs(51, 1, 14, 5, 1, 64, wire, n=1)[0]
+                want = reference(q, k, v, causal=True, cu_seqlens=bounds, dout=dout)
+                if mode == "func":
+                    whole = {n: np.concatenate([r[n] for r in ranks], axis=2 if n == "lse" else 1)
+                             for n in ("out", "lse", "dq", "dk", "dv")}
+                else:  # rank r has the r-th half of each sequence; lse per sequence, padded
+                    whole = {}
+                    for n in ("out", "dq", "dk", "dv"):
+                        whole[n] = np.concatenate(
+                            [ranks[r][n][:, a // 2:b // 2] for a, b in zip(bounds, bounds[1:])
+                             for r in range(2)], axis=1)
+                    whole["lse"] = np.concatenate(
+                        [ranks[r]["lse"][i:i + 1, :, :(b - a) // 2]
+                         for i, (a, b) in enumerate(zip(bounds, bounds[1:])) for r in range(2)],
+                        axis=2)
+                self.assertLessEqual(rel_l2(whole["out"], want[0]), TOLERANCE[wire][0])
+                self.assertLessEqual(rel_l2(whole["lse"], want[1]), 1e-5)
+                for n, w in (("dq", want[2]), ("dk", want[3]), ("dv", want[4])):
+                    self.assertLessEqual(rel_l2(whole[n], w), TOLERANCE[wire][1], n)
 
     def test_group_of_one_rank(self):
         import tempfile
