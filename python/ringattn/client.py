@@ -7,10 +7,12 @@ else the chunked stream. The channel has no message limits of its own. A call ra
 RingAttnError (errors.py) with the service's code and message; UNAVAILABLE (a ring re-forming,
 a worker restarting, the service not yet up) is retried within the call's deadline.
 """
+import atexit
 import dataclasses
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Optional
 
 import grpc
@@ -170,10 +172,14 @@ class Client:
         # Where CUDA shared memory (CUDA IPC handles) will plug in: a second pool consulted before
         # the system one for tensors on a GPU of this host. See docs/python.md.
         self._cuda_shm_pool = None
+        _live_clients.add(self)
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self):
-        """Unregisters and unlinks the shared-memory regions, closes the channel."""
+        """Unregisters and unlinks the shared-memory regions, closes the channel. Clients still
+        open when the interpreter exits are closed then (the service's registrations count
+        against a limit per caller, and every local process is one caller)."""
+        _live_clients.discard(self)
         self._shm_pool.close()
         self._channel.close()
 
@@ -608,6 +614,18 @@ def _options(causal, window, alibi_slopes, softcap, softmax_scale, dropout_p, dr
 def connect(target="127.0.0.1:50051", **kwargs) -> Client:
     """Client(target, **kwargs)."""
     return Client(target, **kwargs)
+
+
+_live_clients = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients():
+    for client in list(_live_clients):
+        try:
+            client._shm_pool.close(timeout=2.0)
+        except Exception:  # exiting: the service may be gone
+            pass
 
 
 _default_lock = threading.Lock()
