@@ -9,6 +9,7 @@ a worker restarting, the service not yet up) is retried within the call's deadli
 """
 import atexit
 import dataclasses
+import random
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from .errors import RingAttnError, error, from_rpc_error
 _LAYOUTS = {"auto": "LAYOUT_AUTO", "contiguous": "LAYOUT_CONTIGUOUS", "zigzag": "LAYOUT_ZIGZAG",
             "stripe": "LAYOUT_STRIPE"}
 _PROTOBUF_LIMIT = (1 << 31) - 1
+_jitter = random.Random()  # its own: never draws from the caller's random state
 _CHUNK_BYTES = 4 << 20
 
 
@@ -212,7 +214,7 @@ class Client:
                 err = from_rpc_error(e, rpc)
             if err.code not in policy.codes or attempt >= policy.max_attempts:
                 raise err
-            wait = backoff * (0.8 + 0.4 * np.random.random())
+            wait = backoff * (0.8 + 0.4 * _jitter.random())
             if deadline is not None and time.monotonic() + wait >= deadline:
                 raise err
             time.sleep(wait)
@@ -252,8 +254,8 @@ class Client:
 
     @property
     def shared_memory_active(self):
-        """Whether calls may go through system shared memory (None: "why not" is in
-        shared_memory_off_reason)."""
+        """Whether calls may go through system shared memory; when not,
+        shared_memory_off_reason says why."""
         return self._shm_off_reason is None
 
     @property
