@@ -375,9 +375,12 @@ class Client:
                                  grpc.StatusCode.UNIMPLEMENTED)
             if self._shm_mode is True or required:
                 raise
-            if refused:
+            if refused:  # for good: the calls go as bytes
                 self._shm_off_reason = f"the service refused registration: {e.message}"
-            return None
+                return None
+            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # regions per caller: bytes this time
+                return None
+            raise  # the service is unreachable, the deadline passed: the call would fail too
         except OSError as e:
             if self._shm_mode is True or required:
                 raise
