@@ -44,4 +44,33 @@ if ! PYTHONPATH="$PLOT_TARGET" python3 -c "import matplotlib" >/dev/null 2>&1; t
   python3 -m pip install -q --no-deps --target "$PLOT_TARGET" "${PLOT_PACKAGES[@]}" \
     || echo "setup: plotting packages unavailable; reports will have no plots"
 fi
+# The Python client (python/, docs/python.md) and its tests: grpcio, protobuf, numpy, ml_dtypes,
+# grpcio-tools (a protoc for the API descriptor) and torch (its autograd tests; from PyPI with
+# its CUDA libraries: about 5 GB, under 2 minutes here) into .deps/pyclient. Without torch the
+# torch tests skip, saying so.
+PYCLIENT_TARGET=.deps/pyclient
+PYCLIENT_PACKAGES=(grpcio==1.85.4 grpcio-tools==1.85.4 protobuf==7.36.2 numpy==2.4.6
+                   ml_dtypes==0.7.0)
+PYCLIENT_TORCH=(torch==2.15.0)
+pyclient_want="${PYCLIENT_PACKAGES[*]} ${PYCLIENT_TORCH[*]}"
+if [ ! -f "$PYCLIENT_TARGET/.installed" ] || [ "$(cat "$PYCLIENT_TARGET/.installed")" != "$pyclient_want" ]; then
+  echo "setup: installing ${PYCLIENT_PACKAGES[*]} ${PYCLIENT_TORCH[*]} into $PYCLIENT_TARGET"
+  export PIP_ROOT_USER_ACTION=ignore
+  rm -rf "$PYCLIENT_TARGET.tmp"
+  pyclient_got="$pyclient_want"
+  if ! python3 -m pip install -q --target "$PYCLIENT_TARGET.tmp" "${PYCLIENT_PACKAGES[@]}" \
+      "${PYCLIENT_TORCH[@]}"; then
+    echo "setup: torch unavailable; the Python client's torch tests will skip"
+    rm -rf "$PYCLIENT_TARGET.tmp"
+    pyclient_got="${PYCLIENT_PACKAGES[*]}"
+    python3 -m pip install -q --target "$PYCLIENT_TARGET.tmp" "${PYCLIENT_PACKAGES[@]}" \
+      || { echo "setup: the Python client's packages are unavailable; its tests will fail"
+           rm -rf "$PYCLIENT_TARGET.tmp"; pyclient_got=""; }
+  fi
+  if [ -n "$pyclient_got" ]; then
+    rm -rf "$PYCLIENT_TARGET"
+    mv "$PYCLIENT_TARGET.tmp" "$PYCLIENT_TARGET"
+    echo "$pyclient_got" > "$PYCLIENT_TARGET/.installed"
+  fi
+fi
 echo "setup: done"

@@ -1,0 +1,655 @@
+"""ringattn.Client: Attend and AttendBackward from numpy arrays or torch tensors.
+
+One call picks its data path itself: system shared memory when the service is on this host
+(shared_memory="auto": a loopback target; the service refuses remote callers anyway), else one
+unary message while the request fits the service's unary limit (GetInfo's max_unary_bytes),
+else the chunked stream. The channel has no message limits of its own. A call raises
+RingAttnError (errors.py) with the service's code and message; UNAVAILABLE (a ring re-forming,
+a worker restarting, the service not yet up) is retried within the call's deadline.
+"""
+import atexit
+import dataclasses
+import random
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Optional
+
+import grpc
+import numpy as np
+
+from . import _proto, _shm, _tensors, _wire
+from .errors import RingAttnError, error, from_rpc_error
+
+_LAYOUTS = {"auto": "LAYOUT_AUTO", "contiguous": "LAYOUT_CONTIGUOUS", "zigzag": "LAYOUT_ZIGZAG",
+            "stripe": "LAYOUT_STRIPE"}
+_PROTOBUF_LIMIT = (1 << 31) - 1
+_jitter = random.Random()  # its own: never draws from the caller's random state
+_CHUNK_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of a call that failed with one of `codes`, within the call's deadline: waits
+    initial_backoff, then multiplier times longer each time up to max_backoff (each wait
+    jittered by up to 20%), for at most max_attempts calls in all."""
+    max_attempts: int = 6
+    initial_backoff: float = 0.2
+    max_backoff: float = 3.0
+    multiplier: float = 2.0
+    codes: tuple = (grpc.StatusCode.UNAVAILABLE,)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclasses.dataclass
+class CallInfo:
+    """What every compute call returns beside its tensors. timings: the service's
+    ringattn.v1.Timings, with client_seconds (the RPC as this client saw it: messages built,
+    sent, answered, parsed) and client_wire_seconds (that minus the service's total). plan: the
+    ShardPlan. path: "shm", "unary" or "stream". input_copy_seconds / output_copy_seconds: the
+    tensors' copies to and from the wire's bytes (or the shared-memory region) outside the RPC.
+    attempts: calls made (retries + 1)."""
+    timings: Any = None
+    plan: Any = None
+    request_id: str = ""
+    path: str = ""
+    input_copy_seconds: float = 0.0
+    output_copy_seconds: float = 0.0
+    attempts: int = 1
+
+
+@dataclasses.dataclass
+class AttendResult(CallInfo):
+    """out: the attention, as q came (numpy/torch, dtype, device, format); lse: fp32
+    [batch, heads, seq] when asked for, else None; the rest as CallInfo."""
+    out: Any = None
+    lse: Any = None
+
+
+@dataclasses.dataclass
+class BackwardResult(CallInfo):
+    """dq, dk, dv as q, k, v came; the rest as CallInfo."""
+    dq: Any = None
+    dk: Any = None
+    dv: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rpc:
+    name: str
+    inputs: tuple        # in stream order
+    outputs: tuple
+    request: Any
+    stream_request: Any
+    stream_response: Any
+    response: Any
+
+
+_ATTEND = _Rpc("Attend", ("q", "k", "v"), ("out", "lse"), _proto.AttendRequest,
+               _proto.AttendStreamRequest, _proto.AttendStreamResponse, _proto.AttendResponse)
+_BACKWARD = _Rpc("AttendBackward", ("q", "k", "v", "out", "dout", "lse"), ("dq", "dk", "dv"),
+                 _proto.AttendBackwardRequest, _proto.AttendBackwardStreamRequest,
+                 _proto.AttendBackwardStreamResponse, _proto.AttendBackwardResponse)
+
+
+def _which(name):
+    return _proto.enum_value("TensorChunk.Which", "WHICH_" + name.upper())
+
+
+def is_loopback_target(target):
+    """Whether `target` names this host: a Unix socket, localhost or a loopback address."""
+    t = target
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme):]
+    if t.startswith("unix:") or t.startswith("unix-abstract:"):
+        return True
+    if t.startswith("["):
+        host = t[1:t.find("]")] if "]" in t else t
+    else:
+        host = t.rsplit(":", 1)[0] if t.count(":") == 1 else t
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Client:
+    """A channel to a ringattn coordinator (host:port). Thread-safe.
+
+    timeout: each call's default deadline in seconds (None: none). retry: RetryPolicy for
+    UNAVAILABLE (NO_RETRY to fail at once). shared_memory: "auto" (use it when the target is on
+    this host and the service accepts it), True (require it: a refusal raises), False (never).
+    credentials: grpc.ChannelCredentials for a secure channel; metadata: (key, value) pairs sent
+    with every call; options: extra channel arguments."""
+
+    def __init__(self, target="127.0.0.1:50051", *, timeout=600.0, retry=RetryPolicy(),
+                 shared_memory="auto", credentials=None, metadata=(), options=()):
+        if shared_memory not in ("auto", True, False):
+            raise ValueError(f"shared_memory must be 'auto', True or False, got {shared_memory!r}")
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self._metadata = tuple(metadata)
+        args = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        args += list(options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=args)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=args)
+        ch = self._channel
+        unary = {}
+        for rpc, req, resp in (("Attend", _proto.AttendRequest, _proto.AttendResponse),
+                               ("AttendBackward", _proto.AttendBackwardRequest,
+                                _proto.AttendBackwardResponse),
+                               ("GetInfo", _proto.InfoRequest, _proto.InfoResponse),
+                               ("RegisterSystemSharedMemory",
+                                _proto.RegisterSystemSharedMemoryRequest,
+                                _proto.RegisterSystemSharedMemoryResponse),
+                               ("UnregisterSystemSharedMemory",
+                                _proto.UnregisterSystemSharedMemoryRequest,
+                                _proto.UnregisterSystemSharedMemoryResponse),
+                               ("SystemSharedMemoryStatus", _proto.SystemSharedMemoryStatusRequest,
+                                _proto.SystemSharedMemoryStatusResponse)):
+            unary[rpc] = ch.unary_unary(_proto.method_path(rpc),
+                                        request_serializer=req.SerializeToString,
+                                        response_deserializer=resp.FromString)
+        self._unary = unary
+        # The tensors' calls carry bytes this module encodes and decodes itself (_wire.py).
+        self._raw_unary = {r.name: ch.unary_unary(_proto.method_path(r.name))
+                           for r in (_ATTEND, _BACKWARD)}
+        self._streams = {r.name: ch.stream_stream(_proto.method_path(r.name + "Stream"))
+                         for r in (_ATTEND, _BACKWARD)}
+        self._info = None
+        self._info_lock = threading.Lock()
+        want_shm = shared_memory is True or (shared_memory == "auto" and is_loopback_target(target))
+        self._shm_mode = shared_memory
+        self._shm_off_reason = None if want_shm else "off"
+        if want_shm and not _shm.available():
+            if shared_memory is True:
+                raise RuntimeError("ringattn: system shared memory needs POSIX shared memory")
+            self._shm_off_reason = "no POSIX shared memory here"
+        self._shm_pool = _shm.Pool(self.register_system_shared_memory,
+                                   self.unregister_system_shared_memory)
+        # Where CUDA shared memory (CUDA IPC handles) will plug in: a second pool consulted before
+        # the system one for tensors on a GPU of this host. See docs/python.md.
+        self._cuda_shm_pool = None
+        _live_clients.add(self)
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def close(self):
+        """Unregisters and unlinks the shared-memory regions, closes the channel. Clients still
+        open when the interpreter exits are closed then (the service's registrations count
+        against a limit per caller, and every local process is one caller)."""
+        _live_clients.discard(self)
+        self._shm_pool.close()
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- plain RPCs -------------------------------------------------------------------------
+    def _deadline(self, timeout):
+        t = self.timeout if timeout is None else timeout
+        return None if t is None else time.monotonic() + t
+
+    @staticmethod
+    def _remaining(deadline):
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _call_with_retry(self, rpc, deadline, attempt_fn):
+        """attempt_fn(timeout) until it returns, a non-retried error, max_attempts or the
+        deadline; returns (result, attempts)."""
+        policy = self.retry
+        backoff = policy.initial_backoff
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return attempt_fn(self._remaining(deadline)), attempt
+            except grpc.RpcError as e:
+                err = from_rpc_error(e, rpc)
+            if err.code not in policy.codes or attempt >= policy.max_attempts:
+                raise err
+            wait = backoff * (0.8 + 0.4 * _jitter.random())
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                raise err
+            time.sleep(wait)
+            backoff = min(backoff * policy.multiplier, policy.max_backoff)
+
+    def _plain(self, rpc, request, timeout):
+        call = self._unary[rpc]
+        return self._call_with_retry(
+            rpc, self._deadline(timeout),
+            lambda remaining: call(request, timeout=remaining, metadata=self._metadata))[0]
+
+    def info(self, timeout=None):
+        """GetInfo: ring size, workers, backends and the service's limits (fresh each time)."""
+        info = self._plain("GetInfo", _proto.InfoRequest(), timeout)
+        with self._info_lock:
+            self._info = info
+        return info
+
+    def _limits(self, timeout):
+        with self._info_lock:
+            info = self._info
+        return info if info is not None else self.info(timeout)
+
+    def register_system_shared_memory(self, name, key, byte_size, timeout=None, offset=0):
+        self._plain("RegisterSystemSharedMemory", _proto.RegisterSystemSharedMemoryRequest(
+            name=name, key=key, offset=offset, byte_size=byte_size), timeout)
+
+    def unregister_system_shared_memory(self, name="", timeout=None):
+        """Unregisters this caller's region `name` (empty: all of this caller's regions)."""
+        self._plain("UnregisterSystemSharedMemory",
+                    _proto.UnregisterSystemSharedMemoryRequest(name=name), timeout)
+
+    def system_shared_memory_status(self, name="", timeout=None):
+        return list(self._plain("SystemSharedMemoryStatus",
+                                _proto.SystemSharedMemoryStatusRequest(name=name),
+                                timeout).regions)
+
+    @property
+    def shared_memory_active(self):
+        """Whether calls may go through system shared memory; when not,
+        shared_memory_off_reason says why."""
+        return self._shm_off_reason is None
+
+    @property
+    def shared_memory_off_reason(self):
+        return self._shm_off_reason
+
+    # ---- compute RPCs -----------------------------------------------------------------------
+    def attend(self, q, k, v, *, causal=False, window=(-1, -1), alibi_slopes=None, softcap=0.0,
+               softmax_scale=None, dropout_p=0.0, dropout_seed=0, cu_seqlens=None,
+               layout="auto", return_lse=False, qkv_format="bshd", dtype=None, timeout=None,
+               path=None, request_id=None):
+        """Attention of q [batch, seq, heads, head_dim] over k, v [batch, seq, heads_k, head_dim]
+        (qkv_format="bhsd": [batch, heads, seq, head_dim]) on the service.
+
+        causal, window=(left, right) (-1: unbounded), alibi_slopes (one per query head), softcap
+        (0: off), softmax_scale (None: 1/sqrt(head_dim)), dropout_p/dropout_seed (CPU workers),
+        cu_seqlens (packed sequences, FlashAttention's), layout ("auto", "contiguous", "zigzag",
+        "stripe": how the ring splits the sequence), return_lse. dtype: the wire's dtype ("fp32",
+        "fp16", "bf16"; None: q's); results come back in q's dtype. path: None picks (shared
+        memory, else unary while the request fits, else stream); "shm", "unary" or "stream"
+        force one ("shm" raises when the client cannot use shared memory). Returns an
+        AttendResult."""
+        fmt = _check_format(qkv_format)
+        wire = dtype or _tensors.natural_wire(q, "q")
+        _check_wire(wire)
+        if dtype is None:
+            for name, x in (("k", k), ("v", v)):
+                if _tensors.natural_wire(x, name) != wire:
+                    raise TypeError(f"{name}.dtype {x.dtype} differs from q.dtype {q.dtype}; "
+                                    "pass dtype= to convert")
+        ops = {"q": _tensors.Operand(q, "q", wire, fmt), "k": _tensors.Operand(k, "k", wire, fmt),
+               "v": _tensors.Operand(v, "v", wire, fmt)}
+        header = _proto.AttendRequest(
+            request_id=request_id or "", layout=_layout(layout), return_lse=bool(return_lse),
+            options=_options(causal, window, alibi_slopes, softcap, softmax_scale, dropout_p,
+                             dropout_seed, cu_seqlens))
+        b, s, h, _ = ops["q"].shape
+        outputs = [("out", wire, ops["q"].shape)]
+        if return_lse:
+            outputs.append(("lse", "fp32", (b, h, s)))
+        r = self._compute(_ATTEND, header, ops, outputs, _tensors.Like(q, fmt), timeout, path)
+        return AttendResult(out=r.tensors["out"], lse=r.tensors.get("lse"), **r.info())
+
+    def attend_backward(self, q, k, v, out, lse, dout, *, causal=False, window=(-1, -1),
+                        alibi_slopes=None, softcap=0.0, softmax_scale=None, dropout_p=0.0,
+                        dropout_seed=0, cu_seqlens=None, layout="auto", qkv_format="bshd",
+                        dtype=None, timeout=None, path=None, request_id=None):
+        """Gradients dq, dk, dv of the attention the forward computed: its inputs, its out and
+        lse (attend(..., return_lse=True)), dout the gradient of the loss with respect to out,
+        with the forward's options. Arguments and formats as attend; lse is fp32
+        [batch, heads, seq] whatever the format. Returns a BackwardResult."""
+        fmt = _check_format(qkv_format)
+        wire = dtype or _tensors.natural_wire(q, "q")
+        _check_wire(wire)
+        if dtype is None:
+            for name, x in (("k", k), ("v", v), ("out", out), ("dout", dout)):
+                if _tensors.natural_wire(x, name) != wire:
+                    raise TypeError(f"{name}.dtype {x.dtype} differs from q.dtype {q.dtype}; "
+                                    "pass dtype= to convert")
+        ops = {name: _tensors.Operand(x, name, wire, fmt)
+               for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout))}
+        ops["lse"] = _tensors.Operand(lse, "lse", "fp32", lse=True)
+        header = _proto.AttendBackwardRequest(
+            request_id=request_id or "", layout=_layout(layout),
+            options=_options(causal, window, alibi_slopes, softcap, softmax_scale, dropout_p,
+                             dropout_seed, cu_seqlens))
+        outputs = [("dq", wire, ops["q"].shape), ("dk", wire, ops["k"].shape),
+                   ("dv", wire, ops["v"].shape)]
+        like = _tensors.Like(q, fmt)
+        r = self._compute(_BACKWARD, header, ops, outputs, like, timeout, path)
+        return BackwardResult(dq=r.tensors["dq"], dk=r.tensors["dk"], dv=r.tensors["dv"],
+                              **r.info())
+
+    # ---- the three data paths ---------------------------------------------------------------
+    def _compute(self, rpc, header, ops, outputs, like, timeout, path):
+        if path not in (None, "shm", "unary", "stream"):
+            raise ValueError(f"path must be None, 'shm', 'unary' or 'stream', got {path!r}")
+        deadline = self._deadline(timeout)
+        if not header.request_id:
+            header.request_id = "py-" + uuid.uuid4().hex[:16]
+        for name, op in ops.items():
+            getattr(header, name).CopyFrom(_tensors.tensor_message(op, data=False))
+        if path in (None, "shm"):
+            region = self._shm_region(rpc, ops, outputs, deadline, required=path == "shm")
+            if region is not None:
+                try:
+                    return self._via_shm(rpc, header, ops, outputs, like, deadline, *region)
+                finally:
+                    self._shm_pool.release(region[0])
+        info = self._limits(self._remaining(deadline))
+        limit = info.max_unary_bytes
+        if path is None:
+            estimate = header.ByteSize() + sum(op.nbytes + 32 for op in ops.values())
+            past = estimate >= _PROTOBUF_LIMIT or (limit > 0 and estimate > limit)
+            path = "stream" if past else "unary"
+        if path == "stream":
+            chunk = min(_CHUNK_BYTES, limit) if limit > 0 else _CHUNK_BYTES
+            return self._via_stream(rpc, header, ops, outputs, like, deadline, chunk)
+        return self._via_unary(rpc, header, ops, outputs, like, deadline)
+
+    def _shm_region(self, rpc, ops, outputs, deadline, required):
+        """A registered region and the call's placement in it, or None (bytes then). required:
+        raise instead of None."""
+        if self._shm_off_reason is not None:
+            if required:
+                raise RuntimeError("ringattn: shared memory is off for this client: "
+                                   + self._shm_off_reason)
+            return None
+        placement = _shm.Placement(
+            [(n, ops[n].nbytes) for n in rpc.inputs],
+            [(n, _tensors.wire_itemsize(w) * int(np.prod(s))) for n, w, s in outputs])
+        try:
+            region = self._shm_pool.acquire(placement.bytes, self._remaining(deadline))
+        except RingAttnError as e:
+            refused = e.code in (grpc.StatusCode.PERMISSION_DENIED,
+                                 grpc.StatusCode.FAILED_PRECONDITION,
+                                 grpc.StatusCode.UNIMPLEMENTED)
+            if self._shm_mode is True or required:
+                raise
+            if refused:  # for good: the calls go as bytes
+                self._shm_off_reason = f"the service refused registration: {e.message}"
+                return None
+            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # regions per caller: bytes this time
+                return None
+            raise  # the service is unreachable, the deadline passed: the call would fail too
+        except OSError as e:
+            if self._shm_mode is True or required:
+                raise
+            self._shm_off_reason = f"cannot create a shared-memory object: {e}"
+            return None
+        if region is None and required:
+            raise RuntimeError("ringattn: every shared-memory region of this client is in use")
+        return None if region is None else (region, placement)
+
+    def _via_shm(self, rpc, header, ops, outputs, like, deadline, region, placement):
+        t0 = time.perf_counter()
+        request = rpc.request()
+        request.CopyFrom(header)
+        for name in rpc.inputs:
+            at, nbytes = placement.slots[name]
+            ops[name].write_into(region.view(at, nbytes))
+            getattr(request, name).shm.CopyFrom(
+                _proto.SharedMemoryRef(region=region.name, offset=at, byte_size=nbytes))
+        for name, _, _ in outputs:
+            at, nbytes = placement.slots[name]
+            request.output_shm[name].CopyFrom(
+                _proto.SharedMemoryRef(region=region.name, offset=at, byte_size=nbytes))
+        t1 = time.perf_counter()
+        response, attempts = self._call_with_retry(
+            rpc.name, deadline,
+            lambda remaining: self._unary[rpc.name](request, timeout=remaining,
+                                                     metadata=self._metadata))
+        t2 = time.perf_counter()
+        tensors = {}
+        for name, wire, shape in outputs:
+            _check_output(rpc, response, name, wire, shape, len(getattr(response, name).data),
+                          in_shm=True)
+            at, nbytes = placement.slots[name]
+            src = region.view(at, nbytes)
+            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+        t3 = time.perf_counter()
+        return _Done(tensors, response, "shm", t1 - t0, t2 - t1, t3 - t2, attempts)
+
+    def _via_unary(self, rpc, header, ops, outputs, like, deadline):
+        t0 = time.perf_counter()
+        data = {_wire.field_number(rpc.request, name): op.to_bytes() for name, op in ops.items()}
+        t1 = time.perf_counter()
+        request = _wire.encode_request(header, data)
+        del data
+        raw, attempts = self._call_with_retry(
+            rpc.name, deadline,
+            lambda remaining: self._raw_unary[rpc.name](request, timeout=remaining,
+                                                         metadata=self._metadata))
+        meta, tensor_data = _wire.split_message(raw, {_wire.field_number(rpc.response, n): n
+                                                      for n in rpc.outputs})
+        response = rpc.response.FromString(meta)
+        t2 = time.perf_counter()
+        tensors = {}
+        for name, wire, shape in outputs:
+            got = tensor_data.get(name, b"")
+            _check_output(rpc, response, name, wire, shape, len(got))
+            src = np.frombuffer(got, dtype=np.uint8)
+            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+        t3 = time.perf_counter()
+        return _Done(tensors, response, "unary", t1 - t0, t2 - t1, t3 - t2, attempts)
+
+    def _via_stream(self, rpc, header, ops, outputs, like, deadline, chunk_bytes):
+        t0 = time.perf_counter()
+        data = [(name, ops[name].to_bytes()) for name in rpc.inputs]
+        t1 = time.perf_counter()
+        first = rpc.stream_request(header=header).SerializeToString()
+        chunk_field = _wire.field_number(rpc.stream_request, "chunk")
+
+        def requests():
+            yield first
+            for name, b in data:
+                view = memoryview(b)
+                which = _which(name)
+                for at in range(0, len(b), chunk_bytes):
+                    yield _wire.encode_chunk(chunk_field, which, at, view[at:at + chunk_bytes])
+
+        def attempt(remaining):
+            call = self._streams[rpc.name](requests(), timeout=remaining, metadata=self._metadata)
+            try:
+                return _assemble(rpc, call, outputs)
+            except RingAttnError:
+                call.cancel()
+                raise
+
+        (response, buffers), attempts = self._call_with_retry(rpc.name + "Stream", deadline,
+                                                              attempt)
+        t2 = time.perf_counter()
+        tensors = {}
+        for name, wire, shape in outputs:
+            src = np.frombuffer(buffers[name], dtype=np.uint8)
+            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+        t3 = time.perf_counter()
+        return _Done(tensors, response, "stream", t1 - t0, t2 - t1, t3 - t2, attempts)
+
+
+class _Done:
+    def __init__(self, tensors, response, path, input_copy, call, output_copy, attempts):
+        self.tensors = tensors
+        timings = response.timings
+        timings.client_seconds = call
+        timings.client_wire_seconds = max(0.0, call - timings.total_seconds)
+        self._info = dict(timings=timings, plan=response.plan, request_id=response.request_id,
+                          path=path, input_copy_seconds=input_copy,
+                          output_copy_seconds=output_copy, attempts=attempts)
+
+    def info(self):
+        """CallInfo's fields."""
+        return self._info
+
+
+def _expected_bytes(tensor):
+    n = {_tensors.wire_enum(w): _tensors.wire_itemsize(w) for w in _tensors.WIRE_DTYPES}.get(
+        tensor.dtype, 0)
+    for d in tensor.shape:
+        n *= d
+    return n
+
+
+def _check_output(rpc, response, name, wire, shape, got_bytes, in_shm=False):
+    """The response's output `name` has the dtype and shape the request implies, and got_bytes
+    of data: its bytes, or none when it is in shared memory; INTERNAL naming it if not."""
+    if name == "lse" and not response.HasField("lse"):
+        raise error(grpc.StatusCode.INTERNAL, "response has no lse; the request asked for it",
+                    rpc.name)
+    t = getattr(response, name)
+    if t.dtype != _tensors.wire_enum(wire) or tuple(t.shape) != tuple(shape):
+        raise error(grpc.StatusCode.INTERNAL,
+                    f"response {name} is {list(t.shape)} {_proto.enum_name('DType', t.dtype)}; "
+                    f"expected {list(shape)} DTYPE_{wire.upper()}", rpc.name)
+    want = 0 if in_shm else _expected_bytes(t)
+    if got_bytes != want:
+        raise error(grpc.StatusCode.INTERNAL,
+                    f"response {name} carries {got_bytes} bytes; expected {want}", rpc.name)
+
+
+def _assemble(rpc, call, outputs):
+    """The stream's header and each output's bytes (bytearray) from the serialised response
+    messages `call` yields, checked as the C++ client's StreamAssembler checks them: INTERNAL
+    naming the tensor on any breach."""
+    what = rpc.name + "Stream response"
+    expected = {name: (wire, shape) for name, wire, shape in outputs}
+    by_which = {_which(name): name for name in expected}
+
+    def breach(message):
+        return error(grpc.StatusCode.INTERNAL, f"{what}: {message}", rpc.name + "Stream")
+
+    header_field = _wire.field_number(rpc.stream_response, "header")
+    chunk_field = _wire.field_number(rpc.stream_response, "chunk")
+    header = None
+    buffers, filled, order = {}, {}, []
+    for raw in call:
+        try:
+            part, value = _wire.decode_stream_message(raw, header_field, chunk_field)
+        except (ValueError, IndexError) as e:
+            raise breach(f"a message that does not parse: {e}") from None
+        if part == "header":
+            if header is not None:
+                raise breach("a second header; only one header is allowed")
+            try:
+                header = rpc.response.FromString(bytes(value))
+            except Exception as e:  # protobuf's DecodeError
+                raise breach(f"a header that does not parse: {e}") from None
+            for name, (wire, shape) in expected.items():
+                if name == "lse" and not header.HasField("lse"):
+                    continue
+                t = getattr(header, name)
+                if t.data:
+                    raise breach(f"header: {name} carries data")
+                if t.dtype != _tensors.wire_enum(wire) or tuple(t.shape) != tuple(shape):
+                    raise breach(f"header: {name} is {list(t.shape)}; expected {list(shape)}")
+                buffers[name] = bytearray(_expected_bytes(t))
+                filled[name] = 0
+                order.append(name)
+        elif part == "chunk":
+            if header is None:
+                raise breach("must start with a header message; got a chunk before the header")
+            which, offset, data = value
+            name = by_which.get(which)
+            if name is None or name not in buffers:
+                raise breach(f"a chunk of tensor {which}, which this call does not return")
+            done_before = all(filled[n] == len(buffers[n]) for n in order[:order.index(name)])
+            if not done_before or offset != filled[name]:
+                raise breach(f"{name} chunk at offset {offset}; expected {filled[name]}")
+            end = offset + len(data)
+            if end > len(buffers[name]):
+                raise breach(f"{name} chunk ends at {end}, past its {len(buffers[name])} bytes")
+            buffers[name][offset:end] = data
+            filled[name] = end
+        else:
+            raise breach("a message with neither header nor chunk")
+    if header is None:
+        raise breach("must start with a header message; got no message")
+    for name in order:
+        if filled[name] != len(buffers[name]):
+            raise breach(f"{name} has {filled[name]} of its {len(buffers[name])} bytes")
+    if "lse" in expected and "lse" not in buffers:
+        raise breach("header has no lse; the request asked for it")
+    return header, buffers
+
+
+def _check_format(fmt):
+    if fmt not in _tensors.FORMATS:
+        raise ValueError(f"qkv_format must be one of {_tensors.FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def _check_wire(wire):
+    if wire not in _tensors.WIRE_DTYPES:
+        raise ValueError(f"dtype must be one of {_tensors.WIRE_DTYPES}, got {wire!r}")
+
+
+def _layout(layout):
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(_LAYOUTS)}, got {layout!r}")
+    return _proto.enum_value("Layout", _LAYOUTS[layout])
+
+
+def _options(causal, window, alibi_slopes, softcap, softmax_scale, dropout_p, dropout_seed,
+             cu_seqlens):
+    o = _proto.AttentionOptions(causal=bool(causal), softcap=float(softcap),
+                                dropout_p=float(dropout_p), dropout_seed=int(dropout_seed))
+    if window is None:
+        window = (-1, -1)
+    left, right = window
+    if left is not None and int(left) != -1:
+        o.window_left = int(left)
+    if right is not None and int(right) != -1:
+        o.window_right = int(right)
+    if softmax_scale is not None:
+        o.softmax_scale = float(softmax_scale)
+    o.alibi_slopes.extend(float(x) for x in _tensors.as_list(alibi_slopes, "alibi_slopes"))
+    o.cu_seqlens.extend(int(x) for x in _tensors.as_list(cu_seqlens, "cu_seqlens"))
+    return o
+
+
+def connect(target="127.0.0.1:50051", **kwargs) -> Client:
+    """Client(target, **kwargs)."""
+    return Client(target, **kwargs)
+
+
+_live_clients = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients():
+    for client in list(_live_clients):
+        try:
+            client._shm_pool.close(timeout=2.0)
+        except Exception:  # exiting: the service may be gone
+            pass
+
+
+_default_lock = threading.Lock()
+_default: Optional[Client] = None
+
+
+def default_client() -> Client:
+    """The process's shared client: set_default_client's, else one to $RINGATTN_TARGET
+    (default 127.0.0.1:50051) made on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            import os
+            _default = Client(os.environ.get("RINGATTN_TARGET", "127.0.0.1:50051"))
+        return _default
+
+
+def set_default_client(client) -> None:
+    """Makes `client` (a Client or a target string) the one default_client returns."""
+    global _default
+    with _default_lock:
+        _default = Client(client) if isinstance(client, str) else client
