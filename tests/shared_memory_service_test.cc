@@ -234,15 +234,15 @@ TEST_P(ShmWorlds, InputsAndOutputsInSharedMemoryMatchTheReference) {
       {"seq1", {1, 1, 5, 5, 64, f32}, true},
       {"b2_seq37_gqa_bf16", {2, 37, 8, 2, 128, v1::DTYPE_BF16}, false},
       {"seq300_zigzag", {1, 300, 4, 2, 64, f32}, true},
-      {"b3_seq3816_h5_gqa_fp16", {3, 3816, 5, 1, 128, v1::DTYPE_FP16}, true},
+      {"b2_seq3816_h5_gqa_fp16", {2, 3816, 5, 1, 64, v1::DTYPE_FP16}, true},
   };
   ClientObject obj(64 << 20);
   ASSERT_TRUE(svc.Register("mine", obj).ok());
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
-    // The long case is for the GPU's copies in pieces (3 batches, 2 zigzag chunks each); on
-    // CPU workers it would only cost CI minutes.
-    if (kernel == "cpu" && c.shape.seqlen > 1000) continue;
+    // The long case is for the GPU's copies in pieces (2 batches, 2 zigzag chunks each), once
+    // (its fp64 reference takes seconds); on CPU workers it would only cost CI minutes.
+    if ((kernel == "cpu" || !workers_map) && c.shape.seqlen > 1000) continue;
     const v1::AttendRequest with_bytes = MakeRequest(c.shape);
     v1::AttendRequest req = with_bytes;
     req.mutable_options()->set_causal(c.causal);
@@ -515,7 +515,7 @@ TEST(ShmGpuTest, CudaSharedMemoryGivesTheBytesOfTheMessages) {
   AttentionClient& client = *c->client;
   const absl::Duration timeout = absl::Seconds(60);
   for (const Shape& shape : {Shape{1, 7, 5, 1, 64, v1::DTYPE_BF16},
-                             Shape{2, 3816, 5, 1, 128, v1::DTYPE_FP16}}) {
+                             Shape{1, 3816, 5, 1, 128, v1::DTYPE_FP16}}) {
     SCOPED_TRACE(shape.seqlen);
     v1::AttendRequest request = MakeRequest(shape);
     request.mutable_options()->set_causal(true);
@@ -561,7 +561,7 @@ TEST(ShmGpuTest, BackwardWithSharedMemoryEqualsBackwardWithBytes) {
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
   ShmService svc(1, true, "cuda");
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  ExpectBackwardThroughSharedMemoryEqualsBytes(svc, Shape{2, 1000, 5, 1, 128, v1::DTYPE_BF16});
+  ExpectBackwardThroughSharedMemoryEqualsBytes(svc, Shape{2, 1000, 5, 1, 64, v1::DTYPE_BF16});
 }
 #endif
 
