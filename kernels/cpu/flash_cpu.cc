@@ -12,6 +12,11 @@
 // Every output element therefore accumulates its terms in a fixed order, which also makes
 // results independent of the thread count (a row is always computed by one thread, the same
 // way).
+//
+// Non-finite inputs follow the reference's rules (reference_attention.h): ModScore turns a
+// score fp32 cannot hold into NaN, the row maximum keeps a NaN, and SoftmaxState carries it to
+// the row's output and LSE; a NaN or infinite V row of a partly visible block reaches only the
+// rows that see its key.
 #include "kernels/cpu/flash_cpu.h"
 
 #include <algorithm>
@@ -169,16 +174,20 @@ void ApplyScoreModsAndMask(const AttentionParams& params, const QueryBlock& qb, 
 // result does not depend on anything but the row.
 constexpr int kReduceLanes = 8;
 
+// max(m, x), NaN once either is NaN: a row whose only visible score is NaN must not look
+// wholly masked (-inf).
+inline float MaxKeepingNan(float m, float x) { return x > m || x != x ? x : m; }
+
 float MaxOfRow(const float* x, int n) {  // x: [n]
   float lanes[kReduceLanes];
   std::fill(lanes, lanes + kReduceLanes, kNegInf);
   int j = 0;
   for (; j + kReduceLanes <= n; j += kReduceLanes) {
-    for (int l = 0; l < kReduceLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+    for (int l = 0; l < kReduceLanes; ++l) lanes[l] = MaxKeepingNan(lanes[l], x[j + l]);
   }
   float m = kNegInf;
-  for (int l = 0; l < kReduceLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int l = 0; l < kReduceLanes; ++l) m = MaxKeepingNan(m, lanes[l]);
+  for (; j < n; ++j) m = MaxKeepingNan(m, x[j]);
   return m;
 }
 
@@ -232,6 +241,33 @@ void ApplyDropout(const AttentionParams& p, const QueryBlock& qb, int64_t k0, in
   }
 }
 
+// Whether every one of n floats is finite (no NaN, no infinity).
+bool AllFinite(const float* x, int n) {  // x: [n]
+  uint32_t special = 0;                  // any element with an all-ones exponent
+  for (int i = 0; i < n; ++i) special |= (FloatBits(x[i]) & 0x7f800000u) == 0x7f800000u;
+  return special == 0;
+}
+
+// A partly visible block whose V holds a NaN or an infinity: P V would add 0 * inf = NaN into
+// the rows that cannot see that key. Each such V row is added here to the rows that see it
+// only (its probability times the row, IEEE: 0 * inf = NaN is the contract for a visible key),
+// then zeroed for P V. A wholly visible block needs nothing: every row sees every key.
+template <int kHeadDim>
+void AddNonFiniteValuesToVisibleRows(const AttentionParams& p, const QueryBlock& qb, int cols,
+                                     Scratch* scratch) {
+  for (int j = 0; j < cols; ++j) {
+    float* v_row = &scratch->v[j * kHeadDim];  // [kHeadDim]
+    if (AllFinite(v_row, kHeadDim)) continue;
+    for (int i = 0; i < qb.rows; ++i) {
+      if (!KeyAllowed(p, scratch->q_pos[i], scratch->k_pos[j])) continue;
+      const float prob = scratch->s[i * kBlockK + j];
+      float* acc_row = &scratch->acc[i * kHeadDim];  // [kHeadDim]
+      for (int d = 0; d < kHeadDim; ++d) acc_row[d] += prob * v_row[d];
+    }
+    std::fill(v_row, v_row + kHeadDim, 0.0f);
+  }
+}
+
 // acc += P V over the block's keys. Always kBlockK deep: in a short last block the padding
 // probabilities and V rows are zero, which adds exact zeros.
 template <int kHeadDim>
@@ -281,6 +317,7 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
     ApplyScoreModsAndMask(p, qb, cols, mask.all, scratch);
     UpdateSoftmaxState<kHeadDim>(qb.rows, cols, scratch);
     if (p.dropout_p > 0.0f) ApplyDropout(p, qb, k0, cols, scratch);
+    if (!mask.all) AddNonFiniteValuesToVisibleRows<kHeadDim>(p, qb, cols, scratch);
     AccumulateValues<kHeadDim>(qb.rows, cols, scratch);
   }
   WriteQueryBlock<kHeadDim>(p, qb, scratch);

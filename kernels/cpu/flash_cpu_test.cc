@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backend.h"
 #include "kernels/backend_registry.h"
@@ -600,6 +601,82 @@ TEST(FlashCpuTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
   ASSERT_TRUE(ref.ok());
   ExpectMatchesReference(p, t, *ref);
+}
+
+// ---- Non-finite inputs (reference_attention.h) ------------------------------------------------
+
+using kernel_testing::ApplyNonFinite;
+using kernel_testing::NonFiniteCase;
+using kernel_testing::NonFiniteCases;
+
+// Every case of NonFiniteCases, every input dtype: NaN exactly where the reference has it (the
+// comparison counts NaN on one side only), infinities equal, the rest within tolerance.
+TEST(FlashCpuNonFiniteTest, MatchesTheReference) {
+  for (const DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (const NonFiniteCase& c : NonFiniteCases(t)) {
+      SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(t))));
+      AttentionParams p = c.p;
+      AttentionBuffers buffers = MakeAttentionBuffers(&p, 5);
+      ApplyNonFinite(c, &buffers);
+      ASSERT_TRUE(FlashCpuForward(p).ok());
+      absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+      ASSERT_TRUE(ref.ok());
+      ExpectMatchesReference(p, buffers, *ref);
+    }
+  }
+}
+
+// A poisoned row stays poisoned through the merges of a ring (merge_into_output, then a
+// read-only partial), whichever half holds the poison; clean rows are untouched.
+TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
+  for (const NonFiniteCase& c : NonFiniteCases(DType::kF32)) {
+    for (const bool partial_input : {false, true}) {
+      SCOPED_TRACE(absl::StrCat(c.name, partial_input ? " partial input" : " merge"));
+      AttentionParams whole = c.p;
+      whole.o_dtype = DType::kF32;
+      AttentionBuffers t = MakeAttentionBuffers(&whole, 6);
+      ApplyNonFinite(c, &t);
+      AttentionParams first = KeyRange(whole, 0, 45);
+      AttentionParams second = KeyRange(whole, 45, whole.seqlen_k);
+      std::vector<float> partial_o(static_cast<size_t>(t.o.size()));
+      std::vector<float> partial_lse(t.lse.size());
+      if (partial_input) {
+        first.o = partial_o.data();
+        first.lse = partial_lse.data();
+        second.partial_o = partial_o.data();
+        second.partial_lse = partial_lse.data();
+      } else {
+        second.merge_into_output = true;
+      }
+      ASSERT_TRUE(FlashCpuForward(first).ok());
+      ASSERT_TRUE(FlashCpuForward(second).ok());
+      absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+      ASSERT_TRUE(ref.ok());
+      ExpectMatchesReference(whole, t, *ref);
+    }
+  }
+}
+
+// exp underflows to exactly 0 for the second key; its infinite v still adds 0 * inf = NaN when
+// the key is visible, and nothing when it is masked (the block is then partly visible).
+TEST(FlashCpuNonFiniteTest, InfiniteValueAtAZeroProbabilityKey) {
+  for (const bool causal : {false, true}) {
+    AttentionParams p = Shape(1, 2, 1, 1, 64);
+    p.softmax_scale = 1.0f;
+    p.causal = causal;
+    AttentionBuffers t = MakeAttentionBuffers(&p, 7);
+    for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
+    for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
+    t.q.Set(0, 1000.0f);
+    t.k.Set(0, 1.0f);
+    t.k.Set(64, -1.0f);
+    t.v.Set(64 + 3, std::numeric_limits<float>::infinity());
+    ASSERT_TRUE(FlashCpuForward(p).ok());
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+    ASSERT_TRUE(ref.ok());
+    EXPECT_EQ(std::isnan(ref->o[3]), !causal);
+    ExpectMatchesReference(p, t, *ref);
+  }
 }
 
 // ---- Threads --------------------------------------------------------------------------------
