@@ -10,6 +10,7 @@
 //   - Backward, where capabilities().backward, on the same sweep, the reference forward's O
 //     (rounded to the input dtype) and LSE given; ComputeDelta against rowsum(dO * O), and
 //     accumulate with that D given (twice is twice the gradient);
+//   - non-finite inputs (NaN, infinities, scores beyond fp32) propagate as the reference says;
 //   - every capability claimed computed (two runs of positions, a partial input, packed
 //     sequences, dropout) and every one not claimed refused with InvalidArgument, forward and
 //     backward; a backend without a backward answers UNIMPLEMENTED naming itself;
@@ -57,6 +58,7 @@
 namespace ringattn {
 namespace {
 
+using kernel_testing::ApplyNonFinite;
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::CompareWithTolerance;
@@ -66,6 +68,8 @@ using kernel_testing::HostCall;
 using kernel_testing::KeyRange;
 using kernel_testing::MakeAttentionBuffers;
 using kernel_testing::MakeHostCallOf;
+using kernel_testing::NonFiniteCase;
+using kernel_testing::NonFiniteCases;
 using kernel_testing::Packed;
 using kernel_testing::RelL2Bound;
 using kernel_testing::Runs;
@@ -403,6 +407,29 @@ TEST_P(BackendConformance, OptionsNotClaimedAreRefused) {
     BackwardCall call(hc, *space_, /*accumulate=*/false);
     const absl::Status b = backend_->Backward(call.p, ExecutionContext{});
     EXPECT_EQ(b.code(), absl::StatusCode::kInvalidArgument) << "backward: " << b;
+  }
+}
+
+// Non-finite inputs and scores beyond fp32 (kernel_testing::NonFiniteCases, the rules of
+// reference_attention.h): NaN exactly where the fp64 reference has it (a NaN on one side only
+// fails the comparison), infinities equal, everything else within the usual tolerance. A case
+// whose options the backend refuses on clean inputs (cudnn: softcap) is skipped; what it takes
+// clean it must take poisoned.
+TEST_P(BackendConformance, NonFiniteInputsFollowTheReference) {
+  std::vector<DType> dtypes = {DType::kBF16, DType::kF16};
+  if (caps_.fp32_inputs) dtypes.push_back(DType::kF32);
+  uint32_t seed = 50;
+  for (const DType dtype : dtypes) {
+    for (const NonFiniteCase& c : NonFiniteCases(dtype)) {
+      SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(dtype))));
+      AttentionParams host = c.p;
+      AttentionBuffers t = MakeAttentionBuffers(&host, seed++);
+      if (!RunForward(host, &t).ok()) continue;  // options this backend does not take
+      ApplyNonFinite(c, &t);
+      const absl::Status s = RunForward(host, &t);
+      EXPECT_TRUE(s.ok()) << s;
+      if (s.ok()) ExpectMatchesReference(host, t);
+    }
   }
 }
 
