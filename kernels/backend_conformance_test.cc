@@ -14,6 +14,7 @@
 //   - every capability claimed computed (two runs of positions, a partial input, packed
 //     sequences, dropout) and every one not claimed refused with InvalidArgument, forward and
 //     backward; a backend without a backward answers UNIMPLEMENTED naming itself;
+//   - host backends stop at the ExecutionContext's cancel flag (CANCELLED);
 //   - device backends run on the ExecutionContext's stream alone: held behind a host callback
 //     on that stream, the call has not run until it is released.
 // Device backends get device copies of the tensors and are skipped without a CUDA device.
@@ -431,6 +432,29 @@ TEST_P(BackendConformance, NonFiniteInputsFollowTheReference) {
       if (s.ok()) ExpectMatchesReference(host, t);
     }
   }
+}
+
+// Host backends stop at ExecutionContext::cancel: a call made with it set returns CANCELLED
+// (forward, backward, ComputeDelta), one made with it clear computes as without it.
+TEST_P(BackendConformance, HostBackendsStopAtTheCancelFlag) {
+  if (space_->device()) GTEST_SKIP() << GetParam() << " enqueues its work: nothing to stop";
+  std::atomic<bool> cancel{true};
+  const ExecutionContext cancelled{.cancel = &cancel};
+  AttentionParams host = Plain();
+  AttentionBuffers t = MakeAttentionBuffers(&host, 60);
+  EXPECT_EQ(backend_->Forward(host, cancelled).code(), absl::StatusCode::kCancelled);
+  cancel.store(false);
+  ASSERT_TRUE(backend_->Forward(host, cancelled).ok());
+  ExpectMatchesReference(host, t);
+  if (!caps_.backward) return;
+  cancel.store(true);
+  HostCall hc;
+  ASSERT_NO_FATAL_FAILURE(MakeHostCallOf(Plain(), /*alibi=*/false, &hc));
+  BackwardCall call(hc, *space_, /*accumulate=*/false);
+  EXPECT_EQ(backend_->Backward(call.p, cancelled).code(), absl::StatusCode::kCancelled);
+  std::vector<float> delta(hc.lse.size());
+  EXPECT_EQ(backend_->ComputeDelta(call.p, delta.data(), cancelled).code(),
+            absl::StatusCode::kCancelled);
 }
 
 TEST_P(BackendConformance, WithoutABackwardBackwardIsUnimplemented) {

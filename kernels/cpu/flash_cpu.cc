@@ -296,9 +296,10 @@ void WriteQueryBlock(const AttentionParams& p, const QueryBlock& qb, Scratch* sc
   }
 }
 
-// Computes one work item end to end.
+// Computes one work item end to end; stops without writing once `cancel` is set.
 template <int kHeadDim>
-void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scratch* scratch) {
+void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb,
+                       const std::atomic<bool>* cancel, Scratch* scratch) {
   // A local copy: the compiler then knows that stores into the scratch buffers cannot change
   // the options, and can hoist their tests out of the per-element loops.
   const AttentionParams p = params;
@@ -309,6 +310,7 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
   const int64_t q_lo = QueryPos(p, qb.row0);
   const int64_t q_hi = QueryPos(p, qb.row0 + qb.rows - 1);
   for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockK) {
+    if (Cancelled(cancel)) return;
     const int cols = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - k0));
     const BlockMask mask = ClassifyBlock(p, q_lo, q_hi, KeyPos(p, k0), KeyPos(p, k0 + cols - 1));
     if (!mask.any) continue;  // every pair masked: the block contributes nothing
@@ -328,14 +330,16 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
 // Runs every work item on `num_threads` threads (cpu_tiles::RunWorkItems). Which thread takes
 // an item does not change its result.
 template <int kHeadDim>
-void RunAllQueryBlocks(const AttentionParams& p, int num_threads) {
+void RunAllQueryBlocks(const AttentionParams& p, int num_threads,
+                       const std::atomic<bool>* cancel) {
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t num_items = static_cast<int64_t>(p.batch) * p.heads * q_blocks;
   cpu_tiles::RunWorkItems(
       num_items, num_threads, [] { return Scratch(kHeadDim); },
       [&](int64_t item, Scratch* scratch) {
-        ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), scratch);
-      });
+        ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), cancel, scratch);
+      },
+      cancel);
 }
 
 }  // namespace
@@ -397,18 +401,19 @@ absl::Status FlashCpuForward(const AttentionParams& p, const FlashCpuOptions& op
   const int threads = cpu_tiles::ResolveThreadCount(options.num_threads);
   switch (p.head_dim) {
     case 64:
-      RunAllQueryBlocks<64>(p, threads);
+      RunAllQueryBlocks<64>(p, threads, options.cancel);
       break;
     case 128:
-      RunAllQueryBlocks<128>(p, threads);
+      RunAllQueryBlocks<128>(p, threads, options.cancel);
       break;
     case 256:
-      RunAllQueryBlocks<256>(p, threads);
+      RunAllQueryBlocks<256>(p, threads, options.cancel);
       break;
     default:
       // ValidateParams admits exactly kSupportedHeadDims; this is a missing instantiation.
       return absl::InternalError(absl::StrCat("no CPU kernel for head_dim ", p.head_dim));
   }
+  if (Cancelled(options.cancel)) return absl::CancelledError("the CPU kernel was cancelled");
   return absl::OkStatus();
 }
 

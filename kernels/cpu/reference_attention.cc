@@ -132,7 +132,8 @@ bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos)
   return q_seq >= 0 && q_seq == k_seq;
 }
 
-absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p) {
+absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p,
+                                                 const std::atomic<bool>* cancel) {
   RA_RETURN_IF_ERROR(ValidateParams(p));
 
   const int64_t dim = p.head_dim;
@@ -147,6 +148,9 @@ absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     for (int h = 0; h < p.heads; ++h) {
       for (int64_t i = 0; i < p.seqlen_q; ++i) {
+        if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+          return absl::CancelledError("the fp64 reference was cancelled");
+        }
         LoadRow(p.q, QOffset(p, b, i, h), p.dtype, p.head_dim, q_row.data());
         // result.o is contiguous [batch, seqlen_q, heads, head_dim].
         double* o_row = &result.o[static_cast<size_t>(((b * p.seqlen_q + i) * p.heads + h) * dim)];

@@ -12,6 +12,7 @@
 //     0 * Inf or Inf - Inf); the LSE stays finite.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -26,7 +27,9 @@ struct ReferenceResult {
 };
 
 // Reads q, k, v and the options from `p` (p.o, p.lse and merge_into_output are ignored).
-absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p);
+// CANCELLED once `cancel` (when given) reads true; it is polled before each query row.
+absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p,
+                                                 const std::atomic<bool>* cancel = nullptr);
 
 // The references' mask, sharing no code with the kernels' (WindowKeySpan, AllowedKeySpan): causal
 // and window by plain comparisons of the distance between the positions and, for packed
