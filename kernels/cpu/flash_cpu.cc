@@ -364,7 +364,9 @@ void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
     } else {
       const LseMerge merge = MergeLse(old_lse, lse);
       for (int d = 0; d < p.head_dim; ++d) {
-        merged[d] = merge.wb * o_row[d] + (merge.wa == 0.0f ? 0.0f : merge.wa * old_o[d]);
+        // An empty partial's o is not read; a negligible one's is (0 * NaN is NaN: a NaN or an
+        // infinity of v reaches the rows that see its key however small its weight).
+        merged[d] = merge.wb * o_row[d] + (old_lse == kNegInf ? 0.0f : merge.wa * old_o[d]);
       }
       merged_lse = merge.lse;
     }
@@ -379,11 +381,12 @@ void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
   }
   // Nothing to add: leave the existing partial bit for bit as it is.
   if (lse == kNegInf) return;
-  const LseMerge merge = MergeLse(*lse_slot, lse);
+  const float old_lse = *lse_slot;
+  const LseMerge merge = MergeLse(old_lse, lse);
   float* o = static_cast<float*>(p.o) + o_offset;  // [head_dim], fp32 by validation
-  if (merge.wa == 0.0f) {
-    // The existing partial weighs nothing (empty, lse -inf, or negligible next to this one);
-    // its o is not read, so that a buffer never written cannot leak NaN into the result.
+  if (old_lse == kNegInf) {
+    // The existing partial is empty: its o is not read, so that a buffer never written cannot
+    // leak NaN into the result. (A merely negligible one is read: 0 * NaN is NaN, as above.)
     for (int d = 0; d < p.head_dim; ++d) o[d] = merge.wb * o_row[d];
   } else {
     for (int d = 0; d < p.head_dim; ++d) o[d] = merge.wa * o[d] + merge.wb * o_row[d];

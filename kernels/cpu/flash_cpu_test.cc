@@ -657,6 +657,39 @@ TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
   }
 }
 
+// A partial whose weight underflows next to the other's (its scores 200 below) still carries
+// its NaN: a negligible partial is read, only an empty one is not.
+TEST(FlashCpuNonFiniteTest, ANegligiblePartialStillCarriesItsNan) {
+  for (const bool partial_input : {false, true}) {
+    AttentionParams whole = Shape(1, 2, 1, 1, 64);
+    whole.softmax_scale = 1.0f;
+    AttentionBuffers t = MakeAttentionBuffers(&whole, 8);
+    for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
+    for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
+    t.q.Set(0, 100.0f);
+    t.k.Set(0, -1.0f);  // key 0: score -100
+    t.k.Set(64, 1.0f);  // key 1: score 100
+    t.v.Set(3, std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> partial_o(64), partial_lse(1);
+    AttentionParams first = KeyRange(whole, 0, 1);
+    AttentionParams second = KeyRange(whole, 1, 2);
+    if (partial_input) {
+      first.o = partial_o.data();
+      first.lse = partial_lse.data();
+      second.partial_o = partial_o.data();
+      second.partial_lse = partial_lse.data();
+    } else {
+      second.merge_into_output = true;
+    }
+    ASSERT_TRUE(FlashCpuForward(first).ok());
+    ASSERT_TRUE(FlashCpuForward(second).ok());
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+    ASSERT_TRUE(ref.ok());
+    EXPECT_TRUE(std::isnan(ref->o[3]));
+    ExpectMatchesReference(whole, t, *ref);
+  }
+}
+
 // exp underflows to exactly 0 for the second key; its infinite v still adds 0 * inf = NaN when
 // the key is visible, and nothing when it is masked (the block is then partly visible).
 TEST(FlashCpuNonFiniteTest, InfiniteValueAtAZeroProbabilityKey) {

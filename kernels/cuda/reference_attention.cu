@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
       if (d >= dim) continue;
       const float mine = merge.wb * (acc[i] * norm);
       StoreFromFloat(p.o, o_offset + d, p.o_dtype,
-                     merge.wa == 0.0f ? mine : merge.wa * old_o[d] + mine);
+                     old_lse == NegInf() ? mine : merge.wa * old_o[d] + mine);
     }
     if (tid == 0 && lse_slot != nullptr) *lse_slot = merge.lse;
     return;
@@ -170,8 +170,9 @@ __global__ void __launch_bounds__(kThreads)
     const int d = tid + i * kThreads;
     if (d >= dim) continue;
     const float mine = merge.wb * (acc[i] * norm);
-    // An empty old partial (weight 0) is not read, so a never-written o cannot leak NaN.
-    o[d] = merge.wa == 0.0f ? mine : merge.wa * o[d] + mine;
+    // An empty old partial is not read, so a never-written o cannot leak NaN; a negligible one
+    // is (0 * NaN is NaN: a NaN of v reaches every row that sees its key).
+    o[d] = old_lse == NegInf() ? mine : merge.wa * o[d] + mine;
   }
   if (tid == 0) *lse_slot = merge.lse;
 }
