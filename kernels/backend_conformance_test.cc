@@ -434,6 +434,48 @@ TEST_P(BackendConformance, NonFiniteInputsFollowTheReference) {
   }
 }
 
+// The same cases (bf16) as two calls over the key halves, the second merging into the first's
+// fp32 o and lse (a ring's accumulation); and a first half whose weight underflows next to the
+// second's (its score 200 below) holding a NaN of v: a negligible partial is read (0 * NaN is
+// NaN), only an empty one (LSE -inf) is not.
+TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
+  uint32_t seed = 70;
+  for (const NonFiniteCase& c : NonFiniteCases(DType::kBF16)) {
+    SCOPED_TRACE(c.name);
+    AttentionParams whole = c.p;
+    whole.o_dtype = DType::kF32;
+    AttentionBuffers t = MakeAttentionBuffers(&whole, seed++);
+    ApplyNonFinite(c, &t);
+    const AttentionParams p = InSpace(whole, t, *space_);
+    AttentionParams second = KeyRange(p, 45, whole.seqlen_k);
+    second.merge_into_output = true;
+    if (!backend_->Forward(KeyRange(p, 0, 45), ExecutionContext{}).ok()) continue;  // refused
+    const absl::Status s = backend_->Forward(second, ExecutionContext{});
+    if (s.code() == absl::StatusCode::kInvalidArgument) continue;  // options refused
+    EXPECT_TRUE(s.ok()) << s;
+    Fetch(*space_, p, &t);
+    ExpectMatchesReference(whole, t);
+  }
+  SCOPED_TRACE("a negligible first half");
+  AttentionParams whole = Shape(1, 2, 1, 1, 64, DType::kBF16, DType::kF32);
+  whole.softmax_scale = 1.0f;
+  AttentionBuffers t = MakeAttentionBuffers(&whole, seed);
+  for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
+  for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
+  t.q.Set(0, 100.0f);
+  t.k.Set(0, -1.0f);  // key 0: score -100
+  t.k.Set(64, 1.0f);  // key 1: score 100
+  t.v.Set(3, std::numeric_limits<float>::quiet_NaN());
+  const AttentionParams p = InSpace(whole, t, *space_);
+  AttentionParams second = KeyRange(p, 1, 2);
+  second.merge_into_output = true;
+  ASSERT_TRUE(backend_->Forward(KeyRange(p, 0, 1), ExecutionContext{}).ok());
+  ASSERT_TRUE(backend_->Forward(second, ExecutionContext{}).ok());
+  Fetch(*space_, p, &t);
+  EXPECT_TRUE(std::isnan(t.o.Get(3))) << t.o.Get(3);
+  ExpectMatchesReference(whole, t);
+}
+
 // Host backends stop at ExecutionContext::cancel: a call made with it set returns CANCELLED
 // (forward, backward, ComputeDelta), one made with it clear computes as without it.
 TEST_P(BackendConformance, HostBackendsStopAtTheCancelFlag) {
