@@ -76,6 +76,7 @@ using kernel_testing::RelL2Bound;
 using kernel_testing::Runs;
 using kernel_testing::Shape;
 using kernel_testing::ToleranceReport;
+using kernel_testing::TwoKeyCall;
 using kernel_testing::TypedBuffer;
 
 bool GpuAvailable() {
@@ -457,15 +458,9 @@ TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
     ExpectMatchesReference(whole, t);
   }
   SCOPED_TRACE("a negligible first half");
-  AttentionParams whole = Shape(1, 2, 1, 1, 64, DType::kBF16, DType::kF32);
-  whole.softmax_scale = 1.0f;
-  AttentionBuffers t = MakeAttentionBuffers(&whole, seed);
-  for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
-  for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
-  t.q.Set(0, 100.0f);
-  t.k.Set(0, -1.0f);  // key 0: score -100
-  t.k.Set(64, 1.0f);  // key 1: score 100
-  t.v.Set(3, std::numeric_limits<float>::quiet_NaN());
+  AttentionParams whole;  // scores -100 and 100; NaN in key 0's v
+  AttentionBuffers t = TwoKeyCall(&whole, DType::kBF16, 100.0f, -1.0f, 1.0f, 0,
+                                  std::numeric_limits<float>::quiet_NaN());
   const AttentionParams p = InSpace(whole, t, *space_);
   AttentionParams second = KeyRange(p, 1, 2);
   second.merge_into_output = true;

@@ -153,10 +153,7 @@ TEST(DifferentialFuzz, RandomValidRequestsMatchTheFp64Reference) {
   ASSERT_FALSE(test::WorkerBinary().empty()) << "RINGATTN_BIN not set";
   test::LocalService svc(3, {}, "cpu");
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(INT_MAX);
-  auto stub = v1::AttentionService::NewStub(
-      grpc::CreateCustomChannel(svc.address(), grpc::InsecureChannelCredentials(), args));
+  auto stub = test::UnlimitedStub(svc.address());
   const uint64_t seed = 20261207;
   std::mt19937_64 rng(seed);
   constexpr int kRequests = 150;
@@ -166,16 +163,8 @@ TEST(DifferentialFuzz, RandomValidRequestsMatchTheFp64Reference) {
     const v1::AttendRequest req = RandomRequest(rng, &what);
     SCOPED_TRACE(absl::StrCat("seed ", seed, " request ", i, ": ", what));
     v1::AttendResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-    const grpc::Status st = stub->Attend(&ctx, req, &resp);
-
-    std::vector<float> slopes;
-    AttentionParams p =
-        test::ReferenceParams(req.q(), req.k(), req.v(), req.options(), &slopes);
-    char unused;
-    p.o = &unused;
-    absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+    const grpc::Status st = test::CallAttend(*stub, req, &resp);
+    const absl::StatusOr<ReferenceResult> ref = test::ReferenceOf(req);
     if (!st.ok()) {
       // Refused: only what the reference refuses too.
       EXPECT_FALSE(ref.ok()) << "the service refused a request the reference computes: "
@@ -185,7 +174,7 @@ TEST(DifferentialFuzz, RandomValidRequestsMatchTheFp64Reference) {
     }
     ASSERT_TRUE(ref.ok()) << "the service answered a request the reference refuses: "
                           << ref.status();
-    wrong += MatchesReference(resp, *ref, p.dtype) ? 0 : 1;
+    wrong += MatchesReference(resp, *ref, test::ToDType(req.q().dtype())) ? 0 : 1;
     with_nan += std::any_of(ref->o.begin(), ref->o.end(), [](double x) { return std::isnan(x); });
   }
   EXPECT_EQ(wrong, 0) << "of " << kRequests;
@@ -201,10 +190,7 @@ TEST(DifferentialFuzz, NanReachesExactlyTheRowsThatSeeIt) {
   ASSERT_FALSE(test::WorkerBinary().empty()) << "RINGATTN_BIN not set";
   test::LocalService svc(3, {}, "cpu");
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(INT_MAX);
-  auto stub = v1::AttentionService::NewStub(
-      grpc::CreateCustomChannel(svc.address(), grpc::InsecureChannelCredentials(), args));
+  auto stub = test::UnlimitedStub(svc.address());
   const Shape shape{1, 200, 4, 2, 64, v1::DTYPE_FP32};
   struct Case {
     std::string name;
@@ -246,17 +232,11 @@ TEST(DifferentialFuzz, NanReachesExactlyTheRowsThatSeeIt) {
       req.set_layout(layout);
       c.poison(&req);
       v1::AttendResponse resp;
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-      const grpc::Status st = stub->Attend(&ctx, req, &resp);
+      const grpc::Status st = test::CallAttend(*stub, req, &resp);
       ASSERT_TRUE(st.ok()) << st.error_message();
-      std::vector<float> slopes;
-      AttentionParams p = test::ReferenceParams(req.q(), req.k(), req.v(), req.options(), &slopes);
-      char unused;
-      p.o = &unused;
-      absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+      const absl::StatusOr<ReferenceResult> ref = test::ReferenceOf(req);
       ASSERT_TRUE(ref.ok()) << ref.status();
-      EXPECT_TRUE(MatchesReference(resp, *ref, p.dtype));
+      EXPECT_TRUE(MatchesReference(resp, *ref, DType::kF32));
       const float* out = reinterpret_cast<const float*>(resp.out().data().data());
       const float* lse = reinterpret_cast<const float*>(resp.lse().data().data());
       int64_t wrong = 0;

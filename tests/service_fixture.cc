@@ -1,10 +1,14 @@
 #include "tests/service_fixture.h"
 
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <utility>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "kernels/params_check.h"
 #include "ring/testing/synthetic_inputs.h"
@@ -98,6 +102,29 @@ AttentionParams ReferenceParams(const v1::Tensor& q, const v1::Tensor& k, const 
   p.alibi_slopes = slopes->empty() ? nullptr : slopes->data();
   p.softcap = o.softcap();
   return p;
+}
+
+absl::StatusOr<ReferenceResult> ReferenceOf(const v1::AttendRequest& req) {
+  std::vector<float> slopes;
+  AttentionParams p = ReferenceParams(req.q(), req.k(), req.v(), req.options(), &slopes);
+  char unused_output;  // ReferenceForward returns its own buffers; validation wants a pointer
+  p.o = &unused_output;
+  return ReferenceForward(p);
+}
+
+std::unique_ptr<v1::AttentionService::Stub> UnlimitedStub(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(INT_MAX);
+  args.SetMaxSendMessageSize(INT_MAX);
+  return v1::AttentionService::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+}
+
+grpc::Status CallAttend(v1::AttentionService::Stub& stub, const v1::AttendRequest& req,
+                        v1::AttendResponse* resp, absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  return stub.Attend(&ctx, req, resp);
 }
 
 }  // namespace ringattn::test

@@ -10,7 +10,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "kernels/attention_params.h"
+#include "kernels/cpu/reference_attention.h"
+#include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/attention.pb.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
@@ -72,6 +76,17 @@ v1::AttendRequest MakeRequest(const Shape& s, uint64_t seed = 3);
 // output pointer. p.alibi_slopes points into `slopes`, which must outlive the parameters.
 AttentionParams ReferenceParams(const v1::Tensor& q, const v1::Tensor& k, const v1::Tensor& v,
                                 const v1::AttentionOptions& o, std::vector<float>* slopes);
+
+// The fp64 reference of `req`'s forward (ReferenceForward of its ReferenceParams), or the
+// reference's refusal.
+absl::StatusOr<ReferenceResult> ReferenceOf(const v1::AttendRequest& req);
+
+// A stub on a channel to `address` that takes responses of any size (they carry whole tensors).
+std::unique_ptr<v1::AttentionService::Stub> UnlimitedStub(const std::string& address);
+
+// Attend through `stub` with a deadline `timeout` from now.
+grpc::Status CallAttend(v1::AttentionService::Stub& stub, const v1::AttendRequest& req,
+                        v1::AttendResponse* resp, absl::Duration timeout = absl::Seconds(60));
 
 }  // namespace ringattn::test
 

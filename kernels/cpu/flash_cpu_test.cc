@@ -608,6 +608,7 @@ TEST(FlashCpuTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
 using kernel_testing::ApplyNonFinite;
 using kernel_testing::NonFiniteCase;
 using kernel_testing::NonFiniteCases;
+using kernel_testing::TwoKeyCall;
 
 // Every case of NonFiniteCases, every input dtype: NaN exactly where the reference has it (the
 // comparison counts NaN on one side only), infinities equal, the rest within tolerance.
@@ -626,6 +627,26 @@ TEST(FlashCpuNonFiniteTest, MatchesTheReference) {
   }
 }
 
+// Runs `whole` (fp32 o) as two calls over keys [0, split) and [split, seqlen_k): the second
+// merging into the first's o and lse, or (partial_input) taking them, in buffers of their own,
+// as a read-only partial.
+void RunInTwoHalves(const AttentionParams& whole, int64_t split, bool partial_input) {
+  AttentionParams first = KeyRange(whole, 0, split);
+  AttentionParams second = KeyRange(whole, split, whole.seqlen_k);
+  const size_t rows = static_cast<size_t>(whole.batch) * whole.heads * whole.seqlen_q;
+  std::vector<float> partial_o(rows * whole.head_dim), partial_lse(rows);
+  if (partial_input) {
+    first.o = partial_o.data();
+    first.lse = partial_lse.data();
+    second.partial_o = partial_o.data();
+    second.partial_lse = partial_lse.data();
+  } else {
+    second.merge_into_output = true;
+  }
+  ASSERT_TRUE(FlashCpuForward(first).ok());
+  ASSERT_TRUE(FlashCpuForward(second).ok());
+}
+
 // A poisoned row stays poisoned through the merges of a ring (merge_into_output, then a
 // read-only partial), whichever half holds the poison; clean rows are untouched.
 TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
@@ -636,20 +657,7 @@ TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
       whole.o_dtype = DType::kF32;
       AttentionBuffers t = MakeAttentionBuffers(&whole, 6);
       ApplyNonFinite(c, &t);
-      AttentionParams first = KeyRange(whole, 0, 45);
-      AttentionParams second = KeyRange(whole, 45, whole.seqlen_k);
-      std::vector<float> partial_o(static_cast<size_t>(t.o.size()));
-      std::vector<float> partial_lse(t.lse.size());
-      if (partial_input) {
-        first.o = partial_o.data();
-        first.lse = partial_lse.data();
-        second.partial_o = partial_o.data();
-        second.partial_lse = partial_lse.data();
-      } else {
-        second.merge_into_output = true;
-      }
-      ASSERT_TRUE(FlashCpuForward(first).ok());
-      ASSERT_TRUE(FlashCpuForward(second).ok());
+      ASSERT_NO_FATAL_FAILURE(RunInTwoHalves(whole, 45, partial_input));
       absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
       ASSERT_TRUE(ref.ok());
       ExpectMatchesReference(whole, t, *ref);
@@ -661,28 +669,10 @@ TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
 // its NaN: a negligible partial is read, only an empty one is not.
 TEST(FlashCpuNonFiniteTest, ANegligiblePartialStillCarriesItsNan) {
   for (const bool partial_input : {false, true}) {
-    AttentionParams whole = Shape(1, 2, 1, 1, 64);
-    whole.softmax_scale = 1.0f;
-    AttentionBuffers t = MakeAttentionBuffers(&whole, 8);
-    for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
-    for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
-    t.q.Set(0, 100.0f);
-    t.k.Set(0, -1.0f);  // key 0: score -100
-    t.k.Set(64, 1.0f);  // key 1: score 100
-    t.v.Set(3, std::numeric_limits<float>::quiet_NaN());
-    std::vector<float> partial_o(64), partial_lse(1);
-    AttentionParams first = KeyRange(whole, 0, 1);
-    AttentionParams second = KeyRange(whole, 1, 2);
-    if (partial_input) {
-      first.o = partial_o.data();
-      first.lse = partial_lse.data();
-      second.partial_o = partial_o.data();
-      second.partial_lse = partial_lse.data();
-    } else {
-      second.merge_into_output = true;
-    }
-    ASSERT_TRUE(FlashCpuForward(first).ok());
-    ASSERT_TRUE(FlashCpuForward(second).ok());
+    AttentionParams whole;  // scores -100 and 100; NaN in key 0's v
+    AttentionBuffers t = TwoKeyCall(&whole, DType::kF32, 100.0f, -1.0f, 1.0f, 0,
+                                    std::numeric_limits<float>::quiet_NaN());
+    ASSERT_NO_FATAL_FAILURE(RunInTwoHalves(whole, 1, partial_input));
     absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
     ASSERT_TRUE(ref.ok());
     EXPECT_TRUE(std::isnan(ref->o[3]));
@@ -694,16 +684,10 @@ TEST(FlashCpuNonFiniteTest, ANegligiblePartialStillCarriesItsNan) {
 // the key is visible, and nothing when it is masked (the block is then partly visible).
 TEST(FlashCpuNonFiniteTest, InfiniteValueAtAZeroProbabilityKey) {
   for (const bool causal : {false, true}) {
-    AttentionParams p = Shape(1, 2, 1, 1, 64);
-    p.softmax_scale = 1.0f;
+    AttentionParams p;  // scores 1000 and -1000; inf in key 1's v
+    AttentionBuffers t = TwoKeyCall(&p, DType::kF32, 1000.0f, 1.0f, -1.0f, 1,
+                                    std::numeric_limits<float>::infinity());
     p.causal = causal;
-    AttentionBuffers t = MakeAttentionBuffers(&p, 7);
-    for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
-    for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
-    t.q.Set(0, 1000.0f);
-    t.k.Set(0, 1.0f);
-    t.k.Set(64, -1.0f);
-    t.v.Set(64 + 3, std::numeric_limits<float>::infinity());
     ASSERT_TRUE(FlashCpuForward(p).ok());
     absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
     ASSERT_TRUE(ref.ok());

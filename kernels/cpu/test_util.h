@@ -354,6 +354,23 @@ inline std::vector<NonFiniteCase> NonFiniteCases(DType t) {
   return cases;
 }
 
+// One query against two keys (head_dim 64, scale 1, o fp32): q = (q0, 0, ...), key j =
+// (k[j], 0, ...), so the scores are q0 k[0] and q0 k[1]; random v, with element 3 of key `v_key`
+// set to `v_value`. For the edges of probability 0 (exp underflowing) and negligible partials.
+inline AttentionBuffers TwoKeyCall(AttentionParams* p, DType dtype, float q0, float k0, float k1,
+                                   int v_key, float v_value) {
+  *p = Shape(1, 2, 1, 1, 64, dtype, DType::kF32);
+  p->softmax_scale = 1.0f;
+  AttentionBuffers t = MakeAttentionBuffers(p, 9);
+  for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
+  for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
+  t.q.Set(0, q0);
+  t.k.Set(0, k0);
+  t.k.Set(64, k1);
+  t.v.Set(v_key * 64 + 3, v_value);
+  return t;
+}
+
 // Applies c's factors, fills and poisons to the inputs of t (made for c.p by
 // MakeAttentionBuffers; contiguous [batch, seq, heads, head_dim]).
 inline void ApplyNonFinite(const NonFiniteCase& c, AttentionBuffers* t) {
