@@ -1,5 +1,6 @@
 // Error of a computed tensor against a reference: what the tests assert on and the comparison
-// framework reports. NaN anywhere in `got` is counted and makes the comparison fail.
+// framework reports. NaN on one side only is counted and makes the comparison fail; NaN on both
+// (a row the contract makes NaN, reference_attention.h) is exact.
 #pragma once
 
 #include <cmath>
@@ -17,7 +18,7 @@ struct ErrorStats {
   double mean_abs = 0;   // mean |got - ref|
   double rel_l2 = 0;     // ||got - ref|| / ||ref|| (the absolute L2 norm when ||ref|| is 0)
   int64_t count = 0;
-  int64_t nan_count = 0;    // NaN in got
+  int64_t nan_count = 0;    // NaN in got where ref is not, or in ref where got is not
   int64_t inf_mismatch = 0; // one side infinite and the other not, or opposite infinities
 
   bool Within(double rel_l2_tol, double max_abs_tol) const {
@@ -30,13 +31,13 @@ struct ErrorStats {
 };
 
 // Accumulates pairs one at a time; equal infinities (e.g. -inf LSE of fully masked rows on
-// both sides) count as exact.
+// both sides) and NaN on both sides count as exact.
 class ErrorAccumulator {
  public:
   void Add(double got, double ref) {
     ++stats_.count;
-    if (std::isnan(got)) {
-      ++stats_.nan_count;
+    if (std::isnan(got) || std::isnan(ref)) {
+      if (std::isnan(got) != std::isnan(ref)) ++stats_.nan_count;
       return;
     }
     if (std::isinf(got) || std::isinf(ref)) {

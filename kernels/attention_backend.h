@@ -4,6 +4,7 @@
 // made by name through the registry (backend_registry.h).
 #pragma once
 
+#include <atomic>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -34,9 +35,14 @@ struct BackendCapabilities {
 };
 
 // Where one call runs. `stream` is a cudaStream_t passed opaquely, so that host code needs no
-// CUDA headers; null is the legacy default stream. Host backends ignore it.
+// CUDA headers; null is the legacy default stream. Host backends ignore it. `cancel`, when set,
+// is polled by host backends between blocks of work: once it reads true the call stops and
+// returns CANCELLED, its outputs partly written (the host ring passes its communicator's
+// aborted(), so that a cancelled request does not finish its step). Device backends ignore it:
+// their work is enqueued, not run, by the call.
 struct ExecutionContext {
   void* stream = nullptr;
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 class AttentionBackend {

@@ -10,9 +10,11 @@
 //   - Backward, where capabilities().backward, on the same sweep, the reference forward's O
 //     (rounded to the input dtype) and LSE given; ComputeDelta against rowsum(dO * O), and
 //     accumulate with that D given (twice is twice the gradient);
+//   - non-finite inputs (NaN, infinities, scores beyond fp32) propagate as the reference says;
 //   - every capability claimed computed (two runs of positions, a partial input, packed
 //     sequences, dropout) and every one not claimed refused with InvalidArgument, forward and
 //     backward; a backend without a backward answers UNIMPLEMENTED naming itself;
+//   - host backends stop at the ExecutionContext's cancel flag (CANCELLED);
 //   - device backends run on the ExecutionContext's stream alone: held behind a host callback
 //     on that stream, the call has not run until it is released.
 // Device backends get device copies of the tensors and are skipped without a CUDA device.
@@ -57,6 +59,7 @@
 namespace ringattn {
 namespace {
 
+using kernel_testing::ApplyNonFinite;
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::CompareWithTolerance;
@@ -66,11 +69,14 @@ using kernel_testing::HostCall;
 using kernel_testing::KeyRange;
 using kernel_testing::MakeAttentionBuffers;
 using kernel_testing::MakeHostCallOf;
+using kernel_testing::NonFiniteCase;
+using kernel_testing::NonFiniteCases;
 using kernel_testing::Packed;
 using kernel_testing::RelL2Bound;
 using kernel_testing::Runs;
 using kernel_testing::Shape;
 using kernel_testing::ToleranceReport;
+using kernel_testing::TwoKeyCall;
 using kernel_testing::TypedBuffer;
 
 bool GpuAvailable() {
@@ -404,6 +410,88 @@ TEST_P(BackendConformance, OptionsNotClaimedAreRefused) {
     const absl::Status b = backend_->Backward(call.p, ExecutionContext{});
     EXPECT_EQ(b.code(), absl::StatusCode::kInvalidArgument) << "backward: " << b;
   }
+}
+
+// Non-finite inputs and scores beyond fp32 (kernel_testing::NonFiniteCases, the rules of
+// reference_attention.h): NaN exactly where the fp64 reference has it (a NaN on one side only
+// fails the comparison), infinities equal, everything else within the usual tolerance. A case
+// whose options the backend refuses on clean inputs (cudnn: softcap) is skipped; what it takes
+// clean it must take poisoned.
+TEST_P(BackendConformance, NonFiniteInputsFollowTheReference) {
+  std::vector<DType> dtypes = {DType::kBF16, DType::kF16};
+  if (caps_.fp32_inputs) dtypes.push_back(DType::kF32);
+  uint32_t seed = 50;
+  for (const DType dtype : dtypes) {
+    for (const NonFiniteCase& c : NonFiniteCases(dtype)) {
+      SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(dtype))));
+      AttentionParams host = c.p;
+      AttentionBuffers t = MakeAttentionBuffers(&host, seed++);
+      if (!RunForward(host, &t).ok()) continue;  // options this backend does not take
+      ApplyNonFinite(c, &t);
+      const absl::Status s = RunForward(host, &t);
+      EXPECT_TRUE(s.ok()) << s;
+      if (s.ok()) ExpectMatchesReference(host, t);
+    }
+  }
+}
+
+// The same cases (bf16) as two calls over the key halves, the second merging into the first's
+// fp32 o and lse (a ring's accumulation); and a first half whose weight underflows next to the
+// second's (its score 200 below) holding a NaN of v: a negligible partial is read (0 * NaN is
+// NaN), only an empty one (LSE -inf) is not.
+TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
+  uint32_t seed = 70;
+  for (const NonFiniteCase& c : NonFiniteCases(DType::kBF16)) {
+    SCOPED_TRACE(c.name);
+    AttentionParams whole = c.p;
+    whole.o_dtype = DType::kF32;
+    AttentionBuffers t = MakeAttentionBuffers(&whole, seed++);
+    ApplyNonFinite(c, &t);
+    const AttentionParams p = InSpace(whole, t, *space_);
+    AttentionParams second = KeyRange(p, 45, whole.seqlen_k);
+    second.merge_into_output = true;
+    if (!backend_->Forward(KeyRange(p, 0, 45), ExecutionContext{}).ok()) continue;  // refused
+    const absl::Status s = backend_->Forward(second, ExecutionContext{});
+    if (s.code() == absl::StatusCode::kInvalidArgument) continue;  // options refused
+    EXPECT_TRUE(s.ok()) << s;
+    Fetch(*space_, p, &t);
+    ExpectMatchesReference(whole, t);
+  }
+  SCOPED_TRACE("a negligible first half");
+  AttentionParams whole;  // scores -100 and 100; NaN in key 0's v
+  AttentionBuffers t = TwoKeyCall(&whole, DType::kBF16, 100.0f, -1.0f, 1.0f, 0,
+                                  std::numeric_limits<float>::quiet_NaN());
+  const AttentionParams p = InSpace(whole, t, *space_);
+  AttentionParams second = KeyRange(p, 1, 2);
+  second.merge_into_output = true;
+  ASSERT_TRUE(backend_->Forward(KeyRange(p, 0, 1), ExecutionContext{}).ok());
+  ASSERT_TRUE(backend_->Forward(second, ExecutionContext{}).ok());
+  Fetch(*space_, p, &t);
+  EXPECT_TRUE(std::isnan(t.o.Get(3))) << t.o.Get(3);
+  ExpectMatchesReference(whole, t);
+}
+
+// Host backends stop at ExecutionContext::cancel: a call made with it set returns CANCELLED
+// (forward, backward, ComputeDelta), one made with it clear computes as without it.
+TEST_P(BackendConformance, HostBackendsStopAtTheCancelFlag) {
+  if (space_->device()) GTEST_SKIP() << GetParam() << " enqueues its work: nothing to stop";
+  std::atomic<bool> cancel{true};
+  const ExecutionContext cancelled{.cancel = &cancel};
+  AttentionParams host = Plain();
+  AttentionBuffers t = MakeAttentionBuffers(&host, 60);
+  EXPECT_EQ(backend_->Forward(host, cancelled).code(), absl::StatusCode::kCancelled);
+  cancel.store(false);
+  ASSERT_TRUE(backend_->Forward(host, cancelled).ok());
+  ExpectMatchesReference(host, t);
+  if (!caps_.backward) return;
+  cancel.store(true);
+  HostCall hc;
+  ASSERT_NO_FATAL_FAILURE(MakeHostCallOf(Plain(), /*alibi=*/false, &hc));
+  BackwardCall call(hc, *space_, /*accumulate=*/false);
+  EXPECT_EQ(backend_->Backward(call.p, cancelled).code(), absl::StatusCode::kCancelled);
+  std::vector<float> delta(hc.lse.size());
+  EXPECT_EQ(backend_->ComputeDelta(call.p, delta.data(), cancelled).code(),
+            absl::StatusCode::kCancelled);
 }
 
 TEST_P(BackendConformance, WithoutABackwardBackwardIsUnimplemented) {

@@ -39,6 +39,14 @@ absl::Status ValidatePositionRun(const char* name, int64_t split, int64_t offset
 
 }  // namespace
 
+absl::Status CheckSoftmaxScale(float scale, absl::string_view name) {
+  // Also false for NaN.
+  if (scale >= kMinSoftmaxScale && scale <= kMaxSoftmaxScale) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(name, " must be finite and in [",
+                                                 kMinSoftmaxScale, ", ", kMaxSoftmaxScale,
+                                                 "], got ", scale));
+}
+
 absl::Status CheckSequenceBounds(const int64_t* bounds, size_t count, absl::string_view name,
                                  absl::string_view length_name, int64_t length) {
   if (length >= 0 && (count < 2 || bounds[0] != 0 || bounds[count - 1] != length)) {
@@ -112,10 +120,7 @@ absl::Status ValidateParams(const AttentionParams& p) {
   if (p.seqlen_k > 0 && (p.k == nullptr || p.v == nullptr)) {
     return absl::InvalidArgumentError("k and v must be non-null when seqlen_k > 0");
   }
-  if (!std::isfinite(p.softmax_scale) || p.softmax_scale <= 0.0f) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("softmax_scale must be finite and > 0, got ", p.softmax_scale));
-  }
+  RA_RETURN_IF_ERROR(CheckSoftmaxScale(p.softmax_scale, "softmax_scale"));
   if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) {
     return absl::InvalidArgumentError(
         absl::StrCat("dropout_p must be in [0, 1), got ", p.dropout_p));

@@ -31,6 +31,14 @@ absl::Status ValidateSequenceBounds(const AttentionParams& p);
 absl::Status CheckSequenceBounds(const int64_t* bounds, size_t count, absl::string_view name,
                                  absl::string_view length_name = "", int64_t length = -1);
 
+// The softmax scales every layer takes: finite, in [kMinSoftmaxScale, kMaxSoftmaxScale]. Below,
+// a subnormal scale, which GPUs flush to 0; above, scales that turn fp32's rounding of q.k into
+// score errors of order 1 on ordinary inputs (and whose scores overflow fp32 sooner). Errors
+// name `name`, e.g. "options.softmax_scale must be finite and in [1.17549e-38, 1e+06], got inf".
+inline constexpr float kMinSoftmaxScale = 1.17549435e-38f;  // FLT_MIN, the smallest normal
+inline constexpr float kMaxSoftmaxScale = 1e6f;
+absl::Status CheckSoftmaxScale(float scale, absl::string_view name);
+
 // Points p at `count` packed-sequence bounds (AttentionParams::seq_bounds), or at none for 0.
 inline void SetSequenceBounds(AttentionParams* p, const int64_t* bounds, size_t count) {
   p->seq_bounds = count == 0 ? nullptr : bounds;

@@ -83,14 +83,21 @@ RA_HD int64_t KeyPos(const AttentionParams& p, int64_t row) {
                              : p.k_pos_offset2 + (row - p.k_pos_split) * p.k_pos_stride;
 }
 
+// x when finite, else NaN: (x - x) is 0 for finite x and NaN for +-inf and NaN. No branch, so
+// that loops over it vectorise. (Relies on IEEE arithmetic: no -ffinite-math-only.)
+RA_HD float NanUnlessFinite(float x) { return (x - x) + x; }
+
 // Score of query position q_pos against key position k_pos in head h, from the raw dot
-// product q.k (unscaled). Softcap applies to the scaled score, ALiBi after it.
+// product q.k (unscaled). Softcap applies to the scaled score, ALiBi after it. A score that is
+// not a finite fp32 number (NaN or infinite inputs, or finite ones whose q.k or scaled score
+// overflow) is NaN, before softcap could bound it: it poisons its row (reference_attention.h),
+// where an infinite score would have vanished as a masked key (-inf) or been bounded by tanh.
 RA_HD float ModScore(const AttentionParams& p, int h, float dot, int64_t q_pos, int64_t k_pos) {
-  float s = dot * p.softmax_scale;
+  float s = NanUnlessFinite(dot * p.softmax_scale);
   if (p.softcap > 0.0f) s = p.softcap * std::tanh(s / p.softcap);
   if (p.alibi_slopes != nullptr) {
     const int64_t d = q_pos > k_pos ? q_pos - k_pos : k_pos - q_pos;
-    s -= p.alibi_slopes[h] * static_cast<float>(d);
+    s = NanUnlessFinite(s - p.alibi_slopes[h] * static_cast<float>(d));
   }
   return s;
 }

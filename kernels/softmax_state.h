@@ -10,6 +10,11 @@
 // -inf cases: a partial over fully masked keys has m = -inf and l = 0; it must contribute
 // nothing, and exp(-inf - -inf) would be NaN, so a side whose m is -inf gets scale 0 by test,
 // not by arithmetic. When both sides are -inf the result is (-inf, 0).
+//
+// NaN: a partial with a NaN score (or a NaN LSE, in a merge) has l = NaN. Every step below keeps
+// it (NaN * anything is NaN; a side at -inf contributes 0 * the other side's factor only when
+// that side is empty), so the finished row's output and LSE are NaN: poisoned rows stay poisoned
+// through blocks and ring steps alike. Only l = 0 exactly means "no key".
 #pragma once
 
 #include <cmath>
@@ -44,7 +49,8 @@ struct StdExp {
 template <typename Exp>
 RA_HD CombineScales CombineWith(SoftmaxState* state, const SoftmaxState& x, const Exp& exp) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  const float m = state->m > x.m ? state->m : x.m;
+  // The larger maximum; a NaN one wins, so that a poisoned side is never taken for empty.
+  const float m = state->m > x.m || state->m != state->m ? state->m : x.m;
   if (m == ninf) {
     state->m = ninf;
     state->l = 0.0f;
@@ -63,13 +69,14 @@ RA_HD CombineScales Combine(SoftmaxState* state, const SoftmaxState& x) {
   return CombineWith(state, x, StdExp{});
 }
 
-// Natural-log log-sum-exp of a finished state; -inf when no key contributed.
+// Natural-log log-sum-exp of a finished state; -inf when no key contributed, NaN when l is.
 RA_HD float StateLse(const SoftmaxState& s) {
-  return s.l > 0.0f ? s.m + std::log(s.l) : -std::numeric_limits<float>::infinity();
+  return s.l == 0.0f ? -std::numeric_limits<float>::infinity() : s.m + std::log(s.l);
 }
 
-// Factor that turns the state's accumulator into the normalised output (0 for an empty row).
-RA_HD float StateNormalizer(const SoftmaxState& s) { return s.l > 0.0f ? 1.0f / s.l : 0.0f; }
+// Factor that turns the state's accumulator into the normalised output (0 for an empty row,
+// NaN when l is).
+RA_HD float StateNormalizer(const SoftmaxState& s) { return s.l == 0.0f ? 0.0f : 1.0f / s.l; }
 
 // Merge of two normalised partial outputs given their LSEs: out = wa * out_a + wb * out_b and
 // the merged LSE. Overflow-safe: the weights are exp(lse_x - lse_merged) <= 1.

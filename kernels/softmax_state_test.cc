@@ -285,6 +285,39 @@ TEST(MergeLseTest, MergeOrderDoesNotMatter) {
   ExpectPartialNear(left, right, 2e-6);
 }
 
+// A poisoned partial (a NaN score gives l = NaN; a NaN LSE in a merge) poisons whatever it is
+// combined with, in either order, the empty partial included: never taken for empty.
+TEST(SoftmaxStateTest, NanStaysNanThroughCombine) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const SoftmaxState poisoned{1.0f, nan};
+  const SoftmaxState nan_max{nan, nan};
+  for (const SoftmaxState& bad : {poisoned, nan_max}) {
+    for (const SoftmaxState& other : {SoftmaxState{}, SoftmaxState{3.0f, 2.0f},
+                                      SoftmaxState{-5.0f, 1.0f}}) {
+      SoftmaxState a = bad;
+      Combine(&a, other);
+      EXPECT_TRUE(std::isnan(a.l)) << "bad then " << other.m;
+      EXPECT_TRUE(std::isnan(StateLse(a)));
+      EXPECT_TRUE(std::isnan(StateNormalizer(a)));
+      SoftmaxState b = other;
+      Combine(&b, bad);
+      EXPECT_TRUE(std::isnan(b.l)) << other.m << " then bad";
+      EXPECT_TRUE(std::isnan(StateLse(b)));
+    }
+  }
+}
+
+TEST(MergeLseTest, NanLseGivesNanWeightsAndLse) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const float other : {kNegInf, -3.0f, 0.0f, 80.0f}) {
+    for (const LseMerge m : {MergeLse(nan, other), MergeLse(other, nan)}) {
+      EXPECT_TRUE(std::isnan(m.lse)) << other;
+      EXPECT_TRUE(std::isnan(m.wa)) << other;
+      EXPECT_TRUE(std::isnan(m.wb)) << other;
+    }
+  }
+}
+
 TEST(MergeLseTest, MergingAnEmptyPartialChangesNothing) {
   const Keys k = RandomKeys(10, 13, 1.0);
   const Partial p = SoftmaxInDouble(k.scores, k.values, 0, 10);

@@ -40,6 +40,22 @@ absl::Status CheckHostCall(const Communicator& comm, const AttentionBackend& bac
   return absl::OkStatus();
 }
 
+// The context of every kernel call: the kernel stops between blocks once the communicator is
+// aborted (a cancelled request, a failed peer), instead of finishing its step.
+ExecutionContext KernelContext(const Communicator& comm) {
+  return ExecutionContext{.cancel = &comm.aborted()};
+}
+
+// What a failed kernel call fails the ring with. Peers may be copying into or out of this
+// rank's buffers, which go when the ring returns: abort (they fail at once), then wait until
+// none still copies. A kernel stopped by an abort (CANCELLED: it polls comm.aborted()) reports
+// the abort's reason, which Wait returns once aborted.
+absl::Status KernelFailure(Communicator& comm, const absl::Status& computed) {
+  comm.Abort(computed);
+  const absl::Status reason = comm.Wait();
+  return computed.code() == absl::StatusCode::kCancelled && !reason.ok() ? reason : computed;
+}
+
 // The host memory of one call's circulating buffers: two K/V receive slots (each K then V of
 // the largest shard; step 0 computes and sends the caller's K/V, so nothing is copied before
 // the first transfer) and, for the backward, the dK/dV accumulators: this rank's contribution
@@ -89,15 +105,7 @@ absl::Status RunSteps(
     if (step.has_transfers()) RA_RETURN_IF_ERROR(comm.Start(x.send_ops(), x.recv_ops()));
     const auto c0 = Clock::now();
     const absl::Status computed = compute(step, b.Kv(step.kv_buffer), &st.kernel_calls);
-    if (!computed.ok()) {
-      if (step.has_transfers()) {
-        // Peers may be copying into or out of this rank's buffers, which go when this returns:
-        // abort (they fail at once), then wait until none still copies.
-        comm.Abort(computed);
-        comm.Wait().IgnoreError();
-      }
-      return computed;
-    }
+    if (!computed.ok()) return KernelFailure(comm, computed);
     st.compute_seconds = SecondsSince(c0);
     if (step.has_transfers()) {
       const auto w0 = Clock::now();
@@ -136,12 +144,13 @@ absl::StatusOr<RingTimings> RunForward(Communicator& comm, AttentionBackend& bac
   std::vector<float> lse_acc(mine.lse_elems(),
                              s.first_writes() ? kNan : -std::numeric_limits<float>::infinity());
   const HostRingMemory memory(s, shape, t.k, t.v);
+  const ExecutionContext ctx = KernelContext(comm);
 
   RingTimings timings;
   RA_RETURN_IF_ERROR(RunSteps(
       comm, s, memory.buffers(),
       [&](const RingStepPlan& step, const KvBlock& kv, int* calls) {
-        return ComputeRingStep(backend, ExecutionContext{}, s, step, t, kv, o_acc.data(),
+        return ComputeRingStep(backend, ctx, s, step, t, kv, o_acc.data(),
                                lse_acc.data(), options, alibi, scale, calls);
       },
       [](const RingStepPlan&) {}, &timings));
@@ -175,7 +184,10 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackend& ba
   const AttentionShape mine = t.shape(s.rows);
   std::vector<float> dq_acc(mine.q_elems(), s.first_writes() ? kNan : 0.0f);
   std::vector<float> delta(mine.lse_elems());
-  RA_RETURN_IF_ERROR(ComputeShardDelta(backend, ExecutionContext{}, t, s.rows, delta.data()));
+  const ExecutionContext ctx = KernelContext(comm);
+  if (absl::Status d = ComputeShardDelta(backend, ctx, t, s.rows, delta.data()); !d.ok()) {
+    return KernelFailure(comm, d);
+  }
   const HostRingMemory memory(s, shape, t.k, t.v);
   const RingBuffers& b = memory.buffers();
   auto contribution = [&](const RingStepPlan& step) {
@@ -189,7 +201,7 @@ absl::StatusOr<RingTimings> RunBackward(Communicator& comm, AttentionBackend& ba
         // This rank's contribution to the block only: zeroed, or written whole by the first step.
         const DkvBlock dkv = contribution(step);
         if (step.output != StepOutput::kWrite) std::fill(dkv.dk, dkv.dk + 2 * dkv.elems, 0.0f);
-        return ComputeBackwardStep(backend, ExecutionContext{}, s, step, t, kv, dq_acc.data(),
+        return ComputeBackwardStep(backend, ctx, s, step, t, kv, dq_acc.data(),
                                    delta.data(), dkv, options, alibi, scale, calls);
       },
       [&](const RingStepPlan& step) {

@@ -10,7 +10,10 @@
 //
 // Per step the executor posts the step's transfers (Communicator::Start), computes the block in
 // hand, waits for the transfers and, in the backward, adds the received accumulator to its own
-// contribution. device_ring.h is the device executor of the same schedule.
+// contribution. Kernels get the communicator's aborted() to poll (ExecutionContext::cancel):
+// an abort (a cancelled request, a deadline, a failed peer) stops the step in hand within a
+// block of work and fails the call with the abort's reason. device_ring.h is the device
+// executor of the same schedule.
 #pragma once
 
 #include "absl/status/statusor.h"

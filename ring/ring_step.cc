@@ -34,10 +34,8 @@ absl::Status ValidateRingOptions(const RingAttentionOptions& options, const Ring
     return absl::InvalidArgumentError(
         "return_attn_probs is not supported: the ring never forms the attention matrix");
   }
-  if (options.softmax_scale.has_value() &&
-      (!std::isfinite(*options.softmax_scale) || *options.softmax_scale <= 0.0f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("softmax_scale must be finite and > 0, got ", *options.softmax_scale));
+  if (options.softmax_scale.has_value()) {
+    RA_RETURN_IF_ERROR(CheckSoftmaxScale(*options.softmax_scale, "softmax_scale"));
   }
   if (options.window_size.first < -1 || options.window_size.second < -1) {
     return absl::InvalidArgumentError(

@@ -147,9 +147,9 @@ absl::Status CheckOptions(const v1::AttentionOptions& o, int heads, int64_t seql
   if (!(o.dropout_p() >= 0.0f && o.dropout_p() < 1.0f)) {
     return Invalid("options.dropout_p must be in [0, 1), got ", o.dropout_p());
   }
-  if (o.has_softmax_scale() && (!std::isfinite(o.softmax_scale()) || o.softmax_scale() <= 0.0f)) {
-    return Invalid("options.softmax_scale must be finite and > 0 (absent: 1/sqrt(head_dim)), got ",
-                   o.softmax_scale());
+  // Absent: 1/sqrt(head_dim).
+  if (o.has_softmax_scale()) {
+    RA_RETURN_IF_ERROR(CheckSoftmaxScale(o.softmax_scale(), "options.softmax_scale"));
   }
   RA_RETURN_IF_ERROR(CheckWindowSide(o.has_window_left(), o.window_left(), "window_left"));
   RA_RETURN_IF_ERROR(CheckWindowSide(o.has_window_right(), o.window_right(), "window_right"));

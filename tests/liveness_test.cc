@@ -28,23 +28,14 @@ using test::WorkerBinary;
 
 // A request through `address` answered and matching the fp64 reference's output.
 void ExpectAnsweredCorrectly(const std::string& address) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(INT_MAX);
-  auto stub = v1::AttentionService::NewStub(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  auto stub = test::UnlimitedStub(address);
   Shape s{1, 37, 5, 1, 64, v1::DTYPE_FP32};
   v1::AttendRequest req = MakeRequest(s);
   req.mutable_options()->set_causal(true);
   v1::AttendResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-  const grpc::Status st = stub->Attend(&ctx, req, &resp);
+  const grpc::Status st = test::CallAttend(*stub, req, &resp);
   ASSERT_TRUE(st.ok()) << st.error_message();
-  std::vector<float> slopes;
-  AttentionParams p = test::ReferenceParams(req.q(), req.k(), req.v(), req.options(), &slopes);
-  char unused;
-  p.o = &unused;
-  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  const absl::StatusOr<ReferenceResult> ref = test::ReferenceOf(req);
   ASSERT_TRUE(ref.ok());
   const ErrorStats e = CompareTensor(resp.out().data().data(), DType::kF32, ref->o.data(),
                                      static_cast<int64_t>(ref->o.size()));

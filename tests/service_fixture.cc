@@ -3,12 +3,16 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <utility>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/error_metrics.h"
 #include "gtest/gtest.h"
@@ -131,24 +135,43 @@ std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
   return bytes;
 }
 
-// The fp64 reference of a request, compared with its response.
-void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
-  const v1::Tensor& q = req.q();
+absl::StatusOr<ReferenceResult> ReferenceOf(const v1::AttendRequest& req) {
   std::vector<float> slopes;
-  AttentionParams p = ReferenceParams(q, req.k(), req.v(), req.options(), &slopes);
+  AttentionParams p = ReferenceParams(req.q(), req.k(), req.v(), req.options(), &slopes);
   char unused_output;  // ReferenceForward returns its own buffers; validation wants a pointer
   p.o = &unused_output;
-  absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+  return ReferenceForward(p);
+}
+
+// The fp64 reference of a request, compared with its response.
+void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
+  absl::StatusOr<ReferenceResult> ref = ReferenceOf(req);
   ASSERT_TRUE(ref.ok()) << ref.status();
-  ASSERT_EQ(resp.out().data().size(), q.data().size());
+  const DType dtype = DTypeFromProto(req.q().dtype()).value();
+  ASSERT_EQ(resp.out().data().size(), req.q().data().size());
   const int64_t n = static_cast<int64_t>(ref->o.size());
-  const ErrorStats e = CompareTensor(resp.out().data().data(), p.dtype, ref->o.data(), n);
-  const double tol = p.dtype == DType::kF32 ? 1e-5 : p.dtype == DType::kF16 ? 2e-3 : 1e-2;
+  const ErrorStats e = CompareTensor(resp.out().data().data(), dtype, ref->o.data(), n);
+  const double tol = dtype == DType::kF32 ? 1e-5 : dtype == DType::kF16 ? 2e-3 : 1e-2;
   EXPECT_TRUE(e.Within(tol, 1.0)) << "out vs fp64: " << e.ToString();
   ASSERT_EQ(resp.lse().data().size(), ref->lse.size() * sizeof(float));
   const ErrorStats l = CompareTensor(resp.lse().data().data(), DType::kF32, ref->lse.data(),
                                      static_cast<int64_t>(ref->lse.size()));
   EXPECT_TRUE(l.Within(1e-5, 1e-4)) << "lse vs fp64: " << l.ToString();
+}
+
+std::unique_ptr<v1::AttentionService::Stub> UnlimitedStub(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(INT_MAX);
+  args.SetMaxSendMessageSize(INT_MAX);
+  return v1::AttentionService::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+}
+
+grpc::Status CallAttend(v1::AttentionService::Stub& stub, const v1::AttendRequest& req,
+                        v1::AttendResponse* resp, absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  return stub.Attend(&ctx, req, resp);
 }
 
 }  // namespace ringattn::test

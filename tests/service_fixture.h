@@ -12,7 +12,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "kernels/attention_params.h"
+#include "kernels/cpu/reference_attention.h"
+#include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/attention.pb.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
@@ -81,6 +85,16 @@ std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel);
 
 // Expects `resp` (out and lse) to match the fp64 reference of `req` within its dtype's tolerance.
 void ExpectMatchesReference(const v1::AttendRequest& req, const v1::AttendResponse& resp);
+// The fp64 reference of `req`'s forward (ReferenceForward of its ReferenceParams), or the
+// reference's refusal.
+absl::StatusOr<ReferenceResult> ReferenceOf(const v1::AttendRequest& req);
+
+// A stub on a channel to `address` that takes responses of any size (they carry whole tensors).
+std::unique_ptr<v1::AttentionService::Stub> UnlimitedStub(const std::string& address);
+
+// Attend through `stub` with a deadline `timeout` from now.
+grpc::Status CallAttend(v1::AttentionService::Stub& stub, const v1::AttendRequest& req,
+                        v1::AttendResponse* resp, absl::Duration timeout = absl::Seconds(60));
 
 }  // namespace ringattn::test
 

@@ -302,23 +302,28 @@ TEST(ServiceStreaming, LargerThanUnaryLimit) {
   ExpectMatchesReference(req, resp);
 }
 
-// Waits until no worker of the ring reports busy; false after `timeout`.
-bool WorkersIdle(Service& svc, absl::Duration timeout) {
+// Waits until every worker of the ring reports `busy` (running a shard) or not; false after
+// `timeout`. Polled every 10 ms.
+bool WaitForWorkers(Service& svc, bool busy, absl::Duration timeout) {
   const ClusterSecret secret = *ClusterSecret::FromString(svc.coordinator().cluster_secret());
   const absl::Time stop_by = absl::Now() + timeout;
   for (const std::string& address : svc.coordinator().worker_addresses()) {
     auto stub = v1::WorkerService::NewStub(
         ClusterChannel(address, grpc::ChannelArguments(), secret));
-    bool busy = true;
-    while (busy && absl::Now() < stop_by) {
+    bool reached = false;
+    while (!reached && absl::Now() < stop_by) {
       grpc::ClientContext pctx;
       v1::PingResponse pong;
-      if (stub->Ping(&pctx, v1::PingRequest(), &pong).ok()) busy = pong.busy();
-      if (busy) absl::SleepFor(absl::Milliseconds(50));
+      reached = stub->Ping(&pctx, v1::PingRequest(), &pong).ok() && pong.busy() == busy;
+      if (!reached) absl::SleepFor(absl::Milliseconds(10));
     }
-    if (busy) return false;
+    if (!reached) return false;
   }
   return true;
+}
+
+bool WorkersIdle(Service& svc, absl::Duration timeout) {
+  return WaitForWorkers(svc, /*busy=*/false, timeout);
 }
 
 // After a failed request: a small one is answered, and matches the reference.
@@ -332,6 +337,8 @@ void ExpectNextRequestMatchesReference(Service& svc) {
 }
 
 // Work longer than the deadline: DEADLINE_EXCEEDED, the workers stop, the next request works.
+// The deadline passes inside a ring step (seconds of CPU work, more on a loaded machine), which
+// the kernels leave within a block of work: no worker is busy 2 s later, however long the step.
 TEST(ServiceFaults, DeadlineShorterThanWork) {
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
@@ -343,13 +350,46 @@ TEST(ServiceFaults, DeadlineShorterThanWork) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
   EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
 
-  // The workers were told to stop: within a short while none is busy.
-  EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5)));
+  // The workers were told to stop, and stop inside the step.
+  EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(2)));
   ExpectNextRequestMatchesReference(svc);
 }
 
-// The client goes away mid-request: it sees CANCELLED, the workers stop computing for nobody,
-// and the next request succeeds.
+// The client cancels inside a ring step (each of the two steps is seconds of CPU work): it sees
+// CANCELLED, every worker is free again within a second of the cancel (the kernels poll the
+// ring's abort between blocks of work instead of finishing the step), and the next request is
+// answered. Bounds of the fault model (docs/security.md), generous for a loaded 2-core machine.
+TEST(ServiceFaults, ACancelInsideARingStepFreesTheWorkers) {
+  Service svc(2);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  Shape big{1, 8192, 8, 8, 128, v1::DTYPE_BF16};  // a ring step: seconds of CPU work
+  const v1::AttendRequest req = MakeRequest(big);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+  grpc::Status st;
+  std::thread caller([&] {
+    v1::AttendResponse resp;
+    st = svc.stub().Attend(&ctx, req, &resp);
+  });
+  // Both workers run their shard (RunShard is unary: the ring computes from the start), then
+  // 0.3 s more: inside the first step.
+  const bool busy = WaitForWorkers(svc, /*busy=*/true, absl::Seconds(60));
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time cancelled = absl::Now();
+  ctx.TryCancel();
+  caller.join();
+  ASSERT_TRUE(busy) << "the workers never ran the request";
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+  ASSERT_TRUE(WorkersIdle(svc, absl::Seconds(30)));
+  const absl::Duration freed = absl::Now() - cancelled;
+  ExpectNextRequestMatchesReference(svc);
+  const absl::Duration answered = absl::Now() - cancelled;
+  std::fprintf(stderr, "workers free %.3f s after the cancel; next request answered %.3f s after it\n",
+               absl::ToDoubleSeconds(freed), absl::ToDoubleSeconds(answered));
+  EXPECT_LT(freed, absl::Seconds(1)) << "the ring ran on after the cancel";
+  EXPECT_LT(answered, absl::Seconds(5));
+}
+
 // A request whose client set no deadline still ends at the server's maximum request time
 // (DEADLINE_EXCEEDED), freeing the ring for the next one.
 TEST(ServiceFaults, NoClientDeadlineStillEndsAtTheServersMaximum) {
@@ -421,26 +461,6 @@ TEST(ServiceFaults, AnIdleConnectionIsClosed) {
   grpc::ClientContext ctx;
   v1::InfoResponse info;
   EXPECT_TRUE(stub->GetInfo(&ctx, v1::InfoRequest(), &info).ok());
-}
-
-TEST(ServiceFaults, ClientCancelsMidRequest) {
-  Service svc(2);
-  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};
-  v1::AttendRequest req = MakeRequest(big);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-  v1::AttendResponse resp;
-  grpc::Status st;
-  std::thread caller([&] { st = svc.stub().Attend(&ctx, req, &resp); });
-  absl::SleepFor(absl::Milliseconds(500));
-  const absl::Time cancelled_at = absl::Now();
-  ctx.TryCancel();
-  caller.join();
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
-  EXPECT_TRUE(WorkersIdle(svc, absl::Seconds(5))) << "workers still busy after cancellation";
-  EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(5));
-  ExpectNextRequestMatchesReference(svc);
 }
 
 // A worker killed mid-request: UNAVAILABLE, the worker is restarted, the ring re-formed, and

@@ -5,7 +5,8 @@
 //                    kernels', so that a ring can run on either. Its backward takes the
 //                    forward's statistics as given, so that a ring step's call computes that
 //                    step's contribution.
-// Both take every option (capabilities all true) and ignore the execution context.
+// Both take every option (capabilities all true), ignore the context's stream and stop at its
+// `cancel` (the reference backward tests it only before it starts).
 #include <memory>
 #include <string>
 #include <string_view>
@@ -43,15 +44,15 @@ class FlashCpuBackend final : public CpuBackend {
   std::string_view name() const override { return "cpu"; }
 
  protected:
-  absl::Status DoForward(const AttentionParams& p, const ExecutionContext&) override {
-    return FlashCpuForward(p);
+  absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
+    return FlashCpuForward(p, {.cancel = ctx.cancel});
   }
-  absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext&) override {
-    return FlashCpuBackward(p);
+  absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
+    return FlashCpuBackward(p, {.cancel = ctx.cancel});
   }
   absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
-                              const ExecutionContext&) override {
-    return FlashCpuBackwardDelta(p, delta);
+                              const ExecutionContext& ctx) override {
+    return FlashCpuBackwardDelta(p, delta, {.cancel = ctx.cancel});
   }
 };
 
@@ -74,6 +75,12 @@ void WriteGradient(const std::vector<double>& grad, int batch, int64_t rows, int
   }
 }
 
+// CANCELLED when ctx.cancel is set: the reference backward tests it once, before it starts.
+absl::Status CheckNotCancelled(const ExecutionContext& ctx) {
+  if (Cancelled(ctx.cancel)) return absl::CancelledError("the fp64 reference was cancelled");
+  return absl::OkStatus();
+}
+
 class ReferenceCpuBackend final : public CpuBackend {
  public:
   std::string_view name() const override { return "cpu_reference"; }
@@ -81,8 +88,8 @@ class ReferenceCpuBackend final : public CpuBackend {
  protected:
   // ReferenceForward validates; its double result is rounded to float and written (or
   // merged) row by row through the same WriteOutputRow as the fast kernel.
-  absl::Status DoForward(const AttentionParams& p, const ExecutionContext&) override {
-    RA_ASSIGN_OR_RETURN(ReferenceResult ref, ReferenceForward(p));
+  absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
+    RA_ASSIGN_OR_RETURN(ReferenceResult ref, ReferenceForward(p, ctx.cancel));
     std::vector<float> o_row(p.head_dim);  // [head_dim]
     for (int b = 0; b < p.batch; ++b) {
       for (int64_t i = 0; i < p.seqlen_q; ++i) {
@@ -99,7 +106,8 @@ class ReferenceCpuBackend final : public CpuBackend {
     return absl::OkStatus();
   }
 
-  absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext&) override {
+  absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
+    RA_RETURN_IF_ERROR(CheckNotCancelled(ctx));
     RA_ASSIGN_OR_RETURN(ReferenceBackwardResult r, ReferenceBackwardWithForwardStats(p));
     const AttentionParams& f = p.fwd;
     WriteGradient(r.dq, f.batch, f.seqlen_q, f.heads, f.head_dim, p.dq, p.dq_batch_stride,
@@ -113,7 +121,8 @@ class ReferenceCpuBackend final : public CpuBackend {
 
   // D in double, rounded once.
   absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
-                              const ExecutionContext&) override {
+                              const ExecutionContext& ctx) override {
+    RA_RETURN_IF_ERROR(CheckNotCancelled(ctx));
     const AttentionParams& f = p.fwd;
     if (f.seqlen_q == 0) return absl::OkStatus();
     if (p.out == nullptr || p.dout == nullptr || delta == nullptr) {

@@ -126,14 +126,19 @@ inline int ResolveThreadCount(int requested) {
 // handed out by an atomic counter in increasing order, so an item is only ever started after
 // every lower-numbered one has been started: a kernel may let an item wait for a lower one
 // (the backward's ordered dQ accumulation relies on this) without risking deadlock. Which
-// thread takes an item must not change its result.
+// thread takes an item must not change its result. Once *cancel (when given) reads true, no
+// further item starts; those started run to their end (so an item waiting for a lower one is
+// never left waiting).
 template <typename MakeScratch, typename RunItem>
 void RunWorkItems(int64_t num_items, int num_threads, const MakeScratch& make_scratch,
-                  const RunItem& run_item) {
+                  const RunItem& run_item, const std::atomic<bool>* cancel = nullptr) {
   std::atomic<int64_t> next_item{0};
   auto worker = [&]() {
     auto scratch = make_scratch();
-    for (int64_t item = next_item.fetch_add(1); item < num_items; item = next_item.fetch_add(1)) {
+    // Tested before taking an item, never after: every item taken is started.
+    while (!Cancelled(cancel)) {
+      const int64_t item = next_item.fetch_add(1);
+      if (item >= num_items) break;
       run_item(item, &scratch);
     }
   };

@@ -12,6 +12,11 @@
 // Every output element therefore accumulates its terms in a fixed order, which also makes
 // results independent of the thread count (a row is always computed by one thread, the same
 // way).
+//
+// Non-finite inputs follow the reference's rules (reference_attention.h): ModScore turns a
+// score fp32 cannot hold into NaN, the row maximum keeps a NaN, and SoftmaxState carries it to
+// the row's output and LSE; a NaN or infinite V row of a partly visible block reaches only the
+// rows that see its key.
 #include "kernels/cpu/flash_cpu.h"
 
 #include <algorithm>
@@ -169,16 +174,20 @@ void ApplyScoreModsAndMask(const AttentionParams& params, const QueryBlock& qb, 
 // result does not depend on anything but the row.
 constexpr int kReduceLanes = 8;
 
+// max(m, x), NaN once either is NaN: a row whose only visible score is NaN must not look
+// wholly masked (-inf).
+inline float MaxKeepingNan(float m, float x) { return x > m || x != x ? x : m; }
+
 float MaxOfRow(const float* x, int n) {  // x: [n]
   float lanes[kReduceLanes];
   std::fill(lanes, lanes + kReduceLanes, kNegInf);
   int j = 0;
   for (; j + kReduceLanes <= n; j += kReduceLanes) {
-    for (int l = 0; l < kReduceLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+    for (int l = 0; l < kReduceLanes; ++l) lanes[l] = MaxKeepingNan(lanes[l], x[j + l]);
   }
   float m = kNegInf;
-  for (int l = 0; l < kReduceLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int l = 0; l < kReduceLanes; ++l) m = MaxKeepingNan(m, lanes[l]);
+  for (; j < n; ++j) m = MaxKeepingNan(m, x[j]);
   return m;
 }
 
@@ -232,6 +241,33 @@ void ApplyDropout(const AttentionParams& p, const QueryBlock& qb, int64_t k0, in
   }
 }
 
+// Whether every one of n floats is finite (no NaN, no infinity).
+bool AllFinite(const float* x, int n) {  // x: [n]
+  uint32_t special = 0;                  // any element with an all-ones exponent
+  for (int i = 0; i < n; ++i) special |= (FloatBits(x[i]) & 0x7f800000u) == 0x7f800000u;
+  return special == 0;
+}
+
+// A partly visible block whose V holds a NaN or an infinity: P V would add 0 * inf = NaN into
+// the rows that cannot see that key. Each such V row is added here to the rows that see it
+// only (its probability times the row, IEEE: 0 * inf = NaN is the contract for a visible key),
+// then zeroed for P V. A wholly visible block needs nothing: every row sees every key.
+template <int kHeadDim>
+void AddNonFiniteValuesToVisibleRows(const AttentionParams& p, const QueryBlock& qb, int cols,
+                                     Scratch* scratch) {
+  for (int j = 0; j < cols; ++j) {
+    float* v_row = &scratch->v[j * kHeadDim];  // [kHeadDim]
+    if (AllFinite(v_row, kHeadDim)) continue;
+    for (int i = 0; i < qb.rows; ++i) {
+      if (!KeyAllowed(p, scratch->q_pos[i], scratch->k_pos[j])) continue;
+      const float prob = scratch->s[i * kBlockK + j];
+      float* acc_row = &scratch->acc[i * kHeadDim];  // [kHeadDim]
+      for (int d = 0; d < kHeadDim; ++d) acc_row[d] += prob * v_row[d];
+    }
+    std::fill(v_row, v_row + kHeadDim, 0.0f);
+  }
+}
+
 // acc += P V over the block's keys. Always kBlockK deep: in a short last block the padding
 // probabilities and V rows are zero, which adds exact zeros.
 template <int kHeadDim>
@@ -260,9 +296,10 @@ void WriteQueryBlock(const AttentionParams& p, const QueryBlock& qb, Scratch* sc
   }
 }
 
-// Computes one work item end to end.
+// Computes one work item end to end; stops without writing once `cancel` is set.
 template <int kHeadDim>
-void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scratch* scratch) {
+void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb,
+                       const std::atomic<bool>* cancel, Scratch* scratch) {
   // A local copy: the compiler then knows that stores into the scratch buffers cannot change
   // the options, and can hoist their tests out of the per-element loops.
   const AttentionParams p = params;
@@ -273,6 +310,7 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
   const int64_t q_lo = QueryPos(p, qb.row0);
   const int64_t q_hi = QueryPos(p, qb.row0 + qb.rows - 1);
   for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockK) {
+    if (Cancelled(cancel)) return;
     const int cols = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - k0));
     const BlockMask mask = ClassifyBlock(p, q_lo, q_hi, KeyPos(p, k0), KeyPos(p, k0 + cols - 1));
     if (!mask.any) continue;  // every pair masked: the block contributes nothing
@@ -281,6 +319,7 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
     ApplyScoreModsAndMask(p, qb, cols, mask.all, scratch);
     UpdateSoftmaxState<kHeadDim>(qb.rows, cols, scratch);
     if (p.dropout_p > 0.0f) ApplyDropout(p, qb, k0, cols, scratch);
+    if (!mask.all) AddNonFiniteValuesToVisibleRows<kHeadDim>(p, qb, cols, scratch);
     AccumulateValues<kHeadDim>(qb.rows, cols, scratch);
   }
   WriteQueryBlock<kHeadDim>(p, qb, scratch);
@@ -291,14 +330,16 @@ void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb, Scra
 // Runs every work item on `num_threads` threads (cpu_tiles::RunWorkItems). Which thread takes
 // an item does not change its result.
 template <int kHeadDim>
-void RunAllQueryBlocks(const AttentionParams& p, int num_threads) {
+void RunAllQueryBlocks(const AttentionParams& p, int num_threads,
+                       const std::atomic<bool>* cancel) {
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t num_items = static_cast<int64_t>(p.batch) * p.heads * q_blocks;
   cpu_tiles::RunWorkItems(
       num_items, num_threads, [] { return Scratch(kHeadDim); },
       [&](int64_t item, Scratch* scratch) {
-        ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), scratch);
-      });
+        ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), cancel, scratch);
+      },
+      cancel);
 }
 
 }  // namespace
@@ -323,7 +364,9 @@ void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
     } else {
       const LseMerge merge = MergeLse(old_lse, lse);
       for (int d = 0; d < p.head_dim; ++d) {
-        merged[d] = merge.wb * o_row[d] + (merge.wa == 0.0f ? 0.0f : merge.wa * old_o[d]);
+        // An empty partial's o is not read; a negligible one's is (0 * NaN is NaN: a NaN or an
+        // infinity of v reaches the rows that see its key however small its weight).
+        merged[d] = merge.wb * o_row[d] + (old_lse == kNegInf ? 0.0f : merge.wa * old_o[d]);
       }
       merged_lse = merge.lse;
     }
@@ -338,11 +381,12 @@ void WriteOutputRow(const AttentionParams& p, int b, int h, int64_t row,
   }
   // Nothing to add: leave the existing partial bit for bit as it is.
   if (lse == kNegInf) return;
-  const LseMerge merge = MergeLse(*lse_slot, lse);
+  const float old_lse = *lse_slot;
+  const LseMerge merge = MergeLse(old_lse, lse);
   float* o = static_cast<float*>(p.o) + o_offset;  // [head_dim], fp32 by validation
-  if (merge.wa == 0.0f) {
-    // The existing partial weighs nothing (empty, lse -inf, or negligible next to this one);
-    // its o is not read, so that a buffer never written cannot leak NaN into the result.
+  if (old_lse == kNegInf) {
+    // The existing partial is empty: its o is not read, so that a buffer never written cannot
+    // leak NaN into the result. (A merely negligible one is read: 0 * NaN is NaN, as above.)
     for (int d = 0; d < p.head_dim; ++d) o[d] = merge.wb * o_row[d];
   } else {
     for (int d = 0; d < p.head_dim; ++d) o[d] = merge.wa * o[d] + merge.wb * o_row[d];
@@ -360,18 +404,19 @@ absl::Status FlashCpuForward(const AttentionParams& p, const FlashCpuOptions& op
   const int threads = cpu_tiles::ResolveThreadCount(options.num_threads);
   switch (p.head_dim) {
     case 64:
-      RunAllQueryBlocks<64>(p, threads);
+      RunAllQueryBlocks<64>(p, threads, options.cancel);
       break;
     case 128:
-      RunAllQueryBlocks<128>(p, threads);
+      RunAllQueryBlocks<128>(p, threads, options.cancel);
       break;
     case 256:
-      RunAllQueryBlocks<256>(p, threads);
+      RunAllQueryBlocks<256>(p, threads, options.cancel);
       break;
     default:
       // ValidateParams admits exactly kSupportedHeadDims; this is a missing instantiation.
       return absl::InternalError(absl::StrCat("no CPU kernel for head_dim ", p.head_dim));
   }
+  if (Cancelled(options.cancel)) return absl::CancelledError("the CPU kernel was cancelled");
   return absl::OkStatus();
 }
 

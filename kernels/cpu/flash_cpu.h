@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -13,10 +14,19 @@ namespace ringattn {
 
 struct FlashCpuOptions {
   int num_threads = 0;  // 0: std::thread::hardware_concurrency()
+  // Polled between blocks (the forward: every block of 64 keys of a block of 64 queries; the
+  // backward: every query block of a key block); once true the call stops and returns
+  // CANCELLED, its outputs partly written. Null: never.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
+// Whether `cancel` (FlashCpuOptions::cancel) is set.
+inline bool Cancelled(const std::atomic<bool>* cancel) {
+  return cancel != nullptr && cancel->load(std::memory_order_relaxed);
+}
+
 // Computes `p` (validated first). Writes o in p.o_dtype and the fp32 lse when p.lse is set, or
-// merges into fp32 o and lse with p.merge_into_output.
+// merges into fp32 o and lse with p.merge_into_output. CANCELLED when options.cancel is set.
 absl::Status FlashCpuForward(const AttentionParams& p, const FlashCpuOptions& options = {});
 
 // Writes one finished query row (batch b, head h, row `row`) of a call into p.o / p.lse: its

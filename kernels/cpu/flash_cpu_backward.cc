@@ -421,9 +421,11 @@ void WriteKeyBlock(const AttentionBackwardParams& bp, const KeyBlock& kb,
 }
 
 // Computes one work item end to end.
+// Once `cancel` is set it computes nothing more but still takes and passes its dQ turns, so
+// that no later key block waits for it.
 template <int kHeadDim>
 void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, const KeyBlock& kb,
-                     DqTurns* turns, Scratch<kHeadDim>* s) {
+                     DqTurns* turns, const std::atomic<bool>* cancel, Scratch<kHeadDim>* s) {
   // A local copy: stores into the scratch buffers cannot change the options.
   const AttentionParams p = bp.fwd;
   StageKeyBlock<kHeadDim>(p, kb, s);
@@ -436,6 +438,11 @@ void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, c
     for (int64_t qb = 0; qb < q_blocks; ++qb) {
       const BlockMask mask = ClassifyBlocks(p, qb, kb.index);
       if (!mask.any) continue;  // every pair masked: no contribution, and no dQ turn to take
+      if (Cancelled(cancel)) {
+        turns->Wait(p, kb.b, h, qb, kb.index);
+        turns->Pass(p, kb.b, h, qb, kb.index);
+        continue;
+      }
       const int64_t q0 = qb * kBlockQ;
       const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.seqlen_q - q0));
       StageQueryBlock<kHeadDim>(bp, stats, kb.b, h, q0, rows, s);
@@ -453,7 +460,7 @@ void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, c
       turns->Pass(p, kb.b, h, qb, kb.index);
     }
   }
-  WriteKeyBlock<kHeadDim>(bp, kb, *s);
+  if (!Cancelled(cancel)) WriteKeyBlock<kHeadDim>(bp, kb, *s);
 }
 
 // ---- Preprocessing --------------------------------------------------------------------------
@@ -486,7 +493,8 @@ void ZeroDqRows(const AttentionBackwardParams& bp, int b, int h) {
 }
 
 template <int kHeadDim>
-void RunBackward(const AttentionBackwardParams& bp, int threads) {
+void RunBackward(const AttentionBackwardParams& bp, int threads,
+                 const std::atomic<bool>* cancel) {
   const AttentionParams& p = bp.fwd;
   const int64_t batch_heads = static_cast<int64_t>(p.batch) * p.heads;
 
@@ -514,7 +522,8 @@ void RunBackward(const AttentionBackwardParams& bp, int threads) {
                              stats.delta_head_stride, row_buf);
           }
           if (!bp.accumulate) ZeroDqRows(bp, b, h);
-        });
+        },
+        cancel);
   }
 
   // 2. The key-block items.
@@ -524,8 +533,10 @@ void RunBackward(const AttentionBackwardParams& bp, int threads) {
   cpu_tiles::RunWorkItems(
       k_blocks * p.batch * p.heads_k, threads, [] { return std::make_unique<Scratch<kHeadDim>>(); },
       [&](int64_t item, std::unique_ptr<Scratch<kHeadDim>>* scratch) {
-        ComputeKeyBlock<kHeadDim>(bp, stats, ItemToKeyBlock(p, item), &turns, scratch->get());
-      });
+        ComputeKeyBlock<kHeadDim>(bp, stats, ItemToKeyBlock(p, item), &turns, cancel,
+                                  scratch->get());
+      },
+      cancel);
 }
 
 absl::Status CheckThreads(const FlashCpuOptions& options) {
@@ -544,18 +555,19 @@ absl::Status FlashCpuBackward(const AttentionBackwardParams& p, const FlashCpuOp
   const int threads = cpu_tiles::ResolveThreadCount(options.num_threads);
   switch (p.fwd.head_dim) {
     case 64:
-      RunBackward<64>(p, threads);
+      RunBackward<64>(p, threads, options.cancel);
       break;
     case 128:
-      RunBackward<128>(p, threads);
+      RunBackward<128>(p, threads, options.cancel);
       break;
     case 256:
-      RunBackward<256>(p, threads);
+      RunBackward<256>(p, threads, options.cancel);
       break;
     default:
       // ValidateParams admits exactly kSupportedHeadDims; this is a missing instantiation.
       return absl::InternalError(absl::StrCat("no CPU backward for head_dim ", p.fwd.head_dim));
   }
+  if (Cancelled(options.cancel)) return absl::CancelledError("the CPU backward was cancelled");
   return absl::OkStatus();
 }
 
@@ -573,7 +585,9 @@ absl::Status FlashCpuBackwardDelta(const AttentionBackwardParams& p, float* delt
       [&](int64_t item, std::vector<float>* row_buf) {
         ComputeDeltaRows(p, static_cast<int>(item / f.heads), static_cast<int>(item % f.heads),
                          delta, p.lse_batch_stride, p.lse_head_stride, row_buf);
-      });
+      },
+      options.cancel);
+  if (Cancelled(options.cancel)) return absl::CancelledError("the CPU backward was cancelled");
   return absl::OkStatus();
 }
 

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backend.h"
 #include "kernels/backend_registry.h"
@@ -600,6 +601,99 @@ TEST(FlashCpuTest, MergeIntoEmptyPartialIgnoresItsStaleOutput) {
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
   ASSERT_TRUE(ref.ok());
   ExpectMatchesReference(p, t, *ref);
+}
+
+// ---- Non-finite inputs (reference_attention.h) ------------------------------------------------
+
+using kernel_testing::ApplyNonFinite;
+using kernel_testing::NonFiniteCase;
+using kernel_testing::NonFiniteCases;
+using kernel_testing::TwoKeyCall;
+
+// Every case of NonFiniteCases, every input dtype: NaN exactly where the reference has it (the
+// comparison counts NaN on one side only), infinities equal, the rest within tolerance.
+TEST(FlashCpuNonFiniteTest, MatchesTheReference) {
+  for (const DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (const NonFiniteCase& c : NonFiniteCases(t)) {
+      SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(t))));
+      AttentionParams p = c.p;
+      AttentionBuffers buffers = MakeAttentionBuffers(&p, 5);
+      ApplyNonFinite(c, &buffers);
+      ASSERT_TRUE(FlashCpuForward(p).ok());
+      absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+      ASSERT_TRUE(ref.ok());
+      ExpectMatchesReference(p, buffers, *ref);
+    }
+  }
+}
+
+// Runs `whole` (fp32 o) as two calls over keys [0, split) and [split, seqlen_k): the second
+// merging into the first's o and lse, or (partial_input) taking them, in buffers of their own,
+// as a read-only partial.
+void RunInTwoHalves(const AttentionParams& whole, int64_t split, bool partial_input) {
+  AttentionParams first = KeyRange(whole, 0, split);
+  AttentionParams second = KeyRange(whole, split, whole.seqlen_k);
+  const size_t rows = static_cast<size_t>(whole.batch) * whole.heads * whole.seqlen_q;
+  std::vector<float> partial_o(rows * whole.head_dim), partial_lse(rows);
+  if (partial_input) {
+    first.o = partial_o.data();
+    first.lse = partial_lse.data();
+    second.partial_o = partial_o.data();
+    second.partial_lse = partial_lse.data();
+  } else {
+    second.merge_into_output = true;
+  }
+  ASSERT_TRUE(FlashCpuForward(first).ok());
+  ASSERT_TRUE(FlashCpuForward(second).ok());
+}
+
+// A poisoned row stays poisoned through the merges of a ring (merge_into_output, then a
+// read-only partial), whichever half holds the poison; clean rows are untouched.
+TEST(FlashCpuNonFiniteTest, MergesCarryNan) {
+  for (const NonFiniteCase& c : NonFiniteCases(DType::kF32)) {
+    for (const bool partial_input : {false, true}) {
+      SCOPED_TRACE(absl::StrCat(c.name, partial_input ? " partial input" : " merge"));
+      AttentionParams whole = c.p;
+      whole.o_dtype = DType::kF32;
+      AttentionBuffers t = MakeAttentionBuffers(&whole, 6);
+      ApplyNonFinite(c, &t);
+      ASSERT_NO_FATAL_FAILURE(RunInTwoHalves(whole, 45, partial_input));
+      absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+      ASSERT_TRUE(ref.ok());
+      ExpectMatchesReference(whole, t, *ref);
+    }
+  }
+}
+
+// A partial whose weight underflows next to the other's (its scores 200 below) still carries
+// its NaN: a negligible partial is read, only an empty one is not.
+TEST(FlashCpuNonFiniteTest, ANegligiblePartialStillCarriesItsNan) {
+  for (const bool partial_input : {false, true}) {
+    AttentionParams whole;  // scores -100 and 100; NaN in key 0's v
+    AttentionBuffers t = TwoKeyCall(&whole, DType::kF32, 100.0f, -1.0f, 1.0f, 0,
+                                    std::numeric_limits<float>::quiet_NaN());
+    ASSERT_NO_FATAL_FAILURE(RunInTwoHalves(whole, 1, partial_input));
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(whole);
+    ASSERT_TRUE(ref.ok());
+    EXPECT_TRUE(std::isnan(ref->o[3]));
+    ExpectMatchesReference(whole, t, *ref);
+  }
+}
+
+// exp underflows to exactly 0 for the second key; its infinite v still adds 0 * inf = NaN when
+// the key is visible, and nothing when it is masked (the block is then partly visible).
+TEST(FlashCpuNonFiniteTest, InfiniteValueAtAZeroProbabilityKey) {
+  for (const bool causal : {false, true}) {
+    AttentionParams p;  // scores 1000 and -1000; inf in key 1's v
+    AttentionBuffers t = TwoKeyCall(&p, DType::kF32, 1000.0f, 1.0f, -1.0f, 1,
+                                    std::numeric_limits<float>::infinity());
+    p.causal = causal;
+    ASSERT_TRUE(FlashCpuForward(p).ok());
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
+    ASSERT_TRUE(ref.ok());
+    EXPECT_EQ(std::isnan(ref->o[3]), !causal);
+    ExpectMatchesReference(p, t, *ref);
+  }
 }
 
 // ---- Threads --------------------------------------------------------------------------------

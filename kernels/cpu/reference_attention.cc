@@ -18,6 +18,7 @@ namespace ringattn {
 namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kNan = std::numeric_limits<double>::quiet_NaN();
 
 // Reads one head_dim-long row of an input tensor into doubles.
 void LoadRow(const void* base, int64_t offset, DType dtype, int head_dim,
@@ -52,42 +53,61 @@ int64_t VOffset(const AttentionParams& p, int b, int64_t row, int head) {
   return b * p.v_batch_stride + row * p.v_row_stride + head * p.v_head_stride;
 }
 
-// Computes query row i of head h: fills o_row and returns the row's LSE. `scores` and
-// `row_buf` are caller-owned scratch.
+// Whether fp32 holds x: finite and within its range (false for NaN and infinities). The kernels
+// compute scores in fp32, so a score beyond it is their +-inf.
+bool FitsFloat(double x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
+
+// Computes query row i of head h: fills o_row and returns the row's LSE, by the rules in
+// reference_attention.h (plain IEEE arithmetic in double on the visible keys; a score fp32
+// cannot hold makes the row NaN). `scores` and `row_buf` are caller-owned scratch.
 double ComputeRow(const AttentionParams& p, int b, int h, int64_t i,
                   const double* q_row,  // [head_dim]
                   double* scores,       // [seqlen_k]
+                  char* visible,        // [seqlen_k]
                   double* row_buf,      // [head_dim]
                   double* o_row) {      // [head_dim]
   const int kv_head = h / (p.heads / p.heads_k);
   const int64_t q_pos = QueryPos(p, i);
 
-  // Scores of the allowed keys; masked keys get -inf and take no part below.
-  double max_score = kNegInf;
+  // Scores of the visible keys; masked keys take no part below (neither k nor v is read).
+  bool any_visible = false;
+  bool score_not_fp32 = false;
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
-    const int64_t k_pos = KeyPos(p, j);
-    if (!ReferenceKeyAllowed(p, q_pos, k_pos)) {
-      scores[j] = kNegInf;
-      continue;
-    }
+    visible[j] = ReferenceKeyAllowed(p, q_pos, KeyPos(p, j)) ? 1 : 0;
+    if (!visible[j]) continue;
+    any_visible = true;
     LoadRow(p.k, KOffset(p, b, j, kv_head), p.dtype, p.head_dim, row_buf);
     double dot = 0.0;
     for (int d = 0; d < p.head_dim; ++d) dot += q_row[d] * row_buf[d];
-    scores[j] = ScoreInDouble(p, h, dot, q_pos, k_pos);
-    if (scores[j] > max_score) max_score = scores[j];
+    const double scaled = dot * static_cast<double>(p.softmax_scale);
+    scores[j] = ScoreInDouble(p, h, dot, q_pos, KeyPos(p, j));
+    // The kernels hold q.k, the scaled score and the score in fp32 in turn.
+    if (!FitsFloat(dot) || !FitsFloat(scaled) || !FitsFloat(scores[j])) score_not_fp32 = true;
   }
 
-  for (int d = 0; d < p.head_dim; ++d) o_row[d] = 0.0;
-  // Every key masked (or no keys at all): the output row is 0 and the LSE -inf by contract.
-  if (max_score == kNegInf) return kNegInf;
+  // No visible key: the output row is 0 and the LSE -inf by contract.
+  if (!any_visible) {
+    for (int d = 0; d < p.head_dim; ++d) o_row[d] = 0.0;
+    return kNegInf;
+  }
+  // A visible score that is NaN, infinite or beyond fp32: the whole row is NaN.
+  if (score_not_fp32) {
+    for (int d = 0; d < p.head_dim; ++d) o_row[d] = kNan;
+    return kNan;
+  }
 
-  double sum = 0.0;
+  double max_score = kNegInf;
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
-    if (scores[j] == kNegInf) continue;
+    if (visible[j] && scores[j] > max_score) max_score = scores[j];
+  }
+  double sum = 0.0;
+  for (int d = 0; d < p.head_dim; ++d) o_row[d] = 0.0;
+  for (int64_t j = 0; j < p.seqlen_k; ++j) {
+    if (!visible[j]) continue;
     const double w = std::exp(scores[j] - max_score);
     sum += w;  // the softmax's normaliser: dropout comes after it
+    // Every visible key adds w v, w = 0 included (underflow, dropout): 0 * inf is NaN.
     const double kept = w * DropoutFactor(p, b, h, q_pos, KeyPos(p, j));
-    if (kept == 0.0) continue;
     LoadRow(p.v, VOffset(p, b, j, kv_head), p.dtype, p.head_dim, row_buf);
     for (int d = 0; d < p.head_dim; ++d) o_row[d] += kept * row_buf[d];
   }
@@ -112,7 +132,8 @@ bool ReferenceKeyAllowed(const AttentionParams& p, int64_t q_pos, int64_t k_pos)
   return q_seq >= 0 && q_seq == k_seq;
 }
 
-absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p) {
+absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p,
+                                                 const std::atomic<bool>* cancel) {
   RA_RETURN_IF_ERROR(ValidateParams(p));
 
   const int64_t dim = p.head_dim;
@@ -123,15 +144,20 @@ absl::StatusOr<ReferenceResult> ReferenceForward(const AttentionParams& p) {
   std::vector<double> q_row(dim);                               // [head_dim]
   std::vector<double> row_buf(dim);                             // [head_dim]
   std::vector<double> scores(static_cast<size_t>(p.seqlen_k));  // [seqlen_k]
+  std::vector<char> visible(static_cast<size_t>(p.seqlen_k));    // [seqlen_k]
   for (int b = 0; b < p.batch; ++b) {
     for (int h = 0; h < p.heads; ++h) {
       for (int64_t i = 0; i < p.seqlen_q; ++i) {
+        if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+          return absl::CancelledError("the fp64 reference was cancelled");
+        }
         LoadRow(p.q, QOffset(p, b, i, h), p.dtype, p.head_dim, q_row.data());
         // result.o is contiguous [batch, seqlen_q, heads, head_dim].
         double* o_row = &result.o[static_cast<size_t>(((b * p.seqlen_q + i) * p.heads + h) * dim)];
         // result.lse is contiguous [batch, heads, seqlen_q].
         result.lse[static_cast<size_t>((b * p.heads + h) * p.seqlen_q + i)] =
-            ComputeRow(p, b, h, i, q_row.data(), scores.data(), row_buf.data(), o_row);
+            ComputeRow(p, b, h, i, q_row.data(), scores.data(), visible.data(), row_buf.data(),
+                       o_row);
       }
     }
   }

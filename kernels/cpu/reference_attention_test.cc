@@ -299,6 +299,156 @@ TEST(ReferenceAttentionTest, NoKeysMasksEveryRow) {
   for (double o : r->o) EXPECT_EQ(o, 0.0);
 }
 
+// ---- Non-finite values (the rules in reference_attention.h) -----------------------------------
+
+using kernel_testing::ApplyNonFinite;
+using kernel_testing::NonFiniteCase;
+using kernel_testing::NonFiniteCases;
+
+// The reference of case `name` (NonFiniteCases, fp32) without its poisons and with them.
+struct CleanAndPoisoned {
+  AttentionParams p;
+  ReferenceResult clean, poisoned;
+};
+CleanAndPoisoned RunCase(const std::string& name) {
+  CleanAndPoisoned r;
+  for (const NonFiniteCase& c : NonFiniteCases(DType::kF32)) {
+    if (c.name != name) continue;
+    r.p = c.p;
+    AttentionBuffers t = MakeAttentionBuffers(&r.p, 3);
+    NonFiniteCase unpoisoned = c;
+    unpoisoned.poisons.clear();
+    ApplyNonFinite(unpoisoned, &t);
+    absl::StatusOr<ReferenceResult> clean = ReferenceForward(r.p);
+    ApplyNonFinite(c, &t);
+    absl::StatusOr<ReferenceResult> poisoned = ReferenceForward(r.p);
+    EXPECT_TRUE(clean.ok() && poisoned.ok());
+    if (clean.ok() && poisoned.ok()) {
+      r.clean = *std::move(clean);
+      r.poisoned = *std::move(poisoned);
+    }
+    return r;
+  }
+  ADD_FAILURE() << "no case " << name;
+  return r;
+}
+
+// Checks every element of r.poisoned: where nan(i, h, d) says, NaN (d = -1: the LSE); elsewhere
+// bit for bit the clean result (masked keys are not read; other rows and columns are untouched).
+template <typename NanAt>
+void ExpectNanExactlyAt(const CleanAndPoisoned& r, NanAt nan) {
+  const AttentionParams& p = r.p;
+  ASSERT_EQ(r.poisoned.o.size(), r.clean.o.size());
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    for (int h = 0; h < p.heads; ++h) {
+      for (int d = -1; d < p.head_dim; ++d) {
+        const double got = d < 0 ? r.poisoned.lse[h * p.seqlen_q + i]
+                                 : r.poisoned.o[(i * p.heads + h) * p.head_dim + d];
+        const double clean = d < 0 ? r.clean.lse[h * p.seqlen_q + i]
+                                   : r.clean.o[(i * p.heads + h) * p.head_dim + d];
+        const bool ok = nan(i, h, d) ? std::isnan(got) : got == clean;
+        if (!ok && wrong++ < 5) {
+          ADD_FAILURE() << "row " << i << " head " << h << (d < 0 ? " lse" : " o dim ")
+                        << (d < 0 ? "" : std::to_string(d)) << ": got " << got << ", clean "
+                        << clean;
+        }
+      }
+    }
+  }
+}
+
+TEST(ReferenceNonFiniteTest, NanOrInfInAQueryPoisonsItsRowOnly) {
+  ExpectNanExactlyAt(RunCase("NanInQ"), [](int64_t i, int h, int) { return i == 70 && h == 1; });
+  // -inf times keys of either sign: scores of -inf and +inf; the row is NaN either way.
+  ExpectNanExactlyAt(RunCase("NegInfInQCausal"),
+                     [](int64_t i, int h, int) { return i == 3 && h == 2; });
+}
+
+TEST(ReferenceNonFiniteTest, ARowThatSeesNoKeyIgnoresItsNanQuery) {
+  const CleanAndPoisoned r = RunCase("NanInQOfARowThatSeesNoKey");
+  ExpectNanExactlyAt(r, [](int64_t, int, int) { return false; });
+  EXPECT_EQ(r.poisoned.lse[10], kNegInf);
+  for (int d = 0; d < kDim; ++d) EXPECT_EQ(r.poisoned.o[10 * 4 * kDim + d], 0.0);
+}
+
+TEST(ReferenceNonFiniteTest, NanOrInfInAKeyPoisonsTheRowsThatSeeIt) {
+  // K/V head 0 serves query heads 0 and 1 (GQA 4:2). Causal: rows 70 on see key 70.
+  ExpectNanExactlyAt(RunCase("NanInKCausal"),
+                     [](int64_t i, int h, int) { return i >= 70 && h < 2; });
+  // Window (10, 5): row i sees keys i - 10 .. i + 5, so key 70 is seen by rows 65 .. 80.
+  ExpectNanExactlyAt(RunCase("InfInKWindow"),
+                     [](int64_t i, int h, int) { return i >= 65 && i <= 80 && h >= 2; });
+}
+
+TEST(ReferenceNonFiniteTest, NanOrInfInAValueReachesItsColumnOfTheRowsThatSeeIt) {
+  ExpectNanExactlyAt(RunCase("NanInVCausal"),
+                     [](int64_t i, int h, int d) { return i >= 70 && h < 2 && d == 7; });
+  const CleanAndPoisoned inf = RunCase("InfInVWindow");
+  const AttentionParams& p = inf.p;
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    for (int h = 0; h < p.heads; ++h) {
+      for (int d = 0; d < p.head_dim; ++d) {
+        const size_t at = static_cast<size_t>((i * p.heads + h) * p.head_dim + d);
+        if (i >= 65 && i <= 80 && h >= 2 && d == 9) {
+          EXPECT_EQ(inf.poisoned.o[at], std::numeric_limits<double>::infinity()) << i << " " << h;
+        } else {
+          EXPECT_EQ(inf.poisoned.o[at], inf.clean.o[at]) << i << " " << h << " " << d;
+        }
+      }
+      EXPECT_EQ(inf.poisoned.lse[h * p.seqlen_q + i], inf.clean.lse[h * p.seqlen_q + i]);
+    }
+  }
+}
+
+// A visible key whose probability is exactly 0 (exp underflows) still adds 0 * v: NaN for an
+// infinite v (IEEE), where a masked key adds nothing.
+TEST(ReferenceNonFiniteTest, InfiniteValueAtAZeroProbabilityKeyIsNan) {
+  SmallProblem sp(1, 2);
+  sp.q[0] = 1000.0f;
+  sp.k[0 * kDim + 0] = 1.0f;   // score 1000
+  sp.k[1 * kDim + 0] = -1.0f;  // score -1000: exp(-2000) is 0 in double
+  sp.v[0 * kDim + 3] = 2.0f;
+  sp.v[1 * kDim + 3] = std::numeric_limits<float>::infinity();
+  absl::StatusOr<ReferenceResult> r = ReferenceForward(sp.Bound());
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(std::isnan(O(*r, 0, 3)));
+  EXPECT_EQ(O(*r, 0, 4), 0.0);
+  EXPECT_NEAR(Lse(*r, 0), 1000.0, 1e-9);
+  sp.p.causal = true;  // key 1 masked for the query at 0: not read
+  r = ReferenceForward(sp.Bound());
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(O(*r, 0, 3), 2.0);
+}
+
+TEST(ReferenceNonFiniteTest, ScoresBeyondFp32MakeEveryRowNan) {
+  for (const char* name : {"ScoresBeyondFp32", "ScoresAllHugelyNegative",
+                           "ScoresBeyondFp32WithSoftcap", "ScaledScoresBeyondFp32"}) {
+    SCOPED_TRACE(name);
+    ExpectNanExactlyAt(RunCase(name), [](int64_t, int, int) { return true; });
+  }
+}
+
+// The same scores within fp32 are computed: the NaN rule is about fp32's range, not size.
+TEST(ReferenceNonFiniteTest, LargeScoresWithinFp32AreComputed) {
+  SmallProblem sp(1, 2);
+  sp.q[0] = 1e18f;
+  sp.k[0 * kDim + 0] = 1e18f;   // q.k = 1e36
+  sp.k[1 * kDim + 0] = -1e18f;  // -1e36
+  sp.v[0 * kDim + 1] = 3.0f;
+  sp.v[1 * kDim + 1] = 5.0f;
+  absl::StatusOr<ReferenceResult> r = ReferenceForward(sp.Bound());
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(O(*r, 0, 1), 3.0);  // all weight on key 0
+  const double big = 1e18f;
+  EXPECT_NEAR(Lse(*r, 0), big * big, 1e24);
+  sp.p.softmax_scale = 1e3f;  // 1e39: beyond fp32
+  r = ReferenceForward(sp.Bound());
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(std::isnan(O(*r, 0, 1)));
+  EXPECT_TRUE(std::isnan(Lse(*r, 0)));
+}
+
 // ---- Validation -----------------------------------------------------------------------------
 
 AttentionParams ValidShape() {

@@ -285,4 +285,112 @@ inline void ExpectEmptyRowsKeepThePartial(const AttentionParams& p,
   EXPECT_EQ(mismatches, 0) << "elements of wholly masked rows that differ from the partial";
 }
 
+// ---- Non-finite inputs ------------------------------------------------------------------------
+
+// One element of q, k or v (batch 0) set to `value`.
+struct Poison {
+  char tensor;  // 'q', 'k' or 'v'
+  int64_t row;
+  int head;  // q head for q, K/V head for k and v
+  int d;
+  float value;
+};
+
+// Inputs for the rules of reference_attention.h on non-finite values: random inputs (optionally
+// every q or k element multiplied by a factor, or set to a value, so that finite inputs give
+// scores beyond fp32), then single elements poisoned.
+struct NonFiniteCase {
+  std::string name;
+  AttentionParams p;  // sizes and options
+  std::vector<Poison> poisons;
+  float q_factor = 1.0f, k_factor = 1.0f;
+  float q_fill = 0.0f, k_fill = 0.0f;  // 0: keep the random values
+};
+
+// The cases, over one dtype (bf16, fp16 or fp32 inputs; outputs in that dtype too). Each poisons
+// a row in the middle of a 130-row call (blocks of 64: a block boundary inside the diagonal),
+// with GQA 4:2 so that a poisoned K/V head reaches two query heads:
+//   NaN / -inf in a q element: that row only; NaN in a q row no key is visible to: nothing;
+//   NaN / +inf in a k element: the rows that see that key (causal: the later ones; a window);
+//   NaN / +inf in a v element: that column of the rows that see the key;
+//   finite inputs whose scores exceed fp32 (bf16 and fp32 only, fp16 cannot reach it): every
+//   row NaN, with all scores hugely negative too (once silently a masked row of zeros), with a
+//   softcap (it must not bound them), and through a large softmax_scale.
+inline std::vector<NonFiniteCase> NonFiniteCases(DType t) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const AttentionParams base = Shape(130, 130, 4, 2, 64, t, t);
+  AttentionParams causal = base;
+  causal.causal = true;
+  AttentionParams window = base;
+  window.window_left = 10;
+  window.window_right = 5;
+  AttentionParams late_keys = causal;  // queries 0..129 against keys at 100..229: rows < 100 see none
+  late_keys.k_pos_offset = 100;
+  std::vector<NonFiniteCase> cases = {
+      {"NanInQ", base, {{'q', 70, 1, 5, nan}}},
+      {"NegInfInQCausal", causal, {{'q', 3, 2, 0, -inf}}},
+      {"NanInQOfARowThatSeesNoKey", late_keys, {{'q', 10, 0, 7, nan}}},
+      {"NanInKCausal", causal, {{'k', 70, 0, 3, nan}}},
+      {"InfInKWindow", window, {{'k', 70, 1, 0, inf}}},
+      {"NanInVCausal", causal, {{'v', 70, 0, 7, nan}}},
+      {"InfInVWindow", window, {{'v', 70, 1, 9, inf}}},
+      {"NegInfInVAndNanInQ", causal, {{'v', 20, 1, 2, -inf}, {'q', 100, 3, 1, nan}}},
+  };
+  if (t != DType::kF16) {
+    NonFiniteCase overflow{"ScoresBeyondFp32", base, {}, 1e20f, 1e20f};
+    cases.push_back(overflow);
+    NonFiniteCase negative{"ScoresAllHugelyNegative", causal, {}};
+    negative.q_fill = 1e20f;
+    negative.k_fill = -1e20f;
+    cases.push_back(negative);
+    overflow.name = "ScoresBeyondFp32WithSoftcap";
+    overflow.p.softcap = 30.0f;
+    cases.push_back(overflow);
+    NonFiniteCase scaled{"ScaledScoresBeyondFp32", causal, {}, 1e18f, 1e18f};
+    scaled.p.softmax_scale = 1e4f;
+    cases.push_back(scaled);
+  }
+  return cases;
+}
+
+// One query against two keys (head_dim 64, scale 1, o fp32): q = (q0, 0, ...), key j =
+// (k[j], 0, ...), so the scores are q0 k[0] and q0 k[1]; random v, with element 3 of key `v_key`
+// set to `v_value`. For the edges of probability 0 (exp underflowing) and negligible partials.
+inline AttentionBuffers TwoKeyCall(AttentionParams* p, DType dtype, float q0, float k0, float k1,
+                                   int v_key, float v_value) {
+  *p = Shape(1, 2, 1, 1, 64, dtype, DType::kF32);
+  p->softmax_scale = 1.0f;
+  AttentionBuffers t = MakeAttentionBuffers(p, 9);
+  for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, 0.0f);
+  for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, 0.0f);
+  t.q.Set(0, q0);
+  t.k.Set(0, k0);
+  t.k.Set(64, k1);
+  t.v.Set(v_key * 64 + 3, v_value);
+  return t;
+}
+
+// Applies c's factors, fills and poisons to the inputs of t (made for c.p by
+// MakeAttentionBuffers; contiguous [batch, seq, heads, head_dim]).
+inline void ApplyNonFinite(const NonFiniteCase& c, AttentionBuffers* t) {
+  const AttentionParams& p = c.p;
+  auto scale = [](TypedBuffer* b, float factor, float fill) {
+    for (int64_t i = 0; i < b->size(); ++i) {
+      if (fill != 0.0f) {
+        b->Set(i, fill);
+      } else if (factor != 1.0f) {
+        b->Set(i, b->Get(i) * factor);
+      }
+    }
+  };
+  scale(&t->q, c.q_factor, c.q_fill);
+  scale(&t->k, c.k_factor, c.k_fill);
+  for (const Poison& x : c.poisons) {
+    TypedBuffer* b = x.tensor == 'q' ? &t->q : x.tensor == 'k' ? &t->k : &t->v;
+    const int heads = x.tensor == 'q' ? p.heads : p.heads_k;
+    b->Set((x.row * heads + x.head) * p.head_dim + x.d, x.value);
+  }
+}
+
 }  // namespace ringattn::kernel_testing

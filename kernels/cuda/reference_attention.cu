@@ -1,6 +1,7 @@
 // The simple GPU kernel (see reference_attention.h). Written to be obviously correct: scalar
 // fp32 arithmetic, the score function and mask from score_mod.h, a two-pass softmax with the
-// row maximum known before any exp, and the ring merge from softmax_state.h.
+// row maximum known before any exp, and the ring merge from softmax_state.h. Non-finite inputs
+// as the fp64 reference (kernels/cpu/reference_attention.h).
 #include "kernels/cuda/reference_attention.h"
 
 #include <cuda_runtime.h>
@@ -26,16 +27,22 @@ static_assert(kMaxHeadDim % kThreads == 0, "each thread owns a whole number of c
 
 __device__ __forceinline__ float NegInf() { return -std::numeric_limits<float>::infinity(); }
 
+// max(a, b), NaN when either is (fmaxf drops a NaN): a row whose visible scores include NaN is
+// NaN (reference_attention.h), never taken for wholly masked.
+__device__ __forceinline__ float MaxKeepingNan(float a, float b) {
+  return a != a || b != b ? a + b : fmaxf(a, b);
+}
+
 // Reductions over the block. `scratch` holds one float per warp; it is free again on return
 // (the trailing barrier keeps a following call from overwriting it while it is still read).
 __device__ float BlockMax(float x, float* scratch) {  // scratch: [kWarps]
   for (int offset = 16; offset > 0; offset /= 2) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    x = MaxKeepingNan(x, __shfl_xor_sync(0xffffffffu, x, offset));
   }
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
   __syncthreads();
   float r = scratch[0];
-  for (int w = 1; w < kWarps; ++w) r = fmaxf(r, scratch[w]);
+  for (int w = 1; w < kWarps; ++w) r = MaxKeepingNan(r, scratch[w]);
   __syncthreads();
   return r;
 }
@@ -55,6 +62,7 @@ __global__ void __launch_bounds__(kThreads)
     ReferenceAttentionKernel(const __grid_constant__ AttentionParams p) {
   __shared__ float q_row[kMaxHeadDim];  // [head_dim] the query, as float
   __shared__ float weights[kThreads];   // [kThreads] exp(score - max) of one chunk of keys
+  __shared__ bool visible[kThreads];    // [kThreads] whether each key of the chunk is allowed
   __shared__ float scratch[kWarps];     // [kWarps] block reductions
 
   const int64_t row = blockIdx.x;
@@ -77,10 +85,11 @@ __global__ void __launch_bounds__(kThreads)
     return ModScore(p, h, dot, q_pos, KeyPos(p, j));
   };
 
-  // Pass 1: the row maximum over allowed keys; -inf when none is allowed.
+  // Pass 1: the row maximum over allowed keys; -inf when none is allowed, NaN when a score is
+  // (ModScore makes every score fp32 cannot hold NaN).
   float local_max = NegInf();
   for (int64_t j = tid; j < p.seqlen_k; j += kThreads) {
-    if (KeyAllowed(p, q_pos, KeyPos(p, j))) local_max = fmaxf(local_max, score(j));
+    if (KeyAllowed(p, q_pos, KeyPos(p, j))) local_max = MaxKeepingNan(local_max, score(j));
   }
   const float row_max = BlockMax(local_max, scratch);  // the same value in every thread
 
@@ -93,14 +102,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t chunk = 0; chunk < p.seqlen_k; chunk += kThreads) {
       const int64_t j = chunk + tid;
       float w = 0.0f;
-      if (j < p.seqlen_k && KeyAllowed(p, q_pos, KeyPos(p, j))) w = expf(score(j) - row_max);
+      const bool allowed = j < p.seqlen_k && KeyAllowed(p, q_pos, KeyPos(p, j));
+      if (allowed) w = expf(score(j) - row_max);
       weights[tid] = w;
+      visible[tid] = allowed;
       local_sum += w;
       __syncthreads();
       const int64_t count = p.seqlen_k - chunk < kThreads ? p.seqlen_k - chunk : kThreads;
       for (int64_t jj = 0; jj < count; ++jj) {
         const float wj = weights[jj];
-        if (wj == 0.0f) continue;  // masked (or underflowed): contributes nothing; V not read
+        // Masked: contributes nothing, V not read. A visible key adds wj v even at wj = 0
+        // (0 * inf = NaN, as the fp64 reference).
+        if (!visible[jj]) continue;
         const int64_t v_offset =
             b * p.v_batch_stride + (chunk + jj) * p.v_row_stride + kv_head * p.v_head_stride;
         for (int i = 0; i < kDimsPerThread; ++i) {
@@ -133,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
       if (d >= dim) continue;
       const float mine = merge.wb * (acc[i] * norm);
       StoreFromFloat(p.o, o_offset + d, p.o_dtype,
-                     merge.wa == 0.0f ? mine : merge.wa * old_o[d] + mine);
+                     old_lse == NegInf() ? mine : merge.wa * old_o[d] + mine);
     }
     if (tid == 0 && lse_slot != nullptr) *lse_slot = merge.lse;
     return;
@@ -157,8 +170,9 @@ __global__ void __launch_bounds__(kThreads)
     const int d = tid + i * kThreads;
     if (d >= dim) continue;
     const float mine = merge.wb * (acc[i] * norm);
-    // An empty old partial (weight 0) is not read, so a never-written o cannot leak NaN.
-    o[d] = merge.wa == 0.0f ? mine : merge.wa * o[d] + mine;
+    // An empty old partial is not read, so a never-written o cannot leak NaN; a negligible one
+    // is (0 * NaN is NaN: a NaN of v reaches every row that sees its key).
+    o[d] = old_lse == NegInf() ? mine : merge.wa * o[d] + mine;
   }
   if (tid == 0) *lse_slot = merge.lse;
 }

@@ -3,6 +3,7 @@
 // processes), NCCL (GPUs). Nothing here knows about gRPC or attention.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 
 #include "absl/status/status.h"
@@ -57,8 +58,13 @@ class Communicator : public GroupRank {
   // Waits for the batch posted by Start. DeadlineExceeded past the communicator's timeout,
   // Aborted (or the abort reason) when the group was aborted; after any failure the
   // communicator is aborted and every later call fails at once. Waiting with nothing posted
-  // returns OK.
+  // returns OK, or the abort reason once aborted.
   virtual absl::Status Wait() = 0;
+
+  // Set once this rank is aborted (Abort, a failed Wait; in-process, any rank of the group) and
+  // never cleared: work between transfers, a ring step's kernel, polls it to stop early (Wait
+  // then gives the reason). Lives as long as the communicator; any thread may read it.
+  virtual const std::atomic<bool>& aborted() const = 0;
 };
 
 // InvalidArgument unless every operation names a peer in [0, world) and has a buffer when it

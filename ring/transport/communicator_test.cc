@@ -9,6 +9,7 @@
 // stores, through connection loss) and of the registry itself.
 #include "ring/transport/communicator.h"
 
+#include <atomic>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/types.h>
@@ -86,6 +87,8 @@ class Rank {
   // Ends it: the received bytes are in the buffers given to Start once it returns OK.
   virtual absl::Status Wait() = 0;
   virtual void Abort(const absl::Status& reason) = 0;
+  // Communicator::aborted() of a host transport; null for a device one (it has none).
+  virtual const std::atomic<bool>* aborted() const = 0;
 };
 using Ranks = std::vector<std::unique_ptr<Rank>>;
 
@@ -106,6 +109,7 @@ class HostRank final : public Rank {
   }
   absl::Status Wait() override { return comm_->Wait(); }
   void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
+  const std::atomic<bool>* aborted() const override { return &comm_->aborted(); }
 
  private:
   std::unique_ptr<Communicator> comm_;
@@ -177,6 +181,7 @@ class DeviceRank final : public Rank {
   }
 
   void Abort(const absl::Status& reason) override { comm_->Abort(reason); }
+  const std::atomic<bool>* aborted() const override { return nullptr; }
 
  private:
   struct Landing {
@@ -473,6 +478,9 @@ TEST_P(TransportConformance, AbortReleasesPeersWaitingOnTheRank) {
   if (!Make(kWorld, kLongTimeout)) return;
   if (!traits().abort_releases_peers) GTEST_SKIP() << "peers learn of an abort at their timeout";
   std::vector<double> seconds(kWorld, 0.0);
+  for (int r = 0; r < kWorld; ++r) {
+    if (ranks_[r]->aborted() != nullptr) EXPECT_FALSE(ranks_[r]->aborted()->load()) << r;
+  }
   std::thread aborter([&] {
     std::this_thread::sleep_for(milliseconds(200));
     ranks_[0]->Abort(absl::CancelledError("test abort"));
@@ -487,6 +495,11 @@ TEST_P(TransportConformance, AbortReleasesPeersWaitingOnTheRank) {
   });
   aborter.join();
   EXPECT_EQ(results[0], absl::CancelledError("test abort"));
+  // aborted() is set on the aborted rank, and on its peers once they failed (a failed Wait
+  // aborts) or, in-process, at once with the group.
+  for (int r = 0; r < kWorld; ++r) {
+    if (ranks_[r]->aborted() != nullptr) EXPECT_TRUE(ranks_[r]->aborted()->load()) << r;
+  }
   for (int r = 0; r < kWorld; ++r) EXPECT_LT(seconds[r], 2.0) << "rank " << r << ": " << results[r];
   for (int r = 1; r < kWorld; ++r) {
     if (traits().group_fails_as_a_whole) {
@@ -519,6 +532,7 @@ TEST_P(TransportConformance, MissingPeerIsDeadlineExceeded) {
   }
   EXPECT_GE(seconds, 0.25);
   EXPECT_LT(seconds, 3.0);
+  if (ranks_[0]->aborted() != nullptr) EXPECT_TRUE(ranks_[0]->aborted()->load());
   EXPECT_EQ(ranks_[0]->Start({}, {}).code(), absl::StatusCode::kDeadlineExceeded);
 }
 

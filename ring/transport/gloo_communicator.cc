@@ -421,6 +421,7 @@ void GlooCommunicator::AbortLocked(const absl::Status& reason) {
   abort_status_ =
       reason.ok() ? absl::AbortedError(absl::StrCat("rank ", rank_, " aborted (with an OK reason)"))
                   : reason;
+  aborted_.store(true, std::memory_order_release);
   // Close first: once a woken Wait returns, Gloo's thread must no longer write into or read
   // from the batch's buffers. Peers blocked on this rank see the connection drop.
   CallGloo("closing connections", [&] { context_->closeConnections(); }).IgnoreError();

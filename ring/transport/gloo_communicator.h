@@ -13,6 +13,7 @@
 // peer's abort, crash or exit therefore shows up as Unavailable, not as its abort reason.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -82,6 +83,7 @@ class GlooCommunicator final : public Communicator {
   // died or closed); every failure aborts this communicator.
   absl::Status Wait() override;
   void Abort(const absl::Status& reason) override;
+  const std::atomic<bool>& aborted() const override { return aborted_; }
 
  private:
   struct Transfer;
@@ -119,6 +121,8 @@ class GlooCommunicator final : public Communicator {
   mutable std::mutex mu_;
   // Guarded by mu_:
   absl::Status abort_status_;
+  // Set with abort_status_; read without the lock.
+  std::atomic<bool> aborted_{false};
   // The batch in flight, if any. Shared so that Wait can use it without the lock while Abort,
   // from another thread, wakes its buffers.
   std::shared_ptr<const Batch> batch_;

@@ -1,5 +1,6 @@
 #include "ring/transport/inprocess.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -403,6 +404,9 @@ class Mailbox {
     return abort_status_;
   }
 
+  // Set with abort_status_, for Communicator::aborted().
+  const std::atomic<bool>& aborted() const { return aborted_; }
+
  private:
   // What one rank has in flight.
   struct RankState {
@@ -518,6 +522,7 @@ class Mailbox {
         reason.ok()
             ? absl::AbortedError(absl::StrCat(Copier::kName, " aborted (with an OK reason)"))
             : reason;
+    aborted_.store(true, std::memory_order_release);
     // Nothing queued may match from now on. Copies under way finish (host: their owners'
     // Waits hold until then; device: they are finite, and their owners drain their streams
     // before releasing the buffers).
@@ -538,6 +543,7 @@ class Mailbox {
   std::condition_variable changed_;
   // Guarded by mu_, except a rank's copier state (see Start):
   absl::Status abort_status_;
+  std::atomic<bool> aborted_{false};
   std::vector<RankState> ranks_;
   std::vector<PairQueue> queues_;  // [src * world_size + dst]
 };
@@ -572,6 +578,7 @@ class InProcessCommunicator final : public RankOf<Communicator> {
     return mailbox_->Start(rank_, sends, recvs, HostCopy::Batch{}, &in_flight);
   }
   absl::Status Wait() override { return mailbox_->Wait(rank_); }
+  const std::atomic<bool>& aborted() const override { return mailbox_->aborted(); }
 };
 
 std::unique_ptr<Communicator> MakeFace(std::shared_ptr<Mailbox<Communicator>> mailbox, int rank) {
