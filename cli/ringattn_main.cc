@@ -75,6 +75,9 @@ ABSL_FLAG(std::string, kernel, "auto",
 ABSL_FLAG(int, device, 0, "worker: GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "serve: answer one sample request, print it and stop");
 ABSL_FLAG(int, max_queue, 16, "serve/coordinator: admitted requests that may wait");
+ABSL_FLAG(int, pipeline_depth, 2,
+          "serve/coordinator: requests on the ring at once: with 2 the next request's transfers "
+          "overlap the current one's compute (the ring passes stay one at a time); 1: none");
 ABSL_FLAG(int64_t, max_queued_bytes, int64_t{8} << 30,
           "serve/coordinator: request bytes the service holds at once (being received, queued "
           "or running); more are RESOURCE_EXHAUSTED (0: no bound)");
@@ -341,6 +344,7 @@ int RunServeOrCoordinator(bool spawn_workers) {
   o.kernel = absl::GetFlag(FLAGS_kernel);
   o.binary = SelfBinary();
   o.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
+  o.pipeline_depth = std::max(1, absl::GetFlag(FLAGS_pipeline_depth));
   o.max_queued_bytes = absl::GetFlag(FLAGS_max_queued_bytes);
   o.max_client_share = absl::GetFlag(FLAGS_max_client_share);
   if (!(o.max_client_share > 0 && o.max_client_share <= 1)) {

@@ -29,6 +29,7 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
   co.health_listen_address = o.health_listen_address;
   co.world_size = o.workers;
   co.max_queue = o.max_queue;
+  co.pipeline_depth = o.pipeline_depth;
   co.max_queued_bytes = o.max_queued_bytes;
   co.max_client_share = o.max_client_share;
   co.tls = o.tls;

@@ -5,7 +5,8 @@
 # resident in the regions; concurrency 1 and 4). JSON per run under OUT_DIR, one table last.
 # Usage (GPU machine, bundle from scripts/gpu_bundle.sh ringattn):
 #   scripts/gpu_data_path.sh .devbin $OUT
-# SHAPE overrides the problem flags (default: the 32k shape).
+# SHAPE overrides the problem flags (default: the 32k shape); SERVE_ARGS adds serve
+# flags (e.g. --pipeline_depth=1); ROWS picks runs by name (default all).
 set -uo pipefail
 BIN=${1:-.devbin}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_data_path}}
@@ -18,23 +19,27 @@ export NCCL_NVLS_ENABLE=0
 RA="$BIN/ringattn"
 PORT=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
 LOG="$OUT_DIR/serve_$KERNEL.log"
-"$RA" serve --kernel="$KERNEL" --workers=1 --listen="127.0.0.1:$PORT" --metrics= >"$LOG" 2>&1 &
+# shellcheck disable=SC2086
+"$RA" serve --kernel="$KERNEL" --workers=1 --listen="127.0.0.1:$PORT" --metrics= ${SERVE_ARGS:-} \
+  >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for _ in $(seq 600); do grep -q "workers ready" "$LOG" && break; sleep 0.1; done
 grep -q "workers ready" "$LOG" || { echo "serve did not start"; cat "$LOG"; exit 1; }
 
+ROWS=${ROWS:-bytes shm shm_resident cuda_shm cuda_shm_resident shm_resident_c4 cuda_shm_resident_c4}
 run() {  # $1 name, rest: bench flags
   local name=$1; shift
+  [[ " $ROWS " == *" $name "* ]] || return 0
   # shellcheck disable=SC2086
   "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" "$@" \
     >"$OUT_DIR/$name.txt" 2>&1 || echo "$name: bench failed (see $name.txt)"
 }
-run bytes --requests="$N"
-run shm --shm --requests="$N"
-run shm_resident --shm --shm_resident --requests="$N"
-run cuda_shm --cuda_shm --requests="$N"
-run cuda_shm_resident --cuda_shm --shm_resident --requests="$N"
+run bytes --concurrency=1 --requests="$N"
+run shm --shm --concurrency=1 --requests="$N"
+run shm_resident --shm --shm_resident --concurrency=1 --requests="$N"
+run cuda_shm --cuda_shm --concurrency=1 --requests="$N"
+run cuda_shm_resident --cuda_shm --shm_resident --concurrency=1 --requests="$N"
 run shm_resident_c4 --shm --shm_resident --concurrency=4 --requests=$((4 * N))
 run cuda_shm_resident_c4 --cuda_shm --shm_resident --concurrency=4 --requests=$((4 * N))
 
@@ -43,14 +48,14 @@ import json, os, sys
 out, kernel = sys.argv[1], sys.argv[2]
 names = ["bytes", "shm", "shm_resident", "cuda_shm", "cuda_shm_resident", "shm_resident_c4",
          "cuda_shm_resident_c4"]
-print(f"== data path, one {kernel} worker (ms; p50 and mean of the client round trip; server "
-      "phases are means)")
+print(f"== data path, one {kernel} worker {os.environ.get('SERVE_ARGS', '')} (ms; p50 and mean "
+      "of the client round trip; server phases are means; busy: ring time over wall time)")
 print(f"{'path':22} {'ok':>4} {'p50':>8} {'mean':>8} {'total':>8} {'workers':>8} {'ring':>7} "
       f"{'shm_in':>7} {'shm_out':>7} {'busy':>6}")
 for n in names:
     p = os.path.join(out, n + ".json")
     if not os.path.exists(p):
-        print(f"{n:22} (no result)"); continue
+        continue
     j = json.load(open(p))
     m = j["server_mean_seconds"]
     f = lambda k: m.get(k, 0) * 1e3

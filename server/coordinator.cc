@@ -579,9 +579,16 @@ absl::Status Coordinator::BuildAndStart() {
   }
   SetServing(false);
   ring_->Start();
-  dispatcher_ = std::thread([this] { DispatchLoop(); });
+  for (int i = 0; i < std::max(1, options_.pipeline_depth); ++i) {
+    dispatchers_.emplace_back([this] { DispatchLoop(); });
+  }
   status_thread_ = std::thread([this] { StatusLoop(); });
   return absl::OkStatus();
+}
+
+int64_t Coordinator::ring_generation() const {
+  absl::StatusOr<RingSnapshot> ring = ring_->CurrentRing();
+  return ring.ok() ? ring->generation : 0;
 }
 
 std::vector<std::string> Coordinator::worker_addresses() const {
@@ -615,7 +622,7 @@ Coordinator::AdmissionState Coordinator::admission() const {
   state.queued = queue_.depth();
   state.held_bytes = queue_.held_bytes();
   absl::MutexLock lock(&running_mu_);
-  state.running = running_job_ != nullptr;
+  state.running = !running_.empty();
   return state;
 }
 
@@ -640,7 +647,9 @@ void Coordinator::Shutdown() {
     internal_server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   }
   if (health_server_ != nullptr) health_server_->Shutdown(absl::ToChronoTime(absl::Now()));
-  if (dispatcher_.joinable()) dispatcher_.join();
+  for (std::thread& t : dispatchers_) {
+    if (t.joinable()) t.join();
+  }
   if (status_thread_.joinable()) status_thread_.join();
   ring_->Stop();
 }
@@ -748,7 +757,7 @@ void Coordinator::Cancel(const std::shared_ptr<AttendJob>& job, const absl::Stat
   job->done(absl::Status(reason.code(), absl::StrCat(reason.message(), " while it was queued")));
 }
 
-absl::Status Coordinator::RunJob(AttendJob& job) {
+absl::Status Coordinator::RunJob(AttendJob& job, std::function<void()> fanning_out) {
   // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
   const absl::Time wait0 = absl::Now();
   const absl::Time ring_deadline = std::min(job.deadline, absl::Now() + options_.ring_wait);
@@ -767,44 +776,72 @@ absl::Status Coordinator::RunJob(AttendJob& job) {
   job.timings->set_ring_wait_seconds(SecondsSince(wait0));
   {
     absl::MutexLock lock(&running_mu_);
-    running_generation_ = ring->generation;
+    for (auto& [running, generation] : running_) {
+      if (running.get() == &job) generation = ring->generation;
+    }
   }
   bool workers_called = false;
-  const absl::Status s =
-      job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called});
-  if (!s.ok() && workers_called) ring_->ReportFailure(ring->generation, s.ToString());
+  bool ring_intact = false;
+  const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called,
+                                                   std::move(fanning_out), &ring_intact});
+  if (!s.ok() && workers_called && !ring_intact) {
+    ring_->ReportFailure(ring->generation, s.ToString());
+  }
   return s;
 }
 
 void Coordinator::DispatchLoop() {
   while (!stopping_) {
+    // One job at a time leaves the queue, once the one before it has reached its workers: the
+    // queue's order (and its fairness) is the order the ring sees.
+    {
+      absl::MutexLock lock(&running_mu_);
+      auto free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(running_mu_) { return !starting_; };
+      if (!running_mu_.AwaitWithTimeout(absl::Condition(&free), absl::Milliseconds(100))) {
+        continue;
+      }
+      starting_ = true;
+    }
+    bool started = false;
+    const auto release = [this, &started] {
+      if (started) return;
+      started = true;
+      absl::MutexLock lock(&running_mu_);
+      starting_ = false;
+    };
     std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
     metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
-    if (job == nullptr) continue;
+    if (job == nullptr) {
+      release();
+      continue;
+    }
     job->timings->set_queue_seconds(SecondsSince(job->queued));
     {
       absl::MutexLock lock(&running_mu_);
-      running_job_ = job;
-      running_generation_ = 0;
+      running_.emplace_back(job, 0);
     }
-    const absl::Status s = RunJob(*job);
+    const absl::Status s = RunJob(*job, release);
+    release();
     {
       absl::MutexLock lock(&running_mu_);
-      running_job_.reset();
+      std::erase_if(running_, [&job](const auto& r) { return r.first == job; });
     }
     job->done(s);
   }
 }
 
 void Coordinator::OnRingBroken(int64_t generation, const std::string& why) {
-  std::shared_ptr<AttendJob> job;
+  std::vector<std::shared_ptr<AttendJob>> jobs;
   {
     absl::MutexLock lock(&running_mu_);
-    if (running_generation_ == generation) job = running_job_;
+    for (const auto& [job, g] : running_) {
+      if (g == generation) jobs.push_back(job);
+    }
   }
-  if (job == nullptr) return;
-  job->cancellation.Cancel(absl::UnavailableError(
-      absl::StrCat(why, " during the request; the ring is being re-formed, retry")));
+  for (const auto& job : jobs) {
+    job->cancellation.Cancel(absl::UnavailableError(
+        absl::StrCat(why, " during the request; the ring is being re-formed, retry")));
+  }
 }
 
 std::shared_ptr<Coordinator::StreamWatch> Coordinator::WatchStream(

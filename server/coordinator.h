@@ -74,6 +74,11 @@ class Coordinator {
     // The longest a request may take, from arrival: its deadline is the client's or this,
     // whichever comes first, so that a request without a deadline cannot hold the ring forever.
     absl::Duration max_request_time = absl::Minutes(10);
+    // Requests on the ring at once (>= 1): with 2, the next request is scattered and its inputs
+    // staged by the workers while the current one computes (the ring passes stay one at a time,
+    // in turn order). Requests leave the queue one at a time, each once the one before it has
+    // reached its workers.
+    int pipeline_depth = 2;
     // A streaming call whose client sends nothing (while the call waits for its chunks) or
     // reads nothing (while the answer waits to be sent) for this long is cancelled, freeing
     // what it holds.
@@ -104,6 +109,8 @@ class Coordinator {
   const std::string& cluster_secret() const;
   // host:port of the registered workers (the internal plane's; GetInfo does not show them).
   std::vector<std::string> worker_addresses() const;
+  // The formed ring's generation; 0 while none is formed.
+  int64_t ring_generation() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
   // What admission holds now: requests queued, request bytes held (AdmissionQueue), and
@@ -153,8 +160,9 @@ class Coordinator {
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.
   void Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason);
-  // Waits for the ring and runs the job on it; reports a failed ring.
-  absl::Status RunJob(AttendJob& job);
+  // Waits for the ring and runs the job on it; reports a failed ring. `fanning_out` as
+  // RunControl's.
+  absl::Status RunJob(AttendJob& job, std::function<void()> fanning_out);
   void FillInfo(v1::InfoResponse* response) const;
   // Health (grpc.health.v1) on the public port and the health port.
   void SetServing(bool serving);
@@ -191,18 +199,19 @@ class Coordinator {
   int port_ = 0;
   int internal_port_ = 0;
   int health_port_ = 0;
-  std::thread dispatcher_;
+  std::vector<std::thread> dispatchers_;  // pipeline_depth of them
   std::thread status_thread_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> draining_{false};
   absl::Mutex watches_mu_;
   std::vector<std::shared_ptr<StreamWatch>> watches_ ABSL_GUARDED_BY(watches_mu_);
   std::atomic<int> in_flight_{0};  // admitted jobs not yet finished: queued or running
-  // The job the dispatcher runs and the ring generation it runs on, for stopping it when that
-  // ring breaks (RingManager::Options::on_ring_broken).
+  // The jobs the dispatchers run (each with the ring generation it runs on, for stopping it when
+  // that ring breaks: RingManager::Options::on_ring_broken), and whether one of them is between
+  // the queue and its workers (the next may leave the queue only after).
   mutable absl::Mutex running_mu_;
-  std::shared_ptr<AttendJob> running_job_ ABSL_GUARDED_BY(running_mu_);
-  int64_t running_generation_ ABSL_GUARDED_BY(running_mu_) = 0;
+  std::vector<std::pair<std::shared_ptr<AttendJob>, int64_t>> running_ ABSL_GUARDED_BY(running_mu_);
+  bool starting_ ABSL_GUARDED_BY(running_mu_) = false;
 };
 
 }  // namespace ringattn

@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
 #include "base/status_macros.h"
@@ -240,9 +241,19 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   const absl::Time workers0 = absl::Now();
   timings->set_scatter_seconds(absl::ToDoubleSeconds(workers0 - scatter0));
 
+  // The call's turn on the ring: every rank runs the ring passes in this order, so the next
+  // request's inputs can be staged while this one computes. Taken only now that every call
+  // will be issued (a turn that never reaches a rank would stall the ones after it).
+  const int64_t sequence = ring.turns != nullptr ? ring.turns->Take() : 0;
+  absl::Cleanup finish_turn = [&ring, sequence] {
+    if (ring.turns != nullptr) ring.turns->Finish(sequence);
+  };
+  for (int r = 0; r < world; ++r) MutableShardHeader(requests[r].get())->set_sequence(sequence);
+
   // Every rank at once: the ranks must all be in the ring together. The first failure, or the
   // request's cancellation, cancels every call, so that no worker keeps computing for nobody.
   if (control.workers_called != nullptr) *control.workers_called = true;
+  if (control.fanning_out) control.fanning_out();
   FanOutOptions fan_out;
   fan_out.deadline = control.deadline;
   fan_out.cancel_all_on_failure = true;
@@ -260,7 +271,13 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   const absl::Time gather0 = absl::Now();
   timings->set_workers_seconds(absl::ToDoubleSeconds(gather0 - workers0));
   for (const grpc::Status& s : statuses) {
-    if (!s.ok()) return RingFailure(statuses, ring, control);
+    if (s.ok()) continue;
+    const absl::Status failure = RingFailure(statuses, ring, control);
+    if (control.ring_intact != nullptr && ring.turns != nullptr &&
+        (absl::IsCancelled(failure) || absl::IsDeadlineExceeded(failure))) {
+      *control.ring_intact = ring.turns->EarlierRunning(sequence);
+    }
+    return failure;
   }
 
   // Gather: each rank's rows of every wanted output back into sequence order, into the

@@ -26,6 +26,13 @@ struct RunControl {
   // Set to true when the first worker call is issued: a failure before it (a region that
   // shrank) is the request's alone and leaves the ring intact. May be null.
   bool* workers_called = nullptr;
+  // Called once, just before the worker calls are issued (not when the request fails before):
+  // from then on the next request may start its own scatter while this one computes.
+  std::function<void()> fanning_out;
+  // Set to true when the request failed by its cancellation or deadline while a request of an
+  // earlier turn was still running: its workers were waiting for their turn, which they skip,
+  // and the ring is intact. May be null.
+  bool* ring_intact = nullptr;
 };
 
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request

@@ -79,6 +79,7 @@ absl::StatusOr<RingSnapshot> RingManager::CurrentRing() const {
   RingSnapshot s;
   s.generation = generation_;
   s.members.assign(members_.begin(), members_.end());
+  s.turns = turns_;
   return s;
 }
 
@@ -228,6 +229,7 @@ void RingManager::TryFormRing() {
   absl::MutexLock lock(&mu_);
   if (generation != generation_) return;  // superseded while joining
   members_ = members;
+  turns_ = std::make_shared<RingTurns>();
   ready_ = true;
   if (metrics_ != nullptr) metrics_->RecordRingReform();
   std::fprintf(stderr, "coordinator: ring generation %lld formed with %d workers\n",

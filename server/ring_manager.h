@@ -3,6 +3,8 @@
 // after any failure, so that the next request finds a working ring.
 #pragma once
 
+#include <atomic>
+#include <set>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -34,10 +36,36 @@ struct WorkerRecord {
   std::unique_ptr<v1::WorkerService::Stub> stub;
 };
 
+// The call turns of one ring generation (ShardHeader.sequence): the next to hand out, and
+// those handed out whose request has not finished.
+struct RingTurns {
+  std::atomic<int64_t> next{1};
+  absl::Mutex mu;
+  std::set<int64_t> running ABSL_GUARDED_BY(mu);
+  // Hands out a turn and counts it running until Finish.
+  int64_t Take() {
+    absl::MutexLock lock(&mu);
+    const int64_t t = next.fetch_add(1);
+    running.insert(t);
+    return t;
+  }
+  void Finish(int64_t turn) {
+    absl::MutexLock lock(&mu);
+    running.erase(turn);
+  }
+  // Whether a request of an earlier turn is still running (then `turn`'s workers are waiting).
+  bool EarlierRunning(int64_t turn) {
+    absl::MutexLock lock(&mu);
+    return !running.empty() && *running.begin() < turn;
+  }
+};
+
 // The ring a request runs on: members in rank order.
 struct RingSnapshot {
   int64_t generation = 0;
   std::vector<std::shared_ptr<const WorkerRecord>> members;
+  // The ring's call turns, shared by every snapshot of the generation.
+  std::shared_ptr<RingTurns> turns;
 };
 
 class RingManager {
@@ -101,6 +129,8 @@ class RingManager {
   std::vector<std::shared_ptr<WorkerRecord>> workers_ ABSL_GUARDED_BY(mu_);
   int64_t next_worker_id_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  // The formed ring's call turns (from 1 per generation).
+  std::shared_ptr<RingTurns> turns_ ABSL_GUARDED_BY(mu_);
   bool ready_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::shared_ptr<WorkerRecord>> members_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -585,6 +585,54 @@ TEST(ServiceAdmission, QueueFull) {
   EXPECT_GE(ok, 1);
 }
 
+// With the pipeline (depth 2) the request after a long one goes to the workers at once and waits
+// there for its turn. Giving up there (deadline, cancel) skips its turn: the long request and
+// the ring carry on, the ring is not re-formed, and the next request runs in turn after it.
+TEST(ServicePipeline, GivingUpWhileWaitingForTheTurnKeepsTheRing) {
+  Coordinator::Options o;
+  o.pipeline_depth = 2;
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  const int64_t generation = svc.coordinator().ring_generation();
+  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  const v1::AttendRequest long_request = MakeRequest(big);
+  grpc::Status long_status;
+  std::thread long_caller([&] {
+    v1::AttendResponse resp;
+    long_status = Call(svc, long_request, &resp, absl::Seconds(120));
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  Shape small;
+  const v1::AttendRequest next = MakeRequest(small);
+  v1::AttendResponse resp;
+  const grpc::Status late = Call(svc, next, &resp, absl::Milliseconds(300));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    grpc::Status gone;
+    std::thread caller([&] { gone = svc.stub().Attend(&ctx, next, &resp); });
+    absl::SleepFor(absl::Milliseconds(300));
+    ctx.TryCancel();
+    caller.join();
+    EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
+  }
+  // Waits behind the long one at the workers, then runs in its turn.
+  v1::AttendResponse ok_resp;
+  const grpc::Status ok = Call(svc, next, &ok_resp, absl::Seconds(120));
+  ASSERT_TRUE(ok.ok()) << ok.error_message();
+  ExpectMatchesReference(next, ok_resp);
+  long_caller.join();
+  EXPECT_TRUE(long_status.ok()) << long_status.error_message();
+  EXPECT_EQ(svc.coordinator().ring_generation(), generation) << "the ring was re-formed";
+  // The request that waited its turn reports it.
+  double turn_wait = 0;
+  for (const v1::WorkerTiming& w : ok_resp.timings().workers()) {
+    turn_wait = std::max(turn_wait, w.turn_wait_seconds());
+  }
+  EXPECT_GT(turn_wait, 0.05);
+}
+
 std::string HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
@@ -705,6 +753,7 @@ bool MetricsShowWithin(Service& svc, const std::string& line, absl::Duration tim
 TEST(ServiceAdmission, LeavingTheQueueFreesItsPlace) {
   Coordinator::Options o;
   o.max_queue = 1;
+  o.pipeline_depth = 1;  // the queue's own behaviour: nothing waits at the workers
   Service svc(2, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work

@@ -252,6 +252,7 @@ class DeviceRingEngine final : public RingEngine {
   }
 
   absl::StatusOr<bool> PinHost(SharedMemoryMapping& mapping) override {
+    std::lock_guard<std::mutex> lock(pin_mu_);  // two calls must not register one mapping twice
     if (mapping.attachment() != nullptr) return true;
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     void* base = mapping.map_base();
@@ -351,6 +352,7 @@ class DeviceRingEngine final : public RingEngine {
   const std::string device_name_;
   std::unique_ptr<AttentionBackend> backend_;
   std::unique_ptr<AttentionBackend> backward_;  // null: the kernel has no backward
+  std::mutex pin_mu_;
   std::mutex ipc_mu_;
   std::map<std::string, OpenedIpc> ipc_;  // by handle bytes; guarded by ipc_mu_
 };

@@ -239,18 +239,142 @@ absl::Status WorkerServiceImpl::CheckGeneration(const char* rpc, int64_t generat
   return absl::OkStatus();
 }
 
-grpc::Status WorkerServiceImpl::RunOnCurrentRing(
-    const char* rpc, int64_t generation,
-    const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
-    google::protobuf::Message* response) {
-  // Refuse a stale request without waiting behind a run or a rendezvous.
-  {
-    absl::MutexLock lock(&mu_);
-    if (shut_down_) return grpc::Status(grpc::UNAVAILABLE, "the worker is shutting down");
-    absl::Status s = CheckGeneration(rpc, generation);
-    if (!s.ok()) return ToGrpcStatus(s);
+class WorkerServiceImpl::Turn {
+ public:
+  Turn(WorkerServiceImpl* w, std::shared_ptr<Ring> ring, int64_t sequence,
+       grpc::ServerContext* context)
+      : w_(w),
+        ring_(std::move(ring)),
+        sequence_(sequence),
+        context_(context),
+        set_(w->slot_sets_[sequence % 2]) {}
+  ~Turn() {
+    Release();
+    End();
   }
-  absl::MutexLock run_lock(&run_mu_);
+  Turn(const Turn&) = delete;
+  Turn& operator=(const Turn&) = delete;
+
+  SlotSet& set() { return set_; }
+
+  // Waits for the staging set.
+  absl::Status Begin() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    absl::MutexLock lock(&w_->mu_);
+    auto free = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return !set_.in_use; };
+    RA_RETURN_IF_ERROR(WaitFor(free, "its staging set"));
+    set_.in_use = true;
+    began_ = true;
+    return absl::OkStatus();
+  }
+
+  // Waits for the turn, then takes run_mu_.
+  absl::Status Take() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (sequence_ > 0) {
+      absl::MutexLock lock(&w_->mu_);
+      auto due = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return w_->shut_down_ || w_->ring_ != ring_ || ring_->next_sequence >= sequence_;
+      };
+      RA_RETURN_IF_ERROR(WaitFor(due, absl::StrCat("turn ", sequence_)));
+      if (w_->shut_down_) return absl::UnavailableError("the worker is shutting down");
+      if (w_->ring_ != ring_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "ring generation ", ring_->generation, " was dropped while the call waited its turn"));
+      }
+      if (ring_->next_sequence != sequence_) {
+        return absl::FailedPreconditionError(absl::StrCat("turn ", sequence_, " already passed (",
+                                                          ring_->next_sequence, " is due)"));
+      }
+      // Stopped by now, before the pass began: skip it too (the other ranks' calls are stopped
+      // alike), rather than start a pass that its watcher would abort at once.
+      RA_RETURN_IF_ERROR(GiveUpIfStopped(absl::StrCat("turn ", sequence_)));
+    }
+    w_->run_mu_.Lock();
+    held_ = true;
+    absl::MutexLock lock(&w_->mu_);
+    w_->busy_ = true;
+    return absl::OkStatus();
+  }
+
+  // Whether the call gave up (cancelled or past its deadline) before its ring pass: nothing of
+  // the ring was touched, so it stays.
+  bool skipped() const { return skipped_; }
+
+  void Release() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (!held_) return;
+    {
+      absl::MutexLock lock(&w_->mu_);
+      w_->busy_ = false;
+      if (sequence_ > 0 && ring_->next_sequence == sequence_) Advance();
+    }
+    held_ = false;
+    w_->run_mu_.Unlock();
+  }
+
+ private:
+  // Frees the staging set.
+  void End() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (!began_) return;
+    absl::MutexLock lock(&w_->mu_);
+    set_.in_use = false;
+    began_ = false;
+  }
+
+  // Passes the due turn on, and every later one given up meanwhile. Under mu_.
+  void Advance() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    ++ring_->next_sequence;
+    while (ring_->skipped.erase(ring_->next_sequence) > 0) ++ring_->next_sequence;
+  }
+
+  // Under mu_: the call's stop (deadline, cancel) as an error that skips its turn, or OK.
+  absl::Status GiveUpIfStopped(const std::string& waiting_for) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    absl::Status why;
+    if (context_->deadline() <= std::chrono::system_clock::now()) {
+      why = absl::DeadlineExceededError(
+          absl::StrCat("the call's deadline passed while it waited for ", waiting_for));
+    } else if (context_->IsCancelled()) {
+      why = absl::CancelledError(
+          absl::StrCat("the caller cancelled the call while it waited for ", waiting_for));
+    }
+    if (why.ok()) return why;
+    if (sequence_ > 0 && !skipped_) {
+      skipped_ = true;
+      if (ring_->next_sequence == sequence_) {
+        Advance();
+      } else if (ring_->next_sequence < sequence_) {
+        ring_->skipped.insert(sequence_);
+      }
+    }
+    return why;
+  }
+
+  // Under mu_: waits until `ready`, giving up when the call stops.
+  template <typename Ready>
+  absl::Status WaitFor(Ready& ready, const std::string& what) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    while (!w_->mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(10))) {
+      RA_RETURN_IF_ERROR(GiveUpIfStopped(what));
+    }
+    return absl::OkStatus();
+  }
+
+  WorkerServiceImpl* const w_;
+  const std::shared_ptr<Ring> ring_;
+  const int64_t sequence_;
+  grpc::ServerContext* const context_;
+  SlotSet& set_;
+  bool began_ = false;
+  bool held_ = false;
+  bool skipped_ = false;
+};
+
+grpc::Status WorkerServiceImpl::RunOnCurrentRing(
+    const char* rpc, int64_t generation, int64_t sequence, grpc::ServerContext* context,
+    const std::function<absl::Status(const std::shared_ptr<Ring>&, Turn&, SlotSet&)>& run,
+    google::protobuf::Message* response) {
+  if (sequence < 0) {
+    return grpc::Status(grpc::INVALID_ARGUMENT,
+                        absl::StrCat("header.sequence must be >= 0, got ", sequence));
+  }
+  // Refuse a stale request without waiting behind a run or a rendezvous.
   std::shared_ptr<Ring> ring;
   {
     absl::MutexLock lock(&mu_);
@@ -258,18 +382,16 @@ grpc::Status WorkerServiceImpl::RunOnCurrentRing(
     absl::Status s = CheckGeneration(rpc, generation);
     if (!s.ok()) return ToGrpcStatus(s);
     ring = ring_;
-    busy_ = true;
   }
-  const absl::Status s = run(ring);
-  if (!s.ok()) {
+  Turn turn(this, ring, sequence, context);
+  absl::Status s = turn.Begin();
+  if (s.ok()) s = run(ring, turn, turn.set());
+  turn.Release();
+  if (!s.ok() && !turn.skipped()) {
     // The ring is unusable now (its peers may be mid-step): abort it so that they fail at once,
     // and forget it so that Ping tells the coordinator to form a new one.
     DropRing(ring, s);
     response->Clear();
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    busy_ = false;
   }
   return ToGrpcStatus(s);
 }
@@ -457,13 +579,13 @@ void FillTiming(int rank, int64_t rows, const RingTimings& timings, const std::s
 }  // namespace
 
 absl::StatusOr<WorkerServiceImpl::SharedShard> WorkerServiceImpl::StageShared(
-    size_t slot, size_t bytes, SharedMemoryMapping* mapping) {
+    SlotSet& set, size_t slot, size_t bytes, SharedMemoryMapping* mapping) {
   bool pinned = true;  // CUDA memory: device copies
   if (mapping != nullptr) {
     RA_ASSIGN_OR_RETURN(pinned, engine_->PinHost(*mapping));
   }
-  if (staging_.size() <= slot) staging_.resize(slot + 1);
-  StagingSlot& s = staging_[slot];
+  if (set.slots.size() <= slot) set.slots.resize(slot + 1);
+  StagingSlot& s = set.slots[slot];
   if (s.data == nullptr || s.bytes < bytes || s.engine_memory != pinned) {
     s.data.reset();  // freed before the new one is allocated
     s.bytes = 0;
@@ -500,8 +622,9 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
   if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   const absl::Time handler0 = absl::Now();
   const grpc::Status status = RunOnCurrentRing(
-      method, request.header().generation(),
-      [&](const std::shared_ptr<Ring>& ring) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
+      method, request.header().generation(), request.header().sequence(), context,
+      [&](const std::shared_ptr<Ring>& ring, Turn& turn,
+          SlotSet& set) ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
         RingConnection& comm = *ring->conn;
         const int rank = comm.rank();
         const v1::ShardHeader& header = request.header();
@@ -540,7 +663,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
             continue;
           }
           RA_ASSIGN_OR_RETURN(const SharedShard staged,
-                              StageShared(slot++, BytesOf(in.kind, spec.shard), view.mapping.get()));
+                              StageShared(set, slot++, BytesOf(in.kind, spec.shard), view.mapping.get()));
           const std::string where = absl::StrCat(in.name, " in shared memory");
           RA_RETURN_IF_ERROR(
               CopyRows(staged, RowCopies(spec.plan, rank, view, staged.data, true), where));
@@ -568,15 +691,20 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
             continue;
           }
           RA_ASSIGN_OR_RETURN(const SharedShard staged,
-                              StageShared(slot++, bytes, view.mapping.get()));
+                              StageShared(set, slot++, bytes, view.mapping.get()));
           buffers.outputs.push_back(staged.data);
           shared_outputs.push_back({&out, std::move(view), staged});
         }
 
+        // The ring pass in this call's turn (the previous call's outputs may still be leaving,
+        // the next one's inputs arriving).
+        const absl::Time turn0 = absl::Now();
+        RA_RETURN_IF_ERROR(turn.Take());
         const absl::Time ring0 = absl::Now();
         RA_ASSIGN_OR_RETURN(const RingTimings timings, RunWatched(context, what, comm, [&] {
                               return op(comm, spec, request, buffers);
                             }));
+        turn.Release();
         const absl::Time write0 = absl::Now();
         for (const SharedOutput& out : shared_outputs) {
           const std::string where = absl::StrCat(out.tensor->name, " in shared memory");
@@ -587,7 +715,8 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
         const absl::Time send0 = absl::Now();
         v1::WorkerTiming* timing = response->mutable_timing();
         FillTiming(rank, spec.shard.seqlen_q, timings, engine_->backend_name(), timing);
-        timing->set_receive_seconds(absl::ToDoubleSeconds(ring0 - handler0) - read_seconds);
+        timing->set_receive_seconds(absl::ToDoubleSeconds(turn0 - handler0) - read_seconds);
+        timing->set_turn_wait_seconds(absl::ToDoubleSeconds(ring0 - turn0));
         timing->set_shared_memory_read_seconds(read_seconds);
         timing->set_shared_memory_write_seconds(absl::ToDoubleSeconds(send0 - write0));
         timing->set_send_seconds(Since(send0));

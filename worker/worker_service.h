@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <memory>
 #include <string>
 
@@ -76,17 +77,36 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   struct Ring {
     int64_t generation = 0;
     std::unique_ptr<RingConnection> conn;
+    int64_t next_sequence = 1;  // the call turn due next (ShardHeader.sequence); guarded by mu_
+    std::set<int64_t> skipped;  // later turns given up before they came; guarded by mu_
   };
+  // Staging kept between calls. Two sets: a call stages into its turn's set while the call
+  // before it, in the other set, computes; a set is held from staging to the last output copy.
+  struct StagingSlot {
+    std::shared_ptr<char> data;
+    size_t bytes = 0;
+    bool engine_memory = false;
+  };
+  struct SlotSet {
+    bool in_use = false;  // guarded by the service's mu_
+    std::vector<StagingSlot> slots;  // used by the call that set in_use
+  };
+  // A call's turn on the ring: Begin waits for the call's staging set, Take until every call
+  // of an earlier turn (sequence) has had its own, then holds run_mu_ for the ring pass;
+  // Release (or the destructor) passes the turn on and frees the set. A call cancelled or past
+  // its deadline before its ring pass skips its turn (the ring stays). Sequence 0 takes run_mu_
+  // in no particular order.
+  class Turn;
 
   // Shared by the handlers: the ring, if `generation` is the current one (`rpc` names the call).
   absl::Status CheckGeneration(const char* rpc, int64_t generation) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The frame of every compute call: refuses a stale generation without waiting, then runs
-  // `run` on the current ring under run_mu_ with busy_ set. After a failure the ring is aborted
-  // and dropped, and `response` cleared.
+  // `run` on the current ring with the staging set of its turn held; `run` takes the turn for
+  // its ring pass. After a failure the ring is aborted and dropped, and `response` cleared.
   grpc::Status RunOnCurrentRing(
-      const char* rpc, int64_t generation,
-      const std::function<absl::Status(const std::shared_ptr<Ring>&)>& run,
+      const char* rpc, int64_t generation, int64_t sequence, grpc::ServerContext* context,
+      const std::function<absl::Status(const std::shared_ptr<Ring>&, Turn&, SlotSet&)>& run,
       google::protobuf::Message* response) ABSL_LOCKS_EXCLUDED(run_mu_);
   absl::Status Join(grpc::ServerContext* context, const v1::JoinRingRequest& request);
   // A rank's shard tensors in host memory, in the table's order: inputs from the request's
@@ -118,11 +138,11 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
     char* data = nullptr;
     bool engine_memory = false;  // AllocateShard's (copies by CopyShard), else AllocateHost's
   };
-  absl::StatusOr<SharedShard> StageShared(size_t slot, size_t bytes, SharedMemoryMapping* mapping)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+  absl::StatusOr<SharedShard> StageShared(SlotSet& set, size_t slot, size_t bytes,
+                                          SharedMemoryMapping* mapping);
   // The copies of a shared shard's rows (SharedShard's kind says how).
   absl::Status CopyRows(const SharedShard& shard, const std::vector<CopySpan>& copies,
-                        absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_);
+                        absl::string_view what);
   // Aborts `ring` with `reason` and forgets it if it is still the current one.
   void DropRing(const std::shared_ptr<Ring>& ring, const absl::Status& reason)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -130,18 +150,15 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   const std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator_;
   const ClusterSecret secret_;
 
-  // Held for the whole of a rendezvous or a shard: the ring (and the backend) run one thing at
-  // a time. Acquired before mu_.
+  // Held for the whole of a rendezvous or a ring pass: the ring (and the backend) run one thing
+  // at a time. Acquired before mu_.
   absl::Mutex run_mu_ ABSL_ACQUIRED_BEFORE(mu_);
-  const std::unique_ptr<RingEngine> engine_ ABSL_PT_GUARDED_BY(run_mu_);
+  // Connect and the connections' passes under run_mu_; its staging methods (AllocateShard,
+  // PinHost, CopyShard, OpenCudaShared) are thread-safe and run outside it.
+  const std::unique_ptr<RingEngine> engine_;
   // Same-host clients' shared memory (ShardHeader.shm), mapped once per tensor range.
   SharedMemoryCache shared_memory_;
-  struct StagingSlot {
-    std::shared_ptr<char> data;
-    size_t bytes = 0;
-    bool engine_memory = false;
-  };
-  std::vector<StagingSlot> staging_ ABSL_GUARDED_BY(run_mu_);
+  SlotSet slot_sets_[2];
 
   // Guards the state that Ping and the aborting paths read without waiting for a run.
   mutable absl::Mutex mu_;
