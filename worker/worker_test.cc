@@ -364,7 +364,13 @@ class WorkerTest : public ::testing::Test {
     ASSERT_TRUE(plan.ok()) << plan.status();
     std::vector<std::optional<v1::RunShardRequest>> requests;
     for (auto& r : MakeRequests(problem, *plan, layout, generation)) requests.emplace_back(r);
-    std::vector<CallResult> results = RunShards(requests);
+    CheckResults(problem, *plan, RunShards(requests));
+  }
+
+  // The ranks' results of `problem` split by `plan`, against the reference.
+  void CheckResults(const Problem& problem, const ShardPlan& plan_in,
+                    const std::vector<CallResult>& results) {
+    const ShardPlan* plan = &plan_in;
 
     std::vector<float> out(problem.q.size(), std::nanf(""));
     std::vector<float> lse(static_cast<size_t>(problem.batch) * problem.heads * problem.seqlen,
@@ -442,6 +448,49 @@ TEST_F(WorkerTest, RingMatchesTheReference) {
     EXPECT_EQ(ping.generation(), 1);
     EXPECT_FALSE(ping.busy());
   }
+}
+
+// Two calls with turns 1 and 2 reach the ranks in different orders (rank 0 gets turn 2 first):
+// every rank stages both at once but runs the ring passes in turn order, so both are right. Run
+// in arrival order instead, rank 0 would pass turn 2's blocks while the others pass turn 1's.
+TEST_F(WorkerTest, RingPassesRunInTurnOrderWhateverTheArrivalOrder) {
+  const Problem problem = MakeProblem();
+  JoinAll(1);
+  const Layout layouts[2] = {Layout::kContiguous, Layout::kZigzag};
+  const v1::Layout proto_layouts[2] = {v1::LAYOUT_CONTIGUOUS, v1::LAYOUT_ZIGZAG};
+  std::vector<ShardPlan> plans;
+  std::vector<std::vector<v1::RunShardRequest>> reqs;  // [turn - 1][rank]
+  for (int t = 0; t < 2; ++t) {
+    plans.push_back(*PlanShards(problem.seqlen, kWorld, layouts[t]));
+    reqs.push_back(MakeRequests(problem, plans[t], proto_layouts[t], 1));
+    for (v1::RunShardRequest& q : reqs[t]) q.mutable_header()->set_sequence(t + 1);
+  }
+  std::vector<std::vector<CallResult>> results(2, std::vector<CallResult>(kWorld));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kWorld; ++r) {
+    for (int t = 0; t < 2; ++t) {
+      // Rank 0 sends turn 2 first, the others turn 1 first.
+      const bool first = (r == 0) == (t == 1);
+      threads.emplace_back([&, r, t, first] {
+        if (!first) absl::SleepFor(absl::Milliseconds(200));
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        results[t][r].status = stubs_[r]->RunShard(&ctx, reqs[t][r], &results[t][r].response);
+      });
+    }
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 2; ++t) {
+    SCOPED_TRACE(absl::StrCat("turn ", t + 1));
+    CheckResults(problem, plans[t], results[t]);
+  }
+  // Rank 0 received turn 2 before turn 1 and waited for it.
+  EXPECT_GT(results[1][0].response.timing().turn_wait_seconds(), 0.1);
+  // A turn that already passed is refused, and drops the ring.
+  grpc::ClientContext ctx;
+  v1::RunShardResponse resp;
+  EXPECT_EQ(stubs_[0]->RunShard(&ctx, reqs[0][0], &resp).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
 }
 
 TEST_F(WorkerTest, StaleGenerationIsRefused) {
