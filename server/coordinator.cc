@@ -580,7 +580,9 @@ absl::Status Coordinator::BuildAndStart() {
   SetServing(false);
   ring_->Start();
   for (int i = 0; i < std::max(1, options_.pipeline_depth); ++i) {
-    dispatchers_.emplace_back([this] { DispatchLoop(); });
+    arenas_.push_back(std::make_unique<SharedMemoryArena>(absl::StrCat("/ringattn_arena", i)));
+    SharedMemoryArena* arena = options_.shared_memory ? arenas_.back().get() : nullptr;
+    dispatchers_.emplace_back([this, arena] { DispatchLoop(arena); });
   }
   status_thread_ = std::thread([this] { StatusLoop(); });
   return absl::OkStatus();
@@ -724,10 +726,9 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   job->arrival = arrival;
   job->deadline = std::min(deadline, arrival + options_.max_request_time);
   job->timings = response->mutable_timings();
-  SharedMemoryArena* arena = options_.shared_memory ? &arena_ : nullptr;
-  job->run = [&request, response, problem, shared = std::move(shared), arena](
+  job->run = [&request, response, problem, shared = std::move(shared)](
                  const RingSnapshot& ring, const RunControl& control) {
-    return RunOnRing(Call::Rpc(), problem, request, shared, arena, ring, control, response,
+    return RunOnRing(Call::Rpc(), problem, request, shared, control.arena, ring, control, response,
                      response->mutable_plan(), response->mutable_timings());
   };
   job->done = [this, response, arrival, id = problem.request_id,
@@ -757,7 +758,8 @@ void Coordinator::Cancel(const std::shared_ptr<AttendJob>& job, const absl::Stat
   job->done(absl::Status(reason.code(), absl::StrCat(reason.message(), " while it was queued")));
 }
 
-absl::Status Coordinator::RunJob(AttendJob& job, std::function<void()> fanning_out) {
+absl::Status Coordinator::RunJob(AttendJob& job, std::function<void()> fanning_out,
+                                 SharedMemoryArena* arena) {
   // A ring being re-formed (after a failure) gets a bounded wait before UNAVAILABLE.
   const absl::Time wait0 = absl::Now();
   const absl::Time ring_deadline = std::min(job.deadline, absl::Now() + options_.ring_wait);
@@ -783,14 +785,14 @@ absl::Status Coordinator::RunJob(AttendJob& job, std::function<void()> fanning_o
   bool workers_called = false;
   bool ring_intact = false;
   const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called,
-                                                   std::move(fanning_out), &ring_intact});
+                                                   std::move(fanning_out), &ring_intact, arena});
   if (!s.ok() && workers_called && !ring_intact) {
     ring_->ReportFailure(ring->generation, s.ToString());
   }
   return s;
 }
 
-void Coordinator::DispatchLoop() {
+void Coordinator::DispatchLoop(SharedMemoryArena* arena) {
   while (!stopping_) {
     // One job at a time leaves the queue, once the one before it has reached its workers: the
     // queue's order (and its fairness) is the order the ring sees.
@@ -820,7 +822,7 @@ void Coordinator::DispatchLoop() {
       absl::MutexLock lock(&running_mu_);
       running_.emplace_back(job, 0);
     }
-    const absl::Status s = RunJob(*job, release);
+    const absl::Status s = RunJob(*job, release, arena);
     release();
     {
       absl::MutexLock lock(&running_mu_);

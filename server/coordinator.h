@@ -162,11 +162,12 @@ class Coordinator {
   void Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason);
   // Waits for the ring and runs the job on it; reports a failed ring. `fanning_out` as
   // RunControl's.
-  absl::Status RunJob(AttendJob& job, std::function<void()> fanning_out);
+  absl::Status RunJob(AttendJob& job, std::function<void()> fanning_out, SharedMemoryArena* arena);
   void FillInfo(v1::InfoResponse* response) const;
   // Health (grpc.health.v1) on the public port and the health port.
   void SetServing(bool serving);
-  void DispatchLoop();
+  // Takes jobs off the queue and runs them, with `arena` (null: none) for their bytes.
+  void DispatchLoop(SharedMemoryArena* arena);
   // The streams' activity, for cancelling idle ones (StatusLoop).
   struct StreamWatch {
     absl::Mutex mu;
@@ -186,7 +187,8 @@ class Coordinator {
   SharedMemoryRegistry shared_memory_;
   // For requests that arrive as bytes, when workers share this host (one request at a time:
   // the dispatcher runs them in turn).
-  SharedMemoryArena arena_;
+  // One arena per dispatcher: a request in flight has its own.
+  std::vector<std::unique_ptr<SharedMemoryArena>> arenas_;
   ServiceMetrics metrics_;
   absl::StatusOr<ClusterSecret> secret_;  // with internal TLS when configured
   std::optional<ApiTokens> tokens_;       // set by BuildAndStart when api_tokens_file is

@@ -33,6 +33,9 @@ struct RunControl {
   // earlier turn was still running: its workers were waiting for their turn, which they skip,
   // and the ring is intact. May be null.
   bool* ring_intact = nullptr;
+  // The coordinator's shared memory for the request's bytes (see RunOnRing), used by this
+  // request alone until it finishes; null: none.
+  SharedMemoryArena* arena = nullptr;
 };
 
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request
