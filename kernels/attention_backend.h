@@ -32,6 +32,10 @@ struct BackendCapabilities {
   bool dropout = false;
   // fp32 q, k and v (AttentionParams::dtype; every backend takes bf16 and fp16).
   bool fp32_inputs = false;
+  // Non-finite inputs and scores give what the fp64 reference's rule says
+  // (reference_attention.h): NaN exactly in the rows that see them. Without it a NaN or an
+  // infinity may also reach other rows of its tile or vanish (docs/security.md).
+  bool non_finite_rule = false;
 };
 
 // Where one call runs. `stream` is a cudaStream_t passed opaquely, so that host code needs no

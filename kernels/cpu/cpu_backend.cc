@@ -35,7 +35,8 @@ class CpuBackend : public AttentionBackend {
             .partial_input = true,
             .packed_sequences = true,
             .dropout = true,
-            .fp32_inputs = true};
+            .fp32_inputs = true,
+            .non_finite_rule = true};
   }
 };
 

@@ -45,7 +45,10 @@ class ReferenceCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return "cuda_reference"; }
   BackendCapabilities capabilities() const override {
-    return {.position_runs = true, .partial_input = true, .fp32_inputs = true};
+    return {.position_runs = true,
+            .partial_input = true,
+            .fp32_inputs = true,
+            .non_finite_rule = true};
   }
 
  protected:
