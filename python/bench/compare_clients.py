@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python client's round trip beside the C++ client's (`ringattn bench`) on the same request.
 
-For each data path (unary, stream, shm) it runs `ringattn bench --json` and then the same load
+For each data path (unary, stream, shm, cuda_shm: --inputs torch-cuda) it runs `ringattn bench --json` and then the same load
 from Python: the same shape, dtype, options, layout, request count and concurrency, inputs as
 numpy arrays, torch CPU tensors or torch CUDA tensors. It prints, per path, the latency (p50,
 mean) of each client, the service's mean total, and each client's time outside the service
@@ -85,7 +85,8 @@ def cpp_bench(a, target, path):
                f"--requests={a.requests}", f"--concurrency={a.concurrency}",
                f"--timeout={a.timeout}", f"--json={f.name}",
                f"--stream={'true' if path == 'stream' else 'false'}",
-               f"--shm={'true' if path == 'shm' else 'false'}"]
+               f"--shm={'true' if path == 'shm' else 'false'}",
+               f"--cuda_shm={'true' if path == 'cuda_shm' else 'false'}"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             return {"error": (run.stdout + run.stderr).strip()[-2000:]}
@@ -118,7 +119,8 @@ def make_inputs(a):
 
 
 def python_bench(a, target, path):
-    client = ringattn.Client(target, timeout=a.timeout, shared_memory=(path == "shm"))
+    client = ringattn.Client(target, timeout=a.timeout,
+                             shared_memory=path in ("shm", "cuda_shm"))
     (q, k, v), dtype = make_inputs(a)
     opts = dict(causal=a.causal, layout=a.layout, dtype=dtype, path=path)
     if a.backward:

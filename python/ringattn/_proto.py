@@ -109,3 +109,7 @@ UnregisterSystemSharedMemoryRequest = message("UnregisterSystemSharedMemoryReque
 UnregisterSystemSharedMemoryResponse = message("UnregisterSystemSharedMemoryResponse")
 SystemSharedMemoryStatusRequest = message("SystemSharedMemoryStatusRequest")
 SystemSharedMemoryStatusResponse = message("SystemSharedMemoryStatusResponse")
+RegisterCudaSharedMemoryRequest = message("RegisterCudaSharedMemoryRequest")
+RegisterCudaSharedMemoryResponse = message("RegisterCudaSharedMemoryResponse")
+UnregisterCudaSharedMemoryRequest = message("UnregisterCudaSharedMemoryRequest")
+UnregisterCudaSharedMemoryResponse = message("UnregisterCudaSharedMemoryResponse")

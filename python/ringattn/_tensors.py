@@ -118,6 +118,14 @@ class Operand:
             self.shape = tuple(int(d) for d in a.shape)
         self.nbytes = _ITEMSIZE[wire] * int(np.prod(self.shape, dtype=np.int64))
 
+    def cuda_tensor(self):
+        """The input as a contiguous tensor of its wire dtype on its GPU (a copy on that GPU when
+        the dtype or layout differ), or None when it is not on a GPU."""
+        t = self._torch
+        if t is None or t.device.type != "cuda":
+            return None
+        return t.to(dtype=_torch_dtype(self.wire)).contiguous()
+
     def write_into(self, dst):
         """Writes the wire bytes into dst, a writable contiguous uint8 numpy array of nbytes."""
         if self._torch is not None:
@@ -189,6 +197,12 @@ class Like:
         out = np.empty(s.shape, dtype=dtype)
         np.copyto(out, s, casting="unsafe")
         return out
+
+    def from_device(self, t):
+        """A result written on the query's GPU (wire dtype, bshd) in the query's dtype and format."""
+        if self.fmt == "bhsd" and t.dim() == 4:
+            t = t.transpose(1, 2)
+        return t.to(dtype=self.dtype) if t.dtype != self.dtype else t
 
     def lse(self, src, shape):
         """fp32 [batch, heads, seq]: numpy float32, or a float32 tensor on the query's device."""

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import grpc
 import numpy as np
 
-from . import _proto, _shm, _tensors, _wire
+from . import _cuda_shm, _proto, _shm, _tensors, _wire
 from .errors import RingAttnError, error, from_rpc_error
 
 _LAYOUTS = {"auto": "LAYOUT_AUTO", "contiguous": "LAYOUT_CONTIGUOUS", "zigzag": "LAYOUT_ZIGZAG",
@@ -49,7 +49,7 @@ class CallInfo:
     """What every compute call returns beside its tensors. timings: the service's
     ringattn.v1.Timings, with client_seconds (the RPC as this client saw it: messages built,
     sent, answered, parsed) and client_wire_seconds (that minus the service's total). plan: the
-    ShardPlan. path: "shm", "unary" or "stream". input_copy_seconds / output_copy_seconds: the
+    ShardPlan. path: "cuda_shm", "shm", "unary" or "stream". input_copy_seconds / output_copy_seconds: the
     tensors' copies to and from the wire's bytes (or the shared-memory region) outside the RPC.
     attempts: calls made (retries + 1)."""
     timings: Any = None
@@ -150,7 +150,12 @@ class Client:
                                 _proto.UnregisterSystemSharedMemoryRequest,
                                 _proto.UnregisterSystemSharedMemoryResponse),
                                ("SystemSharedMemoryStatus", _proto.SystemSharedMemoryStatusRequest,
-                                _proto.SystemSharedMemoryStatusResponse)):
+                                _proto.SystemSharedMemoryStatusResponse),
+                               ("RegisterCudaSharedMemory", _proto.RegisterCudaSharedMemoryRequest,
+                                _proto.RegisterCudaSharedMemoryResponse),
+                               ("UnregisterCudaSharedMemory",
+                                _proto.UnregisterCudaSharedMemoryRequest,
+                                _proto.UnregisterCudaSharedMemoryResponse)):
             unary[rpc] = ch.unary_unary(_proto.method_path(rpc),
                                         request_serializer=req.SerializeToString,
                                         response_deserializer=resp.FromString)
@@ -171,9 +176,9 @@ class Client:
             self._shm_off_reason = "no POSIX shared memory here"
         self._shm_pool = _shm.Pool(self.register_system_shared_memory,
                                    self.unregister_system_shared_memory)
-        # Where CUDA shared memory (CUDA IPC handles) will plug in: a second pool consulted before
-        # the system one for tensors on a GPU of this host. See docs/python.md.
-        self._cuda_shm_pool = None
+        # CUDA shared memory (CUDA IPC) for torch tensors on a GPU of this host, tried before
+        # the system regions; off for good once the service refuses it (CPU workers).
+        self._cuda_shm_off_reason = self._shm_off_reason
         _live_clients.add(self)
 
     # ---- lifetime ---------------------------------------------------------------------------
@@ -274,9 +279,10 @@ class Client:
         (0: off), softmax_scale (None: 1/sqrt(head_dim)), dropout_p/dropout_seed (CPU workers),
         cu_seqlens (packed sequences, FlashAttention's), layout ("auto", "contiguous", "zigzag",
         "stripe": how the ring splits the sequence), return_lse. dtype: the wire's dtype ("fp32",
-        "fp16", "bf16"; None: q's); results come back in q's dtype. path: None picks (shared
-        memory, else unary while the request fits, else stream); "shm", "unary" or "stream"
-        force one ("shm" raises when the client cannot use shared memory). Returns an
+        "fp16", "bf16"; None: q's); results come back in q's dtype. path: None picks (CUDA
+        shared memory for torch tensors on a GPU, then system shared memory, else unary while
+        the request fits, else stream); "cuda_shm", "shm", "unary" or "stream" force one
+        ("shm" and "cuda_shm" raise when the client cannot use them). Returns an
         AttendResult."""
         fmt = _check_format(qkv_format)
         wire = dtype or _tensors.natural_wire(q, "q")
@@ -330,14 +336,31 @@ class Client:
                               **r.info())
 
     # ---- the three data paths ---------------------------------------------------------------
+    def register_cuda_shared_memory(self, name, raw_handle, device_id, byte_size, timeout=None):
+        """RegisterCudaSharedMemory: the first byte_size bytes of the GPU allocation whose
+        cudaIpcMemHandle_t is raw_handle, under name."""
+        self._plain("RegisterCudaSharedMemory", _proto.RegisterCudaSharedMemoryRequest(
+            name=name, raw_handle=raw_handle, device_id=device_id, byte_size=byte_size), timeout)
+
+    def unregister_cuda_shared_memory(self, name="", timeout=None):
+        self._plain("UnregisterCudaSharedMemory",
+                    _proto.UnregisterCudaSharedMemoryRequest(name=name), timeout)
+
     def _compute(self, rpc, header, ops, outputs, like, timeout, path):
-        if path not in (None, "shm", "unary", "stream"):
-            raise ValueError(f"path must be None, 'shm', 'unary' or 'stream', got {path!r}")
+        if path not in (None, "cuda_shm", "shm", "unary", "stream"):
+            raise ValueError(
+                f"path must be None, 'cuda_shm', 'shm', 'unary' or 'stream', got {path!r}")
         deadline = self._deadline(timeout)
         if not header.request_id:
             header.request_id = "py-" + uuid.uuid4().hex[:16]
         for name, op in ops.items():
             getattr(header, name).CopyFrom(_tensors.tensor_message(op, data=False))
+        if path == "cuda_shm" or (path is None and self._cuda_shm_off_reason is None
+                                  and _cuda_shm.eligible(ops, like)):
+            done = self._via_cuda_shm(rpc, header, ops, outputs, like, deadline,
+                                      required=path == "cuda_shm")
+            if done is not None:
+                return done
         if path in (None, "shm"):
             region = self._shm_region(rpc, ops, outputs, deadline, required=path == "shm")
             if region is not None:
@@ -418,6 +441,66 @@ class Client:
             tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
         t3 = time.perf_counter()
         return _Done(tensors, response, "shm", t1 - t0, t2 - t1, t3 - t2, attempts)
+
+    def _via_cuda_shm(self, rpc, header, ops, outputs, like, deadline, required):
+        """The call with its tensors in this process's GPU memory, or None when the service
+        refuses CUDA shared memory (then the other paths; `required` raises instead)."""
+        if not _cuda_shm.eligible(ops, like):
+            raise ValueError("path='cuda_shm' needs every input a torch tensor on one CUDA device")
+        torch = _tensors._torch()
+        t0 = time.perf_counter()
+        inputs = {name: ops[name].cuda_tensor() for name in rpc.inputs}
+        device = next(iter(inputs.values())).device
+        outs = {name: torch.empty(shape, dtype=torch.float32 if name == "lse"
+                                  else _tensors._torch_dtype(wire), device=device)
+                for name, wire, shape in outputs}
+        call = _cuda_shm.Call(self.register_cuda_shared_memory,
+                              self.unregister_cuda_shared_memory)
+        request = rpc.request()
+        request.CopyFrom(header)
+        for name, t in inputs.items():
+            region, at = call.ref(t, ops[name].nbytes)
+            getattr(request, name).shm.CopyFrom(
+                _proto.SharedMemoryRef(region=region, offset=at, byte_size=ops[name].nbytes))
+        for name, t in outs.items():
+            nbytes = t.numel() * t.element_size()
+            region, at = call.ref(t, nbytes)
+            request.output_shm[name].CopyFrom(
+                _proto.SharedMemoryRef(region=region, offset=at, byte_size=nbytes))
+        torch.cuda.current_stream(device).synchronize()  # the inputs there before workers read
+        try:
+            try:
+                call.register(self._remaining(deadline))
+            except RingAttnError as e:
+                if required or e.code not in (grpc.StatusCode.PERMISSION_DENIED,
+                                              grpc.StatusCode.FAILED_PRECONDITION,
+                                              grpc.StatusCode.UNIMPLEMENTED):
+                    raise
+                self._cuda_shm_off_reason = f"the service refused registration: {e.message}"
+                return None
+            t1 = time.perf_counter()
+            try:
+                response, attempts = self._call_with_retry(
+                    rpc.name, deadline,
+                    lambda remaining: self._unary[rpc.name](request, timeout=remaining,
+                                                             metadata=self._metadata))
+            except RingAttnError as e:
+                # CPU workers or workers on another host cannot reach GPU memory: for good.
+                if required or e.code != grpc.StatusCode.FAILED_PRECONDITION or \
+                        "CUDA shared memory" not in e.message:
+                    raise
+                self._cuda_shm_off_reason = e.message
+                return None
+            t2 = time.perf_counter()
+        finally:
+            call.close(self._remaining(deadline))
+        tensors = {}
+        for name, wire, shape in outputs:
+            _check_output(rpc, response, name, wire, shape, len(getattr(response, name).data),
+                          in_shm=True)
+            tensors[name] = outs[name] if name == "lse" else like.from_device(outs[name])
+        t3 = time.perf_counter()
+        return _Done(tensors, response, "cuda_shm", t1 - t0, t2 - t1, t3 - t2, attempts)
 
     def _via_unary(self, rpc, header, ops, outputs, like, deadline):
         t0 = time.perf_counter()

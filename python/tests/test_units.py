@@ -187,6 +187,9 @@ class ArgumentsTest(unittest.TestCase):
             c.attend([1.0], q, q)
         with self.assertRaisesRegex(ValueError, "path"):
             c.attend(q, q, q, path="tcp")
+        # CUDA shared memory takes torch tensors on a GPU only (refused before any call).
+        with self.assertRaisesRegex(ValueError, "cuda_shm"):
+            c.attend(q, q, q, path="cuda_shm")
         c.close()
 
 
