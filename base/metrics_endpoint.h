@@ -28,7 +28,7 @@ namespace ringattn {
 class MetricsEndpoint {
  public:
   explicit MetricsEndpoint(std::string_view component);
-  ~MetricsEndpoint();
+  virtual ~MetricsEndpoint();
   MetricsEndpoint(const MetricsEndpoint&) = delete;
   MetricsEndpoint& operator=(const MetricsEndpoint&) = delete;
 

@@ -256,12 +256,11 @@ def main():
               "k8s-trust: readiness on the plaintext health port")
         w = one(trust, "StatefulSet", "ringattn-worker")["spec"]["template"]["spec"]["containers"][0]
         check(flag(w.get("args", []), "internal_tls_cert"), "k8s-trust: workers get internal TLS")
-    for e in errors:
-        print("check_k8s: " + e, file=sys.stderr)
-    if errors:
-        return 1
-    print(f"check_k8s: {len(LAYOUTS)} layouts and the monitors rendered and checked")
-    return 0
+    for n, e in enumerate(errors, 1):
+        print(f"check_k8s: [{n}/{len(errors)}] {e}", file=sys.stderr)
+    print(f"check_k8s: {len(LAYOUTS)} layouts and the monitors rendered; "
+          f"{len(errors) or 'no'} problem(s)")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs)
     : ServiceMetrics(std::move(rpcs), Limits()) {}
 
 ServiceMetrics::ServiceMetrics(std::vector<std::string> rpcs, const Limits& limits)
-    : endpoint_("coordinator"),
+    : MetricsEndpoint("coordinator"),
       rpcs_(std::move(rpcs)),
       requests_(rpcs_.size()),
       phase_seconds_(rpcs_.size()) {
-  prometheus::Registry& registry = endpoint_.registry();
+  prometheus::Registry& registry = this->registry();
   auto& requests = prometheus::BuildCounter()
                        .Name("ringattn_requests_total")
                        .Help("Finished requests by RPC and gRPC status code.")
@@ -179,7 +179,7 @@ void ServiceMetrics::RecordRequest(std::string_view rpc, grpc::StatusCode code,
 }
 
 void ServiceMetrics::SampleLoad(std::function<Load()> load) {
-  endpoint_.AddSampler([this, load = std::move(load)] {
+  AddSampler([this, load = std::move(load)] {
     const Load now = load();
     queue_depth_->Set(static_cast<double>(now.queued));
     running_->Set(static_cast<double>(now.running));

@@ -1,4 +1,4 @@
-// The coordinator's Prometheus metrics: its families, created once, on a MetricsEndpoint
+// The coordinator's Prometheus metrics: its families, created once, on its MetricsEndpoint
 // (base/metrics_endpoint.h: ringattn_build_info, the optional HTTP exposer at /metrics).
 //
 //   ringattn_requests_total{rpc,code}          counter, finished requests by RPC and gRPC
@@ -63,7 +63,8 @@ struct RequestWork {
 };
 RequestWork WorkOf(const AttentionShape& shape, bool causal, double forward_multiple);
 
-class ServiceMetrics {
+// The endpoint's methods (StartExposer, exposer_port, StopExposer, Serialize) serve these.
+class ServiceMetrics : public MetricsEndpoint {
  public:
   // The phases of ringattn_request_phase_seconds, in label order.
   enum class Phase {
@@ -125,17 +126,9 @@ class ServiceMetrics {
   // A ring was formed (generation after generation; the first is not a re-form).
   void RecordRingFormed();
 
-  absl::Status StartExposer(const std::string& address) {
-    return endpoint_.StartExposer(address);
-  }
-  int exposer_port() const { return endpoint_.exposer_port(); }
-  void StopExposer() { endpoint_.StopExposer(); }
-  std::string Serialize() const { return endpoint_.Serialize(); }
-
  private:
   static constexpr int kNumCodes = 17;  // OK .. UNAUTHENTICATED
 
-  MetricsEndpoint endpoint_;
   // Owned by the registry's families.
   const std::vector<std::string> rpcs_;
   // [rpc][code], parallel to rpcs_.

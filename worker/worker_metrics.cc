@@ -51,9 +51,9 @@ int64_t RingBytesSent(const ShardPlan& plan, int rank, RingDirection direction,
 
 WorkerMetrics::WorkerMetrics(const Info& info,
                              std::function<std::optional<RingEngine::DeviceMemory>()> gpu_memory)
-    : endpoint_("worker") {
+    : MetricsEndpoint("worker") {
   static_assert(std::size(kPhases) == kNumPhases);
-  prometheus::Registry& registry = endpoint_.registry();
+  prometheus::Registry& registry = this->registry();
   prometheus::BuildGauge()
       .Name("ringattn_worker_info")
       .Help("This worker's kernel backend, device and ring transport; always 1.")
@@ -103,7 +103,7 @@ WorkerMetrics::WorkerMetrics(const Info& info,
                                   .Help("The GPU's memory in all.")
                                   .Register(registry)
                                   .Add({});
-  endpoint_.AddSampler([used, total, gpu_memory = std::move(gpu_memory)] {
+  AddSampler([used, total, gpu_memory = std::move(gpu_memory)] {
     const std::optional<RingEngine::DeviceMemory> m = gpu_memory();
     if (!m.has_value()) return;  // the last reading stays
     used->Set(static_cast<double>(m->used_bytes));

@@ -48,7 +48,8 @@ namespace ringattn {
 int64_t RingBytesSent(const ShardPlan& plan, int rank, RingDirection direction,
                       const AttentionShape& shape);
 
-class WorkerMetrics {
+// The endpoint's methods (StartExposer, exposer_port, StopExposer, Serialize) serve these.
+class WorkerMetrics : public MetricsEndpoint {
  public:
   struct Info {
     std::string backend;
@@ -66,13 +67,6 @@ class WorkerMetrics {
   void RecordCall(std::string_view rpc, absl::StatusCode code, const v1::WorkerTiming& timing,
                   int64_t bytes_sent);
 
-  absl::Status StartExposer(const std::string& address) {
-    return endpoint_.StartExposer(address);
-  }
-  int exposer_port() const { return endpoint_.exposer_port(); }
-  void StopExposer() { endpoint_.StopExposer(); }
-  std::string Serialize() const { return endpoint_.Serialize(); }
-
  private:
   static constexpr int kNumCodes = 17;  // OK .. UNAUTHENTICATED
   static constexpr int kNumPhases = 11;
@@ -85,7 +79,6 @@ class WorkerMetrics {
     prometheus::Histogram* step_comm_wait = nullptr;
   };
 
-  MetricsEndpoint endpoint_;
   std::vector<PerRpc> rpcs_;
   prometheus::Counter* bytes_sent_ = nullptr;
 };
