@@ -64,7 +64,9 @@ ABSL_FLAG(std::string, cluster_secret_file, "",
           "serve/coordinator/worker: file whose first line is the internal plane's secret "
           "(else RINGATTN_CLUSTER_SECRET; serve generates one for its local workers)");
 ABSL_FLAG(std::string, worker_listen, "127.0.0.1:0", "worker: listen address (port 0: any)");
-ABSL_FLAG(std::string, metrics, "127.0.0.1:9464", "serve/coordinator: /metrics address ('' off)");
+ABSL_FLAG(std::string, metrics, "127.0.0.1:9464",
+          "serve/coordinator: /metrics address ('' off); worker: its own /metrics address, off "
+          "unless given (another port than the coordinator's)");
 ABSL_FLAG(std::string, health_listen, "",
           "serve/coordinator: also serve grpc.health.v1 alone, in plaintext, here (for probes "
           "that cannot speak TLS, e.g. Kubernetes' gRPC probe); '' off");
@@ -398,6 +400,10 @@ int RunWorker() {
   }
   o.cluster_secret = secret->value();
   o.internal_tls = InternalTlsFromFlags();
+  // The flag's default is the coordinator's address: a worker serves metrics only when asked.
+  if (absl::GetFlag(FLAGS_metrics) != absl::GetFlagReflectionHandle(FLAGS_metrics).DefaultValue()) {
+    o.metrics_address = absl::GetFlag(FLAGS_metrics);
+  }
   return ringattn::RunWorkerMain(o);
 }
 

@@ -10,7 +10,8 @@ DEBIAN_PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-pip curl
+  python3 python3-pip python3-yaml curl
+  prometheus  # promtool and the server: the deploy_monitoring test checks metrics, rules, queries
 )
 
 missing=()
@@ -22,6 +23,12 @@ if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PyYAML for the deploy tests, also where python3 is not Debian's (a pyenv one).
+if ! python3 -c "import yaml" >/dev/null 2>&1; then
+  echo "setup: installing PyYAML for $(command -v python3)"
+  python3 -m pip install -q PyYAML || echo "setup: PyYAML unavailable; the deploy tests will fail"
 fi
 
 # Header packages for the GPU backends; only worth fetching where nvcc can use them.

@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "ringattn_config.h"
 #include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
 #include "proto/convert.h"
@@ -24,7 +25,7 @@
 namespace ringattn {
 namespace {
 
-constexpr char kVersion[] = "0.1.0";
+constexpr char kVersion[] = RINGATTN_VERSION;
 constexpr char kServiceName[] = "ringattn.v1.AttentionService";
 
 double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
@@ -113,6 +114,7 @@ struct CallMessages {
 struct AttendCall : CallMessages<v1::AttendRequest, v1::AttendResponse, v1::AttendStreamRequest,
                                  v1::AttendStreamResponse> {
   static const ComputeRpc& Rpc() { return AttendRpc(); }
+  static constexpr double kForwardMultiple = 1.0;  // its FLOPs in forwards (RequestWork)
   static constexpr auto Validate = ValidateAttendRequest;
   static constexpr auto ValidateHeader = ValidateAttendHeader;
 };
@@ -121,6 +123,7 @@ struct AttendBackwardCall
     : CallMessages<v1::AttendBackwardRequest, v1::AttendBackwardResponse,
                    v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse> {
   static const ComputeRpc& Rpc() { return AttendBackwardRpc(); }
+  static constexpr double kForwardMultiple = 2.5;  // FlashAttention's count
   static constexpr auto Validate = ValidateAttendBackwardRequest;
   static constexpr auto ValidateHeader = ValidateAttendBackwardHeader;
 };
@@ -149,7 +152,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
     }
     hold_ = *std::move(hold);
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*request_, response_, *caller, arrival, DeadlineOf(*ctx_),
+        c_->Submit<Call>(*request_, response_, *caller, arrival, DeadlineOf(*ctx_), &work_,
                          [this](absl::Status s) { End(s); });
     if (job.ok()) {
       job_ = *std::move(job);
@@ -170,7 +173,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
     const ComputeRpc& rpc = Call::Rpc();
     c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(), response_->timings(),
                                TensorDataBytes(*request_, rpc.inputs),
-                               s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0);
+                               s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0, work_);
     Finish(ToGrpcStatus(s));
   }
 
@@ -178,6 +181,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   grpc::CallbackServerContext* const ctx_;
   const typename Call::Request* const request_;
   typename Call::Response* const response_;
+  RequestWork work_;  // set by Submit before the job is queued
   std::unique_ptr<AdmissionQueue::Hold> hold_;
   std::shared_ptr<AttendJob> job_;  // set before OnCancel can run
 };
@@ -220,7 +224,7 @@ class Coordinator::StreamCall final
     Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
         c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_, DeadlineOf(*ctx_),
-                         [this](absl::Status s) { Respond(s); });
+                         &work_, [this](absl::Status s) { Respond(s); });
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -296,7 +300,7 @@ class Coordinator::StreamCall final
     const ComputeRpc& rpc = Call::Rpc();
     c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(), response_.timings(),
                                TensorDataBytes(*receiver_.header(), rpc.inputs),
-                               s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0);
+                               s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0, work_);
     this->Finish(ToGrpcStatus(s));
   }
 
@@ -315,6 +319,7 @@ class Coordinator::StreamCall final
   grpc::CallbackServerContext* const ctx_;
   const absl::Time arrival_;
   const std::string stream_name_;  // "AttendStream"
+  RequestWork work_;                // set by Submit before the job is queued
   double receive_seconds_ = 0;
   absl::Time send0_;
   typename Call::StreamRequest in_;
@@ -493,7 +498,10 @@ class Coordinator::Services {
 Coordinator::Coordinator(Options options)
     : options_(std::move(options)),
       shared_memory_(options_.shared_memory_limits),
-      metrics_(RpcLabels()),
+      metrics_(RpcLabels(), ServiceMetrics::Limits{options_.world_size,
+                                                   static_cast<int64_t>(options_.max_queue),
+                                                   options_.max_queued_bytes,
+                                                   std::max(1, options_.pipeline_depth)}),
       secret_(InternalCredentials(options_)),
       ring_(std::make_unique<RingManager>(
           [&] {
@@ -510,13 +518,22 @@ Coordinator::Coordinator(Options options)
                                     options_.max_client_share}),
       services_(std::make_unique<Services>(this)) {}
 
-Coordinator::~Coordinator() { Shutdown(); }
+Coordinator::~Coordinator() {
+  Shutdown();
+  metrics_.StopExposer();  // its samplers read the queue and the ring, about to go
+}
 
 absl::Status Coordinator::BuildAndStart() {
   if (options_.world_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("world_size must be >= 1, got ", options_.world_size));
   }
+  metrics_.SampleLoad([this] {
+    const AdmissionState a = admission();
+    return ServiceMetrics::Load{static_cast<int64_t>(a.queued),
+                                static_cast<int64_t>(a.running_count), a.held_bytes,
+                                ring_->WaitUntilReady(absl::ZeroDuration())};
+  });
   if (!options_.metrics_address.empty()) {
     absl::Status s = metrics_.StartExposer(options_.metrics_address);
     if (!s.ok()) return s;
@@ -624,7 +641,8 @@ Coordinator::AdmissionState Coordinator::admission() const {
   state.queued = queue_.depth();
   state.held_bytes = queue_.held_bytes();
   absl::MutexLock lock(&running_mu_);
-  state.running = !running_.empty();
+  state.running_count = running_.size();
+  state.running = state.running_count > 0;
   return state;
 }
 
@@ -702,7 +720,7 @@ AttendLimits Coordinator::Limits() const {
 template <typename Call>
 absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     const typename Call::Request& request, typename Call::Response* response,
-    const std::string& owner, absl::Time arrival, absl::Time deadline,
+    const std::string& owner, absl::Time arrival, absl::Time deadline, RequestWork* work,
     std::function<void(absl::Status)> finish) {
   // Counted from here, so that a Drain that starts now waits for this request or it sees the
   // drain and is refused; uncounted again on every refusal below.
@@ -713,6 +731,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   }
   const absl::Time validate0 = absl::Now();
   RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
+  *work = WorkOf(problem.shape, problem.options.causal, Call::kForwardMultiple);
   // Resolved now, so that a bad reference is refused before queueing, and holding the regions'
   // mappings until the job is done.
   RA_ASSIGN_OR_RETURN(SharedTensors shared, ResolveSharedTensors(Call::Rpc(), request, problem,
@@ -747,14 +766,12 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   response->mutable_timings()->set_validate_seconds(absl::ToDoubleSeconds(job->queued - validate0));
   RA_RETURN_IF_ERROR(queue_.Push(job));
   std::move(uncount).Cancel();  // admitted: job->done uncounts it
-  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
   return job;
 }
 
 void Coordinator::Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason) {
   job->cancellation.Cancel(reason);
   if (!queue_.Remove(job)) return;  // the dispatcher has it and sees the cancellation
-  metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
   job->done(absl::Status(reason.code(), absl::StrCat(reason.message(), " while it was queued")));
 }
 
@@ -812,7 +829,6 @@ void Coordinator::DispatchLoop(SharedMemoryArena* arena) {
       starting_ = false;
     };
     std::shared_ptr<AttendJob> job = queue_.Pop(absl::Milliseconds(100));
-    metrics_.SetQueueDepth(static_cast<int64_t>(queue_.depth()));
     if (job == nullptr) {
       release();
       continue;

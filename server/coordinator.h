@@ -113,12 +113,13 @@ class Coordinator {
   int64_t ring_generation() const;
   int metrics_port() const;
   bool WaitUntilReady(absl::Duration timeout) const { return ring_->WaitUntilReady(timeout); }
-  // What admission holds now: requests queued, request bytes held (AdmissionQueue), and
-  // whether the dispatcher has a request (running, or waiting for the ring).
+  // What admission holds now: requests queued, request bytes held (AdmissionQueue), and the
+  // requests the dispatchers have (running, or waiting for the ring; up to pipeline_depth).
   struct AdmissionState {
     size_t queued = 0;
     int64_t held_bytes = 0;
-    bool running = false;
+    bool running = false;  // running_count > 0
+    size_t running_count = 0;
   };
   AdmissionState admission() const;
   // Graceful stop, step one: health NOT_SERVING, new requests refused (UNAVAILABLE), and waits
@@ -150,12 +151,12 @@ class Coordinator {
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
   // `owner` is the caller's identity (CallerIdentity), whose shared-memory regions the request
-  // may refer to.
+  // may refer to. `work` gets the request's work (for the metrics) before the job is queued.
   template <typename Call>
   absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
                                                     typename Call::Response* response,
                                                     const std::string& owner, absl::Time arrival,
-                                                    absl::Time deadline,
+                                                    absl::Time deadline, RequestWork* work,
                                                     std::function<void(absl::Status)> finish);
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.

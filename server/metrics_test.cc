@@ -15,6 +15,7 @@ namespace ringattn {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::MatchesRegex;
 using ::testing::Not;
 
 // The coordinator's labels.
@@ -35,20 +36,26 @@ v1::Timings MakeTimings(int workers, int steps) {
     w->set_rank(r);
     w->set_compute_seconds(0.1 * (r + 1));
     w->set_comm_wait_seconds(0.01);
+    w->set_ring_seconds(0.1 * (r + 2));
     for (int s = 0; s < steps; ++s) w->add_steps()->set_source_rank(s);
   }
   return t;
 }
 
 TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
-  ServiceMetrics m = MakeMetrics();
+  ServiceMetrics m(
+      {"Attend", "AttendStream", "AttendBackward", "AttendBackwardStream"},
+      ServiceMetrics::Limits{.world_size = 3, .max_queue = 16, .max_queued_bytes = 1 << 20,
+                             .pipeline_depth = 2});
   m.RecordRequest("Attend", absl::StatusCode::kOk, MakeTimings(/*workers=*/3, /*steps=*/3), 3000,
-                  1000);
-  m.RecordRequest("AttendStream", grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0);
+                  1000, RequestWork{.tokens = 7, .flops = 1e9});
+  m.RecordRequest("AttendStream", grpc::StatusCode::INVALID_ARGUMENT, v1::Timings(), 0, 0,
+                  RequestWork{.tokens = 5, .flops = 5});  // refused: its work is not counted
   m.RecordRequest("AttendBackward", absl::StatusCode::kUnavailable, MakeTimings(2, 0), 10, 0);
-  m.SetQueueDepth(4);
+  m.SampleLoad([] {
+    return ServiceMetrics::Load{.queued = 4, .running = 2, .held_bytes = 900, .ring_ready = true};
+  });
   m.SetWorkersUp(3);
-  m.RecordRingReform();
   const std::string text = m.Serialize();
 
   EXPECT_THAT(text, HasSubstr("ringattn_requests_total{code=\"OK\",rpc=\"Attend\"} 1"));
@@ -62,8 +69,9 @@ TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
       HasSubstr(
           "ringattn_requests_total{code=\"RESOURCE_EXHAUSTED\",rpc=\"AttendBackwardStream\"} 0"));
   for (const char* phase : {"queue", "receive", "validate", "ring_wait", "scatter", "workers",
-                            "compute", "comm_wait", "gather", "respond", "send"}) {
-    // Only the OK request is broken down by phase.
+                            "compute", "comm_wait", "ring", "gather", "respond", "send"}) {
+    // Only the OK request is broken down by phase, under its own RPC: forward and backward
+    // are not mixed.
     EXPECT_THAT(text, HasSubstr(std::string("ringattn_request_phase_seconds_count{phase=\"") +
                                 phase + "\",rpc=\"Attend\"} 1"))
         << phase;
@@ -78,9 +86,14 @@ TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
                                 rpc + "\"} 1"))
         << rpc;
   }
-  // compute is the slowest worker's (0.3 s); total 0.5 for Attend, 0.5 for AttendBackward.
+  EXPECT_THAT(text, HasSubstr("ringattn_request_phase_seconds_count{phase=\"total\","
+                              "rpc=\"AttendBackwardStream\"} 0"));
+  // compute and ring are the slowest worker's (0.3 s, 0.4 s); total 0.5 for Attend, 0.5 for
+  // AttendBackward.
   EXPECT_THAT(
       text, HasSubstr("ringattn_request_phase_seconds_sum{phase=\"compute\",rpc=\"Attend\"} 0.3"));
+  EXPECT_THAT(text,
+              HasSubstr("ringattn_request_phase_seconds_sum{phase=\"ring\",rpc=\"Attend\"} 0.4"));
   EXPECT_THAT(text,
               HasSubstr("ringattn_request_phase_seconds_sum{phase=\"total\",rpc=\"Attend\"} 0.5"));
   EXPECT_THAT(
@@ -91,14 +104,63 @@ TEST(ServiceMetricsTest, SerializeHasEveryFamilyAndLabel) {
                         "le=\"0.001\"} 1"));
   EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"in\"} 3010"));
   EXPECT_THAT(text, HasSubstr("ringattn_request_bytes_total{direction=\"out\"} 1000"));
+  EXPECT_THAT(text, HasSubstr("ringattn_tokens_total{rpc=\"Attend\"} 7"));
+  EXPECT_THAT(text, HasSubstr("ringattn_flops_total{rpc=\"Attend\"} 1000000000"));
+  EXPECT_THAT(text, HasSubstr("ringattn_tokens_total{rpc=\"AttendStream\"} 0"));
+  EXPECT_THAT(text, HasSubstr("ringattn_flops_total{rpc=\"AttendBackward\"} 0"));
   EXPECT_THAT(text, HasSubstr("ringattn_queue_depth 4"));
+  EXPECT_THAT(text, HasSubstr("ringattn_running_requests 2"));
+  EXPECT_THAT(text, HasSubstr("ringattn_held_bytes 900"));
+  EXPECT_THAT(text, HasSubstr("ringattn_ring_ready 1"));
   EXPECT_THAT(text, HasSubstr("ringattn_workers_up 3"));
+  EXPECT_THAT(text, HasSubstr("ringattn_world_size 3"));
+  EXPECT_THAT(text, HasSubstr("ringattn_max_queue 16"));
+  EXPECT_THAT(text, HasSubstr("ringattn_max_queued_bytes 1048576"));
+  EXPECT_THAT(text, HasSubstr("ringattn_pipeline_depth 2"));
   // 3 steps from the first request, 2 (one per worker, none listed) from the third.
   EXPECT_THAT(text, HasSubstr("ringattn_ring_steps_total 5"));
-  EXPECT_THAT(text, HasSubstr("ringattn_ring_reforms_total 1"));
+  EXPECT_THAT(text, MatchesRegex("(.|\n)*ringattn_build_info\\{component=\"coordinator\","
+                                 "cuda=\"(true|false)\",cudnn=\"(true|false)\",nccl=\"(true|"
+                                 "false)\",version=\"[0-9]+\\.[0-9]+\\.[0-9]+\"\\} 1\n(.|\n)*"));
   EXPECT_THAT(text, HasSubstr("# TYPE ringattn_request_phase_seconds histogram"));
   EXPECT_THAT(text, HasSubstr("# TYPE ringattn_requests_total counter"));
   EXPECT_THAT(text, HasSubstr("# TYPE ringattn_queue_depth gauge"));
+}
+
+// The first ring is a formation, not a re-form.
+TEST(ServiceMetricsTest, ReformsCountRingsAfterTheFirst) {
+  ServiceMetrics m = MakeMetrics();
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_formations_total 0"));
+  m.RecordRingFormed();
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_formations_total 1"));
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_reforms_total 0"));
+  m.RecordRingFormed();
+  m.RecordRingFormed();
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_formations_total 3"));
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_reforms_total 2"));
+}
+
+// The load gauges are read at each collection, not when they last changed.
+TEST(ServiceMetricsTest, LoadIsSampledAtEachCollection) {
+  ServiceMetrics m = MakeMetrics();
+  int64_t queued = 1;
+  m.SampleLoad([&queued] { return ServiceMetrics::Load{.queued = queued}; });
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_queue_depth 1\n"));
+  queued = 9;
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_queue_depth 9\n"));
+  EXPECT_THAT(m.Serialize(), HasSubstr("ringattn_ring_ready 0\n"));
+}
+
+// FlashAttention's count, against the formula written out: 4 b h s^2 d, halved when causal.
+TEST(ServiceMetricsTest, WorkOfAShape) {
+  const AttentionShape shape = AttentionShape::Self(DType::kBF16, /*batch=*/2, /*rows=*/3816,
+                                                    /*heads=*/5, /*heads_k=*/1, /*head_dim=*/64);
+  const RequestWork dense = WorkOf(shape, /*causal=*/false, 1.0);
+  EXPECT_EQ(dense.tokens, 2 * 3816);
+  EXPECT_DOUBLE_EQ(dense.flops, 4.0 * 2 * 5 * 3816.0 * 3816.0 * 64);
+  EXPECT_DOUBLE_EQ(WorkOf(shape, /*causal=*/true, 1.0).flops, dense.flops / 2);
+  EXPECT_DOUBLE_EQ(WorkOf(shape, /*causal=*/false, 2.5).flops, dense.flops * 2.5);
+  EXPECT_EQ(WorkOf(shape, true, 2.5).tokens, 2 * 3816);
 }
 
 TEST(ServiceMetricsTest, PhaseNames) {

@@ -231,7 +231,7 @@ void RingManager::TryFormRing() {
   members_ = members;
   turns_ = std::make_shared<RingTurns>();
   ready_ = true;
-  if (metrics_ != nullptr) metrics_->RecordRingReform();
+  if (metrics_ != nullptr) metrics_->RecordRingFormed();
   std::fprintf(stderr, "coordinator: ring generation %lld formed with %d workers\n",
                static_cast<long long>(generation), world);
 }

@@ -797,9 +797,10 @@ TEST(ServiceAdmission, LeavingTheQueueFreesItsPlace) {
     v1::AttendResponse resp;
     long_status = Call(svc, long_request, &resp, absl::Seconds(120));
   });
-  // The dispatcher has taken it: the queue is empty.
+  // The dispatcher has taken it: the queue is empty, one request runs.
   absl::SleepFor(absl::Milliseconds(300));
   ASSERT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(5)));
+  EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_running_requests 1\n", absl::Seconds(5)));
 
   Shape small;
   const v1::AttendRequest next = MakeRequest(small);

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include <cstddef>
 #include <string>
@@ -236,6 +237,15 @@ class DeviceRingEngine final : public RingEngine {
   std::string backend_name() const override { return std::string(backend_->name()); }
   std::string device_name() const override { return device_name_; }
   std::string transport() const override { return "nccl"; }
+
+  std::optional<DeviceMemory> DeviceMemoryNow() const override {
+    size_t free = 0, total = 0;
+    if (cudaSetDevice(device_) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess) {
+      cudaGetLastError();  // a reading missed, not an error of the next CUDA call
+      return std::nullopt;
+    }
+    return DeviceMemory{static_cast<int64_t>(total - free), static_cast<int64_t>(total)};
+  }
 
   absl::StatusOr<std::shared_ptr<char>> AllocateHost(size_t bytes) override {
     RA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,13 @@ class RingEngine {
   // FAILED_PRECONDITION on the host engine, which has no GPU.
   virtual absl::StatusOr<std::shared_ptr<char>> OpenCudaShared(const std::string& handle,
                                                                int64_t bytes);
+  // GPU engines: the device's memory now (cudaMemGetInfo: every process's use of it); nullopt
+  // on the host engine (the default) or when the query fails.
+  struct DeviceMemory {
+    int64_t used_bytes = 0;
+    int64_t total_bytes = 0;
+  };
+  virtual std::optional<DeviceMemory> DeviceMemoryNow() const { return std::nullopt; }
   // Joins ring `rank` of `world` through `store` (keys already confined to this ring).
   virtual absl::StatusOr<std::unique_ptr<RingConnection>> Connect(
       int rank, int world, std::shared_ptr<CoordinatorStore> store,

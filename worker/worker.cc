@@ -10,6 +10,8 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -75,6 +77,7 @@ Worker::Worker(Options options) : options_(std::move(options)) {}
 Worker::~Worker() {
   Shutdown();
   Wait();
+  if (metrics_ != nullptr) metrics_->StopExposer();
 }
 
 std::string Worker::address() const { return JoinHostPort(options_.advertise_host, port_); }
@@ -117,7 +120,17 @@ absl::Status Worker::BuildAndStart() {
   coordinator_channel_ = CoordinatorChannel(options_.coordinator_address, *secret);
   coordinator_ = v1::CoordinatorService::NewStub(coordinator_channel_);
 
-  auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine), *secret);
+  std::function<std::optional<RingEngine::DeviceMemory>()> gpu_memory;
+  if (engine->DeviceMemoryNow().has_value()) {
+    gpu_memory = [e = engine.get()] { return e->DeviceMemoryNow(); };
+  }
+  metrics_ = std::make_unique<WorkerMetrics>(
+      WorkerMetrics::Info{backend_name_, device_name_, transport_}, std::move(gpu_memory));
+  if (!options_.metrics_address.empty()) {
+    RA_RETURN_IF_ERROR(metrics_->StartExposer(options_.metrics_address));
+  }
+  auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine), *secret,
+                                                     metrics_.get());
 
   int port = 0;
   grpc::ServerBuilder builder;

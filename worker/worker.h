@@ -23,6 +23,7 @@
 #include "absl/synchronization/notification.h"
 #include "proto/transport_security.h"
 #include "ringattn/v1/worker.grpc.pb.h"
+#include "worker/worker_metrics.h"
 
 namespace ringattn {
 
@@ -58,6 +59,9 @@ class Worker {
     std::chrono::milliseconds reregister_after = std::chrono::seconds(3);
     // How long registration keeps retrying while the coordinator is not up yet.
     std::chrono::milliseconds register_timeout = std::chrono::seconds(60);
+    // host:port of this worker's Prometheus /metrics (worker/worker_metrics.h; port 0 picks a
+    // free one, see metrics_port()); empty: none.
+    std::string metrics_address;
   };
 
   explicit Worker(Options options);
@@ -84,6 +88,8 @@ class Worker {
   // What the engine reported (valid after BuildAndStart).
   const std::string& backend_name() const { return backend_name_; }
   const std::string& device_name() const { return device_name_; }
+  // The port of /metrics; 0 without metrics_address.
+  int metrics_port() const { return metrics_ != nullptr ? metrics_->exposer_port() : 0; }
 
   // Aborts the ring and any rendezvous, stops the server (calls in flight fail promptly) and
   // interrupts a registration still retrying. Idempotent; callable from any thread.
@@ -106,6 +112,9 @@ class Worker {
   std::string transport_;
   std::shared_ptr<grpc::Channel> coordinator_channel_;
   std::shared_ptr<v1::CoordinatorService::Stub> coordinator_;
+  // Outlives the service that records into it; its exposer is stopped before the service (and
+  // the engine its GPU memory sampler reads) goes.
+  std::unique_ptr<WorkerMetrics> metrics_;
   // The service outlives the server that calls it.
   std::unique_ptr<WorkerServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;

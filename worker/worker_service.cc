@@ -87,8 +87,11 @@ absl::Status Annotate(const absl::Status& s, const std::string& prefix) {
 
 WorkerServiceImpl::WorkerServiceImpl(
     std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-    std::unique_ptr<RingEngine> engine, ClusterSecret secret)
-    : coordinator_(std::move(coordinator)), secret_(std::move(secret)), engine_(std::move(engine)) {}
+    std::unique_ptr<RingEngine> engine, ClusterSecret secret, WorkerMetrics* metrics)
+    : coordinator_(std::move(coordinator)),
+      secret_(std::move(secret)),
+      metrics_(metrics),
+      engine_(std::move(engine)) {}
 
 WorkerServiceImpl::~WorkerServiceImpl() { Shutdown(); }
 
@@ -621,6 +624,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                                            const ShardOp<Request>& op) {
   if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   const absl::Time handler0 = absl::Now();
+  int64_t bytes_sent = 0;
   const grpc::Status status = RunOnCurrentRing(
       method, request.header().generation(), request.header().sequence(), context,
       [&](const std::shared_ptr<Ring>& ring, Turn& turn,
@@ -705,6 +709,10 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
                               return op(comm, spec, request, buffers);
                             }));
         turn.Release();
+        bytes_sent = RingBytesSent(
+            spec.plan, rank,
+            &rpc == &AttendBackwardRpc() ? RingDirection::kBackward : RingDirection::kForward,
+            spec.shape);
         const absl::Time write0 = absl::Now();
         for (const SharedOutput& out : shared_outputs) {
           const std::string where = absl::StrCat(out.tensor->name, " in shared memory");
@@ -725,6 +733,10 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
       response);
   if (status.ok()) {
     response->mutable_timing()->set_handler_seconds(Since(handler0));
+  }
+  if (metrics_ != nullptr) {
+    metrics_->RecordCall(rpc.name, static_cast<absl::StatusCode>(status.error_code()),
+                         response->timing(), bytes_sent);
   }
   return status;
 }

@@ -30,6 +30,7 @@
 #include "base/shared_memory.h"
 #include "proto/cluster_auth.h"
 #include "worker/ring_engine.h"
+#include "worker/worker_metrics.h"
 
 namespace ringattn {
 
@@ -47,9 +48,11 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
  public:
   // `coordinator` serves the rendezvous store; `engine` (kernel backend and transport) connects
   // the rings and computes every ring step. Every call must carry `secret` (UNAUTHENTICATED
-  // otherwise, before anything else is looked at).
+  // otherwise, before anything else is looked at). Compute calls are recorded in `metrics`
+  // when given (it must outlive the service).
   WorkerServiceImpl(std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-                    std::unique_ptr<RingEngine> engine, ClusterSecret secret);
+                    std::unique_ptr<RingEngine> engine, ClusterSecret secret,
+                    WorkerMetrics* metrics = nullptr);
   ~WorkerServiceImpl() override;
 
   grpc::Status JoinRing(grpc::ServerContext* context, const v1::JoinRingRequest* request,
@@ -149,6 +152,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
 
   const std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator_;
   const ClusterSecret secret_;
+  WorkerMetrics* const metrics_;  // may be null
 
   // Held for the whole of a rendezvous or a ring pass: the ring (and the backend) run one thing
   // at a time. Acquired before mu_.
