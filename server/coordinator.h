@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/trace_context.h"
 #include "proto/cluster_auth.h"
 #include "proto/transport_security.h"
 #include "ringattn/v1/attention.pb.h"
@@ -150,12 +151,12 @@ class Coordinator {
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
   // `owner` is the caller's identity (CallerIdentity), whose shared-memory regions the request
-  // may refer to.
+  // may refer to; `trace` the call's span, which the worker calls carry on.
   template <typename Call>
   absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
                                                     typename Call::Response* response,
                                                     const std::string& owner, absl::Time arrival,
-                                                    absl::Time deadline,
+                                                    absl::Time deadline, const TraceContext& trace,
                                                     std::function<void(absl::Status)> finish);
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.

@@ -7,6 +7,8 @@
 // request's other tensors go to those workers the same way, through the arena.
 #pragma once
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "google/protobuf/message.h"
@@ -33,6 +35,9 @@ struct RunControl {
   // earlier turn was still running: its workers were waiting for their turn, which they skip,
   // and the ring is intact. May be null.
   bool* ring_intact = nullptr;
+  // The request's span (base/trace_context.h), sent as `traceparent` metadata on every worker
+  // call; empty: none.
+  std::string traceparent;
 };
 
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request
