@@ -79,6 +79,17 @@ bool NeedsQuotes(absl::string_view v) {
   return false;
 }
 
+// `value` in double quotes and escaped, or as it is.
+void AppendValue(std::string* out, absl::string_view value, bool quoted) {
+  if (!quoted) {
+    out->append(value.data(), value.size());
+    return;
+  }
+  out->push_back('"');
+  AppendEscaped(out, value, /*quotes=*/true);
+  out->push_back('"');
+}
+
 std::string RenderText(absl::string_view component, absl::string_view message,
                        const LogField* fields, size_t n) {
   std::string out;
@@ -89,13 +100,7 @@ std::string RenderText(absl::string_view component, absl::string_view message,
     out.push_back(' ');
     AppendEscaped(&out, fields[i].key(), /*quotes=*/false);
     out.push_back('=');
-    if (NeedsQuotes(fields[i].value())) {
-      out.push_back('"');
-      AppendEscaped(&out, fields[i].value(), /*quotes=*/true);
-      out.push_back('"');
-    } else {
-      out.append(fields[i].value());
-    }
+    AppendValue(&out, fields[i].value(), NeedsQuotes(fields[i].value()));
   }
   return out;
 }
@@ -103,22 +108,15 @@ std::string RenderText(absl::string_view component, absl::string_view message,
 // The members of the line's object after "ts" and "level".
 std::string RenderJson(absl::string_view component, absl::string_view message,
                        const LogField* fields, size_t n) {
-  std::string out = "\"component\":\"";
-  AppendEscaped(&out, component, /*quotes=*/true);
-  out.append("\",\"msg\":\"");
-  AppendEscaped(&out, message, /*quotes=*/true);
-  out.push_back('"');
+  std::string out = "\"component\":";
+  AppendValue(&out, component, /*quoted=*/true);
+  out.append(",\"msg\":");
+  AppendValue(&out, message, /*quoted=*/true);
   for (size_t i = 0; i < n; ++i) {
-    out.append(",\"");
-    AppendEscaped(&out, fields[i].key(), /*quotes=*/true);
-    out.append("\":");
-    if (fields[i].is_string()) {
-      out.push_back('"');
-      AppendEscaped(&out, fields[i].value(), /*quotes=*/true);
-      out.push_back('"');
-    } else {
-      out.append(fields[i].value());
-    }
+    out.push_back(',');
+    AppendValue(&out, fields[i].key(), /*quoted=*/true);
+    out.push_back(':');
+    AppendValue(&out, fields[i].value(), fields[i].is_string());
   }
   return out;
 }
@@ -127,17 +125,16 @@ std::string RenderJson(absl::string_view component, absl::string_view message,
 class LineFormatter final : public spdlog::formatter {
  public:
   void format(const spdlog::details::log_msg& msg, spdlog::memory_buf_t& dest) override {
-    const std::string ts = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::FromChrono(msg.time),
-                                            absl::UTCTimeZone());
+    const std::string ts =
+        absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::FromChrono(msg.time), absl::UTCTimeZone());
     const LogLevel level = FromSpdlog(msg.level);
     const absl::string_view payload(msg.payload.data(), msg.payload.size());
     std::string line;
     if (absl::string_view(msg.logger_name.data(), msg.logger_name.size()) == kJsonLogger) {
-      line = absl::StrCat("{\"ts\":\"", ts, "\",\"level\":\"", LogLevelName(level), "\",",
-                          payload, "}\n");
+      line = absl::StrCat("{\"ts\":\"", ts, "\",\"level\":\"", LogLevelName(level), "\",", payload,
+                          "}\n");
     } else {
-      line = absl::StrCat(ts, " ", absl::AsciiStrToUpper(LogLevelName(level)), " ", payload,
-                          "\n");
+      line = absl::StrCat(ts, " ", absl::AsciiStrToUpper(LogLevelName(level)), " ", payload, "\n");
     }
     dest.append(line.data(), line.data() + line.size());
   }
@@ -206,8 +203,8 @@ void Write(LogLevel level, absl::string_view component, absl::string_view messag
   if (!LogEnabled(level)) return;
   Loggers& loggers = TheLoggers();
   const bool json = CurrentLogFormat() == LogFormat::kJson;
-  const std::string payload = json ? RenderJson(component, message, fields, n)
-                                   : RenderText(component, message, fields, n);
+  const std::string payload =
+      json ? RenderJson(component, message, fields, n) : RenderText(component, message, fields, n);
   (json ? loggers.json : loggers.text)
       ->log(ToSpdlog(level), spdlog::string_view_t(payload.data(), payload.size()));
 }
@@ -259,9 +256,7 @@ const char* LogLevelName(LogLevel level) {
   return "info";
 }
 
-const char* LogFormatName(LogFormat format) {
-  return format == LogFormat::kJson ? "json" : "text";
-}
+const char* LogFormatName(LogFormat format) { return format == LogFormat::kJson ? "json" : "text"; }
 
 void ConfigureLog(LogFormat format, LogLevel level) {
   g_format = static_cast<int>(format);

@@ -53,7 +53,7 @@ absl::StatusOr<LogFormat> ParseLogFormat(absl::string_view name);
 // "debug", "info", "warning" (or "warn"), "error"; anything else is InvalidArgument naming
 // --log_level.
 absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view name);
-const char* LogLevelName(LogLevel level);  // "debug", "info", "warning", "error"
+const char* LogLevelName(LogLevel level);     // "debug", "info", "warning", "error"
 const char* LogFormatName(LogFormat format);  // "text", "json"
 
 // The format of every later line and the least level written.

@@ -28,8 +28,14 @@ TEST_F(LogTest, TextLinesHaveTimestampLevelComponentAndFields) {
   ConfigureLog(LogFormat::kText, LogLevel::kInfo);
   LogCapture capture;
   LogInfo("coordinator", "request done",
-          {{"request_id", "req-7"}, {"code", "OK"}, {"total_ms", 12.5}, {"rank", 3},
-           {"ok", true}, {"client", "peer:ipv4:127.0.0.1"}, {"note", "two words"}, {"none", ""}});
+          {{"request_id", "req-7"},
+           {"code", "OK"},
+           {"total_ms", 12.5},
+           {"rank", 3},
+           {"ok", true},
+           {"client", "peer:ipv4:127.0.0.1"},
+           {"note", "two words"},
+           {"none", ""}});
   ASSERT_EQ(capture.lines().size(), 1u);
   EXPECT_THAT(capture.lines()[0],
               MatchesRegex("[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z "
@@ -135,15 +141,14 @@ TEST(TraceparentTest, RefusesMalformedHeaders) {
     EXPECT_FALSE(ParseTraceparent(bad).has_value()) << bad;
   }
   // A later version: its first four fields, then more after a '-'.
-  EXPECT_TRUE(
-      ParseTraceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").has_value());
+  EXPECT_TRUE(ParseTraceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                  .has_value());
   EXPECT_FALSE(
       ParseTraceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01extra").has_value());
 }
 
 TEST(TraceparentTest, ASpanIsAChildOfTheCallerOrTheRootOfANewTrace) {
-  const TraceContext child =
-      SpanForCall("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+  const TraceContext child = SpanForCall("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
   EXPECT_EQ(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
   EXPECT_EQ(child.parent_span_id, "00f067aa0ba902b7");
   EXPECT_NE(child.span_id, "00f067aa0ba902b7");

@@ -509,9 +509,10 @@ absl::StatusOr<Response> TimedCall(
 // --shm: a session whose region fits `request`, registered with the service; prints it, or the
 // error (then returned).
 template <typename Request>
-absl::StatusOr<std::unique_ptr<SharedMemorySession>> OpenSharedMemory(
-    AttentionClient& client, const Request& request, const AttendCommandOptions& o,
-    std::ostream& out) {
+absl::StatusOr<std::unique_ptr<SharedMemorySession>> OpenSharedMemory(AttentionClient& client,
+                                                                      const Request& request,
+                                                                      const AttendCommandOptions& o,
+                                                                      std::ostream& out) {
   absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
       SharedMemorySession::OpenFor(client, request, absl::Seconds(o.connect_timeout_seconds),
                                    o.cuda_shm ? SharedMemorySession::Kind::kCuda

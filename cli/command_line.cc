@@ -95,9 +95,7 @@ std::string FlagEntry(const CommandLineSpec& spec, const std::string& name,
 }
 
 // Whether `arg` asks for help (--help, -h, --helpfull) or the version.
-bool IsHelp(const std::string& arg) {
-  return arg == "--help" || arg == "-help" || arg == "-h";
-}
+bool IsHelp(const std::string& arg) { return arg == "--help" || arg == "-help" || arg == "-h"; }
 bool IsHelpFull(const std::string& arg) { return arg == "--helpfull" || arg == "-helpfull"; }
 bool IsVersion(const std::string& arg) { return arg == "--version" || arg == "-version"; }
 
@@ -111,7 +109,14 @@ std::optional<absl::StatusOr<CommandLine>> HelpOrVersion(const CommandLineSpec& 
     help |= IsHelp(a);
     full |= IsHelpFull(a);
     version |= IsVersion(a);
-    if (!a.empty() && a[0] != '-') positional.push_back(a);
+    if (a.empty() || a[0] != '-') {
+      positional.push_back(a);
+    } else if (a.find('=') == std::string::npos) {
+      // "--name value": the value is no command.
+      const absl::CommandLineFlag* flag =
+          FindFlag(spec, a.substr(a.size() > 1 && a[1] == '-' ? 2 : 1));
+      if (flag != nullptr && !flag->IsOfType<bool>()) ++i;
+    }
   }
   const bool help_command = !positional.empty() && positional[0] == "help";
   if (!help && !full && !version && !help_command) return std::nullopt;
@@ -236,8 +241,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(
     absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
     std::string error;
     if (flag == nullptr || !flag->ParseFrom(value, &error)) {
-      return Usage(absl::StrCat("invalid value '", value, "' in ", variable, " (--", name,
-                                "): ", error));
+      return Usage(
+          absl::StrCat("invalid value '", value, "' in ", variable, " (--", name, "): ", error));
     }
     line.from_environment.push_back(name);
   }
@@ -245,10 +250,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(
 }
 
 std::string Overview(const CommandLineSpec& spec) {
-  std::string out = absl::StrCat("usage: ", spec.program, " <command> [flags]\n",
-                                 "       ", spec.program, " help [<command>]    (or ", spec.program,
-                                 " <command> --help): a command's flags\n", "       ",
-                                 spec.program, " --version\n", "commands:\n");
+  std::string out = absl::StrCat("usage: ", spec.program, " <command> [flags]\n", "       ",
+                                 spec.program, " help [<command>]    (or ", spec.program,
+                                 " <command> --help): a command's flags\n", "       ", spec.program,
+                                 " --version\n", "commands:\n");
   size_t width = 0;
   for (const CommandSpec& c : spec.commands) width = std::max(width, c.name.size());
   for (const CommandSpec& c : spec.commands) {
@@ -281,7 +286,8 @@ std::string CommandHelp(const CommandLineSpec& spec, const CommandSpec& command)
 std::string AllFlagsHelp(const CommandLineSpec& spec) {
   std::set<std::string> names;
   for (const CommandSpec& c : spec.commands) names.insert(c.flags.begin(), c.flags.end());
-  std::string out = absl::StrCat("every flag of ", spec.program, ", with the commands that take it:\n");
+  std::string out =
+      absl::StrCat("every flag of ", spec.program, ", with the commands that take it:\n");
   for (const std::string& name : names) {
     absl::StrAppend(&out, FlagEntry(spec, name, nullptr));
   }

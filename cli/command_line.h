@@ -53,9 +53,9 @@ struct CommandLine {
 // Reads `args` (args[0] is the program) against `spec` and sets the command's flags; `getenv`
 // looks a variable up (nullptr: unset). InvalidArgument, with a message for the user, on any
 // usage error; with no arguments at all, InvalidArgument whose message is the overview.
-absl::StatusOr<CommandLine> ParseCommandLine(
-    const CommandLineSpec& spec, const std::vector<std::string>& args,
-    const std::function<const char*(const char*)>& getenv);
+absl::StatusOr<CommandLine> ParseCommandLine(const CommandLineSpec& spec,
+                                             const std::vector<std::string>& args,
+                                             const std::function<const char*(const char*)>& getenv);
 
 // "RINGATTN_LISTEN" for "listen".
 std::string EnvironmentVariableOf(const CommandLineSpec& spec, const std::string& flag);

@@ -116,9 +116,8 @@ TEST_F(CommandLineTest, UsageErrors) {
     EXPECT_THAT(line.status().message(), HasSubstr(message));
   }
   // No arguments at all: the message is the overview.
-  absl::StatusOr<CommandLine> line = ParseCommandLine(Spec(), {"prog"}, [](const char*) {
-    return static_cast<const char*>(nullptr);
-  });
+  absl::StatusOr<CommandLine> line = ParseCommandLine(
+      Spec(), {"prog"}, [](const char*) { return static_cast<const char*>(nullptr); });
   EXPECT_THAT(line.status().message(), HasSubstr("commands:\n  serve   the server\n"));
 }
 
@@ -134,6 +133,7 @@ TEST_F(CommandLineTest, HelpAndVersionAreAskedFor) {
            {{"help", "serve"}, CommandLine::Action::kHelp, "serve"},
            {{"serve", "--help"}, CommandLine::Action::kHelp, "serve"},
            {{"serve", "--x_window=1", "-h"}, CommandLine::Action::kHelp, "serve"},
+           {{"--x_listen", "h:1", "serve", "--help"}, CommandLine::Action::kHelp, "serve"},
            {{"attend", "--helpfull"}, CommandLine::Action::kHelpFull, nullptr},
            {{"--version"}, CommandLine::Action::kVersion, nullptr},
            {{"serve", "--version"}, CommandLine::Action::kVersion, nullptr},
@@ -174,12 +174,13 @@ TEST_F(CommandLineTest, CommandHelpListsOnlyItsFlagsWithDefaultsAndVariables) {
 }
 
 TEST_F(CommandLineTest, TheEnvironmentSitsBetweenTheCommandLineAndTheDefault) {
-  env_ = {{"RINGATTN_X_WORKERS", "5"}, {"RINGATTN_X_LISTEN", "0.0.0.0:1"},
+  env_ = {{"RINGATTN_X_WORKERS", "5"},
+          {"RINGATTN_X_LISTEN", "0.0.0.0:1"},
           {"RINGATTN_X_TARGET", "elsewhere:1"}};
   absl::StatusOr<CommandLine> line = Parse({"serve", "--x_listen=127.0.0.1:7"});
   ASSERT_TRUE(line.ok()) << line.status();
-  EXPECT_EQ(absl::GetFlag(FLAGS_x_workers), 5);                // environment over default
-  EXPECT_EQ(absl::GetFlag(FLAGS_x_listen), "127.0.0.1:7");     // command line over environment
+  EXPECT_EQ(absl::GetFlag(FLAGS_x_workers), 5);             // environment over default
+  EXPECT_EQ(absl::GetFlag(FLAGS_x_listen), "127.0.0.1:7");  // command line over environment
   EXPECT_THAT(line->from_environment, ElementsAre("x_workers"));
   // attend reads no variable: its flags keep their defaults.
   line = Parse({"attend"});

@@ -14,8 +14,8 @@
 
 #include "absl/strings/str_format.h"
 #include "base/error_metrics.h"
-#include "cli/exit_codes.h"
 #include "base/status_macros.h"
+#include "cli/exit_codes.h"
 #include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"

@@ -84,8 +84,7 @@ ABSL_FLAG(std::string, kernel, "auto",
           "serve/worker: auto (cuda with a GPU, else cpu), cpu, cpu_reference, cuda, "
           "cuda_reference, cudnn; ring: cpu or cpu_reference");
 ABSL_FLAG(int, device, 0, "GPU index (modulo the number of GPUs)");
-ABSL_FLAG(bool, demo, false,
-          "answer one sample request (the problem flags), print it and stop");
+ABSL_FLAG(bool, demo, false, "answer one sample request (the problem flags), print it and stop");
 ABSL_FLAG(int, max_queue, 16, "admitted requests that may wait");
 ABSL_FLAG(int, pipeline_depth, 2,
           "requests on the ring at once: with 2 the next request's transfers overlap the "
@@ -136,8 +135,7 @@ ABSL_FLAG(std::string, log_level, "info", "the least level logged: debug, info, 
 // attend, bench
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "the coordinator's host:port");
 ABSL_FLAG(bool, tls, false, "TLS, verifying the server against the system's roots");
-ABSL_FLAG(std::string, tls_ca, "",
-          "TLS, verifying the server's certificate against this CA (PEM)");
+ABSL_FLAG(std::string, tls_ca, "", "TLS, verifying the server's certificate against this CA (PEM)");
 ABSL_FLAG(std::string, tls_server_name, "",
           "the name the server's certificate must carry (default: --target's host)");
 ABSL_FLAG(std::string, token_file, "",
@@ -191,49 +189,64 @@ Flags Join(std::initializer_list<Flags> parts) {
 }
 
 // The flag groups the commands share.
-const Flags kShape = {"batch", "seqlen", "heads", "heads_k", "head_dim", "dtype", "layout",
-                      "causal", "seed"};
-const Flags kOptions = {"window_left", "window_right", "alibi",        "softcap",
-                        "softmax_scale", "dropout_p",  "dropout_seed", "cu_seqlens"};
-const Flags kClient = {"target", "tls", "tls_ca", "tls_server_name", "tls_cert", "tls_key",
-                       "token_file"};
+const Flags kShape = {"batch", "seqlen", "heads",  "heads_k", "head_dim",
+                      "dtype", "layout", "causal", "seed"};
+const Flags kOptions = {"window_left",   "window_right", "alibi",        "softcap",
+                        "softmax_scale", "dropout_p",    "dropout_seed", "cu_seqlens"};
+const Flags kClient = {"target",   "tls",     "tls_ca",    "tls_server_name",
+                       "tls_cert", "tls_key", "token_file"};
 const Flags kTransfer = {"stream", "shm", "cuda_shm"};
 const Flags kLog = {"log_format", "log_level"};
-const Flags kCoordinator = {
-    "listen",          "internal_listen",   "metrics",          "health_listen",
-    "workers",         "cluster_secret_file", "max_queue",      "pipeline_depth",
-    "max_queued_bytes", "max_client_share", "max_request_seconds", "stream_idle_seconds",
-    "drain_seconds",   "max_unary_bytes",   "max_request_bytes", "api_tokens_file",
-    "tls_cert",        "tls_key",           "tls_client_ca",    "internal_tls_cert",
-    "internal_tls_key", "internal_tls_ca",  "shared_memory"};
+const Flags kCoordinator = {"listen",
+                            "internal_listen",
+                            "metrics",
+                            "health_listen",
+                            "workers",
+                            "cluster_secret_file",
+                            "max_queue",
+                            "pipeline_depth",
+                            "max_queued_bytes",
+                            "max_client_share",
+                            "max_request_seconds",
+                            "stream_idle_seconds",
+                            "drain_seconds",
+                            "max_unary_bytes",
+                            "max_request_bytes",
+                            "api_tokens_file",
+                            "tls_cert",
+                            "tls_key",
+                            "tls_client_ca",
+                            "internal_tls_cert",
+                            "internal_tls_key",
+                            "internal_tls_ca",
+                            "shared_memory"};
 // serve --demo's sample request: the attend flags a client on the same host needs.
-const Flags kDemo = Join({kShape, kOptions, {"check", "timeout", "return_lse", "chunk_bytes",
-                                             "backward", "tls_ca", "token_file"},
-                          kTransfer});
+const Flags kDemo =
+    Join({kShape,
+          kOptions,
+          {"check", "timeout", "return_lse", "chunk_bytes", "backward", "tls_ca", "token_file"},
+          kTransfer});
 
 const ringattn::CommandLineSpec& Spec() {
   static const ringattn::CommandLineSpec* const spec = [] {
     auto* s = new ringattn::CommandLineSpec;
     const Flags serve_env = Join({kCoordinator, {"kernel"}, kLog});
-    const Flags worker = Join({{"coordinator", "worker_listen", "advertise_host", "kernel",
-                                "device", "cluster_secret_file", "internal_tls_cert",
-                                "internal_tls_key", "internal_tls_ca", "shared_memory",
-                                "exit_with_parent"},
-                               kLog});
+    const Flags worker =
+        Join({{"coordinator", "worker_listen", "advertise_host", "kernel", "device",
+               "cluster_secret_file", "internal_tls_cert", "internal_tls_key", "internal_tls_ca",
+               "shared_memory", "exit_with_parent"},
+              kLog});
     s->commands = {
-        {"serve",
-         "coordinator + local worker processes (CPU + Gloo without a GPU)",
+        {"serve", "coordinator + local worker processes (CPU + Gloo without a GPU)",
          "The coordinator and --workers local `ringattn worker` processes, restarted when they "
          "exit; serves until SIGTERM or SIGINT, then drains. --demo: answer one sample request "
          "(the problem flags, which need --demo), print it and stop.\n",
          Join({serve_env, {"demo"}, kDemo}), serve_env},
-        {"coordinator",
-         "the coordinator alone; workers register from elsewhere",
+        {"coordinator", "the coordinator alone; workers register from elsewhere",
          "The coordinator alone: --workers workers register on --internal_listen with the "
          "cluster secret (docs/running.md, \"Across machines\").\n",
          Join({kCoordinator, kLog}), Join({kCoordinator, kLog})},
-        {"worker",
-         "one worker process (--coordinator host:port)",
+        {"worker", "one worker process (--coordinator host:port)",
          "One worker: registers with the coordinator's internal plane and runs its shards.\n",
          worker, worker},
         {"attend",
@@ -241,7 +254,9 @@ const ringattn::CommandLineSpec& Spec() {
          "Sends one request (synthetic, or --q_npy/--k_npy/--v_npy) and prints the output's "
          "summary and the timings; --check compares it with the fp64 reference; --backward "
          "takes the gradients too.\n",
-         Join({kClient, kShape, kOptions,
+         Join({kClient,
+               kShape,
+               kOptions,
                {"check", "timeout", "q_npy", "k_npy", "v_npy", "out_npy", "grads_npy_prefix",
                 "return_lse", "chunk_bytes", "backward"},
                kTransfer}),
@@ -251,7 +266,8 @@ const ringattn::CommandLineSpec& Spec() {
          "Sends one synthetic request from --concurrency threads, --requests times (or for "
          "--duration seconds), and reports latency percentiles, throughput and the server's "
          "phases.\n",
-         Join({kClient, kShape,
+         Join({kClient,
+               kShape,
                {"timeout", "backward", "shm_resident", "concurrency", "requests", "duration",
                 "json"},
                kTransfer}),
@@ -273,20 +289,20 @@ const ringattn::CommandLineSpec& Spec() {
 
 std::string VersionText() {
   const std::string git = RINGATTN_GIT_DESCRIBE;
-  return absl::StrCat("ringattn ", RINGATTN_VERSION, git.empty() ? "" : " (git " + git + ")",
-                      "\nbuild: ", RINGATTN_BUILD_TYPE, "; CUDA ", RINGATTN_HAVE_CUDA ? "yes" : "no",
-                      ", NCCL ", RINGATTN_HAVE_NCCL ? "yes" : "no", ", cuDNN ",
-                      RINGATTN_HAVE_CUDNN ? "yes" : "no", "\n");
+  return absl::StrCat(
+      "ringattn ", RINGATTN_VERSION, git.empty() ? "" : " (git " + git + ")",
+      "\nbuild: ", RINGATTN_BUILD_TYPE, "; CUDA ", RINGATTN_HAVE_CUDA ? "yes" : "no", ", NCCL ",
+      RINGATTN_HAVE_NCCL ? "yes" : "no", ", cuDNN ", RINGATTN_HAVE_CUDNN ? "yes" : "no", "\n");
 }
 
 // gRPC's own log lines, through ours (component "grpc").
 void LogFromGrpc(gpr_log_func_args* args) {
-  const ringattn::LogLevel level = args->severity == GPR_LOG_SEVERITY_ERROR
-                                       ? ringattn::LogLevel::kError
-                                   : args->severity == GPR_LOG_SEVERITY_INFO
-                                       ? ringattn::LogLevel::kInfo
-                                       : ringattn::LogLevel::kDebug;
-  ringattn::Log(level, "grpc", args->message, {{"source", absl::StrCat(args->file, ":", args->line)}});
+  const ringattn::LogLevel level =
+      args->severity == GPR_LOG_SEVERITY_ERROR  ? ringattn::LogLevel::kError
+      : args->severity == GPR_LOG_SEVERITY_INFO ? ringattn::LogLevel::kInfo
+                                                : ringattn::LogLevel::kDebug;
+  ringattn::Log(level, "grpc", args->message,
+                {{"source", absl::StrCat(args->file, ":", args->line)}});
 }
 
 // --log_format and --log_level into the log; gRPC's lines join it. False (printed) when either
@@ -466,8 +482,9 @@ int RunServeOrCoordinator(bool spawn_workers, const std::vector<std::string>& gi
   o.listen_address = absl::GetFlag(FLAGS_listen);
   o.internal_listen_address = absl::GetFlag(FLAGS_internal_listen);
   if (!spawn_workers && o.internal_listen_address.empty()) {
-    return UsageError("coordinator: --internal_listen host:port is required (workers register "
-                      "there)");
+    return UsageError(
+        "coordinator: --internal_listen host:port is required (workers register "
+        "there)");
   }
   absl::StatusOr<ringattn::ClusterSecret> secret =
       ringattn::ClusterSecret::FromFileOrEnvironment(absl::GetFlag(FLAGS_cluster_secret_file));

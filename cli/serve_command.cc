@@ -52,11 +52,13 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     return absl::IsUnavailable(s) ? kExitCannotListen : kExitFailure;
   }
   const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
-  std::string listening = absl::StrCat(
-      "coordinator listening on port ", coordinator.port(),
-      o.tls.cert.empty() ? "" : o.tls.ca.empty() ? " (TLS)" : " (mTLS)",
-      o.api_tokens_file.empty() ? "" : " (bearer tokens)", " (internal plane on port ",
-      coordinator.internal_port(), o.internal_tls.cert.empty() ? "" : ", mTLS", ")");
+  std::string listening =
+      absl::StrCat("coordinator listening on port ", coordinator.port(),
+                   o.tls.cert.empty() ? ""
+                   : o.tls.ca.empty() ? " (TLS)"
+                                      : " (mTLS)",
+                   o.api_tokens_file.empty() ? "" : " (bearer tokens)", " (internal plane on port ",
+                   coordinator.internal_port(), o.internal_tls.cert.empty() ? "" : ", mTLS", ")");
   if (!o.metrics_address.empty()) {
     absl::StrAppend(&listening, ", metrics on port ", coordinator.metrics_port());
   }

@@ -194,9 +194,9 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
     const int64_t bytes_out = s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0;
     c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(), response_->timings(),
                                bytes_in, bytes_out);
-    LogRequest({std::string(rpc.name), request_id_, client_, &trace_, s, &TensorField(*request_, "q"),
-                &TensorField(*request_, "k"), &response_->timings(), SecondsSince(arrival_),
-                bytes_in, bytes_out});
+    LogRequest({std::string(rpc.name), request_id_, client_, &trace_, s,
+                &TensorField(*request_, "q"), &TensorField(*request_, "k"), &response_->timings(),
+                SecondsSince(arrival_), bytes_in, bytes_out});
     Finish(ToGrpcStatus(s));
   }
 
@@ -494,9 +494,8 @@ class Coordinator::Services {
       }
       response->set_worker_id(c_->ring_->Register(*request));
       LogInfo(kComponent,
-              absl::StrCat("worker ", response->worker_id(), " registered at ",
-                           request->address(), " (", request->backend(), ", ",
-                           request->device(), ")"),
+              absl::StrCat("worker ", response->worker_id(), " registered at ", request->address(),
+                           " (", request->backend(), ", ", request->device(), ")"),
               {{"worker_id", response->worker_id()}, {"worker", request->address()}});
       return grpc::Status::OK;
     }
@@ -618,9 +617,9 @@ absl::Status Coordinator::BuildAndStart() {
     RefuseSharedPorts(&health);
     health_server_ = health.BuildAndStart();
     if (health_server_ == nullptr || health_port_ == 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot listen on ", options_.health_listen_address,
-                       " (health; in use, or not this host's address)"));
+      return absl::UnavailableError(absl::StrCat("cannot listen on ",
+                                                 options_.health_listen_address,
+                                                 " (health; in use, or not this host's address)"));
     }
   }
   SetServing(false);

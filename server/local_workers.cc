@@ -18,13 +18,11 @@ extern char** environ;
 namespace ringattn {
 
 absl::StatusOr<pid_t> LocalWorkerPool::Spawn(int slot) {
-  std::vector<std::string> args = {options_.binary, "worker",
-                                   "--coordinator=" + options_.coordinator_address,
-                                   "--kernel=" + options_.kernel,
-                                   "--device=" + std::to_string(slot), "--exit_with_parent",
-                                   // Loopback, whatever RINGATTN_WORKER_LISTEN or
-                                   // RINGATTN_ADVERTISE_HOST in this environment say.
-                                   "--worker_listen=127.0.0.1:0", "--advertise_host=127.0.0.1"};
+  std::vector<std::string> args = {
+      options_.binary, "worker", "--coordinator=" + options_.coordinator_address,
+      "--kernel=" + options_.kernel, "--device=" + std::to_string(slot), "--exit_with_parent",
+      // Loopback, whatever RINGATTN_WORKER_LISTEN or RINGATTN_ADVERTISE_HOST say.
+      "--worker_listen=127.0.0.1:0", "--advertise_host=127.0.0.1"};
   args.insert(args.end(), options_.extra_args.begin(), options_.extra_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

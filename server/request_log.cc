@@ -47,8 +47,9 @@ void LogRequest(const RequestLogEntry& e) {
   const v1::Timings none;
   const v1::Timings& t = e.timings != nullptr ? *e.timings : none;
   for (const auto& [name, seconds] :
-       {std::pair{"receive_ms", t.receive_seconds()}, std::pair{"validate_ms", t.validate_seconds()},
-        std::pair{"queue_ms", t.queue_seconds()}, std::pair{"ring_wait_ms", t.ring_wait_seconds()},
+       {std::pair{"receive_ms", t.receive_seconds()},
+        std::pair{"validate_ms", t.validate_seconds()}, std::pair{"queue_ms", t.queue_seconds()},
+        std::pair{"ring_wait_ms", t.ring_wait_seconds()},
         std::pair{"scatter_ms", t.scatter_seconds()}, std::pair{"workers_ms", t.workers_seconds()},
         std::pair{"gather_ms", t.gather_seconds()}, std::pair{"respond_ms", t.respond_seconds()},
         std::pair{"send_ms", t.send_seconds()}}) {

@@ -10,8 +10,8 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
-#include "base/trace_context.h"
 #include "base/status_macros.h"
+#include "base/trace_context.h"
 #include "proto/convert.h"
 #include "ring/layout.h"
 

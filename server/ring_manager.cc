@@ -238,8 +238,8 @@ void RingManager::TryFormRing() {
   turns_ = std::make_shared<RingTurns>();
   ready_ = true;
   if (metrics_ != nullptr) metrics_->RecordRingReform();
-  LogInfo(kComponent, absl::StrCat("ring generation ", generation, " formed with ", world,
-                                   " workers"),
+  LogInfo(kComponent,
+          absl::StrCat("ring generation ", generation, " formed with ", world, " workers"),
           {{"generation", generation}, {"workers", world}});
 }
 

@@ -89,13 +89,13 @@ TEST_F(OpsTest, ARequestsLineCarriesItsIdAndTheCallersTraceToEveryWorker) {
 
   const std::vector<std::string> mine = With(capture.lines(), "request_id=ops-1");
   ASSERT_THAT(mine, SizeIs(1));
-  EXPECT_THAT(mine[0], AllOf(HasSubstr(" INFO request: request request_id=ops-1 rpc=Attend code=OK "
-                                       "client=peer:ipv4:127.0.0.1 "),
-                             HasSubstr(absl::StrCat(" trace_id=", kTraceId, " ")),
-                             HasSubstr(absl::StrCat(" parent_span_id=", kCallerSpan, " ")),
-                             HasSubstr(" shape=1x37x5x64 heads_k=1 dtype=fp32 "),
-                             HasSubstr(" bytes_out="), HasSubstr(" total_ms="),
-                             HasSubstr(" queue_ms="), HasSubstr(" workers_ms=")));
+  EXPECT_THAT(mine[0],
+              AllOf(HasSubstr(" INFO request: request request_id=ops-1 rpc=Attend code=OK "
+                              "client=peer:ipv4:127.0.0.1 "),
+                    HasSubstr(absl::StrCat(" trace_id=", kTraceId, " ")),
+                    HasSubstr(absl::StrCat(" parent_span_id=", kCallerSpan, " ")),
+                    HasSubstr(" shape=1x37x5x64 heads_k=1 dtype=fp32 "), HasSubstr(" bytes_out="),
+                    HasSubstr(" total_ms="), HasSubstr(" queue_ms="), HasSubstr(" workers_ms=")));
   std::smatch span;
   ASSERT_TRUE(std::regex_search(mine[0], span, std::regex(" span_id=([0-9a-f]{16}) ")));
   EXPECT_NE(span[1].str(), kCallerSpan);  // the coordinator's own span
@@ -144,10 +144,10 @@ TEST_F(OpsTest, JsonLinesForStreamedAndRefusedRequestsAndNewTraces) {
                  "\"receive_ms\":[0-9.e-]+,.*\"send_ms\":[0-9.e-]+\\}")))
       << lines[0];
   EXPECT_THAT(lines[0], testing::StartsWith("{"));
-  EXPECT_THAT(lines[1], AllOf(HasSubstr("\"level\":\"warning\""),
-                              HasSubstr("\"request_id\":\"ops-refused\""),
-                              HasSubstr("\"code\":\"INVALID_ARGUMENT\""),
-                              HasSubstr("\"error\":\"q.shape[3]")));
+  EXPECT_THAT(
+      lines[1],
+      AllOf(HasSubstr("\"level\":\"warning\""), HasSubstr("\"request_id\":\"ops-refused\""),
+            HasSubstr("\"code\":\"INVALID_ARGUMENT\""), HasSubstr("\"error\":\"q.shape[3]")));
 }
 
 TEST(OpsStartTest, ACoordinatorOnAPortInUseFailsToStart) {
@@ -158,8 +158,8 @@ TEST(OpsStartTest, ACoordinatorOnAPortInUseFailsToStart) {
   // gRPC would share a port (SO_REUSEPORT) unless told not to: each plane must refuse.
   for (const int plane : {0, 1, 2}) {
     Coordinator::Options busy = o;
-    const std::string taken = plane == 1 ? first.internal_address()
-                                         : absl::StrCat("127.0.0.1:", first.port());
+    const std::string taken =
+        plane == 1 ? first.internal_address() : absl::StrCat("127.0.0.1:", first.port());
     if (plane == 0) busy.listen_address = taken;
     if (plane == 1) busy.internal_listen_address = taken;
     if (plane == 2) busy.health_listen_address = taken;
