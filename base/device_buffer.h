@@ -2,17 +2,17 @@
 // calls (the ring's workspace) or sized once. Reserve(bytes) makes it hold at least `bytes`;
 // growing frees the old block first and keeps no contents, so the buffer must be idle (no work
 // queued that reads or writes it). Every CUDA failure is a status; the destructor, which cannot
-// return one, reports a failed cudaFree on stderr.
+// return one, logs a failed cudaFree (base/log.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
-#include <cstdio>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "base/cuda_check.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 
 namespace ringattn {
@@ -22,7 +22,7 @@ class DeviceBuffer {
   DeviceBuffer() = default;
   ~DeviceBuffer() {
     const absl::Status s = Free();
-    if (!s.ok()) std::fprintf(stderr, "DeviceBuffer: %s\n", s.ToString().c_str());
+    if (!s.ok()) LogError("DeviceBuffer", s.ToString());
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;

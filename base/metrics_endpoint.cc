@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "ringattn_config.h"
+#include "ringattn_version.h"
 
 namespace ringattn {
 

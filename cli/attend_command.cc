@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "cli/cli_parse.h"
+#include "cli/exit_codes.h"
 #include "cli/timing_table.h"
 #include "client/npy.h"
 #include "client/shared_memory_session.h"
@@ -506,23 +507,23 @@ absl::StatusOr<Response> TimedCall(
 }
 
 // --shm: a session whose region fits `request`, registered with the service; prints it, or the
-// error (null then).
+// error (then returned).
 template <typename Request>
-std::unique_ptr<SharedMemorySession> OpenSharedMemory(AttentionClient& client,
-                                                      const Request& request,
-                                                      const AttendCommandOptions& o,
-                                                      std::ostream& out) {
+absl::StatusOr<std::unique_ptr<SharedMemorySession>> OpenSharedMemory(AttentionClient& client,
+                                                                      const Request& request,
+                                                                      const AttendCommandOptions& o,
+                                                                      std::ostream& out) {
   absl::StatusOr<std::unique_ptr<SharedMemorySession>> session =
       SharedMemorySession::OpenFor(client, request, absl::Seconds(o.connect_timeout_seconds),
                                    o.cuda_shm ? SharedMemorySession::Kind::kCuda
                                               : SharedMemorySession::Kind::kSystem);
   if (!session.ok()) {
     out << ErrorLine(session.status());
-    return nullptr;
+    return session.status();
   }
   out << absl::StrFormat("shared memory: region %s (%s, %s) registered\n", (*session)->name(),
                          (*session)->where(), MiB((*session)->size()));
-  return *std::move(session);
+  return session;
 }
 
 // --backward: AttendBackward with the forward's out and lse and a synthetic dout; prints the
@@ -534,7 +535,12 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
   const v1::AttendBackwardRequest backward = MakeBackwardRequest(request, response, o.seed);
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
   std::unique_ptr<SharedMemorySession> shm;
-  if (o.shm && (shm = OpenSharedMemory(client, backward, o, out)) == nullptr) return 1;
+  if (o.shm) {
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> opened =
+        OpenSharedMemory(client, backward, o, out);
+    if (!opened.ok()) return ExitCodeOfCall(opened.status());
+    shm = *std::move(opened);
+  }
   SharedMemoryCopyTimes copies;
   const absl::StatusOr<v1::AttendBackwardResponse> grads = TimedCall<v1::AttendBackwardResponse>(
       "backward", "gradients", out, [&](const ProgressFn& progress) {
@@ -548,7 +554,7 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
             max_unary_bytes > 0 ? std::min(o.chunk_bytes, max_unary_bytes) : o.chunk_bytes;
         return client.AttendBackwardStreaming(backward, timeout, chunk, progress);
       });
-  if (!grads.ok()) return 1;
+  if (!grads.ok()) return ExitCodeOfCall(grads.status());
   PrintTensorSummary("dq", grads->dq(), out);
   PrintTensorSummary("dk", grads->dk(), out);
   PrintTensorSummary("dv", grads->dv(), out);
@@ -561,16 +567,16 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
       const std::string path = absl::StrCat(o.grads_npy_prefix, name, ".npy");
       if (absl::Status s = WriteOutput(*tensor, path); !s.ok()) {
         out << ErrorLine(s);
-        return 1;
+        return kExitFailure;
       }
       out << "wrote " << path << "\n";
     }
   }
-  if (!o.check) return 0;
+  if (!o.check) return kExitOk;
   absl::StatusOr<GradientErrors> e = CompareGradientsWithReference(backward, *grads);
   if (!e.ok()) {
     out << ErrorLine(e.status());
-    return 1;
+    return kExitCheckFailed;
   }
   const DType dtype = *FromProtoDType(request.q().dtype(), "q.dtype");
   const double tolerance = GradientTolerance(dtype);
@@ -585,7 +591,7 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
   out << (ok ? "check gradients: PASS" : "check gradients: FAIL (tolerance breached)")
       << absl::StrFormat(" (rel_l2 tolerance %.0e for %s)\n", tolerance,
                          std::string(DTypeName(dtype)));
-  return ok ? 0 : 1;
+  return ok ? kExitOk : kExitCheckFailed;
 }
 
 }  // namespace
@@ -593,18 +599,18 @@ int RunBackward(const AttendCommandOptions& o, const v1::AttendRequest& request,
 int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   if (absl::Status s = ValidateOptions(o); !s.ok()) {
     out << ErrorLine(s);
-    return 2;
+    return kExitUsage;
   }
   absl::StatusOr<v1::AttendRequest> request = BuildRequest(o);
   if (!request.ok()) {
     out << ErrorLine(request.status());
-    return 1;
+    return kExitFailure;
   }
   absl::StatusOr<ConnectedClient> connected =
       ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
-    return 1;
+    return ExitCodeOfCall(connected.status());
   }
   AttentionClient& client = *connected->client;
   const v1::InfoResponse& info = connected->info;
@@ -634,7 +640,12 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   out.flush();
 
   std::unique_ptr<SharedMemorySession> shm;
-  if (o.shm && (shm = OpenSharedMemory(client, *request, o, out)) == nullptr) return 1;
+  if (o.shm) {
+    absl::StatusOr<std::unique_ptr<SharedMemorySession>> opened =
+        OpenSharedMemory(client, *request, o, out);
+    if (!opened.ok()) return ExitCodeOfCall(opened.status());
+    shm = *std::move(opened);
+  }
   SharedMemoryCopyTimes copies;
   const absl::Duration timeout = absl::Seconds(o.timeout_seconds);
   const absl::StatusOr<v1::AttendResponse> response =
@@ -643,7 +654,7 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
         return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
                          : client.Attend(*request, timeout);
       });
-  if (!response.ok()) return 1;
+  if (!response.ok()) return ExitCodeOfCall(response.status());
   PrintTensorSummary("out", response->out(), out);
   if (response->lse().shape_size() > 0) PrintTensorSummary("lse", response->lse(), out);
   out << FormatTimings(*response, RequestFlops(*request), shm ? &copies : nullptr);
@@ -651,15 +662,15 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   if (!o.out_npy.empty()) {
     if (absl::Status s = WriteOutput(response->out(), o.out_npy); !s.ok()) {
       out << ErrorLine(s);
-      return 1;
+      return kExitFailure;
     }
     out << "wrote " << o.out_npy << "\n";
   }
-  if (o.check && !RunCheck(*request, *response, out)) return 1;
+  if (o.check && !RunCheck(*request, *response, out)) return kExitCheckFailed;
   if (o.backward) {
     return RunBackward(o, *request, *response, client, info.max_unary_bytes(), out);
   }
-  return 0;
+  return kExitOk;
 }
 
 }  // namespace ringattn

@@ -73,9 +73,9 @@ struct AttendCommandOptions {
   std::string grads_npy_prefix;
 };
 
-// Runs the command, printing to `out`. Returns the process exit code: 0 on success, 1 when the
-// call failed (printed as "error: <CODE>: <message>") or the check breached its tolerance, 2 for
-// bad options.
+// Runs the command, printing to `out`. Returns the process exit code (cli/exit_codes.h): 0 on
+// success, 2 for bad options, 3 or 4 when a call failed (printed as "error: <CODE>: <message>"),
+// 5 when the check breached its tolerance, 1 for anything else (an input file unread).
 int RunAttendCommand(const AttendCommandOptions& options, std::ostream& out);
 
 // A request with synthetic q [batch, seqlen, heads, head_dim] and k, v [batch, seqlen, heads_k,

@@ -21,6 +21,7 @@
 #include "absl/time/time.h"
 #include "cli/attend_command.h"
 #include "cli/cli_parse.h"
+#include "cli/exit_codes.h"
 #include "cli/timing_table.h"
 #include "client/attention_client.h"
 #include "client/shared_memory_session.h"
@@ -421,19 +422,32 @@ absl::Status WriteFile(const std::string& path, const std::string& contents) {
   return absl::OkStatus();
 }
 
+// 0 when every call succeeded; else 3 when every failure was UNAVAILABLE or DEADLINE_EXCEEDED,
+// 4 when any was of another code (cli/exit_codes.h).
+int ExitCodeOf(const BenchSummary& s) {
+  if (s.failed() == 0) return s.ok > 0 ? kExitOk : kExitFailure;
+  for (const auto& [code, count] : s.failed_by_code) {
+    if (code != absl::StatusCodeToString(absl::StatusCode::kUnavailable) &&
+        code != absl::StatusCodeToString(absl::StatusCode::kDeadlineExceeded)) {
+      return kExitRpcFailed;
+    }
+  }
+  return kExitUnavailable;
+}
+
 }  // namespace
 
 int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   if (absl::Status s = ValidateOptions(o); !s.ok()) {
     out << ErrorLine(s);
-    return 2;
+    return kExitUsage;
   }
   const v1::AttendRequest request = BuildRequest(o);
   absl::StatusOr<ConnectedClient> connected =
       ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
-    return 1;
+    return ExitCodeOfCall(connected.status());
   }
   AttentionClient& client = *connected->client;
   const v1::InfoResponse& info = connected->info;
@@ -450,7 +464,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
         client.AttendAuto(with_lse, plan.timeout, plan.max_unary_bytes);
     if (!forward.ok()) {
       out << ErrorLine(forward.status());
-      return 1;
+      return ExitCodeOfCall(forward.status());
     }
     backward = MakeBackwardRequest(with_lse, *forward, o.seed);
   }
@@ -492,7 +506,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
                    : SharedMemorySession::OpenFor(client, request, register_timeout, kind);
     if (!session.ok()) {
       out << ErrorLine(session.status());
-      return 1;
+      return ExitCodeOfCall(session.status());
     }
     sessions.push_back(*std::move(session));
   }
@@ -512,7 +526,7 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     }
     if (!placed.ok()) {
       out << ErrorLine(placed);
-      return 1;
+      return kExitFailure;
     }
   }
   if (o.shm) {
@@ -544,11 +558,11 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   if (!o.json_path.empty()) {
     if (absl::Status s = WriteFile(o.json_path, FormatJson(summary)); !s.ok()) {
       out << ErrorLine(s);
-      return 1;
+      return kExitFailure;
     }
     out << "wrote " << o.json_path << "\n";
   }
-  return summary.failed() == 0 && summary.ok > 0 ? 0 : 1;
+  return ExitCodeOf(summary);
 }
 
 }  // namespace ringattn

@@ -60,9 +60,10 @@ struct BenchOptions {
   std::string json_path;  // when set, the results are also written here as one JSON object
 };
 
-// Runs the benchmark, printing the report to `out`. Returns the process exit code: 0 when every
-// call succeeded, 1 when one failed (the report is still printed) or the server could not be
-// reached or the JSON file not written, 2 for bad options.
+// Runs the benchmark, printing the report to `out`. Returns the process exit code
+// (cli/exit_codes.h): 0 when every call succeeded, 2 for bad options, 3 when the server could
+// not be reached or every failed call was UNAVAILABLE or DEADLINE_EXCEEDED, 4 when a call failed
+// with another code (the report is still printed), 1 when the JSON file was not written.
 int RunBenchCommand(const BenchOptions& options, std::ostream& out);
 
 }  // namespace ringattn

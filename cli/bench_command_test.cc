@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "cli/exit_codes.h"
 #include "cli/loopback_server_test_util.h"
 #include "cli/shared_memory_test_util.h"
 #include "gmock/gmock.h"
@@ -31,11 +32,12 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 // Answers Attend with out = q and fixed Timings; every `fail_every`-th call (1-based; 0: none)
-// fails with RESOURCE_EXHAUSTED, and every call first sleeps `delay`. Tensors may come and go
+// fails with `fail_code`, and every call first sleeps `delay`. Tensors may come and go
 // through registered shared memory.
 class FakeAttentionService final : public FakeServiceWithSharedMemory {
  public:
   int fail_every = 0;
+  grpc::StatusCode fail_code = grpc::StatusCode::RESOURCE_EXHAUSTED;
   absl::Duration delay = absl::ZeroDuration();
 
   int calls() const { return calls_; }
@@ -45,7 +47,7 @@ class FakeAttentionService final : public FakeServiceWithSharedMemory {
     const int call = ++calls_;
     absl::SleepFor(delay);
     if (fail_every > 0 && call % fail_every == 0) {
-      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "queue full");
+      return grpc::Status(fail_code, "queue full");
     }
     v1::AttendRequest resolved = *request;
     if (grpc::Status s = shm.ReadInputs(AttendRpc(), &resolved); !s.ok()) return s;
@@ -140,7 +142,7 @@ TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
   o.json_path = ::testing::TempDir() + "/bench_command_test.json";
   std::remove(o.json_path.c_str());
   std::ostringstream out;
-  EXPECT_EQ(RunBenchCommand(o, out), 1) << out.str();
+  EXPECT_EQ(RunBenchCommand(o, out), kExitRpcFailed) << out.str();
   EXPECT_EQ(server.service().calls(), 12);
   EXPECT_THAT(out.str(), HasSubstr("12 sent, 9 ok, 3 failed (RESOURCE_EXHAUSTED 3)"));
   EXPECT_THAT(out.str(), HasSubstr("wrote " + o.json_path));
@@ -203,6 +205,18 @@ TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
   EXPECT_LT(share, 1);
 }
 
+// Failures that only say "not now" (UNAVAILABLE, DEADLINE_EXCEEDED) exit as an unreachable
+// server does; any other code among them exits 4.
+TEST(BenchCommandTest, ExitCodeFollowsTheFailuresCodes) {
+  FakeServer server;
+  ASSERT_TRUE(server.started());
+  server.service().fail_every = 3;
+  server.service().fail_code = grpc::StatusCode::UNAVAILABLE;
+  std::ostringstream out;
+  EXPECT_EQ(RunBenchCommand(SmallBench(server.target()), out), kExitUnavailable) << out.str();
+  EXPECT_THAT(out.str(), HasSubstr("4 failed (UNAVAILABLE 4)"));
+}
+
 TEST(BenchCommandTest, ByDuration) {
   FakeServer server;
   ASSERT_TRUE(server.started());
@@ -236,7 +250,7 @@ TEST(BenchCommandTest, BadOptionsAndNoServer) {
   o = SmallBench("127.0.0.1:1");
   o.connect_timeout_seconds = 0.3;
   std::ostringstream unreachable;
-  EXPECT_EQ(RunBenchCommand(o, unreachable), 1);
+  EXPECT_EQ(RunBenchCommand(o, unreachable), kExitUnavailable);
   EXPECT_THAT(unreachable.str(), HasSubstr("error: UNAVAILABLE"));
 }
 
@@ -299,7 +313,7 @@ TEST(BenchCommandTest, SharedMemoryRefusedOrWithStream) {
   BenchOptions o = SmallBench(server.target());
   o.shm = true;
   std::ostringstream refused;
-  EXPECT_EQ(RunBenchCommand(o, refused), 1) << refused.str();
+  EXPECT_EQ(RunBenchCommand(o, refused), kExitRpcFailed) << refused.str();
   EXPECT_THAT(refused.str(), HasSubstr("error: PERMISSION_DENIED"));
   EXPECT_EQ(server.service().calls(), 0);
   EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());

@@ -28,6 +28,7 @@
 #include "absl/time/time.h"
 #include "cli/attend_command.h"
 #include "cli/cli_parse.h"
+#include "cli/exit_codes.h"
 #include "cli/loopback_server_test_util.h"
 #include "cli/shared_memory_test_util.h"
 #include "cli/timing_table.h"
@@ -824,7 +825,7 @@ TEST(AttendCommandTest, FailsTheCheckOnAWrongOutput) {
   AttendCommandOptions o = SmallCommand(server.target());
   o.return_lse = false;
   std::ostringstream out;
-  EXPECT_EQ(RunAttendCommand(o, out), 1) << out.str();
+  EXPECT_EQ(RunAttendCommand(o, out), kExitCheckFailed) << out.str();
   EXPECT_THAT(out.str(), HasSubstr("check: FAIL"));
 }
 
@@ -833,14 +834,23 @@ TEST(AttendCommandTest, PrintsServerErrorsWithTheirCode) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "q.shape[3] (head_dim) must be 64");
   });
   std::ostringstream out;
-  EXPECT_EQ(RunAttendCommand(SmallCommand(server.target()), out), 1);
+  EXPECT_EQ(RunAttendCommand(SmallCommand(server.target()), out), kExitRpcFailed);
   EXPECT_THAT(out.str(), HasSubstr("error: INVALID_ARGUMENT: q.shape[3] (head_dim) must be 64\n"));
 
   AttendCommandOptions nowhere = SmallCommand("127.0.0.1:1");
   nowhere.connect_timeout_seconds = 0.3;
   std::ostringstream out2;
-  EXPECT_EQ(RunAttendCommand(nowhere, out2), 1);
+  EXPECT_EQ(RunAttendCommand(nowhere, out2), kExitUnavailable);
   EXPECT_THAT(out2.str(), HasSubstr("error: UNAVAILABLE: cannot connect to 127.0.0.1:1"));
+}
+
+// A call past its deadline is worth retrying, as an unreachable server is.
+TEST(AttendCommandTest, ADeadlineExceededExitsAsUnavailable) {
+  FakeServer server([](const v1::AttendRequest&, v1::AttendResponse*) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "too slow");
+  });
+  std::ostringstream out;
+  EXPECT_EQ(RunAttendCommand(SmallCommand(server.target()), out), kExitUnavailable) << out.str();
 }
 
 TEST(AttendCommandTest, BadOptionsExitWithTwo) {
@@ -887,7 +897,7 @@ TEST(AttendCommandTest, ReadsNpyInputsConvertsThemAndWritesTheOutput) {
   // A missing input file is an error naming it.
   o.k_npy = TempPath("missing_k.npy");
   std::ostringstream out2;
-  EXPECT_EQ(RunAttendCommand(o, out2), 1);
+  EXPECT_EQ(RunAttendCommand(o, out2), kExitFailure);
   EXPECT_THAT(out2.str(), HasSubstr("error: NOT_FOUND: "));
   EXPECT_THAT(out2.str(), HasSubstr("missing_k.npy"));
 }
@@ -1074,7 +1084,7 @@ TEST(AttendCommandTest, SharedMemoryRefusedByTheServiceLeavesNothingBehind) {
   AttendCommandOptions o = SmallCommand(server.target());
   o.shm = true;
   std::ostringstream out;
-  EXPECT_EQ(RunAttendCommand(o, out), 1) << out.str();
+  EXPECT_EQ(RunAttendCommand(o, out), kExitRpcFailed) << out.str();
   EXPECT_THAT(out.str(), HasSubstr("error: PERMISSION_DENIED: not on this host\n"));
   EXPECT_EQ(server.service().unary_calls(), 0);
   EXPECT_THAT(OurSharedMemoryObjects(), ::testing::IsEmpty());

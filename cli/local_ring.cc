@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "base/error_metrics.h"
 #include "base/status_macros.h"
+#include "cli/exit_codes.h"
 #include "kernels/backend_registry.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
@@ -180,7 +181,7 @@ int ReportOnRankZero(const LocalRingOptions& o, const ShardPlan& plan,
     out << "fp64 reference skipped (over --reference_flop_limit)\n";
   }
   out << (ok ? "check: PASS\n" : "check: FAIL (tolerance breached)\n");
-  return ok ? 0 : 1;
+  return ok ? kExitOk : kExitCheckFailed;
 }
 
 absl::Status RunRank(const LocalRingOptions& o, int rank, const std::string& store_dir,
@@ -279,7 +280,7 @@ int WaitForRanks(const std::vector<pid_t>& pids, double timeout_seconds, std::os
       for (size_t i = 0; i < pids.size(); ++i) {
         if (!done[i]) waitpid(pids[i], nullptr, 0);
       }
-      return 124;
+      return kExitUnavailable;  // as a call past its deadline
     }
     if (remaining > 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }

@@ -31,7 +31,8 @@ struct LocalRingOptions {
   double reference_flop_limit = 2e10;
 };
 
-// Returns the process exit code: 0 when the ring ran and (with check) met the tolerances.
+// Returns the process exit code (cli/exit_codes.h): 0 when the ring ran and (with check) met the
+// tolerances, 5 when it did not, 3 when the ranks outlived the timeout.
 // Forks the ranks; call before starting any thread.
 int RunLocalRing(const LocalRingOptions& options, std::ostream& out);
 

@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/log.h"
+#include "cli/exit_codes.h"
 #include "server/coordinator.h"
 #include "server/local_workers.h"
 
@@ -16,6 +18,8 @@ namespace {
 std::atomic<bool> g_stop{false};
 
 void OnSignal(int) { g_stop = true; }
+
+constexpr char kComponent[] = "serve";
 
 }  // namespace
 
@@ -42,21 +46,29 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
   co.stream_idle_timeout = absl::Seconds(o.stream_idle_seconds);
   Coordinator coordinator(co);
   if (absl::Status s = coordinator.BuildAndStart(); !s.ok()) {
-    out << "error: coordinator: " << s << "\n";
-    return 1;
+    LogError(kComponent, absl::StrCat("cannot start the coordinator: ", s.ToString()));
+    // UNAVAILABLE: an address in use or not this host's (the public, internal, health or
+    // metrics one).
+    return absl::IsUnavailable(s) ? kExitCannotListen : kExitFailure;
   }
   const std::string address = absl::StrCat("127.0.0.1:", coordinator.port());
-  out << "coordinator listening on port " << coordinator.port()
-      << (o.tls.cert.empty() ? ""
-          : o.tls.ca.empty() ? " (TLS)"
-                             : " (mTLS)")
-      << (o.api_tokens_file.empty() ? "" : " (bearer tokens)") << " (internal plane on port "
-      << coordinator.internal_port() << (o.internal_tls.cert.empty() ? "" : ", mTLS") << ")";
-  if (!o.metrics_address.empty()) out << ", metrics on port " << coordinator.metrics_port();
-  if (coordinator.health_port() != 0) out << ", health on port " << coordinator.health_port();
-  out << "\n";
+  std::string listening =
+      absl::StrCat("coordinator listening on port ", coordinator.port(),
+                   o.tls.cert.empty() ? ""
+                   : o.tls.ca.empty() ? " (TLS)"
+                                      : " (mTLS)",
+                   o.api_tokens_file.empty() ? "" : " (bearer tokens)", " (internal plane on port ",
+                   coordinator.internal_port(), o.internal_tls.cert.empty() ? "" : ", mTLS", ")");
+  if (!o.metrics_address.empty()) {
+    absl::StrAppend(&listening, ", metrics on port ", coordinator.metrics_port());
+  }
+  if (coordinator.health_port() != 0) {
+    absl::StrAppend(&listening, ", health on port ", coordinator.health_port());
+  }
+  LogInfo(kComponent, listening,
+          {{"port", coordinator.port()}, {"internal_port", coordinator.internal_port()}});
   if (!o.api_tokens_file.empty() && o.tls.cert.empty()) {
-    out << "warning: bearer tokens without TLS (--tls_cert) cross the network in plaintext\n";
+    LogWarning(kComponent, "bearer tokens without TLS (--tls_cert) cross the network in plaintext");
   }
 
   std::unique_ptr<LocalWorkerPool> workers;
@@ -67,28 +79,31 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     wo.coordinator_address = coordinator.internal_address();
     wo.cluster_secret = coordinator.cluster_secret();
     wo.kernel = o.kernel;
+    // The workers log as this process does.
+    wo.extra_args = {absl::StrCat("--log_format=", LogFormatName(CurrentLogFormat())),
+                     absl::StrCat("--log_level=", LogLevelName(CurrentLogLevel()))};
     if (!o.internal_tls.cert.empty()) {
-      wo.extra_args = {"--internal_tls_cert=" + o.internal_tls.cert,
-                       "--internal_tls_key=" + o.internal_tls.key,
-                       "--internal_tls_ca=" + o.internal_tls.ca};
+      wo.extra_args.insert(wo.extra_args.end(), {"--internal_tls_cert=" + o.internal_tls.cert,
+                                                 "--internal_tls_key=" + o.internal_tls.key,
+                                                 "--internal_tls_ca=" + o.internal_tls.ca});
     }
     workers = std::make_unique<LocalWorkerPool>(wo);
     if (absl::Status s = workers->Start(); !s.ok()) {
-      out << "error: " << s << "\n";
-      return 1;
+      LogError(kComponent, s.ToString());
+      return kExitFailure;
     }
   }
   if (!coordinator.WaitUntilReady(absl::Seconds(o.ready_timeout_seconds))) {
-    out << "error: the ring of " << o.workers << " workers did not form within "
-        << o.ready_timeout_seconds << " s\n";
+    LogError(kComponent, absl::StrCat("the ring of ", o.workers, " workers did not form within ",
+                                      o.ready_timeout_seconds, " s"));
     if (workers) workers->Stop();
     coordinator.Shutdown();
-    return 1;
+    return kExitFailure;
   }
-  out << "ring of " << o.workers << " workers ready (kernel " << o.kernel << ")\n";
-  out.flush();
+  LogInfo(kComponent, absl::StrCat("ring of ", o.workers, " workers ready (kernel ", o.kernel, ")"),
+          {{"workers", o.workers}, {"kernel", o.kernel}});
 
-  int code = 0;
+  int code = kExitOk;
   if (o.demo) {
     AttendCommandOptions req = o.demo_request;
     req.target = address;
@@ -97,11 +112,11 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     signal(SIGINT, OnSignal);
     signal(SIGTERM, OnSignal);
     while (!g_stop) absl::SleepFor(absl::Milliseconds(100));
-    out << "draining: refusing new requests, finishing the admitted ones (up to "
-        << o.drain_seconds << " s)\n";
-    out.flush();
+    LogInfo(kComponent, absl::StrCat("draining: refusing new requests, finishing the admitted "
+                                     "ones (up to ",
+                                     o.drain_seconds, " s)"));
     const bool drained = coordinator.Drain(absl::Seconds(o.drain_seconds));
-    out << (drained ? "drained; " : "drain time over; ") << "shutting down\n";
+    LogInfo(kComponent, drained ? "drained; shutting down" : "drain time over; shutting down");
   }
   if (workers) workers->Stop();
   coordinator.Shutdown();

@@ -47,7 +47,10 @@ struct ServeOptions {
   AttendCommandOptions demo_request;
 };
 
-// Runs until SIGINT/SIGTERM (or, with demo, until the sample request is answered).
+// Runs until SIGINT/SIGTERM (or, with demo, until the sample request is answered, printed to
+// `out`); its progress goes to the log (base/log.h). Returns the process exit code
+// (cli/exit_codes.h): 0 after a clean stop, 6 when an address could not be listened on, 1 when
+// the workers or their ring did not start; with demo, the request's.
 int RunServe(const ServeOptions& options, std::ostream& out);
 
 }  // namespace ringattn

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev
+  prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev libspdlog-dev
   python3 python3-pip python3-yaml curl
   prometheus  # promtool and the server: the deploy_monitoring test checks metrics, rules, queries
 )

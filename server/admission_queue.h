@@ -30,6 +30,7 @@ namespace ringattn {
 struct AttendJob {
   std::string request_id;
   std::string client;  // the caller's identity: whose share of the queue the job takes
+  std::string traceparent;  // the request's span, passed on to the worker calls
   absl::Time arrival;
   absl::Time queued;  // pushed onto the queue; queue_seconds runs from here
   absl::Time deadline = absl::InfiniteFuture();

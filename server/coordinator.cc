@@ -6,27 +6,42 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdio>
 #include <optional>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 #include "ringattn_config.h"
 #include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
 #include "proto/convert.h"
+#include "proto/trace_metadata.h"
 #include "ringattn/v1/attention.grpc.pb.h"
 #include "ringattn/v1/worker.grpc.pb.h"
+#include "ringattn_version.h"
+#include "server/request_log.h"
 #include "server/request_runner.h"
 
 namespace ringattn {
 namespace {
 
-constexpr char kVersion[] = RINGATTN_VERSION;
 constexpr char kServiceName[] = "ringattn.v1.AttentionService";
+constexpr char kComponent[] = "coordinator";
+
+// The request's id: the client's, or one made from its arrival.
+std::string RequestIdOf(const std::string& sent, absl::Time arrival) {
+  return sent.empty() ? absl::StrCat("req-", absl::ToUnixMicros(arrival)) : sent;
+}
+
+// A port in use is an error, not shared: gRPC sets SO_REUSEPORT unless told not to, and a
+// second server on the port would then take half of the connections.
+void RefuseSharedPorts(grpc::ServerBuilder* builder) {
+  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+}
 
 double SecondsSince(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
 
@@ -136,9 +151,16 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
  public:
   UnaryCall(Coordinator* c, grpc::CallbackServerContext* ctx, const typename Call::Request* request,
             typename Call::Response* response)
-      : c_(c), ctx_(ctx), request_(request), response_(response) {
-    const absl::Time arrival = absl::Now();
+      : c_(c),
+        ctx_(ctx),
+        request_(request),
+        response_(response),
+        arrival_(absl::Now()),
+        trace_(SpanOfCall(*ctx)),
+        request_id_(RequestIdOf(request->request_id(), arrival_)) {
+    const absl::Time arrival = arrival_;
     absl::StatusOr<std::string> caller = c_->Caller(*ctx_);
+    client_ = caller.ok() ? *caller : CallerIdentity(*ctx_);
     if (!caller.ok()) {
       End(caller.status());
       return;
@@ -152,7 +174,7 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
     }
     hold_ = *std::move(hold);
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
-        c_->Submit<Call>(*request_, response_, *caller, arrival, DeadlineOf(*ctx_), &work_,
+        c_->Submit<Call>(*request_, response_, *caller, arrival, DeadlineOf(*ctx_), &work_, trace_,
                          [this](absl::Status s) { End(s); });
     if (job.ok()) {
       job_ = *std::move(job);
@@ -171,9 +193,13 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   // it; send_seconds stays 0 (the streams measure their chunks).
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
+    const int64_t bytes_in = TensorDataBytes(*request_, rpc.inputs);
+    const int64_t bytes_out = s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0;
     c_->metrics_.RecordRequest(rpc.name, ToGrpcStatus(s).error_code(), response_->timings(),
-                               TensorDataBytes(*request_, rpc.inputs),
-                               s.ok() ? TensorDataBytes(*response_, rpc.outputs) : 0, work_);
+                               bytes_in, bytes_out, work_);
+    LogRequest({std::string(rpc.name), request_id_, client_, &trace_, s,
+                &TensorField(*request_, "q"), &TensorField(*request_, "k"), &response_->timings(),
+                SecondsSince(arrival_), bytes_in, bytes_out});
     Finish(ToGrpcStatus(s));
   }
 
@@ -182,6 +208,10 @@ class Coordinator::UnaryCall final : public grpc::ServerUnaryReactor {
   const typename Call::Request* const request_;
   typename Call::Response* const response_;
   RequestWork work_;  // set by Submit before the job is queued
+  const absl::Time arrival_;
+  const TraceContext trace_;      // this call's span, passed on to the worker calls
+  const std::string request_id_;  // for the log; Submit makes the same one
+  std::string client_;            // the caller's identity, for the log
   std::unique_ptr<AdmissionQueue::Hold> hold_;
   std::shared_ptr<AttendJob> job_;  // set before OnCancel can run
 };
@@ -200,6 +230,7 @@ class Coordinator::StreamCall final
         stream_name_(absl::StrCat(std::string(Call::Rpc().name), "Stream")),
         receiver_(absl::StrCat(stream_name_, " request"), absl::StatusCode::kInvalidArgument),
         caller_(c->Caller(*ctx)),
+        trace_(SpanOfCall(*ctx)),
         watch_(c->WatchStream(ctx)) {
     if (!caller_.ok()) {
       End(caller_.status());  // before any read: the call ends unread
@@ -224,7 +255,7 @@ class Coordinator::StreamCall final
     Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
         c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_, DeadlineOf(*ctx_),
-                         &work_, [this](absl::Status s) { Respond(s); });
+                         &work_, trace_, [this](absl::Status s) { Respond(s); });
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -298,9 +329,15 @@ class Coordinator::StreamCall final
 
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
+    const typename Call::Request& request = *receiver_.header();
+    const int64_t bytes_in = TensorDataBytes(request, rpc.inputs);
+    const int64_t bytes_out = s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0;
     c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(), response_.timings(),
-                               TensorDataBytes(*receiver_.header(), rpc.inputs),
-                               s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0, work_);
+                               bytes_in, bytes_out, work_);
+    LogRequest({stream_name_, RequestIdOf(request.request_id(), arrival_),
+                caller_.ok() ? *caller_ : CallerIdentity(*ctx_), &trace_, s,
+                &TensorField(request, "q"), &TensorField(request, "k"), &response_.timings(),
+                SecondsSince(arrival_), bytes_in, bytes_out});
     this->Finish(ToGrpcStatus(s));
   }
 
@@ -328,6 +365,7 @@ class Coordinator::StreamCall final
   typename Call::StreamResponse out_;
   std::optional<ChunkCursor> cursor_;
   const absl::StatusOr<std::string> caller_;    // Coordinator::Caller
+  const TraceContext trace_;                    // this call's span, passed on to the workers
   std::unique_ptr<AdmissionQueue::Hold> hold_;  // the request's bytes, once its header came
   absl::Mutex mu_;  // OnCancel runs alongside the other reactions
   absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);
@@ -460,9 +498,10 @@ class Coordinator::Services {
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address must be host:port");
       }
       response->set_worker_id(c_->ring_->Register(*request));
-      std::fprintf(stderr, "coordinator: worker %s registered at %s (%s, %s)\n",
-                   response->worker_id().c_str(), request->address().c_str(),
-                   request->backend().c_str(), request->device().c_str());
+      LogInfo(kComponent,
+              absl::StrCat("worker ", response->worker_id(), " registered at ", request->address(),
+                           " (", request->backend(), ", ", request->device(), ")"),
+              {{"worker_id", response->worker_id()}, {"worker", request->address()}});
       return grpc::Status::OK;
     }
 
@@ -561,10 +600,12 @@ absl::Status Coordinator::BuildAndStart() {
   grpc::ResourceQuota quota("ringattn-internal");
   quota.SetMaxThreads(64);
   internal.SetResourceQuota(quota);
+  RefuseSharedPorts(&internal);
   internal_server_ = internal.BuildAndStart();
   if (internal_server_ == nullptr || internal_port_ == 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.internal_listen_address, " (internal plane)"));
+        absl::StrCat("cannot listen on ", options_.internal_listen_address,
+                     " (internal plane; in use, or not this host's address)"));
   }
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options_.listen_address, public_credentials, &port_);
@@ -580,18 +621,22 @@ absl::Status Coordinator::BuildAndStart() {
   const int64_t unary = std::min<int64_t>(options_.max_unary_bytes + (1 << 20), INT_MAX);
   builder.SetMaxReceiveMessageSize(static_cast<int>(unary));
   builder.SetMaxSendMessageSize(INT_MAX);
+  RefuseSharedPorts(&builder);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address,
+                                               " (in use, or not this host's address)"));
   }
   if (!options_.health_listen_address.empty()) {
     grpc::ServerBuilder health;  // the default health service only
     health.AddListeningPort(options_.health_listen_address, grpc::InsecureServerCredentials(),
                             &health_port_);
+    RefuseSharedPorts(&health);
     health_server_ = health.BuildAndStart();
     if (health_server_ == nullptr || health_port_ == 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot listen on ", options_.health_listen_address, " (health)"));
+      return absl::UnavailableError(absl::StrCat("cannot listen on ",
+                                                 options_.health_listen_address,
+                                                 " (health; in use, or not this host's address)"));
     }
   }
   SetServing(false);
@@ -688,7 +733,7 @@ void Coordinator::Wait() {
 
 void Coordinator::FillInfo(v1::InfoResponse* response) const {
   const RingManager::Status st = ring_->GetStatus();
-  response->set_version(kVersion);
+  response->set_version(RINGATTN_VERSION);
   response->set_world_size(st.ready ? static_cast<int>(st.members.size()) : 0);
   response->set_ready(st.ready);
   response->set_transport("gloo");
@@ -721,6 +766,7 @@ template <typename Call>
 absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     const typename Call::Request& request, typename Call::Response* response,
     const std::string& owner, absl::Time arrival, absl::Time deadline, RequestWork* work,
+    const TraceContext& trace,
     std::function<void(absl::Status)> finish) {
   // Counted from here, so that a Drain that starts now waits for this request or it sees the
   // drain and is refused; uncounted again on every refusal below.
@@ -736,12 +782,11 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
   // mappings until the job is done.
   RA_ASSIGN_OR_RETURN(SharedTensors shared, ResolveSharedTensors(Call::Rpc(), request, problem,
                                                                   shared_memory_, owner));
-  if (problem.request_id.empty()) {
-    problem.request_id = absl::StrCat("req-", absl::ToUnixMicros(arrival));
-  }
+  problem.request_id = RequestIdOf(problem.request_id, arrival);
   auto job = std::make_shared<AttendJob>();
   job->request_id = problem.request_id;
   job->client = owner;
+  job->traceparent = trace.Traceparent();
   job->arrival = arrival;
   job->deadline = std::min(deadline, arrival + options_.max_request_time);
   job->timings = response->mutable_timings();
@@ -801,8 +846,9 @@ absl::Status Coordinator::RunJob(AttendJob& job, std::function<void()> fanning_o
   }
   bool workers_called = false;
   bool ring_intact = false;
-  const absl::Status s = job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called,
-                                                   std::move(fanning_out), &ring_intact, arena});
+  const absl::Status s =
+      job.run(*ring, RunControl{job.deadline, &job.cancellation, &workers_called,
+                                std::move(fanning_out), &ring_intact, arena, job.traceparent});
   if (!s.ok() && workers_called && !ring_intact) {
     ring_->ReportFailure(ring->generation, s.ToString());
   }
@@ -896,8 +942,8 @@ void Coordinator::CancelIdleStreams() {
     if (w->ctx == nullptr || w->server_busy || now - w->last < options_.stream_idle_timeout) {
       continue;
     }
-    std::fprintf(stderr, "coordinator: cancelling a stream idle for %.1f s\n",
-                 absl::ToDoubleSeconds(now - w->last));
+    LogInfo(kComponent, absl::StrFormat("cancelling a stream idle for %.1f s",
+                                        absl::ToDoubleSeconds(now - w->last)));
     w->ctx->TryCancel();  // OnDone (which clears ctx under this lock) runs later, elsewhere
     w->ctx = nullptr;
   }

@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/trace_context.h"
 #include "proto/cluster_auth.h"
 #include "proto/transport_security.h"
 #include "ringattn/v1/attention.pb.h"
@@ -151,12 +152,14 @@ class Coordinator {
   // status once, after which request and response may be gone. A refused request (invalid, queue
   // full) returns its status and `finish` is never called.
   // `owner` is the caller's identity (CallerIdentity), whose shared-memory regions the request
-  // may refer to. `work` gets the request's work (for the metrics) before the job is queued.
+  // may refer to. `work` gets the request's work (for the metrics) before the job is queued;
+  // `trace` is the call's span, which the worker calls carry on.
   template <typename Call>
   absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
                                                     typename Call::Response* response,
                                                     const std::string& owner, absl::Time arrival,
                                                     absl::Time deadline, RequestWork* work,
+                                                    const TraceContext& trace,
                                                     std::function<void(absl::Status)> finish);
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/log.h"
 #include "proto/cluster_auth.h"
 
 extern char** environ;
@@ -17,10 +18,11 @@ extern char** environ;
 namespace ringattn {
 
 absl::StatusOr<pid_t> LocalWorkerPool::Spawn(int slot) {
-  std::vector<std::string> args = {options_.binary, "worker",
-                                   "--coordinator=" + options_.coordinator_address,
-                                   "--kernel=" + options_.kernel,
-                                   "--device=" + std::to_string(slot), "--exit_with_parent"};
+  std::vector<std::string> args = {
+      options_.binary, "worker", "--coordinator=" + options_.coordinator_address,
+      "--kernel=" + options_.kernel, "--device=" + std::to_string(slot), "--exit_with_parent",
+      // Loopback, whatever RINGATTN_WORKER_LISTEN or RINGATTN_ADVERTISE_HOST say.
+      "--worker_listen=127.0.0.1:0", "--advertise_host=127.0.0.1"};
   args.insert(args.end(), options_.extra_args.begin(), options_.extra_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
@@ -65,10 +67,12 @@ void LocalWorkerPool::Supervise() {
       for (size_t i = 0; i < pids_.size(); ++i) {
         int status = 0;
         if (pids_[i] <= 0 || waitpid(pids_[i], &status, WNOHANG) != pids_[i]) continue;
-        std::fprintf(stderr, "serve: worker %zu (pid %d) exited (%s %d)%s\n", i, pids_[i],
-                     WIFSIGNALED(status) ? "signal" : "code",
-                     WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status),
-                     options_.restart ? "; starting it again" : "");
+        LogWarning("serve",
+                   absl::StrCat("worker ", i, " (pid ", pids_[i], ") exited (",
+                                WIFSIGNALED(status) ? "signal " : "code ",
+                                WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), ")",
+                                options_.restart ? "; starting it again" : ""),
+                   {{"slot", i}, {"pid", pids_[i]}});
         pids_[i] = -1;
         if (!options_.restart) continue;
         absl::StatusOr<pid_t> pid = Spawn(static_cast<int>(i));
@@ -76,7 +80,7 @@ void LocalWorkerPool::Supervise() {
           pids_[i] = *pid;
           ++restarts_;
         } else {
-          std::fprintf(stderr, "serve: %s\n", std::string(pid.status().message()).c_str());
+          LogError("serve", pid.status().message());
         }
       }
     }

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/shared_memory.h"
 #include "base/status_macros.h"
+#include "base/trace_context.h"
 #include "proto/convert.h"
 #include "ring/layout.h"
 
@@ -262,6 +263,7 @@ absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Me
   const std::vector<grpc::Status> statuses = FanOut(
       world, fan_out, [&](int r, grpc::ClientContext* ctx, std::function<void(grpc::Status)> done) {
         const absl::Time call0 = absl::Now();
+        if (!control.traceparent.empty()) ctx->AddMetadata(kTraceparentKey, control.traceparent);
         rpc.call(ring.members[r]->stub.get(), ctx, *requests[r], responses[r].get(),
                  [&call_seconds, r, call0, done = std::move(done)](grpc::Status s) {
                    call_seconds[r] = SecondsSince(call0);

@@ -7,6 +7,8 @@
 // request's other tensors go to those workers the same way, through the arena.
 #pragma once
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "google/protobuf/message.h"
@@ -36,6 +38,9 @@ struct RunControl {
   // The coordinator's shared memory for the request's bytes (see RunOnRing), used by this
   // request alone until it finishes; null: none.
   SharedMemoryArena* arena = nullptr;
+  // The request's span (base/trace_context.h), sent as `traceparent` metadata on every worker
+  // call; empty: none.
+  std::string traceparent;
 };
 
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request

@@ -7,11 +7,14 @@
 #include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "base/log.h"
 #include "server/fan_out.h"
 #include "server/metrics.h"
 
 namespace ringattn {
 namespace {
+
+constexpr char kComponent[] = "coordinator";
 
 std::shared_ptr<grpc::Channel> WorkerChannel(const std::string& address,
                                             const std::optional<ClusterSecret>& secret) {
@@ -87,8 +90,9 @@ void RingManager::ReportFailure(int64_t generation, const std::string& reason) {
   absl::MutexLock lock(&mu_);
   if (generation == generation_ && ready_) {
     ready_ = false;
-    std::fprintf(stderr, "coordinator: ring generation %lld failed: %s; re-forming\n",
-                 static_cast<long long>(generation), reason.c_str());
+    LogWarning(kComponent,
+               absl::StrCat("ring generation ", generation, " failed: ", reason, "; re-forming"),
+               {{"generation", generation}});
   }
 }
 
@@ -159,8 +163,9 @@ void RingManager::DropWorkers(const std::vector<std::shared_ptr<WorkerRecord>>& 
   {
     absl::MutexLock lock(&mu_);
     for (const auto& w : lost) {
-      std::fprintf(stderr, "coordinator: worker %s at %s stopped answering\n", w->id.c_str(),
-                   w->address.c_str());
+      LogWarning(kComponent,
+                 absl::StrCat("worker ", w->id, " at ", w->address, " stopped answering"),
+                 {{"worker_id", w->id}, {"worker", w->address}});
       std::erase(workers_, w);
       if (std::find(members_.begin(), members_.end(), w) != members_.end()) {
         if (ready_) {
@@ -217,9 +222,10 @@ void RingManager::TryFormRing() {
   store_->ErasePrefix(prefix);
   for (int r = 0; r < world; ++r) {
     if (!results[r].ok() && results[r].error_code() != grpc::StatusCode::CANCELLED) {
-      std::fprintf(stderr, "coordinator: rank %d (%s) failed to join ring %lld: %s\n", r,
-                   members[r]->address.c_str(), static_cast<long long>(generation),
-                   results[r].error_message().c_str());
+      LogWarning(kComponent,
+                 absl::StrCat("rank ", r, " (", members[r]->address, ") failed to join ring ",
+                              generation, ": ", results[r].error_message()),
+                 {{"generation", generation}, {"rank", r}, {"worker", members[r]->address}});
     }
   }
   if (failed) {
@@ -232,8 +238,9 @@ void RingManager::TryFormRing() {
   turns_ = std::make_shared<RingTurns>();
   ready_ = true;
   if (metrics_ != nullptr) metrics_->RecordRingFormed();
-  std::fprintf(stderr, "coordinator: ring generation %lld formed with %d workers\n",
-               static_cast<long long>(generation), world);
+  LogInfo(kComponent,
+          absl::StrCat("ring generation ", generation, " formed with ", world, " workers"),
+          {{"generation", generation}, {"workers", world}});
 }
 
 }  // namespace ringattn

@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
-#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <optional>
@@ -16,6 +15,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/log.h"
 #include "base/shared_memory.h"
 #include "base/status_macros.h"
 #include "proto/cluster_auth.h"
@@ -27,6 +28,8 @@ namespace ringattn {
 namespace {
 
 using Clock = std::chrono::system_clock;
+
+constexpr char kComponent[] = "worker";
 
 // Each registration attempt waits this long at most for the coordinator to answer.
 constexpr auto kRegisterAttemptTimeout = std::chrono::seconds(2);
@@ -139,6 +142,8 @@ absl::Status Worker::BuildAndStart() {
   // Shards of long sequences are large; the coordinator enforces the request limits.
   builder.SetMaxReceiveMessageSize(INT_MAX);
   builder.SetMaxSendMessageSize(INT_MAX);
+  // A port in use is an error, not shared (gRPC sets SO_REUSEPORT by default).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(
@@ -177,9 +182,10 @@ void Worker::KeepRegistered() {
     // The coordinator forgot this worker (it restarted, or dropped it during a pause).
     const absl::Status s = Register(std::chrono::milliseconds(2000));
     last_registered = absl::Now();
-    std::fprintf(stderr, "worker %s: no ping for %.1f s; registered again: %s\n",
-                 address().c_str(), absl::ToDoubleSeconds(absl::Now() - heard),
-                 s.ok() ? "ok" : s.ToString().c_str());
+    Log(s.ok() ? LogLevel::kInfo : LogLevel::kWarning, kComponent,
+        absl::StrFormat("no ping for %.1f s; registered again: %s",
+                        absl::ToDoubleSeconds(absl::Now() - heard), s.ok() ? "ok" : s.ToString()),
+        {{"worker", address()}});
   }
 }
 
@@ -253,13 +259,14 @@ void Worker::Wait() {
   }
 }
 
-int RunWorkerMain(const Worker::Options& options) {
+absl::Status RunWorkerMain(const Worker::Options& options) {
   // The handlers only write the signal number to a pipe; a thread of ours reads it and shuts
   // the worker down. Unlike a blocked mask this works whatever threads already exist.
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) {
-    std::fprintf(stderr, "worker: pipe: %s\n", std::strerror(errno));
-    return 1;
+    const absl::Status s = absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+    LogError(kComponent, s.ToString());
+    return s;
   }
   g_signal_pipe = fds[1];
   struct sigaction action = {};
@@ -270,7 +277,7 @@ int RunWorkerMain(const Worker::Options& options) {
   sigaction(SIGINT, &action, &previous_int);
   sigaction(SIGTERM, &action, &previous_term);
 
-  int exit_code = 0;
+  absl::Status result;
   {
     Worker worker(options);
     std::atomic<int> received{0};
@@ -286,14 +293,15 @@ int RunWorkerMain(const Worker::Options& options) {
 
     const absl::Status status = worker.BuildAndStart();
     if (status.ok()) {
-      std::fprintf(stderr, "worker: serving on %s (kernel %s on %s), registered with %s as %s\n",
-                   worker.address().c_str(), worker.backend_name().c_str(),
-                   worker.device_name().c_str(),
-                   options.coordinator_address.c_str(), worker.worker_id().c_str());
+      LogInfo(kComponent,
+              absl::StrCat("serving on ", worker.address(), " (kernel ", worker.backend_name(),
+                           " on ", worker.device_name(), "), registered with ",
+                           options.coordinator_address, " as ", worker.worker_id()),
+              {{"worker", worker.address()}, {"worker_id", worker.worker_id()}});
       worker.Wait();  // until the signal thread shuts the worker down
     } else if (received.load() == 0) {
-      std::fprintf(stderr, "worker: %s\n", status.ToString().c_str());
-      exit_code = 1;
+      LogError(kComponent, absl::StrCat("cannot start: ", status.ToString()));
+      result = status;
     }
     // A zero byte wakes the signal thread when no signal came.
     const unsigned char wake = 0;
@@ -301,7 +309,8 @@ int RunWorkerMain(const Worker::Options& options) {
     }
     signal_thread.join();
     if (received.load() != 0) {
-      std::fprintf(stderr, "worker: %s received, shut down\n", strsignal(received.load()));
+      LogInfo(kComponent, absl::StrCat(strsignal(received.load()), " received, shut down"),
+              {{"worker", worker.address()}});
     }
   }
   sigaction(SIGINT, &previous_int, nullptr);
@@ -309,7 +318,7 @@ int RunWorkerMain(const Worker::Options& options) {
   g_signal_pipe = -1;
   close(fds[0]);
   close(fds[1]);
-  return exit_code;
+  return result;
 }
 
 }  // namespace ringattn

@@ -126,9 +126,11 @@ class Worker {
 };
 
 // The `ringattn worker` process: builds and starts a Worker, serves until SIGTERM or SIGINT,
-// then shuts down cleanly. Returns the process exit code (0 after a clean shutdown, also when
-// the signal came while still registering; 1 when the worker could not start). Installs
-// handlers for those two signals while it runs and restores the previous ones on return.
-int RunWorkerMain(const Worker::Options& options);
+// then shuts down cleanly, logging each step (base/log.h). Returns OK after a clean shutdown
+// (also when the signal came while still registering), else why the worker could not start:
+// UNAVAILABLE when it could not listen, DEADLINE_EXCEEDED when no coordinator answered its
+// registration in time. Installs handlers for those two signals while it runs and restores the
+// previous ones on return.
+absl::Status RunWorkerMain(const Worker::Options& options);
 
 }  // namespace ringattn

@@ -12,9 +12,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 #include "proto/compute_rpcs.h"
 #include "proto/convert.h"
+#include "proto/trace_metadata.h"
 #include "ring/host_ring.h"
 #include "ring/layout.h"
 
@@ -615,6 +617,24 @@ namespace {
 // Seconds since t0.
 double Since(absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); }
 
+// The worker's log line per shard call: the request, the trace the coordinator passed on (this
+// call's span a child of its), how it ended and how long the handler took.
+void LogShard(const char* method, const v1::ShardHeader& header, const TraceContext& span,
+              const absl::Status& status, const v1::WorkerTiming* timing, double seconds) {
+  std::vector<LogField> fields = {{"request_id", header.request_id()},
+                                  {"rpc", method},
+                                  {"code", absl::StatusCodeToString(status.code())},
+                                  {"generation", header.generation()},
+                                  {"sequence", header.sequence()},
+                                  {"trace_id", span.trace_id},
+                                  {"span_id", span.span_id}};
+  if (!span.parent_span_id.empty()) fields.emplace_back("parent_span_id", span.parent_span_id);
+  if (timing != nullptr) fields.emplace_back("rank", timing->rank());
+  fields.emplace_back("handler_ms", seconds * 1e3);
+  if (!status.ok()) fields.emplace_back("error", status.message());
+  Log(status.ok() ? LogLevel::kInfo : LogLevel::kWarning, "worker", "shard", fields);
+}
+
 }  // namespace
 
 template <typename Request, typename Response>
@@ -625,6 +645,7 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
   if (absl::Status s = secret_.Check(*context); !s.ok()) return ToGrpcStatus(s);
   const absl::Time handler0 = absl::Now();
   int64_t bytes_sent = 0;
+  const TraceContext span = SpanOfCall(*context);
   const grpc::Status status = RunOnCurrentRing(
       method, request.header().generation(), request.header().sequence(), context,
       [&](const std::shared_ptr<Ring>& ring, Turn& turn,
@@ -738,6 +759,8 @@ grpc::Status WorkerServiceImpl::RunCompute(const ComputeRpc& rpc, const char* me
     metrics_->RecordCall(rpc.name, static_cast<absl::StatusCode>(status.error_code()),
                          response->timing(), bytes_sent);
   }
+  LogShard(method, request.header(), span, FromGrpcStatus(status),
+           status.ok() ? &response->timing() : nullptr, Since(handler0));
   return status;
 }
 
