@@ -3,6 +3,7 @@ sequence and a gloo group of `world` ranks; writes its shards of out, lse and th
 
     group_rank.py RANK WORLD STORE_FILE TARGET OUT.npz func|varlen
 """
+import os
 import sys
 
 import numpy as np
@@ -41,4 +42,10 @@ else:
 np.savez(out_path, out=support.to_float64(out), lse=support.to_float64(lse),
          dq=support.to_float64(tq.grad), dk=support.to_float64(tk.grad),
          dv=support.to_float64(tv.grad))
+# Both ranks past their last collective before either tears its gloo pairs down (a rank whose
+# peer left mid-teardown could abort with "terminate called without an active exception").
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+ringattn.default_client().close()
+sys.stdout.flush()
+os._exit(0)  # the results are saved; skip interpreter teardown of torch's and grpc's threads
