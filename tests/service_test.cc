@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <functional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -585,6 +586,43 @@ TEST(ServiceAdmission, QueueFull) {
   EXPECT_GE(ok, 1);
 }
 
+// A request of seconds of CPU work on `svc`, called from a thread of its own.
+class LongRequest {
+ public:
+  explicit LongRequest(Service& svc)
+      : request_(MakeRequest(Shape{1, 6144, 8, 8, 128, v1::DTYPE_BF16})),
+        thread_([this, &svc] {
+          v1::AttendResponse resp;
+          status_ = Call(svc, request_, &resp, absl::Seconds(120));
+        }) {}
+  ~LongRequest() {
+    if (thread_.joinable()) thread_.join();
+  }
+  grpc::Status Join() {
+    thread_.join();
+    return status_;
+  }
+
+ private:
+  const v1::AttendRequest request_;
+  grpc::Status status_;
+  std::thread thread_;
+};
+
+// `request` sent and cancelled by its client once `until` returns; the call's status.
+grpc::Status CancelledCall(Service& svc, const v1::AttendRequest& request,
+                           const std::function<void()>& until) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  grpc::Status status;
+  v1::AttendResponse resp;
+  std::thread caller([&] { status = svc.stub().Attend(&ctx, request, &resp); });
+  until();
+  ctx.TryCancel();
+  caller.join();
+  return status;
+}
+
 // With the pipeline (depth 2) the request after a long one goes to the workers at once and waits
 // there for its turn. Giving up there (deadline, cancel) skips its turn: the long request and
 // the ring carry on, the ring is not re-formed, and the next request runs in turn after it.
@@ -594,35 +632,22 @@ TEST(ServicePipeline, GivingUpWhileWaitingForTheTurnKeepsTheRing) {
   Service svc(2, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   const int64_t generation = svc.coordinator().ring_generation();
-  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
-  const v1::AttendRequest long_request = MakeRequest(big);
-  grpc::Status long_status;
-  std::thread long_caller([&] {
-    v1::AttendResponse resp;
-    long_status = Call(svc, long_request, &resp, absl::Seconds(120));
-  });
+  LongRequest long_request(svc);
   absl::SleepFor(absl::Milliseconds(300));
   Shape small;
   const v1::AttendRequest next = MakeRequest(small);
   v1::AttendResponse resp;
   const grpc::Status late = Call(svc, next, &resp, absl::Milliseconds(300));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-    grpc::Status gone;
-    std::thread caller([&] { gone = svc.stub().Attend(&ctx, next, &resp); });
-    absl::SleepFor(absl::Milliseconds(300));
-    ctx.TryCancel();
-    caller.join();
-    EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
-  }
+  const grpc::Status gone =
+      CancelledCall(svc, next, [] { absl::SleepFor(absl::Milliseconds(300)); });
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
   // Waits behind the long one at the workers, then runs in its turn.
   v1::AttendResponse ok_resp;
   const grpc::Status ok = Call(svc, next, &ok_resp, absl::Seconds(120));
   ASSERT_TRUE(ok.ok()) << ok.error_message();
   ExpectMatchesReference(next, ok_resp);
-  long_caller.join();
+  const grpc::Status long_status = long_request.Join();
   EXPECT_TRUE(long_status.ok()) << long_status.error_message();
   EXPECT_EQ(svc.coordinator().ring_generation(), generation) << "the ring was re-formed";
   // The request that waited its turn reports it.
@@ -790,13 +815,7 @@ TEST(ServiceAdmission, LeavingTheQueueFreesItsPlace) {
   o.pipeline_depth = 1;  // the queue's own behaviour: nothing waits at the workers
   Service svc(2, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
-  const v1::AttendRequest long_request = MakeRequest(big);
-  grpc::Status long_status;
-  std::thread long_caller([&] {
-    v1::AttendResponse resp;
-    long_status = Call(svc, long_request, &resp, absl::Seconds(120));
-  });
+  LongRequest long_request(svc);
   // The dispatcher has taken it: the queue is empty, one request runs.
   absl::SleepFor(absl::Milliseconds(300));
   ASSERT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(5)));
@@ -808,23 +827,17 @@ TEST(ServiceAdmission, LeavingTheQueueFreesItsPlace) {
   const grpc::Status late = Call(svc, next, &resp, absl::Milliseconds(300));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
   EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(2)));
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-    grpc::Status gone;
-    std::thread caller([&] { gone = svc.stub().Attend(&ctx, next, &resp); });
-    ASSERT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 1\n", absl::Seconds(5)));
-    ctx.TryCancel();
-    caller.join();
-    EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
-  }
+  const grpc::Status gone = CancelledCall(svc, next, [&svc] {
+    EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 1\n", absl::Seconds(5)));
+  });
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::CANCELLED) << gone.error_message();
   EXPECT_TRUE(MetricsShowWithin(svc, "ringattn_queue_depth 0\n", absl::Seconds(2)));
   // With max_queue 1 this is refused unless both left: it waits behind the long one instead.
   v1::AttendResponse ok_resp;
   const grpc::Status ok = Call(svc, next, &ok_resp, absl::Seconds(120));
   ASSERT_TRUE(ok.ok()) << ok.error_message();
   ExpectMatchesReference(next, ok_resp);
-  long_caller.join();
+  const grpc::Status long_status = long_request.Join();
   EXPECT_TRUE(long_status.ok()) << long_status.error_message();
   // Each call is counted under its code (recorded as its reactor finishes: polled).
   for (const char* line : {"ringattn_requests_total{code=\"DEADLINE_EXCEEDED\",rpc=\"Attend\"} 1",
