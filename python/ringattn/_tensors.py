@@ -140,17 +140,22 @@ class Operand:
         np_wire = {"fp32": np.float32, "fp16": np.float16, "bf16": _NP_BF16}[self.wire]
         np.copyto(dst.view(np_wire).reshape(self.shape), a, casting="unsafe")
 
-    def to_bytes(self):
-        """The wire bytes."""
+    def wire_view(self):
+        """The wire bytes, bytes-like: a view of the input where it already holds them (on the
+        CPU, contiguous, in the wire's dtype), else a copy made once."""
         if self._torch is not None:
             t = self._torch.to(device="cpu", dtype=_torch_dtype(self.wire)).contiguous()
-            return t.view(-1).view(_torch().uint8).numpy().tobytes()
+            return memoryview(t.view(-1).view(_torch().uint8).numpy())
         a = self._numpy
         if _numpy_wire(a.dtype) == self.wire and a.flags.c_contiguous:
-            return a.tobytes()
+            return memoryview(a.reshape(-1).view(np.uint8))
         buf = np.empty(self.nbytes, dtype=np.uint8)
         self.write_into(buf)
-        return buf.tobytes()
+        return memoryview(buf)
+
+    def to_bytes(self):
+        """The wire bytes, as bytes."""
+        return bytes(self.wire_view())
 
 
 def tensor_message(op, data=True):

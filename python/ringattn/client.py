@@ -504,7 +504,8 @@ class Client:
 
     def _via_unary(self, rpc, header, ops, outputs, like, deadline):
         t0 = time.perf_counter()
-        data = {_wire.field_number(rpc.request, name): op.to_bytes() for name, op in ops.items()}
+        # Views of the inputs where possible: the message below is their one copy.
+        data = {_wire.field_number(rpc.request, name): op.wire_view() for name, op in ops.items()}
         t1 = time.perf_counter()
         request = _wire.encode_request(header, data)
         del data
@@ -527,7 +528,7 @@ class Client:
 
     def _via_stream(self, rpc, header, ops, outputs, like, deadline, chunk_bytes):
         t0 = time.perf_counter()
-        data = [(name, ops[name].to_bytes()) for name in rpc.inputs]
+        data = [(name, ops[name].wire_view()) for name in rpc.inputs]
         t1 = time.perf_counter()
         first = rpc.stream_request(header=header).SerializeToString()
         chunk_field = _wire.field_number(rpc.stream_request, "chunk")
