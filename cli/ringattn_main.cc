@@ -88,9 +88,10 @@ ABSL_FLAG(std::string, kernel, "auto",
 ABSL_FLAG(int, device, 0, "GPU index (modulo the number of GPUs)");
 ABSL_FLAG(bool, demo, false, "answer one sample request (the problem flags), print it and stop");
 ABSL_FLAG(int, max_queue, 16, "admitted requests that may wait");
-ABSL_FLAG(int, pipeline_depth, 2,
-          "requests on the ring at once: with 2 the next request's transfers overlap the "
-          "current one's compute (the ring passes stay one at a time); 1: none");
+ABSL_FLAG(int, pipeline_depth, 3,
+          "requests on the ring at once: above 1 the next requests' transfers overlap the "
+          "current one's compute (the ring passes stay one at a time); 1: none. worker: the "
+          "calls it stages at once (give it the coordinator's)");
 ABSL_FLAG(int64_t, max_queued_bytes, int64_t{8} << 30,
           "request bytes the service holds at once (being received, queued or running); more "
           "are RESOURCE_EXHAUSTED (0: no bound)");
@@ -236,7 +237,7 @@ const ringattn::CommandLineSpec& Spec() {
     const Flags worker =
         Join({{"coordinator", "worker_listen", "advertise_host", "kernel", "device",
                "cluster_secret_file", "internal_tls_cert", "internal_tls_key", "internal_tls_ca",
-               "shared_memory", "exit_with_parent"},
+               "shared_memory", "exit_with_parent", "pipeline_depth"},
               kLog});
     // --metrics by flag only: serve's local workers inherit its environment, where
     // RINGATTN_METRICS names the coordinator's port.
@@ -549,6 +550,7 @@ int RunWorker() {
   o.device = absl::GetFlag(FLAGS_device);
   o.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   o.shared_memory = absl::GetFlag(FLAGS_shared_memory);
+  o.pipeline_depth = std::max(1, absl::GetFlag(FLAGS_pipeline_depth));
   absl::StatusOr<ringattn::ClusterSecret> secret =
       ringattn::ClusterSecret::FromFileOrEnvironment(absl::GetFlag(FLAGS_cluster_secret_file));
   if (!secret.ok()) return UsageError(absl::StrCat("worker: ", secret.status().message()));

@@ -81,7 +81,8 @@ int RunServe(const ServeOptions& o, std::ostream& out) {
     wo.kernel = o.kernel;
     // The workers log as this process does.
     wo.extra_args = {absl::StrCat("--log_format=", LogFormatName(CurrentLogFormat())),
-                     absl::StrCat("--log_level=", LogLevelName(CurrentLogLevel()))};
+                     absl::StrCat("--log_level=", LogLevelName(CurrentLogLevel())),
+                   absl::StrCat("--pipeline_depth=", o.pipeline_depth)};
     if (!o.internal_tls.cert.empty()) {
       wo.extra_args.insert(wo.extra_args.end(), {"--internal_tls_cert=" + o.internal_tls.cert,
                                                  "--internal_tls_key=" + o.internal_tls.key,

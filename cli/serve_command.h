@@ -24,7 +24,7 @@ struct ServeOptions {
   std::string kernel = "auto";  // passed to every local worker
   std::string binary;           // the ringattn executable, for local workers
   size_t max_queue = 16;
-  int pipeline_depth = 2;  // Coordinator::Options::pipeline_depth
+  int pipeline_depth = 3;  // Coordinator::Options::pipeline_depth
   int64_t max_queued_bytes = int64_t{8} << 30;  // Coordinator::Options::max_queued_bytes
   double max_client_share = 0.5;                // Coordinator::Options::max_client_share
   // Coordinator::Options::tls (the public API), internal_tls (also given to local workers, as

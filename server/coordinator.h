@@ -79,7 +79,7 @@ class Coordinator {
     // staged by the workers while the current one computes (the ring passes stay one at a time,
     // in turn order). Requests leave the queue one at a time, each once the one before it has
     // reached its workers.
-    int pipeline_depth = 2;
+    int pipeline_depth = 3;
     // A streaming call whose client sends nothing (while the call waits for its chunks) or
     // reads nothing (while the answer waits to be sent) for this long is cancelled, freeing
     // what it holds.

@@ -42,6 +42,8 @@ LocalService::LocalService(int world, Coordinator::Options options, std::string 
   w.cluster_secret = coordinator_->cluster_secret();
   w.kernel = std::move(kernel);
   w.extra_args = std::move(worker_args);
+  // The workers stage as many calls at once as the coordinator keeps on the ring.
+  w.extra_args.push_back(absl::StrCat("--pipeline_depth=", options.pipeline_depth));
   workers_ = std::make_unique<LocalWorkerPool>(w);
   start_status_ = workers_->Start();
   if (!start_status_.ok()) return;

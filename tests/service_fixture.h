@@ -32,7 +32,7 @@ class LocalService {
  public:
   // Sets world_size, the ring timeout and the ping interval on `options`; waits up to 60 s for
   // the ring to form. The workers run with --kernel=`kernel`.
-  // `worker_args` go to every worker's command line.
+  // `worker_args` go to every worker's command line, with the coordinator's --pipeline_depth.
   LocalService(int world, Coordinator::Options options, std::string kernel = "auto",
                std::vector<std::string> worker_args = {});
   ~LocalService();

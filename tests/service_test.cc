@@ -559,6 +559,7 @@ TEST(ServicePlanes, InternalCallsNeedTheSecretAndThePublicPortHasNone) {
 TEST(ServiceAdmission, QueueFull) {
   Coordinator::Options o;
   o.max_queue = 1;
+  o.pipeline_depth = 1;  // one request out of the queue at a time
   Service svc(2, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   Shape big{1, 4096, 8, 8, 128, v1::DTYPE_BF16};
@@ -658,12 +659,12 @@ TEST(ServicePipeline, GivingUpWhileWaitingForTheTurnKeepsTheRing) {
   EXPECT_GT(turn_wait, 0.05);
 }
 
-// Requests in flight together (two on the ring, more queued) through 3 workers each get their
+// Requests in flight together (three on the ring, more queued) through 3 workers each get their
 // own answer: with the pipeline a request's bytes are scattered, and its workers stage them,
-// while another computes, each through its own arena.
+// while another computes, each through its own arena and staging set.
 TEST(ServicePipeline, ConcurrentRequestsEachGetTheirOwnAnswer) {
   Coordinator::Options o;
-  o.pipeline_depth = 2;
+  o.pipeline_depth = 3;
   Service svc(3, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
   constexpr int kThreads = 4, kCalls = 3;

@@ -133,7 +133,7 @@ absl::Status Worker::BuildAndStart() {
     RA_RETURN_IF_ERROR(metrics_->StartExposer(options_.metrics_address));
   }
   auto service = std::make_unique<WorkerServiceImpl>(coordinator_, std::move(engine), *secret,
-                                                     metrics_.get());
+                                                     metrics_.get(), options_.pipeline_depth);
 
   int port = 0;
   grpc::ServerBuilder builder;

@@ -62,6 +62,9 @@ class Worker {
     // host:port of this worker's Prometheus /metrics (worker/worker_metrics.h; port 0 picks a
     // free one, see metrics_port()); empty: none.
     std::string metrics_address;
+    // Calls of consecutive turns staged at once (WorkerServiceImpl's staging_sets): the
+    // coordinator's --pipeline_depth. Each set holds one call's shard buffers.
+    int pipeline_depth = 3;
   };
 
   explicit Worker(Options options);

@@ -1,5 +1,7 @@
 #include "worker/worker_service.h"
 
+#include <algorithm>
+
 #include <chrono>
 #include <cmath>
 #include <functional>
@@ -89,11 +91,13 @@ absl::Status Annotate(const absl::Status& s, const std::string& prefix) {
 
 WorkerServiceImpl::WorkerServiceImpl(
     std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
-    std::unique_ptr<RingEngine> engine, ClusterSecret secret, WorkerMetrics* metrics)
+    std::unique_ptr<RingEngine> engine, ClusterSecret secret, WorkerMetrics* metrics,
+    int staging_sets)
     : coordinator_(std::move(coordinator)),
       secret_(std::move(secret)),
       metrics_(metrics),
-      engine_(std::move(engine)) {}
+      engine_(std::move(engine)),
+      slot_sets_(std::max(1, staging_sets)) {}
 
 WorkerServiceImpl::~WorkerServiceImpl() { Shutdown(); }
 
@@ -252,7 +256,7 @@ class WorkerServiceImpl::Turn {
         ring_(std::move(ring)),
         sequence_(sequence),
         context_(context),
-        set_(w->slot_sets_[sequence % 2]) {}
+        set_(w->slot_sets_[sequence % w->slot_sets_.size()]) {}
   ~Turn() {
     Release();
     End();

@@ -19,6 +19,7 @@
 #include <set>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -49,10 +50,11 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   // `coordinator` serves the rendezvous store; `engine` (kernel backend and transport) connects
   // the rings and computes every ring step. Every call must carry `secret` (UNAUTHENTICATED
   // otherwise, before anything else is looked at). Compute calls are recorded in `metrics`
-  // when given (it must outlive the service).
+  // when given (it must outlive the service). `staging_sets` (>= 1) calls of consecutive turns
+  // may hold staging at once (the coordinator's pipeline depth: more wait for their set).
   WorkerServiceImpl(std::shared_ptr<v1::CoordinatorService::StubInterface> coordinator,
                     std::unique_ptr<RingEngine> engine, ClusterSecret secret,
-                    WorkerMetrics* metrics = nullptr);
+                    WorkerMetrics* metrics = nullptr, int staging_sets = 3);
   ~WorkerServiceImpl() override;
 
   grpc::Status JoinRing(grpc::ServerContext* context, const v1::JoinRingRequest* request,
@@ -162,7 +164,7 @@ class WorkerServiceImpl final : public v1::WorkerService::Service {
   const std::unique_ptr<RingEngine> engine_;
   // Same-host clients' shared memory (ShardHeader.shm), mapped once per tensor range.
   SharedMemoryCache shared_memory_;
-  SlotSet slot_sets_[2];
+  std::vector<SlotSet> slot_sets_;  // a call of turn `sequence` stages in [sequence % size]
 
   // Guards the state that Ping and the aborting paths read without waiting for a run.
   mutable absl::Mutex mu_;
