@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The data-path benchmark of docs/performance.md on one GPU: `ringattn serve` with one worker
-# (--kernel, default cuda) and `ringattn bench` from the same machine over each path (bytes,
+# (--kernel, default cuda) and `ringattn bench` from the same machine over each path (bytes:
+# unary and streamed,
 # system shared memory, CUDA shared memory; with the client's copies, and with the tensors
 # resident in the regions; concurrency 1 and 4). JSON per run under OUT_DIR, one table last.
 # Usage (GPU machine, bundle from scripts/gpu_bundle.sh ringattn):
@@ -27,7 +28,7 @@ trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for _ in $(seq 600); do grep -q "workers ready" "$LOG" && break; sleep 0.1; done
 grep -q "workers ready" "$LOG" || { echo "serve did not start"; cat "$LOG"; exit 1; }
 
-ROWS=${ROWS:-bytes shm shm_resident cuda_shm cuda_shm_resident shm_resident_c4 cuda_shm_resident_c4}
+ROWS=${ROWS:-bytes stream shm shm_resident cuda_shm cuda_shm_resident shm_resident_c4 cuda_shm_resident_c4}
 run() {  # $1 name, rest: bench flags
   local name=$1; shift
   [[ " $ROWS " == *" $name "* ]] || return 0
@@ -36,6 +37,7 @@ run() {  # $1 name, rest: bench flags
     >"$OUT_DIR/$name.txt" 2>&1 || echo "$name: bench failed (see $name.txt)"
 }
 run bytes --concurrency=1 --requests="$N"
+run stream --stream --concurrency=1 --requests="$N"
 run shm --shm --concurrency=1 --requests="$N"
 run shm_resident --shm --shm_resident --concurrency=1 --requests="$N"
 run cuda_shm --cuda_shm --concurrency=1 --requests="$N"
@@ -46,7 +48,7 @@ run cuda_shm_resident_c4 --cuda_shm --shm_resident --concurrency=4 --requests=$(
 python3 - "$OUT_DIR" "$KERNEL" <<'PY'
 import json, os, sys
 out, kernel = sys.argv[1], sys.argv[2]
-names = ["bytes", "shm", "shm_resident", "cuda_shm", "cuda_shm_resident", "shm_resident_c4",
+names = ["bytes", "stream", "shm", "shm_resident", "cuda_shm", "cuda_shm_resident", "shm_resident_c4",
          "cuda_shm_resident_c4"]
 print(f"== data path, one {kernel} worker {os.environ.get('SERVE_ARGS', '')} (ms; p50 and mean "
       "of the client round trip; server phases are means; busy: ring time over wall time)")
