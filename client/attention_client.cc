@@ -145,7 +145,7 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
   auto stream = open(&context);
   std::vector<ChunkCursor::Source> inputs;
   for (const ComputeTensor& in : rpc.inputs) {
-    inputs.push_back({in.which, &TensorField(request, in.name).data()});
+    inputs.push_back({in.which, TensorField(request, in.name).data()});
   }
   ChunkCursor cursor(std::move(inputs), chunk_bytes);
   const int64_t sent_total = cursor.total_bytes();
@@ -180,6 +180,10 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
       if (expected < 0) {
         return assembler.chunks().Error(absl::StrCat(
             "header: ", out.name, " has an invalid dtype or shape ", DescribeTensor(*t)));
+      }
+      // The bytes this request implies are taken at once (no regrowth as chunks arrive).
+      if (expected == ExpectedOutputBytes(out, request)) {
+        t->mutable_data()->reserve(static_cast<size_t>(expected));
       }
       RA_RETURN_IF_ERROR(assembler.chunks().Expect(out.which, out.name, t, expected));
     }
@@ -217,9 +221,9 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
   return std::move(*response);
 }
 
-bool PastUnaryLimit(const google::protobuf::Message& request, int64_t max_unary_bytes) {
+bool BetterStreamed(const google::protobuf::Message& request, int64_t max_unary_bytes) {
   const int64_t bytes = static_cast<int64_t>(request.ByteSizeLong());
-  if (bytes >= kProtobufMessageLimit) return true;
+  if (bytes >= kProtobufMessageLimit || bytes > kStreamAboveBytes) return true;
   return max_unary_bytes > 0 && bytes > max_unary_bytes;
 }
 
@@ -262,7 +266,7 @@ int64_t ExpectedTensorBytes(const v1::Tensor& tensor) {
 }
 
 bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes) {
-  return PastUnaryLimit(request, max_unary_bytes);
+  return BetterStreamed(request, max_unary_bytes);
 }
 
 absl::StatusOr<std::string> LoadBearerToken(const std::string& file) {
@@ -362,7 +366,7 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendR
                                                                int64_t max_unary_bytes,
                                                                int64_t chunk_bytes,
                                                                const ProgressFn& progress) {
-  if (!PastUnaryLimit(request, max_unary_bytes)) return Attend(request, timeout);
+  if (!BetterStreamed(request, max_unary_bytes)) return Attend(request, timeout);
   if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
   return AttendStreaming(request, timeout, chunk_bytes, progress);
 }
@@ -370,7 +374,7 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendR
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
     const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
     int64_t chunk_bytes, const ProgressFn& progress) {
-  if (!PastUnaryLimit(request, max_unary_bytes)) return AttendBackward(request, timeout);
+  if (!BetterStreamed(request, max_unary_bytes)) return AttendBackward(request, timeout);
   if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
   return AttendBackwardStreaming(request, timeout, chunk_bytes, progress);
 }

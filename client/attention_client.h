@@ -48,7 +48,12 @@ std::string DescribeTensor(const v1::Tensor& tensor);
 // -1 when that input's dtype or shape does not give it (kLse: q not 4-D).
 int64_t ExpectedOutputBytes(const ComputeTensor& out, const google::protobuf::Message& request);
 
-// Whether `request` has to go through AttendStream: its serialised size exceeds
+// Requests larger than this go through the stream even within the unary limit: gRPC moves one
+// large message about three times slower than the same bytes in chunks, and the service lands
+// streamed chunks where its workers read them (bench/grpc_wire_bench, docs/performance.md).
+inline constexpr int64_t kStreamAboveBytes = int64_t{32} << 20;
+
+// Whether `request` goes through AttendStream: its serialised size exceeds kStreamAboveBytes,
 // `max_unary_bytes` (the server's InfoResponse.max_unary_bytes; <= 0 when unknown) or the
 // 2 GiB protobuf limit on one message.
 bool NeedsStreaming(const v1::AttendRequest& request, int64_t max_unary_bytes);
@@ -127,8 +132,8 @@ class AttentionClient {
       const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t chunk_bytes,
       const ProgressFn& progress = nullptr);
 
-  // AttendBackwardStreaming when the request is past `max_unary_bytes` (or protobuf's limit),
-  // else AttendBackward; chunks kept within max_unary_bytes.
+  // AttendBackwardStreaming when the request is past kStreamAboveBytes, `max_unary_bytes` or
+  // protobuf's limit, else AttendBackward; chunks kept within max_unary_bytes.
   absl::StatusOr<v1::AttendBackwardResponse> AttendBackwardAuto(
       const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
       int64_t chunk_bytes = kDefaultChunkBytes, const ProgressFn& progress = nullptr);

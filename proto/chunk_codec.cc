@@ -1,8 +1,10 @@
 #include "proto/chunk_codec.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "google/protobuf/field_mask.pb.h"
 #include "google/protobuf/util/field_mask_util.h"
 
@@ -19,16 +21,26 @@ namespace {
 constexpr int64_t kUpfrontBytes = int64_t{64} << 20;
 }  // namespace
 
+absl::Status ChunkAssembler::CheckNoData(std::string_view name, const v1::Tensor& tensor) const {
+  if (tensor.data().empty()) return absl::OkStatus();
+  return Error(absl::StrCat("header carries tensor data: ", tensor.data().size(), " bytes of ",
+                            std::string(name), "; every tensor's bytes come as chunks"));
+}
+
 absl::Status ChunkAssembler::Expect(v1::TensorChunk::Which which, std::string_view name,
                                     v1::Tensor* tensor, int64_t bytes) {
-  if (!tensor->data().empty()) {
-    return Error(absl::StrCat("header carries tensor data: ", tensor->data().size(), " bytes of ",
-                              std::string(name), "; every tensor's bytes come as chunks"));
-  }
+  RA_RETURN_IF_ERROR(CheckNoData(name, *tensor));
   // Memory follows the data: a header alone cannot make the server hold what it declares
   // (up to max_request_bytes); past the first 64 MiB the buffer grows as chunks arrive.
   tensor->mutable_data()->reserve(static_cast<size_t>(std::min<int64_t>(bytes, kUpfrontBytes)));
-  parts_.push_back({which, std::string(name), tensor->mutable_data(), bytes});
+  parts_.push_back({which, std::string(name), tensor->mutable_data(), nullptr, bytes});
+  return absl::OkStatus();
+}
+
+absl::Status ChunkAssembler::ExpectInto(v1::TensorChunk::Which which, std::string_view name,
+                                        const v1::Tensor& tensor, char* dst, int64_t bytes) {
+  RA_RETURN_IF_ERROR(CheckNoData(name, tensor));
+  parts_.push_back({which, std::string(name), nullptr, dst, bytes});
   return absl::OkStatus();
 }
 
@@ -41,7 +53,7 @@ absl::Status ChunkAssembler::AddChunk(const v1::TensorChunk& chunk) {
     return Error(absl::StrCat("chunk.tensor ", v1::TensorChunk::Which_Name(chunk.tensor()),
                               " is not one this call takes (", names, ")"));
   }
-  const int64_t have = static_cast<int64_t>(part->data->size());
+  const int64_t have = part->have;
   if (chunk.offset() != have) {
     return Error(absl::StrCat(part->name, " chunk at offset ", chunk.offset(), ", expected ", have,
                               " (chunks contiguous and in order)"));
@@ -52,15 +64,20 @@ absl::Status ChunkAssembler::AddChunk(const v1::TensorChunk& chunk) {
                               " bytes its shape needs (chunk at offset ", chunk.offset(), " of ", n,
                               " bytes)"));
   }
-  part->data->append(chunk.data());
+  if (part->data != nullptr) {
+    part->data->append(chunk.data());
+  } else if (n > 0) {
+    std::memcpy(part->dst + have, chunk.data().data(), static_cast<size_t>(n));
+  }
+  part->have += n;
   received_ += n;
   return absl::OkStatus();
 }
 
 absl::Status ChunkAssembler::CheckComplete() const {
   for (const Part& p : parts_) {
-    if (static_cast<int64_t>(p.data->size()) != p.bytes) {
-      return Error(absl::StrCat("incomplete: ", p.name, " has ", p.data->size(), " of the ",
+    if (p.have != p.bytes) {
+      return Error(absl::StrCat("incomplete: ", p.name, " has ", p.have, " of the ",
                                 p.bytes, " bytes its shape needs"));
     }
   }
@@ -78,23 +95,23 @@ ChunkCursor::ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes)
 
 bool ChunkCursor::Next(v1::TensorChunk* chunk) {
   while (tensor_ < tensors_.size() &&
-         offset_ >= static_cast<int64_t>(tensors_[tensor_].data->size())) {
+         offset_ >= static_cast<int64_t>(tensors_[tensor_].data.size())) {
     ++tensor_;
     offset_ = 0;
   }
   if (tensor_ == tensors_.size()) return false;
   const Source& t = tensors_[tensor_];
-  const int64_t n = std::min(chunk_bytes_, static_cast<int64_t>(t.data->size()) - offset_);
+  const int64_t n = std::min(chunk_bytes_, static_cast<int64_t>(t.data.size()) - offset_);
   chunk->set_tensor(t.which);
   chunk->set_offset(offset_);
-  chunk->set_data(t.data->data() + offset_, static_cast<size_t>(n));
+  chunk->set_data(t.data.data() + offset_, static_cast<size_t>(n));
   offset_ += n;
   return true;
 }
 
 int64_t ChunkCursor::total_bytes() const {
   int64_t sum = 0;
-  for (const Source& t : tensors_) sum += static_cast<int64_t>(t.data->size());
+  for (const Source& t : tensors_) sum += static_cast<int64_t>(t.data.size());
   return sum;
 }
 

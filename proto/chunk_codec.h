@@ -35,6 +35,10 @@ class ChunkAssembler {
   // tensor->data(). A header whose tensor already carries data is a breach.
   absl::Status Expect(v1::TensorChunk::Which which, std::string_view name, v1::Tensor* tensor,
                       int64_t bytes);
+  // The same, the chunks landing in [dst, dst + bytes) instead (memory the caller owns, which
+  // must outlive the assembler); `tensor` gets no data.
+  absl::Status ExpectInto(v1::TensorChunk::Which which, std::string_view name,
+                          const v1::Tensor& tensor, char* dst, int64_t bytes);
   // Appends one chunk to its tensor.
   absl::Status AddChunk(const v1::TensorChunk& chunk);
   // OK when every announced tensor has all its bytes.
@@ -48,9 +52,12 @@ class ChunkAssembler {
   struct Part {
     v1::TensorChunk::Which which;
     std::string name;
-    std::string* data;
+    std::string* data;  // appended to; null: written at dst
+    char* dst;
     int64_t bytes;
+    int64_t have = 0;
   };
+  absl::Status CheckNoData(std::string_view name, const v1::Tensor& tensor) const;
   const std::string what_;
   const absl::StatusCode code_;
   std::vector<Part> parts_;
@@ -107,7 +114,7 @@ class ChunkCursor {
  public:
   struct Source {
     v1::TensorChunk::Which which;
-    const std::string* data;
+    std::string_view data;
   };
   ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes);
 

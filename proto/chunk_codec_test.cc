@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status_macros.h"
+
 namespace ringattn {
 namespace {
 
@@ -58,7 +60,7 @@ TEST(ChunkCodecTest, CursorAndAssemblerRoundTrip) {
   const std::string empty;
   for (int64_t chunk_bytes : {1, 3, 4, 100}) {
     SCOPED_TRACE(chunk_bytes);
-    ChunkCursor cursor({{Which::WHICH_Q, &q}, {Which::WHICH_LSE, &empty}, {Which::WHICH_K, &k}},
+    ChunkCursor cursor({{Which::WHICH_Q, q}, {Which::WHICH_LSE, empty}, {Which::WHICH_K, k}},
                        chunk_bytes);
     EXPECT_EQ(cursor.total_bytes(), 14);
     StreamAssembler<v1::AttendStreamRequest> a("AttendStream request",
@@ -80,6 +82,45 @@ TEST(ChunkCodecTest, CursorAndAssemblerRoundTrip) {
     EXPECT_EQ(a.chunks().received_bytes(), 14);
     EXPECT_EQ(a.chunks().expected_bytes(), 14);
   }
+}
+
+// Chunks of a tensor announced with ExpectInto land in the caller's memory, in order, and the
+// same breaches are refused before a byte is written past the tensor.
+TEST(ChunkCodecTest, ExpectIntoLandsChunksInCallersMemory) {
+  std::string landing(12, '.');  // q at [0, 10), two guard bytes
+  StreamAssembler<v1::AttendStreamRequest> a("AttendStream request",
+                                             absl::StatusCode::kInvalidArgument);
+  v1::AttendStreamRequest header = Header();
+  ASSERT_TRUE(a.Add(&header, [&](v1::AttendRequest* h) -> absl::Status {
+                 RA_RETURN_IF_ERROR(
+                     a.chunks().ExpectInto(Which::WHICH_Q, "q", h->q(), landing.data(), 10));
+                 return a.chunks().Expect(Which::WHICH_K, "k", h->mutable_k(), 4);
+               }).ok());
+  for (v1::AttendStreamRequest m : {Chunk(Which::WHICH_Q, 0, "0123"), Chunk(Which::WHICH_K, 0, "ab"),
+                                    Chunk(Which::WHICH_Q, 4, "456789"),
+                                    Chunk(Which::WHICH_K, 2, "cd")}) {
+    ASSERT_TRUE(a.Add(&m, [](v1::AttendRequest*) { return absl::OkStatus(); }).ok());
+  }
+  v1::AttendStreamRequest past = Chunk(Which::WHICH_Q, 10, "X");
+  const absl::Status s = a.Add(&past, [](v1::AttendRequest*) { return absl::OkStatus(); });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("q chunks exceed the 10 bytes"));
+  EXPECT_EQ(landing, "0123456789..");
+  EXPECT_TRUE(a.header()->q().data().empty());
+  EXPECT_EQ(a.header()->k().data(), "abcd");
+  EXPECT_TRUE(a.Finish().ok()) << a.Finish();
+  EXPECT_EQ(a.chunks().received_bytes(), 14);
+
+  std::string short_landing(10, '.');
+  StreamAssembler<v1::AttendStreamRequest> b("AttendStream request",
+                                             absl::StatusCode::kInvalidArgument);
+  v1::AttendStreamRequest h2 = Header();
+  ASSERT_TRUE(b.Add(&h2, [&](v1::AttendRequest* h) {
+                 return b.chunks().ExpectInto(Which::WHICH_Q, "q", h->q(), short_landing.data(),
+                                              10);
+               }).ok());
+  v1::AttendStreamRequest part = Chunk(Which::WHICH_Q, 0, "0123456");
+  ASSERT_TRUE(b.Add(&part, [](v1::AttendRequest*) { return absl::OkStatus(); }).ok());
+  EXPECT_THAT(std::string(b.Finish().message()), HasSubstr("incomplete: q has 7 of the 10 bytes"));
 }
 
 TEST(ChunkCodecTest, BreachesNameTheTensorAndOffset) {

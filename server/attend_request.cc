@@ -255,7 +255,11 @@ absl::StatusOr<ValidatedAttend> ValidateHeaderFields(const v1::AttendRequest& r,
 // A tensor's bytes are those its shape needs: in its data, or (shm set, data empty) the size
 // of its shared-memory reference, whose region the coordinator resolves later.
 absl::Status CheckTensorBytes(const char* name, const v1::Tensor& t, size_t bytes,
-                              const std::string& dtype_name) {
+                              const std::string& dtype_name, const LandedTensors& landed) {
+  if (landed.count(name) > 0 && !t.has_shm()) {
+    if (t.data().empty()) return absl::OkStatus();
+    return Invalid(name, ".data must be empty: its bytes came as chunks, got ", t.data().size());
+  }
   if (t.has_shm()) {
     if (!t.data().empty()) {
       return Invalid(name, ".data must be empty when ", name, ".shm is set, got ", t.data().size(),
@@ -281,9 +285,9 @@ absl::Status CheckTensorBytes(const char* name, const v1::Tensor& t, size_t byte
 // Each tensor's data has the bytes its shape needs.
 absl::Status CheckDataSizes(
     std::initializer_list<std::tuple<const char*, const v1::Tensor*, size_t>> tensors,
-    DType dtype) {
+    DType dtype, const LandedTensors& landed) {
   for (const auto& [name, t, bytes] : tensors) {
-    RA_RETURN_IF_ERROR(CheckTensorBytes(name, *t, bytes, std::string(DTypeName(dtype))));
+    RA_RETURN_IF_ERROR(CheckTensorBytes(name, *t, bytes, std::string(DTypeName(dtype)), landed));
   }
   return absl::OkStatus();
 }
@@ -310,13 +314,14 @@ absl::Status CheckNoSharedMemory(
 Layout ValidatedAttend::ResolvedLayout() const { return ResolveLayout(layout, options.causal); }
 
 absl::StatusOr<ValidatedAttend> ValidateAttendRequest(const v1::AttendRequest& request,
-                                                      const AttendLimits& limits) {
+                                                      const AttendLimits& limits,
+                                                      const LandedTensors& landed) {
   RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateHeaderFields(request, limits));
   const AttentionShape& s = out.shape;
   RA_RETURN_IF_ERROR(CheckDataSizes({{"q", &request.q(), s.q_bytes()},
                                      {"k", &request.k(), s.kv_bytes()},
                                      {"v", &request.v(), s.kv_bytes()}},
-                                    s.dtype));
+                                    s.dtype, landed));
   return out;
 }
 
@@ -356,7 +361,8 @@ absl::Status CheckLikeQ(bool present, const v1::Tensor& t, const char* name, con
   return absl::OkStatus();
 }
 
-absl::Status CheckLse(bool present, const v1::Tensor& t, const AttentionShape& s) {
+absl::Status CheckLse(bool present, const v1::Tensor& t, const AttentionShape& s,
+                      const LandedTensors& landed) {
   const std::string want = absl::StrCat("[", s.batch, ",", s.heads, ",", s.seqlen_q, "]");
   if (!present) {
     return Invalid("lse is missing; expected the forward's LSE, fp32 [batch, heads, seq] = ",
@@ -369,7 +375,7 @@ absl::Status CheckLse(bool present, const v1::Tensor& t, const AttentionShape& s
       t.shape(2) != s.seqlen_q) {
     return Invalid("lse.shape must be [batch, heads, seq] = ", want, ", got ", ShapeString(t));
   }
-  return CheckTensorBytes("lse", t, s.lse_bytes(), "fp32");
+  return CheckTensorBytes("lse", t, s.lse_bytes(), "fp32", landed);
 }
 
 // The q/k/v part of a backward request (its other tensors left out) through the forward's
@@ -414,17 +420,18 @@ absl::Status CheckBackwardBytes(const AttentionShape& s, const AttendLimits& lim
 }  // namespace
 
 absl::StatusOr<ValidatedAttend> ValidateAttendBackwardRequest(const v1::AttendBackwardRequest& r,
-                                                              const AttendLimits& limits) {
+                                                              const AttendLimits& limits,
+                                                              const LandedTensors& landed) {
   RA_ASSIGN_OR_RETURN(ValidatedAttend out, ValidateForwardPart(r, limits));
   const AttentionShape& s = out.shape;
   RA_RETURN_IF_ERROR(CheckDataSizes(
       {{"q", &r.q(), s.q_bytes()}, {"k", &r.k(), s.kv_bytes()}, {"v", &r.v(), s.kv_bytes()}},
-      s.dtype));
+      s.dtype, landed));
   RA_RETURN_IF_ERROR(CheckLikeQ(r.has_out(), r.out(), "out", r.q(), s.dtype));
-  RA_RETURN_IF_ERROR(CheckDataSizes({{"out", &r.out(), s.q_bytes()}}, s.dtype));
+  RA_RETURN_IF_ERROR(CheckDataSizes({{"out", &r.out(), s.q_bytes()}}, s.dtype, landed));
   RA_RETURN_IF_ERROR(CheckLikeQ(r.has_dout(), r.dout(), "dout", r.q(), s.dtype));
-  RA_RETURN_IF_ERROR(CheckDataSizes({{"dout", &r.dout(), s.q_bytes()}}, s.dtype));
-  RA_RETURN_IF_ERROR(CheckLse(r.has_lse(), r.lse(), s));
+  RA_RETURN_IF_ERROR(CheckDataSizes({{"dout", &r.dout(), s.q_bytes()}}, s.dtype, landed));
+  RA_RETURN_IF_ERROR(CheckLse(r.has_lse(), r.lse(), s, landed));
   RA_RETURN_IF_ERROR(CheckBackwardBytes(s, limits));
   return out;
 }

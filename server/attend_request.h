@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "absl/status/status.h"
@@ -50,10 +51,15 @@ struct ValidatedAttend {
   Layout ResolvedLayout() const;
 };
 
+// Names of tensors whose bytes are not in the request (a stream's landing arena, which the chunk
+// protocol filled to the size the shape implies): their data must be empty.
+using LandedTensors = std::set<std::string, std::less<>>;
+
 // Validates a unary request: every field, and that each tensor's data has the size its shape
-// and dtype imply.
+// and dtype imply (or, for `landed` ones, none).
 absl::StatusOr<ValidatedAttend> ValidateAttendRequest(const v1::AttendRequest& request,
-                                                      const AttendLimits& limits);
+                                                      const AttendLimits& limits,
+                                                      const LandedTensors& landed = {});
 
 // Validates the header of an AttendStream call: the same checks on shapes, dtypes, options and
 // limits, but every tensor's data must be empty (its bytes follow as chunks, as many as the
@@ -66,7 +72,8 @@ absl::StatusOr<ValidatedAttend> ValidateAttendHeader(const v1::AttendRequest& he
 // [batch, heads, seq]; every tensor's data the size its shape implies. max_request_bytes
 // applies to all six tensors together.
 absl::StatusOr<ValidatedAttend> ValidateAttendBackwardRequest(
-    const v1::AttendBackwardRequest& request, const AttendLimits& limits);
+    const v1::AttendBackwardRequest& request, const AttendLimits& limits,
+    const LandedTensors& landed = {});
 
 // Validates the header of an AttendBackwardStream call before any chunk: the q/k/v part as
 // ValidateAttendHeader checks it, and the six tensors (out and dout q-shaped, lse [batch, heads,

@@ -222,8 +222,8 @@ TEST(AttendLimitsTest, HugeShapeWithoutDataIsResourceExhausted) {
     t->set_shape(1, int64_t{1} << 30);
     t->clear_data();
   }
-  for (auto validate : {&ValidateAttendRequest, &ValidateAttendHeader}) {
-    absl::StatusOr<ValidatedAttend> v = validate(r, AttendLimits{});
+  for (const absl::StatusOr<ValidatedAttend>& v :
+       {ValidateAttendRequest(r, AttendLimits{}), ValidateAttendHeader(r, AttendLimits{})}) {
     ASSERT_EQ(v.status().code(), absl::StatusCode::kResourceExhausted) << v.status();
     EXPECT_THAT(std::string(v.status().message()), HasSubstr("(max_request_bytes)"));
   }

@@ -255,7 +255,7 @@ class Coordinator::StreamCall final
     Touch(/*server_busy=*/true);  // until Respond: the job's time, not the client's
     absl::StatusOr<std::shared_ptr<AttendJob>> job =
         c_->Submit<Call>(*receiver_.header(), &response_, *caller_, arrival_, DeadlineOf(*ctx_),
-                         &work_, trace_, [this](absl::Status s) { Respond(s); });
+                         &work_, trace_, [this](absl::Status s) { Respond(s); }, landed_);
     if (!job.ok()) return End(job.status());
     absl::Status cancelled;
     {
@@ -302,11 +302,68 @@ class Coordinator::StreamCall final
     int64_t bytes = 0;
     for (const ComputeTensor& in : Call::Rpc().inputs) bytes += BytesOf(in.kind, problem.shape);
     RA_ASSIGN_OR_RETURN(hold_, c_->queue_.HoldBytes(*caller_, bytes));
+    if (Land(*header, problem)) return absl::OkStatus();
     for (const ComputeTensor& in : Call::Rpc().inputs) {
       RA_RETURN_IF_ERROR(receiver_.chunks().Expect(
           in.which, in.name, MutableTensorField(header, in.name), BytesOf(in.kind, problem.shape)));
     }
     return absl::OkStatus();
+  }
+
+  // Lands the inputs' chunks in an arena of the coordinator's shared memory, with room for the
+  // wanted outputs after them: the workers on this host read and write there, and the response's
+  // chunks are cut from there, with no copy into and out of the messages. False (nothing done)
+  // when no arena is free or the request refers to the caller's regions.
+  bool Land(const typename Call::Request& header, const ValidatedAttend& problem) {
+    const ComputeRpc& rpc = Call::Rpc();
+    if (c_->landing_ == nullptr || !OutputShm(header).empty()) return false;
+    for (const ComputeTensor& in : rpc.inputs) {
+      if (TensorField(header, in.name).has_shm()) return false;
+    }
+    lease_ = c_->landing_->TryAcquire();
+    if (lease_ == nullptr) return false;
+    std::vector<std::pair<const ComputeTensor*, int64_t>> slots;  // tensor, offset
+    int64_t total = 0;
+    auto take = [&](const ComputeTensor& t) {
+      slots.emplace_back(&t, total);
+      total += (static_cast<int64_t>(BytesOf(t.kind, problem.shape)) + 255) / 256 * 256;
+    };
+    for (const ComputeTensor& in : rpc.inputs) take(in);
+    for (const ComputeTensor& out : rpc.outputs) {
+      if (Wants(header, out)) take(out);
+    }
+    absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> mapping =
+        lease_->arena().Reserve(total);
+    if (!mapping.ok()) {  // /dev/shm full: the bytes stay in memory instead
+      lease_.reset();
+      return false;
+    }
+    for (const auto& [t, at] : slots) {
+      const int64_t bytes = static_cast<int64_t>(BytesOf(t->kind, problem.shape));
+      landed_.emplace(t->name, SharedTensor{*mapping, nullptr, at, bytes});
+    }
+    for (const ComputeTensor& in : rpc.inputs) {
+      const SharedTensor& st = landed_.at(in.name);
+      // Cannot fail: the header's tensors carry no data (checked by the header's validation).
+      const absl::Status s = receiver_.chunks().ExpectInto(
+          in.which, in.name, TensorField(header, in.name), st.data(), st.bytes);
+      if (!s.ok()) {
+        landed_.clear();
+        lease_.reset();
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Bytes of the landed inputs (or outputs).
+  int64_t LandedBytes(bool inputs) const {
+    int64_t sum = 0;
+    for (const ComputeTensor& t : inputs ? Call::Rpc().inputs : Call::Rpc().outputs) {
+      auto it = landed_.find(t.name);
+      if (it != landed_.end()) sum += it->second.bytes;
+    }
+    return sum;
   }
 
   // The job is done: its failure, or the response's header and then its outputs in chunks.
@@ -317,8 +374,13 @@ class Coordinator::StreamCall final
     send0_ = absl::Now();
     std::vector<ChunkCursor::Source> outputs;
     for (const ComputeTensor& t : Call::Rpc().outputs) {
-      if (HasTensorField(response_, t.name)) {
-        outputs.push_back({t.which, &TensorField(response_, t.name).data()});
+      if (!HasTensorField(response_, t.name)) continue;
+      auto landed = landed_.find(t.name);
+      if (landed != landed_.end()) {
+        outputs.push_back({t.which, std::string_view(landed->second.data(),
+                                                      static_cast<size_t>(landed->second.bytes))});
+      } else {
+        outputs.push_back({t.which, TensorField(response_, t.name).data()});
       }
     }
     cursor_.emplace(std::move(outputs), c_->options_.stream_chunk_bytes);
@@ -330,8 +392,9 @@ class Coordinator::StreamCall final
   void End(const absl::Status& s) {
     const ComputeRpc& rpc = Call::Rpc();
     const typename Call::Request& request = *receiver_.header();
-    const int64_t bytes_in = TensorDataBytes(request, rpc.inputs);
-    const int64_t bytes_out = s.ok() ? TensorDataBytes(response_, rpc.outputs) : 0;
+    const int64_t bytes_in = TensorDataBytes(request, rpc.inputs) + LandedBytes(true);
+    const int64_t bytes_out =
+        s.ok() ? TensorDataBytes(response_, rpc.outputs) + LandedBytes(false) : 0;
     c_->metrics_.RecordRequest(stream_name_, ToGrpcStatus(s).error_code(), response_.timings(),
                                bytes_in, bytes_out, work_);
     LogRequest({stream_name_, RequestIdOf(request.request_id(), arrival_),
@@ -367,6 +430,9 @@ class Coordinator::StreamCall final
   const absl::StatusOr<std::string> caller_;    // Coordinator::Caller
   const TraceContext trace_;                    // this call's span, passed on to the workers
   std::unique_ptr<AdmissionQueue::Hold> hold_;  // the request's bytes, once its header came
+  // The landing arena and the tensors in it (Land), lent until the call is done.
+  std::unique_ptr<ArenaPool::Lease> lease_;
+  SharedTensors landed_;
   absl::Mutex mu_;  // OnCancel runs alongside the other reactions
   absl::Status cancel_reason_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttendJob> job_ ABSL_GUARDED_BY(mu_);
@@ -641,6 +707,10 @@ absl::Status Coordinator::BuildAndStart() {
   }
   SetServing(false);
   ring_->Start();
+  if (options_.shared_memory) {
+    landing_ = std::make_unique<ArenaPool>(std::max(1, options_.pipeline_depth) + 1,
+                                           "/ringattn_landing");
+  }
   for (int i = 0; i < std::max(1, options_.pipeline_depth); ++i) {
     arenas_.push_back(std::make_unique<SharedMemoryArena>(absl::StrCat("/ringattn_arena", i)));
     SharedMemoryArena* arena = options_.shared_memory ? arenas_.back().get() : nullptr;
@@ -767,7 +837,7 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     const typename Call::Request& request, typename Call::Response* response,
     const std::string& owner, absl::Time arrival, absl::Time deadline, RequestWork* work,
     const TraceContext& trace,
-    std::function<void(absl::Status)> finish) {
+    std::function<void(absl::Status)> finish, SharedTensors landed) {
   // Counted from here, so that a Drain that starts now waits for this request or it sees the
   // drain and is refused; uncounted again on every refusal below.
   ++in_flight_;
@@ -776,12 +846,15 @@ absl::StatusOr<std::shared_ptr<AttendJob>> Coordinator::Submit(
     return absl::UnavailableError("the service is shutting down; send the request elsewhere");
   }
   const absl::Time validate0 = absl::Now();
-  RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits()));
+  LandedTensors landed_names;
+  for (const auto& [name, t] : landed) landed_names.insert(name);
+  RA_ASSIGN_OR_RETURN(ValidatedAttend problem, Call::Validate(request, Limits(), landed_names));
   *work = WorkOf(problem.shape, problem.options.causal, Call::kForwardMultiple);
   // Resolved now, so that a bad reference is refused before queueing, and holding the regions'
   // mappings until the job is done.
   RA_ASSIGN_OR_RETURN(SharedTensors shared, ResolveSharedTensors(Call::Rpc(), request, problem,
                                                                   shared_memory_, owner));
+  shared.merge(landed);  // a stream lands only requests without shared-memory references
   problem.request_id = RequestIdOf(problem.request_id, arrival);
   auto job = std::make_shared<AttendJob>();
   job->request_id = problem.request_id;

@@ -27,6 +27,7 @@
 #include "server/ring_manager.h"
 #include "server/shared_memory_arena.h"
 #include "server/shared_memory_registry.h"
+#include "server/shared_tensors.h"
 
 namespace grpc {
 class Server;
@@ -153,14 +154,17 @@ class Coordinator {
   // full) returns its status and `finish` is never called.
   // `owner` is the caller's identity (CallerIdentity), whose shared-memory regions the request
   // may refer to. `work` gets the request's work (for the metrics) before the job is queued;
-  // `trace` is the call's span, which the worker calls carry on.
+  // `trace` is the call's span, which the worker calls carry on. `landed` are tensors already
+  // in the coordinator's shared memory (a stream's landing arena): inputs the request carries
+  // without data, outputs the run writes there instead of into `response`.
   template <typename Call>
   absl::StatusOr<std::shared_ptr<AttendJob>> Submit(const typename Call::Request& request,
                                                     typename Call::Response* response,
                                                     const std::string& owner, absl::Time arrival,
                                                     absl::Time deadline, RequestWork* work,
                                                     const TraceContext& trace,
-                                                    std::function<void(absl::Status)> finish);
+                                                    std::function<void(absl::Status)> finish,
+                                                    SharedTensors landed = {});
   // The client went away or the deadline passed (`reason`): a queued job is taken out and
   // finished, a running one stops its worker calls.
   void Cancel(const std::shared_ptr<AttendJob>& job, const absl::Status& reason);
@@ -193,6 +197,9 @@ class Coordinator {
   // the dispatcher runs them in turn).
   // One arena per dispatcher: a request in flight has its own.
   std::vector<std::unique_ptr<SharedMemoryArena>> arenas_;
+  // Where streamed requests land their chunks (pipeline_depth + 1 arenas; a stream that finds
+  // none free assembles its tensors in memory as before). Null without shared memory.
+  std::unique_ptr<ArenaPool> landing_;
   ServiceMetrics metrics_;
   absl::StatusOr<ClusterSecret> secret_;  // with internal TLS when configured
   std::optional<ApiTokens> tokens_;       // set by BuildAndStart when api_tokens_file is

@@ -35,10 +35,10 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryArena::Reserve(
     return absl::UnavailableError(
         absl::StrCat("shm_open('", key, "') for the coordinator's arena: ", std::strerror(errno)));
   }
-  const int rc = ftruncate(fd, size);
-  const int err = errno;
+  // posix_fallocate returns the error (errno untouched).
+  int err = ftruncate(fd, size) == 0 ? posix_fallocate(fd, 0, size) : errno;
   close(fd);
-  if (rc != 0) {
+  if (err != 0) {
     shm_unlink(key.c_str());
     return absl::ResourceExhaustedError(absl::StrCat(
         "cannot size the coordinator's arena to ", size, " bytes: ", std::strerror(err)));
@@ -52,6 +52,26 @@ absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> SharedMemoryArena::Reserve(
   key_ = key;
   mapping_ = *std::move(m);
   return mapping_;
+}
+
+ArenaPool::ArenaPool(int count, const std::string& prefix) {
+  for (int i = 0; i < count; ++i) {
+    arenas_.push_back(std::make_unique<SharedMemoryArena>(absl::StrCat(prefix, i)));
+    free_.push_back(arenas_.back().get());
+  }
+}
+
+std::unique_ptr<ArenaPool::Lease> ArenaPool::TryAcquire() {
+  absl::MutexLock lock(&mu_);
+  if (free_.empty()) return nullptr;
+  SharedMemoryArena* a = free_.back();
+  free_.pop_back();
+  return std::make_unique<Lease>(this, a);
+}
+
+ArenaPool::Lease::~Lease() {
+  absl::MutexLock lock(&pool_->mu_);
+  pool_->free_.push_back(arena_);
 }
 
 }  // namespace ringattn

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -25,7 +26,9 @@ class SharedMemoryArena {
   SharedMemoryArena& operator=(const SharedMemoryArena&) = delete;
 
   // A mapping of at least `bytes` (owner read-write only), the previous one when it is large
-  // enough. The caller uses it for one request; the next Reserve may replace it.
+  // enough. The caller uses it for one request; the next Reserve may replace it. The object's
+  // pages are allocated at once (RESOURCE_EXHAUSTED when /dev/shm cannot hold them, rather than
+  // a SIGBUS on a later write).
   absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> Reserve(int64_t bytes);
 
  private:
@@ -35,6 +38,35 @@ class SharedMemoryArena {
   std::shared_ptr<SharedMemoryMapping> mapping_ ABSL_GUARDED_BY(mu_);
   std::string key_ ABSL_GUARDED_BY(mu_);
   int serial_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// `count` arenas lent one at a time: a streamed request lands its chunks in one (the coordinator
+// lends it from the stream's header to its last response chunk).
+class ArenaPool {
+ public:
+  ArenaPool(int count, const std::string& prefix);
+
+  // Returns the arena to the pool when destroyed.
+  class Lease {
+   public:
+    Lease(ArenaPool* pool, SharedMemoryArena* arena) : pool_(pool), arena_(arena) {}
+    ~Lease();
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    SharedMemoryArena& arena() { return *arena_; }
+
+   private:
+    ArenaPool* const pool_;
+    SharedMemoryArena* const arena_;
+  };
+
+  // A free arena, or null when all are lent.
+  std::unique_ptr<Lease> TryAcquire();
+
+ private:
+  std::vector<std::unique_ptr<SharedMemoryArena>> arenas_;
+  absl::Mutex mu_;
+  std::vector<SharedMemoryArena*> free_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ringattn

@@ -191,7 +191,7 @@ def main():
     check(families.get("ringattn_request_phase_seconds") == "histogram", "phase histogram")
     for name, want in (("ringattn_world_size", WORLD), ("ringattn_workers_up", WORLD),
                        ("ringattn_ring_ready", 1), ("ringattn_max_queue", 16),
-                       ("ringattn_pipeline_depth", 2), ("ringattn_max_queued_bytes", 8 << 30),
+                       ("ringattn_pipeline_depth", 3), ("ringattn_max_queued_bytes", 8 << 30),
                        ("ringattn_queue_depth", 0), ("ringattn_running_requests", 0),
                        ("ringattn_held_bytes", 0), ("ringattn_ring_reforms_total", 0)):
         check(value(s, name) == want, f"{name} is {want}, got {value(s, name)}")

@@ -242,6 +242,83 @@ TEST(ServiceErrors, BadInputThenGoodRequest) {
   ExpectMatchesReference(good, resp);
 }
 
+// "" when the fp32 `resp.out` of `req` matches the fp64 reference, else what is wrong.
+std::string OutMismatch(const v1::AttendRequest& req, const v1::AttendResponse& resp) {
+  absl::StatusOr<ReferenceResult> ref = test::ReferenceOf(req);
+  if (!ref.ok()) return ref.status().ToString();
+  if (resp.out().data().size() != ref->o.size() * sizeof(float)) {
+    return "out has " + std::to_string(resp.out().data().size()) + " bytes; ";
+  }
+  const ErrorStats e = CompareTensor(resp.out().data().data(), DType::kF32, ref->o.data(),
+                                     static_cast<int64_t>(ref->o.size()));
+  return e.Within(1e-5, 1.0) ? "" : "out vs fp64: " + e.ToString() + "; ";
+}
+
+// `threads` threads make `calls` calls each at once, call(t, c) returning what went wrong ("":
+// nothing); every call must come back right.
+void ExpectEachCallRight(int threads, int calls,
+                         const std::function<std::string(int t, int c)>& call) {
+  std::vector<std::thread> running;
+  std::vector<std::string> failures(threads);
+  for (int t = 0; t < threads; ++t) {
+    running.emplace_back([&, t] {
+      for (int c = 0; c < calls; ++c) failures[t] += call(t, c);
+    });
+  }
+  for (auto& th : running) th.join();
+  for (int t = 0; t < threads; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
+}
+
+// `req` through AttendStream in chunks of `chunk` bytes, the answer reassembled into `resp`;
+// `chunks` gets the number of response chunks. A broken chunk protocol fails the test.
+grpc::Status Streamed(Service& svc, const v1::AttendRequest& req, size_t chunk,
+                      v1::AttendResponse* resp, int* chunks = nullptr) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+  auto stream = svc.stub().AttendStream(&ctx);
+  v1::AttendStreamRequest header;
+  *header.mutable_header() = req;
+  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
+                        header.mutable_header()->mutable_v()}) {
+    t->clear_data();
+  }
+  bool writing = stream->Write(header);
+  const std::pair<v1::TensorChunk::Which, const std::string*> parts[] = {
+      {v1::TensorChunk::WHICH_Q, &req.q().data()},
+      {v1::TensorChunk::WHICH_K, &req.k().data()},
+      {v1::TensorChunk::WHICH_V, &req.v().data()}};
+  for (const auto& [which, bytes] : parts) {
+    for (size_t off = 0; writing && off < bytes->size(); off += chunk) {
+      v1::AttendStreamRequest m;
+      m.mutable_chunk()->set_tensor(which);
+      m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
+      m.mutable_chunk()->set_data(bytes->substr(off, chunk));
+      writing = stream->Write(m);
+    }
+  }
+  if (writing) stream->WritesDone();
+  v1::AttendStreamResponse m;
+  int n = 0;
+  bool header_seen = false;
+  while (stream->Read(&m)) {
+    if (!header_seen) {
+      EXPECT_TRUE(m.has_header());
+      *resp = m.header();
+      header_seen = true;
+      continue;
+    }
+    EXPECT_TRUE(m.has_chunk());
+    std::string* dst = m.chunk().tensor() == v1::TensorChunk::WHICH_OUT
+                           ? resp->mutable_out()->mutable_data()
+                           : resp->mutable_lse()->mutable_data();
+    EXPECT_EQ(m.chunk().offset(), static_cast<int64_t>(dst->size()));
+    dst->append(m.chunk().data());
+    ++n;
+  }
+  if (chunks != nullptr) *chunks = n;
+  return stream->Finish();
+}
+
 // Unary above the limit is RESOURCE_EXHAUSTED; the same tensors stream and come back right.
 TEST(ServiceStreaming, LargerThanUnaryLimit) {
   Coordinator::Options o;
@@ -256,51 +333,37 @@ TEST(ServiceStreaming, LargerThanUnaryLimit) {
   grpc::Status st = Call(svc, req, &unary);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
 
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
-  auto stream = svc.stub().AttendStream(&ctx);
-  v1::AttendStreamRequest header;
-  *header.mutable_header() = req;
-  for (v1::Tensor* t : {header.mutable_header()->mutable_q(), header.mutable_header()->mutable_k(),
-                        header.mutable_header()->mutable_v()}) {
-    t->clear_data();
-  }
-  ASSERT_TRUE(stream->Write(header));
-  const std::pair<v1::TensorChunk::Which, const std::string*> parts[] = {
-      {v1::TensorChunk::WHICH_Q, &req.q().data()},
-      {v1::TensorChunk::WHICH_K, &req.k().data()},
-      {v1::TensorChunk::WHICH_V, &req.v().data()}};
-  const size_t chunk = 65537;
-  for (const auto& [which, bytes] : parts) {
-    for (size_t off = 0; off < bytes->size(); off += chunk) {
-      v1::AttendStreamRequest m;
-      m.mutable_chunk()->set_tensor(which);
-      m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
-      m.mutable_chunk()->set_data(bytes->substr(off, chunk));
-      ASSERT_TRUE(stream->Write(m));
-    }
-  }
-  stream->WritesDone();
   v1::AttendResponse resp;
-  v1::AttendStreamResponse m;
-  ASSERT_TRUE(stream->Read(&m));
-  ASSERT_TRUE(m.has_header());
-  resp = m.header();
   int chunks = 0;
-  while (stream->Read(&m)) {
-    ASSERT_TRUE(m.has_chunk());
-    std::string* dst = m.chunk().tensor() == v1::TensorChunk::WHICH_OUT
-                           ? resp.mutable_out()->mutable_data()
-                           : resp.mutable_lse()->mutable_data();
-    ASSERT_EQ(m.chunk().offset(), static_cast<int64_t>(dst->size()));
-    dst->append(m.chunk().data());
-    ++chunks;
-  }
-  grpc::Status fin = stream->Finish();
+  grpc::Status fin = Streamed(svc, req, 65537, &resp, &chunks);
   ASSERT_TRUE(fin.ok()) << fin.error_message();
   EXPECT_GT(chunks, 10);
   EXPECT_GT(resp.timings().receive_seconds(), 0);
   ExpectMatchesReference(req, resp);
+}
+
+// Streamed requests land their chunks in the coordinator's landing arenas (pipeline depth + 1
+// of them); more streams at once than arenas assemble in memory instead. Streams and unary
+// calls in flight together, through both, each get their own answer.
+TEST(ServiceStreaming, MoreStreamsThanLandingArenasEachGetTheirOwnAnswer) {
+  Coordinator::Options o;
+  o.pipeline_depth = 1;  // two landing arenas
+  Service svc(2, o);
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  ExpectEachCallRight(5, 2, [&](int t, int c) -> std::string {
+    const Shape shape{1, 150 + 61 * t + c, 5, 1, 64, v1::DTYPE_FP32};
+    v1::AttendRequest req = MakeRequest(shape, 300 + 10 * t + c);
+    req.mutable_options()->set_causal(t % 2 == 0);
+    v1::AttendResponse resp;
+    const grpc::Status st = t == 4 ? Call(svc, req, &resp, absl::Seconds(120))
+                                   : Streamed(svc, req, 7001 + 13 * t, &resp);
+    if (!st.ok()) return st.error_message();
+    std::string wrong = OutMismatch(req, resp);
+    if (resp.lse().data().size() != req.q().shape(1) * 5 * sizeof(float)) {
+      wrong += "lse has " + std::to_string(resp.lse().data().size()) + " bytes; ";
+    }
+    return wrong;
+  });
 }
 
 // Waits until every worker of the ring reports `busy` (running a shard) or not; false after
@@ -667,30 +730,14 @@ TEST(ServicePipeline, ConcurrentRequestsEachGetTheirOwnAnswer) {
   o.pipeline_depth = 3;
   Service svc(3, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  constexpr int kThreads = 4, kCalls = 3;
-  std::vector<std::thread> threads;
-  std::vector<std::string> failures(kThreads);
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int c = 0; c < kCalls; ++c) {
-        const Shape shape{1 + (t % 2), 200 + 37 * t, 4, 2, 64, v1::DTYPE_FP32};
-        v1::AttendRequest req = MakeRequest(shape, 100 + 10 * t + c);
-        req.mutable_options()->set_causal(c % 2 == 0);
-        v1::AttendResponse resp;
-        const grpc::Status st = Call(svc, req, &resp, absl::Seconds(120));
-        if (!st.ok()) {
-          failures[t] += st.error_message() + "; ";
-          continue;
-        }
-        absl::StatusOr<ReferenceResult> ref = test::ReferenceOf(req);
-        const ErrorStats e = CompareTensor(resp.out().data().data(), DType::kF32,
-                                           ref->o.data(), static_cast<int64_t>(ref->o.size()));
-        if (!e.Within(1e-5, 1.0)) failures[t] += "out vs fp64: " + e.ToString() + "; ";
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
-  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
+  ExpectEachCallRight(4, 3, [&](int t, int c) -> std::string {
+    const Shape shape{1 + (t % 2), 200 + 37 * t, 4, 2, 64, v1::DTYPE_FP32};
+    v1::AttendRequest req = MakeRequest(shape, 100 + 10 * t + c);
+    req.mutable_options()->set_causal(c % 2 == 0);
+    v1::AttendResponse resp;
+    const grpc::Status st = Call(svc, req, &resp, absl::Seconds(120));
+    return st.ok() ? OutMismatch(req, resp) : st.error_message();
+  });
 }
 
 std::string HttpGet(int port, const std::string& path) {

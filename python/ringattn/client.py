@@ -2,8 +2,9 @@
 
 One call picks its data path itself: system shared memory when the service is on this host
 (shared_memory="auto": a loopback target; the service refuses remote callers anyway), else one
-unary message while the request fits the service's unary limit (GetInfo's max_unary_bytes),
-else the chunked stream. The channel has no message limits of its own. A call raises
+unary message while the request fits the service's unary limit (GetInfo's max_unary_bytes)
+and 32 MiB (gRPC moves one large message about three times slower than chunks), else the
+chunked stream. The channel has no message limits of its own. A call raises
 RingAttnError (errors.py) with the service's code and message; UNAVAILABLE (a ring re-forming,
 a worker restarting, the service not yet up) is retried within the call's deadline.
 """
@@ -27,6 +28,8 @@ _LAYOUTS = {"auto": "LAYOUT_AUTO", "contiguous": "LAYOUT_CONTIGUOUS", "zigzag": 
 _PROTOBUF_LIMIT = (1 << 31) - 1
 _jitter = random.Random()  # its own: never draws from the caller's random state
 _CHUNK_BYTES = 4 << 20
+# Requests above this stream even within the unary limit (client/attention_client.h).
+_STREAM_ABOVE_BYTES = 32 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +375,8 @@ class Client:
         limit = info.max_unary_bytes
         if path is None:
             estimate = header.ByteSize() + sum(op.nbytes + 32 for op in ops.values())
-            past = estimate >= _PROTOBUF_LIMIT or (limit > 0 and estimate > limit)
+            past = (estimate >= _PROTOBUF_LIMIT or estimate > _STREAM_ABOVE_BYTES
+                    or (limit > 0 and estimate > limit))
             path = "stream" if past else "unary"
         if path == "stream":
             chunk = min(_CHUNK_BYTES, limit) if limit > 0 else _CHUNK_BYTES
