@@ -68,6 +68,7 @@
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cudnn/cudnn_context.h"
+#include "kernels/cudnn/graph_mode_test_util.h"
 #include "kernels/cudnn/merge_kernel.h"
 #include "kernels/cudnn/sdpa_graph_cache.h"
 #include "kernels/params_check.h"
@@ -91,6 +92,10 @@ using kernel_testing::GatherLse;
 using kernel_testing::GatherO;
 using kernel_testing::GpuAvailable;
 using kernel_testing::GpuTest;
+using kernel_testing::GraphMode;
+using kernel_testing::GraphModeName;
+using kernel_testing::ExpectGraphStatsOfMode;
+using kernel_testing::MakeCudnnInMode;
 using kernel_testing::KeyRange;
 using kernel_testing::LsePlace;
 using kernel_testing::MakeAttentionBuffers;
@@ -1333,29 +1338,6 @@ TEST_F(CudnnBackendTest, RepeatedShapeDoesNotRebuildTheGraph) {
 
 // ---- Dynamic shapes: one backend through many lengths ------------------------------------------
 
-enum class GraphMode { kStatic, kDynamic, kDynamicPrewarmed };
-
-std::string GraphModeName(GraphMode m) {
-  return m == GraphMode::kStatic ? "Static" : m == GraphMode::kDynamic ? "Dynamic" : "Prewarmed";
-}
-
-// A backend in mode `m` (prewarmed forward and backward with the default classes).
-std::unique_ptr<CudnnBackend> MakeCudnnInMode(GraphMode m) {
-  std::unique_ptr<CudnnBackend> backend =
-      MakeCudnnBackend({.dynamic_shapes = m != GraphMode::kStatic});
-  if (m == GraphMode::kDynamicPrewarmed) {
-    CudnnPrewarmSpec spec;
-    spec.backward = true;
-    const absl::Status s = backend->Prewarm(spec);
-    EXPECT_TRUE(s.ok()) << s;
-    const CudnnGraphStats stats = backend->graph_stats();
-    std::printf("  prewarm: %lld graphs, %lld dynamic, %lld static fallbacks\n",
-                static_cast<long long>(stats.builds), static_cast<long long>(stats.dynamic_builds),
-                static_cast<long long>(stats.static_fallbacks));
-  }
-  return backend;
-}
-
 // Calls that share kernel classes at many sizes (awkward lengths, 5 heads, GQA, s_q != s_k) and
 // scalar values (scales, band bounds), so that a dynamic backend reuses one class's kernel at
 // sizes and values other than those it was compiled for. Interleaved: each class comes back
@@ -1388,8 +1370,7 @@ std::vector<Case> DynamicCases() {
 
 class CudnnGraphModeTest : public GpuTest, public ::testing::WithParamInterface<GraphMode> {};
 
-// Every call against the fp64 reference; in the dynamic modes every graph is accounted for
-// (dynamic, or static after a logged refusal) and classes are shared (fewer than graphs).
+// Every call against the fp64 reference, then the graph counts (ExpectGraphStatsOfMode).
 TEST_P(CudnnGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Reference) {
   const GraphMode mode = GetParam();
   std::unique_ptr<CudnnBackend> backend = MakeCudnnInMode(mode);
@@ -1400,18 +1381,7 @@ TEST_P(CudnnGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Reference) {
     CaseRun run;
     ASSERT_NO_FATAL_FAILURE(RunAgainstReference(*backend, c, &run));
   }
-  const CudnnGraphStats stats = backend->graph_stats();
-  std::printf("  %s: %lld graphs, %lld dynamic, %lld static fallbacks, %lld kernel classes\n",
-              GraphModeName(mode).c_str(), static_cast<long long>(stats.builds),
-              static_cast<long long>(stats.dynamic_builds),
-              static_cast<long long>(stats.static_fallbacks),
-              static_cast<long long>(stats.kernel_classes));
-  if (mode == GraphMode::kStatic || !backend->dynamic_shapes()) {
-    EXPECT_EQ(stats.dynamic_builds + stats.kernel_classes, 0);
-  } else {
-    EXPECT_EQ(stats.dynamic_builds + stats.static_fallbacks, stats.builds);
-    EXPECT_LT(stats.kernel_classes, stats.builds);
-  }
+  ExpectGraphStatsOfMode(mode, *backend);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CudnnGraphModeTest,
