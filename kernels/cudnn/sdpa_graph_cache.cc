@@ -271,6 +271,22 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
   return built;
 }
 
+// Build, with an exception from the frontend as a (transient: not remembered) Internal error;
+// *threw says whether that happened.
+absl::StatusOr<std::unique_ptr<SdpaGraph>> GuardedBuild(
+    cudnnHandle_t handle, const SdpaGraphKey& key,
+    const std::shared_ptr<fe::KernelCache>& kernel_cache,
+    std::shared_ptr<fe::graph::Graph>* anchor, bool* transient, bool* threw = nullptr) {
+  try {
+    return Build(handle, key, kernel_cache, anchor, transient);
+  } catch (const std::exception& ex) {
+    *transient = true;
+    if (threw != nullptr) *threw = true;
+    return absl::InternalError(
+        absl::StrCat("cuDNN SDPA graph build threw: ", ex.what(), "; graph ", key.ToString()));
+  }
+}
+
 using VariantPack = std::unordered_map<fe::graph::Tensor_attributes::uid_t, void*>;
 
 absl::Status Execute(const SdpaGraph& graph, cudnnHandle_t handle, VariantPack pack,
@@ -456,18 +472,20 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> SdpaGraphCache::BuildInClass(
     cudnnHandle_t handle, const SdpaGraphKey& key, const SdpaKernelClass& cls,
     KernelClassState& state, bool* transient) {
   std::shared_ptr<fe::graph::Graph> no_anchor;
-  if (state.static_only()) return Build(handle, key, nullptr, &no_anchor, transient);
+  if (state.static_only()) return GuardedBuild(handle, key, nullptr, &no_anchor, transient);
+  bool threw = false;
   absl::StatusOr<std::unique_ptr<SdpaGraph>> built =
-      Build(handle, key, state.cache, &state.anchor, transient);
+      GuardedBuild(handle, key, state.cache, &state.anchor, transient, &threw);
   if (built.ok()) {
     ++state.dynamic_builds;
     ++stats_.dynamic_builds;
     return built;
   }
-  if (*transient) return built;
-  // cuDNN refused the dynamic graph: the static one decides whether the call can run at all.
+  if (*transient && !threw) return built;  // a CUDA failure, not cuDNN refusing the graph
+  // cuDNN refused the dynamic graph (or the frontend threw building it): the static one decides
+  // whether the call can run at all.
   absl::StatusOr<std::unique_ptr<SdpaGraph>> fallback =
-      Build(handle, key, nullptr, &no_anchor, transient);
+      GuardedBuild(handle, key, nullptr, &no_anchor, transient);
   if (!fallback.ok()) return fallback;
   ++stats_.static_fallbacks;
   if (++state.refusals == 1) {
@@ -489,23 +507,17 @@ absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle
   ++stats_.builds;
   absl::StatusOr<std::unique_ptr<SdpaGraph>> built;
   bool transient = false;
-  try {
-    if (dynamic_shapes_) {
-      const SdpaKernelClass cls = KernelClassOf(key, cudnn_version_);
-      std::unique_ptr<KernelClassState>& state = classes_[cls];
-      if (state == nullptr) {
-        state = std::make_unique<KernelClassState>();
-        stats_.kernel_classes = static_cast<int64_t>(classes_.size());
-      }
-      built = BuildInClass(handle, key, cls, *state, &transient);
-    } else {
-      std::shared_ptr<fe::graph::Graph> no_anchor;
-      built = Build(handle, key, nullptr, &no_anchor, &transient);
+  if (dynamic_shapes_) {
+    const SdpaKernelClass cls = KernelClassOf(key, cudnn_version_);
+    std::unique_ptr<KernelClassState>& state = classes_[cls];
+    if (state == nullptr) {
+      state = std::make_unique<KernelClassState>();
+      stats_.kernel_classes = static_cast<int64_t>(classes_.size());
     }
-  } catch (const std::exception& ex) {
-    transient = true;
-    built = absl::InternalError(
-        absl::StrCat("cuDNN SDPA graph build threw: ", ex.what(), "; graph ", key.ToString()));
+    built = BuildInClass(handle, key, cls, *state, &transient);
+  } else {
+    std::shared_ptr<fe::graph::Graph> no_anchor;
+    built = GuardedBuild(handle, key, nullptr, &no_anchor, &transient);
   }
   if (!built.ok()) {
     if (!transient) entries_.emplace(key, Entry{nullptr, built.status()});
