@@ -193,8 +193,7 @@ int RunMode(const Options& o) {
     std::fprintf(stderr, "cannot open %s\n", o.json.c_str());
     return 1;
   }
-  std::unique_ptr<CudnnBackend> backend =
-      MakeCudnnBackend({.dynamic_shapes = o.mode != "static"});
+  std::unique_ptr<CudnnBackend> backend = MakeCudnnBackend({.dynamic_shapes = o.mode != "static"});
   const int64_t longest = *std::max_element(o.lengths.begin(), o.lengths.end());
   Buffers b(std::max<int64_t>(longest, 64));
   cudaStream_t stream = nullptr;
@@ -211,10 +210,9 @@ int RunMode(const Options& o) {
 
   // Init: another class (d 64, MHA), so that no class of the timed calls is compiled by it.
   const AttentionParams init = ForwardCall(b, 64, false, 64, kHeads);
-  const double init_ms =
-      TimeCall([&] { CheckStatus(backend->Forward(init, ctx), "init forward"); }, stream, start,
-               stop)
-          .first;
+  const double init_ms = TimeCall([&] { CheckStatus(backend->Forward(init, ctx), "init forward"); },
+                                  stream, start, stop)
+                             .first;
   double prewarm_ms = 0.0;
   int64_t prewarm_graphs = 0;
   if (o.mode == "prewarm") {
@@ -266,8 +264,8 @@ int RunMode(const Options& o) {
         r.steady_ms = Median(walls);
         r.kernel_ms = Median(kernels);
         std::printf("%-4s %-6s %7lld %10.2f %10.3f %10.3f %6lld\n", direction,
-                    causal ? "causal" : "none", static_cast<long long>(s), r.first_ms,
-                    r.steady_ms, r.kernel_ms, static_cast<long long>(r.graphs));
+                    causal ? "causal" : "none", static_cast<long long>(s), r.first_ms, r.steady_ms,
+                    r.kernel_ms, static_cast<long long>(r.graphs));
         WriteRow(json, r);
       }
     }
@@ -277,17 +275,16 @@ int RunMode(const Options& o) {
               static_cast<long long>(st.builds), static_cast<long long>(st.dynamic_builds),
               static_cast<long long>(st.static_fallbacks),
               static_cast<long long>(st.kernel_classes));
-  std::fprintf(json,
-               "{\"kind\":\"mode\",\"mode\":\"%s\",\"device\":\"%s\",\"cudnn_version\":%zu,"
-               "\"dynamic_shapes\":%s,\"init_ms\":%.3f,\"prewarm_ms\":%.3f,"
-               "\"prewarm_graphs\":%lld,\"graphs\":%lld,\"dynamic_graphs\":%lld,"
-               "\"static_fallbacks\":%lld,\"kernel_classes\":%lld}\n",
-               o.mode.c_str(), prop.name, cudnnGetVersion(),
-               backend->dynamic_shapes() ? "true" : "false", init_ms, prewarm_ms,
-               static_cast<long long>(prewarm_graphs), static_cast<long long>(st.builds),
-               static_cast<long long>(st.dynamic_builds),
-               static_cast<long long>(st.static_fallbacks),
-               static_cast<long long>(st.kernel_classes));
+  std::fprintf(
+      json,
+      "{\"kind\":\"mode\",\"mode\":\"%s\",\"device\":\"%s\",\"cudnn_version\":%zu,"
+      "\"dynamic_shapes\":%s,\"init_ms\":%.3f,\"prewarm_ms\":%.3f,"
+      "\"prewarm_graphs\":%lld,\"graphs\":%lld,\"dynamic_graphs\":%lld,"
+      "\"static_fallbacks\":%lld,\"kernel_classes\":%lld}\n",
+      o.mode.c_str(), prop.name, cudnnGetVersion(), backend->dynamic_shapes() ? "true" : "false",
+      init_ms, prewarm_ms, static_cast<long long>(prewarm_graphs),
+      static_cast<long long>(st.builds), static_cast<long long>(st.dynamic_builds),
+      static_cast<long long>(st.static_fallbacks), static_cast<long long>(st.kernel_classes));
   std::fclose(json);
   backend.reset();
   BENCH_CUDA_CHECK(cudaEventDestroy(start));
@@ -416,8 +413,8 @@ int Main(int argc, char** argv) {
     return 1;
   }
   std::fclose(json);
-  std::printf("cudnn first-call bench: b %d, h %d, h_k %d, d %d, bf16; %d steady calls\n\n",
-              kBatch, kHeads, kHeadsK, kHeadDim, o.iters);
+  std::printf("cudnn first-call bench: b %d, h %d, h_k %d, d %d, bf16; %d steady calls\n\n", kBatch,
+              kHeads, kHeadsK, kHeadDim, o.iters);
   for (const char* mode : kModes) {
     if (const int rc = RunChild(argv[0], mode, pass); rc != 0) {
       std::fprintf(stderr, "mode %s failed (exit %d)\n", mode, rc);

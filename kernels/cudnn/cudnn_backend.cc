@@ -439,7 +439,8 @@ std::unique_ptr<CudnnBackend> MakeCudnnBackend(const CudnnBackendOptions& option
 
 // Kept in every program that links ra_kernels_cudnn (kernels/cudnn/CMakeLists.txt: --undefined).
 extern "C" const bool ringattn_register_cudnn_backends = RegisterBackends({
-    {kCudnnName, [] { return std::unique_ptr<AttentionBackend>(MakeCudnnBackend(RegisteredOptions())); }},
+    {kCudnnName,
+     [] { return std::unique_ptr<AttentionBackend>(MakeCudnnBackend(RegisteredOptions())); }},
 });
 
 }  // namespace ringattn

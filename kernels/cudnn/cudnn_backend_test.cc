@@ -51,8 +51,8 @@
 #include <ostream>
 #include <random>
 #include <set>
-#include <unordered_set>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -86,6 +86,7 @@ using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceTensors;
+using kernel_testing::ExpectGraphStatsOfMode;
 using kernel_testing::ExpectNothingWrittenOutsideTheView;
 using kernel_testing::FromDevice;
 using kernel_testing::GatherLse;
@@ -94,11 +95,10 @@ using kernel_testing::GpuAvailable;
 using kernel_testing::GpuTest;
 using kernel_testing::GraphMode;
 using kernel_testing::GraphModeName;
-using kernel_testing::ExpectGraphStatsOfMode;
-using kernel_testing::MakeCudnnInMode;
 using kernel_testing::KeyRange;
 using kernel_testing::LsePlace;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::MakeCudnnInMode;
 using kernel_testing::OPlace;
 using kernel_testing::PadStrides;
 using kernel_testing::Positions;
@@ -477,9 +477,10 @@ TEST(CudnnKernelClassTest, SizesStridesAndScalarValuesShareAClass) {
   const SdpaKernelClass cls = KernelClassOf(base, kCudnn919);
   EXPECT_TRUE(cls.has_right_bound && !cls.right_bound_shift) << cls.ToString();
   const AttentionParams others[] = {
-      Causal(Shape(5000, 5000, 32, 8, 128)),  Causal(Shape(7, 7, 5, 5, 128)),
-      Causal(Shape(2, 2, 2, 1, 128)),         Causal(Shape(12345, 12345, 32, 8, 128, DType::kBF16,
-                                                          DType::kBF16, /*batch=*/3)),
+      Causal(Shape(5000, 5000, 32, 8, 128)),
+      Causal(Shape(7, 7, 5, 5, 128)),
+      Causal(Shape(2, 2, 2, 1, 128)),
+      Causal(Shape(12345, 12345, 32, 8, 128, DType::kBF16, DType::kBF16, /*batch=*/3)),
       Causal(Shape(3816, 3816, 8, 2, 128)),  // GQA is no class of its own forward
   };
   for (const AttentionParams& o : others) {

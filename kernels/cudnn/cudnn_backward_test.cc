@@ -60,18 +60,18 @@ namespace {
 using kernel_testing::Case;
 using kernel_testing::CaseName;
 using kernel_testing::CheckGrads;
+using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceCall;
 using kernel_testing::Download;
-using kernel_testing::HostCall;
-using kernel_testing::MakeHostCall;
-using kernel_testing::ToDevice;
-using kernel_testing::DeviceBuffer;
 using kernel_testing::ExpectGraphStatsOfMode;
 using kernel_testing::GpuTest;
 using kernel_testing::GraphMode;
 using kernel_testing::GraphModeName;
+using kernel_testing::HostCall;
 using kernel_testing::MakeCudnnInMode;
+using kernel_testing::MakeHostCall;
 using kernel_testing::Shape;
+using kernel_testing::ToDevice;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
@@ -272,8 +272,8 @@ std::vector<AttentionParams> DynamicCalls() {
   };
 }
 
-class CudnnBackwardGraphModeTest : public GpuTest, public ::testing::WithParamInterface<GraphMode> {
-};
+class CudnnBackwardGraphModeTest : public GpuTest,
+                                   public ::testing::WithParamInterface<GraphMode> {};
 
 TEST_P(CudnnBackwardGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Reference) {
   const GraphMode mode = GetParam();
@@ -281,10 +281,9 @@ TEST_P(CudnnBackwardGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Refere
   for (const AttentionParams& fwd : DynamicCalls()) {
     // The long calls (seconds of fp64 reference each) in the dynamic modes only.
     if (mode == GraphMode::kStatic && fwd.seqlen_q > 1000) continue;
-    SCOPED_TRACE(absl::StrCat(std::string(DTypeName(fwd.dtype)), " s_q=", fwd.seqlen_q,
-                              " s_k=", fwd.seqlen_k, " h=", fwd.heads, ":", fwd.heads_k,
-                              " d=", fwd.head_dim, " scale=", fwd.softmax_scale, " plan ",
-                              PlanOf(fwd)));
+    SCOPED_TRACE(absl::StrCat(std::string(DTypeName(fwd.dtype)), " s_q=", fwd.seqlen_q, " s_k=",
+                              fwd.seqlen_k, " h=", fwd.heads, ":", fwd.heads_k, " d=", fwd.head_dim,
+                              " scale=", fwd.softmax_scale, " plan ", PlanOf(fwd)));
     HostCall hc;
     ASSERT_NO_FATAL_FAILURE(kernel_testing::MakeHostCallOf(fwd, /*alibi=*/false, &hc));
     DeviceCall dc;

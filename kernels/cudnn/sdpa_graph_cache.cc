@@ -231,15 +231,16 @@ absl::Status DefineBackward(fe::graph::Graph& graph, const SdpaGraphKey& key) {
 // Builds `key`'s graph: static when `kernel_cache` is null, else with dynamic shapes and that
 // cache. When this build is the one that binds the cache to its operation graph, *anchor gets
 // the graph (kept alive as long as the cache, which refers to it).
-absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const SdpaGraphKey& key,
-                                                 const std::shared_ptr<fe::KernelCache>& kernel_cache,
-                                                 std::shared_ptr<fe::graph::Graph>* anchor,
-                                                 bool* transient) {
+absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(
+    cudnnHandle_t handle, const SdpaGraphKey& key,
+    const std::shared_ptr<fe::KernelCache>& kernel_cache, std::shared_ptr<fe::graph::Graph>* anchor,
+    bool* transient) {
   auto graph = std::make_shared<fe::graph::Graph>();
   graph->set_io_data_type(IoType(key.dtype))
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  if (kernel_cache != nullptr) graph->set_dynamic_shape_enabled(true).set_kernel_cache(kernel_cache);
+  if (kernel_cache != nullptr)
+    graph->set_dynamic_shape_enabled(true).set_kernel_cache(kernel_cache);
   RA_RETURN_IF_ERROR(key.backward ? DefineBackward(*graph, key) : DefineForward(*graph, key));
 
   if (fe::error_t e = graph->validate(); e.is_bad())
@@ -275,8 +276,8 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
 // *threw says whether that happened.
 absl::StatusOr<std::unique_ptr<SdpaGraph>> GuardedBuild(
     cudnnHandle_t handle, const SdpaGraphKey& key,
-    const std::shared_ptr<fe::KernelCache>& kernel_cache,
-    std::shared_ptr<fe::graph::Graph>* anchor, bool* transient, bool* threw = nullptr) {
+    const std::shared_ptr<fe::KernelCache>& kernel_cache, std::shared_ptr<fe::graph::Graph>* anchor,
+    bool* transient, bool* threw = nullptr) {
   try {
     return Build(handle, key, kernel_cache, anchor, transient);
   } catch (const std::exception& ex) {
@@ -392,21 +393,22 @@ SdpaKernelClass KernelClassOf(const SdpaGraphKey& key, int64_t cudnn_version) {
 }
 
 std::string SdpaKernelClass::ToString() const {
-  return absl::StrCat("{", backward ? "backward" : "forward", " ", std::string(DTypeName(dtype)),
-                      " d=", head_dim, gqa ? " gqa" : "",
-                      has_right_bound ? (right_bound_shift ? " right_bound(shifted)" : " right_bound=0")
-                                      : "",
-                      has_left_bound ? " left_bound" : "", padding_mask ? " padding_mask" : "",
-                      head_major != 0 ? absl::StrCat(" head_major=", head_major) : std::string(),
-                      kv_tail ? " kv_tail" : "", "}");
+  return absl::StrCat(
+      "{", backward ? "backward" : "forward", " ", std::string(DTypeName(dtype)), " d=", head_dim,
+      gqa ? " gqa" : "",
+      has_right_bound ? (right_bound_shift ? " right_bound(shifted)" : " right_bound=0") : "",
+      has_left_bound ? " left_bound" : "", padding_mask ? " padding_mask" : "",
+      head_major != 0 ? absl::StrCat(" head_major=", head_major) : std::string(),
+      kv_tail ? " kv_tail" : "", "}");
 }
 
 size_t SdpaKernelClassHash::operator()(const SdpaKernelClass& c) const {
   Fnv f;
-  for (uint64_t x : {uint64_t{c.backward}, static_cast<uint64_t>(c.dtype),
-                     static_cast<uint64_t>(c.head_dim), uint64_t{c.gqa}, uint64_t{c.has_right_bound},
-                     uint64_t{c.right_bound_shift}, uint64_t{c.has_left_bound},
-                     uint64_t{c.padding_mask}, uint64_t{c.head_major}, uint64_t{c.kv_tail}}) {
+  for (uint64_t x :
+       {uint64_t{c.backward}, static_cast<uint64_t>(c.dtype), static_cast<uint64_t>(c.head_dim),
+        uint64_t{c.gqa}, uint64_t{c.has_right_bound}, uint64_t{c.right_bound_shift},
+        uint64_t{c.has_left_bound}, uint64_t{c.padding_mask}, uint64_t{c.head_major},
+        uint64_t{c.kv_tail}}) {
     f.Mix(x);
   }
   return f.value();
@@ -453,8 +455,7 @@ struct SdpaGraphCache::KernelClassState {
 };
 
 SdpaGraphCache::SdpaGraphCache(bool dynamic_shapes)
-    : dynamic_shapes_(dynamic_shapes),
-      cudnn_version_(static_cast<int64_t>(cudnnGetVersion())) {
+    : dynamic_shapes_(dynamic_shapes), cudnn_version_(static_cast<int64_t>(cudnnGetVersion())) {
   if (dynamic_shapes_ && cudnn_version_ < kMinDynamicCudnnVersion) {
     dynamic_shapes_ = false;
     static std::atomic<bool> logged{false};
@@ -468,9 +469,11 @@ SdpaGraphCache::SdpaGraphCache(bool dynamic_shapes)
 }
 SdpaGraphCache::~SdpaGraphCache() = default;
 
-absl::StatusOr<std::unique_ptr<SdpaGraph>> SdpaGraphCache::BuildInClass(
-    cudnnHandle_t handle, const SdpaGraphKey& key, const SdpaKernelClass& cls,
-    KernelClassState& state, bool* transient) {
+absl::StatusOr<std::unique_ptr<SdpaGraph>> SdpaGraphCache::BuildInClass(cudnnHandle_t handle,
+                                                                        const SdpaGraphKey& key,
+                                                                        const SdpaKernelClass& cls,
+                                                                        KernelClassState& state,
+                                                                        bool* transient) {
   std::shared_ptr<fe::graph::Graph> no_anchor;
   if (state.static_only()) return GuardedBuild(handle, key, nullptr, &no_anchor, transient);
   bool threw = false;

@@ -63,7 +63,7 @@ struct SdpaKernelClass {
   bool backward = false;
   DType dtype = DType::kBF16;
   int64_t head_dim = 0;
-  bool gqa = false;              // backward only: heads != heads_k adds a reduction of dK/dV
+  bool gqa = false;  // backward only: heads != heads_k adds a reduction of dK/dV
   bool has_right_bound = false;
   bool right_bound_shift = false;  // right_bound != 0 adds a shift operand
   bool has_left_bound = false;
