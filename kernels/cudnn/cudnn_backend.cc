@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -18,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
 #include "kernels/cudnn/cudnn_backward.h"
@@ -351,6 +353,9 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
 
 class CudnnBackendImpl final : public CudnnBackend {
  public:
+  explicit CudnnBackendImpl(const CudnnBackendOptions& options)
+      : context_(options.dynamic_shapes) {}
+
   std::string_view name() const override { return kCudnnName; }
   BackendCapabilities capabilities() const override { return {.backward = true}; }
 
@@ -358,9 +363,33 @@ class CudnnBackendImpl final : public CudnnBackend {
     std::lock_guard<std::mutex> lock(context_.mutex());
     return context_.graphs().builds();
   }
+  CudnnGraphStats graph_stats() const override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    const SdpaGraphCacheStats& s = context_.graphs().stats();
+    return {.builds = s.builds,
+            .dynamic_builds = s.dynamic_builds,
+            .static_fallbacks = s.static_fallbacks,
+            .kernel_classes = s.kernel_classes};
+  }
+  bool dynamic_shapes() const override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    return context_.graphs().dynamic_shapes();
+  }
   int64_t workspace_bytes() const override {
     std::lock_guard<std::mutex> lock(context_.mutex());
     return context_.workspace_bytes();
+  }
+
+  absl::Status Prewarm(const CudnnPrewarmSpec& spec) override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    if (!context_.graphs().dynamic_shapes()) return absl::OkStatus();
+    RA_RETURN_IF_ERROR(context_.EnsureHandle());
+    absl::Status first_error;
+    for (const SdpaGraphKey& key : PrewarmKeys(spec)) {
+      absl::StatusOr<const SdpaGraph*> graph = context_.graphs().GetOrBuild(context_.handle(), key);
+      if (!graph.ok() && first_error.ok()) first_error = graph.status();
+    }
+    return first_error;
   }
 
  protected:
@@ -379,11 +408,39 @@ class CudnnBackendImpl final : public CudnnBackend {
   CudnnDeviceContext context_;
 };
 
+// The registered backend's options: the environment's, or the defaults (logged) where it is
+// invalid.
+CudnnBackendOptions RegisteredOptions() {
+  absl::StatusOr<CudnnBackendOptions> options = CudnnBackendOptionsFromEnv();
+  if (options.ok()) return *options;
+  LogWarning("cudnn", "ignoring an invalid environment variable; using the default",
+             {{"error", options.status().message()}});
+  return CudnnBackendOptions();
+}
+
 }  // namespace
+
+absl::StatusOr<CudnnBackendOptions> CudnnBackendOptionsFromEnv() {
+  CudnnBackendOptions options;
+  const char* env = std::getenv(kCudnnDynamicEnv);
+  const std::string_view value = env == nullptr ? "" : env;
+  if (value == "0" || value == "false" || value == "off") {
+    options.dynamic_shapes = false;
+  } else if (!(value.empty() || value == "1" || value == "true" || value == "on")) {
+    return absl::InvalidArgumentError(absl::StrCat(kCudnnDynamicEnv, "='", std::string(value),
+                                                   "': expected 0, 1, false, true, off or on"));
+  }
+  return options;
+}
+
+std::unique_ptr<CudnnBackend> MakeCudnnBackend(const CudnnBackendOptions& options) {
+  return std::make_unique<CudnnBackendImpl>(options);
+}
 
 // Kept in every program that links ra_kernels_cudnn (kernels/cudnn/CMakeLists.txt: --undefined).
 extern "C" const bool ringattn_register_cudnn_backends = RegisterBackends({
-    {kCudnnName, [] { return std::unique_ptr<AttentionBackend>(new CudnnBackendImpl()); }},
+    {kCudnnName,
+     [] { return std::unique_ptr<AttentionBackend>(MakeCudnnBackend(RegisteredOptions())); }},
 });
 
 }  // namespace ringattn

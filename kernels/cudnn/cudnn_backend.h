@@ -6,16 +6,24 @@
 // that is no diagonal band in indices, ...); nothing falls back silently. PlanCudnnCall reduces
 // a call's masks in positions to cuDNN's band on its live block: the rules, the derivation and
 // the merge and caching design are in docs/cudnn.md.
+//
+// A new sequence length needs a new cuDNN graph. With dynamic shapes (CudnnBackendOptions, on
+// by default) it reuses the kernel compiled for an earlier graph of its class (direction,
+// dtype, head_dim, mask kind, ...; sdpa_graph_cache.h) instead of compiling one (tens of ms);
+// Prewarm compiles common classes ahead of the first call.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention_backend.h"
 #include "kernels/attention_params.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/dtype.h"
 
 namespace ringattn {
 
@@ -52,6 +60,38 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p);
 // OK when the cudnn backend can compute `p` (ValidateParams, then PlanCudnnCall).
 absl::Status CudnnSupports(const AttentionParams& p);
 
+// Options of a cudnn backend (MakeCudnnBackend).
+struct CudnnBackendOptions {
+  // true: graphs with dynamic shapes, sharing one compiled kernel per class (cuDNN >= 9.5;
+  // older ones, or a class cuDNN refuses, get static graphs, logged once). false: every graph
+  // static, its kernel compiled for its sizes (each new length costs tens of ms).
+  bool dynamic_shapes = true;
+};
+
+// The options of the registered "cudnn" backend, from the environment: RINGATTN_CUDNN_DYNAMIC
+// "0"/"false"/"off" turns dynamic shapes off; unset, empty, "1"/"true"/"on" leave them on;
+// anything else is InvalidArgument naming the variable.
+inline constexpr char kCudnnDynamicEnv[] = "RINGATTN_CUDNN_DYNAMIC";
+absl::StatusOr<CudnnBackendOptions> CudnnBackendOptionsFromEnv();
+
+// The kernel classes Prewarm compiles: every dtype x head_dim, unmasked and causal, for
+// contiguous [b, s, h, d] tensors (the layout of the ring's shards), forward and/or backward
+// (the backward both with heads == heads_k and with GQA).
+struct CudnnPrewarmSpec {
+  std::vector<DType> dtypes = {DType::kBF16, DType::kF16};
+  std::vector<int64_t> head_dims = {64, 128};
+  bool forward = true;
+  bool backward = false;
+};
+
+// Counts of a backend's graph builds (sdpa_graph_cache.h).
+struct CudnnGraphStats {
+  int64_t builds = 0;            // graphs built, forward and backward, failed builds included
+  int64_t dynamic_builds = 0;    // of them, with dynamic shapes and a class kernel cache
+  int64_t static_fallbacks = 0;  // of them, static because cuDNN refused the dynamic graph
+  int64_t kernel_classes = 0;    // classes met with dynamic shapes (one kernel cache each)
+};
+
 // The backend. Forward validates (CudnnSupports), then enqueues on the call's stream and returns
 // without synchronising, like the CUDA backends; Backward likewise (CudnnBackwardSupports).
 class CudnnBackend : public CudaBackend {
@@ -59,9 +99,22 @@ class CudnnBackend : public CudaBackend {
   // Graphs built so far by this backend, forward and backward (a repeated shape does not build
   // again).
   virtual int64_t graph_builds() const = 0;
+  virtual CudnnGraphStats graph_stats() const = 0;
+  // Whether graphs are built with dynamic shapes (asked for, and the cuDNN loaded has them).
+  virtual bool dynamic_shapes() const = 0;
   // Bytes of the device workspace currently held.
   virtual int64_t workspace_bytes() const = 0;
+  // Builds a graph of each class of `spec` (sequence length 256) on the current device, which
+  // binds the backend to it as a first call would, so that with dynamic shapes the first call
+  // of those classes at any length compiles nothing. Host-synchronous, enqueues nothing. OK
+  // and nothing built without dynamic shapes (a static graph serves one length only). A class
+  // cuDNN cannot build is skipped; the first such error is returned after the others are built.
+  virtual absl::Status Prewarm(const CudnnPrewarmSpec& spec) = 0;
 };
+
+// A cudnn backend with `options` (the registered "cudnn" is MakeCudnnBackend with
+// CudnnBackendOptionsFromEnv(), defaults where the environment is invalid). Touches no device.
+std::unique_ptr<CudnnBackend> MakeCudnnBackend(const CudnnBackendOptions& options);
 
 // `backend` as a CudnnBackend (for graph_builds()), or nullptr when it is not one.
 inline CudnnBackend* AsCudnnBackend(AttentionBackend* backend) {

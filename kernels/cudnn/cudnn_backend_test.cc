@@ -18,6 +18,10 @@
 //   - merge_into_output: two key halves merged against one call (and rows the second call adds
 //     nothing to stay bit-identical);
 //   - the graph cache: a repeated shape does not rebuild (graph_builds());
+//   - dynamic shapes (sdpa_graph_cache.h): which keys share a kernel class, the options from
+//     the environment (host only); one backend per mode (static, dynamic, dynamic after
+//     Prewarm) through calls of many lengths sharing classes (seq 1, 7, 3816; 5 heads; GQA;
+//     other scales and band bounds), each against the fp64 reference;
 //   - outputs poisoned with NaN before every call (cudaMemset 0xff), so an unwritten element
 //     fails; strided views leave everything outside the view untouched;
 //   - fully masked rows, empty calls, null lse, streams, workspace growth.
@@ -43,9 +47,12 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
+#include <ostream>
 #include <random>
 #include <set>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -60,27 +67,38 @@
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
+#include "kernels/cudnn/cudnn_context.h"
+#include "kernels/cudnn/graph_mode_test_util.h"
 #include "kernels/cudnn/merge_kernel.h"
+#include "kernels/cudnn/sdpa_graph_cache.h"
 #include "kernels/params_check.h"
 #include "kernels/score_mod.h"
 #include "kernels/softmax_state.h"
 
 namespace ringattn {
+
+// gtest prints a class by its ToString.
+void PrintTo(const SdpaKernelClass& c, std::ostream* os) { *os << c.ToString(); }
+
 namespace {
 
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceTensors;
+using kernel_testing::ExpectGraphStatsOfMode;
 using kernel_testing::ExpectNothingWrittenOutsideTheView;
 using kernel_testing::FromDevice;
 using kernel_testing::GatherLse;
 using kernel_testing::GatherO;
 using kernel_testing::GpuAvailable;
 using kernel_testing::GpuTest;
+using kernel_testing::GraphMode;
+using kernel_testing::GraphModeName;
 using kernel_testing::KeyRange;
 using kernel_testing::LsePlace;
 using kernel_testing::MakeAttentionBuffers;
+using kernel_testing::MakeCudnnInMode;
 using kernel_testing::OPlace;
 using kernel_testing::PadStrides;
 using kernel_testing::Positions;
@@ -439,6 +457,180 @@ TEST(CudnnBackendFactoryTest, ForwardRefusesBeforeTouchingTheDevice) {
   EXPECT_EQ(AsCudnnBackend(backend.get())->graph_builds(), 0);
 }
 
+// ---- Dynamic shapes: kernel classes and options (host only) ----------------------------------
+
+// The graph key the forward makes for `p` (o written in place, as with a bf16/fp16 o).
+SdpaGraphKey ForwardKeyOf(const AttentionParams& p) {
+  const absl::StatusOr<CudnnMaskPlan> plan = PlanCudnnCall(p);
+  EXPECT_TRUE(plan.ok()) << plan.status();
+  SdpaGraphKey key = PlannedGraphKey(p, plan.ok() ? *plan : CudnnMaskPlan());
+  key.o_stride[0] = p.o_batch_stride;
+  key.o_stride[1] = p.o_head_stride;
+  key.o_stride[2] = p.o_row_stride;
+  return key;
+}
+
+constexpr int64_t kCudnn919 = 91900;
+
+TEST(CudnnKernelClassTest, SizesStridesAndScalarValuesShareAClass) {
+  const SdpaGraphKey base = ForwardKeyOf(WithFakePointers(Causal(Shape(4096, 4096, 32, 8, 128))));
+  const SdpaKernelClass cls = KernelClassOf(base, kCudnn919);
+  EXPECT_TRUE(cls.has_right_bound && !cls.right_bound_shift) << cls.ToString();
+  const AttentionParams others[] = {
+      Causal(Shape(5000, 5000, 32, 8, 128)),
+      Causal(Shape(7, 7, 5, 5, 128)),
+      Causal(Shape(2, 2, 2, 1, 128)),
+      Causal(Shape(12345, 12345, 32, 8, 128, DType::kBF16, DType::kBF16, /*batch=*/3)),
+      Causal(Shape(3816, 3816, 8, 2, 128)),  // GQA is no class of its own forward
+  };
+  for (const AttentionParams& o : others) {
+    SCOPED_TRACE(Describe(o));
+    EXPECT_EQ(KernelClassOf(ForwardKeyOf(WithFakePointers(o)), kCudnn919), cls);
+  }
+  SdpaGraphKey scaled = base;  // the scale and the band bounds are by-value operands
+  scaled.scale_bits ^= 0x1234;
+  EXPECT_EQ(KernelClassOf(scaled, kCudnn919), cls);
+  SdpaGraphKey scratch_o = base;  // a packed scratch O: other strides, same order
+  scratch_o.o_stride[0] *= 2;
+  EXPECT_EQ(KernelClassOf(scratch_o, kCudnn919), cls);
+  const SdpaGraphKey w1 = ForwardKeyOf(WithFakePointers(Window(Shape(255, 255, 2, 2, 64), 17, 3)));
+  const SdpaGraphKey w2 = ForwardKeyOf(WithFakePointers(Window(Shape(300, 300, 4, 4, 64), 40, 9)));
+  ASSERT_TRUE(w1.has_left_bound && w1.left_bound != w2.left_bound);
+  EXPECT_EQ(KernelClassOf(w1, kCudnn919), KernelClassOf(w2, kCudnn919));
+}
+
+TEST(CudnnKernelClassTest, WhatShapesTheKernelMakesAnotherClass) {
+  const SdpaGraphKey base = ForwardKeyOf(WithFakePointers(Causal(Shape(4096, 4096, 32, 8, 128))));
+  const SdpaKernelClass cls = KernelClassOf(base, kCudnn919);
+  std::vector<std::pair<std::string, SdpaGraphKey>> variants;
+  auto add = [&](const std::string& name, const std::function<void(SdpaGraphKey&)>& change) {
+    SdpaGraphKey k = base;
+    change(k);
+    variants.emplace_back(name, k);
+  };
+  add("fp16", [](SdpaGraphKey& k) { k.dtype = DType::kF16; });
+  add("d64", [](SdpaGraphKey& k) { k.head_dim = 64; });
+  add("backward", [](SdpaGraphKey& k) { k.backward = true; });
+  add("unmasked", [](SdpaGraphKey& k) { k.has_right_bound = false; });
+  add("shifted right bound", [](SdpaGraphKey& k) { k.right_bound = 5; });
+  add("left bound", [](SdpaGraphKey& k) {
+    k.has_left_bound = true;
+    k.left_bound = 17;
+  });
+  add("padding mask", [](SdpaGraphKey& k) { k.padding_mask = true; });
+  add("q [b, h, s, d]", [](SdpaGraphKey& k) {
+    k.q_stride[1] = k.seqlen_q * k.head_dim;
+    k.q_stride[2] = k.head_dim;
+  });
+  std::unordered_set<SdpaKernelClass, SdpaKernelClassHash> seen = {cls};
+  for (const auto& [name, key] : variants) {
+    SCOPED_TRACE(name);
+    EXPECT_TRUE(seen.insert(KernelClassOf(key, kCudnn919)).second)
+        << KernelClassOf(key, kCudnn919).ToString();
+  }
+  // A [b, h, s, d] layout means nothing with one head.
+  SdpaGraphKey one_head = base;
+  one_head.heads = one_head.heads_k = 1;
+  one_head.q_stride[1] = one_head.seqlen_q * one_head.head_dim;
+  EXPECT_EQ(KernelClassOf(one_head, kCudnn919), cls);
+  // The backward: GQA adds a reduction; cuDNN <= 9.15 a padding mask where s_kv % 128 != 0.
+  SdpaGraphKey bwd = base;
+  bwd.backward = true;
+  SdpaGraphKey bwd_mha = bwd;
+  bwd_mha.heads_k = bwd_mha.heads;
+  EXPECT_NE(KernelClassOf(bwd, kCudnn919), KernelClassOf(bwd_mha, kCudnn919));
+  SdpaGraphKey bwd_tail = bwd;
+  bwd_tail.seqlen_k = 4000;
+  EXPECT_EQ(KernelClassOf(bwd, kCudnn919), KernelClassOf(bwd_tail, kCudnn919));
+  EXPECT_NE(KernelClassOf(bwd, 91500), KernelClassOf(bwd_tail, 91500));
+}
+
+// Prewarm must compile the classes real calls meet: one key per class, and the bf16/fp16
+// d64/d128 causal and unmasked self-attention calls (GQA or not) land in them.
+TEST(CudnnKernelClassTest, PrewarmKeysAreTheClassesOfRealCalls) {
+  CudnnPrewarmSpec spec;
+  spec.backward = true;
+  const std::vector<SdpaGraphKey> keys = PrewarmKeys(spec);
+  EXPECT_EQ(keys.size(), 2u * 2u * 2u * (1u + 2u));  // dtypes x dims x masks x (fwd + 2 bwd)
+  std::unordered_set<SdpaKernelClass, SdpaKernelClassHash> classes;
+  for (const SdpaGraphKey& k : keys) classes.insert(KernelClassOf(k, kCudnn919));
+  EXPECT_EQ(classes.size(), keys.size());
+  for (DType t : {DType::kBF16, DType::kF16}) {
+    for (int d : {64, 128}) {
+      for (bool causal : {false, true}) {
+        for (int hk : {32, 8}) {
+          AttentionParams p = Shape(5000, 5000, 32, hk, d, t, t);
+          if (causal) p = Causal(p);
+          SCOPED_TRACE(Describe(p));
+          SdpaGraphKey fwd = ForwardKeyOf(WithFakePointers(p));
+          EXPECT_EQ(classes.count(KernelClassOf(fwd, kCudnn919)), 1u)
+              << KernelClassOf(fwd, kCudnn919).ToString();
+          SdpaGraphKey bwd = fwd;  // out and dout laid out like o
+          bwd.backward = true;
+          for (int i = 0; i < 3; ++i) bwd.do_stride[i] = bwd.o_stride[i];
+          EXPECT_EQ(classes.count(KernelClassOf(bwd, kCudnn919)), 1u)
+              << KernelClassOf(bwd, kCudnn919).ToString();
+        }
+      }
+    }
+  }
+}
+
+// Sets an environment variable for one scope, restoring it after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name); old != nullptr) old_ = old;
+    if (value == nullptr) {
+      unsetenv(name);
+    } else {
+      setenv(name, value, 1);
+    }
+  }
+  ~ScopedEnv() {
+    if (old_.has_value()) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+TEST(CudnnBackendOptionsTest, DynamicShapesFromTheEnvironment) {
+  for (const char* on : {static_cast<const char*>(nullptr), "", "1", "true", "on"}) {
+    ScopedEnv env(kCudnnDynamicEnv, on);
+    absl::StatusOr<CudnnBackendOptions> o = CudnnBackendOptionsFromEnv();
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_TRUE(o->dynamic_shapes) << (on == nullptr ? "unset" : on);
+  }
+  for (const char* off : {"0", "false", "off"}) {
+    ScopedEnv env(kCudnnDynamicEnv, off);
+    absl::StatusOr<CudnnBackendOptions> o = CudnnBackendOptionsFromEnv();
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_FALSE(o->dynamic_shapes) << off;
+  }
+  ScopedEnv env(kCudnnDynamicEnv, "maybe");
+  const absl::Status s = CudnnBackendOptionsFromEnv().status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("RINGATTN_CUDNN_DYNAMIC='maybe'"), std::string::npos) << s;
+  // The registered backend falls back to the defaults.
+  std::unique_ptr<AttentionBackend> backend = MakeCudnn();
+  ASSERT_NE(backend, nullptr);
+  EXPECT_EQ(AsCudnnBackend(backend.get())->dynamic_shapes(), cudnnGetVersion() >= 90500);
+}
+
+TEST(CudnnBackendFactoryTest, StaticBackendPrewarmsNothing) {
+  std::unique_ptr<CudnnBackend> backend = MakeCudnnBackend({.dynamic_shapes = false});
+  EXPECT_FALSE(backend->dynamic_shapes());
+  EXPECT_TRUE(backend->Prewarm(CudnnPrewarmSpec()).ok());  // touches no device
+  EXPECT_EQ(backend->graph_builds(), 0);
+  EXPECT_EQ(MakeCudnnBackend({})->dynamic_shapes(), cudnnGetVersion() >= 90500);
+}
+
 // ---- Device plumbing ------------------------------------------------------------------------
 
 TEST(CudnnBackendFactoryTest, WithoutADeviceForwardFailsCleanly) {
@@ -561,24 +753,45 @@ struct Case {
   AttentionParams p;
 };
 
+// One case run on a backend: the host call, its buffers (outputs as the backend wrote them),
+// the device copies and the fp64 reference result.
+struct CaseRun {
+  AttentionParams host;
+  AttentionBuffers t;
+  DeviceTensors d;
+  AttentionParams p;  // host's, pointing at d
+  ReferenceResult ref;
+};
+
+// Runs the case on `backend` and checks it against the fp64 reference (fatal failures: call it
+// inside ASSERT_NO_FATAL_FAILURE).
+void RunAgainstReference(AttentionBackend& backend, const Case& c, CaseRun* run) {
+  run->host = c.p;
+  run->t = MakeAttentionBuffers(&run->host, SeedOf(c.name));
+  absl::StatusOr<ReferenceResult> ref = ReferenceForward(run->host);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  run->ref = *std::move(ref);
+  run->p = ToDevice(run->host, run->t, &run->d);
+  const absl::Status s = RunAndWait(backend, run->p);
+  ASSERT_TRUE(s.ok()) << s;
+  FromDevice(run->d, &run->t);
+  ExpectMatches("fp64 reference", run->host, run->t, run->ref, CudnnTolerance(run->host));
+}
+
 // Runs the case on cudnn and on cuda_reference; checks cudnn against the fp64 reference and
 // against cuda_reference, and cuda_reference against the fp64 reference (so that a failure
 // says which side is wrong).
 void CheckCase(const Case& c) {
   SCOPED_TRACE(absl::StrCat(c.name, " ", Describe(c.p), " plan ", PlanOf(c.p)));
-  AttentionParams host = c.p;
-  AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name));
-  absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
-  ASSERT_TRUE(ref.ok()) << ref.status();
-  const Tolerance tol = CudnnTolerance(host);
-
   std::unique_ptr<AttentionBackend> cudnn = MakeCudnn();
-  DeviceTensors d;
-  const AttentionParams p = ToDevice(host, t, &d);
-  const absl::Status s = RunAndWait(*cudnn, p);
-  ASSERT_TRUE(s.ok()) << s;
-  FromDevice(d, &t);
-  ExpectMatches("fp64 reference", host, t, *ref, tol);
+  CaseRun run;
+  ASSERT_NO_FATAL_FAILURE(RunAgainstReference(*cudnn, c, &run));
+  const AttentionParams& host = run.host;
+  const AttentionParams& p = run.p;
+  AttentionBuffers& t = run.t;
+  DeviceTensors& d = run.d;
+  const ReferenceResult* const ref = &run.ref;
+  const Tolerance tol = CudnnTolerance(host);
 
   std::unique_ptr<AttentionBackend> simple = CudaReference();
   ASSERT_NE(simple, nullptr);
@@ -1123,6 +1336,61 @@ TEST_F(CudnnBackendTest, RepeatedShapeDoesNotRebuildTheGraph) {
   }
   EXPECT_EQ(cudnn->graph_builds(), after_first_round);
 }
+
+// ---- Dynamic shapes: one backend through many lengths ------------------------------------------
+
+// Calls that share kernel classes at many sizes (awkward lengths, 5 heads, GQA, s_q != s_k) and
+// scalar values (scales, band bounds), so that a dynamic backend reuses one class's kernel at
+// sizes and values other than those it was compiled for. Interleaved: each class comes back
+// after others.
+std::vector<Case> DynamicCases() {
+  const DType f16 = DType::kF16, f32 = DType::kF32;
+  AttentionParams rescaled = Causal(Shape(255, 255, 8, 2, 64));
+  rescaled.softmax_scale = 0.3f;
+  return {
+      {"Causal7Heads5", Causal(Shape(7, 7, 5, 5, 64))},
+      {"Unmasked255Gqa", Shape(255, 255, 8, 2, 64)},
+      {"Causal3816Gqa", Causal(Shape(3816, 3816, 2, 1, 64))},
+      {"Window17x3", Window(Shape(255, 255, 2, 2, 64), 17, 3)},
+      {"Unmasked1", Shape(1, 1, 2, 1, 64)},
+      {"Causal1", Causal(Shape(1, 1, 2, 2, 64))},
+      {"Unmasked3816Gqa", Shape(3816, 3816, 2, 1, 64)},
+      {"CausalRescaled", rescaled},
+      {"Window40x9", Window(Shape(300, 300, 4, 4, 64), 40, 9)},
+      {"Unmasked7Heads5", Shape(7, 7, 5, 5, 64)},
+      {"Unmasked100x1000", Shape(100, 1000, 8, 2, 64)},
+      {"Causal255Gqa", Causal(Shape(255, 255, 8, 2, 64))},
+      {"RingDiagonal", Causal(Positions(Shape(256, 256, 8, 2, 64), 512, 1, 512, 1))},
+      {"RingVisible", Causal(Positions(Shape(256, 256, 8, 2, 64), 512, 1, 0, 1))},
+      {"F16D128Causal129", Causal(Shape(129, 129, 4, 2, 128, f16, f16))},
+      {"F16D128Unmasked1000F32Out", Shape(1000, 1000, 5, 5, 128, f16, f32)},
+      {"F16D128Causal7", Causal(Shape(7, 7, 4, 1, 128, f16, f16))},
+      {"F16D128Unmasked255", Shape(255, 255, 4, 4, 128, f16, f16)},
+  };
+}
+
+class CudnnGraphModeTest : public GpuTest, public ::testing::WithParamInterface<GraphMode> {};
+
+// Every call against the fp64 reference, then the graph counts (ExpectGraphStatsOfMode).
+TEST_P(CudnnGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Reference) {
+  const GraphMode mode = GetParam();
+  std::unique_ptr<CudnnBackend> backend = MakeCudnnInMode(mode);
+  for (const Case& c : DynamicCases()) {
+    // The long calls (seconds of fp64 reference each) in the dynamic modes only.
+    if (mode == GraphMode::kStatic && c.p.seqlen_q > 1000) continue;
+    SCOPED_TRACE(absl::StrCat(c.name, " ", Describe(c.p), " plan ", PlanOf(c.p)));
+    CaseRun run;
+    ASSERT_NO_FATAL_FAILURE(RunAgainstReference(*backend, c, &run));
+  }
+  ExpectGraphStatsOfMode(mode, *backend);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, CudnnGraphModeTest,
+                         ::testing::Values(GraphMode::kStatic, GraphMode::kDynamic,
+                                           GraphMode::kDynamicPrewarmed),
+                         [](const ::testing::TestParamInfo<GraphMode>& info) {
+                           return GraphModeName(info.param);
+                         });
 
 // ---- Streams and the workspace ---------------------------------------------------------------
 

@@ -12,7 +12,10 @@
 //   - a ring-like key split: two calls on the two key halves (k/v/dk/dv pointers moved, key
 //     positions kept), the whole forward's lse, accumulating into the same dq, give the whole
 //     gradients;
-//   - the graph cache: a repeated call does not rebuild.
+//   - the graph cache: a repeated call does not rebuild;
+//   - dynamic shapes: one backend per graph mode (static, dynamic, dynamic after Prewarm)
+//     through interleaved calls of many lengths sharing kernel classes (seq 1, 7, 3816; 5
+//     heads; GQA; another scale; windows with other bounds), each against the fp64 reference.
 // ComputeDelta is checked for every backend by backend_conformance_test.
 // The forward's O and LSE come from the fp64 reference forward (O rounded to the input dtype,
 // as a real forward would store it), so a failure here is the backward's.
@@ -49,6 +52,7 @@
 #include "kernels/cuda/gpu_backward_test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cudnn/cudnn_backend.h"
+#include "kernels/cudnn/graph_mode_test_util.h"
 
 namespace ringattn {
 namespace {
@@ -56,14 +60,18 @@ namespace {
 using kernel_testing::Case;
 using kernel_testing::CaseName;
 using kernel_testing::CheckGrads;
+using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceCall;
 using kernel_testing::Download;
-using kernel_testing::HostCall;
-using kernel_testing::MakeHostCall;
-using kernel_testing::ToDevice;
-using kernel_testing::DeviceBuffer;
+using kernel_testing::ExpectGraphStatsOfMode;
 using kernel_testing::GpuTest;
+using kernel_testing::GraphMode;
+using kernel_testing::GraphModeName;
+using kernel_testing::HostCall;
+using kernel_testing::MakeCudnnInMode;
+using kernel_testing::MakeHostCall;
 using kernel_testing::Shape;
+using kernel_testing::ToDevice;
 
 // ---- Host-only ------------------------------------------------------------------------------
 
@@ -236,6 +244,64 @@ TEST_F(CudnnBackwardGpuTest, KeySplitAccumulatesToWholeGradient) {
     }
   }
 }
+
+// ---- Dynamic shapes: one backend through many lengths ------------------------------------------
+
+// Backward calls sharing kernel classes at many sizes and scalar values (one other scale),
+// interleaved.
+std::vector<AttentionParams> DynamicCalls() {
+  using kernel_testing::Causal;
+  using kernel_testing::Window;
+  const DType bf16 = DType::kBF16, f16 = DType::kF16;
+  AttentionParams rescaled = Causal(Shape(255, 255, 8, 2, 64, bf16, bf16));
+  rescaled.softmax_scale = 0.3f;
+  return {
+      Causal(Shape(7, 7, 5, 5, 64, bf16, bf16)),
+      Shape(255, 1000, 8, 2, 64, bf16, bf16),
+      Causal(Shape(3816, 3816, 2, 1, 64, bf16, bf16)),
+      Shape(1, 1, 5, 5, 64, bf16, bf16),  // cuDNN refuses 1 x 1: our kernel runs it
+      Causal(Shape(1000, 1000, 8, 2, 64, bf16, bf16)),
+      Window(Shape(255, 255, 8, 2, 64, bf16, bf16), 16, 16),
+      Shape(7, 7, 5, 5, 64, bf16, bf16),
+      Shape(3816, 3816, 2, 1, 64, bf16, bf16),
+      Window(Shape(300, 300, 8, 2, 64, bf16, bf16), 40, 9),
+      rescaled,
+      Causal(Shape(129, 129, 4, 2, 128, f16, f16)),
+      Shape(255, 255, 5, 5, 128, f16, f16),
+      Causal(Shape(7, 7, 4, 1, 128, f16, f16)),
+  };
+}
+
+class CudnnBackwardGraphModeTest : public GpuTest,
+                                   public ::testing::WithParamInterface<GraphMode> {};
+
+TEST_P(CudnnBackwardGraphModeTest, OneBackendThroughManyLengthsMatchesFp64Reference) {
+  const GraphMode mode = GetParam();
+  std::unique_ptr<CudnnBackend> backend = MakeCudnnInMode(mode);
+  for (const AttentionParams& fwd : DynamicCalls()) {
+    // The long calls (seconds of fp64 reference each) in the dynamic modes only.
+    if (mode == GraphMode::kStatic && fwd.seqlen_q > 1000) continue;
+    SCOPED_TRACE(absl::StrCat(std::string(DTypeName(fwd.dtype)), " s_q=", fwd.seqlen_q, " s_k=",
+                              fwd.seqlen_k, " h=", fwd.heads, ":", fwd.heads_k, " d=", fwd.head_dim,
+                              " scale=", fwd.softmax_scale, " plan ", PlanOf(fwd)));
+    HostCall hc;
+    ASSERT_NO_FATAL_FAILURE(kernel_testing::MakeHostCallOf(fwd, /*alibi=*/false, &hc));
+    DeviceCall dc;
+    ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
+    const absl::Status s = backend->Backward(dc.p);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    CheckGrads(hc, dc, 1.0);
+  }
+  ExpectGraphStatsOfMode(mode, *backend);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, CudnnBackwardGraphModeTest,
+                         ::testing::Values(GraphMode::kStatic, GraphMode::kDynamic,
+                                           GraphMode::kDynamicPrewarmed),
+                         [](const ::testing::TestParamInfo<GraphMode>& info) {
+                           return GraphModeName(info.param);
+                         });
 
 }  // namespace
 }  // namespace ringattn

@@ -1,8 +1,10 @@
 #include "kernels/cudnn/cudnn_context.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
@@ -10,7 +12,8 @@
 
 namespace ringattn {
 
-CudnnDeviceContext::CudnnDeviceContext() : graphs_(std::make_unique<SdpaGraphCache>()) {}
+CudnnDeviceContext::CudnnDeviceContext(bool dynamic_shapes)
+    : graphs_(std::make_unique<SdpaGraphCache>(dynamic_shapes)) {}
 
 CudnnDeviceContext::~CudnnDeviceContext() {
   if (done_recorded_) (void)cudaEventSynchronize(done_);
@@ -115,6 +118,44 @@ SdpaGraphKey PlannedGraphKey(const AttentionParams& p, const CudnnMaskPlan& plan
   key.padding_mask = plan.padding_mask;
   std::memcpy(&key.scale_bits, &p.softmax_scale, sizeof(key.scale_bits));
   return key;
+}
+
+std::vector<SdpaGraphKey> PrewarmKeys(const CudnnPrewarmSpec& spec) {
+  constexpr int64_t kSeqlen = 256, kHeads = 8;
+  std::vector<SdpaGraphKey> keys;
+  for (DType dtype : spec.dtypes) {
+    for (int64_t d : spec.head_dims) {
+      for (bool causal : {false, true}) {
+        for (bool backward : {false, true}) {
+          if (backward ? !spec.backward : !spec.forward) continue;
+          for (int64_t heads_k : {kHeads, kHeads / 4}) {
+            if (!backward && heads_k != kHeads) continue;  // GQA is no class of its own forward
+            SdpaGraphKey key;
+            key.backward = backward;
+            key.dtype = dtype;
+            key.batch = 1;
+            key.heads = kHeads;
+            key.heads_k = heads_k;
+            key.seqlen_q = key.seqlen_k = kSeqlen;
+            key.head_dim = d;
+            // [b, s, h, d]: {batch, head, row} strides.
+            const int64_t q_stride[3] = {kSeqlen * kHeads * d, d, kHeads * d};
+            const int64_t kv_stride[3] = {kSeqlen * heads_k * d, d, heads_k * d};
+            for (int i = 0; i < 3; ++i) {
+              key.q_stride[i] = key.o_stride[i] = q_stride[i];
+              key.do_stride[i] = backward ? q_stride[i] : 0;
+              key.k_stride[i] = key.v_stride[i] = kv_stride[i];
+            }
+            key.has_right_bound = causal;  // a causal self-attention call: the band j <= i
+            const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+            std::memcpy(&key.scale_bits, &scale, sizeof(key.scale_bits));
+            keys.push_back(key);
+          }
+        }
+      }
+    }
+  }
+  return keys;
 }
 
 absl::Status CudnnStatus(cudnnStatus_t s, const char* expr) {

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "kernels/attention_params.h"
@@ -28,7 +29,8 @@ namespace ringattn {
 
 class CudnnDeviceContext {
  public:
-  CudnnDeviceContext();
+  // dynamic_shapes: the graph cache's (SdpaGraphCache).
+  explicit CudnnDeviceContext(bool dynamic_shapes);
   // Waits for the last call, then frees the graphs, the workspace and the handle (errors are
   // ignored: there is no one to report them to, the driver may be shutting down).
   ~CudnnDeviceContext();
@@ -76,6 +78,10 @@ class CudnnDeviceContext {
 // The graph key of a call of `p` planned as `plan` (non-empty): the live block's sizes, q/k/v's
 // strides, the band, the scale. The O (and dO) strides and the direction are the caller's.
 SdpaGraphKey PlannedGraphKey(const AttentionParams& p, const CudnnMaskPlan& plan);
+
+// One graph key per class of `spec` (CudnnPrewarmSpec): batch 1, sequence length 256, 8 heads
+// (8:2 for the backward's GQA classes), contiguous [b, s, h, d] tensors, scale 1/sqrt(d).
+std::vector<SdpaGraphKey> PrewarmKeys(const CudnnPrewarmSpec& spec);
 
 // The cuDNN status of `expr` as an absl::Status.
 absl::Status CudnnStatus(cudnnStatus_t s, const char* expr);

@@ -3,6 +3,7 @@
 
 #include <cudnn_frontend.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -14,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "base/log.h"
 #include "base/status_macros.h"
 
 static_assert(CUDNN_FRONTEND_VERSION >= 11100,
@@ -226,18 +228,28 @@ absl::Status DefineBackward(fe::graph::Graph& graph, const SdpaGraphKey& key) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const SdpaGraphKey& key,
-                                                 bool* transient) {
+// Builds `key`'s graph: static when `kernel_cache` is null, else with dynamic shapes and that
+// cache. When this build is the one that binds the cache to its operation graph, *anchor gets
+// the graph (kept alive as long as the cache, which refers to it).
+absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(
+    cudnnHandle_t handle, const SdpaGraphKey& key,
+    const std::shared_ptr<fe::KernelCache>& kernel_cache, std::shared_ptr<fe::graph::Graph>* anchor,
+    bool* transient) {
   auto graph = std::make_shared<fe::graph::Graph>();
   graph->set_io_data_type(IoType(key.dtype))
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
+  if (kernel_cache != nullptr)
+    graph->set_dynamic_shape_enabled(true).set_kernel_cache(kernel_cache);
   RA_RETURN_IF_ERROR(key.backward ? DefineBackward(*graph, key) : DefineForward(*graph, key));
 
   if (fe::error_t e = graph->validate(); e.is_bad())
     return BuildError("validate", e, key, transient);
-  if (fe::error_t e = graph->build_operation_graph(handle); e.is_bad()) {
-    return BuildError("build_operation_graph", e, key, transient);
+  const bool binds_cache = kernel_cache != nullptr && !kernel_cache->is_finalized();
+  fe::error_t op_graph_error = graph->build_operation_graph(handle);
+  if (binds_cache && kernel_cache->is_finalized()) *anchor = graph;
+  if (op_graph_error.is_bad()) {
+    return BuildError("build_operation_graph", op_graph_error, key, transient);
   }
   if (fe::error_t e = graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
       e.is_bad()) {
@@ -258,6 +270,22 @@ absl::StatusOr<std::unique_ptr<SdpaGraph>> Build(cudnnHandle_t handle, const Sdp
   built->backward = key.backward;
   built->padding_mask = key.padding_mask;
   return built;
+}
+
+// Build, with an exception from the frontend as a (transient: not remembered) Internal error;
+// *threw says whether that happened.
+absl::StatusOr<std::unique_ptr<SdpaGraph>> GuardedBuild(
+    cudnnHandle_t handle, const SdpaGraphKey& key,
+    const std::shared_ptr<fe::KernelCache>& kernel_cache, std::shared_ptr<fe::graph::Graph>* anchor,
+    bool* transient, bool* threw = nullptr) {
+  try {
+    return Build(handle, key, kernel_cache, anchor, transient);
+  } catch (const std::exception& ex) {
+    *transient = true;
+    if (threw != nullptr) *threw = true;
+    return absl::InternalError(
+        absl::StrCat("cuDNN SDPA graph build threw: ", ex.what(), "; graph ", key.ToString()));
+  }
 }
 
 using VariantPack = std::unordered_map<fe::graph::Tensor_attributes::uid_t, void*>;
@@ -300,29 +328,90 @@ std::string SdpaGraphKey::ToString() const {
                       padding_mask ? " padding_mask" : "", " scale=", scale, "}");
 }
 
-size_t SdpaGraphKeyHash::operator()(const SdpaGraphKey& k) const {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields
-  auto mix = [&h](uint64_t x) {
+namespace {
+
+// FNV-1a over 64-bit words.
+class Fnv {
+ public:
+  void Mix(uint64_t x) {
     for (int i = 0; i < 8; ++i) {
-      h ^= (x >> (8 * i)) & 0xffu;
-      h *= 1099511628211ull;
+      h_ ^= (x >> (8 * i)) & 0xffu;
+      h_ *= 1099511628211ull;
     }
-  };
-  mix(k.backward);
-  mix(static_cast<uint64_t>(k.dtype));
+  }
+  size_t value() const { return static_cast<size_t>(h_); }
+
+ private:
+  uint64_t h_ = 1469598103934665603ull;
+};
+
+}  // namespace
+
+size_t SdpaGraphKeyHash::operator()(const SdpaGraphKey& k) const {
+  Fnv f;
+  f.Mix(k.backward);
+  f.Mix(static_cast<uint64_t>(k.dtype));
   for (int64_t x : {k.batch, k.heads, k.heads_k, k.seqlen_q, k.seqlen_k, k.head_dim}) {
-    mix(static_cast<uint64_t>(x));
+    f.Mix(static_cast<uint64_t>(x));
   }
   for (const int64_t* s : {k.q_stride, k.k_stride, k.v_stride, k.o_stride, k.do_stride}) {
-    for (int i = 0; i < 3; ++i) mix(static_cast<uint64_t>(s[i]));
+    for (int i = 0; i < 3; ++i) f.Mix(static_cast<uint64_t>(s[i]));
   }
-  mix(k.has_right_bound);
-  mix(static_cast<uint64_t>(k.right_bound));
-  mix(k.has_left_bound);
-  mix(static_cast<uint64_t>(k.left_bound));
-  mix(k.padding_mask);
-  mix(k.scale_bits);
-  return static_cast<size_t>(h);
+  f.Mix(k.has_right_bound);
+  f.Mix(static_cast<uint64_t>(k.right_bound));
+  f.Mix(k.has_left_bound);
+  f.Mix(static_cast<uint64_t>(k.left_bound));
+  f.Mix(k.padding_mask);
+  f.Mix(k.scale_bits);
+  return f.value();
+}
+
+SdpaKernelClass KernelClassOf(const SdpaGraphKey& key, int64_t cudnn_version) {
+  SdpaKernelClass c;
+  c.backward = key.backward;
+  c.dtype = key.dtype;
+  c.head_dim = key.head_dim;
+  c.gqa = key.backward && key.heads != key.heads_k;
+  c.has_right_bound = key.has_right_bound;
+  c.right_bound_shift = key.has_right_bound && key.right_bound != 0;
+  c.has_left_bound = key.has_left_bound;
+  c.padding_mask = key.padding_mask;
+  const struct {
+    const int64_t* stride;
+    int64_t heads, rows;
+  } tensors[5] = {{key.q_stride, key.heads, key.seqlen_q},
+                  {key.k_stride, key.heads_k, key.seqlen_k},
+                  {key.v_stride, key.heads_k, key.seqlen_k},
+                  {key.o_stride, key.heads, key.seqlen_q},
+                  {key.do_stride, key.heads, key.seqlen_q}};
+  for (int i = 0; i < (key.backward ? 5 : 4); ++i) {
+    const auto& t = tensors[i];
+    if (t.heads > 1 && t.rows > 1 && t.stride[1] > t.stride[2]) c.head_major |= 1u << i;
+  }
+  c.kv_tail = key.backward && cudnn_version <= 91500 && key.seqlen_k % 128 != 0;
+  return c;
+}
+
+std::string SdpaKernelClass::ToString() const {
+  return absl::StrCat(
+      "{", backward ? "backward" : "forward", " ", std::string(DTypeName(dtype)), " d=", head_dim,
+      gqa ? " gqa" : "",
+      has_right_bound ? (right_bound_shift ? " right_bound(shifted)" : " right_bound=0") : "",
+      has_left_bound ? " left_bound" : "", padding_mask ? " padding_mask" : "",
+      head_major != 0 ? absl::StrCat(" head_major=", head_major) : std::string(),
+      kv_tail ? " kv_tail" : "", "}");
+}
+
+size_t SdpaKernelClassHash::operator()(const SdpaKernelClass& c) const {
+  Fnv f;
+  for (uint64_t x :
+       {uint64_t{c.backward}, static_cast<uint64_t>(c.dtype), static_cast<uint64_t>(c.head_dim),
+        uint64_t{c.gqa}, uint64_t{c.has_right_bound}, uint64_t{c.right_bound_shift},
+        uint64_t{c.has_left_bound}, uint64_t{c.padding_mask}, uint64_t{c.head_major},
+        uint64_t{c.kv_tail}}) {
+    f.Mix(x);
+  }
+  return f.value();
 }
 
 int64_t SdpaWorkspaceBytes(const SdpaGraph& graph) { return graph.workspace_bytes; }
@@ -353,8 +442,63 @@ absl::Status ExecuteSdpaBackward(const SdpaGraph& graph, cudnnHandle_t handle,
                  t.seq_len_q, t.seq_len_kv, workspace);
 }
 
-SdpaGraphCache::SdpaGraphCache() = default;
+// Dynamic shapes and kernel caches bound to an operation graph: cuDNN 9.5.
+constexpr int64_t kMinDynamicCudnnVersion = 90500;
+
+struct SdpaGraphCache::KernelClassState {
+  std::shared_ptr<fe::KernelCache> cache = std::make_shared<fe::KernelCache>();
+  std::shared_ptr<fe::graph::Graph> anchor;  // the graph whose operation graph `cache` is bound to
+  int64_t dynamic_builds = 0;
+  int64_t refusals = 0;  // dynamic builds cuDNN refused where a static one succeeded
+  // After two refusals and no dynamic success, later graphs of the class are built static only.
+  bool static_only() const { return refusals >= 2 && dynamic_builds == 0; }
+};
+
+SdpaGraphCache::SdpaGraphCache(bool dynamic_shapes)
+    : dynamic_shapes_(dynamic_shapes), cudnn_version_(static_cast<int64_t>(cudnnGetVersion())) {
+  if (dynamic_shapes_ && cudnn_version_ < kMinDynamicCudnnVersion) {
+    dynamic_shapes_ = false;
+    static std::atomic<bool> logged{false};
+    if (!logged.exchange(true)) {
+      LogWarning("cudnn",
+                 "cuDNN too old for dynamic-shape SDPA graphs; every new sequence length compiles "
+                 "its own graph",
+                 {{"cudnn_version", cudnn_version_}, {"needs", kMinDynamicCudnnVersion}});
+    }
+  }
+}
 SdpaGraphCache::~SdpaGraphCache() = default;
+
+absl::StatusOr<std::unique_ptr<SdpaGraph>> SdpaGraphCache::BuildInClass(cudnnHandle_t handle,
+                                                                        const SdpaGraphKey& key,
+                                                                        const SdpaKernelClass& cls,
+                                                                        KernelClassState& state,
+                                                                        bool* transient) {
+  std::shared_ptr<fe::graph::Graph> no_anchor;
+  if (state.static_only()) return GuardedBuild(handle, key, nullptr, &no_anchor, transient);
+  bool threw = false;
+  absl::StatusOr<std::unique_ptr<SdpaGraph>> built =
+      GuardedBuild(handle, key, state.cache, &state.anchor, transient, &threw);
+  if (built.ok()) {
+    ++state.dynamic_builds;
+    ++stats_.dynamic_builds;
+    return built;
+  }
+  if (*transient && !threw) return built;  // a CUDA failure, not cuDNN refusing the graph
+  // cuDNN refused the dynamic graph (or the frontend threw building it): the static one decides
+  // whether the call can run at all.
+  absl::StatusOr<std::unique_ptr<SdpaGraph>> fallback =
+      GuardedBuild(handle, key, nullptr, &no_anchor, transient);
+  if (!fallback.ok()) return fallback;
+  ++stats_.static_fallbacks;
+  if (++state.refusals == 1) {
+    LogWarning("cudnn",
+               "cuDNN refused a dynamic-shape SDPA graph; built it static (this class's new "
+               "sequence lengths may compile their own kernels)",
+               {{"class", cls.ToString()}, {"error", built.status().message()}});
+  }
+  return fallback;
+}
 
 absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle,
                                                             const SdpaGraphKey& key) {
@@ -363,15 +507,20 @@ absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle
     return it->second.graph.get();
   }
   if (entries_.size() >= kMaxEntries) entries_.clear();
-  ++builds_;
+  ++stats_.builds;
   absl::StatusOr<std::unique_ptr<SdpaGraph>> built;
   bool transient = false;
-  try {
-    built = Build(handle, key, &transient);
-  } catch (const std::exception& ex) {
-    transient = true;
-    built = absl::InternalError(
-        absl::StrCat("cuDNN SDPA graph build threw: ", ex.what(), "; graph ", key.ToString()));
+  if (dynamic_shapes_) {
+    const SdpaKernelClass cls = KernelClassOf(key, cudnn_version_);
+    std::unique_ptr<KernelClassState>& state = classes_[cls];
+    if (state == nullptr) {
+      state = std::make_unique<KernelClassState>();
+      stats_.kernel_classes = static_cast<int64_t>(classes_.size());
+    }
+    built = BuildInClass(handle, key, cls, *state, &transient);
+  } else {
+    std::shared_ptr<fe::graph::Graph> no_anchor;
+    built = GuardedBuild(handle, key, nullptr, &no_anchor, &transient);
   }
   if (!built.ok()) {
     if (!transient) entries_.emplace(key, Entry{nullptr, built.status()});

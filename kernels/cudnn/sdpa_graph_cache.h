@@ -7,6 +7,12 @@
 // Stats is always a packed fp32 [b, h, s_q, 1] tensor; the backward's dQ, dK and dV are packed
 // [b, s, h(_k), d] tensors of the input dtype. This header keeps the cudnn-frontend headers out
 // of its includers; only sdpa_graph_cache.cc includes them.
+//
+// Dynamic shapes (the default, cuDNN >= 9.5): every graph is built with dynamic shapes and the
+// kernel cache of its SdpaKernelClass, so a graph that differs from an earlier one only in sizes,
+// strides or scalar values (scale, band bounds) reuses its compiled kernel instead of compiling
+// again. Where cuDNN refuses the dynamic graph, the graph is built static instead (logged once
+// per class). Design and figures: docs/cudnn.md.
 #pragma once
 
 #include <cudnn.h>
@@ -49,6 +55,36 @@ struct SdpaGraphKeyHash {
   size_t operator()(const SdpaGraphKey& k) const;
 };
 
+// What a compiled kernel is specialised on: the key less its sizes, strides and scalar values
+// (the scale and the band bounds are pass-by-value operands of the graph, given at each
+// execution). Graphs of one class have one operation-graph topology, which a cuDNN kernel cache
+// requires (it is bound to the first operation graph it sees).
+struct SdpaKernelClass {
+  bool backward = false;
+  DType dtype = DType::kBF16;
+  int64_t head_dim = 0;
+  bool gqa = false;  // backward only: heads != heads_k adds a reduction of dK/dV
+  bool has_right_bound = false;
+  bool right_bound_shift = false;  // right_bound != 0 adds a shift operand
+  bool has_left_bound = false;
+  bool padding_mask = false;
+  // Bit i set: tensor i of (Q, K, V, O, dO) has its head stride above its row stride ([b, h, s,
+  // d]-like); clear for our [b, s, h, d] views, or where heads or rows are 1.
+  uint32_t head_major = 0;
+  // Backward on cuDNN <= 9.15 only: s_kv % 128 != 0 (the frontend then adds a padding mask).
+  bool kv_tail = false;
+
+  bool operator==(const SdpaKernelClass&) const = default;
+  std::string ToString() const;
+};
+
+struct SdpaKernelClassHash {
+  size_t operator()(const SdpaKernelClass& c) const;
+};
+
+// The class of `key` under cuDNN `cudnn_version` (cudnnGetVersion(), e.g. 91900).
+SdpaKernelClass KernelClassOf(const SdpaGraphKey& key, int64_t cudnn_version);
+
 // A built graph (opaque outside sdpa_graph_cache.cc).
 struct SdpaGraph;
 
@@ -88,15 +124,26 @@ absl::Status ExecuteSdpa(const SdpaGraph& graph, cudnnHandle_t handle, const Sdp
 absl::Status ExecuteSdpaBackward(const SdpaGraph& graph, cudnnHandle_t handle,
                                  const SdpaBackwardTensors& t, void* workspace);
 
+// Counts of a cache's builds.
+struct SdpaGraphCacheStats {
+  int64_t builds = 0;            // graphs built, forward and backward, failed builds included
+  int64_t dynamic_builds = 0;    // of them, built with dynamic shapes and a class kernel cache
+  int64_t static_fallbacks = 0;  // of them, built static after cuDNN refused the dynamic graph
+  int64_t kernel_classes = 0;    // kernel caches held (classes met with dynamic shapes)
+};
+
 // Key -> built graph, or the status of a failed build (not retried, except failures of CUDA
 // calls, which may be transient). Not thread-safe: the backend serialises calls.
 class SdpaGraphCache {
  public:
   // Beyond this many entries the cache is emptied before the next build (a ring sees a handful
-  // of shapes; this only bounds pathological use).
+  // of shapes; this only bounds pathological use). Kernel caches are kept (a few per process).
   static constexpr size_t kMaxEntries = 512;
 
-  SdpaGraphCache();
+  // dynamic_shapes: build dynamic-shape graphs sharing a kernel cache per SdpaKernelClass (when
+  // the cuDNN loaded is >= 9.5; older ones get static graphs, logged once). false: every graph
+  // static, compiled for its sizes (the behaviour before kernel caches; for comparison).
+  explicit SdpaGraphCache(bool dynamic_shapes = true);
   ~SdpaGraphCache();
   SdpaGraphCache(const SdpaGraphCache&) = delete;
   SdpaGraphCache& operator=(const SdpaGraphCache&) = delete;
@@ -107,16 +154,31 @@ class SdpaGraphCache {
   absl::StatusOr<const SdpaGraph*> GetOrBuild(cudnnHandle_t handle, const SdpaGraphKey& key);
 
   // Builds so far, forward and backward.
-  int64_t builds() const { return builds_; }
+  int64_t builds() const { return stats_.builds; }
+  const SdpaGraphCacheStats& stats() const { return stats_; }
   size_t size() const { return entries_.size(); }
+  // Whether graphs are built with dynamic shapes (asked for, and the cuDNN loaded has them).
+  bool dynamic_shapes() const { return dynamic_shapes_; }
 
  private:
   struct Entry {
     std::unique_ptr<SdpaGraph> graph;  // null when the build failed
     absl::Status status;
   };
+  // One class's kernel cache (a cudnn_frontend::KernelCache, opaque here) and what cuDNN said.
+  struct KernelClassState;
+  // Dynamic build of `key` in `state`'s class, falling back to a static one when cuDNN refuses.
+  absl::StatusOr<std::unique_ptr<SdpaGraph>> BuildInClass(cudnnHandle_t handle,
+                                                          const SdpaGraphKey& key,
+                                                          const SdpaKernelClass& cls,
+                                                          KernelClassState& state, bool* transient);
+
+  bool dynamic_shapes_;
+  int64_t cudnn_version_ = 0;
   std::unordered_map<SdpaGraphKey, Entry, SdpaGraphKeyHash> entries_;
-  int64_t builds_ = 0;
+  std::unordered_map<SdpaKernelClass, std::unique_ptr<KernelClassState>, SdpaKernelClassHash>
+      classes_;
+  SdpaGraphCacheStats stats_;
 };
 
 }  // namespace ringattn
