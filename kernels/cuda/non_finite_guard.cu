@@ -106,7 +106,6 @@ template <typename Index>
 __global__ void __launch_bounds__(kThreads) NonFiniteScanKernel(const ScanParams s) {
   __shared__ uint32_t warp_max[kWarps];
   __shared__ bool last;
-  __shared__ float slope_max;
   uint32_t m = ThreadMaxBits<Index>(s.t[blockIdx.y]);
   for (int offset = 16; offset > 0; offset /= 2) {
     m = max(m, __shfl_xor_sync(0xffffffffu, m, offset));
@@ -119,7 +118,6 @@ __global__ void __launch_bounds__(kThreads) NonFiniteScanKernel(const ScanParams
     __threadfence();  // the maximum is visible before this block counts as finished
     const uint32_t done = atomicAdd(&s.scratch[kDoneWord], 1u);
     last = done == gridDim.x * gridDim.y - 1;
-    slope_max = 0.0f;
   }
   __syncthreads();
   if (!last) return;
