@@ -314,6 +314,18 @@ class BackendConformance : public ::testing::TestWithParam<std::string> {
     ExpectMatchesReference(host, t);
   }
 
+  // Case c (inputs from `seed`, then its poisons) against the reference; skipped when the backend
+  // refuses its options on clean inputs (what it takes clean it must take poisoned).
+  void ExpectNonFiniteCaseMatches(const NonFiniteCase& c, uint32_t seed) {
+    AttentionParams host = c.p;
+    AttentionBuffers t = MakeAttentionBuffers(&host, seed);
+    if (!RunForward(host, &t).ok()) return;  // options this backend does not take
+    ApplyNonFinite(c, &t);
+    const absl::Status s = RunForward(host, &t);
+    EXPECT_TRUE(s.ok()) << s;
+    if (s.ok()) ExpectMatchesReference(host, t);
+  }
+
   // The backward of `fwd` (sizes and options) against the reference backward.
   void ExpectBackwardMatches(const AttentionParams& fwd) {
     SCOPED_TRACE(Describe(fwd));
@@ -427,13 +439,36 @@ TEST_P(BackendConformance, NonFiniteInputsFollowTheReference) {
   for (const DType dtype : dtypes) {
     for (const NonFiniteCase& c : NonFiniteCases(dtype)) {
       SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(dtype))));
-      AttentionParams host = c.p;
-      AttentionBuffers t = MakeAttentionBuffers(&host, seed++);
-      if (!RunForward(host, &t).ok()) continue;  // options this backend does not take
-      ApplyNonFinite(c, &t);
-      const absl::Status s = RunForward(host, &t);
-      EXPECT_TRUE(s.ok()) << s;
-      if (s.ok()) ExpectMatchesReference(host, t);
+      ExpectNonFiniteCaseMatches(c, seed++);
+    }
+  }
+}
+
+// The tile effects of the fast GPU kernels at awkward sizes (seq 1, 7, 3816; 5 heads against
+// 5 or 1 K/V heads): a NaN of v at a key that earlier rows of its tile do not see (causal),
+// an infinity in k without score mods (a q.k of -inf is no masked key), and both where a
+// 3816-row call's queries meet keys at 3700..3899 (rows 3700.. see keys up to themselves).
+TEST_P(BackendConformance, NonFiniteInputsAtAwkwardSizes) {
+  if (!caps_.non_finite_rule) {
+    GTEST_SKIP() << backend_->name() << " does not follow the non-finite rule yet (issue #14)";
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  AttentionParams late_keys = Causal(Shape(3816, 200, 5, 1, 64));
+  late_keys.k_pos_offset = 3700;
+  const std::vector<NonFiniteCase> cases = {
+      {"Seq1NanInV", Shape(1, 1, 5, 5, 64), {{'v', 0, 2, 7, nan}}},
+      {"Seq7CausalNanInVOfALaterKey", Causal(Shape(7, 7, 5, 5, 64)), {{'v', 4, 0, 3, nan}}},
+      {"Seq7CausalInfInK", Causal(Shape(7, 7, 5, 5, 64)), {{'k', 3, 1, 0, inf}}},
+      {"Seq3816MqaNanInVInTheDiagonalTile", late_keys, {{'v', 50, 0, 9, nan}}},
+      {"Seq3816MqaNegInfInK", late_keys, {{'k', 20, 0, 5, -inf}}},
+  };
+  uint32_t seed = 90;
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    for (NonFiniteCase c : cases) {
+      SCOPED_TRACE(absl::StrCat(c.name, " ", std::string(DTypeName(dtype))));
+      c.p.dtype = c.p.o_dtype = dtype;
+      ExpectNonFiniteCaseMatches(c, seed++);
     }
   }
 }
@@ -475,6 +510,26 @@ TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
   Fetch(*space_, p, &t);
   EXPECT_TRUE(std::isnan(t.o.Get(3))) << t.o.Get(3);
   ExpectMatchesReference(whole, t);
+  if (!caps_.partial_input) return;
+
+  // The same negligible first half as a read-only partial, merged before o is written.
+  SCOPED_TRACE("a negligible partial input");
+  std::vector<float> partial_o(t.o.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> partial_lse(t.lse.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> out_o(t.o.size(), std::numeric_limits<float>::quiet_NaN());
+  AttentionParams first = KeyRange(p, 0, 1);
+  first.o = space_->Put(partial_o.data(), Bytes(partial_o));
+  first.lse = space_->Put(partial_lse.data(), Bytes(partial_lse));
+  AttentionParams rest = KeyRange(p, 1, 2);
+  rest.partial_o = static_cast<const float*>(first.o);
+  rest.partial_lse = first.lse;
+  rest.o = space_->Put(out_o.data(), Bytes(out_o));
+  rest.lse = nullptr;
+  ASSERT_TRUE(backend_->Forward(first, ExecutionContext{}).ok());
+  ASSERT_TRUE(backend_->Forward(rest, ExecutionContext{}).ok());
+  space_->Get(rest.o, out_o.data(), Bytes(out_o));
+  EXPECT_TRUE(std::isnan(out_o[3])) << out_o[3];
+  EXPECT_FALSE(std::isnan(out_o[4])) << out_o[4];
 }
 
 // Host backends stop at ExecutionContext::cancel: a call made with it set returns CANCELLED

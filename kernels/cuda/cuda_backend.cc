@@ -9,23 +9,43 @@
 #include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/non_finite_guard.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/params_check.h"
+#include "kernels/score_mod.h"
 
 namespace ringattn {
 namespace {
+
+// Whether some (query, key) pair of `p` may be allowed (positions grow with the row, so the
+// extreme rows bound the spans). Without one, no input can change the answer.
+bool AnyPairAllowed(const AttentionParams& p) {
+  if (p.seqlen_q == 0 || p.seqlen_k == 0) return false;
+  return ClassifyBlock(p, QueryPos(p, 0), QueryPos(p, p.seqlen_q - 1), KeyPos(p, 0),
+                       KeyPos(p, p.seqlen_k - 1))
+      .any;
+}
 
 class FlashCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return "cuda"; }
   BackendCapabilities capabilities() const override {
-    return {.backward = true, .position_runs = true, .partial_input = true};
+    return {
+        .backward = true, .position_runs = true, .partial_input = true, .non_finite_rule = true};
   }
 
  protected:
+  // The fast kernel behind the non-finite guard (non_finite_guard.h): a call whose inputs hold
+  // NaN, infinities or huge values is computed by the simple kernel instead, decided on the
+  // device. A call that allows no pair skips the guard: its inputs are not read.
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
-    return FlashForward(p, StreamOf(ctx));
+    RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+    const cudaStream_t stream = StreamOf(ctx);
+    if (!AnyPairAllowed(p)) return FlashForward(p, stream);
+    return GuardedForward(
+        p, RowSpan{0, p.seqlen_q}, RowSpan{0, p.seqlen_k}, stream,
+        [&](const uint32_t* careful) { return FlashForward(p, stream, careful); });
   }
   absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
@@ -45,10 +65,8 @@ class ReferenceCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return "cuda_reference"; }
   BackendCapabilities capabilities() const override {
-    return {.position_runs = true,
-            .partial_input = true,
-            .fp32_inputs = true,
-            .non_finite_rule = true};
+    return {
+        .position_runs = true, .partial_input = true, .fp32_inputs = true, .non_finite_rule = true};
   }
 
  protected:

@@ -3,7 +3,9 @@
 //                     FlashAttention-2's on mma.sync tensor cores); bf16/fp16 inputs, head_dim
 //                     64/128/256, every score option (causal and window masks on global
 //                     positions, ALiBi, softcap, GQA), two runs of positions, a partial input;
-//                     anything else is InvalidArgument (no silent fallback);
+//                     anything else is InvalidArgument (no silent fallback). The forward runs
+//                     behind the non-finite guard (non_finite_guard.h): calls holding NaN,
+//                     infinities or huge values are computed by the simple kernel;
 //   "cuda_reference"  the simple forward kernel (reference_attention.h): any dtype, slow; no
 //                     backward.
 // Calls validate `p`, enqueue on the context's stream and return without synchronising.

@@ -50,6 +50,7 @@
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/gpu_test_util.h"
+#include "kernels/cuda/non_finite_guard.h"
 #include "kernels/params_check.h"
 
 namespace ringattn {
@@ -57,6 +58,7 @@ namespace {
 
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
+using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceTensors;
 using kernel_testing::ExpectEmptyRowsKeepThePartial;
 using kernel_testing::ExpectNothingWrittenOutsideTheView;
@@ -769,6 +771,107 @@ TEST_F(CudaBackendTest, RefusesWhatItDoesNotSupport) {
   const absl::Status f32 = fast->Forward(p);
   EXPECT_EQ(f32.code(), absl::StatusCode::kInvalidArgument) << f32;
   EXPECT_NE(f32.message().find("fp32"), std::string::npos) << f32;
+}
+
+// ---- The non-finite guard's scan (non_finite_guard.h) ----------------------------------------
+
+class NonFiniteScanTest : public GpuTest {
+ protected:
+  // The scan's decision (the careful word) for `host` over t, on q rows `q_rows` and k/v rows
+  // `kv_rows` (the whole call when not given).
+  uint32_t Careful(const AttentionParams& host, const AttentionBuffers& t, RowSpan q_rows = {-1},
+                   RowSpan kv_rows = {-1}) {
+    if (q_rows.begin < 0) q_rows = {0, host.seqlen_q};
+    if (kv_rows.begin < 0) kv_rows = {0, host.seqlen_k};
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(host, t, &d);
+    DeviceBuffer scratch(kGuardWords * sizeof(uint32_t));
+    EXPECT_EQ(cudaMemset(scratch.get(), 0, scratch.bytes()), cudaSuccess);
+    const absl::Status s =
+        LaunchNonFiniteScan(p, q_rows, kv_rows, static_cast<uint32_t*>(scratch.get()), nullptr);
+    EXPECT_TRUE(s.ok()) << s;
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    uint32_t words[kGuardWords] = {};
+    scratch.Download(words);
+    return words[kGuardCarefulWord];
+  }
+};
+
+TEST_F(NonFiniteScanTest, FiniteInputsAreClean) {
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(std::string(DTypeName(dtype)));
+    // 3816 rows, 5 heads against one K/V head: no multiple of the scan's grid.
+    AttentionParams host = Shape(3816, 3816, 5, 1, 64, dtype, dtype);
+    AttentionBuffers t = MakeAttentionBuffers(&host, 81);
+    EXPECT_EQ(Careful(host, t), 0u);
+    // Large but harmless: |q.k| <= 64 * (6 x)^2 < 1e30, x = 1e12 (bf16) or 1e3 (fp16, whose
+    // largest finite value is 65504).
+    const float x = dtype == DType::kBF16 ? 1e12f : 1e3f;
+    for (int64_t i = 0; i < t.q.size(); ++i) t.q.Set(i, t.q.Get(i) * x);
+    for (int64_t i = 0; i < t.k.size(); ++i) t.k.Set(i, t.k.Get(i) * x);
+    EXPECT_EQ(Careful(host, t), 0u);
+  }
+}
+
+TEST_F(NonFiniteScanTest, EveryNonFiniteElementIsFound) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    AttentionParams host = Shape(7, 130, 5, 1, 64, dtype, dtype);
+    const AttentionBuffers clean = MakeAttentionBuffers(&host, 82);
+    for (const char tensor : {'q', 'k', 'v'}) {
+      for (const float value : {nan, inf, -inf}) {
+        for (const bool last : {false, true}) {
+          SCOPED_TRACE(absl::StrCat(std::string(DTypeName(dtype)), " ", std::string(1, tensor), " ",
+                                    value, last ? " last" : " first"));
+          AttentionBuffers t = clean;
+          TypedBuffer* b = tensor == 'q' ? &t.q : tensor == 'k' ? &t.k : &t.v;
+          b->Set(last ? b->size() - 1 : 0, value);
+          EXPECT_EQ(Careful(host, t), 1u);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(NonFiniteScanTest, ScoresThatMayPassTheBoundAreFound) {
+  AttentionParams host = Shape(130, 130, 4, 2, 64);  // bf16
+  AttentionBuffers t = MakeAttentionBuffers(&host, 83);
+  auto fill = [](TypedBuffer* b, float x) {
+    for (int64_t i = 0; i < b->size(); ++i) b->Set(i, x);
+  };
+  fill(&t.q, 1e15f);  // 64 * 1e15 * 1e15 > 1e30
+  fill(&t.k, -1e15f);
+  EXPECT_EQ(Careful(host, t), 1u);
+  fill(&t.q, 1e12f);  // 64 * 1e12 * 1e15 = 6.4e28: within, until scaled by 1e6
+  EXPECT_EQ(Careful(host, t), 0u);
+  host.softmax_scale = 1e6f;
+  EXPECT_EQ(Careful(host, t), 1u);
+
+  AttentionParams alibi = Shape(130, 130, 4, 2, 64);
+  AttentionBuffers a = MakeAttentionBuffers(&alibi, 84, /*with_alibi=*/true);
+  EXPECT_EQ(Careful(alibi, a), 0u);
+  a.alibi[3] = 1e29f;  // 1e29 * 129 > 1e30
+  EXPECT_EQ(Careful(alibi, a), 1u);
+  a.alibi[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(Careful(alibi, a), 1u);
+}
+
+// Padding between heads and rows, and rows outside the spans, are not the call's: NaN there
+// is not found; inside the view it is.
+TEST_F(NonFiniteScanTest, ReadsOnlyTheView) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  AttentionParams host = Shape(150, 90, 4, 2, 128, DType::kF16, DType::kF32, /*batch=*/2);
+  PadStrides(&host, /*head_pad=*/16, /*row_pad=*/8);
+  AttentionBuffers t = StridedBuffers(&host);
+  EXPECT_EQ(Careful(host, t), 0u);
+  t.q.Set(host.head_dim, nan);                                  // after head 0 of row 0
+  t.k.Set(host.heads_k * host.k_head_stride, nan);              // after the heads of row 0
+  t.v.Set(host.k_batch_stride - 1, nan);                        // the last row's padding
+  t.q.Set(host.q_batch_stride + 149 * host.q_row_stride, nan);  // batch 1, row 149
+  EXPECT_EQ(Careful(host, t), 0u) << "padding";
+  EXPECT_EQ(Careful(host, t, RowSpan{0, 149}), 0u) << "a row outside the span";
+  EXPECT_EQ(Careful(host, t, RowSpan{1, 149}), 1u) << "the same row inside it";
 }
 
 }  // namespace

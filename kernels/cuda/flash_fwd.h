@@ -39,7 +39,11 @@ absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batc
 // names another tiling: a test hook, so that the whole GPU test suite can run on each tiling.
 // A name that only other head dims have leaves p.head_dim's default; a name this build does not
 // compile for p.head_dim (see FlashForwardConfigs), or that no head dim has, is InvalidArgument.
-absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream);
+// `skip_if_set`, when non-null, is the non-finite guard's device word (non_finite_guard.h): the
+// kernel writes nothing when it is set. Without the guard, non-finite inputs (and scores beyond
+// ~1e30) may give rows that the rule of reference_attention.h does not.
+absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
+                          const uint32_t* skip_if_set = nullptr);
 
 // A compiled tiling of the fast kernel (a row of flash_fwd_configs.h's table).
 struct FlashForwardConfig {
@@ -91,14 +95,15 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
 // (index `config` into flash_fwd_configs.h's table); defined in flash_fwd_hdim*_*.cu (one file
 // each, so that they build in parallel). FlashForward dispatches to them.
 template <int kHeadDim, DType kDType>
-absl::Status LaunchFlashForward(const AttentionParams& p, int config, cudaStream_t stream);
+absl::Status LaunchFlashForward(const AttentionParams& p, int config, const uint32_t* skip_if_set,
+                                cudaStream_t stream);
 template <int kHeadDim, DType kDType>
 absl::StatusOr<FlashKernelResources> FlashForwardKernelResources(int config);
 
-#define RA_FLASH_FWD_DECLARE(kHeadDim, kDType)                                                   \
-  extern template absl::Status LaunchFlashForward<kHeadDim, kDType>(const AttentionParams&, int, \
-                                                                    cudaStream_t);               \
-  extern template absl::StatusOr<FlashKernelResources>                                           \
+#define RA_FLASH_FWD_DECLARE(kHeadDim, kDType)                       \
+  extern template absl::Status LaunchFlashForward<kHeadDim, kDType>( \
+      const AttentionParams&, int, const uint32_t*, cudaStream_t);   \
+  extern template absl::StatusOr<FlashKernelResources>               \
   FlashForwardKernelResources<kHeadDim, kDType>(int);
 RA_FLASH_FOR_EACH_INSTANTIATION(RA_FLASH_FWD_DECLARE)
 #undef RA_FLASH_FWD_DECLARE

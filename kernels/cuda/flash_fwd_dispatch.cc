@@ -94,11 +94,13 @@ absl::Status UnsupportedHeadDim(int head_dim) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported head_dim ", head_dim));
 }
 
-absl::Status Launch(const AttentionParams& p, int config, cudaStream_t stream) {
+absl::Status Launch(const AttentionParams& p, int config, const uint32_t* skip_if_set,
+                    cudaStream_t stream) {
   return WithInstantiation(
       p.head_dim, p.dtype,
       [&](auto d, auto t) {
-        return LaunchFlashForward<decltype(d)::value, decltype(t)::value>(p, config, stream);
+        return LaunchFlashForward<decltype(d)::value, decltype(t)::value>(p, config, skip_if_set,
+                                                                          stream);
       },
       [&] { return UnsupportedHeadDim(p.head_dim); });
 }
@@ -131,11 +133,12 @@ std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
       });
 }
 
-absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream) {
+absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
+                          const uint32_t* skip_if_set) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
   RA_ASSIGN_OR_RETURN(const int index, ForcedOrDefaultTilingIndex<flash_fwd::Tilings>(
                                            "forward", "RINGATTN_FLASH_FWD_CONFIG", p.head_dim));
-  return Launch(p, index, stream);
+  return Launch(p, index, skip_if_set, stream);
 }
 
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
@@ -143,7 +146,7 @@ absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view c
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
   RA_ASSIGN_OR_RETURN(const int index,
                       CompiledTilingIndex<flash_fwd::Tilings>("forward", p.head_dim, config));
-  return Launch(p, index, stream);
+  return Launch(p, index, nullptr, stream);
 }
 
 absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType dtype,

@@ -24,10 +24,11 @@ namespace flash_fwd {
 // Traits::kThreads; dynamic shared memory Traits::kSmemBytes, 1 KB aligned. `p` is validated
 // and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap or ALiBi slopes (the
 // launch picks the instantiation; a compile-time switch so that the plain kernel carries none
-// of the mods' registers).
+// of the mods' registers). `skip_if_set`, when non-null, is the non-finite guard's device word
+// (non_finite_guard.h): set, the CTA returns before loading or writing anything.
 template <typename Traits, DType kDType, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
-    FlashFwdKernel(const __grid_constant__ AttentionParams p) {
+    FlashFwdKernel(const __grid_constant__ AttentionParams p, const uint32_t* skip_if_set) {
   using T = typename flash::Element<kDType>::T;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -60,6 +61,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 
   const flash::BlockRange blocks =
       flash::LiveKeyBlocks<kBlockN>(p, QueryPos(p, m0), QueryPos(p, m_last));
+  // The careful kernel computes this call (its inputs hold NaN, infinities or huge values).
+  if (skip_if_set != nullptr && *skip_if_set != 0) return;
 
   // The warp's rows [warp_row0, warp_row0 + kWarpRows) (those < seqlen_q are real); the
   // thread's rows are warp_row0 + 16 mi + 8 r + lane / 4.
@@ -199,13 +202,15 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       // lse: [batch, heads, seqlen_q], seqlen_q contiguous.
       const int64_t lse_at = b * p.lse_batch_stride + h * p.lse_head_stride + row[i];
       float w_new = norm[i];
-      float w_old = 0.0f;  // weight of the read-only partial; 0: not read
+      float w_old = 0.0f;     // weight of the read-only partial
+      bool read_old = false;  // only an empty partial (lse -inf) is not read: 0 * NaN is NaN
       float out_lse = lse[i];
       if (p.partial_o != nullptr) {  // merged with it first (the ring's last step)
         const float old_lse = p.partial_lse[lse_at];
+        read_old = old_lse != flash::NegInf();
         if (lse[i] == flash::NegInf()) {  // nothing here: the partial as it is
           w_new = 0.0f;
-          w_old = old_lse == flash::NegInf() ? 0.0f : 1.0f;
+          w_old = 1.0f;
           out_lse = old_lse;
         } else {
           const LseMerge merge = MergeLse(old_lse, lse[i]);
@@ -218,7 +223,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       for (int t = 0; t < Traits::kNTilesO; ++t) {
         float x0 = acc_o[mi][t][2 * r] * w_new;
         float x1 = acc_o[mi][t][2 * r + 1] * w_new;
-        if (w_old != 0.0f) {
+        if (read_old) {
           const float2 old = *reinterpret_cast<const float2*>(p.partial_o + o_row + t * 8 + col0);
           x0 += w_old * old.x;
           x1 += w_old * old.y;
@@ -252,7 +257,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
     for (int t = 0; t < Traits::kNTilesO; ++t) {
       float2* slot = reinterpret_cast<float2*>(o + t * 8 + col0);
       float2 out = make_float2(w_new * acc_o[mi][t][2 * r], w_new * acc_o[mi][t][2 * r + 1]);
-      if (merge.wa != 0.0f) {  // an empty old partial (weight 0) is not read: no NaN leaks in
+      // An empty old partial (lse -inf) is not read, so that a never-written o cannot leak NaN;
+      // a negligible one (weight 0) is: 0 * NaN is NaN, as the rule wants.
+      if (old_lse[i] != flash::NegInf()) {
         const float2 old = *slot;
         out.x += merge.wa * old.x;
         out.y += merge.wa * old.y;

@@ -24,7 +24,7 @@ namespace ringattn {
 namespace flash_fwd {
 
 template <typename Traits, DType kDType, bool kScoreMods>
-absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
+absl::Status Launch(const AttentionParams& p, const uint32_t* skip_if_set, cudaStream_t stream) {
   const int64_t m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   // QueryBlockOf's order. The one-dimensional grid's limit, 2^31 - 1 CTAs, is 2.7e11 query
   // rows over all (batch, head) pairs: tensors far past any device memory.
@@ -39,26 +39,28 @@ absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
   RA_RETURN_IF_ERROR(
       (flash::PrepareSharedMemory<Traits>(&FlashFwdKernel<Traits, kDType, kScoreMods>)));
   FlashFwdKernel<Traits, kDType, kScoreMods>
-      <<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+      <<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, skip_if_set);
   RA_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
 template <typename Traits, DType kDType>
-absl::Status LaunchWithTraits(const AttentionParams& p, cudaStream_t stream) {
+absl::Status LaunchWithTraits(const AttentionParams& p, const uint32_t* skip_if_set,
+                              cudaStream_t stream) {
   if (p.seqlen_q == 0) return absl::OkStatus();
   const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr;
-  return score_mods ? Launch<Traits, kDType, true>(p, stream)
-                    : Launch<Traits, kDType, false>(p, stream);
+  return score_mods ? Launch<Traits, kDType, true>(p, skip_if_set, stream)
+                    : Launch<Traits, kDType, false>(p, skip_if_set, stream);
 }
 
 }  // namespace flash_fwd
 
 template <int kHeadDim, DType kDType>
-absl::Status LaunchFlashForward(const AttentionParams& p, int config, cudaStream_t stream) {
+absl::Status LaunchFlashForward(const AttentionParams& p, int config, const uint32_t* skip_if_set,
+                                cudaStream_t stream) {
   return WithCompiledTraits<flash_fwd::Tilings, flash_fwd::FlashFwdTraits, kHeadDim>(
       "forward", config, [&](auto traits) {
-        return flash_fwd::LaunchWithTraits<decltype(traits), kDType>(p, stream);
+        return flash_fwd::LaunchWithTraits<decltype(traits), kDType>(p, skip_if_set, stream);
       });
 }
 
@@ -76,8 +78,8 @@ absl::StatusOr<FlashKernelResources> FlashForwardKernelResources(int config) {
 
 // Explicit instantiation of the forward's entry points for one (head_dim, dtype); at namespace
 // scope outside ringattn.
-#define RA_FLASH_FWD_INSTANTIATE(kHeadDim, kDType)                      \
-  template absl::Status ringattn::LaunchFlashForward<kHeadDim, kDType>( \
-      const ringattn::AttentionParams&, int, cudaStream_t);             \
-  template absl::StatusOr<ringattn::FlashKernelResources>               \
+#define RA_FLASH_FWD_INSTANTIATE(kHeadDim, kDType)                           \
+  template absl::Status ringattn::LaunchFlashForward<kHeadDim, kDType>(      \
+      const ringattn::AttentionParams&, int, const uint32_t*, cudaStream_t); \
+  template absl::StatusOr<ringattn::FlashKernelResources>                    \
   ringattn::FlashForwardKernelResources<kHeadDim, kDType>(int)

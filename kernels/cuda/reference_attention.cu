@@ -2,16 +2,16 @@
 // fp32 arithmetic, the score function and mask from score_mod.h, a two-pass softmax with the
 // row maximum known before any exp, and the ring merge from softmax_state.h. Non-finite inputs
 // as the fp64 reference (kernels/cpu/reference_attention.h).
-#include "kernels/cuda/reference_attention.h"
-
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
+#include "kernels/cuda/reference_attention.h"
 #include "kernels/dtype.h"
 #include "kernels/score_mod.h"
 #include "kernels/softmax_state.h"
@@ -23,6 +23,7 @@ constexpr int kThreads = 128;  // one block per query row
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxHeadDim = 256;                        // largest supported head_dim
 constexpr int kDimsPerThread = kMaxHeadDim / kThreads;  // output columns a thread owns
+constexpr int64_t kMaxBlocks = 4096;                    // the grid strides over the rows
 static_assert(kMaxHeadDim % kThreads == 0, "each thread owns a whole number of columns");
 
 __device__ __forceinline__ float NegInf() { return -std::numeric_limits<float>::infinity(); }
@@ -57,17 +58,11 @@ __device__ float BlockSum(float x, float* scratch) {  // scratch: [kWarps]
   return r;
 }
 
-// Grid: (seqlen_q, heads, batch); block: kThreads. Computes one query row of one head.
-__global__ void __launch_bounds__(kThreads)
-    ReferenceAttentionKernel(const __grid_constant__ AttentionParams p) {
-  __shared__ float q_row[kMaxHeadDim];  // [head_dim] the query, as float
-  __shared__ float weights[kThreads];   // [kThreads] exp(score - max) of one chunk of keys
-  __shared__ bool visible[kThreads];    // [kThreads] whether each key of the chunk is allowed
-  __shared__ float scratch[kWarps];     // [kWarps] block reductions
-
-  const int64_t row = blockIdx.x;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+// One query row `row` of head h in batch b (block-uniform). Returns early, uniformly, for a
+// wholly masked row with merge_into_output (its partial stays bit for bit).
+__device__ __forceinline__ void ReferenceRow(const AttentionParams& p, int64_t row, int h, int b,
+                                             float* q_row, float* weights, bool* visible,
+                                             float* scratch) {
   const int kv_head = h / (p.heads / p.heads_k);
   const int tid = threadIdx.x;
   const int dim = p.head_dim;
@@ -138,8 +133,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!p.merge_into_output && p.partial_o != nullptr) {
     // Merged with the read-only partial (o's and lse's strides), then written.
     const float old_lse = p.partial_lse[b * p.lse_batch_stride + h * p.lse_head_stride + row];
-    const LseMerge merge = empty ? LseMerge{old_lse == NegInf() ? 0.0f : 1.0f, 0.0f, old_lse}
-                                 : MergeLse(old_lse, lse);
+    const LseMerge merge =
+        empty ? LseMerge{old_lse == NegInf() ? 0.0f : 1.0f, 0.0f, old_lse} : MergeLse(old_lse, lse);
     const float* old_o = p.partial_o + o_offset;  // [head_dim] fp32
     for (int i = 0; i < kDimsPerThread; ++i) {
       const int d = tid + i * kThreads;
@@ -177,9 +172,30 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) *lse_slot = merge.lse;
 }
 
+// Grid: up to kMaxBlocks blocks striding over the (batch, head, query row) items; block:
+// kThreads. Computes one query row of one head per item. With `run_if_set` non-null, it computes
+// only when *run_if_set != 0 (the non-finite guard's careful path, non_finite_guard.h).
+__global__ void __launch_bounds__(kThreads)
+    ReferenceAttentionKernel(const __grid_constant__ AttentionParams p,
+                             const uint32_t* run_if_set) {
+  __shared__ float q_row[kMaxHeadDim];  // [head_dim] the query, as float
+  __shared__ float weights[kThreads];   // [kThreads] exp(score - max) of one chunk of keys
+  __shared__ bool visible[kThreads];    // [kThreads] whether each key of the chunk is allowed
+  __shared__ float scratch[kWarps];     // [kWarps] block reductions
+
+  if (run_if_set != nullptr && *run_if_set == 0) return;
+  const int64_t items = p.seqlen_q * p.heads * p.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    __syncthreads();  // the previous item is done with the shared arrays
+    ReferenceRow(p, item % p.seqlen_q, static_cast<int>(item / p.seqlen_q % p.heads),
+                 static_cast<int>(item / p.seqlen_q / p.heads), q_row, weights, visible, scratch);
+  }
+}
+
 }  // namespace
 
-absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream) {
+absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream,
+                                  const uint32_t* run_if_set) {
   if (p.seq_bounds != nullptr) {
     return absl::InvalidArgumentError(
         "cuda_reference: seq_bounds (packed variable-length sequences) is not supported on GPUs "
@@ -193,19 +209,12 @@ absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream)
     return absl::InvalidArgumentError(absl::StrCat("cuda_reference: head_dim ", p.head_dim,
                                                    " exceeds the kernel's maximum ", kMaxHeadDim));
   }
-  // Grid limits: x up to 2^31 - 1 rows, y and z up to 65535.
-  if (p.seqlen_q > int64_t{0x7fffffff}) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda_reference: seqlen_q must be < 2^31, got ", p.seqlen_q));
-  }
-  if (p.heads > 65535 || p.batch > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda_reference: heads and batch must be <= 65535, got ", p.heads, " and ", p.batch));
-  }
-  if (p.seqlen_q == 0) return absl::OkStatus();  // no rows to write
-  const dim3 grid(static_cast<unsigned>(p.seqlen_q), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
-  ReferenceAttentionKernel<<<grid, kThreads, 0, stream>>>(p);
+  if (p.seqlen_q == 0 || p.heads == 0 || p.batch == 0) return absl::OkStatus();  // no rows
+  // Enough blocks to fill the device several times over; few enough that a guarded call whose
+  // flag is clear (every block returns at once) costs a few microseconds.
+  const int64_t items = p.seqlen_q * p.heads * p.batch;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(items, kMaxBlocks));
+  ReferenceAttentionKernel<<<blocks, kThreads, 0, stream>>>(p, run_if_set);
   RA_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

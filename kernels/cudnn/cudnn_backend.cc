@@ -22,6 +22,7 @@
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
+#include "kernels/cuda/non_finite_guard.h"
 #include "kernels/cudnn/cudnn_backward.h"
 #include "kernels/cudnn/cudnn_context.h"
 #include "kernels/cudnn/merge_kernel.h"
@@ -291,7 +292,12 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
   e.lse_head_stride = p.lse_head_stride;
   e.merge = p.merge_into_output;
 
-  if (!plan.empty) {
+  if (plan.empty) {  // no pair allowed: zero rows, or nothing to merge; no input is read
+    RA_RETURN_IF_ERROR(LaunchCudnnEpilogue(e, stream));
+    return c.RecordDone(stream);
+  }
+  // cuDNN and the epilogue, which writes nothing when the non-finite guard's word is set.
+  auto fast = [&](const uint32_t* careful) -> absl::Status {
     RA_RETURN_IF_ERROR(c.EnsureHandle());
     const int64_t b = p.batch, h = p.heads, d = p.head_dim, sq = plan.q_count;
     // cuDNN writes o in place when nothing needs converting or merging and o suits its stores.
@@ -345,9 +351,14 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
     e.o_new_head_stride = key.o_stride[1];
     e.o_new_row_stride = key.o_stride[2];
     e.o_written_in_place = in_place;
-  }
 
-  RA_RETURN_IF_ERROR(LaunchCudnnEpilogue(e, stream));
+    e.skip_if_set = careful;
+    return LaunchCudnnEpilogue(e, stream);
+  };
+  // Behind the non-finite guard (non_finite_guard.h), which scans the live block only: a call
+  // whose live inputs hold NaN, infinities or huge values is computed by the simple kernel.
+  RA_RETURN_IF_ERROR(GuardedForward(p, RowSpan{plan.q_begin, plan.q_count},
+                                    RowSpan{plan.k_begin, plan.k_count}, stream, fast));
   return c.RecordDone(stream);
 }
 
@@ -357,7 +368,9 @@ class CudnnBackendImpl final : public CudnnBackend {
       : context_(options.dynamic_shapes) {}
 
   std::string_view name() const override { return kCudnnName; }
-  BackendCapabilities capabilities() const override { return {.backward = true}; }
+  BackendCapabilities capabilities() const override {
+    return {.backward = true, .non_finite_rule = true};
+  }
 
   int64_t graph_builds() const override {
     std::lock_guard<std::mutex> lock(context_.mutex());

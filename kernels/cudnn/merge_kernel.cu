@@ -18,6 +18,7 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
 __global__ void __launch_bounds__(kThreads) CudnnEpilogueKernel(const CudnnEpilogueParams e) {
+  if (e.skip_if_set != nullptr && *e.skip_if_set != 0) return;  // the careful kernel's call
   const float ninf = -std::numeric_limits<float>::infinity();
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t total = static_cast<int64_t>(e.batch) * e.seqlen_q * e.heads;
@@ -45,10 +46,12 @@ __global__ void __launch_bounds__(kThreads) CudnnEpilogueKernel(const CudnnEpilo
       __syncwarp();  // every lane has read lse before lane 0 overwrites it below
       const LseMerge w = MergeLse(lse_old, lse_new);
       float* const o = static_cast<float*>(e.o);
+      // The new side is read always (its lse is finite here), the old one unless it is empty:
+      // a negligible partial (weight 0) holding NaN gives NaN, 0 * NaN, as the rule wants.
+      const bool read_old = lse_old != ninf;
       for (int c = lane; c < e.head_dim; c += 32) {
-        float acc = 0.0f;
-        if (w.wa != 0.0f) acc = w.wa * o[o_at + c];
-        if (w.wb != 0.0f) acc += w.wb * LoadAsFloat(e.o_new, new_at + c, e.o_new_dtype);
+        float acc = w.wb * LoadAsFloat(e.o_new, new_at + c, e.o_new_dtype);
+        if (read_old) acc += w.wa * o[o_at + c];
         o[o_at + c] = acc;
       }
       if (lane == 0) *lse_p = w.lse;

@@ -5,8 +5,9 @@
 //   lse_new = Stats[b, h, i - live_begin] when i is in the live block, else -inf;
 //   merge:    when lse_new is -inf the row is left untouched (bit for bit); otherwise
 //             MergeLse(lse, lse_new) (softmax_state.h) gives the weights and
-//             o = wa * o + wb * o_new (a term whose weight is 0 is not read: a stale or NaN o
-//             of an empty partial does not leak), lse = merged lse;
+//             o = wa * o + wb * o_new (the old o is not read when its lse is -inf: a stale or
+//             NaN o of an empty partial does not leak; a negligible one is, so that its NaN
+//             stays), lse = merged lse;
 //   no merge: lse = lse_new (when lse is not null); o = o_new converted to o_dtype for a live row
 //             (skipped when cuDNN already wrote o in place), o = 0 for a row outside the block.
 #pragma once
@@ -47,6 +48,9 @@ struct CudnnEpilogueParams {
   // cuDNN wrote o of the live rows in place (no merge, o_dtype == o_new_dtype): the kernel only
   // writes lse and the zero rows outside the live block.
   bool o_written_in_place = false;
+  // The non-finite guard's device word (non_finite_guard.h), or null: set, the kernel writes
+  // nothing (the careful kernel computes the call).
+  const uint32_t* skip_if_set = nullptr;
 };
 
 // Enqueues the epilogue on `stream`. Launches nothing when there is nothing to do.
