@@ -15,11 +15,16 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "base/cuda_check.h"
+#include "base/log.h"
 #include "base/status_macros.h"
+#include "ringattn_config.h"
 #include "kernels/backend_registry.h"
 #include "ring/device_ring.h"
 #include "ring/transport/nccl_communicator.h"
 #include "worker/pitched_runs.h"
+#if RINGATTN_HAVE_CUDNN
+#include "kernels/cudnn/cudnn_backend.h"
+#endif
 
 namespace ringattn {
 namespace {
@@ -395,6 +400,20 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
   if (backend->capabilities().backward) {
     RA_ASSIGN_OR_RETURN(backward, MakeBackend(backend->name()));
   }
+#if RINGATTN_HAVE_CUDNN
+  // cuDNN compiles a kernel per class of graph; compiled now, a request's first length costs a
+  // graph build on the compiled kernel instead (docs/cudnn.md). A failure costs only speed.
+  if (CudnnBackend* cudnn = AsCudnnBackend(backend.get()); cudnn != nullptr) {
+    const absl::Time t0 = absl::Now();
+    absl::Status s = cudnn->Prewarm({});
+    if (CudnnBackend* b = AsCudnnBackend(backward.get()); s.ok() && b != nullptr) {
+      s = b->Prewarm({.forward = false, .backward = true});
+    }
+    Log(s.ok() ? LogLevel::kInfo : LogLevel::kWarning, "worker", "cudnn prewarm",
+        {{"ms", absl::ToDoubleMilliseconds(absl::Now() - t0)},
+         {"status", s.ok() ? std::string("ok") : s.ToString()}});
+  }
+#endif
   return std::unique_ptr<RingEngine>(std::make_unique<DeviceRingEngine>(
       device, prop.name, std::move(backend), std::move(backward)));
 }

@@ -43,6 +43,10 @@ inline constexpr int kGuardCarefulWord = 4;
 absl::Status LaunchNonFiniteScan(const AttentionParams& p, RowSpan q_rows, RowSpan kv_rows,
                                  uint32_t* scratch, cudaStream_t stream);
 
+// False when RINGATTN_NONFINITE_GUARD is 0 or off (read once): GuardedForward then runs the fast
+// kernels alone, for measuring the guard's cost; the non-finite rule no longer holds.
+bool NonFiniteGuardEnabled();
+
 // The call `p` (validated, and taken by the caller's fast path) so that it follows the rule.
 // Enqueues on `stream`: scratch from the stream-ordered pool, zeroed; LaunchNonFiniteScan;
 // `fast(careful)`, the caller's kernels, which must write nothing when *careful != 0 (a device
