@@ -18,6 +18,7 @@
 #include "cli/cli_parse.h"
 #include "cli/exit_codes.h"
 #include "cli/timing_table.h"
+#include "client/head_split.h"
 #include "client/npy.h"
 #include "client/shared_memory_session.h"
 #include "kernels/attention_backward_params.h"
@@ -607,7 +608,8 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
     return kExitFailure;
   }
   absl::StatusOr<ConnectedClient> connected =
-      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials,
+                        o.connections);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return ExitCodeOfCall(connected.status());
@@ -625,12 +627,18 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
       !o.shm && (o.streaming || NeedsStreaming(*request, info.max_unary_bytes()));
   int64_t chunk_bytes = o.chunk_bytes;
   if (info.max_unary_bytes() > 0) chunk_bytes = std::min(chunk_bytes, info.max_unary_bytes());
+  // Past kSplitAboveBytes with several connections (and not forced to stream): parts by heads.
+  const int parts = o.shm || o.streaming || static_cast<int64_t>(request->ByteSizeLong()) <=
+                                                kSplitAboveBytes
+                        ? 1
+                        : HeadParts(AttendRpc(), *request, o.connections);
   std::string via = "Attend (unary)";
   if (o.shm) {
     via = "Attend (unary, system shared memory)";
   } else if (streaming) {
     via = absl::StrCat("AttendStream (chunks of ", chunk_bytes, " bytes)");
   }
+  if (parts > 1) absl::StrAppend(&via, ", ", parts, " parts by K/V heads, one per connection");
   const int64_t request_bytes = static_cast<int64_t>(
       request->q().data().size() + request->k().data().size() + request->v().data().size());
   out << absl::StrFormat("request: q %s k/v %s %s, %s, causal=%d, layout %s, via %s\n",
@@ -651,6 +659,9 @@ int RunAttendCommand(const AttendCommandOptions& o, std::ostream& out) {
   const absl::StatusOr<v1::AttendResponse> response =
       TimedCall<v1::AttendResponse>("attend", "response", out, [&](const ProgressFn& progress) {
         if (shm) return shm->Attend(*request, timeout, &copies);
+        if (parts > 1) {
+          return client.AttendAuto(*request, timeout, info.max_unary_bytes(), chunk_bytes);
+        }
         return streaming ? client.AttendStreaming(*request, timeout, chunk_bytes, progress)
                          : client.Attend(*request, timeout);
       });

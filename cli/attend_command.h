@@ -27,6 +27,7 @@ namespace ringattn {
 struct AttendCommandOptions {
   std::string target = "localhost:50051";  // the coordinator, host:port
   ClientCredentials credentials;           // TLS and bearer token; default: neither
+  int connections = 1;  // AttentionClient::Connect's: requests past kSplitAboveBytes cut by heads
   // Problem size of synthetic inputs; ignored when the inputs come from .npy files.
   int batch = 1;
   int64_t seqlen = 4096;

@@ -24,6 +24,7 @@
 #include "cli/exit_codes.h"
 #include "cli/timing_table.h"
 #include "client/attention_client.h"
+#include "client/head_split.h"
 #include "client/shared_memory_session.h"
 #include "kernels/dtype.h"
 #include "ringattn/v1/attention.pb.h"
@@ -444,7 +445,8 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
   }
   const v1::AttendRequest request = BuildRequest(o);
   absl::StatusOr<ConnectedClient> connected =
-      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials);
+      ConnectAndGetInfo(o.target, absl::Seconds(o.connect_timeout_seconds), o.credentials,
+                        o.connections);
   if (!connected.ok()) {
     out << ErrorLine(connected.status());
     return ExitCodeOfCall(connected.status());
@@ -481,6 +483,15 @@ int RunBenchCommand(const BenchOptions& o, std::ostream& out) {
     via += !o.shm        ? " (unary)"
            : o.cuda_shm ? " (unary, CUDA shared memory)"
                         : " (unary, system shared memory)";
+  }
+  if (!o.shm && !o.streaming) {
+    const google::protobuf::Message& sent =
+        o.backward ? static_cast<const google::protobuf::Message&>(backward) : request;
+    const int parts =
+        static_cast<int64_t>(sent.ByteSizeLong()) > kSplitAboveBytes
+            ? HeadParts(o.backward ? AttendBackwardRpc() : AttendRpc(), sent, o.connections)
+            : 1;
+    if (parts > 1) absl::StrAppend(&via, ", ", parts, " parts by K/V heads");
   }
   // FlashAttention's count: the backward is 2.5 forwards.
   const double flops = (o.backward ? 2.5 : 1.0) * RequestFlops(request);

@@ -24,6 +24,7 @@ namespace ringattn {
 struct BenchOptions {
   std::string target = "127.0.0.1:50051";  // the coordinator, host:port
   ClientCredentials credentials;           // TLS and bearer token; default: neither
+  int connections = 1;  // AttentionClient::Connect's: requests past kSplitAboveBytes cut by heads
   int concurrency = 4;                     // client threads, each with one call in flight
   int requests = 32;                       // calls in all (by count, when duration_seconds is 0)
   // > 0: keep sending until this many seconds have passed (calls already started finish), and

@@ -143,6 +143,9 @@ ABSL_FLAG(std::string, tls_server_name, "",
           "the name the server's certificate must carry (default: --target's host)");
 ABSL_FLAG(std::string, token_file, "",
           "file whose first line is the bearer token sent on every call (else RINGATTN_TOKEN)");
+ABSL_FLAG(int, connections, 4,
+          "connections to the service: a request over 64 MiB is cut by K/V heads into that many "
+          "parts sent at once (one gRPC connection moves about 1 GB/s); 1: one call");
 ABSL_FLAG(std::string, q_npy, "", "q from a .npy file [batch, seq, heads, head_dim]");
 ABSL_FLAG(std::string, k_npy, "", "k from a .npy file");
 ABSL_FLAG(std::string, v_npy, "", "v from a .npy file");
@@ -196,8 +199,8 @@ const Flags kShape = {"batch", "seqlen", "heads",  "heads_k", "head_dim",
                       "dtype", "layout", "causal", "seed"};
 const Flags kOptions = {"window_left",   "window_right", "alibi",        "softcap",
                         "softmax_scale", "dropout_p",    "dropout_seed", "cu_seqlens"};
-const Flags kClient = {"target",   "tls",     "tls_ca",    "tls_server_name",
-                       "tls_cert", "tls_key", "token_file"};
+const Flags kClient = {"target",   "tls",     "tls_ca",     "tls_server_name",
+                       "tls_cert", "tls_key", "token_file", "connections"};
 const Flags kTransfer = {"stream", "shm", "cuda_shm"};
 const Flags kLog = {"log_format", "log_level"};
 const Flags kCoordinator = {"listen",
@@ -406,6 +409,7 @@ absl::StatusOr<ringattn::AttendCommandOptions> AttendOptionsFromFlags(bool clien
   ringattn::AttendCommandOptions o;
   o.target = absl::GetFlag(FLAGS_target);
   RA_ASSIGN_OR_RETURN(o.credentials, ClientCredentialsFromFlags(client_cert));
+  o.connections = std::max(1, absl::GetFlag(FLAGS_connections));
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seqlen = absl::GetFlag(FLAGS_seqlen);
   o.heads = absl::GetFlag(FLAGS_heads);
@@ -445,6 +449,7 @@ absl::StatusOr<ringattn::BenchOptions> BenchOptionsFromFlags() {
   ringattn::BenchOptions o;
   o.target = absl::GetFlag(FLAGS_target);
   RA_ASSIGN_OR_RETURN(o.credentials, ClientCredentialsFromFlags(/*client_cert=*/true));
+  o.connections = std::max(1, absl::GetFlag(FLAGS_connections));
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
   o.requests = absl::GetFlag(FLAGS_requests);
   o.duration_seconds = absl::GetFlag(FLAGS_duration);

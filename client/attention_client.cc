@@ -15,6 +15,7 @@
 #include <limits>
 #include <string_view>
 #include <utility>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -22,6 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "client/head_split.h"
 #include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
 #include "proto/convert.h"
@@ -287,7 +289,8 @@ absl::StatusOr<std::string> LoadBearerToken(const std::string& file) {
 }
 
 absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Connect(
-    const std::string& target, absl::Duration wait_ready, const ClientCredentials& credentials) {
+    const std::string& target, absl::Duration wait_ready, const ClientCredentials& credentials,
+    int connections) {
   if (target.empty()) return absl::InvalidArgumentError("target must be host:port, got ''");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(INT_MAX);
@@ -310,17 +313,28 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Connect(
   if (!credentials.token.empty()) {
     metadata.emplace_back("authorization", absl::StrCat("Bearer ", credentials.token));
   }
-  std::shared_ptr<grpc::Channel> channel =
-      ChannelWithMetadata(target, channel_credentials, args, std::move(metadata));
-  if (wait_ready > absl::ZeroDuration() && !channel->WaitForConnected(DeadlineAfter(wait_ready))) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot connect to ", target, " within ", absl::FormatDuration(wait_ready)));
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  for (int i = 0; i < std::max(1, connections); ++i) {
+    grpc::ChannelArguments own = args;
+    own.SetInt("ringattn.connection", i);  // a connection of its own, not a shared subchannel
+    channels.push_back(ChannelWithMetadata(target, channel_credentials, own, metadata));
+    if (i == 0 && wait_ready > absl::ZeroDuration() &&
+        !channels[0]->WaitForConnected(DeadlineAfter(wait_ready))) {
+      return absl::UnavailableError(absl::StrCat("cannot connect to ", target, " within ",
+                                                 absl::FormatDuration(wait_ready)));
+    }
   }
-  return std::make_unique<AttentionClient>(std::move(channel));
+  return std::make_unique<AttentionClient>(std::move(channels));
 }
 
 AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
-    : channel_(std::move(channel)), stub_(v1::AttentionService::NewStub(channel_)) {}
+    : AttentionClient(std::vector<std::shared_ptr<grpc::Channel>>{std::move(channel)}) {}
+
+AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels)
+    : channels_(std::move(channels)) {
+  for (const auto& c : channels_) stubs_.push_back(v1::AttentionService::NewStub(c));
+  stub_ = stubs_[0].get();
+}
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,
                                                            absl::Duration timeout) {
@@ -366,17 +380,64 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::AttendAuto(const v1::AttendR
                                                                int64_t max_unary_bytes,
                                                                int64_t chunk_bytes,
                                                                const ProgressFn& progress) {
-  if (!BetterStreamed(request, max_unary_bytes)) return Attend(request, timeout);
-  if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
-  return AttendStreaming(request, timeout, chunk_bytes, progress);
+  return Auto<v1::AttendStreamRequest, v1::AttendStreamResponse>(
+      AttendRpc(), "AttendStream", &v1::AttentionService::Stub::Attend,
+      &v1::AttentionService::Stub::AttendStream, request, timeout, max_unary_bytes, chunk_bytes,
+      progress);
 }
 
 absl::StatusOr<v1::AttendBackwardResponse> AttentionClient::AttendBackwardAuto(
     const v1::AttendBackwardRequest& request, absl::Duration timeout, int64_t max_unary_bytes,
     int64_t chunk_bytes, const ProgressFn& progress) {
-  if (!BetterStreamed(request, max_unary_bytes)) return AttendBackward(request, timeout);
+  return Auto<v1::AttendBackwardStreamRequest, v1::AttendBackwardStreamResponse>(
+      AttendBackwardRpc(), "AttendBackwardStream", &v1::AttentionService::Stub::AttendBackward,
+      &v1::AttentionService::Stub::AttendBackwardStream, request, timeout, max_unary_bytes,
+      chunk_bytes, progress);
+}
+
+template <typename StreamRequest, typename StreamResponse, typename Request, typename Response,
+          typename Stream>
+absl::StatusOr<Response> AttentionClient::Auto(
+    const ComputeRpc& rpc, const char* stream_name,
+    grpc::Status (v1::AttentionService::Stub::*unary)(grpc::ClientContext*, const Request&,
+                                                      Response*),
+    std::unique_ptr<Stream> (v1::AttentionService::Stub::*open)(grpc::ClientContext*),
+    const Request& request, absl::Duration timeout, int64_t max_unary_bytes, int64_t chunk_bytes,
+    const ProgressFn& progress) {
   if (max_unary_bytes > 0) chunk_bytes = std::min(chunk_bytes, max_unary_bytes);
-  return AttendBackwardStreaming(request, timeout, chunk_bytes, progress);
+  const absl::Time call0 = absl::Now();
+  // One part's call on connection `i`.
+  auto one = [&](size_t i, const Request& part, const ProgressFn& report) {
+    v1::AttentionService::Stub& stub = *stubs_[i];
+    if (!BetterStreamed(part, max_unary_bytes)) {
+      return RunUnaryCall(rpc, stub, unary, part, timeout);
+    }
+    return RunStreamingCall<StreamRequest, StreamResponse>(
+        rpc, stream_name, [&stub, open](grpc::ClientContext* c) { return (stub.*open)(c); }, part,
+        timeout, chunk_bytes, report);
+  };
+  const int parts = static_cast<int64_t>(request.ByteSizeLong()) > kSplitAboveBytes
+                        ? HeadParts(rpc, request, static_cast<int>(stubs_.size()))
+                        : 1;
+  if (parts == 1) return WithClientTimes(call0, one(0, request, progress));
+  RA_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<google::protobuf::Message>> split,
+                      SplitByHeads(rpc, request, parts));
+  std::vector<absl::StatusOr<Response>> answers(parts, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int p = 0; p < parts; ++p) {
+    threads.emplace_back([&, p] {
+      answers[p] = one(static_cast<size_t>(p), static_cast<const Request&>(*split[p]), nullptr);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  std::vector<const google::protobuf::Message*> done;
+  for (const absl::StatusOr<Response>& a : answers) {
+    if (!a.ok()) return a.status();
+    done.push_back(&*a);
+  }
+  Response whole;
+  RA_RETURN_IF_ERROR(JoinByHeads(rpc, done, &whole));
+  return WithClientTimes(call0, absl::StatusOr<Response>(std::move(whole)));
 }
 
 absl::StatusOr<v1::InfoResponse> AttentionClient::GetInfo(absl::Duration timeout) {
@@ -452,9 +513,11 @@ absl::StatusOr<std::vector<v1::CudaSharedMemoryRegion>> AttentionClient::CudaSha
 }
 
 absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
-                                                  const ClientCredentials& credentials) {
+                                                  const ClientCredentials& credentials,
+                                                  int connections) {
   ConnectedClient c;
-  RA_ASSIGN_OR_RETURN(c.client, AttentionClient::Connect(target, timeout, credentials));
+  RA_ASSIGN_OR_RETURN(c.client,
+                      AttentionClient::Connect(target, timeout, credentials, connections));
   RA_ASSIGN_OR_RETURN(c.info, c.client->GetInfo(timeout));
   return c;
 }

@@ -53,6 +53,10 @@ int64_t ExpectedOutputBytes(const ComputeTensor& out, const google::protobuf::Me
 // streamed chunks where its workers read them (bench/grpc_wire_bench, docs/performance.md).
 inline constexpr int64_t kStreamAboveBytes = int64_t{32} << 20;
 
+// Requests larger than this are cut by K/V heads over a client's connections, when it has
+// several (AttentionClient::Connect).
+inline constexpr int64_t kSplitAboveBytes = int64_t{64} << 20;
+
 // Whether `request` goes through AttendStream: its serialised size exceeds kStreamAboveBytes,
 // `max_unary_bytes` (the server's InfoResponse.max_unary_bytes; <= 0 when unknown) or the
 // 2 GiB protobuf limit on one message.
@@ -89,12 +93,16 @@ class AttentionClient {
   // `wait_ready` for it to connect: UNAVAILABLE naming the target if it does not (a TLS
   // handshake that fails looks the same). A zero `wait_ready` skips the wait (the channel
   // connects on the first call).
+  // `connections` (>= 1) channels of their own to the target: AttendAuto and AttendBackwardAuto
+  // cut a request past kSplitAboveBytes into that many parts by K/V heads
+  // (client/head_split.h) and send them at once, one per connection.
   static absl::StatusOr<std::unique_ptr<AttentionClient>> Connect(
       const std::string& target, absl::Duration wait_ready,
-      const ClientCredentials& credentials = {});
+      const ClientCredentials& credentials = {}, int connections = 1);
 
-  // Over an existing channel.
+  // Over existing channels (one connection each; the first for every call but the parts).
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
+  explicit AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels);
 
   AttentionClient(const AttentionClient&) = delete;
   AttentionClient& operator=(const AttentionClient&) = delete;
@@ -110,7 +118,10 @@ class AttentionClient {
                                                      absl::Duration timeout, int64_t chunk_bytes,
                                                      const ProgressFn& progress = nullptr);
 
-  // AttendStreaming when NeedsStreaming(request, max_unary_bytes), else Attend. The chunks are
+  // AttendStreaming when NeedsStreaming(request, max_unary_bytes), else Attend. Past
+  // kSplitAboveBytes with several connections: parts by K/V heads, one per connection, each
+  // unary or streamed by its own size, joined into one answer (its timings the slowest
+  // part's; `progress` is not called then). The chunks are
   // kept within `max_unary_bytes` too, as that is what the server accepts in one message.
   absl::StatusOr<v1::AttendResponse> AttendAuto(const v1::AttendRequest& request,
                                                 absl::Duration timeout, int64_t max_unary_bytes,
@@ -162,8 +173,21 @@ class AttentionClient {
       const std::string& name, absl::Duration timeout);
 
  private:
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::AttentionService::Stub> stub_;
+  // AttendAuto and AttendBackwardAuto: `request` split over the connections or whole, each
+  // part unary or streamed.
+  template <typename StreamRequest, typename StreamResponse, typename Request, typename Response,
+            typename Stream>
+  absl::StatusOr<Response> Auto(
+      const ComputeRpc& rpc, const char* stream_name,
+      grpc::Status (v1::AttentionService::Stub::*unary)(grpc::ClientContext*, const Request&,
+                                                        Response*),
+      std::unique_ptr<Stream> (v1::AttentionService::Stub::*open)(grpc::ClientContext*),
+      const Request& request, absl::Duration timeout, int64_t max_unary_bytes,
+      int64_t chunk_bytes, const ProgressFn& progress);
+
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
+  std::vector<std::unique_ptr<v1::AttentionService::Stub>> stubs_;
+  v1::AttentionService::Stub* stub_;  // stubs_[0]
 };
 
 // A client connected to a server, and the server's GetInfo.
@@ -172,8 +196,10 @@ struct ConnectedClient {
   v1::InfoResponse info;
 };
 
-// AttentionClient::Connect, then GetInfo, each within `timeout`; the first failure's status.
+// AttentionClient::Connect (with `connections`), then GetInfo, each within `timeout`; the first
+// failure's status.
 absl::StatusOr<ConnectedClient> ConnectAndGetInfo(const std::string& target, absl::Duration timeout,
-                                                  const ClientCredentials& credentials = {});
+                                                  const ClientCredentials& credentials = {},
+                                                  int connections = 1);
 
 }  // namespace ringattn
