@@ -416,7 +416,7 @@ absl::StatusOr<Response> AttentionClient::Auto(
         rpc, stream_name, [&stub, open](grpc::ClientContext* c) { return (stub.*open)(c); }, part,
         timeout, chunk_bytes, report);
   };
-  const int parts = static_cast<int64_t>(request.ByteSizeLong()) > kSplitAboveBytes
+  const int parts = static_cast<int64_t>(request.ByteSizeLong()) > split_above_bytes_
                         ? HeadParts(rpc, request, static_cast<int>(stubs_.size()))
                         : 1;
   if (parts == 1) return WithClientTimes(call0, one(0, request, progress));

@@ -151,6 +151,10 @@ class AttentionClient {
 
   absl::StatusOr<v1::InfoResponse> GetInfo(absl::Duration timeout);
 
+  // The size past which AttendAuto and AttendBackwardAuto cut requests (kSplitAboveBytes), for
+  // tests and tuning.
+  void set_split_above_bytes(int64_t bytes) { split_above_bytes_ = bytes; }
+
   // System shared memory (same-host callers; the service refuses others): registers bytes
   // [offset, offset + byte_size) of the shm_open object `key` under `name`, unique among this
   // caller's regions, for requests to refer to; unregisters one (an empty name: all of this
@@ -188,6 +192,7 @@ class AttentionClient {
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::vector<std::unique_ptr<v1::AttentionService::Stub>> stubs_;
   v1::AttentionService::Stub* stub_;  // stubs_[0]
+  int64_t split_above_bytes_ = kSplitAboveBytes;
 };
 
 // A client connected to a server, and the server's GetInfo.

@@ -24,6 +24,7 @@
 #include "base/error_metrics.h"
 #include "cli/attend_command.h"
 #include "client/attention_client.h"
+#include "client/head_split.h"
 #include "client/npy.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_backward_params.h"
@@ -128,6 +129,46 @@ TEST_P(BackwardWorlds, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(World, BackwardWorlds, ::testing::Values(1, 2, 3));
+
+// A client with several connections cuts a request by K/V heads (client/head_split.h), here
+// past a threshold of 0 bytes: three parts of a GQA request with ALiBi, forward and backward,
+// each joined answer matching the fp64 reference as the whole request's would.
+TEST(HeadSplit, PartsOverConnectionsMatchTheReference) {
+  ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  Service svc(2, "cpu");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  absl::StatusOr<std::unique_ptr<AttentionClient>> client =
+      AttentionClient::Connect(svc.address(), absl::Seconds(10), {}, /*connections=*/3);
+  ASSERT_TRUE(client.ok()) << client.status();
+  (*client)->set_split_above_bytes(0);
+  const Shape shape{2, 211, 6, 3, 64, v1::DTYPE_FP32};
+  v1::AttendRequest fwd = MakeRequest(shape);
+  fwd.mutable_options()->set_causal(true);
+  for (int h = 0; h < shape.heads; ++h) {
+    fwd.mutable_options()->add_alibi_slopes(std::pow(2.0f, -8.0f * (h + 1) / shape.heads));
+  }
+  // Parts: the largest divisor of heads_k within the connections; none with dropout.
+  EXPECT_EQ(HeadParts(AttendRpc(), fwd, 4), 3);
+  EXPECT_EQ(HeadParts(AttendRpc(), fwd, 2), 1);
+  v1::AttendRequest dropped = fwd;
+  dropped.mutable_options()->set_dropout_p(0.1f);
+  EXPECT_EQ(HeadParts(AttendRpc(), dropped, 3), 1);
+  absl::StatusOr<v1::AttendResponse> out = (*client)->AttendAuto(fwd, absl::Seconds(60), 0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  test::ExpectMatchesReference(fwd, *out);  // out and lse, joined along the heads
+  EXPECT_GT(out->timings().client_seconds(), out->timings().total_seconds());
+
+  const v1::AttendBackwardRequest req = MakeBackward(fwd, *out, shape);
+  absl::StatusOr<v1::AttendBackwardResponse> grads =
+      (*client)->AttendBackwardAuto(req, absl::Seconds(60), 0);
+  ASSERT_TRUE(grads.ok()) << grads.status();
+  ASSERT_EQ(grads->dk().shape_size(), 4);
+  EXPECT_EQ(grads->dk().shape(2), shape.heads_k);
+  const GradErrors e = CompareWithReference(req, *grads);
+  EXPECT_TRUE(e.dq.Within(1e-5, 1e30)) << "dq vs fp64: " << e.dq.ToString();
+  EXPECT_TRUE(e.dk.Within(1e-5, 1e30)) << "dk vs fp64: " << e.dk.ToString();
+  EXPECT_TRUE(e.dv.Within(1e-5, 1e30)) << "dv vs fp64: " << e.dv.ToString();
+}
 
 // Bad input is INVALID_ARGUMENT naming the field; the next request succeeds.
 TEST(BackwardErrors, BadInputThenGoodRequest) {
