@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The Python client's round trip beside the C++ client's (`ringattn bench`) on the same request.
 
-For each data path (unary, stream, shm, cuda_shm: --inputs torch-cuda) it runs `ringattn bench --json` and then the same load
+For each data path (auto: each client picks unary or stream by size, over one connection;
+stream; shm; cuda_shm: --inputs torch-cuda) it runs `ringattn bench --json` and then the same load
 from Python: the same shape, dtype, options, layout, request count and concurrency, inputs as
 numpy arrays, torch CPU tensors or torch CUDA tensors. It prints, per path, the latency (p50,
 mean) of each client, the service's mean total, and each client's time outside the service
@@ -51,7 +52,7 @@ def parse_args():
     p.add_argument("--backward", action="store_true", help="AttendBackward instead of Attend")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--paths", default="unary,stream,shm")
+    p.add_argument("--paths", default="auto,stream,shm")
     p.add_argument("--inputs", default="numpy", choices=("numpy", "torch", "torch-cuda"))
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", default=None)
@@ -83,7 +84,7 @@ def cpp_bench(a, target, path):
                f"--causal={'true' if a.causal else 'false'}",
                f"--backward={'true' if a.backward else 'false'}",
                f"--requests={a.requests}", f"--concurrency={a.concurrency}",
-               f"--timeout={a.timeout}", f"--json={f.name}",
+               f"--timeout={a.timeout}", f"--json={f.name}", "--connections=1",
                f"--stream={'true' if path == 'stream' else 'false'}",
                f"--shm={'true' if path == 'shm' else 'false'}",
                f"--cuda_shm={'true' if path == 'cuda_shm' else 'false'}"]
@@ -122,7 +123,8 @@ def python_bench(a, target, path):
     client = ringattn.Client(target, timeout=a.timeout,
                              shared_memory=path in ("shm", "cuda_shm"))
     (q, k, v), dtype = make_inputs(a)
-    opts = dict(causal=a.causal, layout=a.layout, dtype=dtype, path=path)
+    opts = dict(causal=a.causal, layout=a.layout, dtype=dtype,
+                path=None if path == "auto" else path)
     if a.backward:
         fwd = client.attend(q, k, v, return_lse=True, **opts)
         call = lambda: client.attend_backward(q, k, v, fwd.out, fwd.lse, fwd.out, **opts)  # noqa
