@@ -868,8 +868,9 @@ TEST_F(NonFiniteScanTest, ReadsOnlyTheView) {
   t.q.Set(host.head_dim, nan);                                  // after head 0 of row 0
   t.k.Set(host.heads_k * host.k_head_stride, nan);              // after the heads of row 0
   t.v.Set(host.k_batch_stride - 1, nan);                        // the last row's padding
-  t.q.Set(host.q_batch_stride + 149 * host.q_row_stride, nan);  // batch 1, row 149
   EXPECT_EQ(Careful(host, t), 0u) << "padding";
+  t.q.Set(host.q_batch_stride + 149 * host.q_row_stride, nan);  // batch 1, row 149
+  EXPECT_EQ(Careful(host, t), 1u) << "a row of the whole view";
   EXPECT_EQ(Careful(host, t, RowSpan{0, 149}), 0u) << "a row outside the span";
   EXPECT_EQ(Careful(host, t, RowSpan{1, 149}), 1u) << "the same row inside it";
 }

@@ -437,9 +437,9 @@ absl::StatusOr<CudnnBackendOptions> CudnnBackendOptionsFromEnv() {
   CudnnBackendOptions options;
   const char* env = std::getenv(kCudnnDynamicEnv);
   const std::string_view value = env == nullptr ? "" : env;
-  if (value == "0" || value == "false" || value == "off") {
-    options.dynamic_shapes = false;
-  } else if (!(value.empty() || value == "1" || value == "true" || value == "on")) {
+  if (value == "1" || value == "true" || value == "on") {
+    options.dynamic_shapes = true;
+  } else if (!(value.empty() || value == "0" || value == "false" || value == "off")) {
     return absl::InvalidArgumentError(absl::StrCat(kCudnnDynamicEnv, "='", std::string(value),
                                                    "': expected 0, 1, false, true, off or on"));
   }

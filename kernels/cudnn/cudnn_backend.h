@@ -64,12 +64,13 @@ absl::Status CudnnSupports(const AttentionParams& p);
 struct CudnnBackendOptions {
   // true: graphs with dynamic shapes, sharing one compiled kernel per class (cuDNN >= 9.5;
   // older ones, or a class cuDNN refuses, get static graphs, logged once). false: every graph
-  // static, its kernel compiled for its sizes (each new length costs tens of ms).
-  bool dynamic_shapes = true;
+  // static, its kernel compiled for its sizes (each new length costs tens of ms). Off by
+  // default: cuDNN 9.19's SDPA engines refuse dynamic shapes on an H100 (docs/cudnn.md).
+  bool dynamic_shapes = false;
 };
 
 // The options of the registered "cudnn" backend, from the environment: RINGATTN_CUDNN_DYNAMIC
-// "0"/"false"/"off" turns dynamic shapes off; unset, empty, "1"/"true"/"on" leave them on;
+// "1"/"true"/"on" turns dynamic shapes on; unset, empty, "0"/"false"/"off" leave them off;
 // anything else is InvalidArgument naming the variable.
 inline constexpr char kCudnnDynamicEnv[] = "RINGATTN_CUDNN_DYNAMIC";
 absl::StatusOr<CudnnBackendOptions> CudnnBackendOptionsFromEnv();

@@ -41,17 +41,21 @@ inline std::unique_ptr<CudnnBackend> MakeCudnnInMode(GraphMode m) {
   return backend;
 }
 
-// After a mode's calls: in the dynamic modes every graph is accounted for (dynamic, or static
-// after a logged refusal) and kernel classes were shared (fewer than graphs); static builds no
-// class.
+// After a mode's calls: in the dynamic modes graphs were tried dynamic (taken, or static after
+// a logged refusal) and, where cuDNN took dynamic graphs, kernel classes were shared
+// (fewer than graphs); static builds no class.
 inline void ExpectGraphStatsOfMode(GraphMode m, const CudnnBackend& backend) {
   PrintGraphStats(GraphModeName(m).c_str(), backend);
   const CudnnGraphStats s = backend.graph_stats();
   if (m == GraphMode::kStatic || !backend.dynamic_shapes()) {
     EXPECT_EQ(s.dynamic_builds + s.kernel_classes, 0);
   } else {
-    EXPECT_EQ(s.dynamic_builds + s.static_fallbacks, s.builds);
-    EXPECT_LT(s.kernel_classes, s.builds);
+    // A class refused twice without a success builds static from then on, uncounted.
+    EXPECT_LE(s.dynamic_builds + s.static_fallbacks, s.builds);
+    EXPECT_GT(s.dynamic_builds + s.static_fallbacks, 0);
+    // Classes are shared only where cuDNN took dynamic graphs (9.19 on an H100 refuses every
+    // SDPA engine: all static, each logged).
+    if (s.dynamic_builds > 0) EXPECT_LT(s.kernel_classes, s.builds);
   }
 }
 
