@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <string_view>
 #include <utility>
 #include <thread>
@@ -135,19 +136,24 @@ absl::StatusOr<Response> WithClientTimes(absl::Time call0, absl::StatusOr<Respon
 // One streamed call of `rpc`: the request's header, then its inputs in chunks of at most
 // chunk_bytes; then the answer's header and its outputs' chunks, assembled. `open` starts the
 // call on a context.
+// `inputs` are the chunks' sources (empty: the request's tensors); an output named in `sinks`
+// lands there (it must have the sink's bytes) instead of in the answer's tensor.
 template <typename StreamRequest, typename StreamResponse, typename Request, typename Open>
 absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCall(
     const ComputeRpc& rpc, const char* call_name, const Open& open, const Request& request,
-    absl::Duration timeout, int64_t chunk_bytes, const ProgressFn& progress) {
+    absl::Duration timeout, int64_t chunk_bytes, const ProgressFn& progress,
+    std::vector<ChunkCursor::Source> inputs = {},
+    const std::map<std::string, StridedRows>& sinks = {}) {
   if (chunk_bytes <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("chunk_bytes must be > 0, got ", chunk_bytes));
   }
   grpc::ClientContext context;
   SetTimeout(timeout, &context);
   auto stream = open(&context);
-  std::vector<ChunkCursor::Source> inputs;
-  for (const ComputeTensor& in : rpc.inputs) {
-    inputs.push_back({in.which, TensorField(request, in.name).data()});
+  if (inputs.empty()) {
+    for (const ComputeTensor& in : rpc.inputs) {
+      inputs.push_back({in.which, TensorField(request, in.name).data()});
+    }
   }
   ChunkCursor cursor(std::move(inputs), chunk_bytes);
   const int64_t sent_total = cursor.total_bytes();
@@ -182,6 +188,15 @@ absl::StatusOr<typename StreamAssembler<StreamResponse>::Header> RunStreamingCal
       if (expected < 0) {
         return assembler.chunks().Error(absl::StrCat(
             "header: ", out.name, " has an invalid dtype or shape ", DescribeTensor(*t)));
+      }
+      if (auto sink = sinks.find(out.name); sink != sinks.end()) {
+        if (expected != sink->second.bytes()) {
+          return assembler.chunks().Error(absl::StrCat("header: ", out.name, " has ", expected,
+                                                       " bytes, the request implies ",
+                                                       sink->second.bytes()));
+        }
+        RA_RETURN_IF_ERROR(assembler.chunks().ExpectInto(out.which, out.name, *t, sink->second));
+        continue;
       }
       // The bytes this request implies are taken at once (no regrowth as chunks arrive).
       if (expected == ExpectedOutputBytes(out, request)) {
@@ -420,13 +435,36 @@ absl::StatusOr<Response> AttentionClient::Auto(
                         ? HeadParts(rpc, request, static_cast<int>(stubs_.size()))
                         : 1;
   if (parts == 1) return WithClientTimes(call0, one(0, request, progress));
-  RA_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<google::protobuf::Message>> split,
-                      SplitByHeads(rpc, request, parts));
+  // The parts' chunks are cut from the request's tensors and land in the whole answer's
+  // (strided views: no copy of either beside the messages').
+  RA_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<google::protobuf::Message>> headers,
+                      SplitHeaders(rpc, request, parts));
+  std::vector<std::string> outs(rpc.outputs.size());
+  for (size_t i = 0; i < rpc.outputs.size(); ++i) {
+    if (Wants(request, rpc.outputs[i])) {
+      outs[i].resize(static_cast<size_t>(ExpectedOutputBytes(rpc.outputs[i], request)));
+    }
+  }
   std::vector<absl::StatusOr<Response>> answers(parts, absl::UnknownError("not run"));
   std::vector<std::thread> threads;
   for (int p = 0; p < parts; ++p) {
     threads.emplace_back([&, p] {
-      answers[p] = one(static_cast<size_t>(p), static_cast<const Request&>(*split[p]), nullptr);
+      std::vector<ChunkCursor::Source> inputs;
+      for (const ComputeTensor& in : rpc.inputs) {
+        char* base = const_cast<char*>(TensorField(request, in.name).data().data());
+        inputs.push_back({in.which, {}, HeadRows(in, request, base, p, parts)});
+      }
+      std::map<std::string, StridedRows> sinks;
+      for (size_t i = 0; i < rpc.outputs.size(); ++i) {
+        if (outs[i].empty()) continue;
+        sinks.emplace(rpc.outputs[i].name,
+                      HeadRows(rpc.outputs[i], request, outs[i].data(), p, parts));
+      }
+      v1::AttentionService::Stub& stub = *stubs_[static_cast<size_t>(p)];
+      answers[p] = RunStreamingCall<StreamRequest, StreamResponse>(
+          rpc, stream_name, [&stub, open](grpc::ClientContext* c) { return (stub.*open)(c); },
+          static_cast<const Request&>(*headers[p]), timeout, chunk_bytes, nullptr,
+          std::move(inputs), sinks);
     });
   }
   for (std::thread& t : threads) t.join();
@@ -436,7 +474,12 @@ absl::StatusOr<Response> AttentionClient::Auto(
     done.push_back(&*a);
   }
   Response whole;
-  RA_RETURN_IF_ERROR(JoinByHeads(rpc, done, &whole));
+  RA_RETURN_IF_ERROR(JoinHeaders(rpc, done, &whole));
+  for (size_t i = 0; i < rpc.outputs.size(); ++i) {
+    if (!outs[i].empty() && HasTensorField(whole, rpc.outputs[i].name)) {
+      *MutableTensorField(&whole, rpc.outputs[i].name)->mutable_data() = std::move(outs[i]);
+    }
+  }
   return WithClientTimes(call0, absl::StatusOr<Response>(std::move(whole)));
 }
 

@@ -1,10 +1,10 @@
 #include "client/head_split.h"
 
-#include <cstring>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "client/attention_client.h"
 #include "proto/chunk_codec.h"
 #include "ringattn/v1/attention.pb.h"
 
@@ -15,34 +15,6 @@ using google::protobuf::Message;
 
 // The index of the heads dimension in a tensor of `kind`'s shape.
 int HeadsDim(TensorKind kind) { return kind == TensorKind::kLse ? 1 : 2; }
-
-// A tensor viewed as [outer, heads, unit bytes]: heads along HeadsDim, outer the dims before it.
-struct HeadView {
-  int64_t outer = 0;
-  int64_t heads = 0;
-  int64_t unit = 0;  // bytes of one head's part of an outer row
-};
-
-absl::StatusOr<HeadView> ViewOf(const ComputeTensor& t, const v1::Tensor& tensor) {
-  const int dim = HeadsDim(t.kind);
-  const int want_dims = t.kind == TensorKind::kLse ? 3 : 4;
-  if (tensor.shape_size() != want_dims) {
-    return absl::InternalError(absl::StrCat(t.name, " has ", tensor.shape_size(),
-                                            " dimensions, expected ", want_dims));
-  }
-  HeadView v;
-  v.outer = 1;
-  for (int i = 0; i < dim; ++i) v.outer *= tensor.shape(i);
-  v.heads = tensor.shape(dim);
-  const int64_t rows = v.outer * v.heads;
-  const int64_t bytes = static_cast<int64_t>(tensor.data().size());
-  if (rows <= 0 || bytes % rows != 0) {
-    return absl::InternalError(absl::StrCat(t.name, " has ", bytes, " bytes, not a whole number of ",
-                                            rows, " head rows"));
-  }
-  v.unit = bytes / rows;
-  return v;
-}
 
 v1::AttentionOptions* MutableOptions(Message* m) {
   const auto* field = m->GetDescriptor()->FindFieldByName("options");
@@ -78,7 +50,7 @@ int HeadParts(const ComputeRpc& rpc, const Message& request, int wanted) {
   return 1;
 }
 
-absl::StatusOr<std::vector<std::unique_ptr<Message>>> SplitByHeads(const ComputeRpc& rpc,
+absl::StatusOr<std::vector<std::unique_ptr<Message>>> SplitHeaders(const ComputeRpc& rpc,
                                                                     const Message& request,
                                                                     int parts) {
   std::vector<std::unique_ptr<Message>> out;
@@ -94,37 +66,38 @@ absl::StatusOr<std::vector<std::unique_ptr<Message>>> SplitByHeads(const Compute
         options->add_alibi_slopes(OptionsOf(request).alibi_slopes(static_cast<int>(h)));
       }
     }
-    out.push_back(std::move(part));
-  }
-  for (const ComputeTensor& in : rpc.inputs) {
-    if (!HasTensorField(request, in.name)) continue;
-    const v1::Tensor& whole = TensorField(request, in.name);
-    absl::StatusOr<HeadView> v = ViewOf(in, whole);
-    if (!v.ok()) return absl::InvalidArgumentError(v.status().message());
-    if (v->heads % parts != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(in.name, " has ", v->heads, " heads, not a multiple of ", parts));
-    }
-    const int64_t per = v->heads / parts;
-    const int64_t part_row = per * v->unit, whole_row = v->heads * v->unit;
-    for (int p = 0; p < parts; ++p) {
-      v1::Tensor* t = MutableTensorField(out[p].get(), in.name);
-      t->set_dtype(whole.dtype());
-      *t->mutable_shape() = whole.shape();
-      t->set_shape(HeadsDim(in.kind), per);
-      std::string* data = t->mutable_data();
-      data->resize(static_cast<size_t>(v->outer * part_row));
-      const char* src = whole.data().data() + p * part_row;
-      for (int64_t o = 0; o < v->outer; ++o) {
-        std::memcpy(data->data() + o * part_row, src + o * whole_row,
-                    static_cast<size_t>(part_row));
+    for (const ComputeTensor& in : rpc.inputs) {
+      if (!HasTensorField(request, in.name)) continue;
+      const v1::Tensor& whole = TensorField(request, in.name);
+      const int dim = HeadsDim(in.kind);
+      if (whole.shape_size() <= dim || whole.shape(dim) % parts != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            in.name, ": its heads (dimension ", dim, ") do not split into ", parts, " parts"));
       }
+      MutableTensorField(part.get(), in.name)->set_shape(dim, whole.shape(dim) / parts);
     }
+    out.push_back(std::move(part));
   }
   return out;
 }
 
-absl::Status JoinByHeads(const ComputeRpc& rpc, const std::vector<const Message*>& parts,
+StridedRows HeadRows(const ComputeTensor& t, const Message& request, char* base, int part,
+                     int parts) {
+  const v1::Tensor& q = TensorField(request, "q");
+  const v1::Tensor& k = TensorField(request, "k");
+  const int64_t batch = q.shape(0), seq = q.shape(1), head_dim = q.shape(3);
+  const int64_t element = ExpectedTensorBytes(q) / (batch * seq * q.shape(2) * head_dim);
+  int64_t outer = batch * seq, heads = q.shape(2), unit = head_dim * element;
+  if (t.kind == TensorKind::kKv) heads = k.shape(2);
+  if (t.kind == TensorKind::kLse) {
+    outer = batch;
+    unit = seq * static_cast<int64_t>(sizeof(float));
+  }
+  const int64_t per = heads / parts;
+  return StridedRows{base + part * per * unit, outer, per * unit, heads * unit};
+}
+
+absl::Status JoinHeaders(const ComputeRpc& rpc, const std::vector<const Message*>& parts,
                          Message* whole) {
   if (parts.empty()) return absl::InternalError("no parts to join");
   const int n = static_cast<int>(parts.size());
@@ -138,29 +111,17 @@ absl::Status JoinByHeads(const ComputeRpc& rpc, const std::vector<const Message*
   whole->GetReflection()->MutableMessage(whole, timings)->CopyFrom(TimingsOf(*slowest));
   for (const ComputeTensor& out : rpc.outputs) {
     if (!HasTensorField(*parts[0], out.name)) continue;
-    const v1::Tensor& first = TensorField(*parts[0], out.name);
-    absl::StatusOr<HeadView> v = ViewOf(out, first);
-    if (!v.ok()) return v.status();
-    const int64_t part_row = v->heads * v->unit, whole_row = n * part_row;
-    v1::Tensor* t = MutableTensorField(whole, out.name);
-    t->set_shape(HeadsDim(out.kind), v->heads * n);
-    std::string* data = t->mutable_data();
-    data->resize(static_cast<size_t>(v->outer * whole_row));
-    for (int p = 0; p < n; ++p) {
+    for (int p = 1; p < n; ++p) {
       if (!HasTensorField(*parts[p], out.name)) {
         return absl::InternalError(absl::StrCat("part ", p, " of the answer has no ", out.name));
       }
-      const v1::Tensor& part = TensorField(*parts[p], out.name);
-      if (part.data().size() != first.data().size() || part.shape_size() != first.shape_size()) {
-        return absl::InternalError(absl::StrCat("part ", p, "'s ", out.name, " has ",
-                                                part.data().size(), " bytes, part 0's ",
-                                                first.data().size()));
-      }
-      for (int64_t o = 0; o < v->outer; ++o) {
-        std::memcpy(data->data() + o * whole_row + p * part_row,
-                    part.data().data() + o * part_row, static_cast<size_t>(part_row));
-      }
     }
+    v1::Tensor* t = MutableTensorField(whole, out.name);
+    const int dim = HeadsDim(out.kind);
+    if (t->shape_size() <= dim) {
+      return absl::InternalError(absl::StrCat(out.name, " of part 0 has no heads dimension"));
+    }
+    t->set_shape(dim, t->shape(dim) * n);
   }
   return absl::OkStatus();
 }

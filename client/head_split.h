@@ -7,11 +7,13 @@
 // lse [b, h, s].
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "google/protobuf/message.h"
+#include "proto/chunk_codec.h"
 #include "proto/compute_rpcs.h"
 
 namespace ringattn {
@@ -21,15 +23,22 @@ namespace ringattn {
 // or dropout is on (its mask depends on the head's index).
 int HeadParts(const ComputeRpc& rpc, const google::protobuf::Message& request, int wanted);
 
-// The `parts` requests (HeadParts(...) == parts), each a new message of request's type.
-absl::StatusOr<std::vector<std::unique_ptr<google::protobuf::Message>>> SplitByHeads(
+// The headers of the `parts` requests (HeadParts(...) == parts), each a new message of
+// request's type: its tensors' dtypes and shapes (heads cut), no data.
+absl::StatusOr<std::vector<std::unique_ptr<google::protobuf::Message>>> SplitHeaders(
     const ComputeRpc& rpc, const google::protobuf::Message& request, int parts);
 
-// The answers of SplitByHeads' parts, in order, as one answer into `whole` (of their type): every
-// output the parts carry, joined along the heads; the other fields from part 0, the timings
-// from the part whose server total was longest. INTERNAL when a part's output is missing or
-// has another size than its shape says.
-absl::Status JoinByHeads(const ComputeRpc& rpc,
+// Part `part`'s rows of the whole tensor `t` of `request` whose bytes start at `base`: the
+// tensor's heads [part * heads / parts, ...) of every outer row, as its request (or answer)
+// has them. The shapes come from request's q and k (kLse: q's batch, heads and sequence).
+StridedRows HeadRows(const ComputeTensor& t, const google::protobuf::Message& request, char* base,
+                     int part, int parts);
+
+// The answers' headers of the parts, in order, as one answer into `whole` (of their type): each
+// output the parts carry with its heads joined (no data: the caller's), the other fields from
+// part 0, the timings from the part whose server total was longest. INTERNAL when a part lacks
+// an output part 0 has.
+absl::Status JoinHeaders(const ComputeRpc& rpc,
                          const std::vector<const google::protobuf::Message*>& parts,
                          google::protobuf::Message* whole);
 

@@ -33,15 +33,42 @@ absl::Status ChunkAssembler::Expect(v1::TensorChunk::Which which, std::string_vi
   // Memory follows the data: a header alone cannot make the server hold what it declares
   // (up to max_request_bytes); past the first 64 MiB the buffer grows as chunks arrive.
   tensor->mutable_data()->reserve(static_cast<size_t>(std::min<int64_t>(bytes, kUpfrontBytes)));
-  parts_.push_back({which, std::string(name), tensor->mutable_data(), nullptr, bytes});
+  parts_.push_back({which, std::string(name), tensor->mutable_data(), {}, bytes});
   return absl::OkStatus();
 }
 
 absl::Status ChunkAssembler::ExpectInto(v1::TensorChunk::Which which, std::string_view name,
                                         const v1::Tensor& tensor, char* dst, int64_t bytes) {
+  return ExpectInto(which, name, tensor, StridedRows{dst, 1, bytes, bytes});
+}
+
+absl::Status ChunkAssembler::ExpectInto(v1::TensorChunk::Which which, std::string_view name,
+                                        const v1::Tensor& tensor, const StridedRows& dst) {
   RA_RETURN_IF_ERROR(CheckNoData(name, tensor));
-  parts_.push_back({which, std::string(name), nullptr, dst, bytes});
+  parts_.push_back({which, std::string(name), nullptr, dst, dst.bytes()});
   return absl::OkStatus();
+}
+
+void StridedRows::Gather(int64_t offset, int64_t n, char* out) const {
+  while (n > 0) {
+    const int64_t r = offset / row_bytes, in_row = offset % row_bytes;
+    const int64_t take = std::min(n, row_bytes - in_row);
+    std::memcpy(out, base + r * stride + in_row, static_cast<size_t>(take));
+    out += take;
+    offset += take;
+    n -= take;
+  }
+}
+
+void StridedRows::Scatter(int64_t offset, int64_t n, const char* in) const {
+  while (n > 0) {
+    const int64_t r = offset / row_bytes, in_row = offset % row_bytes;
+    const int64_t take = std::min(n, row_bytes - in_row);
+    std::memcpy(base + r * stride + in_row, in, static_cast<size_t>(take));
+    in += take;
+    offset += take;
+    n -= take;
+  }
 }
 
 absl::Status ChunkAssembler::AddChunk(const v1::TensorChunk& chunk) {
@@ -67,7 +94,7 @@ absl::Status ChunkAssembler::AddChunk(const v1::TensorChunk& chunk) {
   if (part->data != nullptr) {
     part->data->append(chunk.data());
   } else if (n > 0) {
-    std::memcpy(part->dst + have, chunk.data().data(), static_cast<size_t>(n));
+    part->dst.Scatter(have, n, chunk.data().data());
   }
   part->have += n;
   received_ += n;
@@ -94,24 +121,34 @@ ChunkCursor::ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes)
     : tensors_(std::move(tensors)), chunk_bytes_(std::max<int64_t>(1, chunk_bytes)) {}
 
 bool ChunkCursor::Next(v1::TensorChunk* chunk) {
-  while (tensor_ < tensors_.size() &&
-         offset_ >= static_cast<int64_t>(tensors_[tensor_].data.size())) {
+  auto size = [](const Source& t) {
+    return t.strided.rows > 0 ? t.strided.bytes() : static_cast<int64_t>(t.data.size());
+  };
+  while (tensor_ < tensors_.size() && offset_ >= size(tensors_[tensor_])) {
     ++tensor_;
     offset_ = 0;
   }
   if (tensor_ == tensors_.size()) return false;
   const Source& t = tensors_[tensor_];
-  const int64_t n = std::min(chunk_bytes_, static_cast<int64_t>(t.data.size()) - offset_);
+  const int64_t n = std::min(chunk_bytes_, size(t) - offset_);
   chunk->set_tensor(t.which);
   chunk->set_offset(offset_);
-  chunk->set_data(t.data.data() + offset_, static_cast<size_t>(n));
+  if (t.strided.rows > 0) {
+    std::string* data = chunk->mutable_data();
+    data->resize(static_cast<size_t>(n));
+    t.strided.Gather(offset_, n, data->data());
+  } else {
+    chunk->set_data(t.data.data() + offset_, static_cast<size_t>(n));
+  }
   offset_ += n;
   return true;
 }
 
 int64_t ChunkCursor::total_bytes() const {
   int64_t sum = 0;
-  for (const Source& t : tensors_) sum += static_cast<int64_t>(t.data.size());
+  for (const Source& t : tensors_) {
+    sum += t.strided.rows > 0 ? t.strided.bytes() : static_cast<int64_t>(t.data.size());
+  }
   return sum;
 }
 

@@ -25,6 +25,21 @@
 
 namespace ringattn {
 
+// A tensor's bytes as `rows` rows of `row_bytes`, row r at base + r * stride (stride >=
+// row_bytes): e.g. some heads of every (batch, position) row of a larger tensor. Its bytes are
+// rows * row_bytes, in row order.
+struct StridedRows {
+  char* base = nullptr;
+  int64_t rows = 0;
+  int64_t row_bytes = 0;
+  int64_t stride = 0;
+
+  int64_t bytes() const { return rows * row_bytes; }
+  // Copies bytes [offset, offset + n) of the view to `out` (Gather) or from `in` (Scatter).
+  void Gather(int64_t offset, int64_t n, char* out) const;
+  void Scatter(int64_t offset, int64_t n, const char* in) const;
+};
+
 // Assembles the chunks that follow a header into the tensors it announced.
 class ChunkAssembler {
  public:
@@ -35,10 +50,12 @@ class ChunkAssembler {
   // tensor->data(). A header whose tensor already carries data is a breach.
   absl::Status Expect(v1::TensorChunk::Which which, std::string_view name, v1::Tensor* tensor,
                       int64_t bytes);
-  // The same, the chunks landing in [dst, dst + bytes) instead (memory the caller owns, which
-  // must outlive the assembler); `tensor` gets no data.
+  // The same, the chunks landing in `dst` instead (memory the caller owns, which must outlive
+  // the assembler); `tensor` gets no data.
   absl::Status ExpectInto(v1::TensorChunk::Which which, std::string_view name,
                           const v1::Tensor& tensor, char* dst, int64_t bytes);
+  absl::Status ExpectInto(v1::TensorChunk::Which which, std::string_view name,
+                          const v1::Tensor& tensor, const StridedRows& dst);
   // Appends one chunk to its tensor.
   absl::Status AddChunk(const v1::TensorChunk& chunk);
   // OK when every announced tensor has all its bytes.
@@ -52,8 +69,8 @@ class ChunkAssembler {
   struct Part {
     v1::TensorChunk::Which which;
     std::string name;
-    std::string* data;  // appended to; null: written at dst
-    char* dst;
+    std::string* data;  // appended to; null: written into dst
+    StridedRows dst;
     int64_t bytes;
     int64_t have = 0;
   };
@@ -115,6 +132,8 @@ class ChunkCursor {
   struct Source {
     v1::TensorChunk::Which which;
     std::string_view data;
+    // When rows > 0, the tensor is this view instead of `data` (base const in fact).
+    StridedRows strided = {};
   };
   ChunkCursor(std::vector<Source> tensors, int64_t chunk_bytes);
 

@@ -123,6 +123,32 @@ TEST(ChunkCodecTest, ExpectIntoLandsChunksInCallersMemory) {
   EXPECT_THAT(std::string(b.Finish().message()), HasSubstr("incomplete: q has 7 of the 10 bytes"));
 }
 
+// A strided view (some bytes of every row) goes out as contiguous chunks of any size and lands
+// in another strided view, touching nothing between its rows.
+TEST(ChunkCodecTest, StridedRowsGoOutAndLandInPlace) {
+  std::string whole = "abcdefghijklmnopqrstuvwx";  // 4 rows of 6; the view: bytes 2-4 of each
+  const StridedRows from{whole.data() + 2, 4, 3, 6};
+  for (int64_t chunk_bytes : {1, 2, 5, 100}) {
+    SCOPED_TRACE(chunk_bytes);
+    ChunkCursor cursor({{Which::WHICH_Q, {}, from}}, chunk_bytes);
+    EXPECT_EQ(cursor.total_bytes(), 12);
+    std::string landing(20, '.');  // 4 rows of 5; lands at bytes 1-3 of each
+    StreamAssembler<v1::AttendStreamRequest> a("AttendStream request",
+                                               absl::StatusCode::kInvalidArgument);
+    v1::AttendStreamRequest header = Header();
+    ASSERT_TRUE(a.Add(&header, [&](v1::AttendRequest* h) {
+                   return a.chunks().ExpectInto(Which::WHICH_Q, "q", h->q(),
+                                                StridedRows{landing.data() + 1, 4, 3, 5});
+                 }).ok());
+    v1::AttendStreamRequest m;
+    while (cursor.Next(m.mutable_chunk())) {
+      ASSERT_TRUE(a.Add(&m, [](v1::AttendRequest*) { return absl::OkStatus(); }).ok());
+    }
+    ASSERT_TRUE(a.Finish().ok()) << a.Finish();
+    EXPECT_EQ(landing, ".cde..ijk..opq..uvw.");
+  }
+}
+
 TEST(ChunkCodecTest, BreachesNameTheTensorAndOffset) {
   v1::AttendStreamRequest with_data = Header();
   with_data.mutable_header()->mutable_k()->set_data("zz");
