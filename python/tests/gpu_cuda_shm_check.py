@@ -30,8 +30,7 @@ class CudaSharedMemoryTest(unittest.TestCase):
         for seq, fmt in ((7, "bshd"), (3816, "bhsd")):
             with self.subTest(seq=seq, fmt=fmt):
                 q, k, v = support.inputs(11, 1, seq, 5, 1, 128, "bf16")
-                dev = [support.to_bshd(support.as_torch(x, "bf16"), "bshd").cuda()
-                       for x in (q, k, v)]
+                dev = [support.as_torch(x, "bf16").cuda() for x in (q, k, v)]  # [b, s, h, d]
                 if fmt == "bhsd":
                     dev = [t.transpose(1, 2) for t in dev]
                 r = client.attend(*dev, causal=True, return_lse=True, qkv_format=fmt)
