@@ -7,7 +7,8 @@
 # Usage (GPU machine, bundle from scripts/gpu_bundle.sh ringattn):
 #   scripts/gpu_data_path.sh .devbin $OUT
 # SHAPE overrides the problem flags (default: the 32k shape); SERVE_ARGS adds serve
-# flags (e.g. --pipeline_depth=1); ROWS picks runs by name (default all).
+# flags (e.g. --pipeline_depth=1); BENCH_ARGS adds bench flags to every row (e.g.
+# --connections=8); ROWS picks runs by name (default all).
 set -uo pipefail
 BIN=${1:-.devbin}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_data_path}}
@@ -33,7 +34,7 @@ run() {  # $1 name, rest: bench flags
   local name=$1; shift
   [[ " $ROWS " == *" $name "* ]] || return 0
   # shellcheck disable=SC2086
-  "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" "$@" \
+  "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" ${BENCH_ARGS:-} "$@" \
     >"$OUT_DIR/$name.txt" 2>&1 || echo "$name: bench failed (see $name.txt)"
 }
 run bytes --concurrency=1 --requests="$N"
