@@ -30,6 +30,8 @@ _jitter = random.Random()  # its own: never draws from the caller's random state
 _CHUNK_BYTES = 4 << 20
 # Requests above this stream even within the unary limit (client/attention_client.h).
 _STREAM_ABOVE_BYTES = 32 << 20
+# Requests above this go in parts by K/V heads over the client's connections.
+_SPLIT_ABOVE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Client:
     with every call; options: extra channel arguments."""
 
     def __init__(self, target="127.0.0.1:50051", *, timeout=600.0, retry=RetryPolicy(),
-                 shared_memory="auto", credentials=None, metadata=(), options=()):
+                 shared_memory="auto", credentials=None, metadata=(), options=(), connections=4):
         if shared_memory not in ("auto", True, False):
             raise ValueError(f"shared_memory must be 'auto', True or False, got {shared_memory!r}")
         self.target = target
@@ -136,10 +138,15 @@ class Client:
         self._metadata = tuple(metadata)
         args = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         args += list(options)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=args)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=args)
+        def open_channel(i):
+            own = args + [("ringattn.connection", i)]  # a connection of its own
+            if credentials is None:
+                return grpc.insecure_channel(target, options=own)
+            return grpc.secure_channel(target, credentials, options=own)
+
+        self._channel = open_channel(0)
+        # Requests past _SPLIT_ABOVE_BYTES go in parts by K/V heads, one per connection.
+        self._extra_channels = [open_channel(i) for i in range(1, max(1, int(connections)))]
         ch = self._channel
         unary = {}
         for rpc, req, resp in (("Attend", _proto.AttendRequest, _proto.AttendResponse),
@@ -168,6 +175,9 @@ class Client:
                            for r in (_ATTEND, _BACKWARD)}
         self._streams = {r.name: ch.stream_stream(_proto.method_path(r.name + "Stream"))
                          for r in (_ATTEND, _BACKWARD)}
+        self._part_streams = [self._streams] + [
+            {r.name: c.stream_stream(_proto.method_path(r.name + "Stream"))
+             for r in (_ATTEND, _BACKWARD)} for c in self._extra_channels]
         self._info = None
         self._info_lock = threading.Lock()
         want_shm = shared_memory is True or (shared_memory == "auto" and is_loopback_target(target))
@@ -192,6 +202,8 @@ class Client:
         _live_clients.discard(self)
         self._shm_pool.close()
         self._channel.close()
+        for c in self._extra_channels:
+            c.close()
 
     def __enter__(self):
         return self
@@ -380,6 +392,10 @@ class Client:
             path = "stream" if past else "unary"
         if path == "stream":
             chunk = min(_CHUNK_BYTES, limit) if limit > 0 else _CHUNK_BYTES
+            nbytes = sum(op.nbytes for op in ops.values())
+            parts = _head_parts(header, ops, len(self._part_streams))
+            if parts > 1 and nbytes > _SPLIT_ABOVE_BYTES:
+                return self._via_parts(rpc, header, ops, outputs, like, deadline, chunk, parts)
             return self._via_stream(rpc, header, ops, outputs, like, deadline, chunk)
         return self._via_unary(rpc, header, ops, outputs, like, deadline)
 
@@ -534,6 +550,19 @@ class Client:
         t0 = time.perf_counter()
         data = [(name, ops[name].wire_view()) for name in rpc.inputs]
         t1 = time.perf_counter()
+        response, buffers, attempts = self._stream_call(rpc, header, data, outputs, deadline,
+                                                        chunk_bytes, self._streams)
+        t2 = time.perf_counter()
+        tensors = {}
+        for name, wire, shape in outputs:
+            src = np.frombuffer(buffers[name], dtype=np.uint8)
+            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+        t3 = time.perf_counter()
+        return _Done(tensors, response, "stream", t1 - t0, t2 - t1, t3 - t2, attempts)
+
+    def _stream_call(self, rpc, header, data, outputs, deadline, chunk_bytes, streams):
+        """One streamed call: `data` [(name, bytes-like)] in chunks after `header`; the answer's
+        header, its outputs' bytes by name and the attempts."""
         first = rpc.stream_request(header=header).SerializeToString()
         chunk_field = _wire.field_number(rpc.stream_request, "chunk")
 
@@ -546,7 +575,7 @@ class Client:
                     yield _wire.encode_chunk(chunk_field, which, at, view[at:at + chunk_bytes])
 
         def attempt(remaining):
-            call = self._streams[rpc.name](requests(), timeout=remaining, metadata=self._metadata)
+            call = streams[rpc.name](requests(), timeout=remaining, metadata=self._metadata)
             try:
                 return _assemble(rpc, call, outputs)
             except RingAttnError:
@@ -555,13 +584,104 @@ class Client:
 
         (response, buffers), attempts = self._call_with_retry(rpc.name + "Stream", deadline,
                                                               attempt)
+        return response, buffers, attempts
+
+    def _via_parts(self, rpc, header, ops, outputs, like, deadline, chunk_bytes, parts):
+        """The call cut by K/V heads into `parts` streamed calls at once, one per connection
+        (attention is independent per head; the C++ client's client/head_split.h)."""
+        t0 = time.perf_counter()
+        whole = {name: _heads_view(name, np.frombuffer(ops[name].wire_view(), np.uint8), header)
+                 for name in rpc.inputs}
+        results = [None] * parts
+
+        def run(p):
+            try:
+                part = _part_header(rpc, header, p, parts)
+                data = [(name, np.ascontiguousarray(_part_of(whole[name], p, parts)).reshape(-1))
+                        for name in rpc.inputs]
+                outs = [(name, wire, _part_shape(name, shape, parts))
+                        for name, wire, shape in outputs]
+                results[p] = self._stream_call(rpc, part, data, outs, deadline, chunk_bytes,
+                                               self._part_streams[p])
+            except BaseException as e:  # re-raised on the caller's thread
+                results[p] = e
+
+        t1 = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(p,)) for p in range(parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         t2 = time.perf_counter()
         tensors = {}
         for name, wire, shape in outputs:
-            src = np.frombuffer(buffers[name], dtype=np.uint8)
+            joined = _heads_view(name, np.empty(_nbytes(wire, shape), np.uint8), header)
+            for p in range(parts):
+                _part_of(joined, p, parts)[...] = _heads_view(
+                    name, np.frombuffer(results[p][1][name], np.uint8), header, parts)
+            src = joined.reshape(-1)
             tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+        slowest = max((r[0] for r in results), key=lambda r: r.timings.total_seconds)
         t3 = time.perf_counter()
-        return _Done(tensors, response, "stream", t1 - t0, t2 - t1, t3 - t2, attempts)
+        return _Done(tensors, slowest, "stream", t1 - t0, t2 - t1, t3 - t2,
+                     max(r[2] for r in results))
+
+
+_Q_LIKE = ("q", "out", "dout", "dq")
+_K_LIKE = ("k", "v", "dk", "dv")
+
+
+def _head_parts(header, ops, wanted):
+    """How many parts by K/V heads a request goes in (<= wanted): the largest divisor of heads_k;
+    1 with dropout (its mask depends on the head's index) or without the shapes."""
+    if wanted <= 1 or header.options.dropout_p != 0:
+        return 1
+    q, k = header.q.shape, header.k.shape
+    if len(q) != 4 or len(k) != 4 or k[2] <= 0 or q[2] % k[2] != 0:
+        return 1
+    return max(p for p in range(1, wanted + 1) if k[2] % p == 0)
+
+
+def _heads_view(name, flat, header, parts=1):
+    """`flat` (uint8) as [outer, heads, unit bytes] for tensor `name` of the request `header`
+    (q-like [b, s, h, d], k-like [b, s, hk, d], lse [b, h, s] fp32), with heads / parts."""
+    b, s, h, d = header.q.shape
+    heads = header.k.shape[2] if name in _K_LIKE else h
+    if name == "lse":
+        return flat.reshape(b, heads // parts, s * 4)
+    return flat.reshape(b * s, heads // parts, -1)
+
+
+def _part_of(view, p, parts):
+    per = view.shape[1] // parts
+    return view[:, p * per:(p + 1) * per, :]
+
+
+def _part_shape(name, shape, parts):
+    shape = list(shape)
+    shape[1 if name == "lse" else 2] //= parts
+    return tuple(shape)
+
+
+def _part_header(rpc, header, p, parts):
+    part = rpc.request()
+    part.CopyFrom(header)
+    heads = header.q.shape[2]
+    if len(header.options.alibi_slopes) == heads:
+        per = heads // parts
+        del part.options.alibi_slopes[:]
+        part.options.alibi_slopes.extend(header.options.alibi_slopes[p * per:(p + 1) * per])
+    for name in rpc.inputs:
+        t = getattr(part, name)
+        t.shape[:] = _part_shape(name, tuple(t.shape), parts)
+    return part
+
+
+def _nbytes(wire, shape):
+    return _tensors.wire_itemsize(wire) * int(np.prod(shape))
 
 
 class _Done:

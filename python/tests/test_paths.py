@@ -50,6 +50,36 @@ class StreamingTest(support.ClientTest):
             self.client.attend(q, k, v, path="unary")
         self.assertEqual(e.exception.code.name, "RESOURCE_EXHAUSTED")
 
+    def test_parts_by_heads_over_connections(self):
+        # Past the split size (lowered here to 0) a streamed request goes as parts by K/V heads,
+        # one per connection: 3 parts of a GQA request with ALiBi, both layouts, forward and
+        # backward, joined into the answers the whole request has.
+        from ringattn import client as client_module
+        saved = client_module._SPLIT_ABOVE_BYTES
+        client_module._SPLIT_ABOVE_BYTES = 0
+        c = ringattn.Client(SERVERS.small.target, shared_memory=False, connections=3)
+        try:
+            q, k, v = support.inputs(25, 2, 211, 6, 3, 64, "fp32")
+            dout = support.inputs(26, 2, 211, 6, 3, 64, "fp32", n=1)[0]
+            slopes = [2.0 ** (-8.0 * (i + 1) / 6) for i in range(6)]
+            want = reference(q, k, v, causal=True, alibi=slopes, dout=dout)
+            for fmt in ("bshd", "bhsd"):
+                with self.subTest(fmt=fmt):
+                    t = (lambda x: x.transpose(0, 2, 1, 3)) if fmt == "bhsd" else (lambda x: x)
+                    r = c.attend(t(q), t(k), t(v), causal=True, alibi_slopes=slopes,
+                                 return_lse=True, qkv_format=fmt, path="stream")
+                    self.assertLessEqual(rel_l2(support.to_bshd(r.out, fmt), want[0]),
+                                         TOLERANCE["fp32"][0])
+                    self.assertLessEqual(rel_l2(r.lse, want[1]), 1e-5)
+                    g = c.attend_backward(t(q), t(k), t(v), r.out, r.lse, t(dout), causal=True,
+                                          alibi_slopes=slopes, qkv_format=fmt, path="stream")
+                    for got, w in ((g.dq, want[2]), (g.dk, want[3]), (g.dv, want[4])):
+                        self.assertLessEqual(rel_l2(support.to_bshd(got, fmt), w),
+                                             TOLERANCE["fp32"][1])
+        finally:
+            client_module._SPLIT_ABOVE_BYTES = saved
+            c.close()
+
     def test_response_in_several_chunks(self):
         # out of 1 x 3816 x 5 x 64 fp32 is 4.9 MB: two of the service's 4 MiB response chunks.
         q, k, v = support.inputs(24, 1, 3816, 5, 1, 64, "fp32")
