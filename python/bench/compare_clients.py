@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python client's round trip beside the C++ client's (`ringattn bench`) on the same request.
 
-For each data path (auto: each client picks unary or stream by size, over one connection;
+For each data path (auto: each client picks unary or stream by size, over --connections;
 stream; shm; cuda_shm: --inputs torch-cuda) it runs `ringattn bench --json` and then the same load
 from Python: the same shape, dtype, options, layout, request count and concurrency, inputs as
 numpy arrays, torch CPU tensors or torch CUDA tensors. It prints, per path, the latency (p50,
@@ -53,6 +53,8 @@ def parse_args():
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--paths", default="auto,stream,shm")
+    p.add_argument("--connections", type=int, default=1,
+                   help="both clients' connections (requests past 64 MiB go in parts by heads)")
     p.add_argument("--inputs", default="numpy", choices=("numpy", "torch", "torch-cuda"))
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", default=None)
@@ -84,7 +86,7 @@ def cpp_bench(a, target, path):
                f"--causal={'true' if a.causal else 'false'}",
                f"--backward={'true' if a.backward else 'false'}",
                f"--requests={a.requests}", f"--concurrency={a.concurrency}",
-               f"--timeout={a.timeout}", f"--json={f.name}", "--connections=1",
+               f"--timeout={a.timeout}", f"--json={f.name}", f"--connections={a.connections}",
                f"--stream={'true' if path == 'stream' else 'false'}",
                f"--shm={'true' if path == 'shm' else 'false'}",
                f"--cuda_shm={'true' if path == 'cuda_shm' else 'false'}"]
@@ -120,7 +122,7 @@ def make_inputs(a):
 
 
 def python_bench(a, target, path):
-    client = ringattn.Client(target, timeout=a.timeout,
+    client = ringattn.Client(target, timeout=a.timeout, connections=a.connections,
                              shared_memory=path in ("shm", "cuda_shm"))
     (q, k, v), dtype = make_inputs(a)
     opts = dict(causal=a.causal, layout=a.layout, dtype=dtype,
