@@ -9,7 +9,9 @@
 #include <optional>
 
 #include <cstddef>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -403,7 +405,14 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
 #if RINGATTN_HAVE_CUDNN
   // cuDNN compiles a kernel per class of graph; compiled now, a request's first length costs a
   // graph build on the compiled kernel instead (docs/cudnn.md). A failure costs only speed.
+  // Background builds: a new length's first calls run our kernel while its graph builds.
   if (CudnnBackend* cudnn = AsCudnnBackend(backend.get()); cudnn != nullptr) {
+    const char* bg_env = std::getenv(kCudnnBackgroundEnv);
+    const bool background = bg_env == nullptr || std::string_view(bg_env) != "0";
+    cudnn->set_background_builds(background);
+    if (CudnnBackend* b = AsCudnnBackend(backward.get()); b != nullptr) {
+      b->set_background_builds(background);
+    }
     const absl::Time t0 = absl::Now();
     absl::Status s = cudnn->Prewarm({});
     if (CudnnBackend* b = AsCudnnBackend(backward.get()); s.ok() && b != nullptr) {
@@ -411,7 +420,8 @@ absl::StatusOr<std::unique_ptr<RingEngine>> MakeDeviceRingEngine(
     }
     Log(s.ok() ? LogLevel::kInfo : LogLevel::kWarning, "worker", "cudnn prewarm",
         {{"ms", absl::ToDoubleMilliseconds(absl::Now() - t0)},
-         {"status", s.ok() ? std::string("ok") : s.ToString()}});
+         {"status", s.ok() ? std::string("ok") : s.ToString()},
+         {"background_builds", background}});
   }
 #endif
   return std::unique_ptr<RingEngine>(std::make_unique<DeviceRingEngine>(

@@ -22,6 +22,7 @@
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
+#include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/non_finite_guard.h"
 #include "kernels/cudnn/cudnn_backward.h"
 #include "kernels/cudnn/cudnn_context.h"
@@ -311,6 +312,12 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
     // Scratch O: packed [b, s, h, d] (rows of the epilogue's warps contiguous).
     const int64_t scratch_stride[3] = {sq * h * d, d, h * d};
     for (int i = 0; i < 3; ++i) key.o_stride[i] = in_place ? o_strides[i] : scratch_stride[i];
+    // A graph not built yet: our kernel computes the whole call (behind the same guard word)
+    // while the graph is built in the background.
+    if (c.MayBuildInBackground(key) && CheckFlashForwardSupport(p).ok() &&
+        c.RequestBackgroundBuild(key)) {
+      return FlashForward(p, stream, careful);
+    }
     RA_ASSIGN_OR_RETURN(const SdpaGraph* graph, c.graphs().GetOrBuild(c.handle(), key));
 
     // Workspace: [cuDNN's][stats][scratch O][seq_len_q, seq_len_kv].
@@ -365,7 +372,9 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
 class CudnnBackendImpl final : public CudnnBackend {
  public:
   explicit CudnnBackendImpl(const CudnnBackendOptions& options)
-      : context_(options.dynamic_shapes) {}
+      : context_(options.dynamic_shapes) {
+    context_.set_background_builds(options.background_builds);
+  }
 
   std::string_view name() const override { return kCudnnName; }
   BackendCapabilities capabilities() const override {
@@ -382,7 +391,8 @@ class CudnnBackendImpl final : public CudnnBackend {
     return {.builds = s.builds,
             .dynamic_builds = s.dynamic_builds,
             .static_fallbacks = s.static_fallbacks,
-            .kernel_classes = s.kernel_classes};
+            .kernel_classes = s.kernel_classes,
+            .own_kernel_calls = context_.own_kernel_calls()};
   }
   bool dynamic_shapes() const override {
     std::lock_guard<std::mutex> lock(context_.mutex());
@@ -404,6 +414,11 @@ class CudnnBackendImpl final : public CudnnBackend {
     }
     return first_error;
   }
+  void set_background_builds(bool on) override {
+    std::lock_guard<std::mutex> lock(context_.mutex());
+    context_.set_background_builds(on);
+  }
+  absl::Status WaitForGraphs() override { return context_.WaitForBackgroundBuilds(); }
 
  protected:
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {

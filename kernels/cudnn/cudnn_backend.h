@@ -11,6 +11,9 @@
 // by default) it reuses the kernel compiled for an earlier graph of its class (direction,
 // dtype, head_dim, mask kind, ...; sdpa_graph_cache.h) instead of compiling one (tens of ms);
 // Prewarm compiles common classes ahead of the first call.
+// With background builds (CudnnBackendOptions, off by default; the worker's are on), the first
+// calls of a shape whose static graph is not built yet run our own kernel instead while the
+// graph builds on a thread of the backend.
 #pragma once
 
 #include <cstdint>
@@ -67,6 +70,11 @@ struct CudnnBackendOptions {
   // static, its kernel compiled for its sizes (each new length costs tens of ms). Off by
   // default: cuDNN 9.19's SDPA engines refuse dynamic shapes on an H100 (docs/cudnn.md).
   bool dynamic_shapes = false;
+  // true (static graphs only): a call whose graph is not built yet runs our own kernel
+  // (kernels/cuda flash forward/backward, when it supports the call) while a thread of the
+  // backend builds the graph; later calls of that shape run cuDNN. Off by default (the cudnn
+  // tests test cuDNN itself); the worker turns it on (docs/cudnn.md, "Background builds").
+  bool background_builds = false;
 };
 
 // The options of the registered "cudnn" backend, from the environment: RINGATTN_CUDNN_DYNAMIC
@@ -74,6 +82,9 @@ struct CudnnBackendOptions {
 // anything else is InvalidArgument naming the variable.
 inline constexpr char kCudnnDynamicEnv[] = "RINGATTN_CUDNN_DYNAMIC";
 absl::StatusOr<CudnnBackendOptions> CudnnBackendOptionsFromEnv();
+
+// The worker turns background builds on for its cudnn backends unless this variable is "0".
+inline constexpr char kCudnnBackgroundEnv[] = "RINGATTN_CUDNN_BACKGROUND";
 
 // The kernel classes Prewarm compiles: every dtype x head_dim, unmasked and causal, for
 // contiguous [b, s, h, d] tensors (the layout of the ring's shards), forward and/or backward
@@ -91,6 +102,7 @@ struct CudnnGraphStats {
   int64_t dynamic_builds = 0;    // of them, with dynamic shapes and a class kernel cache
   int64_t static_fallbacks = 0;  // of them, static because cuDNN refused the dynamic graph
   int64_t kernel_classes = 0;    // classes met with dynamic shapes (one kernel cache each)
+  int64_t own_kernel_calls = 0;  // calls served by our kernel while their graph was built
 };
 
 // The backend. Forward validates (CudnnSupports), then enqueues on the call's stream and returns
@@ -111,6 +123,11 @@ class CudnnBackend : public CudaBackend {
   // and nothing built without dynamic shapes (a static graph serves one length only). A class
   // cuDNN cannot build is skipped; the first such error is returned after the others are built.
   virtual absl::Status Prewarm(const CudnnPrewarmSpec& spec) = 0;
+  // Turns background builds (CudnnBackendOptions) on or off for later calls.
+  virtual void set_background_builds(bool on) = 0;
+  // Blocks until every requested background build is in the cache. The error that stopped the
+  // builder (no device or handle for its thread), if any; build failures surface at the calls.
+  virtual absl::Status WaitForGraphs() = 0;
 };
 
 // A cudnn backend with `options` (the registered "cudnn" is MakeCudnnBackend with

@@ -24,6 +24,8 @@
 //     other scales and band bounds), each against the fp64 reference;
 //   - outputs poisoned with NaN before every call (cudaMemset 0xff), so an unwritten element
 //     fails; strided views leave everything outside the view untouched;
+//   - background builds: the first call of a shape runs our kernel while the graph builds, the
+//     next one cuDNN (seq 7, 3816; 5:1 heads), both against the fp64 reference; off by default;
 //   - fully masked rows, empty calls, null lse, streams, workspace growth.
 // A failing case prints the mask plan (which cuDNN band/padding options were used) and the
 // error statistics with the first and worst elements as (batch, row, head, column).
@@ -1393,6 +1395,43 @@ INSTANTIATE_TEST_SUITE_P(Modes, CudnnGraphModeTest,
                          [](const ::testing::TestParamInfo<GraphMode>& info) {
                            return GraphModeName(info.param);
                          });
+
+// ---- Background builds -----------------------------------------------------------------------
+
+TEST(CudnnBackendOptionsTest, BackgroundBuildsAreOffByDefault) {
+  EXPECT_FALSE(CudnnBackendOptions().background_builds);
+  std::unique_ptr<CudnnBackend> backend = MakeCudnnBackend({});
+  EXPECT_EQ(backend->graph_stats().own_kernel_calls, 0);
+  EXPECT_TRUE(backend->WaitForGraphs().ok());  // nothing requested: returns at once
+}
+
+// The first call of a shape runs our kernel while its graph is built in the background; once
+// built, the same call runs cuDNN. Both against the fp64 reference.
+TEST_F(CudnnBackendTest, BackgroundBuildServesTheFirstCallWithOurKernel) {
+  for (const Case& c : {Case{"Causal3816Heads5Gqa", Causal(Shape(3816, 3816, 5, 1, 128))},
+                        Case{"Causal7Heads5Gqa", Causal(Shape(7, 7, 5, 1, 128))}}) {
+    SCOPED_TRACE(absl::StrCat(c.name, " ", Describe(c.p), " plan ", PlanOf(c.p)));
+    std::unique_ptr<CudnnBackend> backend =
+        MakeCudnnBackend({.dynamic_shapes = false, .background_builds = true});
+    CaseRun first;
+    ASSERT_NO_FATAL_FAILURE(RunAgainstReference(*backend, c, &first));
+    EXPECT_EQ(backend->graph_stats().own_kernel_calls, 1);
+    const absl::Status waited = backend->WaitForGraphs();
+    ASSERT_TRUE(waited.ok()) << waited;
+    EXPECT_EQ(backend->graph_builds(), 1);
+
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(first.host, first.t, &d);  // outputs poisoned again
+    const absl::Status s = RunAndWait(*backend, p);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(backend->graph_stats().own_kernel_calls, 1) << "the built graph was not used";
+    EXPECT_EQ(backend->graph_builds(), 1) << "the call rebuilt its graph";
+    AttentionBuffers out = first.t;
+    FromDevice(d, &out);
+    ExpectMatches("fp64 reference (cuDNN)", first.host, out, first.ref,
+                  CudnnTolerance(first.host));
+  }
+}
 
 // ---- Streams and the workspace ---------------------------------------------------------------
 

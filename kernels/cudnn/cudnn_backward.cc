@@ -140,6 +140,13 @@ absl::Status CudnnBackward(CudnnDeviceContext& c, const AttentionBackwardParams&
       key.o_stride[i] = o_stride[i];
       key.do_stride[i] = do_stride[i];
     }
+    // A graph not built yet: our kernel computes the whole call while the graph is built in the
+    // background (nothing was enqueued on `stream` so far but the wait for the previous call).
+    if (c.MayBuildInBackground(key) && CheckFlashBackwardSupport(p).ok() &&
+        c.RequestBackgroundBuild(key)) {
+      RA_RETURN_IF_ERROR(FlashBackwardAllocatingDelta(p, stream));
+      return c.RecordDone(stream);
+    }
     RA_ASSIGN_OR_RETURN(const SdpaGraph* graph, c.graphs().GetOrBuild(c.handle(), key));
 
     // Workspace: [cuDNN's][stats][dQ][dK][dV][seq_len_q, seq_len_kv].

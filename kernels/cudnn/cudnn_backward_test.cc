@@ -16,6 +16,8 @@
 //   - dynamic shapes: one backend per graph mode (static, dynamic, dynamic after Prewarm)
 //     through interleaved calls of many lengths sharing kernel classes (seq 1, 7, 3816; 5
 //     heads; GQA; another scale; windows with other bounds), each against the fp64 reference.
+//   - background builds: the first call of a shape runs our kernel while the graph builds, the
+//     next one cuDNN (seq 1000, 5:1 heads), both against the fp64 reference.
 // ComputeDelta is checked for every backend by backend_conformance_test.
 // The forward's O and LSE come from the fp64 reference forward (O rounded to the input dtype,
 // as a real forward would store it), so a failure here is the backward's.
@@ -302,6 +304,41 @@ INSTANTIATE_TEST_SUITE_P(Modes, CudnnBackwardGraphModeTest,
                          [](const ::testing::TestParamInfo<GraphMode>& info) {
                            return GraphModeName(info.param);
                          });
+
+// The first backward call of a shape runs our kernel while its graph is built in the
+// background; once built, the same call runs cuDNN. Both against the fp64 reference.
+TEST_F(CudnnBackwardGpuTest, BackgroundBuildServesTheFirstCallWithOurKernel) {
+  const Case c{1000, 1000, 5, 1, 128, DType::kBF16, /*causal=*/true};
+  SCOPED_TRACE(absl::StrCat("background ", CaseName(c)));
+  HostCall hc;
+  ASSERT_NO_FATAL_FAILURE(MakeHostCall(c, &hc));
+  std::unique_ptr<CudnnBackend> backend =
+      MakeCudnnBackend({.dynamic_shapes = false, .background_builds = true});
+  {
+    DeviceCall dc;
+    ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));
+    const absl::Status s = backend->Backward(dc.p);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(backend->graph_stats().own_kernel_calls, 1);
+    CheckGrads(hc, dc, 1.0);
+  }
+  const absl::Status waited = backend->WaitForGraphs();
+  ASSERT_TRUE(waited.ok()) << waited;
+  EXPECT_EQ(backend->graph_builds(), 1);
+  DeviceCall dc;
+  ASSERT_NO_FATAL_FAILURE(ToDevice(hc, &dc, /*accumulate=*/false));  // gradients poisoned again
+  const absl::Status s = backend->Backward(dc.p);
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(backend->graph_stats().own_kernel_calls, 1) << "the built graph was not used";
+  EXPECT_EQ(backend->graph_builds(), 1) << "the call rebuilt its graph";
+  CheckGrads(hc, dc, 1.0);
+}
+
+TEST(CudnnBackwardHostTest, BackgroundBuildsAreOffByDefault) {
+  EXPECT_FALSE(CudnnBackendOptions().background_builds);
+}
 
 }  // namespace
 }  // namespace ringattn

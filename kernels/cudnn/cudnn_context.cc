@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -13,11 +14,18 @@
 namespace ringattn {
 
 CudnnDeviceContext::CudnnDeviceContext(bool dynamic_shapes)
-    : graphs_(std::make_unique<SdpaGraphCache>(dynamic_shapes)) {}
+    : graphs_(std::make_unique<SdpaGraphCache>(dynamic_shapes)),
+      builder_(std::make_unique<BackgroundGraphBuilder>(
+          [this](const SdpaGraphKey& key, absl::StatusOr<OwnedSdpaGraph> built, bool transient) {
+            std::lock_guard<std::mutex> lock(mu_);
+            graphs_->Insert(key, std::move(built), transient);
+          })) {}
 
 CudnnDeviceContext::~CudnnDeviceContext() {
+  builder_->Stop();  // before anything its last insert touches goes
   if (done_recorded_) (void)cudaEventSynchronize(done_);
   graphs_.reset();
+  builder_.reset();  // its handle, after the graphs it built
   if (workspace_ != nullptr) (void)cudaFree(workspace_);
   if (done_ != nullptr) (void)cudaEventDestroy(done_);
   if (handle_ != nullptr) (void)cudnnDestroy(handle_);
@@ -64,6 +72,12 @@ absl::Status CudnnDeviceContext::EnsureHandle() {
   device_ = device;
   async_alloc_ = pools != 0;
   return absl::OkStatus();
+}
+
+bool CudnnDeviceContext::RequestBackgroundBuild(const SdpaGraphKey& key) {
+  if (!builder_->Request(key)) return false;
+  ++own_kernel_calls_;
+  return true;
 }
 
 absl::Status CudnnDeviceContext::BindHandle(cudaStream_t stream) {

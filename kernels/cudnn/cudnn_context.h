@@ -9,6 +9,9 @@
 // call). Calls are serialised by mutex(); a call on another stream than the previous one first
 // makes its stream wait for the previous call (WaitForPrevious), and every call records its end
 // (RecordDone).
+//
+// With background builds on (and static graphs), a call whose graph is not built yet runs our
+// own kernel while a BackgroundGraphBuilder builds the graph (docs/cudnn.md).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,6 +25,7 @@
 #include "absl/status/status.h"
 #include "kernels/attention_params.h"
 #include "kernels/cudnn/cudnn_backend.h"
+#include "kernels/cudnn/graph_builder.h"
 #include "kernels/cudnn/sdpa_graph_cache.h"
 #include "kernels/dtype.h"
 
@@ -31,8 +35,9 @@ class CudnnDeviceContext {
  public:
   // dynamic_shapes: the graph cache's (SdpaGraphCache).
   explicit CudnnDeviceContext(bool dynamic_shapes);
-  // Waits for the last call, then frees the graphs, the workspace and the handle (errors are
-  // ignored: there is no one to report them to, the driver may be shutting down).
+  // Stops the background builder, waits for the last call, then frees the graphs, the
+  // workspace and the handles (errors are ignored: there is no one to report them to, the
+  // driver may be shutting down).
   ~CudnnDeviceContext();
   CudnnDeviceContext(const CudnnDeviceContext&) = delete;
   CudnnDeviceContext& operator=(const CudnnDeviceContext&) = delete;
@@ -60,6 +65,20 @@ class CudnnDeviceContext {
   char* workspace() const { return static_cast<char*>(workspace_); }
   int64_t workspace_bytes() const { return workspace_bytes_; }
 
+  void set_background_builds(bool on) { background_builds_ = on; }
+  // Whether a call of `key` may run our kernel while its graph is built in the background:
+  // background builds on, static graphs, no cache entry for `key` yet.
+  bool MayBuildInBackground(const SdpaGraphKey& key) const {
+    return background_builds_ && !graphs_->dynamic_shapes() && !graphs_->Has(key);
+  }
+  // Requests the background build of `key`; true when the builder took it, and the call is then
+  // counted as served by our kernel. false: the caller builds the graph itself (GetOrBuild).
+  bool RequestBackgroundBuild(const SdpaGraphKey& key);
+  // Calls served by our kernel while their graph was built.
+  int64_t own_kernel_calls() const { return own_kernel_calls_; }
+  // Blocks until the builder is idle; call WITHOUT mutex() held (the builder takes it).
+  absl::Status WaitForBackgroundBuilds() { return builder_->WaitIdle(); }
+
  private:
   mutable std::mutex mu_;
   int device_ = -1;
@@ -70,7 +89,11 @@ class CudnnDeviceContext {
   cudaStream_t last_stream_ = nullptr;
   void* workspace_ = nullptr;
   int64_t workspace_bytes_ = 0;
-  std::unique_ptr<SdpaGraphCache> graphs_;  // destroyed before the handle they were built with
+  std::unique_ptr<SdpaGraphCache> graphs_;  // destroyed before the handles they were built with
+  bool background_builds_ = false;
+  int64_t own_kernel_calls_ = 0;
+  // Inserts into graphs_ under mu_; stopped first, destroyed (with its handle) after graphs_.
+  std::unique_ptr<BackgroundGraphBuilder> builder_;
 };
 
 // ---- Helpers of both directions -------------------------------------------------------------

@@ -506,8 +506,6 @@ absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle
     if (it->second.graph == nullptr) return it->second.status;
     return it->second.graph.get();
   }
-  if (entries_.size() >= kMaxEntries) entries_.clear();
-  ++stats_.builds;
   absl::StatusOr<std::unique_ptr<SdpaGraph>> built;
   bool transient = false;
   if (dynamic_shapes_) {
@@ -522,6 +520,23 @@ absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle
     std::shared_ptr<fe::graph::Graph> no_anchor;
     built = GuardedBuild(handle, key, nullptr, &no_anchor, &transient);
   }
+  return Store(key, std::move(built), transient);
+}
+
+void SdpaGraphCache::Insert(const SdpaGraphKey& key, absl::StatusOr<OwnedSdpaGraph> built,
+                            bool transient) {
+  if (Has(key)) return;
+  absl::StatusOr<std::unique_ptr<SdpaGraph>> graph =
+      built.ok() ? absl::StatusOr<std::unique_ptr<SdpaGraph>>(
+                       std::unique_ptr<SdpaGraph>(built->release()))
+                 : absl::StatusOr<std::unique_ptr<SdpaGraph>>(built.status());
+  (void)Store(key, std::move(graph), transient);
+}
+
+absl::StatusOr<const SdpaGraph*> SdpaGraphCache::Store(
+    const SdpaGraphKey& key, absl::StatusOr<std::unique_ptr<SdpaGraph>> built, bool transient) {
+  if (entries_.size() >= kMaxEntries) entries_.clear();
+  ++stats_.builds;
   if (!built.ok()) {
     if (!transient) entries_.emplace(key, Entry{nullptr, built.status()});
     return built.status();
@@ -530,6 +545,18 @@ absl::StatusOr<const SdpaGraph*> SdpaGraphCache::GetOrBuild(cudnnHandle_t handle
   entry.graph = *std::move(built);
   entry.status = absl::OkStatus();
   return entry.graph.get();
+}
+
+void SdpaGraphDeleter::operator()(SdpaGraph* graph) const { delete graph; }
+
+absl::StatusOr<OwnedSdpaGraph> BuildStaticGraph(cudnnHandle_t handle, const SdpaGraphKey& key,
+                                                bool* transient) {
+  *transient = false;
+  std::shared_ptr<fe::graph::Graph> no_anchor;
+  absl::StatusOr<std::unique_ptr<SdpaGraph>> built =
+      GuardedBuild(handle, key, nullptr, &no_anchor, transient);
+  if (!built.ok()) return built.status();
+  return OwnedSdpaGraph(built->release());
 }
 
 }  // namespace ringattn

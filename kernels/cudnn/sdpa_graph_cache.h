@@ -87,6 +87,17 @@ SdpaKernelClass KernelClassOf(const SdpaGraphKey& key, int64_t cudnn_version);
 
 // A built graph (opaque outside sdpa_graph_cache.cc).
 struct SdpaGraph;
+struct SdpaGraphDeleter {
+  void operator()(SdpaGraph* graph) const;
+};
+// A built graph owned outside the cache (destructible where SdpaGraph is incomplete).
+using OwnedSdpaGraph = std::unique_ptr<SdpaGraph, SdpaGraphDeleter>;
+
+// A static graph for `key` built with `handle` (on its current device), touching no cache: what
+// SdpaGraphCache::GetOrBuild builds without dynamic shapes, with its errors. *transient: the
+// failure may not recur (a CUDA call failed, or the frontend threw), so it is not remembered.
+absl::StatusOr<OwnedSdpaGraph> BuildStaticGraph(cudnnHandle_t handle, const SdpaGraphKey& key,
+                                                bool* transient);
 
 // Device pointers of one forward execution.
 struct SdpaTensors {
@@ -153,6 +164,12 @@ class SdpaGraphCache {
   // message; other failures are Internal.
   absl::StatusOr<const SdpaGraph*> GetOrBuild(cudnnHandle_t handle, const SdpaGraphKey& key);
 
+  // Whether `key` has an entry: a built graph, or a remembered failure.
+  bool Has(const SdpaGraphKey& key) const { return entries_.contains(key); }
+  // Stores a graph built elsewhere (BuildStaticGraph) as GetOrBuild would have: counted in
+  // builds, a failure remembered unless `transient`. Ignored when `key` has an entry already.
+  void Insert(const SdpaGraphKey& key, absl::StatusOr<OwnedSdpaGraph> built, bool transient);
+
   // Builds so far, forward and backward.
   int64_t builds() const { return stats_.builds; }
   const SdpaGraphCacheStats& stats() const { return stats_; }
@@ -167,6 +184,10 @@ class SdpaGraphCache {
   };
   // One class's kernel cache (a cudnn_frontend::KernelCache, opaque here) and what cuDNN said.
   struct KernelClassState;
+  // Stores the outcome of a build of `key` (no entry yet); the entry's graph, or the error.
+  absl::StatusOr<const SdpaGraph*> Store(const SdpaGraphKey& key,
+                                         absl::StatusOr<std::unique_ptr<SdpaGraph>> built,
+                                         bool transient);
   // Dynamic build of `key` in `state`'s class, falling back to a static one when cuDNN refuses.
   absl::StatusOr<std::unique_ptr<SdpaGraph>> BuildInClass(cudnnHandle_t handle,
                                                           const SdpaGraphKey& key,
