@@ -58,6 +58,7 @@ namespace {
 using cpu_tiles::kMicroCols;
 using cpu_tiles::kMicroRows;
 using cpu_tiles::LoadRowAsFloat;
+using cpu_tiles::DotLikeTiles;
 using cpu_tiles::MultiplyTiles;
 using cpu_tiles::RoundUp;
 
@@ -466,7 +467,8 @@ void ComputeKeyBlock(const AttentionBackwardParams& bp, const RowStats& stats, c
 // ---- Preprocessing --------------------------------------------------------------------------
 
 // D of the rows of (b, h) into delta (with the given strides). The dot product in fp32, in
-// order: D is O(|dO| |O|) and only ever enters as dP - D, so fp32 is ample.
+// order, rounded as the tiles round dP (DotLikeTiles): D is O(|dO| |O|) and only ever enters
+// as dP - D, so fp32 is ample, and where O = V (one visible key) dP - D is exactly 0.
 void ComputeDeltaRows(const AttentionBackwardParams& bp, int b, int h, float* delta,
                       int64_t delta_batch_stride, int64_t delta_head_stride,
                       std::vector<float>* row_buf) {  // [2 * head_dim]
@@ -479,9 +481,7 @@ void ComputeDeltaRows(const AttentionBackwardParams& bp, int b, int h, float* de
     LoadRowAsFloat(bp.dout,
                    b * bp.dout_batch_stride + i * bp.dout_row_stride + h * bp.dout_head_stride,
                    bp.out_dtype, dim, dout);
-    float sum = 0.0f;
-    for (int d = 0; d < dim; ++d) sum += out[d] * dout[d];
-    delta[b * delta_batch_stride + h * delta_head_stride + i] = sum;
+    delta[b * delta_batch_stride + h * delta_head_stride + i] = DotLikeTiles(out, dout, dim);
   }
 }
 
