@@ -54,7 +54,10 @@ class AttendTest(support.ClientTest):
         self.assertLessEqual(rel_l2(lse, want_lse), 1e-5, name)
         self.assertLessEqual(float(np.abs(lse - want_lse).max()), 1e-3, name)
         self.assertGreater(r.timings.total_seconds, 0.0, name)
-        self.assertGreaterEqual(r.timings.client_seconds, r.timings.total_seconds, name)
+        # The client times the call on a monotonic clock, the service on the wall clock, which
+        # NTP may slew while the call runs (seen: 0.16% on a loaded CI machine): 1% + 2 ms slack.
+        self.assertGreaterEqual(r.timings.client_seconds,
+                                r.timings.total_seconds * 0.99 - 0.002, name)
         self.assertEqual(len(r.timings.workers), 2, name)
         return r
 
