@@ -135,7 +135,30 @@ __attribute__((target("avx2,fma"))) void MultiplyTilesAvx2(const float* a, int64
   static_assert(kMicroRows == 4 && kMicroCols == 8, "one 8-float vector per tile row");
   for (int i = 0; i < rows; i += kMicroRows) {
     const float* a0 = a + i * lda;
-    for (int j = 0; j < cols; j += kMicroCols) {
+    int j = 0;
+    // Two vectors per tile row where the columns allow: 8 accumulators, more terms per load.
+    for (; j + 2 * kMicroCols <= cols; j += 2 * kMicroCols) {
+      __m256 acc[kMicroRows][2];
+      for (int r = 0; r < kMicroRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      const float* bj = b + j;
+      for (int t = 0; t < kDepth; ++t) {
+        const __m256 b0 = _mm256_loadu_ps(bj + t * ldb);
+        const __m256 b1 = _mm256_loadu_ps(bj + t * ldb + kMicroCols);
+        for (int r = 0; r < kMicroRows; ++r) {
+          const __m256 ar = _mm256_broadcast_ss(a0 + r * lda + t);
+          acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < kMicroRows; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          float* cr = c + (i + r) * ldc + j + h * kMicroCols;
+          _mm256_storeu_ps(cr, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][h])
+                                           : acc[r][h]);
+        }
+      }
+    }
+    for (; j < cols; j += kMicroCols) {
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
       const float* bj = b + j;
