@@ -314,35 +314,19 @@ class Coordinator::StreamCall final
   // Lands the inputs' chunks in an arena of the coordinator's shared memory, with room for the
   // wanted outputs after them: the workers on this host read and write there, and the response's
   // chunks are cut from there, with no copy into and out of the messages. False (nothing done)
-  // when no arena is free or the request refers to the caller's regions.
+  // when no arena is free. (A stream header refers to no region: its validation refuses them.)
   bool Land(const typename Call::Request& header, const ValidatedAttend& problem) {
     const ComputeRpc& rpc = Call::Rpc();
-    if (c_->landing_ == nullptr || !OutputShm(header).empty()) return false;
-    for (const ComputeTensor& in : rpc.inputs) {
-      if (TensorField(header, in.name).has_shm()) return false;
-    }
+    if (c_->landing_ == nullptr) return false;
     lease_ = c_->landing_->TryAcquire();
     if (lease_ == nullptr) return false;
-    std::vector<std::pair<const ComputeTensor*, int64_t>> slots;  // tensor, offset
-    int64_t total = 0;
-    auto take = [&](const ComputeTensor& t) {
-      slots.emplace_back(&t, total);
-      total += (static_cast<int64_t>(BytesOf(t.kind, problem.shape)) + 255) / 256 * 256;
-    };
-    for (const ComputeTensor& in : rpc.inputs) take(in);
-    for (const ComputeTensor& out : rpc.outputs) {
-      if (Wants(header, out)) take(out);
-    }
-    absl::StatusOr<std::shared_ptr<SharedMemoryMapping>> mapping =
-        lease_->arena().Reserve(total);
-    if (!mapping.ok()) {  // /dev/shm full: the bytes stay in memory instead
+    absl::StatusOr<SharedTensors> laid =
+        LayOutInArena(rpc, problem.shape, header, SharedTensors(), lease_->arena());
+    if (!laid.ok()) {  // /dev/shm full: the bytes stay in memory instead
       lease_.reset();
       return false;
     }
-    for (const auto& [t, at] : slots) {
-      const int64_t bytes = static_cast<int64_t>(BytesOf(t->kind, problem.shape));
-      landed_.emplace(t->name, SharedTensor{*mapping, nullptr, at, bytes});
-    }
+    landed_ = *std::move(laid);
     for (const ComputeTensor& in : rpc.inputs) {
       const SharedTensor& st = landed_.at(in.name);
       // Cannot fail: the header's tensors carry no data (checked by the header's validation).

@@ -135,36 +135,45 @@ absl::Status CheckCudaReachable(const SharedTensors& shared, const RingSnapshot&
 absl::Status PlaceInArena(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
                           SharedMemoryArena& arena, SharedTensors* reachable,
                           std::vector<const ComputeTensor*>* arena_outputs) {
-  std::vector<std::pair<const ComputeTensor*, int64_t>> slots;  // tensor, offset
-  int64_t total = 0;
-  auto take = [&](const ComputeTensor& t) {
-    slots.emplace_back(&t, total);
-    total += (static_cast<int64_t>(BytesOf(t.kind, p.shape)) + 63) / 64 * 64;
-  };
+  RA_ASSIGN_OR_RETURN(SharedTensors laid, LayOutInArena(rpc, p.shape, request, *reachable, arena));
   for (const ComputeTensor& in : rpc.inputs) {
-    if (reachable->count(in.name) == 0) take(in);
+    auto it = laid.find(in.name);
+    if (it == laid.end()) continue;
+    RA_RETURN_IF_ERROR(ParallelCopy(it->second.data(), TensorField(request, in.name).data().data(),
+                                    it->second.bytes, "the coordinator's arena"));
   }
   for (const ComputeTensor& out : rpc.outputs) {
-    if (Wants(request, out) && reachable->count(out.name) == 0) take(out);
+    if (laid.count(out.name) > 0) arena_outputs->push_back(&out);
   }
-  if (slots.empty()) return absl::OkStatus();
-  RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> mapping, arena.Reserve(total));
-  for (const auto& [t, at] : slots) {
-    const int64_t bytes = static_cast<int64_t>(BytesOf(t->kind, p.shape));
-    SharedTensor st{mapping, nullptr, at, bytes};
-    const bool input = t >= rpc.inputs.data() && t < rpc.inputs.data() + rpc.inputs.size();
-    if (input) {
-      RA_RETURN_IF_ERROR(ParallelCopy(st.data(), TensorField(request, t->name).data().data(),
-                                      bytes, "the coordinator's arena"));
-    } else {
-      arena_outputs->push_back(t);
-    }
-    reachable->emplace(t->name, std::move(st));
-  }
+  reachable->merge(laid);
   return absl::OkStatus();
 }
 
 }  // namespace
+
+absl::StatusOr<SharedTensors> LayOutInArena(const ComputeRpc& rpc, const AttentionShape& shape,
+                                            const Message& request, const SharedTensors& placed,
+                                            SharedMemoryArena& arena) {
+  std::vector<std::pair<const ComputeTensor*, int64_t>> slots;  // tensor, offset
+  int64_t total = 0;
+  auto take = [&](const ComputeTensor& t) {
+    if (placed.count(t.name) > 0) return;
+    slots.emplace_back(&t, total);
+    total += (static_cast<int64_t>(BytesOf(t.kind, shape)) + 255) / 256 * 256;
+  };
+  for (const ComputeTensor& in : rpc.inputs) take(in);
+  for (const ComputeTensor& out : rpc.outputs) {
+    if (Wants(request, out)) take(out);
+  }
+  SharedTensors laid;
+  if (slots.empty()) return laid;
+  RA_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemoryMapping> mapping, arena.Reserve(total));
+  for (const auto& [t, at] : slots) {
+    laid.emplace(t->name,
+                 SharedTensor{mapping, nullptr, at, static_cast<int64_t>(BytesOf(t->kind, shape))});
+  }
+  return laid;
+}
 
 absl::Status RunOnRing(const ComputeRpc& rpc, const ValidatedAttend& p, const Message& request,
                        const SharedTensors& client_shared, SharedMemoryArena* arena,

@@ -43,6 +43,15 @@ struct RunControl {
   std::string traceparent;
 };
 
+// Room in `arena` for the tensors of `request` that `placed` does not hold: its inputs, then
+// the outputs it wants, each at a 256-byte-aligned offset of one mapping (reserved here), as
+// SharedTensors by table name. Empty, reserving nothing, when `placed` holds them all. Copies
+// no data: the caller fills the inputs (a copy, or a stream's chunks landing there).
+absl::StatusOr<SharedTensors> LayOutInArena(const ComputeRpc& rpc, const AttentionShape& shape,
+                                            const google::protobuf::Message& request,
+                                            const SharedTensors& placed,
+                                            SharedMemoryArena& arena);
+
 // Runs `request` (of `rpc`, checked into `problem`) on `ring`: fills the outputs the request
 // wants into `response`, and `plan` and the scatter/gather/worker timings. UNAVAILABLE naming the
 // worker when one fails (a worker's INVALID_ARGUMENT or UNIMPLEMENTED, e.g. a cuda_reference
