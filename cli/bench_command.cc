@@ -32,13 +32,14 @@
 namespace ringattn {
 namespace {
 
-// Server-side phases of one response, in seconds. compute, comm_wait and ring are the largest
-// over the workers (the slowest worker bounds the request). The client's: client_wire from the
+// Server-side phases of one response, in seconds. compute, comm_wait, ring and the worker_
+// ones (waiting for the ring's turn, the inputs' and outputs' host-device copies) are the
+// largest over the workers (the slowest worker bounds the request). The client's: client_wire from the
 // response's Timings; shm_in and shm_out (--shm) its copies into and out of shared memory,
 // measured here.
 struct Phases {
   double queue = 0, receive = 0, validate = 0, ring_wait = 0, scatter = 0, workers = 0, compute = 0,
-         comm_wait = 0, ring = 0, gather = 0, respond = 0, send = 0, total = 0, client_wire = 0,
+         comm_wait = 0, ring = 0, worker_turn_wait = 0, worker_h2d = 0, worker_d2h = 0, gather = 0, respond = 0, send = 0, total = 0, client_wire = 0,
          shm_in = 0, shm_out = 0;
 };
 
@@ -48,7 +49,9 @@ constexpr std::pair<const char*, double Phases::*> kPhaseFields[] = {
     {"validate", &Phases::validate}, {"ring_wait", &Phases::ring_wait},
     {"scatter", &Phases::scatter},   {"workers", &Phases::workers},
     {"compute", &Phases::compute},   {"comm_wait", &Phases::comm_wait},
-    {"ring", &Phases::ring},         {"gather", &Phases::gather},
+    {"ring", &Phases::ring},         {"worker_turn", &Phases::worker_turn_wait},
+    {"worker_h2d", &Phases::worker_h2d}, {"worker_d2h", &Phases::worker_d2h},
+    {"gather", &Phases::gather},
     {"respond", &Phases::respond},   {"send", &Phases::send},
     {"total", &Phases::total},       {"client_wire", &Phases::client_wire},
     {"shm_in", &Phases::shm_in},     {"shm_out", &Phases::shm_out}};
@@ -71,6 +74,8 @@ struct BenchSummary {
   bool shm = false;
   int sent = 0;
   int ok = 0;
+  int warmup_calls = 0, warmup_failed = 0;  // before the timed load, not counted below
+  double warmup_max = 0;                    // their slowest round trip
   std::map<std::string, int> failed_by_code;  // status code name -> calls
   double wall_seconds = 0;
   double requests_per_second = 0;                       // successful calls over wall time
@@ -129,6 +134,9 @@ absl::Status ValidateOptions(const BenchOptions& o) {
     return absl::InvalidArgumentError(
         "--shm and --stream exclude each other: shared-memory references go in unary calls");
   }
+  if (o.warmup < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--warmup must be >= 0, got ", o.warmup));
+  }
   if (o.duration_seconds == 0 && o.requests < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("--requests must be >= 1 (or give --duration), got ", o.requests));
@@ -173,6 +181,9 @@ Phases PhasesOf(const v1::Timings& t) {
     p.compute = std::max(p.compute, w.compute_seconds());
     p.comm_wait = std::max(p.comm_wait, w.comm_wait_seconds());
     p.ring = std::max(p.ring, w.ring_seconds());
+    p.worker_turn_wait = std::max(p.worker_turn_wait, w.turn_wait_seconds());
+    p.worker_h2d = std::max(p.worker_h2d, w.host_to_device_seconds());
+    p.worker_d2h = std::max(p.worker_d2h, w.device_to_host_seconds());
   }
   return p;
 }
@@ -247,6 +258,8 @@ CallRecord OneCall(AttentionClient& client, SharedMemorySession* shm,
 struct LoadResult {
   std::vector<CallRecord> records;
   double wall_seconds = 0;
+  int warmup_failed = 0;          // warm-up calls that failed
+  double warmup_max_seconds = 0;  // the slowest warm-up round trip
 };
 
 // Makes `one_call(thread)` from `concurrency` threads (numbered from 0) until `requests` calls
@@ -256,6 +269,24 @@ LoadResult RunLoad(const std::function<CallRecord(int thread)>& one_call, const 
   const bool by_time = o.duration_seconds > 0;
   std::atomic<int> next{0};
   std::vector<std::vector<CallRecord>> per_thread(static_cast<size_t>(o.concurrency));
+  LoadResult result;
+  if (o.warmup > 0) {  // every thread's warm-up calls, concurrently, before the clock starts
+    std::vector<std::vector<CallRecord>> warm(per_thread.size());
+    std::vector<std::thread> threads;
+    threads.reserve(warm.size());
+    for (size_t i = 0; i < warm.size(); ++i) {
+      threads.emplace_back([&, thread = static_cast<int>(i), mine = &warm[i]] {
+        for (int c = 0; c < o.warmup; ++c) mine->push_back(one_call(thread));
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (const std::vector<CallRecord>& records : warm) {
+      for (const CallRecord& r : records) {
+        if (r.code != absl::StatusCode::kOk) ++result.warmup_failed;
+        result.warmup_max_seconds = std::max(result.warmup_max_seconds, r.latency_seconds);
+      }
+    }
+  }
   const absl::Time start = absl::Now();
   const absl::Time deadline = start + absl::Seconds(o.duration_seconds);
   {
@@ -270,7 +301,6 @@ LoadResult RunLoad(const std::function<CallRecord(int thread)>& one_call, const 
     }
     for (std::thread& t : threads) t.join();
   }
-  LoadResult result;
   result.wall_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   for (std::vector<CallRecord>& records : per_thread) {
     result.records.insert(result.records.end(), records.begin(), records.end());
@@ -291,6 +321,9 @@ BenchSummary Summarize(const BenchOptions& o, const LoadResult& load, double flo
   s.concurrency = o.concurrency;
   s.shm = o.shm;
   s.sent = static_cast<int>(load.records.size());
+  s.warmup_calls = o.warmup * o.concurrency;
+  s.warmup_failed = load.warmup_failed;
+  s.warmup_max = load.warmup_max_seconds;
   s.wall_seconds = load.wall_seconds;
   s.flops_per_request = flops;
   std::vector<double> latencies;
@@ -339,6 +372,10 @@ std::string FormatReport(const BenchSummary& s) {
   std::string r;
   absl::StrAppendFormat(&r, "requests: %d sent, %d ok, %d failed%s\n", s.sent, s.ok, s.failed(),
                         FailedByCode(s));
+  if (s.warmup_calls > 0) {
+    absl::StrAppendFormat(&r, "warm-up: %d calls before the clock (%d failed), slowest %.3f ms\n",
+                          s.warmup_calls, s.warmup_failed, s.warmup_max * 1e3);
+  }
   absl::StrAppendFormat(&r, "wall: %.3f s, %.2f requests/s (ok), concurrency %d\n", s.wall_seconds,
                         s.requests_per_second, s.concurrency);
   absl::StrAppendFormat(&r,
@@ -393,6 +430,9 @@ std::string FormatJson(const BenchSummary& s) {
   absl::StrAppendFormat(&j, "  \"sent\": %d,\n  \"ok\": %d,\n  \"failed\": %d,\n", s.sent, s.ok,
                         s.failed());
   absl::StrAppendFormat(&j, "  \"failed_by_code\": {%s},\n", absl::StrJoin(codes, ", "));
+  absl::StrAppendFormat(&j,
+                        "  \"warmup\": {\"calls\": %d, \"failed\": %d, \"max_seconds\": %s},\n",
+                        s.warmup_calls, s.warmup_failed, Num(s.warmup_max));
   absl::StrAppendFormat(&j, "  \"wall_seconds\": %s,\n  \"requests_per_second\": %s,\n",
                         Num(s.wall_seconds), Num(s.requests_per_second));
   absl::StrAppendFormat(&j,

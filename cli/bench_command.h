@@ -27,6 +27,10 @@ struct BenchOptions {
   int connections = 1;  // AttentionClient::Connect's: requests past kSplitAboveBytes cut by heads
   int concurrency = 4;                     // client threads, each with one call in flight
   int requests = 32;                       // calls in all (by count, when duration_seconds is 0)
+  // Calls each thread makes before the timed load, not counted: first calls pay one-time costs
+  // (a worker registering a shared-memory region with CUDA, a cudnn graph build). Their
+  // slowest round trip is reported apart.
+  int warmup = 0;
   // > 0: keep sending until this many seconds have passed (calls already started finish), and
   // ignore `requests`. 0: send exactly `requests` calls.
   double duration_seconds = 0;

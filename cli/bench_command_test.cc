@@ -133,6 +133,29 @@ TEST(BenchCommandTest, AllSucceed) {
   EXPECT_THAT(out.str(), HasSubstr("host memcpy on this machine: "));
 }
 
+// Warm-up calls go out before the clock and are not counted: 2 per thread, then 12 timed.
+TEST(BenchCommandTest, WarmupCallsAreMadeAndNotCounted) {
+  FakeServer server;
+  ASSERT_TRUE(server.started());
+  BenchOptions o = SmallBench(server.target());
+  o.warmup = 2;
+  o.json_path = ::testing::TempDir() + "/bench_command_warmup.json";
+  std::ostringstream out;
+  EXPECT_EQ(RunBenchCommand(o, out), 0) << out.str();
+  EXPECT_EQ(server.service().calls(), 12 + 2 * 3);
+  EXPECT_THAT(out.str(), HasSubstr("12 sent, 12 ok, 0 failed\n"));
+  EXPECT_THAT(out.str(), HasSubstr("warm-up: 6 calls before the clock (0 failed), slowest "));
+  const std::string json = ReadFile(o.json_path);
+  EXPECT_THAT(json, HasSubstr("\"warmup\": {\"calls\": 6, \"failed\": 0, \"max_seconds\": "));
+  EXPECT_GT(NumberAfter(json, "max_seconds"), 0);
+  EXPECT_THAT(json, HasSubstr("\"sent\": 12"));
+
+  o.warmup = -1;
+  std::ostringstream refused;
+  EXPECT_NE(RunBenchCommand(o, refused), 0);
+  EXPECT_THAT(refused.str(), HasSubstr("--warmup must be >= 0"));
+}
+
 TEST(BenchCommandTest, FailuresCountedByCodeAndJson) {
   FakeServer server;
   ASSERT_TRUE(server.started());

@@ -174,6 +174,9 @@ ABSL_FLAG(bool, backward, false,
 
 // bench
 ABSL_FLAG(int, concurrency, 4, "client threads, one call in flight each");
+ABSL_FLAG(int, warmup, 0,
+          "bench: calls each thread makes before the clock starts (not counted; their slowest "
+          "round trip is printed apart)");
 ABSL_FLAG(int, requests, 32, "calls in all (when --duration is 0)");
 ABSL_FLAG(double, duration, 0, "seconds to keep sending (0: --requests calls)");
 ABSL_FLAG(std::string, json, "", "also write the results here as JSON");
@@ -277,8 +280,8 @@ const ringattn::CommandLineSpec& Spec() {
          "phases.\n",
          Join({kClient,
                kShape,
-               {"timeout", "backward", "shm_resident", "concurrency", "requests", "duration",
-                "json"},
+               {"timeout", "backward", "shm_resident", "concurrency", "requests", "warmup",
+                "duration", "json"},
                kTransfer}),
          {}},
         {"ring",
@@ -451,6 +454,7 @@ absl::StatusOr<ringattn::BenchOptions> BenchOptionsFromFlags() {
   RA_ASSIGN_OR_RETURN(o.credentials, ClientCredentialsFromFlags(/*client_cert=*/true));
   o.connections = std::max(1, absl::GetFlag(FLAGS_connections));
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
+  o.warmup = absl::GetFlag(FLAGS_warmup);
   o.requests = absl::GetFlag(FLAGS_requests);
   o.duration_seconds = absl::GetFlag(FLAGS_duration);
   o.batch = absl::GetFlag(FLAGS_batch);

@@ -8,7 +8,8 @@
 #   scripts/gpu_data_path.sh .devbin $OUT
 # SHAPE overrides the problem flags (default: the issue's 32k shape); SERVE_ARGS adds serve
 # flags (e.g. --pipeline_depth=1); BENCH_ARGS adds bench flags to every row (e.g.
-# --connections=8); ROWS picks runs by name (default all).
+# --connections=8); ROWS picks runs by name (default all); WARMUP: calls per client thread
+# before the clock (default 1: a region's first call registers it with CUDA).
 set -uo pipefail
 BIN=${1:-.devbin}
 OUT_DIR=${2:-${OUT:-/tmp/gpu_data_path}}
@@ -34,7 +35,8 @@ run() {  # $1 name, rest: bench flags
   local name=$1; shift
   [[ " $ROWS " == *" $name "* ]] || return 0
   # shellcheck disable=SC2086
-  "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" ${BENCH_ARGS:-} "$@" \
+  "$RA" bench --target="127.0.0.1:$PORT" $SHAPE --json="$OUT_DIR/$name.json" \
+    --warmup="${WARMUP:-1}" ${BENCH_ARGS:-} "$@" \
     >"$OUT_DIR/$name.txt" 2>&1 || echo "$name: bench failed (see $name.txt)"
 }
 run bytes --concurrency=1 --requests="$N"
@@ -54,7 +56,7 @@ names = ["bytes", "stream", "shm", "shm_resident", "cuda_shm", "cuda_shm_residen
 print(f"== data path, one {kernel} worker {os.environ.get('SERVE_ARGS', '')} (ms; p50 and mean "
       "of the client round trip; server phases are means; busy: ring time over wall time)")
 print(f"{'path':22} {'ok':>4} {'p50':>8} {'mean':>8} {'total':>8} {'workers':>8} {'ring':>7} "
-      f"{'shm_in':>7} {'shm_out':>7} {'busy':>6}")
+      f"{'h2d':>6} {'d2h':>6} {'turn':>6} {'shm_in':>7} {'shm_out':>7} {'busy':>6} {'warmup':>7}")
 for n in names:
     p = os.path.join(out, n + ".json")
     if not os.path.exists(p):
@@ -64,6 +66,8 @@ for n in names:
     f = lambda k: m.get(k, 0) * 1e3
     print(f"{n:22} {j['ok']:>4} {j['latency_seconds']['p50']*1e3:8.1f} "
           f"{j['latency_seconds']['mean']*1e3:8.1f} {f('total'):8.1f} {f('workers'):8.1f} "
-          f"{f('ring'):7.1f} {f('shm_in'):7.1f} {f('shm_out'):7.1f} "
-          f"{j.get('ring_busy_share', 0)*100:5.1f}%")
+          f"{f('ring'):7.1f} {f('worker_h2d'):6.1f} {f('worker_d2h'):6.1f} "
+          f"{f('worker_turn'):6.1f} {f('shm_in'):7.1f} {f('shm_out'):7.1f} "
+          f"{j.get('ring_busy_share', 0)*100:5.1f}% "
+          f"{j.get('warmup', {}).get('max_seconds', 0)*1e3:7.1f}")
 PY
