@@ -32,6 +32,10 @@ struct BackendCapabilities {
   bool dropout = false;
   // fp32 q, k and v (AttentionParams::dtype; every backend takes bf16 and fp16).
   bool fp32_inputs = false;
+  // The precision fp32 inputs are computed at: kF32 when as they are, else the 16-bit type a
+  // backend rounds them to for its kernels' operands (the forward's; the backward's).
+  DType fp32_forward_operands = DType::kF32;
+  DType fp32_backward_operands = DType::kF32;
   // Non-finite inputs and scores give what the fp64 reference's rule says
   // (reference_attention.h): NaN exactly in the rows that see them. Without it a NaN or an
   // infinity may also reach other rows of its tile or vanish (docs/security.md).

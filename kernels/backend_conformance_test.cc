@@ -22,7 +22,8 @@
 // Tolerances are the loosest of the backends' documented ones, so that the suite fails on
 // wrong results rather than on a kernel's rounding: relative L2 of o <= 1e-2 with bf16 inputs,
 // 2e-3 fp16, 1e-4 fp32, |lse - want| <= 1e-3 + 1e-5 |want|; per gradient tensor
-// RelL2Bound (backward_test_util.h): 2e-2 bf16, 5e-3 fp16, 1e-4 fp32.
+// RelL2Bound (backward_test_util.h): 2e-2 bf16, 5e-3 fp16, 1e-4 fp32. fp32 inputs that a
+// backend rounds to 16 bits (BackendCapabilities::fp32_*_operands) get that type's bounds.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -212,20 +213,27 @@ std::string Describe(const AttentionParams& p) {
 }
 
 // t's o and lse (written by a call of `p`) against the fp64 reference of `p`.
-void ExpectMatchesReference(const AttentionParams& p, const AttentionBuffers& t) {
+// The dtype whose tolerance applies to `t` inputs on a backend with `caps`: fp32 inputs rounded
+// to 16 bits are held to that type's.
+DType OperandsOf(DType t, DType fp32_operands) { return t == DType::kF32 ? fp32_operands : t; }
+
+void ExpectMatchesReference(const AttentionParams& p, const AttentionBuffers& t,
+                            const BackendCapabilities& caps) {
   absl::StatusOr<ReferenceResult> ref = ReferenceForward(p);
   ASSERT_TRUE(ref.ok()) << ref.status();
   const ErrorStats o = CompareTensor(t.o.data(), t.o.type(), ref->o.data(), t.o.size());
-  EXPECT_TRUE(o.Within(ORelL2Bound(p.dtype), 1e30)) << "o: " << o.ToString();
+  EXPECT_TRUE(o.Within(ORelL2Bound(OperandsOf(p.dtype, caps.fp32_forward_operands)), 1e30))
+      << "o: " << o.ToString();
   const ToleranceReport lse = CompareWithTolerance(
       static_cast<int64_t>(t.lse.size()), [&](int64_t i) { return t.lse[i]; }, ref->lse, 1e-3,
       1e-5);
   EXPECT_TRUE(lse.Clean()) << "lse: " << lse.ToString();
 }
 
-void ExpectGradsMatch(const HostCall& hc, const BackwardCall& call, double scale) {
+void ExpectGradsMatch(const HostCall& hc, const BackwardCall& call, double scale,
+                      const BackendCapabilities& caps) {
   const AttentionParams& f = hc.fwd;
-  const double bound = RelL2Bound(f.dtype);
+  const double bound = RelL2Bound(OperandsOf(f.dtype, caps.fp32_backward_operands));
   EXPECT_TRUE(GradClose("dq", call.dq, hc.ref.dq, scale, f.seqlen_q, f.heads, f.head_dim, bound));
   EXPECT_TRUE(GradClose("dk", call.dk, hc.ref.dk, scale, f.seqlen_k, f.heads_k, f.head_dim, bound));
   EXPECT_TRUE(GradClose("dv", call.dv, hc.ref.dv, scale, f.seqlen_k, f.heads_k, f.head_dim, bound));
@@ -311,7 +319,7 @@ class BackendConformance : public ::testing::TestWithParam<std::string> {
     AttentionBuffers t = MakeAttentionBuffers(&host, seed);
     const absl::Status s = RunForward(host, &t);
     ASSERT_TRUE(s.ok()) << s;
-    ExpectMatchesReference(host, t);
+    ExpectMatchesReference(host, t, caps_);
   }
 
   // Case c (inputs from `seed`, then its poisons) against the reference; skipped when the backend
@@ -323,7 +331,7 @@ class BackendConformance : public ::testing::TestWithParam<std::string> {
     ApplyNonFinite(c, &t);
     const absl::Status s = RunForward(host, &t);
     EXPECT_TRUE(s.ok()) << s;
-    if (s.ok()) ExpectMatchesReference(host, t);
+    if (s.ok()) ExpectMatchesReference(host, t, caps_);
   }
 
   // The backward of `fwd` (sizes and options) against the reference backward.
@@ -335,7 +343,7 @@ class BackendConformance : public ::testing::TestWithParam<std::string> {
     const absl::Status s = backend_->Backward(call.p, ExecutionContext{});
     ASSERT_TRUE(s.ok()) << s;
     call.Fetch(*space_);
-    ExpectGradsMatch(hc, call, 1.0);
+    ExpectGradsMatch(hc, call, 1.0, caps_);
   }
 
   std::unique_ptr<AttentionBackend> backend_;
@@ -366,7 +374,7 @@ TEST_P(BackendConformance, ForwardMergesIntoOutput) {
     const absl::Status s = backend_->Forward(second, ExecutionContext{});
     ASSERT_TRUE(s.ok()) << s;
     Fetch(*space_, p, &t);
-    ExpectMatchesReference(whole, t);
+    ExpectMatchesReference(whole, t, caps_);
   }
 }
 
@@ -397,7 +405,7 @@ TEST_P(BackendConformance, ClaimedOptionsAreComputed) {
     const absl::Status s = backend_->Forward(rest, ExecutionContext{});
     ASSERT_TRUE(s.ok()) << s;
     Fetch(*space_, p, &t);
-    ExpectMatchesReference(whole, t);
+    ExpectMatchesReference(whole, t, caps_);
   }
 }
 
@@ -496,7 +504,7 @@ TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
     if (s.code() == absl::StatusCode::kInvalidArgument) continue;  // options refused
     EXPECT_TRUE(s.ok()) << s;
     Fetch(*space_, p, &t);
-    ExpectMatchesReference(whole, t);
+    ExpectMatchesReference(whole, t, caps_);
   }
   SCOPED_TRACE("a negligible first half");
   AttentionParams whole;  // scores -100 and 100; NaN in key 0's v
@@ -509,7 +517,7 @@ TEST_P(BackendConformance, NonFiniteInputsSurviveMerges) {
   ASSERT_TRUE(backend_->Forward(second, ExecutionContext{}).ok());
   Fetch(*space_, p, &t);
   EXPECT_TRUE(std::isnan(t.o.Get(3))) << t.o.Get(3);
-  ExpectMatchesReference(whole, t);
+  ExpectMatchesReference(whole, t, caps_);
   if (!caps_.partial_input) return;
 
   // The same negligible first half as a read-only partial, merged before o is written.
@@ -543,7 +551,7 @@ TEST_P(BackendConformance, HostBackendsStopAtTheCancelFlag) {
   EXPECT_EQ(backend_->Forward(host, cancelled).code(), absl::StatusCode::kCancelled);
   cancel.store(false);
   ASSERT_TRUE(backend_->Forward(host, cancelled).ok());
-  ExpectMatchesReference(host, t);
+  ExpectMatchesReference(host, t, caps_);
   if (!caps_.backward) return;
   cancel.store(true);
   HostCall hc;
@@ -614,7 +622,7 @@ TEST_P(BackendConformance, ComputeDeltaThenAccumulate) {
     ASSERT_TRUE(b.ok()) << b;
   }
   call.Fetch(*space_);
-  ExpectGradsMatch(hc, call, 2.0);
+  ExpectGradsMatch(hc, call, 2.0, caps_);
 }
 
 #if RINGATTN_HAVE_CUDA
@@ -676,7 +684,7 @@ TEST_P(BackendConformance, DeviceCallsRunOnTheContextStream) {
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   }
   Fetch(*space_, p, &t);
-  ExpectMatchesReference(host, t);
+  ExpectMatchesReference(host, t, caps_);
   ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 #endif
 }

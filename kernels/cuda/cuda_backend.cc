@@ -5,10 +5,13 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
+#include "kernels/dtype.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/fp32_inputs.h"
 #include "kernels/cuda/non_finite_guard.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/params_check.h"
@@ -26,31 +29,63 @@ bool AnyPairAllowed(const AttentionParams& p) {
       .any;
 }
 
+// The fast kernel on `fast` behind the guard, the simple kernel on `p` (`fast` is `p`, or its
+// 16-bit copies).
+absl::Status Guarded(const AttentionParams& p, const AttentionParams& fast, cudaStream_t stream) {
+  if (!AnyPairAllowed(p)) return FlashForward(fast, stream);
+  return GuardedForward(
+      p, RowSpan{0, p.seqlen_q}, RowSpan{0, p.seqlen_k}, stream,
+      [&](const uint32_t* careful) { return FlashForward(fast, stream, careful); }, &fast);
+}
+
 class FlashCudaBackend final : public CudaBackend {
  public:
   std::string_view name() const override { return "cuda"; }
   BackendCapabilities capabilities() const override {
-    return {
-        .backward = true, .position_runs = true, .partial_input = true, .non_finite_rule = true};
+    return {.backward = true,
+            .position_runs = true,
+            .partial_input = true,
+            .fp32_inputs = true,
+            .fp32_forward_operands = DType::kF16,   // fp32_inputs.h
+            .fp32_backward_operands = DType::kBF16,
+            .non_finite_rule = true};
   }
 
  protected:
   // The fast kernel behind the non-finite guard (non_finite_guard.h): a call whose inputs hold
   // NaN, infinities or huge values is computed by the simple kernel instead, decided on the
-  // device. A call that allows no pair skips the guard: its inputs are not read.
+  // device. A call that allows no pair skips the guard: its inputs are not read. fp32 inputs
+  // run on fp16 copies (fp32_inputs.h); the guard scans the copies, so that a value beyond
+  // fp16's range sends the call to the simple kernel, which reads the fp32 originals.
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
-    RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
     const cudaStream_t stream = StreamOf(ctx);
-    if (!AnyPairAllowed(p)) return FlashForward(p, stream);
-    return GuardedForward(
-        p, RowSpan{0, p.seqlen_q}, RowSpan{0, p.seqlen_k}, stream,
-        [&](const uint32_t* careful) { return FlashForward(p, stream, careful); });
+    if (p.dtype == DType::kF32) {
+      // The kernel's other requirements, before anything is rounded.
+      RA_RETURN_IF_ERROR(CheckFlashForwardSupport(HalfCopyShape(p, DType::kF16)));
+      return WithHalfInputs(p, stream, [&](const AttentionParams& half) {
+        return Guarded(p, half, stream);
+      });
+    }
+    RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+    return Guarded(p, p, stream);
   }
   absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
+    const cudaStream_t stream = StreamOf(ctx);
+    if (p.fwd.dtype == DType::kF32) {
+      if (p.out_dtype != DType::kF32) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "cuda: out_dtype (", std::string(DTypeName(p.out_dtype)),
+            ") must be the input dtype (fp32)"));
+      }
+      RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(HalfCopyShape(p)));
+      return WithHalfInputs(p, stream, [&](const AttentionBackwardParams& half) {
+        return FlashBackwardAllocatingDelta(half, stream);
+      });
+    }
     // FlashBackward checks the kernel's support (before any scratch is allocated).
-    return FlashBackwardAllocatingDelta(p, StreamOf(ctx));
+    return FlashBackwardAllocatingDelta(p, stream);
   }
   absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
                               const ExecutionContext& ctx) override {

@@ -325,8 +325,8 @@ std::vector<Case> SweepCases() {
 
 class CudaVsReferenceTest : public GpuTest, public ::testing::WithParamInterface<Case> {};
 
-// Computes the fp64 reference once and checks both kernels against it (the fast kernel must
-// refuse fp32 inputs instead).
+// Computes the fp64 reference once and checks both kernels against it (the fast kernel takes
+// fp32 inputs on fp16 copies: fp16's tolerances, ToleranceFor).
 TEST_P(CudaVsReferenceTest, BothKernelsMatchFp64Reference) {
   const Case& c = GetParam();
   AttentionParams host = c.p;
@@ -338,11 +338,6 @@ TEST_P(CudaVsReferenceTest, BothKernelsMatchFp64Reference) {
     DeviceTensors d;
     const AttentionParams p = ToDevice(host, t, &d);
     const absl::Status s = RunOnDevice(backend, p);
-    if (backend == std::string(kFast) && host.dtype == DType::kF32) {
-      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-      EXPECT_NE(s.message().find("fp32"), std::string::npos) << s;
-      continue;
-    }
     ASSERT_TRUE(s.ok()) << s;
     FromDevice(d, &t);
     ExpectMatches(backend, host, t, *ref, ToleranceFor(backend, host));
@@ -766,11 +761,46 @@ TEST_F(CudaBackendTest, RefusesWhatItDoesNotSupport) {
     merge_f16.merge_into_output = true;
     EXPECT_EQ(backend->Forward(merge_f16).code(), absl::StatusCode::kInvalidArgument);
   }
-  std::unique_ptr<AttentionBackend> fast = Backend(kFast);
-  ASSERT_NE(fast, nullptr);
-  const absl::Status f32 = fast->Forward(p);
-  EXPECT_EQ(f32.code(), absl::StatusCode::kInvalidArgument) << f32;
-  EXPECT_NE(f32.message().find("fp32"), std::string::npos) << f32;
+}
+
+// fp32 inputs at awkward sizes (seq 1, 7, 3816; 5 heads; GQA and MQA) through the fast
+// backend's fp16 copies, within fp16's tolerances of the fp64 reference; and inputs beyond
+// fp16's range (|v| of 1e6 or 1e7, |q| and |k| of 1e4 or 1e5), which the guard sends to the
+// careful kernel on the fp32 originals: then within the simple kernel's own tolerances.
+TEST_F(CudaBackendTest, Fp32InputsOnTheFastBackend) {
+  struct Fp32Case {
+    const char* name;
+    AttentionParams p;
+    float big;  // > 0: one v element and one q and k row set to this size
+  };
+  const DType f32 = DType::kF32;
+  const std::vector<Fp32Case> cases = {
+      {"Seq1", Shape(1, 1, 5, 5, 64, f32, f32), 0},
+      {"Seq7CausalGqa", Causal(Shape(7, 7, 5, 1, 128, f32, f32)), 0},
+      {"Seq3816CausalMqa", Causal(Shape(3816, 3816, 5, 1, 64, f32, f32)), 0},
+      {"Seq7BeyondFp16", Causal(Shape(7, 7, 5, 5, 64, f32, f32)), 1e6f},
+      {"Seq300BeyondFp16Gqa", Shape(300, 300, 4, 2, 128, f32, f32), 1e7f},
+  };
+  for (const Fp32Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    AttentionParams host = c.p;
+    AttentionBuffers t = MakeAttentionBuffers(&host, SeedOf(c.name));
+    if (c.big > 0) {
+      t.v.Set(3 * host.v_row_stride + 5, c.big);  // row 3, head 0, element 5
+      for (int e = 0; e < host.head_dim; ++e) {   // q row 2 . k row 1 = head_dim * big^2 / 1e4
+        t.q.Set(2 * host.q_row_stride + e, c.big / 100);
+        t.k.Set(1 * host.k_row_stride + e, c.big / 100);
+      }
+    }
+    absl::StatusOr<ReferenceResult> ref = ReferenceForward(host);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    DeviceTensors d;
+    const AttentionParams p = ToDevice(host, t, &d);
+    const absl::Status s = RunOnDevice(kFast, p);
+    ASSERT_TRUE(s.ok()) << s;
+    FromDevice(d, &t);
+    ExpectMatches(kFast, host, t, *ref, ToleranceFor(c.big > 0 ? kSimple : kFast, host));
+  }
 }
 
 // ---- The non-finite guard's scan (non_finite_guard.h) ----------------------------------------

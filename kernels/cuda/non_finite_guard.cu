@@ -238,7 +238,8 @@ bool NonFiniteGuardEnabled() {
 
 absl::Status GuardedForward(const AttentionParams& p, RowSpan q_rows, RowSpan kv_rows,
                             cudaStream_t stream,
-                            absl::FunctionRef<absl::Status(const uint32_t* careful)> fast) {
+                            absl::FunctionRef<absl::Status(const uint32_t* careful)> fast,
+                            const AttentionParams* scanned) {
   if (!NonFiniteGuardEnabled()) return fast(nullptr);
   void* scratch = nullptr;
   RA_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&scratch, kGuardWords * sizeof(uint32_t), stream));
@@ -246,7 +247,8 @@ absl::Status GuardedForward(const AttentionParams& p, RowSpan q_rows, RowSpan kv
   const uint32_t* const careful = words + kGuardCarefulWord;
   absl::Status run = [&]() -> absl::Status {
     RA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(words, 0, kGuardWords * sizeof(uint32_t), stream));
-    RA_RETURN_IF_ERROR(LaunchNonFiniteScan(p, q_rows, kv_rows, words, stream));
+    RA_RETURN_IF_ERROR(LaunchNonFiniteScan(scanned != nullptr ? *scanned : p, q_rows, kv_rows,
+                                           words, stream));
     RA_RETURN_IF_ERROR(fast(careful));
     return CudaReferenceForward(p, stream, careful);
   }();

@@ -52,8 +52,11 @@ bool NonFiniteGuardEnabled();
 // `fast(careful)`, the caller's kernels, which must write nothing when *careful != 0 (a device
 // word, read on the device); CudaReferenceForward on `p`, which computes only when it is set;
 // the scratch's release. Returns the first error (the scratch is released on every path).
+// `scanned`, when given, is the call as the fast kernels see it (fp32 inputs rounded to 16
+// bits, fp32_inputs.h): the scan reads its tensors, the careful kernel still `p`'s.
 absl::Status GuardedForward(const AttentionParams& p, RowSpan q_rows, RowSpan kv_rows,
                             cudaStream_t stream,
-                            absl::FunctionRef<absl::Status(const uint32_t* careful)> fast);
+                            absl::FunctionRef<absl::Status(const uint32_t* careful)> fast,
+                            const AttentionParams* scanned = nullptr);
 
 }  // namespace ringattn

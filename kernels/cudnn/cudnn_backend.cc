@@ -23,6 +23,7 @@
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
 #include "kernels/cuda/flash_fwd.h"
+#include "kernels/cuda/fp32_inputs.h"
 #include "kernels/cuda/non_finite_guard.h"
 #include "kernels/cudnn/cudnn_backward.h"
 #include "kernels/cudnn/cudnn_context.h"
@@ -267,8 +268,10 @@ absl::Status CudnnSupports(const AttentionParams& p) {
 namespace {
 
 // Forward on `stream` with `c` (see cudnn_backend.h: the plan, cuDNN on the live block, the
-// epilogue).
-absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaStream_t stream) {
+// epilogue). `originals`, when given, is the call with its fp32 inputs, of which `p` holds the
+// 16-bit copies (fp32_inputs.h): the guard's careful kernel computes from them.
+absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaStream_t stream,
+                          const AttentionParams* originals = nullptr) {
   RA_RETURN_IF_ERROR(ValidateParams(p));
   RA_ASSIGN_OR_RETURN(const CudnnMaskPlan plan, PlanCudnnCall(p));
   if (!plan.empty) RA_RETURN_IF_ERROR(CheckAlignment(p, plan));
@@ -364,8 +367,10 @@ absl::Status CudnnForward(CudnnDeviceContext& c, const AttentionParams& p, cudaS
   };
   // Behind the non-finite guard (non_finite_guard.h), which scans the live block only: a call
   // whose live inputs hold NaN, infinities or huge values is computed by the simple kernel.
-  RA_RETURN_IF_ERROR(GuardedForward(p, RowSpan{plan.q_begin, plan.q_count},
-                                    RowSpan{plan.k_begin, plan.k_count}, stream, fast));
+  RA_RETURN_IF_ERROR(GuardedForward(originals != nullptr ? *originals : p,
+                                    RowSpan{plan.q_begin, plan.q_count},
+                                    RowSpan{plan.k_begin, plan.k_count}, stream, fast,
+                                    originals != nullptr ? &p : nullptr));
   return c.RecordDone(stream);
 }
 
@@ -378,7 +383,11 @@ class CudnnBackendImpl final : public CudnnBackend {
 
   std::string_view name() const override { return kCudnnName; }
   BackendCapabilities capabilities() const override {
-    return {.backward = true, .non_finite_rule = true};
+    return {.backward = true,
+            .fp32_inputs = true,
+            .fp32_forward_operands = DType::kF16,  // fp32_inputs.h
+            .fp32_backward_operands = DType::kBF16,
+            .non_finite_rule = true};
   }
 
   int64_t graph_builds() const override {
@@ -421,11 +430,29 @@ class CudnnBackendImpl final : public CudnnBackend {
   absl::Status WaitForGraphs() override { return context_.WaitForBackgroundBuilds(); }
 
  protected:
+  // fp32 inputs run on 16-bit copies (fp32_inputs.h), as on the cuda backend.
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
-    return CudnnForward(context_, p, StreamOf(ctx));
+    const cudaStream_t stream = StreamOf(ctx);
+    if (p.dtype != DType::kF32) return CudnnForward(context_, p, stream);
+    RA_RETURN_IF_ERROR(ValidateParams(p));
+    RA_RETURN_IF_ERROR(CudnnSupports(HalfCopyShape(p, DType::kF16)));  // before any rounding
+    return WithHalfInputs(p, stream, [&](const AttentionParams& half) {
+      return CudnnForward(context_, half, stream, &p);
+    });
   }
   absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
-    return CudnnBackward(context_, p, StreamOf(ctx));
+    const cudaStream_t stream = StreamOf(ctx);
+    if (p.fwd.dtype != DType::kF32) return CudnnBackward(context_, p, stream);
+    RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
+    if (p.out_dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cudnn: out_dtype (", std::string(DTypeName(p.out_dtype)),
+          ") must be the input dtype (fp32)"));
+    }
+    RA_RETURN_IF_ERROR(CudnnBackwardSupports(HalfCopyShape(p)));  // before any rounding
+    return WithHalfInputs(p, stream, [&](const AttentionBackwardParams& half) {
+      return CudnnBackward(context_, half, stream);
+    });
   }
   absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
                               const ExecutionContext& ctx) override {
