@@ -312,7 +312,7 @@ using test::OptionCase;
 class DeviceRingBackwardOptions : public GpuTest,
                                   public ::testing::WithParamInterface<OptionCase> {};
 
-// Window, ALiBi, softcap (our kernel only), alone and together, fp16, other head dims:
+// Window, ALiBi, softcap, dropout (our kernel only), alone and together, fp16, other head dims:
 // W = 2, 3, 4 in every layout against fp64 and against W = 1.
 TEST_P(DeviceRingBackwardOptions, CudaMatchesReferenceAndOneRank) {
   const OptionCase& c = GetParam();
@@ -336,7 +336,12 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"mqa8to1_d128", kBf16, 8, 1, 128, 255, false, kNoWindow, false, 0},
         OptionCase{"d256_causal", kBf16, 4, 2, 256, 200, true, kNoWindow, false, 0},
         OptionCase{"all_bf16", kBf16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f},
-        OptionCase{"all_fp16", kFp16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f}),
+        OptionCase{"all_fp16", kFp16, 8, 2, 64, 381, false, {30, 30}, true, 20.0f},
+        // Dropout: every rank drops the pairs the whole call's forward dropped (global
+        // positions), so the ring's gradients equal the fp64 reference's.
+        OptionCase{"dropout_causal_gqa", kBf16, 5, 1, 64, 255, true, kNoWindow, false, 0, 0.2f},
+        OptionCase{"dropout_all_fp16", kFp16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
+                   0.1f}),
     [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
 
 class DeviceRingBackward : public GpuTest {};

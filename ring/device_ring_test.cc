@@ -385,7 +385,9 @@ Tolerance VsSingle(const char* backend, DType dtype) {
   return dtype == DType::kBF16 ? Tolerance{8e-3, 3e-2, 1e-3} : Tolerance{2e-3, 4e-3, 1e-3};
 }
 
-Tolerance VsReference(DType dtype) {
+// The fast backend computes fp32 inputs on fp16 copies (kernels/cuda/fp32_inputs.h): fp16's.
+Tolerance VsReference(const char* backend, DType dtype) {
+  if (dtype == DType::kF32 && std::string(backend) == kFast) dtype = DType::kF16;
   switch (dtype) {
     // cuda_reference's own bound against fp64 (cuda_backend_test): fp32 exp/tanh and sums.
     case DType::kF32:
@@ -418,9 +420,9 @@ void ExpectMatchesSingle(const std::string& what, const Problem& pr, const char*
                     tol.lse_max_abs));
 }
 
-void ExpectMatchesReference(const std::string& what, const Problem& pr, const Tensors& ring,
-                            const ReferenceResult& ref) {
-  const Tolerance tol = VsReference(pr.dtype);
+void ExpectMatchesReference(const std::string& what, const char* backend, const Problem& pr,
+                            const Tensors& ring, const ReferenceResult& ref) {
+  const Tolerance tol = VsReference(backend, pr.dtype);
   EXPECT_TRUE(Close(what + " o vs fp64", pr, false, ring.out.data(), pr.dtype, ref.o, tol.o_rel_l2,
                     tol.o_max_abs));
   EXPECT_TRUE(Close(what + " lse vs fp64", pr, true, ring.lse.data(), DType::kF32, ref.lse, 1.0,
@@ -741,7 +743,7 @@ TEST_P(DeviceRingLayouts, MatchesSingleCallAndReference) {
   } else {
     ExpectMatchesSingle(name, pr, kFast, ring, single);
   }
-  ExpectMatchesReference(name + " cuda", pr, ring, Reference(pr));
+  ExpectMatchesReference(name + " cuda", kFast, pr, ring, Reference(pr));
 
   const Tensors single_simple = RunSingle(pr, kSimple);
   const Tensors ring_simple = RunRing(pr, world, layout, kSimple);
@@ -765,6 +767,7 @@ struct OptionCase {
   std::pair<int64_t, int64_t> window;
   bool alibi;
   float softcap;
+  float dropout = 0.0f;  // with seed 17 (ApplyOptionCase): the CPU path's mask
 };
 
 class DeviceRingOptions : public GpuTest, public ::testing::WithParamInterface<OptionCase> {};
@@ -784,7 +787,7 @@ TEST_P(DeviceRingOptions, MatchesSingleCallAndReference) {
     }
   }
   const Tensors ring = RunRing(pr, 4, Layout::kZigzag, c.backend);
-  ExpectMatchesReference(RingName(4, Layout::kZigzag), pr, ring, Reference(pr));
+  ExpectMatchesReference(RingName(4, Layout::kZigzag), c.backend, pr, ring, Reference(pr));
 }
 
 const DType kBf16 = DType::kBF16;
@@ -807,6 +810,12 @@ INSTANTIATE_TEST_SUITE_P(
         OptionCase{"seq1", kFast, kBf16, 4, 2, 64, 1, true, kNoWindow, false, 0},
         OptionCase{"seq7_d128", kFast, kBf16, 4, 2, 128, 7, true, kNoWindow, false, 0},
         OptionCase{"seq1000_uneven", kFast, kBf16, 8, 2, 128, 1000, true, kNoWindow, false, 0},
+        OptionCase{"dropout_causal_gqa", kFast, kBf16, 5, 1, 64, 255, true, kNoWindow, false, 0,
+                   0.2f},
+        OptionCase{"dropout_all_fp16", kFast, kFp16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
+                   0.1f},
+        OptionCase{"dropout_simple", kSimple, kBf16, 5, 5, 64, 7, true, kNoWindow, false, 0, 0.3f},
+        OptionCase{"fp32_fast", kFast, kFp32, 5, 1, 64, 255, true, kNoWindow, false, 0},
         OptionCase{"fp32_simple", kSimple, kFp32, 5, 5, 64, 255, true, kNoWindow, true, 0},
         OptionCase{
             "fp32_simple_all", kSimple, kFp32, 8, 2, 128, 1000, true, {100, -1}, true, 20.0f}),

@@ -34,6 +34,8 @@ struct Case {
   int64_t q_pos_offset = 0;  // global position of query row 0 (a ring step's shard offset)
   // Second runs of positions (AttentionParams::q_pos_split), a zigzag step in one call.
   int64_t q_split = kNoPosSplit, q_offset2 = 0, k_split = kNoPosSplit, k_offset2 = 0;
+  float dropout_p = 0.0f;  // with dropout_seed, AttentionParams' dropout
+  uint64_t dropout_seed = 0;
 };
 
 inline std::string CaseName(const Case& c) {
@@ -50,6 +52,9 @@ inline std::string CaseName(const Case& c) {
   if (c.q_pos_offset != 0) absl::StrAppend(&s, "_qoff", c.q_pos_offset);
   if (c.q_split != kNoPosSplit) absl::StrAppend(&s, "_qruns", c.q_split, "at", c.q_offset2);
   if (c.k_split != kNoPosSplit) absl::StrAppend(&s, "_kruns", c.k_split, "at", c.k_offset2);
+  if (c.dropout_p > 0.0f) {
+    absl::StrAppend(&s, "_dropout", static_cast<int>(c.dropout_p * 100), "seed", c.dropout_seed);
+  }
   return s;
 }
 
@@ -103,6 +108,8 @@ inline void MakeHostCall(const Case& c, HostCall* hc) {
   fwd.window_right = c.window_right;
   fwd.softcap = c.softcap;
   fwd.q_pos_offset = c.q_pos_offset;
+  fwd.dropout_p = c.dropout_p;
+  fwd.dropout_seed = c.dropout_seed;
   MakeHostCallOf(Runs(fwd, c.q_split, c.q_offset2, c.k_split, c.k_offset2), c.alibi, hc);
 }
 

@@ -45,6 +45,7 @@ class FlashCudaBackend final : public CudaBackend {
     return {.backward = true,
             .position_runs = true,
             .partial_input = true,
+            .dropout = true,
             .fp32_inputs = true,
             .fp32_forward_operands = DType::kF16,   // fp32_inputs.h
             .fp32_backward_operands = DType::kBF16,
@@ -101,7 +102,11 @@ class ReferenceCudaBackend final : public CudaBackend {
   std::string_view name() const override { return "cuda_reference"; }
   BackendCapabilities capabilities() const override {
     return {
-        .position_runs = true, .partial_input = true, .fp32_inputs = true, .non_finite_rule = true};
+        .position_runs = true,
+        .partial_input = true,
+        .dropout = true,
+        .fp32_inputs = true,
+        .non_finite_rule = true};
   }
 
  protected:

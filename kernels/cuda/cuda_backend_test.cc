@@ -58,6 +58,7 @@ namespace {
 
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
+using kernel_testing::Dropout;
 using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceTensors;
 using kernel_testing::ExpectEmptyRowsKeepThePartial;
@@ -297,6 +298,16 @@ std::vector<Case> SweepCases() {
       {"Long3816CausalGqa", Causal(Shape(3816, 3816, 2, 1, 64))},
       {"Long3816F16WindowAlibiSoftcap",
        Softcap(Window(Shape(3816, 3816, 1, 1, 128, f16, f32), 300, 100), 30.0f), true},
+      // Dropout: the CPU path's mask (DropoutFactor of each pair's global positions), which
+      // the fp64 reference applies too; any other mask would be far outside the tolerance.
+      {"DropoutSeq1", Dropout(Shape(1, 1, 5, 5, 64), 0.3f, 11)},
+      {"DropoutSeq7CausalGqa", Dropout(Causal(Shape(7, 7, 5, 1, 128, f16, f16)), 0.2f, 12)},
+      {"DropoutLong3816CausalGqa", Dropout(Causal(Shape(3816, 3816, 5, 1, 64)), 0.1f, 13)},
+      {"DropoutRingStepWindowAlibiSoftcap",
+       Dropout(Softcap(Window(Positions(Shape(200, 260, 8, 2, 256), 500, 1, 300, 1), 90, 4),
+                       25.0f),
+               0.25f, 14),
+       true},
   };
   // Every pair of mask and score options on a small strided ring-step shape.
   const AttentionParams ring_step = Positions(Shape(77, 133, 4, 2, 64), 200, 3, 150, 2);

@@ -192,6 +192,27 @@ std::vector<Case> SweepCases() {
     cases.push_back(offset);
   }
   cases.push_back({3816, 3816, 5, 5, 64, DType::kBF16, /*causal=*/true});
+  // Dropout: the forward's mask (the fp64 reference drops the same pairs), at awkward sizes,
+  // with GQA, masks, score mods and a ring step's offset.
+  for (int d : {64, 128, 256}) {
+    Case one{1, 1, 5, 5, d, DType::kBF16};
+    Case seven{7, 7, 5, 1, d, DType::kF16, /*causal=*/true};
+    Case window{255, 300, 8, 2, d, DType::kBF16, false, 40, 8};
+    window.softcap = 10.0f;
+    window.alibi = true;
+    Case step{255, 400, 8, 2, d, DType::kF16, /*causal=*/true};
+    step.q_pos_offset = 300;
+    uint64_t seed = 40;
+    for (Case* c : {&one, &seven, &window, &step}) {
+      c->dropout_p = 0.2f;
+      c->dropout_seed = seed++;
+      cases.push_back(*c);
+    }
+  }
+  Case long_dropout{3816, 3816, 5, 1, 64, DType::kBF16, /*causal=*/true};
+  long_dropout.dropout_p = 0.1f;
+  long_dropout.dropout_seed = 7;
+  cases.push_back(long_dropout);
   // Two runs of positions per call (the ring's zigzag step in one call).
   for (int d : {64, 128}) {
     Case runs{200, 180, 8, 2, d, DType::kBF16, /*causal=*/true};

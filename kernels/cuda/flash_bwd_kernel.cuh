@@ -147,6 +147,11 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
         SAcc<Traits> s;  // S^T, then P^T, then dS^T
         MmaRowsByRows<Traits, kDType>(s, smem_k, 16 * group, q_tile, lane);
         float dmod[kScoreMods ? Traits::kNTilesS : 1][4];  // softcap's 1 - tanh^2
+        // Dropout (mods only): bit 4 j + e set where pair (j, e) is kept (DropoutFactor
+        // nonzero), as the forward dropped it.
+        static_assert(Traits::kNTilesS * 4 <= 64, "one bit per element of s");
+        const bool dropout = kScoreMods && p.dropout_p > 0.0f;
+        uint64_t kept = 0;
         // Scores, mask, probabilities. Element (j, e): key warp_key0 + g + 8 (e / 2), query
         // row m0 + 8 j + 2 t + e % 2.
 #pragma unroll
@@ -181,27 +186,42 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
                 }
                 dmod[j][2 * r + c] = d;
                 x = ModScore(p, h, x, q_pos, k_pos);
+                if (dropout && DropoutFactor(p, b, h, q_pos, k_pos) != 0.0f) {
+                  kept |= uint64_t{1} << (4 * j + 2 * r + c);
+                }
               }
               x = allowed ? flash::Exp2(fmaf(x, score_to_log2, -lse_log2)) : 0.0f;
             }
           }
         }
-        // dV += P^T dO.
-        MmaAccByRows<Traits, kDType>(acc_dv, s, do_tile, col0, lane);
-        // dP^T = V dO^T, then dS^T = P^T (dP^T - D) [(1 - tanh^2)].
+        // dV += P^T dO (with dropout, Z^T dO below, Z = P m: m the pair's DropoutFactor).
+        if (!dropout) MmaAccByRows<Traits, kDType>(acc_dv, s, do_tile, col0, lane);
+        // dP^T = V dO^T, then dS^T = P^T (m dP^T - D) [(1 - tanh^2)]; D = dO . O is dropout's
+        // already (docs/kernels.md, "Dropout").
         {
           SAcc<Traits> dp;
           MmaRowsByRows<Traits, kDType>(dp, smem_v, 16 * group, do_tile, lane);
+          const float keep_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 #pragma unroll
           for (int j = 0; j < Traits::kNTilesS; ++j) {
             const float2 dd = flash::LoadSharedF32x2(smem_delta + buf * Traits::kVecBytes +
                                                      (8 * j + 2 * (lane & 3)) * 4);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              float ds = s[j][e] * (dp[j][e] - ((e & 1) == 0 ? dd.x : dd.y));
-              if constexpr (kScoreMods) ds *= dmod[j][e];
+              float m = 1.0f;
+              if constexpr (kScoreMods) {
+                if (dropout) m = (kept >> (4 * j + e)) & 1 ? keep_scale : 0.0f;
+              }
+              float ds = s[j][e] * (m * dp[j][e] - ((e & 1) == 0 ? dd.x : dd.y));
+              if constexpr (kScoreMods) {
+                ds *= dmod[j][e];
+                if (dropout) dp[j][e] = s[j][e] * m;  // Z^T, for dV
+              }
               s[j][e] = ds;
             }
+          }
+          if constexpr (kScoreMods) {
+            if (dropout) MmaAccByRows<Traits, kDType>(acc_dv, dp, do_tile, col0, lane);
           }
         }
         // dK += dS^T Q.

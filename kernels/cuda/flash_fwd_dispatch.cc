@@ -45,10 +45,6 @@ absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
         "cuda: seq_bounds (packed variable-length sequences) is not supported by the cuda "
         "kernels yet; the cpu backends have it");
   }
-  if (p.dropout_p > 0.0f) {
-    return absl::InvalidArgumentError(
-        "cuda: dropout_p > 0 is not supported by the cuda kernels yet; the cpu backends have it");
-  }
   if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda: dtype ", std::string(DTypeName(p.dtype)),

@@ -22,9 +22,9 @@ namespace flash_fwd {
 
 // Grid: one CTA per (query block, head, batch), in the tiling's order (QueryBlockOf); block:
 // Traits::kThreads; dynamic shared memory Traits::kSmemBytes, 1 KB aligned. `p` is validated
-// and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap or ALiBi slopes (the
-// launch picks the instantiation; a compile-time switch so that the plain kernel carries none
-// of the mods' registers). `skip_if_set`, when non-null, is the non-finite guard's device word
+// and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap, ALiBi slopes or
+// dropout (the launch picks the instantiation; a compile-time switch so that the plain kernel
+// carries none of the mods' registers). `skip_if_set`, when non-null, is the non-finite guard's device word
 // (non_finite_guard.h): set, the CTA returns before loading or writing anything.
 template <typename Traits, DType kDType, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
@@ -101,6 +101,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       MmaS<Traits, kDType>(s, q_frag, smem_q, stage_k, warp, lane);
       if (kScoreMods || cut) ScoresAndMask<Traits>(s, kScoreMods, cut, p, h, row0, n0, lane);
       UpdateSoftmax<Traits>(s, acc_o, state, kScoreMods ? 1.0f : p.softmax_scale);
+      if constexpr (kScoreMods) {
+        if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, row0, n0, lane);
+      }
       MmaPV<Traits, kDType>(acc_o, s, stage_v, lane);
     };
     auto load_block = [&](int64_t n, int stage) {

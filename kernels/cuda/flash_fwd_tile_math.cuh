@@ -195,6 +195,32 @@ __device__ __forceinline__ void UpdateSoftmax(STile<Traits>& s, OTile<Traits>& a
   }
 }
 
+// Dropout (p.dropout_p > 0): each probability of the block times DropoutFactor of its pair
+// (score_mod.h: the CPU path's counter-based mask, on global positions, so every ring step,
+// layout and the backward drop the same pairs). After UpdateSoftmax, whose row sums are the
+// softmax's normaliser (dropout's input, not its output), and before MmaPV. Elements as in
+// ScoresAndMask; a masked or absent key's probability is 0 and stays 0.
+template <typename Traits>
+__device__ __forceinline__ void ApplyDropout(STile<Traits>& s, const AttentionParams& p, int b,
+                                             int h, int64_t warp_row0, int64_t n0, int lane) {
+  int64_t q_pos[Traits::kRows];
+#pragma unroll
+  for (int i = 0; i < Traits::kRows; ++i) {
+    q_pos[i] = QueryPos(p, warp_row0 + 16 * (i / 2) + 8 * (i % 2) + lane / 4);
+  }
+#pragma unroll
+  for (int j = 0; j < Traits::kNTilesS; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t k_pos = KeyPos(p, n0 + j * 8 + 2 * (lane & 3) + c);
+#pragma unroll
+      for (int i = 0; i < Traits::kRows; ++i) {
+        s[i / 2][j][2 * (i % 2) + c] *= DropoutFactor(p, b, h, q_pos[i], k_pos);
+      }
+    }
+  }
+}
+
 // O += P V for the V tile at `smem_v` ([kBlockN, kHeadDim], swizzled). P's A fragment for
 // k-step kb (keys 16 kb .. 16 kb + 15) is S tiles 2 kb and 2 kb + 1 packed to 16 bits: the
 // accumulator layout of an n8 tile equals the A layout of half a k16 step. B = V (rows = keys)

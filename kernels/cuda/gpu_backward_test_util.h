@@ -118,8 +118,8 @@ inline void ExpectBackwardRefused(AttentionBackend& backend, const AttentionBack
 }
 
 // What no GPU backward takes, each with a part of the message it must give: packed sequences
-// (with bf16 and with fp32 inputs: fp32 calls are checked before they are rounded), dropout,
-// dO in another dtype than the inputs (each on FakeBackwardCall).
+// (with bf16 and with fp32 inputs: fp32 calls are checked before they are rounded), dO in
+// another dtype than the inputs (each on FakeBackwardCall).
 struct BackwardRefusal {
   std::string name;
   AttentionBackwardParams p;
@@ -134,9 +134,6 @@ inline std::vector<BackwardRefusal> RefusalsOfEveryGpuBackward() {
   r.push_back({"PackedSequences", p, "packed variable-length sequences"});
   p.fwd.dtype = p.out_dtype = DType::kF32;
   r.push_back({"PackedSequencesFp32", p, "packed variable-length sequences"});
-  p = FakeBackwardCall();
-  p.fwd.dropout_p = 0.1f;
-  r.push_back({"Dropout", p, "dropout_p"});
   p = FakeBackwardCall();
   p.out_dtype = DType::kF32;
   r.push_back({"OutDtypeMismatch", p, "out_dtype"});

@@ -99,9 +99,9 @@ __device__ __forceinline__ void ReferenceRow(const AttentionParams& p, int64_t r
       float w = 0.0f;
       const bool allowed = j < p.seqlen_k && KeyAllowed(p, q_pos, KeyPos(p, j));
       if (allowed) w = expf(score(j) - row_max);
-      weights[tid] = w;
+      local_sum += w;  // the softmax's normaliser: dropout comes after it
+      weights[tid] = allowed ? w * DropoutFactor(p, b, h, q_pos, KeyPos(p, j)) : 0.0f;
       visible[tid] = allowed;
-      local_sum += w;
       __syncthreads();
       const int64_t count = p.seqlen_k - chunk < kThreads ? p.seqlen_k - chunk : kThreads;
       for (int64_t jj = 0; jj < count; ++jj) {
@@ -200,10 +200,6 @@ absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream,
     return absl::InvalidArgumentError(
         "cuda_reference: seq_bounds (packed variable-length sequences) is not supported on GPUs "
         "yet; the cpu backends have it");
-  }
-  if (p.dropout_p > 0.0f) {
-    return absl::InvalidArgumentError(
-        "cuda_reference: dropout_p > 0 is not supported on GPUs yet; the cpu backends have it");
   }
   if (p.head_dim > kMaxHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("cuda_reference: head_dim ", p.head_dim,

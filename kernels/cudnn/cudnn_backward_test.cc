@@ -119,6 +119,14 @@ TEST(CudnnBackwardHostTest, RefusesWhatNoGpuBackwardTakes) {
   }
 }
 
+// cuDNN's dropout draws its own mask (Philox), not the pairs' DropoutFactor that the forward
+// dropped: refused, naming the option.
+TEST(CudnnBackwardHostTest, RefusesDropout) {
+  AttentionBackwardParams p = FakeCall();
+  p.fwd.dropout_p = 0.1f;
+  ExpectRefused(p, "dropout_p");
+}
+
 TEST(CudnnBackwardHostTest, RefusesAlibi) {
   AttentionBackwardParams p = FakeCall();
   static const float slopes[4] = {0.5f, 0.25f, 0.125f, 0.0625f};
