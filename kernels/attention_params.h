@@ -78,10 +78,13 @@ struct AttentionParams {
   // [seq_bounds[i], seq_bounds[i + 1]) form sequence i, and a key is allowed only within its
   // query's sequence (then causal, window and ALiBi apply as for one sequence, on the same
   // global positions). num_seqs + 1 entries, non-decreasing, covering every position of the
-  // call; host memory. Null (the default): one sequence. The cpu backends take it; the GPU
-  // backends refuse it (INVALID_ARGUMENT naming seq_bounds).
+  // call; host memory. Null (the default): one sequence. The cpu and cuda backends take it;
+  // cudnn refuses it (INVALID_ARGUMENT naming seq_bounds).
   const int64_t* seq_bounds = nullptr;
   int num_seqs = 0;
+  // The same bounds in device memory, which GPU kernels read (AllowedKeySpan on the device). Set
+  // by the GPU backends themselves (kernels/cuda/device_seq_bounds.h); callers leave it null.
+  const int64_t* seq_bounds_device = nullptr;
   bool causal = false;  // key allowed only when k_pos <= q_pos
   // Key allowed only when q_pos - window_left <= k_pos <= q_pos + window_right;
   // kUnboundedWindow (-1) on a side means no limit there.

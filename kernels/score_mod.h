@@ -34,13 +34,13 @@ RA_HD KeySpan WindowKeySpan(const AttentionParams& p, int64_t q_pos) {
   return s;
 }
 
-// Index of the packed sequence holding position `pos` (AttentionParams::seq_bounds): the last
-// i < num_seqs with seq_bounds[i] <= pos, by binary search.
-inline int64_t SequenceOf(const AttentionParams& p, int64_t pos) {
-  int64_t lo = 0, hi = p.num_seqs - 1;  // the answer is in [lo, hi]
+// Index of the packed sequence holding position `pos` in `bounds` (num_seqs + 1 entries,
+// AttentionParams::seq_bounds): the last i < num_seqs with bounds[i] <= pos, by binary search.
+RA_HD int64_t SequenceOf(const int64_t* bounds, int num_seqs, int64_t pos) {
+  int64_t lo = 0, hi = num_seqs - 1;  // the answer is in [lo, hi]
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (p.seq_bounds[mid] <= pos) {
+    if (bounds[mid] <= pos) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -51,17 +51,20 @@ inline int64_t SequenceOf(const AttentionParams& p, int64_t pos) {
 
 // Every mask as one inclusive span of key positions per query. Both ends are non-decreasing in
 // the query position (the window's and the sequence's alike), which block classification and
-// the kernels' key ranges rely on. The packed-sequence clamp is host code only: the GPU
-// backends refuse seq_bounds, so their kernels keep the span they were tuned with.
+// the kernels' key ranges rely on. Packed sequences clamp the span to the query's sequence:
+// host code reads seq_bounds, device code its device copy (seq_bounds_device).
 RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
   KeySpan s = WindowKeySpan(p, q_pos);
-#if !defined(__CUDA_ARCH__)
-  if (p.seq_bounds != nullptr) {
-    const int64_t i = SequenceOf(p, q_pos);
-    if (s.lo < p.seq_bounds[i]) s.lo = p.seq_bounds[i];
-    if (s.hi > p.seq_bounds[i + 1] - 1) s.hi = p.seq_bounds[i + 1] - 1;
-  }
+#if defined(__CUDA_ARCH__)
+  const int64_t* bounds = p.seq_bounds_device;
+#else
+  const int64_t* bounds = p.seq_bounds;
 #endif
+  if (bounds != nullptr) {
+    const int64_t i = SequenceOf(bounds, p.num_seqs, q_pos);
+    if (s.lo < bounds[i]) s.lo = bounds[i];
+    if (s.hi > bounds[i + 1] - 1) s.hi = bounds[i + 1] - 1;
+  }
   return s;
 }
 

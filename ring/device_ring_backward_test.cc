@@ -341,7 +341,12 @@ INSTANTIATE_TEST_SUITE_P(
         // positions), so the ring's gradients equal the fp64 reference's.
         OptionCase{"dropout_causal_gqa", kBf16, 5, 1, 64, 255, true, kNoWindow, false, 0, 0.2f},
         OptionCase{"dropout_all_fp16", kFp16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f,
-                   0.1f}),
+                   0.1f},
+        // Packed sequences: each rank's queries meet only their own sequence's keys.
+        OptionCase{"packed_causal_gqa", kBf16, 5, 1, 64, 255, true, kNoWindow, false, 0, 0,
+                   {0, 1, 8, 8, 200, 255}},
+        OptionCase{"packed_all_fp16", kFp16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f, 0.1f,
+                   {0, 7, 300, 381}}),
     [](const ::testing::TestParamInfo<OptionCase>& info) { return info.param.name; });
 
 class DeviceRingBackward : public GpuTest {};

@@ -768,6 +768,7 @@ struct OptionCase {
   bool alibi;
   float softcap;
   float dropout = 0.0f;  // with seed 17 (ApplyOptionCase): the CPU path's mask
+  std::vector<int64_t> cu_seqlens = {};  // packed sequences (options.seq_bounds); empty: one
 };
 
 class DeviceRingOptions : public GpuTest, public ::testing::WithParamInterface<OptionCase> {};
@@ -816,6 +817,12 @@ INSTANTIATE_TEST_SUITE_P(
                    0.1f},
         OptionCase{"dropout_simple", kSimple, kBf16, 5, 5, 64, 7, true, kNoWindow, false, 0, 0.3f},
         OptionCase{"fp32_fast", kFast, kFp32, 5, 1, 64, 255, true, kNoWindow, false, 0},
+        OptionCase{"packed_causal_gqa", kFast, kBf16, 5, 1, 64, 255, true, kNoWindow, false, 0,
+                   0, {0, 1, 8, 8, 200, 255}},
+        OptionCase{"packed_all", kFast, kFp16, 8, 2, 128, 381, true, {60, -1}, true, 20.0f, 0.1f,
+                   {0, 7, 300, 381}},
+        OptionCase{"packed_simple", kSimple, kBf16, 5, 5, 64, 255, true, kNoWindow, false, 0, 0,
+                   {0, 100, 255}},
         OptionCase{"fp32_simple", kSimple, kFp32, 5, 5, 64, 255, true, kNoWindow, true, 0},
         OptionCase{
             "fp32_simple_all", kSimple, kFp32, 8, 2, 128, 1000, true, {100, -1}, true, 20.0f}),

@@ -36,6 +36,7 @@ struct Case {
   int64_t q_split = kNoPosSplit, q_offset2 = 0, k_split = kNoPosSplit, k_offset2 = 0;
   float dropout_p = 0.0f;  // with dropout_seed, AttentionParams' dropout
   uint64_t dropout_seed = 0;
+  std::vector<int64_t> seq_bounds = {};  // packed sequences (positions); empty: one
 };
 
 inline std::string CaseName(const Case& c) {
@@ -55,6 +56,7 @@ inline std::string CaseName(const Case& c) {
   if (c.dropout_p > 0.0f) {
     absl::StrAppend(&s, "_dropout", static_cast<int>(c.dropout_p * 100), "seed", c.dropout_seed);
   }
+  if (!c.seq_bounds.empty()) absl::StrAppend(&s, "_packed", c.seq_bounds.size() - 1);
   return s;
 }
 
@@ -110,6 +112,7 @@ inline void MakeHostCall(const Case& c, HostCall* hc) {
   fwd.q_pos_offset = c.q_pos_offset;
   fwd.dropout_p = c.dropout_p;
   fwd.dropout_seed = c.dropout_seed;
+  if (!c.seq_bounds.empty()) fwd = Packed(fwd, c.seq_bounds);
   MakeHostCallOf(Runs(fwd, c.q_split, c.q_offset2, c.k_split, c.k_offset2), c.alibi, hc);
 }
 

@@ -9,6 +9,7 @@
 #include "base/status_macros.h"
 #include "kernels/backend_registry.h"
 #include "kernels/dtype.h"
+#include "kernels/cuda/device_seq_bounds.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/fp32_inputs.h"
@@ -45,6 +46,7 @@ class FlashCudaBackend final : public CudaBackend {
     return {.backward = true,
             .position_runs = true,
             .partial_input = true,
+            .packed_sequences = true,
             .dropout = true,
             .fp32_inputs = true,
             .fp32_forward_operands = DType::kF16,   // fp32_inputs.h
@@ -57,36 +59,37 @@ class FlashCudaBackend final : public CudaBackend {
   // NaN, infinities or huge values is computed by the simple kernel instead, decided on the
   // device. A call that allows no pair skips the guard: its inputs are not read. fp32 inputs
   // run on fp16 copies (fp32_inputs.h); the guard scans the copies, so that a value beyond
-  // fp16's range sends the call to the simple kernel, which reads the fp32 originals.
+  // fp16's range sends the call to the simple kernel, which reads the fp32 originals. Packed
+  // sequences: the kernels read a device copy of the bounds (device_seq_bounds.h). Every
+  // requirement is checked before any device work (fp32: on the copies' shape).
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
     const cudaStream_t stream = StreamOf(ctx);
-    if (p.dtype == DType::kF32) {
-      // The kernel's other requirements, before anything is rounded.
-      RA_RETURN_IF_ERROR(CheckFlashForwardSupport(HalfCopyShape(p, DType::kF16)));
-      return WithHalfInputs(p, stream, [&](const AttentionParams& half) {
-        return Guarded(p, half, stream);
+    const bool fp32 = p.dtype == DType::kF32;
+    RA_RETURN_IF_ERROR(CheckFlashForwardSupport(fp32 ? HalfCopyShape(p, DType::kF16) : p));
+    return WithDeviceSeqBounds(p, stream, [&](const AttentionParams& with) -> absl::Status {
+      if (!fp32) return Guarded(with, with, stream);
+      return WithHalfInputs(with, stream, [&](const AttentionParams& half) {
+        return Guarded(with, half, stream);
       });
-    }
-    RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-    return Guarded(p, p, stream);
+    });
   }
   absl::Status DoBackward(const AttentionBackwardParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateBackwardParams(p));
     const cudaStream_t stream = StreamOf(ctx);
-    if (p.fwd.dtype == DType::kF32) {
-      if (p.out_dtype != DType::kF32) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "cuda: out_dtype (", std::string(DTypeName(p.out_dtype)),
-            ") must be the input dtype (fp32)"));
-      }
-      RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(HalfCopyShape(p)));
-      return WithHalfInputs(p, stream, [&](const AttentionBackwardParams& half) {
+    const bool fp32 = p.fwd.dtype == DType::kF32;
+    if (fp32 && p.out_dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda: out_dtype (",
+                                                     std::string(DTypeName(p.out_dtype)),
+                                                     ") must be the input dtype (fp32)"));
+    }
+    RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(fp32 ? HalfCopyShape(p) : p));
+    return WithDeviceSeqBounds(p, stream, [&](const AttentionBackwardParams& with) {
+      if (!fp32) return FlashBackwardAllocatingDelta(with, stream);
+      return WithHalfInputs(with, stream, [&](const AttentionBackwardParams& half) {
         return FlashBackwardAllocatingDelta(half, stream);
       });
-    }
-    // FlashBackward checks the kernel's support (before any scratch is allocated).
-    return FlashBackwardAllocatingDelta(p, stream);
+    });
   }
   absl::Status DoComputeDelta(const AttentionBackwardParams& p, float* delta,
                               const ExecutionContext& ctx) override {
@@ -104,6 +107,7 @@ class ReferenceCudaBackend final : public CudaBackend {
     return {
         .position_runs = true,
         .partial_input = true,
+        .packed_sequences = true,
         .dropout = true,
         .fp32_inputs = true,
         .non_finite_rule = true};
@@ -112,7 +116,10 @@ class ReferenceCudaBackend final : public CudaBackend {
  protected:
   absl::Status DoForward(const AttentionParams& p, const ExecutionContext& ctx) override {
     RA_RETURN_IF_ERROR(ValidateParams(p));
-    return CudaReferenceForward(p, StreamOf(ctx));
+    const cudaStream_t stream = StreamOf(ctx);
+    return WithDeviceSeqBounds(p, stream, [&](const AttentionParams& with) {
+      return CudaReferenceForward(with, stream);
+    });
   }
 };
 

@@ -59,6 +59,7 @@ namespace {
 using kernel_testing::AttentionBuffers;
 using kernel_testing::Causal;
 using kernel_testing::Dropout;
+using kernel_testing::Packed;
 using kernel_testing::DeviceBuffer;
 using kernel_testing::DeviceTensors;
 using kernel_testing::ExpectEmptyRowsKeepThePartial;
@@ -303,6 +304,19 @@ std::vector<Case> SweepCases() {
       {"DropoutSeq1", Dropout(Shape(1, 1, 5, 5, 64), 0.3f, 11)},
       {"DropoutSeq7CausalGqa", Dropout(Causal(Shape(7, 7, 5, 1, 128, f16, f16)), 0.2f, 12)},
       {"DropoutLong3816CausalGqa", Dropout(Causal(Shape(3816, 3816, 5, 1, 64)), 0.1f, 13)},
+      // Packed sequences (seq_bounds): runs of 1, 7 and 3816 positions, an empty one, GQA and
+      // MQA, with masks, mods, dropout and a ring step's positions.
+      {"PackedSeq1And7", Causal(Packed(Shape(8, 8, 5, 5, 64), {0, 1, 8}))},
+      {"PackedEmptyAnd7Gqa", Packed(Shape(7, 7, 5, 1, 128, f16, f32), {0, 0, 7})},
+      {"PackedLong3816CausalGqa",
+       Causal(Packed(Shape(3816 + 7 + 1, 3816 + 7 + 1, 5, 1, 64), {0, 3816, 3823, 3824}))},
+      {"PackedRingStepWindowAlibiSoftcapDropout",
+       Dropout(Softcap(Window(Causal(Packed(Positions(Shape(200, 260, 8, 2, 128), 500, 1, 300, 1),
+                                            {0, 350, 420, 640, 800})),
+                              90, -1),
+                       25.0f),
+               0.1f, 15),
+       true},
       {"DropoutRingStepWindowAlibiSoftcap",
        Dropout(Softcap(Window(Positions(Shape(200, 260, 8, 2, 256), 500, 1, 300, 1), 90, 4),
                        25.0f),

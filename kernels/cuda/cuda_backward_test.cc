@@ -209,6 +209,27 @@ std::vector<Case> SweepCases() {
       cases.push_back(*c);
     }
   }
+  // Packed sequences: runs of 1, 7 and 3816 positions (and an empty one), GQA, masks, mods,
+  // dropout, a ring step's offset; every head dim.
+  for (int d : {64, 128, 256}) {
+    Case short_runs{8, 8, 5, 5, d, DType::kBF16, /*causal=*/true};
+    short_runs.seq_bounds = {0, 1, 1, 8};
+    Case mods{255, 255, 8, 2, d, DType::kF16, /*causal=*/true, 40, 0};
+    mods.softcap = 10.0f;
+    mods.alibi = true;
+    mods.dropout_p = 0.1f;
+    mods.dropout_seed = 5;
+    mods.seq_bounds = {0, 7, 100, 255};
+    Case step{255, 400, 8, 1, d, DType::kBF16, /*causal=*/true};
+    step.q_pos_offset = 300;
+    step.seq_bounds = {0, 320, 410, 555};
+    cases.push_back(short_runs);
+    cases.push_back(mods);
+    cases.push_back(step);
+  }
+  Case long_packed{3824, 3824, 5, 1, 64, DType::kBF16, /*causal=*/true};
+  long_packed.seq_bounds = {0, 3816, 3823, 3824};
+  cases.push_back(long_packed);
   Case long_dropout{3816, 3816, 5, 1, 64, DType::kBF16, /*causal=*/true};
   long_dropout.dropout_p = 0.1f;
   long_dropout.dropout_seed = 7;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/device_seq_bounds.h"
 #include "kernels/cuda/flash_bwd.h"
 #include "kernels/cuda/flash_bwd_configs.h"
 #include "kernels/cuda/flash_fwd.h"
@@ -40,6 +41,7 @@ absl::Status UnsupportedHeadDim(int head_dim) {
 absl::Status Run(const AttentionBackwardParams& p, float* delta_scratch, int config,
                  cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashBackwardSupport(p));
+  RA_RETURN_IF_ERROR(CheckDeviceSeqBounds(p.fwd));
   AttentionBackwardParams call = p;
   if (call.delta == nullptr) {
     if (delta_scratch == nullptr && p.fwd.seqlen_q > 0) {

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/device_seq_bounds.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
 #include "kernels/cuda/flash_instantiations.h"
@@ -40,11 +41,6 @@ absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batc
 }
 
 absl::Status CheckFlashForwardSupport(const AttentionParams& p) {
-  if (p.seq_bounds != nullptr) {
-    return absl::InvalidArgumentError(
-        "cuda: seq_bounds (packed variable-length sequences) is not supported by the cuda "
-        "kernels yet; the cpu backends have it");
-  }
   if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda: dtype ", std::string(DTypeName(p.dtype)),
@@ -92,6 +88,7 @@ absl::Status UnsupportedHeadDim(int head_dim) {
 
 absl::Status Launch(const AttentionParams& p, int config, const uint32_t* skip_if_set,
                     cudaStream_t stream) {
+  RA_RETURN_IF_ERROR(CheckDeviceSeqBounds(p));
   return WithInstantiation(
       p.head_dim, p.dtype,
       [&](auto d, auto t) {

@@ -117,9 +117,9 @@ inline void ExpectBackwardRefused(AttentionBackend& backend, const AttentionBack
   EXPECT_NE(s.message().find(needle), std::string::npos) << s;
 }
 
-// What no GPU backward takes, each with a part of the message it must give: packed sequences
-// (with bf16 and with fp32 inputs: fp32 calls are checked before they are rounded), dO in
-// another dtype than the inputs (each on FakeBackwardCall).
+// What no GPU backward takes, each with a part of the message it must give: dO in another
+// dtype than the inputs (with bf16 and fp32 inputs: fp32 calls are checked before they are
+// rounded), each on FakeBackwardCall.
 struct BackwardRefusal {
   std::string name;
   AttentionBackwardParams p;
@@ -128,15 +128,11 @@ struct BackwardRefusal {
 inline std::vector<BackwardRefusal> RefusalsOfEveryGpuBackward() {
   std::vector<BackwardRefusal> r;
   AttentionBackwardParams p = FakeBackwardCall();
-  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
-  p.fwd.seq_bounds = bounds;
-  p.fwd.num_seqs = 1;
-  r.push_back({"PackedSequences", p, "packed variable-length sequences"});
-  p.fwd.dtype = p.out_dtype = DType::kF32;
-  r.push_back({"PackedSequencesFp32", p, "packed variable-length sequences"});
-  p = FakeBackwardCall();
   p.out_dtype = DType::kF32;
   r.push_back({"OutDtypeMismatch", p, "out_dtype"});
+  p.fwd.dtype = DType::kF32;
+  p.out_dtype = DType::kBF16;
+  r.push_back({"OutDtypeMismatchFp32", p, "out_dtype"});
   return r;
 }
 

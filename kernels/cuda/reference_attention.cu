@@ -11,6 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/cuda_check.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/device_seq_bounds.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/dtype.h"
 #include "kernels/score_mod.h"
@@ -196,11 +198,7 @@ __global__ void __launch_bounds__(kThreads)
 
 absl::Status CudaReferenceForward(const AttentionParams& p, cudaStream_t stream,
                                   const uint32_t* run_if_set) {
-  if (p.seq_bounds != nullptr) {
-    return absl::InvalidArgumentError(
-        "cuda_reference: seq_bounds (packed variable-length sequences) is not supported on GPUs "
-        "yet; the cpu backends have it");
-  }
+  RA_RETURN_IF_ERROR(CheckDeviceSeqBounds(p));
   if (p.head_dim > kMaxHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("cuda_reference: head_dim ", p.head_dim,
                                                    " exceeds the kernel's maximum ", kMaxHeadDim));

@@ -149,8 +149,8 @@ absl::StatusOr<CudnnMaskPlan> PlanCudnnCall(const AttentionParams& p) {
   }
   if (p.seq_bounds != nullptr) {
     return absl::InvalidArgumentError(
-        "the cudnn backend does not take seq_bounds (packed variable-length sequences); the cpu "
-        "backends have them");
+        "the cudnn backend does not take seq_bounds (packed variable-length sequences); the cuda "
+        "and cpu backends have them");
   }
   if (p.dropout_p > 0.0f) {
     return absl::InvalidArgumentError(

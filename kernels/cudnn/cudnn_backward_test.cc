@@ -121,6 +121,18 @@ TEST(CudnnBackwardHostTest, RefusesWhatNoGpuBackwardTakes) {
 
 // cuDNN's dropout draws its own mask (Philox), not the pairs' DropoutFactor that the forward
 // dropped: refused, naming the option.
+// Packed sequences: cuDNN has no per-sequence mask within a batch row (with bf16 and with fp32
+// inputs, which are checked before they are rounded).
+TEST(CudnnBackwardHostTest, RefusesPackedSequences) {
+  AttentionBackwardParams p = FakeCall();
+  static const int64_t bounds[] = {0, int64_t{1} << 40};  // covers every position
+  p.fwd.seq_bounds = bounds;
+  p.fwd.num_seqs = 1;
+  ExpectRefused(p, "packed variable-length sequences");
+  p.fwd.dtype = p.out_dtype = DType::kF32;
+  ExpectRefused(p, "packed variable-length sequences");
+}
+
 TEST(CudnnBackwardHostTest, RefusesDropout) {
   AttentionBackwardParams p = FakeCall();
   p.fwd.dropout_p = 0.1f;
