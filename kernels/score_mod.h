@@ -52,9 +52,13 @@ RA_HD int64_t SequenceOf(const int64_t* bounds, int num_seqs, int64_t pos) {
 // Every mask as one inclusive span of key positions per query. Both ends are non-decreasing in
 // the query position (the window's and the sequence's alike), which block classification and
 // the kernels' key ranges rely on. Packed sequences clamp the span to the query's sequence:
-// host code reads seq_bounds, device code its device copy (seq_bounds_device).
+// host code reads seq_bounds, device code its device copy (seq_bounds_device). kPacked false
+// leaves packing out at compile time (the GPU kernels' plain instantiations, which are never
+// launched with sequences: their code stays what it was without them).
+template <bool kPacked = true>
 RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
   KeySpan s = WindowKeySpan(p, q_pos);
+  if constexpr (!kPacked) return s;
 #if defined(__CUDA_ARCH__)
   const int64_t* bounds = p.seq_bounds_device;
 #else
@@ -137,10 +141,11 @@ struct BlockMask {
   bool all;
 };
 
+template <bool kPacked = true>
 RA_HD BlockMask ClassifyBlock(const AttentionParams& p, int64_t q_lo, int64_t q_hi, int64_t k_lo,
                               int64_t k_hi) {
-  const KeySpan first = AllowedKeySpan(p, q_lo);
-  const KeySpan last = AllowedKeySpan(p, q_hi);
+  const KeySpan first = AllowedKeySpan<kPacked>(p, q_lo);
+  const KeySpan last = AllowedKeySpan<kPacked>(p, q_hi);
   // The union of spans is within [first.lo, last.hi]; the intersection is [last.lo, first.hi].
   BlockMask b;
   b.any = !(k_hi < first.lo || k_lo > last.hi);

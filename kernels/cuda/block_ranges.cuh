@@ -22,12 +22,13 @@ struct BlockRange {
 
 // The key blocks (kBlockN keys each) that may hold an allowed key for some query position in
 // [q_pos_lo, q_pos_hi]: exactly the blocks for which ClassifyBlock(...).any holds.
-template <int kBlockN>
+// kPacked: whether packed sequences may be set (AllowedKeySpan).
+template <int kBlockN, bool kPacked>
 __device__ __forceinline__ BlockRange LiveKeyBlocks(const AttentionParams& p, int64_t q_pos_lo,
                                                     int64_t q_pos_hi) {
   const int64_t num_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const KeySpan first = AllowedKeySpan(p, q_pos_lo);
-  const KeySpan last = AllowedKeySpan(p, q_pos_hi);
+  const KeySpan first = AllowedKeySpan<kPacked>(p, q_pos_lo);
+  const KeySpan last = AllowedKeySpan<kPacked>(p, q_pos_hi);
   int64_t lo = 0, hi = num_blocks;  // first block whose last key is at or after first.lo
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
@@ -53,7 +54,7 @@ __device__ __forceinline__ BlockRange LiveKeyBlocks(const AttentionParams& p, in
 
 // The query blocks (kBlockM rows each) that may hold a query allowed to see some key position
 // in [k_lo, k_hi]: ClassifyBlock(...).any over the block's first and last rows.
-template <int kBlockM>
+template <int kBlockM, bool kPacked>
 __device__ __forceinline__ BlockRange LiveQueryBlocks(const AttentionParams& p, int64_t k_lo,
                                                       int64_t k_hi) {
   const int64_t num_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
@@ -61,7 +62,7 @@ __device__ __forceinline__ BlockRange LiveQueryBlocks(const AttentionParams& p, 
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     const int64_t last_row = Min64((mid + 1) * kBlockM, p.seqlen_q) - 1;
-    if (AllowedKeySpan(p, QueryPos(p, last_row)).hi >= k_lo) {
+    if (AllowedKeySpan<kPacked>(p, QueryPos(p, last_row)).hi >= k_lo) {
       hi = mid;
     } else {
       lo = mid + 1;
@@ -71,7 +72,7 @@ __device__ __forceinline__ BlockRange LiveQueryBlocks(const AttentionParams& p, 
   hi = num_blocks;  // first block from `begin` on whose first row's span starts after k_hi
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (AllowedKeySpan(p, QueryPos(p, mid * kBlockM)).lo > k_hi) {
+    if (AllowedKeySpan<kPacked>(p, QueryPos(p, mid * kBlockM)).lo > k_hi) {
       hi = mid;
     } else {
       lo = mid + 1;

@@ -26,7 +26,8 @@ namespace flash_bwd {
 // queries, the heaviest CTAs of a head start first); block Traits::kThreads; dynamic shared
 // memory Traits::kSmemBytes, 1 KB aligned. dq must be zero or hold what is to
 // be added to (the launcher zeroes it without accumulate); bp.delta is set (the launcher
-// computes it when the caller did not).
+// computes it when the caller did not). kScoreMods: softcap, ALiBi, dropout or packed
+// sequences may be set (the plain instantiation carries none of their code).
 template <typename Traits, DType kDType, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
     FlashBwdKernel(const __grid_constant__ AttentionBackwardParams bp) {
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
 
   const flash::BlockRange range =
-      flash::LiveQueryBlocks<kBlockM>(p, KeyPos(p, n0), KeyPos(p, n_last));
+      flash::LiveQueryBlocks<kBlockM, kScoreMods>(p, KeyPos(p, n0), KeyPos(p, n_last));
   const int64_t num_m = range.end - range.begin;
   const int64_t steps = num_m * group_heads;  // (query head, query block) pairs
   // Each CTA starts its walk at a different query block (key block n at n mod num_m of its
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       bool cut = false;
       if (any) {
         const int64_t wk_last = flash::Min64(warp_key0 + 16, p.seqlen_k) - 1;
-        const BlockMask mask = ClassifyBlock(
+        const BlockMask mask = ClassifyBlock<kScoreMods>(
             p, QueryPos(p, m0), QueryPos(p, flash::Min64(m0 + kBlockM, p.seqlen_q) - 1),
             KeyPos(p, warp_key0), KeyPos(p, wk_last));
         any = mask.any;
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
               int64_t q_pos = 0;
               if (cut || kScoreMods) q_pos = QueryPos(p, m0 + 8 * j + 2 * (lane & 3) + c);
               if (cut) {
-                const KeySpan span = AllowedKeySpan(p, q_pos);
+                const KeySpan span = AllowedKeySpan<kScoreMods>(p, q_pos);
                 allowed = key_exists && k_pos >= span.lo && k_pos <= span.hi;
               }
               if constexpr (kScoreMods) {

@@ -40,8 +40,8 @@ absl::Status Launch(const AttentionBackwardParams& p, cudaStream_t stream) {
 
 template <typename Traits, DType kDType>
 absl::Status LaunchWithTraits(const AttentionBackwardParams& p, cudaStream_t stream) {
-  const bool mods =
-      p.fwd.softcap > 0.0f || p.fwd.alibi_slopes != nullptr || p.fwd.dropout_p > 0.0f;
+  const bool mods = p.fwd.softcap > 0.0f || p.fwd.alibi_slopes != nullptr ||
+                    p.fwd.dropout_p > 0.0f || p.fwd.seq_bounds_device != nullptr;
   return mods ? Launch<Traits, kDType, true>(p, stream) : Launch<Traits, kDType, false>(p, stream);
 }
 

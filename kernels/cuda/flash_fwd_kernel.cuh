@@ -22,9 +22,9 @@ namespace flash_fwd {
 
 // Grid: one CTA per (query block, head, batch), in the tiling's order (QueryBlockOf); block:
 // Traits::kThreads; dynamic shared memory Traits::kSmemBytes, 1 KB aligned. `p` is validated
-// and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap, ALiBi slopes or
-// dropout (the launch picks the instantiation; a compile-time switch so that the plain kernel
-// carries none of the mods' registers). `skip_if_set`, when non-null, is the non-finite guard's device word
+// and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap, ALiBi slopes,
+// dropout or packed sequences (the launch picks the instantiation; a compile-time switch so
+// that the plain kernel carries none of the options' code or registers). `skip_if_set`, when non-null, is the non-finite guard's device word
 // (non_finite_guard.h): set, the CTA returns before loading or writing anything.
 template <typename Traits, DType kDType, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   // [seqlen_k, head_dim]
 
   const flash::BlockRange blocks =
-      flash::LiveKeyBlocks<kBlockN>(p, QueryPos(p, m0), QueryPos(p, m_last));
+      flash::LiveKeyBlocks<kBlockN, kScoreMods>(p, QueryPos(p, m0), QueryPos(p, m_last));
   // The careful kernel computes this call (its inputs hold NaN, infinities or huge values).
   if (skip_if_set != nullptr && *skip_if_set != 0) return;
 
@@ -93,13 +93,16 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       const int64_t row0 = flash::Opaque64(warp_row0);
       const int64_t pos_lo = QueryPos(p, row0);
       const int64_t pos_hi = QueryPos(p, flash::Min64(row0 + Traits::kWarpRows, p.seqlen_q) - 1);
-      const BlockMask mask = ClassifyBlock(p, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
+      const BlockMask mask =
+          ClassifyBlock<kScoreMods>(p, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
       if (!mask.any) return;
       // Mask only where the block is cut by the mask or by the end of the keys.
       const bool cut = !mask.all || n0 + kBlockN > p.seqlen_k;
       STile<Traits> s;  // S, then P
       MmaS<Traits, kDType>(s, q_frag, smem_q, stage_k, warp, lane);
-      if (kScoreMods || cut) ScoresAndMask<Traits>(s, kScoreMods, cut, p, h, row0, n0, lane);
+      if (kScoreMods || cut) {
+        ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, row0, n0, lane);
+      }
       UpdateSoftmax<Traits>(s, acc_o, state, kScoreMods ? 1.0f : p.softmax_scale);
       if constexpr (kScoreMods) {
         if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, row0, n0, lane);

@@ -48,7 +48,8 @@ template <typename Traits, DType kDType>
 absl::Status LaunchWithTraits(const AttentionParams& p, const uint32_t* skip_if_set,
                               cudaStream_t stream) {
   if (p.seqlen_q == 0) return absl::OkStatus();
-  const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
+  const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f ||
+                          p.seq_bounds_device != nullptr;
   return score_mods ? Launch<Traits, kDType, true>(p, skip_if_set, stream)
                     : Launch<Traits, kDType, false>(p, skip_if_set, stream);
 }

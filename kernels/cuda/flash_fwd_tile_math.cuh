@@ -94,7 +94,8 @@ __device__ __forceinline__ void MmaS(STile<Traits>& s, const QFrags<Traits>& q_f
 // Element (mi, j, e) of s is query row warp_row0 + 16 mi + 8 (e / 2) + g and key
 // n0 + 8 j + 2 t + e % 2. The rows' positions and spans are recomputed here rather than held
 // in registers across the key loop.
-template <typename Traits>
+// kPacked: packed sequences may be set (AllowedKeySpan).
+template <typename Traits, bool kPacked>
 __device__ __forceinline__ void ScoresAndMask(STile<Traits>& s, bool mod_scores, bool mask_pairs,
                                               const AttentionParams& p, int h, int64_t warp_row0,
                                               int64_t n0, int lane) {
@@ -105,7 +106,7 @@ __device__ __forceinline__ void ScoresAndMask(STile<Traits>& s, bool mod_scores,
 #pragma unroll
   for (int i = 0; i < Traits::kRows; ++i) {
     q_pos[i] = QueryPos(p, warp_row0 + 16 * (i / 2) + 8 * (i % 2) + lane / 4);
-    span[i] = AllowedKeySpan(p, q_pos[i]);
+    span[i] = AllowedKeySpan<kPacked>(p, q_pos[i]);
   }
 #pragma unroll
   for (int j = 0; j < Traits::kNTilesS; ++j) {
