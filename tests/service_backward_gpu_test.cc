@@ -103,6 +103,42 @@ TEST_P(GpuServiceBackward, MatchesReference) {
   }
 }
 
+// The options GPU workers took last: packed sequences (runs of 1, 7 and the rest), dropout and
+// fp32 inputs on a cuda worker, forward and gradients against the fp64 reference (fp32 is
+// computed on fp16 copies forward and bf16 copies backward: bf16's gradient bound).
+TEST(GpuServiceOptions, CudaWorkerTakesPackedDropoutAndFp32) {
+  if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_FALSE(test::WorkerBinary().empty()) << "RINGATTN_BIN not set";
+  BackwardService svc(1, "cuda");
+  ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
+  for (const v1::DType dtype : {v1::DTYPE_BF16, v1::DTYPE_FP32}) {
+    const Shape shape{1, 300, 5, 1, 64, dtype};
+    SCOPED_TRACE(v1::DType_Name(dtype));
+    v1::AttendRequest fwd = test::MakeRequest(shape);
+    fwd.set_layout(v1::LAYOUT_ZIGZAG);
+    v1::AttentionOptions* o = fwd.mutable_options();
+    o->set_causal(true);
+    o->set_dropout_p(0.2f);
+    o->set_dropout_seed(77);
+    for (const int64_t b : {0, 1, 8, 300}) o->add_cu_seqlens(b);
+    fwd.set_return_lse(true);
+    absl::StatusOr<v1::AttendResponse> fwd_resp = svc.client().Attend(fwd, absl::Seconds(60));
+    ASSERT_TRUE(fwd_resp.ok()) << fwd_resp.status();
+    const v1::AttendBackwardRequest req = test::MakeBackward(fwd, *fwd_resp, shape);
+    absl::StatusOr<v1::AttendBackwardResponse> resp =
+        svc.client().AttendBackward(req, absl::Seconds(60));
+    ASSERT_TRUE(resp.ok()) << resp.status();
+    EXPECT_EQ(resp->timings().workers(0).backend(), "cuda");
+    const test::GradErrors e = test::CompareWithReference(req, *resp);
+    std::printf("cuda packed+dropout %s rel_l2 dq=%.3g dk=%.3g dv=%.3g\n",
+                v1::DType_Name(dtype).c_str(), e.dq.rel_l2, e.dk.rel_l2, e.dv.rel_l2);
+    EXPECT_TRUE(e.dq.Within(2e-2, 1e30)) << "dq vs fp64: " << e.dq.ToString();
+    EXPECT_TRUE(e.dk.Within(2e-2, 1e30)) << "dk vs fp64: " << e.dk.ToString();
+    EXPECT_TRUE(e.dv.Within(2e-2, 1e30)) << "dv vs fp64: " << e.dv.ToString();
+    EXPECT_GT(e.dq.count, 0);
+  }
+}
+
 std::vector<std::string> Kernels() {
 #if RINGATTN_HAVE_CUDNN
   return {"cuda", "cudnn"};
