@@ -42,7 +42,7 @@ using cpu_tiles::MultiplyTiles;
 using cpu_tiles::RoundUp;
 using cpu_tiles::StoreRowFromFloat;
 
-constexpr int kBlockQ = 64;  // query rows per work item (Br)
+constexpr int kBlockQ = 128;  // query rows per work item (Br)
 constexpr int kBlockK = 64;  // key rows per inner step (Bc)
 static_assert(kBlockQ % kMicroRows == 0 && kBlockK % kMicroCols == 0);
 
