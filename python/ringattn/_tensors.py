@@ -179,13 +179,19 @@ class Like:
             self.torch = False
             self.dtype = np.asarray(q).dtype
 
-    def tensor(self, src, wire, shape):
-        """src: a uint8 numpy array (may be read-only) of the wire bytes of `shape` (bshd)."""
+    def tensor(self, src, wire, shape, owned=False):
+        """src: a uint8 numpy array (may be read-only) of the wire bytes of `shape` (bshd).
+        `owned`: src is the caller's to give away (a buffer the client assembled for this call
+        alone, never a shared-memory region it reuses): when the result wants its dtype and
+        layout as they are, on the CPU, it is returned as a view of it, without a copy."""
+        as_is = owned and self.fmt == "bshd"
         if self.torch:
             torch = _torch()
             with warnings.catch_warnings():  # a read-only source is only read from
                 warnings.simplefilter("ignore", UserWarning)
                 s = torch.from_numpy(src).view(_torch_dtype(wire)).view(shape)
+            if as_is and s.dtype == self.dtype and self.device.type == "cpu":
+                return s
             if self.fmt == "bhsd":
                 s = s.transpose(1, 2)
             out = torch.empty(s.shape, dtype=self.dtype, device=self.device)
@@ -196,9 +202,11 @@ class Like:
         else:
             s = src.view({"fp32": np.float32, "fp16": np.float16, "bf16": _NP_BF16}[wire])
             s = s.reshape(shape)
+        dtype = self.dtype if (self.dtype.kind == "f" or self.dtype.name == "bfloat16") else np.float32
+        if as_is and s.dtype == dtype:
+            return s
         if self.fmt == "bhsd":
             s = s.transpose(0, 2, 1, 3)
-        dtype = self.dtype if (self.dtype.kind == "f" or self.dtype.name == "bfloat16") else np.float32
         out = np.empty(s.shape, dtype=dtype)
         np.copyto(out, s, casting="unsafe")
         return out
@@ -209,17 +217,21 @@ class Like:
             t = t.transpose(1, 2)
         return t.to(dtype=self.dtype) if t.dtype != self.dtype else t
 
-    def lse(self, src, shape):
-        """fp32 [batch, heads, seq]: numpy float32, or a float32 tensor on the query's device."""
+    def lse(self, src, shape, owned=False):
+        """fp32 [batch, heads, seq]: numpy float32, or a float32 tensor on the query's device
+        (a view of an `owned` src, as in tensor())."""
         if self.torch:
             torch = _torch()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 s = torch.from_numpy(src).view(torch.float32).view(shape)
+            if owned and self.device.type == "cpu":
+                return s
             out = torch.empty(shape, dtype=torch.float32, device=self.device)
             out.copy_(s)
             return out
-        return src.view(np.float32).reshape(shape).copy()
+        s = src.view(np.float32).reshape(shape)
+        return s if owned else s.copy()
 
 
 def as_list(x, name):

@@ -554,9 +554,10 @@ class Client:
                                                         chunk_bytes, self._streams)
         t2 = time.perf_counter()
         tensors = {}
-        for name, wire, shape in outputs:
+        for name, wire, shape in outputs:  # the buffers are this call's: no copy where none is due
             src = np.frombuffer(buffers[name], dtype=np.uint8)
-            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+            tensors[name] = (like.lse(src, shape, owned=True) if name == "lse"
+                             else like.tensor(src, wire, shape, owned=True))
         t3 = time.perf_counter()
         return _Done(tensors, response, "stream", t1 - t0, t2 - t1, t3 - t2, attempts)
 
@@ -622,8 +623,9 @@ class Client:
             for p in range(parts):
                 _part_of(joined, p, parts)[...] = _heads_view(
                     name, np.frombuffer(results[p][1][name], np.uint8), header, parts)
-            src = joined.reshape(-1)
-            tensors[name] = like.lse(src, shape) if name == "lse" else like.tensor(src, wire, shape)
+            src = joined.reshape(-1)  # this call's own array
+            tensors[name] = (like.lse(src, shape, owned=True) if name == "lse"
+                             else like.tensor(src, wire, shape, owned=True))
         slowest = max((r[0] for r in results), key=lambda r: r.timings.total_seconds)
         t3 = time.perf_counter()
         return _Done(tensors, slowest, "stream", t1 - t0, t2 - t1, t3 - t2,

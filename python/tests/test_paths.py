@@ -111,6 +111,22 @@ class SharedMemoryTest(unittest.TestCase):
         self.assertNotIn(names[0], [x.name for x in other.system_shared_memory_status()])
         other.close()
 
+    def test_results_do_not_alias_the_reused_region(self):
+        # The region is reused by the next call: a result must be the caller's own copy, not a
+        # view of it (stream results, by contrast, are views of buffers made for that call).
+        client = ringattn.Client(SERVERS.small.target)
+        q, k, v = support.inputs(33, 1, 40, 5, 1, 64, "fp32")
+        first = client.attend(q, k, v, causal=True, return_lse=True)
+        self.assertEqual(first.path, "shm")
+        kept_out, kept_lse = first.out.copy(), first.lse.copy()
+        q2, k2, v2 = support.inputs(34, 1, 40, 5, 1, 64, "fp32")
+        second = client.attend(q2, k2, v2, causal=True, return_lse=True)
+        self.assertEqual(second.path, "shm")
+        np.testing.assert_array_equal(first.out, kept_out)
+        np.testing.assert_array_equal(first.lse, kept_lse)
+        self.assertFalse(np.array_equal(first.out, second.out))
+        client.close()
+
     def test_switched_off(self):
         client = ringattn.Client(SERVERS.small.target, shared_memory=False)
         q, k, v = support.inputs(31, 1, 7, 5, 1, 64, "fp32")

@@ -32,6 +32,25 @@ class Bf16Test(unittest.TestCase):
         self.assertTrue(np.isnan(nan[0]))
 
 
+class LikeTest(unittest.TestCase):
+    def test_owned_buffers_become_results_without_a_copy_others_are_copied(self):
+        buf = np.arange(2 * 3 * 4 * 2, dtype=np.float32).view(np.uint8)
+        like = _tensors.Like(np.zeros((2, 3, 4, 2), np.float32), "bshd")
+        owned = like.tensor(buf, "fp32", (2, 3, 4, 2), owned=True)
+        self.assertTrue(np.shares_memory(owned, buf))
+        copied = like.tensor(buf, "fp32", (2, 3, 4, 2))
+        self.assertFalse(np.shares_memory(copied, buf))
+        np.testing.assert_array_equal(owned, copied)
+        # Another layout or dtype is a new array whoever owns the bytes.
+        bhsd = _tensors.Like(np.zeros((2, 4, 3, 2), np.float32), "bhsd")
+        moved = bhsd.tensor(buf, "fp32", (2, 3, 4, 2), owned=True)
+        self.assertFalse(np.shares_memory(moved, buf))
+        np.testing.assert_array_equal(moved, copied.transpose(0, 2, 1, 3))
+        lse_owned = like.lse(buf[:4 * 3 * 4], (2, 3, 2), owned=True)
+        self.assertTrue(np.shares_memory(lse_owned, buf))
+        self.assertFalse(np.shares_memory(like.lse(buf[:4 * 3 * 4], (2, 3, 2)), buf))
+
+
 class TargetTest(unittest.TestCase):
     def test_loopback(self):
         for t in ("127.0.0.1:50051", "localhost:1", "[::1]:50051", "unix:/tmp/s",
