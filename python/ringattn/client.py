@@ -561,9 +561,10 @@ class Client:
         t3 = time.perf_counter()
         return _Done(tensors, response, "stream", t1 - t0, t2 - t1, t3 - t2, attempts)
 
-    def _stream_call(self, rpc, header, data, outputs, deadline, chunk_bytes, streams):
+    def _stream_call(self, rpc, header, data, outputs, deadline, chunk_bytes, streams,
+                     sinks=None):
         """One streamed call: `data` [(name, bytes-like)] in chunks after `header`; the answer's
-        header, its outputs' bytes by name and the attempts."""
+        header, its outputs' bytes by name (or their `sinks`, _assemble) and the attempts."""
         first = rpc.stream_request(header=header).SerializeToString()
         chunk_field = _wire.field_number(rpc.stream_request, "chunk")
 
@@ -578,7 +579,7 @@ class Client:
         def attempt(remaining):
             call = streams[rpc.name](requests(), timeout=remaining, metadata=self._metadata)
             try:
-                return _assemble(rpc, call, outputs)
+                return _assemble(rpc, call, outputs, sinks)
             except RingAttnError:
                 call.cancel()
                 raise
@@ -593,6 +594,9 @@ class Client:
         t0 = time.perf_counter()
         whole = {name: _heads_view(name, np.frombuffer(ops[name].wire_view(), np.uint8), header)
                  for name in rpc.inputs}
+        # The results' arrays, which each part's stream writes into where its heads go.
+        joined = {name: _heads_view(name, np.empty(_nbytes(wire, shape), np.uint8), header)
+                  for name, wire, shape in outputs}
         results = [None] * parts
 
         def run(p):
@@ -602,8 +606,10 @@ class Client:
                         for name in rpc.inputs]
                 outs = [(name, wire, _part_shape(name, shape, parts))
                         for name, wire, shape in outputs]
+                sinks = {name: _StridedSink(_part_of(joined[name], p, parts))
+                         for name, _, _ in outputs}
                 results[p] = self._stream_call(rpc, part, data, outs, deadline, chunk_bytes,
-                                               self._part_streams[p])
+                                               self._part_streams[p], sinks)
             except BaseException as e:  # re-raised on the caller's thread
                 results[p] = e
 
@@ -619,11 +625,7 @@ class Client:
         t2 = time.perf_counter()
         tensors = {}
         for name, wire, shape in outputs:
-            joined = _heads_view(name, np.empty(_nbytes(wire, shape), np.uint8), header)
-            for p in range(parts):
-                _part_of(joined, p, parts)[...] = _heads_view(
-                    name, np.frombuffer(results[p][1][name], np.uint8), header, parts)
-            src = joined.reshape(-1)  # this call's own array
+            src = joined[name].reshape(-1)  # this call's own array, every part written in
             tensors[name] = (like.lse(src, shape, owned=True) if name == "lse"
                              else like.tensor(src, wire, shape, owned=True))
         slowest = max((r[0] for r in results), key=lambda r: r.timings.total_seconds)
@@ -660,6 +662,37 @@ def _heads_view(name, flat, header, parts=1):
 def _part_of(view, p, parts):
     per = view.shape[1] // parts
     return view[:, p * per:(p + 1) * per, :]
+
+
+class _StridedSink:
+    """Where a part's stream of one tensor lands: the part's bytes, contiguous on the wire, go
+    straight into its strided place in the whole result, so that no join copy follows. `view`:
+    [outer, heads, unit] uint8, one part's heads of each outer row (contiguous within it)."""
+
+    def __init__(self, view):
+        outer, heads, unit = view.shape
+        if view.strides[2] != 1 or (heads > 1 and view.strides[1] != unit):
+            raise ValueError("a part's heads must be contiguous within each row")
+        self.row_bytes = heads * unit
+        self.rows = np.lib.stride_tricks.as_strided(  # [outer, row_bytes], a view
+            view, shape=(outer, self.row_bytes), strides=(view.strides[0], 1))
+        self.nbytes = outer * self.row_bytes
+
+    def write(self, offset, data):
+        """data (bytes-like) at byte `offset` of the part's contiguous layout."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        rb = self.row_bytes
+        at, end = offset, offset + len(src)
+        while at < end:
+            r, c = divmod(at, rb)
+            if c == 0 and end - at >= rb:  # whole rows at once
+                whole = (end - at) // rb
+                self.rows[r:r + whole] = src[at - offset:at - offset + whole * rb].reshape(whole, rb)
+                at += whole * rb
+            else:  # the part of a row the chunk starts or ends in
+                take = min(rb - c, end - at)
+                self.rows[r, c:c + take] = src[at - offset:at - offset + take]
+                at += take
 
 
 def _part_shape(name, shape, parts):
@@ -726,10 +759,11 @@ def _check_output(rpc, response, name, wire, shape, got_bytes, in_shm=False):
                     f"response {name} carries {got_bytes} bytes; expected {want}", rpc.name)
 
 
-def _assemble(rpc, call, outputs):
+def _assemble(rpc, call, outputs, sinks=None):
     """The stream's header and each output's bytes (bytearray) from the serialised response
     messages `call` yields, checked as the C++ client's StreamAssembler checks them: INTERNAL
-    naming the tensor on any breach."""
+    naming the tensor on any breach. `sinks` ({name: _StridedSink}), where given, receive their
+    tensor's bytes instead (its entry in the returned dict is then the sink)."""
     what = rpc.name + "Stream response"
     expected = {name: (wire, shape) for name, wire, shape in outputs}
     by_which = {_which(name): name for name in expected}
@@ -761,7 +795,11 @@ def _assemble(rpc, call, outputs):
                     raise breach(f"header: {name} carries data")
                 if t.dtype != _tensors.wire_enum(wire) or tuple(t.shape) != tuple(shape):
                     raise breach(f"header: {name} is {list(t.shape)}; expected {list(shape)}")
-                buffers[name] = bytearray(_expected_bytes(t))
+                want = _expected_bytes(t)
+                sink = (sinks or {}).get(name)
+                if sink is not None and sink.nbytes != want:
+                    raise breach(f"header: {name} has {want} bytes; its place holds {sink.nbytes}")
+                buffers[name] = sink if sink is not None else bytearray(want)
                 filled[name] = 0
                 order.append(name)
         elif part == "chunk":
@@ -771,24 +809,32 @@ def _assemble(rpc, call, outputs):
             name = by_which.get(which)
             if name is None or name not in buffers:
                 raise breach(f"a chunk of tensor {which}, which this call does not return")
-            done_before = all(filled[n] == len(buffers[n]) for n in order[:order.index(name)])
+            done_before = all(filled[n] == _size_of(buffers[n]) for n in order[:order.index(name)])
             if not done_before or offset != filled[name]:
                 raise breach(f"{name} chunk at offset {offset}; expected {filled[name]}")
             end = offset + len(data)
-            if end > len(buffers[name]):
-                raise breach(f"{name} chunk ends at {end}, past its {len(buffers[name])} bytes")
-            buffers[name][offset:end] = data
+            size = _size_of(buffers[name])
+            if end > size:
+                raise breach(f"{name} chunk ends at {end}, past its {size} bytes")
+            if isinstance(buffers[name], _StridedSink):
+                buffers[name].write(offset, data)
+            else:
+                buffers[name][offset:end] = data
             filled[name] = end
         else:
             raise breach("a message with neither header nor chunk")
     if header is None:
         raise breach("must start with a header message; got no message")
     for name in order:
-        if filled[name] != len(buffers[name]):
-            raise breach(f"{name} has {filled[name]} of its {len(buffers[name])} bytes")
+        if filled[name] != _size_of(buffers[name]):
+            raise breach(f"{name} has {filled[name]} of its {_size_of(buffers[name])} bytes")
     if "lse" in expected and "lse" not in buffers:
         raise breach("header has no lse; the request asked for it")
     return header, buffers
+
+
+def _size_of(buffer):
+    return buffer.nbytes if isinstance(buffer, _StridedSink) else len(buffer)
 
 
 def _check_format(fmt):

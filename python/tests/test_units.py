@@ -51,6 +51,23 @@ class LikeTest(unittest.TestCase):
         self.assertFalse(np.shares_memory(like.lse(buf[:4 * 3 * 4], (2, 3, 2)), buf))
 
 
+class StridedSinkTest(unittest.TestCase):
+    def test_chunks_at_any_boundary_land_in_the_parts_place(self):
+        # A [6 rows, 4 heads, 3 bytes] result in 2 parts of 2 heads; part 1's contiguous bytes
+        # (36) arrive in chunks that start and end mid-row; part 0's place stays untouched.
+        whole = np.zeros((6, 4, 3), np.uint8)
+        part = client_module._part_of(whole, 1, 2)
+        sink = client_module._StridedSink(part)
+        self.assertEqual(sink.nbytes, 36)
+        want = np.arange(1, 37, dtype=np.uint8)
+        for lo, hi in ((0, 5), (5, 6), (6, 19), (19, 24), (24, 36)):
+            sink.write(lo, want[lo:hi].tobytes())
+        np.testing.assert_array_equal(whole[:, 2:, :].reshape(-1), want)
+        np.testing.assert_array_equal(whole[:, :2, :], 0)
+        with self.assertRaises(ValueError):  # heads not contiguous within a row
+            client_module._StridedSink(whole[:, ::2, :])
+
+
 class TargetTest(unittest.TestCase):
     def test_loopback(self):
         for t in ("127.0.0.1:50051", "localhost:1", "[::1]:50051", "unix:/tmp/s",
