@@ -11,8 +11,9 @@ LOG=$(mktemp -t serve_drain.XXXXXX.log)
 source "$(dirname "$0")/serve_helpers.sh"
 start_server
 
+# Long enough (several seconds on two cores) to be in flight at the SIGTERM a second later.
 ATTEND_LOG=$(mktemp -t serve_drain_attend.XXXXXX.log)
-"$BIN" attend --target="127.0.0.1:$PORT" --seqlen=4096 --heads=8 --head_dim=128 --dtype=bf16 \
+"$BIN" attend --target="127.0.0.1:$PORT" --seqlen=12288 --heads=8 --head_dim=128 --dtype=bf16 \
   --check=false --timeout=120 >"$ATTEND_LOG" 2>&1 &
 ATTEND_PID=$!
 sleep 1
@@ -22,7 +23,7 @@ wait "$ATTEND_PID"
 ATTEND_RC=$?
 cat "$ATTEND_LOG"
 [[ $ATTEND_RC == 0 ]] || fail "the request in flight at SIGTERM failed (rc $ATTEND_RC)"
-grep -qF "out [1, 4096, 8, 128] bf16:" "$ATTEND_LOG" || fail "no output for the request in flight"
+grep -qF "out [1, 12288, 8, 128] bf16:" "$ATTEND_LOG" || fail "no output for the request in flight"
 grep -qF "(NaN: 0, Inf: 0)" "$ATTEND_LOG" || fail "NaN or Inf in the output of the request in flight"
 wait "$SERVER_PID"
 SERVER_RC=$?

@@ -824,7 +824,10 @@ TEST_F(CudaBackendTest, Fp32InputsOnTheFastBackend) {
     const absl::Status s = RunOnDevice(kFast, p);
     ASSERT_TRUE(s.ok()) << s;
     FromDevice(d, &t);
-    ExpectMatches(kFast, host, t, *ref, ToleranceFor(c.big > 0 ? kSimple : kFast, host));
+    // Beyond fp16 the careful kernel's fp32 arithmetic on scores of 1e5..1e11 and outputs of
+    // 1e5: relative bounds (its rel_l2 stays ~1e-6; fp16 copies would give inf or NaN).
+    const Tolerance careful{1e-4, 1e-4, 1e-5, 1e-3, 1e-4};
+    ExpectMatches(kFast, host, t, *ref, c.big > 0 ? careful : ToleranceFor(kFast, host));
   }
 }
 
