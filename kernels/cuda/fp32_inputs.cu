@@ -132,6 +132,19 @@ void UseRounded(const Rounding& q, const Rounding& k, const Rounding& v, DType d
 
 alignas(kAlign) const char kPlaceholder[kAlign] = {};
 
+// q, k and v of `p` to round.
+struct QkvRoundings {
+  Rounding q, k, v;
+};
+QkvRoundings QkvOf(const AttentionParams& p) {
+  return {Of(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.batch, p.seqlen_q, p.heads,
+             p.head_dim),
+          Of(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.batch, p.seqlen_k,
+             p.heads_k, p.head_dim),
+          Of(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.batch, p.seqlen_k,
+             p.heads_k, p.head_dim)};
+}
+
 }  // namespace
 
 AttentionParams HalfCopyShape(const AttentionParams& p, DType half) {
@@ -158,15 +171,10 @@ AttentionBackwardParams HalfCopyShape(const AttentionBackwardParams& p) {
 absl::Status WithHalfInputs(const AttentionParams& p, cudaStream_t stream,
                             absl::FunctionRef<absl::Status(const AttentionParams& half)> run) {
   RA_RETURN_IF_ERROR(CheckFp32(p.dtype));
-  Rounding q = Of(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.batch, p.seqlen_q,
-                  p.heads, p.head_dim);
-  Rounding k = Of(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.batch, p.seqlen_k,
-                  p.heads_k, p.head_dim);
-  Rounding v = Of(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.batch, p.seqlen_k,
-                  p.heads_k, p.head_dim);
-  return RoundAndRun<__half>({&q, &k, &v}, stream, [&]() -> absl::Status {
+  QkvRoundings r = QkvOf(p);
+  return RoundAndRun<__half>({&r.q, &r.k, &r.v}, stream, [&]() -> absl::Status {
     AttentionParams half = p;
-    UseRounded(q, k, v, DType::kF16, &half);
+    UseRounded(r.q, r.k, r.v, DType::kF16, &half);
     return run(half);
   });
 }
@@ -176,20 +184,15 @@ absl::Status WithHalfInputs(
     absl::FunctionRef<absl::Status(const AttentionBackwardParams& half)> run) {
   RA_RETURN_IF_ERROR(CheckFp32(p.fwd.dtype));
   const AttentionParams& f = p.fwd;
-  Rounding q = Of(f.q, f.q_batch_stride, f.q_row_stride, f.q_head_stride, f.batch, f.seqlen_q,
-                  f.heads, f.head_dim);
-  Rounding k = Of(f.k, f.k_batch_stride, f.k_row_stride, f.k_head_stride, f.batch, f.seqlen_k,
-                  f.heads_k, f.head_dim);
-  Rounding v = Of(f.v, f.v_batch_stride, f.v_row_stride, f.v_head_stride, f.batch, f.seqlen_k,
-                  f.heads_k, f.head_dim);
+  QkvRoundings r = QkvOf(f);
   Rounding out = Of(p.out, p.out_batch_stride, p.out_row_stride, p.out_head_stride, f.batch,
                     f.seqlen_q, f.heads, f.head_dim);
   Rounding dout = Of(p.dout, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, f.batch,
                      f.seqlen_q, f.heads, f.head_dim);
   return RoundAndRun<__nv_bfloat16>(
-      {&q, &k, &v, &out, &dout}, stream, [&]() -> absl::Status {
+      {&r.q, &r.k, &r.v, &out, &dout}, stream, [&]() -> absl::Status {
         AttentionBackwardParams half = p;
-        UseRounded(q, k, v, DType::kBF16, &half.fwd);
+        UseRounded(r.q, r.k, r.v, DType::kBF16, &half.fwd);
         const Strides so = ContiguousOf(f.seqlen_q, f.heads, f.head_dim);
         half.out = p.out == nullptr ? nullptr : out.dst;
         half.dout = dout.dst;
