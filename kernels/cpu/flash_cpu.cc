@@ -70,7 +70,26 @@ struct Scratch {
   std::array<SoftmaxState, kBlockQ> state;  // [kBlockQ]: running (m, l) per query row
   std::array<int64_t, kBlockQ> q_pos;       // [kBlockQ]: global positions of the query rows
   std::array<int64_t, kBlockK> k_pos;       // [kBlockK]: global positions of the key rows
+
+  // The key block in hand, staged (StageKeyValueTiles): k_t and v above, or a block of the
+  // head cache below. v_block may be rewritten (non-finite rows): only ever in k_t/v's place.
+  const float* kt_block = nullptr;  // [head_dim, kBlockK]
+  float* v_block = nullptr;         // [kBlockK, head_dim]
+
+  // Every staged key block of one (batch, K/V head), kept for the thread's next query blocks of
+  // that head (and of the other query heads of its GQA group): a query block would otherwise
+  // stage and transpose each key block again. Lives for one call (as the scratch does).
+  struct HeadCache {
+    int64_t head = -1;           // batch * heads_k + kv_head staged here; -1: none
+    std::vector<float> k_t;      // [blocks, head_dim, kBlockK]
+    std::vector<float> v;        // [blocks, kBlockK, head_dim]
+    std::vector<uint8_t> staged; // [blocks]: whether block i is in place
+  } cache;
 };
+
+// The head cache's size bound per thread, in floats (32 MiB): heads longer than this stage
+// each key block per query block instead.
+constexpr int64_t kHeadCacheFloats = int64_t{8} << 20;
 
 // One work item: `rows` query rows starting at `row0` of head `h` in batch `b`.
 struct QueryBlock {
@@ -111,13 +130,13 @@ void StageQueryTile(const AttentionParams& p, const QueryBlock& qb, Scratch* scr
             0.0f);
 }
 
-// Loads key rows [k0, k0 + cols) into scratch->k_t (transposed) and scratch->v. In a short
-// last block, K's padding columns up to a whole micro tile are zeroed so that their (ignored)
-// scores stay finite, and V's padding rows so that P V can always run over kBlockK keys.
+// Loads key rows [k0, k0 + cols) into k_t (transposed, [kHeadDim, kBlockK]) and v
+// ([kBlockK, kHeadDim]), and their positions into scratch->k_pos. In a short last block, K's
+// padding columns up to a whole micro tile are zeroed so that their (ignored) scores stay
+// finite, and V's padding rows so that P V can always run over kBlockK keys.
 template <int kHeadDim>
-void StageKeyValueTiles(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
-                        Scratch* scratch) {
-  float* k_t = scratch->k_t.data();  // [kHeadDim, kBlockK]
+void StageKeyValueInto(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
+                       float* k_t, float* v, Scratch* scratch) {
   for (int j = 0; j < cols; ++j) {
     const int64_t row = k0 + j;
     const int64_t k_offset =
@@ -126,22 +145,54 @@ void StageKeyValueTiles(const AttentionParams& p, const QueryBlock& qb, int64_t 
     for (int d = 0; d < kHeadDim; ++d) k_t[d * kBlockK + j] = scratch->k_row[d];
     const int64_t v_offset =
         qb.b * p.v_batch_stride + row * p.v_row_stride + qb.kv_head * p.v_head_stride;
-    LoadRowAsFloat(p.v, v_offset, p.dtype, kHeadDim, &scratch->v[j * kHeadDim]);
-    scratch->k_pos[j] = KeyPos(p, row);
+    LoadRowAsFloat(p.v, v_offset, p.dtype, kHeadDim, &v[j * kHeadDim]);
   }
   if (cols == kBlockK) return;
   const int padded_cols = static_cast<int>(RoundUp(cols, kMicroCols));
   for (int d = 0; d < kHeadDim; ++d) {
     std::fill(k_t + d * kBlockK + cols, k_t + d * kBlockK + padded_cols, 0.0f);
   }
-  std::fill(scratch->v.begin() + cols * kHeadDim, scratch->v.end(), 0.0f);
+  std::fill(v + cols * kHeadDim, v + kBlockK * kHeadDim, 0.0f);
+}
+
+// Points scratch->kt_block and v_block at the key block from k0 (cols keys), staged: from the
+// head cache when the head fits it (staging the block there on its first use), else into
+// scratch->k_t and v; fills scratch->k_pos.
+template <int kHeadDim>
+void StageKeyValueTiles(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
+                        Scratch* scratch) {
+  for (int j = 0; j < cols; ++j) scratch->k_pos[j] = KeyPos(p, k0 + j);
+  const int64_t blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
+  if (blocks * kBlockK * kHeadDim * 2 > kHeadCacheFloats) {
+    StageKeyValueInto<kHeadDim>(p, qb, k0, cols, scratch->k_t.data(), scratch->v.data(), scratch);
+    scratch->kt_block = scratch->k_t.data();
+    scratch->v_block = scratch->v.data();
+    return;
+  }
+  Scratch::HeadCache& c = scratch->cache;
+  const int64_t head = static_cast<int64_t>(qb.b) * p.heads_k + qb.kv_head;
+  if (c.head != head) {
+    c.head = head;
+    c.k_t.resize(static_cast<size_t>(blocks) * kHeadDim * kBlockK);
+    c.v.resize(static_cast<size_t>(blocks) * kBlockK * kHeadDim);
+    c.staged.assign(static_cast<size_t>(blocks), 0);
+  }
+  const int64_t block = k0 / kBlockK;
+  float* k_t = &c.k_t[static_cast<size_t>(block) * kHeadDim * kBlockK];
+  float* v = &c.v[static_cast<size_t>(block) * kBlockK * kHeadDim];
+  if (!c.staged[static_cast<size_t>(block)]) {
+    StageKeyValueInto<kHeadDim>(p, qb, k0, cols, k_t, v, scratch);
+    c.staged[static_cast<size_t>(block)] = 1;
+  }
+  scratch->kt_block = k_t;
+  scratch->v_block = v;
 }
 
 // scratch->s = Q K^T (raw dot products) for the padded block.
 template <int kHeadDim>
 void ComputeDotProducts(int rows, int cols, Scratch* scratch) {
   MultiplyTiles<kHeadDim, /*kAccumulate=*/false>(
-      scratch->q.data(), kHeadDim, scratch->k_t.data(), kBlockK,
+      scratch->q.data(), kHeadDim, scratch->kt_block, kBlockK,
       static_cast<int>(RoundUp(rows, kMicroRows)), static_cast<int>(RoundUp(cols, kMicroCols)),
       scratch->s.data(), kBlockK);
 }
@@ -347,11 +398,18 @@ bool AllFinite(const float* x, int n) {  // x: [n]
 // the rows that cannot see that key. Each such V row is added here to the rows that see it
 // only (its probability times the row, IEEE: 0 * inf = NaN is the contract for a visible key),
 // then zeroed for P V. A wholly visible block needs nothing: every row sees every key.
+// A block from the head cache is copied into scratch->v first: the cache keeps the rows as
+// they are for the query blocks that see them.
 template <int kHeadDim>
 void AddNonFiniteValuesToVisibleRows(const AttentionParams& p, const QueryBlock& qb, int cols,
                                      Scratch* scratch) {
+  if (AllFinite(scratch->v_block, cols * kHeadDim)) return;
+  if (scratch->v_block != scratch->v.data()) {
+    std::copy(scratch->v_block, scratch->v_block + kBlockK * kHeadDim, scratch->v.begin());
+    scratch->v_block = scratch->v.data();
+  }
   for (int j = 0; j < cols; ++j) {
-    float* v_row = &scratch->v[j * kHeadDim];  // [kHeadDim]
+    float* v_row = &scratch->v_block[j * kHeadDim];  // [kHeadDim]
     if (AllFinite(v_row, kHeadDim)) continue;
     for (int i = 0; i < qb.rows; ++i) {
       if (!KeyAllowed(p, scratch->q_pos[i], scratch->k_pos[j])) continue;
@@ -375,7 +433,7 @@ void AccumulateValues(int rows, int cols, Scratch* scratch) {
     }
   }
   MultiplyTiles<kBlockK, /*kAccumulate=*/true>(
-      scratch->s.data(), kBlockK, scratch->v.data(), kHeadDim,
+      scratch->s.data(), kBlockK, scratch->v_block, kHeadDim,
       static_cast<int>(RoundUp(rows, kMicroRows)), kHeadDim, scratch->acc.data(), kHeadDim);
 }
 
