@@ -199,25 +199,58 @@ void ComputeDotProducts(int rows, int cols, Scratch* scratch) {
 
 // Turns the raw dot products into scores: ModScore everywhere, and -inf for masked pairs when
 // the block is only partially allowed (a fully allowed block skips the per-element mask test).
-void ApplyScoreModsAndMask(const AttentionParams& params, const QueryBlock& qb, int cols,
-                           bool all_allowed, Scratch* scratch) {
+// Without softcap and ALiBi a score is NanUnlessFinite(dot * scale) (ModScore's own first
+// step), written out so that the loop vectorises.
+inline __attribute__((always_inline)) void ApplyScoreModsAndMaskBody(
+    const AttentionParams& params, const QueryBlock& qb, int cols, bool all_allowed,
+    Scratch* scratch) {
   // A local copy, so that the compiler may hoist ModScore's option tests out of the loops
   // (stores to the score row could otherwise alias the softcap through the reference).
   const AttentionParams p = params;
+  const bool plain = p.softcap <= 0.0f && p.alibi_slopes == nullptr;
+  const float scale = p.softmax_scale;
   for (int i = 0; i < qb.rows; ++i) {
     float* s_row = &scratch->s[i * kBlockK];  // [kBlockK]
     const int64_t q_pos = scratch->q_pos[i];
     const int64_t* k_pos = scratch->k_pos.data();  // [kBlockK]
-    if (all_allowed) {
+    if (all_allowed && plain) {
+      for (int j = 0; j < cols; ++j) s_row[j] = NanUnlessFinite(s_row[j] * scale);
+    } else if (all_allowed) {
       for (int j = 0; j < cols; ++j) s_row[j] = ModScore(p, qb.h, s_row[j], q_pos, k_pos[j]);
-    } else {
+    } else if (plain) {
       const KeySpan span = AllowedKeySpan(p, q_pos);  // once per row, not per key
+      for (int j = 0; j < cols; ++j) {
+        const float score = NanUnlessFinite(s_row[j] * scale);
+        s_row[j] = InSpan(span, k_pos[j]) ? score : kNegInf;
+      }
+    } else {
+      const KeySpan span = AllowedKeySpan(p, q_pos);
       for (int j = 0; j < cols; ++j) {
         s_row[j] =
             InSpan(span, k_pos[j]) ? ModScore(p, qb.h, s_row[j], q_pos, k_pos[j]) : kNegInf;
       }
     }
   }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"))) void
+ApplyScoreModsAndMaskAvx512(const AttentionParams& p, const QueryBlock& qb, int cols,
+                            bool all_allowed, Scratch* scratch) {
+  ApplyScoreModsAndMaskBody(p, qb, cols, all_allowed, scratch);
+}
+#endif
+
+// ApplyScoreModsAndMaskBody, 16-wide where the machine has AVX-512.
+void ApplyScoreModsAndMask(const AttentionParams& p, const QueryBlock& qb, int cols,
+                           bool all_allowed, Scratch* scratch) {
+#if defined(__x86_64__)
+  if (cpu_tiles::HasAvx512()) {
+    ApplyScoreModsAndMaskAvx512(p, qb, cols, all_allowed, scratch);
+    return;
+  }
+#endif
+  ApplyScoreModsAndMaskBody(p, qb, cols, all_allowed, scratch);
 }
 
 // Lane-parallel reductions over a score row. kReduceLanes independent partial results fit in
