@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "benchmark/benchmark.h"
 #include "kernels/attention_params.h"
+#include "kernels/dtype.h"
 #include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/reference_attention.h"
 #include "kernels/params_check.h"
@@ -26,23 +28,27 @@ constexpr int64_t kSeqLen = 1024;
 constexpr int kHeads = 8;
 constexpr int kHeadDim = 64;
 
-// Inputs and outputs of the benchmarked call, fp32 and contiguous.
+// Inputs and outputs of the benchmarked call, contiguous: fp32, or bf16 bits (q, k, v and o
+// in the 16-bit vectors).
 struct Problem {
   AttentionParams p;
-  std::vector<float> q, k, v, o;  // [batch, seq, heads, head_dim]
+  std::vector<float> q, k, v, o;  // [batch, seq, heads, head_dim], fp32
+  std::vector<uint16_t> q16, k16, v16, o16;  // the same, bf16
   std::vector<float> lse;         // [batch, heads, seq]
 };
 
-Problem MakeProblem(bool causal, int64_t seqlen = kSeqLen) {
+Problem MakeProblem(bool causal, int64_t seqlen = kSeqLen, int head_dim = kHeadDim,
+                    DType dtype = DType::kF32) {
   Problem pr;
   AttentionParams& p = pr.p;
   p.batch = kBatch;
   p.seqlen_q = p.seqlen_k = seqlen;
   p.heads = p.heads_k = kHeads;
-  p.head_dim = kHeadDim;
-  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  p.head_dim = head_dim;
+  p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   p.causal = causal;
-  const size_t n = static_cast<size_t>(kBatch) * seqlen * kHeads * kHeadDim;
+  p.dtype = p.o_dtype = dtype;
+  const size_t n = static_cast<size_t>(kBatch) * seqlen * kHeads * head_dim;
   std::mt19937 rng(1);
   std::normal_distribution<float> dist;
   for (std::vector<float>* t : {&pr.q, &pr.k, &pr.v}) {
@@ -55,6 +61,17 @@ Problem MakeProblem(bool causal, int64_t seqlen = kSeqLen) {
   p.k = pr.k.data();
   p.v = pr.v.data();
   p.o = pr.o.data();
+  if (dtype == DType::kBF16) {
+    for (auto [from, to] : {std::pair{&pr.q, &pr.q16}, {&pr.k, &pr.k16}, {&pr.v, &pr.v16}}) {
+      to->resize(n);
+      for (size_t i = 0; i < n; ++i) (*to)[i] = FloatToBf16((*from)[i]);
+    }
+    pr.o16.resize(n);
+    p.q = pr.q16.data();
+    p.k = pr.k16.data();
+    p.v = pr.v16.data();
+    p.o = pr.o16.data();
+  }
   p.lse = pr.lse.data();
   SetContiguousStrides(&p);
   return pr;
@@ -83,6 +100,24 @@ BENCHMARK(BM_FlashCpuForward)
     ->Args({1, 1})
     ->Args({0, 0})
     ->Args({1, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// Args: {head_dim, bf16 (0: fp32), causal}: seqlen 1024, one thread (issue #20's d and
+// dtype rows beside PyTorch's).
+void BM_FlashCpuForwardShapes(benchmark::State& state) {
+  Problem pr = MakeProblem(state.range(2) != 0, kSeqLen, static_cast<int>(state.range(0)),
+                           state.range(1) != 0 ? DType::kBF16 : DType::kF32);
+  const FlashCpuOptions options{.num_threads = 1};
+  for (auto _ : state) {
+    if (!FlashCpuForward(pr.p, options).ok()) state.SkipWithError("FlashCpuForward failed");
+    benchmark::ClobberMemory();
+  }
+  SetFlopCounters(state, pr.p);
+}
+BENCHMARK(BM_FlashCpuForwardShapes)
+    ->ArgNames({"d", "bf16", "causal"})
+    ->ArgsProduct({{64, 128}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
