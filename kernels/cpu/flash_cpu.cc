@@ -2,16 +2,17 @@
 //
 // Schedule (FlashAttention's, on a CPU): a work item is one block of kBlockQ query rows of one
 // (batch, head). A thread stages the item's Q tile in fp32 once, then walks the key blocks of
-// kBlockK rows: stage K (transposed) and V in fp32, S = Q K^T, score mods and mask, the online
-// softmax per row through SoftmaxState/Combine (the same numerics as the ring's merge), and
-// O += P V. The epilogue normalises each row and writes or merges it.
+// kBlockK rows: K (transposed) and V staged in fp32 (kept per head for the thread's next query
+// blocks: Scratch::HeadCache), S = Q K^T, score mods and mask, the online softmax per row
+// through SoftmaxState/Combine (the same numerics as the ring's merge), and O += P V. The
+// epilogue normalises each row and writes or merges it.
 //
-// Vectorisation: both products go through one register-blocked micro-kernel (kMicroRows x
-// kMicroCols fp32 accumulators; cpu_tiles.h, shared with the backward) whose innermost loop
-// runs over contiguous columns, so the compiler vectorises it without reassociating any sum.
-// Every output element therefore accumulates its terms in a fixed order, which also makes
-// results independent of the thread count (a row is always computed by one thread, the same
-// way).
+// Vectorisation: both products go through MultiplyTiles (cpu_tiles.h, shared with the
+// backward: AVX-512 or AVX2 intrinsics chosen at run time, else SSE), and the score and
+// softmax steps are compiled for AVX-512, AVX2 and the baseline, chosen once per process.
+// Every output element accumulates its terms in a fixed order, so results do not depend on
+// the thread count (a row is always computed by one thread, the same way). Measurements:
+// docs/performance.md, "CPU kernel".
 //
 // Non-finite inputs follow the reference's rules (reference_attention.h): ModScore turns a
 // score fp32 cannot hold into NaN, the row maximum keeps a NaN, and SoftmaxState carries it to
