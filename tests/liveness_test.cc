@@ -83,7 +83,7 @@ TEST(Liveness, AHungWorkerFailsTheRequestWithinTheBound) {
   args.SetMaxReceiveMessageSize(INT_MAX);
   auto stub = v1::AttentionService::NewStub(
       grpc::CreateCustomChannel(svc.address(), grpc::InsecureChannelCredentials(), args));
-  Shape big{1, 8192, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work
+  Shape big{1, 12288, 8, 8, 128, v1::DTYPE_BF16};  // seconds of CPU work, still at 0.7 s
   const v1::AttendRequest req = MakeRequest(big);
   v1::AttendResponse resp;
   grpc::Status st;

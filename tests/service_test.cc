@@ -534,7 +534,7 @@ TEST(ServiceFaults, AnIdleConnectionIsClosed) {
 TEST(ServiceFaults, WorkerKilledMidRequest) {
   Service svc(3);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  Shape big{1, 6144, 8, 8, 128, v1::DTYPE_BF16};
+  Shape big{1, 12288, 8, 8, 128, v1::DTYPE_BF16};  // still running at the kill, 0.4 s in
   v1::AttendRequest req = MakeRequest(big);
   v1::AttendResponse resp;
   grpc::Status st;
@@ -627,7 +627,7 @@ TEST(ServiceAdmission, QueueFull) {
   o.pipeline_depth = 1;  // one request out of the queue at a time
   Service svc(2, o);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  Shape big{1, 4096, 8, 8, 128, v1::DTYPE_BF16};
+  Shape big{1, 8192, 8, 8, 128, v1::DTYPE_BF16};  // the first still running at the fourth
   v1::AttendRequest req = MakeRequest(big);
   constexpr int kCalls = 4;
   std::vector<grpc::Status> results(kCalls);
@@ -768,7 +768,8 @@ TEST(ServiceOps, DrainFinishesAdmittedRequestsAndRefusesNewOnes) {
   ASSERT_FALSE(WorkerBinary().empty()) << "RINGATTN_BIN not set";
   Service svc(2);
   ASSERT_TRUE(svc.start_status().ok()) << svc.start_status();
-  Shape big{1, 4096, 8, 8, 128, v1::DTYPE_BF16};
+  // Still running 0.5 s in, when the drain begins: seconds of CPU work on two cores.
+  Shape big{1, 12288, 8, 8, 128, v1::DTYPE_BF16};
   const v1::AttendRequest running = MakeRequest(big);
   Shape small{1, 37, 5, 1, 64, v1::DTYPE_FP32};
   const v1::AttendRequest queued = MakeRequest(small);

@@ -300,11 +300,6 @@ inline __attribute__((always_inline)) float SumOfRow(const float* x, int n) {  /
   return sum;
 }
 
-// The online-softmax step of each row: the block's own (max, sum of exp) state is combined
-// into the running one by Combine, which also gives the factors that rescale the running
-// accumulator (a) and this block's probabilities (b). Afterwards scratch->s holds the scaled
-// probabilities ready for P V. A row with every key of the block masked contributes nothing:
-// its probabilities are zeroed and its state and accumulator are left as they are.
 // `Rows` gives the row reductions: PortableRows (the lane loops above, vectorised by the
 // compiler) or, on AVX-512, Avx512Rows (one vector each, reduced in registers).
 struct PortableRows {
@@ -356,6 +351,12 @@ struct Avx512Rows {
 };
 #endif
 
+// The online-softmax step of each row: the block's maximum is combined into the running state
+// by Combine, which gives the factor that rescales the running accumulator (a); the block's
+// probabilities are then taken against the new maximum and their sum added to the state.
+// Afterwards scratch->s holds them, ready for P V. A row with every key of the block masked
+// contributes nothing: its probabilities are zeroed and its state and accumulator are left as
+// they are.
 template <int kHeadDim, typename Rows = PortableRows>
 inline __attribute__((always_inline)) void UpdateSoftmaxStateBody(int rows, int cols,
                                                                   Scratch* scratch) {
@@ -367,12 +368,16 @@ inline __attribute__((always_inline)) void UpdateSoftmaxStateBody(int rows, int 
       std::fill(s_row, s_row + cols, 0.0f);
       continue;
     }
-    for (int j = 0; j < cols; ++j) s_row[j] = ExpForSoftmax(s_row[j] - block_max);
-    const float block_sum = Rows::Sum(s_row, cols);
-    const CombineScales scales = Combine(&scratch->state[i], SoftmaxState{block_max, block_sum});
-    for (int j = 0; j < cols; ++j) s_row[j] *= scales.b;
-    float* acc_row = &scratch->acc[i * kHeadDim];  // [kHeadDim]
-    for (int d = 0; d < kHeadDim; ++d) acc_row[d] *= scales.a;
+    // The new running maximum first (Combine with an empty sum: l becomes l * a), then the
+    // probabilities against it directly, as the GPU kernel does, and their sum added to l.
+    const CombineScales scales = Combine(&scratch->state[i], SoftmaxState{block_max, 0.0f});
+    const float m = scratch->state[i].m;
+    for (int j = 0; j < cols; ++j) s_row[j] = ExpForSoftmax(s_row[j] - m);
+    scratch->state[i].l += Rows::Sum(s_row, cols);
+    if (scales.a != 1.0f) {  // the maximum moved (or is NaN): rescale the accumulator
+      float* acc_row = &scratch->acc[i * kHeadDim];  // [kHeadDim]
+      for (int d = 0; d < kHeadDim; ++d) acc_row[d] *= scales.a;
+    }
   }
 }
 
