@@ -44,8 +44,14 @@ using cpu_tiles::RoundUp;
 using cpu_tiles::StoreRowFromFloat;
 
 constexpr int kBlockQ = 128;  // query rows per work item (Br)
-constexpr int kBlockK = 64;  // key rows per inner step (Bc)
-static_assert(kBlockQ % kMicroRows == 0 && kBlockK % kMicroCols == 0);
+// Key rows per inner step (Bc) for a head dim: 128 at d64, where the softmax step's per-row
+// costs weigh most, 64 above, where 128 lost (docs/performance.md, CPU kernel v8).
+template <int kHeadDim>
+constexpr int BlockK() {
+  return kHeadDim <= 64 ? 128 : 64;
+}
+constexpr int kMaxBlockK = 128;
+static_assert(kBlockQ % kMicroRows == 0 && BlockK<256>() % kMicroCols == 0);
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -53,14 +59,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Staging buffers of one thread, allocated once per call and reused for every block.
 struct Scratch {
-  explicit Scratch(int head_dim)
-      : q(kBlockQ * head_dim),
-        k_t(head_dim * kBlockK),
-        v(kBlockK * head_dim),
-        s(kBlockQ * kBlockK),
+  Scratch(int head_dim, int block_k_)
+      : block_k(block_k_),
+        q(kBlockQ * head_dim),
+        k_t(head_dim * block_k_),
+        v(block_k_ * head_dim),
+        s(kBlockQ * block_k_),
         acc(kBlockQ * head_dim),
         k_row(head_dim) {}
 
+  int block_k;           // kBlockK of the call's head dim (BlockK)
   std::vector<float> q;  // [kBlockQ, head_dim]
   // [head_dim, kBlockK]: the K tile transposed, so that S = Q K^T reads contiguous columns.
   std::vector<float> k_t;
@@ -70,7 +78,7 @@ struct Scratch {
   std::vector<float> k_row;  // [head_dim]: one K row before transposing
   std::array<SoftmaxState, kBlockQ> state;  // [kBlockQ]: running (m, l) per query row
   std::array<int64_t, kBlockQ> q_pos;       // [kBlockQ]: global positions of the query rows
-  std::array<int64_t, kBlockK> k_pos;       // [kBlockK]: global positions of the key rows
+  std::array<int64_t, kMaxBlockK> k_pos;    // [kBlockK]: global positions of the key rows
 
   // The key block in hand, staged (StageKeyValueTiles): k_t and v above, or a block of the
   // head cache below. v_block may be rewritten (non-finite rows): only ever in k_t/v's place.
@@ -138,6 +146,7 @@ void StageQueryTile(const AttentionParams& p, const QueryBlock& qb, Scratch* scr
 template <int kHeadDim>
 void StageKeyValueInto(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
                        float* k_t, float* v, Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   for (int j = 0; j < cols; ++j) {
     const int64_t row = k0 + j;
     const int64_t k_offset =
@@ -162,6 +171,7 @@ void StageKeyValueInto(const AttentionParams& p, const QueryBlock& qb, int64_t k
 template <int kHeadDim>
 void StageKeyValueTiles(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
                         Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   for (int j = 0; j < cols; ++j) scratch->k_pos[j] = KeyPos(p, k0 + j);
   const int64_t blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   if (blocks * kBlockK * kHeadDim * 2 > kHeadCacheFloats) {
@@ -192,6 +202,7 @@ void StageKeyValueTiles(const AttentionParams& p, const QueryBlock& qb, int64_t 
 // scratch->s = Q K^T (raw dot products) for the padded block.
 template <int kHeadDim>
 void ComputeDotProducts(int rows, int cols, Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   MultiplyTiles<kHeadDim, /*kAccumulate=*/false>(
       scratch->q.data(), kHeadDim, scratch->kt_block, kBlockK,
       static_cast<int>(RoundUp(rows, kMicroRows)), static_cast<int>(RoundUp(cols, kMicroCols)),
@@ -211,7 +222,7 @@ inline __attribute__((always_inline)) void ApplyScoreModsAndMaskBody(
   const bool plain = p.softcap <= 0.0f && p.alibi_slopes == nullptr;
   const float scale = p.softmax_scale;
   for (int i = 0; i < qb.rows; ++i) {
-    float* s_row = &scratch->s[i * kBlockK];  // [kBlockK]
+    float* s_row = &scratch->s[i * scratch->block_k];  // [kBlockK]
     const int64_t q_pos = scratch->q_pos[i];
     const int64_t* k_pos = scratch->k_pos.data();  // [kBlockK]
     if (all_allowed && plain) {
@@ -360,6 +371,7 @@ struct Avx512Rows {
 template <int kHeadDim, typename Rows = PortableRows>
 inline __attribute__((always_inline)) void UpdateSoftmaxStateBody(int rows, int cols,
                                                                   Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   for (int i = 0; i < rows; ++i) {
     float* s_row = &scratch->s[i * kBlockK];  // [kBlockK]
     const float block_max = Rows::Max(s_row, cols);
@@ -418,7 +430,7 @@ void UpdateSoftmaxState(int rows, int cols, Scratch* scratch) {
 void ApplyDropout(const AttentionParams& p, const QueryBlock& qb, int64_t k0, int cols,
                   Scratch* scratch) {
   for (int i = 0; i < qb.rows; ++i) {
-    float* s_row = &scratch->s[i * kBlockK];  // [kBlockK]
+    float* s_row = &scratch->s[i * scratch->block_k];  // [kBlockK]
     const int64_t q_pos = QueryPos(p, qb.row0 + i);
     for (int j = 0; j < cols; ++j) {
       if (s_row[j] != 0.0f) s_row[j] *= DropoutFactor(p, qb.b, qb.h, q_pos, KeyPos(p, k0 + j));
@@ -442,6 +454,7 @@ bool AllFinite(const float* x, int n) {  // x: [n]
 template <int kHeadDim>
 void AddNonFiniteValuesToVisibleRows(const AttentionParams& p, const QueryBlock& qb, int cols,
                                      Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   if (AllFinite(scratch->v_block, cols * kHeadDim)) return;
   if (scratch->v_block != scratch->v.data()) {
     std::copy(scratch->v_block, scratch->v_block + kBlockK * kHeadDim, scratch->v.begin());
@@ -464,6 +477,7 @@ void AddNonFiniteValuesToVisibleRows(const AttentionParams& p, const QueryBlock&
 // probabilities and V rows are zero, which adds exact zeros.
 template <int kHeadDim>
 void AccumulateValues(int rows, int cols, Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   if (cols < kBlockK) {
     // The padding columns of S hold stale values (or none were computed); P must be 0 there.
     const int padded_rows = static_cast<int>(RoundUp(rows, kMicroRows));
@@ -492,6 +506,7 @@ void WriteQueryBlock(const AttentionParams& p, const QueryBlock& qb, Scratch* sc
 template <int kHeadDim>
 void ComputeQueryBlock(const AttentionParams& params, const QueryBlock& qb,
                        const std::atomic<bool>* cancel, Scratch* scratch) {
+  constexpr int kBlockK = BlockK<kHeadDim>();
   // A local copy: the compiler then knows that stores into the scratch buffers cannot change
   // the options, and can hoist their tests out of the per-element loops.
   const AttentionParams p = params;
@@ -527,7 +542,7 @@ void RunAllQueryBlocks(const AttentionParams& p, int num_threads,
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t num_items = static_cast<int64_t>(p.batch) * p.heads * q_blocks;
   cpu_tiles::RunWorkItems(
-      num_items, num_threads, [] { return Scratch(kHeadDim); },
+      num_items, num_threads, [] { return Scratch(kHeadDim, BlockK<kHeadDim>()); },
       [&](int64_t item, Scratch* scratch) {
         ComputeQueryBlock<kHeadDim>(p, ItemToQueryBlock(p, item, q_blocks), cancel, scratch);
       },
