@@ -83,16 +83,20 @@ void SetFlopCounters(benchmark::State& state, const AttentionParams& p) {
                          benchmark::Counter::kIsRate);
 }
 
-// Args: {causal, num_threads (0: hardware concurrency)}.
-void BM_FlashCpuForward(benchmark::State& state) {
-  Problem pr = MakeProblem(state.range(0) != 0);
-  const FlashCpuOptions options{.num_threads = static_cast<int>(state.range(1))};
+// The timed loop of every forward benchmark: FlashCpuForward on `pr` with `threads`.
+void TimeForward(benchmark::State& state, const Problem& pr, int threads) {
+  const FlashCpuOptions options{.num_threads = threads};
   for (auto _ : state) {
     if (!FlashCpuForward(pr.p, options).ok()) state.SkipWithError("FlashCpuForward failed");
-    benchmark::DoNotOptimize(pr.o.data());
+    benchmark::DoNotOptimize(pr.p.o);
     benchmark::ClobberMemory();
   }
   SetFlopCounters(state, pr.p);
+}
+
+// Args: {causal, num_threads (0: hardware concurrency)}.
+void BM_FlashCpuForward(benchmark::State& state) {
+  TimeForward(state, MakeProblem(state.range(0) != 0), static_cast<int>(state.range(1)));
 }
 BENCHMARK(BM_FlashCpuForward)
     ->ArgNames({"causal", "threads"})
@@ -106,14 +110,10 @@ BENCHMARK(BM_FlashCpuForward)
 // Args: {head_dim, bf16 (0: fp32), causal}: seqlen 1024, one thread (issue #20's d and
 // dtype rows beside PyTorch's).
 void BM_FlashCpuForwardShapes(benchmark::State& state) {
-  Problem pr = MakeProblem(state.range(2) != 0, kSeqLen, static_cast<int>(state.range(0)),
-                           state.range(1) != 0 ? DType::kBF16 : DType::kF32);
-  const FlashCpuOptions options{.num_threads = 1};
-  for (auto _ : state) {
-    if (!FlashCpuForward(pr.p, options).ok()) state.SkipWithError("FlashCpuForward failed");
-    benchmark::ClobberMemory();
-  }
-  SetFlopCounters(state, pr.p);
+  TimeForward(state,
+              MakeProblem(state.range(2) != 0, kSeqLen, static_cast<int>(state.range(0)),
+                          state.range(1) != 0 ? DType::kBF16 : DType::kF32),
+              1);
 }
 BENCHMARK(BM_FlashCpuForwardShapes)
     ->ArgNames({"d", "bf16", "causal"})
@@ -123,14 +123,7 @@ BENCHMARK(BM_FlashCpuForwardShapes)
 
 // Args: {threads}: seqlen 8192, causal.
 void BM_FlashCpuForwardScaling(benchmark::State& state) {
-  Problem pr = MakeProblem(/*causal=*/true, 8192);
-  const FlashCpuOptions options{.num_threads = static_cast<int>(state.range(0))};
-  for (auto _ : state) {
-    if (!FlashCpuForward(pr.p, options).ok()) state.SkipWithError("FlashCpuForward failed");
-    benchmark::DoNotOptimize(pr.o.data());
-    benchmark::ClobberMemory();
-  }
-  SetFlopCounters(state, pr.p);
+  TimeForward(state, MakeProblem(/*causal=*/true, 8192), static_cast<int>(state.range(0)));
 }
 BENCHMARK(BM_FlashCpuForwardScaling)
     ->ArgNames({"threads"})
