@@ -60,6 +60,7 @@ struct FlashForwardConfig {
   bool ex2_combine = false;
   bool global_heavy_first = false;  // grid order: heaviest query blocks of all heads first
   bool is_default = false;          // what FlashForward runs for this head dim
+  bool hopper = false;  // the Hopper kernel (flash_fwd_hopper.h); warps = its consumer warps
   // E.g. "M128 N64, 4 warps x 32 rows, Q smem, 2 stages, >=2 CTA/SM, 1 barrier, ex2 Combine,
   // global grid order".
   std::string Describe() const;

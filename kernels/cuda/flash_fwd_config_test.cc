@@ -38,6 +38,7 @@
 #include "kernels/cpu/test_util.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
+#include "kernels/cuda/flash_fwd_hopper.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/reference_attention.h"
 #include "kernels/cuda/tiling_lookup.h"
@@ -351,10 +352,14 @@ TEST(FlashFwdConfigListTest, EveryHeadDimHasItsCompiledTilings) {
       EXPECT_EQ(c.rows_per_warp * c.warps, c.block_m) << c.name;
       EXPECT_TRUE(c.rows_per_warp == 16 || c.rows_per_warp == 32) << c.name;
     }
+    // The Hopper kernel follows the table's rows, for the head dims it has.
+    const size_t hopper = HopperForwardHasHeadDim(d) ? 1 : 0;
+    EXPECT_EQ(names.count(kHopperForwardConfig), hopper);
+    if (hopper == 1) EXPECT_TRUE(configs.back().hopper);
     if (RINGATTN_HAVE_ALL_TILINGS) {
       EXPECT_TRUE(names.count("v1")) << "v1, the baseline, is in every head dim's table";
     } else {
-      EXPECT_EQ(configs.size(), 1u) << "only the default is compiled";
+      EXPECT_EQ(configs.size(), 1u + hopper) << "only the default (and the Hopper kernel)";
     }
   }
   EXPECT_EQ(FlashForwardConfigs(128)[0].name, "4x32_n64");

@@ -1,6 +1,7 @@
 // What the fast kernel supports, and the closed-set dispatch from runtime (head_dim, dtype,
 // tiling) to the compiled instantiations.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -12,6 +13,7 @@
 #include "kernels/cuda/device_seq_bounds.h"
 #include "kernels/cuda/flash_fwd.h"
 #include "kernels/cuda/flash_fwd_configs.h"
+#include "kernels/cuda/flash_fwd_hopper.h"
 #include "kernels/cuda/flash_instantiations.h"
 #include "kernels/cuda/tiling_lookup.h"
 
@@ -98,9 +100,48 @@ absl::Status Launch(const AttentionParams& p, int config, const uint32_t* skip_i
       [&] { return UnsupportedHeadDim(p.head_dim); });
 }
 
+
+// The Hopper kernel as a row of FlashForwardConfigs (after the table's rows).
+FlashForwardConfig HopperConfig(int head_dim) {
+  FlashForwardConfig c;
+  c.name = kHopperForwardConfig;
+  c.head_dim = head_dim;
+  c.block_m = 128;
+  c.block_n = 128;
+  c.warps = 8;  // consumer warps; a producer warpgroup besides
+  c.rows_per_warp = 16;
+  c.stages = 2;
+  c.min_ctas_per_sm = 1;
+  c.one_barrier = true;
+  c.ex2_combine = true;
+  c.global_heavy_first = true;
+  c.hopper = true;
+  return c;
+}
+
+// RINGATTN_FLASH_FWD_CONFIG, read once ("" when unset).
+const std::string& ForcedForwardConfig() {
+  static const std::string* const forced = [] {
+    const char* env = std::getenv("RINGATTN_FLASH_FWD_CONFIG");
+    return new std::string(env == nullptr ? "" : env);
+  }();
+  return *forced;
+}
+
+absl::Status LaunchHopper(const AttentionParams& p, const uint32_t* skip_if_set,
+                          cudaStream_t stream) {
+  RA_RETURN_IF_ERROR(CheckDeviceSeqBounds(p));
+  return LaunchFlashForwardHopper(p, skip_if_set, stream);
+}
+
 }  // namespace
 
 std::string FlashForwardConfig::Describe() const {
+  if (hopper) {
+    return absl::StrCat("M", block_m, " N", block_n, ", wgmma: producer warpgroup (TMA) + ",
+                        warps / 4, " consumer warpgroups x ", block_m / (warps / 4), " rows, ",
+                        stages, " stages");
+  }
   return absl::StrCat("M", block_m, " N", block_n, ", ", warps, " warps x ", rows_per_warp,
                       " rows, Q ", q_in_regs ? "regs" : "smem", ", ", stages,
                       " stages, >=", min_ctas_per_sm, " CTA/SM, ", one_barrier ? 1 : 2, " barrier",
@@ -109,7 +150,7 @@ std::string FlashForwardConfig::Describe() const {
 }
 
 std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
-  return CompiledConfigs<flash_fwd::Tilings, FlashForwardConfig>(
+  std::vector<FlashForwardConfig> configs = CompiledConfigs<flash_fwd::Tilings, FlashForwardConfig>(
       head_dim, [](const flash_fwd::Tiling& t) {
         FlashForwardConfig c;
         c.block_m = t.block_m;
@@ -124,19 +165,35 @@ std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
         c.global_heavy_first = t.global_heavy_first;
         return c;
       });
+  if (HopperForwardHasHeadDim(head_dim)) configs.push_back(HopperConfig(head_dim));
+  return configs;
 }
 
 absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
                           const uint32_t* skip_if_set) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  RA_ASSIGN_OR_RETURN(const int index, ForcedOrDefaultTilingIndex<flash_fwd::Tilings>(
-                                           "forward", "RINGATTN_FLASH_FWD_CONFIG", p.head_dim));
+  const std::string& forced = ForcedForwardConfig();
+  const bool forced_hopper = forced == kHopperForwardConfig;
+  if (HopperForwardHasHeadDim(p.head_dim) &&
+      (forced_hopper || (forced.empty() && kHopperForwardIsDefault))) {
+    const absl::Status hopper = LaunchHopper(p, skip_if_set, stream);
+    // Unforced, an operand layout the copy engine refuses runs on the mma.sync kernel.
+    if (forced_hopper || hopper.code() != absl::StatusCode::kInvalidArgument) return hopper;
+  }
+  RA_ASSIGN_OR_RETURN(const int index,
+                      ForcedTilingIndex<flash_fwd::Tilings>(
+                          "forward", "RINGATTN_FLASH_FWD_CONFIG",
+                          forced_hopper ? std::string_view() : std::string_view(forced),
+                          p.head_dim));
   return Launch(p, index, skip_if_set, stream);
 }
 
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
                                     cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
+  if (config == kHopperForwardConfig && HopperForwardHasHeadDim(p.head_dim)) {
+    return LaunchHopper(p, nullptr, stream);
+  }
   RA_ASSIGN_OR_RETURN(const int index,
                       CompiledTilingIndex<flash_fwd::Tilings>("forward", p.head_dim, config));
   return Launch(p, index, nullptr, stream);
@@ -146,6 +203,9 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
                                                            std::string_view config) {
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
+  }
+  if (config == kHopperForwardConfig && HopperForwardHasHeadDim(head_dim)) {
+    return FlashForwardHopperResources(head_dim, dtype);
   }
   RA_ASSIGN_OR_RETURN(const int index,
                       CompiledTilingIndex<flash_fwd::Tilings>("forward", head_dim, config));

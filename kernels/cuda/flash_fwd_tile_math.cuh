@@ -277,5 +277,107 @@ __device__ __forceinline__ void StorePair(void* o, int64_t offset, DType o_dtype
   }
 }
 
+// The epilogue of one warp's rows [warp_row0, warp_row0 + Traits::kWarpRows) of (batch b,
+// head h): normalises acc_o by the finished softmax state and writes o and lse (merged first
+// with a read-only fp32 partial when p.partial_o is set: the ring's last step), or merges into
+// the fp32 partial held in o and lse (p.merge_into_output), as WriteOutputRow does on the CPU.
+// Fragments as MmaPV leaves them; state[i].l is this lane's partial sum (the quad's are added
+// here). Rows at or past seqlen_q are skipped. Warp-uniform: every lane of the warp calls it.
+template <typename Traits>
+__device__ __forceinline__ void WriteOutputRows(const AttentionParams& p, int b, int h,
+                                                int64_t warp_row0, const OTile<Traits>& acc_o,
+                                                const SoftmaxState (&state)[Traits::kRows],
+                                                int lane) {
+  float lse[Traits::kRows];
+  float norm[Traits::kRows];
+  int64_t row[Traits::kRows];
+#pragma unroll
+  for (int i = 0; i < Traits::kRows; ++i) {
+    row[i] = warp_row0 + 16 * (i / 2) + 8 * (i % 2) + lane / 4;
+    float l = state[i].l;  // the quad's partial sums -> the row's
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const SoftmaxState finished{state[i].m, l};
+    lse[i] = StateLse(finished);          // -inf for a fully masked row
+    norm[i] = StateNormalizer(finished);  // 0 for a fully masked row: o = 0
+  }
+  const int col0 = 2 * (lane & 3);  // this lane's first column in each n8 tile
+  if (!p.merge_into_output) {
+#pragma unroll
+    for (int i = 0; i < Traits::kRows; ++i) {
+      if (row[i] >= p.seqlen_q) continue;
+      const int mi = i / 2, r = i % 2;
+      const int64_t o_row = b * p.o_batch_stride + row[i] * p.o_row_stride + h * p.o_head_stride;
+      // lse: [batch, heads, seqlen_q], seqlen_q contiguous.
+      const int64_t lse_at = b * p.lse_batch_stride + h * p.lse_head_stride + row[i];
+      float w_new = norm[i];
+      float w_old = 0.0f;     // weight of the read-only partial
+      bool read_old = false;  // only an empty partial (lse -inf) is not read: 0 * NaN is NaN
+      float out_lse = lse[i];
+      if (p.partial_o != nullptr) {  // merged with it first (the ring's last step)
+        const float old_lse = p.partial_lse[lse_at];
+        read_old = old_lse != flash::NegInf();
+        if (lse[i] == flash::NegInf()) {  // nothing here: the partial as it is
+          w_new = 0.0f;
+          w_old = 1.0f;
+          out_lse = old_lse;
+        } else {
+          const LseMerge merge = MergeLse(old_lse, lse[i]);
+          w_new = merge.wb * norm[i];
+          w_old = merge.wa;
+          out_lse = merge.lse;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < Traits::kNTilesO; ++t) {
+        float x0 = acc_o[mi][t][2 * r] * w_new;
+        float x1 = acc_o[mi][t][2 * r + 1] * w_new;
+        if (read_old) {
+          const float2 old = *reinterpret_cast<const float2*>(p.partial_o + o_row + t * 8 + col0);
+          x0 += w_old * old.x;
+          x1 += w_old * old.y;
+        }
+        StorePair(p.o, o_row + t * 8 + col0, p.o_dtype, x0, x1);
+      }
+      if ((lane & 3) == 0 && p.lse != nullptr) p.lse[lse_at] = out_lse;
+    }
+    return;
+  }
+
+  // Merge into the fp32 partial (o, lse) by MergeLse, as WriteOutputRow does on the CPU. All
+  // four lanes of a quad read the old lse before its lane 0 overwrites it (__syncwarp).
+  float old_lse[Traits::kRows];
+#pragma unroll
+  for (int i = 0; i < Traits::kRows; ++i) {
+    old_lse[i] =
+        row[i] < p.seqlen_q ? p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[i]] : 0.0f;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < Traits::kRows; ++i) {
+    // Nothing to add (row fully masked here): the partial stays bit for bit.
+    if (row[i] >= p.seqlen_q || lse[i] == flash::NegInf()) continue;
+    const int mi = i / 2, r = i % 2;
+    const LseMerge merge = MergeLse(old_lse[i], lse[i]);
+    const float w_new = merge.wb * norm[i];
+    float* o = static_cast<float*>(p.o) + b * p.o_batch_stride + row[i] * p.o_row_stride +
+               h * p.o_head_stride;  // [head_dim] fp32, by validation
+#pragma unroll
+    for (int t = 0; t < Traits::kNTilesO; ++t) {
+      float2* slot = reinterpret_cast<float2*>(o + t * 8 + col0);
+      float2 out = make_float2(w_new * acc_o[mi][t][2 * r], w_new * acc_o[mi][t][2 * r + 1]);
+      // An empty old partial (lse -inf) is not read, so that a never-written o cannot leak NaN;
+      // a negligible one (weight 0) is: 0 * NaN is NaN, as the rule wants.
+      if (old_lse[i] != flash::NegInf()) {
+        const float2 old = *slot;
+        out.x += merge.wa * old.x;
+        out.y += merge.wa * old.y;
+      }
+      *slot = out;
+    }
+    if ((lane & 3) == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row[i]] = merge.lse;
+  }
+}
+
 }  // namespace flash_fwd
 }  // namespace ringattn

@@ -1,0 +1,40 @@
+// Host entry points of the Hopper forward kernel (flash_fwd_hopper_kernel.cuh): wgmma, TMA and
+// warp specialisation, head dims 64 and 128, bf16 and fp16, every option of the mma.sync
+// kernel. FlashForward (flash_fwd.h) dispatches to it as the tiling named kHopperForwardConfig.
+// Plain C++ (no device code).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/attention_params.h"
+#include "kernels/cuda/flash_fwd.h"
+#include "kernels/dtype.h"
+
+namespace ringattn {
+
+// The Hopper kernel's tiling name in FlashForwardConfigs: 2 consumer warpgroups of 64 rows,
+// 128 keys per step.
+inline constexpr char kHopperForwardConfig[] = "wgmma_2x64_n128";
+
+// Whether FlashForward runs the Hopper kernel for the head dims it has (unless
+// RINGATTN_FLASH_FWD_CONFIG names a table tiling).
+inline constexpr bool kHopperForwardIsDefault = false;
+
+// Whether this build has the Hopper kernel for `head_dim`.
+bool HopperForwardHasHeadDim(int head_dim);
+
+// Enqueues the Hopper kernel; `p` has passed CheckFlashForwardSupport and its head dim is one
+// HopperForwardHasHeadDim accepts. Encodes the three TMA maps first: an operand layout that the
+// copy engine refuses is InvalidArgument naming it (FlashForward then runs the mma.sync
+// kernel). Otherwise as FlashForward.
+absl::Status LaunchFlashForwardHopper(const AttentionParams& p, const uint32_t* skip_if_set,
+                                      cudaStream_t stream);
+
+// FlashForwardResources for the Hopper kernel.
+absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype);
+
+}  // namespace ringattn
