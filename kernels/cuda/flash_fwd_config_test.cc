@@ -353,13 +353,15 @@ TEST(FlashFwdConfigListTest, EveryHeadDimHasItsCompiledTilings) {
       EXPECT_TRUE(c.rows_per_warp == 16 || c.rows_per_warp == 32) << c.name;
     }
     // The Hopper kernel follows the table's rows, for the head dims it has.
-    const size_t hopper = HopperForwardHasHeadDim(d) ? 1 : 0;
-    EXPECT_EQ(names.count(kHopperForwardConfig), hopper);
-    if (hopper == 1) EXPECT_TRUE(configs.back().hopper);
+    const size_t hopper = HopperForwardHasHeadDim(d) ? std::size(kHopperForwardVariants) : 0;
+    for (const HopperForwardVariant& v : kHopperForwardVariants) {
+      EXPECT_EQ(names.count(v.name), hopper > 0 ? 1u : 0u) << v.name;
+    }
+    if (hopper > 0) EXPECT_TRUE(configs.back().hopper);
     if (RINGATTN_HAVE_ALL_TILINGS) {
       EXPECT_TRUE(names.count("v1")) << "v1, the baseline, is in every head dim's table";
     } else {
-      EXPECT_EQ(configs.size(), 1u + hopper) << "only the default (and the Hopper kernel)";
+      EXPECT_EQ(configs.size(), 1u + hopper) << "only the default (and the Hopper kernels)";
     }
   }
   EXPECT_EQ(FlashForwardConfigs(128)[0].name, "4x32_n64");

@@ -102,9 +102,9 @@ absl::Status Launch(const AttentionParams& p, int config, const uint32_t* skip_i
 
 
 // The Hopper kernel as a row of FlashForwardConfigs (after the table's rows).
-FlashForwardConfig HopperConfig(int head_dim) {
+FlashForwardConfig HopperConfig(int head_dim, const HopperForwardVariant& variant) {
   FlashForwardConfig c;
-  c.name = kHopperForwardConfig;
+  c.name = variant.name;
   c.head_dim = head_dim;
   c.block_m = 128;
   c.block_n = 128;
@@ -128,10 +128,10 @@ const std::string& ForcedForwardConfig() {
   return *forced;
 }
 
-absl::Status LaunchHopper(const AttentionParams& p, const uint32_t* skip_if_set,
+absl::Status LaunchHopper(const AttentionParams& p, int variant, const uint32_t* skip_if_set,
                           cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckDeviceSeqBounds(p));
-  return LaunchFlashForwardHopper(p, skip_if_set, stream);
+  return LaunchFlashForwardHopper(p, variant, skip_if_set, stream);
 }
 
 }  // namespace
@@ -165,7 +165,11 @@ std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
         c.global_heavy_first = t.global_heavy_first;
         return c;
       });
-  if (HopperForwardHasHeadDim(head_dim)) configs.push_back(HopperConfig(head_dim));
+  if (HopperForwardHasHeadDim(head_dim)) {
+    for (const HopperForwardVariant& v : kHopperForwardVariants) {
+      configs.push_back(HopperConfig(head_dim, v));
+    }
+  }
   return configs;
 }
 
@@ -173,10 +177,12 @@ absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
                           const uint32_t* skip_if_set) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
   const std::string& forced = ForcedForwardConfig();
-  const bool forced_hopper = forced == kHopperForwardConfig;
+  const int forced_variant = HopperForwardVariantIndex(forced);
+  const bool forced_hopper = forced_variant >= 0;
   if (HopperForwardHasHeadDim(p.head_dim) &&
       (forced_hopper || (forced.empty() && kHopperForwardIsDefault))) {
-    const absl::Status hopper = LaunchHopper(p, skip_if_set, stream);
+    const absl::Status hopper = LaunchHopper(
+        p, forced_hopper ? forced_variant : kHopperForwardDefaultVariant, skip_if_set, stream);
     // Unforced, an operand layout the copy engine refuses runs on the mma.sync kernel.
     if (forced_hopper || hopper.code() != absl::StatusCode::kInvalidArgument) return hopper;
   }
@@ -191,8 +197,9 @@ absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
 absl::Status FlashForwardWithConfig(const AttentionParams& p, std::string_view config,
                                     cudaStream_t stream) {
   RA_RETURN_IF_ERROR(CheckFlashForwardSupport(p));
-  if (config == kHopperForwardConfig && HopperForwardHasHeadDim(p.head_dim)) {
-    return LaunchHopper(p, nullptr, stream);
+  if (const int variant = HopperForwardVariantIndex(config);
+      variant >= 0 && HopperForwardHasHeadDim(p.head_dim)) {
+    return LaunchHopper(p, variant, nullptr, stream);
   }
   RA_ASSIGN_OR_RETURN(const int index,
                       CompiledTilingIndex<flash_fwd::Tilings>("forward", p.head_dim, config));
@@ -204,8 +211,9 @@ absl::StatusOr<FlashKernelResources> FlashForwardResources(int head_dim, DType d
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
   }
-  if (config == kHopperForwardConfig && HopperForwardHasHeadDim(head_dim)) {
-    return FlashForwardHopperResources(head_dim, dtype);
+  if (const int variant = HopperForwardVariantIndex(config);
+      variant >= 0 && HopperForwardHasHeadDim(head_dim)) {
+    return FlashForwardHopperResources(head_dim, dtype, variant);
   }
   RA_ASSIGN_OR_RETURN(const int index,
                       CompiledTilingIndex<flash_fwd::Tilings>("forward", head_dim, config));

@@ -6,6 +6,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <iterator>
+#include <type_traits>
+
+#include "absl/strings/str_cat.h"
 
 #include "base/cuda_check.h"
 #include "base/status_macros.h"
@@ -72,10 +76,10 @@ absl::Status Launch(const AttentionParams& p, const TensorMaps& maps, const uint
   return absl::OkStatus();
 }
 
-template <int kHeadDim, DType kDType>
+template <int kHeadDim, bool kOverlap, DType kDType>
 absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
                        cudaStream_t stream) {
-  using Traits = HopperFwdTraits<kHeadDim>;
+  using Traits = HopperFwdTraits<kHeadDim, kOverlap>;
   if (p.seqlen_q == 0) return absl::OkStatus();
   RA_ASSIGN_OR_RETURN(const TensorMaps maps, EncodeMaps<Traits>(p));
   const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f ||
@@ -84,37 +88,65 @@ absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
                     : Launch<Traits, kDType, false>(p, maps, skip_if_set, stream);
 }
 
-template <int kHeadDim, DType kDType>
+template <int kHeadDim, bool kOverlap, DType kDType>
 absl::StatusOr<FlashKernelResources> ResourcesFor() {
-  using Traits = HopperFwdTraits<kHeadDim>;
+  using Traits = HopperFwdTraits<kHeadDim, kOverlap>;
   return flash::TilingResources<Traits>(&FlashFwdHopperKernel<Traits, kDType, false>,
                                         &FlashFwdHopperKernel<Traits, kDType, true>);
+}
+
+// fn(d, overlap) as integral constants for (head_dim, variant); InvalidArgument otherwise.
+template <typename Fn>
+auto WithHopperKernel(int head_dim, int variant, Fn&& fn) -> decltype(fn(
+    std::integral_constant<int, 64>{}, std::false_type{})) {
+  if (variant < 0 || variant >= static_cast<int>(std::size(kHopperForwardVariants))) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda: no Hopper forward variant ", variant));
+  }
+  const bool overlap = kHopperForwardVariants[variant].overlap;
+  if (head_dim == 64) {
+    return overlap ? fn(std::integral_constant<int, 64>{}, std::true_type{})
+                   : fn(std::integral_constant<int, 64>{}, std::false_type{});
+  }
+  if (head_dim == 128) {
+    return overlap ? fn(std::integral_constant<int, 128>{}, std::true_type{})
+                   : fn(std::integral_constant<int, 128>{}, std::false_type{});
+  }
+  return absl::InvalidArgumentError("cuda: the Hopper forward takes head_dim 64 or 128");
 }
 
 }  // namespace
 }  // namespace flash_fwd
 
+int HopperForwardVariantIndex(std::string_view name) {
+  for (int i = 0; i < static_cast<int>(std::size(kHopperForwardVariants)); ++i) {
+    if (name == kHopperForwardVariants[i].name) return i;
+  }
+  return -1;
+}
+
 bool HopperForwardHasHeadDim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-absl::Status LaunchFlashForwardHopper(const AttentionParams& p, const uint32_t* skip_if_set,
-                                      cudaStream_t stream) {
+absl::Status LaunchFlashForwardHopper(const AttentionParams& p, int variant,
+                                      const uint32_t* skip_if_set, cudaStream_t stream) {
   return WithHalfDtype(p.dtype, [&](auto t) -> absl::Status {
-    constexpr DType kDType = decltype(t)::value;
-    if (p.head_dim == 64) return flash_fwd::LaunchFor<64, kDType>(p, skip_if_set, stream);
-    if (p.head_dim == 128) return flash_fwd::LaunchFor<128, kDType>(p, skip_if_set, stream);
-    return absl::InvalidArgumentError("cuda: the Hopper forward takes head_dim 64 or 128");
+    return flash_fwd::WithHopperKernel(p.head_dim, variant, [&](auto d, auto overlap) {
+      return flash_fwd::LaunchFor<decltype(d)::value, decltype(overlap)::value,
+                                  decltype(t)::value>(p, skip_if_set, stream);
+    });
   });
 }
 
-absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype) {
+absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype,
+                                                                int variant) {
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
   }
   return WithHalfDtype(dtype, [&](auto t) -> absl::StatusOr<FlashKernelResources> {
-    constexpr DType kDType = decltype(t)::value;
-    if (head_dim == 64) return flash_fwd::ResourcesFor<64, kDType>();
-    if (head_dim == 128) return flash_fwd::ResourcesFor<128, kDType>();
-    return absl::InvalidArgumentError("cuda: the Hopper forward takes head_dim 64 or 128");
+    return flash_fwd::WithHopperKernel(
+        head_dim, variant, [&](auto d, auto overlap) -> absl::StatusOr<FlashKernelResources> {
+          return flash_fwd::ResourcesFor<decltype(d)::value, decltype(overlap)::value,
+                                         decltype(t)::value>();
+        });
   });
 }
 

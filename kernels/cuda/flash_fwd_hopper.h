@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -16,13 +17,25 @@
 
 namespace ringattn {
 
-// The Hopper kernel's tiling name in FlashForwardConfigs: 2 consumer warpgroups of 64 rows,
-// 128 keys per step.
-inline constexpr char kHopperForwardConfig[] = "wgmma_2x64_n128";
+// The Hopper kernel's variants, rows of FlashForwardConfigs after the mma.sync table's: 2
+// consumer warpgroups of 64 rows, 128 keys per step; "_ovl" with intra-warpgroup overlap.
+struct HopperForwardVariant {
+  const char* name;
+  bool overlap;
+};
+inline constexpr HopperForwardVariant kHopperForwardVariants[] = {
+    {"wgmma_2x64_n128", false},
+    {"wgmma_2x64_n128_ovl", true},
+};
+inline constexpr char kHopperForwardConfig[] = "wgmma_2x64_n128";  // variant 0's name
 
-// Whether FlashForward runs the Hopper kernel for the head dims it has (unless
-// RINGATTN_FLASH_FWD_CONFIG names a table tiling).
+// Whether FlashForward runs the Hopper kernel (variant kHopperForwardDefaultVariant) for the
+// head dims it has, unless RINGATTN_FLASH_FWD_CONFIG names a table tiling.
 inline constexpr bool kHopperForwardIsDefault = false;
+inline constexpr int kHopperForwardDefaultVariant = 0;
+
+// Index into kHopperForwardVariants of `name`; -1 for none.
+int HopperForwardVariantIndex(std::string_view name);
 
 // Whether this build has the Hopper kernel for `head_dim`.
 bool HopperForwardHasHeadDim(int head_dim);
@@ -31,10 +44,11 @@ bool HopperForwardHasHeadDim(int head_dim);
 // HopperForwardHasHeadDim accepts. Encodes the three TMA maps first: an operand layout that the
 // copy engine refuses is InvalidArgument naming it (FlashForward then runs the mma.sync
 // kernel). Otherwise as FlashForward.
-absl::Status LaunchFlashForwardHopper(const AttentionParams& p, const uint32_t* skip_if_set,
-                                      cudaStream_t stream);
+absl::Status LaunchFlashForwardHopper(const AttentionParams& p, int variant,
+                                      const uint32_t* skip_if_set, cudaStream_t stream);
 
 // FlashForwardResources for the Hopper kernel.
-absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype);
+absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype,
+                                                                int variant);
 
 }  // namespace ringattn

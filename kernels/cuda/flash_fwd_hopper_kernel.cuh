@@ -31,9 +31,12 @@ namespace flash_fwd {
 
 // The kernel's constants for one head dim (64 or 128). The per-warp fields are what
 // flash_fwd_tile_math.cuh's functions read: one m16 row tile per warp, kBlockN keys.
-template <int kHeadDim_>
+template <int kHeadDim_, bool kOverlap_>
 struct HopperFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  // Intra-warpgroup overlap: block n + 1's S = Q K^T and block n's O += P V are in flight while
+  // the warpgroup runs block n + 1's softmax (FlashAttention-3's two-stage pipelining).
+  static constexpr bool kOverlap = kOverlap_;
   static constexpr int kBlockM = 128;   // query rows per CTA: 64 per consumer warpgroup
   static constexpr int kBlockN = 128;   // keys per pipeline step: S is m64 n128 per warpgroup
   static constexpr int kStages = 2;     // K/V buffers
@@ -149,9 +152,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
       }
     }
-    return;
-  }
-
+  } else {
   // ---- Consumers: warpgroup c = 0, 1 owns rows [64 c, 64 c + 64) of the block; its warp w
   // rows 16 w .. 16 w + 15 (wgmma's m64 accumulator layout, m16n8's per warp).
   hopper::SetMaxRegsInc<Traits::kConsumerRegs>();
@@ -170,15 +171,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (blocks.begin < blocks.end) {
     hopper::MbarWait(bar_q, 0);
     const uint32_t q_rows = smem_q + consumer * 64 * 128;  // this warpgroup's 64 rows
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int64_t n = blocks.begin; n < blocks.end; ++n) {
-      const uint32_t k_tile = smem_k + stage * Traits::kKVTileBytes;
-      const uint32_t v_tile = smem_v + stage * Traits::kKVTileBytes;
-      STile<Traits> s;  // S, then P: keys n0 + 8 j + 2 (lane % 4) + {0, 1}
-      float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+    STile<Traits> s;  // S, then P: keys n0 + 8 j + 2 (lane % 4) + {0, 1}
+    float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+    uint32_t pa[kBlockN / 16][4];  // P as the A fragments of O += P V
+    float rescale[Traits::kRows];
 
-      // S = Q K^T: k16 steps over the head dim, 32 bytes apart within a 128-byte row.
+    // S = Q K^T from the K tile of `stage`, issued and committed (not waited for): k16 steps
+    // over the head dim, 32 bytes apart within a 128-byte row.
+    auto issue_s = [&](int stage, uint32_t phase) {
+      const uint32_t k_tile = smem_k + stage * Traits::kKVTileBytes;
       hopper::MbarWait(full_k(stage), phase);
       hopper::WgmmaFence();
 #pragma unroll
@@ -191,10 +192,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         hopper::WgmmaSS<kBlockN, kDType>(s_flat, desc_q, desc_k, kk > 0 ? 1u : 0u);
       }
       hopper::WgmmaCommit();
-      hopper::WgmmaWait<0>();
-      hopper::WgmmaTouch(s_flat);
-
-      // Mask, score mods, softmax, dropout: per warp, as the mma.sync kernel does.
+    };
+    // O += P V from the V tile of `stage`, issued and committed: k16 steps over the keys, 16
+    // keys = two 8-row groups = 2 KB apart.
+    auto issue_pv = [&](int stage, uint32_t phase) {
+      const uint32_t v_tile = smem_v + stage * Traits::kKVTileBytes;
+      hopper::MbarWait(full_v(stage), phase);
+      hopper::WgmmaTouch(o_flat);
+      hopper::WgmmaFence();
+#pragma unroll
+      for (int kb = 0; kb < kBlockN / 16; ++kb) {
+        const uint64_t desc_v =
+            hopper::SwizzledDescriptor(v_tile + kb * 2048, Traits::kKVSubBytes);
+        hopper::WgmmaRS<Traits::kHeadDim, kDType>(o_flat, pa[kb], desc_v, 1u);
+      }
+      hopper::WgmmaCommit();
+    };
+    // This warp is done with the stage's K and V.
+    auto release = [&](int stage) {
+      __syncwarp();
+      if (lane == 0) hopper::MbarArrive(empty(stage));
+    };
+    // Mask, score mods, softmax and dropout of block n's S (landed), per warp as the mma.sync
+    // kernel does, then P packed into pa; rescale gets O's factors. Returns whether the warp
+    // has an allowed pair in the block: if not, P is zero (wgmma needs the whole warpgroup)
+    // and O keeps its scale.
+    auto softmax = [&](int64_t n) {
       const int64_t n0 = n * kBlockN;
       bool live = false;
       if (warp_has_rows) {
@@ -209,50 +232,80 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           if (kScoreMods || cut) {
             ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, warp_row0, n0, lane);
           }
-          UpdateSoftmax<Traits>(s, acc_o, state, kScoreMods ? 1.0f : p.softmax_scale);
+          SoftmaxStep<Traits>(s, state, kScoreMods ? 1.0f : p.softmax_scale, rescale);
           if constexpr (kScoreMods) {
             if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, warp_row0, n0, lane);
           }
         }
       }
-      // P as the A fragments of O += P V (S tiles 2 kb, 2 kb + 1 per k16 step); a warp with
-      // nothing allowed in this block multiplies zeros (wgmma needs the whole warpgroup).
-      uint32_t pa[kBlockN / 16][4];
+      return live;
+    };
+    auto pack_p = [&](bool live) {
+      using E = flash::Element<kDType>;
 #pragma unroll
       for (int kb = 0; kb < kBlockN / 16; ++kb) {
         const float(&p0)[4] = s[0][2 * kb];
         const float(&p1)[4] = s[0][2 * kb + 1];
-        using E = flash::Element<kDType>;
         pa[kb][0] = live ? E::Pack(p0[0], p0[1]) : 0u;
         pa[kb][1] = live ? E::Pack(p0[2], p0[3]) : 0u;
         pa[kb][2] = live ? E::Pack(p1[0], p1[1]) : 0u;
         pa[kb][3] = live ? E::Pack(p1[2], p1[3]) : 0u;
       }
+    };
 
-      // O += P V: k16 steps over the keys, 16 keys = two 8-row groups = 2 KB apart.
-      hopper::MbarWait(full_v(stage), phase);
-      hopper::WgmmaTouch(o_flat);
-      hopper::WgmmaFence();
-#pragma unroll
-      for (int kb = 0; kb < kBlockN / 16; ++kb) {
-        const uint64_t desc_v =
-            hopper::SwizzledDescriptor(v_tile + kb * 2048, Traits::kKVSubBytes);
-        hopper::WgmmaRS<Traits::kHeadDim, kDType>(o_flat, pa[kb], desc_v, 1u);
-      }
-      hopper::WgmmaCommit();
-      hopper::WgmmaWait<0>();
-      hopper::WgmmaTouch(o_flat);
-      __syncwarp();
-      if (lane == 0) hopper::MbarArrive(empty(stage));  // this warp is done with the buffers
+    int stage = 0;
+    uint32_t phase = 0;
+    auto advance = [&] {
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
+    };
+    if constexpr (!Traits::kOverlap) {
+      for (int64_t n = blocks.begin; n < blocks.end; ++n) {
+        issue_s(stage, phase);
+        hopper::WgmmaWait<0>();
+        hopper::WgmmaTouch(s_flat);
+        const bool live = softmax(n);
+        if (live) RescaleO<Traits>(acc_o, rescale);
+        pack_p(live);
+        issue_pv(stage, phase);
+        hopper::WgmmaWait<0>();
+        hopper::WgmmaTouch(o_flat);
+        release(stage);
+        advance();
+      }
+    } else {
+      // Block begin's S and P alone; then per block n: S of n and P V of n - 1 in flight, the
+      // softmax of n once its S lands, O rescaled once P V lands.
+      issue_s(stage, phase);
+      hopper::WgmmaWait<0>();
+      hopper::WgmmaTouch(s_flat);
+      pack_p(softmax(blocks.begin));  // O is zero: nothing to rescale
+      for (int64_t n = blocks.begin + 1; n < blocks.end; ++n) {
+        const int prev_stage = stage;
+        const uint32_t prev_phase = phase;
+        advance();
+        issue_s(stage, phase);
+        issue_pv(prev_stage, prev_phase);
+        hopper::WgmmaWait<1>();  // S of n (committed first) has landed
+        hopper::WgmmaTouch(s_flat);
+        const bool live = softmax(n);
+        hopper::WgmmaWait<0>();  // P V of n - 1 has landed
+        hopper::WgmmaTouch(o_flat);
+        release(prev_stage);
+        if (live) RescaleO<Traits>(acc_o, rescale);
+        pack_p(live);
+      }
+      issue_pv(stage, phase);
+      hopper::WgmmaWait<0>();
+      hopper::WgmmaTouch(o_flat);
+      release(stage);
     }
   }
 
-  if (!warp_has_rows) return;
-  WriteOutputRows<Traits>(p, b, h, warp_row0, acc_o, state, lane);
+  if (warp_has_rows) WriteOutputRows<Traits>(p, b, h, warp_row0, acc_o, state, lane);
+  }  // consumers
 }
 
 }  // namespace flash_fwd

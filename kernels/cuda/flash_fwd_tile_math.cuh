@@ -134,16 +134,14 @@ __device__ __forceinline__ void ScoresAndMask(STile<Traits>& s, bool mod_scores,
 // `to_score` turns an entry into natural-log score units: the softmax scale for dots, 1 for
 // scores). For each of the thread's rows: the block's row max (over the quad) is combined into
 // state[i] by Combine's code (softmax_state.h, the ring merge's code; with kEx2Combine through
-// CombineWith and Ex2Exp), acc_o is scaled by the factor that returns, s is overwritten with
-// P = exp(score - new max) (0 where masked, never NaN while the row's max is still -inf), and
-// state[i].l gets this thread's partial sum of P (the quad's 4 partials are added in the
-// epilogue). Derivation: docs/kernels.md, "Online softmax".
+// CombineWith and Ex2Exp), rescale[i] gets the factor that O accumulated so far must be scaled
+// by (RescaleO), s is overwritten with P = exp(score - new max) (0 where masked, never NaN
+// while the row's max is still -inf), and state[i].l gets this thread's partial sum of P (the
+// quad's 4 partials are added in the epilogue). Derivation: docs/kernels.md, "Online softmax".
 template <typename Traits>
-__device__ __forceinline__ void UpdateSoftmax(STile<Traits>& s, OTile<Traits>& acc_o,
-                                              SoftmaxState (&state)[Traits::kRows],
-                                              float to_score) {
+__device__ __forceinline__ void SoftmaxStep(STile<Traits>& s, SoftmaxState (&state)[Traits::kRows],
+                                            float to_score, float (&rescale)[Traits::kRows]) {
   float m_log2[Traits::kRows];  // m' log2(e) per row
-  float rescale[Traits::kRows];
 #pragma unroll
   for (int mi = 0; mi < Traits::kMTiles; ++mi) {
 #pragma unroll
@@ -184,6 +182,12 @@ __device__ __forceinline__ void UpdateSoftmax(STile<Traits>& s, OTile<Traits>& a
   }
 #pragma unroll
   for (int i = 0; i < Traits::kRows; ++i) state[i].l += row_sum[i];
+}
+
+// acc_o's rows times SoftmaxStep's rescale factors.
+template <typename Traits>
+__device__ __forceinline__ void RescaleO(OTile<Traits>& acc_o,
+                                         const float (&rescale)[Traits::kRows]) {
 #pragma unroll
   for (int mi = 0; mi < Traits::kMTiles; ++mi) {
 #pragma unroll
@@ -194,6 +198,16 @@ __device__ __forceinline__ void UpdateSoftmax(STile<Traits>& s, OTile<Traits>& a
       acc_o[mi][t][3] *= rescale[2 * mi + 1];
     }
   }
+}
+
+// SoftmaxStep, then RescaleO: the step when nothing else reads acc_o meanwhile.
+template <typename Traits>
+__device__ __forceinline__ void UpdateSoftmax(STile<Traits>& s, OTile<Traits>& acc_o,
+                                              SoftmaxState (&state)[Traits::kRows],
+                                              float to_score) {
+  float rescale[Traits::kRows];
+  SoftmaxStep<Traits>(s, state, to_score, rescale);
+  RescaleO<Traits>(acc_o, rescale);
 }
 
 // Dropout (p.dropout_p > 0): each probability of the block times DropoutFactor of its pair
