@@ -76,10 +76,10 @@ absl::Status Launch(const AttentionParams& p, const TensorMaps& maps, const uint
   return absl::OkStatus();
 }
 
-template <int kHeadDim, bool kOverlap, DType kDType>
+template <int kHeadDim, int kSchedule, DType kDType>
 absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
                        cudaStream_t stream) {
-  using Traits = HopperFwdTraits<kHeadDim, kOverlap>;
+  using Traits = HopperFwdTraits<kHeadDim, kSchedule>;
   if (p.seqlen_q == 0) return absl::OkStatus();
   RA_ASSIGN_OR_RETURN(const TensorMaps maps, EncodeMaps<Traits>(p));
   const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f ||
@@ -88,29 +88,32 @@ absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
                     : Launch<Traits, kDType, false>(p, maps, skip_if_set, stream);
 }
 
-template <int kHeadDim, bool kOverlap, DType kDType>
+template <int kHeadDim, int kSchedule, DType kDType>
 absl::StatusOr<FlashKernelResources> ResourcesFor() {
-  using Traits = HopperFwdTraits<kHeadDim, kOverlap>;
+  using Traits = HopperFwdTraits<kHeadDim, kSchedule>;
   return flash::TilingResources<Traits>(&FlashFwdHopperKernel<Traits, kDType, false>,
                                         &FlashFwdHopperKernel<Traits, kDType, true>);
 }
 
-// fn(d, overlap) as integral constants for (head_dim, variant); InvalidArgument otherwise.
+// fn(d, schedule) as integral constants for (head_dim, variant); InvalidArgument otherwise.
 template <typename Fn>
-auto WithHopperKernel(int head_dim, int variant, Fn&& fn) -> decltype(fn(
-    std::integral_constant<int, 64>{}, std::false_type{})) {
+auto WithHopperKernel(int head_dim, int variant, Fn&& fn)
+    -> decltype(fn(std::integral_constant<int, 64>{}, std::integral_constant<int, 0>{})) {
   if (variant < 0 || variant >= static_cast<int>(std::size(kHopperForwardVariants))) {
     return absl::InvalidArgumentError(absl::StrCat("cuda: no Hopper forward variant ", variant));
   }
-  const bool overlap = kHopperForwardVariants[variant].overlap;
-  if (head_dim == 64) {
-    return overlap ? fn(std::integral_constant<int, 64>{}, std::true_type{})
-                   : fn(std::integral_constant<int, 64>{}, std::false_type{});
-  }
-  if (head_dim == 128) {
-    return overlap ? fn(std::integral_constant<int, 128>{}, std::true_type{})
-                   : fn(std::integral_constant<int, 128>{}, std::false_type{});
-  }
+  auto with_d = [&](auto d) {
+    switch (kHopperForwardVariants[variant].schedule) {
+      case 1:
+        return fn(d, std::integral_constant<int, 1>{});
+      case 2:
+        return fn(d, std::integral_constant<int, 2>{});
+      default:
+        return fn(d, std::integral_constant<int, 0>{});
+    }
+  };
+  if (head_dim == 64) return with_d(std::integral_constant<int, 64>{});
+  if (head_dim == 128) return with_d(std::integral_constant<int, 128>{});
   return absl::InvalidArgumentError("cuda: the Hopper forward takes head_dim 64 or 128");
 }
 
@@ -129,8 +132,8 @@ bool HopperForwardHasHeadDim(int head_dim) { return head_dim == 64 || head_dim =
 absl::Status LaunchFlashForwardHopper(const AttentionParams& p, int variant,
                                       const uint32_t* skip_if_set, cudaStream_t stream) {
   return WithHalfDtype(p.dtype, [&](auto t) -> absl::Status {
-    return flash_fwd::WithHopperKernel(p.head_dim, variant, [&](auto d, auto overlap) {
-      return flash_fwd::LaunchFor<decltype(d)::value, decltype(overlap)::value,
+    return flash_fwd::WithHopperKernel(p.head_dim, variant, [&](auto d, auto schedule) {
+      return flash_fwd::LaunchFor<decltype(d)::value, decltype(schedule)::value,
                                   decltype(t)::value>(p, skip_if_set, stream);
     });
   });
@@ -143,8 +146,8 @@ absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, D
   }
   return WithHalfDtype(dtype, [&](auto t) -> absl::StatusOr<FlashKernelResources> {
     return flash_fwd::WithHopperKernel(
-        head_dim, variant, [&](auto d, auto overlap) -> absl::StatusOr<FlashKernelResources> {
-          return flash_fwd::ResourcesFor<decltype(d)::value, decltype(overlap)::value,
+        head_dim, variant, [&](auto d, auto schedule) -> absl::StatusOr<FlashKernelResources> {
+          return flash_fwd::ResourcesFor<decltype(d)::value, decltype(schedule)::value,
                                          decltype(t)::value>();
         });
   });

@@ -18,14 +18,16 @@
 namespace ringattn {
 
 // The Hopper kernel's variants, rows of FlashForwardConfigs after the mma.sync table's: 2
-// consumer warpgroups of 64 rows, 128 keys per step; "_ovl" with intra-warpgroup overlap.
+// consumer warpgroups of 64 rows, 128 keys per step; "_ovl" with intra-warpgroup overlap,
+// "_pp" with that and the consumers' ping-pong (HopperFwdTraits' kSchedule 0, 1, 2).
 struct HopperForwardVariant {
   const char* name;
-  bool overlap;
+  int schedule;
 };
 inline constexpr HopperForwardVariant kHopperForwardVariants[] = {
-    {"wgmma_2x64_n128", false},
-    {"wgmma_2x64_n128_ovl", true},
+    {"wgmma_2x64_n128", 0},
+    {"wgmma_2x64_n128_ovl", 1},
+    {"wgmma_2x64_n128_pp", 2},
 };
 inline constexpr char kHopperForwardConfig[] = "wgmma_2x64_n128";  // variant 0's name
 

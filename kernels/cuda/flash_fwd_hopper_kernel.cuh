@@ -31,12 +31,16 @@ namespace flash_fwd {
 
 // The kernel's constants for one head dim (64 or 128). The per-warp fields are what
 // flash_fwd_tile_math.cuh's functions read: one m16 row tile per warp, kBlockN keys.
-template <int kHeadDim_, bool kOverlap_>
+// kSchedule: 0 sequential (per block: S, softmax, P V); 1 intra-warpgroup overlap (block
+// n + 1's S = Q K^T and block n's O += P V in flight while the warpgroup runs block n + 1's
+// softmax: FlashAttention-3's two-stage pipelining); 2 that, and the two consumers take turns
+// issuing their matrix multiplies (named barriers: FlashAttention-3's ping-pong), so that one's
+// softmax runs under the other's multiplies.
+template <int kHeadDim_, int kSchedule_>
 struct HopperFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  // Intra-warpgroup overlap: block n + 1's S = Q K^T and block n's O += P V are in flight while
-  // the warpgroup runs block n + 1's softmax (FlashAttention-3's two-stage pipelining).
-  static constexpr bool kOverlap = kOverlap_;
+  static constexpr bool kOverlap = kSchedule_ >= 1;
+  static constexpr bool kPingpong = kSchedule_ == 2;
   static constexpr int kBlockM = 128;   // query rows per CTA: 64 per consumer warpgroup
   static constexpr int kBlockN = 128;   // keys per pipeline step: S is m64 n128 per warpgroup
   static constexpr int kStages = 2;     // K/V buffers
@@ -208,6 +212,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       hopper::WgmmaCommit();
     };
+    // Ping-pong: this consumer's turn to issue multiplies (named barrier 1 + consumer, both
+    // consumers' 256 threads), then the other's. Consumer 0 has the first turn.
+    auto turn_begin = [&] {
+      if constexpr (Traits::kPingpong) {
+        asm volatile("bar.sync %0, 256;\n" ::"r"(1 + consumer) : "memory");
+      }
+    };
+    auto turn_end = [&] {
+      if constexpr (Traits::kPingpong) {
+        asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - consumer) : "memory");
+      }
+    };
+    if (consumer == 1) turn_end();  // consumer 0 goes first
     // This warp is done with the stage's K and V.
     auto release = [&](int stage) {
       __syncwarp();
@@ -221,8 +238,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const int64_t n0 = n * kBlockN;
       bool live = false;
       if (warp_has_rows) {
-        const int64_t pos_lo = QueryPos(p, warp_row0);
-        const int64_t pos_hi = QueryPos(p, flash::Min64(warp_row0 + 16, p.seqlen_q) - 1);
+        // Positions and spans from an opaque copy of the first row, recomputed per block rather
+        // than hoisted out of the key loop into registers (as the mma.sync kernel does).
+        const int64_t row0 = flash::Opaque64(warp_row0);
+        const int64_t pos_lo = QueryPos(p, row0);
+        const int64_t pos_hi = QueryPos(p, flash::Min64(row0 + 16, p.seqlen_q) - 1);
         const int64_t n_last = flash::Min64(n0 + kBlockN, p.seqlen_k) - 1;
         const BlockMask mask =
             ClassifyBlock<kScoreMods>(p, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
@@ -230,11 +250,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (live) {
           const bool cut = !mask.all || n0 + kBlockN > p.seqlen_k;
           if (kScoreMods || cut) {
-            ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, warp_row0, n0, lane);
+            ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, row0, n0, lane);
           }
           SoftmaxStep<Traits>(s, state, kScoreMods ? 1.0f : p.softmax_scale, rescale);
           if constexpr (kScoreMods) {
-            if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, warp_row0, n0, lane);
+            if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, row0, n0, lane);
           }
         }
       }
@@ -278,7 +298,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     } else {
       // Block begin's S and P alone; then per block n: S of n and P V of n - 1 in flight, the
       // softmax of n once its S lands, O rescaled once P V lands.
+      turn_begin();
       issue_s(stage, phase);
+      turn_end();
       hopper::WgmmaWait<0>();
       hopper::WgmmaTouch(s_flat);
       pack_p(softmax(blocks.begin));  // O is zero: nothing to rescale
@@ -286,8 +308,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int prev_stage = stage;
         const uint32_t prev_phase = phase;
         advance();
+        turn_begin();
         issue_s(stage, phase);
         issue_pv(prev_stage, prev_phase);
+        turn_end();
         hopper::WgmmaWait<1>();  // S of n (committed first) has landed
         hopper::WgmmaTouch(s_flat);
         const bool live = softmax(n);
@@ -297,10 +321,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (live) RescaleO<Traits>(acc_o, rescale);
         pack_p(live);
       }
+      turn_begin();
       issue_pv(stage, phase);
+      turn_end();
       hopper::WgmmaWait<0>();
       hopper::WgmmaTouch(o_flat);
       release(stage);
+      // Consumer 1's first arrival is one more than consumer 0 waits for: take it, so that no
+      // arrival is pending on the barrier when the CTA ends.
+      if (consumer == 0) turn_begin();
     }
   }
 
