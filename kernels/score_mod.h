@@ -72,6 +72,43 @@ RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
   return s;
 }
 
+// The packed-sequence clamp of a run of query positions [q_lo, q_hi] (a kernel's query block):
+// when one sequence holds them all (`uniform`), its key positions [lo, hi], so that the run's
+// spans need no search each (AllowedKeySpan with a clamp); else the spans search per position.
+// Without packed sequences, uniform and unbounded.
+struct SeqClamp {
+  int64_t lo;
+  int64_t hi;
+  bool uniform;
+};
+template <bool kPacked = true>
+RA_HD SeqClamp SequenceClamp(const AttentionParams& p, int64_t q_lo, int64_t q_hi) {
+  if constexpr (kPacked) {
+#if defined(__CUDA_ARCH__)
+    const int64_t* bounds = p.seq_bounds_device;
+#else
+    const int64_t* bounds = p.seq_bounds;
+#endif
+    if (bounds != nullptr) {
+      const int64_t i = SequenceOf(bounds, p.num_seqs, q_lo);
+      if (q_hi < bounds[i + 1]) return {bounds[i], bounds[i + 1] - 1, true};
+      return {kMinPos, kMaxPos, false};
+    }
+  }
+  return {kMinPos, kMaxPos, true};
+}
+// AllowedKeySpan of a position of the run `clamp` was made for.
+template <bool kPacked = true>
+RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, const SeqClamp& clamp, int64_t q_pos) {
+  if (!clamp.uniform) return AllowedKeySpan<kPacked>(p, q_pos);
+  KeySpan s = WindowKeySpan(p, q_pos);
+  if constexpr (kPacked) {
+    if (s.lo < clamp.lo) s.lo = clamp.lo;
+    if (s.hi > clamp.hi) s.hi = clamp.hi;
+  }
+  return s;
+}
+
 RA_HD bool InSpan(const KeySpan& s, int64_t k_pos) { return k_pos >= s.lo && k_pos <= s.hi; }
 
 // One pair; loops over a query's keys take its AllowedKeySpan once and test InSpan.
@@ -141,16 +178,22 @@ struct BlockMask {
   bool all;
 };
 
+// With `clamp`: SequenceClamp of a run holding q_lo and q_hi (no search when uniform).
 template <bool kPacked = true>
-RA_HD BlockMask ClassifyBlock(const AttentionParams& p, int64_t q_lo, int64_t q_hi, int64_t k_lo,
-                              int64_t k_hi) {
-  const KeySpan first = AllowedKeySpan<kPacked>(p, q_lo);
-  const KeySpan last = AllowedKeySpan<kPacked>(p, q_hi);
+RA_HD BlockMask ClassifyBlock(const AttentionParams& p, const SeqClamp& clamp, int64_t q_lo,
+                              int64_t q_hi, int64_t k_lo, int64_t k_hi) {
+  const KeySpan first = AllowedKeySpan<kPacked>(p, clamp, q_lo);
+  const KeySpan last = AllowedKeySpan<kPacked>(p, clamp, q_hi);
   // The union of spans is within [first.lo, last.hi]; the intersection is [last.lo, first.hi].
   BlockMask b;
   b.any = !(k_hi < first.lo || k_lo > last.hi);
   b.all = k_lo >= last.lo && k_hi <= first.hi;
   return b;
+}
+template <bool kPacked = true>
+RA_HD BlockMask ClassifyBlock(const AttentionParams& p, int64_t q_lo, int64_t q_hi, int64_t k_lo,
+                              int64_t k_hi) {
+  return ClassifyBlock<kPacked>(p, SeqClamp{kMinPos, kMaxPos, false}, q_lo, q_hi, k_lo, k_hi);
 }
 
 }  // namespace ringattn

@@ -136,11 +136,15 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       // the end of the keys? (Padding query rows need no mask: their P is 0 by lse = +inf.)
       bool any = warp_key0 < p.seqlen_k;
       bool cut = false;
+      // The query block's packed sequence, when one holds all its rows (no search per pair).
+      SeqClamp clamp{kMinPos, kMaxPos, true};
       if (any) {
         const int64_t wk_last = flash::Min64(warp_key0 + 16, p.seqlen_k) - 1;
-        const BlockMask mask = ClassifyBlock<kScoreMods>(
-            p, QueryPos(p, m0), QueryPos(p, flash::Min64(m0 + kBlockM, p.seqlen_q) - 1),
-            KeyPos(p, warp_key0), KeyPos(p, wk_last));
+        const int64_t q_lo = QueryPos(p, m0);
+        const int64_t q_hi = QueryPos(p, flash::Min64(m0 + kBlockM, p.seqlen_q) - 1);
+        clamp = SequenceClamp<kScoreMods>(p, q_lo, q_hi);
+        const BlockMask mask = ClassifyBlock<kScoreMods>(p, clamp, q_lo, q_hi,
+                                                         KeyPos(p, warp_key0), KeyPos(p, wk_last));
         any = mask.any;
         cut = !mask.all || warp_key0 + 16 > p.seqlen_k;
       }
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
               int64_t q_pos = 0;
               if (cut || kScoreMods) q_pos = QueryPos(p, m0 + 8 * j + 2 * (lane & 3) + c);
               if (cut) {
-                const KeySpan span = AllowedKeySpan<kScoreMods>(p, q_pos);
+                const KeySpan span = AllowedKeySpan<kScoreMods>(p, clamp, q_pos);
                 allowed = key_exists && k_pos >= span.lo && k_pos <= span.hi;
               }
               if constexpr (kScoreMods) {

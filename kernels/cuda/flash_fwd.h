@@ -35,8 +35,10 @@ absl::Status CheckFastKernelRows(const char* name, const void* ptr, int64_t batc
 // Writes o (p.o_dtype: fp32, fp16 or bf16) and lse (when non-null), or merges into fp32 o and
 // lse with p.merge_into_output. Launch errors are returned; errors while the kernel runs surface
 // at the caller's next synchronising call. Runs the default tiling of p.head_dim (the first of
-// FlashForwardConfigs), unless the environment variable RINGATTN_FLASH_FWD_CONFIG (read once)
-// names another tiling: a test hook, so that the whole GPU test suite can run on each tiling.
+// FlashForwardConfigs: the Hopper kernel at d 128, flash_fwd_hopper.h; it falls back to the
+// table's default when the copy engine refuses an operand's layout), unless the environment
+// variable RINGATTN_FLASH_FWD_CONFIG (read once) names another tiling (a table row or a Hopper
+// variant): a test hook, so that the whole GPU test suite can run on each tiling.
 // A name that only other head dims have leaves p.head_dim's default; a name this build does not
 // compile for p.head_dim (see FlashForwardConfigs), or that no head dim has, is InvalidArgument.
 // `skip_if_set`, when non-null, is the non-finite guard's device word (non_finite_guard.h): the

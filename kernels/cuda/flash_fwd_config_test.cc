@@ -358,13 +358,16 @@ TEST(FlashFwdConfigListTest, EveryHeadDimHasItsCompiledTilings) {
       EXPECT_EQ(names.count(v.name), hopper > 0 ? 1u : 0u) << v.name;
     }
     if (hopper > 0) EXPECT_TRUE(configs.back().hopper);
+    EXPECT_EQ(configs[0].hopper, HopperForwardIsDefault(d));
     if (RINGATTN_HAVE_ALL_TILINGS) {
       EXPECT_TRUE(names.count("v1")) << "v1, the baseline, is in every head dim's table";
     } else {
       EXPECT_EQ(configs.size(), 1u + hopper) << "only the default (and the Hopper kernels)";
     }
   }
-  EXPECT_EQ(FlashForwardConfigs(128)[0].name, "4x32_n64");
+  EXPECT_EQ(FlashForwardConfigs(128)[0].name, kHopperForwardConfig);  // the Hopper kernel
+  EXPECT_EQ(FlashForwardConfigs(64)[0].name, "4x32_n128");
+  EXPECT_EQ(FlashForwardConfigs(256)[0].name, "v1");
   EXPECT_TRUE(FlashForwardConfigs(96).empty());
 }
 

@@ -2,6 +2,7 @@
 // tiling) to the compiled instantiations.
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -165,10 +166,18 @@ std::vector<FlashForwardConfig> FlashForwardConfigs(int head_dim) {
         c.global_heavy_first = t.global_heavy_first;
         return c;
       });
-  if (HopperForwardHasHeadDim(head_dim)) {
-    for (const HopperForwardVariant& v : kHopperForwardVariants) {
-      configs.push_back(HopperConfig(head_dim, v));
-    }
+  if (!HopperForwardHasHeadDim(head_dim)) return configs;
+  // The default first: the Hopper kernel's default variant where it is the default.
+  const bool hopper_default = HopperForwardIsDefault(head_dim);
+  if (hopper_default) {
+    configs.front().is_default = false;
+    configs.insert(configs.begin(),
+                   HopperConfig(head_dim, kHopperForwardVariants[kHopperForwardDefaultVariant]));
+    configs.front().is_default = true;
+  }
+  for (int v = 0; v < static_cast<int>(std::size(kHopperForwardVariants)); ++v) {
+    if (hopper_default && v == kHopperForwardDefaultVariant) continue;
+    configs.push_back(HopperConfig(head_dim, kHopperForwardVariants[v]));
   }
   return configs;
 }
@@ -180,7 +189,7 @@ absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
   const int forced_variant = HopperForwardVariantIndex(forced);
   const bool forced_hopper = forced_variant >= 0;
   if (HopperForwardHasHeadDim(p.head_dim) &&
-      (forced_hopper || (forced.empty() && kHopperForwardIsDefault))) {
+      (forced_hopper || (forced.empty() && HopperForwardIsDefault(p.head_dim)))) {
     const absl::Status hopper = LaunchHopper(
         p, forced_hopper ? forced_variant : kHopperForwardDefaultVariant, skip_if_set, stream);
     // Unforced, an operand layout the copy engine refuses runs on the mma.sync kernel.

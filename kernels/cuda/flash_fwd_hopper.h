@@ -31,9 +31,10 @@ inline constexpr HopperForwardVariant kHopperForwardVariants[] = {
 };
 inline constexpr char kHopperForwardConfig[] = "wgmma_2x64_n128";  // variant 0's name
 
-// Whether FlashForward runs the Hopper kernel (variant kHopperForwardDefaultVariant) for the
-// head dims it has, unless RINGATTN_FLASH_FWD_CONFIG names a table tiling.
-inline constexpr bool kHopperForwardIsDefault = false;
+// Whether FlashForward runs the Hopper kernel (variant kHopperForwardDefaultVariant) for
+// `head_dim`, unless RINGATTN_FLASH_FWD_CONFIG names a table tiling: where it is the faster
+// (d 128; at d 64 the mma.sync kernel is level with it: docs/performance.md).
+constexpr bool HopperForwardIsDefault(int head_dim) { return head_dim == 128; }
 inline constexpr int kHopperForwardDefaultVariant = 0;
 
 // Index into kHopperForwardVariants of `name`; -1 for none.

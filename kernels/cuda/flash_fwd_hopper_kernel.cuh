@@ -104,6 +104,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int64_t m_last = flash::Min64(m0 + kBlockM, p.seqlen_q) - 1;
   const flash::BlockRange blocks =
       flash::LiveKeyBlocks<kBlockN, kScoreMods>(p, QueryPos(p, m0), QueryPos(p, m_last));
+  // The block's packed sequence, when one holds all its rows: no search per row and key block.
+  const SeqClamp clamp = SequenceClamp<kScoreMods>(p, QueryPos(p, m0), QueryPos(p, m_last));
   if (skip_if_set != nullptr && *skip_if_set != 0) return;  // the careful kernel computes it
 
   if (threadIdx.x == 0) {
@@ -245,14 +247,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int64_t pos_hi = QueryPos(p, flash::Min64(row0 + 16, p.seqlen_q) - 1);
         const int64_t n_last = flash::Min64(n0 + kBlockN, p.seqlen_k) - 1;
         const BlockMask mask =
-            ClassifyBlock<kScoreMods>(p, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
+            ClassifyBlock<kScoreMods>(p, clamp, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
         live = mask.any;
         if (live) {
           const bool cut = !mask.all || n0 + kBlockN > p.seqlen_k;
-          if (kScoreMods || cut) {
-            ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, row0, n0, lane);
+          // Softcap and ALiBi turn dots into scores; packed sequences and dropout leave dots.
+          const bool mods = kScoreMods && (p.softcap > 0.0f || p.alibi_slopes != nullptr);
+          if (mods || cut) {
+            ScoresAndMask<Traits, kScoreMods>(s, mods, cut, p, clamp, h, row0, n0, lane);
           }
-          SoftmaxStep<Traits>(s, state, kScoreMods ? 1.0f : p.softmax_scale, rescale);
+          SoftmaxStep<Traits>(s, state, mods ? 1.0f : p.softmax_scale, rescale);
           if constexpr (kScoreMods) {
             if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, row0, n0, lane);
           }

@@ -61,6 +61,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 
   const flash::BlockRange blocks =
       flash::LiveKeyBlocks<kBlockN, kScoreMods>(p, QueryPos(p, m0), QueryPos(p, m_last));
+  // The block's packed sequence, when one holds all its rows: no search per row and key block.
+  const SeqClamp clamp = SequenceClamp<kScoreMods>(p, QueryPos(p, m0), QueryPos(p, m_last));
   // The careful kernel computes this call (its inputs hold NaN, infinities or huge values).
   if (skip_if_set != nullptr && *skip_if_set != 0) return;
 
@@ -94,16 +96,18 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       const int64_t pos_lo = QueryPos(p, row0);
       const int64_t pos_hi = QueryPos(p, flash::Min64(row0 + Traits::kWarpRows, p.seqlen_q) - 1);
       const BlockMask mask =
-          ClassifyBlock<kScoreMods>(p, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
+          ClassifyBlock<kScoreMods>(p, clamp, pos_lo, pos_hi, KeyPos(p, n0), KeyPos(p, n_last));
       if (!mask.any) return;
       // Mask only where the block is cut by the mask or by the end of the keys.
       const bool cut = !mask.all || n0 + kBlockN > p.seqlen_k;
       STile<Traits> s;  // S, then P
       MmaS<Traits, kDType>(s, q_frag, smem_q, stage_k, warp, lane);
-      if (kScoreMods || cut) {
-        ScoresAndMask<Traits, kScoreMods>(s, kScoreMods, cut, p, h, row0, n0, lane);
+      // Softcap and ALiBi turn dots into scores; packed sequences and dropout leave them dots.
+      const bool mods = kScoreMods && (p.softcap > 0.0f || p.alibi_slopes != nullptr);
+      if (mods || cut) {
+        ScoresAndMask<Traits, kScoreMods>(s, mods, cut, p, clamp, h, row0, n0, lane);
       }
-      UpdateSoftmax<Traits>(s, acc_o, state, kScoreMods ? 1.0f : p.softmax_scale);
+      UpdateSoftmax<Traits>(s, acc_o, state, mods ? 1.0f : p.softmax_scale);
       if constexpr (kScoreMods) {
         if (p.dropout_p > 0.0f) ApplyDropout<Traits>(s, p, b, h, row0, n0, lane);
       }

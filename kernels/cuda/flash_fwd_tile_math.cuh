@@ -94,11 +94,12 @@ __device__ __forceinline__ void MmaS(STile<Traits>& s, const QFrags<Traits>& q_f
 // Element (mi, j, e) of s is query row warp_row0 + 16 mi + 8 (e / 2) + g and key
 // n0 + 8 j + 2 t + e % 2. The rows' positions and spans are recomputed here rather than held
 // in registers across the key loop.
-// kPacked: packed sequences may be set (AllowedKeySpan).
+// kPacked: packed sequences may be set (AllowedKeySpan); `clamp` is SequenceClamp of the
+// CTA's query block (the warp's rows are in it).
 template <typename Traits, bool kPacked>
 __device__ __forceinline__ void ScoresAndMask(STile<Traits>& s, bool mod_scores, bool mask_pairs,
-                                              const AttentionParams& p, int h, int64_t warp_row0,
-                                              int64_t n0, int lane) {
+                                              const AttentionParams& p, const SeqClamp& clamp,
+                                              int h, int64_t warp_row0, int64_t n0, int lane) {
   // The thread's rows, i = 2 mi + r. Key columns are the outer loop below, so that each key's
   // position is computed once and dies after its kRows tests.
   int64_t q_pos[Traits::kRows];
@@ -106,7 +107,7 @@ __device__ __forceinline__ void ScoresAndMask(STile<Traits>& s, bool mod_scores,
 #pragma unroll
   for (int i = 0; i < Traits::kRows; ++i) {
     q_pos[i] = QueryPos(p, warp_row0 + 16 * (i / 2) + 8 * (i % 2) + lane / 4);
-    span[i] = AllowedKeySpan<kPacked>(p, q_pos[i]);
+    span[i] = AllowedKeySpan<kPacked>(p, clamp, q_pos[i]);
   }
 #pragma unroll
   for (int j = 0; j < Traits::kNTilesS; ++j) {

@@ -20,15 +20,34 @@ def eligible(ops, like):
         if t is None:
             return False
         devices.add(t.device)
+        if _export(t)[0] is None:  # e.g. an expandable segment: no cudaIpcMemHandle_t
+            return False
     return len(devices) == 1
 
 
+_IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t
+
+
+def ipc_handle(raw):
+    """The cudaIpcMemHandle_t inside torch's storage handle, or None when it holds none.
+
+    Older torch returns the 64 bytes themselves; newer torch prefixes a version byte and a kind
+    byte: b"c" for a cudaMalloc block (the handle follows), b"e" for an expandable segment
+    (memory-pool handles, which this path does not take)."""
+    raw = bytes(raw)
+    if len(raw) == _IPC_HANDLE_BYTES:
+        return raw
+    if len(raw) == _IPC_HANDLE_BYTES + 2 and raw[1:2] == b"c":
+        return raw[2:]
+    return None
+
+
 def _export(t):
-    """(handle bytes, byte offset of t in the handle's allocation block)."""
+    """(handle bytes or None, byte offset of t in the handle's allocation block)."""
     storage = t.untyped_storage()
     shared = storage._share_cuda_()
     handle, storage_offset = shared[1], shared[3]
-    return bytes(handle), storage_offset + t.storage_offset() * t.element_size()
+    return ipc_handle(handle), storage_offset + t.storage_offset() * t.element_size()
 
 
 class Call:

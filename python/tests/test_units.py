@@ -13,7 +13,7 @@ import numpy as np
 import support  # noqa: F401 (puts the package on the path)
 
 import ringattn
-from ringattn import _build_proto, _proto, _tensors, _wire, client as client_module
+from ringattn import _build_proto, _cuda_shm, _proto, _tensors, _wire, client as client_module
 
 
 class Bf16Test(unittest.TestCase):
@@ -257,6 +257,18 @@ class DescriptorTest(unittest.TestCase):
         self.assertFalse(r.options.HasField("softmax_scale"))
         self.assertEqual(_proto.method_path("AttendBackwardStream"),
                          "/ringattn.v1.AttentionService/AttendBackwardStream")
+
+
+class IpcHandleTest(unittest.TestCase):
+    """torch's storage handles: 64 raw bytes (older torch) or version + kind + 64 bytes."""
+
+    def test_formats(self):
+        raw = bytes(range(64))
+        self.assertEqual(_cuda_shm.ipc_handle(raw), raw)
+        self.assertEqual(_cuda_shm.ipc_handle(b"\x01c" + raw), raw)
+        self.assertIsNone(_cuda_shm.ipc_handle(b"\x01e" + raw))  # expandable segment
+        self.assertIsNone(_cuda_shm.ipc_handle(raw[:63]))
+        self.assertIsNone(_cuda_shm.ipc_handle(b"\x01c" + raw + b"x"))
 
 
 if __name__ == "__main__":
