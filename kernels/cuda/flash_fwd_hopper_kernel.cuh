@@ -47,8 +47,8 @@ struct HopperFwdTraits {
   static constexpr int kConsumers = 2;  // warpgroups
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kMinBlocksPerSm = 1;
-  static constexpr int kProducerRegs = 40;   // setmaxnreg: 128 x 24 + 256 x 240 <= 64 K
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kProducerRegs = 24;   // setmaxnreg: 128 x 24 + 256 x 240 <= 64 K
+  static constexpr int kConsumerRegs = 240;
   static constexpr int kSubTiles = kHeadDim / 64;  // 128-byte-swizzled [rows, 64] sub-tiles
   static constexpr int kQSubBytes = kBlockM * 128;
   static constexpr int kKVSubBytes = kBlockN * 128;

@@ -150,11 +150,12 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes)
                : "memory");
 }
 // Waits until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so
-// waiting for parity 1 returns at once (a producer's first pass over empty buffers). A wait
-// that lasts ~2^31 polls (minutes) traps: a lost arrival fails the launch instead of hanging.
+// waiting for parity 1 returns at once (a producer's first pass over empty buffers). No trap
+// after N polls: a __trap in this loop made ptxas ignore setmaxnreg for the whole consumer
+// warpgroup (168 registers instead of 240, wgmma serialized; docs/kernels.md).
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
-  for (uint32_t polls = 0;; ++polls) {
+  for (;;) {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.u32 %0, 1, 0, p;\n}\n"
@@ -162,7 +163,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
     if (done) return;
-    if (polls == 0x7fffffffu) __trap();
   }
 }
 // A 4-d tile of `tensor_map` at element coordinates (c0 innermost .. c3) into shared memory at
