@@ -55,15 +55,18 @@ RA_HD int64_t SequenceOf(const int64_t* bounds, int num_seqs, int64_t pos) {
 // host code reads seq_bounds, device code its device copy (seq_bounds_device). kPacked false
 // leaves packing out at compile time (the GPU kernels' plain instantiations, which are never
 // launched with sequences: their code stays what it was without them).
+RA_HD const int64_t* PackedBounds(const AttentionParams& p) {
+#if defined(__CUDA_ARCH__)
+  return p.seq_bounds_device;
+#else
+  return p.seq_bounds;
+#endif
+}
 template <bool kPacked = true>
 RA_HD KeySpan AllowedKeySpan(const AttentionParams& p, int64_t q_pos) {
   KeySpan s = WindowKeySpan(p, q_pos);
   if constexpr (!kPacked) return s;
-#if defined(__CUDA_ARCH__)
-  const int64_t* bounds = p.seq_bounds_device;
-#else
-  const int64_t* bounds = p.seq_bounds;
-#endif
+  const int64_t* bounds = PackedBounds(p);
   if (bounds != nullptr) {
     const int64_t i = SequenceOf(bounds, p.num_seqs, q_pos);
     if (s.lo < bounds[i]) s.lo = bounds[i];
@@ -84,11 +87,7 @@ struct SeqClamp {
 template <bool kPacked = true>
 RA_HD SeqClamp SequenceClamp(const AttentionParams& p, int64_t q_lo, int64_t q_hi) {
   if constexpr (kPacked) {
-#if defined(__CUDA_ARCH__)
-    const int64_t* bounds = p.seq_bounds_device;
-#else
-    const int64_t* bounds = p.seq_bounds;
-#endif
+    const int64_t* bounds = PackedBounds(p);
     if (bounds != nullptr) {
       const int64_t i = SequenceOf(bounds, p.num_seqs, q_lo);
       if (q_hi < bounds[i + 1]) return {bounds[i], bounds[i + 1] - 1, true};
