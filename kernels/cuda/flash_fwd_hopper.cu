@@ -81,6 +81,11 @@ absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
                        cudaStream_t stream) {
   using Traits = HopperFwdTraits<kHeadDim, kSchedule>;
   if (p.seqlen_q == 0) return absl::OkStatus();
+  // TMA coordinates are 32-bit (FlashForward then runs the mma.sync kernel).
+  if (p.seqlen_q > int64_t{0x7fffffff} - Traits::kBlockM ||
+      p.seqlen_k > int64_t{0x7fffffff} - Traits::kBlockN) {
+    return absl::InvalidArgumentError("cuda: the Hopper forward takes sequences below 2^31 rows");
+  }
   RA_ASSIGN_OR_RETURN(const TensorMaps maps, EncodeMaps<Traits>(p));
   const bool score_mods = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f ||
                           p.seq_bounds_device != nullptr;
