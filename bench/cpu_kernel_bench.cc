@@ -1,10 +1,13 @@
 // FlashCpuForward against ReferenceForward at one shape: batch 1, seqlen 1024 (queries and
 // keys), 8 heads (MHA), head_dim 64, fp32 in and out, causal off and on. The kernel runs with
 // 1 thread and with all hardware threads; BM_FlashCpuForwardScaling runs seqlen 8192 causal
-// with 1, 2, 4, ... threads up to the hardware's (issue #20's thread scaling).
+// with 1, 2, 4, ... threads up to the hardware's (issue #20's thread scaling); BM_FmaPeak
+// measures the core's fp32 FMA peak on one thread, the denominator of "% of peak".
 //
 // GFLOP/s counts the conventional 4 * batch * heads * seqlen_q * seqlen_k * head_dim flops,
 // halved when causal (ForwardFlops), so the causal rate is comparable with the dense one.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -151,6 +154,57 @@ BENCHMARK(BM_ReferenceForward)
     ->Arg(1)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+
+// The core's fp32 fused multiply-add peak on one thread (issue #20's "% of peak"): 12
+// independent vector accumulators (latency 4 x 2 FMA ports, and more), AVX-512 where the
+// machine has it, else AVX2; 2 flops per lane per FMA.
+#if defined(__x86_64__)
+// Vector arguments outside AVX functions change the ABI (-Wpsabi); every call below happens
+// inside a function compiled for the vector's target, so none crosses it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename Vec, int kLanes, Vec (*kFma)(Vec, Vec, Vec), Vec (*kSet1)(float)>
+double FmaLoop(int64_t iters) {
+  constexpr int kAcc = 12;
+  Vec acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = kSet1(static_cast<float>(i));
+  const Vec a = kSet1(0.999999f), b = kSet1(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kAcc; ++i) acc[i] = kFma(acc[i], a, b);
+  }
+  for (int i = 0; i < kAcc; ++i) benchmark::DoNotOptimize(acc[i]);
+  return 2.0 * kLanes * kAcc * static_cast<double>(iters);
+}
+__attribute__((target("avx512f"))) __m512 Fma512(__m512 x, __m512 a, __m512 b) {
+  return _mm512_fmadd_ps(x, a, b);
+}
+__attribute__((target("avx512f"))) __m512 Set512(float v) { return _mm512_set1_ps(v); }
+__attribute__((target("avx2,fma"))) __m256 Fma256(__m256 x, __m256 a, __m256 b) {
+  return _mm256_fmadd_ps(x, a, b);
+}
+__attribute__((target("avx2,fma"))) __m256 Set256(float v) { return _mm256_set1_ps(v); }
+__attribute__((target("avx512f"), flatten)) double FmaLoop512(int64_t iters) {
+  return FmaLoop<__m512, 16, Fma512, Set512>(iters);
+}
+__attribute__((target("avx2,fma"), flatten)) double FmaLoop256(int64_t iters) {
+  return FmaLoop<__m256, 8, Fma256, Set256>(iters);
+}
+
+void BM_FmaPeak(benchmark::State& state) {
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (!avx512 && !__builtin_cpu_supports("fma")) {
+    state.SkipWithError("no FMA");
+    return;
+  }
+  double flops = 0;
+  for (auto _ : state) flops += avx512 ? FmaLoop512(1 << 20) : FmaLoop256(1 << 20);
+  state.counters["GFLOP"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+  state.SetLabel(avx512 ? "avx512" : "avx2");
+}
+BENCHMARK(BM_FmaPeak)->Unit(benchmark::kMillisecond)->UseRealTime();
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace
 }  // namespace ringattn
