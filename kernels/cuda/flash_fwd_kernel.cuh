@@ -102,8 +102,10 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
       const bool cut = !mask.all || n0 + kBlockN > p.seqlen_k;
       STile<Traits> s;  // S, then P
       MmaS<Traits, kDType>(s, q_frag, smem_q, stage_k, warp, lane);
-      // Softcap and ALiBi turn dots into scores; packed sequences and dropout leave them dots.
-      const bool mods = kScoreMods && (p.softcap > 0.0f || p.alibi_slopes != nullptr);
+      // The options' kernel always turns dots into scores (ModScore): a runtime choice (dots
+      // for packed-only or dropout-only calls, as the Hopper kernel makes) doubled its spills
+      // at 255 registers (d64 stack 88 -> 504 bytes).
+      constexpr bool mods = kScoreMods;
       if (mods || cut) {
         ScoresAndMask<Traits, kScoreMods>(s, mods, cut, p, clamp, h, row0, n0, lane);
       }
