@@ -8,9 +8,9 @@
 // halved when causal (ForwardFlops), so the causal rate is comparable with the dense one.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <random>
 #include <thread>
 #include <utility>
@@ -18,9 +18,9 @@
 
 #include "benchmark/benchmark.h"
 #include "kernels/attention_params.h"
-#include "kernels/dtype.h"
 #include "kernels/cpu/flash_cpu.h"
 #include "kernels/cpu/reference_attention.h"
+#include "kernels/dtype.h"
 #include "kernels/params_check.h"
 
 namespace ringattn {
@@ -35,9 +35,9 @@ constexpr int kHeadDim = 64;
 // in the 16-bit vectors).
 struct Problem {
   AttentionParams p;
-  std::vector<float> q, k, v, o;  // [batch, seq, heads, head_dim], fp32
+  std::vector<float> q, k, v, o;             // [batch, seq, heads, head_dim], fp32
   std::vector<uint16_t> q16, k16, v16, o16;  // the same, bf16
-  std::vector<float> lse;         // [batch, heads, seq]
+  std::vector<float> lse;                    // [batch, heads, seq]
 };
 
 Problem MakeProblem(bool causal, int64_t seqlen = kSeqLen, int head_dim = kHeadDim,

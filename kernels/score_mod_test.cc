@@ -20,8 +20,8 @@ struct MaskCase {
 
 TEST(SequenceClampTest, RunsInsideOneSequenceMatchTheSearch) {
   const std::vector<int64_t> bounds = {0, 1, 8, 8, 300, 3816, 4000};  // lengths 1, 7, 0, 292, ...
-  for (const MaskCase m : {MaskCase{false, -1, -1}, MaskCase{true, -1, -1},
-                           MaskCase{true, 40, -1}, MaskCase{false, 5, 9}}) {
+  for (const MaskCase m : {MaskCase{false, -1, -1}, MaskCase{true, -1, -1}, MaskCase{true, 40, -1},
+                           MaskCase{false, 5, 9}}) {
     AttentionParams p;
     p.causal = m.causal;
     p.window_left = m.window_left;
@@ -51,7 +51,7 @@ TEST(SequenceClampTest, RunsInsideOneSequenceMatchTheSearch) {
         }
       }
     }
-    EXPECT_GT(uniform_runs, 100);    // both kinds of run were exercised
+    EXPECT_GT(uniform_runs, 100);  // both kinds of run were exercised
     EXPECT_GT(straddling_runs, 3);
   }
 }

@@ -143,8 +143,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
         const int64_t q_lo = QueryPos(p, m0);
         const int64_t q_hi = QueryPos(p, flash::Min64(m0 + kBlockM, p.seqlen_q) - 1);
         clamp = SequenceClamp<kScoreMods>(p, q_lo, q_hi);
-        const BlockMask mask = ClassifyBlock<kScoreMods>(p, clamp, q_lo, q_hi,
-                                                         KeyPos(p, warp_key0), KeyPos(p, wk_last));
+        const BlockMask mask = ClassifyBlock<kScoreMods>(p, clamp, q_lo, q_hi, KeyPos(p, warp_key0),
+                                                         KeyPos(p, wk_last));
         any = mask.any;
         cut = !mask.all || warp_key0 + 16 > p.seqlen_k;
       }

@@ -101,7 +101,6 @@ absl::Status Launch(const AttentionParams& p, int config, const uint32_t* skip_i
       [&] { return UnsupportedHeadDim(p.head_dim); });
 }
 
-
 // The Hopper kernel as a row of FlashForwardConfigs (after the table's rows).
 FlashForwardConfig HopperConfig(int head_dim, const HopperForwardVariant& variant) {
   FlashForwardConfig c;
@@ -195,11 +194,11 @@ absl::Status FlashForward(const AttentionParams& p, cudaStream_t stream,
     // Unforced, an operand layout the copy engine refuses runs on the mma.sync kernel.
     if (forced_hopper || hopper.code() != absl::StatusCode::kInvalidArgument) return hopper;
   }
-  RA_ASSIGN_OR_RETURN(const int index,
-                      ForcedTilingIndex<flash_fwd::Tilings>(
-                          "forward", "RINGATTN_FLASH_FWD_CONFIG",
-                          forced_hopper ? std::string_view() : std::string_view(forced),
-                          p.head_dim));
+  RA_ASSIGN_OR_RETURN(
+      const int index,
+      ForcedTilingIndex<flash_fwd::Tilings>(
+          "forward", "RINGATTN_FLASH_FWD_CONFIG",
+          forced_hopper ? std::string_view() : std::string_view(forced), p.head_dim));
   return Launch(p, index, skip_if_set, stream);
 }
 

@@ -1,7 +1,5 @@
 // The Hopper forward kernel's launch and its instantiations (head dims 64 and 128, bf16 and
 // fp16, plain and with score mods).
-#include "kernels/cuda/flash_fwd_hopper.h"
-
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -10,9 +8,9 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
-
 #include "base/cuda_check.h"
 #include "base/status_macros.h"
+#include "kernels/cuda/flash_fwd_hopper.h"
 #include "kernels/cuda/flash_fwd_hopper_kernel.cuh"
 #include "kernels/cuda/flash_instantiations.h"
 #include "kernels/cuda/kernel_resources.cuh"
@@ -47,16 +45,16 @@ absl::StatusOr<TensorMaps> EncodeMaps(const AttentionParams& p) {
                                                   operand(p.q, p.seqlen_q, p.heads, p.q_row_stride,
                                                           p.q_head_stride, p.q_batch_stride),
                                                   Traits::kBlockM));
-  RA_ASSIGN_OR_RETURN(maps.k, EncodeRowsTensorMap("k",
-                                                  operand(p.k, p.seqlen_k, p.heads_k,
-                                                          p.k_row_stride, p.k_head_stride,
-                                                          p.k_batch_stride),
-                                                  Traits::kBlockN));
-  RA_ASSIGN_OR_RETURN(maps.v, EncodeRowsTensorMap("v",
-                                                  operand(p.v, p.seqlen_k, p.heads_k,
-                                                          p.v_row_stride, p.v_head_stride,
-                                                          p.v_batch_stride),
-                                                  Traits::kBlockN));
+  RA_ASSIGN_OR_RETURN(maps.k,
+                      EncodeRowsTensorMap("k",
+                                          operand(p.k, p.seqlen_k, p.heads_k, p.k_row_stride,
+                                                  p.k_head_stride, p.k_batch_stride),
+                                          Traits::kBlockN));
+  RA_ASSIGN_OR_RETURN(maps.v,
+                      EncodeRowsTensorMap("v",
+                                          operand(p.v, p.seqlen_k, p.heads_k, p.v_row_stride,
+                                                  p.v_head_stride, p.v_batch_stride),
+                                          Traits::kBlockN));
   return maps;
 }
 
@@ -77,8 +75,7 @@ absl::Status Launch(const AttentionParams& p, const TensorMaps& maps, const uint
 }
 
 template <int kHeadDim, int kSchedule, DType kDType>
-absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set,
-                       cudaStream_t stream) {
+absl::Status LaunchFor(const AttentionParams& p, const uint32_t* skip_if_set, cudaStream_t stream) {
   using Traits = HopperFwdTraits<kHeadDim, kSchedule>;
   if (p.seqlen_q == 0) return absl::OkStatus();
   // TMA coordinates are 32-bit (FlashForward then runs the mma.sync kernel).
@@ -145,7 +142,7 @@ absl::Status LaunchFlashForwardHopper(const AttentionParams& p, int variant,
 }
 
 absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype,
-                                                                int variant) {
+                                                                 int variant) {
   if (dtype != DType::kBF16 && dtype != DType::kF16) {
     return absl::InvalidArgumentError("cuda: the fast kernel takes bf16 or fp16");
   }

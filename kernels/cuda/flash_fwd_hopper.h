@@ -52,6 +52,6 @@ absl::Status LaunchFlashForwardHopper(const AttentionParams& p, int variant,
 
 // FlashForwardResources for the Hopper kernel.
 absl::StatusOr<FlashKernelResources> FlashForwardHopperResources(int head_dim, DType dtype,
-                                                                int variant);
+                                                                 int variant);
 
 }  // namespace ringattn

@@ -24,8 +24,9 @@ namespace flash_fwd {
 // Traits::kThreads; dynamic shared memory Traits::kSmemBytes, 1 KB aligned. `p` is validated
 // and CheckFlashForwardSupport'ed on the host. kScoreMods: p has a softcap, ALiBi slopes,
 // dropout or packed sequences (the launch picks the instantiation; a compile-time switch so
-// that the plain kernel carries none of the options' code or registers). `skip_if_set`, when non-null, is the non-finite guard's device word
-// (non_finite_guard.h): set, the CTA returns before loading or writing anything.
+// that the plain kernel carries none of the options' code or registers). `skip_if_set`, when
+// non-null, is the non-finite guard's device word (non_finite_guard.h): set, the CTA returns before
+// loading or writing anything.
 template <typename Traits, DType kDType, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
     FlashFwdKernel(const __grid_constant__ AttentionParams p, const uint32_t* skip_if_set) {

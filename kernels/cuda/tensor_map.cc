@@ -1,7 +1,7 @@
 #include "kernels/cuda/tensor_map.h"
 
-#include <cuda_runtime_api.h>
 #include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
 
@@ -47,26 +47,26 @@ absl::StatusOr<CUtensorMap> EncodeRowsTensorMap(const char* name, const RowsOper
   auto stride = [&](int64_t s, cuuint64_t dim) {
     return static_cast<cuuint64_t>(dim == 1 ? operand.head_dim * elem : s * elem);
   };
-  cuuint64_t strides[3] = {
-      empty ? static_cast<cuuint64_t>(operand.head_dim * elem) : stride(operand.row_stride, dims[1]),
-      empty ? static_cast<cuuint64_t>(operand.head_dim * elem) : stride(operand.head_stride, dims[2]),
-      empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
-            : stride(operand.batch_stride, dims[3])};
+  cuuint64_t strides[3] = {empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
+                                 : stride(operand.row_stride, dims[1]),
+                           empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
+                                 : stride(operand.head_stride, dims[2]),
+                           empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
+                                 : stride(operand.batch_stride, dims[3])};
   cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type = operand.dtype == DType::kBF16
-                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = operand.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   void* base = empty ? const_cast<uint64_t*>(kDummy) : const_cast<void*>(operand.base);
   CUtensorMap map;
   const CUresult r = encode(&map, type, 4, base, dims, strides, box, element_strides,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda: ", name, " has a layout the tensor copy engine refuses (CUresult ", r,
-        "; strides in elements: row ", operand.row_stride, ", head ", operand.head_stride,
-        ", batch ", operand.batch_stride, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda: ", name, " has a layout the tensor copy engine refuses (CUresult ", r,
+                     "; strides in elements: row ", operand.row_stride, ", head ",
+                     operand.head_stride, ", batch ", operand.batch_stride, ")"));
   }
   return map;
 }
