@@ -42,17 +42,14 @@ absl::StatusOr<CUtensorMap> EncodeRowsTensorMap(const char* name, const RowsOper
                         static_cast<cuuint64_t>(empty ? 1 : operand.rows),
                         static_cast<cuuint64_t>(empty ? 1 : operand.heads),
                         static_cast<cuuint64_t>(empty ? 1 : operand.batch)};
-  // Strides of dims 1..3 in bytes; a dimension of size 1 is never stepped, so its stride only
-  // has to be one TMA accepts.
+  // Strides of dims 1..3 in bytes; a dimension of size 1 (every one of an empty operand's) is
+  // never stepped, so its stride only has to be one TMA accepts.
   auto stride = [&](int64_t s, cuuint64_t dim) {
     return static_cast<cuuint64_t>(dim == 1 ? operand.head_dim * elem : s * elem);
   };
-  cuuint64_t strides[3] = {empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
-                                 : stride(operand.row_stride, dims[1]),
-                           empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
-                                 : stride(operand.head_stride, dims[2]),
-                           empty ? static_cast<cuuint64_t>(operand.head_dim * elem)
-                                 : stride(operand.batch_stride, dims[3])};
+  cuuint64_t strides[3] = {stride(operand.row_stride, dims[1]),
+                           stride(operand.head_stride, dims[2]),
+                           stride(operand.batch_stride, dims[3])};
   cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type = operand.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
